@@ -1,0 +1,18 @@
+//! Skylark's domain: accounts, devices, phone numbers, verification sessions
+//! and device authentication, as plain types and state machines.
+//!
+//! Nothing here does IO or reads a clock by itself: time comes in as an
+//! argument (see [`clock`]), so every rule is testable without sockets,
+//! disks or sleeps. This crate must not know about storage engines, network
+//! transports or wire encodings; the only protocol item it uses is the
+//! authentication transcript, which both ends must build identically.
+
+pub mod account;
+pub mod auth;
+pub mod clock;
+pub mod phone;
+pub mod verification;
+
+pub use account::{Account, AccountId, Device, DeviceId, NewDevice};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use phone::PhoneNumber;

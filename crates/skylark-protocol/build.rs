@@ -1,0 +1,26 @@
+//! Compiles `proto/skylark/v1/skylark.proto` with protox (pure Rust, no
+//! `protoc` binary needed), then generates prost types and pbjson's proto3
+//! JSON mapping for them from the same descriptor set.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/skylark/v1/skylark.proto";
+    println!("cargo:rerun-if-changed={proto}");
+
+    let descriptors = protox::compile([proto], ["proto"])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("skylark_descriptor.bin");
+    std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&descriptors))?;
+
+    prost_build::Config::new()
+        .file_descriptor_set_path(&descriptor_path)
+        .skip_protoc_run()
+        .compile_protos(&[proto], &["proto"])?;
+
+    let descriptor_bytes = std::fs::read(&descriptor_path)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptor_bytes)?
+        .build(&[".skylark"])?;
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Server configuration: every limit in one place, with the defaults a
+//! single-node server starts with. Loaded from TOML by the binary and
+//! overridden by flags and environment (see README.md).
+
+use serde::{Deserialize, Serialize};
+use skylark_core::verification::VerificationPolicy;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the embedded store keeps its file.
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+    pub limits: Limits,
+    pub verification: VerificationPolicy,
+    pub rate_limits: RateLimits,
+    pub sms: SmsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./skylark-data"),
+            listen: Listen::default(),
+            limits: Limits::default(),
+            verification: VerificationPolicy::default(),
+            rate_limits: RateLimits::default(),
+            sms: SmsConfig::Console,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// HTTP API and WebSocket (`/v1/ws`).
+    pub http: SocketAddr,
+    /// Raw TCP with length-prefixed frames.
+    pub tcp: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            tcp: SocketAddr::from(([127, 0, 0, 1], 7481)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted or sent, in bytes, on every transport.
+    pub max_frame_bytes: usize,
+    /// A connection must authenticate within this time after it opens.
+    pub auth_timeout_ms: u64,
+    /// How long a connection's challenge nonce stays valid.
+    pub challenge_ttl_ms: u64,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// How often clients are asked to ping when otherwise idle.
+    pub heartbeat_interval_ms: u64,
+    /// WebSocket read buffer per connection. Small on purpose: the default
+    /// of the WebSocket library is 128 KiB per connection.
+    pub ws_read_buffer_bytes: usize,
+    /// Largest HTTP request body accepted by the JSON API.
+    pub http_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 128 * 1024,
+            auth_timeout_ms: 20_000,
+            challenge_ttl_ms: 15_000,
+            idle_timeout_ms: 60_000,
+            heartbeat_interval_ms: 25_000,
+            ws_read_buffer_bytes: 4 * 1024,
+            http_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// `burst` actions at once, then one more every `per_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub burst: u32,
+    pub per_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    /// Verification sessions started or codes resent, per phone number.
+    pub sms_per_number: Quota,
+    /// The same, per client IP address.
+    pub sms_per_ip: Quota,
+    /// The same, per number prefix (see `prefix_digits`), against SMS pumping
+    /// aimed at one number range.
+    pub sms_per_prefix: Quota,
+    /// Digits after "+" that make a prefix.
+    pub prefix_digits: usize,
+    /// Code checks per phone number (across sessions).
+    pub checks_per_number: Quota,
+    /// Code checks per client IP address.
+    pub checks_per_ip: Quota,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            sms_per_number: Quota { burst: 3, per_ms: 10 * 60_000 },
+            sms_per_ip: Quota { burst: 10, per_ms: 60_000 },
+            sms_per_prefix: Quota { burst: 100, per_ms: 1_000 },
+            prefix_digits: 6,
+            checks_per_number: Quota { burst: 10, per_ms: 60_000 },
+            checks_per_ip: Quota { burst: 30, per_ms: 10_000 },
+        }
+    }
+}
+
+/// Where verification codes go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SmsConfig {
+    /// Print codes in the server log (development and the walkthrough).
+    Console,
+    /// POST JSON `{"to", "text", "code"}` to `url` with the given headers.
+    Http {
+        url: String,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        #[serde(default = "default_sms_timeout")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_sms_timeout() -> u64 {
+    5_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_config_keeps_defaults() {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "data_dir": "/var/lib/skylark",
+            "limits": { "max_frame_bytes": 65536 },
+            "sms": { "provider": "http", "url": "http://127.0.0.1:9000/send",
+                     "headers": { "Authorization": "Bearer x" } }
+        }))
+        .unwrap();
+        assert_eq!(config.limits.max_frame_bytes, 65536);
+        assert_eq!(config.limits.idle_timeout_ms, Limits::default().idle_timeout_ms);
+        assert!(matches!(config.sms, SmsConfig::Http { timeout_ms: 5_000, .. }));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = serde_json::from_value::<Config>(serde_json::json!({ "limitz": {} })).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

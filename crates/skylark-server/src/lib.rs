@@ -1,0 +1,74 @@
+//! Skylark's services, on domain types: phone registration, device
+//! authentication and the registry of live device sessions.
+//!
+//! A [`Server`] bundles them with the store, the clock and the configuration,
+//! all passed in explicitly. This crate must not know wire formats or
+//! transports: the gateway decodes frames and HTTP requests, calls these
+//! services, and encodes their answers.
+
+pub mod auth;
+pub mod config;
+pub mod ratelimit;
+pub mod registration;
+pub mod sessions;
+pub mod sms;
+
+use rand::RngCore;
+use skylark_core::Clock;
+use skylark_store::{Store, StoreError};
+use std::sync::Arc;
+
+pub use config::Config;
+
+/// Everything a gateway needs to serve devices.
+pub struct Server {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub registration: registration::Registration,
+    pub auth: auth::Authenticator,
+    pub sessions: Arc<sessions::Sessions>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Builds the services over an opened store.
+    pub async fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        sms: Arc<dyn sms::SmsSender>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let mut candidate = [0u8; 16];
+        rand::rng().fill_bytes(&mut candidate);
+        let server_id = store.server_id(candidate).await?;
+        let sessions = Arc::new(sessions::Sessions::default());
+        let registration = registration::Registration::new(
+            store.clone(),
+            sms,
+            clock.clone(),
+            sessions.clone(),
+            config.verification,
+            &config.rate_limits,
+        );
+        let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms);
+        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions }))
+    }
+
+    /// Periodic clean-up: forgets idle rate-limit keys and purges
+    /// verification sessions older than a day. Call every minute or so.
+    pub async fn housekeeping(&self) {
+        self.registration.forget_idle_limits();
+        let day_ago = self.clock.now_ms().saturating_sub(24 * 3_600_000);
+        match self.store.purge_verifications(day_ago).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "purged old verification sessions"),
+            Err(e) => tracing::warn!(error = %e, "purging verification sessions failed"),
+        }
+    }
+}

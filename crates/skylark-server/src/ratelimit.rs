@@ -1,0 +1,66 @@
+//! Keyed rate limits (GCRA, from governor) that answer with how long to wait.
+
+use crate::config::Quota;
+use governor::clock::{Clock, DefaultClock};
+use governor::state::keyed::DefaultKeyedStateStore;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+/// A limit was hit: the name of the limit and when to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    pub limit: &'static str,
+    pub retry_after: Duration,
+}
+
+pub struct KeyedLimiter {
+    name: &'static str,
+    inner: governor::RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>,
+    clock: DefaultClock,
+}
+
+impl std::fmt::Debug for KeyedLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedLimiter").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl KeyedLimiter {
+    pub fn new(name: &'static str, quota: Quota) -> Self {
+        let period = Duration::from_millis(quota.per_ms.max(1));
+        let burst = NonZeroU32::new(quota.burst).unwrap_or(NonZeroU32::MIN);
+        let quota = governor::Quota::with_period(period).unwrap_or(governor::Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
+        Self { name, inner: governor::RateLimiter::keyed(quota), clock: DefaultClock::default() }
+    }
+
+    /// Takes one cell for `key`, or says how long until one is free.
+    pub fn check(&self, key: &str) -> Result<(), Limited> {
+        self.inner.check_key(&key.to_owned()).map_err(|not_until| {
+            metrics::counter!("skylark_rate_limited_total", "limit" => self.name).increment(1);
+            Limited { limit: self.name, retry_after: not_until.wait_time_from(self.clock.now()) }
+        })
+    }
+
+    /// Drops state for keys whose cells are all replenished, so memory does
+    /// not grow with every address ever seen.
+    pub fn forget_idle(&self) {
+        self.inner.retain_recent();
+        self.inner.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_retry_after() {
+        let limiter = KeyedLimiter::new("test", Quota { burst: 2, per_ms: 60_000 });
+        assert!(limiter.check("a").is_ok());
+        assert!(limiter.check("a").is_ok());
+        let limited = limiter.check("a").unwrap_err();
+        assert_eq!(limited.limit, "test");
+        assert!(limited.retry_after > Duration::from_secs(50), "{:?}", limited.retry_after);
+        assert!(limiter.check("b").is_ok(), "keys are independent");
+    }
+}

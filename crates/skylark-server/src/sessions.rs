@@ -1,0 +1,124 @@
+//! The registry of live device sessions: at most one per device.
+//!
+//! When a device authenticates, its connection attaches here. If the device
+//! already had a live connection, that older one is told to close with
+//! [`Disconnect::Replaced`]: the newer connection wins, so a device whose
+//! network changed (and whose old socket is half-dead) takes over at once,
+//! and no message is ever handed to two connections of one device.
+//! Removing a device tells its connection to close with
+//! [`Disconnect::DeviceRemoved`].
+
+use skylark_core::DeviceId;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::oneshot;
+
+/// Why the server ends a live session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// A newer connection of the same device took over.
+    Replaced,
+    /// The device was removed from its account.
+    DeviceRemoved,
+}
+
+struct Entry {
+    connection: u64,
+    disconnect: oneshot::Sender<Disconnect>,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    live: Mutex<HashMap<DeviceId, Entry>>,
+    next_connection: AtomicU64,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").field("live", &self.live_count()).finish()
+    }
+}
+
+/// Held by a connection while it is the device's live session. Dropping it
+/// detaches the connection, unless a newer one has replaced it already.
+#[derive(Debug)]
+pub struct SessionGuard {
+    sessions: Arc<Sessions>,
+    device: DeviceId,
+    connection: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut live = self.sessions.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.get(&self.device).is_some_and(|e| e.connection == self.connection) {
+            live.remove(&self.device);
+        }
+    }
+}
+
+impl Sessions {
+    /// Makes the caller the device's live session, replacing any older one.
+    /// The receiver fires when the server wants this connection closed.
+    pub fn attach(self: &Arc<Self>, device: DeviceId) -> (SessionGuard, oneshot::Receiver<Disconnect>) {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let previous = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(device, Entry { connection, disconnect: tx });
+        if let Some(old) = previous {
+            // The old connection may be gone already; then there is nobody to tell.
+            let _ = old.disconnect.send(Disconnect::Replaced);
+            tracing::info!(%device, "device connected again; older connection replaced");
+        }
+        (SessionGuard { sessions: self.clone(), device, connection }, rx)
+    }
+
+    /// Ends the device's live session, if it has one.
+    pub fn disconnect(&self, device: DeviceId, reason: Disconnect) {
+        let entry = self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&device);
+        if let Some(entry) = entry {
+            let _ = entry.disconnect.send(reason);
+        }
+    }
+
+    pub fn is_live(&self, device: DeviceId) -> bool {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&device)
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_connection_replaces_older() {
+        let sessions = Arc::new(Sessions::default());
+        let (old_guard, mut old_rx) = sessions.attach(DeviceId(1));
+        let (_new_guard, mut new_rx) = sessions.attach(DeviceId(1));
+        assert_eq!(old_rx.try_recv(), Ok(Disconnect::Replaced));
+        drop(old_guard);
+        assert!(sessions.is_live(DeviceId(1)), "dropping the replaced guard keeps the newer session");
+        assert!(new_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn disconnect_and_detach() {
+        let sessions = Arc::new(Sessions::default());
+        let (guard, mut rx) = sessions.attach(DeviceId(2));
+        sessions.disconnect(DeviceId(2), Disconnect::DeviceRemoved);
+        assert_eq!(rx.try_recv(), Ok(Disconnect::DeviceRemoved));
+        assert!(!sessions.is_live(DeviceId(2)));
+        drop(guard);
+        let (guard, _rx) = sessions.attach(DeviceId(3));
+        drop(guard);
+        assert_eq!(sessions.live_count(), 0);
+    }
+}
