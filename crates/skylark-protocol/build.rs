@@ -19,8 +19,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(&[proto], &["proto"])?;
 
     let descriptor_bytes = std::fs::read(&descriptor_path)?;
-    pbjson_build::Builder::new()
-        .register_descriptors(&descriptor_bytes)?
-        .build(&[".skylark"])?;
+    pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".skylark"])?;
     Ok(())
 }

@@ -100,10 +100,7 @@ mod tests {
     fn each_failure_has_its_own_error() {
         let (key, mut device, ch) = setup();
         let sig = sign(&key, &ch.nonce);
-        assert_eq!(
-            verify_answer(&ch, b"srv", 5, None, &ch.nonce, &sig, 1_200),
-            Err(AuthError::UnknownDevice)
-        );
+        assert_eq!(verify_answer(&ch, b"srv", 5, None, &ch.nonce, &sig, 1_200), Err(AuthError::UnknownDevice));
         let old = sign(&key, &[4; 32]);
         assert_eq!(
             verify_answer(&ch, b"srv", 5, Some(&device), &[4; 32], &old, 1_200),
@@ -123,9 +120,6 @@ mod tests {
             Err(AuthError::BadSignature)
         );
         device.removed_at_ms = Some(1);
-        assert_eq!(
-            verify_answer(&ch, b"srv", 5, Some(&device), &ch.nonce, &sig, 1_200),
-            Err(AuthError::DeviceRemoved)
-        );
+        assert_eq!(verify_answer(&ch, b"srv", 5, Some(&device), &ch.nonce, &sig, 1_200), Err(AuthError::DeviceRemoved));
     }
 }

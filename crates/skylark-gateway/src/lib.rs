@@ -1,1 +1,113 @@
+//! Skylark's front end: everything that touches a socket.
+//!
+//! The gateway listens for HTTP (the JSON API, health, metrics and the
+//! WebSocket endpoint `/v1/ws`) and for raw TCP. Both kinds of connection run
+//! the same [`session`] state machine through the [`transport::Transport`]
+//! trait: decode, authenticate, heartbeats, requests. Wire types are
+//! converted to domain types here and nowhere else; the services it calls
+//! (in `skylark-server`) never see protobuf or HTTP.
+//!
+//! One cancellation token and one task tracker form the shutdown tree: every
+//! listener and connection selects on the token, and [`Gateway::shutdown`]
+//! waits for the tracked connections to close.
 
+mod http;
+pub mod metrics_endpoint;
+mod session;
+mod tcp;
+mod transport;
+mod ws;
+
+use skylark_server::Server;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How often [`Server::housekeeping`] runs.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// State shared by every listener and connection.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub server: Arc<Server>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    http_addr: SocketAddr,
+    tcp_addr: SocketAddr,
+    shared: Shared,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("http", &self.http_addr).field("tcp", &self.tcp_addr).finish()
+    }
+}
+
+impl Gateway {
+    /// Binds the configured addresses and starts serving.
+    pub async fn start(server: Arc<Server>) -> io::Result<Gateway> {
+        metrics_endpoint::install();
+        let http_listener = TcpListener::bind(server.config.listen.http).await?;
+        let tcp_listener = TcpListener::bind(server.config.listen.tcp).await?;
+        let http_addr = http_listener.local_addr()?;
+        let tcp_addr = tcp_listener.local_addr()?;
+        let shared = Shared {
+            server,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+
+        shared.tracker.spawn(http::serve(http_listener, shared.clone()));
+        shared.tracker.spawn(tcp::serve(tcp_listener, shared.clone()));
+        shared.tracker.spawn(housekeeping(shared.clone()));
+        shared.ready.store(true, Ordering::SeqCst);
+        tracing::info!(%http_addr, %tcp_addr, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP)");
+        Ok(Gateway { http_addr, tcp_addr, shared })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// The token that stops this gateway when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Stops accepting, closes every connection with "going away", and
+    /// waits (at most `drain`) for them to finish.
+    pub async fn shutdown(self, drain: Duration) {
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(drain, self.shared.tracker.wait()).await.is_err() {
+            tracing::warn!(remaining = self.shared.tracker.len(), "connections still open after the drain period");
+        }
+    }
+}
+
+async fn housekeeping(shared: Shared) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => shared.server.housekeeping().await,
+        }
+    }
+}

@@ -92,14 +92,11 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{client_frame::Body, Hello};
     use crate::ClientFrame;
+    use crate::v1::{Hello, client_frame::Body};
 
     fn hello(id: u64) -> ClientFrame {
-        ClientFrame {
-            id,
-            body: Some(Body::Hello(Hello { min_version: 1, max_version: 1, client: "t".into() })),
-        }
+        ClientFrame { id, body: Some(Body::Hello(Hello { min_version: 1, max_version: 1, client: "t".into() })) }
     }
 
     #[test]

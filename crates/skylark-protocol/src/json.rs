@@ -32,8 +32,8 @@ pub fn encode_server(frame: &ServerFrame) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{client_frame, server_frame, Authenticate, Error};
     use crate::ErrorCode;
+    use crate::v1::{Authenticate, Error, client_frame, server_frame};
 
     #[test]
     fn client_frame_uses_proto3_json_conventions() {

@@ -55,10 +55,7 @@ impl CloseCode {
     pub fn allows_reconnect(self) -> bool {
         !matches!(
             self,
-            CloseCode::Replaced
-                | CloseCode::DeviceRemoved
-                | CloseCode::Unauthenticated
-                | CloseCode::UnsupportedVersion
+            CloseCode::Replaced | CloseCode::DeviceRemoved | CloseCode::Unauthenticated | CloseCode::UnsupportedVersion
         )
     }
 

@@ -44,10 +44,7 @@ pub struct Listen {
 
 impl Default for Listen {
     fn default() -> Self {
-        Self {
-            http: SocketAddr::from(([127, 0, 0, 1], 7480)),
-            tcp: SocketAddr::from(([127, 0, 0, 1], 7481)),
-        }
+        Self { http: SocketAddr::from(([127, 0, 0, 1], 7480)), tcp: SocketAddr::from(([127, 0, 0, 1], 7481)) }
     }
 }
 

@@ -29,7 +29,9 @@ impl KeyedLimiter {
     pub fn new(name: &'static str, quota: Quota) -> Self {
         let period = Duration::from_millis(quota.per_ms.max(1));
         let burst = NonZeroU32::new(quota.burst).unwrap_or(NonZeroU32::MIN);
-        let quota = governor::Quota::with_period(period).unwrap_or(governor::Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
+        let quota = governor::Quota::with_period(period)
+            .unwrap_or(governor::Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
         Self { name, inner: governor::RateLimiter::keyed(quota), clock: DefaultClock::default() }
     }
 

@@ -221,13 +221,9 @@ impl Registration {
 
     /// Drops rate-limit state for keys that have been quiet long enough.
     pub fn forget_idle_limits(&self) {
-        for limiter in [
-            &self.sms_per_number,
-            &self.sms_per_ip,
-            &self.sms_per_prefix,
-            &self.checks_per_number,
-            &self.checks_per_ip,
-        ] {
+        for limiter in
+            [&self.sms_per_number, &self.sms_per_ip, &self.sms_per_prefix, &self.checks_per_number, &self.checks_per_ip]
+        {
             limiter.forget_idle();
         }
     }
@@ -236,5 +232,7 @@ impl Registration {
 /// Refuses byte strings that are not a valid Ed25519 public key, so a
 /// device never enrols with a key nobody can sign for.
 fn ed25519_check(key: &[u8; 32]) -> Result<(), RegistrationError> {
-    skylark_core::auth::parse_public_key(key).map(|_| ()).map_err(|_| RegistrationError::InvalidKey("not an ed25519 point"))
+    skylark_core::auth::parse_public_key(key)
+        .map(|_| ())
+        .map_err(|_| RegistrationError::InvalidKey("not an ed25519 point"))
 }

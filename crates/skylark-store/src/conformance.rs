@@ -22,10 +22,8 @@ async fn registration_creates_then_takes_over(store: &dyn Store) {
     let alice = phone("+15550001000");
     assert_eq!(store.account_by_phone(&alice).await.expect("read"), None);
 
-    let first = store
-        .register(&alice, NewDevice { public_key: [1; 32], name: "phone".into() }, 100)
-        .await
-        .expect("register");
+    let first =
+        store.register(&alice, NewDevice { public_key: [1; 32], name: "phone".into() }, 100).await.expect("register");
     assert!(first.created);
     assert!(first.removed_devices.is_empty());
     assert_eq!(first.account.phone, alice);

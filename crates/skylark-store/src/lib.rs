@@ -56,8 +56,7 @@ pub trait AccountStore: Send + Sync {
     /// account holds the number, every active device of it is marked removed
     /// (the account keeps its id); otherwise a new account is created. Then
     /// `device` is enrolled. Durable when it returns.
-    async fn register(&self, phone: &PhoneNumber, device: NewDevice, now_ms: u64)
-    -> Result<Registration, StoreError>;
+    async fn register(&self, phone: &PhoneNumber, device: NewDevice, now_ms: u64) -> Result<Registration, StoreError>;
 }
 
 #[async_trait]

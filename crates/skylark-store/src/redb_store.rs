@@ -58,9 +58,7 @@ impl RedbStore {
 
     /// A store that lives in memory only, for tests.
     pub fn in_memory() -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(backend)?;
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(backend)?;
         Self::init(db)
     }
 
@@ -173,15 +171,11 @@ impl AccountStore for RedbStore {
         .await
     }
 
-    async fn register(
-        &self,
-        phone: &PhoneNumber,
-        device: NewDevice,
-        now_ms: u64,
-    ) -> Result<Registration, StoreError> {
+    async fn register(&self, phone: &PhoneNumber, device: NewDevice, now_ms: u64) -> Result<Registration, StoreError> {
         let phone = phone.clone();
         self.write(move |txn| {
-            let existing = txn.open_table(PHONES).map_err(backend)?.get(phone.as_str()).map_err(backend)?.map(|v| v.value());
+            let existing =
+                txn.open_table(PHONES).map_err(backend)?.get(phone.as_str()).map_err(backend)?.map(|v| v.value());
             let (account, created) = match existing {
                 Some(id) => {
                     let accounts = txn.open_table(ACCOUNTS).map_err(backend)?;
@@ -192,8 +186,15 @@ impl AccountStore for RedbStore {
                     (decode::<Account>(record.value())?, false)
                 }
                 None => {
-                    let account = Account { id: AccountId(next_id(txn, NEXT_ACCOUNT_ID)?), phone: phone.clone(), created_at_ms: now_ms };
-                    txn.open_table(ACCOUNTS).map_err(backend)?.insert(account.id.0, encode(&account)?.as_slice()).map_err(backend)?;
+                    let account = Account {
+                        id: AccountId(next_id(txn, NEXT_ACCOUNT_ID)?),
+                        phone: phone.clone(),
+                        created_at_ms: now_ms,
+                    };
+                    txn.open_table(ACCOUNTS)
+                        .map_err(backend)?
+                        .insert(account.id.0, encode(&account)?.as_slice())
+                        .map_err(backend)?;
                     txn.open_table(PHONES).map_err(backend)?.insert(phone.as_str(), account.id.0).map_err(backend)?;
                     (account, true)
                 }
@@ -211,7 +212,8 @@ impl AccountStore for RedbStore {
                 index.remove((account.id.0, device_id)).map_err(backend)?;
                 let mut record: Device = {
                     let raw = devices.get(device_id).map_err(backend)?;
-                    let raw = raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device_id}")))?;
+                    let raw =
+                        raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device_id}")))?;
                     decode(raw.value())?
                 };
                 record.removed_at_ms = Some(now_ms);

@@ -1,0 +1,130 @@
+//! The registration HTTP API, from the client side.
+
+use crate::ClientError;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SmsStatus {
+    /// "pending", "sent" or "failed".
+    pub status: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VerificationView {
+    pub session_id: String,
+    pub phone: String,
+    pub code_expires_in_ms: u64,
+    pub next_resend_in_ms: Option<u64>,
+    pub sms: SmsStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Registered {
+    pub account_id: u64,
+    pub device_id: u64,
+    pub phone: String,
+    pub device_name: String,
+}
+
+pub struct Api {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("base", &self.base).finish()
+    }
+}
+
+impl Api {
+    /// `base` is the server's HTTP address, such as `http://127.0.0.1:7480`.
+    pub fn new(base: &str) -> Result<Api, ClientError> {
+        if !base.starts_with("http://") {
+            return Err(ClientError::Profile(format!("server address must start with http:// (got {base})")));
+        }
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Api { base: base.trim_end_matches('/').to_owned(), client })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn start_verification(&self, phone: &str) -> Result<VerificationView, ClientError> {
+        self.call("POST", "/v1/verification", Some(json!({ "phone": phone }))).await
+    }
+
+    pub async fn verification(&self, session_id: &str) -> Result<VerificationView, ClientError> {
+        self.call("GET", &format!("/v1/verification/{session_id}"), None).await
+    }
+
+    pub async fn resend(&self, session_id: &str) -> Result<VerificationView, ClientError> {
+        self.call("POST", &format!("/v1/verification/{session_id}/resend"), None).await
+    }
+
+    pub async fn verify(
+        &self,
+        session_id: &str,
+        code: &str,
+        public_key: &[u8; 32],
+        device_name: &str,
+    ) -> Result<Registered, ClientError> {
+        let body = json!({ "code": code, "public_key": BASE64.encode(public_key), "device_name": device_name });
+        self.call("POST", &format!("/v1/verification/{session_id}/verify"), Some(body)).await
+    }
+
+    /// Sends a request and returns the status, `Retry-After` and JSON body
+    /// as they came, for callers that need the raw answer.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Option<u64>, Value), ClientError> {
+        let io = |e: &dyn std::fmt::Display| ClientError::Io(e.to_string());
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(match body {
+                Some(bytes) => Full::new(Bytes::from(bytes)),
+                None => Full::new(Bytes::new()),
+            })
+            .map_err(|e| io(&e))?;
+        let response = self.client.request(request).await.map_err(|e| io(&e))?;
+        let status = response.status().as_u16();
+        let retry_after =
+            response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let bytes = response.into_body().collect().await.map_err(|e| io(&e))?.to_bytes();
+        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        Ok((status, retry_after, value))
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<Value>) -> Result<T, ClientError> {
+        let (status, retry_after_secs, value) =
+            self.raw(method, path, body.map(|b| b.to_string().into_bytes())).await?;
+        if !(200..300).contains(&status) {
+            let text = |k: &str| value.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+            return Err(ClientError::Api {
+                status,
+                error: text("error"),
+                message: text("message"),
+                retry_after_secs,
+                body: value,
+            });
+        }
+        serde_json::from_value(value).map_err(|e| ClientError::Protocol(format!("unexpected answer: {e}")))
+    }
+}

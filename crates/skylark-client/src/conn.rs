@@ -1,0 +1,211 @@
+//! One raw connection to a server: frames in, frames out, nothing else.
+//!
+//! [`FrameConn`] speaks every transport of protocol v1 — TCP with
+//! length-prefixed frames, WebSocket with binary protobuf, WebSocket with
+//! proto3 JSON — behind one interface. It has no handshake or retry logic;
+//! [`crate::session`] builds that on top. Tests use it directly to send the
+//! server frames a well-behaved client never would.
+
+use crate::ClientError;
+use bytes::{BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use skylark_protocol::codec::{FrameCodec, FrameError};
+use skylark_protocol::v1::server_frame::Body;
+use skylark_protocol::{ClientFrame, CloseCode, ServerFrame, WS_SUBPROTOCOL_JSON, WS_SUBPROTOCOL_PROTO, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::codec::Framed;
+
+/// Largest frame the client accepts from a server.
+pub const CLIENT_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+/// Where and how to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Raw TCP, `host:port`.
+    Tcp(String),
+    /// WebSocket URL such as `ws://127.0.0.1:7480/v1/ws`; `json` selects the
+    /// JSON mapping instead of binary protobuf.
+    WebSocket { url: String, json: bool },
+}
+
+impl Endpoint {
+    /// The WebSocket endpoint of a server whose HTTP API is at `http_base`
+    /// (`http://host:port`).
+    pub fn websocket_for(http_base: &str, json: bool) -> Endpoint {
+        let base = http_base.trim_end_matches('/');
+        let url = if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}/v1/ws")
+        } else {
+            format!("ws://{}/v1/ws", base.strip_prefix("http://").unwrap_or(base))
+        };
+        Endpoint::WebSocket { url, json }
+    }
+}
+
+/// What the server sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    Frame(ServerFrame),
+    /// The connection ended. `code` comes from the server's Close frame or
+    /// WebSocket close status, if there was one.
+    Closed {
+        code: Option<CloseCode>,
+        reason: String,
+    },
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+enum Inner {
+    Tcp(Framed<TcpStream, FrameCodec<ServerFrame, ClientFrame>>),
+    Ws { ws: Ws, json: bool },
+}
+
+pub struct FrameConn {
+    inner: Inner,
+    /// A Close frame seen before the transport ended, so the code survives.
+    pending_close: Option<(CloseCode, String)>,
+}
+
+impl std::fmt::Debug for FrameConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameConn").finish_non_exhaustive()
+    }
+}
+
+fn io<E: std::fmt::Display>(e: E) -> ClientError {
+    ClientError::Io(e.to_string())
+}
+
+impl FrameConn {
+    pub async fn connect(endpoint: &Endpoint) -> Result<FrameConn, ClientError> {
+        let inner = match endpoint {
+            Endpoint::Tcp(addr) => {
+                let stream = TcpStream::connect(addr.as_str()).await.map_err(io)?;
+                let _ = stream.set_nodelay(true);
+                Inner::Tcp(Framed::new(stream, FrameCodec::new(CLIENT_MAX_FRAME_BYTES)))
+            }
+            Endpoint::WebSocket { url, json } => {
+                let mut request = url.as_str().into_client_request().map_err(io)?;
+                let protocol = if *json { WS_SUBPROTOCOL_JSON } else { WS_SUBPROTOCOL_PROTO };
+                request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(CLIENT_MAX_FRAME_BYTES))
+                    .max_frame_size(Some(CLIENT_MAX_FRAME_BYTES));
+                let (ws, _) =
+                    tokio_tungstenite::connect_async_with_config(request, Some(config), true).await.map_err(io)?;
+                Inner::Ws { ws, json: *json }
+            }
+        };
+        Ok(FrameConn { inner, pending_close: None })
+    }
+
+    pub async fn send(&mut self, frame: ClientFrame) -> Result<(), ClientError> {
+        match &mut self.inner {
+            Inner::Tcp(framed) => framed.send(frame).await.map_err(io),
+            Inner::Ws { ws, json: false } => ws.send(Message::Binary(frame.encode_to_vec().into())).await.map_err(io),
+            Inner::Ws { ws, json: true } => {
+                ws.send(Message::Text(json::encode_client(&frame).into())).await.map_err(io)
+            }
+        }
+    }
+
+    /// Sends bytes exactly as given: on TCP straight onto the stream (so a
+    /// test can write a bogus length prefix), on WebSocket as one binary
+    /// message, or as one text message when `text` is set.
+    pub async fn send_raw(&mut self, bytes: &[u8], text: bool) -> Result<(), ClientError> {
+        match &mut self.inner {
+            Inner::Tcp(framed) => {
+                framed.get_mut().write_all(bytes).await.map_err(io)?;
+                framed.get_mut().flush().await.map_err(io)
+            }
+            Inner::Ws { ws, .. } => {
+                let message = if text {
+                    Message::Text(String::from_utf8_lossy(bytes).into_owned().into())
+                } else {
+                    Message::Binary(bytes.to_vec().into())
+                };
+                ws.send(message).await.map_err(io)
+            }
+        }
+    }
+
+    /// Wraps `body` in a length prefix (for TCP raw sends).
+    pub fn length_prefixed(body: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::with_capacity(4 + body.len());
+        out.put_u32(body.len() as u32);
+        out.put_slice(body);
+        out.to_vec()
+    }
+
+    /// The next frame, or how the connection ended. Cancel-safe.
+    pub async fn recv(&mut self) -> Received {
+        loop {
+            let frame = match &mut self.inner {
+                Inner::Tcp(framed) => match framed.next().await {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(FrameError::Io(e))) => return self.closed(e.to_string()),
+                    Some(Err(e)) => return self.closed(format!("bad frame from server: {e}")),
+                    None => return self.closed("connection closed".into()),
+                },
+                Inner::Ws { ws, json } => match ws.next().await {
+                    None => return self.closed("connection closed".into()),
+                    Some(Err(e)) => return self.closed(e.to_string()),
+                    Some(Ok(Message::Binary(bytes))) if !*json => match ServerFrame::decode(bytes) {
+                        Ok(frame) => frame,
+                        Err(e) => return self.closed(format!("bad frame from server: {e}")),
+                    },
+                    Some(Ok(Message::Text(text))) if *json => match json::decode_server(text.as_str()) {
+                        Ok(frame) => frame,
+                        Err(e) => return self.closed(format!("bad frame from server: {e}")),
+                    },
+                    Some(Ok(Message::Close(close))) => {
+                        if self.pending_close.is_none() {
+                            if let Some(c) = close {
+                                let code = CloseCode::from_ws_status(u16::from(c.code));
+                                return Received::Closed { code, reason: c.reason.to_string() };
+                            }
+                        }
+                        return self.closed("connection closed".into());
+                    }
+                    Some(Ok(_)) => continue,
+                },
+            };
+            if let Some(Body::Close(close)) = &frame.body {
+                let code = CloseCode::try_from(close.code).unwrap_or(CloseCode::Unspecified);
+                self.pending_close = Some((code, close.reason.clone()));
+            }
+            return Received::Frame(frame);
+        }
+    }
+
+    fn closed(&mut self, fallback: String) -> Received {
+        match self.pending_close.take() {
+            Some((code, reason)) => Received::Closed { code: Some(code), reason },
+            None => Received::Closed { code: None, reason: fallback },
+        }
+    }
+
+    /// Closes politely (WebSocket close handshake or TCP shutdown).
+    pub async fn close(&mut self) {
+        match &mut self.inner {
+            Inner::Tcp(framed) => {
+                let _ = framed.get_mut().shutdown().await;
+            }
+            Inner::Ws { ws, .. } => {
+                let frame = tungstenite::protocol::CloseFrame {
+                    code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+                    reason: "bye".into(),
+                };
+                let _ = ws.close(Some(frame)).await;
+            }
+        }
+    }
+}

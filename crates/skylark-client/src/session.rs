@@ -1,0 +1,252 @@
+//! An authenticated connection.
+//!
+//! [`Session::open`] connects, negotiates the version, answers the challenge
+//! with the device key, then hands the connection to a background task. The
+//! task matches replies to requests by id, sends a Ping every heartbeat
+//! interval, and passes frames the server sends on its own (id 0) to the
+//! event channel. Requests go through a cloneable [`SessionHandle`].
+
+use crate::conn::{Endpoint, FrameConn, Received};
+use crate::{ClientError, Identity};
+use skylark_protocol::v1::{self, client_frame, server_frame};
+use skylark_protocol::{ClientFrame, CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Requests queued towards the session task. Small: callers wait for their
+/// replies anyway, so a deep queue would only hide back-pressure.
+const COMMAND_QUEUE: usize = 64;
+/// Server-initiated frames not yet taken by the application. When full, the
+/// session stops reading the socket, which pushes back on the server.
+const EVENT_QUEUE: usize = 1024;
+
+/// What the server told us when the session was established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub version: u32,
+    pub account_id: u64,
+    pub device_id: u64,
+    pub phone: String,
+    pub heartbeat_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+/// Something the server sent without being asked, or the end of the session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Frame(ServerFrame),
+    Closed { code: Option<CloseCode>, reason: String },
+}
+
+type Reply = oneshot::Sender<Result<server_frame::Body, ClientError>>;
+
+enum Command {
+    Request { body: client_frame::Body, reply: Reply },
+    Close,
+}
+
+/// Sends requests on a session; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+fn closed_unexpectedly() -> ClientError {
+    ClientError::Closed { code: None, reason: "session ended".into() }
+}
+
+impl SessionHandle {
+    /// Sends one request and waits for its reply. An error frame becomes
+    /// [`ClientError::Refused`].
+    pub async fn request(&self, body: client_frame::Body) -> Result<server_frame::Body, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Request { body, reply }).await.map_err(|_| closed_unexpectedly())?;
+        rx.await.map_err(|_| closed_unexpectedly())?
+    }
+
+    pub async fn who_am_i(&self) -> Result<v1::WhoAmI, ClientError> {
+        match self.request(client_frame::Body::WhoAmI(v1::WhoAmIRequest {})).await? {
+            server_frame::Body::WhoAmI(w) => Ok(w),
+            other => Err(ClientError::Protocol(format!("expected WhoAmI, got {other:?}"))),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<v1::Pong, ClientError> {
+        match self.request(client_frame::Body::Ping(v1::Ping {})).await? {
+            server_frame::Body::Pong(p) => Ok(p),
+            other => Err(ClientError::Protocol(format!("expected Pong, got {other:?}"))),
+        }
+    }
+
+    /// Asks the session to close; returns at once.
+    pub async fn close(&self) {
+        let _ = self.commands.send(Command::Close).await;
+    }
+}
+
+pub struct Session {
+    pub info: SessionInfo,
+    handle: SessionHandle,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+/// Turns a reply frame into the caller's result.
+fn reply_result(body: Option<server_frame::Body>) -> Result<server_frame::Body, ClientError> {
+    match body {
+        Some(server_frame::Body::Error(e)) => Err(ClientError::Refused {
+            code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        }),
+        Some(body) => Ok(body),
+        None => Err(ClientError::Protocol("reply without a body".into())),
+    }
+}
+
+/// Sends a request on a bare connection and waits for its reply, as during
+/// the handshake, before the session task exists.
+pub async fn call(conn: &mut FrameConn, id: u64, body: client_frame::Body) -> Result<server_frame::Body, ClientError> {
+    conn.send(ClientFrame { id, body: Some(body) }).await?;
+    loop {
+        match conn.recv().await {
+            Received::Frame(frame) if frame.id == id => return reply_result(frame.body),
+            // A connection-level error (id 0) during a call, for example a
+            // timeout; the close that follows carries the code.
+            Received::Frame(_) => continue,
+            Received::Closed { code, reason } => return Err(ClientError::Closed { code, reason }),
+        }
+    }
+}
+
+/// Negotiates the version and authenticates as `identity` on `conn`.
+pub async fn handshake(conn: &mut FrameConn, identity: &Identity) -> Result<SessionInfo, ClientError> {
+    let hello = v1::Hello {
+        min_version: MIN_VERSION,
+        max_version: MAX_VERSION,
+        client: concat!("skylark-client/", env!("CARGO_PKG_VERSION")).into(),
+    };
+    let challenge = match call(conn, 1, client_frame::Body::Hello(hello)).await? {
+        server_frame::Body::Challenge(c) => c,
+        other => return Err(ClientError::Protocol(format!("expected Challenge, got {other:?}"))),
+    };
+    let signature = identity.sign_challenge(&challenge.server_id, &challenge.nonce)?;
+    let answer = v1::Authenticate { device_id: identity.device_id, nonce: challenge.nonce, signature };
+    match call(conn, 2, client_frame::Body::Authenticate(answer)).await? {
+        server_frame::Body::Authenticated(a) => Ok(SessionInfo {
+            version: challenge.version,
+            account_id: a.account_id,
+            device_id: a.device_id,
+            phone: a.phone,
+            heartbeat_interval_ms: a.heartbeat_interval_ms,
+            idle_timeout_ms: a.idle_timeout_ms,
+        }),
+        other => Err(ClientError::Protocol(format!("expected Authenticated, got {other:?}"))),
+    }
+}
+
+impl Session {
+    /// Connects and authenticates. Server-initiated frames arrive on the
+    /// returned receiver, which ends with [`Event::Closed`].
+    pub async fn open(
+        endpoint: &Endpoint,
+        identity: &Identity,
+    ) -> Result<(Session, mpsc::Receiver<Event>), ClientError> {
+        let mut conn = FrameConn::connect(endpoint).await?;
+        let info = handshake(&mut conn, identity).await?;
+        let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let heartbeat = Duration::from_millis(info.heartbeat_interval_ms.max(1_000));
+        let task = tokio::spawn(run(conn, commands, events_tx, heartbeat));
+        Ok((Session { info, handle: SessionHandle { commands: commands_tx }, task }, events))
+    }
+
+    pub fn handle(&self) -> SessionHandle {
+        self.handle.clone()
+    }
+
+    pub async fn who_am_i(&self) -> Result<v1::WhoAmI, ClientError> {
+        self.handle.who_am_i().await
+    }
+
+    /// Closes the connection and waits for the session task to end.
+    pub async fn close(self) {
+        self.handle.close().await;
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    mut conn: FrameConn,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    heartbeat: Duration,
+) {
+    // Handshake used ids 1 and 2.
+    let mut next_id: u64 = 3;
+    let mut pending: HashMap<u64, Reply> = HashMap::new();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let (code, reason) = loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None | Some(Command::Close) => {
+                    conn.close().await;
+                    break (Some(CloseCode::Normal), "closed by client".to_owned());
+                }
+                Some(Command::Request { body, reply }) => {
+                    let id = next_id;
+                    next_id += 1;
+                    match conn.send(ClientFrame { id, body: Some(body) }).await {
+                        Ok(()) => {
+                            pending.insert(id, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+            },
+            _ = ping.tick() => {
+                let id = next_id;
+                next_id += 1;
+                // The Pong needs no waiter: its only job is to keep the
+                // connection from looking idle. Replies for unknown ids are dropped.
+                let _ = conn.send(ClientFrame { id, body: Some(client_frame::Body::Ping(v1::Ping {})) }).await;
+            }
+            received = conn.recv() => match received {
+                Received::Frame(frame) if frame.id != 0 => {
+                    if let Some(reply) = pending.remove(&frame.id) {
+                        let _ = reply.send(reply_result(frame.body));
+                    }
+                }
+                Received::Frame(frame) => {
+                    // The Close frame is followed by the end of the stream,
+                    // which reports its code; nothing to pass on here.
+                    if !matches!(frame.body, Some(server_frame::Body::Close(_))) {
+                        let _ = events.send(Event::Frame(frame)).await;
+                    }
+                }
+                Received::Closed { code, reason } => break (code, reason),
+            },
+        }
+    };
+    for (_, reply) in pending.drain() {
+        let _ = reply.send(Err(ClientError::Closed { code, reason: reason.clone() }));
+    }
+    let _ = events.send(Event::Closed { code, reason }).await;
+}

@@ -1,0 +1,206 @@
+//! The HTTP side: the registration JSON API, health, metrics, and the
+//! WebSocket upgrade.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | POST | /v1/verification | start a session, send a code |
+//! | GET | /v1/verification/{id} | session state |
+//! | POST | /v1/verification/{id}/resend | send a new code |
+//! | POST | /v1/verification/{id}/verify | check the code, enrol the device |
+//! | GET | /v1/ws | WebSocket (protocol v1) |
+//! | GET | /healthz, /readyz, /metrics | operations |
+//!
+//! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting
+//! status; rate limits add `Retry-After` (seconds) and `retry_after_ms`.
+
+use crate::Shared;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use skylark_core::verification::{CheckError, Delivery, ResendError};
+use skylark_server::registration::{RegistrationError, SessionView};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
+    let body_limit = shared.server.config.limits.http_body_bytes;
+    let shutdown = shared.shutdown.clone();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|| async { crate::metrics_endpoint::render() }))
+        .route("/v1/verification", post(start))
+        .route("/v1/verification/{id}", get(status))
+        .route("/v1/verification/{id}/resend", post(resend))
+        .route("/v1/verification/{id}/verify", post(verify))
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(shared);
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::error!(error = %e, "http server failed");
+    }
+}
+
+async fn readyz(State(shared): State<Shared>) -> Response {
+    if shared.ready.load(Ordering::SeqCst) && !shared.shutdown.is_cancelled() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// A JSON API error.
+struct ApiError {
+    status: StatusCode,
+    body: Value,
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: json!({ "error": code, "message": message.into() }), retry_after: None }
+    }
+
+    fn retry_after(mut self, wait: Duration) -> Self {
+        self.body["retry_after_ms"] = json!(wait.as_millis() as u64);
+        self.retry_after = Some(wait);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(wait) = self.retry_after {
+            // Whole seconds, rounded up so a client that obeys is never early.
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+impl From<RegistrationError> for ApiError {
+    fn from(e: RegistrationError) -> Self {
+        use RegistrationError as R;
+        let message = e.to_string();
+        match e {
+            R::InvalidPhone(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_phone", message),
+            R::RateLimited(l) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(l.retry_after)
+            }
+            R::UnknownSession => ApiError::new(StatusCode::NOT_FOUND, "unknown_session", message),
+            R::Resend(ResendError::TooSoon { retry_after_ms }) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "resend_too_soon", message)
+                    .retry_after(Duration::from_millis(retry_after_ms))
+            }
+            R::Resend(ResendError::TooManySends) => ApiError::new(StatusCode::GONE, "sends_exhausted", message),
+            R::Check(CheckError::Expired) => ApiError::new(StatusCode::GONE, "code_expired", message),
+            R::Check(CheckError::AttemptsExhausted) => ApiError::new(StatusCode::GONE, "attempts_exhausted", message),
+            R::Check(CheckError::WrongCode { attempts_left }) => {
+                let mut err = ApiError::new(StatusCode::BAD_REQUEST, "wrong_code", message);
+                err.body["attempts_left"] = json!(attempts_left);
+                err
+            }
+            R::InvalidKey(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", message),
+            R::InvalidName(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_device_name", message),
+            R::Store(e) => {
+                tracing::error!(error = %e, "store failed in the registration api");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            }
+        }
+    }
+}
+
+/// Parses a JSON body, answering malformed input in the API's own error shape.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_request", e.to_string()))
+}
+
+fn session_json(view: SessionView, now_ms: u64) -> axum::Json<Value> {
+    let sms = match view.delivery {
+        Delivery::Pending => json!({ "status": "pending" }),
+        Delivery::Sent => json!({ "status": "sent" }),
+        Delivery::Failed(error) => json!({ "status": "failed", "error": error }),
+    };
+    axum::Json(json!({
+        "session_id": view.session_id,
+        "phone": view.phone.as_str(),
+        "code_expires_in_ms": view.code_expires_at_ms.saturating_sub(now_ms),
+        "next_resend_in_ms": view.next_resend_at_ms.map(|t| t.saturating_sub(now_ms)),
+        "sms": sms,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRequest {
+    phone: String,
+}
+
+async fn start(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let request: StartRequest = parse(&body)?;
+    let view = shared.server.registration.start(&request.phone, peer.ip()).await?;
+    Ok(session_json(view, shared.server.clock.now_ms()))
+}
+
+async fn status(State(shared): State<Shared>, Path(id): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    let view = shared.server.registration.status(&id).await?;
+    Ok(session_json(view, shared.server.clock.now_ms()))
+}
+
+async fn resend(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let view = shared.server.registration.resend(&id, peer.ip()).await?;
+    Ok(session_json(view, shared.server.clock.now_ms()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    code: String,
+    /// Base64 of the device's 32-byte Ed25519 public key.
+    public_key: String,
+    #[serde(default)]
+    device_name: String,
+}
+
+async fn verify(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let request: VerifyRequest = parse(&body)?;
+    let key = BASE64
+        .decode(request.public_key.as_bytes())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", "public_key is not base64"))?;
+    let registered =
+        shared.server.registration.verify(&id, &request.code, &key, &request.device_name, peer.ip()).await?;
+    Ok(axum::Json(json!({
+        "account_id": registered.account.id.0,
+        "device_id": registered.device.id.0,
+        "phone": registered.account.phone.as_str(),
+        "device_name": registered.device.name,
+    })))
+}

@@ -1,0 +1,245 @@
+//! The connection session: one task per connection, the same for every
+//! transport.
+//!
+//! ```text
+//!  open ──Hello──▶ challenged ──Authenticate(ok)──▶ authenticated ──▶ requests…
+//!    │                 │                                 │
+//!    └─ timeout, bad frame, failed auth ─▶ closed ◀─ replaced, removed, idle, shutdown
+//! ```
+//!
+//! Before authentication only Hello and Authenticate are accepted, and the
+//! whole handshake must finish within `auth_timeout_ms`. Afterwards the
+//! connection attaches to the server's session registry, which may close it
+//! later ("replaced", "device removed"). Every frame received resets the idle
+//! timer; a client that stays quiet past `idle_timeout_ms` is closed.
+
+use crate::Shared;
+use crate::transport::{Inbound, Transport};
+use skylark_core::DeviceId;
+use skylark_core::auth::{AuthError, Challenge};
+use skylark_protocol::v1::{self, client_frame, server_frame};
+use skylark_protocol::{ClientFrame, CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
+use skylark_server::auth::{AuthFailure, Authenticated};
+use skylark_server::sessions::Disconnect;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::time::{Instant, sleep_until};
+
+/// Why a session ended, as sent to the peer.
+struct Ending {
+    code: CloseCode,
+    reason: String,
+}
+
+impl Ending {
+    fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+        Self { code, reason: reason.into() }
+    }
+}
+
+fn reply(id: u64, body: server_frame::Body) -> ServerFrame {
+    ServerFrame { id, body: Some(body) }
+}
+
+fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    reply(id, server_frame::Body::Error(v1::Error { code: code as i32, message: message.into(), retry_after_ms: 0 }))
+}
+
+fn auth_error_code(e: AuthError) -> ErrorCode {
+    match e {
+        AuthError::UnknownDevice => ErrorCode::UnknownDevice,
+        AuthError::DeviceRemoved => ErrorCode::DeviceRemoved,
+        AuthError::ChallengeMismatch => ErrorCode::ChallengeMismatch,
+        AuthError::ChallengeExpired => ErrorCode::ChallengeExpired,
+        AuthError::BadSignature => ErrorCode::BadSignature,
+    }
+}
+
+/// Answers a frame the transport could not decode, and says how to close.
+async fn refuse_bad_input<T: Transport>(t: &mut T, inbound: &Inbound) -> Ending {
+    match inbound {
+        Inbound::TooLarge { len, max } => {
+            let _ = t
+                .send(error(0, ErrorCode::FrameTooLarge, format!("frame of {len} bytes exceeds the limit of {max}")))
+                .await;
+            Ending::new(CloseCode::TooLarge, "frame too large")
+        }
+        Inbound::Malformed(why) => {
+            let _ = t.send(error(0, ErrorCode::MalformedFrame, why.clone())).await;
+            Ending::new(CloseCode::ProtocolError, "malformed frame")
+        }
+        Inbound::Frame(_) | Inbound::Closed => Ending::new(CloseCode::ProtocolError, "protocol error"),
+    }
+}
+
+pub(crate) async fn run<T: Transport>(shared: Shared, mut transport: T, peer: SocketAddr, kind: &'static str) {
+    metrics::counter!("skylark_connections_total", "transport" => kind).increment(1);
+    metrics::gauge!("skylark_connections_open").increment(1.0);
+    let ending = match handshake(&shared, &mut transport).await {
+        Ok(Some(authed)) => serve(&shared, &mut transport, authed).await,
+        Ok(None) => None,
+        Err(ending) => Some(ending),
+    };
+    if let Some(ending) = ending {
+        tracing::debug!(%peer, transport = kind, code = ?ending.code, reason = %ending.reason, "closing connection");
+        transport.close(ending.code, &ending.reason).await;
+    }
+    metrics::gauge!("skylark_connections_open").decrement(1.0);
+}
+
+/// Runs the handshake. `Ok(None)` means the peer went away.
+async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Authenticated>, Ending> {
+    let limits = shared.server.config.limits;
+    let deadline = Instant::now() + Duration::from_millis(limits.auth_timeout_ms);
+    let mut challenge: Option<Challenge> = None;
+    loop {
+        let inbound = tokio::select! {
+            _ = shared.shutdown.cancelled() => return Err(Ending::new(CloseCode::GoingAway, "server shutting down")),
+            _ = sleep_until(deadline) => {
+                let _ = t.send(error(0, ErrorCode::Unauthenticated, "authentication timed out")).await;
+                return Err(Ending::new(CloseCode::Unauthenticated, "authentication timed out"));
+            }
+            inbound = t.recv() => inbound,
+        };
+        let frame = match inbound {
+            Inbound::Closed => return Ok(None),
+            Inbound::Frame(frame) => frame,
+            bad => return Err(refuse_bad_input(t, &bad).await),
+        };
+        let id = frame.id;
+        if id == 0 {
+            let _ = t.send(error(0, ErrorCode::MissingRequestId, "request id must be non-zero")).await;
+            return Err(Ending::new(CloseCode::ProtocolError, "missing request id"));
+        }
+        match frame.body {
+            Some(client_frame::Body::Hello(hello)) => {
+                let low = hello.min_version.max(MIN_VERSION);
+                let high = hello.max_version.min(MAX_VERSION);
+                if low > high {
+                    let message = format!("server speaks versions {MIN_VERSION}..={MAX_VERSION}");
+                    let _ = t.send(error(id, ErrorCode::UnsupportedVersion, message)).await;
+                    return Err(Ending::new(CloseCode::UnsupportedVersion, "no common protocol version"));
+                }
+                let ch = shared.server.auth.challenge();
+                let body = server_frame::Body::Challenge(v1::Challenge {
+                    version: high,
+                    nonce: ch.nonce.to_vec(),
+                    server_id: shared.server.auth.server_id().to_vec(),
+                    expires_in_ms: ch.ttl_ms,
+                });
+                challenge = Some(ch);
+                if t.send(reply(id, body)).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            Some(client_frame::Body::Authenticate(answer)) => {
+                let Some(ch) = challenge.as_ref() else {
+                    let _ = t.send(error(id, ErrorCode::Unauthenticated, "send Hello first")).await;
+                    return Err(Ending::new(CloseCode::ProtocolError, "authenticate before hello"));
+                };
+                let device = DeviceId(answer.device_id);
+                return match shared.server.auth.authenticate(ch, device, &answer.nonce, &answer.signature).await {
+                    Ok(authed) => {
+                        let body = server_frame::Body::Authenticated(v1::Authenticated {
+                            account_id: authed.account.id.0,
+                            phone: authed.account.phone.to_string(),
+                            device_id: authed.device.id.0,
+                            heartbeat_interval_ms: limits.heartbeat_interval_ms,
+                            idle_timeout_ms: limits.idle_timeout_ms,
+                        });
+                        if t.send(reply(id, body)).await.is_err() {
+                            return Ok(None);
+                        }
+                        Ok(Some(authed))
+                    }
+                    Err(AuthFailure::Refused(e)) => {
+                        let _ = t.send(error(id, auth_error_code(e), e.to_string())).await;
+                        let code = if e == AuthError::DeviceRemoved {
+                            CloseCode::DeviceRemoved
+                        } else {
+                            CloseCode::Unauthenticated
+                        };
+                        Err(Ending::new(code, e.to_string()))
+                    }
+                    Err(AuthFailure::Store(e)) => {
+                        tracing::error!(error = %e, "store failed during authentication");
+                        let _ = t.send(error(id, ErrorCode::Internal, "internal error")).await;
+                        Err(Ending::new(CloseCode::InternalError, "internal error"))
+                    }
+                };
+            }
+            Some(_) => {
+                let _ = t.send(error(id, ErrorCode::Unauthenticated, "authenticate first")).await;
+                return Err(Ending::new(CloseCode::Unauthenticated, "request before authentication"));
+            }
+            None => {
+                let _ = t.send(error(id, ErrorCode::UnknownRequest, "frame has no known body")).await;
+                return Err(Ending::new(CloseCode::ProtocolError, "unknown request"));
+            }
+        }
+    }
+}
+
+/// Serves an authenticated device until either side ends the session.
+async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Authenticated) -> Option<Ending> {
+    let limits = shared.server.config.limits;
+    let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
+    let (_guard, mut disconnect) = shared.server.sessions.attach(authed.device.id);
+    let mut idle_deadline = Instant::now() + idle_timeout;
+    loop {
+        let inbound = tokio::select! {
+            // Ending a replaced or removed session comes before anything else
+            // it might still read, so it is never served after losing.
+            biased;
+            reason = &mut disconnect => {
+                return Some(match reason {
+                    Ok(Disconnect::Replaced) => Ending::new(CloseCode::Replaced, "device connected elsewhere"),
+                    Ok(Disconnect::DeviceRemoved) => Ending::new(CloseCode::DeviceRemoved, "device removed"),
+                    Err(_) => Ending::new(CloseCode::GoingAway, "server shutting down"),
+                });
+            }
+            _ = shared.shutdown.cancelled() => return Some(Ending::new(CloseCode::GoingAway, "server shutting down")),
+            _ = sleep_until(idle_deadline) => return Some(Ending::new(CloseCode::IdleTimeout, "no heartbeat")),
+            inbound = t.recv() => inbound,
+        };
+        let frame = match inbound {
+            Inbound::Closed => return None,
+            Inbound::Frame(frame) => frame,
+            bad => return Some(refuse_bad_input(t, &bad).await),
+        };
+        idle_deadline = Instant::now() + idle_timeout;
+        let answer = answer(shared, &authed, frame);
+        if let Some(answer) = answer {
+            if t.send(answer).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// The answer to one request from an authenticated device.
+fn answer(shared: &Shared, authed: &Authenticated, frame: ClientFrame) -> Option<ServerFrame> {
+    let id = frame.id;
+    if id == 0 {
+        return Some(error(0, ErrorCode::MissingRequestId, "request id must be non-zero"));
+    }
+    Some(match frame.body {
+        Some(client_frame::Body::Ping(_)) => {
+            reply(id, server_frame::Body::Pong(v1::Pong { server_time_ms: shared.server.clock.now_ms() }))
+        }
+        Some(client_frame::Body::WhoAmI(_)) => reply(
+            id,
+            server_frame::Body::WhoAmI(v1::WhoAmI {
+                account_id: authed.account.id.0,
+                phone: authed.account.phone.to_string(),
+                device_id: authed.device.id.0,
+                device_name: authed.device.name.clone(),
+                device_created_at_ms: authed.device.created_at_ms,
+            }),
+        ),
+        Some(client_frame::Body::Hello(_) | client_frame::Body::Authenticate(_)) => {
+            error(id, ErrorCode::AlreadyAuthenticated, "this connection is already authenticated")
+        }
+        None => error(id, ErrorCode::UnknownRequest, "frame has no known body"),
+    })
+}

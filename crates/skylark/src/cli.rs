@@ -1,0 +1,133 @@
+//! The command-line client: `register` and `whoami`.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use skylark_client::api::Api;
+use skylark_client::identity::generate_key;
+use skylark_client::{ClientError, Endpoint, Identity, Session};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Args)]
+pub struct ProfileArgs {
+    /// Profile name (kept under $SKYLARK_HOME, default ~/.skylark) or a
+    /// directory path; one profile per identity.
+    #[arg(long, env = "SKYLARK_PROFILE", default_value = "default")]
+    profile: String,
+}
+
+impl ProfileArgs {
+    pub fn dir(&self) -> Result<PathBuf> {
+        if self.profile.contains('/') || self.profile.contains(std::path::MAIN_SEPARATOR) {
+            return Ok(PathBuf::from(&self.profile));
+        }
+        if self.profile.is_empty() || self.profile.starts_with('.') {
+            bail!("profile name {:?} is not allowed", self.profile);
+        }
+        Ok(crate::skylark_home().join(&self.profile))
+    }
+}
+
+#[derive(Args)]
+pub struct TransportArgs {
+    /// Connect over raw TCP to this address instead of WebSocket.
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Use the JSON mapping on the WebSocket (for debugging).
+    #[arg(long)]
+    json: bool,
+}
+
+impl TransportArgs {
+    fn endpoint(&self, identity: &Identity) -> Endpoint {
+        match &self.tcp {
+            Some(addr) => Endpoint::Tcp(addr.clone()),
+            None => Endpoint::websocket_for(&identity.server, self.json),
+        }
+    }
+}
+
+async fn prompt(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>, text: &str) -> Result<String> {
+    let mut out = tokio::io::stdout();
+    out.write_all(text.as_bytes()).await?;
+    out.flush().await?;
+    match lines.next_line().await? {
+        Some(line) => Ok(line.trim().to_owned()),
+        None => bail!("no input (stdin closed)"),
+    }
+}
+
+pub async fn register(phone: &str, server: &str, name: &str, profile: &Path) -> Result<()> {
+    if profile.join("identity.json").exists() {
+        bail!("profile {} already holds an identity; use another --profile or remove it first", profile.display());
+    }
+    let api = Api::new(server)?;
+    let session = api.start_verification(phone).await.map_err(explain)?;
+    match session.sms.status.as_str() {
+        "sent" => println!("A code was sent to {} by SMS.", session.phone),
+        _ => println!(
+            "Sending the code to {} failed ({}). Type `resend` to try again.",
+            session.phone,
+            session.sms.error.as_deref().unwrap_or("unknown error")
+        ),
+    }
+
+    let key = generate_key();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let registered = loop {
+        let code = prompt(&mut lines, "Enter the 6-digit code (or `resend`): ").await?;
+        if code == "resend" {
+            match api.resend(&session.session_id).await {
+                Ok(v) => println!("A new code was sent to {} ({}).", v.phone, v.sms.status),
+                Err(e) => println!("{}", explain(e)),
+            }
+            continue;
+        }
+        match api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), name).await {
+            Ok(registered) => break registered,
+            Err(ClientError::Api { error, body, .. }) if error == "wrong_code" => {
+                println!("Wrong code; {} attempts left.", body["attempts_left"]);
+            }
+            Err(e) => return Err(explain(e)),
+        }
+    };
+    let identity =
+        Identity::new(api.base().to_owned(), registered.account_id, registered.device_id, registered.phone, &key);
+    let path = identity.save(profile)?;
+    println!(
+        "Registered {} as account {}, device {} ({}). Identity saved in {}.",
+        identity.phone,
+        identity.account_id,
+        identity.device_id,
+        registered.device_name,
+        path.display()
+    );
+    Ok(())
+}
+
+pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let endpoint = transport.endpoint(&identity);
+    let (session, _events) = Session::open(&endpoint, &identity)
+        .await
+        .map_err(explain)
+        .with_context(|| format!("connecting to {endpoint:?}"))?;
+    let me = session.who_am_i().await.map_err(explain)?;
+    println!("phone:    {}", me.phone);
+    println!("account:  {}", me.account_id);
+    println!("device:   {} ({})", me.device_id, me.device_name);
+    println!("server:   {} (protocol v{})", identity.server, session.info.version);
+    session.close().await;
+    Ok(())
+}
+
+/// Client errors in words a person can act on.
+fn explain(e: ClientError) -> anyhow::Error {
+    match &e {
+        ClientError::Api { status: 429, message, retry_after_secs, .. } => {
+            anyhow::anyhow!("{message}; try again in {} s", retry_after_secs.unwrap_or(0))
+        }
+        ClientError::Api { message, .. } => anyhow::anyhow!("{message}"),
+        _ => anyhow::anyhow!(e),
+    }
+}

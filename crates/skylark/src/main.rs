@@ -1,0 +1,63 @@
+//! `skylark`: the server (`serve`) and the command-line client (`register`,
+//! `whoami`) in one binary. Thin by design: argument parsing, config
+//! loading and printing; the work happens in the library crates.
+
+mod cli;
+mod serve;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "skylark", version, about = "Skylark: a self-hostable messaging server and its CLI client")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (embedded store, nothing else to install).
+    Serve(serve::ServeArgs),
+    /// Register a phone number: sends an SMS code, asks for it, enrols this device.
+    Register {
+        /// The phone number in international form, such as +15551234567.
+        phone: String,
+        /// The server's HTTP address.
+        #[arg(long, env = "SKYLARK_SERVER", default_value = "http://127.0.0.1:7480")]
+        server: String,
+        /// A name for this device, shown in device lists.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+    },
+    /// Connect, authenticate with this device's key, and print who you are.
+    Whoami {
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match args.command {
+        Command::Serve(serve_args) => runtime.block_on(serve::run(serve_args)),
+        Command::Register { phone, server, name, profile } => {
+            runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?))
+        }
+        Command::Whoami { profile, transport } => runtime.block_on(cli::whoami(&profile.dir()?, &transport)),
+    }
+}
+
+/// `$SKYLARK_HOME`, or `~/.skylark`.
+fn skylark_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("SKYLARK_HOME") {
+        return PathBuf::from(home);
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".skylark")
+}

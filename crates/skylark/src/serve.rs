@@ -1,0 +1,172 @@
+//! `skylark serve`: configuration, the embedded store, the gateway, and a
+//! graceful shutdown on SIGTERM or Ctrl-C.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use skylark_core::SystemClock;
+use skylark_gateway::Gateway;
+use skylark_server::config::SmsConfig;
+use skylark_server::sms::{ConsoleSms, HttpSms, SmsSender};
+use skylark_server::{Config, Server};
+use skylark_store::RedbStore;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+
+/// How long shutdown waits for connections to close.
+const DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A TOML configuration file; flags and environment override it.
+    #[arg(long, env = "SKYLARK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the embedded store.
+    #[arg(long, env = "SKYLARK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address for HTTP and WebSocket.
+    #[arg(long, env = "SKYLARK_HTTP")]
+    http: Option<SocketAddr>,
+    /// Address for raw TCP.
+    #[arg(long, env = "SKYLARK_TCP")]
+    tcp: Option<SocketAddr>,
+    /// Log filter, such as `info` or `info,skylark_gateway=debug`.
+    #[arg(long, env = "SKYLARK_LOG", default_value = "info")]
+    log: String,
+}
+
+/// The file's settings (or the defaults), then each flag given.
+fn load_config(args: &ServeArgs) -> Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(addr) = args.http {
+        config.listen.http = addr;
+    }
+    if let Some(addr) = args.tcp {
+        config.listen.tcp = addr;
+    }
+    Ok(config)
+}
+
+fn sms_provider(config: &SmsConfig) -> Result<Arc<dyn SmsSender>> {
+    Ok(match config {
+        SmsConfig::Console => Arc::new(ConsoleSms),
+        SmsConfig::Http { url, headers, timeout_ms } => {
+            Arc::new(HttpSms::new(url, headers.clone(), Duration::from_millis(*timeout_ms))?)
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let filter: Targets = args.log.parse().with_context(|| format!("bad log filter {:?}", args.log))?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    tracing_subscriber::registry().with(layer).with(filter).init();
+
+    let config = load_config(&args)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("skylark.redb");
+    let store = RedbStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    let sms = sms_provider(&config.sms)?;
+    if matches!(config.sms, SmsConfig::Console) {
+        tracing::warn!("SMS provider is `console`: verification codes are printed in this log");
+    }
+    tracing::info!(data = %db_path.display(), "store opened");
+
+    let server = Server::new(config, Arc::new(store), sms, Arc::new(SystemClock)).await?;
+    let gateway = Gateway::start(server).await.context("binding listeners")?;
+    println!(
+        "Skylark is running: HTTP + WebSocket on http://{} (WebSocket at /v1/ws), TCP on {}. Ctrl-C stops it.",
+        gateway.http_addr(),
+        gateway.tcp_addr()
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing connections");
+    gateway.shutdown(DRAIN).await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("skylark.toml");
+        std::fs::write(
+            &path,
+            r#"
+data_dir = "/srv/skylark"
+[listen]
+http = "127.0.0.1:9000"
+[limits]
+idle_timeout_ms = 30000
+[rate_limits]
+sms_per_number = { burst = 1, per_ms = 60000 }
+"#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            data_dir: None,
+            http: None,
+            tcp: Some("127.0.0.1:9001".parse().unwrap()),
+            log: "info".into(),
+        };
+        let config = load_config(&args).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/skylark"));
+        assert_eq!(config.listen.http, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.listen.tcp, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(config.limits.idle_timeout_ms, 30_000);
+        assert_eq!(config.rate_limits.sms_per_number.burst, 1);
+        assert_eq!(config.limits.max_frame_bytes, Config::default().limits.max_frame_bytes);
+    }
+
+    #[test]
+    fn typo_in_config_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("skylark.toml");
+        std::fs::write(&path, "[limits]\nidle_timeout = 5\n").unwrap();
+        let args = ServeArgs { config: Some(path), data_dir: None, http: None, tcp: None, log: "info".into() };
+        let err = format!("{:#}", load_config(&args).unwrap_err());
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,148 @@
+//! Starting servers and registering devices for tests.
+
+use async_trait::async_trait;
+use skylark_client::api::Api;
+use skylark_client::conn::{FrameConn, Received};
+use skylark_client::identity::generate_key;
+use skylark_client::{Endpoint, Identity};
+use skylark_core::{Clock, ManualClock, PhoneNumber, SystemClock};
+use skylark_gateway::Gateway;
+use skylark_protocol::CloseCode;
+use skylark_server::sms::{SmsError, SmsSender};
+use skylark_server::{Config, Server};
+use skylark_store::{RedbStore, Store};
+use std::sync::{Arc, Mutex};
+
+/// Records every code "sent", so tests can read them like a phone would.
+#[derive(Default)]
+pub struct CapturedSms {
+    pub sent: Mutex<Vec<(String, String)>>,
+}
+
+impl CapturedSms {
+    /// The newest code sent to `phone`.
+    pub fn last_code(&self, phone: &str) -> String {
+        let normal = PhoneNumber::parse(phone).expect("valid test number").to_string();
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(to, _)| *to == normal)
+            .map(|(_, code)| code.clone())
+            .unwrap_or_else(|| panic!("no code was sent to {phone}"))
+    }
+
+    pub fn count(&self) -> usize {
+        self.sent.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl SmsSender for CapturedSms {
+    async fn send(&self, to: &PhoneNumber, _text: &str, code: &str) -> Result<(), SmsError> {
+        self.sent.lock().unwrap().push((to.to_string(), code.to_owned()));
+        Ok(())
+    }
+}
+
+/// The transports a test can run over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Ws,
+    WsJson,
+}
+
+pub const ALL_TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::Ws, Transport::WsJson];
+
+pub struct TestServer {
+    pub gateway: Option<Gateway>,
+    pub sms: Arc<CapturedSms>,
+    pub clock: ManualClock,
+    pub store: Arc<dyn Store>,
+}
+
+/// A config listening on ephemeral loopback ports with generous rate
+/// limits, so only the tests about limits meet them.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.listen.http = "127.0.0.1:0".parse().unwrap();
+    config.listen.tcp = "127.0.0.1:0".parse().unwrap();
+    let loose = skylark_server::config::Quota { burst: 1_000, per_ms: 1 };
+    config.rate_limits.sms_per_number = loose;
+    config.rate_limits.sms_per_ip = loose;
+    config.rate_limits.sms_per_prefix = loose;
+    config.rate_limits.checks_per_number = loose;
+    config.rate_limits.checks_per_ip = loose;
+    config
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(test_config()).await
+    }
+
+    pub async fn start_with(config: Config) -> TestServer {
+        let store: Arc<dyn Store> = Arc::new(RedbStore::in_memory().unwrap());
+        Self::start_on(config, store).await
+    }
+
+    /// Starts on an existing store (to restart a server over the same data).
+    pub async fn start_on(config: Config, store: Arc<dyn Store>) -> TestServer {
+        let sms = Arc::new(CapturedSms::default());
+        let clock = ManualClock::new(SystemClock.now_ms());
+        let server = Server::new(config, store.clone(), sms.clone(), Arc::new(clock.clone())).await.unwrap();
+        let gateway = Gateway::start(server).await.unwrap();
+        TestServer { gateway: Some(gateway), sms, clock, store }
+    }
+
+    fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().expect("server is running")
+    }
+
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.gateway().http_addr())
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.http_base()).unwrap()
+    }
+
+    pub fn endpoint(&self, transport: Transport) -> Endpoint {
+        match transport {
+            Transport::Tcp => Endpoint::Tcp(self.gateway().tcp_addr().to_string()),
+            Transport::Ws => Endpoint::websocket_for(&self.http_base(), false),
+            Transport::WsJson => Endpoint::websocket_for(&self.http_base(), true),
+        }
+    }
+
+    pub async fn raw(&self, transport: Transport) -> FrameConn {
+        FrameConn::connect(&self.endpoint(transport)).await.unwrap()
+    }
+
+    /// Signs `phone` up through the HTTP API, as a new device.
+    pub async fn register(&self, phone: &str) -> Identity {
+        let api = self.api();
+        let session = api.start_verification(phone).await.unwrap();
+        let key = generate_key();
+        let code = self.sms.last_code(phone);
+        let registered = api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), "test").await.unwrap();
+        Identity::new(self.http_base(), registered.account_id, registered.device_id, registered.phone, &key)
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown(std::time::Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// Reads frames until the connection closes; returns the close code.
+pub async fn close_code(conn: &mut FrameConn) -> Option<CloseCode> {
+    loop {
+        if let Received::Closed { code, .. } = conn.recv().await {
+            return code;
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Connection lifetime: replacement, timeouts, reconnects, shutdown, health.
+
+use crate::harness::{TestServer, Transport, close_code, test_config};
+use skylark_client::backoff::Backoff;
+use skylark_client::client::ClientEvent;
+use skylark_client::session::{Event, handshake};
+use skylark_client::{Client, Session};
+use skylark_protocol::CloseCode;
+use std::time::Duration;
+
+async fn closed(events: &mut tokio::sync::mpsc::Receiver<Event>) -> Option<CloseCode> {
+    loop {
+        match events.recv().await.expect("events end with Closed") {
+            Event::Closed { code, .. } => return code,
+            Event::Frame(_) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn same_device_twice_newest_wins_oldest_is_replaced() {
+    let server = TestServer::start().await;
+    let identity = server.register("+15550400001").await;
+    let (old, mut old_events) = Session::open(&server.endpoint(Transport::Tcp), &identity).await.unwrap();
+    let (new, _new_events) = Session::open(&server.endpoint(Transport::Ws), &identity).await.unwrap();
+    assert_eq!(closed(&mut old_events).await, Some(CloseCode::Replaced));
+    assert!(old.who_am_i().await.is_err(), "the replaced session is gone");
+    assert_eq!(new.who_am_i().await.unwrap().device_id, identity.device_id);
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_for_idleness() {
+    let mut config = test_config();
+    config.limits.idle_timeout_ms = 300;
+    let server = TestServer::start_with(config).await;
+    let identity = server.register("+15550400002").await;
+    let mut conn = server.raw(Transport::Tcp).await;
+    let info = handshake(&mut conn, &identity).await.unwrap();
+    assert_eq!(info.idle_timeout_ms, 300);
+    // Send nothing: no heartbeat.
+    assert_eq!(close_code(&mut conn).await, Some(CloseCode::IdleTimeout));
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_session_alive() {
+    let mut config = test_config();
+    config.limits.idle_timeout_ms = 1_500;
+    config.limits.heartbeat_interval_ms = 1_000;
+    let server = TestServer::start_with(config).await;
+    let identity = server.register("+15550400003").await;
+    let (session, mut events) = Session::open(&server.endpoint(Transport::Ws), &identity).await.unwrap();
+    // Three idle timeouts pass; the SDK's pings keep the session open.
+    let outcome = tokio::time::timeout(Duration::from_millis(4_500), closed(&mut events)).await;
+    assert!(outcome.is_err(), "session closed despite heartbeats: {outcome:?}");
+    session.who_am_i().await.unwrap();
+}
+
+#[tokio::test]
+async fn connection_that_never_authenticates_is_closed() {
+    let mut config = test_config();
+    config.limits.auth_timeout_ms = 200;
+    let server = TestServer::start_with(config).await;
+    let mut conn = server.raw(Transport::WsJson).await;
+    assert_eq!(close_code(&mut conn).await, Some(CloseCode::Unauthenticated));
+}
+
+#[tokio::test]
+async fn client_reconnects_after_a_server_restart() {
+    let mut server = TestServer::start().await;
+    let identity = server.register("+15550400004").await;
+    let tcp_addr = server.gateway.as_ref().unwrap().tcp_addr();
+    let http_addr = server.gateway.as_ref().unwrap().http_addr();
+
+    let backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
+    let (client, mut events) = Client::start(server.endpoint(Transport::Tcp), identity.clone(), backoff);
+    assert!(matches!(events.recv().await, Some(ClientEvent::Connected(_))));
+
+    // Stop the server: the client sees "going away" and starts retrying.
+    server.shutdown().await;
+    match events.recv().await {
+        Some(ClientEvent::Disconnected { code, .. }) => assert_eq!(code, Some(CloseCode::GoingAway)),
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+
+    // Start again on the same addresses and the same data.
+    let mut config = test_config();
+    config.listen.tcp = tcp_addr;
+    config.listen.http = http_addr;
+    let restarted = TestServer::start_on(config, server.store.clone()).await;
+    loop {
+        match events.recv().await {
+            Some(ClientEvent::Connected(info)) => {
+                assert_eq!(info.device_id, identity.device_id);
+                break;
+            }
+            Some(ClientEvent::Disconnected { .. }) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let handle = client.connected().await.unwrap();
+    assert_eq!(handle.who_am_i().await.unwrap().account_id, identity.account_id);
+    client.stop().await;
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn client_stops_for_good_when_replaced() {
+    let server = TestServer::start().await;
+    let identity = server.register("+15550400005").await;
+    let backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(50));
+    let (client, mut events) = Client::start(server.endpoint(Transport::Ws), identity.clone(), backoff);
+    assert!(matches!(events.recv().await, Some(ClientEvent::Connected(_))));
+    let (_other, _) = Session::open(&server.endpoint(Transport::Tcp), &identity).await.unwrap();
+    loop {
+        match events.recv().await.expect("client reports why it stopped") {
+            ClientEvent::Stopped(e) => {
+                assert!(
+                    matches!(e, skylark_client::ClientError::Closed { code: Some(CloseCode::Replaced), .. }),
+                    "{e:?}"
+                );
+                break;
+            }
+            ClientEvent::Disconnected { .. } => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(client.connected().await.is_err(), "a replaced client does not fight back");
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_going_away() {
+    let mut server = TestServer::start().await;
+    let identity = server.register("+15550400006").await;
+    let (_session, mut events) = Session::open(&server.endpoint(Transport::WsJson), &identity).await.unwrap();
+    server.shutdown().await;
+    assert_eq!(closed(&mut events).await, Some(CloseCode::GoingAway));
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let server = TestServer::start().await;
+    let api = server.api();
+    let identity = server.register("+15550400007").await;
+    let (session, _) = Session::open(&server.endpoint(Transport::Tcp), &identity).await.unwrap();
+    session.who_am_i().await.unwrap();
+    for path in ["/healthz", "/readyz"] {
+        let (status, ..) = api.raw("GET", path, None).await.unwrap();
+        assert_eq!(status, 200, "{path}");
+    }
+    let response = reqwest_like_get(&server.http_base(), "/metrics").await;
+    assert!(response.contains("skylark_connections_total"), "{response}");
+    assert!(response.contains("skylark_sms_total"), "{response}");
+}
+
+/// GET returning the body as text (the API helper parses JSON only).
+async fn reqwest_like_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}

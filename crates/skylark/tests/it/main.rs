@@ -1,0 +1,12 @@
+//! Black-box tests: a real server on 127.0.0.1:0, driven through the client
+//! SDK (and raw frames where a test must misbehave) over every transport.
+
+// This whole crate is test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod auth;
+mod cli;
+mod frames;
+mod harness;
+mod lifecycle;
+mod signup;
