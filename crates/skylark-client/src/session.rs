@@ -43,7 +43,14 @@ pub enum Event {
 type Reply = oneshot::Sender<Result<server_frame::Body, ClientError>>;
 
 enum Command {
-    Request { body: client_frame::Body, reply: Reply },
+    Request {
+        body: client_frame::Body,
+        reply: Reply,
+    },
+    /// A frame that gets no answer (acks).
+    Notify {
+        body: client_frame::Body,
+    },
     Close,
 }
 
@@ -83,6 +90,32 @@ impl SessionHandle {
         match self.request(client_frame::Body::Ping(v1::Ping {})).await? {
             server_frame::Body::Pong(p) => Ok(p),
             other => Err(ClientError::Protocol(format!("expected Pong, got {other:?}"))),
+        }
+    }
+
+    /// Sends a message; returns once it is durable on the server (one tick).
+    /// Resending with the same `client_id` is safe: the server returns the
+    /// first ack with `duplicate` set.
+    pub async fn send(&self, to: &str, client_id: &str, payload: Vec<u8>) -> Result<v1::SendAck, ClientError> {
+        let body =
+            client_frame::Body::Send(v1::SendMessage { client_id: client_id.to_owned(), to: to.to_owned(), payload });
+        match self.request(body).await? {
+            server_frame::Body::SendAck(ack) => Ok(ack),
+            other => Err(ClientError::Protocol(format!("expected SendAck, got {other:?}"))),
+        }
+    }
+
+    /// Tells the server this device has every event up to `up_to_seq`.
+    pub async fn ack(&self, up_to_seq: u64) -> Result<(), ClientError> {
+        let body = client_frame::Body::Ack(v1::Ack { up_to_seq });
+        self.commands.send(Command::Notify { body }).await.map_err(|_| closed_unexpectedly())
+    }
+
+    /// Marks `peer`'s messages read up to the peer's sequence `up_to_seq`.
+    pub async fn mark_read(&self, peer: u64, up_to_seq: u64) -> Result<(), ClientError> {
+        match self.request(client_frame::Body::MarkRead(v1::MarkRead { peer, up_to_seq })).await? {
+            server_frame::Body::Ok(_) => Ok(()),
+            other => Err(ClientError::Protocol(format!("expected Ok, got {other:?}"))),
         }
     }
 
@@ -158,6 +191,22 @@ pub async fn handshake(conn: &mut FrameConn, identity: &Identity) -> Result<Sess
     }
 }
 
+/// A log event or the caught-up marker, if `frame` is one.
+pub fn log_event(frame: &ServerFrame) -> Option<LogEvent<'_>> {
+    match frame.body.as_ref()? {
+        server_frame::Body::Event(event) => Some(LogEvent::Entry(event)),
+        server_frame::Body::CaughtUp(c) => Some(LogEvent::CaughtUp(c.seq)),
+        _ => None,
+    }
+}
+
+/// What the server streams from the account's log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LogEvent<'a> {
+    Entry(&'a v1::Event),
+    CaughtUp(u64),
+}
+
 impl Session {
     /// Connects and authenticates. Server-initiated frames arrive on the
     /// returned receiver, which ends with [`Event::Closed`].
@@ -207,6 +256,11 @@ async fn run(
                 None | Some(Command::Close) => {
                     conn.close().await;
                     break (Some(CloseCode::Normal), "closed by client".to_owned());
+                }
+                Some(Command::Notify { body }) => {
+                    if let Err(e) = conn.send(ClientFrame { id: 0, body: Some(body) }).await {
+                        tracing::debug!(error = %e, "notification not sent");
+                    }
                 }
                 Some(Command::Request { body, reply }) => {
                     let id = next_id;

@@ -11,6 +11,7 @@
 //! listener and connection selects on the token, and [`Gateway::shutdown`]
 //! waits for the tracked connections to close.
 
+mod convert;
 mod http;
 pub mod metrics_endpoint;
 mod session;

@@ -15,13 +15,18 @@
 
 use crate::Shared;
 use crate::transport::{Inbound, Transport};
-use skylark_core::DeviceId;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use skylark_core::auth::{AuthError, Challenge};
+use skylark_core::{AccountId, DeviceId};
 use skylark_protocol::v1::{self, client_frame, server_frame};
 use skylark_protocol::{ClientFrame, CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
 use skylark_server::auth::{AuthFailure, Authenticated};
+use skylark_server::messaging::{DeviceEvent, MessagingError, SendRequest};
 use skylark_server::sessions::Disconnect;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::time::{Instant, sleep_until};
 
@@ -180,16 +185,54 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Au
     }
 }
 
+/// Requests of one connection being worked on at once, at most. When full,
+/// the connection is not read until one finishes (back-pressure).
+const MAX_IN_FLIGHT: usize = 64;
+
+type Deferred = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+
+/// How a request is answered.
+enum Answer {
+    Now(ServerFrame),
+    /// Once the actor has made it durable.
+    Later(Deferred),
+    /// Never (acks).
+    None,
+}
+
 /// Serves an authenticated device until either side ends the session.
 async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Authenticated) -> Option<Ending> {
+    let (guard, disconnect) = shared.server.sessions.attach(authed.device.id);
+    let router = &shared.server.router;
+    let (account, device, connection) = (authed.account.id, authed.device.id, guard.connection());
+    let events = match router.attach(account, device, connection).await {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(%account, error = %e, "could not attach the device to its actor");
+            return Some(Ending::new(CloseCode::InternalError, "messaging unavailable; reconnect"));
+        }
+    };
+    let ending = serve_attached(shared, t, &authed, connection, disconnect, events).await;
+    router.detach(account, device, connection).await;
+    ending
+}
+
+async fn serve_attached<T: Transport>(
+    shared: &Shared,
+    t: &mut T,
+    authed: &Authenticated,
+    connection: u64,
+    mut disconnect: tokio::sync::oneshot::Receiver<Disconnect>,
+    mut events: tokio::sync::mpsc::Receiver<DeviceEvent>,
+) -> Option<Ending> {
     let limits = shared.server.config.limits;
     let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
-    let (_guard, mut disconnect) = shared.server.sessions.attach(authed.device.id);
     let mut idle_deadline = Instant::now() + idle_timeout;
+    let mut in_flight: FuturesUnordered<Deferred> = FuturesUnordered::new();
     loop {
-        let inbound = tokio::select! {
+        tokio::select! {
             // Ending a replaced or removed session comes before anything else
-            // it might still read, so it is never served after losing.
+            // it might still read or write, so it is never served after losing.
             biased;
             reason = &mut disconnect => {
                 return Some(match reason {
@@ -200,30 +243,59 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Authenticated) 
             }
             _ = shared.shutdown.cancelled() => return Some(Ending::new(CloseCode::GoingAway, "server shutting down")),
             _ = sleep_until(idle_deadline) => return Some(Ending::new(CloseCode::IdleTimeout, "no heartbeat")),
-            inbound = t.recv() => inbound,
-        };
-        let frame = match inbound {
-            Inbound::Closed => return None,
-            Inbound::Frame(frame) => frame,
-            bad => return Some(refuse_bad_input(t, &bad).await),
-        };
-        idle_deadline = Instant::now() + idle_timeout;
-        let answer = answer(shared, &authed, frame);
-        if let Some(answer) = answer {
-            if t.send(answer).await.is_err() {
-                return None;
+            Some(reply) = in_flight.next() => {
+                if t.send(reply).await.is_err() {
+                    return None;
+                }
+            }
+            event = events.recv() => {
+                let Some(event) = event else {
+                    return Some(Ending::new(CloseCode::InternalError, "messaging restarted; reconnect"));
+                };
+                let frame = crate::convert::event_frame(&shared.server.router, event).await;
+                if t.send(frame).await.is_err() {
+                    return None;
+                }
+            }
+            inbound = t.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let frame = match inbound {
+                    Inbound::Closed => return None,
+                    Inbound::Frame(frame) => frame,
+                    bad => return Some(refuse_bad_input(t, &bad).await),
+                };
+                idle_deadline = Instant::now() + idle_timeout;
+                match answer(shared, authed, connection, frame).await {
+                    Answer::Now(reply) => {
+                        if t.send(reply).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Answer::Later(reply) => in_flight.push(reply),
+                    Answer::None => {}
+                }
             }
         }
     }
 }
 
+fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
+    error(id, crate::convert::messaging_error_code(e), e.to_string())
+}
+
 /// The answer to one request from an authenticated device.
-fn answer(shared: &Shared, authed: &Authenticated, frame: ClientFrame) -> Option<ServerFrame> {
+async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame: ClientFrame) -> Answer {
+    let router = &shared.server.router;
+    let (account, device) = (authed.account.id, authed.device.id);
     let id = frame.id;
-    if id == 0 {
-        return Some(error(0, ErrorCode::MissingRequestId, "request id must be non-zero"));
+    // Acks are notifications: no id needed, never answered.
+    if let Some(client_frame::Body::Ack(ack)) = &frame.body {
+        router.ack(account, device, connection, ack.up_to_seq).await;
+        return Answer::None;
     }
-    Some(match frame.body {
+    if id == 0 {
+        return Answer::Now(error(0, ErrorCode::MissingRequestId, "request id must be non-zero"));
+    }
+    Answer::Now(match frame.body {
         Some(client_frame::Body::Ping(_)) => {
             reply(id, server_frame::Body::Pong(v1::Pong { server_time_ms: shared.server.clock.now_ms() }))
         }
@@ -237,9 +309,41 @@ fn answer(shared: &Shared, authed: &Authenticated, frame: ClientFrame) -> Option
                 device_created_at_ms: authed.device.created_at_ms,
             }),
         ),
+        Some(client_frame::Body::Send(send)) => {
+            let request = SendRequest { client_id: send.client_id, to: send.to, payload: send.payload };
+            return match router.send(account, device, request).await {
+                Ok(durable) => Answer::Later(Box::pin(async move {
+                    match durable.await {
+                        Ok(Ok(ack)) => reply(
+                            id,
+                            server_frame::Body::SendAck(v1::SendAck {
+                                id: Some(crate::convert::message_id(ack.id)),
+                                sent_at_ms: ack.sent_at_ms,
+                                duplicate: ack.duplicate,
+                            }),
+                        ),
+                        Ok(Err(e)) => messaging_error(id, &e),
+                        Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
+                    }
+                })),
+                Err(e) => Answer::Now(messaging_error(id, &e)),
+            };
+        }
+        Some(client_frame::Body::MarkRead(mark)) => {
+            return match router.mark_read(account, AccountId(mark.peer), mark.up_to_seq).await {
+                Ok(durable) => Answer::Later(Box::pin(async move {
+                    match durable.await {
+                        Ok(Ok(())) => reply(id, server_frame::Body::Ok(v1::Ok {})),
+                        Ok(Err(e)) => messaging_error(id, &e),
+                        Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
+                    }
+                })),
+                Err(e) => Answer::Now(messaging_error(id, &e)),
+            };
+        }
         Some(client_frame::Body::Hello(_) | client_frame::Body::Authenticate(_)) => {
             error(id, ErrorCode::AlreadyAuthenticated, "this connection is already authenticated")
         }
-        None => error(id, ErrorCode::UnknownRequest, "frame has no known body"),
+        Some(client_frame::Body::Ack(_)) | None => error(id, ErrorCode::UnknownRequest, "frame has no known body"),
     })
 }

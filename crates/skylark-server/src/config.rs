@@ -2,6 +2,7 @@
 //! single-node server starts with. Loaded from TOML by the binary and
 //! overridden by flags and environment (see README.md).
 
+use crate::messaging::MessagingConfig;
 use serde::{Deserialize, Serialize};
 use skylark_core::verification::VerificationPolicy;
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ pub struct Config {
     pub limits: Limits,
     pub verification: VerificationPolicy,
     pub rate_limits: RateLimits,
+    pub messaging: MessagingConfig,
     pub sms: SmsConfig,
 }
 
@@ -28,6 +30,7 @@ impl Default for Config {
             limits: Limits::default(),
             verification: VerificationPolicy::default(),
             rate_limits: RateLimits::default(),
+            messaging: MessagingConfig::default(),
             sms: SmsConfig::Console,
         }
     }

@@ -6,10 +6,13 @@
 //! transports: the gateway decodes frames and HTTP requests, calls these
 //! services, and encodes their answers.
 
+mod actor;
 pub mod auth;
 pub mod config;
+pub mod messaging;
 pub mod ratelimit;
 pub mod registration;
+pub mod router;
 pub mod sessions;
 pub mod sms;
 
@@ -28,6 +31,7 @@ pub struct Server {
     pub registration: registration::Registration,
     pub auth: auth::Authenticator,
     pub sessions: Arc<sessions::Sessions>,
+    pub router: router::Router,
 }
 
 impl std::fmt::Debug for Server {
@@ -57,7 +61,14 @@ impl Server {
             &config.rate_limits,
         );
         let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms);
-        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions }))
+        let router = router::Router::new(store.clone(), clock.clone(), config.messaging);
+        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router }))
+    }
+
+    /// Stops the user actors after their current batch (their writes are
+    /// durable when this returns). Call after the gateway has shut down.
+    pub async fn shutdown(&self) {
+        self.router.shutdown().await;
     }
 
     /// Periodic clean-up: forgets idle rate-limit keys and purges

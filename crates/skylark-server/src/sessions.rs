@@ -49,6 +49,13 @@ pub struct SessionGuard {
     connection: u64,
 }
 
+impl SessionGuard {
+    /// This connection's number, unique for the life of the process.
+    pub fn connection(&self) -> u64 {
+        self.connection
+    }
+}
+
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut live = self.sessions.live.lock().unwrap_or_else(PoisonError::into_inner);

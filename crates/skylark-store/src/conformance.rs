@@ -16,6 +16,7 @@ pub async fn run_all(store: &dyn Store) {
     registration_creates_then_takes_over(store).await;
     verification_sessions(store).await;
     server_id_is_stable(store).await;
+    message_path(store).await;
 }
 
 async fn registration_creates_then_takes_over(store: &dyn Store) {
@@ -78,4 +79,82 @@ async fn server_id_is_stable(store: &dyn Store) {
     let first = store.server_id([4; 16]).await.expect("init");
     assert_eq!(first, [4; 16]);
     assert_eq!(store.server_id([5; 16]).await.expect("read"), first);
+}
+
+async fn message_path(store: &dyn Store) {
+    use crate::{AccountWrite, Counters};
+    use skylark_core::AccountId;
+    use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
+
+    let a = AccountId(900);
+    let b = AccountId(901);
+    let fresh = store.account_state(a).await.expect("state");
+    assert_eq!(fresh.counters, Counters::default());
+    assert!(fresh.outbox.is_empty());
+    assert!(store.read_log(a, 1, 10).await.expect("read").is_empty());
+
+    let message = Message {
+        id: MessageId { sender: a, seq: 1 },
+        to: b,
+        sender_device: DeviceId(3),
+        client_id: "c1".into(),
+        sent_at_ms: 10,
+        payload: b"hi".to_vec(),
+    };
+    let mut write = AccountWrite::new(a);
+    write.appends.push((1, LogEntry::Message(message.clone())));
+    write.outbox_puts.push((1, OutboxItem { to: b, forward: Forward::Message(message.clone()) }));
+    write.counters = Some(Counters { next_seq: 2, next_outbox: 2 });
+    write.client_ids.push((DeviceId(3), "c1".into(), 1));
+    write.cursors.push((DeviceId(3), 1));
+    write.receipts.push((b, ReceiptKind::Read, 4));
+    write.read_markers.push((b, 9));
+    write.inbound.push((b, 6));
+    store.apply(write).await.expect("apply");
+
+    let state = store.account_state(a).await.expect("state");
+    assert_eq!(state.counters, Counters { next_seq: 2, next_outbox: 2 });
+    assert_eq!(state.outbox, vec![(1, OutboxItem { to: b, forward: Forward::Message(message.clone()) })]);
+    assert_eq!(store.read_log(a, 1, 10).await.expect("read"), vec![(1, LogEntry::Message(message))]);
+    assert!(store.read_log(a, 2, 10).await.expect("read").is_empty());
+    assert_eq!(store.client_id(a, DeviceId(3), "c1").await.expect("read"), Some(1));
+    assert_eq!(store.client_id(a, DeviceId(4), "c1").await.expect("read"), None, "client ids are per device");
+    assert_eq!(store.cursor(a, DeviceId(3)).await.expect("read"), Some(1));
+    assert_eq!(store.receipt(a, b, ReceiptKind::Read).await.expect("read"), 4);
+    assert_eq!(store.receipt(a, b, ReceiptKind::Delivered).await.expect("read"), 0);
+    assert_eq!(store.read_marker(a, b).await.expect("read"), 9, "read markers are apart from receipts");
+    assert_eq!(store.inbound(a, b).await.expect("read"), 6);
+    assert_eq!(store.inbound(b, a).await.expect("read"), 0, "per account");
+
+    let mut write = AccountWrite::new(a);
+    write.outbox_deletes.push(1);
+    store.apply(write).await.expect("apply");
+    assert!(store.account_state(a).await.expect("state").outbox.is_empty());
+
+    // Concurrent writes from many accounts all land (and may share commits).
+    let writes = (0..50u64).map(|i| {
+        let mut w = AccountWrite::new(AccountId(1_000 + i));
+        w.appends.push((1, LogEntry::ReadSync { peer: a, up_to: i, at_ms: 1 }));
+        w.counters = Some(Counters { next_seq: 2, next_outbox: 1 });
+        store.apply(w)
+    });
+    for result in futures_util::future::join_all(writes).await {
+        result.expect("concurrent apply");
+    }
+    for i in 0..50u64 {
+        let log = store.read_log(AccountId(1_000 + i), 1, 10).await.expect("read");
+        assert_eq!(log, vec![(1, LogEntry::ReadSync { peer: a, up_to: i, at_ms: 1 })]);
+    }
+
+    // A registered device's cursor starts at the end of its account's log.
+    let phone = phone("+15550009999");
+    let reg = store.register(&phone, NewDevice { public_key: [8; 32], name: "x".into() }, 1).await.expect("register");
+    let mut w = AccountWrite::new(reg.account.id);
+    w.appends.push((1, LogEntry::ReadSync { peer: a, up_to: 1, at_ms: 1 }));
+    w.appends.push((2, LogEntry::ReadSync { peer: a, up_to: 2, at_ms: 1 }));
+    w.counters = Some(Counters { next_seq: 3, next_outbox: 1 });
+    store.apply(w).await.expect("apply");
+    let later = store.register(&phone, NewDevice { public_key: [9; 32], name: "y".into() }, 2).await.expect("takeover");
+    assert_eq!(store.cursor(reg.account.id, reg.device.id).await.expect("read"), Some(0));
+    assert_eq!(store.cursor(reg.account.id, later.device.id).await.expect("read"), Some(2));
 }

@@ -10,15 +10,17 @@
 //! This crate knows domain types only: never protobuf, sockets or HTTP.
 
 pub mod conformance;
+pub mod record;
 pub mod redb_store;
 
 use async_trait::async_trait;
+use skylark_core::message::{LogEntry, OutboxItem, ReceiptKind};
 use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
 
 pub use redb_store::RedbStore;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The backend failed (disk, database); the operation had no effect.
     #[error("storage backend failed: {0}")]
@@ -55,7 +57,8 @@ pub trait AccountStore: Send + Sync {
     /// Registers `phone` after a successful verification, atomically: if an
     /// account holds the number, every active device of it is marked removed
     /// (the account keeps its id); otherwise a new account is created. Then
-    /// `device` is enrolled. Durable when it returns.
+    /// `device` is enrolled, with its delivery cursor at the end of the
+    /// account's log (a new device starts from now). Durable when it returns.
     async fn register(&self, phone: &PhoneNumber, device: NewDevice, now_ms: u64) -> Result<Registration, StoreError>;
 }
 
@@ -80,7 +83,119 @@ pub trait MetaStore: Send + Sync {
     async fn server_id(&self, candidate: [u8; 16]) -> Result<[u8; 16], StoreError>;
 }
 
-/// Every domain store of one backend.
-pub trait Store: AccountStore + VerificationStore + MetaStore {}
+/// Everything one account's actor changes in one step, applied atomically.
+///
+/// The actor is the only writer of its account's rows, so these changes
+/// never conflict with another account's; the backend may commit many
+/// accounts' writes together (group commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountWrite {
+    pub account: AccountId,
+    /// New log entries, with their sequence numbers (ascending, new).
+    pub appends: Vec<(u64, LogEntry)>,
+    /// New outbox items, with their outbox sequence numbers.
+    pub outbox_puts: Vec<(u64, OutboxItem)>,
+    /// Outbox items the destination acknowledged.
+    pub outbox_deletes: Vec<u64>,
+    /// The account's counters after this write, if they changed.
+    pub counters: Option<Counters>,
+    /// (device, client id) → the log sequence of the message it named.
+    pub client_ids: Vec<(DeviceId, String, u64)>,
+    /// Highest outbox sequence applied from each source account.
+    pub inbound: Vec<(AccountId, u64)>,
+    /// Per-device delivery cursors (highest sequence acknowledged).
+    pub cursors: Vec<(DeviceId, u64)>,
+    /// Highest receipt received from each peer, per kind (in the peer's
+    /// terms: this account's sequence numbers).
+    pub receipts: Vec<(AccountId, ReceiptKind, u64)>,
+    /// Highest sequence of each peer's messages this account marked read
+    /// (in the peer's sequence numbers).
+    pub read_markers: Vec<(AccountId, u64)>,
+}
 
-impl<T: AccountStore + VerificationStore + MetaStore> Store for T {}
+impl AccountWrite {
+    pub fn new(account: AccountId) -> Self {
+        Self {
+            account,
+            appends: Vec::new(),
+            outbox_puts: Vec::new(),
+            outbox_deletes: Vec::new(),
+            counters: None,
+            client_ids: Vec::new(),
+            inbound: Vec::new(),
+            cursors: Vec::new(),
+            receipts: Vec::new(),
+            read_markers: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.appends.is_empty()
+            && self.outbox_puts.is_empty()
+            && self.outbox_deletes.is_empty()
+            && self.counters.is_none()
+            && self.client_ids.is_empty()
+            && self.inbound.is_empty()
+            && self.cursors.is_empty()
+            && self.receipts.is_empty()
+            && self.read_markers.is_empty()
+    }
+}
+
+/// Sequence counters of an account: the next log sequence and the next
+/// outbox sequence. Both only ever grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub next_seq: u64,
+    pub next_outbox: u64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self { next_seq: 1, next_outbox: 1 }
+    }
+}
+
+/// What an actor loads when it starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountState {
+    pub counters: Counters,
+    /// Outbox items not yet acknowledged, by ascending outbox sequence.
+    pub outbox: Vec<(u64, OutboxItem)>,
+}
+
+/// The message path's storage: per-account logs, outboxes, cursors and
+/// deduplication state.
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Applies every change in `write` atomically. Durable (fsync'd or
+    /// committed) when it returns `Ok`; on `Err` nothing of it was applied.
+    async fn apply(&self, write: AccountWrite) -> Result<(), StoreError>;
+
+    /// Counters and pending outbox of an account (defaults for a new one).
+    async fn account_state(&self, account: AccountId) -> Result<AccountState, StoreError>;
+
+    /// Up to `limit` log entries with sequence ≥ `from`, ascending.
+    async fn read_log(&self, account: AccountId, from: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError>;
+
+    /// The log sequence of the message a device sent with `client_id`, if any.
+    async fn client_id(&self, account: AccountId, device: DeviceId, client_id: &str)
+    -> Result<Option<u64>, StoreError>;
+
+    /// Highest outbox sequence applied from `source` (0 if none).
+    async fn inbound(&self, account: AccountId, source: AccountId) -> Result<u64, StoreError>;
+
+    /// The device's delivery cursor, if it has one.
+    async fn cursor(&self, account: AccountId, device: DeviceId) -> Result<Option<u64>, StoreError>;
+
+    /// Highest receipt of `kind` received from `peer` (0 if none).
+    async fn receipt(&self, account: AccountId, peer: AccountId, kind: ReceiptKind) -> Result<u64, StoreError>;
+
+    /// Highest sequence of `peer`'s messages this account marked read (0 if none).
+    async fn read_marker(&self, account: AccountId, peer: AccountId) -> Result<u64, StoreError>;
+}
+
+/// Every domain store of one backend.
+pub trait Store: AccountStore + VerificationStore + MetaStore + MessageStore {}
+
+impl<T: AccountStore + VerificationStore + MetaStore + MessageStore> Store for T {}

@@ -109,7 +109,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     tracing::info!(data = %db_path.display(), "store opened");
 
     let server = Server::new(config, Arc::new(store), sms, Arc::new(SystemClock)).await?;
-    let gateway = Gateway::start(server).await.context("binding listeners")?;
+    let gateway = Gateway::start(server.clone()).await.context("binding listeners")?;
     println!(
         "Skylark is running: HTTP + WebSocket on http://{} (WebSocket at /v1/ws), TCP on {}. Ctrl-C stops it.",
         gateway.http_addr(),
@@ -119,6 +119,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down: closing connections");
     gateway.shutdown(DRAIN).await;
+    server.shutdown().await;
+    drop(server);
     tracing::info!("stopped cleanly");
     Ok(())
 }

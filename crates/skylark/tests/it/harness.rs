@@ -58,6 +58,7 @@ pub const ALL_TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::Ws, Trans
 
 pub struct TestServer {
     pub gateway: Option<Gateway>,
+    pub server: Arc<Server>,
     pub sms: Arc<CapturedSms>,
     pub clock: ManualClock,
     pub store: Arc<dyn Store>,
@@ -93,8 +94,8 @@ impl TestServer {
         let sms = Arc::new(CapturedSms::default());
         let clock = ManualClock::new(SystemClock.now_ms());
         let server = Server::new(config, store.clone(), sms.clone(), Arc::new(clock.clone())).await.unwrap();
-        let gateway = Gateway::start(server).await.unwrap();
-        TestServer { gateway: Some(gateway), sms, clock, store }
+        let gateway = Gateway::start(server.clone()).await.unwrap();
+        TestServer { gateway: Some(gateway), server, sms, clock, store }
     }
 
     fn gateway(&self) -> &Gateway {
@@ -134,6 +135,7 @@ impl TestServer {
     pub async fn shutdown(&mut self) {
         if let Some(gateway) = self.gateway.take() {
             gateway.shutdown(std::time::Duration::from_secs(5)).await;
+            self.server.shutdown().await;
         }
     }
 }
@@ -143,6 +145,99 @@ pub async fn close_code(conn: &mut FrameConn) -> Option<CloseCode> {
     loop {
         if let Received::Closed { code, .. } = conn.recv().await {
             return code;
+        }
+    }
+}
+
+/// How long a test waits for an expected event before failing.
+pub const EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// One entry of an account's log, as a device received it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Log {
+    Entry(skylark_protocol::v1::Event),
+    CaughtUp(u64),
+}
+
+/// A connected device and its event stream.
+pub struct Peer {
+    pub identity: Identity,
+    pub session: skylark_client::Session,
+    pub events: tokio::sync::mpsc::Receiver<skylark_client::session::Event>,
+}
+
+impl Peer {
+    pub async fn connect(server: &TestServer, identity: &Identity, transport: Transport) -> Peer {
+        let (session, events) = skylark_client::Session::open(&server.endpoint(transport), identity).await.unwrap();
+        Peer { identity: identity.clone(), session, events }
+    }
+
+    pub fn handle(&self) -> skylark_client::session::SessionHandle {
+        self.session.handle()
+    }
+
+    /// The next log event; panics if none comes in time or the session ends.
+    pub async fn next_log(&mut self) -> Log {
+        use skylark_client::session::{Event, LogEvent, log_event};
+        loop {
+            let event = tokio::time::timeout(EVENT_WAIT, self.events.recv())
+                .await
+                .expect("timed out waiting for a log event")
+                .expect("session ended");
+            match event {
+                Event::Frame(frame) => match log_event(&frame) {
+                    Some(LogEvent::Entry(e)) => return Log::Entry(e.clone()),
+                    Some(LogEvent::CaughtUp(seq)) => return Log::CaughtUp(seq),
+                    None => continue,
+                },
+                Event::Closed { code, reason } => panic!("session closed ({code:?}): {reason}"),
+            }
+        }
+    }
+
+    /// The next log entry, skipping the caught-up marker.
+    pub async fn next_entry(&mut self) -> skylark_protocol::v1::Event {
+        loop {
+            if let Log::Entry(e) = self.next_log().await {
+                return e;
+            }
+        }
+    }
+
+    /// Collects `n` messages received from others, acknowledging each
+    /// event (when `ack`) as it arrives.
+    pub async fn received(&mut self, n: usize, ack: bool) -> Vec<skylark_protocol::v1::Message> {
+        use skylark_protocol::v1::event::Body;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let event = self.next_entry().await;
+            if ack {
+                self.handle().ack(event.seq).await.unwrap();
+            }
+            if let Some(Body::Message(m)) = event.body {
+                if m.id.as_ref().unwrap().sender != self.identity.account_id {
+                    out.push(m);
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits for a receipt from `peer` of `kind` covering `seq`.
+    pub async fn receipt(
+        &mut self,
+        kind: skylark_protocol::v1::ReceiptKind,
+        seq: u64,
+    ) -> skylark_protocol::v1::Receipt {
+        use skylark_protocol::v1::event::Body;
+        loop {
+            let event = self.next_entry().await;
+            self.handle().ack(event.seq).await.unwrap();
+            if let Some(Body::Receipt(r)) = event.body {
+                if r.kind == kind as i32 && r.up_to_seq >= seq {
+                    return r;
+                }
+            }
         }
     }
 }

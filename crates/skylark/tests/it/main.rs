@@ -9,4 +9,5 @@ mod cli;
 mod frames;
 mod harness;
 mod lifecycle;
+mod messaging;
 mod signup;

@@ -1,0 +1,96 @@
+//! Messages, receipts and the per-account log.
+//!
+//! Every account has one ordered log. It holds the messages the account
+//! sent (so its other devices show them too), the messages it received,
+//! the receipts its correspondents sent back, and read markers its own
+//! devices set. Each device of the account reads the same log in the same
+//! order from its own cursor. Sequence numbers are per account, dense, and
+//! start at 1.
+//!
+//! Between accounts, actors exchange [`Forward`]s through a durable outbox
+//! (see [`OutboxItem`]), in order per destination.
+
+use crate::account::{AccountId, DeviceId};
+
+/// A message's identity everywhere: the sender's account and the sequence
+/// number the sender's log gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId {
+    pub sender: AccountId,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: MessageId,
+    pub to: AccountId,
+    pub sender_device: DeviceId,
+    /// Chosen by the sending device; resends with the same id are one message.
+    pub client_id: String,
+    /// When the sender's actor accepted it (server clock).
+    pub sent_at_ms: u64,
+    /// Opaque to the server (ciphertext for end-to-end encrypted clients).
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReceiptKind {
+    Delivered,
+    Read,
+}
+
+/// One entry of an account's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEntry {
+    /// A message this account sent (`id.sender` is the owner) or received
+    /// (`to` is the owner).
+    Message(Message),
+    /// `peer` received (or read) this account's messages to it, up to and
+    /// including this account's sequence number `up_to`.
+    Receipt { peer: AccountId, kind: ReceiptKind, up_to: u64, at_ms: u64 },
+    /// One of this account's devices read `peer`'s messages up to the
+    /// peer's sequence number `up_to`; the other devices learn it from here.
+    ReadSync { peer: AccountId, up_to: u64, at_ms: u64 },
+}
+
+/// What one account's actor sends another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    Message(Message),
+    /// The sending account received or read the destination's messages to
+    /// it, up to the destination's sequence number `up_to`.
+    Receipt {
+        kind: ReceiptKind,
+        up_to: u64,
+        at_ms: u64,
+    },
+}
+
+/// A forward waiting in the sender's durable outbox until the destination
+/// acknowledges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub to: AccountId,
+    pub forward: Forward,
+}
+
+/// Longest client message id accepted, in bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 64;
+
+/// Client ids must be 1 to 64 printable bytes.
+pub fn valid_client_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_CLIENT_ID_BYTES && !id.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids() {
+        assert!(valid_client_id("m-1"));
+        assert!(!valid_client_id(""));
+        assert!(!valid_client_id(&"x".repeat(65)));
+        assert!(!valid_client_id("a\u{0}b"));
+    }
+}

@@ -1,0 +1,686 @@
+//! The user actor: the single writer of one account's log.
+//!
+//! One tokio task per active account, fed by a bounded mailbox. It takes
+//! its mail in batches: everything queued is turned into one
+//! [`AccountWrite`], written durably (the store groups concurrent writes
+//! of many actors into one fsync), and only then are the senders answered,
+//! forwards started and devices fed. If a write fails, the actor answers
+//! the batch with the error and stops; its successor reloads the account
+//! from the store, so memory never runs ahead of what is durable.
+//!
+//! What it owns:
+//! - the account's counters (next log sequence, next outbox sequence);
+//! - the outbox: forwards to other accounts, sent in order per destination,
+//!   one batch in flight, retried with exponential back-off and full jitter
+//!   until the destination acknowledges its own durable write;
+//! - the attached devices, each with a window of unacknowledged entries.
+//!
+//! Deduplication: a device's resend of a client id returns the first ack;
+//! a destination drops forwards at or below the highest outbox sequence it
+//! applied from that source; receipts only ever move forward.
+
+use crate::messaging::{DeviceEvent, MessagingError, SendAck};
+use crate::router::Router;
+use rand::Rng;
+use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
+use skylark_core::{AccountId, DeviceId, PhoneNumber};
+use skylark_store::{AccountWrite, Counters, StoreError};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Mail taken in one batch at most.
+const MAX_BATCH: usize = 256;
+/// Forwards sent to one destination in one go at most.
+const MAX_FORWARD_BATCH: usize = 128;
+/// Recent log entries kept in memory, so live delivery needs no store read.
+const RECENT: usize = 512;
+/// Log entries read from the store in one go for a device's backlog.
+const BACKLOG_READ: usize = 128;
+/// The delivery cursor of the account as a whole (highest sequence any of
+/// its devices acknowledged), kept under this pseudo device id; real device
+/// ids start at 1.
+pub(crate) const ACCOUNT_CURSOR: DeviceId = DeviceId(0);
+
+/// Forwards in outbox order, shared between retries without copying.
+pub(crate) type Batch = Arc<[(u64, Forward)]>;
+
+pub(crate) enum Msg {
+    Send {
+        device: DeviceId,
+        client_id: String,
+        to: PhoneNumber,
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<SendAck, MessagingError>>,
+    },
+    Deliver {
+        from: AccountId,
+        items: Batch,
+        reply: oneshot::Sender<Result<u64, MessagingError>>,
+    },
+    Forwarded {
+        to: AccountId,
+        up_to: u64,
+    },
+    Attach {
+        device: DeviceId,
+        connection: u64,
+        events: mpsc::Sender<DeviceEvent>,
+        reply: oneshot::Sender<Result<(), MessagingError>>,
+    },
+    Detach {
+        device: DeviceId,
+        connection: u64,
+    },
+    Ack {
+        device: DeviceId,
+        connection: u64,
+        up_to: u64,
+    },
+    MarkRead {
+        peer: AccountId,
+        up_to: u64,
+        reply: oneshot::Sender<Result<(), MessagingError>>,
+    },
+}
+
+struct Attached {
+    connection: u64,
+    events: mpsc::Sender<DeviceEvent>,
+    /// Highest sequence the device acknowledged.
+    acked: u64,
+    /// Highest sequence handed to the device.
+    sent: u64,
+    caught_up: bool,
+}
+
+/// An answer held back until the batch is durable.
+enum Pending {
+    Send(oneshot::Sender<Result<SendAck, MessagingError>>, SendAck),
+    Deliver(oneshot::Sender<Result<u64, MessagingError>>, u64),
+    MarkRead(oneshot::Sender<Result<(), MessagingError>>),
+}
+
+impl Pending {
+    fn fail(self, e: MessagingError) {
+        match self {
+            Pending::Send(reply, _) => drop(reply.send(Err(e))),
+            Pending::Deliver(reply, _) => drop(reply.send(Err(e))),
+            Pending::MarkRead(reply) => drop(reply.send(Err(e))),
+        }
+    }
+
+    fn complete(self) {
+        match self {
+            Pending::Send(reply, ack) => drop(reply.send(Ok(ack))),
+            Pending::Deliver(reply, hwm) => drop(reply.send(Ok(hwm))),
+            Pending::MarkRead(reply) => drop(reply.send(Ok(()))),
+        }
+    }
+}
+
+struct Actor {
+    account: AccountId,
+    router: Router,
+    self_mailbox: mpsc::WeakSender<Msg>,
+    counters: Counters,
+    /// Pending forwards by destination, in outbox order.
+    outbox: HashMap<AccountId, BTreeMap<u64, Forward>>,
+    /// Destinations with a forward task running.
+    forwarding: HashSet<AccountId>,
+    devices: HashMap<DeviceId, Attached>,
+    recent: VecDeque<(u64, Arc<LogEntry>)>,
+    /// Highest sequence any device acknowledged (delivery receipts go out
+    /// when it advances).
+    delivered: u64,
+    inbound: HashMap<AccountId, u64>,
+    receipts: HashMap<(AccountId, ReceiptKind), u64>,
+    read_markers: HashMap<AccountId, u64>,
+}
+
+/// The actor's task.
+pub(crate) async fn run(
+    router: Router,
+    account: AccountId,
+    generation: u64,
+    self_mailbox: mpsc::Sender<Msg>,
+    mut mailbox: mpsc::Receiver<Msg>,
+    predecessor: Option<watch::Receiver<bool>>,
+) {
+    if let Some(mut done) = predecessor {
+        let _ = done.wait_for(|finished| *finished).await;
+    }
+    let weak = self_mailbox.downgrade();
+    drop(self_mailbox);
+    let mut actor = match Actor::load(router.clone(), account, weak).await {
+        Ok(actor) => actor,
+        Err(e) => {
+            tracing::error!(%account, error = %e, "actor could not load its account");
+            fail_all(&mut mailbox, &router, account, generation, MessagingError::from(e)).await;
+            return;
+        }
+    };
+    metrics::gauge!("skylark_actors").increment(1.0);
+    let idle = Duration::from_millis(router.inner.config.actor_idle_ms);
+    let shutdown = router.inner.shutdown.clone();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            n = mailbox.recv_many(&mut batch, MAX_BATCH) => n,
+            _ = tokio::time::sleep(idle), if actor.is_idle() => {
+                if let Some(done) = router.retire(account, generation, &mut mailbox) {
+                    // Mail that slipped in before the mailbox closed is still ours.
+                    while mailbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                        if actor.handle(std::mem::take(&mut batch)).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = done.send(true);
+                    break;
+                }
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
+        if actor.handle(std::mem::take(&mut batch)).await.is_err() {
+            // Memory may be ahead of the store: stop, and let a successor reload.
+            router.forget_generation(account, generation);
+            fail_all(&mut mailbox, &router, account, generation, MessagingError::Unavailable("actor restarted".into()))
+                .await;
+            break;
+        }
+    }
+    metrics::gauge!("skylark_actors").decrement(1.0);
+}
+
+/// Answers everything still queued with `error`, after leaving the registry.
+async fn fail_all(
+    mailbox: &mut mpsc::Receiver<Msg>,
+    router: &Router,
+    account: AccountId,
+    generation: u64,
+    error: MessagingError,
+) {
+    router.forget_generation(account, generation);
+    mailbox.close();
+    while let Some(msg) = mailbox.recv().await {
+        match msg {
+            Msg::Send { reply, .. } => drop(reply.send(Err(error.clone()))),
+            Msg::Deliver { reply, .. } => drop(reply.send(Err(error.clone()))),
+            Msg::Attach { reply, .. } => drop(reply.send(Err(error.clone()))),
+            Msg::MarkRead { reply, .. } => drop(reply.send(Err(error.clone()))),
+            Msg::Forwarded { .. } | Msg::Detach { .. } | Msg::Ack { .. } => {}
+        }
+    }
+}
+
+fn jittered(base_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+    let ceiling = base_ms.saturating_mul(1u64 << attempt.min(20)).min(max_ms);
+    Duration::from_millis(rand::rng().random_range(0..=ceiling))
+}
+
+/// Sends one batch of forwards to `to` until its actor acknowledges it.
+async fn forward(router: Router, from: AccountId, to: AccountId, items: Batch, origin: mpsc::WeakSender<Msg>) {
+    let config = router.inner.config;
+    let timeout = Duration::from_millis(config.forward_timeout_ms);
+    let mut attempt = 0u32;
+    loop {
+        match tokio::time::timeout(timeout, router.deliver(to, from, items.clone())).await {
+            Ok(Ok(up_to)) => {
+                if let Some(origin) = origin.upgrade() {
+                    let _ = origin.send(Msg::Forwarded { to, up_to }).await;
+                }
+                return;
+            }
+            Ok(Err(MessagingError::ShuttingDown)) => return,
+            Ok(Err(e)) => tracing::debug!(%from, %to, error = %e, attempt, "forward failed; retrying"),
+            Err(_) => tracing::debug!(%from, %to, attempt, "forward timed out; retrying"),
+        }
+        metrics::counter!("skylark_forward_retries_total").increment(1);
+        let delay = jittered(config.forward_retry_base_ms, config.forward_retry_max_ms, attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = router.inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+impl Actor {
+    async fn load(
+        router: Router,
+        account: AccountId,
+        self_mailbox: mpsc::WeakSender<Msg>,
+    ) -> Result<Actor, StoreError> {
+        let store = router.inner.store.clone();
+        let state = store.account_state(account).await?;
+        let delivered = store.cursor(account, ACCOUNT_CURSOR).await?.unwrap_or(0);
+        let mut outbox: HashMap<AccountId, BTreeMap<u64, Forward>> = HashMap::new();
+        for (seq, item) in state.outbox {
+            outbox.entry(item.to).or_default().insert(seq, item.forward);
+        }
+        let mut actor = Actor {
+            account,
+            router,
+            self_mailbox,
+            counters: state.counters,
+            outbox,
+            forwarding: HashSet::new(),
+            devices: HashMap::new(),
+            recent: VecDeque::new(),
+            delivered,
+            inbound: HashMap::new(),
+            receipts: HashMap::new(),
+            read_markers: HashMap::new(),
+        };
+        // Forwards left over from before a restart resume at once.
+        let destinations: Vec<AccountId> = actor.outbox.keys().copied().collect();
+        for to in destinations {
+            actor.start_forward(to);
+        }
+        Ok(actor)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.devices.is_empty() && self.forwarding.is_empty() && self.outbox.is_empty()
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.counters.next_seq - 1
+    }
+
+    fn now(&self) -> u64 {
+        self.router.inner.clock.now_ms()
+    }
+
+    fn append(&mut self, write: &mut AccountWrite, entry: LogEntry) -> (u64, Arc<LogEntry>) {
+        let seq = self.counters.next_seq;
+        self.counters.next_seq += 1;
+        write.counters = Some(self.counters);
+        let entry = Arc::new(entry);
+        write.appends.push((seq, (*entry).clone()));
+        self.recent.push_back((seq, entry.clone()));
+        while self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
+        (seq, entry)
+    }
+
+    fn enqueue_forward(&mut self, write: &mut AccountWrite, to: AccountId, forward: Forward) {
+        let seq = self.counters.next_outbox;
+        self.counters.next_outbox += 1;
+        write.counters = Some(self.counters);
+        write.outbox_puts.push((seq, OutboxItem { to, forward: forward.clone() }));
+        self.outbox.entry(to).or_default().insert(seq, forward);
+    }
+
+    /// Handles one batch of mail. `Err` means the write failed and the
+    /// actor must stop.
+    async fn handle(&mut self, batch: Vec<Msg>) -> Result<(), ()> {
+        let mut write = AccountWrite::new(self.account);
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut kick: HashSet<AccountId> = HashSet::new();
+        // Client ids accepted earlier in this batch (not yet in the store).
+        let mut batch_ids: HashMap<(DeviceId, String), SendAck> = HashMap::new();
+        let mut failed: Option<StoreError> = None;
+
+        for msg in batch {
+            let step = match msg {
+                Msg::Send { device, client_id, to, payload, reply } => {
+                    match self.send(&mut write, &mut batch_ids, device, client_id, to, payload, &mut kick).await {
+                        Ok(ack) => {
+                            pending.push(Pending::Send(reply, ack));
+                            Ok(())
+                        }
+                        Err(SendFailure::Refused(e)) => {
+                            let _ = reply.send(Err(e));
+                            Ok(())
+                        }
+                        Err(SendFailure::Store(e)) => {
+                            let _ = reply.send(Err(e.clone().into()));
+                            Err(e)
+                        }
+                    }
+                }
+                Msg::Deliver { from, items, reply } => match self.deliver(&mut write, from, &items).await {
+                    Ok(hwm) => {
+                        pending.push(Pending::Deliver(reply, hwm));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.clone().into()));
+                        Err(e)
+                    }
+                },
+                Msg::Forwarded { to, up_to } => {
+                    self.forwarding.remove(&to);
+                    if let Some(queue) = self.outbox.get_mut(&to) {
+                        let rest = queue.split_off(&(up_to + 1));
+                        write.outbox_deletes.extend(queue.keys().copied());
+                        *queue = rest;
+                        if queue.is_empty() {
+                            self.outbox.remove(&to);
+                        }
+                    }
+                    kick.insert(to);
+                    Ok(())
+                }
+                Msg::Attach { device, connection, events, reply } => {
+                    match self.router.inner.store.cursor(self.account, device).await {
+                        Ok(cursor) => {
+                            // A device without a cursor predates cursors; it starts now.
+                            let start = cursor.unwrap_or(self.last_seq());
+                            self.devices.insert(
+                                device,
+                                Attached { connection, events, acked: start, sent: start, caught_up: false },
+                            );
+                            let _ = reply.send(Ok(()));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            Ok(())
+                        }
+                    }
+                }
+                Msg::Detach { device, connection } => {
+                    if self.devices.get(&device).is_some_and(|d| d.connection == connection) {
+                        self.devices.remove(&device);
+                    }
+                    Ok(())
+                }
+                Msg::Ack { device, connection, up_to } => {
+                    self.ack(&mut write, device, connection, up_to, &mut kick).await
+                }
+                Msg::MarkRead { peer, up_to, reply } => {
+                    match self.mark_read(&mut write, peer, up_to, &mut kick).await {
+                        Ok(()) => {
+                            pending.push(Pending::MarkRead(reply));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e.clone().into()));
+                            Err(e)
+                        }
+                    }
+                }
+            };
+            if let Err(e) = step {
+                failed = Some(e);
+                break;
+            }
+        }
+
+        if failed.is_none() && !write.is_empty() {
+            if let Err(e) = self.router.inner.store.apply(write).await {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            tracing::error!(account = %self.account, error = %e, "actor write failed; restarting the actor");
+            for p in pending {
+                p.fail(MessagingError::from(e.clone()));
+            }
+            return Err(());
+        }
+        for p in pending {
+            p.complete();
+        }
+        for to in kick {
+            self.start_forward(to);
+        }
+        let devices: Vec<DeviceId> = self.devices.keys().copied().collect();
+        for device in devices {
+            if self.pump(device).await.is_err() {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &mut self,
+        write: &mut AccountWrite,
+        batch_ids: &mut HashMap<(DeviceId, String), SendAck>,
+        device: DeviceId,
+        client_id: String,
+        to: PhoneNumber,
+        payload: Vec<u8>,
+        kick: &mut HashSet<AccountId>,
+    ) -> Result<SendAck, SendFailure> {
+        let key = (device, client_id);
+        if let Some(ack) = batch_ids.get(&key) {
+            return Ok(SendAck { duplicate: true, ..*ack });
+        }
+        let store = self.router.inner.store.clone();
+        if let Some(seq) = store.client_id(self.account, device, &key.1).await? {
+            let sent_at_ms = match store.read_log(self.account, seq, 1).await?.first() {
+                Some((_, LogEntry::Message(m))) => m.sent_at_ms,
+                _ => 0,
+            };
+            return Ok(SendAck { id: MessageId { sender: self.account, seq }, sent_at_ms, duplicate: true });
+        }
+        let to = match self.router.account_by_phone(&to).await {
+            Ok(Some(to)) => to,
+            Ok(None) => return Err(SendFailure::Refused(MessagingError::UnknownRecipient)),
+            Err(MessagingError::Unavailable(e)) => return Err(SendFailure::Store(StoreError::Backend(e))),
+            Err(e) => return Err(SendFailure::Refused(e)),
+        };
+        let sent_at_ms = self.now();
+        let id = MessageId { sender: self.account, seq: self.counters.next_seq };
+        let message = Message { id, to, sender_device: device, client_id: key.1.clone(), sent_at_ms, payload };
+        let (seq, _) = self.append(write, LogEntry::Message(message.clone()));
+        debug_assert_eq!(seq, id.seq);
+        if to != self.account {
+            self.enqueue_forward(write, to, Forward::Message(message));
+            kick.insert(to);
+        }
+        write.client_ids.push((device, key.1.clone(), seq));
+        let ack = SendAck { id, sent_at_ms, duplicate: false };
+        batch_ids.insert(key, ack);
+        metrics::counter!("skylark_messages_accepted_total").increment(1);
+        Ok(ack)
+    }
+
+    async fn deliver(
+        &mut self,
+        write: &mut AccountWrite,
+        from: AccountId,
+        items: &[(u64, Forward)],
+    ) -> Result<u64, StoreError> {
+        let store = self.router.inner.store.clone();
+        let mut applied = match self.inbound.get(&from) {
+            Some(hwm) => *hwm,
+            None => store.inbound(self.account, from).await?,
+        };
+        let before = applied;
+        for (oseq, forward) in items {
+            if *oseq <= applied {
+                continue;
+            }
+            match forward {
+                Forward::Message(m) => {
+                    self.append(write, LogEntry::Message(m.clone()));
+                    metrics::counter!("skylark_messages_stored_total").increment(1);
+                }
+                Forward::Receipt { kind, up_to, at_ms } => {
+                    let key = (from, *kind);
+                    let current = match self.receipts.get(&key) {
+                        Some(v) => *v,
+                        None => store.receipt(self.account, from, *kind).await?,
+                    };
+                    if *up_to > current {
+                        self.append(write, LogEntry::Receipt { peer: from, kind: *kind, up_to: *up_to, at_ms: *at_ms });
+                        write.receipts.push((from, *kind, *up_to));
+                        self.receipts.insert(key, *up_to);
+                    } else {
+                        self.receipts.insert(key, current);
+                    }
+                }
+            }
+            applied = *oseq;
+        }
+        if applied > before {
+            write.inbound.push((from, applied));
+        }
+        self.inbound.insert(from, applied);
+        Ok(applied)
+    }
+
+    async fn ack(
+        &mut self,
+        write: &mut AccountWrite,
+        device: DeviceId,
+        connection: u64,
+        up_to: u64,
+        kick: &mut HashSet<AccountId>,
+    ) -> Result<(), StoreError> {
+        let Some(dev) = self.devices.get_mut(&device).filter(|d| d.connection == connection) else {
+            return Ok(());
+        };
+        // Acks can only cover what was handed out; anything else is ignored.
+        let up_to = up_to.min(dev.sent);
+        if up_to <= dev.acked {
+            return Ok(());
+        }
+        dev.acked = up_to;
+        write.cursors.push((device, up_to));
+        if up_to <= self.delivered {
+            return Ok(());
+        }
+        // The account received these entries: send delivery receipts, one
+        // per sender, for the highest of its messages among them.
+        let mut highest: HashMap<AccountId, u64> = HashMap::new();
+        for (_, entry) in self.entries(self.delivered + 1, up_to).await? {
+            if let LogEntry::Message(m) = entry.as_ref() {
+                if m.to == self.account && m.id.sender != self.account {
+                    let h = highest.entry(m.id.sender).or_default();
+                    *h = (*h).max(m.id.seq);
+                }
+            }
+        }
+        let now = self.now();
+        for (sender, seq) in highest {
+            self.enqueue_forward(
+                write,
+                sender,
+                Forward::Receipt { kind: ReceiptKind::Delivered, up_to: seq, at_ms: now },
+            );
+            kick.insert(sender);
+        }
+        self.delivered = up_to;
+        write.cursors.push((ACCOUNT_CURSOR, up_to));
+        Ok(())
+    }
+
+    async fn mark_read(
+        &mut self,
+        write: &mut AccountWrite,
+        peer: AccountId,
+        up_to: u64,
+        kick: &mut HashSet<AccountId>,
+    ) -> Result<(), StoreError> {
+        let current = match self.read_markers.get(&peer) {
+            Some(v) => *v,
+            None => self.router.inner.store.read_marker(self.account, peer).await?,
+        };
+        if up_to <= current {
+            self.read_markers.insert(peer, current);
+            return Ok(());
+        }
+        let now = self.now();
+        self.enqueue_forward(write, peer, Forward::Receipt { kind: ReceiptKind::Read, up_to, at_ms: now });
+        kick.insert(peer);
+        self.append(write, LogEntry::ReadSync { peer, up_to, at_ms: now });
+        write.read_markers.push((peer, up_to));
+        self.read_markers.insert(peer, up_to);
+        Ok(())
+    }
+
+    /// Log entries `from..=to`, from memory when recent, else from the store.
+    async fn entries(&self, from: u64, to: u64) -> Result<Vec<(u64, Arc<LogEntry>)>, StoreError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        if let Some((first, _)) = self.recent.front() {
+            if *first <= from {
+                return Ok(self.recent.iter().filter(|(s, _)| *s >= from && *s <= to).cloned().collect());
+            }
+        }
+        let limit = usize::try_from(to - from + 1).unwrap_or(usize::MAX).min(BACKLOG_READ);
+        let read = self.router.inner.store.read_log(self.account, from, limit).await?;
+        Ok(read.into_iter().filter(|(s, _)| *s <= to).map(|(s, e)| (s, Arc::new(e))).collect())
+    }
+
+    /// Feeds a device up to its window; marks it caught up when it has all.
+    async fn pump(&mut self, device: DeviceId) -> Result<(), StoreError> {
+        let window = self.router.inner.config.device_window as u64;
+        loop {
+            let last = self.last_seq();
+            let Some(dev) = self.devices.get(&device) else { return Ok(()) };
+            if dev.sent >= last {
+                if !dev.caught_up {
+                    let dev = self.devices.get_mut(&device).ok_or(StoreError::Backend("device vanished".into()))?;
+                    if dev.events.try_send(DeviceEvent::CaughtUp { seq: last }).is_ok() {
+                        dev.caught_up = true;
+                    }
+                }
+                return Ok(());
+            }
+            let room = window.saturating_sub(dev.sent - dev.acked);
+            if room == 0 {
+                return Ok(());
+            }
+            let from = dev.sent + 1;
+            let to = last.min(dev.sent + room);
+            let entries = self.entries(from, to).await?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let Some(dev) = self.devices.get_mut(&device) else { return Ok(()) };
+            for (seq, entry) in entries {
+                match dev.events.try_send(DeviceEvent::Entry { seq, entry }) {
+                    Ok(()) => dev.sent = seq,
+                    Err(mpsc::error::TrySendError::Full(_)) => return Ok(()),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        self.devices.remove(&device);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_forward(&mut self, to: AccountId) {
+        if self.forwarding.contains(&to) {
+            return;
+        }
+        let Some(queue) = self.outbox.get(&to) else { return };
+        let items: Vec<(u64, Forward)> = queue.iter().take(MAX_FORWARD_BATCH).map(|(s, f)| (*s, f.clone())).collect();
+        if items.is_empty() {
+            return;
+        }
+        self.forwarding.insert(to);
+        let router = self.router.clone();
+        let from = self.account;
+        let origin = self.self_mailbox.clone();
+        self.router.spawn(forward(router, from, to, Arc::from(items), origin));
+    }
+}
+
+enum SendFailure {
+    Refused(MessagingError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for SendFailure {
+    fn from(e: StoreError) -> Self {
+        SendFailure::Store(e)
+    }
+}

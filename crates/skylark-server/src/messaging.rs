@@ -1,0 +1,93 @@
+//! The messaging API the gateway calls, on domain types.
+
+use skylark_core::message::{LogEntry, MessageId};
+use skylark_core::phone::PhoneError;
+use skylark_store::StoreError;
+use std::sync::Arc;
+
+/// The messaging settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessagingConfig {
+    /// Largest message payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Log entries sent to one device and not yet acknowledged, at most.
+    pub device_window: usize,
+    /// An actor with no devices attached and nothing to forward stops
+    /// after this long without work (its state is reloaded when needed).
+    pub actor_idle_ms: u64,
+    /// First retry delay of a forward between actors; doubles per attempt,
+    /// with full jitter, up to `forward_retry_max_ms`.
+    pub forward_retry_base_ms: u64,
+    pub forward_retry_max_ms: u64,
+    /// A forward not acknowledged within this time is retried.
+    pub forward_timeout_ms: u64,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 64 * 1024,
+            device_window: 256,
+            actor_idle_ms: 5 * 60_000,
+            forward_retry_base_ms: 50,
+            forward_retry_max_ms: 30_000,
+            forward_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A device asks to send a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    pub client_id: String,
+    /// The recipient's phone number, as the user typed it.
+    pub to: String,
+    pub payload: Vec<u8>,
+}
+
+/// The single tick: the message is durable in the sender's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendAck {
+    pub id: MessageId,
+    pub sent_at_ms: u64,
+    /// True when this was a resend of an already accepted client id.
+    pub duplicate: bool,
+}
+
+/// What the actor streams to one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    Entry {
+        seq: u64,
+        entry: Arc<LogEntry>,
+    },
+    /// Everything up to `seq` was sent; what follows is live.
+    CaughtUp {
+        seq: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessagingError {
+    #[error("invalid recipient: {0}")]
+    InvalidRecipient(#[from] PhoneError),
+    #[error("no account has that phone number")]
+    UnknownRecipient,
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("client id must be 1 to 64 printable bytes")]
+    InvalidClientId,
+    #[error("no such account")]
+    UnknownAccount,
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("server shutting down")]
+    ShuttingDown,
+}
+
+impl From<StoreError> for MessagingError {
+    fn from(e: StoreError) -> Self {
+        MessagingError::Unavailable(e.to_string())
+    }
+}

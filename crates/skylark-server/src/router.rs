@@ -1,0 +1,273 @@
+//! The registry of user actors, and the messaging API on top of it.
+//!
+//! [`Router`] finds the actor of an account, spawning it on first use. An
+//! actor that has been idle for `actor_idle_ms` retires; a message that
+//! arrives meanwhile makes the router spawn a successor, which waits for
+//! the retiring actor to finish before loading the account's state, so two
+//! actors never write one account at the same time.
+
+use crate::actor::{self, Msg};
+use crate::messaging::{DeviceEvent, MessagingConfig, MessagingError, SendAck, SendRequest};
+use skylark_core::message::valid_client_id;
+use skylark_core::{AccountId, Clock, DeviceId, PhoneNumber};
+use skylark_store::Store;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Messages queued for one actor. Bounded so a flooded actor pushes back on
+/// its senders (connections and other actors) instead of growing.
+pub(crate) const MAILBOX: usize = 1024;
+
+struct Slot {
+    mailbox: mpsc::Sender<Msg>,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    live: HashMap<AccountId, Slot>,
+    /// Actors that stopped taking mail but may still be finishing; a
+    /// successor waits for the flag before loading state.
+    retiring: HashMap<AccountId, watch::Receiver<bool>>,
+}
+
+pub(crate) struct RouterInner {
+    registry: Mutex<Registry>,
+    generation: AtomicU64,
+    /// Phone numbers never move to another account, so lookups are cached.
+    phones: Mutex<HashMap<PhoneNumber, AccountId>>,
+    accounts: Mutex<HashMap<AccountId, PhoneNumber>>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: MessagingConfig,
+    pub(crate) shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Cheap to clone; all clones share one registry.
+#[derive(Clone)]
+pub struct Router {
+    pub(crate) inner: Arc<RouterInner>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("actors", &self.live_actors()).finish()
+    }
+}
+
+/// Why an actor may not get a message.
+fn gone() -> MessagingError {
+    MessagingError::ShuttingDown
+}
+
+impl Router {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: MessagingConfig) -> Self {
+        Self {
+            inner: Arc::new(RouterInner {
+                registry: Mutex::new(Registry::default()),
+                generation: AtomicU64::new(1),
+                phones: Mutex::new(HashMap::new()),
+                accounts: Mutex::new(HashMap::new()),
+                store,
+                clock,
+                config,
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &MessagingConfig {
+        &self.inner.config
+    }
+
+    pub fn live_actors(&self) -> usize {
+        self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner).live.len()
+    }
+
+    /// Stops every actor after its current batch and waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+
+    /// The mailbox of `account`'s actor, spawning the actor if needed.
+    fn mailbox(&self, account: AccountId) -> (mpsc::Sender<Msg>, u64) {
+        let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = registry.live.get(&account) {
+            return (slot.mailbox.clone(), slot.generation);
+        }
+        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(MAILBOX);
+        let predecessor = registry.retiring.remove(&account);
+        registry.live.insert(account, Slot { mailbox: tx.clone(), generation });
+        drop(registry);
+        self.inner.tracker.spawn(actor::run(self.clone(), account, generation, tx.clone(), rx, predecessor));
+        (tx, generation)
+    }
+
+    /// Queues `msg` for `account`'s actor (waiting while its mailbox is
+    /// full). If the actor retired in between, its successor gets it.
+    pub(crate) async fn tell(&self, account: AccountId, mut msg: Msg) -> Result<(), MessagingError> {
+        for _ in 0..8 {
+            if self.inner.shutdown.is_cancelled() {
+                return Err(gone());
+            }
+            let (mailbox, generation) = self.mailbox(account);
+            match mailbox.send(msg).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(returned)) => {
+                    msg = returned;
+                    self.forget_generation(account, generation);
+                }
+            }
+        }
+        Err(gone())
+    }
+
+    /// Runs a task that shutdown waits for.
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.inner.tracker.spawn(task);
+    }
+
+    /// Removes a slot whose actor no longer takes mail.
+    pub(crate) fn forget_generation(&self, account: AccountId, generation: u64) {
+        let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if registry.live.get(&account).is_some_and(|s| s.generation == generation) {
+            registry.live.remove(&account);
+        }
+    }
+
+    /// Called by an idle actor: if its mailbox is empty, it leaves the
+    /// registry (closing the mailbox under the registry lock) and gets a
+    /// flag to raise when it has finished.
+    pub(crate) fn retire(
+        &self,
+        account: AccountId,
+        generation: u64,
+        mailbox: &mut mpsc::Receiver<Msg>,
+    ) -> Option<watch::Sender<bool>> {
+        let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if !mailbox.is_empty() || registry.live.get(&account).is_none_or(|s| s.generation != generation) {
+            return None;
+        }
+        registry.live.remove(&account);
+        let (done, waiter) = watch::channel(false);
+        registry.retiring.insert(account, waiter);
+        mailbox.close();
+        Some(done)
+    }
+
+    /// Resolves a phone number to its account.
+    pub async fn account_by_phone(&self, phone: &PhoneNumber) -> Result<Option<AccountId>, MessagingError> {
+        if let Some(id) = self.inner.phones.lock().unwrap_or_else(PoisonError::into_inner).get(phone) {
+            return Ok(Some(*id));
+        }
+        let Some(account) = self.inner.store.account_by_phone(phone).await? else {
+            return Ok(None);
+        };
+        self.remember(account.id, phone.clone());
+        Ok(Some(account.id))
+    }
+
+    /// The phone number of an account.
+    pub async fn phone_of(&self, account: AccountId) -> Result<Option<PhoneNumber>, MessagingError> {
+        if let Some(phone) = self.inner.accounts.lock().unwrap_or_else(PoisonError::into_inner).get(&account) {
+            return Ok(Some(phone.clone()));
+        }
+        let Some(record) = self.inner.store.account(account).await? else {
+            return Ok(None);
+        };
+        self.remember(account, record.phone.clone());
+        Ok(Some(record.phone))
+    }
+
+    fn remember(&self, account: AccountId, phone: PhoneNumber) {
+        self.inner.accounts.lock().unwrap_or_else(PoisonError::into_inner).insert(account, phone.clone());
+        self.inner.phones.lock().unwrap_or_else(PoisonError::into_inner).insert(phone, account);
+    }
+
+    /// Queues a send from `device` of `account`. Returns once the request is
+    /// in the actor's mailbox (so requests of one connection keep their
+    /// order); the receiver yields the ack once the message is durable.
+    pub async fn send(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        request: SendRequest,
+    ) -> Result<oneshot::Receiver<Result<SendAck, MessagingError>>, MessagingError> {
+        if !valid_client_id(&request.client_id) {
+            return Err(MessagingError::InvalidClientId);
+        }
+        let max = self.inner.config.max_payload_bytes;
+        if request.payload.len() > max {
+            return Err(MessagingError::TooLarge { len: request.payload.len(), max });
+        }
+        let to = PhoneNumber::parse(&request.to)?;
+        let (reply, answer) = oneshot::channel();
+        self.tell(account, Msg::Send { device, client_id: request.client_id, to, payload: request.payload, reply })
+            .await?;
+        Ok(answer)
+    }
+
+    /// Attaches a device's connection to its account's actor. The actor
+    /// streams the backlog from the device's cursor, then `CaughtUp`, then
+    /// new entries as they are written.
+    pub async fn attach(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        connection: u64,
+    ) -> Result<mpsc::Receiver<DeviceEvent>, MessagingError> {
+        // Room for a full window plus the CaughtUp marker, so the actor
+        // never has to wait on a slow connection.
+        let (events, stream) = mpsc::channel(self.inner.config.device_window + 4);
+        let (reply, answer) = oneshot::channel();
+        self.tell(account, Msg::Attach { device, connection, events, reply }).await?;
+        answer.await.map_err(|_| gone())??;
+        Ok(stream)
+    }
+
+    pub async fn detach(&self, account: AccountId, device: DeviceId, connection: u64) {
+        let _ = self.tell(account, Msg::Detach { device, connection }).await;
+    }
+
+    /// The device acknowledges every log entry up to `up_to`.
+    pub async fn ack(&self, account: AccountId, device: DeviceId, connection: u64, up_to: u64) {
+        let _ = self.tell(account, Msg::Ack { device, connection, up_to }).await;
+    }
+
+    /// The account read `peer`'s messages up to the peer's sequence `up_to`.
+    pub async fn mark_read(
+        &self,
+        account: AccountId,
+        peer: AccountId,
+        up_to: u64,
+    ) -> Result<oneshot::Receiver<Result<(), MessagingError>>, MessagingError> {
+        if peer == account || self.phone_of(peer).await?.is_none() {
+            return Err(MessagingError::UnknownAccount);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tell(account, Msg::MarkRead { peer, up_to, reply }).await?;
+        Ok(answer)
+    }
+
+    /// Hands forwards from `from` to `to`'s actor and waits until they are
+    /// durable there. Returns the highest outbox sequence applied.
+    pub(crate) async fn deliver(
+        &self,
+        to: AccountId,
+        from: AccountId,
+        items: actor::Batch,
+    ) -> Result<u64, MessagingError> {
+        let (reply, answer) = oneshot::channel();
+        self.tell(to, Msg::Deliver { from, items, reply }).await?;
+        answer.await.map_err(|_| gone())?
+    }
+}

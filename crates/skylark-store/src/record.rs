@@ -1,0 +1,245 @@
+//! The binary encoding of log entries and outbox items on disk.
+//!
+//! A record is a format version byte, a tag byte, then fields: integers as
+//! LEB128 varints, strings and byte strings as a varint length and the
+//! bytes. Compact (payloads stay raw bytes), and decoding checks every
+//! length against the remaining input, so a corrupt record is an error,
+//! never a panic or a huge allocation.
+
+use crate::StoreError;
+use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
+use skylark_core::{AccountId, DeviceId};
+
+const VERSION: u8 = 1;
+
+const TAG_MESSAGE: u8 = 1;
+const TAG_RECEIPT: u8 = 2;
+const TAG_READ_SYNC: u8 = 3;
+const TAG_FORWARD_MESSAGE: u8 = 11;
+const TAG_FORWARD_RECEIPT: u8 = 12;
+
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u64(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("record: {what}"))
+}
+
+impl<'a> Reader<'a> {
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        let (&first, rest) = self.buf.split_first().ok_or_else(|| corrupt("truncated"))?;
+        self.buf = rest;
+        Ok(first)
+    }
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let mut out = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            out |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(out);
+            }
+        }
+        Err(corrupt("varint too long"))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let len = usize::try_from(self.u64()?).map_err(|_| corrupt("length"))?;
+        if len > self.buf.len() {
+            return Err(corrupt("length beyond the record"));
+        }
+        let (head, rest) = self.buf.split_at(len);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn string(&mut self) -> Result<String, StoreError> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| corrupt("string is not utf-8"))
+    }
+    fn kind(&mut self) -> Result<ReceiptKind, StoreError> {
+        match self.u8()? {
+            0 => Ok(ReceiptKind::Delivered),
+            1 => Ok(ReceiptKind::Read),
+            _ => Err(corrupt("receipt kind")),
+        }
+    }
+    fn finish(self) -> Result<(), StoreError> {
+        if self.buf.is_empty() { Ok(()) } else { Err(corrupt("trailing bytes")) }
+    }
+}
+
+pub(crate) fn kind_byte(kind: ReceiptKind) -> u8 {
+    match kind {
+        ReceiptKind::Delivered => 0,
+        ReceiptKind::Read => 1,
+    }
+}
+
+fn write_message(w: &mut Writer, m: &Message) {
+    w.u64(m.id.sender.0);
+    w.u64(m.id.seq);
+    w.u64(m.to.0);
+    w.u64(m.sender_device.0);
+    w.bytes(m.client_id.as_bytes());
+    w.u64(m.sent_at_ms);
+    w.bytes(&m.payload);
+}
+
+fn read_message(r: &mut Reader<'_>) -> Result<Message, StoreError> {
+    Ok(Message {
+        id: MessageId { sender: AccountId(r.u64()?), seq: r.u64()? },
+        to: AccountId(r.u64()?),
+        sender_device: DeviceId(r.u64()?),
+        client_id: r.string()?,
+        sent_at_ms: r.u64()?,
+        payload: r.bytes()?.to_vec(),
+    })
+}
+
+pub fn encode_entry(entry: &LogEntry) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u8(VERSION);
+    match entry {
+        LogEntry::Message(m) => {
+            w.u8(TAG_MESSAGE);
+            write_message(&mut w, m);
+        }
+        LogEntry::Receipt { peer, kind, up_to, at_ms } => {
+            w.u8(TAG_RECEIPT);
+            w.u64(peer.0);
+            w.u8(kind_byte(*kind));
+            w.u64(*up_to);
+            w.u64(*at_ms);
+        }
+        LogEntry::ReadSync { peer, up_to, at_ms } => {
+            w.u8(TAG_READ_SYNC);
+            w.u64(peer.0);
+            w.u64(*up_to);
+            w.u64(*at_ms);
+        }
+    }
+    w.0
+}
+
+pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
+    let mut r = Reader { buf: bytes };
+    if r.u8()? != VERSION {
+        return Err(corrupt("unknown version"));
+    }
+    let entry = match r.u8()? {
+        TAG_MESSAGE => LogEntry::Message(read_message(&mut r)?),
+        TAG_RECEIPT => {
+            LogEntry::Receipt { peer: AccountId(r.u64()?), kind: r.kind()?, up_to: r.u64()?, at_ms: r.u64()? }
+        }
+        TAG_READ_SYNC => LogEntry::ReadSync { peer: AccountId(r.u64()?), up_to: r.u64()?, at_ms: r.u64()? },
+        _ => return Err(corrupt("unknown log entry tag")),
+    };
+    r.finish()?;
+    Ok(entry)
+}
+
+pub fn encode_outbox(item: &OutboxItem) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u8(VERSION);
+    match &item.forward {
+        Forward::Message(m) => {
+            w.u8(TAG_FORWARD_MESSAGE);
+            w.u64(item.to.0);
+            write_message(&mut w, m);
+        }
+        Forward::Receipt { kind, up_to, at_ms } => {
+            w.u8(TAG_FORWARD_RECEIPT);
+            w.u64(item.to.0);
+            w.u8(kind_byte(*kind));
+            w.u64(*up_to);
+            w.u64(*at_ms);
+        }
+    }
+    w.0
+}
+
+pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxItem, StoreError> {
+    let mut r = Reader { buf: bytes };
+    if r.u8()? != VERSION {
+        return Err(corrupt("unknown version"));
+    }
+    let item = match r.u8()? {
+        TAG_FORWARD_MESSAGE => OutboxItem { to: AccountId(r.u64()?), forward: Forward::Message(read_message(&mut r)?) },
+        TAG_FORWARD_RECEIPT => OutboxItem {
+            to: AccountId(r.u64()?),
+            forward: Forward::Receipt { kind: r.kind()?, up_to: r.u64()?, at_ms: r.u64()? },
+        },
+        _ => return Err(corrupt("unknown outbox tag")),
+    };
+    r.finish()?;
+    Ok(item)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> Message {
+        Message {
+            id: MessageId { sender: AccountId(7), seq: 300 },
+            to: AccountId(u64::MAX),
+            sender_device: DeviceId(9),
+            client_id: "c-1".into(),
+            sent_at_ms: 1_700_000_000_000,
+            payload: vec![0, 1, 2, 255],
+        }
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        for entry in [
+            LogEntry::Message(message()),
+            LogEntry::Receipt { peer: AccountId(3), kind: ReceiptKind::Read, up_to: 12, at_ms: 5 },
+            LogEntry::ReadSync { peer: AccountId(4), up_to: 1 << 40, at_ms: 6 },
+        ] {
+            assert_eq!(decode_entry(&encode_entry(&entry)).unwrap(), entry);
+        }
+        for item in [
+            OutboxItem { to: AccountId(2), forward: Forward::Message(message()) },
+            OutboxItem {
+                to: AccountId(2),
+                forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 3, at_ms: 4 },
+            },
+        ] {
+            assert_eq!(decode_outbox(&encode_outbox(&item)).unwrap(), item);
+        }
+    }
+
+    #[test]
+    fn corrupt_records_are_errors() {
+        let good = encode_entry(&LogEntry::Message(message()));
+        for cut in 0..good.len() {
+            assert!(decode_entry(&good[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(decode_entry(&long).is_err());
+        // A length prefix claiming more than the record holds.
+        assert!(decode_entry(&[VERSION, TAG_MESSAGE, 1, 1, 1, 1, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        assert!(decode_outbox(&good).is_err(), "a log entry is not an outbox item");
+    }
+}
