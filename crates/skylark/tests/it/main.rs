@@ -6,6 +6,7 @@
 
 mod auth;
 mod cli;
+mod crash;
 mod frames;
 mod harness;
 mod lifecycle;
