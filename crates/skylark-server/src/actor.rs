@@ -46,14 +46,19 @@ pub(crate) const ACCOUNT_CURSOR: DeviceId = DeviceId(0);
 /// Forwards in outbox order, shared between retries without copying.
 pub(crate) type Batch = Arc<[(u64, Forward)]>;
 
+/// A send waiting in the mailbox. Boxed in [`Msg`]: every mailbox allocates
+/// its first block of 32 slots up front, so the size of `Msg` is paid 32
+/// times by every idle actor.
+pub(crate) struct SendMail {
+    pub device: DeviceId,
+    pub client_id: String,
+    pub to: PhoneNumber,
+    pub payload: Vec<u8>,
+    pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
+}
+
 pub(crate) enum Msg {
-    Send {
-        device: DeviceId,
-        client_id: String,
-        to: PhoneNumber,
-        payload: Vec<u8>,
-        reply: oneshot::Sender<Result<SendAck, MessagingError>>,
-    },
+    Send(Box<SendMail>),
     Deliver {
         from: AccountId,
         items: Batch,
@@ -164,7 +169,7 @@ pub(crate) async fn run(
     metrics::gauge!("skylark_actors").increment(1.0);
     let idle = Duration::from_millis(router.inner.config.actor_idle_ms);
     let shutdown = router.inner.shutdown.clone();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Vec::new();
     loop {
         let received = tokio::select! {
             biased;
@@ -174,7 +179,7 @@ pub(crate) async fn run(
                 if let Some(done) = router.retire(account, generation, &mut mailbox) {
                     // Mail that slipped in before the mailbox closed is still ours.
                     while mailbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                        if actor.handle(std::mem::take(&mut batch)).await.is_err() {
+                        if Box::pin(actor.handle(std::mem::take(&mut batch))).await.is_err() {
                             break;
                         }
                     }
@@ -187,7 +192,9 @@ pub(crate) async fn run(
         if received == 0 {
             break;
         }
-        if actor.handle(std::mem::take(&mut batch)).await.is_err() {
+        // Boxed: the task's own allocation stays small while the actor is
+        // idle, instead of always holding room for the largest batch state.
+        if Box::pin(actor.handle(std::mem::take(&mut batch))).await.is_err() {
             // Memory may be ahead of the store: stop, and let a successor reload.
             router.forget_generation(account, generation);
             fail_all(&mut mailbox, &router, account, generation, MessagingError::Unavailable("actor restarted".into()))
@@ -210,7 +217,7 @@ async fn fail_all(
     mailbox.close();
     while let Some(msg) = mailbox.recv().await {
         match msg {
-            Msg::Send { reply, .. } => drop(reply.send(Err(error.clone()))),
+            Msg::Send(mail) => drop(mail.reply.send(Err(error.clone()))),
             Msg::Deliver { reply, .. } => drop(reply.send(Err(error.clone()))),
             Msg::Attach { reply, .. } => drop(reply.send(Err(error.clone()))),
             Msg::MarkRead { reply, .. } => drop(reply.send(Err(error.clone()))),
@@ -331,7 +338,8 @@ impl Actor {
 
         for msg in batch {
             let step = match msg {
-                Msg::Send { device, client_id, to, payload, reply } => {
+                Msg::Send(mail) => {
+                    let SendMail { device, client_id, to, payload, reply } = *mail;
                     match self.send(&mut write, &mut batch_ids, device, client_id, to, payload, &mut kick).await {
                         Ok(ack) => {
                             pending.push(Pending::Send(reply, ack));
@@ -682,5 +690,14 @@ enum SendFailure {
 impl From<StoreError> for SendFailure {
     fn from(e: StoreError) -> Self {
         SendFailure::Store(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mailbox_slots_stay_small() {
+        // Regression guard for idle-actor memory (see `SendMail`).
+        assert!(std::mem::size_of::<super::Msg>() <= 40, "Msg is {} bytes", std::mem::size_of::<super::Msg>());
     }
 }

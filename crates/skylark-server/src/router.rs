@@ -211,8 +211,8 @@ impl Router {
         }
         let to = PhoneNumber::parse(&request.to)?;
         let (reply, answer) = oneshot::channel();
-        self.tell(account, Msg::Send { device, client_id: request.client_id, to, payload: request.payload, reply })
-            .await?;
+        let mail = actor::SendMail { device, client_id: request.client_id, to, payload: request.payload, reply };
+        self.tell(account, Msg::Send(Box::new(mail))).await?;
         Ok(answer)
     }
 
