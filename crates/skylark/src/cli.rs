@@ -39,7 +39,7 @@ pub struct TransportArgs {
 }
 
 impl TransportArgs {
-    fn endpoint(&self, identity: &Identity) -> Endpoint {
+    pub fn endpoint(&self, identity: &Identity) -> Endpoint {
         match &self.tcp {
             Some(addr) => Endpoint::Tcp(addr.clone()),
             None => Endpoint::websocket_for(&identity.server, self.json),
@@ -122,7 +122,7 @@ pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {
 }
 
 /// Client errors in words a person can act on.
-fn explain(e: ClientError) -> anyhow::Error {
+pub fn explain(e: ClientError) -> anyhow::Error {
     match &e {
         ClientError::Api { status: 429, message, retry_after_secs, .. } => {
             anyhow::anyhow!("{message}; try again in {} s", retry_after_secs.unwrap_or(0))

@@ -2,6 +2,7 @@
 //! `whoami`) in one binary. Thin by design: argument parsing, config
 //! loading and printing; the work happens in the library crates.
 
+mod chat;
 mod cli;
 mod serve;
 
@@ -40,6 +41,33 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// Send one text message; returns once the server has stored it (one tick).
+    Send {
+        /// The recipient's phone number.
+        to: String,
+        /// The text to send.
+        message: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Print incoming messages, receipts and read markers as they arrive.
+    Listen {
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Chat with one number: type to send, watch the ticks change.
+    Chat {
+        /// The other person's phone number.
+        with: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
 }
 
 fn main() -> Result<()> {
@@ -51,6 +79,11 @@ fn main() -> Result<()> {
             runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?))
         }
         Command::Whoami { profile, transport } => runtime.block_on(cli::whoami(&profile.dir()?, &transport)),
+        Command::Send { to, message, profile, transport } => {
+            runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
+        }
+        Command::Listen { profile, transport } => runtime.block_on(chat::listen(&profile.dir()?, &transport)),
+        Command::Chat { with, profile, transport } => runtime.block_on(chat::chat(&profile.dir()?, &transport, &with)),
     }
 }
 

@@ -71,3 +71,115 @@ async fn register_then_whoami_from_the_command_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A child process whose stdout lines arrive on a channel.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Waits for a line containing `needle`; returns every line read.
+    fn expect(&self, needle: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(crate::harness::EVENT_WAIT) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    seen.push(line);
+                    if hit {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("no line containing {needle:?}; got {seen:#?}"),
+            }
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "{line}").unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_listen_and_chat_from_the_command_line() {
+    use crate::harness::{Peer, Transport};
+    use skylark_protocol::v1::ReceiptKind;
+
+    let server = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let alice = server.register("+15550800001").await;
+    let bob = server.register("+15550800002").await;
+    bob.save(&home.path().join("bob")).unwrap();
+
+    // `send` from Bob's profile, `listen` on… Alice via the SDK sees it.
+    let mut alice_peer = Peer::connect(&server, &alice, Transport::Tcp).await;
+    let home_path = home.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        skylark(&home_path).args(["send", "+15550800001", "hello from the cli", "--profile", "bob"]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("✓ sent to +15550800001"));
+    let got = alice_peer.received(1, true).await;
+    assert_eq!(got[0].payload, b"hello from the cli");
+
+    // `listen` shows Alice's reply and the delivery receipt for Bob's message.
+    alice_peer.handle().send("+15550800002", "r1", b"hi bob".to_vec()).await.unwrap();
+    let mut cmd = skylark(home.path());
+    cmd.args(["listen", "--profile", "bob"]);
+    let listen = Running::spawn(cmd);
+    let seen = listen.expect("+15550800001: hi bob");
+    assert!(seen.iter().any(|l| l.contains("you → +15550800001: hello from the cli")), "{seen:#?}");
+    listen.expect("— caught up —");
+    drop(listen);
+
+    // `chat`: Bob types; the tick turns to ✓✓ when Alice's device acks, and
+    // to read when she reads it; Alice's answer appears.
+    let mut cmd = skylark(home.path());
+    cmd.args([
+        "chat",
+        "+15550800001",
+        "--profile",
+        "bob",
+        "--tcp",
+        &server.gateway.as_ref().unwrap().tcp_addr().to_string(),
+    ]);
+    let mut chat = Running::spawn(cmd);
+    chat.expect("Chat with +15550800001");
+    chat.type_line("are you there?");
+    chat.expect("✓ you: are you there?");
+    let got = alice_peer.received(1, true).await;
+    assert_eq!(got[0].payload, b"are you there?");
+    chat.expect("✓✓ you: are you there?");
+    let id = got[0].id.unwrap();
+    alice_peer.handle().mark_read(id.sender, id.seq).await.unwrap();
+    chat.expect("✓✓ (read) you: are you there?");
+    alice_peer.handle().send("+15550800002", "r2", b"yes!".to_vec()).await.unwrap();
+    chat.expect("+15550800001: yes!");
+    // Bob's chat marked Alice's message read as it showed it.
+    alice_peer.receipt(ReceiptKind::Read, 2).await;
+}
