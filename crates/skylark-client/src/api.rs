@@ -37,6 +37,24 @@ pub struct Registered {
     pub device_name: String,
 }
 
+/// A pending link, as the new device sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Link {
+    pub link_id: String,
+    /// Shown as `ABCD-EFGH`; typed or scanned on a signed-in device.
+    pub code: String,
+    pub expires_in_ms: u64,
+}
+
+/// The state of a pending link.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum LinkStatus {
+    Pending,
+    Expired,
+    Approved { account_id: u64, device_id: u64, phone: String },
+}
+
 pub struct Api {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -83,6 +101,17 @@ impl Api {
     ) -> Result<Registered, ClientError> {
         let body = json!({ "code": code, "public_key": BASE64.encode(public_key), "device_name": device_name });
         self.call("POST", &format!("/v1/verification/{session_id}/verify"), Some(body)).await
+    }
+
+    /// A new device asks to be linked to an existing account.
+    pub async fn create_link(&self, public_key: &[u8; 32], device_name: &str) -> Result<Link, ClientError> {
+        let body = json!({ "public_key": BASE64.encode(public_key), "device_name": device_name });
+        self.call("POST", "/v1/links", Some(body)).await
+    }
+
+    /// Waits (up to `wait_ms`, at most 30 s per call) for the link's outcome.
+    pub async fn wait_link(&self, link_id: &str, wait_ms: u64) -> Result<LinkStatus, ClientError> {
+        self.call("GET", &format!("/v1/links/{link_id}?wait_ms={wait_ms}"), None).await
     }
 
     /// Sends a request and returns the status, `Retry-After` and JSON body

@@ -13,8 +13,9 @@ use prost::Message as _;
 use skylark_protocol::codec::{FrameCodec, FrameError};
 use skylark_protocol::v1::server_frame::Body;
 use skylark_protocol::{ClientFrame, CloseCode, ServerFrame, WS_SUBPROTOCOL_JSON, WS_SUBPROTOCOL_PROTO, json};
+use std::net::{IpAddr, SocketAddr};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -84,12 +85,32 @@ fn io<E: std::fmt::Display>(e: E) -> ClientError {
     ClientError::Io(e.to_string())
 }
 
+/// A TCP connection to `addr` (`host:port`), from `local` if given.
+async fn tcp(addr: &str, local: Option<IpAddr>) -> Result<TcpStream, ClientError> {
+    let stream = match local {
+        None => TcpStream::connect(addr).await.map_err(io)?,
+        Some(ip) => {
+            let remote = tokio::net::lookup_host(addr).await.map_err(io)?.next().ok_or_else(|| io("no address"))?;
+            let socket = if remote.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(io)?;
+            socket.bind(SocketAddr::new(ip, 0)).map_err(io)?;
+            socket.connect(remote).await.map_err(io)?
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 impl FrameConn {
     pub async fn connect(endpoint: &Endpoint) -> Result<FrameConn, ClientError> {
+        Self::connect_from(endpoint, None).await
+    }
+
+    /// Connects from a chosen local address (for example 127.0.0.2, to look
+    /// like a second network), or from any when `local` is `None`.
+    pub async fn connect_from(endpoint: &Endpoint, local: Option<IpAddr>) -> Result<FrameConn, ClientError> {
         let inner = match endpoint {
             Endpoint::Tcp(addr) => {
-                let stream = TcpStream::connect(addr.as_str()).await.map_err(io)?;
-                let _ = stream.set_nodelay(true);
+                let stream = tcp(addr, local).await?;
                 Inner::Tcp(Framed::new(stream, FrameCodec::new(CLIENT_MAX_FRAME_BYTES)))
             }
             Endpoint::WebSocket { url, json } => {
@@ -99,8 +120,13 @@ impl FrameConn {
                 let config = WebSocketConfig::default()
                     .max_message_size(Some(CLIENT_MAX_FRAME_BYTES))
                     .max_frame_size(Some(CLIENT_MAX_FRAME_BYTES));
+                let host = request.uri().host().unwrap_or("localhost").to_owned();
+                let port = request.uri().port_u16().unwrap_or(80);
+                let stream = tcp(&format!("{host}:{port}"), local).await?;
                 let (ws, _) =
-                    tokio_tungstenite::connect_async_with_config(request, Some(config), true).await.map_err(io)?;
+                    tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
+                        .await
+                        .map_err(io)?;
                 Inner::Ws { ws, json: *json }
             }
         };

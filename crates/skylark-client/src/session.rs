@@ -113,7 +113,45 @@ impl SessionHandle {
 
     /// Marks `peer`'s messages read up to the peer's sequence `up_to_seq`.
     pub async fn mark_read(&self, peer: u64, up_to_seq: u64) -> Result<(), ClientError> {
-        match self.request(client_frame::Body::MarkRead(v1::MarkRead { peer, up_to_seq })).await? {
+        self.expect_ok(client_frame::Body::MarkRead(v1::MarkRead { peer, up_to_seq })).await
+    }
+
+    /// Approves a new device's link code, adding it to this account.
+    pub async fn approve_link(&self, code: &str) -> Result<v1::DeviceInfo, ClientError> {
+        match self.request(client_frame::Body::ApproveLink(v1::ApproveLink { code: code.to_owned() })).await? {
+            server_frame::Body::LinkApproved(a) => {
+                a.device.ok_or_else(|| ClientError::Protocol("LinkApproved without a device".into()))
+            }
+            other => Err(ClientError::Protocol(format!("expected LinkApproved, got {other:?}"))),
+        }
+    }
+
+    pub async fn list_devices(&self) -> Result<Vec<v1::DeviceInfo>, ClientError> {
+        match self.request(client_frame::Body::ListDevices(v1::ListDevices {})).await? {
+            server_frame::Body::DeviceList(list) => Ok(list.devices),
+            other => Err(ClientError::Protocol(format!("expected DeviceList, got {other:?}"))),
+        }
+    }
+
+    pub async fn rename_device(&self, device_id: u64, name: &str) -> Result<(), ClientError> {
+        let body = client_frame::Body::RenameDevice(v1::RenameDevice { device_id, name: name.to_owned() });
+        self.expect_ok(body).await
+    }
+
+    pub async fn remove_device(&self, device_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::RemoveDevice(v1::RemoveDevice { device_id })).await
+    }
+
+    /// A page of the account's history before `before_seq` (0: newest), newest first.
+    pub async fn history(&self, before_seq: u64, limit: u32) -> Result<v1::HistoryPage, ClientError> {
+        match self.request(client_frame::Body::History(v1::HistoryRequest { before_seq, limit })).await? {
+            server_frame::Body::HistoryPage(page) => Ok(page),
+            other => Err(ClientError::Protocol(format!("expected HistoryPage, got {other:?}"))),
+        }
+    }
+
+    async fn expect_ok(&self, body: client_frame::Body) -> Result<(), ClientError> {
+        match self.request(body).await? {
             server_frame::Body::Ok(_) => Ok(()),
             other => Err(ClientError::Protocol(format!("expected Ok, got {other:?}"))),
         }
@@ -214,7 +252,16 @@ impl Session {
         endpoint: &Endpoint,
         identity: &Identity,
     ) -> Result<(Session, mpsc::Receiver<Event>), ClientError> {
-        let mut conn = FrameConn::connect(endpoint).await?;
+        Self::open_from(endpoint, identity, None).await
+    }
+
+    /// As [`Session::open`], from a chosen local address.
+    pub async fn open_from(
+        endpoint: &Endpoint,
+        identity: &Identity,
+        local: Option<std::net::IpAddr>,
+    ) -> Result<(Session, mpsc::Receiver<Event>), ClientError> {
+        let mut conn = FrameConn::connect_from(endpoint, local).await?;
         let info = handshake(&mut conn, identity).await?;
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);

@@ -43,6 +43,9 @@ pub struct Device {
     /// Set when the device was removed; a removed device can never
     /// authenticate again, and its record stays so that it gets a precise error.
     pub removed_at_ms: Option<u64>,
+    /// When the device last authenticated or disconnected.
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
 }
 
 impl Device {

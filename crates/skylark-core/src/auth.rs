@@ -81,6 +81,7 @@ mod tests {
             name: "phone".into(),
             created_at_ms: 0,
             removed_at_ms: None,
+            last_seen_ms: None,
         };
         (key, device, Challenge { nonce: [3; 32], issued_at_ms: 1_000, ttl_ms: 500 })
     }

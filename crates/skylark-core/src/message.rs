@@ -51,6 +51,28 @@ pub enum LogEntry {
     /// One of this account's devices read `peer`'s messages up to the
     /// peer's sequence number `up_to`; the other devices learn it from here.
     ReadSync { peer: AccountId, up_to: u64, at_ms: u64 },
+    /// The account's set of devices changed; every device is told.
+    Devices { change: DeviceChange, at_ms: u64 },
+}
+
+/// A change to an account's devices, as recorded in its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceChange {
+    Linked { device: DeviceId, name: String },
+    Renamed { device: DeviceId, name: String },
+    Removed { device: DeviceId },
+}
+
+impl LogEntry {
+    /// When the entry was made (server clock).
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            LogEntry::Message(m) => m.sent_at_ms,
+            LogEntry::Receipt { at_ms, .. } | LogEntry::ReadSync { at_ms, .. } | LogEntry::Devices { at_ms, .. } => {
+                *at_ms
+            }
+        }
+    }
 }
 
 /// What one account's actor sends another.

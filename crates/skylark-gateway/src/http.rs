@@ -7,6 +7,8 @@
 //! | GET | /v1/verification/{id} | session state |
 //! | POST | /v1/verification/{id}/resend | send a new code |
 //! | POST | /v1/verification/{id}/verify | check the code, enrol the device |
+//! | POST | /v1/links | a new device asks for a link code |
+//! | GET | /v1/links/{id}?wait_ms= | the new device waits for approval (long poll) |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
 //! | GET | /healthz, /readyz, /metrics | operations |
 //!
@@ -26,6 +28,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use skylark_core::verification::{CheckError, Delivery, ResendError};
+use skylark_server::devices::{DeviceError, LinkState, display_code};
 use skylark_server::registration::{RegistrationError, SessionView};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -43,6 +46,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
         .route("/v1/verification/{id}", get(status))
         .route("/v1/verification/{id}/resend", post(resend))
         .route("/v1/verification/{id}/verify", post(verify))
+        .route("/v1/links", post(create_link))
+        .route("/v1/links/{id}", get(wait_link))
         .route("/v1/ws", get(crate::ws::upgrade))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(shared);
@@ -203,4 +208,82 @@ async fn verify(
         "phone": registered.account.phone.as_str(),
         "device_name": registered.device.name,
     })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkRequest {
+    /// Base64 of the new device's 32-byte Ed25519 public key.
+    public_key: String,
+    #[serde(default)]
+    device_name: String,
+}
+
+fn device_api_error(e: DeviceError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        DeviceError::RateLimited(l) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(l.retry_after)
+        }
+        DeviceError::InvalidKey => ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", message),
+        DeviceError::InvalidName(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_device_name", message),
+        DeviceError::UnknownLink | DeviceError::UnknownCode => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_link", message)
+        }
+        DeviceError::Expired => ApiError::new(StatusCode::GONE, "link_expired", message),
+        DeviceError::LimitReached(_) => ApiError::new(StatusCode::CONFLICT, "device_limit", message),
+        DeviceError::UnknownDevice => ApiError::new(StatusCode::NOT_FOUND, "unknown_device", message),
+        DeviceError::Store(e) => {
+            tracing::error!(error = %e, "store failed in the link api");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        }
+    }
+}
+
+async fn create_link(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let request: LinkRequest = parse(&body)?;
+    let key = BASE64
+        .decode(request.public_key.as_bytes())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", "public_key is not base64"))?;
+    let link = shared.server.devices.create_link(&key, &request.device_name, peer.ip()).map_err(device_api_error)?;
+    Ok(axum::Json(json!({
+        "link_id": link.link_id,
+        "code": display_code(&link.code),
+        "expires_in_ms": link.expires_at_ms.saturating_sub(shared.server.clock.now_ms()),
+    })))
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// Longest a link long-poll is held open.
+const MAX_LINK_WAIT: Duration = Duration::from_secs(30);
+
+async fn wait_link(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<WaitQuery>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let wait = Duration::from_millis(query.wait_ms).min(MAX_LINK_WAIT);
+    let state = tokio::select! {
+        state = shared.server.devices.wait_link(&id, wait) => state.map_err(device_api_error)?,
+        _ = shared.shutdown.cancelled() => LinkState::Pending,
+    };
+    Ok(axum::Json(match state {
+        LinkState::Pending => json!({ "status": "pending" }),
+        LinkState::Expired => json!({ "status": "expired" }),
+        LinkState::Approved { account, device, phone } => json!({
+            "status": "approved",
+            "account_id": account.0,
+            "device_id": device.0,
+            "phone": phone.as_str(),
+        }),
+    }))
 }

@@ -22,6 +22,7 @@ use skylark_core::{AccountId, DeviceId};
 use skylark_protocol::v1::{self, client_frame, server_frame};
 use skylark_protocol::{ClientFrame, CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
 use skylark_server::auth::{AuthFailure, Authenticated};
+use skylark_server::devices::{DeviceError, DeviceInfo};
 use skylark_server::messaging::{DeviceEvent, MessagingError, SendRequest};
 use skylark_server::sessions::Disconnect;
 use std::future::Future;
@@ -212,8 +213,10 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Authenticated) 
             return Some(Ending::new(CloseCode::InternalError, "messaging unavailable; reconnect"));
         }
     };
+    shared.server.devices.touch(device).await;
     let ending = serve_attached(shared, t, &authed, connection, disconnect, events).await;
     router.detach(account, device, connection).await;
+    shared.server.devices.touch(device).await;
     ending
 }
 
@@ -278,6 +281,10 @@ async fn serve_attached<T: Transport>(
     }
 }
 
+fn device_error(id: u64, e: &DeviceError) -> ServerFrame {
+    error(id, crate::convert::device_error_code(e), e.to_string())
+}
+
 fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
     error(id, crate::convert::messaging_error_code(e), e.to_string())
 }
@@ -340,6 +347,51 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
                 })),
                 Err(e) => Answer::Now(messaging_error(id, &e)),
             };
+        }
+        Some(client_frame::Body::ApproveLink(approve)) => {
+            match shared.server.devices.approve_link(account, &approve.code).await {
+                Ok(device) => {
+                    let info = DeviceInfo { device, online: false };
+                    reply(
+                        id,
+                        server_frame::Body::LinkApproved(v1::LinkApproved {
+                            device: Some(crate::convert::device_info(&info, authed.device.id)),
+                        }),
+                    )
+                }
+                Err(e) => device_error(id, &e),
+            }
+        }
+        Some(client_frame::Body::ListDevices(_)) => match shared.server.devices.list(account).await {
+            Ok(list) => reply(
+                id,
+                server_frame::Body::DeviceList(v1::DeviceList {
+                    devices: list.iter().map(|d| crate::convert::device_info(d, authed.device.id)).collect(),
+                }),
+            ),
+            Err(e) => device_error(id, &e),
+        },
+        Some(client_frame::Body::RenameDevice(r)) => {
+            match shared.server.devices.rename(account, DeviceId(r.device_id), &r.name).await {
+                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
+                Err(e) => device_error(id, &e),
+            }
+        }
+        Some(client_frame::Body::RemoveDevice(r)) => {
+            match shared.server.devices.remove(account, DeviceId(r.device_id)).await {
+                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
+                Err(e) => device_error(id, &e),
+            }
+        }
+        Some(client_frame::Body::History(h)) => {
+            let limit = if h.limit == 0 { 50 } else { h.limit as usize };
+            match shared.server.devices.history(account, h.before_seq, limit).await {
+                Ok(page) => {
+                    let page = crate::convert::history_page(router, page).await;
+                    reply(id, server_frame::Body::HistoryPage(page))
+                }
+                Err(e) => device_error(id, &e),
+            }
         }
         Some(client_frame::Body::Hello(_) | client_frame::Body::Authenticate(_)) => {
             error(id, ErrorCode::AlreadyAuthenticated, "this connection is already authenticated")

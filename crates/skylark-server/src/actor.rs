@@ -22,7 +22,7 @@
 use crate::messaging::{DeviceEvent, MessagingError, SendAck};
 use crate::router::Router;
 use rand::Rng;
-use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
+use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
 use skylark_core::{AccountId, DeviceId, PhoneNumber};
 use skylark_store::{AccountWrite, Counters, StoreError};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -88,6 +88,11 @@ pub(crate) enum Msg {
         up_to: u64,
         reply: oneshot::Sender<Result<(), MessagingError>>,
     },
+    DeviceChange {
+        /// Boxed to keep `Msg` small (see `SendMail`); device changes are rare.
+        change: Box<DeviceChange>,
+        reply: oneshot::Sender<Result<(), MessagingError>>,
+    },
 }
 
 struct Attached {
@@ -104,7 +109,8 @@ struct Attached {
 enum Pending {
     Send(oneshot::Sender<Result<SendAck, MessagingError>>, SendAck),
     Deliver(oneshot::Sender<Result<u64, MessagingError>>, u64),
-    MarkRead(oneshot::Sender<Result<(), MessagingError>>),
+    /// A plain "done" answer (mark read, device change).
+    Done(oneshot::Sender<Result<(), MessagingError>>),
 }
 
 impl Pending {
@@ -112,7 +118,7 @@ impl Pending {
         match self {
             Pending::Send(reply, _) => drop(reply.send(Err(e))),
             Pending::Deliver(reply, _) => drop(reply.send(Err(e))),
-            Pending::MarkRead(reply) => drop(reply.send(Err(e))),
+            Pending::Done(reply) => drop(reply.send(Err(e))),
         }
     }
 
@@ -120,7 +126,7 @@ impl Pending {
         match self {
             Pending::Send(reply, ack) => drop(reply.send(Ok(ack))),
             Pending::Deliver(reply, hwm) => drop(reply.send(Ok(hwm))),
-            Pending::MarkRead(reply) => drop(reply.send(Ok(()))),
+            Pending::Done(reply) => drop(reply.send(Ok(()))),
         }
     }
 }
@@ -220,7 +226,7 @@ async fn fail_all(
             Msg::Send(mail) => drop(mail.reply.send(Err(error.clone()))),
             Msg::Deliver { reply, .. } => drop(reply.send(Err(error.clone()))),
             Msg::Attach { reply, .. } => drop(reply.send(Err(error.clone()))),
-            Msg::MarkRead { reply, .. } => drop(reply.send(Err(error.clone()))),
+            Msg::MarkRead { reply, .. } | Msg::DeviceChange { reply, .. } => drop(reply.send(Err(error.clone()))),
             Msg::Forwarded { .. } | Msg::Detach { .. } | Msg::Ack { .. } => {}
         }
     }
@@ -405,10 +411,20 @@ impl Actor {
                 Msg::Ack { device, connection, up_to } => {
                     self.ack(&mut write, device, connection, up_to, &mut kick).await
                 }
+                Msg::DeviceChange { change, reply } => {
+                    let change = *change;
+                    if let DeviceChange::Removed { device } = &change {
+                        self.devices.remove(device);
+                    }
+                    let at_ms = self.now();
+                    self.append(&mut write, LogEntry::Devices { change, at_ms });
+                    pending.push(Pending::Done(reply));
+                    Ok(())
+                }
                 Msg::MarkRead { peer, up_to, reply } => {
                     match self.mark_read(&mut write, peer, up_to, &mut kick).await {
                         Ok(()) => {
-                            pending.push(Pending::MarkRead(reply));
+                            pending.push(Pending::Done(reply));
                             Ok(())
                         }
                         Err(e) => {

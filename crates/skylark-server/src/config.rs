@@ -2,6 +2,7 @@
 //! single-node server starts with. Loaded from TOML by the binary and
 //! overridden by flags and environment (see README.md).
 
+use crate::devices::DevicesConfig;
 use crate::messaging::MessagingConfig;
 use serde::{Deserialize, Serialize};
 use skylark_core::verification::VerificationPolicy;
@@ -19,6 +20,7 @@ pub struct Config {
     pub verification: VerificationPolicy,
     pub rate_limits: RateLimits,
     pub messaging: MessagingConfig,
+    pub devices: DevicesConfig,
     pub sms: SmsConfig,
 }
 
@@ -31,6 +33,7 @@ impl Default for Config {
             verification: VerificationPolicy::default(),
             rate_limits: RateLimits::default(),
             messaging: MessagingConfig::default(),
+            devices: DevicesConfig::default(),
             sms: SmsConfig::Console,
         }
     }

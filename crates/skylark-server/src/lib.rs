@@ -9,6 +9,7 @@
 mod actor;
 pub mod auth;
 pub mod config;
+pub mod devices;
 pub mod messaging;
 pub mod ratelimit;
 pub mod registration;
@@ -32,6 +33,7 @@ pub struct Server {
     pub auth: auth::Authenticator,
     pub sessions: Arc<sessions::Sessions>,
     pub router: router::Router,
+    pub devices: devices::Devices,
 }
 
 impl std::fmt::Debug for Server {
@@ -62,7 +64,9 @@ impl Server {
         );
         let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms);
         let router = router::Router::new(store.clone(), clock.clone(), config.messaging);
-        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router }))
+        let devices =
+            devices::Devices::new(store.clone(), clock.clone(), sessions.clone(), router.clone(), config.devices);
+        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router, devices }))
     }
 
     /// Stops the user actors after their current batch (their writes are

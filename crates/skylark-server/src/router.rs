@@ -8,7 +8,7 @@
 
 use crate::actor::{self, Msg};
 use crate::messaging::{DeviceEvent, MessagingConfig, MessagingError, SendAck, SendRequest};
-use skylark_core::message::valid_client_id;
+use skylark_core::message::{DeviceChange, valid_client_id};
 use skylark_core::{AccountId, Clock, DeviceId, PhoneNumber};
 use skylark_store::Store;
 use std::collections::HashMap;
@@ -258,6 +258,14 @@ impl Router {
         Ok(answer)
     }
 
+    /// Records a change of the account's devices in its log (so every
+    /// device is told); a removed device is also detached from the actor.
+    pub async fn device_change(&self, account: AccountId, change: DeviceChange) -> Result<(), MessagingError> {
+        let (reply, answer) = oneshot::channel();
+        self.tell(account, Msg::DeviceChange { change: Box::new(change), reply }).await?;
+        answer.await.map_err(|_| gone())?
+    }
+
     /// Hands forwards from `from` to `to`'s actor and waits until they are
     /// durable there. Returns the highest outbox sequence applied.
     pub(crate) async fn deliver(
@@ -269,5 +277,76 @@ impl Router {
         let (reply, answer) = oneshot::channel();
         self.tell(to, Msg::Deliver { from, items, reply }).await?;
         answer.await.map_err(|_| gone())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messaging::SendRequest;
+    use skylark_core::message::LogEntry;
+    use skylark_core::{NewDevice, SystemClock};
+    use skylark_store::RedbStore;
+    use std::time::Duration;
+
+    async fn account(store: &RedbStore, phone: &str) -> (AccountId, DeviceId) {
+        use skylark_store::AccountStore;
+        let phone = PhoneNumber::parse(phone).unwrap();
+        let r = store.register(&phone, NewDevice { public_key: [1; 32], name: "t".into() }, 1).await.unwrap();
+        (r.account.id, r.device.id)
+    }
+
+    async fn send(router: &Router, from: (AccountId, DeviceId), to: &str, client_id: &str) -> SendAck {
+        let request = SendRequest { client_id: client_id.into(), to: to.into(), payload: b"x".to_vec() };
+        router.send(from.0, from.1, request).await.unwrap().await.unwrap().unwrap()
+    }
+
+    /// Waits (in virtual time) until no actor is live.
+    async fn all_retired(router: &Router) {
+        for _ in 0..10_000 {
+            if router.live_actors() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("actors did not retire: {} live", router.live_actors());
+    }
+
+    #[tokio::test]
+    async fn idle_actors_retire_and_come_back_with_their_state() {
+        let store = Arc::new(RedbStore::in_memory().unwrap());
+        let alice = account(&store, "+15550900001").await;
+        let bob = account(&store, "+15550900002").await;
+        let config = MessagingConfig { actor_idle_ms: 50, ..MessagingConfig::default() };
+        let router = Router::new(store.clone(), Arc::new(SystemClock), config);
+
+        let first = send(&router, alice, "+15550900002", "a").await;
+        assert_eq!(first.id.seq, 1);
+        tokio::time::pause();
+        all_retired(&router).await;
+
+        // A successor loads the counters and the client ids from the store.
+        let again = send(&router, alice, "+15550900002", "a").await;
+        assert!(again.duplicate);
+        assert_eq!(again.id, first.id);
+        assert_eq!(send(&router, alice, "+15550900002", "b").await.id.seq, 2);
+        all_retired(&router).await;
+
+        // Bob's actor, also reloaded, streams both messages to his device in order.
+        let mut events = router.attach(bob.0, bob.1, 1).await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                DeviceEvent::Entry { entry, .. } => {
+                    if let LogEntry::Message(m) = entry.as_ref() {
+                        seen.push(m.client_id.clone());
+                    }
+                }
+                DeviceEvent::CaughtUp { .. } if seen.len() == 2 => break,
+                DeviceEvent::CaughtUp { .. } => {}
+            }
+        }
+        assert_eq!(seen, vec!["a", "b"]);
+        router.shutdown().await;
     }
 }

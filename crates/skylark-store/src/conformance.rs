@@ -17,6 +17,65 @@ pub async fn run_all(store: &dyn Store) {
     verification_sessions(store).await;
     server_id_is_stable(store).await;
     message_path(store).await;
+    device_management(store).await;
+}
+
+async fn device_management(store: &dyn Store) {
+    use crate::AddDeviceError;
+    use skylark_core::AccountId;
+    use skylark_core::message::LogEntry;
+
+    let reg = store
+        .register(&phone("+15550008000"), NewDevice { public_key: [1; 32], name: "phone".into() }, 1)
+        .await
+        .expect("register");
+    let account = reg.account.id;
+    let laptop =
+        store.add_device(account, NewDevice { public_key: [2; 32], name: "laptop".into() }, 2, 5).await.expect("add");
+    assert_eq!(laptop.account_id, account);
+    assert_eq!(store.cursor(account, laptop.id).await.expect("read"), Some(0));
+    assert_eq!(
+        store.add_device(account, NewDevice { public_key: [3; 32], name: "x".into() }, 2, 6).await,
+        Err(AddDeviceError::LimitReached(2))
+    );
+    assert_eq!(
+        store.add_device(AccountId(77_777), NewDevice { public_key: [3; 32], name: "x".into() }, 9, 6).await,
+        Err(AddDeviceError::UnknownAccount)
+    );
+
+    assert!(store.rename_device(account, laptop.id, "work laptop".into()).await.expect("rename"));
+    assert!(!store.rename_device(AccountId(77_777), laptop.id, "x".into()).await.expect("rename"), "own account only");
+    store.touch_device(laptop.id, 42).await.expect("touch");
+    let seen = store.device(laptop.id).await.expect("read").expect("exists");
+    assert_eq!((seen.name.as_str(), seen.last_seen_ms), ("work laptop", Some(42)));
+
+    assert!(store.remove_device(account, laptop.id, 50).await.expect("remove"));
+    assert!(!store.remove_device(account, laptop.id, 51).await.expect("remove twice"));
+    assert_eq!(store.device(laptop.id).await.expect("read").and_then(|d| d.removed_at_ms), Some(50));
+    assert_eq!(store.cursor(account, laptop.id).await.expect("read"), None, "its queue position is purged");
+    assert_eq!(store.active_devices(account).await.expect("read").len(), 1);
+    // Room again after the removal.
+    store.add_device(account, NewDevice { public_key: [4; 32], name: "tablet".into() }, 2, 60).await.expect("add");
+
+    // History reads newest first, before a sequence.
+    let mut w = crate::AccountWrite::new(account);
+    for seq in 1..=5 {
+        w.appends.push((seq, LogEntry::ReadSync { peer: AccountId(1), up_to: seq, at_ms: seq }));
+    }
+    store.apply(w).await.expect("apply");
+    let page = store.read_log_before(account, 5, 2).await.expect("history");
+    assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 3]);
+    assert!(store.read_log_before(account, 0, 10).await.expect("history").is_empty());
+    assert_eq!(store.read_log_before(account, u64::MAX, 10).await.expect("history").len(), 5);
+
+    let mut w = crate::AccountWrite::new(account);
+    w.receipts.push((AccountId(1), skylark_core::message::ReceiptKind::Delivered, 7));
+    w.receipts.push((AccountId(1), skylark_core::message::ReceiptKind::Read, 3));
+    w.read_markers.push((AccountId(2), 9));
+    store.apply(w).await.expect("apply");
+    let state = store.receipt_state(account).await.expect("receipts");
+    assert_eq!(state.received, vec![(AccountId(1), 7, 3)]);
+    assert_eq!(state.read_markers, vec![(AccountId(2), 9)]);
 }
 
 async fn registration_creates_then_takes_over(store: &dyn Store) {

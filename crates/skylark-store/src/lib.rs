@@ -60,6 +60,38 @@ pub trait AccountStore: Send + Sync {
     /// `device` is enrolled, with its delivery cursor at the end of the
     /// account's log (a new device starts from now). Durable when it returns.
     async fn register(&self, phone: &PhoneNumber, device: NewDevice, now_ms: u64) -> Result<Registration, StoreError>;
+
+    /// Enrols another device in an existing account, unless it already has
+    /// `max_active` active devices. Its cursor starts at the end of the
+    /// account's log. Durable when it returns.
+    async fn add_device(
+        &self,
+        account: AccountId,
+        device: NewDevice,
+        max_active: usize,
+        now_ms: u64,
+    ) -> Result<Device, AddDeviceError>;
+
+    /// Marks an active device of `account` removed and deletes its cursor.
+    /// Returns false if `account` has no such active device.
+    async fn remove_device(&self, account: AccountId, device: DeviceId, now_ms: u64) -> Result<bool, StoreError>;
+
+    /// Renames an active device of `account`; false if there is none.
+    async fn rename_device(&self, account: AccountId, device: DeviceId, name: String) -> Result<bool, StoreError>;
+
+    /// Records when a device was last seen.
+    async fn touch_device(&self, device: DeviceId, now_ms: u64) -> Result<(), StoreError>;
+}
+
+/// Why a device could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddDeviceError {
+    #[error("the account already has {0} active devices")]
+    LimitReached(usize),
+    #[error("no such account")]
+    UnknownAccount,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 #[async_trait]
@@ -156,6 +188,15 @@ impl Default for Counters {
     }
 }
 
+/// Receipt high-water marks of one account, per peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiptState {
+    /// Peer → (highest of this account's seqs the peer received, … read).
+    pub received: Vec<(AccountId, u64, u64)>,
+    /// Peer → highest of the peer's seqs this account marked read.
+    pub read_markers: Vec<(AccountId, u64)>,
+}
+
 /// What an actor loads when it starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccountState {
@@ -177,6 +218,18 @@ pub trait MessageStore: Send + Sync {
 
     /// Up to `limit` log entries with sequence ≥ `from`, ascending.
     async fn read_log(&self, account: AccountId, from: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError>;
+
+    /// Up to `limit` log entries with sequence < `before`, newest first.
+    async fn read_log_before(
+        &self,
+        account: AccountId,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, LogEntry)>, StoreError>;
+
+    /// Every receipt high-water mark of the account: (peer, delivered, read)
+    /// received from peers, and its own read markers (peer, up_to).
+    async fn receipt_state(&self, account: AccountId) -> Result<ReceiptState, StoreError>;
 
     /// The log sequence of the message a device sent with `client_id`, if any.
     async fn client_id(&self, account: AccountId, device: DeviceId, client_id: &str)

@@ -7,7 +7,7 @@
 //! never a panic or a huge allocation.
 
 use crate::StoreError;
-use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
+use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
 use skylark_core::{AccountId, DeviceId};
 
 const VERSION: u8 = 1;
@@ -15,6 +15,9 @@ const VERSION: u8 = 1;
 const TAG_MESSAGE: u8 = 1;
 const TAG_RECEIPT: u8 = 2;
 const TAG_READ_SYNC: u8 = 3;
+const TAG_DEVICE_LINKED: u8 = 4;
+const TAG_DEVICE_RENAMED: u8 = 5;
+const TAG_DEVICE_REMOVED: u8 = 6;
 const TAG_FORWARD_MESSAGE: u8 = 11;
 const TAG_FORWARD_RECEIPT: u8 = 12;
 
@@ -136,6 +139,25 @@ pub fn encode_entry(entry: &LogEntry) -> Vec<u8> {
             w.u64(*up_to);
             w.u64(*at_ms);
         }
+        LogEntry::Devices { change, at_ms } => {
+            match change {
+                DeviceChange::Linked { device, name } => {
+                    w.u8(TAG_DEVICE_LINKED);
+                    w.u64(device.0);
+                    w.bytes(name.as_bytes());
+                }
+                DeviceChange::Renamed { device, name } => {
+                    w.u8(TAG_DEVICE_RENAMED);
+                    w.u64(device.0);
+                    w.bytes(name.as_bytes());
+                }
+                DeviceChange::Removed { device } => {
+                    w.u8(TAG_DEVICE_REMOVED);
+                    w.u64(device.0);
+                }
+            }
+            w.u64(*at_ms);
+        }
     }
     w.0
 }
@@ -151,6 +173,17 @@ pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
             LogEntry::Receipt { peer: AccountId(r.u64()?), kind: r.kind()?, up_to: r.u64()?, at_ms: r.u64()? }
         }
         TAG_READ_SYNC => LogEntry::ReadSync { peer: AccountId(r.u64()?), up_to: r.u64()?, at_ms: r.u64()? },
+        TAG_DEVICE_LINKED => {
+            let change = DeviceChange::Linked { device: DeviceId(r.u64()?), name: r.string()? };
+            LogEntry::Devices { change, at_ms: r.u64()? }
+        }
+        TAG_DEVICE_RENAMED => {
+            let change = DeviceChange::Renamed { device: DeviceId(r.u64()?), name: r.string()? };
+            LogEntry::Devices { change, at_ms: r.u64()? }
+        }
+        TAG_DEVICE_REMOVED => {
+            LogEntry::Devices { change: DeviceChange::Removed { device: DeviceId(r.u64()?) }, at_ms: r.u64()? }
+        }
         _ => return Err(corrupt("unknown log entry tag")),
     };
     r.finish()?;
@@ -215,6 +248,9 @@ mod tests {
             LogEntry::Message(message()),
             LogEntry::Receipt { peer: AccountId(3), kind: ReceiptKind::Read, up_to: 12, at_ms: 5 },
             LogEntry::ReadSync { peer: AccountId(4), up_to: 1 << 40, at_ms: 6 },
+            LogEntry::Devices { change: DeviceChange::Linked { device: DeviceId(5), name: "laptop".into() }, at_ms: 7 },
+            LogEntry::Devices { change: DeviceChange::Renamed { device: DeviceId(5), name: "work".into() }, at_ms: 8 },
+            LogEntry::Devices { change: DeviceChange::Removed { device: DeviceId(5) }, at_ms: 9 },
         ] {
             assert_eq!(decode_entry(&encode_entry(&entry)).unwrap(), entry);
         }

@@ -14,8 +14,8 @@
 
 use crate::record::{decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
 use crate::{
-    AccountState, AccountStore, AccountWrite, Counters, MessageStore, MetaStore, Registration, StoreError,
-    VerificationStore,
+    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, MessageStore, MetaStore, ReceiptState,
+    Registration, StoreError, VerificationStore,
 };
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -410,6 +410,7 @@ impl AccountStore for RedbStore {
                 name: device.name,
                 created_at_ms: now_ms,
                 removed_at_ms: None,
+                last_seen_ms: None,
             };
             devices.insert(new_device.id.0, encode(&new_device)?.as_slice()).map_err(backend)?;
             index.insert((account.id.0, new_device.id.0), ()).map_err(backend)?;
@@ -418,6 +419,101 @@ impl AccountStore for RedbStore {
                 .insert((account.id.0, new_device.id.0), start)
                 .map_err(backend)?;
             Ok(Registration { account, device: new_device, created, removed_devices })
+        })
+        .await
+    }
+
+    async fn add_device(
+        &self,
+        account: AccountId,
+        device: NewDevice,
+        max_active: usize,
+        now_ms: u64,
+    ) -> Result<Device, AddDeviceError> {
+        self.write(move |txn| {
+            if txn.open_table(ACCOUNTS).map_err(backend)?.get(account.0).map_err(backend)?.is_none() {
+                return Ok(Err(AddDeviceError::UnknownAccount));
+            }
+            let mut index = txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
+            let active = index.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)?.count();
+            if active >= max_active {
+                return Ok(Err(AddDeviceError::LimitReached(active)));
+            }
+            let start = read_counters(txn, account.0)?.next_seq - 1;
+            let new_device = Device {
+                id: DeviceId(next_id(txn, NEXT_DEVICE_ID)?),
+                account_id: account,
+                public_key: device.public_key,
+                name: device.name,
+                created_at_ms: now_ms,
+                removed_at_ms: None,
+                last_seen_ms: None,
+            };
+            txn.open_table(DEVICES)
+                .map_err(backend)?
+                .insert(new_device.id.0, encode(&new_device)?.as_slice())
+                .map_err(backend)?;
+            index.insert((account.0, new_device.id.0), ()).map_err(backend)?;
+            txn.open_table(CURSORS).map_err(backend)?.insert((account.0, new_device.id.0), start).map_err(backend)?;
+            Ok(Ok(new_device))
+        })
+        .await?
+    }
+
+    async fn remove_device(&self, account: AccountId, device: DeviceId, now_ms: u64) -> Result<bool, StoreError> {
+        self.write(move |txn| {
+            let mut index = txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
+            if index.remove((account.0, device.0)).map_err(backend)?.is_none() {
+                return Ok(false);
+            }
+            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let mut record: Device = {
+                let raw = devices.get(device.0).map_err(backend)?;
+                let raw = raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device}")))?;
+                decode(raw.value())?
+            };
+            record.removed_at_ms = Some(now_ms);
+            devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
+            txn.open_table(CURSORS).map_err(backend)?.remove((account.0, device.0)).map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn rename_device(&self, account: AccountId, device: DeviceId, name: String) -> Result<bool, StoreError> {
+        self.write(move |txn| {
+            let active = txn
+                .open_table(ACCOUNT_DEVICES)
+                .map_err(backend)?
+                .get((account.0, device.0))
+                .map_err(backend)?
+                .is_some();
+            if !active {
+                return Ok(false);
+            }
+            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let mut record: Device = {
+                let raw = devices.get(device.0).map_err(backend)?;
+                let raw = raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device}")))?;
+                decode(raw.value())?
+            };
+            record.name = name;
+            devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn touch_device(&self, device: DeviceId, now_ms: u64) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let record: Option<Device> =
+                devices.get(device.0).map_err(backend)?.map(|r| decode(r.value())).transpose()?;
+            if let Some(mut record) = record {
+                record.last_seen_ms = Some(now_ms);
+                devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -540,6 +636,50 @@ impl MessageStore for RedbStore {
                 out.push((key.value().1, decode_entry(value.value())?));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn read_log_before(
+        &self,
+        account: AccountId,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(LOG).map_err(backend)?;
+            let mut out = Vec::new();
+            if before == 0 {
+                return Ok(out);
+            }
+            for entry in table.range((account.0, 0)..(account.0, before)).map_err(backend)?.rev().take(limit) {
+                let (key, value) = entry.map_err(backend)?;
+                out.push((key.value().1, decode_entry(value.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn receipt_state(&self, account: AccountId) -> Result<ReceiptState, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(RECEIPTS).map_err(backend)?;
+            let mut received: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
+            let mut state = ReceiptState::default();
+            for entry in table.range((account.0, 0, 0)..=(account.0, u64::MAX, u8::MAX)).map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                let (_, peer, slot) = key.value();
+                let hwm = value.value();
+                match slot {
+                    READ_MARKER_SLOT => state.read_markers.push((AccountId(peer), hwm)),
+                    s if s == kind_byte(ReceiptKind::Delivered) => received.entry(peer).or_default().0 = hwm,
+                    _ => received.entry(peer).or_default().1 = hwm,
+                }
+            }
+            state.received = received.into_iter().map(|(p, (d, r))| (AccountId(p), d, r)).collect();
+            Ok(state)
         })
         .await
     }

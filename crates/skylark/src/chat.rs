@@ -80,6 +80,14 @@ fn describe(event: &v1::Event, me: &Identity, only: Option<&str>) -> Option<Stri
             }
             Some(format!("(read {}'s messages up to #{} on one of your devices)", r.peer_phone, r.up_to_seq))
         }
+        Body::DeviceChange(change) => {
+            use v1::device_change::Change;
+            Some(match change.change.as_ref()? {
+                Change::Linked(d) => format!("(device {} \"{}\" was linked to your account)", d.id, d.name),
+                Change::Renamed(d) => format!("(device {} was renamed \"{}\")", d.id, d.name),
+                Change::Removed(id) => format!("(device {id} was removed from your account)"),
+            })
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 pub struct ProfileArgs {
     /// Profile name (kept under $SKYLARK_HOME, default ~/.skylark) or a
     /// directory path; one profile per identity.
-    #[arg(long, env = "SKYLARK_PROFILE", default_value = "default")]
+    #[arg(long, env = "SKYLARK_PROFILE", default_value = "default", global = true)]
     profile: String,
 }
 
@@ -31,10 +31,10 @@ impl ProfileArgs {
 #[derive(Args)]
 pub struct TransportArgs {
     /// Connect over raw TCP to this address instead of WebSocket.
-    #[arg(long)]
+    #[arg(long, global = true)]
     tcp: Option<String>,
     /// Use the JSON mapping on the WebSocket (for debugging).
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
 }
 

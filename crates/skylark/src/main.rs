@@ -4,6 +4,7 @@
 
 mod chat;
 mod cli;
+mod devices;
 mod serve;
 
 use anyhow::Result;
@@ -41,6 +42,30 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// Link this machine to an existing account (no SMS): shows a code to
+    /// approve on a signed-in device. `link approve CODE` approves one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Link {
+        #[command(subcommand)]
+        approve: Option<LinkCommand>,
+        /// The server's HTTP address.
+        #[arg(long, env = "SKYLARK_SERVER", default_value = "http://127.0.0.1:7480")]
+        server: String,
+        /// A name for this device, shown in device lists.
+        #[arg(long, default_value = "linked device")]
+        name: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+    },
+    /// List this account's devices; `rename` or `remove` one.
+    Devices {
+        #[command(subcommand)]
+        action: Option<DevicesCommand>,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
     /// Send one text message; returns once the server has stored it (one tick).
     Send {
         /// The recipient's phone number.
@@ -70,6 +95,26 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum LinkCommand {
+    /// On a signed-in device: approve the code a new device shows.
+    Approve {
+        code: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Give a device another name.
+    Rename { id: u64, name: String },
+    /// Sign a device out for good (its key stops working).
+    Remove { id: u64 },
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -79,6 +124,22 @@ fn main() -> Result<()> {
             runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?))
         }
         Command::Whoami { profile, transport } => runtime.block_on(cli::whoami(&profile.dir()?, &transport)),
+        Command::Link { approve: Some(LinkCommand::Approve { code, profile, transport }), .. } => {
+            runtime.block_on(devices::approve(&profile.dir()?, &transport, &code))
+        }
+        Command::Link { approve: None, server, name, profile } => {
+            runtime.block_on(devices::link(&server, &name, &profile.dir()?))
+        }
+        Command::Devices { action, profile, transport } => {
+            let dir = profile.dir()?;
+            runtime.block_on(async {
+                match action {
+                    None => devices::list(&dir, &transport).await,
+                    Some(DevicesCommand::Rename { id, name }) => devices::rename(&dir, &transport, id, &name).await,
+                    Some(DevicesCommand::Remove { id }) => devices::remove(&dir, &transport, id).await,
+                }
+            })
+        }
         Command::Send { to, message, profile, transport } => {
             runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
         }

@@ -183,3 +183,53 @@ async fn send_listen_and_chat_from_the_command_line() {
     // Bob's chat marked Alice's message read as it showed it.
     alice_peer.receipt(ReceiptKind::Read, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_approve_and_manage_devices_from_the_command_line() {
+    let server = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let alice = server.register("+15550800011").await;
+    alice.save(&home.path().join("alice")).unwrap();
+    let base = server.http_base();
+    let home_path = home.path().to_owned();
+
+    let outputs = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            let out = skylark(&home_path).args(args).output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        // The new device shows a code (and a QR code) and waits.
+        let mut cmd = skylark(&home_path);
+        cmd.args(["link", "--server", &base, "--name", "laptop", "--profile", "laptop"]);
+        let linking = Running::spawn(cmd);
+        let lines = linking.expect("Link code:");
+        let code = lines.last().unwrap().split_whitespace().nth(2).unwrap().to_owned();
+        assert!(lines.iter().any(|l| l.contains('█') || l.contains('▀') || l.contains('▄')), "a QR code is drawn");
+
+        let (ok, approved) = run(&["link", "approve", &code, "--profile", "alice"]);
+        assert!(ok, "{approved}");
+        assert!(approved.contains("(laptop) now belongs to +15550800011"), "{approved}");
+        linking.expect("Linked: this is device");
+
+        let (ok, list) = run(&["devices", "--profile", "laptop"]);
+        assert!(ok, "{list}");
+        let id = list.lines().find(|l| l.starts_with("this")).unwrap().split_whitespace().nth(1).unwrap().to_owned();
+        let (ok, renamed) = run(&["devices", "rename", &id, "work laptop", "--profile", "alice"]);
+        assert!(ok, "{renamed}");
+        let (_, list_after) = run(&["devices", "--profile", "alice"]);
+        let (ok, removed) = run(&["devices", "remove", &id, "--profile", "alice"]);
+        assert!(ok, "{removed}");
+        let (ok, whoami) = run(&["whoami", "--profile", "laptop"]);
+        assert!(!ok, "a removed device cannot sign in: {whoami}");
+        (list, list_after, whoami)
+    })
+    .await
+    .unwrap();
+    let (list, list_after, whoami) = outputs;
+    assert!(list.contains(" laptop ") && list.contains(" test "), "both devices are listed: {list}");
+    assert!(list_after.contains("work laptop"), "{list_after}");
+    assert!(whoami.contains("removed"), "{whoami}");
+}

@@ -7,6 +7,7 @@
 mod auth;
 mod cli;
 mod crash;
+mod devices;
 mod frames;
 mod harness;
 mod lifecycle;
