@@ -14,9 +14,12 @@ use skylark_store::{RedbStore, Store};
 use std::sync::{Arc, Mutex};
 
 /// Records every code "sent", so tests can read them like a phone would.
+/// While `down` is set it fails like an unreachable gateway.
 #[derive(Default)]
 pub struct CapturedSms {
     pub sent: Mutex<Vec<(String, String)>>,
+    pub down: std::sync::atomic::AtomicBool,
+    pub attempts: std::sync::atomic::AtomicUsize,
 }
 
 impl CapturedSms {
@@ -41,6 +44,11 @@ impl CapturedSms {
 #[async_trait]
 impl SmsSender for CapturedSms {
     async fn send(&self, to: &PhoneNumber, _text: &str, code: &str) -> Result<(), SmsError> {
+        use std::sync::atomic::Ordering;
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(SmsError::Transient("gateway unreachable".into()));
+        }
         self.sent.lock().unwrap().push((to.to_string(), code.to_owned()));
         Ok(())
     }

@@ -193,3 +193,24 @@ async fn code_checks_are_rate_limited_per_number() {
     assert_eq!((status, error.as_str()), (429, "rate_limited"));
     assert!(retry_after.is_some());
 }
+
+#[tokio::test]
+async fn a_failing_sms_provider_is_reported_retried_and_loses_nothing() {
+    use std::sync::atomic::Ordering;
+    let server = TestServer::start().await;
+    let api = server.api();
+    server.sms.down.store(true, Ordering::SeqCst);
+    let session = api.start_verification("+15550100010").await.unwrap();
+    assert_eq!(session.sms.status, "failed");
+    assert!(session.sms.error.as_deref().unwrap().contains("unreachable"), "{:?}", session.sms);
+    assert_eq!(server.sms.attempts.load(Ordering::SeqCst), 3, "retried before giving up");
+    // The session survived the failure: it can be read and resent.
+    assert_eq!(api.verification(&session.session_id).await.unwrap().sms.status, "failed");
+    server.sms.down.store(false, Ordering::SeqCst);
+    server.clock.advance_ms(30_000);
+    let resent = api.resend(&session.session_id).await.unwrap();
+    assert_eq!(resent.sms.status, "sent");
+    let code = server.sms.last_code("+15550100010");
+    let key = generate_key();
+    api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), "x").await.unwrap();
+}
