@@ -150,6 +150,36 @@ impl SessionHandle {
         }
     }
 
+    /// Watches these accounts' presence; returns their presence now.
+    /// Changes then arrive as `PresenceInfo` frames.
+    pub async fn subscribe_presence(&self, phones: &[&str]) -> Result<Vec<v1::PresenceInfo>, ClientError> {
+        let phones = phones.iter().map(|p| (*p).to_owned()).collect();
+        match self.request(client_frame::Body::SubscribePresence(v1::SubscribePresence { phones })).await? {
+            server_frame::Body::PresenceList(list) => Ok(list.presences),
+            other => Err(ClientError::Protocol(format!("expected PresenceList, got {other:?}"))),
+        }
+    }
+
+    /// Client state indication: `false` while the app is in the background.
+    pub async fn set_active(&self, active: bool) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::SetActive(v1::SetActive { active })).await
+    }
+
+    /// Tells `to`'s online devices that this user is typing (not stored).
+    pub async fn typing(&self, to: &str, state: v1::TypingState) -> Result<(), ClientError> {
+        let body = client_frame::Body::Typing(v1::Typing { to: to.to_owned(), state: state as i32 });
+        self.commands.send(Command::Notify { body }).await.map_err(|_| closed_unexpectedly())
+    }
+
+    pub async fn set_privacy(&self, presence: v1::Visibility) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::SetPrivacy(v1::SetPrivacy { presence: presence as i32 })).await
+    }
+
+    /// Registers (or with `None`, removes) this device's push target.
+    pub async fn register_push(&self, target: Option<v1::register_push::Target>) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await
+    }
+
     async fn expect_ok(&self, body: client_frame::Body) -> Result<(), ClientError> {
         match self.request(body).await? {
             server_frame::Body::Ok(_) => Ok(()),

@@ -8,7 +8,9 @@ use skylark_protocol::v1::{self, event, server_frame};
 use skylark_protocol::{ErrorCode, ServerFrame};
 use skylark_server::devices::{DeviceError, DeviceInfo, HistoryPage};
 use skylark_server::messaging::{DeviceEvent, MessagingError};
+use skylark_server::presence::{Ephemeral, PresenceInfo, TypingState};
 use skylark_server::router::Router;
+use skylark_store::{PushTarget, Visibility};
 
 pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
     match e {
@@ -135,4 +137,92 @@ pub(crate) async fn history_page(router: &Router, page: HistoryPage) -> v1::Hist
         out.push(r);
     }
     v1::HistoryPage { events, has_more: page.has_more, receipts: out }
+}
+
+pub(crate) fn typing_state(state: i32) -> Option<TypingState> {
+    match v1::TypingState::try_from(state).ok()? {
+        v1::TypingState::Composing => Some(TypingState::Composing),
+        v1::TypingState::Paused => Some(TypingState::Paused),
+        v1::TypingState::Recording => Some(TypingState::Recording),
+        v1::TypingState::Unspecified => None,
+    }
+}
+
+fn wire_typing(state: TypingState) -> v1::TypingState {
+    match state {
+        TypingState::Composing => v1::TypingState::Composing,
+        TypingState::Paused => v1::TypingState::Paused,
+        TypingState::Recording => v1::TypingState::Recording,
+    }
+}
+
+pub(crate) fn visibility(v: i32) -> Option<Visibility> {
+    match v1::Visibility::try_from(v).ok()? {
+        v1::Visibility::Everyone => Some(Visibility::Everyone),
+        v1::Visibility::Contacts => Some(Visibility::Contacts),
+        v1::Visibility::Nobody => Some(Visibility::Nobody),
+        v1::Visibility::Unspecified => None,
+    }
+}
+
+pub(crate) async fn presence_info(router: &Router, info: PresenceInfo) -> v1::PresenceInfo {
+    v1::PresenceInfo {
+        account: info.account.0,
+        phone: phone(router, info.account).await,
+        visible: info.visible,
+        online: info.online,
+        last_seen_ms: info.last_seen_ms,
+    }
+}
+
+pub(crate) async fn ephemeral_frame(router: &Router, event: Ephemeral) -> ServerFrame {
+    let body = match event {
+        Ephemeral::Presence(info) => server_frame::Body::Presence(presence_info(router, info).await),
+        Ephemeral::Typing { from, device, state, expires_in_ms } => {
+            server_frame::Body::TypingUpdate(v1::TypingUpdate {
+                from: from.0,
+                from_phone: phone(router, from).await,
+                device: device.0,
+                state: wire_typing(state) as i32,
+                expires_in_ms,
+            })
+        }
+    };
+    ServerFrame { id: 0, body: Some(body) }
+}
+
+/// Longest push endpoint or token accepted.
+const MAX_PUSH_FIELD: usize = 4096;
+
+/// A push registration from the wire, checked for shape; `None` target
+/// means "remove".
+pub(crate) fn push_target(register: v1::RegisterPush) -> Result<Option<PushTarget>, String> {
+    use v1::register_push::Target;
+    let check_url = |url: &str| {
+        if url.len() > MAX_PUSH_FIELD || !(url.starts_with("http://") || url.starts_with("https://")) {
+            Err("push endpoint must be an http(s) URL of at most 4096 bytes".to_owned())
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match register.target {
+        None => None,
+        Some(Target::WebPush(w)) => {
+            check_url(&w.endpoint)?;
+            if w.p256dh.len() != 65 || w.auth.len() != 16 {
+                return Err("web push keys must be a 65-byte P-256 key and a 16-byte auth secret".into());
+            }
+            Some(PushTarget::WebPush { endpoint: w.endpoint, p256dh: w.p256dh, auth: w.auth })
+        }
+        Some(Target::UnifiedPush(u)) => {
+            check_url(&u.endpoint)?;
+            Some(PushTarget::UnifiedPush { endpoint: u.endpoint })
+        }
+        Some(Target::Webhook(h)) => {
+            if h.token.is_empty() || h.token.len() > MAX_PUSH_FIELD {
+                return Err("webhook token must be 1 to 4096 bytes".into());
+            }
+            Some(PushTarget::Webhook { token: h.token })
+        }
+    })
 }

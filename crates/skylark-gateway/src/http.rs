@@ -9,6 +9,7 @@
 //! | POST | /v1/verification/{id}/verify | check the code, enrol the device |
 //! | POST | /v1/links | a new device asks for a link code |
 //! | GET | /v1/links/{id}?wait_ms= | the new device waits for approval (long poll) |
+//! | GET | /v1/push/vapid | the server's VAPID public key for Web Push subscriptions |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
 //! | GET | /healthz, /readyz, /metrics | operations |
 //!
@@ -46,6 +47,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
         .route("/v1/verification/{id}", get(status))
         .route("/v1/verification/{id}/resend", post(resend))
         .route("/v1/verification/{id}/verify", post(verify))
+        .route("/v1/push/vapid", get(vapid_key))
         .route("/v1/links", post(create_link))
         .route("/v1/links/{id}", get(wait_link))
         .route("/v1/ws", get(crate::ws::upgrade))
@@ -286,4 +288,9 @@ async fn wait_link(
             "phone": phone.as_str(),
         }),
     }))
+}
+
+async fn vapid_key(State(shared): State<Shared>) -> axum::Json<Value> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    axum::Json(json!({ "public_key": URL_SAFE_NO_PAD.encode(shared.server.pusher.vapid_public_key()) }))
 }

@@ -18,12 +18,13 @@ use crate::transport::{Inbound, Transport};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use skylark_core::auth::{AuthError, Challenge};
-use skylark_core::{AccountId, DeviceId};
+use skylark_core::{AccountId, DeviceId, PhoneNumber};
 use skylark_protocol::v1::{self, client_frame, server_frame};
 use skylark_protocol::{ClientFrame, CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
 use skylark_server::auth::{AuthFailure, Authenticated};
 use skylark_server::devices::{DeviceError, DeviceInfo};
 use skylark_server::messaging::{DeviceEvent, MessagingError, SendRequest};
+use skylark_server::presence::Ephemeral;
 use skylark_server::sessions::Disconnect;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -214,10 +215,23 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Authenticated) 
         }
     };
     shared.server.devices.touch(device).await;
-    let ending = serve_attached(shared, t, &authed, connection, disconnect, events).await;
+    let ephemeral = shared.server.presence.connect(account, connection).await;
+    let streams = Streams { disconnect, events, ephemeral };
+    let ending = serve_attached(shared, t, &authed, connection, streams).await;
     router.detach(account, device, connection).await;
+    shared.server.presence.disconnect(account, connection).await;
     shared.server.devices.touch(device).await;
     ending
+}
+
+/// What the server pushes to an authenticated connection.
+struct Streams {
+    /// Fires when the connection must close (replaced, removed).
+    disconnect: tokio::sync::oneshot::Receiver<Disconnect>,
+    /// The account's log, from the actor.
+    events: tokio::sync::mpsc::Receiver<DeviceEvent>,
+    /// Presence and typing, never stored.
+    ephemeral: tokio::sync::mpsc::Receiver<Ephemeral>,
 }
 
 async fn serve_attached<T: Transport>(
@@ -225,9 +239,9 @@ async fn serve_attached<T: Transport>(
     t: &mut T,
     authed: &Authenticated,
     connection: u64,
-    mut disconnect: tokio::sync::oneshot::Receiver<Disconnect>,
-    mut events: tokio::sync::mpsc::Receiver<DeviceEvent>,
+    streams: Streams,
 ) -> Option<Ending> {
+    let Streams { mut disconnect, mut events, mut ephemeral } = streams;
     let limits = shared.server.config.limits;
     let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
     let mut idle_deadline = Instant::now() + idle_timeout;
@@ -248,6 +262,12 @@ async fn serve_attached<T: Transport>(
             _ = sleep_until(idle_deadline) => return Some(Ending::new(CloseCode::IdleTimeout, "no heartbeat")),
             Some(reply) = in_flight.next() => {
                 if t.send(reply).await.is_err() {
+                    return None;
+                }
+            }
+            Some(event) = ephemeral.recv() => {
+                let frame = crate::convert::ephemeral_frame(&shared.server.router, event).await;
+                if t.send(frame).await.is_err() {
                     return None;
                 }
             }
@@ -297,6 +317,15 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
     // Acks are notifications: no id needed, never answered.
     if let Some(client_frame::Body::Ack(ack)) = &frame.body {
         router.ack(account, device, connection, ack.up_to_seq).await;
+        return Answer::None;
+    }
+    // Typing is a notification too: best effort, nothing stored.
+    if let Some(client_frame::Body::Typing(typing)) = &frame.body {
+        if let (Ok(phone), Some(state)) = (PhoneNumber::parse(&typing.to), crate::convert::typing_state(typing.state)) {
+            if let Ok(Some(to)) = router.account_by_phone(&phone).await {
+                shared.server.presence.typing(account, device, to, state);
+            }
+        }
         return Answer::None;
     }
     if id == 0 {
@@ -393,9 +422,145 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
                 Err(e) => device_error(id, &e),
             }
         }
+        Some(client_frame::Body::SubscribePresence(sub)) => {
+            let mut targets = Vec::new();
+            for phone in sub.phones.iter().filter_map(|p| PhoneNumber::parse(p).ok()) {
+                if let Ok(Some(target)) = router.account_by_phone(&phone).await {
+                    targets.push(target);
+                }
+            }
+            match shared.server.presence.subscribe(account, connection, &targets).await {
+                Ok(list) => {
+                    let mut presences = Vec::with_capacity(list.len());
+                    for info in list {
+                        presences.push(crate::convert::presence_info(router, info).await);
+                    }
+                    reply(id, server_frame::Body::PresenceList(v1::PresenceList { presences }))
+                }
+                Err(e) => messaging_error(id, &MessagingError::from(e)),
+            }
+        }
+        Some(client_frame::Body::SetActive(active)) => {
+            shared.server.presence.set_active(account, connection, active.active);
+            reply(id, server_frame::Body::Ok(v1::Ok {}))
+        }
+        Some(client_frame::Body::SetPrivacy(privacy)) => match crate::convert::visibility(privacy.presence) {
+            Some(visibility) => match shared.server.presence.set_visibility(account, visibility).await {
+                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
+                Err(e) => messaging_error(id, &MessagingError::from(e)),
+            },
+            None => error(id, ErrorCode::InvalidArgument, "unknown visibility"),
+        },
+        Some(client_frame::Body::RegisterPush(register)) => match crate::convert::push_target(register) {
+            Ok(target) => match shared.server.pusher.register(device, target).await {
+                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
+                Err(e) => error(id, ErrorCode::InvalidArgument, e.to_string()),
+            },
+            Err(why) => error(id, ErrorCode::InvalidArgument, why),
+        },
         Some(client_frame::Body::Hello(_) | client_frame::Body::Authenticate(_)) => {
             error(id, ErrorCode::AlreadyAuthenticated, "this connection is already authenticated")
         }
-        Some(client_frame::Body::Ack(_)) | None => error(id, ErrorCode::UnknownRequest, "frame has no known body"),
+        Some(client_frame::Body::Ack(_) | client_frame::Body::Typing(_)) | None => {
+            error(id, ErrorCode::UnknownRequest, "frame has no known body")
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Shared;
+    use ed25519_dalek::{Signer, SigningKey};
+    use skylark_core::{NewDevice, SystemClock};
+    use skylark_server::Server;
+    use skylark_server::sms::ConsoleSms;
+    use skylark_store::{AccountStore, RedbStore};
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
+
+    /// A peer that authenticates, then vanishes without a FIN: nothing
+    /// more ever arrives. Records the close and when the silence began.
+    struct VanishingPeer {
+        key: SigningKey,
+        device: u64,
+        inbox: VecDeque<ClientFrame>,
+        authenticated: bool,
+        silent_since: Arc<Mutex<Option<Instant>>>,
+        closed: Arc<Mutex<Option<CloseCode>>>,
+    }
+
+    impl Transport for VanishingPeer {
+        async fn recv(&mut self) -> Inbound {
+            if let Some(frame) = self.inbox.pop_front() {
+                return Inbound::Frame(frame);
+            }
+            if self.authenticated && self.silent_since.lock().unwrap().is_none() {
+                // From here on, time is virtual: the idle timeout elapses
+                // as soon as nothing else is runnable.
+                tokio::time::pause();
+                *self.silent_since.lock().unwrap() = Some(Instant::now());
+            }
+            std::future::pending().await
+        }
+
+        async fn send(&mut self, frame: ServerFrame) -> Result<(), ()> {
+            match frame.body {
+                Some(server_frame::Body::Challenge(c)) => {
+                    let transcript = skylark_protocol::auth_transcript(&c.server_id, &c.nonce, self.device);
+                    let signature = self.key.sign(&transcript).to_bytes().to_vec();
+                    let answer = v1::Authenticate { device_id: self.device, nonce: c.nonce, signature };
+                    self.inbox.push_back(ClientFrame { id: 2, body: Some(client_frame::Body::Authenticate(answer)) });
+                }
+                Some(server_frame::Body::Authenticated(_)) => self.authenticated = true,
+                _ => {}
+            }
+            Ok(())
+        }
+
+        async fn close(&mut self, code: CloseCode, _reason: &str) {
+            *self.closed.lock().unwrap() = Some(code);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_open_connection_is_closed_by_the_idle_timeout_and_goes_offline() {
+        let store = Arc::new(RedbStore::in_memory().unwrap());
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let phone = skylark_core::PhoneNumber::parse("+15551300001").unwrap();
+        let reg = store
+            .register(&phone, NewDevice { public_key: key.verifying_key().to_bytes(), name: "phone".into() }, 1)
+            .await
+            .unwrap();
+        let server =
+            Server::new(Default::default(), store.clone(), Arc::new(ConsoleSms), Arc::new(SystemClock)).await.unwrap();
+        let idle = Duration::from_millis(server.config.limits.idle_timeout_ms);
+        assert!(idle < Duration::from_secs(60), "the default detects a vanished peer in under a minute");
+        let shared = Shared {
+            server: server.clone(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            tracker: tokio_util::task::TaskTracker::new(),
+            ready: Arc::default(),
+        };
+        let (silent_since, closed) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
+        let hello = v1::Hello { min_version: 1, max_version: 1, client: "test".into() };
+        let peer = VanishingPeer {
+            key,
+            device: reg.device.id.0,
+            inbox: VecDeque::from([ClientFrame { id: 1, body: Some(client_frame::Body::Hello(hello)) }]),
+            authenticated: false,
+            silent_since: silent_since.clone(),
+            closed: closed.clone(),
+        };
+
+        run(shared, peer, "127.0.0.1:1".parse().unwrap(), "test").await;
+
+        assert_eq!(*closed.lock().unwrap(), Some(CloseCode::IdleTimeout));
+        let waited = Instant::now() - silent_since.lock().unwrap().expect("authenticated first");
+        assert!(waited >= idle && waited < idle + Duration::from_secs(1), "closed after {waited:?}, timeout {idle:?}");
+        assert!(!server.presence.is_online(reg.account.id), "the account went offline");
+        let device = store.device(reg.device.id).await.unwrap().unwrap();
+        assert!(device.last_seen_ms.is_some(), "last seen was recorded");
+    }
 }

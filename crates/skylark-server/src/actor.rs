@@ -148,6 +148,8 @@ struct Actor {
     inbound: HashMap<AccountId, u64>,
     receipts: HashMap<(AccountId, ReceiptKind), u64>,
     read_markers: HashMap<AccountId, u64>,
+    /// Peers known to be recorded as contacts (sent a message to).
+    contacts: HashSet<AccountId>,
 }
 
 /// The actor's task.
@@ -290,6 +292,7 @@ impl Actor {
             inbound: HashMap::new(),
             receipts: HashMap::new(),
             read_markers: HashMap::new(),
+            contacts: HashSet::new(),
         };
         // Forwards left over from before a restart resume at once.
         let destinations: Vec<AccountId> = actor.outbox.keys().copied().collect();
@@ -440,6 +443,12 @@ impl Actor {
             }
         }
 
+        // Messages received in this batch may need to wake offline devices.
+        let account = self.account;
+        let incoming = write
+            .appends
+            .iter()
+            .any(|(_, e)| matches!(e, LogEntry::Message(m) if m.to == account && m.id.sender != account));
         if failed.is_none() && !write.is_empty() {
             if let Err(e) = self.router.inner.store.apply(write).await {
                 failed = Some(e);
@@ -454,6 +463,9 @@ impl Actor {
         }
         for p in pending {
             p.complete();
+        }
+        if incoming {
+            self.router.wake(self.account);
         }
         for to in kick {
             self.start_forward(to);
@@ -504,6 +516,12 @@ impl Actor {
         if to != self.account {
             self.enqueue_forward(write, to, Forward::Message(message));
             kick.insert(to);
+            if !self.contacts.contains(&to) {
+                if !store.is_contact(self.account, to).await? && !write.contacts.contains(&to) {
+                    write.contacts.push(to);
+                }
+                self.contacts.insert(to);
+            }
         }
         write.client_ids.push((device, key.1.clone(), seq));
         let ack = SendAck { id, sent_at_ms, duplicate: false };

@@ -4,6 +4,7 @@
 
 use crate::devices::DevicesConfig;
 use crate::messaging::MessagingConfig;
+use crate::push::PushConfig;
 use serde::{Deserialize, Serialize};
 use skylark_core::verification::VerificationPolicy;
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub messaging: MessagingConfig,
     pub devices: DevicesConfig,
+    pub push: PushConfig,
     pub sms: SmsConfig,
 }
 
@@ -34,6 +36,7 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             messaging: MessagingConfig::default(),
             devices: DevicesConfig::default(),
+            push: PushConfig::default(),
             sms: SmsConfig::Console,
         }
     }
@@ -72,6 +75,8 @@ pub struct Limits {
     pub ws_read_buffer_bytes: usize,
     /// Largest HTTP request body accepted by the JSON API.
     pub http_body_bytes: usize,
+    /// How long a typing indicator lasts unless the typist refreshes it.
+    pub typing_ttl_ms: u64,
 }
 
 impl Default for Limits {
@@ -80,10 +85,11 @@ impl Default for Limits {
             max_frame_bytes: 128 * 1024,
             auth_timeout_ms: 20_000,
             challenge_ttl_ms: 15_000,
-            idle_timeout_ms: 60_000,
+            idle_timeout_ms: 45_000,
             heartbeat_interval_ms: 25_000,
             ws_read_buffer_bytes: 4 * 1024,
             http_body_bytes: 16 * 1024,
+            typing_ttl_ms: 10_000,
         }
     }
 }

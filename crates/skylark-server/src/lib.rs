@@ -10,7 +10,10 @@ mod actor;
 pub mod auth;
 pub mod config;
 pub mod devices;
+pub mod http_client;
 pub mod messaging;
+pub mod presence;
+pub mod push;
 pub mod ratelimit;
 pub mod registration;
 pub mod router;
@@ -34,6 +37,8 @@ pub struct Server {
     pub sessions: Arc<sessions::Sessions>,
     pub router: router::Router,
     pub devices: devices::Devices,
+    pub presence: presence::Presence,
+    pub pusher: push::Pusher,
 }
 
 impl std::fmt::Debug for Server {
@@ -66,12 +71,19 @@ impl Server {
         let router = router::Router::new(store.clone(), clock.clone(), config.messaging);
         let devices =
             devices::Devices::new(store.clone(), clock.clone(), sessions.clone(), router.clone(), config.devices);
-        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router, devices }))
+        let presence = presence::Presence::new(store.clone(), clock.clone(), config.limits.typing_ttl_ms);
+        let pusher = push::Pusher::new(store.clone(), sessions.clone(), clock.clone(), config.push.clone())
+            .await
+            .map_err(|e| StoreError::Backend(format!("push setup: {e}")))?;
+        let waker = pusher.clone();
+        router.on_incoming(Arc::new(move |account| waker.wake(account)));
+        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router, devices, presence, pusher }))
     }
 
     /// Stops the user actors after their current batch (their writes are
     /// durable when this returns). Call after the gateway has shut down.
     pub async fn shutdown(&self) {
+        self.pusher.shutdown();
         self.router.shutdown().await;
     }
 

@@ -46,6 +46,8 @@ pub(crate) struct RouterInner {
     pub(crate) config: MessagingConfig,
     pub(crate) shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Told when an account received messages (push wakes offline devices).
+    waker: std::sync::OnceLock<Arc<dyn Fn(AccountId) + Send + Sync>>,
 }
 
 /// Cheap to clone; all clones share one registry.
@@ -78,7 +80,19 @@ impl Router {
                 config,
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                waker: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Installs the function told when an account received messages.
+    pub fn on_incoming(&self, waker: Arc<dyn Fn(AccountId) + Send + Sync>) {
+        let _ = self.inner.waker.set(waker);
+    }
+
+    pub(crate) fn wake(&self, account: AccountId) {
+        if let Some(waker) = self.inner.waker.get() {
+            waker(account);
         }
     }
 

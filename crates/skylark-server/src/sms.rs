@@ -5,12 +5,8 @@
 //! gateway. [`send_with_retry`] retries transient failures with back-off and
 //! reports the outcome instead of failing the verification session.
 
+use crate::http_client::{HttpClient, Outcome, new_client, parse_url, post};
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use skylark_core::PhoneNumber;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -45,12 +41,13 @@ impl SmsSender for ConsoleSms {
     }
 }
 
-/// POSTs `{"to": "+1555…", "text": "…", "code": "123456"}` to a URL.
+/// POSTs `{"to": "+1555…", "text": "…", "code": "123456"}` to a URL
+/// (http or https).
 pub struct HttpSms {
     url: hyper::Uri,
-    headers: BTreeMap<String, String>,
+    headers: Vec<(String, String)>,
     timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpClient,
 }
 
 impl std::fmt::Debug for HttpSms {
@@ -61,15 +58,11 @@ impl std::fmt::Debug for HttpSms {
 }
 
 impl HttpSms {
-    /// Only `http://` URLs are supported until the server has a TLS client;
-    /// put a local relay in front of an HTTPS-only gateway.
     pub fn new(url: &str, headers: BTreeMap<String, String>, timeout: Duration) -> Result<Self, SmsError> {
-        let url: hyper::Uri = url.parse().map_err(|e| SmsError::Permanent(format!("bad sms url: {e}")))?;
-        if url.scheme_str() != Some("http") {
-            return Err(SmsError::Permanent("the http sms provider supports http:// urls only".into()));
-        }
-        let client = Client::builder(TokioExecutor::new()).build_http();
-        Ok(Self { url, headers, timeout, client })
+        let url = parse_url(url).map_err(SmsError::Permanent)?;
+        let mut all = vec![("content-type".to_owned(), "application/json".to_owned())];
+        all.extend(headers);
+        Ok(Self { url, headers: all, timeout, client: new_client() })
     }
 }
 
@@ -77,26 +70,11 @@ impl HttpSms {
 impl SmsSender for HttpSms {
     async fn send(&self, to: &PhoneNumber, text: &str, code: &str) -> Result<(), SmsError> {
         let body = serde_json::json!({ "to": to.as_str(), "text": text, "code": code }).to_string();
-        let mut request = hyper::Request::post(self.url.clone()).header("content-type", "application/json");
-        for (name, value) in &self.headers {
-            request = request.header(name.as_str(), value.as_str());
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| SmsError::Permanent(format!("bad sms request: {e}")))?;
-        let response = tokio::time::timeout(self.timeout, self.client.request(request))
-            .await
-            .map_err(|_| SmsError::Transient("timed out".into()))?
-            .map_err(|e| SmsError::Transient(e.to_string()))?;
-        let status = response.status();
-        // Drain the body so the connection can be reused; its content is not needed.
-        let _ = tokio::time::timeout(self.timeout, response.into_body().collect()).await;
-        if status.is_success() {
-            Ok(())
-        } else if status.is_server_error() || status.as_u16() == 429 {
-            Err(SmsError::Transient(format!("gateway answered {status}")))
-        } else {
-            Err(SmsError::Permanent(format!("gateway answered {status}")))
+        match post(&self.client, &self.url, &self.headers, body.into_bytes(), self.timeout).await {
+            Outcome::Status(s) if (200..300).contains(&s) => Ok(()),
+            Outcome::Status(s) if s >= 500 || s == 429 => Err(SmsError::Transient(format!("gateway answered {s}"))),
+            Outcome::Status(s) => Err(SmsError::Permanent(format!("gateway answered {s}"))),
+            Outcome::Failed(e) => Err(SmsError::Transient(e)),
         }
     }
 }
@@ -201,8 +179,9 @@ mod tests {
     }
 
     #[test]
-    fn https_urls_are_refused_clearly() {
-        let err = HttpSms::new("https://sms.example/send", BTreeMap::new(), Duration::from_secs(1)).unwrap_err();
-        assert!(matches!(err, SmsError::Permanent(m) if m.contains("http://")));
+    fn urls_must_be_http_or_https() {
+        assert!(HttpSms::new("https://sms.example/send", BTreeMap::new(), Duration::from_secs(1)).is_ok());
+        let err = HttpSms::new("ftp://sms.example/send", BTreeMap::new(), Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(err, SmsError::Permanent(m) if m.contains("https://")));
     }
 }

@@ -18,6 +18,34 @@ pub async fn run_all(store: &dyn Store) {
     server_id_is_stable(store).await;
     message_path(store).await;
     device_management(store).await;
+    settings(store).await;
+}
+
+async fn settings(store: &dyn Store) {
+    use crate::{AccountWrite, PushTarget, Visibility};
+    use skylark_core::AccountId;
+
+    let (a, b) = (AccountId(5_000), AccountId(5_001));
+    assert_eq!(store.visibility(a).await.expect("read"), Visibility::Everyone, "the default");
+    store.set_visibility(a, Visibility::Contacts).await.expect("write");
+    assert_eq!(store.visibility(a).await.expect("read"), Visibility::Contacts);
+
+    assert!(!store.is_contact(a, b).await.expect("read"));
+    let mut w = AccountWrite::new(a);
+    w.contacts.push(b);
+    store.apply(w).await.expect("apply");
+    assert!(store.is_contact(a, b).await.expect("read"));
+    assert!(!store.is_contact(b, a).await.expect("read"), "contacts are one-way");
+
+    let target = PushTarget::UnifiedPush { endpoint: "http://127.0.0.1:1/up".into() };
+    assert_eq!(store.push_target(DeviceId(9_000)).await.expect("read"), None);
+    store.set_push_target(DeviceId(9_000), Some(target.clone())).await.expect("write");
+    assert_eq!(store.push_target(DeviceId(9_000)).await.expect("read"), Some(target));
+    store.set_push_target(DeviceId(9_000), None).await.expect("write");
+    assert_eq!(store.push_target(DeviceId(9_000)).await.expect("read"), None);
+
+    assert_eq!(store.secret("vapid", vec![1, 2]).await.expect("init"), vec![1, 2]);
+    assert_eq!(store.secret("vapid", vec![3]).await.expect("read"), vec![1, 2], "stable");
 }
 
 async fn device_management(store: &dyn Store) {

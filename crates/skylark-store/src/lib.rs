@@ -108,11 +108,48 @@ pub trait VerificationStore: Send + Sync {
     async fn purge_verifications(&self, created_before_ms: u64) -> Result<usize, StoreError>;
 }
 
+/// Who may see an account's presence (online, last seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Visibility {
+    #[default]
+    Everyone,
+    /// Accounts this account has sent a message to.
+    Contacts,
+    Nobody,
+}
+
+/// Where to wake a device that has no live connection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PushTarget {
+    /// RFC 8030 push service URL with the user agent's RFC 8291 keys.
+    WebPush { endpoint: String, p256dh: Vec<u8>, auth: Vec<u8> },
+    /// A UnifiedPush distributor's endpoint.
+    UnifiedPush { endpoint: String },
+    /// The server's configured webhook, with this device's token (for
+    /// gateways to FCM or APNs).
+    Webhook { token: String },
+}
+
+/// Per-account settings and per-device push targets.
+#[async_trait]
+pub trait SettingsStore: Send + Sync {
+    async fn visibility(&self, account: AccountId) -> Result<Visibility, StoreError>;
+    async fn set_visibility(&self, account: AccountId, visibility: Visibility) -> Result<(), StoreError>;
+    async fn push_target(&self, device: DeviceId) -> Result<Option<PushTarget>, StoreError>;
+    /// Sets (or with `None`, removes) a device's push target. Durable when it returns.
+    async fn set_push_target(&self, device: DeviceId, target: Option<PushTarget>) -> Result<(), StoreError>;
+}
+
 #[async_trait]
 pub trait MetaStore: Send + Sync {
     /// The server's identity: `candidate` if none was stored yet (it is then
     /// stored), otherwise the stored one. Stable for the life of the data.
     async fn server_id(&self, candidate: [u8; 16]) -> Result<[u8; 16], StoreError>;
+
+    /// A named secret of the server (for example its VAPID key): `candidate`
+    /// if none was stored under `name` yet (it is then stored), otherwise the
+    /// stored one.
+    async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError>;
 }
 
 /// Everything one account's actor changes in one step, applied atomically.
@@ -143,6 +180,8 @@ pub struct AccountWrite {
     /// Highest sequence of each peer's messages this account marked read
     /// (in the peer's sequence numbers).
     pub read_markers: Vec<(AccountId, u64)>,
+    /// Accounts this account sent a message to (its contacts, for privacy).
+    pub contacts: Vec<AccountId>,
 }
 
 impl AccountWrite {
@@ -158,6 +197,7 @@ impl AccountWrite {
             cursors: Vec::new(),
             receipts: Vec::new(),
             read_markers: Vec::new(),
+            contacts: Vec::new(),
         }
     }
 
@@ -171,6 +211,7 @@ impl AccountWrite {
             && self.cursors.is_empty()
             && self.receipts.is_empty()
             && self.read_markers.is_empty()
+            && self.contacts.is_empty()
     }
 }
 
@@ -227,6 +268,9 @@ pub trait MessageStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<(u64, LogEntry)>, StoreError>;
 
+    /// Whether `account` ever sent a message to `peer`.
+    async fn is_contact(&self, account: AccountId, peer: AccountId) -> Result<bool, StoreError>;
+
     /// Every receipt high-water mark of the account: (peer, delivered, read)
     /// received from peers, and its own read markers (peer, up_to).
     async fn receipt_state(&self, account: AccountId) -> Result<ReceiptState, StoreError>;
@@ -249,6 +293,6 @@ pub trait MessageStore: Send + Sync {
 }
 
 /// Every domain store of one backend.
-pub trait Store: AccountStore + VerificationStore + MetaStore + MessageStore {}
+pub trait Store: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore {}
 
-impl<T: AccountStore + VerificationStore + MetaStore + MessageStore> Store for T {}
+impl<T: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore> Store for T {}

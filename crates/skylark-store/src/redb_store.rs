@@ -14,8 +14,8 @@
 
 use crate::record::{decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
 use crate::{
-    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, MessageStore, MetaStore, ReceiptState,
-    Registration, StoreError, VerificationStore,
+    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, MessageStore, MetaStore, PushTarget,
+    ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
 };
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -52,6 +52,12 @@ const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors"
 /// marker for the peer's messages.
 const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinition::new("receipts");
 const READ_MARKER_SLOT: u8 = 2;
+/// (account, peer) for every peer the account sent a message to.
+const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
+/// account → presence visibility (JSON).
+const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
+/// device → push target (JSON).
+const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
 
 /// Writes waiting for the committer. Deep enough to hold a burst from every
 /// active actor; a full queue makes callers wait (back-pressure).
@@ -141,6 +147,9 @@ impl RedbStore {
         txn.open_table(INBOUND).map_err(backend)?;
         txn.open_table(CURSORS).map_err(backend)?;
         txn.open_table(RECEIPTS).map_err(backend)?;
+        txn.open_table(CONTACTS).map_err(backend)?;
+        txn.open_table(SETTINGS).map_err(backend)?;
+        txn.open_table(PUSH).map_err(backend)?;
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
         let (queue, jobs) = mpsc::channel(COMMIT_QUEUE);
@@ -260,6 +269,12 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
         }
         for (peer, up_to) in &w.read_markers {
             table.insert((a, peer.0, READ_MARKER_SLOT), *up_to).map_err(backend)?;
+        }
+    }
+    if !w.contacts.is_empty() {
+        let mut table = txn.open_table(CONTACTS).map_err(backend)?;
+        for peer in &w.contacts {
+            table.insert((a, peer.0), ()).map_err(backend)?;
         }
     }
     Ok(())
@@ -575,6 +590,51 @@ impl VerificationStore for RedbStore {
 }
 
 #[async_trait]
+impl SettingsStore for RedbStore {
+    async fn visibility(&self, account: AccountId) -> Result<Visibility, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(SETTINGS).map_err(backend)?;
+            let value = table.get(account.0).map_err(backend)?;
+            Ok(value.map(|v| decode(v.value())).transpose()?.unwrap_or_default())
+        })
+        .await
+    }
+
+    async fn set_visibility(&self, account: AccountId, visibility: Visibility) -> Result<(), StoreError> {
+        let bytes = encode(&visibility)?;
+        self.write(move |txn| {
+            txn.open_table(SETTINGS).map_err(backend)?.insert(account.0, bytes.as_slice()).map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn push_target(&self, device: DeviceId) -> Result<Option<PushTarget>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(PUSH).map_err(backend)?;
+            let value = table.get(device.0).map_err(backend)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn set_push_target(&self, device: DeviceId, target: Option<PushTarget>) -> Result<(), StoreError> {
+        let bytes = target.as_ref().map(encode).transpose()?;
+        self.write(move |txn| {
+            let mut table = txn.open_table(PUSH).map_err(backend)?;
+            match bytes {
+                Some(bytes) => table.insert(device.0, bytes.as_slice()).map_err(backend)?,
+                None => table.remove(device.0).map_err(backend)?,
+            };
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
 impl MetaStore for RedbStore {
     async fn server_id(&self, candidate: [u8; 16]) -> Result<[u8; 16], StoreError> {
         self.write(move |txn| {
@@ -583,6 +643,19 @@ impl MetaStore for RedbStore {
                 return v.value().try_into().map_err(|_| StoreError::Corrupt("server id".into()));
             }
             meta.insert(SERVER_ID, &candidate[..]).map_err(backend)?;
+            Ok(candidate)
+        })
+        .await
+    }
+
+    async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let key = format!("secret:{name}");
+        self.write(move |txn| {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            if let Some(v) = meta.get(key.as_str()).map_err(backend)? {
+                return Ok(v.value().to_vec());
+            }
+            meta.insert(key.as_str(), candidate.as_slice()).map_err(backend)?;
             Ok(candidate)
         })
         .await
@@ -658,6 +731,15 @@ impl MessageStore for RedbStore {
                 out.push((key.value().1, decode_entry(value.value())?));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn is_contact(&self, account: AccountId, peer: AccountId) -> Result<bool, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(CONTACTS).map_err(backend)?;
+            Ok(table.get((account.0, peer.0)).map_err(backend)?.is_some())
         })
         .await
     }

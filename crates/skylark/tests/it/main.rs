@@ -12,4 +12,6 @@ mod frames;
 mod harness;
 mod lifecycle;
 mod messaging;
+mod presence;
+mod push;
 mod signup;

@@ -1,0 +1,245 @@
+//! Presence and typing: who is online, and who is typing to whom.
+//!
+//! Nothing here is stored or pushed: presence and typing exist only while
+//! connections do, and go out only to live connections (and not to those
+//! that declared themselves backgrounded). An account is online while any
+//! of its devices is connected; when the last one goes, its last seen time
+//! is now. Whether a watcher may see an account's presence is the watched
+//! account's choice ([`Visibility`]): everyone, its contacts (accounts it
+//! has sent a message to), or nobody.
+
+use skylark_core::{AccountId, Clock, DeviceId};
+use skylark_store::{Store, StoreError, Visibility};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::mpsc;
+
+/// Ephemeral events queued for one connection. When full, further events
+/// are dropped: a stale typing indicator is worthless, and presence is
+/// re-read on subscribe.
+pub const EPHEMERAL_QUEUE: usize = 64;
+/// Accounts one connection may watch at most.
+pub const MAX_SUBSCRIPTIONS: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypingState {
+    Composing,
+    Paused,
+    Recording,
+}
+
+/// What an account looks like to one watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceInfo {
+    pub account: AccountId,
+    /// False when the account hides its presence from this watcher.
+    pub visible: bool,
+    pub online: bool,
+    /// 0 when unknown or hidden.
+    pub last_seen_ms: u64,
+}
+
+/// An event for one live connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ephemeral {
+    Presence(PresenceInfo),
+    Typing { from: AccountId, device: DeviceId, state: TypingState, expires_in_ms: u64 },
+}
+
+struct Conn {
+    events: mpsc::Sender<Ephemeral>,
+    /// False while the client says it is in the background.
+    active: bool,
+    watching: HashSet<AccountId>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Live connections per account.
+    live: HashMap<AccountId, HashMap<u64, Conn>>,
+    /// Watched account → (watcher account, connection).
+    watchers: HashMap<AccountId, HashSet<(AccountId, u64)>>,
+    /// When accounts went offline, for last seen.
+    last_seen: HashMap<AccountId, u64>,
+}
+
+pub struct Presence {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    typing_ttl_ms: u64,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence").finish_non_exhaustive()
+    }
+}
+
+impl Presence {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, typing_ttl_ms: u64) -> Self {
+        Self { state: Mutex::new(State::default()), store, clock, typing_ttl_ms }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `watcher` may see `account`'s presence.
+    async fn visible_to(&self, account: AccountId, watcher: AccountId) -> Result<bool, StoreError> {
+        if account == watcher {
+            return Ok(true);
+        }
+        Ok(match self.store.visibility(account).await? {
+            Visibility::Everyone => true,
+            Visibility::Nobody => false,
+            Visibility::Contacts => self.store.is_contact(account, watcher).await?,
+        })
+    }
+
+    fn snapshot(&self, account: AccountId) -> (bool, u64) {
+        let state = self.state();
+        let online = state.live.get(&account).is_some_and(|c| !c.is_empty());
+        (online, state.last_seen.get(&account).copied().unwrap_or(0))
+    }
+
+    /// What `account` looks like to `watcher` now.
+    pub async fn info(&self, account: AccountId, watcher: AccountId) -> Result<PresenceInfo, StoreError> {
+        if !self.visible_to(account, watcher).await? {
+            return Ok(PresenceInfo { account, visible: false, online: false, last_seen_ms: 0 });
+        }
+        let (online, mut last_seen_ms) = self.snapshot(account);
+        if !online && last_seen_ms == 0 {
+            // Not seen since this server started: the devices' records know.
+            let devices = self.store.active_devices(account).await?;
+            last_seen_ms = devices.iter().filter_map(|d| d.last_seen_ms).max().unwrap_or(0);
+        }
+        Ok(PresenceInfo { account, visible: true, online, last_seen_ms })
+    }
+
+    /// Sends `account`'s new presence to the watchers allowed to see it.
+    async fn announce(&self, account: AccountId) {
+        let watchers: Vec<(AccountId, u64)> =
+            self.state().watchers.get(&account).map(|w| w.iter().copied().collect()).unwrap_or_default();
+        for (watcher, connection) in watchers {
+            let info = match self.info(account, watcher).await {
+                Ok(info) if info.visible => info,
+                _ => continue,
+            };
+            self.deliver(watcher, Some(connection), Ephemeral::Presence(info));
+        }
+    }
+
+    /// Queues an event for one connection of `account` (or all of them),
+    /// skipping backgrounded ones.
+    fn deliver(&self, account: AccountId, connection: Option<u64>, event: Ephemeral) {
+        let state = self.state();
+        let Some(conns) = state.live.get(&account) else { return };
+        for (id, conn) in conns {
+            if connection.is_some_and(|c| c != *id) || !conn.active {
+                continue;
+            }
+            if conn.events.try_send(event.clone()).is_err() {
+                metrics::counter!("skylark_ephemeral_dropped_total").increment(1);
+            }
+        }
+    }
+
+    /// A connection of `account` went live. The receiver carries its
+    /// presence and typing events.
+    pub async fn connect(&self, account: AccountId, connection: u64) -> mpsc::Receiver<Ephemeral> {
+        let (events, receiver) = mpsc::channel(EPHEMERAL_QUEUE);
+        let came_online = {
+            let mut state = self.state();
+            let conns = state.live.entry(account).or_default();
+            let was_offline = conns.is_empty();
+            conns.insert(connection, Conn { events, active: true, watching: HashSet::new() });
+            was_offline
+        };
+        if came_online {
+            self.announce(account).await;
+        }
+        receiver
+    }
+
+    /// The connection ended. The last one takes the account offline.
+    pub async fn disconnect(&self, account: AccountId, connection: u64) {
+        let went_offline = {
+            let mut state = self.state();
+            let Some(conns) = state.live.get_mut(&account) else { return };
+            let Some(conn) = conns.remove(&connection) else { return };
+            let now_empty = conns.is_empty();
+            if now_empty {
+                state.live.remove(&account);
+                state.last_seen.insert(account, self.clock.now_ms());
+            }
+            for watched in conn.watching {
+                if let Some(w) = state.watchers.get_mut(&watched) {
+                    w.remove(&(account, connection));
+                    if w.is_empty() {
+                        state.watchers.remove(&watched);
+                    }
+                }
+            }
+            now_empty
+        };
+        if went_offline {
+            self.announce(account).await;
+        }
+    }
+
+    /// The connection watches these accounts' presence from now on; returns
+    /// what each looks like now. Beyond `MAX_SUBSCRIPTIONS`, the rest are ignored.
+    pub async fn subscribe(
+        &self,
+        account: AccountId,
+        connection: u64,
+        targets: &[AccountId],
+    ) -> Result<Vec<PresenceInfo>, StoreError> {
+        let accepted: Vec<AccountId> = {
+            let mut state = self.state();
+            let room = match state.live.get(&account).and_then(|c| c.get(&connection)) {
+                Some(conn) => MAX_SUBSCRIPTIONS.saturating_sub(conn.watching.len()),
+                None => return Ok(Vec::new()),
+            };
+            let accepted: Vec<AccountId> = targets.iter().copied().take(room).collect();
+            for target in &accepted {
+                state.watchers.entry(*target).or_default().insert((account, connection));
+            }
+            if let Some(conn) = state.live.get_mut(&account).and_then(|c| c.get_mut(&connection)) {
+                conn.watching.extend(accepted.iter().copied());
+            }
+            accepted
+        };
+        let mut out = Vec::with_capacity(accepted.len());
+        for target in accepted {
+            out.push(self.info(target, account).await?);
+        }
+        Ok(out)
+    }
+
+    /// Client state indication: a backgrounded connection gets no presence
+    /// or typing events until it is active again.
+    pub fn set_active(&self, account: AccountId, connection: u64, active: bool) {
+        if let Some(conn) = self.state().live.get_mut(&account).and_then(|c| c.get_mut(&connection)) {
+            conn.active = active;
+        }
+    }
+
+    /// `from` is typing to `to`: tells `to`'s live, active connections.
+    pub fn typing(&self, from: AccountId, device: DeviceId, to: AccountId, state: TypingState) {
+        let event = Ephemeral::Typing { from, device, state, expires_in_ms: self.typing_ttl_ms };
+        self.deliver(to, None, event);
+    }
+
+    /// Sets who may see `account`'s presence, and tells current watchers.
+    pub async fn set_visibility(&self, account: AccountId, visibility: Visibility) -> Result<(), StoreError> {
+        self.store.set_visibility(account, visibility).await?;
+        self.announce(account).await;
+        Ok(())
+    }
+
+    pub fn is_online(&self, account: AccountId) -> bool {
+        self.snapshot(account).0
+    }
+}
