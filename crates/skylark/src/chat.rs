@@ -12,7 +12,7 @@ use skylark_client::client::ClientEvent;
 use skylark_client::session::{LogEvent, SessionHandle, log_event};
 use skylark_client::{Client, ClientError, Identity, Session};
 use skylark_core::PhoneNumber;
-use skylark_protocol::v1::{self, ReceiptKind, event::Body};
+use skylark_protocol::v1::{self, ReceiptKind, event::Body, server_frame};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -100,12 +100,50 @@ fn start_client(
     Ok((identity, client, events))
 }
 
-pub async fn listen(profile: &Path, transport: &TransportArgs) -> Result<()> {
+/// A presence or typing frame as a line, if it concerns `only` (or anyone).
+fn describe_ephemeral(body: &Option<server_frame::Body>, only: Option<&str>) -> Option<String> {
+    match body.as_ref()? {
+        server_frame::Body::Presence(p) if only.is_none_or(|o| o == p.phone) => Some(presence_line(p)),
+        server_frame::Body::TypingUpdate(t) if only.is_none_or(|o| o == t.from_phone) => {
+            Some(match v1::TypingState::try_from(t.state).unwrap_or(v1::TypingState::Unspecified) {
+                v1::TypingState::Composing => format!("… {} is typing", t.from_phone),
+                v1::TypingState::Recording => format!("… {} is recording audio", t.from_phone),
+                _ => format!("… {} stopped typing", t.from_phone),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn presence_line(p: &v1::PresenceInfo) -> String {
+    if !p.visible {
+        format!("○ {} (presence hidden)", p.phone)
+    } else if p.online {
+        format!("● {} is online", p.phone)
+    } else if p.last_seen_ms > 0 {
+        format!("○ {} last seen {} UTC", p.phone, crate::devices::utc(p.last_seen_ms))
+    } else {
+        format!("○ {} is offline", p.phone)
+    }
+}
+
+pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String]) -> Result<()> {
+    let watch: Vec<String> = watch.iter().map(|w| normalise(w)).collect::<Result<_>>()?;
     let (identity, client, mut events) = start_client(profile, transport)?;
     println!("Listening as {} (Ctrl-C stops).", identity.phone);
     while let Some(event) = events.recv().await {
         match event {
-            ClientEvent::Connected(_) => println!("— connected —"),
+            ClientEvent::Connected(_) => {
+                println!("— connected —");
+                if !watch.is_empty() {
+                    let phones: Vec<&str> = watch.iter().map(String::as_str).collect();
+                    if let Ok(handle) = client.connected().await {
+                        for p in handle.subscribe_presence(&phones).await.unwrap_or_default() {
+                            println!("{}", presence_line(&p));
+                        }
+                    }
+                }
+            }
             ClientEvent::Disconnected { reason, .. } => println!("— disconnected ({reason}); reconnecting —"),
             ClientEvent::Stopped(e) => return Err(explain(e)),
             ClientEvent::Frame(frame) => match log_event(&frame) {
@@ -118,7 +156,11 @@ pub async fn listen(profile: &Path, transport: &TransportArgs) -> Result<()> {
                     }
                 }
                 Some(LogEvent::CaughtUp(_)) => println!("— caught up —"),
-                None => {}
+                None => {
+                    if let Some(line) = describe_ephemeral(&frame.body, None) {
+                        println!("{line}");
+                    }
+                }
             },
         }
     }
@@ -140,37 +182,185 @@ async fn send_reliably(client: &Client, to: &str, payload: Vec<u8>) -> Result<v1
     bail!("could not send after several reconnects")
 }
 
-pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Result<()> {
-    let peer_phone = normalise(with)?;
-    let (identity, client, mut events) = start_client(profile, transport)?;
-    println!("Chat with {peer_phone}. Type a message and press Enter; Ctrl-D leaves.");
-    // My messages in this chat by sequence, for showing ticks as they change.
-    let mut mine: BTreeMap<u64, (String, &'static str)> = BTreeMap::new();
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        tokio::select! {
-            line = lines.next_line() => {
-                let Some(line) = line? else { break };
-                if line.trim().is_empty() {
+/// Where chat output goes. On a raw terminal the line being typed stays at
+/// the bottom and every other line is printed above it.
+struct Screen {
+    raw: bool,
+    typed: String,
+}
+
+impl Screen {
+    fn say(&self, line: &str) {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        if self.raw {
+            let _ = write!(out, "\r\x1b[2K{line}\r\n> {}", self.typed);
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+
+    /// Shows the line being typed again (after an edit).
+    fn redraw(&self) {
+        use std::io::Write;
+        if self.raw {
+            let mut out = std::io::stdout();
+            let _ = write!(out, "\r\x1b[2K> {}", self.typed);
+            let _ = out.flush();
+        }
+    }
+}
+
+/// Leaves raw mode however `chat` ends.
+struct RawMode;
+
+impl RawMode {
+    fn enter() -> Result<RawMode> {
+        crossterm::terminal::enable_raw_mode().context("switching the terminal to raw mode")?;
+        Ok(RawMode)
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = crossterm::terminal::disable_raw_mode();
+        println!();
+    }
+}
+
+/// What the person did at the keyboard.
+enum Input {
+    Line(String),
+    /// A keystroke changed the line being typed.
+    Edited,
+    Quit,
+}
+
+/// Keyboard input: whole lines from a pipe, or keystrokes from a terminal.
+enum Keyboard {
+    Lines(tokio::io::Lines<BufReader<tokio::io::Stdin>>),
+    Keys(crossterm::event::EventStream),
+}
+
+impl Keyboard {
+    async fn next(&mut self, screen: &mut Screen) -> Result<Input> {
+        use crossterm::event::{Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
+        use futures_util::StreamExt;
+        match self {
+            Keyboard::Lines(lines) => Ok(match lines.next_line().await? {
+                Some(line) => Input::Line(line),
+                None => Input::Quit,
+            }),
+            Keyboard::Keys(keys) => loop {
+                let Some(event) = keys.next().await else { return Ok(Input::Quit) };
+                let TermEvent::Key(key) = event? else { continue };
+                if key.kind == KeyEventKind::Release {
                     continue;
                 }
-                let ack = send_reliably(&client, &peer_phone, line.clone().into_bytes()).await?;
-                let seq = ack.id.unwrap_or_default().seq;
-                println!("  ✓ you: {line}");
-                mine.insert(seq, (line, "✓"));
+                let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+                match key.code {
+                    KeyCode::Char('c' | 'd') if ctrl => return Ok(Input::Quit),
+                    KeyCode::Char(c) if !ctrl => {
+                        screen.typed.push(c);
+                        screen.redraw();
+                        return Ok(Input::Edited);
+                    }
+                    KeyCode::Backspace => {
+                        screen.typed.pop();
+                        screen.redraw();
+                        return Ok(Input::Edited);
+                    }
+                    KeyCode::Enter => return Ok(Input::Line(std::mem::take(&mut screen.typed))),
+                    _ => continue,
+                }
+            },
+        }
+    }
+}
+
+/// After this long without a keystroke, the indicator turns to "paused".
+const TYPING_PAUSE: std::time::Duration = std::time::Duration::from_secs(4);
+/// While typing goes on, "composing" is repeated this often (the server's
+/// indicators expire after 10 s).
+const TYPING_REFRESH: std::time::Duration = std::time::Duration::from_secs(7);
+
+pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    let peer_phone = normalise(with)?;
+    let (identity, client, mut events) = start_client(profile, transport)?;
+    let tty = std::io::stdin().is_terminal();
+    let _raw = if tty { Some(RawMode::enter()?) } else { None };
+    let mut screen = Screen { raw: tty, typed: String::new() };
+    let mut keyboard = if tty {
+        Keyboard::Keys(crossterm::event::EventStream::new())
+    } else {
+        Keyboard::Lines(BufReader::new(tokio::io::stdin()).lines())
+    };
+    screen.say(&format!("Chat with {peer_phone}. Type a message and press Enter; Ctrl-D leaves."));
+    // My messages in this chat by sequence, for showing ticks as they change.
+    let mut mine: BTreeMap<u64, (String, &'static str)> = BTreeMap::new();
+    // When "composing" was last sent, while the person is typing.
+    let mut composing: Option<tokio::time::Instant> = None;
+    let mut last_key = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            input = keyboard.next(&mut screen) => match input? {
+                Input::Quit => break,
+                Input::Edited => {
+                    last_key = tokio::time::Instant::now();
+                    if composing.is_none_or(|sent| sent.elapsed() >= TYPING_REFRESH) {
+                        if let Ok(handle) = client.connected().await {
+                            let _ = handle.typing(&peer_phone, v1::TypingState::Composing).await;
+                        }
+                        composing = Some(tokio::time::Instant::now());
+                    }
+                }
+                Input::Line(line) => {
+                    composing = None;
+                    if line.trim().is_empty() {
+                        screen.redraw();
+                        continue;
+                    }
+                    let ack = send_reliably(&client, &peer_phone, line.clone().into_bytes()).await?;
+                    let seq = ack.id.unwrap_or_default().seq;
+                    screen.say(&format!("  ✓ you: {line}"));
+                    mine.insert(seq, (line, "✓"));
+                }
+            },
+            _ = tick.tick() => {
+                if composing.is_some() && last_key.elapsed() >= TYPING_PAUSE {
+                    composing = None;
+                    if let Ok(handle) = client.connected().await {
+                        let _ = handle.typing(&peer_phone, v1::TypingState::Paused).await;
+                    }
+                }
             }
             event = events.recv() => {
                 let Some(event) = event else { break };
-                let ClientEvent::Frame(frame) = event else {
-                    if let ClientEvent::Stopped(e) = event {
-                        return Err(explain(e));
+                let frame = match event {
+                    ClientEvent::Frame(frame) => frame,
+                    ClientEvent::Connected(_) => {
+                        if let Ok(handle) = client.connected().await {
+                            for p in handle.subscribe_presence(&[peer_phone.as_str()]).await.unwrap_or_default() {
+                                screen.say(&presence_line(&p));
+                            }
+                        }
+                        continue;
+                    }
+                    ClientEvent::Stopped(e) => return Err(explain(e)),
+                    ClientEvent::Disconnected { .. } => continue,
+                };
+                let Some(LogEvent::Entry(event)) = log_event(&frame) else {
+                    if let Some(line) = describe_ephemeral(&frame.body, Some(&peer_phone)) {
+                        screen.say(&line);
                     }
                     continue;
                 };
-                let Some(LogEvent::Entry(event)) = log_event(&frame) else { continue };
                 match event.body.as_ref() {
                     Some(Body::Message(m)) if m.from_phone == peer_phone => {
-                        println!("[{}] {}: {}", clock(m.sent_at_ms), m.from_phone, text(&m.payload));
+                        screen.say(&format!("[{}] {}: {}", clock(m.sent_at_ms), m.from_phone, text(&m.payload)));
                         // The chat is open, so the user sees it now: blue ticks.
                         if let (Some(id), Ok(handle)) = (m.id, client.connected().await) {
                             let _ = handle.mark_read(id.sender, id.seq).await;
@@ -181,13 +371,13 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                         for (_, (text, state)) in mine.range_mut(..=r.up_to_seq) {
                             if *state != mark && *state != "✓✓ (read)" {
                                 *state = mark;
-                                println!("  {mark} you: {text}");
+                                screen.say(&format!("  {mark} you: {text}"));
                             }
                         }
                     }
                     _ => {
                         if let Some(line) = describe(event, &identity, Some(&peer_phone)) {
-                            println!("{line}");
+                            screen.say(&line);
                         }
                     }
                 }

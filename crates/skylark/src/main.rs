@@ -77,8 +77,12 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
-    /// Print incoming messages, receipts and read markers as they arrive.
+    /// Print incoming messages, receipts and read markers as they arrive,
+    /// and presence and typing of the numbers watched.
     Listen {
+        /// Show this number's presence (repeatable).
+        #[arg(long)]
+        watch: Vec<String>,
         #[command(flatten)]
         profile: cli::ProfileArgs,
         #[command(flatten)]
@@ -143,7 +147,9 @@ fn main() -> Result<()> {
         Command::Send { to, message, profile, transport } => {
             runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
         }
-        Command::Listen { profile, transport } => runtime.block_on(chat::listen(&profile.dir()?, &transport)),
+        Command::Listen { watch, profile, transport } => {
+            runtime.block_on(chat::listen(&profile.dir()?, &transport, &watch))
+        }
         Command::Chat { with, profile, transport } => runtime.block_on(chat::chat(&profile.dir()?, &transport, &with)),
     }
 }

@@ -233,3 +233,117 @@ async fn link_approve_and_manage_devices_from_the_command_line() {
     assert!(list_after.contains("work laptop"), "{list_after}");
     assert!(whoami.contains("removed"), "{whoami}");
 }
+
+/// A terminal program run inside a private tmux server.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(command: &str) -> Tmux {
+        let socket = format!("skylark-test-{}-{}", std::process::id(), rand_suffix());
+        let status = Command::new("tmux")
+            .args(["-L", &socket, "new-session", "-d", "-x", "120", "-y", "40", command])
+            .status()
+            .expect("this test needs tmux (Debian package tmux) to drive the CLI in a real terminal");
+        assert!(status.success(), "tmux could not start {command}");
+        Tmux { socket }
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let status =
+            Command::new("tmux").args(["-L", &self.socket, "send-keys", "-t", "0"]).args(keys).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux").args(["-L", &self.socket, "capture-pane", "-p", "-t", "0"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the screen shows `needle` (a terminal has no events to
+    /// wait on, so this looks at the screen every 50 ms, for a bounded time).
+    fn wait_for(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + crate::harness::EVENT_WAIT;
+        while std::time::Instant::now() < deadline {
+            if self.screen().contains(needle) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the screen never showed {needle:?}:\n{}", self.screen());
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).status();
+    }
+}
+
+/// The next typing state `peer` is told about.
+async fn next_typing(peer: &mut crate::harness::Peer) -> i32 {
+    use skylark_client::session::Event;
+    use skylark_protocol::v1::server_frame::Body;
+    loop {
+        match tokio::time::timeout(crate::harness::EVENT_WAIT, peer.events.recv()).await.unwrap().unwrap() {
+            Event::Frame(f) => {
+                if let Some(Body::TypingUpdate(t)) = f.body {
+                    return t.state;
+                }
+            }
+            Event::Closed { .. } => panic!("closed"),
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_in_a_terminal_sends_typing_as_you_type_and_shows_presence() {
+    use crate::harness::{Peer, Transport};
+    use skylark_protocol::v1::TypingState;
+
+    let server = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let alice_id = server.register("+15550800021").await;
+    let bob_id = server.register("+15550800022").await;
+    bob_id.save(&home.path().join("bob")).unwrap();
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    alice.handle().subscribe_presence(&["+15550800022"]).await.unwrap();
+
+    let command = format!(
+        "env SKYLARK_HOME={} {} chat +15550800021 --profile bob",
+        home.path().display(),
+        env!("CARGO_BIN_EXE_skylark")
+    );
+    let tmux = tokio::task::spawn_blocking(move || {
+        let tmux = Tmux::start(&command);
+        tmux.wait_for("● +15550800021 is online");
+        tmux
+    })
+    .await
+    .unwrap();
+
+    // Keystrokes, not lines: Alice sees Bob typing before he presses Enter…
+    tmux.keys(&["hel"]);
+    assert_eq!(next_typing(&mut alice).await, TypingState::Composing as i32);
+    // …and "paused" once he stops for a few seconds.
+    assert_eq!(next_typing(&mut alice).await, TypingState::Paused as i32);
+    tmux.keys(&["lo", "Enter"]);
+    let got = alice.received(1, true).await;
+    assert_eq!(got[0].payload, b"hello");
+    // Alice types back; Bob's terminal shows it.
+    alice.handle().typing("+15550800022", TypingState::Composing).await.unwrap();
+    alice.handle().send("+15550800022", "r", b"hi bob".to_vec()).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        tmux.wait_for("… +15550800021 is typing");
+        tmux.wait_for("+15550800021: hi bob");
+        tmux.wait_for("✓✓ you: hello");
+        tmux.keys(&["C-d"]);
+    })
+    .await
+    .unwrap();
+}
