@@ -214,13 +214,13 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Authenticated) 
             return Some(Ending::new(CloseCode::InternalError, "messaging unavailable; reconnect"));
         }
     };
-    shared.server.devices.touch(device).await;
+    shared.server.devices.touch(device);
     let ephemeral = shared.server.presence.connect(account, connection).await;
     let streams = Streams { disconnect, events, ephemeral };
     let ending = serve_attached(shared, t, &authed, connection, streams).await;
     router.detach(account, device, connection).await;
     shared.server.presence.disconnect(account, connection).await;
-    shared.server.devices.touch(device).await;
+    shared.server.devices.touch(device);
     ending
 }
 
@@ -560,6 +560,7 @@ mod tests {
         let waited = Instant::now() - silent_since.lock().unwrap().expect("authenticated first");
         assert!(waited >= idle && waited < idle + Duration::from_secs(1), "closed after {waited:?}, timeout {idle:?}");
         assert!(!server.presence.is_online(reg.account.id), "the account went offline");
+        server.devices.flush_last_seen().await;
         let device = store.device(reg.device.id).await.unwrap().unwrap();
         assert!(device.last_seen_ms.is_some(), "last seen was recorded");
     }

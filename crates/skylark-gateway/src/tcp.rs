@@ -12,6 +12,10 @@ use tokio_util::codec::Framed;
 /// How long to wait before accepting again after `accept` fails (for
 /// example when the process is out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Initial read buffer per connection. Most frames are small; the codec
+/// grows the buffer for a larger frame once its length is known (and within
+/// the limit). tokio-util's default would be 8 KiB for every idle connection.
+const READ_BUFFER: usize = 512;
 
 pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
     loop {
@@ -23,7 +27,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let max = shared.server.config.limits.max_frame_bytes;
-                let transport = TcpTransport { framed: Framed::new(stream, FrameCodec::new(max)) };
+                let framed = Framed::with_capacity(stream, FrameCodec::new(max), READ_BUFFER);
+                let transport = TcpTransport { framed };
                 shared.tracker.spawn(crate::session::run(shared.clone(), transport, peer, "tcp"));
             }
             Err(e) => {

@@ -143,6 +143,11 @@ pub struct Devices {
     links: Mutex<Links>,
     links_per_ip: KeyedLimiter,
     approvals: KeyedLimiter,
+    /// Last-seen times not yet written. Written in one transaction by
+    /// [`Devices::flush_last_seen`] (housekeeping and shutdown) rather than
+    /// one fsync per connect and disconnect; a crash loses at most the last
+    /// minute of last-seen times, which are informational.
+    last_seen: Mutex<HashMap<DeviceId, u64>>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -188,6 +193,7 @@ impl Devices {
             approvals: KeyedLimiter::new("link_approvals_per_account", config.approvals_per_account),
             config,
             links: Mutex::new(Links::default()),
+            last_seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -302,8 +308,9 @@ impl Devices {
         let devices = self.store.active_devices(account).await?;
         Ok(devices
             .into_iter()
-            .map(|device| {
+            .map(|mut device| {
                 let online = self.sessions.is_live(device.id);
+                device.last_seen_ms = self.last_seen(&device);
                 DeviceInfo { device, online }
             })
             .collect())
@@ -331,9 +338,22 @@ impl Devices {
     }
 
     /// Records that a device was seen now (on connect and disconnect).
-    pub async fn touch(&self, device: DeviceId) {
-        if let Err(e) = self.store.touch_device(device, self.clock.now_ms()).await {
-            tracing::debug!(%device, error = %e, "could not record last seen");
+    pub fn touch(&self, device: DeviceId) {
+        self.last_seen.lock().unwrap_or_else(PoisonError::into_inner).insert(device, self.clock.now_ms());
+    }
+
+    /// The device's last-seen time, including what is not yet written.
+    pub fn last_seen(&self, device: &Device) -> Option<u64> {
+        let pending = self.last_seen.lock().unwrap_or_else(PoisonError::into_inner).get(&device.id).copied();
+        pending.or(device.last_seen_ms)
+    }
+
+    /// Writes pending last-seen times in one transaction.
+    pub async fn flush_last_seen(&self) {
+        let seen: Vec<(DeviceId, u64)> =
+            self.last_seen.lock().unwrap_or_else(PoisonError::into_inner).drain().collect();
+        if let Err(e) = self.store.touch_devices(seen).await {
+            tracing::warn!(error = %e, "could not record last-seen times");
         }
     }
 

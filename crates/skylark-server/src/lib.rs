@@ -85,12 +85,15 @@ impl Server {
     pub async fn shutdown(&self) {
         self.pusher.shutdown();
         self.router.shutdown().await;
+        self.devices.flush_last_seen().await;
     }
 
-    /// Periodic clean-up: forgets idle rate-limit keys and purges
-    /// verification sessions older than a day. Call every minute or so.
+    /// Periodic clean-up: forgets idle rate-limit keys, writes pending
+    /// last-seen times, and purges verification sessions older than a day.
+    /// Call every minute or so.
     pub async fn housekeeping(&self) {
         self.registration.forget_idle_limits();
+        self.devices.flush_last_seen().await;
         let day_ago = self.clock.now_ms().saturating_sub(24 * 3_600_000);
         match self.store.purge_verifications(day_ago).await {
             Ok(0) => {}

@@ -73,7 +73,7 @@ async fn device_management(store: &dyn Store) {
 
     assert!(store.rename_device(account, laptop.id, "work laptop".into()).await.expect("rename"));
     assert!(!store.rename_device(AccountId(77_777), laptop.id, "x".into()).await.expect("rename"), "own account only");
-    store.touch_device(laptop.id, 42).await.expect("touch");
+    store.touch_devices(vec![(laptop.id, 42)]).await.expect("touch");
     let seen = store.device(laptop.id).await.expect("read").expect("exists");
     assert_eq!((seen.name.as_str(), seen.last_seen_ms), ("work laptop", Some(42)));
 

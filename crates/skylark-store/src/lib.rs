@@ -79,8 +79,8 @@ pub trait AccountStore: Send + Sync {
     /// Renames an active device of `account`; false if there is none.
     async fn rename_device(&self, account: AccountId, device: DeviceId, name: String) -> Result<bool, StoreError>;
 
-    /// Records when a device was last seen.
-    async fn touch_device(&self, device: DeviceId, now_ms: u64) -> Result<(), StoreError>;
+    /// Records when devices were last seen, all in one write.
+    async fn touch_devices(&self, seen: Vec<(DeviceId, u64)>) -> Result<(), StoreError>;
 }
 
 /// Why a device could not be added.

@@ -519,14 +519,19 @@ impl AccountStore for RedbStore {
         .await
     }
 
-    async fn touch_device(&self, device: DeviceId, now_ms: u64) -> Result<(), StoreError> {
+    async fn touch_devices(&self, seen: Vec<(DeviceId, u64)>) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
         self.write(move |txn| {
             let mut devices = txn.open_table(DEVICES).map_err(backend)?;
-            let record: Option<Device> =
-                devices.get(device.0).map_err(backend)?.map(|r| decode(r.value())).transpose()?;
-            if let Some(mut record) = record {
-                record.last_seen_ms = Some(now_ms);
-                devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
+            for (device, at) in seen {
+                let record: Option<Device> =
+                    devices.get(device.0).map_err(backend)?.map(|r| decode(r.value())).transpose()?;
+                if let Some(mut record) = record {
+                    record.last_seen_ms = Some(at);
+                    devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
+                }
             }
             Ok(())
         })

@@ -1,0 +1,309 @@
+//! `skylark-load`: run a load scenario against a Skylark server and print
+//! a summary table; `--report FILE` also writes the JSON report.
+//! See docs/BENCHMARKS.md for the commands behind the published figures.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use skylark_client::Endpoint;
+use skylark_load::provision::{Manifest, provision};
+use skylark_load::scenarios::{self, IdleReport, Target};
+use skylark_load::stats::{Latency, rss_kib};
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command as Process, Stdio};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "skylark-load", about = "Load generator for Skylark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write N test accounts into a stopped server's data directory.
+    Provision {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        accounts: usize,
+        #[arg(long, default_value = "skylark-load")]
+        seed: String,
+        /// Where to write the manifest the scenarios read.
+        #[arg(long)]
+        manifest: PathBuf,
+    },
+    /// Many idle authenticated connections: connect latency, server memory per connection.
+    Idle(IdleArgs),
+    /// Open-loop 1:1 traffic between online pairs.
+    Chat {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        /// Messages per second in all.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
+    /// Messages to offline users, then everyone connects and drains.
+    Backlog {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        #[arg(long, default_value_t = 50)]
+        per_user: usize,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    #[arg(long)]
+    manifest: PathBuf,
+    /// The server's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:7480")]
+    server: String,
+    /// Use raw TCP at this address (default: WebSocket on the HTTP address).
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Connect from this many loopback addresses, 127.0.0.1 upwards.
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    connections: usize,
+    /// Use accounts from this index on.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// New connections per second, in all.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Keep the connections this long after the ramp.
+    #[arg(long, default_value_t = 5.0)]
+    hold_secs: f64,
+    /// The server's process id, to read its memory from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Spread the connections over this many processes (one process can
+    /// hold about 19,900 sockets here).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Internal: run as worker process (syncs with the parent on stdin/stdout).
+    #[arg(long, hide = true)]
+    worker: bool,
+}
+
+impl Common {
+    fn target(&self) -> Target {
+        let endpoint = match &self.tcp {
+            Some(addr) => Endpoint::Tcp(addr.clone()),
+            None => Endpoint::websocket_for(&self.server, false),
+        };
+        let sources = (1..=self.sources.max(1)).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+        Target { http_base: self.server.clone(), endpoint, sources }
+    }
+
+    fn write(&self, report: &impl serde::Serialize) -> Result<()> {
+        let json = serde_json::to_string_pretty(report)?;
+        if let Some(path) = &self.report {
+            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("report written to {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+fn print_idle(r: &IdleReport) {
+    println!(
+        "idle: {} connections ({} failed) in {:.2} s = {:.0} connects/s",
+        r.connections, r.failed, r.ramp_seconds, r.connects_per_second
+    );
+    println!("  connect + authenticate  {}", r.connect_latency);
+    if let (Some(b), Some(a)) = (r.server_rss_before_kib, r.server_rss_after_kib) {
+        println!("  server RSS {} KiB -> {} KiB", b, a);
+    }
+    if let Some(per) = r.server_bytes_per_connection {
+        println!("  server memory per connection: {per:.0} bytes");
+    }
+}
+
+async fn idle(args: IdleArgs) -> Result<()> {
+    let manifest = Manifest::load(&args.common.manifest)?;
+    if args.offset + args.connections > manifest.accounts.len() {
+        bail!("the manifest has {} accounts; {} from {} asked", manifest.accounts.len(), args.connections, args.offset);
+    }
+    let target = args.common.target();
+    if args.worker {
+        // Ramp, tell the parent, wait for its go, hold, report.
+        let hold = async {
+            println!("RAMPED");
+            let _ = std::io::stdout().flush();
+            let mut line = String::new();
+            let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+            tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
+        };
+        let range = args.offset..args.offset + args.connections;
+        let (report, sessions) = scenarios::idle(&target, &manifest, range, args.rate, hold, true).await;
+        println!("REPORT {}", serde_json::to_string(&report)?);
+        drop(sessions);
+        return Ok(());
+    }
+    let before = args.server_pid.and_then(rss_kib);
+    let workers = args.workers.max(1);
+    let report = if workers == 1 {
+        let range = args.offset..args.offset + args.connections;
+        let (mut report, sessions) = scenarios::idle(&target, &manifest, range, args.rate, async {}, false).await;
+        // Measured right after the ramp, with every connection open.
+        scenarios::server_memory(&mut report, args.server_pid, before);
+        tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
+        drop(sessions);
+        report
+    } else {
+        run_workers(&args, workers, before)?
+    };
+    print_idle(&report);
+    args.common.write(&report)
+}
+
+/// Runs `workers` copies of this program, each with its share of the
+/// connections; reads the server's memory once all have ramped.
+fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<IdleReport> {
+    let exe = std::env::current_exe()?;
+    let share = args.connections.div_ceil(workers);
+    let mut children = Vec::new();
+    for w in 0..workers {
+        let offset = args.offset + w * share;
+        let count = share.min(args.offset + args.connections - offset.min(args.offset + args.connections));
+        if count == 0 {
+            break;
+        }
+        let mut cmd = Process::new(&exe);
+        cmd.args(["idle", "--worker", "--manifest"]).arg(&args.common.manifest);
+        cmd.args([
+            "--server",
+            &args.common.server,
+            "--connections",
+            &count.to_string(),
+            "--offset",
+            &offset.to_string(),
+        ]);
+        cmd.args(["--rate", &(args.rate / workers as f64).to_string(), "--hold-secs", &args.hold_secs.to_string()]);
+        cmd.args(["--sources", &args.common.sources.to_string()]);
+        if let Some(tcp) = &args.common.tcp {
+            cmd.args(["--tcp", tcp]);
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
+        children.push((child, stdout));
+    }
+    for (_, stdout) in &mut children {
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim() != "RAMPED" {
+            bail!("a worker failed before ramping: {line:?}");
+        }
+    }
+    let after_ramp = args.server_pid.and_then(rss_kib);
+    eprintln!("all {} workers ramped", children.len());
+    let mut merged: Option<IdleReport> = None;
+    let mut histogram = Latency::default();
+    for (child, stdout) in &mut children {
+        writeln!(child.stdin.as_mut().context("worker stdin")?, "go")?;
+        for line in stdout.lines() {
+            let line = line?;
+            if let Some(json) = line.strip_prefix("REPORT ") {
+                let r: IdleReport = serde_json::from_str(json)?;
+                if let Some(h) = Latency::decode(&r.connect_histogram) {
+                    histogram.merge(&h);
+                }
+                merged = Some(match merged.take() {
+                    None => r,
+                    Some(mut m) => {
+                        m.connections += r.connections;
+                        m.failed += r.failed;
+                        m.ramp_seconds = m.ramp_seconds.max(r.ramp_seconds);
+                        m
+                    }
+                });
+                break;
+            }
+        }
+    }
+    for (mut child, _) in children {
+        let _ = child.wait();
+    }
+    let mut report = merged.context("no worker reported")?;
+    report.connect_latency = histogram.summary();
+    report.connect_histogram = histogram.encode();
+    report.connects_per_second = report.connections as f64 / report.ramp_seconds.max(1e-9);
+    report.server_rss_before_kib = before;
+    report.server_rss_after_kib = after_ramp;
+    if let (Some(b), Some(a)) = (before, after_ramp) {
+        report.server_bytes_per_connection =
+            Some(a.saturating_sub(b) as f64 * 1024.0 / report.connections.max(1) as f64);
+    }
+    Ok(report)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Provision { data_dir, accounts, seed, manifest } => {
+            std::fs::create_dir_all(&data_dir)?;
+            let m = provision(&data_dir.join("skylark.redb"), accounts, &seed).await?;
+            std::fs::write(&manifest, serde_json::to_string(&m)?)?;
+            println!("provisioned {accounts} accounts; manifest in {}", manifest.display());
+            Ok(())
+        }
+        Command::Idle(args) => idle(args).await,
+        Command::Chat { common, pairs, rate, seconds, payload } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if manifest.accounts.len() < 2 * pairs {
+                bail!("chat with {pairs} pairs needs {} accounts", 2 * pairs);
+            }
+            let r = scenarios::chat(&common.target(), &manifest, pairs, rate, seconds, payload).await;
+            println!(
+                "chat: {} pairs, target {:.0} msgs/s for {:.0} s: sent {}, acked {}, delivered {}, receipted {}, errors {}",
+                r.pairs, r.target_rate, r.seconds, r.sent, r.acked, r.delivered, r.receipted, r.errors
+            );
+            println!("  sustained {:.0} acknowledged msgs/s", r.acked_per_second);
+            println!("  send -> ack (✓)       {}", r.send_to_ack);
+            println!("  send -> delivered     {}", r.send_to_deliver);
+            println!("  send -> receipt (✓✓)  {}", r.send_to_receipt);
+            common.write(&r)
+        }
+        Command::Backlog { common, users, per_user } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if manifest.accounts.len() < 2 * users {
+                bail!("backlog for {users} users needs {} accounts", 2 * users);
+            }
+            let r = scenarios::backlog(&common.target(), &manifest, users, per_user).await;
+            println!(
+                "backlog: {} messages to {} offline users stored in {:.2} s ({:.0}/s); drained in {:.2} s ({:.0}/s); received {}, duplicates {}",
+                r.messages,
+                r.users,
+                r.store_seconds,
+                r.stored_per_second,
+                r.drain_seconds,
+                r.drained_per_second,
+                r.received,
+                r.duplicates
+            );
+            common.write(&r)
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! The load scenarios. Each returns a JSON-serialisable report.
+
+use crate::provision::Manifest;
+use crate::stats::{Latency, Summary, progress, rss_kib};
+use serde::{Deserialize, Serialize};
+use skylark_client::session::{Event, LogEvent, SessionHandle, log_event};
+use skylark_client::{Endpoint, Session};
+use skylark_protocol::v1::{ReceiptKind, event::Body};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Where the server is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub http_base: String,
+    pub endpoint: Endpoint,
+    /// Local addresses to connect from, round-robin (127.0.0.x), so the
+    /// ephemeral port range of one address is not the limit.
+    pub sources: Vec<IpAddr>,
+}
+
+impl Target {
+    fn source(&self, i: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+    }
+}
+
+async fn open(target: &Target, manifest: &Manifest, index: usize) -> Result<(Session, mpsc::Receiver<Event>), String> {
+    let identity = manifest.identity(index, &target.http_base);
+    Session::open_from(&target.endpoint, &identity, target.source(index)).await.map_err(|e| e.to_string())
+}
+
+// ---------------------------------------------------------------- idle
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleReport {
+    pub scenario: String,
+    pub connections: usize,
+    pub failed: usize,
+    pub ramp_seconds: f64,
+    pub connects_per_second: f64,
+    pub connect_latency: Summary,
+    /// HDR histogram (V2, base64), for merging worker reports.
+    pub connect_histogram: String,
+    pub server_rss_before_kib: Option<u64>,
+    pub server_rss_after_kib: Option<u64>,
+    pub server_bytes_per_connection: Option<f64>,
+}
+
+/// Opens `accounts` connections at `rate` per second, keeps them for as long
+/// as `hold` says, and measures connect latency.
+pub async fn idle(
+    target: &Target,
+    manifest: &Manifest,
+    accounts: std::ops::Range<usize>,
+    rate: f64,
+    hold: impl std::future::Future<Output = ()>,
+    quiet: bool,
+) -> (IdleReport, Vec<Session>) {
+    let total = accounts.len();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let started = Instant::now();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for (k, index) in accounts.enumerate() {
+        // Open loop: connection k starts at k × interval, however the others fare.
+        tokio::time::sleep_until((started + interval * k as u32).into()).await;
+        let (target, manifest, tx) = (target.clone(), manifest.clone(), tx.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let result = open(&target, &manifest, index).await;
+            let _ = tx.send((t.elapsed(), result));
+        });
+    }
+    drop(tx);
+    let mut latency = Latency::default();
+    let mut sessions = Vec::with_capacity(total);
+    let mut failed = 0;
+    let mut done = 0u64;
+    while let Some((took, result)) = rx.recv().await {
+        done += 1;
+        match result {
+            Ok((session, _events)) => {
+                latency.record(took);
+                sessions.push(session);
+            }
+            Err(_) => failed += 1,
+        }
+        if !quiet && (done % 500 == 0 || done == total as u64) {
+            progress("connecting", done, total as u64);
+        }
+    }
+    let ramp = started.elapsed().as_secs_f64();
+    hold.await;
+    let report = IdleReport {
+        scenario: "idle".into(),
+        connections: sessions.len(),
+        failed,
+        ramp_seconds: ramp,
+        connects_per_second: sessions.len() as f64 / ramp.max(1e-9),
+        connect_latency: latency.summary(),
+        connect_histogram: latency.encode(),
+        server_rss_before_kib: None,
+        server_rss_after_kib: None,
+        server_bytes_per_connection: None,
+    };
+    (report, sessions)
+}
+
+/// Fills in the server memory figures of an idle report.
+pub fn server_memory(report: &mut IdleReport, pid: Option<u32>, before: Option<u64>) {
+    let after = pid.and_then(rss_kib);
+    report.server_rss_before_kib = before;
+    report.server_rss_after_kib = after;
+    if let (Some(b), Some(a)) = (before, after) {
+        if report.connections > 0 {
+            report.server_bytes_per_connection = Some(a.saturating_sub(b) as f64 * 1024.0 / report.connections as f64);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- chat
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatReport {
+    pub scenario: String,
+    pub pairs: usize,
+    pub target_rate: f64,
+    pub seconds: f64,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub receipted: u64,
+    pub errors: u64,
+    /// Acknowledged (durable) messages per second over the run.
+    pub acked_per_second: f64,
+    /// Intended send time → server ack (one tick).
+    pub send_to_ack: Summary,
+    /// Intended send time → the recipient's device has it.
+    pub send_to_deliver: Summary,
+    /// Intended send time → the delivery receipt reached the sender.
+    pub send_to_receipt: Summary,
+}
+
+/// Payload: 8 bytes of intended send time (µs since the run started), then padding.
+fn stamp(t: Duration, size: usize) -> Vec<u8> {
+    let mut p = (t.as_micros() as u64).to_be_bytes().to_vec();
+    p.resize(size.max(8), b'.');
+    p
+}
+
+/// A prefix unique to this run, so client message ids never repeat an
+/// earlier run's against the same accounts (the server would rightly treat
+/// a repeated id as a resend and store nothing new).
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{:x}-{:x}", nanos, std::process::id())
+}
+
+fn read_stamp(p: &[u8]) -> Option<Duration> {
+    Some(Duration::from_micros(u64::from_be_bytes(p.get(..8)?.try_into().ok()?)))
+}
+
+/// A sender's messages awaiting their delivery receipt.
+#[derive(Default)]
+struct Pending {
+    /// Sequence → intended send time.
+    waiting: HashMap<u64, Duration>,
+    /// Highest sequence a delivery receipt has covered so far.
+    highest_receipt: u64,
+    receipted: usize,
+}
+
+#[derive(Default)]
+struct ChatTotals {
+    sent: u64,
+    acked: u64,
+    delivered: u64,
+    receipted: u64,
+    errors: u64,
+    ack: Latency,
+    deliver: Latency,
+    receipt: Latency,
+}
+
+/// Open-loop 1:1 traffic: `pairs` senders each send to their own recipient,
+/// `rate` messages per second in all, for `seconds`. Latencies are measured
+/// from when each message *should* have been sent, so a stalled server
+/// shows up as latency instead of silently lowering the rate
+/// (coordinated omission).
+pub async fn chat(
+    target: &Target,
+    manifest: &Manifest,
+    pairs: usize,
+    rate: f64,
+    seconds: f64,
+    payload: usize,
+) -> ChatReport {
+    let totals = Arc::new(Mutex::new(ChatTotals::default()));
+    // Connect everyone first.
+    let mut senders = Vec::new();
+    let mut recipients = Vec::new();
+    for p in 0..pairs {
+        senders.push(open(target, manifest, 2 * p).await.expect("sender connects"));
+        recipients.push(open(target, manifest, 2 * p + 1).await.expect("recipient connects"));
+    }
+    let run = run_id();
+    let started = Instant::now();
+    let duration = Duration::from_secs_f64(seconds);
+    let grace = Duration::from_secs(10);
+    // Each sender's schedule: message k at offset + k × interval, while
+    // within the duration. Knowing the counts lets every task stop as soon
+    // as it has seen all of its traffic.
+    let per_sender = rate / pairs.max(1) as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_sender.max(1e-3));
+    let offset_of = |p: usize| interval.mul_f64(p as f64 / pairs.max(1) as f64);
+    let expected_of = |p: usize| {
+        let off = offset_of(p);
+        if off >= duration { 0 } else { ((duration - off).as_nanos().div_ceil(interval.as_nanos())) as usize }
+    };
+
+    // Recipients: record delivery latency, acknowledge everything.
+    let mut tasks = Vec::new();
+    for (p, (session, mut events)) in recipients.into_iter().enumerate() {
+        let totals = totals.clone();
+        let expected = expected_of(p);
+        tasks.push(tokio::spawn(async move {
+            let handle = session.handle();
+            let deadline = tokio::time::Instant::from(started + duration + grace);
+            let mut got = 0;
+            while got < expected {
+                let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await else { break };
+                let Event::Frame(frame) = event else { break };
+                if let Some(LogEvent::Entry(e)) = log_event(&frame) {
+                    if let Some(Body::Message(m)) = &e.body {
+                        if let Some(sent) = read_stamp(&m.payload) {
+                            got += 1;
+                            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                            t.delivered += 1;
+                            t.deliver.record(started.elapsed().saturating_sub(sent));
+                        }
+                    }
+                    let _ = handle.ack(e.seq).await;
+                }
+            }
+            drop(session);
+        }));
+    }
+
+    // Senders: schedule sends open-loop; a receipt task per sender.
+    for (p, (session, mut events)) in senders.into_iter().enumerate() {
+        let expected = expected_of(p);
+        let to = manifest.accounts[2 * p + 1].phone.clone();
+        let handle: SessionHandle = session.handle();
+        let intended: Arc<Mutex<Pending>> = Arc::default();
+        {
+            let (totals, intended, handle) = (totals.clone(), intended.clone(), handle.clone());
+            tasks.push(tokio::spawn(async move {
+                let deadline = tokio::time::Instant::from(started + duration + grace);
+                while intended.lock().unwrap_or_else(|p| p.into_inner()).receipted < expected {
+                    // Short waits, so an ack that settles the count is noticed.
+                    let next = tokio::time::timeout(Duration::from_millis(100), events.recv()).await;
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    let event = match next {
+                        Err(_) => continue,
+                        Ok(None) => break,
+                        Ok(Some(event)) => event,
+                    };
+                    let Event::Frame(frame) = event else { break };
+                    let Some(LogEvent::Entry(e)) = log_event(&frame) else { continue };
+                    if let Some(Body::Receipt(r)) = &e.body {
+                        if r.kind == ReceiptKind::Delivered as i32 {
+                            let now = started.elapsed();
+                            let mut pending = intended.lock().unwrap_or_else(|p| p.into_inner());
+                            pending.highest_receipt = pending.highest_receipt.max(r.up_to_seq);
+                            let done: Vec<u64> =
+                                pending.waiting.keys().copied().filter(|s| *s <= r.up_to_seq).collect();
+                            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                            for seq in done {
+                                if let Some(sent) = pending.waiting.remove(&seq) {
+                                    pending.receipted += 1;
+                                    t.receipted += 1;
+                                    t.receipt.record(now.saturating_sub(sent));
+                                }
+                            }
+                        }
+                    }
+                    let _ = handle.ack(e.seq).await;
+                }
+                drop(session);
+            }));
+        }
+        let (totals, run) = (totals.clone(), run.clone());
+        let offset = offset_of(p);
+        tasks.push(tokio::spawn(async move {
+            let mut k: u32 = 0;
+            loop {
+                let at = offset + interval * k;
+                if at >= duration {
+                    break;
+                }
+                tokio::time::sleep_until((started + at).into()).await;
+                k += 1;
+                let (handle, totals, intended, to) = (handle.clone(), totals.clone(), intended.clone(), to.clone());
+                let client_id = format!("{run}-{}", at.as_micros());
+                totals.lock().unwrap_or_else(|p| p.into_inner()).sent += 1;
+                tokio::spawn(async move {
+                    match handle.send(&to, &client_id, stamp(at, payload)).await {
+                        Ok(ack) => {
+                            let seq = ack.id.map(|i| i.seq).unwrap_or(0);
+                            let now = started.elapsed();
+                            let mut pending = intended.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                            t.acked += 1;
+                            t.ack.record(now.saturating_sub(at));
+                            if seq <= pending.highest_receipt {
+                                // The receipt overtook this ack.
+                                pending.receipted += 1;
+                                t.receipted += 1;
+                                t.receipt.record(now.saturating_sub(at));
+                            } else {
+                                pending.waiting.insert(seq, at);
+                            }
+                        }
+                        Err(_) => totals.lock().unwrap_or_else(|p| p.into_inner()).errors += 1,
+                    }
+                });
+            }
+        }));
+    }
+    let ticker = {
+        let totals = totals.clone();
+        tokio::spawn(async move {
+            let expected = (rate * seconds) as u64;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let done = totals.lock().unwrap_or_else(|p| p.into_inner()).delivered;
+                progress("chat (delivered)", done.min(expected), expected);
+                if done >= expected {
+                    break;
+                }
+            }
+        })
+    };
+    for t in tasks {
+        let _ = t.await;
+    }
+    ticker.abort();
+    let t = totals.lock().unwrap_or_else(|p| p.into_inner());
+    ChatReport {
+        scenario: "chat".into(),
+        pairs,
+        target_rate: rate,
+        seconds,
+        sent: t.sent,
+        acked: t.acked,
+        delivered: t.delivered,
+        receipted: t.receipted,
+        errors: t.errors,
+        acked_per_second: t.acked as f64 / seconds,
+        send_to_ack: t.ack.summary(),
+        send_to_deliver: t.deliver.summary(),
+        send_to_receipt: t.receipt.summary(),
+    }
+}
+
+// ---------------------------------------------------------------- backlog
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BacklogReport {
+    pub scenario: String,
+    pub users: usize,
+    pub messages: u64,
+    /// Sending to offline users until every message was acknowledged (durable).
+    pub store_seconds: f64,
+    pub stored_per_second: f64,
+    /// From the users connecting until each has every message.
+    pub drain_seconds: f64,
+    pub drained_per_second: f64,
+    pub received: u64,
+    pub duplicates: u64,
+}
+
+/// `users` offline users get `per_user` messages each (from the accounts
+/// after them, one sender per user); then all of them connect at once and
+/// drain their backlogs.
+pub async fn backlog(target: &Target, manifest: &Manifest, users: usize, per_user: usize) -> BacklogReport {
+    const IN_FLIGHT: usize = 64;
+    let total = (users * per_user) as u64;
+    let run = run_id();
+    let started = Instant::now();
+    let mut senders = Vec::new();
+    for u in 0..users {
+        let (session, events) = open(target, manifest, users + u).await.expect("sender connects");
+        let to = manifest.accounts[u].phone.clone();
+        let run = run.clone();
+        senders.push(tokio::spawn(async move {
+            let handle = session.handle();
+            let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+            let mut sends = Vec::new();
+            for i in 0..per_user {
+                let permit = permits.clone().acquire_owned().await.expect("semaphore open");
+                let (handle, to, client_id) = (handle.clone(), to.clone(), format!("{run}-b{i}"));
+                sends.push(tokio::spawn(async move {
+                    let ok = handle.send(&to, &client_id, vec![b'x'; 64]).await.is_ok();
+                    drop(permit);
+                    ok
+                }));
+            }
+            for s in sends {
+                let _ = s.await;
+            }
+            drop((session, events));
+        }));
+    }
+    for s in senders {
+        let _ = s.await;
+    }
+    let store_seconds = started.elapsed().as_secs_f64();
+    eprintln!("stored {total} messages for {users} offline users in {store_seconds:.2} s");
+
+    let drain_started = Instant::now();
+    let received = Arc::new(Mutex::new((0u64, 0u64)));
+    let mut readers = Vec::new();
+    for u in 0..users {
+        let (target, manifest, received) = (target.clone(), manifest.clone(), received.clone());
+        readers.push(tokio::spawn(async move {
+            let (session, mut events) = open(&target, &manifest, u).await.expect("user connects");
+            let handle = session.handle();
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < per_user {
+                let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(Duration::from_secs(60), events.recv()).await
+                else {
+                    break;
+                };
+                if let Some(LogEvent::Entry(e)) = log_event(&frame) {
+                    if matches!(e.body, Some(Body::Message(_))) {
+                        let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
+                        if seen.insert(e.seq) {
+                            r.0 += 1;
+                        } else {
+                            r.1 += 1;
+                        }
+                    }
+                    let _ = handle.ack(e.seq).await;
+                }
+            }
+        }));
+    }
+    for r in readers {
+        let _ = r.await;
+    }
+    let drain_seconds = drain_started.elapsed().as_secs_f64();
+    let (got, dupes) = *received.lock().unwrap_or_else(|p| p.into_inner());
+    BacklogReport {
+        scenario: "backlog".into(),
+        users,
+        messages: total,
+        store_seconds,
+        stored_per_second: total as f64 / store_seconds,
+        drain_seconds,
+        drained_per_second: got as f64 / drain_seconds,
+        received: got,
+        duplicates: dupes,
+    }
+}

@@ -1,0 +1,58 @@
+//! Each load scenario at a small scale against a real server: the report is
+//! produced and nothing is lost. (The real figures come from the commands in
+//! docs/BENCHMARKS.md.)
+
+#![allow(clippy::unwrap_used)]
+
+use skylark_client::Endpoint;
+use skylark_load::provision::provision;
+use skylark_load::scenarios::{self, Target};
+use std::sync::Arc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("skylark.redb");
+    let manifest = provision(&db, 40, "smoke").await.unwrap();
+
+    let mut config = skylark_server::Config::default();
+    config.listen.http = "127.0.0.1:0".parse().unwrap();
+    config.listen.tcp = "127.0.0.1:0".parse().unwrap();
+    let store = Arc::new(skylark_store::RedbStore::open(&db).unwrap());
+    let server = skylark_server::Server::new(
+        config,
+        store,
+        Arc::new(skylark_server::sms::ConsoleSms),
+        Arc::new(skylark_core::SystemClock),
+    )
+    .await
+    .unwrap();
+    let gateway = skylark_gateway::Gateway::start(server.clone()).await.unwrap();
+    let target = Target {
+        http_base: format!("http://{}", gateway.http_addr()),
+        endpoint: Endpoint::Tcp(gateway.tcp_addr().to_string()),
+        sources: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+    };
+
+    let (mut idle, sessions) = scenarios::idle(&target, &manifest, 0..20, 200.0, async {}, true).await;
+    scenarios::server_memory(&mut idle, Some(std::process::id()), Some(0));
+    assert_eq!((idle.connections, idle.failed), (20, 0));
+    assert_eq!(idle.connect_latency.count, 20);
+    assert!(idle.server_bytes_per_connection.is_some());
+    drop(sessions);
+
+    let chat = scenarios::chat(&target, &manifest, 5, 200.0, 1.0, 64).await;
+    assert!(chat.sent >= 190, "{chat:?}");
+    assert_eq!(
+        (chat.acked, chat.delivered, chat.receipted, chat.errors),
+        (chat.sent, chat.sent, chat.sent, 0),
+        "{chat:?}"
+    );
+    assert!(serde_json::to_string(&chat).unwrap().contains("send_to_receipt"));
+
+    let backlog = scenarios::backlog(&target, &manifest, 5, 10).await;
+    assert_eq!((backlog.messages, backlog.received, backlog.duplicates), (50, 50, 0), "{backlog:?}");
+
+    gateway.shutdown(std::time::Duration::from_secs(5)).await;
+    server.shutdown().await;
+}
