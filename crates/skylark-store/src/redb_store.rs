@@ -161,7 +161,7 @@ impl RedbStore {
         Ok(Self { db, committer: Arc::new(Committer { queue: Some(queue), thread: Some(thread) }) })
     }
 
-    /// Runs blocking database work off the async runtime.
+    /// Runs blocking database work (writes, which fsync) off the async runtime.
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -169,6 +169,16 @@ impl RedbStore {
     {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db)).await.map_err(backend)?
+    }
+
+    /// Runs a read transaction right here, on the calling task. Reads of a
+    /// few B-tree pages take microseconds when cached; a round trip through
+    /// the blocking pool costs two thread switches, which profiling showed
+    /// to be over a quarter of the server's CPU on the connect path
+    /// (docs/BENCHMARKS.md). Only writes, which wait for fsync, leave the
+    /// runtime.
+    fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        f(&self.db)
     }
 
     /// Runs `f` in a write transaction and commits it durably.
@@ -190,12 +200,11 @@ impl RedbStore {
 
 impl RedbStore {
     async fn receipt_slot(&self, account: AccountId, peer: AccountId, slot: u8) -> Result<u64, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(RECEIPTS).map_err(backend)?;
             Ok(table.get((account.0, peer.0, slot)).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
         })
-        .await
     }
 }
 
@@ -314,7 +323,7 @@ fn commit_loop(db: &Database, mut jobs: mpsc::Receiver<CommitJob>, max_batch: us
 impl AccountStore for RedbStore {
     async fn account_by_phone(&self, phone: &PhoneNumber) -> Result<Option<Account>, StoreError> {
         let phone = phone.as_str().to_owned();
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let Some(id) = txn.open_table(PHONES).map_err(backend)?.get(phone.as_str()).map_err(backend)? else {
                 return Ok(None);
@@ -323,31 +332,28 @@ impl AccountStore for RedbStore {
             let record = accounts.get(id.value()).map_err(backend)?;
             record.map(|r| decode(r.value())).transpose()
         })
-        .await
     }
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let accounts = txn.open_table(ACCOUNTS).map_err(backend)?;
             let record = accounts.get(id.0).map_err(backend)?;
             record.map(|r| decode(r.value())).transpose()
         })
-        .await
     }
 
     async fn device(&self, id: DeviceId) -> Result<Option<Device>, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let devices = txn.open_table(DEVICES).map_err(backend)?;
             let record = devices.get(id.0).map_err(backend)?;
             record.map(|r| decode(r.value())).transpose()
         })
-        .await
     }
 
     async fn active_devices(&self, account: AccountId) -> Result<Vec<Device>, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let index = txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
             let devices = txn.open_table(DEVICES).map_err(backend)?;
@@ -363,7 +369,6 @@ impl AccountStore for RedbStore {
             }
             Ok(out)
         })
-        .await
     }
 
     async fn register(&self, phone: &PhoneNumber, device: NewDevice, now_ms: u64) -> Result<Registration, StoreError> {
@@ -553,13 +558,12 @@ impl VerificationStore for RedbStore {
 
     async fn verification(&self, id: &str) -> Result<Option<VerificationSession>, StoreError> {
         let id = id.to_owned();
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(VERIFICATIONS).map_err(backend)?;
             let record = table.get(id.as_str()).map_err(backend)?;
             record.map(|r| decode(r.value())).transpose()
         })
-        .await
     }
 
     async fn delete_verification(&self, id: &str) -> Result<(), StoreError> {
@@ -597,13 +601,12 @@ impl VerificationStore for RedbStore {
 #[async_trait]
 impl SettingsStore for RedbStore {
     async fn visibility(&self, account: AccountId) -> Result<Visibility, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(SETTINGS).map_err(backend)?;
             let value = table.get(account.0).map_err(backend)?;
             Ok(value.map(|v| decode(v.value())).transpose()?.unwrap_or_default())
         })
-        .await
     }
 
     async fn set_visibility(&self, account: AccountId, visibility: Visibility) -> Result<(), StoreError> {
@@ -616,13 +619,12 @@ impl SettingsStore for RedbStore {
     }
 
     async fn push_target(&self, device: DeviceId) -> Result<Option<PushTarget>, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(PUSH).map_err(backend)?;
             let value = table.get(device.0).map_err(backend)?;
             value.map(|v| decode(v.value())).transpose()
         })
-        .await
     }
 
     async fn set_push_target(&self, device: DeviceId, target: Option<PushTarget>) -> Result<(), StoreError> {
@@ -681,7 +683,7 @@ impl MessageStore for RedbStore {
     }
 
     async fn account_state(&self, account: AccountId) -> Result<AccountState, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let counters = txn
                 .open_table(COUNTERS)
@@ -701,11 +703,10 @@ impl MessageStore for RedbStore {
             }
             Ok(AccountState { counters, outbox })
         })
-        .await
     }
 
     async fn read_log(&self, account: AccountId, from: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(LOG).map_err(backend)?;
             let mut out = Vec::new();
@@ -715,7 +716,6 @@ impl MessageStore for RedbStore {
             }
             Ok(out)
         })
-        .await
     }
 
     async fn read_log_before(
@@ -724,7 +724,7 @@ impl MessageStore for RedbStore {
         before: u64,
         limit: usize,
     ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(LOG).map_err(backend)?;
             let mut out = Vec::new();
@@ -737,20 +737,18 @@ impl MessageStore for RedbStore {
             }
             Ok(out)
         })
-        .await
     }
 
     async fn is_contact(&self, account: AccountId, peer: AccountId) -> Result<bool, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CONTACTS).map_err(backend)?;
             Ok(table.get((account.0, peer.0)).map_err(backend)?.is_some())
         })
-        .await
     }
 
     async fn receipt_state(&self, account: AccountId) -> Result<ReceiptState, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(RECEIPTS).map_err(backend)?;
             let mut received: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
@@ -768,7 +766,6 @@ impl MessageStore for RedbStore {
             state.received = received.into_iter().map(|(p, (d, r))| (AccountId(p), d, r)).collect();
             Ok(state)
         })
-        .await
     }
 
     async fn client_id(
@@ -778,30 +775,27 @@ impl MessageStore for RedbStore {
         client_id: &str,
     ) -> Result<Option<u64>, StoreError> {
         let client_id = client_id.to_owned();
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CLIENT_IDS).map_err(backend)?;
             Ok(table.get((account.0, device.0, client_id.as_str())).map_err(backend)?.map(|v| v.value()))
         })
-        .await
     }
 
     async fn inbound(&self, account: AccountId, source: AccountId) -> Result<u64, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(INBOUND).map_err(backend)?;
             Ok(table.get((account.0, source.0)).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
         })
-        .await
     }
 
     async fn cursor(&self, account: AccountId, device: DeviceId) -> Result<Option<u64>, StoreError> {
-        self.blocking(move |db| {
+        self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CURSORS).map_err(backend)?;
             Ok(table.get((account.0, device.0)).map_err(backend)?.map(|v| v.value()))
         })
-        .await
     }
 
     async fn receipt(&self, account: AccountId, peer: AccountId, kind: ReceiptKind) -> Result<u64, StoreError> {
