@@ -84,6 +84,12 @@ impl Client {
         }
     }
 
+    /// Stops reconnecting and closes the session, without waiting (for a
+    /// client shared between tasks).
+    pub fn cancel(&self) {
+        self.stop.cancel();
+    }
+
     /// Closes the session and stops reconnecting.
     pub async fn stop(self) {
         self.stop.cancel();

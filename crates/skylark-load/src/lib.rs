@@ -6,7 +6,8 @@
 //! - [`scenarios`]: `idle` (many authenticated connections, server memory
 //!   per connection), `chat` (open-loop 1:1 traffic with latency
 //!   histograms corrected for coordinated omission), `backlog` (messages
-//!   stored for offline devices, then drained).
+//!   stored for offline devices, then drained), `storm` (kill -9 and restart
+//!   the server under clients, with a ledger of acknowledged messages).
 //! - [`stats`]: HDR histograms and the JSON report.
 //!
 //! It talks to the server only through the protocol, like any client.

@@ -51,6 +51,23 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         payload: usize,
     },
+    /// Kill -9 the server with clients connected and restart it: reconnect
+    /// time, messages lost or duplicated.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// The `skylark` binary to run as the server.
+        #[arg(long, default_value = "./target/release/skylark")]
+        server_bin: PathBuf,
+        /// The server's data directory (provisioned).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Pin the server to this core (taskset), as in the other runs.
+        #[arg(long)]
+        server_core: Option<u32>,
+    },
     /// Messages to offline users, then everyone connects and drains.
     Backlog {
         #[command(flatten)]
@@ -284,6 +301,71 @@ async fn main() -> Result<()> {
             println!("  send -> ack (✓)       {}", r.send_to_ack);
             println!("  send -> delivered     {}", r.send_to_deliver);
             println!("  send -> receipt (✓✓)  {}", r.send_to_receipt);
+            common.write(&r)
+        }
+        Command::Storm { common, clients, server_bin, data_dir, server_core } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if manifest.accounts.len() < clients {
+                bail!("storm with {clients} clients needs {clients} accounts");
+            }
+            let spawn = {
+                let (server_bin, data_dir, http, tcp) =
+                    (server_bin.clone(), data_dir.clone(), common.server.clone(), common.tcp.clone());
+                move || -> Result<std::process::Child> {
+                    let mut cmd = match server_core {
+                        Some(core) => {
+                            let mut c = Process::new("taskset");
+                            c.args(["-c", &core.to_string()]).arg(&server_bin);
+                            c
+                        }
+                        None => Process::new(&server_bin),
+                    };
+                    cmd.arg("serve").arg("--data-dir").arg(&data_dir).args(["--log", "warn"]);
+                    cmd.args(["--http", http.trim_start_matches("http://")]);
+                    if let Some(tcp) = &tcp {
+                        cmd.args(["--tcp", tcp]);
+                    }
+                    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+                    let mut line = String::new();
+                    BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+                    if !line.contains("Skylark is running") {
+                        bail!("the server did not start: {line:?}");
+                    }
+                    Ok(child)
+                }
+            };
+            let child = std::sync::Arc::new(std::sync::Mutex::new(spawn()?));
+            let restart = {
+                let child = child.clone();
+                move || async move {
+                    let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = child.kill(); // SIGKILL
+                    let _ = child.wait();
+                    eprintln!("server killed (SIGKILL); restarting");
+                    match spawn() {
+                        Ok(new) => *child = new,
+                        Err(e) => eprintln!("the server did not restart: {e:#}"),
+                    }
+                }
+            };
+            let r = scenarios::storm(&common.target(), &manifest, clients, restart).await;
+            {
+                let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            println!(
+                "storm: {} clients; after kill -9 and restart, 99% back in {:.2} s, all {} in {:.2} s; \
+                 acked {}, lost {}, duplicated {} (redelivered on the wire and dropped: {})",
+                r.clients,
+                r.reconnect_99_seconds,
+                r.reconnected,
+                r.reconnect_all_seconds,
+                r.acked,
+                r.lost,
+                r.duplicated,
+                r.redelivered
+            );
             common.write(&r)
         }
         Command::Backlog { common, users, per_user } => {

@@ -468,3 +468,193 @@ pub async fn backlog(target: &Target, manifest: &Manifest, users: usize, per_use
         duplicates: dupes,
     }
 }
+
+// ---------------------------------------------------------------- storm
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StormReport {
+    pub scenario: String,
+    pub clients: usize,
+    /// From the kill until 99% (and all) of the clients were connected and
+    /// authenticated again.
+    pub reconnect_99_seconds: f64,
+    pub reconnect_all_seconds: f64,
+    pub reconnected: usize,
+    /// Messages acknowledged to senders during the run.
+    pub acked: u64,
+    /// Acknowledged but never received (must be 0).
+    pub lost: u64,
+    /// Client ids shown twice under different message ids (must be 0).
+    pub duplicated: u64,
+    /// Entries delivered again on the wire (at least once) and dropped by id.
+    pub redelivered: u64,
+}
+
+/// `clients` reconnecting clients; pairs exchange a message every 50 ms
+/// (resent with the same client id until acknowledged). After `settle`,
+/// `restart` kills and restarts the server; the report says how fast the
+/// clients came back and whether any acknowledged message was lost.
+pub async fn storm<R, F>(target: &Target, manifest: &Manifest, clients: usize, restart: R) -> StormReport
+where
+    R: FnOnce() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    use skylark_client::backoff::Backoff;
+    use skylark_client::client::{Client, ClientEvent};
+    let run = run_id();
+    let connected_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; clients]));
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let acked: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+    let shown: Arc<Mutex<HashMap<String, std::collections::HashSet<u64>>>> = Arc::default();
+    let redelivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let mut handles = Vec::new();
+    let mut clients_kept = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let identity = manifest.identity(i, &target.http_base);
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let (client, mut events) = Client::start(target.endpoint.clone(), identity, backoff);
+        let client = Arc::new(client);
+        let (connected_at, killed_at, shown, redelivered, ready_tx) =
+            (connected_at.clone(), killed_at.clone(), shown.clone(), redelivered.clone(), ready_tx.clone());
+        let reader = client.clone();
+        handles.push(tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(event) = events.recv().await {
+                match event {
+                    ClientEvent::Connected(_) => {
+                        let after_kill = killed_at.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                        let mut c = connected_at.lock().unwrap_or_else(|p| p.into_inner());
+                        if after_kill && c[i].is_none() {
+                            c[i] = Some(Instant::now());
+                        }
+                        let _ = ready_tx.send(i);
+                    }
+                    ClientEvent::Frame(frame) => {
+                        if let Some(LogEvent::Entry(e)) = log_event(&frame) {
+                            if let Some(Body::Message(m)) = &e.body {
+                                let id = m.id.unwrap_or_default();
+                                if !seen.insert((id.sender, id.seq)) {
+                                    redelivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                if m.client_id.starts_with("storm-") {
+                                    shown
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .entry(m.client_id.clone())
+                                        .or_default()
+                                        .insert(id.seq);
+                                }
+                            }
+                            if let Ok(h) = reader.connected().await {
+                                let _ = h.ack(e.seq).await;
+                            }
+                        }
+                    }
+                    ClientEvent::Disconnected { .. } => {}
+                    ClientEvent::Stopped(_) => break,
+                }
+            }
+        }));
+        // Even clients send to the next one.
+        if i % 2 == 0 && i + 1 < clients {
+            let (to, acked, stop, run, client) =
+                (manifest.accounts[i + 1].phone.clone(), acked.clone(), stop.clone(), run.clone(), client.clone());
+            handles.push(tokio::spawn(async move {
+                let mut k = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let client_id = format!("storm-{run}-{i}-{k}");
+                    loop {
+                        let Ok(h) = client.connected().await else { return };
+                        if let Ok(ack) = h.send(&to, &client_id, vec![b's'; 32]).await {
+                            let id = ack.id.unwrap_or_default();
+                            acked
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(client_id.clone(), (id.sender, id.seq));
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    k += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
+        clients_kept.push(client);
+    }
+    drop(ready_tx);
+    // Everyone connected once.
+    let mut ready = std::collections::HashSet::new();
+    while ready.len() < clients {
+        match tokio::time::timeout(Duration::from_secs(60), ready_rx.recv()).await {
+            Ok(Some(i)) => {
+                ready.insert(i);
+            }
+            _ => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    *killed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    let kill = Instant::now();
+    restart().await;
+    // Wait until all are back (or a minute passed).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let back = connected_at.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|c| c.is_some()).count();
+        progress("reconnected", back as u64, clients as u64);
+        if back == clients || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut times: Vec<f64> = connected_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(|c| c.map(|t| t.duration_since(kill).as_secs_f64()))
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if times.is_empty() {
+            f64::NAN
+        } else {
+            times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1]
+        }
+    };
+
+    // A little more traffic after the restart, then check the ledger.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ledger_deadline = Instant::now() + Duration::from_secs(30);
+    let (lost, duplicated, acked_count) = loop {
+        let acked = acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let shown = shown.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let lost = acked.keys().filter(|c| !shown.contains_key(*c)).count() as u64;
+        let duplicated = shown.values().filter(|ids| ids.len() > 1).count() as u64;
+        if lost == 0 || Instant::now() > ledger_deadline {
+            break (lost, duplicated, acked.len() as u64);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for client in &clients_kept {
+        client.cancel();
+    }
+    for h in handles {
+        h.abort();
+    }
+    StormReport {
+        scenario: "storm".into(),
+        clients,
+        reconnect_99_seconds: at(0.99),
+        reconnect_all_seconds: at(1.0),
+        reconnected: times.len(),
+        acked: acked_count,
+        lost,
+        duplicated,
+        redelivered: redelivered.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}

@@ -56,3 +56,56 @@ async fn every_scenario_runs_and_loses_nothing() {
     gateway.shutdown(std::time::Duration::from_secs(5)).await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_clients_come_back_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("skylark.redb");
+    let manifest = provision(&db, 10, "storm").await.unwrap();
+    let store: Arc<dyn skylark_store::Store> = Arc::new(skylark_store::RedbStore::open(&db).unwrap());
+
+    let start = |http: &str, tcp: &str, store: Arc<dyn skylark_store::Store>| {
+        let mut config = skylark_server::Config::default();
+        config.listen.http = http.parse().unwrap();
+        config.listen.tcp = tcp.parse().unwrap();
+        async move {
+            let server = skylark_server::Server::new(
+                config,
+                store,
+                Arc::new(skylark_server::sms::ConsoleSms),
+                Arc::new(skylark_core::SystemClock),
+            )
+            .await
+            .unwrap();
+            let gateway = skylark_gateway::Gateway::start(server.clone()).await.unwrap();
+            (server, gateway)
+        }
+    };
+    let (server, gateway) = start("127.0.0.1:0", "127.0.0.1:0", store.clone()).await;
+    let (http, tcp) = (gateway.http_addr().to_string(), gateway.tcp_addr().to_string());
+    let target = Target {
+        http_base: format!("http://{http}"),
+        endpoint: Endpoint::Tcp(tcp.clone()),
+        sources: vec!["127.0.0.1".parse().unwrap()],
+    };
+    let running = Arc::new(tokio::sync::Mutex::new(Some((server, gateway))));
+    let restart = {
+        let (running, store) = (running.clone(), store.clone());
+        move || async move {
+            let mut running = running.lock().await;
+            if let Some((server, gateway)) = running.take() {
+                gateway.shutdown(std::time::Duration::from_secs(5)).await;
+                server.shutdown().await;
+            }
+            *running = Some(start(&http, &tcp, store).await);
+        }
+    };
+    let report = scenarios::storm(&target, &manifest, 10, restart).await;
+    assert_eq!(report.reconnected, 10, "{report:?}");
+    assert!(report.acked > 0, "{report:?}");
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report:?}");
+    if let Some((server, gateway)) = running.lock().await.take() {
+        gateway.shutdown(std::time::Duration::from_secs(5)).await;
+        server.shutdown().await;
+    }
+}

@@ -391,7 +391,13 @@ impl Actor {
                     match self.router.inner.store.cursor(self.account, device).await {
                         Ok(cursor) => {
                             // A device without a cursor predates cursors; it starts now.
-                            let start = cursor.unwrap_or(self.last_seq());
+                            let stored = cursor.unwrap_or(self.last_seq());
+                            // Acks taken earlier in this batch are not in the store yet,
+                            // and a connection being replaced knows its acks in memory:
+                            // start after the newest, so nothing acknowledged comes again.
+                            let pending = write.cursors.iter().rev().find(|(d, _)| *d == device).map(|(_, c)| *c);
+                            let live = self.devices.get(&device).map(|d| d.acked);
+                            let start = stored.max(pending.unwrap_or(0)).max(live.unwrap_or(0));
                             self.devices.insert(
                                 device,
                                 Attached { connection, events, acked: start, sent: start, caught_up: false },
