@@ -132,6 +132,14 @@ impl From<RegistrationError> for ApiError {
     }
 }
 
+/// Decodes a device public key sent as base64 (its length and curve point
+/// are checked by the service).
+fn public_key(text: &str) -> Result<Vec<u8>, ApiError> {
+    BASE64
+        .decode(text.as_bytes())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", "public_key is not base64"))
+}
+
 /// Parses a JSON body, answering malformed input in the API's own error shape.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_request", e.to_string()))
@@ -199,9 +207,7 @@ async fn verify(
     body: Bytes,
 ) -> Result<axum::Json<Value>, ApiError> {
     let request: VerifyRequest = parse(&body)?;
-    let key = BASE64
-        .decode(request.public_key.as_bytes())
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", "public_key is not base64"))?;
+    let key = public_key(&request.public_key)?;
     let registered =
         shared.server.registration.verify(&id, &request.code, &key, &request.device_name, peer.ip()).await?;
     Ok(axum::Json(json!({
@@ -248,9 +254,7 @@ async fn create_link(
     body: Bytes,
 ) -> Result<axum::Json<Value>, ApiError> {
     let request: LinkRequest = parse(&body)?;
-    let key = BASE64
-        .decode(request.public_key.as_bytes())
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", "public_key is not base64"))?;
+    let key = public_key(&request.public_key)?;
     let link = shared.server.devices.create_link(&key, &request.device_name, peer.ip()).map_err(device_api_error)?;
     Ok(axum::Json(json!({
         "link_id": link.link_id,

@@ -9,25 +9,29 @@ use skylark_load::provision::provision;
 use skylark_load::scenarios::{self, Target};
 use std::sync::Arc;
 
+/// A server on the given addresses over `store`.
+async fn start(
+    http: &str,
+    tcp: &str,
+    store: Arc<dyn skylark_store::Store>,
+) -> (Arc<skylark_server::Server>, skylark_gateway::Gateway) {
+    let mut config = skylark_server::Config::default();
+    config.listen.http = http.parse().unwrap();
+    config.listen.tcp = tcp.parse().unwrap();
+    let sms = Arc::new(skylark_server::sms::ConsoleSms);
+    let server = skylark_server::Server::new(config, store, sms, Arc::new(skylark_core::SystemClock)).await.unwrap();
+    let gateway = skylark_gateway::Gateway::start(server.clone()).await.unwrap();
+    (server, gateway)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("skylark.redb");
     let manifest = provision(&db, 40, "smoke").await.unwrap();
 
-    let mut config = skylark_server::Config::default();
-    config.listen.http = "127.0.0.1:0".parse().unwrap();
-    config.listen.tcp = "127.0.0.1:0".parse().unwrap();
     let store = Arc::new(skylark_store::RedbStore::open(&db).unwrap());
-    let server = skylark_server::Server::new(
-        config,
-        store,
-        Arc::new(skylark_server::sms::ConsoleSms),
-        Arc::new(skylark_core::SystemClock),
-    )
-    .await
-    .unwrap();
-    let gateway = skylark_gateway::Gateway::start(server.clone()).await.unwrap();
+    let (server, gateway) = start("127.0.0.1:0", "127.0.0.1:0", store).await;
     let target = Target {
         http_base: format!("http://{}", gateway.http_addr()),
         endpoint: Endpoint::Tcp(gateway.tcp_addr().to_string()),
@@ -64,23 +68,6 @@ async fn storm_clients_come_back_and_nothing_is_lost() {
     let manifest = provision(&db, 10, "storm").await.unwrap();
     let store: Arc<dyn skylark_store::Store> = Arc::new(skylark_store::RedbStore::open(&db).unwrap());
 
-    let start = |http: &str, tcp: &str, store: Arc<dyn skylark_store::Store>| {
-        let mut config = skylark_server::Config::default();
-        config.listen.http = http.parse().unwrap();
-        config.listen.tcp = tcp.parse().unwrap();
-        async move {
-            let server = skylark_server::Server::new(
-                config,
-                store,
-                Arc::new(skylark_server::sms::ConsoleSms),
-                Arc::new(skylark_core::SystemClock),
-            )
-            .await
-            .unwrap();
-            let gateway = skylark_gateway::Gateway::start(server.clone()).await.unwrap();
-            (server, gateway)
-        }
-    };
     let (server, gateway) = start("127.0.0.1:0", "127.0.0.1:0", store.clone()).await;
     let (http, tcp) = (gateway.http_addr().to_string(), gateway.tcp_addr().to_string());
     let target = Target {

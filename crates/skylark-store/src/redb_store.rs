@@ -208,6 +208,14 @@ impl RedbStore {
     }
 }
 
+/// A device record that an index entry names; its absence means the
+/// store is inconsistent.
+fn indexed_device(devices: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<Device, StoreError> {
+    let raw = devices.get(id).map_err(backend)?;
+    let raw = raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {id}")))?;
+    decode(raw.value())
+}
+
 fn next_id(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {
     let mut meta = txn.open_table(META).map_err(backend)?;
     let current = match meta.get(key).map_err(backend)? {
@@ -361,11 +369,7 @@ impl AccountStore for RedbStore {
             for entry in index.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)? {
                 let (key, _) = entry.map_err(backend)?;
                 let (_, device_id) = key.value();
-                let record = devices
-                    .get(device_id)
-                    .map_err(backend)?
-                    .ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device_id}")))?;
-                out.push(decode(record.value())?);
+                out.push(indexed_device(&devices, device_id)?);
             }
             Ok(out)
         })
@@ -410,12 +414,7 @@ impl AccountStore for RedbStore {
                 .collect::<Result<_, _>>()?;
             for device_id in old {
                 index.remove((account.id.0, device_id)).map_err(backend)?;
-                let mut record: Device = {
-                    let raw = devices.get(device_id).map_err(backend)?;
-                    let raw =
-                        raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device_id}")))?;
-                    decode(raw.value())?
-                };
+                let mut record = indexed_device(&devices, device_id)?;
                 record.removed_at_ms = Some(now_ms);
                 devices.insert(device_id, encode(&record)?.as_slice()).map_err(backend)?;
                 removed_devices.push(DeviceId(device_id));
@@ -487,11 +486,7 @@ impl AccountStore for RedbStore {
                 return Ok(false);
             }
             let mut devices = txn.open_table(DEVICES).map_err(backend)?;
-            let mut record: Device = {
-                let raw = devices.get(device.0).map_err(backend)?;
-                let raw = raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device}")))?;
-                decode(raw.value())?
-            };
+            let mut record = indexed_device(&devices, device.0)?;
             record.removed_at_ms = Some(now_ms);
             devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
             txn.open_table(CURSORS).map_err(backend)?.remove((account.0, device.0)).map_err(backend)?;
@@ -512,11 +507,7 @@ impl AccountStore for RedbStore {
                 return Ok(false);
             }
             let mut devices = txn.open_table(DEVICES).map_err(backend)?;
-            let mut record: Device = {
-                let raw = devices.get(device.0).map_err(backend)?;
-                let raw = raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {device}")))?;
-                decode(raw.value())?
-            };
+            let mut record = indexed_device(&devices, device.0)?;
             record.name = name;
             devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
             Ok(true)
