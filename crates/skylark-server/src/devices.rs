@@ -337,6 +337,13 @@ impl Devices {
         Ok(())
     }
 
+    /// Housekeeping: drops expired links and idle rate-limit state.
+    pub fn sweep(&self) {
+        self.forget_expired(&mut self.links(), self.clock.now_ms());
+        self.links_per_ip.forget_idle();
+        self.approvals.forget_idle();
+    }
+
     /// Records that a device was seen now (on connect and disconnect).
     pub fn touch(&self, device: DeviceId) {
         self.last_seen.lock().unwrap_or_else(PoisonError::into_inner).insert(device, self.clock.now_ms());
@@ -378,6 +385,21 @@ impl Devices {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn housekeeping_forgets_expired_links() {
+        let store: Arc<dyn Store> = Arc::new(skylark_store::RedbStore::in_memory().unwrap());
+        let clock = skylark_core::ManualClock::new(1_000);
+        let sessions = Arc::new(Sessions::default());
+        let router = Router::new(store.clone(), Arc::new(clock.clone()), Default::default());
+        let devices = Devices::new(store, Arc::new(clock.clone()), sessions, router, DevicesConfig::default());
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key().to_bytes();
+        let link = devices.create_link(&key, "x", "127.0.0.1".parse().unwrap()).unwrap();
+        clock.advance_ms(DevicesConfig::default().link_ttl_ms * 2 + 1);
+        devices.sweep();
+        assert!(devices.links().by_id.is_empty() && devices.links().by_code.is_empty());
+        assert_eq!(devices.wait_link(&link.link_id, Duration::ZERO).await, Err(DeviceError::UnknownLink));
+    }
 
     #[test]
     fn codes_are_unambiguous_and_forgiving() {

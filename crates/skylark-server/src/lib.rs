@@ -88,11 +88,14 @@ impl Server {
         self.devices.flush_last_seen().await;
     }
 
-    /// Periodic clean-up: forgets idle rate-limit keys, writes pending
-    /// last-seen times, and purges verification sessions older than a day.
+    /// Periodic clean-up: forgets idle rate-limit keys and expired link
+    /// codes, writes pending last-seen times, and purges verification
+    /// sessions older than a day.
     /// Call every minute or so.
     pub async fn housekeeping(&self) {
         self.registration.forget_idle_limits();
+        self.devices.sweep();
+        self.pusher.sweep();
         self.devices.flush_last_seen().await;
         let day_ago = self.clock.now_ms().saturating_sub(24 * 3_600_000);
         match self.store.purge_verifications(day_ago).await {

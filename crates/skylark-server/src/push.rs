@@ -233,6 +233,11 @@ impl Pusher {
         &self.inner.vapid.public
     }
 
+    /// Housekeeping: drops idle rate-limit state.
+    pub fn sweep(&self) {
+        self.inner.registrations.forget_idle();
+    }
+
     /// Stops pushes in progress.
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
