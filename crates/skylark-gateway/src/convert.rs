@@ -20,6 +20,7 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         MessagingError::UnknownRecipient => ErrorCode::UnknownRecipient,
         MessagingError::TooLarge { .. } => ErrorCode::MessageTooLarge,
         MessagingError::Unavailable(_) | MessagingError::ShuttingDown => ErrorCode::Unavailable,
+        MessagingError::RateLimited(_) => ErrorCode::RateLimited,
     }
 }
 

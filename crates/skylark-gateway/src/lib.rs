@@ -15,6 +15,7 @@ mod convert;
 mod http;
 pub mod metrics_endpoint;
 mod session;
+mod slots;
 mod tcp;
 mod transport;
 mod ws;
@@ -39,6 +40,8 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub ready: Arc<AtomicBool>,
+    /// Open connections per client address.
+    pub slots: Arc<slots::IpSlots>,
 }
 
 /// A running gateway.
@@ -63,6 +66,7 @@ impl Gateway {
         let http_addr = http_listener.local_addr()?;
         let tcp_addr = tcp_listener.local_addr()?;
         let shared = Shared {
+            slots: slots::IpSlots::new(server.config.limits.max_connections_per_ip),
             server,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

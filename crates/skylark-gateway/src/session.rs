@@ -306,7 +306,11 @@ fn device_error(id: u64, e: &DeviceError) -> ServerFrame {
 }
 
 fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
-    error(id, crate::convert::messaging_error_code(e), e.to_string())
+    let mut frame = error(id, crate::convert::messaging_error_code(e), e.to_string());
+    if let (MessagingError::RateLimited(wait), Some(server_frame::Body::Error(err))) = (e, frame.body.as_mut()) {
+        err.retry_after_ms = (wait.as_millis() as u64).max(1);
+    }
+    frame
 }
 
 /// The answer to one request from an authenticated device.
@@ -538,6 +542,7 @@ mod tests {
         let idle = Duration::from_millis(server.config.limits.idle_timeout_ms);
         assert!(idle < Duration::from_secs(60), "the default detects a vanished peer in under a minute");
         let shared = Shared {
+            slots: crate::slots::IpSlots::new(10),
             server: server.clone(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             tracker: tokio_util::task::TaskTracker::new(),

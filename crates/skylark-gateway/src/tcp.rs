@@ -28,8 +28,21 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
                 let _ = stream.set_nodelay(true);
                 let max = shared.server.config.limits.max_frame_bytes;
                 let framed = Framed::with_capacity(stream, FrameCodec::new(max), READ_BUFFER);
-                let transport = TcpTransport { framed };
-                shared.tracker.spawn(crate::session::run(shared.clone(), transport, peer, "tcp"));
+                let mut transport = TcpTransport { framed };
+                match shared.slots.acquire(peer.ip()) {
+                    Some(slot) => {
+                        let session = crate::session::run(shared.clone(), transport, peer, "tcp");
+                        shared.tracker.spawn(async move {
+                            session.await;
+                            drop(slot);
+                        });
+                    }
+                    None => {
+                        shared.tracker.spawn(async move {
+                            transport.close(CloseCode::TryAgainLater, "too many connections from this address").await;
+                        });
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tcp accept failed");

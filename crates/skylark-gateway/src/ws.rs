@@ -78,6 +78,11 @@ pub(crate) async fn upgrade(
     let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
         return bad_upgrade("connection cannot be upgraded");
     };
+    let Some(slot) = shared.slots.acquire(peer.ip()) else {
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, "too many connections from this address").into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return response;
+    };
 
     let limits = shared.server.config.limits;
     let config = WebSocketConfig::default()
@@ -98,6 +103,7 @@ pub(crate) async fn upgrade(
         let transport = WsTransport { ws, encoding, max_frame_bytes: limits.max_frame_bytes };
         let kind = if encoding == Encoding::Json { "ws-json" } else { "ws" };
         crate::session::run(shared, transport, peer, kind).await;
+        drop(slot);
     });
 
     let mut response = Response::new(axum::body::Body::empty());

@@ -77,6 +77,8 @@ pub struct Limits {
     pub http_body_bytes: usize,
     /// How long a typing indicator lasts unless the typist refreshes it.
     pub typing_ttl_ms: u64,
+    /// Open connections (TCP and WebSocket together) from one IP address.
+    pub max_connections_per_ip: u32,
 }
 
 impl Default for Limits {
@@ -90,6 +92,7 @@ impl Default for Limits {
             ws_read_buffer_bytes: 4 * 1024,
             http_body_bytes: 16 * 1024,
             typing_ttl_ms: 10_000,
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -118,6 +121,8 @@ pub struct RateLimits {
     pub checks_per_number: Quota,
     /// Code checks per client IP address.
     pub checks_per_ip: Quota,
+    /// Messages sent per device (and marks-read, which also travel).
+    pub messages_per_device: Quota,
 }
 
 impl Default for RateLimits {
@@ -129,6 +134,7 @@ impl Default for RateLimits {
             prefix_digits: 6,
             checks_per_number: Quota { burst: 10, per_ms: 60_000 },
             checks_per_ip: Quota { burst: 30, per_ms: 10_000 },
+            messages_per_device: Quota { burst: 1_000, per_ms: 10 },
         }
     }
 }

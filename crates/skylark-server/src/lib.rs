@@ -68,7 +68,12 @@ impl Server {
             &config.rate_limits,
         );
         let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms);
-        let router = router::Router::new(store.clone(), clock.clone(), config.messaging);
+        let router = router::Router::with_send_limit(
+            store.clone(),
+            clock.clone(),
+            config.messaging,
+            config.rate_limits.messages_per_device,
+        );
         let devices =
             devices::Devices::new(store.clone(), clock.clone(), sessions.clone(), router.clone(), config.devices);
         let presence = presence::Presence::new(store.clone(), clock.clone(), config.limits.typing_ttl_ms);
@@ -96,6 +101,7 @@ impl Server {
         self.registration.forget_idle_limits();
         self.devices.sweep();
         self.pusher.sweep();
+        self.router.sweep();
         self.devices.flush_last_seen().await;
         let day_ago = self.clock.now_ms().saturating_sub(24 * 3_600_000);
         match self.store.purge_verifications(day_ago).await {

@@ -84,6 +84,8 @@ pub enum MessagingError {
     Unavailable(String),
     #[error("server shutting down")]
     ShuttingDown,
+    #[error("too many messages; retry in {} ms", .0.as_millis())]
+    RateLimited(std::time::Duration),
 }
 
 impl From<StoreError> for MessagingError {

@@ -48,6 +48,8 @@ pub(crate) struct RouterInner {
     tracker: TaskTracker,
     /// Told when an account received messages (push wakes offline devices).
     waker: std::sync::OnceLock<Arc<dyn Fn(AccountId) + Send + Sync>>,
+    /// Sends per device, against floods from one (possibly stolen) device.
+    sends: crate::ratelimit::KeyedLimiter,
 }
 
 /// Cheap to clone; all clones share one registry.
@@ -69,6 +71,16 @@ fn gone() -> MessagingError {
 
 impl Router {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: MessagingConfig) -> Self {
+        Self::with_send_limit(store, clock, config, crate::config::RateLimits::default().messages_per_device)
+    }
+
+    /// As [`Router::new`], with the per-device send limit given.
+    pub fn with_send_limit(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: MessagingConfig,
+        sends: crate::config::Quota,
+    ) -> Self {
         Self {
             inner: Arc::new(RouterInner {
                 registry: Mutex::new(Registry::default()),
@@ -81,6 +93,7 @@ impl Router {
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 waker: std::sync::OnceLock::new(),
+                sends: crate::ratelimit::KeyedLimiter::new("messages_per_device", sends),
             }),
         }
     }
@@ -98,6 +111,11 @@ impl Router {
 
     pub fn config(&self) -> &MessagingConfig {
         &self.inner.config
+    }
+
+    /// Housekeeping: drops idle rate-limit state.
+    pub fn sweep(&self) {
+        self.inner.sends.forget_idle();
     }
 
     pub fn live_actors(&self) -> usize {
@@ -219,6 +237,7 @@ impl Router {
         if !valid_client_id(&request.client_id) {
             return Err(MessagingError::InvalidClientId);
         }
+        self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
         let max = self.inner.config.max_payload_bytes;
         if request.payload.len() > max {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });

@@ -11,6 +11,7 @@ mod devices;
 mod frames;
 mod harness;
 mod lifecycle;
+mod limits;
 mod messaging;
 mod presence;
 mod push;
