@@ -366,6 +366,13 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                             let _ = handle.mark_read(id.sender, id.seq).await;
                         }
                     }
+                    // This window already showed what it sent ("✓ you: …") and
+                    // marks what it shows as read; copies of those are noise here.
+                    // (Messages sent from the account's other devices still show.)
+                    Some(Body::Message(m))
+                        if m.id.is_some_and(|id| id.sender == identity.account_id)
+                            && m.sender_device == identity.device_id => {}
+                    Some(Body::ReadSync(_)) => {}
                     Some(Body::Receipt(r)) if r.peer_phone == peer_phone => {
                         let mark = if r.kind == ReceiptKind::Read as i32 { "✓✓ (read)" } else { "✓✓" };
                         for (_, (text, state)) in mine.range_mut(..=r.up_to_seq) {
