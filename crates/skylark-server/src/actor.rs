@@ -95,6 +95,12 @@ pub(crate) enum Msg {
     },
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+struct Position {
+    handed: u64,
+    acked: u64,
+}
+
 struct Attached {
     connection: u64,
     events: mpsc::Sender<DeviceEvent>,
@@ -141,6 +147,11 @@ struct Actor {
     /// Destinations with a forward task running.
     forwarding: HashSet<AccountId>,
     devices: HashMap<DeviceId, Attached>,
+    /// Per device, whatever its connections: the highest sequence ever
+    /// handed to it and the highest it acknowledged. An ack that arrives
+    /// after its connection closed is still true of the device, so it is
+    /// kept here rather than with the connection.
+    positions: HashMap<DeviceId, Position>,
     recent: VecDeque<(u64, Arc<LogEntry>)>,
     /// Highest sequence any device acknowledged (delivery receipts go out
     /// when it advances).
@@ -287,6 +298,7 @@ impl Actor {
             outbox,
             forwarding: HashSet::new(),
             devices: HashMap::new(),
+            positions: HashMap::new(),
             recent: VecDeque::new(),
             delivered,
             inbound: HashMap::new(),
@@ -392,12 +404,14 @@ impl Actor {
                         Ok(cursor) => {
                             // A device without a cursor predates cursors; it starts now.
                             let stored = cursor.unwrap_or(self.last_seq());
-                            // Acks taken earlier in this batch are not in the store yet,
-                            // and a connection being replaced knows its acks in memory:
-                            // start after the newest, so nothing acknowledged comes again.
-                            let pending = write.cursors.iter().rev().find(|(d, _)| *d == device).map(|(_, c)| *c);
-                            let live = self.devices.get(&device).map(|d| d.acked);
-                            let start = stored.max(pending.unwrap_or(0)).max(live.unwrap_or(0));
+                            // Acks taken since the last commit (maybe from the
+                            // connection this one replaces) are not in the store
+                            // yet: start after the newest, so nothing acknowledged
+                            // comes again.
+                            let position = self.positions.entry(device).or_default();
+                            let start = stored.max(position.acked);
+                            position.acked = start;
+                            position.handed = position.handed.max(start);
                             self.devices.insert(
                                 device,
                                 Attached { connection, events, acked: start, sent: start, caught_up: false },
@@ -424,6 +438,7 @@ impl Actor {
                     let change = *change;
                     if let DeviceChange::Removed { device } = &change {
                         self.devices.remove(device);
+                        self.positions.remove(device);
                     }
                     let at_ms = self.now();
                     self.append(&mut write, LogEntry::Devices { change, at_ms });
@@ -589,15 +604,19 @@ impl Actor {
         up_to: u64,
         kick: &mut HashSet<AccountId>,
     ) -> Result<(), StoreError> {
-        let Some(dev) = self.devices.get_mut(&device).filter(|d| d.connection == connection) else {
+        let Some(position) = self.positions.get_mut(&device) else {
             return Ok(());
         };
-        // Acks can only cover what was handed out; anything else is ignored.
-        let up_to = up_to.min(dev.sent);
-        if up_to <= dev.acked {
+        // Acks can only cover what was handed to the device; beyond that they
+        // are clamped. They count whichever of its connections sent them.
+        let up_to = up_to.min(position.handed);
+        if up_to <= position.acked {
             return Ok(());
         }
-        dev.acked = up_to;
+        position.acked = up_to;
+        if let Some(dev) = self.devices.get_mut(&device).filter(|d| d.connection == connection) {
+            dev.acked = dev.acked.max(up_to);
+        }
         write.cursors.push((device, up_to));
         if up_to <= self.delivered {
             return Ok(());
@@ -694,7 +713,11 @@ impl Actor {
             let Some(dev) = self.devices.get_mut(&device) else { return Ok(()) };
             for (seq, entry) in entries {
                 match dev.events.try_send(DeviceEvent::Entry { seq, entry }) {
-                    Ok(()) => dev.sent = seq,
+                    Ok(()) => {
+                        dev.sent = seq;
+                        let position = self.positions.entry(device).or_default();
+                        position.handed = position.handed.max(seq);
+                    }
                     Err(mpsc::error::TrySendError::Full(_)) => return Ok(()),
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         self.devices.remove(&device);
