@@ -97,11 +97,79 @@ impl SessionHandle {
     /// Resending with the same `client_id` is safe: the server returns the
     /// first ack with `duplicate` set.
     pub async fn send(&self, to: &str, client_id: &str, payload: Vec<u8>) -> Result<v1::SendAck, ClientError> {
-        let body =
-            client_frame::Body::Send(v1::SendMessage { client_id: client_id.to_owned(), to: to.to_owned(), payload });
+        let body = client_frame::Body::Send(v1::SendMessage {
+            client_id: client_id.to_owned(),
+            to: to.to_owned(),
+            group: 0,
+            payload,
+        });
+        self.send_body(body).await
+    }
+
+    /// Posts a message to a group; returns once it is durable in the
+    /// group's log. The ack's id is (group, group sequence).
+    pub async fn send_to_group(
+        &self,
+        group: u64,
+        client_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<v1::SendAck, ClientError> {
+        let body = client_frame::Body::Send(v1::SendMessage {
+            client_id: client_id.to_owned(),
+            to: String::new(),
+            group,
+            payload,
+        });
+        self.send_body(body).await
+    }
+
+    async fn send_body(&self, body: client_frame::Body) -> Result<v1::SendAck, ClientError> {
         match self.request(body).await? {
             server_frame::Body::SendAck(ack) => Ok(ack),
             other => Err(ClientError::Protocol(format!("expected SendAck, got {other:?}"))),
+        }
+    }
+
+    /// Creates a group (you are its admin) with members given by phone number.
+    pub async fn create_group(&self, subject: &str, members: &[&str]) -> Result<v1::GroupInfo, ClientError> {
+        let members = members.iter().map(|p| (*p).to_owned()).collect();
+        self.group_info_of(client_frame::Body::CreateGroup(v1::CreateGroup { subject: subject.to_owned(), members }))
+            .await
+    }
+
+    /// Changes a group; returns the group after the change.
+    pub async fn change_group(
+        &self,
+        group: u64,
+        change: v1::change_group::Change,
+    ) -> Result<v1::GroupInfo, ClientError> {
+        self.group_info_of(client_frame::Body::ChangeGroup(v1::ChangeGroup { group, change: Some(change) })).await
+    }
+
+    pub async fn group_info(&self, group: u64) -> Result<v1::GroupInfo, ClientError> {
+        self.group_info_of(client_frame::Body::GetGroup(v1::GetGroup { group })).await
+    }
+
+    async fn group_info_of(&self, body: client_frame::Body) -> Result<v1::GroupInfo, ClientError> {
+        match self.request(body).await? {
+            server_frame::Body::GroupInfo(info) => Ok(info),
+            other => Err(ClientError::Protocol(format!("expected GroupInfo, got {other:?}"))),
+        }
+    }
+
+    /// The groups this account is a member of.
+    pub async fn list_groups(&self) -> Result<Vec<v1::GroupInfo>, ClientError> {
+        match self.request(client_frame::Body::ListGroups(v1::ListGroups {})).await? {
+            server_frame::Body::GroupList(list) => Ok(list.groups),
+            other => Err(ClientError::Protocol(format!("expected GroupList, got {other:?}"))),
+        }
+    }
+
+    /// Who has one of your group messages (`seq`: its group sequence).
+    pub async fn message_info(&self, group: u64, seq: u64) -> Result<v1::MessageInfo, ClientError> {
+        match self.request(client_frame::Body::GetMessageInfo(v1::GetMessageInfo { group, seq })).await? {
+            server_frame::Body::MessageInfo(info) => Ok(info),
+            other => Err(ClientError::Protocol(format!("expected MessageInfo, got {other:?}"))),
         }
     }
 

@@ -11,6 +11,8 @@
 //! (see [`OutboxItem`]), in order per destination.
 
 use crate::account::{AccountId, DeviceId};
+use crate::group::GroupEvent;
+use std::sync::Arc;
 
 /// A message's identity everywhere: the sender's account and the sequence
 /// number the sender's log gave it.
@@ -53,6 +55,10 @@ pub enum LogEntry {
     ReadSync { peer: AccountId, up_to: u64, at_ms: u64 },
     /// The account's set of devices changed; every device is told.
     Devices { change: DeviceChange, at_ms: u64 },
+    /// An event of a group: in the group's own log, and in the log of
+    /// every account that was a member when it happened. Shared, because
+    /// one event goes to every member.
+    Group(Arc<GroupEvent>),
 }
 
 /// A change to an account's devices, as recorded in its log.
@@ -71,6 +77,7 @@ impl LogEntry {
             LogEntry::Receipt { at_ms, .. } | LogEntry::ReadSync { at_ms, .. } | LogEntry::Devices { at_ms, .. } => {
                 *at_ms
             }
+            LogEntry::Group(e) => e.at_ms,
         }
     }
 }
@@ -86,6 +93,9 @@ pub enum Forward {
         up_to: u64,
         at_ms: u64,
     },
+    /// A group's event, for a member's log. The outbox sequence of a
+    /// group's forward is its own; the event carries the group sequence.
+    Group(Arc<GroupEvent>),
 }
 
 /// A forward waiting in the sender's durable outbox until the destination

@@ -2,6 +2,7 @@
 
 use skylark_core::AccountId;
 use skylark_core::DeviceId;
+use skylark_core::group::{GroupBody, GroupError, GroupEvent, GroupMeta, Role};
 use skylark_core::message::DeviceChange;
 use skylark_core::message::{LogEntry, MessageId, ReceiptKind};
 use skylark_protocol::v1::{self, event, server_frame};
@@ -21,6 +22,19 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         MessagingError::TooLarge { .. } => ErrorCode::MessageTooLarge,
         MessagingError::Unavailable(_) | MessagingError::ShuttingDown => ErrorCode::Unavailable,
         MessagingError::RateLimited(_) => ErrorCode::RateLimited,
+        MessagingError::Group(e) => match e {
+            GroupError::UnknownGroup => ErrorCode::UnknownGroup,
+            GroupError::NotAMember => ErrorCode::NotAMember,
+            GroupError::NotAnAdmin | GroupError::AdminOnly | GroupError::LastAdmin | GroupError::NotAuthor => {
+                ErrorCode::Forbidden
+            }
+            GroupError::Full(_) => ErrorCode::GroupFull,
+            GroupError::UnknownMessage => ErrorCode::UnknownMessage,
+            GroupError::NotMember(_)
+            | GroupError::AlreadyMember(_)
+            | GroupError::InvalidSubject
+            | GroupError::NoMembers => ErrorCode::InvalidArgument,
+        },
     }
 }
 
@@ -36,6 +50,9 @@ fn receipt_kind(kind: ReceiptKind) -> v1::ReceiptKind {
 }
 
 async fn phone(router: &Router, account: AccountId) -> String {
+    if account.is_group() {
+        return String::new();
+    }
     match router.phone_of(account).await {
         Ok(Some(phone)) => phone.to_string(),
         _ => String::new(),
@@ -67,6 +84,69 @@ pub(crate) fn device_info(info: &DeviceInfo, current: DeviceId) -> v1::DeviceInf
 
 fn named(device: DeviceId, name: &str) -> v1::DeviceInfo {
     v1::DeviceInfo { id: device.0, name: name.to_owned(), ..v1::DeviceInfo::default() }
+}
+
+async fn member(router: &Router, account: AccountId, role: Role, joined_seq: u64) -> v1::GroupMember {
+    v1::GroupMember { account: account.0, phone: phone(router, account).await, admin: role == Role::Admin, joined_seq }
+}
+
+/// A member named in an event (role and join are in the group's info).
+async fn named_member(router: &Router, account: AccountId) -> v1::GroupMember {
+    member(router, account, Role::Member, 0).await
+}
+
+pub(crate) async fn group_info(router: &Router, meta: &GroupMeta) -> v1::GroupInfo {
+    let mut members = Vec::with_capacity(meta.members.len());
+    for m in &meta.members {
+        members.push(member(router, m.account, m.role, m.joined_seq).await);
+    }
+    v1::GroupInfo {
+        id: meta.id.0,
+        subject: meta.subject.clone(),
+        created_by: meta.created_by.0,
+        created_at_ms: meta.created_at_ms,
+        admin_only: meta.admin_only,
+        members,
+    }
+}
+
+async fn group_event(router: &Router, e: &GroupEvent) -> v1::GroupEvent {
+    use v1::group_event::Body;
+    let body = match &e.body {
+        GroupBody::Message { device, client_id, payload } => Body::Message(v1::GroupMessage {
+            sender_device: device.0,
+            client_id: client_id.clone(),
+            payload: payload.clone(),
+        }),
+        GroupBody::Created { subject, members } => {
+            let mut out = Vec::with_capacity(members.len());
+            for (m, role) in members {
+                out.push(member(router, *m, *role, e.seq).await);
+            }
+            Body::Created(v1::GroupCreated { subject: subject.clone(), members: out })
+        }
+        GroupBody::Added { members } => {
+            let mut out = Vec::with_capacity(members.len());
+            for m in members {
+                out.push(member(router, *m, Role::Member, e.seq).await);
+            }
+            Body::Added(v1::GroupMembers { members: out })
+        }
+        GroupBody::Removed { member } => Body::Removed(named_member(router, *member).await),
+        GroupBody::Left => Body::Left(v1::Leave {}),
+        GroupBody::Promoted { member } => Body::Promoted(named_member(router, *member).await),
+        GroupBody::Demoted { member } => Body::Demoted(named_member(router, *member).await),
+        GroupBody::Subject { subject } => Body::Subject(subject.clone()),
+        GroupBody::AdminOnly { admin_only } => Body::AdminOnly(*admin_only),
+    };
+    v1::GroupEvent {
+        group: e.group.0,
+        group_seq: e.seq,
+        by: e.by.0,
+        by_phone: phone(router, e.by).await,
+        at_ms: e.at_ms,
+        body: Some(body),
+    }
 }
 
 /// One log entry as a wire event.
@@ -102,6 +182,7 @@ pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> v1::Ev
                 DeviceChange::Removed { device } => v1::device_change::Change::Removed(device.0),
             }),
         }),
+        LogEntry::Group(e) => event::Body::Group(group_event(router, e).await),
     };
     v1::Event { seq, body: Some(body) }
 }

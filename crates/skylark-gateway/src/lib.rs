@@ -12,6 +12,7 @@
 //! waits for the tracked connections to close.
 
 mod convert;
+mod groups;
 mod http;
 pub mod metrics_endpoint;
 mod session;

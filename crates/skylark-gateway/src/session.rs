@@ -44,11 +44,11 @@ impl Ending {
     }
 }
 
-fn reply(id: u64, body: server_frame::Body) -> ServerFrame {
+pub(crate) fn reply(id: u64, body: server_frame::Body) -> ServerFrame {
     ServerFrame { id, body: Some(body) }
 }
 
-fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+pub(crate) fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
     reply(id, server_frame::Body::Error(v1::Error { code: code as i32, message: message.into(), retry_after_ms: 0 }))
 }
 
@@ -194,7 +194,7 @@ const MAX_IN_FLIGHT: usize = 64;
 type Deferred = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
 
 /// How a request is answered.
-enum Answer {
+pub(crate) enum Answer {
     Now(ServerFrame),
     /// Once the actor has made it durable.
     Later(Deferred),
@@ -305,7 +305,7 @@ fn device_error(id: u64, e: &DeviceError) -> ServerFrame {
     error(id, crate::convert::device_error_code(e), e.to_string())
 }
 
-fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
+pub(crate) fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
     let mut frame = error(id, crate::convert::messaging_error_code(e), e.to_string());
     if let (MessagingError::RateLimited(wait), Some(server_frame::Body::Error(err))) = (e, frame.body.as_mut()) {
         err.retry_after_ms = (wait.as_millis() as u64).max(1);
@@ -350,7 +350,8 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
             }),
         ),
         Some(client_frame::Body::Send(send)) => {
-            let request = SendRequest { client_id: send.client_id, to: send.to, payload: send.payload };
+            let group = (send.group != 0).then_some(AccountId(send.group));
+            let request = SendRequest { client_id: send.client_id, to: send.to, group, payload: send.payload };
             return match router.send(account, device, request).await {
                 Ok(durable) => Answer::Later(Box::pin(async move {
                     match durable.await {
@@ -462,6 +463,13 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
             },
             Err(why) => error(id, ErrorCode::InvalidArgument, why),
         },
+        Some(
+            body @ (client_frame::Body::CreateGroup(_)
+            | client_frame::Body::ChangeGroup(_)
+            | client_frame::Body::GetGroup(_)
+            | client_frame::Body::ListGroups(_)
+            | client_frame::Body::GetMessageInfo(_)),
+        ) => return crate::groups::answer(router, account, device, id, body).await,
         Some(client_frame::Body::Hello(_) | client_frame::Body::Authenticate(_)) => {
             error(id, ErrorCode::AlreadyAuthenticated, "this connection is already authenticated")
         }

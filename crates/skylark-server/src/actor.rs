@@ -19,7 +19,9 @@
 //! a destination drops forwards at or below the highest outbox sequence it
 //! applied from that source; receipts only ever move forward.
 
-use crate::messaging::{DeviceEvent, MessagingError, SendAck};
+mod group;
+
+use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingError, SendAck};
 use crate::router::Router;
 use rand::Rng;
 use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
@@ -50,15 +52,33 @@ pub(crate) type Batch = Arc<[(u64, Forward)]>;
 /// its first block of 32 slots up front, so the size of `Msg` is paid 32
 /// times by every idle actor.
 pub(crate) struct SendMail {
+    /// The sending account (the actor's own, unless the actor is a group's).
+    pub account: AccountId,
     pub device: DeviceId,
     pub client_id: String,
-    pub to: PhoneNumber,
+    pub to: Recipient,
     pub payload: Vec<u8>,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
 }
 
+/// Where a send goes.
+pub(crate) enum Recipient {
+    /// One account, by phone number (the mail goes to the sender's actor).
+    Phone(PhoneNumber),
+    /// The group whose actor gets the mail.
+    Group,
+}
+
+/// A member's request to a group's actor.
+pub(crate) struct GroupMail {
+    pub from: AccountId,
+    pub request: GroupRequest,
+    pub reply: oneshot::Sender<Result<GroupReply, MessagingError>>,
+}
+
 pub(crate) enum Msg {
     Send(Box<SendMail>),
+    Group(Box<GroupMail>),
     Deliver {
         from: AccountId,
         items: Batch,
@@ -115,6 +135,7 @@ struct Attached {
 enum Pending {
     Send(oneshot::Sender<Result<SendAck, MessagingError>>, SendAck),
     Deliver(oneshot::Sender<Result<u64, MessagingError>>, u64),
+    Group(oneshot::Sender<Result<GroupReply, MessagingError>>, GroupReply),
     /// A plain "done" answer (mark read, device change).
     Done(oneshot::Sender<Result<(), MessagingError>>),
 }
@@ -124,6 +145,7 @@ impl Pending {
         match self {
             Pending::Send(reply, _) => drop(reply.send(Err(e))),
             Pending::Deliver(reply, _) => drop(reply.send(Err(e))),
+            Pending::Group(reply, _) => drop(reply.send(Err(e))),
             Pending::Done(reply) => drop(reply.send(Err(e))),
         }
     }
@@ -132,6 +154,7 @@ impl Pending {
         match self {
             Pending::Send(reply, ack) => drop(reply.send(Ok(ack))),
             Pending::Deliver(reply, hwm) => drop(reply.send(Ok(hwm))),
+            Pending::Group(reply, answer) => drop(reply.send(Ok(answer))),
             Pending::Done(reply) => drop(reply.send(Ok(()))),
         }
     }
@@ -161,6 +184,8 @@ struct Actor {
     read_markers: HashMap<AccountId, u64>,
     /// Peers known to be recorded as contacts (sent a message to).
     contacts: HashSet<AccountId>,
+    /// Set when the actor is a group's (and the group exists).
+    group: Option<Box<group::GroupState>>,
 }
 
 /// The actor's task.
@@ -237,6 +262,7 @@ async fn fail_all(
     while let Some(msg) = mailbox.recv().await {
         match msg {
             Msg::Send(mail) => drop(mail.reply.send(Err(error.clone()))),
+            Msg::Group(mail) => drop(mail.reply.send(Err(error.clone()))),
             Msg::Deliver { reply, .. } => drop(reply.send(Err(error.clone()))),
             Msg::Attach { reply, .. } => drop(reply.send(Err(error.clone()))),
             Msg::MarkRead { reply, .. } | Msg::DeviceChange { reply, .. } => drop(reply.send(Err(error.clone()))),
@@ -305,7 +331,11 @@ impl Actor {
             receipts: HashMap::new(),
             read_markers: HashMap::new(),
             contacts: HashSet::new(),
+            group: None,
         };
+        if account.is_group() {
+            actor.group = group::GroupState::load(&*store, account).await?.map(Box::new);
+        }
         // Forwards left over from before a restart resume at once.
         let destinations: Vec<AccountId> = actor.outbox.keys().copied().collect();
         for to in destinations {
@@ -359,11 +389,48 @@ impl Actor {
 
         for msg in batch {
             let step = match msg {
+                Msg::Send(mail) if self.account.is_group() => {
+                    match self.post(&mut write, &mut batch_ids, &mail, &mut kick).await {
+                        Ok(ack) => {
+                            pending.push(Pending::Send(mail.reply, ack));
+                            Ok(())
+                        }
+                        Err(SendFailure::Refused(e)) => {
+                            let _ = mail.reply.send(Err(e));
+                            Ok(())
+                        }
+                        Err(SendFailure::Store(e)) => {
+                            let _ = mail.reply.send(Err(e.clone().into()));
+                            Err(e)
+                        }
+                    }
+                }
                 Msg::Send(mail) => {
-                    let SendMail { device, client_id, to, payload, reply } = *mail;
+                    let SendMail { device, client_id, to, payload, reply, .. } = *mail;
+                    let Recipient::Phone(to) = to else {
+                        let _ = reply.send(Err(skylark_core::group::GroupError::UnknownGroup.into()));
+                        continue;
+                    };
                     match self.send(&mut write, &mut batch_ids, device, client_id, to, payload, &mut kick).await {
                         Ok(ack) => {
                             pending.push(Pending::Send(reply, ack));
+                            Ok(())
+                        }
+                        Err(SendFailure::Refused(e)) => {
+                            let _ = reply.send(Err(e));
+                            Ok(())
+                        }
+                        Err(SendFailure::Store(e)) => {
+                            let _ = reply.send(Err(e.clone().into()));
+                            Err(e)
+                        }
+                    }
+                }
+                Msg::Group(mail) => {
+                    let GroupMail { from, request, reply } = *mail;
+                    match self.group_request(&mut write, from, request, &mut kick).await {
+                        Ok(answer) => {
+                            pending.push(Pending::Group(reply, answer));
                             Ok(())
                         }
                         Err(SendFailure::Refused(e)) => {
@@ -464,12 +531,22 @@ impl Actor {
             }
         }
 
+        if failed.is_none() && self.group.is_some() {
+            if let Err(e) = self.advance_marks(&mut write, &mut kick).await {
+                failed = Some(e);
+            }
+        }
         // Messages received in this batch may need to wake offline devices.
         let account = self.account;
-        let incoming = write
-            .appends
-            .iter()
-            .any(|(_, e)| matches!(e, LogEntry::Message(m) if m.to == account && m.id.sender != account));
+        let incoming = write.appends.iter().any(|(_, e)| match e {
+            LogEntry::Message(m) => m.to == account && m.id.sender != account,
+            LogEntry::Group(g) => {
+                !account.is_group()
+                    && g.by != account
+                    && matches!(g.body, skylark_core::group::GroupBody::Message { .. })
+            }
+            _ => false,
+        });
         if failed.is_none() && !write.is_empty() {
             if let Err(e) = self.router.inner.store.apply(write).await {
                 failed = Some(e);
@@ -567,7 +644,16 @@ impl Actor {
             if *oseq <= applied {
                 continue;
             }
+            if self.account.is_group() {
+                self.group_receipt(write, from, forward);
+                applied = *oseq;
+                continue;
+            }
             match forward {
+                Forward::Group(event) => {
+                    self.append(write, LogEntry::Group(event.clone()));
+                    metrics::counter!("skylark_group_events_stored_total").increment(1);
+                }
                 Forward::Message(m) => {
                     self.append(write, LogEntry::Message(m.clone()));
                     metrics::counter!("skylark_messages_stored_total").increment(1);
@@ -623,12 +709,24 @@ impl Actor {
         }
         // The account received these entries: send delivery receipts, one
         // per sender, for the highest of its messages among them.
+        // Groups get one for every event, so they know how far each member is.
         let mut highest: HashMap<AccountId, u64> = HashMap::new();
-        for (_, entry) in self.entries(self.delivered + 1, up_to).await? {
-            if let LogEntry::Message(m) = entry.as_ref() {
-                if m.to == self.account && m.id.sender != self.account {
-                    let h = highest.entry(m.id.sender).or_default();
-                    *h = (*h).max(m.id.seq);
+        let mut next = self.delivered + 1;
+        while next <= up_to {
+            let chunk = self.entries(next, up_to).await?;
+            let Some((last, _)) = chunk.last() else { break };
+            next = last + 1;
+            for (_, entry) in chunk {
+                match entry.as_ref() {
+                    LogEntry::Message(m) if m.to == self.account && m.id.sender != self.account => {
+                        let h = highest.entry(m.id.sender).or_default();
+                        *h = (*h).max(m.id.seq);
+                    }
+                    LogEntry::Group(g) => {
+                        let h = highest.entry(g.group).or_default();
+                        *h = (*h).max(g.seq);
+                    }
+                    _ => {}
                 }
             }
         }

@@ -123,6 +123,8 @@ pub struct RateLimits {
     pub checks_per_ip: Quota,
     /// Messages sent per device (and marks-read, which also travel).
     pub messages_per_device: Quota,
+    /// Group creations and changes (members, admins, subject) per device.
+    pub group_changes_per_device: Quota,
 }
 
 impl Default for RateLimits {
@@ -135,6 +137,7 @@ impl Default for RateLimits {
             checks_per_number: Quota { burst: 10, per_ms: 60_000 },
             checks_per_ip: Quota { burst: 30, per_ms: 10_000 },
             messages_per_device: Quota { burst: 1_000, per_ms: 10 },
+            group_changes_per_device: Quota { burst: 30, per_ms: 2_000 },
         }
     }
 }

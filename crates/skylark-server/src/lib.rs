@@ -68,12 +68,7 @@ impl Server {
             &config.rate_limits,
         );
         let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms);
-        let router = router::Router::with_send_limit(
-            store.clone(),
-            clock.clone(),
-            config.messaging,
-            config.rate_limits.messages_per_device,
-        );
+        let router = router::Router::with_limits(store.clone(), clock.clone(), config.messaging, &config.rate_limits);
         let devices =
             devices::Devices::new(store.clone(), clock.clone(), sessions.clone(), router.clone(), config.devices);
         let presence = presence::Presence::new(store.clone(), clock.clone(), config.limits.typing_ttl_ms);

@@ -1,7 +1,9 @@
 //! The messaging API the gateway calls, on domain types.
 
+use skylark_core::group::{GroupChange, GroupError, GroupMeta};
 use skylark_core::message::{LogEntry, MessageId};
 use skylark_core::phone::PhoneError;
+use skylark_core::{AccountId, DeviceId};
 use skylark_store::StoreError;
 use std::sync::Arc;
 
@@ -22,6 +24,8 @@ pub struct MessagingConfig {
     pub forward_retry_max_ms: u64,
     /// A forward not acknowledged within this time is retried.
     pub forward_timeout_ms: u64,
+    /// Members of one group, at most (admins included).
+    pub max_group_members: usize,
 }
 
 impl Default for MessagingConfig {
@@ -33,6 +37,7 @@ impl Default for MessagingConfig {
             forward_retry_base_ms: 50,
             forward_retry_max_ms: 30_000,
             forward_timeout_ms: 10_000,
+            max_group_members: 1024,
         }
     }
 }
@@ -41,9 +46,45 @@ impl Default for MessagingConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendRequest {
     pub client_id: String,
-    /// The recipient's phone number, as the user typed it.
+    /// The recipient's phone number, as the user typed it (ignored when
+    /// `group` is set).
     pub to: String,
+    /// Post to this group instead.
+    pub group: Option<AccountId>,
     pub payload: Vec<u8>,
+}
+
+/// A member's request to a group, other than posting (see [`SendRequest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupRequest {
+    Create {
+        subject: String,
+        members: Vec<AccountId>,
+    },
+    Change(GroupChange),
+    Info,
+    /// Delivery and read state of one of the asker's messages, per member.
+    MessageInfo {
+        seq: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupReply {
+    /// The group's state after the request.
+    Info(GroupMeta),
+    MessageInfo(MessageInfo),
+}
+
+/// Who has one group message: every member other than its author that
+/// was a member when it was posted and still is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageInfo {
+    pub seq: u64,
+    pub device: DeviceId,
+    pub sent_at_ms: u64,
+    /// (member, delivered to one of its devices, read) by member id.
+    pub recipients: Vec<(AccountId, bool, bool)>,
 }
 
 /// The single tick: the message is durable in the sender's log.
@@ -86,6 +127,8 @@ pub enum MessagingError {
     ShuttingDown,
     #[error("too many messages; retry in {} ms", .0.as_millis())]
     RateLimited(std::time::Duration),
+    #[error(transparent)]
+    Group(#[from] GroupError),
 }
 
 impl From<StoreError> for MessagingError {

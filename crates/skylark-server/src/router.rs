@@ -7,7 +7,9 @@
 //! actors never write one account at the same time.
 
 use crate::actor::{self, Msg};
-use crate::messaging::{DeviceEvent, MessagingConfig, MessagingError, SendAck, SendRequest};
+use crate::actor::{GroupMail, Recipient};
+use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingConfig, MessagingError, SendAck, SendRequest};
+use skylark_core::group::{GroupError, GroupMeta};
 use skylark_core::message::{DeviceChange, valid_client_id};
 use skylark_core::{AccountId, Clock, DeviceId, PhoneNumber};
 use skylark_store::Store;
@@ -50,6 +52,8 @@ pub(crate) struct RouterInner {
     waker: std::sync::OnceLock<Arc<dyn Fn(AccountId) + Send + Sync>>,
     /// Sends per device, against floods from one (possibly stolen) device.
     sends: crate::ratelimit::KeyedLimiter,
+    /// Group creations and changes per device.
+    group_changes: crate::ratelimit::KeyedLimiter,
 }
 
 /// Cheap to clone; all clones share one registry.
@@ -71,15 +75,15 @@ fn gone() -> MessagingError {
 
 impl Router {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: MessagingConfig) -> Self {
-        Self::with_send_limit(store, clock, config, crate::config::RateLimits::default().messages_per_device)
+        Self::with_limits(store, clock, config, &crate::config::RateLimits::default())
     }
 
-    /// As [`Router::new`], with the per-device send limit given.
-    pub fn with_send_limit(
+    /// As [`Router::new`], with the per-device rate limits given.
+    pub fn with_limits(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         config: MessagingConfig,
-        sends: crate::config::Quota,
+        limits: &crate::config::RateLimits,
     ) -> Self {
         Self {
             inner: Arc::new(RouterInner {
@@ -93,7 +97,11 @@ impl Router {
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 waker: std::sync::OnceLock::new(),
-                sends: crate::ratelimit::KeyedLimiter::new("messages_per_device", sends),
+                sends: crate::ratelimit::KeyedLimiter::new("messages_per_device", limits.messages_per_device),
+                group_changes: crate::ratelimit::KeyedLimiter::new(
+                    "group_changes_per_device",
+                    limits.group_changes_per_device,
+                ),
             }),
         }
     }
@@ -116,6 +124,7 @@ impl Router {
     /// Housekeeping: drops idle rate-limit state.
     pub fn sweep(&self) {
         self.inner.sends.forget_idle();
+        self.inner.group_changes.forget_idle();
     }
 
     pub fn live_actors(&self) -> usize {
@@ -242,11 +251,77 @@ impl Router {
         if request.payload.len() > max {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });
         }
-        let to = PhoneNumber::parse(&request.to)?;
+        let (to, actor) = match request.group {
+            Some(group) if group.is_group() => (Recipient::Group, group),
+            Some(_) => return Err(GroupError::UnknownGroup.into()),
+            None => (Recipient::Phone(PhoneNumber::parse(&request.to)?), account),
+        };
         let (reply, answer) = oneshot::channel();
-        let mail = actor::SendMail { device, client_id: request.client_id, to, payload: request.payload, reply };
-        self.tell(account, Msg::Send(Box::new(mail))).await?;
+        let mail =
+            actor::SendMail { account, device, client_id: request.client_id, to, payload: request.payload, reply };
+        self.tell(actor, Msg::Send(Box::new(mail))).await?;
         Ok(answer)
+    }
+
+    /// Creates a group of `account` (its first admin) and `members`.
+    /// Returns once the request is queued; the receiver yields the group's
+    /// state once its creation is durable.
+    pub async fn create_group(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        subject: String,
+        members: Vec<AccountId>,
+    ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
+        self.inner.group_changes.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
+        if members.len() >= self.inner.config.max_group_members {
+            return Err(GroupError::Full(self.inner.config.max_group_members).into());
+        }
+        let group = self.inner.store.allocate_group().await?;
+        self.ask_group(account, group, GroupRequest::Create { subject, members }).await
+    }
+
+    /// A member's request to a group (changes, info). Changes are rate
+    /// limited per device; the group's actor checks who may do what.
+    pub async fn group_request(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        group: AccountId,
+        request: GroupRequest,
+    ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
+        if !group.is_group() {
+            return Err(GroupError::UnknownGroup.into());
+        }
+        if matches!(request, GroupRequest::Create { .. } | GroupRequest::Change(_)) {
+            self.inner
+                .group_changes
+                .check(&device.to_string())
+                .map_err(|l| MessagingError::RateLimited(l.retry_after))?;
+        }
+        self.ask_group(account, group, request).await
+    }
+
+    async fn ask_group(
+        &self,
+        account: AccountId,
+        group: AccountId,
+        request: GroupRequest,
+    ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
+        let (reply, answer) = oneshot::channel();
+        self.tell(group, Msg::Group(Box::new(GroupMail { from: account, request, reply }))).await?;
+        Ok(answer)
+    }
+
+    /// The groups `account` is a member of, as stored (durable state).
+    pub async fn groups_of(&self, account: AccountId) -> Result<Vec<GroupMeta>, MessagingError> {
+        let mut out = Vec::new();
+        for id in self.inner.store.groups_of(account).await? {
+            if let Some(meta) = self.inner.store.group(id).await? {
+                out.push(meta);
+            }
+        }
+        Ok(out)
     }
 
     /// Attaches a device's connection to its account's actor. The actor
@@ -283,7 +358,8 @@ impl Router {
         peer: AccountId,
         up_to: u64,
     ) -> Result<oneshot::Receiver<Result<(), MessagingError>>, MessagingError> {
-        if peer == account || self.phone_of(peer).await?.is_none() {
+        // A group drops read receipts from accounts that are not its members.
+        if peer == account || (!peer.is_group() && self.phone_of(peer).await?.is_none()) {
             return Err(MessagingError::UnknownAccount);
         }
         let (reply, answer) = oneshot::channel();
@@ -330,7 +406,7 @@ mod tests {
     }
 
     async fn send(router: &Router, from: (AccountId, DeviceId), to: &str, client_id: &str) -> SendAck {
-        let request = SendRequest { client_id: client_id.into(), to: to.into(), payload: b"x".to_vec() };
+        let request = SendRequest { client_id: client_id.into(), to: to.into(), group: None, payload: b"x".to_vec() };
         router.send(from.0, from.1, request).await.unwrap().await.unwrap().unwrap()
     }
 

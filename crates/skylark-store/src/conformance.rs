@@ -19,6 +19,36 @@ pub async fn run_all(store: &dyn Store) {
     message_path(store).await;
     device_management(store).await;
     settings(store).await;
+    groups(store).await;
+}
+
+async fn groups(store: &dyn Store) {
+    use crate::AccountWrite;
+    use skylark_core::AccountId;
+    use skylark_core::group::GroupMeta;
+    let first = store.allocate_group().await.expect("allocate");
+    let second = store.allocate_group().await.expect("allocate");
+    assert!(first.is_group() && second.is_group());
+    assert_ne!(first, second, "group ids are never handed out twice");
+    assert_eq!(store.group(first).await.expect("read"), None);
+
+    let (a, b) = (AccountId(901), AccountId(902));
+    let (meta, _) = GroupMeta::create(first, a, "trip".into(), &[b], 16, 5).expect("valid group");
+    let mut write = AccountWrite::new(first);
+    write.group = Some(meta.clone());
+    write.memberships = vec![(a, true), (b, true)];
+    store.apply(write).await.expect("write");
+    assert_eq!(store.group(first).await.expect("read"), Some(meta));
+    assert_eq!(store.groups_of(b).await.expect("read"), vec![first]);
+
+    let mut write = AccountWrite::new(second);
+    write.memberships = vec![(b, true)];
+    store.apply(write).await.expect("write");
+    let mut write = AccountWrite::new(first);
+    write.memberships = vec![(b, false)];
+    store.apply(write).await.expect("write");
+    assert_eq!(store.groups_of(b).await.expect("read"), vec![second]);
+    assert_eq!(store.groups_of(a).await.expect("read"), vec![first]);
 }
 
 async fn settings(store: &dyn Store) {

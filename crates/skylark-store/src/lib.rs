@@ -14,6 +14,7 @@ pub mod record;
 pub mod redb_store;
 
 use async_trait::async_trait;
+use skylark_core::group::GroupMeta;
 use skylark_core::message::{LogEntry, OutboxItem, ReceiptKind};
 use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
@@ -182,6 +183,10 @@ pub struct AccountWrite {
     pub read_markers: Vec<(AccountId, u64)>,
     /// Accounts this account sent a message to (its contacts, for privacy).
     pub contacts: Vec<AccountId>,
+    /// For a group: its state after this write, if it changed.
+    pub group: Option<GroupMeta>,
+    /// For a group: accounts that joined (true) or left (false) it.
+    pub memberships: Vec<(AccountId, bool)>,
 }
 
 impl AccountWrite {
@@ -198,6 +203,8 @@ impl AccountWrite {
             receipts: Vec::new(),
             read_markers: Vec::new(),
             contacts: Vec::new(),
+            group: None,
+            memberships: Vec::new(),
         }
     }
 
@@ -212,6 +219,8 @@ impl AccountWrite {
             && self.receipts.is_empty()
             && self.read_markers.is_empty()
             && self.contacts.is_empty()
+            && self.group.is_none()
+            && self.memberships.is_empty()
     }
 }
 
@@ -292,7 +301,21 @@ pub trait MessageStore: Send + Sync {
     async fn read_marker(&self, account: AccountId, peer: AccountId) -> Result<u64, StoreError>;
 }
 
-/// Every domain store of one backend.
-pub trait Store: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore {}
+/// Groups: ids, current state and the membership index. A group's log,
+/// outbox and receipts live in [`MessageStore`] under the group's id; its
+/// state and memberships are written through [`AccountWrite`].
+#[async_trait]
+pub trait GroupStore: Send + Sync {
+    /// A fresh group id, never handed out before. Durable when it returns.
+    async fn allocate_group(&self) -> Result<AccountId, StoreError>;
 
-impl<T: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore> Store for T {}
+    async fn group(&self, id: AccountId) -> Result<Option<GroupMeta>, StoreError>;
+
+    /// The groups `account` is a member of now, by ascending id.
+    async fn groups_of(&self, account: AccountId) -> Result<Vec<AccountId>, StoreError>;
+}
+
+/// Every domain store of one backend.
+pub trait Store: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore {}
+
+impl<T: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore> Store for T {}

@@ -7,8 +7,10 @@
 //! never a panic or a huge allocation.
 
 use crate::StoreError;
+use skylark_core::group::{GroupBody, GroupEvent, Role};
 use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
 use skylark_core::{AccountId, DeviceId};
+use std::sync::Arc;
 
 const VERSION: u8 = 1;
 
@@ -18,8 +20,21 @@ const TAG_READ_SYNC: u8 = 3;
 const TAG_DEVICE_LINKED: u8 = 4;
 const TAG_DEVICE_RENAMED: u8 = 5;
 const TAG_DEVICE_REMOVED: u8 = 6;
+const TAG_GROUP: u8 = 7;
 const TAG_FORWARD_MESSAGE: u8 = 11;
 const TAG_FORWARD_RECEIPT: u8 = 12;
+const TAG_FORWARD_GROUP: u8 = 13;
+
+// Group event bodies.
+const GROUP_MESSAGE: u8 = 1;
+const GROUP_CREATED: u8 = 2;
+const GROUP_ADDED: u8 = 3;
+const GROUP_REMOVED: u8 = 4;
+const GROUP_LEFT: u8 = 5;
+const GROUP_PROMOTED: u8 = 6;
+const GROUP_DEMOTED: u8 = 7;
+const GROUP_SUBJECT: u8 = 8;
+const GROUP_ADMIN_ONLY: u8 = 9;
 
 #[derive(Default)]
 struct Writer(Vec<u8>);
@@ -118,6 +133,108 @@ fn read_message(r: &mut Reader<'_>) -> Result<Message, StoreError> {
     })
 }
 
+fn write_group(w: &mut Writer, e: &GroupEvent) {
+    w.u64(e.group.0);
+    w.u64(e.seq);
+    w.u64(e.by.0);
+    w.u64(e.at_ms);
+    match &e.body {
+        GroupBody::Message { device, client_id, payload } => {
+            w.u8(GROUP_MESSAGE);
+            w.u64(device.0);
+            w.bytes(client_id.as_bytes());
+            w.bytes(payload);
+        }
+        GroupBody::Created { subject, members } => {
+            w.u8(GROUP_CREATED);
+            w.bytes(subject.as_bytes());
+            w.u64(members.len() as u64);
+            for (m, role) in members {
+                w.u64(m.0);
+                w.u8(u8::from(*role == Role::Admin));
+            }
+        }
+        GroupBody::Added { members } => {
+            w.u8(GROUP_ADDED);
+            w.u64(members.len() as u64);
+            for m in members {
+                w.u64(m.0);
+            }
+        }
+        GroupBody::Removed { member } => {
+            w.u8(GROUP_REMOVED);
+            w.u64(member.0);
+        }
+        GroupBody::Left => w.u8(GROUP_LEFT),
+        GroupBody::Promoted { member } => {
+            w.u8(GROUP_PROMOTED);
+            w.u64(member.0);
+        }
+        GroupBody::Demoted { member } => {
+            w.u8(GROUP_DEMOTED);
+            w.u64(member.0);
+        }
+        GroupBody::Subject { subject } => {
+            w.u8(GROUP_SUBJECT);
+            w.bytes(subject.as_bytes());
+        }
+        GroupBody::AdminOnly { admin_only } => {
+            w.u8(GROUP_ADMIN_ONLY);
+            w.u8(u8::from(*admin_only));
+        }
+    }
+}
+
+/// A count read from a record, bounded by what the rest of the record can
+/// hold (every element takes at least one byte), so a corrupt count never
+/// drives a large allocation.
+fn count(r: &mut Reader<'_>) -> Result<usize, StoreError> {
+    let n = usize::try_from(r.u64()?).map_err(|_| corrupt("count"))?;
+    if n > r.buf.len() {
+        return Err(corrupt("count beyond the record"));
+    }
+    Ok(n)
+}
+
+fn read_group(r: &mut Reader<'_>) -> Result<GroupEvent, StoreError> {
+    let group = AccountId(r.u64()?);
+    let seq = r.u64()?;
+    let by = AccountId(r.u64()?);
+    let at_ms = r.u64()?;
+    let body = match r.u8()? {
+        GROUP_MESSAGE => {
+            GroupBody::Message { device: DeviceId(r.u64()?), client_id: r.string()?, payload: r.bytes()?.to_vec() }
+        }
+        GROUP_CREATED => {
+            let subject = r.string()?;
+            let n = count(r)?;
+            let mut members = Vec::with_capacity(n);
+            for _ in 0..n {
+                let m = AccountId(r.u64()?);
+                let role = if r.u8()? == 1 { Role::Admin } else { Role::Member };
+                members.push((m, role));
+            }
+            GroupBody::Created { subject, members }
+        }
+        GROUP_ADDED => {
+            let n = count(r)?;
+            let mut members = Vec::with_capacity(n);
+            for _ in 0..n {
+                members.push(AccountId(r.u64()?));
+            }
+            GroupBody::Added { members }
+        }
+        GROUP_REMOVED => GroupBody::Removed { member: AccountId(r.u64()?) },
+        GROUP_LEFT => GroupBody::Left,
+        GROUP_PROMOTED => GroupBody::Promoted { member: AccountId(r.u64()?) },
+        GROUP_DEMOTED => GroupBody::Demoted { member: AccountId(r.u64()?) },
+        GROUP_SUBJECT => GroupBody::Subject { subject: r.string()? },
+        GROUP_ADMIN_ONLY => GroupBody::AdminOnly { admin_only: r.u8()? == 1 },
+        _ => return Err(corrupt("unknown group event")),
+    };
+    Ok(GroupEvent { group, seq, by, at_ms, body })
+}
+
 pub fn encode_entry(entry: &LogEntry) -> Vec<u8> {
     let mut w = Writer::default();
     w.u8(VERSION);
@@ -158,6 +275,10 @@ pub fn encode_entry(entry: &LogEntry) -> Vec<u8> {
             }
             w.u64(*at_ms);
         }
+        LogEntry::Group(e) => {
+            w.u8(TAG_GROUP);
+            write_group(&mut w, e);
+        }
     }
     w.0
 }
@@ -184,6 +305,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
         TAG_DEVICE_REMOVED => {
             LogEntry::Devices { change: DeviceChange::Removed { device: DeviceId(r.u64()?) }, at_ms: r.u64()? }
         }
+        TAG_GROUP => LogEntry::Group(Arc::new(read_group(&mut r)?)),
         _ => return Err(corrupt("unknown log entry tag")),
     };
     r.finish()?;
@@ -206,6 +328,11 @@ pub fn encode_outbox(item: &OutboxItem) -> Vec<u8> {
             w.u64(*up_to);
             w.u64(*at_ms);
         }
+        Forward::Group(e) => {
+            w.u8(TAG_FORWARD_GROUP);
+            w.u64(item.to.0);
+            write_group(&mut w, e);
+        }
     }
     w.0
 }
@@ -221,6 +348,9 @@ pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxItem, StoreError> {
             to: AccountId(r.u64()?),
             forward: Forward::Receipt { kind: r.kind()?, up_to: r.u64()?, at_ms: r.u64()? },
         },
+        TAG_FORWARD_GROUP => {
+            OutboxItem { to: AccountId(r.u64()?), forward: Forward::Group(Arc::new(read_group(&mut r)?)) }
+        }
         _ => return Err(corrupt("unknown outbox tag")),
     };
     r.finish()?;
@@ -251,7 +381,10 @@ mod tests {
             LogEntry::Devices { change: DeviceChange::Linked { device: DeviceId(5), name: "laptop".into() }, at_ms: 7 },
             LogEntry::Devices { change: DeviceChange::Renamed { device: DeviceId(5), name: "work".into() }, at_ms: 8 },
             LogEntry::Devices { change: DeviceChange::Removed { device: DeviceId(5) }, at_ms: 9 },
-        ] {
+        ]
+        .into_iter()
+        .chain(group_events().into_iter().map(LogEntry::Group))
+        {
             assert_eq!(decode_entry(&encode_entry(&entry)).unwrap(), entry);
         }
         for item in [
@@ -260,9 +393,47 @@ mod tests {
                 to: AccountId(2),
                 forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 3, at_ms: 4 },
             },
-        ] {
+        ]
+        .into_iter()
+        .chain(group_events().into_iter().map(|e| OutboxItem { to: AccountId(5), forward: Forward::Group(e) }))
+        {
             assert_eq!(decode_outbox(&encode_outbox(&item)).unwrap(), item);
         }
+    }
+
+    fn group_events() -> Vec<Arc<GroupEvent>> {
+        let g = AccountId::group(3);
+        [
+            GroupBody::Message { device: DeviceId(4), client_id: "g-1".into(), payload: vec![9; 3] },
+            GroupBody::Created {
+                subject: "trip".into(),
+                members: vec![(AccountId(1), Role::Admin), (AccountId(2), Role::Member)],
+            },
+            GroupBody::Added { members: vec![AccountId(3), AccountId(4)] },
+            GroupBody::Removed { member: AccountId(3) },
+            GroupBody::Left,
+            GroupBody::Promoted { member: AccountId(2) },
+            GroupBody::Demoted { member: AccountId(2) },
+            GroupBody::Subject { subject: "plans".into() },
+            GroupBody::AdminOnly { admin_only: true },
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| Arc::new(GroupEvent { group: g, seq: i as u64 + 1, by: AccountId(1), at_ms: 77, body }))
+        .collect()
+    }
+
+    #[test]
+    fn a_corrupt_member_count_is_an_error_not_an_allocation() {
+        let mut w = Writer::default();
+        w.u8(VERSION);
+        w.u8(TAG_GROUP);
+        for v in [1, 1, 1, 1] {
+            w.u64(v);
+        }
+        w.u8(GROUP_ADDED);
+        w.u64(u64::MAX >> 1);
+        assert!(decode_entry(&w.0).is_err());
     }
 
     #[test]

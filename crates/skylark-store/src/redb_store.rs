@@ -14,13 +14,14 @@
 
 use crate::record::{decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
 use crate::{
-    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, MessageStore, MetaStore, PushTarget,
-    ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
+    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, GroupStore, MessageStore, MetaStore,
+    PushTarget, ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
 };
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use skylark_core::group::GroupMeta;
 use skylark_core::message::{LogEntry, ReceiptKind};
 use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
@@ -58,6 +59,10 @@ const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts
 const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
 /// device → push target (JSON).
 const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
+/// Group id → its current state (JSON).
+const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
+/// (member account, group id): the account is a member of the group now.
+const MEMBERSHIPS: TableDefinition<(u64, u64), ()> = TableDefinition::new("memberships");
 
 /// Writes waiting for the committer. Deep enough to hold a burst from every
 /// active actor; a full queue makes callers wait (back-pressure).
@@ -150,6 +155,8 @@ impl RedbStore {
         txn.open_table(CONTACTS).map_err(backend)?;
         txn.open_table(SETTINGS).map_err(backend)?;
         txn.open_table(PUSH).map_err(backend)?;
+        txn.open_table(GROUPS).map_err(backend)?;
+        txn.open_table(MEMBERSHIPS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
         let (queue, jobs) = mpsc::channel(COMMIT_QUEUE);
@@ -292,6 +299,19 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
         let mut table = txn.open_table(CONTACTS).map_err(backend)?;
         for peer in &w.contacts {
             table.insert((a, peer.0), ()).map_err(backend)?;
+        }
+    }
+    if let Some(meta) = &w.group {
+        txn.open_table(GROUPS).map_err(backend)?.insert(a, encode(meta)?.as_slice()).map_err(backend)?;
+    }
+    if !w.memberships.is_empty() {
+        let mut table = txn.open_table(MEMBERSHIPS).map_err(backend)?;
+        for (member, joined) in &w.memberships {
+            if *joined {
+                table.insert((member.0, a), ()).map_err(backend)?;
+            } else {
+                table.remove((member.0, a)).map_err(backend)?;
+            }
         }
     }
     Ok(())
@@ -629,6 +649,34 @@ impl SettingsStore for RedbStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[async_trait]
+impl GroupStore for RedbStore {
+    async fn allocate_group(&self) -> Result<AccountId, StoreError> {
+        self.write(|txn| Ok(AccountId::group(next_id(txn, "next_group_id")?))).await
+    }
+
+    async fn group(&self, id: AccountId) -> Result<Option<GroupMeta>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(GROUPS).map_err(backend)?;
+            let value = table.get(id.0).map_err(backend)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+    }
+
+    async fn groups_of(&self, account: AccountId) -> Result<Vec<AccountId>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(MEMBERSHIPS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)? {
+                out.push(AccountId(entry.map_err(backend)?.0.value().1));
+            }
+            Ok(out)
+        })
     }
 }
 

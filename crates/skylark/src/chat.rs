@@ -18,14 +18,14 @@ use std::path::Path;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// A fresh client message id.
-fn client_id() -> String {
+pub(crate) fn client_id() -> String {
     let mut bytes = [0u8; 12];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `HH:MM:SS` (UTC) of a server timestamp.
-fn clock(ms: u64) -> String {
+pub(crate) fn clock(ms: u64) -> String {
     let secs = (ms / 1000) % 86_400;
     format!("{:02}:{:02}:{:02}", secs / 3600, (secs / 60) % 60, secs % 60)
 }
@@ -38,7 +38,7 @@ fn kind_word(kind: i32) -> &'static str {
     if kind == ReceiptKind::Read as i32 { "read" } else { "delivered" }
 }
 
-fn normalise(number: &str) -> Result<String> {
+pub(crate) fn normalise(number: &str) -> Result<String> {
     Ok(PhoneNumber::parse(number).with_context(|| format!("{number:?} is not a phone number"))?.to_string())
 }
 
@@ -54,8 +54,20 @@ pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: 
 }
 
 /// Prints one log event; `only` limits it to one conversation.
-fn describe(event: &v1::Event, me: &Identity, only: Option<&str>) -> Option<String> {
+fn describe(event: &v1::Event, me: &Identity, only: Option<&Peer>) -> Option<String> {
+    let only = match only {
+        Some(Peer::Phone(p)) => Some(p.as_str()),
+        Some(Peer::Group(g)) => {
+            return match event.body.as_ref()? {
+                Body::Group(e) if e.group == *g => crate::groups::describe_group(e, me),
+                _ => None,
+            };
+        }
+        None => None,
+    };
     match event.body.as_ref()? {
+        Body::Group(_) if only.is_some() => None,
+        Body::Group(g) => crate::groups::describe_group(g, me),
         Body::Message(m) => {
             let mine = m.id.is_some_and(|id| id.sender == me.account_id);
             let peer = if mine { &m.to_phone } else { &m.from_phone };
@@ -72,11 +84,18 @@ fn describe(event: &v1::Event, me: &Identity, only: Option<&str>) -> Option<Stri
             if only.is_some_and(|o| o != r.peer_phone) {
                 return None;
             }
+            if r.peer_phone.is_empty() {
+                let everyone = kind_word(r.kind);
+                return Some(format!("✓✓ every member of group {} has {everyone} up to #{}", r.peer, r.up_to_seq));
+            }
             Some(format!("✓✓ {} {} your messages up to #{}", r.peer_phone, kind_word(r.kind), r.up_to_seq))
         }
         Body::ReadSync(r) => {
             if only.is_some_and(|o| o != r.peer_phone) {
                 return None;
+            }
+            if r.peer_phone.is_empty() {
+                return Some(format!("(read group {} up to #{} on one of your devices)", r.peer, r.up_to_seq));
             }
             Some(format!("(read {}'s messages up to #{} on one of your devices)", r.peer_phone, r.up_to_seq))
         }
@@ -169,11 +188,15 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
 
 /// Sends with the same client id until the server acknowledges it, across
 /// reconnects (the server drops the duplicates).
-async fn send_reliably(client: &Client, to: &str, payload: Vec<u8>) -> Result<v1::SendAck> {
+async fn send_reliably(client: &Client, to: &Peer, payload: Vec<u8>) -> Result<v1::SendAck> {
     let id = client_id();
     for _ in 0..10 {
         let handle: SessionHandle = client.connected().await.map_err(explain)?;
-        match handle.send(to, &id, payload.clone()).await {
+        let sent = match to {
+            Peer::Phone(phone) => handle.send(phone, &id, payload.clone()).await,
+            Peer::Group(group) => handle.send_to_group(*group, &id, payload.clone()).await,
+        };
+        match sent {
             Ok(ack) => return Ok(ack),
             Err(e @ ClientError::Refused { .. }) => return Err(explain(e)),
             Err(_) => continue,
@@ -285,9 +308,24 @@ const TYPING_PAUSE: std::time::Duration = std::time::Duration::from_secs(4);
 /// indicators expire after 10 s).
 const TYPING_REFRESH: std::time::Duration = std::time::Duration::from_secs(7);
 
-pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Result<()> {
+/// Whom a chat is with.
+pub enum Peer {
+    Phone(String),
+    Group(u64),
+}
+
+pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>, group: Option<u64>) -> Result<()> {
     use std::io::IsTerminal;
-    let peer_phone = normalise(with)?;
+    let peer = match (with, group) {
+        (Some(with), None) => Peer::Phone(normalise(with)?),
+        (None, Some(group)) => Peer::Group(group),
+        _ => bail!("chat with one phone number, or one group (--group ID)"),
+    };
+    // Presence and typing are for 1:1 chats.
+    let peer_phone = match &peer {
+        Peer::Phone(p) => p.clone(),
+        Peer::Group(_) => String::new(),
+    };
     let (identity, client, mut events) = start_client(profile, transport)?;
     let tty = std::io::stdin().is_terminal();
     let _raw = if tty { Some(RawMode::enter()?) } else { None };
@@ -297,7 +335,11 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
     } else {
         Keyboard::Lines(BufReader::new(tokio::io::stdin()).lines())
     };
-    screen.say(&format!("Chat with {peer_phone}. Type a message and press Enter; Ctrl-D leaves."));
+    let title = match &peer {
+        Peer::Phone(p) => p.clone(),
+        Peer::Group(g) => format!("group {g}"),
+    };
+    screen.say(&format!("Chat with {title}. Type a message and press Enter; Ctrl-D leaves."));
     // My messages in this chat by sequence, for showing ticks as they change.
     let mut mine: BTreeMap<u64, (String, &'static str)> = BTreeMap::new();
     // When "composing" was last sent, while the person is typing.
@@ -310,7 +352,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                 Input::Quit => break,
                 Input::Edited => {
                     last_key = tokio::time::Instant::now();
-                    if composing.is_none_or(|sent| sent.elapsed() >= TYPING_REFRESH) {
+                    if !peer_phone.is_empty() && composing.is_none_or(|sent| sent.elapsed() >= TYPING_REFRESH) {
                         if let Ok(handle) = client.connected().await {
                             let _ = handle.typing(&peer_phone, v1::TypingState::Composing).await;
                         }
@@ -323,7 +365,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                         screen.redraw();
                         continue;
                     }
-                    let ack = send_reliably(&client, &peer_phone, line.clone().into_bytes()).await?;
+                    let ack = send_reliably(&client, &peer, line.clone().into_bytes()).await?;
                     let seq = ack.id.unwrap_or_default().seq;
                     screen.say(&format!("  ✓ you: {line}"));
                     mine.insert(seq, (line, "✓"));
@@ -341,6 +383,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                 let Some(event) = event else { break };
                 let frame = match event {
                     ClientEvent::Frame(frame) => frame,
+                    ClientEvent::Connected(_) if peer_phone.is_empty() => continue,
                     ClientEvent::Connected(_) => {
                         if let Ok(handle) = client.connected().await {
                             for p in handle.subscribe_presence(&[peer_phone.as_str()]).await.unwrap_or_default() {
@@ -353,13 +396,41 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                     ClientEvent::Disconnected { .. } => continue,
                 };
                 let Some(LogEvent::Entry(event)) = log_event(&frame) else {
+                    if peer_phone.is_empty() {
+                        continue;
+                    }
                     if let Some(line) = describe_ephemeral(&frame.body, Some(&peer_phone)) {
                         screen.say(&line);
                     }
                     continue;
                 };
+                let group = match peer {
+                    Peer::Group(g) => g,
+                    Peer::Phone(_) => 0,
+                };
                 match event.body.as_ref() {
-                    Some(Body::Message(m)) if m.from_phone == peer_phone => {
+                    Some(Body::Group(g)) if g.group == group => {
+                        let from_here = matches!(&g.body, Some(v1::group_event::Body::Message(m))
+                            if g.by == identity.account_id && m.sender_device == identity.device_id);
+                        if !from_here {
+                            if let Some(line) = crate::groups::describe_group(g, &identity) {
+                                screen.say(&line);
+                            }
+                            if let Ok(handle) = client.connected().await {
+                                let _ = handle.mark_read(group, g.group_seq).await;
+                            }
+                        }
+                    }
+                    Some(Body::Receipt(r)) if group != 0 && r.peer == group => {
+                        let mark = if r.kind == ReceiptKind::Read as i32 { "✓✓ (read by all)" } else { "✓✓" };
+                        for (_, (text, state)) in mine.range_mut(..=r.up_to_seq) {
+                            if *state != mark && *state != "✓✓ (read by all)" {
+                                *state = mark;
+                                screen.say(&format!("  {mark} you: {text}"));
+                            }
+                        }
+                    }
+                    Some(Body::Message(m)) if !peer_phone.is_empty() && m.from_phone == peer_phone => {
                         screen.say(&format!("[{}] {}: {}", clock(m.sent_at_ms), m.from_phone, text(&m.payload)));
                         // The chat is open, so the user sees it now: blue ticks.
                         if let (Some(id), Ok(handle)) = (m.id, client.connected().await) {
@@ -373,7 +444,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                         if m.id.is_some_and(|id| id.sender == identity.account_id)
                             && m.sender_device == identity.device_id => {}
                     Some(Body::ReadSync(_)) => {}
-                    Some(Body::Receipt(r)) if r.peer_phone == peer_phone => {
+                    Some(Body::Receipt(r)) if !peer_phone.is_empty() && r.peer_phone == peer_phone => {
                         let mark = if r.kind == ReceiptKind::Read as i32 { "✓✓ (read)" } else { "✓✓" };
                         for (_, (text, state)) in mine.range_mut(..=r.up_to_seq) {
                             if *state != mark && *state != "✓✓ (read)" {
@@ -383,7 +454,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: &str) -> Resu
                         }
                     }
                     _ => {
-                        if let Some(line) = describe(event, &identity, Some(&peer_phone)) {
+                        if let Some(line) = describe(event, &identity, Some(&peer)) {
                             screen.say(&line);
                         }
                     }

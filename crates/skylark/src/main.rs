@@ -5,6 +5,7 @@
 mod chat;
 mod cli;
 mod devices;
+mod groups;
 mod serve;
 
 use anyhow::Result;
@@ -77,6 +78,16 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// Groups: create, list, info, add, remove, leave, promote, demote,
+    /// subject, admin-only, send, msginfo.
+    Group {
+        #[command(subcommand)]
+        action: groups::GroupCommand,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
     /// Print incoming messages, receipts and read markers as they arrive,
     /// and presence and typing of the numbers watched.
     Listen {
@@ -88,10 +99,14 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
-    /// Chat with one number: type to send, watch the ticks change.
+    /// Chat with one number (or one group): type to send, watch the ticks change.
     Chat {
         /// The other person's phone number.
-        with: String,
+        #[arg(required_unless_present = "group")]
+        with: Option<String>,
+        /// Chat in this group instead.
+        #[arg(long, conflicts_with = "with")]
+        group: Option<u64>,
         #[command(flatten)]
         profile: cli::ProfileArgs,
         #[command(flatten)]
@@ -150,7 +165,12 @@ fn main() -> Result<()> {
         Command::Listen { watch, profile, transport } => {
             runtime.block_on(chat::listen(&profile.dir()?, &transport, &watch))
         }
-        Command::Chat { with, profile, transport } => runtime.block_on(chat::chat(&profile.dir()?, &transport, &with)),
+        Command::Chat { with, group, profile, transport } => {
+            runtime.block_on(chat::chat(&profile.dir()?, &transport, with.as_deref(), group))
+        }
+        Command::Group { action, profile, transport } => {
+            runtime.block_on(groups::run(&profile.dir()?, &transport, action))
+        }
     }
 }
 

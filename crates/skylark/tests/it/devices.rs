@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 /// Links a new device to `approver`'s account; returns its identity.
-async fn link(server: &TestServer, approver: &Peer, name: &str) -> Identity {
+pub(crate) async fn link(server: &TestServer, approver: &Peer, name: &str) -> Identity {
     let api = server.api();
     let key = generate_key();
     let link = api.create_link(&key.verifying_key().to_bytes(), name).await.unwrap();

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod devices;
 mod frames;
+mod groups;
 mod harness;
 mod lifecycle;
 mod limits;

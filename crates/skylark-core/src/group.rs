@@ -1,0 +1,359 @@
+//! Groups: a roster, its rules, and the events of a group's log.
+//!
+//! A group is an account-like entity with its own ordered log. Its id lives
+//! in the account id space with [`GROUP_ID_BIT`] set, so the router, the
+//! outbox and the store treat it like any account, while nothing can ever
+//! authenticate as it. Every change to a group, and every message posted to
+//! it, is a [`GroupEvent`] with the group's next sequence number; the group
+//! forwards each event to its members' accounts, so every member device sees
+//! the same events in the same order.
+//!
+//! [`GroupMeta::check`] is the whole permission model: it turns a member's
+//! request into the event to record, or says why not.
+
+use crate::account::{AccountId, DeviceId};
+use serde::{Deserialize, Serialize};
+
+/// Set in every group id, never in an account id.
+pub const GROUP_ID_BIT: u64 = 1 << 62;
+
+/// Longest group subject, in characters.
+pub const MAX_SUBJECT_CHARS: usize = 100;
+
+impl AccountId {
+    /// The id of the `n`th group (n ≥ 1).
+    pub fn group(n: u64) -> AccountId {
+        AccountId(GROUP_ID_BIT | n)
+    }
+
+    pub fn is_group(self) -> bool {
+        self.0 & GROUP_ID_BIT != 0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Member,
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub account: AccountId,
+    pub role: Role,
+    /// The group sequence of the event that made it a member; it sees that
+    /// event and everything after, until it leaves or is removed.
+    pub joined_seq: u64,
+}
+
+/// A group's current state, rewritten whenever its roster or settings change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    pub id: AccountId,
+    pub subject: String,
+    pub created_by: AccountId,
+    pub created_at_ms: u64,
+    /// Only admins may post.
+    pub admin_only: bool,
+    /// Current members, in the order they joined.
+    pub members: Vec<Member>,
+}
+
+/// One event of a group's log, as every member receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupEvent {
+    pub group: AccountId,
+    /// The group's sequence number: one order for every member.
+    pub seq: u64,
+    /// The member who caused it (the group itself for automatic changes).
+    pub by: AccountId,
+    pub at_ms: u64,
+    pub body: GroupBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBody {
+    /// A message posted by `by` from `device`.
+    Message {
+        device: DeviceId,
+        client_id: String,
+        payload: Vec<u8>,
+    },
+    Created {
+        subject: String,
+        members: Vec<(AccountId, Role)>,
+    },
+    Added {
+        members: Vec<AccountId>,
+    },
+    Removed {
+        member: AccountId,
+    },
+    /// `by` left the group.
+    Left,
+    Promoted {
+        member: AccountId,
+    },
+    Demoted {
+        member: AccountId,
+    },
+    Subject {
+        subject: String,
+    },
+    /// Posting was restricted to admins (or opened to everyone again).
+    AdminOnly {
+        admin_only: bool,
+    },
+}
+
+/// What a member asks of a group (creation is [`GroupMeta::create`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupChange {
+    Post { device: DeviceId, client_id: String, payload: Vec<u8> },
+    Add { members: Vec<AccountId> },
+    Remove { member: AccountId },
+    Leave,
+    Promote { member: AccountId },
+    Demote { member: AccountId },
+    Subject { subject: String },
+    AdminOnly { admin_only: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    #[error("no such group")]
+    UnknownGroup,
+    #[error("you are not a member of this group")]
+    NotAMember,
+    #[error("only group admins may do that")]
+    NotAnAdmin,
+    #[error("only admins may post in this group")]
+    AdminOnly,
+    #[error("account {0} is not a member of this group")]
+    NotMember(AccountId),
+    #[error("account {0} is already a member of this group")]
+    AlreadyMember(AccountId),
+    #[error("a group has at most {0} members")]
+    Full(usize),
+    #[error("the group's only admin cannot step down; promote someone first")]
+    LastAdmin,
+    #[error("a subject is 1 to {MAX_SUBJECT_CHARS} characters, without control characters")]
+    InvalidSubject,
+    #[error("no members named")]
+    NoMembers,
+    #[error("no message with that sequence in this group")]
+    UnknownMessage,
+    #[error("only the sender of a message may ask who has it")]
+    NotAuthor,
+}
+
+pub fn valid_subject(subject: &str) -> bool {
+    let chars = subject.chars().count();
+    chars > 0 && chars <= MAX_SUBJECT_CHARS && !subject.chars().any(char::is_control) && !subject.trim().is_empty()
+}
+
+impl GroupMeta {
+    /// A new group of `creator` (its first admin) and `members`, checked
+    /// against `max_members`. The creation event gets sequence 1.
+    pub fn create(
+        id: AccountId,
+        creator: AccountId,
+        subject: String,
+        members: &[AccountId],
+        max_members: usize,
+        now_ms: u64,
+    ) -> Result<(GroupMeta, GroupBody), GroupError> {
+        if !valid_subject(&subject) {
+            return Err(GroupError::InvalidSubject);
+        }
+        let mut roster = vec![Member { account: creator, role: Role::Admin, joined_seq: 1 }];
+        for m in members {
+            if !roster.iter().any(|r| r.account == *m) {
+                roster.push(Member { account: *m, role: Role::Member, joined_seq: 1 });
+            }
+        }
+        if roster.len() > max_members {
+            return Err(GroupError::Full(max_members));
+        }
+        let body = GroupBody::Created {
+            subject: subject.clone(),
+            members: roster.iter().map(|m| (m.account, m.role)).collect(),
+        };
+        let meta =
+            GroupMeta { id, subject, created_by: creator, created_at_ms: now_ms, admin_only: false, members: roster };
+        Ok((meta, body))
+    }
+
+    pub fn member(&self, account: AccountId) -> Option<&Member> {
+        self.members.iter().find(|m| m.account == account)
+    }
+
+    pub fn is_admin(&self, account: AccountId) -> bool {
+        self.member(account).is_some_and(|m| m.role == Role::Admin)
+    }
+
+    fn admins(&self) -> usize {
+        self.members.iter().filter(|m| m.role == Role::Admin).count()
+    }
+
+    /// Checks `change` asked by `by`; returns the event body to record.
+    /// Changes nothing: [`GroupMeta::apply`] does, once the event has its
+    /// sequence number.
+    pub fn check(&self, by: AccountId, change: GroupChange, max_members: usize) -> Result<GroupBody, GroupError> {
+        let Some(me) = self.member(by) else { return Err(GroupError::NotAMember) };
+        let admin = me.role == Role::Admin;
+        let need_admin = |ok: bool| if ok { Ok(()) } else { Err(GroupError::NotAnAdmin) };
+        let need_member = |m: AccountId| self.member(m).map(|_| ()).ok_or(GroupError::NotMember(m));
+        Ok(match change {
+            GroupChange::Post { device, client_id, payload } => {
+                if self.admin_only && !admin {
+                    return Err(GroupError::AdminOnly);
+                }
+                GroupBody::Message { device, client_id, payload }
+            }
+            GroupChange::Add { members } => {
+                need_admin(admin)?;
+                let mut new: Vec<AccountId> = Vec::new();
+                for m in members {
+                    if self.member(m).is_some() {
+                        return Err(GroupError::AlreadyMember(m));
+                    }
+                    if !new.contains(&m) {
+                        new.push(m);
+                    }
+                }
+                if new.is_empty() {
+                    return Err(GroupError::NoMembers);
+                }
+                if self.members.len() + new.len() > max_members {
+                    return Err(GroupError::Full(max_members));
+                }
+                GroupBody::Added { members: new }
+            }
+            GroupChange::Remove { member } if member == by => GroupBody::Left,
+            GroupChange::Remove { member } => {
+                need_admin(admin)?;
+                need_member(member)?;
+                GroupBody::Removed { member }
+            }
+            GroupChange::Leave => GroupBody::Left,
+            GroupChange::Promote { member } => {
+                need_admin(admin)?;
+                need_member(member)?;
+                GroupBody::Promoted { member }
+            }
+            GroupChange::Demote { member } => {
+                need_admin(admin)?;
+                need_member(member)?;
+                if self.is_admin(member) && self.admins() == 1 {
+                    return Err(GroupError::LastAdmin);
+                }
+                GroupBody::Demoted { member }
+            }
+            GroupChange::Subject { subject } => {
+                need_admin(admin)?;
+                if !valid_subject(&subject) {
+                    return Err(GroupError::InvalidSubject);
+                }
+                GroupBody::Subject { subject }
+            }
+            GroupChange::AdminOnly { admin_only } => {
+                need_admin(admin)?;
+                GroupBody::AdminOnly { admin_only }
+            }
+        })
+    }
+
+    /// Applies an event recorded with sequence `seq`. Returns the member
+    /// to promote automatically, if the event left the group without an
+    /// admin (the longest-standing member).
+    pub fn apply(&mut self, by: AccountId, seq: u64, body: &GroupBody) -> Option<AccountId> {
+        match body {
+            GroupBody::Message { .. } | GroupBody::Created { .. } => {}
+            GroupBody::Added { members } => {
+                for m in members {
+                    self.members.push(Member { account: *m, role: Role::Member, joined_seq: seq });
+                }
+            }
+            GroupBody::Removed { member } => self.members.retain(|m| m.account != *member),
+            GroupBody::Left => self.members.retain(|m| m.account != by),
+            GroupBody::Promoted { member } => self.set_role(*member, Role::Admin),
+            GroupBody::Demoted { member } => self.set_role(*member, Role::Member),
+            GroupBody::Subject { subject } => self.subject.clone_from(subject),
+            GroupBody::AdminOnly { admin_only } => self.admin_only = *admin_only,
+        }
+        if self.admins() == 0 { self.members.first().map(|m| m.account) } else { None }
+    }
+
+    fn set_role(&mut self, account: AccountId, role: Role) {
+        if let Some(m) = self.members.iter_mut().find(|m| m.account == account) {
+            m.role = role;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: AccountId = AccountId(1);
+    const B: AccountId = AccountId(2);
+    const C: AccountId = AccountId(3);
+    const D: AccountId = AccountId(4);
+
+    fn group() -> GroupMeta {
+        GroupMeta::create(AccountId::group(1), A, "trip".into(), &[B, C, B], 4, 0).unwrap().0
+    }
+
+    #[test]
+    fn group_ids_are_apart_from_account_ids() {
+        assert!(AccountId::group(1).is_group());
+        assert!(!AccountId(u64::from(u32::MAX)).is_group());
+    }
+
+    #[test]
+    fn the_creator_is_the_admin_and_duplicates_collapse() {
+        let g = group();
+        assert_eq!(g.members.len(), 3);
+        assert!(g.is_admin(A));
+        assert!(!g.is_admin(B));
+        assert_eq!(
+            GroupMeta::create(AccountId::group(2), A, "x".into(), &[B, C, D, AccountId(5)], 4, 0).unwrap_err(),
+            GroupError::Full(4)
+        );
+        assert_eq!(
+            GroupMeta::create(AccountId::group(2), A, " ".into(), &[B], 4, 0).unwrap_err(),
+            GroupError::InvalidSubject
+        );
+    }
+
+    #[test]
+    fn only_admins_manage_and_only_members_post() {
+        let g = group();
+        let post = || GroupChange::Post { device: DeviceId(1), client_id: "c".into(), payload: vec![] };
+        assert_eq!(g.check(D, post(), 4), Err(GroupError::NotAMember));
+        assert!(matches!(g.check(B, post(), 4), Ok(GroupBody::Message { .. })));
+        assert_eq!(g.check(B, GroupChange::Add { members: vec![D] }, 4), Err(GroupError::NotAnAdmin));
+        assert_eq!(g.check(B, GroupChange::Remove { member: C }, 4), Err(GroupError::NotAnAdmin));
+        assert_eq!(g.check(B, GroupChange::Remove { member: B }, 4), Ok(GroupBody::Left));
+        assert_eq!(g.check(A, GroupChange::Add { members: vec![C] }, 4), Err(GroupError::AlreadyMember(C)));
+        assert_eq!(g.check(A, GroupChange::Add { members: vec![D, AccountId(5)] }, 4), Err(GroupError::Full(4)));
+        assert_eq!(g.check(A, GroupChange::Remove { member: D }, 4), Err(GroupError::NotMember(D)));
+        assert_eq!(g.check(A, GroupChange::Demote { member: A }, 4), Err(GroupError::LastAdmin));
+        let mut g = g;
+        g.apply(A, 2, &GroupBody::AdminOnly { admin_only: true });
+        assert_eq!(g.check(B, post(), 4), Err(GroupError::AdminOnly));
+        assert!(g.check(A, post(), 4).is_ok());
+    }
+
+    #[test]
+    fn membership_follows_the_events() {
+        let mut g = group();
+        assert_eq!(g.apply(A, 2, &GroupBody::Added { members: vec![D] }), None);
+        assert_eq!(g.member(D).unwrap().joined_seq, 2);
+        g.apply(A, 3, &GroupBody::Removed { member: B });
+        assert!(g.member(B).is_none());
+        // The only admin leaves: the longest-standing member is named to take over.
+        assert_eq!(g.apply(A, 4, &GroupBody::Left), Some(C));
+    }
+}

@@ -1,0 +1,157 @@
+//! `group`: create and manage groups, post to them, ask who has a message.
+
+use crate::chat::{client_id, clock, normalise};
+use crate::cli::{TransportArgs, explain};
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use skylark_client::session::SessionHandle;
+use skylark_client::{Identity, Session};
+use skylark_protocol::v1::{self, change_group::Change};
+use std::path::Path;
+
+#[derive(Subcommand)]
+pub enum GroupCommand {
+    /// Create a group with a subject and members (phone numbers); you are its admin.
+    Create { subject: String, members: Vec<String> },
+    /// The groups you are a member of.
+    List,
+    /// A group's subject, settings and members.
+    Info { group: u64 },
+    /// Add members (admins only).
+    Add {
+        group: u64,
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Remove a member (admins only).
+    Remove { group: u64, member: String },
+    /// Leave a group.
+    Leave { group: u64 },
+    /// Make a member an admin (admins only).
+    Promote { group: u64, member: String },
+    /// Make an admin a plain member again (admins only).
+    Demote { group: u64, member: String },
+    /// Change the subject (admins only).
+    Subject { group: u64, subject: String },
+    /// Let only admins post (`on`) or everyone (`off`) (admins only).
+    AdminOnly {
+        group: u64,
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
+    /// Post a text message; returns once the group has stored it.
+    Send { group: u64, message: String },
+    /// Who has received and read one of your messages (by its group sequence).
+    Msginfo { group: u64, seq: u64 },
+}
+
+fn print_info(info: &v1::GroupInfo) {
+    println!("Group {} \"{}\"{}", info.id, info.subject, if info.admin_only { " (only admins post)" } else { "" });
+    for m in &info.members {
+        println!("  {}{}", m.phone, if m.admin { "  admin" } else { "" });
+    }
+}
+
+pub async fn run(profile: &Path, transport: &TransportArgs, command: GroupCommand) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let (session, _events) = Session::open(&transport.endpoint(&identity), &identity).await.map_err(explain)?;
+    let result = command_on(&session.handle(), command).await;
+    session.close().await;
+    result
+}
+
+async fn change(h: &SessionHandle, group: u64, change: Change) -> Result<()> {
+    print_info(&h.change_group(group, change).await.map_err(explain)?);
+    Ok(())
+}
+
+async fn command_on(h: &SessionHandle, command: GroupCommand) -> Result<()> {
+    match command {
+        GroupCommand::Create { subject, members } => {
+            let members: Vec<String> = members.iter().map(|m| normalise(m)).collect::<Result<_>>()?;
+            let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+            let info = h.create_group(&subject, &refs).await.map_err(explain)?;
+            print_info(&info);
+            println!(
+                "Post with: skylark group send {} \"hello\"   (or chat with: skylark chat --group {})",
+                info.id, info.id
+            );
+        }
+        GroupCommand::List => {
+            let groups = h.list_groups().await.map_err(explain)?;
+            if groups.is_empty() {
+                println!("You are in no groups.");
+            }
+            for g in groups {
+                println!("{}  \"{}\"  {} members", g.id, g.subject, g.members.len());
+            }
+        }
+        GroupCommand::Info { group } => print_info(&h.group_info(group).await.map_err(explain)?),
+        GroupCommand::Add { group, members } => {
+            let phones = members.iter().map(|m| normalise(m)).collect::<Result<_>>()?;
+            change(h, group, Change::Add(v1::PhoneList { phones })).await?;
+        }
+        GroupCommand::Remove { group, member } => change(h, group, Change::Remove(normalise(&member)?)).await?,
+        GroupCommand::Leave { group } => {
+            h.change_group(group, Change::Leave(v1::Leave {})).await.map_err(explain)?;
+            println!("You left group {group}.");
+        }
+        GroupCommand::Promote { group, member } => change(h, group, Change::Promote(normalise(&member)?)).await?,
+        GroupCommand::Demote { group, member } => change(h, group, Change::Demote(normalise(&member)?)).await?,
+        GroupCommand::Subject { group, subject } => change(h, group, Change::Subject(subject)).await?,
+        GroupCommand::AdminOnly { group, setting } => change(h, group, Change::AdminOnly(setting == "on")).await?,
+        GroupCommand::Send { group, message } => {
+            let ack = h.send_to_group(group, &client_id(), message.into_bytes()).await.map_err(explain)?;
+            let id = ack.id.unwrap_or_default();
+            println!("✓ posted to group {group} at {} (#{})", clock(ack.sent_at_ms), id.seq);
+        }
+        GroupCommand::Msginfo { group, seq } => {
+            let info = h.message_info(group, seq).await.map_err(explain)?;
+            let total = info.recipients.len();
+            println!("Message #{seq}: delivered to {} of {total}, read by {}", info.delivered, info.read);
+            for r in &info.recipients {
+                let state = if r.read {
+                    "read"
+                } else if r.delivered {
+                    "delivered"
+                } else {
+                    "not yet delivered"
+                };
+                println!("  {}  {state}", r.phone);
+            }
+            if total == 0 && seq == 0 {
+                bail!("group sequences start at 1");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A group event as a line of text.
+pub fn describe_group(g: &v1::GroupEvent, me: &Identity) -> Option<String> {
+    use v1::group_event::Body;
+    let who = if g.by == me.account_id { "you".to_owned() } else { g.by_phone.clone() };
+    let at = clock(g.at_ms);
+    let tag = format!("[{at}] group {}", g.group);
+    Some(match g.body.as_ref()? {
+        Body::Message(m) => {
+            format!("{tag} #{} {who}: {}", g.group_seq, String::from_utf8_lossy(&m.payload))
+        }
+        Body::Created(c) => {
+            let members: Vec<&str> = c.members.iter().map(|m| m.phone.as_str()).collect();
+            format!("{tag}: {who} created \"{}\" with {}", c.subject, members.join(", "))
+        }
+        Body::Added(a) => {
+            let members: Vec<&str> = a.members.iter().map(|m| m.phone.as_str()).collect();
+            format!("{tag}: {who} added {}", members.join(", "))
+        }
+        Body::Removed(m) => format!("{tag}: {who} removed {}", m.phone),
+        Body::Left(_) => format!("{tag}: {who} left"),
+        Body::Promoted(m) if g.by == g.group => format!("{tag}: {} is now an admin", m.phone),
+        Body::Promoted(m) => format!("{tag}: {who} made {} an admin", m.phone),
+        Body::Demoted(m) => format!("{tag}: {who} made {} a plain member", m.phone),
+        Body::Subject(s) => format!("{tag}: {who} changed the subject to \"{s}\""),
+        Body::AdminOnly(true) => format!("{tag}: {who} let only admins post"),
+        Body::AdminOnly(false) => format!("{tag}: {who} let everyone post"),
+    })
+}
