@@ -68,6 +68,24 @@ enum Command {
         #[arg(long)]
         server_core: Option<u32>,
     },
+    /// Fan-out: one group of N members, all online; posts at a set rate.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1024)]
+        members: usize,
+        /// Posts in all.
+        #[arg(long, default_value_t = 100)]
+        messages: u64,
+        /// Posts per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Members taking turns to post.
+        #[arg(long, default_value_t = 8)]
+        senders: usize,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
     /// Messages to offline users, then everyone connects and drains.
     Backlog {
         #[command(flatten)]
@@ -366,6 +384,29 @@ async fn main() -> Result<()> {
                 r.duplicated,
                 r.redelivered
             );
+            common.write(&r)
+        }
+        Command::Group { common, members, messages, rate, senders, payload } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if manifest.accounts.len() < members {
+                bail!("a group of {members} needs {members} accounts");
+            }
+            let r = scenarios::group(&common.target(), &manifest, members, senders, messages, rate, payload).await;
+            println!(
+                "group: {} members, {} posts at {:.0}/s: acked {}, deliveries {} ({:.0}/s over {:.2} s), missing {}, duplicates {}",
+                r.members,
+                r.messages,
+                r.target_rate,
+                r.acked,
+                r.deliveries,
+                r.deliveries_per_second,
+                r.seconds,
+                r.missing,
+                r.duplicates
+            );
+            println!("  post -> ack (✓)          {}", r.post_to_ack);
+            println!("  post -> a member device  {}", r.post_to_device);
+            println!("  post -> last device      {}", r.post_to_last_device);
             common.write(&r)
         }
         Command::Backlog { common, users, per_user } => {

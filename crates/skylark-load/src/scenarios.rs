@@ -658,3 +658,191 @@ where
         redelivered: redelivered.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
+
+// ---------------------------------------------------------------- group
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub scenario: String,
+    pub members: usize,
+    pub messages: u64,
+    pub target_rate: f64,
+    pub acked: u64,
+    /// Group messages received by member devices (every member, the
+    /// author's own device included, gets every post).
+    pub deliveries: u64,
+    pub duplicates: u64,
+    /// Deliveries expected but not seen before the deadline.
+    pub missing: u64,
+    /// From the first post to the last delivery.
+    pub seconds: f64,
+    pub deliveries_per_second: f64,
+    /// Intended post time → the group acknowledged it (durable in its log).
+    pub post_to_ack: Summary,
+    /// Intended post time → one member device has it (every delivery).
+    pub post_to_device: Summary,
+    /// Intended post time → the last member device has it (one per post).
+    pub post_to_last_device: Summary,
+}
+
+#[derive(Default)]
+struct Arrivals {
+    /// Post (group sequence) → (devices that have it, latest arrival).
+    per_post: HashMap<u64, (u64, Duration)>,
+    latency: Latency,
+    duplicates: u64,
+    /// The latest arrival, since the first post.
+    last: Duration,
+}
+
+/// Fan-out: accounts `0..members` connect; the first creates a group of all
+/// of them; then `messages` posts go to it open-loop at `rate` per second,
+/// from the first `senders` members in turn. Every member device records
+/// when each post reached it.
+pub async fn group(
+    target: &Target,
+    manifest: &Manifest,
+    members: usize,
+    senders: usize,
+    messages: u64,
+    rate: f64,
+    payload: usize,
+) -> GroupReport {
+    let mut sessions = Vec::with_capacity(members);
+    for m in 0..members {
+        sessions.push(open(target, manifest, m).await.expect("member connects"));
+        progress("group (connecting)", m as u64 + 1, members as u64);
+    }
+    let phones: Vec<&str> = manifest.accounts[1..members].iter().map(|a| a.phone.as_str()).collect();
+    let admin = sessions[0].0.handle();
+    let info = admin.create_group("load", &phones).await.expect("group created");
+    let group = info.id;
+    eprintln!("group {group} with {} members created", info.members.len());
+
+    // Every member: wait for the creation, then record each post's arrival.
+    let run = run_id();
+    let started = Arc::new(Mutex::new(None::<Instant>));
+    let arrivals: Arc<Mutex<Arrivals>> = Arc::default();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let mut readers = Vec::new();
+    let mut handles = Vec::new();
+    for (session, mut events) in sessions {
+        let handle = session.handle();
+        handles.push(handle.clone());
+        let (started, arrivals, ready_tx) = (started.clone(), arrivals.clone(), ready_tx.clone());
+        readers.push(tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut ready = false;
+            while (seen.len() as u64) < messages {
+                let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(Duration::from_secs(30), events.recv()).await
+                else {
+                    break;
+                };
+                let Some(LogEvent::Entry(e)) = log_event(&frame) else { continue };
+                if let Some(Body::Group(g)) = &e.body {
+                    if g.group == group {
+                        match &g.body {
+                            Some(skylark_protocol::v1::group_event::Body::Created(_)) if !ready => {
+                                ready = true;
+                                let _ = ready_tx.send(());
+                            }
+                            Some(skylark_protocol::v1::group_event::Body::Message(m)) => {
+                                let start = *started.lock().unwrap_or_else(|p| p.into_inner());
+                                if let (Some(start), Some(at)) = (start, read_stamp(&m.payload)) {
+                                    let now = start.elapsed();
+                                    let latency = now.saturating_sub(at);
+                                    let mut a = arrivals.lock().unwrap_or_else(|p| p.into_inner());
+                                    if seen.insert(g.group_seq) {
+                                        let entry = a.per_post.entry(g.group_seq).or_insert((0, Duration::ZERO));
+                                        entry.0 += 1;
+                                        entry.1 = entry.1.max(latency);
+                                        a.latency.record(latency);
+                                        a.last = a.last.max(now);
+                                    } else {
+                                        a.duplicates += 1;
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                let _ = handle.ack(e.seq).await;
+            }
+            drop(session);
+        }));
+    }
+    drop(ready_tx);
+    for m in 0..members {
+        if ready_rx.recv().await.is_none() {
+            eprintln!("only {m} members saw the group's creation");
+            break;
+        }
+    }
+
+    // Posts, open loop.
+    let begun = Instant::now();
+    *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(begun);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    let acks: Arc<Mutex<(u64, Latency)>> = Arc::default();
+    let mut posts = Vec::new();
+    for k in 0..messages {
+        let at = interval.mul_f64(k as f64);
+        tokio::time::sleep_until((begun + at).into()).await;
+        let handle = handles[(k as usize) % senders.clamp(1, members)].clone();
+        let (acks, client_id) = (acks.clone(), format!("{run}-g{k}"));
+        posts.push(tokio::spawn(async move {
+            if handle.send_to_group(group, &client_id, stamp(at, payload)).await.is_ok() {
+                let mut a = acks.lock().unwrap_or_else(|p| p.into_inner());
+                a.0 += 1;
+                a.1.record(begun.elapsed().saturating_sub(at));
+            }
+        }));
+    }
+    let ticker = {
+        let arrivals = arrivals.clone();
+        let expected = messages * members as u64;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let done: u64 = arrivals.lock().unwrap_or_else(|p| p.into_inner()).per_post.values().map(|v| v.0).sum();
+                progress("group (deliveries)", done.min(expected), expected);
+            }
+        })
+    };
+    for p in posts {
+        let _ = p.await;
+    }
+    for r in readers {
+        let _ = r.await;
+    }
+    ticker.abort();
+    let (acked, ack_latency) = {
+        let a = acks.lock().unwrap_or_else(|p| p.into_inner());
+        (a.0, a.1.summary())
+    };
+    let a = arrivals.lock().unwrap_or_else(|p| p.into_inner());
+    let deliveries: u64 = a.per_post.values().map(|v| v.0).sum();
+    let mut to_last = Latency::default();
+    for (count, latest) in a.per_post.values() {
+        if *count == members as u64 {
+            to_last.record(*latest);
+        }
+    }
+    let seconds = a.last.as_secs_f64().max(1e-9);
+    GroupReport {
+        scenario: "group".into(),
+        members,
+        messages,
+        target_rate: rate,
+        acked,
+        deliveries,
+        duplicates: a.duplicates,
+        missing: (messages * members as u64).saturating_sub(deliveries),
+        seconds,
+        deliveries_per_second: deliveries as f64 / seconds,
+        post_to_ack: ack_latency,
+        post_to_device: a.latency.summary(),
+        post_to_last_device: to_last.summary(),
+    }
+}

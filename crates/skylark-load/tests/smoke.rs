@@ -54,6 +54,10 @@ async fn every_scenario_runs_and_loses_nothing() {
     );
     assert!(serde_json::to_string(&chat).unwrap().contains("send_to_receipt"));
 
+    let group = scenarios::group(&target, &manifest, 12, 3, 20, 100.0, 64).await;
+    assert_eq!((group.acked, group.deliveries, group.missing, group.duplicates), (20, 240, 0, 0), "{group:?}");
+    assert_eq!(group.post_to_last_device.count, 20);
+
     let backlog = scenarios::backlog(&target, &manifest, 5, 10).await;
     assert_eq!((backlog.messages, backlog.received, backlog.duplicates), (50, 50, 0), "{backlog:?}");
 

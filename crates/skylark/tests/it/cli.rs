@@ -347,3 +347,81 @@ async fn chat_in_a_terminal_sends_typing_as_you_type_and_shows_presence() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_from_the_command_line() {
+    use crate::harness::{Peer, Transport};
+    use skylark_protocol::v1::event::Body;
+
+    let server = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let alice = server.register("+15550900001").await;
+    let bob = server.register("+15550900002").await;
+    let carol = server.register("+15550900003").await;
+    alice.save(&home.path().join("alice")).unwrap();
+    let run = |args: Vec<String>| {
+        let home_path = home.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let out = skylark(&home_path).args(&args).args(["--profile", "alice"]).output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+
+    let (ok, out, err) = run(args(&["group", "create", "Weekend", "+15550900002"])).await.unwrap();
+    assert!(ok, "{err}");
+    let group: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        out.contains("\"Weekend\"") && out.contains("+15550900001  admin") && out.contains("+15550900002"),
+        "{out}"
+    );
+    let g = group.to_string();
+
+    let (ok, out, err) = run(args(&["group", "add", &g, "+15550900003"])).await.unwrap();
+    assert!(ok && out.contains("+15550900003"), "{out}{err}");
+    let (ok, out, _) = run(args(&["group", "send", &g, "who's in?"])).await.unwrap();
+    assert!(ok && out.contains(&format!("✓ posted to group {group}")), "{out}");
+
+    // Bob, a member from the start, sees creation, addition and the post, in order.
+    let mut bob_peer = Peer::connect(&server, &bob, Transport::Ws).await;
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let event = bob_peer.next_entry().await;
+        bob_peer.handle().ack(event.seq).await.unwrap();
+        if let Some(Body::Group(e)) = event.body {
+            kinds.push(e.group_seq);
+            if let Some(skylark_protocol::v1::group_event::Body::Message(m)) = e.body {
+                assert_eq!(m.payload, b"who's in?");
+            }
+        }
+    }
+    assert_eq!(kinds, vec![1, 2, 3]);
+
+    // `listen` prints group events; `msginfo` counts who has the post.
+    let mut cmd = skylark(home.path());
+    cmd.args(["listen", "--profile", "alice"]);
+    let listen = Running::spawn(cmd);
+    listen.expect(&format!("group {group}: you created \"Weekend\""));
+    listen.expect(&format!("group {group} #3 you: who's in?"));
+    drop(listen);
+    let (ok, out, _) = run(args(&["group", "msginfo", &g, "3"])).await.unwrap();
+    assert!(ok && out.contains("of 2"), "{out}");
+
+    // A refused change is reported in words, and changes nothing.
+    carol.save(&home.path().join("carol")).unwrap();
+    let home_path = home.path().to_owned();
+    let g2 = g.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        skylark(&home_path).args(["group", "remove", &g2, "+15550900002", "--profile", "carol"]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only group admins may do that"), "{out:?}");
+    let (ok, out, _) = run(args(&["group", "info", &g])).await.unwrap();
+    assert!(ok && out.contains("+15550900002"), "{out}");
+}
