@@ -11,6 +11,7 @@
 //! | GET | /v1/links/{id}?wait_ms= | the new device waits for approval (long poll) |
 //! | GET | /v1/push/vapid | the server's VAPID public key for Web Push subscriptions |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
+//! | GET | /, /app.js, /proto.js, /style.css | the web client |
 //! | GET | /healthz, /readyz, /metrics | operations |
 //!
 //! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting
@@ -51,6 +52,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
         .route("/v1/links", post(create_link))
         .route("/v1/links/{id}", get(wait_link))
         .route("/v1/ws", get(crate::ws::upgrade))
+        .merge(crate::web::routes())
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(shared);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -256,9 +258,11 @@ async fn create_link(
     let request: LinkRequest = parse(&body)?;
     let key = public_key(&request.public_key)?;
     let link = shared.server.devices.create_link(&key, &request.device_name, peer.ip()).map_err(device_api_error)?;
+    let code = display_code(&link.code);
     Ok(axum::Json(json!({
         "link_id": link.link_id,
-        "code": display_code(&link.code),
+        "qr_svg": crate::web::qr_svg(&code),
+        "code": code,
         "expires_in_ms": link.expires_at_ms.saturating_sub(shared.server.clock.now_ms()),
     })))
 }

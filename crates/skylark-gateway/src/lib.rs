@@ -19,6 +19,7 @@ mod session;
 mod slots;
 mod tcp;
 mod transport;
+mod web;
 mod ws;
 
 use skylark_server::Server;

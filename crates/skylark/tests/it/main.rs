@@ -17,3 +17,4 @@ mod messaging;
 mod presence;
 mod push;
 mod signup;
+mod web;

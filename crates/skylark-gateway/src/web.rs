@@ -1,0 +1,44 @@
+//! The web client: static files built into the binary, served at `/`.
+//!
+//! Plain ES modules with no build step (see `web/`). The browser talks
+//! protocol v1 over the WebSocket JSON mapping like any other client.
+
+use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+const INDEX: &str = include_str!("../web/index.html");
+const APP: &str = include_str!("../web/app.js");
+const PROTO: &str = include_str!("../web/proto.js");
+const STYLE: &str = include_str!("../web/style.css");
+
+/// Scripts and styles only from this origin; the WebSocket back to it; QR
+/// codes arrive as data: images. No inline script anywhere.
+const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; \
+                   style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
+}
+
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/", get(|| async { asset(INDEX, "text/html; charset=utf-8") }))
+        .route("/app.js", get(|| async { asset(APP, "text/javascript; charset=utf-8") }))
+        .route("/proto.js", get(|| async { asset(PROTO, "text/javascript; charset=utf-8") }))
+        .route("/style.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
+}
+
+/// A QR code of `text` as an SVG image.
+pub(crate) fn qr_svg(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(200, 200).quiet_zone(true).build())
+}

@@ -1,0 +1,761 @@
+// Skylark in the browser: sign-up or linking, chat list, conversations
+// with live ticks, typing and presence, groups, linked devices.
+//
+// State lives in memory; after a reload the page rebuilds it from the
+// server (history pages, group list) and the live event stream. Every log
+// event is handled once (by its sequence number) and acknowledged after.
+
+import {
+  api, ApiError, Refused, Session, forgetIdentity, generateKey, loadIdentity, saveIdentity,
+} from "./proto.js";
+
+const $ = (id) => document.getElementById(id);
+
+/// Builds an element; children are nodes or text (never parsed as HTML).
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c);
+  return el;
+}
+
+// ---------------------------------------------------------------- state
+
+const state = {
+  me: null,
+  session: null,
+  connected: false,
+  chats: new Map(), // key ("p:+1555…" or "g:<id>") → chat
+  open: null,
+  seen: new Set(), // log sequences already handled
+  groups: new Map(), // group id → GroupInfo
+  presence: new Map(), // phone → PresenceInfo
+  typing: new Map(), // phone → expiry time (ms)
+  outbox: [], // sends waiting for their ack (kept across reconnects)
+  ackTimer: null,
+  ackUpTo: 0,
+  backoff: 0,
+};
+
+function chat(key, init = {}) {
+  let c = state.chats.get(key);
+  if (!c) {
+    c = {
+      key, kind: key.startsWith("g:") ? "group" : "peer", title: key.slice(2), peer: null,
+      messages: new Map(), delivered: 0, read: 0, readByMe: 0, lastAt: 0,
+    };
+    state.chats.set(key, c);
+  }
+  Object.assign(c, init);
+  return c;
+}
+
+const peerKey = (phone) => `p:${phone}`;
+const groupKey = (id) => `g:${id}`;
+
+function normalisePhone(text) {
+  const digits = text.replace(/[\s\-().]/g, "");
+  return /^\+[1-9]\d{6,14}$/.test(digits) ? digits : null;
+}
+
+function clientId() {
+  const b = crypto.getRandomValues(new Uint8Array(12));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+const decoder = new TextDecoder();
+const payloadText = (b64) => {
+  try {
+    return decoder.decode(Uint8Array.from(atob(b64 || ""), (c) => c.charCodeAt(0)));
+  } catch {
+    return "(unreadable)";
+  }
+};
+const payloadOf = (text) => {
+  const bytes = new TextEncoder().encode(text);
+  let s = "";
+  for (const b of bytes) s += String.fromCharCode(b);
+  return btoa(s);
+};
+
+function clock(ms) {
+  const d = new Date(Number(ms));
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+// ---------------------------------------------------------------- errors
+
+let bannerTimer = null;
+function say(text, kind = "error") {
+  const b = $("banner");
+  b.textContent = text;
+  b.className = kind;
+  b.hidden = false;
+  clearTimeout(bannerTimer);
+  bannerTimer = setTimeout(() => (b.hidden = true), kind === "error" ? 8000 : 3000);
+}
+
+function explain(e) {
+  if (e instanceof Refused) {
+    const words = {
+      ERROR_CODE_UNKNOWN_RECIPIENT: "No Skylark account has that phone number.",
+      ERROR_CODE_NOT_A_MEMBER: "You are not a member of that group.",
+      ERROR_CODE_FORBIDDEN: "Only group admins may do that.",
+      ERROR_CODE_GROUP_FULL: "The group is full.",
+      ERROR_CODE_RATE_LIMITED: `Too many requests; try again in ${Math.ceil(e.retryAfterMs / 1000)} s.`,
+      ERROR_CODE_UNAVAILABLE: "The server is busy; it will be retried.",
+      ERROR_CODE_MESSAGE_TOO_LARGE: "That message is too large.",
+    };
+    return words[e.code] || e.message || e.code;
+  }
+  if (e instanceof ApiError) return e.message;
+  return String(e && e.message ? e.message : e);
+}
+
+// ---------------------------------------------------------------- welcome
+
+function showWelcome() {
+  $("app").hidden = true;
+  $("welcome").hidden = false;
+  $("phone").focus();
+}
+
+let verification = null;
+let pendingKey = null;
+
+$("phone-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const phone = normalisePhone($("phone").value);
+  if (!phone) return say("Type the number in international form, like +15551234567.");
+  try {
+    verification = await api.startVerification(phone);
+    $("code-phone").textContent = verification.phone;
+    $("code-form").hidden = false;
+    $("code").focus();
+    if (verification.sms && verification.sms.status === "failed") say("The SMS could not be sent; ask for a new code.");
+  } catch (err) {
+    say(explain(err));
+  }
+});
+
+$("resend").addEventListener("click", async () => {
+  if (!verification) return;
+  try {
+    verification = await api.resend(verification.session_id);
+    say("A new code is on its way.", "info");
+  } catch (err) {
+    say(explain(err));
+  }
+});
+
+$("code-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  try {
+    pendingKey = pendingKey || (await generateKey());
+    const r = await api.verify(verification.session_id, $("code").value.trim(), pendingKey.publicKey, "Web browser");
+    await enter({ accountId: String(r.account_id), deviceId: String(r.device_id), phone: r.phone, pair: pendingKey.pair });
+  } catch (err) {
+    say(err instanceof ApiError && err.attemptsLeft !== undefined
+      ? `Wrong code; ${err.attemptsLeft} attempts left.` : explain(err));
+  }
+});
+
+$("link-start").addEventListener("click", async () => {
+  try {
+    const key = await generateKey();
+    const link = await api.createLink(key.publicKey, "Web browser");
+    $("link-show").hidden = false;
+    $("link-code").textContent = link.code;
+    $("link-code-2").textContent = link.code;
+    if (link.qr_svg) $("link-qr").src = `data:image/svg+xml;base64,${btoa(link.qr_svg)}`;
+    $("link-start").hidden = true;
+    for (;;) {
+      const s = await api.waitLink(link.link_id, 25000);
+      if (s.status === "approved") {
+        await enter({ accountId: String(s.account_id), deviceId: String(s.device_id), phone: s.phone, pair: key.pair });
+        return;
+      }
+      if (s.status === "expired") {
+        $("link-status").textContent = "The code expired.";
+        $("link-start").hidden = false;
+        return;
+      }
+    }
+  } catch (err) {
+    say(explain(err));
+    $("link-start").hidden = false;
+  }
+});
+
+// ---------------------------------------------------------------- session
+
+async function enter(identity) {
+  await saveIdentity(identity);
+  state.me = identity;
+  $("welcome").hidden = true;
+  $("app").hidden = false;
+  $("me-phone").textContent = identity.phone;
+  connect();
+}
+
+function setConnState(text) {
+  $("conn-state").textContent = text;
+}
+
+async function connect() {
+  setConnState("connecting…");
+  try {
+    const session = await Session.open(state.me, { onFrame, onClose });
+    state.session = session;
+    state.connected = true;
+    state.backoff = 0;
+    setConnState("");
+    await afterConnect(session);
+  } catch (err) {
+    if (err instanceof Refused && ["ERROR_CODE_UNKNOWN_DEVICE", "ERROR_CODE_DEVICE_REMOVED"].includes(err.code)) {
+      return signedOut("This browser was signed out of the account.");
+    }
+    if (!state.connected) reconnectLater();
+  }
+}
+
+function reconnectLater() {
+  // Exponential back-off with full jitter: 250 ms doubling to 10 s.
+  const ceiling = Math.min(10000, 250 * 2 ** state.backoff);
+  state.backoff = Math.min(state.backoff + 1, 10);
+  setConnState("offline — reconnecting…");
+  setTimeout(connect, Math.random() * ceiling);
+}
+
+function onClose(code, reason, final) {
+  state.connected = false;
+  state.session = null;
+  if (code === 4005) return signedOut("This browser was removed from the account.");
+  if (code === 4004) {
+    setConnState("open in another window");
+    return say("Skylark is open in another window or tab with this account; this one stopped.");
+  }
+  if (final) return say(`Disconnected: ${reason || code}`);
+  reconnectLater();
+}
+
+async function signedOut(why) {
+  await forgetIdentity();
+  say(why);
+  state.me = null;
+  state.chats.clear();
+  state.seen.clear();
+  showWelcome();
+}
+
+async function afterConnect(session) {
+  // Groups first (titles), then recent history, then whatever waits to be sent.
+  try {
+    const list = await session.request({ listGroups: {} });
+    for (const g of list.groupList.groups || []) rememberGroup(g);
+    const page = await session.request({ history: { beforeSeq: "0", limit: 200 } });
+    applyHistory(page.historyPage);
+    await subscribePresence();
+    session.request({ setActive: { active: document.visibilityState === "visible" } }).catch(() => {});
+  } catch (err) {
+    if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
+  }
+  renderAll();
+  flushOutbox();
+}
+
+function rememberGroup(info) {
+  state.groups.set(info.id, info);
+  chat(groupKey(info.id), { title: info.subject, group: info.id });
+}
+
+function applyHistory(page) {
+  for (const r of page.receipts || []) {
+    const key = r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer);
+    const c = chat(key, r.peerPhone ? { peer: r.peer } : {});
+    c.delivered = Math.max(c.delivered, Number(r.deliveredUpTo || 0));
+    c.read = Math.max(c.read, Number(r.readUpTo || 0));
+    c.readByMe = Math.max(c.readByMe, Number(r.readByMeUpTo || 0));
+  }
+  for (const event of (page.events || []).slice().reverse()) apply(event, false);
+}
+
+function onFrame(frame) {
+  if (frame.event) {
+    apply(frame.event, true);
+    scheduleAck(Number(frame.event.seq));
+  } else if (frame.caughtUp) {
+    setConnState("");
+  } else if (frame.presence) {
+    state.presence.set(frame.presence.phone, frame.presence);
+    renderHeader();
+  } else if (frame.typingUpdate) {
+    const t = frame.typingUpdate;
+    const composing = t.state === "TYPING_STATE_COMPOSING" || t.state === "TYPING_STATE_RECORDING";
+    if (composing) state.typing.set(t.fromPhone, Date.now() + Number(t.expiresInMs || 10000));
+    else state.typing.delete(t.fromPhone);
+    renderHeader();
+  }
+}
+
+function scheduleAck(seq) {
+  state.ackUpTo = Math.max(state.ackUpTo, seq);
+  if (state.ackTimer) return;
+  state.ackTimer = setTimeout(() => {
+    state.ackTimer = null;
+    if (state.session) state.session.notify({ ack: { upToSeq: String(state.ackUpTo) } });
+  }, 30);
+}
+
+// ---------------------------------------------------------------- events
+
+function apply(event, live) {
+  const seq = Number(event.seq);
+  if (state.seen.has(seq)) return;
+  state.seen.add(seq);
+  if (event.message) applyMessage(event.message, live);
+  else if (event.receipt) {
+    const r = event.receipt;
+    const c = chat(r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer));
+    const up = Number(r.upToSeq || 0);
+    if (r.kind === "RECEIPT_KIND_READ") c.read = Math.max(c.read, up);
+    c.delivered = Math.max(c.delivered, up);
+  } else if (event.readSync) {
+    const r = event.readSync;
+    const c = chat(r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer));
+    c.readByMe = Math.max(c.readByMe, Number(r.upToSeq || 0));
+  } else if (event.group) applyGroup(event.group, live);
+  else if (event.deviceChange && panelShows === "devices") showDevices();
+  if (live) renderAll();
+}
+
+function addMessage(c, m) {
+  // A confirmed copy of something this window sent replaces its placeholder.
+  if (m.mine && m.clientId) {
+    for (const [k, old] of c.messages) {
+      if (old.local && old.clientId === m.clientId) c.messages.delete(k);
+    }
+  }
+  c.messages.set(m.id, m);
+  c.lastAt = Math.max(c.lastAt, m.at);
+}
+
+function applyMessage(m, live) {
+  const mine = m.id.sender === state.me.accountId;
+  const phone = mine ? m.toPhone : m.fromPhone;
+  const c = chat(peerKey(phone), mine ? { peer: m.to } : { peer: m.id.sender });
+  addMessage(c, {
+    id: `m:${m.id.seq}:${mine ? "out" : "in"}`, seq: Number(m.id.seq), mine, from: m.fromPhone,
+    text: payloadText(m.payload), at: Number(m.sentAtMs), clientId: m.clientId,
+  });
+  if (live && !mine) maybeMarkRead(c);
+}
+
+function systemLine(g) {
+  const who = g.by === state.me.accountId ? "You" : g.by === g.group ? "Skylark" : g.byPhone;
+  const them = (m) => (m.account === state.me.accountId ? "you" : m.phone);
+  if (g.created) return `${who} created "${g.created.subject}"`;
+  if (g.added) return `${who} added ${g.added.members.map(them).join(", ")}`;
+  if (g.removed) return `${who} removed ${them(g.removed)}`;
+  if (g.left) return `${who} left`;
+  if (g.promoted) return g.by === g.group ? `${them(g.promoted)} is now an admin` : `${who} made ${them(g.promoted)} an admin`;
+  if (g.demoted) return `${who} made ${them(g.demoted)} a plain member`;
+  if (g.subject !== undefined) return `${who} changed the subject to "${g.subject}"`;
+  if (g.adminOnly !== undefined) return g.adminOnly ? `${who} let only admins post` : `${who} let everyone post`;
+  return null;
+}
+
+function applyGroup(g, live) {
+  const c = chat(groupKey(g.group), { group: g.group });
+  const at = Number(g.atMs);
+  if (g.message) {
+    const mine = g.by === state.me.accountId;
+    addMessage(c, {
+      id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), mine, from: g.byPhone,
+      text: payloadText(g.message.payload), at, clientId: g.message.clientId,
+    });
+    if (live && !mine) maybeMarkRead(c);
+    return;
+  }
+  if (g.created) c.title = g.created.subject;
+  if (g.subject !== undefined) c.title = g.subject;
+  const text = systemLine(g);
+  if (text) addMessage(c, { id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), system: true, text, at });
+  // The roster changed: fetch it again (refused once we are out of the group).
+  if (live && state.session) {
+    state.session.request({ getGroup: { group: g.group } })
+      .then((r) => { rememberGroup(r.groupInfo); renderAll(); if (panelShows === `group:${g.group}`) showGroup(g.group); })
+      .catch(() => { state.groups.delete(g.group); renderAll(); });
+  }
+}
+
+function unread(c) {
+  let n = 0;
+  for (const m of c.messages.values()) if (!m.mine && !m.system && m.seq > c.readByMe) n++;
+  return n;
+}
+
+function maybeMarkRead(c) {
+  if (state.open !== c.key || document.visibilityState !== "visible" || !state.session) return;
+  let newest = 0;
+  for (const m of c.messages.values()) if (!m.mine && !m.system) newest = Math.max(newest, m.seq);
+  if (newest <= c.readByMe) return;
+  const peer = c.kind === "group" ? c.group : c.peer;
+  if (!peer) return;
+  // Read markers for a peer are in the peer's sequence numbers; messages
+  // from one peer carry that peer's seqs, so the newest covers the rest.
+  c.readByMe = newest;
+  state.session.request({ markRead: { peer, upToSeq: String(newest) } }).catch(() => {});
+}
+
+// ---------------------------------------------------------------- sending
+
+function send(c, text) {
+  const id = clientId();
+  const local = { id: `local:${id}`, local: true, mine: true, text, at: Date.now(), clientId: id, seq: Infinity };
+  addMessage(c, local);
+  state.outbox.push({ key: c.key, clientId: id, text, local });
+  renderAll();
+  flushOutbox();
+}
+
+let flushing = false;
+async function flushOutbox() {
+  if (flushing) return;
+  flushing = true;
+  try {
+    while (state.outbox.length && state.session) {
+      const item = state.outbox[0];
+      const c = state.chats.get(item.key);
+      const body = c.kind === "group"
+        ? { clientId: item.clientId, group: c.group, payload: payloadOf(item.text) }
+        : { clientId: item.clientId, to: c.key.slice(2), payload: payloadOf(item.text) };
+      try {
+        const reply = await state.session.request({ send: body });
+        const ack = reply.sendAck;
+        const id = c.kind === "group" ? `g:${ack.id.seq}` : `m:${ack.id.seq}:out`;
+        if (c.messages.has(item.local.id)) {
+          c.messages.delete(item.local.id);
+          if (!c.messages.has(id)) {
+            c.messages.set(id, { ...item.local, local: false, id, seq: Number(ack.id.seq), at: Number(ack.sentAtMs) });
+          }
+        }
+        state.outbox.shift();
+      } catch (err) {
+        if (err instanceof Refused && err.code !== "CLOSED" && err.code !== "ERROR_CODE_UNAVAILABLE") {
+          // Refused for good: say why and keep the text visible, marked.
+          item.local.failed = explain(err);
+          state.outbox.shift();
+          say(explain(err));
+        } else {
+          break; // not connected: the next connection resends with the same client id
+        }
+      }
+      renderAll();
+    }
+  } finally {
+    flushing = false;
+  }
+}
+
+function tickOf(c, m) {
+  if (m.local) return m.failed ? ["failed", "!"] : ["pending", "🕓"];
+  if (m.seq <= c.read) return ["read", "✓✓"];
+  if (m.seq <= c.delivered) return ["delivered", "✓✓"];
+  return ["sent", "✓"];
+}
+
+// ---------------------------------------------------------------- typing
+
+let composingSent = 0;
+let pauseTimer = null;
+$("text").addEventListener("input", () => {
+  const c = state.chats.get(state.open);
+  if (!c || c.kind !== "peer" || !state.session) return;
+  const now = Date.now();
+  if (now - composingSent > 5000) {
+    composingSent = now;
+    state.session.notify({ typing: { to: c.key.slice(2), state: "TYPING_STATE_COMPOSING" } });
+  }
+  clearTimeout(pauseTimer);
+  pauseTimer = setTimeout(() => {
+    composingSent = 0;
+    if (state.session) state.session.notify({ typing: { to: c.key.slice(2), state: "TYPING_STATE_PAUSED" } });
+  }, 3000);
+});
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const c = state.chats.get(state.open);
+  const text = $("text").value.trim();
+  if (!c || !text) return;
+  $("text").value = "";
+  composingSent = 0;
+  clearTimeout(pauseTimer);
+  send(c, text);
+});
+
+// ---------------------------------------------------------------- rendering
+
+function openChat(key) {
+  state.open = key;
+  $("app").classList.add("chat-open");
+  const c = state.chats.get(key);
+  maybeMarkRead(c);
+  renderAll();
+  $("text").focus();
+}
+
+$("back").addEventListener("click", () => {
+  state.open = null;
+  $("app").classList.remove("chat-open");
+  renderAll();
+});
+
+function preview(c) {
+  let last = null;
+  for (const m of c.messages.values()) if (!last || m.at >= last.at) last = m;
+  if (!last) return "";
+  return last.system ? last.text : `${last.mine ? "You: " : c.kind === "group" ? `${last.from}: ` : ""}${last.text}`;
+}
+
+function renderList() {
+  const list = $("chat-list");
+  const chats = [...state.chats.values()].sort((a, b) => b.lastAt - a.lastAt);
+  list.replaceChildren(...chats.map((c) => {
+    const n = unread(c);
+    return h("li", {
+      class: `chat${state.open === c.key ? " open" : ""}`, tabindex: "0", role: "button", "data-chat": c.key,
+      onclick: () => openChat(c.key),
+      onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openChat(c.key); } },
+    },
+    h("span", { class: "name" }, c.title),
+    h("span", { class: "time" }, c.lastAt ? clock(c.lastAt) : ""),
+    h("span", { class: "preview" }, preview(c)),
+    n ? h("span", { class: "badge", "aria-label": `${n} unread` }, String(n)) : h("span"));
+  }));
+}
+
+function renderHeader() {
+  const c = state.chats.get(state.open);
+  $("group-info").hidden = !c || c.kind !== "group" || !state.groups.has(c.group);
+  if (!c) {
+    $("chat-title").textContent = "";
+    $("chat-status").textContent = "";
+    return;
+  }
+  $("chat-title").textContent = c.title;
+  let status = "";
+  if (c.kind === "group") {
+    const info = state.groups.get(c.group);
+    status = info ? `${info.members.length} members` : "you are not a member";
+  } else {
+    const phone = c.key.slice(2);
+    const typing = state.typing.get(phone);
+    const p = state.presence.get(phone);
+    if (typing && typing > Date.now()) status = "typing…";
+    else if (p && p.visible && p.online) status = "online";
+    else if (p && p.visible && Number(p.lastSeenMs)) status = `last seen ${clock(p.lastSeenMs)}`;
+  }
+  $("chat-status").textContent = status;
+}
+
+function renderMessages() {
+  const c = state.chats.get(state.open);
+  $("empty").hidden = !!c;
+  $("composer").hidden = !c || (c.kind === "group" && !state.groups.has(c.group));
+  const box = $("messages");
+  if (!c) return box.replaceChildren();
+  const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 30;
+  const items = [...c.messages.values()].sort((a, b) => a.seq - b.seq || a.at - b.at);
+  box.replaceChildren(...items.map((m) => {
+    if (m.system) return h("li", { class: "system" }, m.text);
+    const [status, mark] = m.mine ? tickOf(c, m) : [null, null];
+    return h("li", { class: `msg${m.mine ? " mine" : ""}${m.failed ? " failed" : ""}`, "data-client-id": m.clientId },
+      !m.mine && c.kind === "group" ? h("span", { class: "from" }, m.from) : null,
+      h("span", { class: "text" }, m.text),
+      h("span", { class: "meta" }, clock(m.at), m.mine ? " " : "",
+        m.mine ? h("span", { class: "tick", "data-status": status, title: m.failed || status }, mark) : null));
+  }));
+  if (stick) box.scrollTop = box.scrollHeight;
+}
+
+function renderAll() {
+  renderList();
+  renderHeader();
+  renderMessages();
+}
+
+setInterval(renderHeader, 1000); // typing indicators expire
+
+document.addEventListener("visibilitychange", () => {
+  const visible = document.visibilityState === "visible";
+  if (state.session) state.session.request({ setActive: { active: visible } }).catch(() => {});
+  if (visible && state.open) maybeMarkRead(state.chats.get(state.open));
+});
+
+async function subscribePresence() {
+  if (!state.session) return;
+  const phones = [...state.chats.values()].filter((c) => c.kind === "peer").map((c) => c.key.slice(2));
+  if (!phones.length) return;
+  const r = await state.session.request({ subscribePresence: { phones } });
+  for (const p of r.presenceList.presences || []) state.presence.set(p.phone, p);
+}
+
+// ---------------------------------------------------------------- panels
+
+let panelShows = null;
+
+function panel(name, ...children) {
+  panelShows = name;
+  $("panel-body").replaceChildren(...children);
+  if (!$("panel").open) $("panel").showModal();
+}
+$("panel").addEventListener("close", () => (panelShows = null));
+
+async function guarded(fn) {
+  try {
+    await fn();
+  } catch (err) {
+    say(explain(err));
+  }
+}
+
+$("new-chat").addEventListener("click", () => {
+  const input = h("input", { type: "tel", placeholder: "+15551234567", "aria-label": "Phone number", required: true });
+  panel("new-chat", h("h2", {}, "New chat"), h("form", {
+    onsubmit: (e) => {
+      e.preventDefault();
+      const phone = normalisePhone(input.value);
+      if (!phone) return say("Type the number in international form, like +15551234567.");
+      if (phone === state.me.phone) return say("That is your own number.");
+      chat(peerKey(phone));
+      $("panel").close();
+      openChat(peerKey(phone));
+      subscribePresence().catch(() => {});
+    },
+  }, input, h("button", { type: "submit" }, "Chat")));
+  input.focus();
+});
+
+$("new-group").addEventListener("click", () => {
+  const subject = h("input", { placeholder: "Subject", "aria-label": "Subject", required: true, maxlength: "100" });
+  const members = h("input", { placeholder: "+15551234567, +15557654321", "aria-label": "Members" });
+  panel("new-group", h("h2", {}, "New group"), h("form", {
+    onsubmit: (e) => {
+      e.preventDefault();
+      const phones = members.value.split(/[,\s]+/).filter(Boolean).map((p) => normalisePhone(p));
+      if (phones.some((p) => !p)) return say("Type every number in international form, like +15551234567.");
+      guarded(async () => {
+        const r = await state.session.request({ createGroup: { subject: subject.value.trim(), members: phones } });
+        rememberGroup(r.groupInfo);
+        $("panel").close();
+        openChat(groupKey(r.groupInfo.id));
+      });
+    },
+  }, subject, members, h("button", { type: "submit" }, "Create")));
+  subject.focus();
+});
+
+$("group-info").addEventListener("click", () => showGroup(state.chats.get(state.open).group));
+
+function showGroup(id) {
+  const info = state.groups.get(id);
+  if (!info) return;
+  const me = info.members.find((m) => m.account === state.me.accountId);
+  const admin = me && me.admin;
+  const change = (c) => guarded(async () => {
+    const r = await state.session.request({ changeGroup: { group: id, ...c } });
+    rememberGroup(r.groupInfo);
+    renderAll();
+    showGroup(id);
+  });
+  const add = h("input", { type: "tel", placeholder: "+15551234567", "aria-label": "Add member" });
+  const subject = h("input", { value: info.subject, "aria-label": "Subject", maxlength: "100" });
+  const adminOnly = h("input", { type: "checkbox", id: "admin-only", checked: info.adminOnly || false, disabled: !admin });
+  panel(`group:${id}`,
+    h("h2", {}, info.subject),
+    h("p", { class: "muted" }, `${info.members.length} members${info.adminOnly ? " · only admins post" : ""}`),
+    h("ul", {}, info.members.map((m) => h("li", { class: "member", "data-member": m.phone },
+      h("span", { class: "who" }, m.account === state.me.accountId ? `${m.phone} (you)` : m.phone),
+      m.admin ? h("span", { class: "admin-tag" }, "admin") : null,
+      admin && m.account !== state.me.accountId
+        ? [m.admin
+          ? h("button", { type: "button", onclick: () => change({ demote: m.phone }) }, "Dismiss as admin")
+          : h("button", { type: "button", onclick: () => change({ promote: m.phone }) }, "Make admin"),
+          h("button", { type: "button", onclick: () => change({ remove: m.phone }) }, "Remove")]
+        : null))),
+    admin ? h("form", {
+      onsubmit: (e) => {
+        e.preventDefault();
+        const phone = normalisePhone(add.value);
+        if (!phone) return say("Type the number in international form, like +15551234567.");
+        change({ add: { phones: [phone] } });
+      },
+    }, add, h("button", { type: "submit" }, "Add member")) : null,
+    admin ? h("form", { onsubmit: (e) => { e.preventDefault(); change({ subject: subject.value.trim() }); } },
+      subject, h("button", { type: "submit" }, "Change subject")) : null,
+    h("p", {}, h("label", {}, adminOnly, " Only admins may post")),
+    h("button", {
+      type: "button", class: "secondary",
+      onclick: () => guarded(async () => {
+        await state.session.request({ changeGroup: { group: id, leave: {} } });
+        state.groups.delete(id);
+        $("panel").close();
+        renderAll();
+      }),
+    }, "Leave group"));
+  adminOnly.addEventListener("change", () => change({ adminOnly: adminOnly.checked }));
+}
+
+$("devices").addEventListener("click", () => guarded(showDevices));
+
+async function showDevices() {
+  const r = await state.session.request({ listDevices: {} });
+  const code = h("input", { placeholder: "ABCD-EFGH", "aria-label": "Link code" });
+  panel("devices",
+    h("h2", {}, "Linked devices"),
+    h("ul", {}, (r.deviceList.devices || []).map((d) => h("li", { class: "device", "data-device": d.id },
+      h("span", { class: "who" }, d.name || `device ${d.id}`, d.current ? " (this browser)" : "",
+        h("br"), h("span", { class: "muted" }, d.online ? "online" : Number(d.lastSeenMs) ? `last seen ${clock(d.lastSeenMs)}` : "")),
+      h("button", {
+        type: "button",
+        onclick: () => guarded(async () => {
+          await state.session.request({ removeDevice: { deviceId: d.id } });
+          if (!d.current) await showDevices();
+        }),
+      }, d.current ? "Log out" : "Remove")))),
+    h("h3", {}, "Link a device"),
+    h("form", {
+      onsubmit: (e) => {
+        e.preventDefault();
+        guarded(async () => {
+          await state.session.request({ approveLink: { code: code.value.trim() } });
+          say("Device linked.", "info");
+          await showDevices();
+        });
+      },
+    }, code, h("button", { type: "submit" }, "Approve")));
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && state.open && !$("panel").open && window.matchMedia("(max-width: 700px)").matches) {
+    $("back").click();
+  }
+});
+
+// ---------------------------------------------------------------- start
+
+(async () => {
+  if (!window.crypto || !crypto.subtle || !window.indexedDB) {
+    return say("This browser lacks WebCrypto or IndexedDB, which Skylark needs.");
+  }
+  const identity = await loadIdentity().catch(() => undefined);
+  if (identity) await enter(identity);
+  else showWelcome();
+})();

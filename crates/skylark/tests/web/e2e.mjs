@@ -1,0 +1,247 @@
+// End-to-end test of the web client in headless Chromium against the real
+// `skylark serve` binary. Run by tests/it/web.rs (`cargo test`), which
+// passes SKYLARK_BIN, CHROMIUM and SCREENSHOTS in the environment.
+//
+// Two browsers sign up two numbers and chat (ticks sent → delivered →
+// read, typing, presence); a third links to the first account and sees the
+// same conversation; a group is created, used and managed; a reload keeps
+// the session; the server is killed and restarted mid-conversation and
+// nothing is lost or shown twice; a phone-sized window works.
+
+import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import assert from "node:assert/strict";
+
+const BIN = process.env.SKYLARK_BIN;
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const SHOTS = process.env.SCREENSHOTS || join(tmpdir(), "skylark-web-screenshots");
+const WAIT = 15000;
+mkdirSync(SHOTS, { recursive: true });
+
+function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+const dataDir = mkdtempSync(join(tmpdir(), "skylark-web-"));
+const [httpPort, tcpPort] = [await freePort(), await freePort()];
+const base = `http://127.0.0.1:${httpPort}`;
+const codes = new Map(); // phone → latest code
+let server = null;
+
+function startServer() {
+  return new Promise((resolve, reject) => {
+    const child = spawn(BIN, ["serve", "--data-dir", dataDir, "--http", `127.0.0.1:${httpPort}`,
+      "--tcp", `127.0.0.1:${tcpPort}`, "--log", "info"], { stdio: ["ignore", "pipe", "pipe"] });
+    const onLine = (chunk) => {
+      for (const line of chunk.toString().split("\n")) {
+        const sms = line.match(/code is (\d{6}).*to=(\+\d+)/);
+        if (sms) codes.set(sms[2], sms[1]);
+        if (line.includes("Skylark is running")) resolve(child);
+      }
+    };
+    child.stdout.on("data", onLine);
+    child.stderr.on("data", onLine);
+    child.on("exit", (code) => reject(new Error(`server exited early (${code})`)));
+  });
+}
+
+async function until(what, fn, ms = WAIT) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function shot(page, name) {
+  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
+}
+
+async function signUp(page, phone) {
+  await page.goto(base);
+  await page.fill("#phone", phone);
+  await page.press("#phone", "Enter");
+  await page.waitForSelector("#code-form:not([hidden])");
+  const code = await until(`the SMS code for ${phone}`, () => codes.get(phone));
+  await page.fill("#code", code);
+  await page.press("#code", "Enter");
+  await page.waitForSelector("#app:not([hidden])");
+  assert.equal(await page.textContent("#me-phone"), phone);
+}
+
+async function startChat(page, phone) {
+  await page.click("#new-chat");
+  await page.fill("dialog input", phone);
+  await page.press("dialog input", "Enter");
+  await page.waitForSelector("#composer:not([hidden])");
+}
+
+async function sendText(page, text) {
+  await page.fill("#text", text);
+  await page.press("#text", "Enter");
+}
+
+const tick = (page, text) =>
+  page.locator("#messages li.msg.mine", { hasText: text }).locator(".tick").getAttribute("data-status");
+
+async function tickIs(page, text, status) {
+  await until(`"${text}" to be ${status}`, async () => (await tick(page, text)) === status);
+}
+
+async function count(page, selector, text) {
+  return page.locator(selector, { hasText: text }).count();
+}
+
+const ALICE = "+15553000001";
+const BOB = "+15553000002";
+
+server = await startServer();
+const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
+try {
+  const alice = await (await browser.newContext()).newPage();
+  const bob = await (await browser.newContext()).newPage();
+  for (const p of [alice, bob]) p.on("pageerror", (e) => console.error("page error:", e.message));
+
+  await alice.goto(base);
+  await shot(alice, "01-welcome");
+  await signUp(alice, ALICE);
+  await signUp(bob, BOB);
+
+  // Alice starts a chat with Bob. Bob's browser is open but not on the chat:
+  // ✓ when stored, ✓✓ when Bob's device has it, blue when he opens it.
+  await startChat(alice, BOB);
+  await sendText(alice, "hello bob");
+  await tickIs(alice, "hello bob", "delivered");
+  await bob.waitForSelector(`[data-chat="p:${ALICE}"] .badge`);
+  assert.match(await bob.textContent(`[data-chat="p:${ALICE}"]`), /hello bob/);
+  await shot(bob, "02-chat-list-unread");
+  await bob.click(`[data-chat="p:${ALICE}"]`);
+  await tickIs(alice, "hello bob", "read");
+  assert.equal(await bob.locator(`[data-chat="p:${ALICE}"] .badge`).count(), 0, "opened chat has no unread badge");
+
+  // Presence and typing, then Bob's answer.
+  await until("Bob shown online", async () => (await alice.textContent("#chat-status")) === "online");
+  await bob.type("#text", "hi ali", { delay: 20 });
+  await until("Alice sees Bob typing", async () => (await alice.textContent("#chat-status")) === "typing…");
+  await shot(alice, "03-typing");
+  await bob.fill("#text", "hi alice");
+  await bob.press("#text", "Enter");
+  await alice.waitForSelector("#messages li.msg:not(.mine) >> text=hi alice");
+  await tickIs(bob, "hi alice", "read"); // Alice has the chat open
+  await shot(alice, "04-conversation");
+
+  // A third browser links to Alice's account without SMS and sees the chat.
+  const smsBefore = codes.size;
+  const laptop = await (await browser.newContext()).newPage();
+  await laptop.goto(base);
+  await laptop.click("#link-start");
+  await laptop.waitForSelector("#link-show:not([hidden])");
+  const code = (await laptop.textContent("#link-code")).trim();
+  assert.match(code, /^[A-Z0-9]{4}-[A-Z0-9]{4}$/);
+  assert.ok(await laptop.getAttribute("#link-qr", "src"), "a QR code is shown");
+  await shot(laptop, "05-link-code");
+  await alice.click("#devices");
+  await alice.fill("dialog input[aria-label='Link code']", code);
+  await alice.press("dialog input[aria-label='Link code']", "Enter");
+  await alice.waitForSelector("dialog li.device >> text=Web browser");
+  await until("two devices listed", async () => (await alice.locator("dialog li.device").count()) === 2);
+  await shot(alice, "06-devices");
+  await alice.keyboard.press("Escape");
+  await laptop.waitForSelector("#app:not([hidden])");
+  assert.equal(codes.size, smsBefore, "linking sent no SMS");
+  await laptop.click(`[data-chat="p:${BOB}"]`);
+  await laptop.waitForSelector("#messages >> text=hello bob");
+  await laptop.waitForSelector("#messages >> text=hi alice");
+
+  // A group: Alice creates it with Bob; both post; Alice makes Bob an admin.
+  await alice.click("#new-group");
+  await alice.fill("dialog input[aria-label='Subject']", "Weekend");
+  await alice.fill("dialog input[aria-label='Members']", BOB);
+  await alice.press("dialog input[aria-label='Members']", "Enter");
+  await alice.waitForSelector("#chat-title >> text=Weekend");
+  await sendText(alice, "who is in?");
+  await tickIs(alice, "who is in?", "delivered");
+  const groupItem = bob.locator("li.chat", { hasText: "Weekend" });
+  await groupItem.waitFor();
+  await groupItem.click();
+  await bob.waitForSelector("#messages >> text=who is in?");
+  await bob.waitForSelector(`#messages li.system >> text=created "Weekend"`);
+  await sendText(bob, "me!");
+  await alice.waitForSelector("#messages li.msg:not(.mine) >> text=me!");
+  await tickIs(alice, "who is in?", "read");
+  await alice.click("#group-info");
+  await alice.click(`dialog li[data-member="${BOB}"] >> text=Make admin`);
+  await alice.waitForSelector(`dialog li[data-member="${BOB}"] .admin-tag`);
+  await shot(alice, "07-group-info");
+  await alice.keyboard.press("Escape");
+  await bob.waitForSelector("#messages li.system >> text=an admin");
+  await laptop.waitForSelector("li.chat >> text=Weekend");
+
+  // A reload keeps the session and the conversation.
+  await alice.reload();
+  await alice.waitForSelector("#app:not([hidden])");
+  await alice.click(`[data-chat="p:${BOB}"]`);
+  await alice.waitForSelector("#messages >> text=hello bob");
+  await alice.waitForSelector("#messages >> text=hi alice");
+
+  // The server dies (kill -9) mid-conversation and comes back: what Alice
+  // typed meanwhile is sent once, and Bob sees it exactly once.
+  server.kill("SIGKILL");
+  await new Promise((r) => server.once("exit", r));
+  await until("Alice's page notices", async () => /offline|connecting/.test(await alice.textContent("#conn-state")));
+  await sendText(alice, "while you were away");
+  assert.equal(await tick(alice, "while you were away"), "pending");
+  await shot(alice, "08-offline");
+  server = await startServer();
+  await tickIs(alice, "while you were away", "delivered");
+  await bob.click(`[data-chat="p:${ALICE}"]`);
+  await bob.waitForSelector("#messages >> text=while you were away");
+  await tickIs(alice, "while you were away", "read");
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(await count(bob, "#messages li.msg", "while you were away"), 1, "shown once to Bob");
+  assert.equal(await count(alice, "#messages li.msg", "while you were away"), 1, "shown once to Alice");
+  assert.equal(await count(bob, "#messages li.msg", "hello bob"), 1);
+
+  // An unknown number is refused in words.
+  await startChat(alice, "+15553999999");
+  await sendText(alice, "anyone?");
+  await alice.waitForSelector("#banner:not([hidden]) >> text=No Skylark account has that phone number.");
+  assert.equal(await tick(alice, "anyone?"), "failed");
+
+  // Phone-sized window: one pane at a time.
+  const phone = await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage();
+  // Same browser profile as Bob's? No: a fresh context, linked to Bob's account.
+  await phone.goto(base);
+  await phone.click("#link-start");
+  await phone.waitForSelector("#link-show:not([hidden])");
+  const code2 = (await phone.textContent("#link-code")).trim();
+  await bob.click("#devices");
+  await bob.fill("dialog input[aria-label='Link code']", code2);
+  await bob.press("dialog input[aria-label='Link code']", "Enter");
+  await phone.waitForSelector("#app:not([hidden])");
+  await phone.waitForSelector(`[data-chat="p:${ALICE}"]`);
+  assert.equal(await phone.isVisible("#conversation"), false, "narrow: the list alone");
+  await shot(phone, "09-narrow-list");
+  await phone.click(`[data-chat="p:${ALICE}"]`);
+  assert.equal(await phone.isVisible("#sidebar"), false, "narrow: the conversation alone");
+  await phone.waitForSelector("#messages >> text=while you were away");
+  await shot(phone, "10-narrow-chat");
+  await phone.click("#back");
+  assert.equal(await phone.isVisible("#sidebar"), true);
+  console.log(`web e2e passed; screenshots in ${SHOTS}`);
+} finally {
+  await browser.close();
+  if (server) server.kill("SIGKILL");
+  rmSync(dataDir, { recursive: true, force: true });
+}
