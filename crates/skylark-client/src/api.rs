@@ -57,7 +57,7 @@ pub enum LinkStatus {
 
 pub struct Api {
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -67,12 +67,25 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    /// `base` is the server's HTTP address, such as `http://127.0.0.1:7480`.
+    /// `base` is the server's HTTP address, such as `http://127.0.0.1:7480`
+    /// (or `https://…`, verified against the web PKI roots).
     pub fn new(base: &str) -> Result<Api, ClientError> {
-        if !base.starts_with("http://") {
-            return Err(ClientError::Profile(format!("server address must start with http:// (got {base})")));
+        Self::with_tls(base, &crate::TlsClient::web_pki())
+    }
+
+    /// As [`Api::new`], trusting what `tls` trusts for `https://` servers.
+    pub fn with_tls(base: &str, tls: &crate::TlsClient) -> Result<Api, ClientError> {
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(ClientError::Profile(format!(
+                "server address must start with http:// or https:// (got {base})"
+            )));
         }
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls.config()).clone())
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Api { base: base.trim_end_matches('/').to_owned(), client })
     }
 

@@ -7,6 +7,7 @@
 //! server frames a well-behaved client never would.
 
 use crate::ClientError;
+use crate::tls::TlsClient;
 use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -14,13 +15,13 @@ use skylark_protocol::codec::{FrameCodec, FrameError};
 use skylark_protocol::v1::server_frame::Body;
 use skylark_protocol::{ClientFrame, CloseCode, ServerFrame, WS_SUBPROTOCOL_JSON, WS_SUBPROTOCOL_PROTO, json};
 use std::net::{IpAddr, SocketAddr};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::codec::Framed;
 
 /// Largest frame the client accepts from a server.
@@ -34,6 +35,10 @@ pub enum Endpoint {
     /// WebSocket URL such as `ws://127.0.0.1:7480/v1/ws`; `json` selects the
     /// JSON mapping instead of binary protobuf.
     WebSocket { url: String, json: bool },
+    /// The inner endpoint inside TLS, trusting what `TlsClient` trusts:
+    /// TCP with TLS, or a `wss://` WebSocket with a chosen CA. (A plain
+    /// `WebSocket` with a `wss://` URL trusts the web PKI roots.)
+    Tls(Box<Endpoint>, TlsClient),
 }
 
 impl Endpoint {
@@ -62,10 +67,15 @@ pub enum Received {
     },
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A byte stream, plain or in TLS.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+type Boxed = Box<dyn Stream>;
+
+type Ws = WebSocketStream<Boxed>;
 
 enum Inner {
-    Tcp(Framed<TcpStream, FrameCodec<ServerFrame, ClientFrame>>),
+    Tcp(Framed<Boxed, FrameCodec<ServerFrame, ClientFrame>>),
     Ws { ws: Ws, json: bool },
 }
 
@@ -83,6 +93,38 @@ impl std::fmt::Debug for FrameConn {
 
 fn io<E: std::fmt::Display>(e: E) -> ClientError {
     ClientError::Io(e.to_string())
+}
+
+fn tcp_framed(stream: Boxed) -> Inner {
+    Inner::Tcp(Framed::new(stream, FrameCodec::new(CLIENT_MAX_FRAME_BYTES)))
+}
+
+/// A WebSocket session at `url`; `wss://` URLs go through TLS with `tls`
+/// (or the web PKI roots).
+async fn websocket(
+    url: &str,
+    json: bool,
+    tls: Option<&TlsClient>,
+    local: Option<IpAddr>,
+) -> Result<Inner, ClientError> {
+    let mut request = url.into_client_request().map_err(io)?;
+    let protocol = if json { WS_SUBPROTOCOL_JSON } else { WS_SUBPROTOCOL_PROTO };
+    request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(CLIENT_MAX_FRAME_BYTES))
+        .max_frame_size(Some(CLIENT_MAX_FRAME_BYTES));
+    let secure = request.uri().scheme_str() == Some("wss");
+    let host = request.uri().host().unwrap_or("localhost").to_owned();
+    let port = request.uri().port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let plain = tcp(&format!("{host}:{port}"), local).await?;
+    let stream: Boxed = if secure {
+        let tls = tls.cloned().unwrap_or_else(TlsClient::web_pki);
+        Box::new(tls.connect(&host, plain).await?)
+    } else {
+        Box::new(plain)
+    };
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await.map_err(io)?;
+    Ok(Inner::Ws { ws, json })
 }
 
 /// A TCP connection to `addr` (`host:port`), from `local` if given.
@@ -109,26 +151,17 @@ impl FrameConn {
     /// like a second network), or from any when `local` is `None`.
     pub async fn connect_from(endpoint: &Endpoint, local: Option<IpAddr>) -> Result<FrameConn, ClientError> {
         let inner = match endpoint {
-            Endpoint::Tcp(addr) => {
-                let stream = tcp(addr, local).await?;
-                Inner::Tcp(Framed::new(stream, FrameCodec::new(CLIENT_MAX_FRAME_BYTES)))
-            }
-            Endpoint::WebSocket { url, json } => {
-                let mut request = url.as_str().into_client_request().map_err(io)?;
-                let protocol = if *json { WS_SUBPROTOCOL_JSON } else { WS_SUBPROTOCOL_PROTO };
-                request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
-                let config = WebSocketConfig::default()
-                    .max_message_size(Some(CLIENT_MAX_FRAME_BYTES))
-                    .max_frame_size(Some(CLIENT_MAX_FRAME_BYTES));
-                let host = request.uri().host().unwrap_or("localhost").to_owned();
-                let port = request.uri().port_u16().unwrap_or(80);
-                let stream = tcp(&format!("{host}:{port}"), local).await?;
-                let (ws, _) =
-                    tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
-                        .await
-                        .map_err(io)?;
-                Inner::Ws { ws, json: *json }
-            }
+            Endpoint::Tcp(addr) => tcp_framed(Box::new(tcp(addr, local).await?)),
+            Endpoint::WebSocket { url, json } => websocket(url, *json, None, local).await?,
+            Endpoint::Tls(inner, tls) => match inner.as_ref() {
+                Endpoint::Tcp(addr) => {
+                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                    let stream = tls.connect(host, tcp(addr, local).await?).await?;
+                    tcp_framed(Box::new(stream))
+                }
+                Endpoint::WebSocket { url, json } => websocket(url, *json, Some(tls), local).await?,
+                Endpoint::Tls(..) => return Err(io("TLS inside TLS is not an endpoint")),
+            },
         };
         Ok(FrameConn { inner, pending_close: None })
     }

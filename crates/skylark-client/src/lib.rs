@@ -17,6 +17,7 @@ pub mod client;
 pub mod conn;
 pub mod identity;
 pub mod session;
+pub mod tls;
 
 use skylark_protocol::{CloseCode, ErrorCode};
 
@@ -24,6 +25,7 @@ pub use client::Client;
 pub use conn::Endpoint;
 pub use identity::Identity;
 pub use session::Session;
+pub use tls::TlsClient;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ClientError {

@@ -35,9 +35,9 @@ use skylark_server::registration::{RegistrationError, SessionView};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::net::TcpListener;
 
-pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
+pub(crate) async fn serve(listener: crate::tls::HttpListener, shared: Shared) {
+    use axum::serve::ListenerExt;
     let body_limit = shared.server.config.limits.http_body_bytes;
     let shutdown = shared.shutdown.clone();
     let app = Router::new()
@@ -56,6 +56,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared) {
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(shared);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    // `tap_io` only to get `ConnectInfo<SocketAddr>` for this listener type.
+    let listener = listener.tap_io(|_| {});
     if let Err(e) = axum::serve(listener, service).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(error = %e, "http server failed");
     }

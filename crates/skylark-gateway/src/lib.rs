@@ -18,6 +18,7 @@ pub mod metrics_endpoint;
 mod session;
 mod slots;
 mod tcp;
+pub mod tls;
 mod transport;
 mod web;
 mod ws;
@@ -75,11 +76,14 @@ impl Gateway {
             ready: Arc::new(AtomicBool::new(false)),
         };
 
+        let tls = tls::acceptor(&shared)?;
+        let http_listener = tls::HttpListener::start(http_listener, shared.clone(), tls.clone())?;
         shared.tracker.spawn(http::serve(http_listener, shared.clone()));
-        shared.tracker.spawn(tcp::serve(tcp_listener, shared.clone()));
+        shared.tracker.spawn(tcp::serve(tcp_listener, shared.clone(), tls.clone()));
         shared.tracker.spawn(housekeeping(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
-        tracing::info!(%http_addr, %tcp_addr, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP)");
+        let secure = tls.is_some();
+        tracing::info!(%http_addr, %tcp_addr, tls = secure, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP)");
         Ok(Gateway { http_addr, tcp_addr, shared })
     }
 

@@ -17,6 +17,7 @@ pub struct Config {
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
     pub listen: Listen,
+    pub tls: TlsConfig,
     pub limits: Limits,
     pub verification: VerificationPolicy,
     pub rate_limits: RateLimits,
@@ -31,6 +32,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("./skylark-data"),
             listen: Listen::default(),
+            tls: TlsConfig::default(),
             limits: Limits::default(),
             verification: VerificationPolicy::default(),
             rate_limits: RateLimits::default(),
@@ -55,6 +57,18 @@ impl Default for Listen {
     fn default() -> Self {
         Self { http: SocketAddr::from(([127, 0, 0, 1], 7480)), tcp: SocketAddr::from(([127, 0, 0, 1], 7481)) }
     }
+}
+
+/// TLS on both listeners (HTTP/WebSocket and TCP). Off unless both files
+/// are given; `skylark serve --dev-tls` fills them with a self-signed
+/// certificate for local use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,7 +45,7 @@ pub(crate) fn normalise(number: &str) -> Result<String> {
 pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: &str) -> Result<()> {
     let identity = Identity::load(profile)?;
     let to = normalise(to)?;
-    let (session, _events) = Session::open(&transport.endpoint(&identity), &identity).await.map_err(explain)?;
+    let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
     let ack = session.handle().send(&to, &client_id(), message.as_bytes().to_vec()).await.map_err(explain)?;
     let id = ack.id.unwrap_or_default();
     println!("✓ sent to {to} at {} (message {}:{})", clock(ack.sent_at_ms), id.sender, id.seq);
@@ -115,7 +115,7 @@ fn start_client(
     transport: &TransportArgs,
 ) -> Result<(Identity, Client, tokio::sync::mpsc::Receiver<ClientEvent>)> {
     let identity = Identity::load(profile)?;
-    let (client, events) = Client::start(transport.endpoint(&identity), identity.clone(), Backoff::default());
+    let (client, events) = Client::start(transport.endpoint(&identity)?, identity.clone(), Backoff::default());
     Ok((identity, client, events))
 }
 

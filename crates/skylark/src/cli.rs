@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use skylark_client::api::Api;
 use skylark_client::identity::generate_key;
-use skylark_client::{ClientError, Endpoint, Identity, Session};
+use skylark_client::{ClientError, Endpoint, Identity, Session, TlsClient};
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -36,14 +36,33 @@ pub struct TransportArgs {
     /// Use the JSON mapping on the WebSocket (for debugging).
     #[arg(long, global = true)]
     json: bool,
+    /// With --tcp: the server's TCP listener speaks TLS.
+    #[arg(long, global = true)]
+    tls: bool,
+    /// Also trust the CA certificate(s) in this PEM file, for a server with
+    /// its own or a self-signed certificate (`serve --dev-tls` prints it).
+    #[arg(long, env = "SKYLARK_CA", global = true)]
+    ca: Option<PathBuf>,
+}
+
+/// What to trust for TLS: the web PKI roots, plus `ca` if given.
+pub fn trust(ca: Option<&Path>) -> Result<TlsClient> {
+    Ok(TlsClient::new(ca)?)
 }
 
 impl TransportArgs {
-    pub fn endpoint(&self, identity: &Identity) -> Endpoint {
-        match &self.tcp {
+    pub fn endpoint(&self, identity: &Identity) -> Result<Endpoint> {
+        let tls = trust(self.ca.as_deref())?;
+        Ok(match &self.tcp {
+            Some(addr) if self.tls => Endpoint::Tls(Box::new(Endpoint::Tcp(addr.clone())), tls),
             Some(addr) => Endpoint::Tcp(addr.clone()),
-            None => Endpoint::websocket_for(&identity.server, self.json),
-        }
+            None => match Endpoint::websocket_for(&identity.server, self.json) {
+                ws @ Endpoint::WebSocket { .. } if identity.server.starts_with("https://") => {
+                    Endpoint::Tls(Box::new(ws), tls)
+                }
+                ws => ws,
+            },
+        })
     }
 }
 
@@ -57,11 +76,11 @@ async fn prompt(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>, text:
     }
 }
 
-pub async fn register(phone: &str, server: &str, name: &str, profile: &Path) -> Result<()> {
+pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca: Option<&Path>) -> Result<()> {
     if profile.join("identity.json").exists() {
         bail!("profile {} already holds an identity; use another --profile or remove it first", profile.display());
     }
-    let api = Api::new(server)?;
+    let api = Api::with_tls(server, &trust(ca)?)?;
     let session = api.start_verification(phone).await.map_err(explain)?;
     match session.sms.status.as_str() {
         "sent" => println!("A code was sent to {} by SMS.", session.phone),
@@ -107,7 +126,7 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path) -> 
 
 pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {
     let identity = Identity::load(profile)?;
-    let endpoint = transport.endpoint(&identity);
+    let endpoint = transport.endpoint(&identity)?;
     let (session, _events) = Session::open(&endpoint, &identity)
         .await
         .map_err(explain)

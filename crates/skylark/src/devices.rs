@@ -40,11 +40,11 @@ fn qr(code: &str) -> Option<String> {
 }
 
 /// On the new device: ask for a link code, show it, wait for approval.
-pub async fn link(server: &str, name: &str, profile: &Path) -> Result<()> {
+pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -> Result<()> {
     if profile.join("identity.json").exists() {
         bail!("profile {} already holds an identity; use another --profile", profile.display());
     }
-    let api = Api::new(server)?;
+    let api = Api::with_tls(server, &crate::cli::trust(ca)?)?;
     let key = generate_key();
     let link = api.create_link(&key.verifying_key().to_bytes(), name).await.map_err(explain)?;
     if let Some(qr) = qr(&link.code) {
@@ -76,7 +76,7 @@ pub async fn link(server: &str, name: &str, profile: &Path) -> Result<()> {
 
 async fn open(profile: &Path, transport: &TransportArgs) -> Result<(Identity, Session)> {
     let identity = Identity::load(profile)?;
-    let (session, _events) = Session::open(&transport.endpoint(&identity), &identity).await.map_err(explain)?;
+    let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
     Ok((identity, session))
 }
 

@@ -54,7 +54,7 @@ fn print_info(info: &v1::GroupInfo) {
 
 pub async fn run(profile: &Path, transport: &TransportArgs, command: GroupCommand) -> Result<()> {
     let identity = Identity::load(profile)?;
-    let (session, _events) = Session::open(&transport.endpoint(&identity), &identity).await.map_err(explain)?;
+    let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
     let result = command_on(&session.handle(), command).await;
     session.close().await;
     result

@@ -33,6 +33,9 @@ enum Command {
         /// A name for this device, shown in device lists.
         #[arg(long, default_value = "cli")]
         name: String,
+        /// Also trust the CA certificate(s) in this PEM file (for https:// servers).
+        #[arg(long, env = "SKYLARK_CA")]
+        ca: Option<PathBuf>,
         #[command(flatten)]
         profile: cli::ProfileArgs,
     },
@@ -55,6 +58,9 @@ enum Command {
         /// A name for this device, shown in device lists.
         #[arg(long, default_value = "linked device")]
         name: String,
+        /// Also trust the CA certificate(s) in this PEM file (for https:// servers).
+        #[arg(long, env = "SKYLARK_CA")]
+        ca: Option<PathBuf>,
         #[command(flatten)]
         profile: cli::ProfileArgs,
     },
@@ -139,15 +145,15 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match args.command {
         Command::Serve(serve_args) => runtime.block_on(serve::run(serve_args)),
-        Command::Register { phone, server, name, profile } => {
-            runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?))
+        Command::Register { phone, server, name, ca, profile } => {
+            runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?, ca.as_deref()))
         }
         Command::Whoami { profile, transport } => runtime.block_on(cli::whoami(&profile.dir()?, &transport)),
         Command::Link { approve: Some(LinkCommand::Approve { code, profile, transport }), .. } => {
             runtime.block_on(devices::approve(&profile.dir()?, &transport, &code))
         }
-        Command::Link { approve: None, server, name, profile } => {
-            runtime.block_on(devices::link(&server, &name, &profile.dir()?))
+        Command::Link { approve: None, server, name, ca, profile } => {
+            runtime.block_on(devices::link(&server, &name, &profile.dir()?, ca.as_deref()))
         }
         Command::Devices { action, profile, transport } => {
             let dir = profile.dir()?;

@@ -33,6 +33,16 @@ pub struct ServeArgs {
     /// Address for raw TCP.
     #[arg(long, env = "SKYLARK_TCP")]
     tcp: Option<SocketAddr>,
+    /// TLS certificate chain (PEM) for both listeners; needs --tls-key.
+    #[arg(long, env = "SKYLARK_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "SKYLARK_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// TLS with a self-signed certificate for localhost, made on first use
+    /// and kept in the data directory (clients trust it with `--ca`).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    dev_tls: bool,
     /// Log filter, such as `info` or `info,skylark_gateway=debug`.
     #[arg(long, env = "SKYLARK_LOG", default_value = "info")]
     log: String,
@@ -55,6 +65,19 @@ fn load_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(addr) = args.tcp {
         config.listen.tcp = addr;
+    }
+    if let Some(cert) = &args.tls_cert {
+        config.tls.cert_file = Some(cert.clone());
+    }
+    if let Some(key) = &args.tls_key {
+        config.tls.key_file = Some(key.clone());
+    }
+    if args.dev_tls {
+        let dir = config.data_dir.join("dev-tls");
+        let (cert, key) = skylark_gateway::tls::dev_certificate(&dir)
+            .with_context(|| format!("making a self-signed certificate in {}", dir.display()))?;
+        config.tls.cert_file = Some(cert);
+        config.tls.key_file = Some(key);
     }
     Ok(config)
 }
@@ -108,13 +131,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     tracing::info!(data = %db_path.display(), "store opened");
 
+    let tls_cert = config.tls.cert_file.clone().filter(|_| config.tls.key_file.is_some());
     let server = Server::new(config, Arc::new(store), sms, Arc::new(SystemClock)).await?;
-    let gateway = Gateway::start(server.clone()).await.context("binding listeners")?;
+    let gateway = Gateway::start(server.clone()).await.context("binding listeners (and loading TLS files)")?;
+    let (scheme, tcp) = if tls_cert.is_some() { ("https", "TCP+TLS") } else { ("http", "TCP") };
     println!(
-        "Skylark is running: HTTP + WebSocket on http://{} (WebSocket at /v1/ws), TCP on {}. Ctrl-C stops it.",
+        "Skylark is running: HTTP + WebSocket on {scheme}://{} (WebSocket at /v1/ws), {tcp} on {}. Ctrl-C stops it.",
         gateway.http_addr(),
         gateway.tcp_addr()
     );
+    if let (true, Some(cert)) = (args.dev_tls, &tls_cert) {
+        println!("Self-signed certificate (for local use): trust it with --ca {}", cert.display());
+    }
 
     shutdown_signal().await;
     tracing::info!("shutting down: closing connections");
@@ -151,6 +179,9 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             data_dir: None,
             http: None,
             tcp: Some("127.0.0.1:9001".parse().unwrap()),
+            tls_cert: None,
+            tls_key: None,
+            dev_tls: false,
             log: "info".into(),
         };
         let config = load_config(&args).unwrap();
@@ -163,11 +194,42 @@ sms_per_number = { burst = 1, per_ms = 60000 }
     }
 
     #[test]
+    fn dev_tls_makes_a_certificate_once_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ServeArgs {
+            config: None,
+            data_dir: Some(dir.path().to_owned()),
+            http: None,
+            tcp: None,
+            tls_cert: None,
+            tls_key: None,
+            dev_tls: true,
+            log: "info".into(),
+        };
+        let first = load_config(&args).unwrap();
+        let cert = first.tls.cert_file.clone().unwrap();
+        let pem = std::fs::read_to_string(&cert).unwrap();
+        assert!(pem.contains("BEGIN CERTIFICATE"));
+        let again = load_config(&args).unwrap();
+        assert_eq!(std::fs::read_to_string(again.tls.cert_file.unwrap()).unwrap(), pem, "kept, not remade");
+        skylark_gateway::tls::server_config(&cert, &first.tls.key_file.unwrap()).unwrap();
+    }
+
+    #[test]
     fn typo_in_config_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("skylark.toml");
         std::fs::write(&path, "[limits]\nidle_timeout = 5\n").unwrap();
-        let args = ServeArgs { config: Some(path), data_dir: None, http: None, tcp: None, log: "info".into() };
+        let args = ServeArgs {
+            config: Some(path),
+            data_dir: None,
+            http: None,
+            tcp: None,
+            tls_cert: None,
+            tls_key: None,
+            dev_tls: false,
+            log: "info".into(),
+        };
         let err = format!("{:#}", load_config(&args).unwrap_err());
         assert!(err.contains("unknown field"), "{err}");
     }

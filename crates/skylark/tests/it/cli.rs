@@ -425,3 +425,49 @@ async fn groups_from_the_command_line() {
     let (ok, out, _) = run(args(&["group", "info", &g])).await.unwrap();
     assert!(ok && out.contains("+15550900002"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_tls_when_told_to_trust_the_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = skylark_gateway::tls::dev_certificate(certs.path()).unwrap();
+    let mut config = crate::harness::test_config();
+    config.tls.cert_file = Some(cert.clone());
+    config.tls.key_file = Some(key);
+    let server = TestServer::start_with(config).await;
+    let gateway = server.gateway.as_ref().unwrap();
+    let https = format!("https://{}", gateway.http_addr());
+    let tcp = gateway.tcp_addr().to_string();
+    let home = tempfile::tempdir().unwrap();
+
+    let sms = server.sms.clone();
+    let (home_path, ca) = (home.path().to_owned(), cert.to_string_lossy().into_owned());
+    let register = tokio::task::spawn_blocking(move || {
+        let mut child = skylark(&home_path)
+            .args(["register", "+15550950001", "--server", &https, "--ca", &ca])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        writeln!(child.stdin.take().unwrap(), "{}", sms.last_code("+15550950001")).unwrap();
+        assert!(child.wait().unwrap().success());
+    });
+    register.await.unwrap();
+
+    let (home_path, ca) = (home.path().to_owned(), cert.to_string_lossy().into_owned());
+    let outs = tokio::task::spawn_blocking(move || {
+        let run = |extra: &[&str]| skylark(&home_path).arg("whoami").args(extra).output().unwrap();
+        (run(&["--ca", &ca]), run(&["--ca", &ca, "--tcp", &tcp, "--tls"]), run(&[]))
+    })
+    .await
+    .unwrap();
+    for ok in [&outs.0, &outs.1] {
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        assert!(String::from_utf8_lossy(&ok.stdout).contains("+15550950001"));
+    }
+    // Without the CA the self-signed certificate is refused, in words.
+    assert!(!outs.2.status.success());
+    assert!(String::from_utf8_lossy(&outs.2.stderr).contains("certificate"), "{:?}", outs.2);
+}

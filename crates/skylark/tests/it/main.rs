@@ -17,4 +17,5 @@ mod messaging;
 mod presence;
 mod push;
 mod signup;
+mod tls;
 mod web;
