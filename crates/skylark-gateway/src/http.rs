@@ -36,10 +36,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-pub(crate) async fn serve(listener: crate::tls::HttpListener, shared: Shared) {
-    use axum::serve::ListenerExt;
-    let body_limit = shared.server.config.limits.http_body_bytes;
-    let shutdown = shared.shutdown.clone();
+pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared) {
+    use axum::serve::Listener;
+    let limits = shared.server.config.limits;
+    let request_timeout = Duration::from_millis(limits.http_request_timeout_ms);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -53,13 +53,48 @@ pub(crate) async fn serve(listener: crate::tls::HttpListener, shared: Shared) {
         .route("/v1/links/{id}", get(wait_link))
         .route("/v1/ws", get(crate::ws::upgrade))
         .merge(crate::web::routes())
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(shared);
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    // `tap_io` only to get `ConnectInfo<SocketAddr>` for this listener type.
-    let listener = listener.tap_io(|_| {});
-    if let Err(e) = axum::serve(listener, service).with_graceful_shutdown(shutdown.cancelled_owned()).await {
-        tracing::error!(error = %e, "http server failed");
+        .layer(DefaultBodyLimit::max(limits.http_body_bytes))
+        .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            async move {
+                // A body trickled in slowly (or a handler stuck) ends here.
+                match tokio::time::timeout(request_timeout, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "request took too long")
+                        .into_response(),
+                }
+            }
+        }))
+        .with_state(shared.clone());
+    let header_timeout = Duration::from_millis(limits.http_header_timeout_ms);
+    loop {
+        let (io, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            next = listener.accept() => next,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            use tower::ServiceExt;
+            request.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(request.map(axum::body::Body::new))
+        });
+        let shutdown = shared.shutdown.clone();
+        shared.tracker.spawn(async move {
+            // Headers must arrive within the timeout (slowloris), also for
+            // each next request on a kept-alive connection.
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+        });
     }
 }
 

@@ -89,6 +89,12 @@ pub struct Limits {
     pub ws_read_buffer_bytes: usize,
     /// Largest HTTP request body accepted by the JSON API.
     pub http_body_bytes: usize,
+    /// An HTTP client must send a request's complete headers within this
+    /// time (also while a kept-alive connection waits for its next request).
+    pub http_header_timeout_ms: u64,
+    /// An HTTP request (body included) must complete within this time;
+    /// longer than the longest long-poll (30 s).
+    pub http_request_timeout_ms: u64,
     /// How long a typing indicator lasts unless the typist refreshes it.
     pub typing_ttl_ms: u64,
     /// Open connections (TCP and WebSocket together) from one IP address.
@@ -105,6 +111,8 @@ impl Default for Limits {
             heartbeat_interval_ms: 25_000,
             ws_read_buffer_bytes: 4 * 1024,
             http_body_bytes: 16 * 1024,
+            http_header_timeout_ms: 10_000,
+            http_request_timeout_ms: 40_000,
             typing_ttl_ms: 10_000,
             max_connections_per_ip: 256,
         }
@@ -139,6 +147,9 @@ pub struct RateLimits {
     pub messages_per_device: Quota,
     /// Group creations and changes (members, admins, subject) per device.
     pub group_changes_per_device: Quota,
+    /// Typing notifications per device; past it they are dropped silently
+    /// (they are never answered).
+    pub typing_per_device: Quota,
 }
 
 impl Default for RateLimits {
@@ -152,6 +163,7 @@ impl Default for RateLimits {
             checks_per_ip: Quota { burst: 30, per_ms: 10_000 },
             messages_per_device: Quota { burst: 1_000, per_ms: 10 },
             group_changes_per_device: Quota { burst: 30, per_ms: 2_000 },
+            typing_per_device: Quota { burst: 20, per_ms: 500 },
         }
     }
 }

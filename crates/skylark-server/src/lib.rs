@@ -71,7 +71,12 @@ impl Server {
         let router = router::Router::with_limits(store.clone(), clock.clone(), config.messaging, &config.rate_limits);
         let devices =
             devices::Devices::new(store.clone(), clock.clone(), sessions.clone(), router.clone(), config.devices);
-        let presence = presence::Presence::new(store.clone(), clock.clone(), config.limits.typing_ttl_ms);
+        let presence = presence::Presence::new(
+            store.clone(),
+            clock.clone(),
+            config.limits.typing_ttl_ms,
+            config.rate_limits.typing_per_device,
+        );
         let pusher = push::Pusher::new(store.clone(), sessions.clone(), clock.clone(), config.push.clone())
             .await
             .map_err(|e| StoreError::Backend(format!("push setup: {e}")))?;
@@ -97,6 +102,7 @@ impl Server {
         self.devices.sweep();
         self.pusher.sweep();
         self.router.sweep();
+        self.presence.sweep();
         self.devices.flush_last_seen().await;
         let day_ago = self.clock.now_ms().saturating_sub(24 * 3_600_000);
         match self.store.purge_verifications(day_ago).await {

@@ -68,6 +68,8 @@ pub struct Presence {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     typing_ttl_ms: u64,
+    /// Typing notifications per device; past it they are dropped.
+    typing_limit: crate::ratelimit::KeyedLimiter,
 }
 
 impl std::fmt::Debug for Presence {
@@ -77,8 +79,19 @@ impl std::fmt::Debug for Presence {
 }
 
 impl Presence {
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, typing_ttl_ms: u64) -> Self {
-        Self { state: Mutex::new(State::default()), store, clock, typing_ttl_ms }
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        typing_ttl_ms: u64,
+        typing_per_device: crate::config::Quota,
+    ) -> Self {
+        let typing_limit = crate::ratelimit::KeyedLimiter::new("typing_per_device", typing_per_device);
+        Self { state: Mutex::new(State::default()), store, clock, typing_ttl_ms, typing_limit }
+    }
+
+    /// Housekeeping: drops idle rate-limit state.
+    pub fn sweep(&self) {
+        self.typing_limit.forget_idle();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -227,9 +240,16 @@ impl Presence {
     }
 
     /// `from` is typing to `to`: tells `to`'s live, active connections.
-    pub fn typing(&self, from: AccountId, device: DeviceId, to: AccountId, state: TypingState) {
+    /// Tells `to`'s active connections; returns false (and tells no one)
+    /// when the device exceeded its typing rate.
+    pub fn typing(&self, from: AccountId, device: DeviceId, to: AccountId, state: TypingState) -> bool {
+        if self.typing_limit.check(&device.to_string()).is_err() {
+            metrics::counter!("skylark_typing_dropped_total").increment(1);
+            return false;
+        }
         let event = Ephemeral::Typing { from, device, state, expires_in_ms: self.typing_ttl_ms };
         self.deliver(to, None, event);
+        true
     }
 
     /// Sets who may see `account`'s presence, and tells current watchers.

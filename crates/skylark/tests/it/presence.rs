@@ -132,3 +132,25 @@ async fn typing_reaches_online_active_devices_only_and_is_never_queued() {
     let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
     assert_no_ephemeral(&mut alice).await;
 }
+
+#[tokio::test]
+async fn typing_past_the_per_device_rate_is_dropped() {
+    let mut config = crate::harness::test_config();
+    config.rate_limits.typing_per_device = skylark_server::config::Quota { burst: 3, per_ms: 60_000 };
+    let server = TestServer::start_with(config).await;
+    let alice_id = server.register("+15551100031").await;
+    let bob_id = server.register("+15551100032").await;
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let bob = Peer::connect(&server, &bob_id, Transport::Tcp).await;
+    for _ in 0..10 {
+        bob.handle().typing("+15551100031", TypingState::Composing).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(matches!(next_ephemeral(&mut alice).await, Body::TypingUpdate(_)));
+    }
+    // Ordered after the typing frames on Bob's connection: anything more would be here by now.
+    bob.handle().ping().await.unwrap();
+    assert_no_ephemeral(&mut alice).await;
+    // Bob's session itself is fine.
+    bob.handle().ping().await.unwrap();
+}
