@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod json;
+pub mod samples;
 
 /// The generated protobuf types of protocol v1.
 #[allow(clippy::all, missing_docs)]
