@@ -339,16 +339,23 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
         Some(client_frame::Body::Ping(_)) => {
             reply(id, server_frame::Body::Pong(v1::Pong { server_time_ms: shared.server.clock.now_ms() }))
         }
-        Some(client_frame::Body::WhoAmI(_)) => reply(
-            id,
-            server_frame::Body::WhoAmI(v1::WhoAmI {
-                account_id: authed.account.id.0,
-                phone: authed.account.phone.to_string(),
-                device_id: authed.device.id.0,
-                device_name: authed.device.name.clone(),
-                device_created_at_ms: authed.device.created_at_ms,
-            }),
-        ),
+        Some(client_frame::Body::WhoAmI(_)) => {
+            // The stored name: the device may have been renamed since it connected.
+            let name = match shared.server.store.device(device).await {
+                Ok(Some(d)) => d.name,
+                _ => authed.device.name.clone(),
+            };
+            reply(
+                id,
+                server_frame::Body::WhoAmI(v1::WhoAmI {
+                    account_id: authed.account.id.0,
+                    phone: authed.account.phone.to_string(),
+                    device_id: authed.device.id.0,
+                    device_name: name,
+                    device_created_at_ms: authed.device.created_at_ms,
+                }),
+            )
+        }
         Some(client_frame::Body::Send(send)) => {
             let group = (send.group != 0).then_some(AccountId(send.group));
             let request = SendRequest { client_id: send.client_id, to: send.to, group, payload: send.payload };

@@ -93,6 +93,8 @@ async fn linked_devices_get_everything_and_see_each_others_sends() {
     assert_eq!(list.iter().filter(|d| d.current).map(|d| d.id).collect::<Vec<_>>(), vec![tablet_id.device_id]);
     tablet.handle().rename_device(laptop_id.device_id, "work laptop").await.unwrap();
     assert!(matches!(device_change(&mut phone).await, Change::Renamed(d) if d.name == "work laptop"));
+    // The renamed device's own connection reports its new name.
+    assert_eq!(laptop.handle().who_am_i().await.unwrap().device_name, "work laptop");
 }
 
 #[tokio::test]
