@@ -3,18 +3,23 @@
 use crate::Shared;
 use crate::tls::{Io, accept_loop, handshake};
 use crate::transport::{Inbound, Transport, close_frame, linger};
-use futures_util::{SinkExt, StreamExt};
+use bytes::BytesMut;
 use skylark_protocol::codec::{FrameCodec, FrameError};
 use skylark_protocol::{ClientFrame, CloseCode, ServerFrame};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Decoder, Encoder};
 
 /// Initial read buffer per connection. Most frames are small; the codec
 /// grows the buffer for a larger frame once its length is known (and within
-/// the limit). tokio-util's default would be 8 KiB for every idle connection.
+/// the limit), and a grown buffer is given back once it is empty again.
 const READ_BUFFER: usize = 512;
+/// A read buffer larger than this is dropped (and a `READ_BUFFER` one made)
+/// when it holds nothing, so one large frame does not cost an idle
+/// connection memory for the rest of its life.
+const KEEP_READ_BUFFER: usize = 4096;
 
 pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<TlsAcceptor>) {
     let deadline = Duration::from_millis(shared.server.config.limits.auth_timeout_ms);
@@ -27,8 +32,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
         each.tracker.spawn(async move {
             let Some(io) = handshake(tls.as_ref(), stream, deadline).await else { return };
             let max = shared.server.config.limits.max_frame_bytes;
-            let framed = Framed::with_capacity(io, FrameCodec::new(max), READ_BUFFER);
-            let mut transport = TcpTransport { framed };
+            let mut transport = TcpTransport { io, codec: FrameCodec::new(max), read: BytesMut::new(), closed: false };
             match slot {
                 Some(slot) => {
                     crate::session::run(shared, transport, peer, "tcp").await;
@@ -41,27 +45,59 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
     .await;
 }
 
+/// Length-prefixed frames on a byte stream. No write buffer is kept
+/// between frames (tokio-util's `Framed` keeps 8 KiB per connection for
+/// that), and the read buffer exists only while bytes are pending, so an
+/// idle connection holds almost nothing but its socket.
 struct TcpTransport {
-    framed: Framed<Io, FrameCodec<ClientFrame, ServerFrame>>,
+    io: Io,
+    codec: FrameCodec<ClientFrame, ServerFrame>,
+    read: BytesMut,
+    closed: bool,
 }
 
 impl Transport for TcpTransport {
+    /// Cancel-safe: bytes read stay in `read` until a whole frame is there.
     async fn recv(&mut self) -> Inbound {
-        match self.framed.next().await {
-            None => Inbound::Closed,
-            Some(Ok(frame)) => Inbound::Frame(frame),
-            Some(Err(FrameError::TooLarge { len, max })) => Inbound::TooLarge { len, max },
-            Some(Err(FrameError::Malformed(why))) => Inbound::Malformed(why),
-            Some(Err(FrameError::Io(_))) => Inbound::Closed,
+        loop {
+            match self.codec.decode(&mut self.read) {
+                Ok(Some(frame)) => {
+                    if self.read.is_empty() && self.read.capacity() > KEEP_READ_BUFFER {
+                        self.read = BytesMut::new();
+                    }
+                    return Inbound::Frame(frame);
+                }
+                Ok(None) => {}
+                Err(FrameError::TooLarge { len, max }) => return Inbound::TooLarge { len, max },
+                Err(FrameError::Malformed(why)) => return Inbound::Malformed(why),
+                Err(FrameError::Io(_)) => return Inbound::Closed,
+            }
+            if self.closed {
+                return Inbound::Closed;
+            }
+            if self.read.capacity() == self.read.len() {
+                self.read.reserve(READ_BUFFER);
+            }
+            match self.io.read_buf(&mut self.read).await {
+                Ok(0) | Err(_) => {
+                    self.closed = true;
+                    // A partial frame at the end of the stream is no frame.
+                    return Inbound::Closed;
+                }
+                Ok(_) => {}
+            }
         }
     }
 
     async fn send(&mut self, frame: ServerFrame) -> Result<(), ()> {
-        self.framed.send(frame).await.map_err(|_| ())
+        let mut out = BytesMut::new();
+        self.codec.encode(frame, &mut out).map_err(|_| ())?;
+        self.io.write_all(&out).await.map_err(|_| ())?;
+        self.io.flush().await.map_err(|_| ())
     }
 
     async fn close(&mut self, code: CloseCode, reason: &str) {
-        let _ = self.framed.send(close_frame(code, reason)).await;
-        linger(self.framed.get_mut()).await;
+        let _ = self.send(close_frame(code, reason)).await;
+        linger(&mut self.io).await;
     }
 }
