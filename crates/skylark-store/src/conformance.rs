@@ -49,6 +49,31 @@ async fn groups(store: &dyn Store) {
     store.apply(write).await.expect("write");
     assert_eq!(store.groups_of(b).await.expect("read"), vec![second]);
     assert_eq!(store.groups_of(a).await.expect("read"), vec![first]);
+
+    // A group's pending forwards of its own events come back whole.
+    use skylark_core::group::{GroupBody, GroupEvent};
+    use skylark_core::message::{Forward, LogEntry, OutboxItem};
+    let event = std::sync::Arc::new(GroupEvent {
+        group: first,
+        seq: 1,
+        by: a,
+        at_ms: 9,
+        body: GroupBody::Message { device: skylark_core::DeviceId(1), client_id: "g".into(), payload: vec![1, 2, 3] },
+    });
+    let mut write = AccountWrite::new(first);
+    write.appends.push((1, LogEntry::Group(event.clone())));
+    for (seq, to) in [(1, a), (2, b)] {
+        write.outbox_puts.push((seq, OutboxItem { to, forward: Forward::Group(event.clone()) }));
+    }
+    store.apply(write).await.expect("write");
+    let state = store.account_state(first).await.expect("read");
+    let outbox: Vec<(u64, OutboxItem)> = state.outbox;
+    assert_eq!(outbox.len(), 2);
+    assert!(outbox.iter().all(|(_, item)| item.forward == Forward::Group(event.clone())));
+    // Another group's event is refused: a group forwards only its own events.
+    let mut write = AccountWrite::new(second);
+    write.outbox_puts.push((1, OutboxItem { to: a, forward: Forward::Group(event) }));
+    assert!(store.apply(write).await.is_err());
 }
 
 async fn settings(store: &dyn Store) {

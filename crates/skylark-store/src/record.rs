@@ -23,7 +23,9 @@ const TAG_DEVICE_REMOVED: u8 = 6;
 const TAG_GROUP: u8 = 7;
 const TAG_FORWARD_MESSAGE: u8 = 11;
 const TAG_FORWARD_RECEIPT: u8 = 12;
-const TAG_FORWARD_GROUP: u8 = 13;
+/// A group's forward of one of its own events: a reference into the
+/// group's log, not a copy (one is stored per member).
+const TAG_FORWARD_GROUP_REF: u8 = 13;
 
 // Group event bodies.
 const GROUP_MESSAGE: u8 = 1;
@@ -329,15 +331,27 @@ pub fn encode_outbox(item: &OutboxItem) -> Vec<u8> {
             w.u64(*at_ms);
         }
         Forward::Group(e) => {
-            w.u8(TAG_FORWARD_GROUP);
+            w.u8(TAG_FORWARD_GROUP_REF);
             w.u64(item.to.0);
-            write_group(&mut w, e);
+            w.u64(e.seq);
         }
     }
     w.0
 }
 
-pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxItem, StoreError> {
+/// An outbox record as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredOutbox {
+    Item(OutboxItem),
+    /// The group's own event `seq` for `to`; the event is in the group's
+    /// log (the store joins it back in when it loads the outbox).
+    GroupEvent {
+        to: AccountId,
+        seq: u64,
+    },
+}
+
+pub fn decode_outbox(bytes: &[u8]) -> Result<StoredOutbox, StoreError> {
     let mut r = Reader { buf: bytes };
     if r.u8()? != VERSION {
         return Err(corrupt("unknown version"));
@@ -348,13 +362,15 @@ pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxItem, StoreError> {
             to: AccountId(r.u64()?),
             forward: Forward::Receipt { kind: r.kind()?, up_to: r.u64()?, at_ms: r.u64()? },
         },
-        TAG_FORWARD_GROUP => {
-            OutboxItem { to: AccountId(r.u64()?), forward: Forward::Group(Arc::new(read_group(&mut r)?)) }
+        TAG_FORWARD_GROUP_REF => {
+            let stored = StoredOutbox::GroupEvent { to: AccountId(r.u64()?), seq: r.u64()? };
+            r.finish()?;
+            return Ok(stored);
         }
         _ => return Err(corrupt("unknown outbox tag")),
     };
     r.finish()?;
-    Ok(item)
+    Ok(StoredOutbox::Item(item))
 }
 
 #[cfg(test)]
@@ -393,11 +409,15 @@ mod tests {
                 to: AccountId(2),
                 forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 3, at_ms: 4 },
             },
-        ]
-        .into_iter()
-        .chain(group_events().into_iter().map(|e| OutboxItem { to: AccountId(5), forward: Forward::Group(e) }))
-        {
-            assert_eq!(decode_outbox(&encode_outbox(&item)).unwrap(), item);
+        ] {
+            assert_eq!(decode_outbox(&encode_outbox(&item)).unwrap(), StoredOutbox::Item(item));
+        }
+        // A group's forwards are stored as references to its log.
+        for e in group_events() {
+            let item = OutboxItem { to: AccountId(5), forward: Forward::Group(e.clone()) };
+            let stored = encode_outbox(&item);
+            assert!(stored.len() < 16, "a reference, not a copy: {} bytes", stored.len());
+            assert_eq!(decode_outbox(&stored).unwrap(), StoredOutbox::GroupEvent { to: AccountId(5), seq: e.seq });
         }
     }
 

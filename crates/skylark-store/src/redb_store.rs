@@ -12,7 +12,7 @@
 //! answers each caller. Throughput comes from batching; no write is
 //! acknowledged before the fsync that covers it.
 
-use crate::record::{decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
+use crate::record::{StoredOutbox, decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
 use crate::{
     AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, GroupStore, MessageStore, MetaStore,
     PushTarget, ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
@@ -22,7 +22,7 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use skylark_core::group::GroupMeta;
-use skylark_core::message::{LogEntry, ReceiptKind};
+use skylark_core::message::{Forward, LogEntry, OutboxItem, ReceiptKind};
 use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
 use std::path::Path;
@@ -714,6 +714,19 @@ impl MessageStore for RedbStore {
         if write.is_empty() {
             return Ok(());
         }
+        // A group's forwards are stored as references into its own log, so
+        // they may only carry its own events. Checked before the write joins
+        // a group commit, so a bad write fails alone.
+        for (_, item) in &write.outbox_puts {
+            if let Forward::Group(e) = &item.forward {
+                if e.group != write.account {
+                    return Err(StoreError::Backend(format!(
+                        "outbox of {} holds an event of {}",
+                        write.account, e.group
+                    )));
+                }
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Backend("committer stopped".into());
         let queue = self.committer.queue.as_ref().ok_or_else(stopped)?;
@@ -738,7 +751,20 @@ impl MessageStore for RedbStore {
             let mut outbox = Vec::new();
             for entry in table.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)? {
                 let (key, value) = entry.map_err(backend)?;
-                outbox.push((key.value().1, decode_outbox(value.value())?));
+                let item = match decode_outbox(value.value())? {
+                    StoredOutbox::Item(item) => item,
+                    StoredOutbox::GroupEvent { to, seq } => {
+                        let log = txn.open_table(LOG).map_err(backend)?;
+                        let raw = log.get((account.0, seq)).map_err(backend)?;
+                        let raw =
+                            raw.ok_or_else(|| StoreError::Corrupt(format!("outbox names missing event {seq}")))?;
+                        match decode_entry(raw.value())? {
+                            LogEntry::Group(e) => OutboxItem { to, forward: Forward::Group(e) },
+                            _ => return Err(StoreError::Corrupt(format!("outbox names non-group entry {seq}"))),
+                        }
+                    }
+                };
+                outbox.push((key.value().1, item));
             }
             Ok(AccountState { counters, outbox })
         })

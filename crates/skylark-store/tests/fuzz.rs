@@ -7,7 +7,7 @@
 use skylark_core::group::{GroupBody, GroupEvent, Role};
 use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
 use skylark_core::{AccountId, DeviceId};
-use skylark_store::record::{decode_entry, decode_outbox, encode_entry, encode_outbox};
+use skylark_store::record::{StoredOutbox, decode_entry, decode_outbox, encode_entry, encode_outbox};
 use std::sync::Arc;
 
 fn seeds() -> Vec<Vec<u8>> {
@@ -52,8 +52,17 @@ fn fuzz_store_records() {
             assert_eq!(&decode_entry(&encode_entry(entry)).unwrap(), entry);
         }
         let item = decode_outbox(input).ok();
-        if let Some(item) = &item {
-            assert_eq!(&decode_outbox(&encode_outbox(item)).unwrap(), item);
+        match &item {
+            Some(StoredOutbox::Item(item)) => {
+                assert_eq!(decode_outbox(&encode_outbox(item)).unwrap(), StoredOutbox::Item(item.clone()));
+            }
+            Some(StoredOutbox::GroupEvent { to, seq }) => {
+                let event =
+                    GroupEvent { group: AccountId::group(1), seq: *seq, by: *to, at_ms: 0, body: GroupBody::Left };
+                let again = encode_outbox(&OutboxItem { to: *to, forward: Forward::Group(Arc::new(event)) });
+                assert_eq!(decode_outbox(&again).unwrap(), StoredOutbox::GroupEvent { to: *to, seq: *seq });
+            }
+            None => {}
         }
         entry.is_some() || item.is_some()
     });
