@@ -390,20 +390,8 @@ impl Actor {
         for msg in batch {
             let step = match msg {
                 Msg::Send(mail) if self.account.is_group() => {
-                    match self.post(&mut write, &mut batch_ids, &mail, &mut kick).await {
-                        Ok(ack) => {
-                            pending.push(Pending::Send(mail.reply, ack));
-                            Ok(())
-                        }
-                        Err(SendFailure::Refused(e)) => {
-                            let _ = mail.reply.send(Err(e));
-                            Ok(())
-                        }
-                        Err(SendFailure::Store(e)) => {
-                            let _ = mail.reply.send(Err(e.clone().into()));
-                            Err(e)
-                        }
-                    }
+                    let outcome = self.post(&mut write, &mut batch_ids, &mail, &mut kick).await;
+                    settle(&mut pending, mail.reply, outcome, Pending::Send)
                 }
                 Msg::Send(mail) => {
                     let SendMail { device, client_id, to, payload, reply, .. } = *mail;
@@ -411,37 +399,14 @@ impl Actor {
                         let _ = reply.send(Err(skylark_core::group::GroupError::UnknownGroup.into()));
                         continue;
                     };
-                    match self.send(&mut write, &mut batch_ids, device, client_id, to, payload, &mut kick).await {
-                        Ok(ack) => {
-                            pending.push(Pending::Send(reply, ack));
-                            Ok(())
-                        }
-                        Err(SendFailure::Refused(e)) => {
-                            let _ = reply.send(Err(e));
-                            Ok(())
-                        }
-                        Err(SendFailure::Store(e)) => {
-                            let _ = reply.send(Err(e.clone().into()));
-                            Err(e)
-                        }
-                    }
+                    let outcome =
+                        self.send(&mut write, &mut batch_ids, device, client_id, to, payload, &mut kick).await;
+                    settle(&mut pending, reply, outcome, Pending::Send)
                 }
                 Msg::Group(mail) => {
                     let GroupMail { from, request, reply } = *mail;
-                    match self.group_request(&mut write, from, request, &mut kick).await {
-                        Ok(answer) => {
-                            pending.push(Pending::Group(reply, answer));
-                            Ok(())
-                        }
-                        Err(SendFailure::Refused(e)) => {
-                            let _ = reply.send(Err(e));
-                            Ok(())
-                        }
-                        Err(SendFailure::Store(e)) => {
-                            let _ = reply.send(Err(e.clone().into()));
-                            Err(e)
-                        }
-                    }
+                    let outcome = self.group_request(&mut write, from, request, &mut kick).await;
+                    settle(&mut pending, reply, outcome, Pending::Group)
                 }
                 Msg::Deliver { from, items, reply } => match self.deliver(&mut write, from, &items).await {
                     Ok(hwm) => {
@@ -840,6 +805,31 @@ impl Actor {
         let from = self.account;
         let origin = self.self_mailbox.clone();
         self.router.spawn(forward(router, from, to, Arc::from(items), origin));
+    }
+}
+
+/// Files one request's outcome: a success is answered once the batch is
+/// durable; a refusal is answered now; a store failure is answered and
+/// stops the batch (the actor restarts from the store).
+fn settle<T>(
+    pending: &mut Vec<Pending>,
+    reply: oneshot::Sender<Result<T, MessagingError>>,
+    outcome: Result<T, SendFailure>,
+    later: fn(oneshot::Sender<Result<T, MessagingError>>, T) -> Pending,
+) -> Result<(), StoreError> {
+    match outcome {
+        Ok(answer) => {
+            pending.push(later(reply, answer));
+            Ok(())
+        }
+        Err(SendFailure::Refused(e)) => {
+            let _ = reply.send(Err(e));
+            Ok(())
+        }
+        Err(SendFailure::Store(e)) => {
+            let _ = reply.send(Err(e.clone().into()));
+            Err(e)
+        }
     }
 }
 
