@@ -378,7 +378,7 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
             };
         }
         Some(client_frame::Body::MarkRead(mark)) => {
-            return match router.mark_read(account, AccountId(mark.peer), mark.up_to_seq).await {
+            return match router.mark_read(account, device, AccountId(mark.peer), mark.up_to_seq).await {
                 Ok(durable) => Answer::Later(Box::pin(async move {
                     match durable.await {
                         Ok(Ok(())) => reply(id, server_frame::Body::Ok(v1::Ok {})),

@@ -352,14 +352,24 @@ impl Router {
     }
 
     /// The account read `peer`'s messages up to the peer's sequence `up_to`.
+    /// Counts against the device's message rate, since a read receipt
+    /// travels like a message.
     pub async fn mark_read(
         &self,
         account: AccountId,
+        device: DeviceId,
         peer: AccountId,
         up_to: u64,
     ) -> Result<oneshot::Receiver<Result<(), MessagingError>>, MessagingError> {
-        // A group drops read receipts from accounts that are not its members.
-        if peer == account || (!peer.is_group() && self.phone_of(peer).await?.is_none()) {
+        self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
+        // The peer must exist (a group drops read receipts from accounts
+        // that are not its members).
+        let known = if peer.is_group() {
+            self.inner.store.group(peer).await?.is_some()
+        } else {
+            self.phone_of(peer).await?.is_some()
+        };
+        if peer == account || !known {
             return Err(MessagingError::UnknownAccount);
         }
         let (reply, answer) = oneshot::channel();

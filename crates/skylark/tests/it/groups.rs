@@ -189,6 +189,7 @@ async fn only_members_post_and_read_and_only_admins_manage() {
     assert_eq!(code(d.message_info(group, 1).await.unwrap_err()), ErrorCode::NotAMember);
     // Unknown groups, and account ids passed off as groups.
     assert_eq!(code(a.group_info(group + 1000).await.unwrap_err()), ErrorCode::UnknownGroup);
+    assert_eq!(code(a.mark_read(group + 1000, 1).await.unwrap_err()), ErrorCode::InvalidArgument);
     assert_eq!(code(a.group_info(ids[1].account_id).await.unwrap_err()), ErrorCode::UnknownGroup);
     assert_eq!(
         code(a.send_to_group(ids[1].account_id, "z", b"z".to_vec()).await.unwrap_err()),
