@@ -252,7 +252,7 @@ impl Router {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });
         }
         let (to, actor) = match request.group {
-            Some(group) if group.is_group() => (Recipient::Group, group),
+            Some(group) if self.group_exists(group).await? => (Recipient::Group, group),
             Some(_) => return Err(GroupError::UnknownGroup.into()),
             None => (Recipient::Phone(PhoneNumber::parse(&request.to)?), account),
         };
@@ -290,16 +290,29 @@ impl Router {
         group: AccountId,
         request: GroupRequest,
     ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
-        if !group.is_group() {
-            return Err(GroupError::UnknownGroup.into());
-        }
         if matches!(request, GroupRequest::Create { .. } | GroupRequest::Change(_)) {
             self.inner
                 .group_changes
                 .check(&device.to_string())
                 .map_err(|l| MessagingError::RateLimited(l.retry_after))?;
         }
+        if !self.group_exists(group).await? {
+            return Err(GroupError::UnknownGroup.into());
+        }
         self.ask_group(account, group, request).await
+    }
+
+    /// Whether `group` names an existing group. A live actor answers for
+    /// itself; otherwise the store is asked, so requests naming made-up
+    /// group ids never spawn actors.
+    async fn group_exists(&self, group: AccountId) -> Result<bool, MessagingError> {
+        if !group.is_group() {
+            return Ok(false);
+        }
+        if self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner).live.contains_key(&group) {
+            return Ok(true);
+        }
+        Ok(self.inner.store.group(group).await?.is_some())
     }
 
     async fn ask_group(
@@ -364,11 +377,7 @@ impl Router {
         self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
         // The peer must exist (a group drops read receipts from accounts
         // that are not its members).
-        let known = if peer.is_group() {
-            self.inner.store.group(peer).await?.is_some()
-        } else {
-            self.phone_of(peer).await?.is_some()
-        };
+        let known = if peer.is_group() { self.group_exists(peer).await? } else { self.phone_of(peer).await?.is_some() };
         if peer == account || !known {
             return Err(MessagingError::UnknownAccount);
         }
@@ -429,6 +438,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("actors did not retire: {} live", router.live_actors());
+    }
+
+    #[tokio::test]
+    async fn made_up_group_ids_spawn_no_actors() {
+        use crate::messaging::GroupRequest;
+        let store = Arc::new(RedbStore::in_memory().unwrap());
+        let alice = account(&store, "+15550900011").await;
+        let router = Router::new(store.clone(), Arc::new(SystemClock), MessagingConfig::default());
+        for n in 1..50 {
+            let bogus = AccountId::group(n);
+            let asked = router.group_request(alice.0, alice.1, bogus, GroupRequest::Info).await;
+            assert!(matches!(asked, Err(MessagingError::Group(GroupError::UnknownGroup))));
+            let request =
+                SendRequest { client_id: format!("c{n}"), to: String::new(), group: Some(bogus), payload: vec![] };
+            assert!(matches!(router.send(alice.0, alice.1, request).await, Err(MessagingError::Group(_))));
+            assert!(router.mark_read(alice.0, alice.1, bogus, 1).await.is_err());
+        }
+        assert_eq!(router.live_actors(), 0);
+        router.shutdown().await;
     }
 
     #[tokio::test]
