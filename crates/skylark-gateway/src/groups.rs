@@ -91,22 +91,31 @@ pub(crate) async fn answer(router: &Router, account: AccountId, device: DeviceId
                 let e = MessagingError::from(GroupError::Full(router.config().max_group_members));
                 return Answer::Now(messaging_error(id, &e));
             }
+            // Charged before the phone numbers are resolved.
+            if let Err(e) = router.charge_group_change(device) {
+                return Answer::Now(messaging_error(id, &e));
+            }
             match accounts(router, &create.members).await {
-                Ok(members) => router.create_group(account, device, create.subject, members).await,
+                Ok(members) => router.create_group(account, create.subject, members).await,
                 Err(e) => Err(e),
             }
         }
         Body::ChangeGroup(c) => match c.change {
             None => return Answer::Now(error(id, ErrorCode::InvalidArgument, "no change named")),
-            Some(c_body) => match change(router, c_body).await {
-                Ok(ch) => router.group_request(account, device, AccountId(c.group), GroupRequest::Change(ch)).await,
-                Err(e) => Err(e),
-            },
+            Some(c_body) => {
+                if let Err(e) = router.charge_group_change(device) {
+                    return Answer::Now(messaging_error(id, &e));
+                }
+                match change(router, c_body).await {
+                    Ok(ch) => router.group_request(account, AccountId(c.group), GroupRequest::Change(ch)).await,
+                    Err(e) => Err(e),
+                }
+            }
         },
-        Body::GetGroup(g) => router.group_request(account, device, AccountId(g.group), GroupRequest::Info).await,
+        Body::GetGroup(g) => router.group_request(account, AccountId(g.group), GroupRequest::Info).await,
         Body::GetMessageInfo(m) => {
             let group = AccountId(m.group);
-            let asked = router.group_request(account, device, group, GroupRequest::MessageInfo { seq: m.seq }).await;
+            let asked = router.group_request(account, group, GroupRequest::MessageInfo { seq: m.seq }).await;
             return match asked {
                 Ok(answer) => {
                     let router = router.clone();

@@ -263,17 +263,23 @@ impl Router {
         Ok(answer)
     }
 
+    /// Takes one group creation or change from `device`'s rate limit. The
+    /// gateway calls it before resolving the request's phone numbers, so
+    /// the limit also bounds that work.
+    pub fn charge_group_change(&self, device: DeviceId) -> Result<(), MessagingError> {
+        self.inner.group_changes.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))
+    }
+
     /// Creates a group of `account` (its first admin) and `members`.
     /// Returns once the request is queued; the receiver yields the group's
-    /// state once its creation is durable.
+    /// state once its creation is durable. (Charge the rate limit first:
+    /// [`Router::charge_group_change`].)
     pub async fn create_group(
         &self,
         account: AccountId,
-        device: DeviceId,
         subject: String,
         members: Vec<AccountId>,
     ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
-        self.inner.group_changes.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
         if members.len() >= self.inner.config.max_group_members {
             return Err(GroupError::Full(self.inner.config.max_group_members).into());
         }
@@ -281,21 +287,15 @@ impl Router {
         self.ask_group(account, group, GroupRequest::Create { subject, members }).await
     }
 
-    /// A member's request to a group (changes, info). Changes are rate
-    /// limited per device; the group's actor checks who may do what.
+    /// A member's request to a group (changes, info); the group's actor
+    /// checks who may do what. (Charge changes to the rate limit first:
+    /// [`Router::charge_group_change`].)
     pub async fn group_request(
         &self,
         account: AccountId,
-        device: DeviceId,
         group: AccountId,
         request: GroupRequest,
     ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
-        if matches!(request, GroupRequest::Create { .. } | GroupRequest::Change(_)) {
-            self.inner
-                .group_changes
-                .check(&device.to_string())
-                .map_err(|l| MessagingError::RateLimited(l.retry_after))?;
-        }
         if !self.group_exists(group).await? {
             return Err(GroupError::UnknownGroup.into());
         }
@@ -448,7 +448,7 @@ mod tests {
         let router = Router::new(store.clone(), Arc::new(SystemClock), MessagingConfig::default());
         for n in 1..50 {
             let bogus = AccountId::group(n);
-            let asked = router.group_request(alice.0, alice.1, bogus, GroupRequest::Info).await;
+            let asked = router.group_request(alice.0, bogus, GroupRequest::Info).await;
             assert!(matches!(asked, Err(MessagingError::Group(GroupError::UnknownGroup))));
             let request =
                 SendRequest { client_id: format!("c{n}"), to: String::new(), group: Some(bogus), payload: vec![] };
