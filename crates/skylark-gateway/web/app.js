@@ -318,7 +318,7 @@ function apply(event, live) {
   const seq = Number(event.seq);
   if (state.seen.has(seq)) return;
   state.seen.add(seq);
-  if (event.message) applyMessage(event.message, live);
+  if (event.message) applyMessage(event.message, seq, live);
   else if (event.receipt) {
     const r = event.receipt;
     const c = chat(r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer));
@@ -329,7 +329,7 @@ function apply(event, live) {
     const r = event.readSync;
     const c = chat(r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer));
     c.readByMe = Math.max(c.readByMe, Number(r.upToSeq || 0));
-  } else if (event.group) applyGroup(event.group, live);
+  } else if (event.group) applyGroup(event.group, seq, live);
   else if (event.deviceChange && panelShows === "devices") showDevices();
   if (live) renderAll();
 }
@@ -345,12 +345,15 @@ function addMessage(c, m) {
   c.lastAt = Math.max(c.lastAt, m.at);
 }
 
-function applyMessage(m, live) {
+/// `order` is the entry's place in this account's log: the one order in
+/// which both sides of a 1:1 chat (whose message ids count in two
+/// different sequences) are shown.
+function applyMessage(m, order, live) {
   const mine = m.id.sender === state.me.accountId;
   const phone = mine ? m.toPhone : m.fromPhone;
   const c = chat(peerKey(phone), mine ? { peer: m.to } : { peer: m.id.sender });
   addMessage(c, {
-    id: `m:${m.id.seq}:${mine ? "out" : "in"}`, seq: Number(m.id.seq), mine, from: m.fromPhone,
+    id: `m:${m.id.seq}:${mine ? "out" : "in"}`, seq: Number(m.id.seq), order, mine, from: m.fromPhone,
     text: payloadText(m.payload), at: Number(m.sentAtMs), clientId: m.clientId,
   });
   if (live && !mine) maybeMarkRead(c);
@@ -370,13 +373,13 @@ function systemLine(g) {
   return null;
 }
 
-function applyGroup(g, live) {
+function applyGroup(g, order, live) {
   const c = chat(groupKey(g.group), { group: g.group });
   const at = Number(g.atMs);
   if (g.message) {
     const mine = g.by === state.me.accountId;
     addMessage(c, {
-      id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), mine, from: g.byPhone,
+      id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, mine, from: g.byPhone,
       text: payloadText(g.message.payload), at, clientId: g.message.clientId,
     });
     if (live && !mine) maybeMarkRead(c);
@@ -385,7 +388,7 @@ function applyGroup(g, live) {
   if (g.created) c.title = g.created.subject;
   if (g.subject !== undefined) c.title = g.subject;
   const text = systemLine(g);
-  if (text) addMessage(c, { id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), system: true, text, at });
+  if (text) addMessage(c, { id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, system: true, text, at });
   // The roster changed: fetch it again (refused once we are out of the group).
   if (live && state.session) {
     state.session.request({ getGroup: { group: g.group } })
@@ -417,7 +420,7 @@ function maybeMarkRead(c) {
 
 function send(c, text) {
   const id = clientId();
-  const local = { id: `local:${id}`, local: true, mine: true, text, at: Date.now(), clientId: id, seq: Infinity };
+  const local = { id: `local:${id}`, local: true, mine: true, text, at: Date.now(), clientId: id, seq: Infinity, order: Infinity };
   addMessage(c, local);
   state.outbox.push({ key: c.key, clientId: id, text, local });
   renderAll();
@@ -442,7 +445,10 @@ async function flushOutbox() {
         if (c.messages.has(item.local.id)) {
           c.messages.delete(item.local.id);
           if (!c.messages.has(id)) {
-            c.messages.set(id, { ...item.local, local: false, id, seq: Number(ack.id.seq), at: Number(ack.sentAtMs) });
+            // A 1:1 message's id is its place in this account's log; a group
+            // post gets its place when its copy arrives (it replaces this).
+            const order = c.kind === "group" ? Infinity : Number(ack.id.seq);
+            c.messages.set(id, { ...item.local, local: false, id, seq: Number(ack.id.seq), order, at: Number(ack.sentAtMs) });
           }
         }
         state.outbox.shift();
@@ -572,7 +578,7 @@ function renderMessages() {
   const box = $("messages");
   if (!c) return box.replaceChildren();
   const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 30;
-  const items = [...c.messages.values()].sort((a, b) => a.seq - b.seq || a.at - b.at);
+  const items = [...c.messages.values()].sort((a, b) => a.order - b.order || a.at - b.at);
   box.replaceChildren(...items.map((m) => {
     if (m.system) return h("li", { class: "system" }, m.text);
     const [status, mark] = m.mine ? tickOf(c, m) : [null, null];

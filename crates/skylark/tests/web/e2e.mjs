@@ -139,6 +139,30 @@ try {
   await bob.press("#text", "Enter");
   await alice.waitForSelector("#messages li.msg:not(.mine) >> text=hi alice");
   await tickIs(bob, "hi alice", "read"); // Alice has the chat open
+  // Both sides of a conversation in the order they happened, on both screens,
+  // even when the two senders' message ids (which count in different
+  // sequences) drift apart: Alice's own log moves on in a group of her own.
+  await alice.click("#new-group");
+  await alice.fill("dialog input[aria-label='Subject']", "Notes");
+  await alice.press("dialog input[aria-label='Subject']", "Enter");
+  await alice.waitForSelector("#chat-title >> text=Notes");
+  for (let i = 1; i <= 6; i++) {
+    await sendText(alice, `note ${i}`);
+    await until(`note ${i} stored`, async () => (await tick(alice, `note ${i}`)) !== "pending");
+  }
+  await alice.click(`[data-chat="p:${BOB}"]`);
+  for (const text of ["one", "two", "three"]) {
+    await sendText(alice, text);
+    await tickIs(alice, text, "read");
+  }
+  await bob.fill("#text", "four");
+  await bob.press("#text", "Enter");
+  await alice.waitForSelector("#messages li.msg:not(.mine) >> text=four");
+  const expected = ["hello bob", "hi alice", "one", "two", "three", "four"];
+  for (const page of [alice, bob]) {
+    const shown = await page.locator("#messages li.msg .text").allTextContents();
+    assert.deepEqual(shown, expected, "conversation order");
+  }
   await shot(alice, "04-conversation");
 
   // A third browser links to Alice's account without SMS and sees the chat.
