@@ -71,7 +71,7 @@ async fn group_reply(router: &Router, id: u64, answer: GroupReply) -> ServerFram
             reply(
                 id,
                 server_frame::Body::MessageInfo(v1::MessageInfo {
-                    group: 0,
+                    group: info.group.0,
                     seq: info.seq,
                     sent_at_ms: info.sent_at_ms,
                     recipients,
@@ -114,25 +114,7 @@ pub(crate) async fn answer(router: &Router, account: AccountId, device: DeviceId
         },
         Body::GetGroup(g) => router.group_request(account, AccountId(g.group), GroupRequest::Info).await,
         Body::GetMessageInfo(m) => {
-            let group = AccountId(m.group);
-            let asked = router.group_request(account, group, GroupRequest::MessageInfo { seq: m.seq }).await;
-            return match asked {
-                Ok(answer) => {
-                    let router = router.clone();
-                    Answer::Later(Box::pin(async move {
-                        let mut frame = match answer.await {
-                            Ok(Ok(reply)) => group_reply(&router, id, reply).await,
-                            Ok(Err(e)) => messaging_error(id, &e),
-                            Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
-                        };
-                        if let Some(server_frame::Body::MessageInfo(info)) = frame.body.as_mut() {
-                            info.group = group.0;
-                        }
-                        frame
-                    }))
-                }
-                Err(e) => Answer::Now(messaging_error(id, &e)),
-            };
+            router.group_request(account, AccountId(m.group), GroupRequest::MessageInfo { seq: m.seq }).await
         }
         Body::ListGroups(_) => {
             return Answer::Now(match router.groups_of(account).await {

@@ -3,7 +3,7 @@
 use skylark_core::group::{GroupChange, GroupError, GroupMeta};
 use skylark_core::message::{LogEntry, MessageId};
 use skylark_core::phone::PhoneError;
-use skylark_core::{AccountId, DeviceId};
+use skylark_core::AccountId;
 use skylark_store::StoreError;
 use std::sync::Arc;
 
@@ -80,8 +80,8 @@ pub enum GroupReply {
 /// was a member when it was posted and still is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageInfo {
+    pub group: AccountId,
     pub seq: u64,
-    pub device: DeviceId,
     pub sent_at_ms: u64,
     /// (member, delivered to one of its devices, read) by member id.
     pub recipients: Vec<(AccountId, bool, bool)>,

@@ -156,7 +156,7 @@ impl Actor {
         let Some(LogEntry::Group(event)) = entry.first().map(|(_, e)| e.as_ref()) else {
             return Err(refused(GroupError::UnknownMessage));
         };
-        let GroupBody::Message { device, .. } = &event.body else {
+        let GroupBody::Message { .. } = &event.body else {
             return Err(refused(GroupError::UnknownMessage));
         };
         if event.by != from {
@@ -173,7 +173,7 @@ impl Actor {
             })
             .collect();
         recipients.sort_unstable_by_key(|r| r.0);
-        Ok(GroupReply::MessageInfo(MessageInfo { seq, device: *device, sent_at_ms: event.at_ms, recipients }))
+        Ok(GroupReply::MessageInfo(MessageInfo { group: self.account, seq, sent_at_ms: event.at_ms, recipients }))
     }
 
     /// Records an event: appends it to the group's log, applies it to the
