@@ -1,9 +1,9 @@
 //! The messaging API the gateway calls, on domain types.
 
+use skylark_core::AccountId;
 use skylark_core::group::{GroupChange, GroupError, GroupMeta};
 use skylark_core::message::{LogEntry, MessageId};
 use skylark_core::phone::PhoneError;
-use skylark_core::AccountId;
 use skylark_store::StoreError;
 use std::sync::Arc;
 
