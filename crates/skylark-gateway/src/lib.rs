@@ -60,12 +60,24 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// Connections the kernel may hold for `accept` (capped by
+/// `net.core.somaxconn`). tokio's default of 1,024 overflows during a fast
+/// ramp, and a dropped SYN costs the client a one-second retransmit.
+const ACCEPT_BACKLOG: u32 = 65_535;
+
+fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 impl Gateway {
     /// Binds the configured addresses and starts serving.
     pub async fn start(server: Arc<Server>) -> io::Result<Gateway> {
         metrics_endpoint::install();
-        let http_listener = TcpListener::bind(server.config.listen.http).await?;
-        let tcp_listener = TcpListener::bind(server.config.listen.tcp).await?;
+        let http_listener = listen(server.config.listen.http)?;
+        let tcp_listener = listen(server.config.listen.tcp)?;
         let http_addr = http_listener.local_addr()?;
         let tcp_addr = tcp_listener.local_addr()?;
         let shared = Shared {

@@ -79,11 +79,14 @@ async fn refuse_bad_input<T: Transport>(t: &mut T, inbound: &Inbound) -> Ending 
     }
 }
 
-pub(crate) async fn run<T: Transport>(shared: Shared, mut transport: T, peer: SocketAddr, kind: &'static str) {
+/// Serves one connection to its end. Arguments are borrowed, and the
+/// authenticated identity boxed, because an async function's arguments are
+/// stored in its state (sometimes twice), which every idle connection pays.
+pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, peer: SocketAddr, kind: &'static str) {
     metrics::counter!("skylark_connections_total", "transport" => kind).increment(1);
     metrics::gauge!("skylark_connections_open").increment(1.0);
-    let ending = match handshake(&shared, &mut transport).await {
-        Ok(Some(authed)) => serve(&shared, &mut transport, authed).await,
+    let ending = match handshake(shared, transport).await {
+        Ok(Some(authed)) => serve(shared, transport, Box::new(authed)).await,
         Ok(None) => None,
         Err(ending) => Some(ending),
     };
@@ -203,7 +206,7 @@ pub(crate) enum Answer {
 }
 
 /// Serves an authenticated device until either side ends the session.
-async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Authenticated) -> Option<Ending> {
+async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticated>) -> Option<Ending> {
     let (guard, disconnect) = shared.server.sessions.attach(authed.device.id);
     let router = &shared.server.router;
     let (account, device, connection) = (authed.account.id, authed.device.id, guard.connection());
@@ -229,9 +232,9 @@ struct Streams {
     /// Fires when the connection must close (replaced, removed).
     disconnect: tokio::sync::oneshot::Receiver<Disconnect>,
     /// The account's log, from the actor.
-    events: tokio::sync::mpsc::Receiver<DeviceEvent>,
+    events: skylark_server::lane::Receiver<DeviceEvent>,
     /// Presence and typing, never stored.
-    ephemeral: tokio::sync::mpsc::Receiver<Ephemeral>,
+    ephemeral: skylark_server::lane::Receiver<Ephemeral>,
 }
 
 async fn serve_attached<T: Transport>(
@@ -245,7 +248,9 @@ async fn serve_attached<T: Transport>(
     let limits = shared.server.config.limits;
     let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
     let mut idle_deadline = Instant::now() + idle_timeout;
-    let mut in_flight: FuturesUnordered<Deferred> = FuturesUnordered::new();
+    // Created on the first deferred answer and dropped when the last one is
+    // sent: an idle connection holds no set of futures.
+    let mut in_flight: Option<FuturesUnordered<Deferred>> = None;
     loop {
         tokio::select! {
             // Ending a replaced or removed session comes before anything else
@@ -260,7 +265,10 @@ async fn serve_attached<T: Transport>(
             }
             _ = shared.shutdown.cancelled() => return Some(Ending::new(CloseCode::GoingAway, "server shutting down")),
             _ = sleep_until(idle_deadline) => return Some(Ending::new(CloseCode::IdleTimeout, "no heartbeat")),
-            Some(reply) = in_flight.next() => {
+            Some(reply) = next_answer(&mut in_flight) => {
+                if in_flight.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    in_flight = None;
+                }
                 if t.send(reply).await.is_err() {
                     return None;
                 }
@@ -280,24 +288,34 @@ async fn serve_attached<T: Transport>(
                     return None;
                 }
             }
-            inbound = t.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+            inbound = t.recv(), if in_flight.as_ref().map_or(0, FuturesUnordered::len) < MAX_IN_FLIGHT => {
                 let frame = match inbound {
                     Inbound::Closed => return None,
                     Inbound::Frame(frame) => frame,
                     bad => return Some(refuse_bad_input(t, &bad).await),
                 };
                 idle_deadline = Instant::now() + idle_timeout;
-                match answer(shared, authed, connection, frame).await {
+                // Boxed: answering is the largest state of this loop, and
+                // held inline it would be paid by every idle connection.
+                match Box::pin(answer(shared, authed, connection, frame)).await {
                     Answer::Now(reply) => {
                         if t.send(reply).await.is_err() {
                             return None;
                         }
                     }
-                    Answer::Later(reply) => in_flight.push(reply),
+                    Answer::Later(reply) => in_flight.get_or_insert_with(FuturesUnordered::new).push(reply),
                     Answer::None => {}
                 }
             }
         }
+    }
+}
+
+/// The next deferred answer that is ready; `None` at once when there are none.
+async fn next_answer(in_flight: &mut Option<FuturesUnordered<Deferred>>) -> Option<ServerFrame> {
+    match in_flight {
+        Some(set) => set.next().await,
+        None => None,
     }
 }
 

@@ -12,13 +12,13 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{Decoder, Encoder};
 
-/// Initial read buffer per connection. Most frames are small; the codec
+/// Read buffer made when bytes arrive. Most frames are small; the codec
 /// grows the buffer for a larger frame once its length is known (and within
-/// the limit), and a grown buffer is given back once it is empty again.
+/// the limit). On plain TCP the buffer is dropped whenever it is empty, so
+/// an idle connection holds none; a TLS stream may hold decrypted bytes the
+/// socket no longer shows, so there a buffer is kept unless it grew past
+/// `KEEP_READ_BUFFER`.
 const READ_BUFFER: usize = 512;
-/// A read buffer larger than this is dropped (and a `READ_BUFFER` one made)
-/// when it holds nothing, so one large frame does not cost an idle
-/// connection memory for the rest of its life.
 const KEEP_READ_BUFFER: usize = 4096;
 
 pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<TlsAcceptor>) {
@@ -35,7 +35,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
             let mut transport = TcpTransport { io, codec: FrameCodec::new(max), read: BytesMut::new(), closed: false };
             match slot {
                 Some(slot) => {
-                    crate::session::run(shared, transport, peer, "tcp").await;
+                    crate::session::run(&shared, &mut transport, peer, "tcp").await;
                     drop(slot);
                 }
                 None => transport.close(CloseCode::TryAgainLater, "too many connections from this address").await,
@@ -62,7 +62,8 @@ impl Transport for TcpTransport {
         loop {
             match self.codec.decode(&mut self.read) {
                 Ok(Some(frame)) => {
-                    if self.read.is_empty() && self.read.capacity() > KEEP_READ_BUFFER {
+                    let plain = matches!(self.io, Io::Plain(_));
+                    if self.read.is_empty() && (plain || self.read.capacity() > KEEP_READ_BUFFER) {
                         self.read = BytesMut::new();
                     }
                     return Inbound::Frame(frame);
@@ -74,6 +75,13 @@ impl Transport for TcpTransport {
             }
             if self.closed {
                 return Inbound::Closed;
+            }
+            if let (Io::Plain(stream), 0) = (&self.io, self.read.capacity()) {
+                // Wait for bytes before making room for them.
+                if stream.readable().await.is_err() {
+                    self.closed = true;
+                    return Inbound::Closed;
+                }
             }
             if self.read.capacity() == self.read.len() {
                 self.read.reserve(READ_BUFFER);

@@ -45,7 +45,9 @@ const LINGER_BYTES: usize = 256 * 1024;
 pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
     let _ = stream.shutdown().await;
     let drain = async {
-        let mut scratch = [0u8; 4096];
+        // On the heap: an array here would make every connection's task
+        // 4 KiB larger for its whole life, not just while it closes.
+        let mut scratch = vec![0u8; 4096];
         let mut drained = 0;
         while drained < LINGER_BYTES {
             match stream.read(&mut scratch).await {

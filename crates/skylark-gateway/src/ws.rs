@@ -100,9 +100,9 @@ pub(crate) async fn upgrade(
             }
         };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-        let transport = WsTransport { ws, encoding, max_frame_bytes: limits.max_frame_bytes };
+        let mut transport = WsTransport { ws, encoding, max_frame_bytes: limits.max_frame_bytes };
         let kind = if encoding == Encoding::Json { "ws-json" } else { "ws" };
-        crate::session::run(shared, transport, peer, kind).await;
+        crate::session::run(&shared, &mut transport, peer, kind).await;
         drop(slot);
     });
 

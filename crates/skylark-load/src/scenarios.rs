@@ -29,8 +29,26 @@ impl Target {
 }
 
 async fn open(target: &Target, manifest: &Manifest, index: usize) -> Result<(Session, mpsc::Receiver<Event>), String> {
-    let identity = manifest.identity(index, &target.http_base);
-    Session::open_from(&target.endpoint, &identity, target.source(index)).await.map_err(|e| e.to_string())
+    open_as(target, &manifest.identity(index, &target.http_base), index).await
+}
+
+/// Connects as `identity` (account `index` of the manifest). Tasks get the
+/// identity rather than the manifest, which would be costly to copy.
+async fn open_as(
+    target: &Target,
+    identity: &skylark_client::Identity,
+    index: usize,
+) -> Result<(Session, mpsc::Receiver<Event>), String> {
+    Session::open_from(&target.endpoint, identity, target.source(index)).await.map_err(|e| e.to_string())
+}
+
+/// Waits until `due`, if it is still ahead. The timer ticks in whole
+/// milliseconds, so sleeping for every event of a faster schedule would cap
+/// the rate near 1,000 per second; events already due start at once.
+async fn pace(due: Instant) {
+    if due > Instant::now() {
+        tokio::time::sleep_until(due.into()).await;
+    }
 }
 
 // ---------------------------------------------------------------- idle
@@ -66,11 +84,11 @@ pub async fn idle(
     let (tx, mut rx) = mpsc::unbounded_channel();
     for (k, index) in accounts.enumerate() {
         // Open loop: connection k starts at k × interval, however the others fare.
-        tokio::time::sleep_until((started + interval * k as u32).into()).await;
-        let (target, manifest, tx) = (target.clone(), manifest.clone(), tx.clone());
+        pace(started + interval * k as u32).await;
+        let (target, identity, tx) = (target.clone(), manifest.identity(index, &target.http_base), tx.clone());
         tokio::spawn(async move {
             let t = Instant::now();
-            let result = open(&target, &manifest, index).await;
+            let result = open_as(&target, &identity, index).await;
             let _ = tx.send((t.elapsed(), result));
         });
     }
@@ -303,7 +321,7 @@ pub async fn chat(
                 if at >= duration {
                     break;
                 }
-                tokio::time::sleep_until((started + at).into()).await;
+                pace(started + at).await;
                 k += 1;
                 let (handle, totals, intended, to) = (handle.clone(), totals.clone(), intended.clone(), to.clone());
                 let client_id = format!("{run}-{}", at.as_micros());
@@ -427,9 +445,9 @@ pub async fn backlog(target: &Target, manifest: &Manifest, users: usize, per_use
     let received = Arc::new(Mutex::new((0u64, 0u64)));
     let mut readers = Vec::new();
     for u in 0..users {
-        let (target, manifest, received) = (target.clone(), manifest.clone(), received.clone());
+        let (target, identity, received) = (target.clone(), manifest.identity(u, &target.http_base), received.clone());
         readers.push(tokio::spawn(async move {
-            let (session, mut events) = open(&target, &manifest, u).await.expect("user connects");
+            let (session, mut events) = open_as(&target, &identity, u).await.expect("user connects");
             let handle = session.handle();
             let mut seen = std::collections::HashSet::new();
             while seen.len() < per_user {
@@ -788,7 +806,7 @@ pub async fn group(
     let mut posts = Vec::new();
     for k in 0..messages {
         let at = interval.mul_f64(k as f64);
-        tokio::time::sleep_until((begun + at).into()).await;
+        pace(begun + at).await;
         let handle = handles[(k as usize) % senders.clamp(1, members)].clone();
         let (acks, client_id) = (acks.clone(), format!("{run}-g{k}"));
         posts.push(tokio::spawn(async move {

@@ -21,8 +21,10 @@
 
 mod group;
 
+use crate::lane;
 use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingError, SendAck};
 use crate::router::Router;
+use crate::small_map::SmallMap;
 use rand::Rng;
 use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
 use skylark_core::{AccountId, DeviceId, PhoneNumber};
@@ -61,6 +63,21 @@ pub(crate) struct SendMail {
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
 }
 
+/// Another actor's forwards (boxed in [`Msg`] like [`SendMail`]).
+pub(crate) struct DeliverMail {
+    pub from: AccountId,
+    pub items: Batch,
+    pub reply: oneshot::Sender<Result<u64, MessagingError>>,
+}
+
+/// A device's connection, to be fed the account's log.
+pub(crate) struct AttachMail {
+    pub device: DeviceId,
+    pub connection: u64,
+    pub events: lane::Sender<DeviceEvent>,
+    pub reply: oneshot::Sender<Result<(), MessagingError>>,
+}
+
 /// Where a send goes.
 pub(crate) enum Recipient {
     /// One account, by phone number (the mail goes to the sender's actor).
@@ -79,21 +96,12 @@ pub(crate) struct GroupMail {
 pub(crate) enum Msg {
     Send(Box<SendMail>),
     Group(Box<GroupMail>),
-    Deliver {
-        from: AccountId,
-        items: Batch,
-        reply: oneshot::Sender<Result<u64, MessagingError>>,
-    },
+    Deliver(Box<DeliverMail>),
     Forwarded {
         to: AccountId,
         up_to: u64,
     },
-    Attach {
-        device: DeviceId,
-        connection: u64,
-        events: mpsc::Sender<DeviceEvent>,
-        reply: oneshot::Sender<Result<(), MessagingError>>,
-    },
+    Attach(Box<AttachMail>),
     Detach {
         device: DeviceId,
         connection: u64,
@@ -123,7 +131,7 @@ struct Position {
 
 struct Attached {
     connection: u64,
-    events: mpsc::Sender<DeviceEvent>,
+    events: lane::Sender<DeviceEvent>,
     /// Highest sequence the device acknowledged.
     acked: u64,
     /// Highest sequence handed to the device.
@@ -169,12 +177,12 @@ struct Actor {
     outbox: HashMap<AccountId, BTreeMap<u64, Forward>>,
     /// Destinations with a forward task running.
     forwarding: HashSet<AccountId>,
-    devices: HashMap<DeviceId, Attached>,
+    devices: SmallMap<DeviceId, Attached>,
     /// Per device, whatever its connections: the highest sequence ever
     /// handed to it and the highest it acknowledged. An ack that arrives
     /// after its connection closed is still true of the device, so it is
     /// kept here rather than with the connection.
-    positions: HashMap<DeviceId, Position>,
+    positions: SmallMap<DeviceId, Position>,
     recent: VecDeque<(u64, Arc<LogEntry>)>,
     /// Highest sequence any device acknowledged (delivery receipts go out
     /// when it advances).
@@ -197,19 +205,10 @@ pub(crate) async fn run(
     mut mailbox: mpsc::Receiver<Msg>,
     predecessor: Option<watch::Receiver<bool>>,
 ) {
-    if let Some(mut done) = predecessor {
-        let _ = done.wait_for(|finished| *finished).await;
-    }
-    let weak = self_mailbox.downgrade();
-    drop(self_mailbox);
-    let mut actor = match Actor::load(router.clone(), account, weak).await {
-        Ok(actor) => actor,
-        Err(e) => {
-            tracing::error!(%account, error = %e, "actor could not load its account");
-            fail_all(&mut mailbox, &router, account, generation, MessagingError::from(e)).await;
-            return;
-        }
-    };
+    // Starting is boxed, like handling a batch: a task keeps room for its
+    // largest state for its whole life, and this one is only passed through.
+    let start = start(&router, account, generation, self_mailbox, &mut mailbox, predecessor);
+    let Some(mut actor) = Box::pin(start).await else { return };
     metrics::gauge!("skylark_actors").increment(1.0);
     let idle = Duration::from_millis(router.inner.config.actor_idle_ms);
     let shutdown = router.inner.shutdown.clone();
@@ -241,12 +240,37 @@ pub(crate) async fn run(
         if Box::pin(actor.handle(std::mem::take(&mut batch))).await.is_err() {
             // Memory may be ahead of the store: stop, and let a successor reload.
             router.forget_generation(account, generation);
-            fail_all(&mut mailbox, &router, account, generation, MessagingError::Unavailable("actor restarted".into()))
-                .await;
+            let error = MessagingError::Unavailable("actor restarted".into());
+            Box::pin(fail_all(&mut mailbox, &router, account, generation, error)).await;
             break;
         }
     }
     metrics::gauge!("skylark_actors").decrement(1.0);
+}
+
+/// Waits for the account's previous actor to finish, then loads the
+/// account. `None` if it could not be loaded (the mail is answered).
+async fn start(
+    router: &Router,
+    account: AccountId,
+    generation: u64,
+    self_mailbox: mpsc::Sender<Msg>,
+    mailbox: &mut mpsc::Receiver<Msg>,
+    predecessor: Option<watch::Receiver<bool>>,
+) -> Option<Actor> {
+    if let Some(mut done) = predecessor {
+        let _ = done.wait_for(|finished| *finished).await;
+    }
+    let weak = self_mailbox.downgrade();
+    drop(self_mailbox);
+    match Actor::load(router.clone(), account, weak).await {
+        Ok(actor) => Some(actor),
+        Err(e) => {
+            tracing::error!(%account, error = %e, "actor could not load its account");
+            fail_all(mailbox, router, account, generation, MessagingError::from(e)).await;
+            None
+        }
+    }
 }
 
 /// Answers everything still queued with `error`, after leaving the registry.
@@ -263,8 +287,8 @@ async fn fail_all(
         match msg {
             Msg::Send(mail) => drop(mail.reply.send(Err(error.clone()))),
             Msg::Group(mail) => drop(mail.reply.send(Err(error.clone()))),
-            Msg::Deliver { reply, .. } => drop(reply.send(Err(error.clone()))),
-            Msg::Attach { reply, .. } => drop(reply.send(Err(error.clone()))),
+            Msg::Deliver(mail) => drop(mail.reply.send(Err(error.clone()))),
+            Msg::Attach(mail) => drop(mail.reply.send(Err(error.clone()))),
             Msg::MarkRead { reply, .. } | Msg::DeviceChange { reply, .. } => drop(reply.send(Err(error.clone()))),
             Msg::Forwarded { .. } | Msg::Detach { .. } | Msg::Ack { .. } => {}
         }
@@ -323,8 +347,8 @@ impl Actor {
             counters: state.counters,
             outbox,
             forwarding: HashSet::new(),
-            devices: HashMap::new(),
-            positions: HashMap::new(),
+            devices: SmallMap::default(),
+            positions: SmallMap::default(),
             recent: VecDeque::new(),
             delivered,
             inbound: HashMap::new(),
@@ -408,16 +432,19 @@ impl Actor {
                     let outcome = self.group_request(&mut write, from, request, &mut kick).await;
                     settle(&mut pending, reply, outcome, Pending::Group)
                 }
-                Msg::Deliver { from, items, reply } => match self.deliver(&mut write, from, &items).await {
-                    Ok(hwm) => {
-                        pending.push(Pending::Deliver(reply, hwm));
-                        Ok(())
+                Msg::Deliver(mail) => {
+                    let DeliverMail { from, items, reply } = *mail;
+                    match self.deliver(&mut write, from, &items).await {
+                        Ok(hwm) => {
+                            pending.push(Pending::Deliver(reply, hwm));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e.clone().into()));
+                            Err(e)
+                        }
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.clone().into()));
-                        Err(e)
-                    }
-                },
+                }
                 Msg::Forwarded { to, up_to } => {
                     self.forwarding.remove(&to);
                     if let Some(queue) = self.outbox.get_mut(&to) {
@@ -431,7 +458,8 @@ impl Actor {
                     kick.insert(to);
                     Ok(())
                 }
-                Msg::Attach { device, connection, events, reply } => {
+                Msg::Attach(mail) => {
+                    let AttachMail { device, connection, events, reply } = *mail;
                     match self.router.inner.store.cursor(self.account, device).await {
                         Ok(cursor) => {
                             // A device without a cursor predates cursors; it starts now.
@@ -440,7 +468,7 @@ impl Actor {
                             // connection this one replaces) are not in the store
                             // yet: start after the newest, so nothing acknowledged
                             // comes again.
-                            let position = self.positions.entry(device).or_default();
+                            let position = self.positions.entry_or_default(device);
                             let start = stored.max(position.acked);
                             position.acked = start;
                             position.handed = position.handed.max(start);
@@ -778,11 +806,11 @@ impl Actor {
                 match dev.events.try_send(DeviceEvent::Entry { seq, entry }) {
                     Ok(()) => {
                         dev.sent = seq;
-                        let position = self.positions.entry(device).or_default();
+                        let position = self.positions.entry_or_default(device);
                         position.handed = position.handed.max(seq);
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => return Ok(()),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Err(lane::TrySendError::Full(_)) => return Ok(()),
+                    Err(lane::TrySendError::Closed(_)) => {
                         self.devices.remove(&device);
                         return Ok(());
                     }
@@ -849,6 +877,6 @@ mod tests {
     #[test]
     fn mailbox_slots_stay_small() {
         // Regression guard for idle-actor memory (see `SendMail`).
-        assert!(std::mem::size_of::<super::Msg>() <= 40, "Msg is {} bytes", std::mem::size_of::<super::Msg>());
+        assert!(std::mem::size_of::<super::Msg>() <= 32, "Msg is {} bytes", std::mem::size_of::<super::Msg>());
     }
 }

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod devices;
 pub mod http_client;
+pub mod lane;
 pub mod messaging;
 pub mod presence;
 pub mod push;
@@ -18,6 +19,7 @@ pub mod ratelimit;
 pub mod registration;
 pub mod router;
 pub mod sessions;
+mod small_map;
 pub mod sms;
 
 use rand::RngCore;

@@ -8,11 +8,12 @@
 //! account's choice ([`Visibility`]): everyone, its contacts (accounts it
 //! has sent a message to), or nobody.
 
+use crate::lane;
+use crate::small_map::SmallMap;
 use skylark_core::{AccountId, Clock, DeviceId};
 use skylark_store::{Store, StoreError, Visibility};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use tokio::sync::mpsc;
 
 /// Ephemeral events queued for one connection. When full, further events
 /// are dropped: a stale typing indicator is worthless, and presence is
@@ -47,16 +48,19 @@ pub enum Ephemeral {
 }
 
 struct Conn {
-    events: mpsc::Sender<Ephemeral>,
+    events: lane::Sender<Ephemeral>,
     /// False while the client says it is in the background.
     active: bool,
     watching: HashSet<AccountId>,
 }
 
+/// The live connections of one account: almost always one or two.
+type Conns = SmallMap<u64, Conn>;
+
 #[derive(Default)]
 struct State {
     /// Live connections per account.
-    live: HashMap<AccountId, HashMap<u64, Conn>>,
+    live: HashMap<AccountId, Conns>,
     /// Watched account → (watcher account, connection).
     watchers: HashMap<AccountId, HashSet<(AccountId, u64)>>,
     /// When accounts went offline, for last seen.
@@ -148,7 +152,7 @@ impl Presence {
     fn deliver(&self, account: AccountId, connection: Option<u64>, event: Ephemeral) {
         let state = self.state();
         let Some(conns) = state.live.get(&account) else { return };
-        for (id, conn) in conns {
+        for (id, conn) in conns.iter() {
             if connection.is_some_and(|c| c != *id) || !conn.active {
                 continue;
             }
@@ -160,8 +164,8 @@ impl Presence {
 
     /// A connection of `account` went live. The receiver carries its
     /// presence and typing events.
-    pub async fn connect(&self, account: AccountId, connection: u64) -> mpsc::Receiver<Ephemeral> {
-        let (events, receiver) = mpsc::channel(EPHEMERAL_QUEUE);
+    pub async fn connect(&self, account: AccountId, connection: u64) -> lane::Receiver<Ephemeral> {
+        let (events, receiver) = lane::channel(EPHEMERAL_QUEUE);
         let came_online = {
             let mut state = self.state();
             let conns = state.live.entry(account).or_default();

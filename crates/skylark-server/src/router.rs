@@ -8,6 +8,7 @@
 
 use crate::actor::{self, Msg};
 use crate::actor::{GroupMail, Recipient};
+use crate::lane;
 use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingConfig, MessagingError, SendAck, SendRequest};
 use skylark_core::group::{GroupError, GroupMeta};
 use skylark_core::message::{DeviceChange, valid_client_id};
@@ -345,12 +346,12 @@ impl Router {
         account: AccountId,
         device: DeviceId,
         connection: u64,
-    ) -> Result<mpsc::Receiver<DeviceEvent>, MessagingError> {
+    ) -> Result<lane::Receiver<DeviceEvent>, MessagingError> {
         // Room for a full window plus the CaughtUp marker, so the actor
         // never has to wait on a slow connection.
-        let (events, stream) = mpsc::channel(self.inner.config.device_window + 4);
+        let (events, stream) = lane::channel(self.inner.config.device_window + 4);
         let (reply, answer) = oneshot::channel();
-        self.tell(account, Msg::Attach { device, connection, events, reply }).await?;
+        self.tell(account, Msg::Attach(Box::new(actor::AttachMail { device, connection, events, reply }))).await?;
         answer.await.map_err(|_| gone())??;
         Ok(stream)
     }
@@ -403,7 +404,7 @@ impl Router {
         items: actor::Batch,
     ) -> Result<u64, MessagingError> {
         let (reply, answer) = oneshot::channel();
-        self.tell(to, Msg::Deliver { from, items, reply }).await?;
+        self.tell(to, Msg::Deliver(Box::new(actor::DeliverMail { from, items, reply }))).await?;
         answer.await.map_err(|_| gone())?
     }
 }
