@@ -583,7 +583,7 @@ mod tests {
         };
         let (silent_since, closed) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let hello = v1::Hello { min_version: 1, max_version: 1, client: "test".into() };
-        let peer = VanishingPeer {
+        let mut peer = VanishingPeer {
             key,
             device: reg.device.id.0,
             inbox: VecDeque::from([ClientFrame { id: 1, body: Some(client_frame::Body::Hello(hello)) }]),
@@ -592,7 +592,7 @@ mod tests {
             closed: closed.clone(),
         };
 
-        run(shared, peer, "127.0.0.1:1".parse().unwrap(), "test").await;
+        run(&shared, &mut peer, "127.0.0.1:1".parse().unwrap(), "test").await;
 
         assert_eq!(*closed.lock().unwrap(), Some(CloseCode::IdleTimeout));
         let waited = Instant::now() - silent_since.lock().unwrap().expect("authenticated first");
@@ -711,15 +711,17 @@ mod tests {
         let report = skylark_fuzz::run("session", &seeds, |input| {
             let authenticated = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let script = script(input);
-            let peer = ScriptedPeer {
+            let mut peer = ScriptedPeer {
                 key: key.clone(),
                 device,
                 script,
                 challenge: None,
                 authenticated: authenticated.clone(),
             };
-            let session = run(shared.clone(), peer, "127.0.0.1:9".parse().unwrap(), "fuzz");
-            let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), session).await });
+            let ended = rt.block_on(async {
+                let session = run(&shared, &mut peer, "127.0.0.1:9".parse().unwrap(), "fuzz");
+                tokio::time::timeout(Duration::from_secs(10), session).await
+            });
             assert!(ended.is_ok(), "the session outlived its peer");
             let got_in = authenticated.load(std::sync::atomic::Ordering::Relaxed);
             deep += u64::from(got_in);

@@ -32,7 +32,7 @@ use skylark_store::{AccountWrite, Counters, StoreError};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 /// Mail taken in one batch at most.
 const MAX_BATCH: usize = 256;
@@ -50,9 +50,8 @@ pub(crate) const ACCOUNT_CURSOR: DeviceId = DeviceId(0);
 /// Forwards in outbox order, shared between retries without copying.
 pub(crate) type Batch = Arc<[(u64, Forward)]>;
 
-/// A send waiting in the mailbox. Boxed in [`Msg`]: every mailbox allocates
-/// its first block of 32 slots up front, so the size of `Msg` is paid 32
-/// times by every idle actor.
+/// A send waiting in the mailbox. Boxed in [`Msg`], as are the other large
+/// variants, so a busy mailbox (up to `MAILBOX` messages) stays compact.
 pub(crate) struct SendMail {
     /// The sending account (the actor's own, unless the actor is a group's).
     pub account: AccountId,
@@ -171,7 +170,7 @@ impl Pending {
 struct Actor {
     account: AccountId,
     router: Router,
-    self_mailbox: mpsc::WeakSender<Msg>,
+    self_mailbox: lane::WeakSender<Msg>,
     counters: Counters,
     /// Pending forwards by destination, in outbox order.
     outbox: HashMap<AccountId, BTreeMap<u64, Forward>>,
@@ -201,8 +200,8 @@ pub(crate) async fn run(
     router: Router,
     account: AccountId,
     generation: u64,
-    self_mailbox: mpsc::Sender<Msg>,
-    mut mailbox: mpsc::Receiver<Msg>,
+    self_mailbox: lane::Sender<Msg>,
+    mut mailbox: lane::Receiver<Msg>,
     predecessor: Option<watch::Receiver<bool>>,
 ) {
     // Starting is boxed, like handling a batch: a task keeps room for its
@@ -254,8 +253,8 @@ async fn start(
     router: &Router,
     account: AccountId,
     generation: u64,
-    self_mailbox: mpsc::Sender<Msg>,
-    mailbox: &mut mpsc::Receiver<Msg>,
+    self_mailbox: lane::Sender<Msg>,
+    mailbox: &mut lane::Receiver<Msg>,
     predecessor: Option<watch::Receiver<bool>>,
 ) -> Option<Actor> {
     if let Some(mut done) = predecessor {
@@ -275,7 +274,7 @@ async fn start(
 
 /// Answers everything still queued with `error`, after leaving the registry.
 async fn fail_all(
-    mailbox: &mut mpsc::Receiver<Msg>,
+    mailbox: &mut lane::Receiver<Msg>,
     router: &Router,
     account: AccountId,
     generation: u64,
@@ -301,7 +300,7 @@ fn jittered(base_ms: u64, max_ms: u64, attempt: u32) -> Duration {
 }
 
 /// Sends one batch of forwards to `to` until its actor acknowledges it.
-async fn forward(router: Router, from: AccountId, to: AccountId, items: Batch, origin: mpsc::WeakSender<Msg>) {
+async fn forward(router: Router, from: AccountId, to: AccountId, items: Batch, origin: lane::WeakSender<Msg>) {
     let config = router.inner.config;
     let timeout = Duration::from_millis(config.forward_timeout_ms);
     let mut attempt = 0u32;
@@ -331,7 +330,7 @@ impl Actor {
     async fn load(
         router: Router,
         account: AccountId,
-        self_mailbox: mpsc::WeakSender<Msg>,
+        self_mailbox: lane::WeakSender<Msg>,
     ) -> Result<Actor, StoreError> {
         let store = router.inner.store.clone();
         let state = store.account_state(account).await?;
@@ -876,7 +875,7 @@ impl From<StoreError> for SendFailure {
 mod tests {
     #[test]
     fn mailbox_slots_stay_small() {
-        // Regression guard for idle-actor memory (see `SendMail`).
+        // Regression guard for mailbox memory under load (see `SendMail`).
         assert!(std::mem::size_of::<super::Msg>() <= 32, "Msg is {} bytes", std::mem::size_of::<super::Msg>());
     }
 }

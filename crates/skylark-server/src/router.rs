@@ -17,7 +17,7 @@ use skylark_store::Store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) const MAILBOX: usize = 1024;
 
 struct Slot {
-    mailbox: mpsc::Sender<Msg>,
+    mailbox: lane::Sender<Msg>,
     generation: u64,
 }
 
@@ -140,13 +140,13 @@ impl Router {
     }
 
     /// The mailbox of `account`'s actor, spawning the actor if needed.
-    fn mailbox(&self, account: AccountId) -> (mpsc::Sender<Msg>, u64) {
+    fn mailbox(&self, account: AccountId) -> (lane::Sender<Msg>, u64) {
         let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = registry.live.get(&account) {
             return (slot.mailbox.clone(), slot.generation);
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(MAILBOX);
+        let (tx, rx) = lane::channel(MAILBOX);
         let predecessor = registry.retiring.remove(&account);
         registry.live.insert(account, Slot { mailbox: tx.clone(), generation });
         drop(registry);
@@ -164,7 +164,7 @@ impl Router {
             let (mailbox, generation) = self.mailbox(account);
             match mailbox.send(msg).await {
                 Ok(()) => return Ok(()),
-                Err(mpsc::error::SendError(returned)) => {
+                Err(lane::SendError(returned)) => {
                     msg = returned;
                     self.forget_generation(account, generation);
                 }
@@ -193,7 +193,7 @@ impl Router {
         &self,
         account: AccountId,
         generation: u64,
-        mailbox: &mut mpsc::Receiver<Msg>,
+        mailbox: &mut lane::Receiver<Msg>,
     ) -> Option<watch::Sender<bool>> {
         let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
         if !mailbox.is_empty() || registry.live.get(&account).is_none_or(|s| s.generation != generation) {
