@@ -85,8 +85,8 @@ async fn refuse_bad_input<T: Transport>(t: &mut T, inbound: &Inbound) -> Ending 
 pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, peer: SocketAddr, kind: &'static str) {
     metrics::counter!("skylark_connections_total", "transport" => kind).increment(1);
     metrics::gauge!("skylark_connections_open").increment(1.0);
-    let ending = match handshake(shared, transport).await {
-        Ok(Some(authed)) => serve(shared, transport, Box::new(authed)).await,
+    let ending = match Box::pin(handshake(shared, transport)).await {
+        Ok(Some(authed)) => serve(shared, transport, authed).await,
         Ok(None) => None,
         Err(ending) => Some(ending),
     };
@@ -98,7 +98,7 @@ pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, peer: 
 }
 
 /// Runs the handshake. `Ok(None)` means the peer went away.
-async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Authenticated>, Ending> {
+async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Box<Authenticated>>, Ending> {
     let limits = shared.server.config.limits;
     let deadline = Instant::now() + Duration::from_millis(limits.auth_timeout_ms);
     let mut challenge: Option<Challenge> = None;
@@ -160,7 +160,7 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Au
                         if t.send(reply(id, body)).await.is_err() {
                             return Ok(None);
                         }
-                        Ok(Some(authed))
+                        Ok(Some(Box::new(authed)))
                     }
                     Err(AuthFailure::Refused(e)) => {
                         let _ = t.send(error(id, auth_error_code(e), e.to_string())).await;
@@ -252,7 +252,7 @@ async fn serve_attached<T: Transport>(
     // sent: an idle connection holds no set of futures.
     let mut in_flight: Option<FuturesUnordered<Deferred>> = None;
     loop {
-        tokio::select! {
+        let step = tokio::select! {
             // Ending a replaced or removed session comes before anything else
             // it might still read or write, so it is never served after losing.
             biased;
@@ -269,45 +269,64 @@ async fn serve_attached<T: Transport>(
                 if in_flight.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     in_flight = None;
                 }
-                if t.send(reply).await.is_err() {
-                    return None;
-                }
+                Step::Reply(reply)
             }
-            Some(event) = ephemeral.recv() => {
-                let frame = crate::convert::ephemeral_frame(&shared.server.router, event).await;
-                if t.send(frame).await.is_err() {
-                    return None;
-                }
-            }
-            event = events.recv() => {
-                let Some(event) = event else {
-                    return Some(Ending::new(CloseCode::InternalError, "messaging restarted; reconnect"));
-                };
-                let frame = crate::convert::event_frame(&shared.server.router, event).await;
-                if t.send(frame).await.is_err() {
-                    return None;
-                }
-            }
+            Some(event) = ephemeral.recv() => Step::Ephemeral(event),
+            event = events.recv() => match event {
+                Some(event) => Step::Event(event),
+                None => return Some(Ending::new(CloseCode::InternalError, "messaging restarted; reconnect")),
+            },
             inbound = t.recv(), if in_flight.as_ref().map_or(0, FuturesUnordered::len) < MAX_IN_FLIGHT => {
-                let frame = match inbound {
-                    Inbound::Closed => return None,
-                    Inbound::Frame(frame) => frame,
-                    bad => return Some(refuse_bad_input(t, &bad).await),
-                };
-                idle_deadline = Instant::now() + idle_timeout;
-                // Boxed: answering is the largest state of this loop, and
-                // held inline it would be paid by every idle connection.
-                match Box::pin(answer(shared, authed, connection, frame)).await {
-                    Answer::Now(reply) => {
-                        if t.send(reply).await.is_err() {
-                            return None;
-                        }
-                    }
-                    Answer::Later(reply) => in_flight.get_or_insert_with(FuturesUnordered::new).push(reply),
-                    Answer::None => {}
+                if matches!(inbound, Inbound::Frame(_)) {
+                    idle_deadline = Instant::now() + idle_timeout;
                 }
+                Step::Inbound(inbound)
             }
+        };
+        // Boxed: taking a step (answering a request, converting an event,
+        // writing a frame) is the largest state of this loop, and held
+        // inline it would be paid by every idle connection.
+        match Box::pin(take_step(shared, t, authed, connection, step)).await {
+            Ok(Some(deferred)) => in_flight.get_or_insert_with(FuturesUnordered::new).push(deferred),
+            Ok(None) => {}
+            Err(ending) => return ending,
         }
+    }
+}
+
+/// What woke an attached session.
+enum Step {
+    /// A deferred answer is ready.
+    Reply(ServerFrame),
+    Ephemeral(Ephemeral),
+    Event(DeviceEvent),
+    Inbound(Inbound),
+}
+
+/// Acts on one step. `Ok` carries an answer to wait for, if any; `Err`
+/// ends the session (with a close to send, or none when the peer is gone).
+async fn take_step<T: Transport>(
+    shared: &Shared,
+    t: &mut T,
+    authed: &Authenticated,
+    connection: u64,
+    step: Step,
+) -> Result<Option<Deferred>, Option<Ending>> {
+    let frame = match step {
+        Step::Reply(reply) => reply,
+        Step::Ephemeral(event) => crate::convert::ephemeral_frame(&shared.server.router, event).await,
+        Step::Event(event) => crate::convert::event_frame(&shared.server.router, event).await,
+        Step::Inbound(Inbound::Frame(frame)) => match answer(shared, authed, connection, frame).await {
+            Answer::Now(reply) => reply,
+            Answer::Later(deferred) => return Ok(Some(deferred)),
+            Answer::None => return Ok(None),
+        },
+        Step::Inbound(Inbound::Closed) => return Err(None),
+        Step::Inbound(bad) => return Err(Some(refuse_bad_input(t, &bad).await)),
+    };
+    match t.send(frame).await {
+        Ok(()) => Ok(None),
+        Err(()) => Err(None),
     }
 }
 

@@ -30,7 +30,9 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
         let slot = each.slots.acquire(peer.ip());
         let (shared, tls) = (each.clone(), tls.clone());
         each.tracker.spawn(async move {
-            let Some(io) = handshake(tls.as_ref(), stream, deadline).await else { return };
+            // Boxed, as it is passed through once: the task would otherwise keep
+            // room for a TLS handshake for its whole life.
+            let Some(io) = Box::pin(handshake(tls.as_ref(), stream, deadline)).await else { return };
             let max = shared.server.config.limits.max_frame_bytes;
             let mut transport = TcpTransport { io, codec: FrameCodec::new(max), read: BytesMut::new(), closed: false };
             match slot {

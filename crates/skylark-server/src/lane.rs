@@ -19,10 +19,6 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 
-/// A buffer that grew past this many messages is freed once it is empty,
-/// so a burst does not cost an idle lane memory for the rest of its life.
-const KEEP_BUFFER: usize = 16;
-
 struct State<T> {
     queue: VecDeque<T>,
     capacity: usize,
@@ -219,7 +215,9 @@ impl<T> Receiver<T> {
             return Poll::Pending;
         }
         let taken = take(&mut state.queue);
-        if state.queue.is_empty() && state.queue.capacity() > KEEP_BUFFER {
+        if state.queue.is_empty() {
+            // Given back at once, so an idle lane holds no buffer; the cost
+            // is one allocation per burst of messages.
             state.queue = VecDeque::new();
         }
         let senders = std::mem::take(&mut state.sending);
