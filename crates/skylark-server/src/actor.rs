@@ -193,6 +193,51 @@ struct Actor {
     contacts: HashSet<AccountId>,
     /// Set when the actor is a group's (and the group exists).
     group: Option<Box<group::GroupState>>,
+    /// Store changes that may be lost in a crash without breaking any
+    /// promise, written with the next durable write.
+    cleanup: Cleanup,
+}
+
+/// How long deferred cleanup may wait for a write to ride along with.
+const CLEANUP_DELAY: Duration = Duration::from_secs(1);
+
+/// Delivery cursors and deleted outbox items, held back from the store
+/// until something that must be durable is written anyway.
+///
+/// Nothing is ever answered on the strength of these, and losing them in a
+/// crash only repeats work that is harmless to repeat: a device is handed
+/// entries again from an older cursor (clients drop them by message id), an
+/// outbox item is forwarded again (the destination drops it by its
+/// high-water mark), and a receipt range is sent again (applying one twice
+/// changes nothing). Acks and forward confirmations are most of an actor's
+/// writes in a conversation; held back, they cost no commit of their own.
+#[derive(Default)]
+struct Cleanup {
+    cursors: Vec<(DeviceId, u64)>,
+    outbox_deletes: Vec<u64>,
+}
+
+impl Cleanup {
+    fn is_empty(&self) -> bool {
+        self.cursors.is_empty() && self.outbox_deletes.is_empty()
+    }
+
+    /// Moves the write's cleanup here (the newest cursor per device wins).
+    fn defer(&mut self, write: &mut AccountWrite) {
+        for (device, seq) in write.cursors.drain(..) {
+            match self.cursors.iter_mut().find(|(d, _)| *d == device) {
+                Some(held) => held.1 = held.1.max(seq),
+                None => self.cursors.push((device, seq)),
+            }
+        }
+        self.outbox_deletes.append(&mut write.outbox_deletes);
+    }
+
+    /// Puts everything held into `write`, which is about to be made durable.
+    fn take_into(&mut self, write: &mut AccountWrite) {
+        write.cursors = std::mem::take(&mut self.cursors);
+        write.outbox_deletes = std::mem::take(&mut self.outbox_deletes);
+    }
 }
 
 /// The actor's task.
@@ -212,21 +257,42 @@ pub(crate) async fn run(
     let idle = Duration::from_millis(router.inner.config.actor_idle_ms);
     let shutdown = router.inner.shutdown.clone();
     let mut batch = Vec::new();
+    let mut healthy = true;
     loop {
         let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             n = mailbox.recv_many(&mut batch, MAX_BATCH) => n,
-            _ = tokio::time::sleep(idle), if actor.is_idle() => {
+            // One timer for two jobs: writing deferred cleanup once the actor
+            // has been quiet for a moment, and retiring it once it has been
+            // idle for longer.
+            _ = tokio::time::sleep(if actor.cleanup.is_empty() { idle } else { CLEANUP_DELAY }),
+                if actor.is_idle() || !actor.cleanup.is_empty() =>
+            {
+                if !actor.cleanup.is_empty() {
+                    if Box::pin(actor.write_cleanup()).await.is_err() {
+                        healthy = false;
+                        router.forget_generation(account, generation);
+                        let error = MessagingError::Unavailable("actor restarted".into());
+                        Box::pin(fail_all(&mut mailbox, &router, account, generation, error)).await;
+                        break;
+                    }
+                    continue;
+                }
                 if let Some(done) = router.retire(account, generation, &mut mailbox) {
                     // Mail that slipped in before the mailbox closed is still ours.
                     while mailbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
                         if Box::pin(actor.handle(std::mem::take(&mut batch))).await.is_err() {
+                            healthy = false;
                             break;
                         }
                     }
+                    // The successor loads from the store: write what it should see.
+                    if healthy && !actor.cleanup.is_empty() {
+                        let _ = Box::pin(actor.write_cleanup()).await;
+                    }
                     let _ = done.send(true);
-                    break;
+                    return metrics::gauge!("skylark_actors").decrement(1.0);
                 }
                 continue;
             }
@@ -237,12 +303,18 @@ pub(crate) async fn run(
         // Boxed: the task's own allocation stays small while the actor is
         // idle, instead of always holding room for the largest batch state.
         if Box::pin(actor.handle(std::mem::take(&mut batch))).await.is_err() {
-            // Memory may be ahead of the store: stop, and let a successor reload.
+            // Memory may be ahead of the store: stop, and let a successor
+            // reload (deferred cleanup is dropped: it may describe entries
+            // that never became durable).
+            healthy = false;
             router.forget_generation(account, generation);
             let error = MessagingError::Unavailable("actor restarted".into());
             Box::pin(fail_all(&mut mailbox, &router, account, generation, error)).await;
             break;
         }
+    }
+    if healthy && !actor.cleanup.is_empty() {
+        let _ = Box::pin(actor.write_cleanup()).await;
     }
     metrics::gauge!("skylark_actors").decrement(1.0);
 }
@@ -355,6 +427,7 @@ impl Actor {
             read_markers: HashMap::new(),
             contacts: HashSet::new(),
             group: None,
+            cleanup: Cleanup::default(),
         };
         if account.is_group() {
             actor.group = group::GroupState::load(&*store, account).await?.map(Box::new);
@@ -368,7 +441,14 @@ impl Actor {
     }
 
     fn is_idle(&self) -> bool {
-        self.devices.is_empty() && self.forwarding.is_empty() && self.outbox.is_empty()
+        self.devices.is_empty() && self.forwarding.is_empty() && self.outbox.is_empty() && self.cleanup.is_empty()
+    }
+
+    /// Writes the deferred cleanup on its own.
+    async fn write_cleanup(&mut self) -> Result<(), StoreError> {
+        let mut write = AccountWrite::new(self.account);
+        self.cleanup.take_into(&mut write);
+        self.router.inner.store.apply(write).await
     }
 
     fn last_seq(&self) -> u64 {
@@ -498,6 +578,7 @@ impl Actor {
                     if let DeviceChange::Removed { device } = &change {
                         self.devices.remove(device);
                         self.positions.remove(device);
+                        self.cleanup.cursors.retain(|(d, _)| d != device);
                     }
                     let at_ms = self.now();
                     self.append(&mut write, LogEntry::Devices { change, at_ms });
@@ -539,7 +620,11 @@ impl Actor {
             }
             _ => false,
         });
+        // Cleanup waits for the next write that must be durable anyway (or
+        // for the actor to go quiet); a write of nothing else is not made.
+        self.cleanup.defer(&mut write);
         if failed.is_none() && !write.is_empty() {
+            self.cleanup.take_into(&mut write);
             if let Err(e) = self.router.inner.store.apply(write).await {
                 failed = Some(e);
             }

@@ -497,4 +497,73 @@ mod tests {
         assert_eq!(seen, vec!["a", "b"]);
         router.shutdown().await;
     }
+
+    #[tokio::test]
+    async fn acks_wait_for_the_next_durable_write_or_a_quiet_moment() {
+        use skylark_store::MessageStore;
+        let store = Arc::new(RedbStore::in_memory().unwrap());
+        let alice = account(&store, "+15550900021").await;
+        let _bob = account(&store, "+15550900022").await;
+        let router = Router::new(store.clone(), Arc::new(SystemClock), MessagingConfig::default());
+        // Alice's device is handed her own sent message (seq 1) and acks it.
+        let mut events = router.attach(alice.0, alice.1, 1).await.unwrap();
+        send(&router, alice, "+15550900022", "a").await;
+        loop {
+            match events.recv().await.expect("the actor feeds the device") {
+                DeviceEvent::Entry { seq: 1, .. } => break,
+                _ => continue,
+            }
+        }
+        router.ack(alice.0, alice.1, 1, 1).await;
+        // Attaching again is answered after the ack was handled (the mailbox
+        // is in order): the ack changed nothing that had to be written, so
+        // nothing was.
+        let _events = router.attach(alice.0, alice.1, 2).await.unwrap();
+        let stored = store.cursor(alice.0, alice.1).await.unwrap().unwrap_or(0);
+        assert_eq!(stored, 0, "an ack alone costs no commit");
+        // Once the actor has been quiet for a moment, it is written.
+        let mut written = None;
+        for _ in 0..100 {
+            written = store.cursor(alice.0, alice.1).await.unwrap();
+            if written == Some(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(written, Some(1), "the deferred cursor reached the store");
+        router.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_deferred_ack_rides_with_the_next_send_and_survives_a_retirement() {
+        use skylark_store::MessageStore;
+        let store = Arc::new(RedbStore::in_memory().unwrap());
+        let alice = account(&store, "+15550900031").await;
+        let _bob = account(&store, "+15550900032").await;
+        let config = MessagingConfig { actor_idle_ms: 50, ..MessagingConfig::default() };
+        let router = Router::new(store.clone(), Arc::new(SystemClock), config);
+        let mut events = router.attach(alice.0, alice.1, 1).await.unwrap();
+        send(&router, alice, "+15550900032", "a").await;
+        while !matches!(events.recv().await, Some(DeviceEvent::Entry { seq: 1, .. })) {}
+        router.ack(alice.0, alice.1, 1, 1).await;
+        // The next send is made durable before its ack, and the cursor with it.
+        send(&router, alice, "+15550900032", "b").await;
+        assert_eq!(store.cursor(alice.0, alice.1).await.unwrap(), Some(1));
+
+        // An ack held back when the device leaves is written before the
+        // actor retires, so its successor starts from it.
+        while !matches!(events.recv().await, Some(DeviceEvent::Entry { seq: 2, .. })) {}
+        router.ack(alice.0, alice.1, 1, 2).await;
+        router.detach(alice.0, alice.1, 1).await;
+        drop(events);
+        for _ in 0..200 {
+            if router.live_actors() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(router.live_actors(), 0, "the actor retired");
+        assert_eq!(store.cursor(alice.0, alice.1).await.unwrap(), Some(2));
+        router.shutdown().await;
+    }
 }
