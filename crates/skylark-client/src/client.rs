@@ -54,10 +54,21 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Starts connecting in the background.
     pub fn start(endpoint: Endpoint, identity: Identity, backoff: Backoff) -> (Client, mpsc::Receiver<ClientEvent>) {
+        Self::start_from(endpoint, identity, backoff, None)
+    }
+
+    /// As [`Client::start`], connecting from the local address `local`
+    /// (a load test spreads its clients over 127.0.0.x this way).
+    pub fn start_from(
+        endpoint: Endpoint,
+        identity: Identity,
+        backoff: Backoff,
+        local: Option<std::net::IpAddr>,
+    ) -> (Client, mpsc::Receiver<ClientEvent>) {
         let (state_tx, state) = watch::channel(State::Connecting);
         let (events_tx, events) = mpsc::channel(CLIENT_EVENT_QUEUE);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(supervise(endpoint, identity, backoff, state_tx, events_tx, stop.clone()));
+        let task = tokio::spawn(supervise(endpoint, identity, local, backoff, state_tx, events_tx, stop.clone()));
         (Client { state, stop, task }, events)
     }
 
@@ -100,6 +111,7 @@ impl Client {
 async fn supervise(
     endpoint: Endpoint,
     identity: Identity,
+    local: Option<std::net::IpAddr>,
     mut backoff: Backoff,
     state: watch::Sender<State>,
     events: mpsc::Sender<ClientEvent>,
@@ -108,7 +120,7 @@ async fn supervise(
     loop {
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
-            opened = Session::open(&endpoint, &identity) => opened,
+            opened = Session::open_from(&endpoint, &identity, local) => opened,
         };
         match opened {
             Ok((session, mut session_events)) => {

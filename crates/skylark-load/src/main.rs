@@ -373,11 +373,11 @@ async fn main() -> Result<()> {
                 let _ = child.wait();
             }
             println!(
-                "storm: {} clients; after kill -9 and restart, 99% back in {:.2} s, all {} in {:.2} s; \
-                 acked {}, lost {}, duplicated {} (redelivered on the wire and dropped: {})",
+                "storm: {} clients; after kill -9 and restart, {} came back; 99% back in {:.2} s, all in {:.2} s \
+                 (NaN: never); acked {}, lost {}, duplicated {} (redelivered on the wire and dropped: {})",
                 r.clients,
-                r.reconnect_99_seconds,
                 r.reconnected,
+                r.reconnect_99_seconds,
                 r.reconnect_all_seconds,
                 r.acked,
                 r.lost,

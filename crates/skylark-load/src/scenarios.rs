@@ -532,7 +532,7 @@ where
     for i in 0..clients {
         let identity = manifest.identity(i, &target.http_base);
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let (client, mut events) = Client::start(target.endpoint.clone(), identity, backoff);
+        let (client, mut events) = Client::start_from(target.endpoint.clone(), identity, backoff, target.source(i));
         let client = Arc::new(client);
         let (connected_at, killed_at, shown, redelivered, ready_tx) =
             (connected_at.clone(), killed_at.clone(), shown.clone(), redelivered.clone(), ready_tx.clone());
@@ -635,12 +635,11 @@ where
         .filter_map(|c| c.map(|t| t.duration_since(kill).as_secs_f64()))
         .collect();
     times.sort_by(f64::total_cmp);
+    // Quantiles of all clients: if fewer than that share came back, the
+    // figure is missing (NaN), not a quantile of the ones that did.
     let at = |q: f64| {
-        if times.is_empty() {
-            f64::NAN
-        } else {
-            times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1]
-        }
+        let rank = ((clients as f64 * q).ceil() as usize).max(1);
+        times.get(rank - 1).copied().unwrap_or(f64::NAN)
     };
 
     // A little more traffic after the restart, then check the ledger.

@@ -9,13 +9,16 @@ use skylark_load::provision::provision;
 use skylark_load::scenarios::{self, Target};
 use std::sync::Arc;
 
-/// A server on the given addresses over `store`.
+/// A server on the given addresses over `store`, taking at most
+/// `per_address` connections from one source address.
 async fn start(
     http: &str,
     tcp: &str,
     store: Arc<dyn skylark_store::Store>,
+    per_address: u32,
 ) -> (Arc<skylark_server::Server>, skylark_gateway::Gateway) {
     let mut config = skylark_server::Config::default();
+    config.limits.max_connections_per_ip = per_address;
     config.listen.http = http.parse().unwrap();
     config.listen.tcp = tcp.parse().unwrap();
     let sms = Arc::new(skylark_server::sms::ConsoleSms);
@@ -31,7 +34,7 @@ async fn every_scenario_runs_and_loses_nothing() {
     let manifest = provision(&db, 40, "smoke").await.unwrap();
 
     let store = Arc::new(skylark_store::RedbStore::open(&db).unwrap());
-    let (server, gateway) = start("127.0.0.1:0", "127.0.0.1:0", store).await;
+    let (server, gateway) = start("127.0.0.1:0", "127.0.0.1:0", store, 256).await;
     let target = Target {
         http_base: format!("http://{}", gateway.http_addr()),
         endpoint: Endpoint::Tcp(gateway.tcp_addr().to_string()),
@@ -72,12 +75,15 @@ async fn storm_clients_come_back_and_nothing_is_lost() {
     let manifest = provision(&db, 10, "storm").await.unwrap();
     let store: Arc<dyn skylark_store::Store> = Arc::new(skylark_store::RedbStore::open(&db).unwrap());
 
-    let (server, gateway) = start("127.0.0.1:0", "127.0.0.1:0", store.clone()).await;
+    // Four connections per address: a storm that ignored its source
+    // addresses would leave most clients refused.
+    let (server, gateway) = start("127.0.0.1:0", "127.0.0.1:0", store.clone(), 4).await;
     let (http, tcp) = (gateway.http_addr().to_string(), gateway.tcp_addr().to_string());
     let target = Target {
         http_base: format!("http://{http}"),
         endpoint: Endpoint::Tcp(tcp.clone()),
-        sources: vec!["127.0.0.1".parse().unwrap()],
+        // 10 clients, 4 per address.
+        sources: (1..=3).map(|i| std::net::IpAddr::from([127, 0, 0, i])).collect(),
     };
     let running = Arc::new(tokio::sync::Mutex::new(Some((server, gateway))));
     let restart = {
@@ -88,11 +94,12 @@ async fn storm_clients_come_back_and_nothing_is_lost() {
                 gateway.shutdown(std::time::Duration::from_secs(5)).await;
                 server.shutdown().await;
             }
-            *running = Some(start(&http, &tcp, store).await);
+            *running = Some(start(&http, &tcp, store, 4).await);
         }
     };
     let report = scenarios::storm(&target, &manifest, 10, restart).await;
     assert_eq!(report.reconnected, 10, "{report:?}");
+    assert!(report.reconnect_all_seconds.is_finite(), "{report:?}");
     assert!(report.acked > 0, "{report:?}");
     assert_eq!((report.lost, report.duplicated), (0, 0), "{report:?}");
     if let Some((server, gateway)) = running.lock().await.take() {
