@@ -45,8 +45,9 @@ pub enum ReceiptKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEntry {
     /// A message this account sent (`id.sender` is the owner) or received
-    /// (`to` is the owner).
-    Message(Message),
+    /// (`to` is the owner). Shared: the same message is in the sender's
+    /// log, its outbox, the forward and the recipient's log.
+    Message(Arc<Message>),
     /// `peer` received (or read) this account's messages to it, up to and
     /// including this account's sequence number `up_to`.
     Receipt { peer: AccountId, kind: ReceiptKind, up_to: u64, at_ms: u64 },
@@ -85,7 +86,7 @@ impl LogEntry {
 /// What one account's actor sends another.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Forward {
-    Message(Message),
+    Message(Arc<Message>),
     /// The sending account received or read the destination's messages to
     /// it, up to the destination's sequence number `up_to`.
     Receipt {

@@ -410,10 +410,20 @@ pub async fn backlog(target: &Target, manifest: &Manifest, users: usize, per_use
     const IN_FLIGHT: usize = 64;
     let total = (users * per_user) as u64;
     let run = run_id();
+    // Senders connect first, all at once; the clock starts when they are in,
+    // so the store rate is not diluted by the load tool's own connecting.
+    let mut connecting = Vec::with_capacity(users);
+    for u in 0..users {
+        let (target, identity) = (target.clone(), manifest.identity(users + u, &target.http_base));
+        connecting.push(tokio::spawn(async move { open_as(&target, &identity, users + u).await }));
+    }
+    let mut connected = Vec::with_capacity(users);
+    for c in connecting {
+        connected.push(c.await.expect("connect task").expect("sender connects"));
+    }
     let started = Instant::now();
     let mut senders = Vec::new();
-    for u in 0..users {
-        let (session, events) = open(target, manifest, users + u).await.expect("sender connects");
+    for (u, (session, events)) in connected.into_iter().enumerate() {
         let to = manifest.accounts[u].phone.clone();
         let run = run.clone();
         senders.push(tokio::spawn(async move {

@@ -464,7 +464,7 @@ impl Actor {
         self.counters.next_seq += 1;
         write.counters = Some(self.counters);
         let entry = Arc::new(entry);
-        write.appends.push((seq, (*entry).clone()));
+        write.appends.push((seq, entry.clone()));
         self.recent.push_back((seq, entry.clone()));
         while self.recent.len() > RECENT {
             self.recent.pop_front();
@@ -611,7 +611,7 @@ impl Actor {
         }
         // Messages received in this batch may need to wake offline devices.
         let account = self.account;
-        let incoming = write.appends.iter().any(|(_, e)| match e {
+        let incoming = write.appends.iter().any(|(_, e)| match e.as_ref() {
             LogEntry::Message(m) => m.to == account && m.id.sender != account,
             LogEntry::Group(g) => {
                 !account.is_group()
@@ -685,7 +685,8 @@ impl Actor {
         };
         let sent_at_ms = self.now();
         let id = MessageId { sender: self.account, seq: self.counters.next_seq };
-        let message = Message { id, to, sender_device: device, client_id: key.1.clone(), sent_at_ms, payload };
+        let message =
+            Arc::new(Message { id, to, sender_device: device, client_id: key.1.clone(), sent_at_ms, payload });
         let (seq, _) = self.append(write, LogEntry::Message(message.clone()));
         debug_assert_eq!(seq, id.seq);
         if to != self.account {

@@ -33,8 +33,8 @@ fn write_for(account: u64, seq: u64, payload: &[u8]) -> AccountWrite {
         payload: payload.to_vec(),
     };
     let mut w = AccountWrite::new(AccountId(account));
-    w.appends.push((seq, LogEntry::Message(message.clone())));
-    w.outbox_puts.push((seq, OutboxItem { to: message.to, forward: Forward::Message(message) }));
+    w.appends.push((seq, std::sync::Arc::new(LogEntry::Message(std::sync::Arc::new(message.clone())))));
+    w.outbox_puts.push((seq, OutboxItem { to: message.to, forward: Forward::Message(std::sync::Arc::new(message)) }));
     w.client_ids.push((DeviceId(1), format!("c-{seq}"), seq));
     w.counters = Some(Counters { next_seq: seq + 1, next_outbox: seq + 1 });
     w

@@ -61,7 +61,7 @@ async fn groups(store: &dyn Store) {
         body: GroupBody::Message { device: skylark_core::DeviceId(1), client_id: "g".into(), payload: vec![1, 2, 3] },
     });
     let mut write = AccountWrite::new(first);
-    write.appends.push((1, LogEntry::Group(event.clone())));
+    write.appends.push((1, std::sync::Arc::new(LogEntry::Group(event.clone()))));
     for (seq, to) in [(1, a), (2, b)] {
         write.outbox_puts.push((seq, OutboxItem { to, forward: Forward::Group(event.clone()) }));
     }
@@ -143,7 +143,7 @@ async fn device_management(store: &dyn Store) {
     // History reads newest first, before a sequence.
     let mut w = crate::AccountWrite::new(account);
     for seq in 1..=5 {
-        w.appends.push((seq, LogEntry::ReadSync { peer: AccountId(1), up_to: seq, at_ms: seq }));
+        w.appends.push((seq, std::sync::Arc::new(LogEntry::ReadSync { peer: AccountId(1), up_to: seq, at_ms: seq })));
     }
     store.apply(w).await.expect("apply");
     let page = store.read_log_before(account, 5, 2).await.expect("history");
@@ -244,8 +244,8 @@ async fn message_path(store: &dyn Store) {
         payload: b"hi".to_vec(),
     };
     let mut write = AccountWrite::new(a);
-    write.appends.push((1, LogEntry::Message(message.clone())));
-    write.outbox_puts.push((1, OutboxItem { to: b, forward: Forward::Message(message.clone()) }));
+    write.appends.push((1, std::sync::Arc::new(LogEntry::Message(std::sync::Arc::new(message.clone())))));
+    write.outbox_puts.push((1, OutboxItem { to: b, forward: Forward::Message(std::sync::Arc::new(message.clone())) }));
     write.counters = Some(Counters { next_seq: 2, next_outbox: 2 });
     write.client_ids.push((DeviceId(3), "c1".into(), 1));
     write.cursors.push((DeviceId(3), 1));
@@ -256,8 +256,14 @@ async fn message_path(store: &dyn Store) {
 
     let state = store.account_state(a).await.expect("state");
     assert_eq!(state.counters, Counters { next_seq: 2, next_outbox: 2 });
-    assert_eq!(state.outbox, vec![(1, OutboxItem { to: b, forward: Forward::Message(message.clone()) })]);
-    assert_eq!(store.read_log(a, 1, 10).await.expect("read"), vec![(1, LogEntry::Message(message))]);
+    assert_eq!(
+        state.outbox,
+        vec![(1, OutboxItem { to: b, forward: Forward::Message(std::sync::Arc::new(message.clone())) })]
+    );
+    assert_eq!(
+        store.read_log(a, 1, 10).await.expect("read"),
+        vec![(1, LogEntry::Message(std::sync::Arc::new(message)))]
+    );
     assert!(store.read_log(a, 2, 10).await.expect("read").is_empty());
     assert_eq!(store.client_id(a, DeviceId(3), "c1").await.expect("read"), Some(1));
     assert_eq!(store.client_id(a, DeviceId(4), "c1").await.expect("read"), None, "client ids are per device");
@@ -276,7 +282,7 @@ async fn message_path(store: &dyn Store) {
     // Concurrent writes from many accounts all land (and may share commits).
     let writes = (0..50u64).map(|i| {
         let mut w = AccountWrite::new(AccountId(1_000 + i));
-        w.appends.push((1, LogEntry::ReadSync { peer: a, up_to: i, at_ms: 1 }));
+        w.appends.push((1, std::sync::Arc::new(LogEntry::ReadSync { peer: a, up_to: i, at_ms: 1 })));
         w.counters = Some(Counters { next_seq: 2, next_outbox: 1 });
         store.apply(w)
     });
@@ -292,8 +298,8 @@ async fn message_path(store: &dyn Store) {
     let phone = phone("+15550009999");
     let reg = store.register(&phone, NewDevice { public_key: [8; 32], name: "x".into() }, 1).await.expect("register");
     let mut w = AccountWrite::new(reg.account.id);
-    w.appends.push((1, LogEntry::ReadSync { peer: a, up_to: 1, at_ms: 1 }));
-    w.appends.push((2, LogEntry::ReadSync { peer: a, up_to: 2, at_ms: 1 }));
+    w.appends.push((1, std::sync::Arc::new(LogEntry::ReadSync { peer: a, up_to: 1, at_ms: 1 })));
+    w.appends.push((2, std::sync::Arc::new(LogEntry::ReadSync { peer: a, up_to: 2, at_ms: 1 })));
     w.counters = Some(Counters { next_seq: 3, next_outbox: 1 });
     store.apply(w).await.expect("apply");
     let later = store.register(&phone, NewDevice { public_key: [9; 32], name: "y".into() }, 2).await.expect("takeover");

@@ -162,7 +162,9 @@ pub trait MetaStore: Send + Sync {
 pub struct AccountWrite {
     pub account: AccountId,
     /// New log entries, with their sequence numbers (ascending, new).
-    pub appends: Vec<(u64, LogEntry)>,
+    /// Shared with the actor's memory, so a payload is not copied to be
+    /// written.
+    pub appends: Vec<(u64, std::sync::Arc<LogEntry>)>,
     /// New outbox items, with their outbox sequence numbers.
     pub outbox_puts: Vec<(u64, OutboxItem)>,
     /// Outbox items the destination acknowledged.

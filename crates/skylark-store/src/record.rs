@@ -291,7 +291,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
         return Err(corrupt("unknown version"));
     }
     let entry = match r.u8()? {
-        TAG_MESSAGE => LogEntry::Message(read_message(&mut r)?),
+        TAG_MESSAGE => LogEntry::Message(Arc::new(read_message(&mut r)?)),
         TAG_RECEIPT => {
             LogEntry::Receipt { peer: AccountId(r.u64()?), kind: r.kind()?, up_to: r.u64()?, at_ms: r.u64()? }
         }
@@ -357,7 +357,9 @@ pub fn decode_outbox(bytes: &[u8]) -> Result<StoredOutbox, StoreError> {
         return Err(corrupt("unknown version"));
     }
     let item = match r.u8()? {
-        TAG_FORWARD_MESSAGE => OutboxItem { to: AccountId(r.u64()?), forward: Forward::Message(read_message(&mut r)?) },
+        TAG_FORWARD_MESSAGE => {
+            OutboxItem { to: AccountId(r.u64()?), forward: Forward::Message(Arc::new(read_message(&mut r)?)) }
+        }
         TAG_FORWARD_RECEIPT => OutboxItem {
             to: AccountId(r.u64()?),
             forward: Forward::Receipt { kind: r.kind()?, up_to: r.u64()?, at_ms: r.u64()? },
@@ -391,7 +393,7 @@ mod tests {
     #[test]
     fn entries_round_trip() {
         for entry in [
-            LogEntry::Message(message()),
+            LogEntry::Message(std::sync::Arc::new(message())),
             LogEntry::Receipt { peer: AccountId(3), kind: ReceiptKind::Read, up_to: 12, at_ms: 5 },
             LogEntry::ReadSync { peer: AccountId(4), up_to: 1 << 40, at_ms: 6 },
             LogEntry::Devices { change: DeviceChange::Linked { device: DeviceId(5), name: "laptop".into() }, at_ms: 7 },
@@ -404,7 +406,7 @@ mod tests {
             assert_eq!(decode_entry(&encode_entry(&entry)).unwrap(), entry);
         }
         for item in [
-            OutboxItem { to: AccountId(2), forward: Forward::Message(message()) },
+            OutboxItem { to: AccountId(2), forward: Forward::Message(std::sync::Arc::new(message())) },
             OutboxItem {
                 to: AccountId(2),
                 forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 3, at_ms: 4 },
@@ -458,7 +460,7 @@ mod tests {
 
     #[test]
     fn corrupt_records_are_errors() {
-        let good = encode_entry(&LogEntry::Message(message()));
+        let good = encode_entry(&LogEntry::Message(std::sync::Arc::new(message())));
         for cut in 0..good.len() {
             assert!(decode_entry(&good[..cut]).is_err(), "truncated at {cut}");
         }

@@ -30,14 +30,14 @@ fn seeds() -> Vec<Vec<u8>> {
         },
     });
     let entries = [
-        LogEntry::Message(message.clone()),
+        LogEntry::Message(std::sync::Arc::new(message.clone())),
         LogEntry::Receipt { peer: AccountId(3), kind: ReceiptKind::Read, up_to: 12, at_ms: 5 },
         LogEntry::ReadSync { peer: AccountId(4), up_to: 1, at_ms: 6 },
         LogEntry::Devices { change: DeviceChange::Linked { device: DeviceId(5), name: "laptop".into() }, at_ms: 7 },
         LogEntry::Group(group.clone()),
     ];
     let outbox = [
-        OutboxItem { to: AccountId(2), forward: Forward::Message(message) },
+        OutboxItem { to: AccountId(2), forward: Forward::Message(std::sync::Arc::new(message)) },
         OutboxItem { to: AccountId(2), forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 3, at_ms: 4 } },
         OutboxItem { to: AccountId(2), forward: Forward::Group(group) },
     ];
