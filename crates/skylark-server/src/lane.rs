@@ -24,7 +24,6 @@ struct State<T> {
     capacity: usize,
     senders: usize,
     closed: bool,
-    receiver_gone: bool,
     /// The receiver, waiting for a message.
     receiving: Option<Waker>,
     /// Senders waiting for room (all are woken when room appears).
@@ -65,7 +64,6 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
         capacity: capacity.max(1),
         senders: 1,
         closed: false,
-        receiver_gone: false,
         receiving: None,
         sending: Vec::new(),
     };
@@ -248,7 +246,6 @@ impl<T> Drop for Receiver<T> {
         let (queued, senders) = {
             let mut state = self.0.lock();
             state.closed = true;
-            state.receiver_gone = true;
             state.receiving = None;
             (std::mem::take(&mut state.queue), std::mem::take(&mut state.sending))
         };
