@@ -257,7 +257,10 @@ pub(crate) async fn run(
     let idle = Duration::from_millis(router.inner.config.actor_idle_ms);
     let shutdown = router.inner.shutdown.clone();
     let mut batch = Vec::new();
+    // False once memory may be ahead of the store: deferred cleanup is then
+    // dropped, as it may describe entries that never became durable.
     let mut healthy = true;
+    let mut retired = None;
     loop {
         let received = tokio::select! {
             biased;
@@ -272,9 +275,7 @@ pub(crate) async fn run(
                 if !actor.cleanup.is_empty() {
                     if Box::pin(actor.write_cleanup()).await.is_err() {
                         healthy = false;
-                        router.forget_generation(account, generation);
-                        let error = MessagingError::Unavailable("actor restarted".into());
-                        Box::pin(fail_all(&mut mailbox, &router, account, generation, error)).await;
+                        Box::pin(stop_failed(&router, account, generation, &mut mailbox)).await;
                         break;
                     }
                     continue;
@@ -287,12 +288,8 @@ pub(crate) async fn run(
                             break;
                         }
                     }
-                    // The successor loads from the store: write what it should see.
-                    if healthy && !actor.cleanup.is_empty() {
-                        let _ = Box::pin(actor.write_cleanup()).await;
-                    }
-                    let _ = done.send(true);
-                    return metrics::gauge!("skylark_actors").decrement(1.0);
+                    retired = Some(done);
+                    break;
                 }
                 continue;
             }
@@ -303,20 +300,27 @@ pub(crate) async fn run(
         // Boxed: the task's own allocation stays small while the actor is
         // idle, instead of always holding room for the largest batch state.
         if Box::pin(actor.handle(std::mem::take(&mut batch))).await.is_err() {
-            // Memory may be ahead of the store: stop, and let a successor
-            // reload (deferred cleanup is dropped: it may describe entries
-            // that never became durable).
             healthy = false;
-            router.forget_generation(account, generation);
-            let error = MessagingError::Unavailable("actor restarted".into());
-            Box::pin(fail_all(&mut mailbox, &router, account, generation, error)).await;
+            Box::pin(stop_failed(&router, account, generation, &mut mailbox)).await;
             break;
         }
     }
+    // A successor loads from the store: write what it should see first.
     if healthy && !actor.cleanup.is_empty() {
         let _ = Box::pin(actor.write_cleanup()).await;
     }
+    if let Some(done) = retired {
+        let _ = done.send(true);
+    }
     metrics::gauge!("skylark_actors").decrement(1.0);
+}
+
+/// A write failed and memory may be ahead of the store: leave the registry
+/// and answer the waiting mail, so a successor reloads from the store.
+async fn stop_failed(router: &Router, account: AccountId, generation: u64, mailbox: &mut lane::Receiver<Msg>) {
+    router.forget_generation(account, generation);
+    let error = MessagingError::Unavailable("actor restarted".into());
+    fail_all(mailbox, router, account, generation, error).await;
 }
 
 /// Waits for the account's previous actor to finish, then loads the
