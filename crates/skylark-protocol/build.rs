@@ -19,6 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(&[proto], &["proto"])?;
 
     let descriptor_bytes = std::fs::read(&descriptor_path)?;
-    pbjson_build::Builder::new().register_descriptors(&descriptor_bytes)?.build(&[".skylark"])?;
+    // Fields are only ever added to protocol v1, so a reader must skip what
+    // it does not know, as binary protobuf does: unknown fields are ignored
+    // and an unknown enum name reads as the enum's zero (UNSPECIFIED) value,
+    // which every handler treats like an unknown number.
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptor_bytes)?
+        .ignore_unknown_fields()
+        .ignore_unknown_enum_variants()
+        .build(&[".skylark"])?;
     Ok(())
 }

@@ -40,11 +40,12 @@ pub fn parse_public_key(bytes: &[u8; 32]) -> Result<VerifyingKey, AuthError> {
 }
 
 /// Checks a device's answer to `challenge`. `device` is what the store holds
-/// for the claimed device id, if anything.
+/// for the claimed device id, if anything; `transcript` is what the device
+/// had to sign (the protocol defines its bytes; this crate only checks the
+/// signature over them, so both ends build them with one function).
 pub fn verify_answer(
     challenge: &Challenge,
-    server_id: &[u8],
-    device_id: u64,
+    transcript: &[u8],
     device: Option<&Device>,
     answered_nonce: &[u8],
     signature: &[u8],
@@ -62,8 +63,7 @@ pub fn verify_answer(
     }
     let key = parse_public_key(&device.public_key)?;
     let signature = Signature::from_slice(signature).map_err(|_| AuthError::BadSignature)?;
-    let transcript = skylark_protocol::auth_transcript(server_id, &challenge.nonce, device_id);
-    key.verify_strict(&transcript, &signature).map_err(|_| AuthError::BadSignature)
+    key.verify_strict(transcript, &signature).map_err(|_| AuthError::BadSignature)
 }
 
 #[cfg(test)]
@@ -86,41 +86,60 @@ mod tests {
         (key, device, Challenge { nonce: [3; 32], issued_at_ms: 1_000, ttl_ms: 500 })
     }
 
+    /// Stands in for the protocol's transcript: any bytes that bind the
+    /// server, the nonce and the device.
+    fn transcript(server: &[u8], nonce: &[u8; 32]) -> Vec<u8> {
+        [server, nonce.as_slice(), &5u64.to_be_bytes()].concat()
+    }
+
     fn sign(key: &SigningKey, nonce: &[u8; 32]) -> Vec<u8> {
-        key.sign(&skylark_protocol::auth_transcript(b"srv", nonce, 5)).to_bytes().to_vec()
+        key.sign(&transcript(b"srv", nonce)).to_bytes().to_vec()
     }
 
     #[test]
     fn good_answer_passes() {
         let (key, device, ch) = setup();
         let sig = sign(&key, &ch.nonce);
-        assert_eq!(verify_answer(&ch, b"srv", 5, Some(&device), &ch.nonce, &sig, 1_200), Ok(()));
+        assert_eq!(verify_answer(&ch, &transcript(b"srv", &ch.nonce), Some(&device), &ch.nonce, &sig, 1_200), Ok(()));
     }
 
     #[test]
     fn each_failure_has_its_own_error() {
         let (key, mut device, ch) = setup();
         let sig = sign(&key, &ch.nonce);
-        assert_eq!(verify_answer(&ch, b"srv", 5, None, &ch.nonce, &sig, 1_200), Err(AuthError::UnknownDevice));
+        assert_eq!(
+            verify_answer(&ch, &transcript(b"srv", &ch.nonce), None, &ch.nonce, &sig, 1_200),
+            Err(AuthError::UnknownDevice)
+        );
         let old = sign(&key, &[4; 32]);
         assert_eq!(
-            verify_answer(&ch, b"srv", 5, Some(&device), &[4; 32], &old, 1_200),
+            verify_answer(&ch, &transcript(b"srv", &ch.nonce), Some(&device), &[4; 32], &old, 1_200),
             Err(AuthError::ChallengeMismatch)
         );
         assert_eq!(
-            verify_answer(&ch, b"srv", 5, Some(&device), &ch.nonce, &sig, 1_501),
+            verify_answer(&ch, &transcript(b"srv", &ch.nonce), Some(&device), &ch.nonce, &sig, 1_501),
             Err(AuthError::ChallengeExpired)
         );
         let other = SigningKey::from_bytes(&[8; 32]);
         assert_eq!(
-            verify_answer(&ch, b"srv", 5, Some(&device), &ch.nonce, &sign(&other, &ch.nonce), 1_200),
+            verify_answer(
+                &ch,
+                &transcript(b"srv", &ch.nonce),
+                Some(&device),
+                &ch.nonce,
+                &sign(&other, &ch.nonce),
+                1_200
+            ),
             Err(AuthError::BadSignature)
         );
         assert_eq!(
-            verify_answer(&ch, b"other-server", 5, Some(&device), &ch.nonce, &sig, 1_200),
+            verify_answer(&ch, &transcript(b"other-server", &ch.nonce), Some(&device), &ch.nonce, &sig, 1_200),
             Err(AuthError::BadSignature)
         );
         device.removed_at_ms = Some(1);
-        assert_eq!(verify_answer(&ch, b"srv", 5, Some(&device), &ch.nonce, &sig, 1_200), Err(AuthError::DeviceRemoved));
+        assert_eq!(
+            verify_answer(&ch, &transcript(b"srv", &ch.nonce), Some(&device), &ch.nonce, &sig, 1_200),
+            Err(AuthError::DeviceRemoved)
+        );
     }
 }

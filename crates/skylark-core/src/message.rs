@@ -110,9 +110,11 @@ pub struct OutboxItem {
 /// Longest client message id accepted, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 64;
 
-/// Client ids must be 1 to 64 printable bytes.
+/// The client-id rule: 1 to 64 characters, each a visible ASCII character
+/// (`!` through `~`, 0x21–0x7E): no spaces, no control characters, no
+/// other Unicode, so "characters" and "bytes" are the same count.
 pub fn valid_client_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_CLIENT_ID_BYTES && !id.chars().any(char::is_control)
+    (1..=MAX_CLIENT_ID_BYTES).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]
@@ -125,5 +127,10 @@ mod tests {
         assert!(!valid_client_id(""));
         assert!(!valid_client_id(&"x".repeat(65)));
         assert!(!valid_client_id("a\u{0}b"));
+        assert!(valid_client_id(&"x".repeat(64)));
+        assert!(valid_client_id("!~"), "the ends of the visible range");
+        assert!(!valid_client_id("a b"), "no spaces");
+        assert!(!valid_client_id("é"), "ASCII only");
+        assert!(!valid_client_id("a\tb"));
     }
 }

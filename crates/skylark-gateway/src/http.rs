@@ -179,8 +179,31 @@ fn public_key(text: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", "public_key is not base64"))
 }
 
+/// A request body, refused in the API's own error shape (not axum's plain
+/// text) when it is over `limits.http_body_bytes` or cannot be read.
+struct Body(Bytes);
+
+impl axum::extract::FromRequest<Shared> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, shared: &Shared) -> Result<Self, ApiError> {
+        match Bytes::from_request(request, shared).await {
+            Ok(bytes) => Ok(Body(bytes)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                let max = shared.server.config.limits.http_body_bytes;
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the request body is larger than the server accepts ({max} bytes)"),
+                ))
+            }
+            Err(e) => Err(ApiError::new(e.status(), "malformed_request", e.body_text())),
+        }
+    }
+}
+
 /// Parses a JSON body, answering malformed input in the API's own error shape.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+fn parse<T: DeserializeOwned>(Body(body): &Body) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_request", e.to_string()))
 }
 
@@ -208,7 +231,7 @@ struct StartRequest {
 async fn start(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Bytes,
+    body: Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     let request: StartRequest = parse(&body)?;
     let view = shared.server.registration.start(&request.phone, peer.ip()).await?;
@@ -243,7 +266,7 @@ async fn verify(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     let request: VerifyRequest = parse(&body)?;
     let key = public_key(&request.public_key)?;
@@ -290,7 +313,7 @@ fn device_api_error(e: DeviceError) -> ApiError {
 async fn create_link(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Bytes,
+    body: Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     let request: LinkRequest = parse(&body)?;
     let key = public_key(&request.public_key)?;

@@ -80,6 +80,40 @@ mod tests {
         assert_ne!(auth_transcript(b"ab", b"c", 1), auth_transcript(b"a", b"bc", 1));
     }
 
+    /// The values of the test vector block in docs/PROTOCOL.md, by name.
+    fn documented_vector() -> std::collections::HashMap<String, String> {
+        let doc = include_str!("../../../docs/PROTOCOL.md");
+        let start = doc.find("**Test vector.**").expect("PROTOCOL.md has the transcript test vector");
+        let block = &doc[start..];
+        let block = &block[block.find("```text").expect("a text block follows") + 7..];
+        let block = &block[..block.find("```").expect("the block ends")];
+        block
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect()
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex")).collect()
+    }
+
+    #[test]
+    fn the_documented_transcript_vector_holds() {
+        use ed25519_dalek::{Signer, SigningKey, Verifier};
+        // Computed by an independent Ed25519 implementation when written.
+        let v = documented_vector();
+        let seed: [u8; 32] = hex(&v["seed"]).try_into().expect("32-byte seed");
+        let key = SigningKey::from_bytes(&seed);
+        assert_eq!(key.verifying_key().to_bytes().to_vec(), hex(&v["public_key"]));
+        let device: u64 = v["device_id"].parse().expect("device id");
+        let transcript = auth_transcript(&hex(&v["server_id"]), &hex(&v["nonce"]), device);
+        assert_eq!(transcript, hex(&v["transcript"]), "the transcript's bytes");
+        let signature = key.sign(&transcript);
+        assert_eq!(signature.to_bytes().to_vec(), hex(&v["signature"]));
+        assert!(key.verifying_key().verify(&transcript, &signature).is_ok());
+    }
+
     #[test]
     fn close_codes_are_websocket_status_codes() {
         assert_eq!(CloseCode::Replaced as i32, 4004);

@@ -42,6 +42,9 @@ const MAX_FORWARD_BATCH: usize = 128;
 const RECENT: usize = 512;
 /// Log entries read from the store in one go for a device's backlog.
 const BACKLOG_READ: usize = 128;
+/// Log entries searched for a peer's newest message when the account has
+/// no stored "received" mark for it (data written by older versions).
+const LEGACY_RECEIVED_SCAN: usize = 512;
 /// The delivery cursor of the account as a whole (highest sequence any of
 /// its devices acknowledged), kept under this pseudo device id; real device
 /// ids start at 1.
@@ -189,6 +192,9 @@ struct Actor {
     inbound: HashMap<AccountId, u64>,
     receipts: HashMap<(AccountId, ReceiptKind), u64>,
     read_markers: HashMap<AccountId, u64>,
+    /// Per peer, the highest of its sequence numbers this account received
+    /// (what a read marker may cover at most), as far as it was looked up.
+    received: HashMap<AccountId, u64>,
     /// Peers known to be recorded as contacts (sent a message to).
     contacts: HashSet<AccountId>,
     /// Set when the actor is a group's (and the group exists).
@@ -429,6 +435,7 @@ impl Actor {
             inbound: HashMap::new(),
             receipts: HashMap::new(),
             read_markers: HashMap::new(),
+            received: HashMap::new(),
             contacts: HashSet::new(),
             group: None,
             cleanup: Cleanup::default(),
@@ -681,6 +688,9 @@ impl Actor {
             };
             return Ok(SendAck { id: MessageId { sender: self.account, seq }, sent_at_ms, duplicate: true });
         }
+        // Only new messages count against the rate: a client resending
+        // what was already accepted (after a crash, say) is not throttled.
+        self.router.charge_send(device).map_err(SendFailure::Refused)?;
         let to = match self.router.account_by_phone(&to).await {
             Ok(Some(to)) => to,
             Ok(None) => return Err(SendFailure::Refused(MessagingError::UnknownRecipient)),
@@ -722,6 +732,7 @@ impl Actor {
             None => store.inbound(self.account, from).await?,
         };
         let before = applied;
+        let mut received = None;
         for (oseq, forward) in items {
             if *oseq <= applied {
                 continue;
@@ -734,10 +745,12 @@ impl Actor {
             match forward {
                 Forward::Group(event) => {
                     self.append(write, LogEntry::Group(event.clone()));
+                    received = received.max(Some(event.seq));
                     metrics::counter!("skylark_group_events_stored_total").increment(1);
                 }
                 Forward::Message(m) => {
                     self.append(write, LogEntry::Message(m.clone()));
+                    received = received.max(Some(m.id.seq));
                     metrics::counter!("skylark_messages_stored_total").increment(1);
                 }
                 Forward::Receipt { kind, up_to, at_ms } => {
@@ -759,6 +772,11 @@ impl Actor {
         }
         if applied > before {
             write.inbound.push((from, applied));
+        }
+        if let Some(seq) = received {
+            // Forwards come in the source's order, so this only grows.
+            write.received.push((from, seq));
+            self.received.insert(from, seq);
         }
         self.inbound.insert(from, applied);
         Ok(applied)
@@ -837,6 +855,10 @@ impl Actor {
             Some(v) => *v,
             None => self.router.inner.store.read_marker(self.account, peer).await?,
         };
+        // A read marker covers at most what the account received from the
+        // peer: a device cannot have read the rest, and a receipt beyond it
+        // would mark the peer's future messages read before they exist.
+        let up_to = up_to.min(self.received_from(peer).await?);
         if up_to <= current {
             self.read_markers.insert(peer, current);
             return Ok(());
@@ -848,6 +870,22 @@ impl Actor {
         write.read_markers.push((peer, up_to));
         self.read_markers.insert(peer, up_to);
         Ok(())
+    }
+
+    /// The highest of `peer`'s sequence numbers this account received.
+    async fn received_from(&mut self, peer: AccountId) -> Result<u64, StoreError> {
+        if let Some(seq) = self.received.get(&peer) {
+            return Ok(*seq);
+        }
+        let mut seq = self.router.inner.store.received(self.account, peer).await?;
+        if seq == 0 {
+            // Accounts written before this mark existed: look for the peer in
+            // the newest part of the log (once per actor and peer).
+            let recent = self.router.inner.store.read_log_before(self.account, u64::MAX, LEGACY_RECEIVED_SCAN).await?;
+            seq = recent.iter().filter_map(|(_, entry)| entry_from(entry, self.account, peer)).max().unwrap_or(0);
+        }
+        self.received.insert(peer, seq);
+        Ok(seq)
     }
 
     /// Log entries `from..=to`, from memory when recent, else from the store.
@@ -922,6 +960,15 @@ impl Actor {
         let from = self.account;
         let origin = self.self_mailbox.clone();
         self.router.spawn(forward(router, from, to, Arc::from(items), origin));
+    }
+}
+
+/// The peer's sequence number of `entry`, if `account` received it from `peer`.
+fn entry_from(entry: &LogEntry, account: AccountId, peer: AccountId) -> Option<u64> {
+    match entry {
+        LogEntry::Message(m) if m.id.sender == peer && m.to == account => Some(m.id.seq),
+        LogEntry::Group(g) if g.group == peer => Some(g.seq),
+        _ => None,
     }
 }
 

@@ -50,24 +50,21 @@ impl Authenticator {
         Challenge { nonce, issued_at_ms: self.clock.now_ms(), ttl_ms: self.challenge_ttl_ms }
     }
 
-    /// Checks a device's answer to `challenge`.
+    /// Checks a device's answer to `challenge`: a signature over
+    /// `transcript`, which the caller builds with the protocol's transcript
+    /// function from [`Authenticator::server_id`], the challenge's nonce and
+    /// `device_id` (this crate knows no wire format).
     pub async fn authenticate(
         &self,
         challenge: &Challenge,
         device_id: DeviceId,
+        transcript: &[u8],
         answered_nonce: &[u8],
         signature: &[u8],
     ) -> Result<Authenticated, AuthFailure> {
         let device = self.store.device(device_id).await?;
-        let result = verify_answer(
-            challenge,
-            &self.server_id,
-            device_id.0,
-            device.as_ref(),
-            answered_nonce,
-            signature,
-            self.clock.now_ms(),
-        );
+        let result =
+            verify_answer(challenge, transcript, device.as_ref(), answered_nonce, signature, self.clock.now_ms());
         if let Err(e) = result {
             metrics::counter!("skylark_auth_failures_total", "reason" => auth_reason(e)).increment(1);
             return Err(e.into());

@@ -90,7 +90,7 @@ impl Server {
     /// Stops the user actors after their current batch (their writes are
     /// durable when this returns). Call after the gateway has shut down.
     pub async fn shutdown(&self) {
-        self.pusher.shutdown();
+        self.pusher.shutdown().await;
         self.router.shutdown().await;
         self.devices.flush_last_seen().await;
     }

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -173,6 +174,9 @@ struct Inner {
     scheduled: Mutex<HashSet<AccountId>>,
     registrations: crate::ratelimit::KeyedLimiter,
     shutdown: CancellationToken,
+    /// Every scheduled and running push, so shutdown waits for them (they
+    /// hold the store).
+    tasks: TaskTracker,
 }
 
 #[derive(Clone)]
@@ -224,6 +228,7 @@ impl Pusher {
                 scheduled: Mutex::new(HashSet::new()),
                 registrations,
                 shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
             }),
         })
     }
@@ -238,9 +243,11 @@ impl Pusher {
         self.inner.registrations.forget_idle();
     }
 
-    /// Stops pushes in progress.
-    pub fn shutdown(&self) {
+    /// Stops scheduled pushes and those in progress, and waits for them.
+    pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 
     /// Sets or (with `None`) removes a device's push target.
@@ -270,7 +277,7 @@ impl Pusher {
             return;
         }
         let pusher = self.clone();
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             let delay = Duration::from_millis(pusher.inner.config.delay_ms);
             tokio::select! {
                 _ = pusher.inner.shutdown.cancelled() => return,
@@ -295,7 +302,7 @@ impl Pusher {
                 continue;
             }
             let pusher = self.clone();
-            tokio::spawn(async move { pusher.push_device(device.id, target).await });
+            self.inner.tasks.spawn(async move { pusher.push_device(device.id, target).await });
         }
         Ok(())
     }

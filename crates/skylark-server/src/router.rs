@@ -247,7 +247,6 @@ impl Router {
         if !valid_client_id(&request.client_id) {
             return Err(MessagingError::InvalidClientId);
         }
-        self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
         let max = self.inner.config.max_payload_bytes;
         if request.payload.len() > max {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });
@@ -262,6 +261,12 @@ impl Router {
             actor::SendMail { account, device, client_id: request.client_id, to, payload: request.payload, reply };
         self.tell(actor, Msg::Send(Box::new(mail))).await?;
         Ok(answer)
+    }
+
+    /// Takes one message from `device`'s rate limit. The actor calls it for
+    /// a send once it knows the send is not a resend of an accepted one.
+    pub(crate) fn charge_send(&self, device: DeviceId) -> Result<(), MessagingError> {
+        self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))
     }
 
     /// Takes one group creation or change from `device`'s rate limit. The
@@ -378,8 +383,18 @@ impl Router {
         self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
         // The peer must exist (a group drops read receipts from accounts
         // that are not its members).
-        let known = if peer.is_group() { self.group_exists(peer).await? } else { self.phone_of(peer).await?.is_some() };
-        if peer == account || !known {
+        if peer == account {
+            return Err(MessagingError::UnknownAccount);
+        }
+        if peer.is_group() {
+            // Only members mark a group read (removed members no longer
+            // take part in its receipts).
+            match self.inner.store.group(peer).await? {
+                None => return Err(MessagingError::UnknownAccount),
+                Some(meta) if meta.member(account).is_none() => return Err(GroupError::NotAMember.into()),
+                Some(_) => {}
+            }
+        } else if self.phone_of(peer).await?.is_none() {
             return Err(MessagingError::UnknownAccount);
         }
         let (reply, answer) = oneshot::channel();

@@ -251,6 +251,7 @@ async fn message_path(store: &dyn Store) {
     write.cursors.push((DeviceId(3), 1));
     write.receipts.push((b, ReceiptKind::Read, 4));
     write.read_markers.push((b, 9));
+    write.received.push((b, 12));
     write.inbound.push((b, 6));
     store.apply(write).await.expect("apply");
 
@@ -271,6 +272,10 @@ async fn message_path(store: &dyn Store) {
     assert_eq!(store.receipt(a, b, ReceiptKind::Read).await.expect("read"), 4);
     assert_eq!(store.receipt(a, b, ReceiptKind::Delivered).await.expect("read"), 0);
     assert_eq!(store.read_marker(a, b).await.expect("read"), 9, "read markers are apart from receipts");
+    assert_eq!(store.received(a, b).await.expect("read"), 12, "received is apart from read markers");
+    assert_eq!(store.received(b, a).await.expect("read"), 0, "per account");
+    let receipts = store.receipt_state(a).await.expect("receipts");
+    assert_eq!(receipts.received, vec![(b, 0, 4)], "what was received is not a receipt");
     assert_eq!(store.inbound(a, b).await.expect("read"), 6);
     assert_eq!(store.inbound(b, a).await.expect("read"), 0, "per account");
 

@@ -183,6 +183,9 @@ pub struct AccountWrite {
     /// Highest sequence of each peer's messages this account marked read
     /// (in the peer's sequence numbers).
     pub read_markers: Vec<(AccountId, u64)>,
+    /// Highest of each peer's sequence numbers this account received (its
+    /// messages, or a group's events); read markers are clamped to it.
+    pub received: Vec<(AccountId, u64)>,
     /// Accounts this account sent a message to (its contacts, for privacy).
     pub contacts: Vec<AccountId>,
     /// For a group: its state after this write, if it changed.
@@ -204,6 +207,7 @@ impl AccountWrite {
             cursors: Vec::new(),
             receipts: Vec::new(),
             read_markers: Vec::new(),
+            received: Vec::new(),
             contacts: Vec::new(),
             group: None,
             memberships: Vec::new(),
@@ -220,6 +224,7 @@ impl AccountWrite {
             && self.cursors.is_empty()
             && self.receipts.is_empty()
             && self.read_markers.is_empty()
+            && self.received.is_empty()
             && self.contacts.is_empty()
             && self.group.is_none()
             && self.memberships.is_empty()
@@ -301,6 +306,11 @@ pub trait MessageStore: Send + Sync {
 
     /// Highest sequence of `peer`'s messages this account marked read (0 if none).
     async fn read_marker(&self, account: AccountId, peer: AccountId) -> Result<u64, StoreError>;
+
+    /// Highest of `peer`'s sequence numbers this account received, as
+    /// recorded by [`AccountWrite::received`] (0 if none). Independent of
+    /// receipts and read markers.
+    async fn received(&self, account: AccountId, peer: AccountId) -> Result<u64, StoreError>;
 }
 
 /// Groups: ids, current state and the membership index. A group's log,

@@ -50,9 +50,11 @@ const INBOUND: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbound"
 const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors");
 /// (account, peer, slot) → a high-water mark: slots 0 and 1 are delivered
 /// and read receipts received from the peer, slot 2 the account's own read
-/// marker for the peer's messages.
+/// marker for the peer's messages, slot 3 the highest of the peer's
+/// sequence numbers the account received.
 const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinition::new("receipts");
 const READ_MARKER_SLOT: u8 = 2;
+const RECEIVED_SLOT: u8 = 3;
 /// (account, peer) for every peer the account sent a message to.
 const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
 /// account → presence visibility (JSON).
@@ -286,8 +288,11 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
             table.insert((a, device.0), *seq).map_err(backend)?;
         }
     }
-    if !w.receipts.is_empty() || !w.read_markers.is_empty() {
+    if !w.receipts.is_empty() || !w.read_markers.is_empty() || !w.received.is_empty() {
         let mut table = txn.open_table(RECEIPTS).map_err(backend)?;
+        for (peer, up_to) in &w.received {
+            table.insert((a, peer.0, RECEIVED_SLOT), *up_to).map_err(backend)?;
+        }
         for (peer, kind, up_to) in &w.receipts {
             table.insert((a, peer.0, kind_byte(*kind)), *up_to).map_err(backend)?;
         }
@@ -824,6 +829,7 @@ impl MessageStore for RedbStore {
                 let hwm = value.value();
                 match slot {
                     READ_MARKER_SLOT => state.read_markers.push((AccountId(peer), hwm)),
+                    RECEIVED_SLOT => {}
                     s if s == kind_byte(ReceiptKind::Delivered) => received.entry(peer).or_default().0 = hwm,
                     _ => received.entry(peer).or_default().1 = hwm,
                 }
@@ -869,6 +875,10 @@ impl MessageStore for RedbStore {
 
     async fn read_marker(&self, account: AccountId, peer: AccountId) -> Result<u64, StoreError> {
         self.receipt_slot(account, peer, READ_MARKER_SLOT).await
+    }
+
+    async fn received(&self, account: AccountId, peer: AccountId) -> Result<u64, StoreError> {
+        self.receipt_slot(account, peer, RECEIVED_SLOT).await
     }
 }
 

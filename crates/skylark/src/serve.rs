@@ -215,6 +215,46 @@ sms_per_number = { burst = 1, per_ms = 60000 }
         skylark_gateway::tls::server_config(&cert, &first.tls.key_file.unwrap()).unwrap();
     }
 
+    /// The README's "All keys, with their defaults" block.
+    fn readme_config_block() -> &'static str {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("All keys, with their").expect("README lists the configuration keys");
+        let block = &readme[start..];
+        let block = &block[block.find("```toml").expect("a toml block follows") + 7..];
+        &block[..block.find("```").expect("the block ends")]
+    }
+
+    /// Every key path of a TOML table (nested tables as `a.b`).
+    fn key_paths(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
+        if let toml::Value::Table(table) = value {
+            for (key, inner) in table {
+                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                // Quotas are documented as inline tables: the table is the key.
+                if matches!(inner, toml::Value::Table(t) if !t.contains_key("burst")) {
+                    key_paths(&path, inner, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_configuration_is_the_defaults_and_names_every_key() {
+        let text = readme_config_block();
+        let parsed: Config = toml::from_str(text).expect("the README's configuration parses");
+        assert_eq!(parsed, Config::default(), "the README's values are the defaults");
+        let documented: toml::Value = toml::from_str(text).expect("parses as TOML");
+        let defaults = toml::Value::try_from(Config::default()).expect("the defaults serialise");
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        key_paths("", &defaults, &mut want);
+        key_paths("", &documented, &mut have);
+        // Keys without a default value (optional files, URLs) are shown
+        // commented out; every other key must be written out.
+        let missing: Vec<&String> = want.iter().filter(|k| !have.contains(k)).collect();
+        assert!(missing.is_empty(), "README.md's configuration lacks {missing:?}");
+    }
+
     #[test]
     fn typo_in_config_is_an_error() {
         let dir = tempfile::tempdir().unwrap();

@@ -94,6 +94,7 @@ impl Actor {
             };
             return Ok(SendAck { id: MessageId { sender: self.account, seq }, sent_at_ms, duplicate: true });
         }
+        self.router.charge_send(mail.device).map_err(SendFailure::Refused)?;
         let change =
             GroupChange::Post { device: mail.device, client_id: mail.client_id.clone(), payload: mail.payload.clone() };
         let body =

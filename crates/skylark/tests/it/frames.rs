@@ -88,3 +88,46 @@ async fn frame_with_no_known_body_is_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn json_frames_skip_unknown_fields_and_enum_names_as_binary_does() {
+    use skylark_protocol::v1::{client_frame, server_frame};
+    let server = TestServer::start().await;
+    // A newer v1 client adds fields, even nested ones: an older server reads
+    // past them, on the JSON mapping as on binary protobuf.
+    let mut json = server.raw(Transport::WsJson).await;
+    let hello =
+        r#"{"id":"1","hello":{"minVersion":1,"maxVersion":1,"client":"t","fromTheFuture":{"x":[1,2]}},"alsoNew":true}"#;
+    json.send_raw(hello.as_bytes(), true).await.unwrap();
+    match json.recv().await {
+        Received::Frame(frame) => {
+            assert!(matches!(frame.body, Some(server_frame::Body::Challenge(_))), "{frame:?}");
+        }
+        Received::Closed { code, reason } => panic!("closed ({code:?}): {reason}"),
+    }
+    // An unknown enum name reads as UNSPECIFIED, which the server treats
+    // exactly as it treats an unknown enum number on binary.
+    let identity = server.register("+15550300011").await;
+    let mut answers = Vec::new();
+    for transport in [Transport::Ws, Transport::WsJson] {
+        let mut conn = server.raw(transport).await;
+        skylark_client::session::handshake(&mut conn, &identity).await.unwrap();
+        if transport == Transport::WsJson {
+            let frame = br#"{"id":"5","setPrivacy":{"presence":"VISIBILITY_FRIENDS_OF_FRIENDS"}}"#;
+            conn.send_raw(frame, true).await.unwrap();
+        } else {
+            let body = client_frame::Body::SetPrivacy(skylark_protocol::v1::SetPrivacy { presence: 77 });
+            conn.send(skylark_protocol::ClientFrame { id: 5, body: Some(body) }).await.unwrap();
+        }
+        let answer = loop {
+            match conn.recv().await {
+                Received::Frame(f) if f.id == 5 => break f.body,
+                Received::Frame(_) => continue,
+                Received::Closed { code, reason } => panic!("closed ({code:?}): {reason}"),
+            }
+        };
+        assert!(matches!(&answer, Some(server_frame::Body::Error(e)) if e.code == ErrorCode::InvalidArgument as i32));
+        answers.push(answer);
+    }
+    assert_eq!(answers[0], answers[1], "the same answer on both mappings");
+}

@@ -187,6 +187,7 @@ async fn only_members_post_and_read_and_only_admins_manage() {
     assert_eq!(code(d.change_group(group, add_dave()).await.unwrap_err()), ErrorCode::NotAMember);
     assert_eq!(code(d.change_group(group, Change::Leave(v1::Leave {})).await.unwrap_err()), ErrorCode::NotAMember);
     assert_eq!(code(d.message_info(group, 1).await.unwrap_err()), ErrorCode::NotAMember);
+    assert_eq!(code(d.mark_read(group, 1).await.unwrap_err()), ErrorCode::NotAMember);
     // Unknown groups, and account ids passed off as groups.
     assert_eq!(code(a.group_info(group + 1000).await.unwrap_err()), ErrorCode::UnknownGroup);
     assert_eq!(code(a.mark_read(group + 1000, 1).await.unwrap_err()), ErrorCode::InvalidArgument);

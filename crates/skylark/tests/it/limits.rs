@@ -56,6 +56,37 @@ async fn messages_per_device_are_rate_limited_with_retry_after() {
     assert_eq!(got.iter().map(|m| m.client_id.as_str()).collect::<Vec<_>>(), vec!["m0", "m1", "m2", "m3", "m4"]);
 }
 
+#[tokio::test]
+async fn resending_accepted_messages_is_not_charged_to_the_rate_limit() {
+    let mut config = test_config();
+    config.rate_limits.messages_per_device = Quota { burst: 3, per_ms: 600_000 };
+    let server = TestServer::start_with(config).await;
+    let alice_id = server.register("+15551400011").await;
+    server.register("+15551400012").await;
+    let alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let mut first = Vec::new();
+    for i in 0..3 {
+        first.push(alice.handle().send("+15551400012", &format!("m{i}"), vec![1]).await.unwrap());
+    }
+    // A client recovering from a crash resends everything it is unsure of,
+    // on a new connection: each is answered as the duplicate it is.
+    drop(alice);
+    let alice = Peer::connect(&server, &alice_id, Transport::Ws).await;
+    for round in 0..3 {
+        for (i, ack) in first.iter().enumerate() {
+            let again = alice.handle().send("+15551400012", &format!("m{i}"), vec![1]).await;
+            let again = again.unwrap_or_else(|e| panic!("resend {i} of round {round} refused: {e:?}"));
+            assert!(again.duplicate);
+            assert_eq!(again.id, ack.id);
+        }
+    }
+    // A new message still meets the limit.
+    match alice.handle().send("+15551400012", "m3", vec![1]).await.unwrap_err() {
+        skylark_client::ClientError::Refused { code, .. } => assert_eq!(code, ErrorCode::RateLimited),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 /// Reads until the peer closes; returns how long that took, or `None` if
 /// the connection was still open after `limit`.
 async fn closed_within(stream: &mut tokio::net::TcpStream, limit: std::time::Duration) -> Option<std::time::Duration> {

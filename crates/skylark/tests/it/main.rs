@@ -9,6 +9,7 @@ mod authz;
 mod cli;
 mod crash;
 mod devices;
+mod docs;
 mod frames;
 mod groups;
 mod harness;

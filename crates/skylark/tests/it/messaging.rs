@@ -206,3 +206,51 @@ async fn queued_messages_survive_a_server_restart() {
     let got = bob.received(20, true).await;
     assert_eq!(got.iter().map(|m| m.payload[0]).collect::<Vec<_>>(), (0..20).collect::<Vec<u8>>());
 }
+
+#[tokio::test]
+async fn a_read_marker_covers_only_what_the_reader_received() {
+    let server = TestServer::start().await;
+    let alice_id = server.register("+15550600091").await;
+    let bob_id = server.register("+15550600092").await;
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let mut bob = Peer::connect(&server, &bob_id, Transport::WsJson).await;
+
+    // Nothing received from Bob yet: a "read up to 10^12" marks nothing.
+    alice.handle().mark_read(bob_id.account_id, 1_000_000_000_000).await.unwrap();
+    let first = bob.handle().send("+15550600091", "b1", b"one".to_vec()).await.unwrap().id.unwrap();
+    alice.received(1, true).await;
+    // Now one message is there; a forged mark is clamped to it.
+    alice.handle().mark_read(bob_id.account_id, 1_000_000_000_000).await.unwrap();
+    let read = bob.receipt(ReceiptKind::Read, 1).await;
+    assert_eq!(read.up_to_seq, first.seq, "a read receipt names only what Alice received");
+    loop {
+        if let Body::ReadSync(sync) = alice.next_entry().await.body.unwrap() {
+            assert_eq!(sync.up_to_seq, first.seq, "Alice's own devices are told the clamped mark");
+            break;
+        }
+    }
+
+    // Bob writes again while every device of Alice's is offline: it is not
+    // shown read (nor delivered) until Alice's device has it.
+    drop(alice);
+    let second = bob.handle().send("+15550600091", "b2", b"two".to_vec()).await.unwrap().id.unwrap();
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Ws).await;
+    alice.received(1, true).await;
+    alice.handle().mark_read(bob_id.account_id, second.seq).await.unwrap();
+    // Bob's log from here on: delivered then read of the second, nothing early.
+    let mut saw_delivered = false;
+    loop {
+        let event = bob.next_entry().await;
+        bob.handle().ack(event.seq).await.unwrap();
+        if let Some(Body::Receipt(r)) = event.body {
+            if r.kind == ReceiptKind::Delivered as i32 && r.up_to_seq >= second.seq {
+                saw_delivered = true;
+            }
+            if r.kind == ReceiptKind::Read as i32 {
+                assert!(saw_delivered, "read before delivered: {r:?}");
+                assert_eq!(r.up_to_seq, second.seq);
+                break;
+            }
+        }
+    }
+}

@@ -127,8 +127,11 @@ async fn bad_requests_get_precise_errors() {
     let (status, _, body) =
         api.raw("POST", "/v1/verification/nope/verify", Some(body_text.into_bytes())).await.unwrap();
     assert!(status == 400 || status == 404, "{status} {body}");
-    let (status, _, _) = api.raw("POST", "/v1/verification", Some(vec![b' '; 64 * 1024])).await.unwrap();
+    let (status, _, body) = api.raw("POST", "/v1/verification", Some(vec![b' '; 64 * 1024])).await.unwrap();
     assert_eq!(status, 413, "bodies over the limit are refused");
+    // In the API's own error shape, like every other refusal.
+    assert_eq!(body["error"].as_str(), Some("too_large"), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("bytes")), "{body}");
 }
 
 #[tokio::test]
