@@ -11,7 +11,7 @@ use skylark_server::devices::{DeviceError, DeviceInfo, HistoryPage};
 use skylark_server::messaging::{DeviceEvent, MessagingError};
 use skylark_server::presence::{Ephemeral, PresenceInfo, TypingState};
 use skylark_server::router::Router;
-use skylark_store::{PushTarget, Visibility};
+use skylark_store::{PushTarget, StoreError, Visibility};
 
 pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
     match e {
@@ -20,7 +20,10 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         }
         MessagingError::UnknownRecipient => ErrorCode::UnknownRecipient,
         MessagingError::TooLarge { .. } => ErrorCode::MessageTooLarge,
-        MessagingError::Unavailable(_) | MessagingError::ShuttingDown => ErrorCode::Unavailable,
+        MessagingError::Unavailable(_) | MessagingError::Restarted | MessagingError::ShuttingDown => {
+            ErrorCode::Unavailable
+        }
+        MessagingError::Internal(_) => ErrorCode::Internal,
         MessagingError::RateLimited(_) => ErrorCode::RateLimited,
         MessagingError::Group(e) => match e {
             GroupError::UnknownGroup => ErrorCode::UnknownGroup,
@@ -49,14 +52,11 @@ fn receipt_kind(kind: ReceiptKind) -> v1::ReceiptKind {
     }
 }
 
-async fn phone(router: &Router, account: AccountId) -> String {
-    if account.is_group() {
-        return String::new();
-    }
-    match router.phone_of(account).await {
-        Ok(Some(phone)) => phone.to_string(),
-        _ => String::new(),
-    }
+/// The phone number shown for `account`: empty for a group (which has
+/// none) or for an account that does not exist; a store failure is an error,
+/// never an empty or made-up number (see `skylark_server::directory`).
+async fn phone(router: &Router, account: AccountId) -> Result<String, StoreError> {
+    Ok(router.directory().phone(account).await?.map(|p| p.to_string()).unwrap_or_default())
 }
 
 pub(crate) fn device_error_code(e: &DeviceError) -> ErrorCode {
@@ -86,31 +86,41 @@ fn named(device: DeviceId, name: &str) -> v1::DeviceInfo {
     v1::DeviceInfo { id: device.0, name: name.to_owned(), ..v1::DeviceInfo::default() }
 }
 
-async fn member(router: &Router, account: AccountId, role: Role, joined_seq: u64) -> v1::GroupMember {
-    v1::GroupMember { account: account.0, phone: phone(router, account).await, admin: role == Role::Admin, joined_seq }
+async fn member(
+    router: &Router,
+    account: AccountId,
+    role: Role,
+    joined_seq: u64,
+) -> Result<v1::GroupMember, StoreError> {
+    Ok(v1::GroupMember {
+        account: account.0,
+        phone: phone(router, account).await?,
+        admin: role == Role::Admin,
+        joined_seq,
+    })
 }
 
 /// A member named in an event (role and join are in the group's info).
-async fn named_member(router: &Router, account: AccountId) -> v1::GroupMember {
+async fn named_member(router: &Router, account: AccountId) -> Result<v1::GroupMember, StoreError> {
     member(router, account, Role::Member, 0).await
 }
 
-pub(crate) async fn group_info(router: &Router, meta: &GroupMeta) -> v1::GroupInfo {
+pub(crate) async fn group_info(router: &Router, meta: &GroupMeta) -> Result<v1::GroupInfo, StoreError> {
     let mut members = Vec::with_capacity(meta.members.len());
     for m in &meta.members {
-        members.push(member(router, m.account, m.role, m.joined_seq).await);
+        members.push(member(router, m.account, m.role, m.joined_seq).await?);
     }
-    v1::GroupInfo {
+    Ok(v1::GroupInfo {
         id: meta.id.0,
         subject: meta.subject.clone(),
         created_by: meta.created_by.0,
         created_at_ms: meta.created_at_ms,
         admin_only: meta.admin_only,
         members,
-    }
+    })
 }
 
-async fn group_event(router: &Router, e: &GroupEvent) -> v1::GroupEvent {
+async fn group_event(router: &Router, e: &GroupEvent) -> Result<v1::GroupEvent, StoreError> {
     use v1::group_event::Body;
     let body = match &e.body {
         GroupBody::Message { device, client_id, payload } => Body::Message(v1::GroupMessage {
@@ -121,42 +131,42 @@ async fn group_event(router: &Router, e: &GroupEvent) -> v1::GroupEvent {
         GroupBody::Created { subject, members } => {
             let mut out = Vec::with_capacity(members.len());
             for (m, role) in members {
-                out.push(member(router, *m, *role, e.seq).await);
+                out.push(member(router, *m, *role, e.seq).await?);
             }
             Body::Created(v1::GroupCreated { subject: subject.clone(), members: out })
         }
         GroupBody::Added { members } => {
             let mut out = Vec::with_capacity(members.len());
             for m in members {
-                out.push(member(router, *m, Role::Member, e.seq).await);
+                out.push(member(router, *m, Role::Member, e.seq).await?);
             }
             Body::Added(v1::GroupMembers { members: out })
         }
-        GroupBody::Removed { member } => Body::Removed(named_member(router, *member).await),
+        GroupBody::Removed { member } => Body::Removed(named_member(router, *member).await?),
         GroupBody::Left => Body::Left(v1::Leave {}),
-        GroupBody::Promoted { member } => Body::Promoted(named_member(router, *member).await),
-        GroupBody::Demoted { member } => Body::Demoted(named_member(router, *member).await),
+        GroupBody::Promoted { member } => Body::Promoted(named_member(router, *member).await?),
+        GroupBody::Demoted { member } => Body::Demoted(named_member(router, *member).await?),
         GroupBody::Subject { subject } => Body::Subject(subject.clone()),
         GroupBody::AdminOnly { admin_only } => Body::AdminOnly(*admin_only),
     };
-    v1::GroupEvent {
+    Ok(v1::GroupEvent {
         group: e.group.0,
         group_seq: e.seq,
         by: e.by.0,
-        by_phone: phone(router, e.by).await,
+        by_phone: phone(router, e.by).await?,
         at_ms: e.at_ms,
         body: Some(body),
-    }
+    })
 }
 
 /// One log entry as a wire event.
-pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> v1::Event {
+pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> Result<v1::Event, StoreError> {
     let body = match entry {
         LogEntry::Message(m) => event::Body::Message(v1::Message {
             id: Some(message_id(m.id)),
-            from_phone: phone(router, m.id.sender).await,
+            from_phone: phone(router, m.id.sender).await?,
             to: m.to.0,
-            to_phone: phone(router, m.to).await,
+            to_phone: phone(router, m.to).await?,
             sender_device: m.sender_device.0,
             client_id: m.client_id.clone(),
             sent_at_ms: m.sent_at_ms,
@@ -164,14 +174,14 @@ pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> v1::Ev
         }),
         LogEntry::Receipt { peer, kind, up_to, at_ms } => event::Body::Receipt(v1::Receipt {
             peer: peer.0,
-            peer_phone: phone(router, *peer).await,
+            peer_phone: phone(router, *peer).await?,
             kind: receipt_kind(*kind) as i32,
             up_to_seq: *up_to,
             at_ms: *at_ms,
         }),
         LogEntry::ReadSync { peer, up_to, at_ms } => event::Body::ReadSync(v1::ReadSync {
             peer: peer.0,
-            peer_phone: phone(router, *peer).await,
+            peer_phone: phone(router, *peer).await?,
             up_to_seq: *up_to,
             at_ms: *at_ms,
         }),
@@ -182,24 +192,24 @@ pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> v1::Ev
                 DeviceChange::Removed { device } => v1::device_change::Change::Removed(device.0),
             }),
         }),
-        LogEntry::Group(e) => event::Body::Group(group_event(router, e).await),
+        LogEntry::Group(e) => event::Body::Group(group_event(router, e).await?),
     };
-    v1::Event { seq, body: Some(body) }
+    Ok(v1::Event { seq, body: Some(body) })
 }
 
 /// The frame for one event of the device's stream.
-pub(crate) async fn event_frame(router: &Router, event: DeviceEvent) -> ServerFrame {
+pub(crate) async fn event_frame(router: &Router, event: DeviceEvent) -> Result<ServerFrame, StoreError> {
     let body = match event {
         DeviceEvent::CaughtUp { seq } => server_frame::Body::CaughtUp(v1::CaughtUp { seq }),
-        DeviceEvent::Entry { seq, entry } => server_frame::Body::Event(self::event(router, seq, &entry).await),
+        DeviceEvent::Entry { seq, entry } => server_frame::Body::Event(self::event(router, seq, &entry).await?),
     };
-    ServerFrame { id: 0, body: Some(body) }
+    Ok(ServerFrame { id: 0, body: Some(body) })
 }
 
-pub(crate) async fn history_page(router: &Router, page: HistoryPage) -> v1::HistoryPage {
+pub(crate) async fn history_page(router: &Router, page: HistoryPage) -> Result<v1::HistoryPage, StoreError> {
     let mut events = Vec::with_capacity(page.entries.len());
     for (seq, entry) in &page.entries {
-        events.push(event(router, *seq, entry).await);
+        events.push(event(router, *seq, entry).await?);
     }
     let mut receipts: std::collections::BTreeMap<u64, v1::PeerReceipts> = std::collections::BTreeMap::new();
     for (peer, delivered, read) in page.receipts.received {
@@ -215,10 +225,10 @@ pub(crate) async fn history_page(router: &Router, page: HistoryPage) -> v1::Hist
     }
     let mut out = Vec::with_capacity(receipts.len());
     for (peer, mut r) in receipts {
-        r.peer_phone = phone(router, AccountId(peer)).await;
+        r.peer_phone = phone(router, AccountId(peer)).await?;
         out.push(r);
     }
-    v1::HistoryPage { events, has_more: page.has_more, receipts: out }
+    Ok(v1::HistoryPage { events, has_more: page.has_more, receipts: out })
 }
 
 pub(crate) fn typing_state(state: i32) -> Option<TypingState> {
@@ -247,30 +257,30 @@ pub(crate) fn visibility(v: i32) -> Option<Visibility> {
     }
 }
 
-pub(crate) async fn presence_info(router: &Router, info: PresenceInfo) -> v1::PresenceInfo {
-    v1::PresenceInfo {
+pub(crate) async fn presence_info(router: &Router, info: PresenceInfo) -> Result<v1::PresenceInfo, StoreError> {
+    Ok(v1::PresenceInfo {
         account: info.account.0,
-        phone: phone(router, info.account).await,
+        phone: phone(router, info.account).await?,
         visible: info.visible,
         online: info.online,
         last_seen_ms: info.last_seen_ms,
-    }
+    })
 }
 
-pub(crate) async fn ephemeral_frame(router: &Router, event: Ephemeral) -> ServerFrame {
+pub(crate) async fn ephemeral_frame(router: &Router, event: Ephemeral) -> Result<ServerFrame, StoreError> {
     let body = match event {
-        Ephemeral::Presence(info) => server_frame::Body::Presence(presence_info(router, info).await),
+        Ephemeral::Presence(info) => server_frame::Body::Presence(presence_info(router, info).await?),
         Ephemeral::Typing { from, device, state, expires_in_ms } => {
             server_frame::Body::TypingUpdate(v1::TypingUpdate {
                 from: from.0,
-                from_phone: phone(router, from).await,
+                from_phone: phone(router, from).await?,
                 device: device.0,
                 state: wire_typing(state) as i32,
                 expires_in_ms,
             })
         }
     };
-    ServerFrame { id: 0, body: Some(body) }
+    Ok(ServerFrame { id: 0, body: Some(body) })
 }
 
 /// Longest push endpoint or token accepted.

@@ -1,6 +1,6 @@
 //! Group requests: wire ⇄ the router's group API.
 
-use crate::session::{Answer, error, messaging_error, reply};
+use crate::session::{Answer, error, messaging_error, reply, unavailable};
 use skylark_core::group::{GroupChange, GroupError};
 use skylark_core::{AccountId, DeviceId, PhoneNumber};
 use skylark_protocol::v1::{self, change_group::Change, client_frame::Body, server_frame};
@@ -57,13 +57,17 @@ fn later(router: &Router, id: u64, answer: oneshot::Receiver<Result<GroupReply, 
 
 async fn group_reply(router: &Router, id: u64, answer: GroupReply) -> ServerFrame {
     match answer {
-        GroupReply::Info(meta) => {
-            reply(id, server_frame::Body::GroupInfo(crate::convert::group_info(router, &meta).await))
-        }
+        GroupReply::Info(meta) => match crate::convert::group_info(router, &meta).await {
+            Ok(info) => reply(id, server_frame::Body::GroupInfo(info)),
+            Err(e) => unavailable(id, &e),
+        },
         GroupReply::MessageInfo(info) => {
             let mut recipients = Vec::with_capacity(info.recipients.len());
             for (account, delivered, read) in &info.recipients {
-                let phone = router.phone_of(*account).await.ok().flatten().map(|p| p.to_string()).unwrap_or_default();
+                let phone = match router.directory().phone(*account).await {
+                    Ok(phone) => phone.map(|p| p.to_string()).unwrap_or_default(),
+                    Err(e) => return unavailable(id, &e),
+                };
                 recipients.push(v1::MemberReceipt { account: account.0, phone, delivered: *delivered, read: *read });
             }
             let delivered = info.recipients.iter().filter(|r| r.1).count() as u32;
@@ -121,7 +125,10 @@ pub(crate) async fn answer(router: &Router, account: AccountId, device: DeviceId
                 Ok(metas) => {
                     let mut groups = Vec::with_capacity(metas.len());
                     for meta in &metas {
-                        groups.push(crate::convert::group_info(router, meta).await);
+                        match crate::convert::group_info(router, meta).await {
+                            Ok(info) => groups.push(info),
+                            Err(e) => return Answer::Now(unavailable(id, &e)),
+                        }
                     }
                     reply(id, server_frame::Body::GroupList(v1::GroupList { groups }))
                 }

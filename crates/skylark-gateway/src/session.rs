@@ -26,6 +26,7 @@ use skylark_server::devices::{DeviceError, DeviceInfo};
 use skylark_server::messaging::{DeviceEvent, MessagingError, SendRequest};
 use skylark_server::presence::Ephemeral;
 use skylark_server::sessions::Disconnect;
+use skylark_store::StoreError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -83,17 +84,34 @@ async fn refuse_bad_input<T: Transport>(t: &mut T, inbound: &Inbound) -> Ending 
 /// authenticated identity boxed, because an async function's arguments are
 /// stored in its state (sometimes twice), which every idle connection pays.
 pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, peer: SocketAddr, kind: &'static str) {
+    use tracing::Instrument;
     metrics::counter!("skylark_connections_total", "transport" => kind).increment(1);
     metrics::gauge!("skylark_connections_open").increment(1.0);
-    let ending = match Box::pin(handshake(shared, transport)).await {
-        Ok(Some(authed)) => serve(shared, transport, authed).await,
-        Ok(None) => None,
-        Err(ending) => Some(ending),
-    };
-    if let Some(ending) = ending {
-        tracing::debug!(%peer, transport = kind, code = ?ending.code, reason = %ending.reason, "closing connection");
-        transport.close(ending.code, &ending.reason).await;
+    // Everything logged for this connection carries who it is. Debug level:
+    // with the default `info` filter the span costs nothing per connection
+    // (idle connections are counted in bytes, docs/BENCHMARKS.md); turn it
+    // on with `--log info,skylark_gateway=debug`.
+    let span = tracing::debug_span!(
+        "connection",
+        %peer,
+        transport = kind,
+        account = tracing::field::Empty,
+        device = tracing::field::Empty,
+        connection = tracing::field::Empty,
+    );
+    async {
+        let ending = match Box::pin(handshake(shared, transport)).await {
+            Ok(Some(authed)) => serve(shared, transport, authed).await,
+            Ok(None) => None,
+            Err(ending) => Some(ending),
+        };
+        if let Some(ending) = ending {
+            tracing::debug!(code = ?ending.code, reason = %ending.reason, "closing connection");
+            transport.close(ending.code, &ending.reason).await;
+        }
     }
+    .instrument(span)
+    .await;
     metrics::gauge!("skylark_connections_open").decrement(1.0);
 }
 
@@ -212,6 +230,8 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
     let (guard, disconnect) = shared.server.sessions.attach(authed.device.id);
     let router = &shared.server.router;
     let (account, device, connection) = (authed.account.id, authed.device.id, guard.connection());
+    let span = tracing::Span::current();
+    span.record("account", account.0).record("device", device.0).record("connection", connection);
     let events = match router.attach(account, device, connection).await {
         Ok(events) => events,
         Err(e) => {
@@ -316,8 +336,17 @@ async fn take_step<T: Transport>(
 ) -> Result<Option<Deferred>, Option<Ending>> {
     let frame = match step {
         Step::Reply(reply) => reply,
-        Step::Ephemeral(event) => crate::convert::ephemeral_frame(&shared.server.router, event).await,
-        Step::Event(event) => crate::convert::event_frame(&shared.server.router, event).await,
+        // An event that cannot be named (the store failed looking up a
+        // phone number) is not sent half-filled: the connection closes to
+        // be retried, and the unacknowledged entry comes again.
+        Step::Ephemeral(event) => match crate::convert::ephemeral_frame(&shared.server.router, event).await {
+            Ok(frame) => frame,
+            Err(e) => return Err(Some(storage_trouble(&e))),
+        },
+        Step::Event(event) => match crate::convert::event_frame(&shared.server.router, event).await {
+            Ok(frame) => frame,
+            Err(e) => return Err(Some(storage_trouble(&e))),
+        },
         Step::Inbound(Inbound::Frame(frame)) => match answer(shared, authed, connection, frame).await {
             Answer::Now(reply) => reply,
             Answer::Later(deferred) => return Ok(Some(deferred)),
@@ -344,7 +373,28 @@ fn device_error(id: u64, e: &DeviceError) -> ServerFrame {
     error(id, crate::convert::device_error_code(e), e.to_string())
 }
 
+/// The close for a connection whose events cannot be built for now.
+fn storage_trouble(e: &StoreError) -> Ending {
+    tracing::error!(error = %e, "store failed while building an event; closing the connection to be retried");
+    Ending::new(CloseCode::TryAgainLater, "the server's storage is unavailable; reconnect shortly")
+}
+
+/// A request that failed because the store did: the details go to the
+/// server's log, the device is told in words to retry.
+pub(crate) fn unavailable(id: u64, e: &StoreError) -> ServerFrame {
+    tracing::error!(error = %e, "store failed while answering a request");
+    error(id, ErrorCode::Unavailable, "the server's storage is unavailable; try again shortly")
+}
+
 pub(crate) fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
+    match e {
+        MessagingError::Unavailable(e) => return unavailable(id, e),
+        MessagingError::Internal(what) => {
+            tracing::error!(invariant = what, "internal error answering a request");
+            return error(id, ErrorCode::Internal, "internal server error");
+        }
+        _ => {}
+    }
     let mut frame = error(id, crate::convert::messaging_error_code(e), e.to_string());
     if let (MessagingError::RateLimited(wait), Some(server_frame::Body::Error(err))) = (e, frame.body.as_mut()) {
         err.retry_after_ms = (wait.as_millis() as u64).max(1);
@@ -466,25 +516,31 @@ async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame:
         Some(client_frame::Body::History(h)) => {
             let limit = if h.limit == 0 { 50 } else { h.limit as usize };
             match shared.server.devices.history(account, h.before_seq, limit).await {
-                Ok(page) => {
-                    let page = crate::convert::history_page(router, page).await;
-                    reply(id, server_frame::Body::HistoryPage(page))
-                }
+                Ok(page) => match crate::convert::history_page(router, page).await {
+                    Ok(page) => reply(id, server_frame::Body::HistoryPage(page)),
+                    Err(e) => unavailable(id, &e),
+                },
                 Err(e) => device_error(id, &e),
             }
         }
         Some(client_frame::Body::SubscribePresence(sub)) => {
             let mut targets = Vec::new();
             for phone in sub.phones.iter().filter_map(|p| PhoneNumber::parse(p).ok()) {
-                if let Ok(Some(target)) = router.account_by_phone(&phone).await {
-                    targets.push(target);
+                // Numbers without an account are left out of the answer.
+                match router.directory().account(&phone).await {
+                    Ok(Some(target)) => targets.push(target),
+                    Ok(None) => {}
+                    Err(e) => return Answer::Now(unavailable(id, &e)),
                 }
             }
             match shared.server.presence.subscribe(account, connection, &targets).await {
                 Ok(list) => {
                     let mut presences = Vec::with_capacity(list.len());
                     for info in list {
-                        presences.push(crate::convert::presence_info(router, info).await);
+                        match crate::convert::presence_info(router, info).await {
+                            Ok(info) => presences.push(info),
+                            Err(e) => return Answer::Now(unavailable(id, &e)),
+                        }
                     }
                     reply(id, server_frame::Body::PresenceList(v1::PresenceList { presences }))
                 }

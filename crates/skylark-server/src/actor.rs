@@ -27,7 +27,7 @@ use crate::router::Router;
 use crate::small_map::SmallMap;
 use rand::Rng;
 use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
-use skylark_core::{AccountId, DeviceId, PhoneNumber};
+use skylark_core::{AccountId, DeviceId};
 use skylark_store::{AccountWrite, Counters, StoreError};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -63,6 +63,9 @@ pub(crate) struct SendMail {
     pub to: Recipient,
     pub payload: Vec<u8>,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
+    /// The sending connection's span, so what the actor logs about this
+    /// message is tied to the connection it came from.
+    pub span: tracing::Span,
 }
 
 /// Another actor's forwards (boxed in [`Msg`] like [`SendMail`]).
@@ -82,8 +85,8 @@ pub(crate) struct AttachMail {
 
 /// Where a send goes.
 pub(crate) enum Recipient {
-    /// One account, by phone number (the mail goes to the sender's actor).
-    Phone(PhoneNumber),
+    /// One account (the mail goes to the sender's actor).
+    Account(AccountId),
     /// The group whose actor gets the mail.
     Group,
 }
@@ -325,7 +328,7 @@ pub(crate) async fn run(
 /// and answer the waiting mail, so a successor reloads from the store.
 async fn stop_failed(router: &Router, account: AccountId, generation: u64, mailbox: &mut lane::Receiver<Msg>) {
     router.forget_generation(account, generation);
-    let error = MessagingError::Unavailable("actor restarted".into());
+    let error = MessagingError::Restarted;
     fail_all(mailbox, router, account, generation, error).await;
 }
 
@@ -508,8 +511,9 @@ impl Actor {
                     settle(&mut pending, mail.reply, outcome, Pending::Send)
                 }
                 Msg::Send(mail) => {
-                    let SendMail { device, client_id, to, payload, reply, .. } = *mail;
-                    let Recipient::Phone(to) = to else {
+                    let SendMail { device, client_id, to, payload, reply, span, .. } = *mail;
+                    tracing::trace!(parent: &span, account = %self.account, %client_id, "send taken by the actor");
+                    let Recipient::Account(to) = to else {
                         let _ = reply.send(Err(skylark_core::group::GroupError::UnknownGroup.into()));
                         continue;
                     };
@@ -672,7 +676,7 @@ impl Actor {
         batch_ids: &mut HashMap<(DeviceId, String), SendAck>,
         device: DeviceId,
         client_id: String,
-        to: PhoneNumber,
+        to: AccountId,
         payload: Vec<u8>,
         kick: &mut HashSet<AccountId>,
     ) -> Result<SendAck, SendFailure> {
@@ -691,12 +695,6 @@ impl Actor {
         // Only new messages count against the rate: a client resending
         // what was already accepted (after a crash, say) is not throttled.
         self.router.charge_send(device).map_err(SendFailure::Refused)?;
-        let to = match self.router.account_by_phone(&to).await {
-            Ok(Some(to)) => to,
-            Ok(None) => return Err(SendFailure::Refused(MessagingError::UnknownRecipient)),
-            Err(MessagingError::Unavailable(e)) => return Err(SendFailure::Store(StoreError::Backend(e))),
-            Err(e) => return Err(SendFailure::Refused(e)),
-        };
         let sent_at_ms = self.now();
         let id = MessageId { sender: self.account, seq: self.counters.next_seq };
         let message =
@@ -911,7 +909,7 @@ impl Actor {
             let Some(dev) = self.devices.get(&device) else { return Ok(()) };
             if dev.sent >= last {
                 if !dev.caught_up {
-                    let dev = self.devices.get_mut(&device).ok_or(StoreError::Backend("device vanished".into()))?;
+                    let dev = self.devices.get_mut(&device).ok_or(StoreError::Invariant("device vanished".into()))?;
                     if dev.events.try_send(DeviceEvent::CaughtUp { seq: last }).is_ok() {
                         dev.caught_up = true;
                     }
@@ -959,7 +957,8 @@ impl Actor {
         let router = self.router.clone();
         let from = self.account;
         let origin = self.self_mailbox.clone();
-        self.router.spawn(forward(router, from, to, Arc::from(items), origin));
+        let span = tracing::debug_span!("forward", %from, %to);
+        self.router.spawn(tracing::Instrument::instrument(forward(router, from, to, Arc::from(items), origin), span));
     }
 }
 

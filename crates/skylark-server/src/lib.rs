@@ -10,6 +10,7 @@ mod actor;
 pub mod auth;
 pub mod config;
 pub mod devices;
+pub mod directory;
 pub mod http_client;
 pub mod lane;
 pub mod messaging;
@@ -49,6 +50,15 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// Why the services could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the store failed while starting: {0}")]
+    Store(#[from] StoreError),
+    #[error("push could not be set up: {0}")]
+    Push(#[from] push::PushError),
+}
+
 impl Server {
     /// Builds the services over an opened store.
     pub async fn new(
@@ -56,7 +66,7 @@ impl Server {
         store: Arc<dyn Store>,
         sms: Arc<dyn sms::SmsSender>,
         clock: Arc<dyn Clock>,
-    ) -> Result<Arc<Self>, StoreError> {
+    ) -> Result<Arc<Self>, StartError> {
         let mut candidate = [0u8; 16];
         rand::rng().fill_bytes(&mut candidate);
         let server_id = store.server_id(candidate).await?;
@@ -79,9 +89,7 @@ impl Server {
             config.limits.typing_ttl_ms,
             config.rate_limits.typing_per_device,
         );
-        let pusher = push::Pusher::new(store.clone(), sessions.clone(), clock.clone(), config.push.clone())
-            .await
-            .map_err(|e| StoreError::Backend(format!("push setup: {e}")))?;
+        let pusher = push::Pusher::new(store.clone(), sessions.clone(), clock.clone(), config.push.clone()).await?;
         let waker = pusher.clone();
         router.on_incoming(Arc::new(move |account| waker.wake(account)));
         Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router, devices, presence, pusher }))

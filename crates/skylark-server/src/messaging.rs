@@ -109,7 +109,7 @@ pub enum DeviceEvent {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MessagingError {
     #[error("invalid recipient: {0}")]
     InvalidRecipient(#[from] PhoneError),
@@ -121,8 +121,17 @@ pub enum MessagingError {
     InvalidClientId,
     #[error("no such account")]
     UnknownAccount,
+    /// The store failed; nothing was done (retry, with the same client id).
     #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] StoreError),
+    /// The account's actor stopped after a failed write; its successor
+    /// reloads from the store (retry, with the same client id).
+    #[error("the account is reloading after a storage failure; retry")]
+    Restarted,
+    /// An invariant of the server was found broken (a bug, never the
+    /// client's doing); nothing was done.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     #[error("server shutting down")]
     ShuttingDown,
     #[error("too many messages; retry in {} ms", .0.as_millis())]
@@ -133,6 +142,6 @@ pub enum MessagingError {
 
 impl From<StoreError> for MessagingError {
     fn from(e: StoreError) -> Self {
-        MessagingError::Unavailable(e.to_string())
+        MessagingError::Unavailable(e)
     }
 }

@@ -67,6 +67,10 @@ struct State {
     last_seen: HashMap<AccountId, u64>,
 }
 
+/// How long an account's last-seen time stays in memory after it went
+/// offline; afterwards it is read from its devices' stored records.
+const LAST_SEEN_KEPT_MS: u64 = 10 * 60_000;
+
 pub struct Presence {
     state: Mutex<State>,
     store: Arc<dyn Store>,
@@ -93,9 +97,14 @@ impl Presence {
         Self { state: Mutex::new(State::default()), store, clock, typing_ttl_ms, typing_limit }
     }
 
-    /// Housekeeping: drops idle rate-limit state.
+    /// Housekeeping: drops idle rate-limit state, and last-seen times old
+    /// enough that the devices' own records (written by housekeeping every
+    /// minute) hold them, so the map does not grow with every account that
+    /// was ever online.
     pub fn sweep(&self) {
         self.typing_limit.forget_idle();
+        let now = self.clock.now_ms();
+        self.state().last_seen.retain(|_, at| now.saturating_sub(*at) < LAST_SEEN_KEPT_MS);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -265,5 +274,37 @@ impl Presence {
 
     pub fn is_online(&self, account: AccountId) -> bool {
         self.snapshot(account).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skylark_core::{ManualClock, NewDevice, PhoneNumber};
+    use skylark_store::AccountStore;
+
+    #[tokio::test]
+    async fn last_seen_leaves_memory_for_the_device_records() {
+        let store = Arc::new(skylark_store::RedbStore::in_memory().unwrap());
+        let clock = ManualClock::new(1_000_000);
+        let phone = PhoneNumber::parse("+15550710001").unwrap();
+        let who = store.register(&phone, NewDevice { public_key: [1; 32], name: "t".into() }, 1).await.unwrap();
+        let presence = Presence::new(
+            store.clone(),
+            Arc::new(clock.clone()),
+            10_000,
+            crate::config::Quota { burst: 10, per_ms: 1 },
+        );
+        let account = who.account.id;
+        let _events = presence.connect(account, 1).await;
+        presence.disconnect(account, 1).await;
+        let seen = presence.info(account, account).await.unwrap().last_seen_ms;
+        assert_eq!(seen, 1_000_000, "kept in memory while fresh");
+        // Housekeeping wrote the device's record meanwhile (Devices::flush_last_seen).
+        store.touch_devices(vec![(who.device.id, 1_000_000)]).await.unwrap();
+        clock.advance_ms(LAST_SEEN_KEPT_MS + 1);
+        presence.sweep();
+        assert!(presence.state().last_seen.is_empty(), "the map does not keep every account ever seen");
+        assert_eq!(presence.info(account, account).await.unwrap().last_seen_ms, 1_000_000, "read from the store");
     }
 }

@@ -76,7 +76,7 @@ impl Default for PushConfig {
 /// The wake-up every provider sends: no content, just a reason to connect.
 pub const WAKE_PAYLOAD: &[u8] = br#"{"type":"wake"}"#;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PushError {
     #[error("{0}")]
     Invalid(String),

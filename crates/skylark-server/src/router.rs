@@ -8,6 +8,7 @@
 
 use crate::actor::{self, Msg};
 use crate::actor::{GroupMail, Recipient};
+use crate::directory::Directory;
 use crate::lane;
 use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingConfig, MessagingError, SendAck, SendRequest};
 use skylark_core::group::{GroupError, GroupMeta};
@@ -41,9 +42,8 @@ struct Registry {
 pub(crate) struct RouterInner {
     registry: Mutex<Registry>,
     generation: AtomicU64,
-    /// Phone numbers never move to another account, so lookups are cached.
-    phones: Mutex<HashMap<PhoneNumber, AccountId>>,
-    accounts: Mutex<HashMap<AccountId, PhoneNumber>>,
+    /// Phone ⇄ account, resolved once at the edge (bounded cache).
+    directory: Arc<Directory>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: MessagingConfig,
@@ -90,8 +90,7 @@ impl Router {
             inner: Arc::new(RouterInner {
                 registry: Mutex::new(Registry::default()),
                 generation: AtomicU64::new(1),
-                phones: Mutex::new(HashMap::new()),
-                accounts: Mutex::new(HashMap::new()),
+                directory: Arc::new(Directory::new(store.clone(), crate::directory::DEFAULT_CAPACITY)),
                 store,
                 clock,
                 config,
@@ -150,7 +149,11 @@ impl Router {
         let predecessor = registry.retiring.remove(&account);
         registry.live.insert(account, Slot { mailbox: tx.clone(), generation });
         drop(registry);
-        self.inner.tracker.spawn(actor::run(self.clone(), account, generation, tx.clone(), rx, predecessor));
+        // Debug level, like the connection span: an idle actor is counted in
+        // bytes, and a disabled span costs none.
+        let span = tracing::debug_span!("actor", %account, generation);
+        let actor = actor::run(self.clone(), account, generation, tx.clone(), rx, predecessor);
+        self.inner.tracker.spawn(tracing::Instrument::instrument(actor, span));
         (tx, generation)
     }
 
@@ -206,33 +209,19 @@ impl Router {
         Some(done)
     }
 
+    /// The phone ⇄ account directory every edge resolves through.
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.inner.directory
+    }
+
     /// Resolves a phone number to its account.
     pub async fn account_by_phone(&self, phone: &PhoneNumber) -> Result<Option<AccountId>, MessagingError> {
-        if let Some(id) = self.inner.phones.lock().unwrap_or_else(PoisonError::into_inner).get(phone) {
-            return Ok(Some(*id));
-        }
-        let Some(account) = self.inner.store.account_by_phone(phone).await? else {
-            return Ok(None);
-        };
-        self.remember(account.id, phone.clone());
-        Ok(Some(account.id))
+        Ok(self.inner.directory.account(phone).await?)
     }
 
     /// The phone number of an account.
     pub async fn phone_of(&self, account: AccountId) -> Result<Option<PhoneNumber>, MessagingError> {
-        if let Some(phone) = self.inner.accounts.lock().unwrap_or_else(PoisonError::into_inner).get(&account) {
-            return Ok(Some(phone.clone()));
-        }
-        let Some(record) = self.inner.store.account(account).await? else {
-            return Ok(None);
-        };
-        self.remember(account, record.phone.clone());
-        Ok(Some(record.phone))
-    }
-
-    fn remember(&self, account: AccountId, phone: PhoneNumber) {
-        self.inner.accounts.lock().unwrap_or_else(PoisonError::into_inner).insert(account, phone.clone());
-        self.inner.phones.lock().unwrap_or_else(PoisonError::into_inner).insert(phone, account);
+        Ok(self.inner.directory.phone(account).await?)
     }
 
     /// Queues a send from `device` of `account`. Returns once the request is
@@ -254,11 +243,30 @@ impl Router {
         let (to, actor) = match request.group {
             Some(group) if self.group_exists(group).await? => (Recipient::Group, group),
             Some(_) => return Err(GroupError::UnknownGroup.into()),
-            None => (Recipient::Phone(PhoneNumber::parse(&request.to)?), account),
+            None => {
+                // The identity boundary: the actor gets an account id.
+                let phone = PhoneNumber::parse(&request.to)?;
+                match self.inner.directory.account(&phone).await? {
+                    Some(to) => (Recipient::Account(to), account),
+                    None => {
+                        // A refused send costs the sender's rate like a sent
+                        // one, so guessing numbers is as slow as messaging.
+                        self.charge_send(device)?;
+                        return Err(MessagingError::UnknownRecipient);
+                    }
+                }
+            }
         };
         let (reply, answer) = oneshot::channel();
-        let mail =
-            actor::SendMail { account, device, client_id: request.client_id, to, payload: request.payload, reply };
+        let mail = actor::SendMail {
+            account,
+            device,
+            client_id: request.client_id,
+            to,
+            payload: request.payload,
+            reply,
+            span: tracing::Span::current(),
+        };
         self.tell(actor, Msg::Send(Box::new(mail))).await?;
         Ok(answer)
     }

@@ -21,14 +21,38 @@ use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber}
 
 pub use redb_store::RedbStore;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A backend's own error, kept whole (its `source` chain too) and shared,
+/// so that one failed group commit can be told to every write in it.
+pub type BackendError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backend failed (disk, database); the operation had no effect.
     #[error("storage backend failed: {0}")]
-    Backend(String),
+    Backend(#[source] BackendError),
     /// A stored record could not be decoded.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// A write that would break an invariant of the stored data was refused
+    /// (a bug in the caller, never something a client can cause).
+    #[error("store invariant broken: {0}")]
+    Invariant(String),
+    /// The store was closed (the server is stopping); nothing was written.
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Wraps a backend's error, keeping it as the source.
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(std::sync::Arc::new(e))
+    }
+
+    /// Whether the failure may pass by itself (the backend or its disk),
+    /// as opposed to stored data that cannot be read or a bug.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Closed)
+    }
 }
 
 /// The outcome of [`AccountStore::register`].
@@ -85,7 +109,7 @@ pub trait AccountStore: Send + Sync {
 }
 
 /// Why a device could not be added.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AddDeviceError {
     #[error("the account already has {0} active devices")]
     LimitReached(usize),

@@ -107,9 +107,29 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
-fn backend<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
+    StoreError::backend(e)
 }
+
+/// redb's errors become backend errors with their source kept, so `?`
+/// works on every redb call.
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::backend(e)
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -128,38 +148,38 @@ impl RedbStore {
     /// Opens with an explicit group-commit bound; `max_batch = 1` commits
     /// (and fsyncs) every write on its own, for comparison benchmarks.
     pub fn open_with(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
-        Self::init(Database::create(path).map_err(backend)?, max_batch)
+        Self::init(Database::create(path)?, max_batch)
     }
 
     /// A store that lives in memory only, for tests.
     pub fn in_memory() -> Result<Self, StoreError> {
-        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(backend)?;
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
         Self::init(db, DEFAULT_MAX_BATCH)
     }
 
     /// Creates every table up front so read transactions never meet a
     /// missing one, and starts the committer thread.
     fn init(db: Database, max_batch: usize) -> Result<Self, StoreError> {
-        let txn = db.begin_write().map_err(backend)?;
-        txn.open_table(META).map_err(backend)?;
-        txn.open_table(ACCOUNTS).map_err(backend)?;
-        txn.open_table(PHONES).map_err(backend)?;
-        txn.open_table(DEVICES).map_err(backend)?;
-        txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
-        txn.open_table(VERIFICATIONS).map_err(backend)?;
-        txn.open_table(LOG).map_err(backend)?;
-        txn.open_table(OUTBOX).map_err(backend)?;
-        txn.open_table(COUNTERS).map_err(backend)?;
-        txn.open_table(CLIENT_IDS).map_err(backend)?;
-        txn.open_table(INBOUND).map_err(backend)?;
-        txn.open_table(CURSORS).map_err(backend)?;
-        txn.open_table(RECEIPTS).map_err(backend)?;
-        txn.open_table(CONTACTS).map_err(backend)?;
-        txn.open_table(SETTINGS).map_err(backend)?;
-        txn.open_table(PUSH).map_err(backend)?;
-        txn.open_table(GROUPS).map_err(backend)?;
-        txn.open_table(MEMBERSHIPS).map_err(backend)?;
-        txn.commit().map_err(backend)?;
+        let txn = db.begin_write()?;
+        txn.open_table(META)?;
+        txn.open_table(ACCOUNTS)?;
+        txn.open_table(PHONES)?;
+        txn.open_table(DEVICES)?;
+        txn.open_table(ACCOUNT_DEVICES)?;
+        txn.open_table(VERIFICATIONS)?;
+        txn.open_table(LOG)?;
+        txn.open_table(OUTBOX)?;
+        txn.open_table(COUNTERS)?;
+        txn.open_table(CLIENT_IDS)?;
+        txn.open_table(INBOUND)?;
+        txn.open_table(CURSORS)?;
+        txn.open_table(RECEIPTS)?;
+        txn.open_table(CONTACTS)?;
+        txn.open_table(SETTINGS)?;
+        txn.open_table(PUSH)?;
+        txn.open_table(GROUPS)?;
+        txn.open_table(MEMBERSHIPS)?;
+        txn.commit()?;
         let db = Arc::new(db);
         let (queue, jobs) = mpsc::channel(COMMIT_QUEUE);
         let thread_db = db.clone();
@@ -197,10 +217,10 @@ impl RedbStore {
         F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
         self.blocking(move |db| {
-            let mut txn = db.begin_write().map_err(backend)?;
+            let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
             let out = f(&txn)?;
-            txn.commit().map_err(backend)?;
+            txn.commit()?;
             Ok(out)
         })
         .await
@@ -210,9 +230,9 @@ impl RedbStore {
 impl RedbStore {
     async fn receipt_slot(&self, account: AccountId, peer: AccountId, slot: u8) -> Result<u64, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(RECEIPTS).map_err(backend)?;
-            Ok(table.get((account.0, peer.0, slot)).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RECEIPTS)?;
+            Ok(table.get((account.0, peer.0, slot))?.map(|v| v.value()).unwrap_or(0))
         })
     }
 }
@@ -220,27 +240,27 @@ impl RedbStore {
 /// A device record that an index entry names; its absence means the
 /// store is inconsistent.
 fn indexed_device(devices: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<Device, StoreError> {
-    let raw = devices.get(id).map_err(backend)?;
+    let raw = devices.get(id)?;
     let raw = raw.ok_or_else(|| StoreError::Corrupt(format!("index names missing device {id}")))?;
     decode(raw.value())
 }
 
 fn next_id(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {
-    let mut meta = txn.open_table(META).map_err(backend)?;
-    let current = match meta.get(key).map_err(backend)? {
+    let mut meta = txn.open_table(META)?;
+    let current = match meta.get(key)? {
         Some(v) => {
             let bytes: [u8; 8] = v.value().try_into().map_err(|_| StoreError::Corrupt(format!("meta {key}")))?;
             u64::from_be_bytes(bytes)
         }
         None => 1,
     };
-    meta.insert(key, &(current + 1).to_be_bytes()[..]).map_err(backend)?;
+    meta.insert(key, &(current + 1).to_be_bytes()[..])?;
     Ok(current)
 }
 
 fn read_counters(txn: &redb::WriteTransaction, account: u64) -> Result<Counters, StoreError> {
-    let table = txn.open_table(COUNTERS).map_err(backend)?;
-    let value = table.get(account).map_err(backend)?;
+    let table = txn.open_table(COUNTERS)?;
+    let value = table.get(account)?;
     Ok(value
         .map(|v| {
             let (next_seq, next_outbox) = v.value();
@@ -253,69 +273,69 @@ fn read_counters(txn: &redb::WriteTransaction, account: u64) -> Result<Counters,
 fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), StoreError> {
     let a = w.account.0;
     if !w.appends.is_empty() {
-        let mut log = txn.open_table(LOG).map_err(backend)?;
+        let mut log = txn.open_table(LOG)?;
         for (seq, entry) in &w.appends {
-            log.insert((a, *seq), encode_entry(entry).as_slice()).map_err(backend)?;
+            log.insert((a, *seq), encode_entry(entry).as_slice())?;
         }
     }
     if !w.outbox_puts.is_empty() || !w.outbox_deletes.is_empty() {
-        let mut outbox = txn.open_table(OUTBOX).map_err(backend)?;
+        let mut outbox = txn.open_table(OUTBOX)?;
         for (seq, item) in &w.outbox_puts {
-            outbox.insert((a, *seq), encode_outbox(item).as_slice()).map_err(backend)?;
+            outbox.insert((a, *seq), encode_outbox(item).as_slice())?;
         }
         for seq in &w.outbox_deletes {
-            outbox.remove((a, *seq)).map_err(backend)?;
+            outbox.remove((a, *seq))?;
         }
     }
     if let Some(c) = w.counters {
-        txn.open_table(COUNTERS).map_err(backend)?.insert(a, (c.next_seq, c.next_outbox)).map_err(backend)?;
+        txn.open_table(COUNTERS)?.insert(a, (c.next_seq, c.next_outbox))?;
     }
     if !w.client_ids.is_empty() {
-        let mut table = txn.open_table(CLIENT_IDS).map_err(backend)?;
+        let mut table = txn.open_table(CLIENT_IDS)?;
         for (device, client_id, seq) in &w.client_ids {
-            table.insert((a, device.0, client_id.as_str()), *seq).map_err(backend)?;
+            table.insert((a, device.0, client_id.as_str()), *seq)?;
         }
     }
     if !w.inbound.is_empty() {
-        let mut table = txn.open_table(INBOUND).map_err(backend)?;
+        let mut table = txn.open_table(INBOUND)?;
         for (source, hwm) in &w.inbound {
-            table.insert((a, source.0), *hwm).map_err(backend)?;
+            table.insert((a, source.0), *hwm)?;
         }
     }
     if !w.cursors.is_empty() {
-        let mut table = txn.open_table(CURSORS).map_err(backend)?;
+        let mut table = txn.open_table(CURSORS)?;
         for (device, seq) in &w.cursors {
-            table.insert((a, device.0), *seq).map_err(backend)?;
+            table.insert((a, device.0), *seq)?;
         }
     }
     if !w.receipts.is_empty() || !w.read_markers.is_empty() || !w.received.is_empty() {
-        let mut table = txn.open_table(RECEIPTS).map_err(backend)?;
+        let mut table = txn.open_table(RECEIPTS)?;
         for (peer, up_to) in &w.received {
-            table.insert((a, peer.0, RECEIVED_SLOT), *up_to).map_err(backend)?;
+            table.insert((a, peer.0, RECEIVED_SLOT), *up_to)?;
         }
         for (peer, kind, up_to) in &w.receipts {
-            table.insert((a, peer.0, kind_byte(*kind)), *up_to).map_err(backend)?;
+            table.insert((a, peer.0, kind_byte(*kind)), *up_to)?;
         }
         for (peer, up_to) in &w.read_markers {
-            table.insert((a, peer.0, READ_MARKER_SLOT), *up_to).map_err(backend)?;
+            table.insert((a, peer.0, READ_MARKER_SLOT), *up_to)?;
         }
     }
     if !w.contacts.is_empty() {
-        let mut table = txn.open_table(CONTACTS).map_err(backend)?;
+        let mut table = txn.open_table(CONTACTS)?;
         for peer in &w.contacts {
-            table.insert((a, peer.0), ()).map_err(backend)?;
+            table.insert((a, peer.0), ())?;
         }
     }
     if let Some(meta) = &w.group {
-        txn.open_table(GROUPS).map_err(backend)?.insert(a, encode(meta)?.as_slice()).map_err(backend)?;
+        txn.open_table(GROUPS)?.insert(a, encode(meta)?.as_slice())?;
     }
     if !w.memberships.is_empty() {
-        let mut table = txn.open_table(MEMBERSHIPS).map_err(backend)?;
+        let mut table = txn.open_table(MEMBERSHIPS)?;
         for (member, joined) in &w.memberships {
             if *joined {
-                table.insert((member.0, a), ()).map_err(backend)?;
+                table.insert((member.0, a), ())?;
             } else {
-                table.remove((member.0, a)).map_err(backend)?;
+                table.remove((member.0, a))?;
             }
         }
     }
@@ -335,7 +355,7 @@ fn commit_loop(db: &Database, mut jobs: mpsc::Receiver<CommitJob>, max_batch: us
             }
         }
         let result = (|| {
-            let mut txn = db.begin_write().map_err(backend)?;
+            let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
             for (write, _) in &batch {
                 apply_write(&txn, write)?;
@@ -357,42 +377,42 @@ impl AccountStore for RedbStore {
     async fn account_by_phone(&self, phone: &PhoneNumber) -> Result<Option<Account>, StoreError> {
         let phone = phone.as_str().to_owned();
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let Some(id) = txn.open_table(PHONES).map_err(backend)?.get(phone.as_str()).map_err(backend)? else {
+            let txn = db.begin_read()?;
+            let Some(id) = txn.open_table(PHONES)?.get(phone.as_str())? else {
                 return Ok(None);
             };
-            let accounts = txn.open_table(ACCOUNTS).map_err(backend)?;
-            let record = accounts.get(id.value()).map_err(backend)?;
+            let accounts = txn.open_table(ACCOUNTS)?;
+            let record = accounts.get(id.value())?;
             record.map(|r| decode(r.value())).transpose()
         })
     }
 
     async fn account(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let accounts = txn.open_table(ACCOUNTS).map_err(backend)?;
-            let record = accounts.get(id.0).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let accounts = txn.open_table(ACCOUNTS)?;
+            let record = accounts.get(id.0)?;
             record.map(|r| decode(r.value())).transpose()
         })
     }
 
     async fn device(&self, id: DeviceId) -> Result<Option<Device>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let devices = txn.open_table(DEVICES).map_err(backend)?;
-            let record = devices.get(id.0).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let devices = txn.open_table(DEVICES)?;
+            let record = devices.get(id.0)?;
             record.map(|r| decode(r.value())).transpose()
         })
     }
 
     async fn active_devices(&self, account: AccountId) -> Result<Vec<Device>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let index = txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
-            let devices = txn.open_table(DEVICES).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let index = txn.open_table(ACCOUNT_DEVICES)?;
+            let devices = txn.open_table(DEVICES)?;
             let mut out = Vec::new();
-            for entry in index.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)? {
-                let (key, _) = entry.map_err(backend)?;
+            for entry in index.range((account.0, 0)..=(account.0, u64::MAX))? {
+                let (key, _) = entry?;
                 let (_, device_id) = key.value();
                 out.push(indexed_device(&devices, device_id)?);
             }
@@ -403,14 +423,12 @@ impl AccountStore for RedbStore {
     async fn register(&self, phone: &PhoneNumber, device: NewDevice, now_ms: u64) -> Result<Registration, StoreError> {
         let phone = phone.clone();
         self.write(move |txn| {
-            let existing =
-                txn.open_table(PHONES).map_err(backend)?.get(phone.as_str()).map_err(backend)?.map(|v| v.value());
+            let existing = txn.open_table(PHONES)?.get(phone.as_str())?.map(|v| v.value());
             let (account, created) = match existing {
                 Some(id) => {
-                    let accounts = txn.open_table(ACCOUNTS).map_err(backend)?;
+                    let accounts = txn.open_table(ACCOUNTS)?;
                     let record = accounts
-                        .get(id)
-                        .map_err(backend)?
+                        .get(id)?
                         .ok_or_else(|| StoreError::Corrupt(format!("phone names missing account {id}")))?;
                     (decode::<Account>(record.value())?, false)
                 }
@@ -420,28 +438,24 @@ impl AccountStore for RedbStore {
                         phone: phone.clone(),
                         created_at_ms: now_ms,
                     };
-                    txn.open_table(ACCOUNTS)
-                        .map_err(backend)?
-                        .insert(account.id.0, encode(&account)?.as_slice())
-                        .map_err(backend)?;
-                    txn.open_table(PHONES).map_err(backend)?.insert(phone.as_str(), account.id.0).map_err(backend)?;
+                    txn.open_table(ACCOUNTS)?.insert(account.id.0, encode(&account)?.as_slice())?;
+                    txn.open_table(PHONES)?.insert(phone.as_str(), account.id.0)?;
                     (account, true)
                 }
             };
 
-            let mut index = txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
-            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let mut index = txn.open_table(ACCOUNT_DEVICES)?;
+            let mut devices = txn.open_table(DEVICES)?;
             let mut removed_devices = Vec::new();
             let old: Vec<u64> = index
-                .range((account.id.0, 0)..=(account.id.0, u64::MAX))
-                .map_err(backend)?
+                .range((account.id.0, 0)..=(account.id.0, u64::MAX))?
                 .map(|e| e.map(|(k, _)| k.value().1).map_err(backend))
                 .collect::<Result<_, _>>()?;
             for device_id in old {
-                index.remove((account.id.0, device_id)).map_err(backend)?;
+                index.remove((account.id.0, device_id))?;
                 let mut record = indexed_device(&devices, device_id)?;
                 record.removed_at_ms = Some(now_ms);
-                devices.insert(device_id, encode(&record)?.as_slice()).map_err(backend)?;
+                devices.insert(device_id, encode(&record)?.as_slice())?;
                 removed_devices.push(DeviceId(device_id));
             }
 
@@ -456,12 +470,9 @@ impl AccountStore for RedbStore {
                 removed_at_ms: None,
                 last_seen_ms: None,
             };
-            devices.insert(new_device.id.0, encode(&new_device)?.as_slice()).map_err(backend)?;
-            index.insert((account.id.0, new_device.id.0), ()).map_err(backend)?;
-            txn.open_table(CURSORS)
-                .map_err(backend)?
-                .insert((account.id.0, new_device.id.0), start)
-                .map_err(backend)?;
+            devices.insert(new_device.id.0, encode(&new_device)?.as_slice())?;
+            index.insert((account.id.0, new_device.id.0), ())?;
+            txn.open_table(CURSORS)?.insert((account.id.0, new_device.id.0), start)?;
             Ok(Registration { account, device: new_device, created, removed_devices })
         })
         .await
@@ -475,11 +486,11 @@ impl AccountStore for RedbStore {
         now_ms: u64,
     ) -> Result<Device, AddDeviceError> {
         self.write(move |txn| {
-            if txn.open_table(ACCOUNTS).map_err(backend)?.get(account.0).map_err(backend)?.is_none() {
+            if txn.open_table(ACCOUNTS)?.get(account.0)?.is_none() {
                 return Ok(Err(AddDeviceError::UnknownAccount));
             }
-            let mut index = txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
-            let active = index.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)?.count();
+            let mut index = txn.open_table(ACCOUNT_DEVICES)?;
+            let active = index.range((account.0, 0)..=(account.0, u64::MAX))?.count();
             if active >= max_active {
                 return Ok(Err(AddDeviceError::LimitReached(active)));
             }
@@ -493,12 +504,9 @@ impl AccountStore for RedbStore {
                 removed_at_ms: None,
                 last_seen_ms: None,
             };
-            txn.open_table(DEVICES)
-                .map_err(backend)?
-                .insert(new_device.id.0, encode(&new_device)?.as_slice())
-                .map_err(backend)?;
-            index.insert((account.0, new_device.id.0), ()).map_err(backend)?;
-            txn.open_table(CURSORS).map_err(backend)?.insert((account.0, new_device.id.0), start).map_err(backend)?;
+            txn.open_table(DEVICES)?.insert(new_device.id.0, encode(&new_device)?.as_slice())?;
+            index.insert((account.0, new_device.id.0), ())?;
+            txn.open_table(CURSORS)?.insert((account.0, new_device.id.0), start)?;
             Ok(Ok(new_device))
         })
         .await?
@@ -506,15 +514,15 @@ impl AccountStore for RedbStore {
 
     async fn remove_device(&self, account: AccountId, device: DeviceId, now_ms: u64) -> Result<bool, StoreError> {
         self.write(move |txn| {
-            let mut index = txn.open_table(ACCOUNT_DEVICES).map_err(backend)?;
-            if index.remove((account.0, device.0)).map_err(backend)?.is_none() {
+            let mut index = txn.open_table(ACCOUNT_DEVICES)?;
+            if index.remove((account.0, device.0))?.is_none() {
                 return Ok(false);
             }
-            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let mut devices = txn.open_table(DEVICES)?;
             let mut record = indexed_device(&devices, device.0)?;
             record.removed_at_ms = Some(now_ms);
-            devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
-            txn.open_table(CURSORS).map_err(backend)?.remove((account.0, device.0)).map_err(backend)?;
+            devices.insert(device.0, encode(&record)?.as_slice())?;
+            txn.open_table(CURSORS)?.remove((account.0, device.0))?;
             Ok(true)
         })
         .await
@@ -522,19 +530,14 @@ impl AccountStore for RedbStore {
 
     async fn rename_device(&self, account: AccountId, device: DeviceId, name: String) -> Result<bool, StoreError> {
         self.write(move |txn| {
-            let active = txn
-                .open_table(ACCOUNT_DEVICES)
-                .map_err(backend)?
-                .get((account.0, device.0))
-                .map_err(backend)?
-                .is_some();
+            let active = txn.open_table(ACCOUNT_DEVICES)?.get((account.0, device.0))?.is_some();
             if !active {
                 return Ok(false);
             }
-            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let mut devices = txn.open_table(DEVICES)?;
             let mut record = indexed_device(&devices, device.0)?;
             record.name = name;
-            devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
+            devices.insert(device.0, encode(&record)?.as_slice())?;
             Ok(true)
         })
         .await
@@ -545,13 +548,12 @@ impl AccountStore for RedbStore {
             return Ok(());
         }
         self.write(move |txn| {
-            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let mut devices = txn.open_table(DEVICES)?;
             for (device, at) in seen {
-                let record: Option<Device> =
-                    devices.get(device.0).map_err(backend)?.map(|r| decode(r.value())).transpose()?;
+                let record: Option<Device> = devices.get(device.0)?.map(|r| decode(r.value())).transpose()?;
                 if let Some(mut record) = record {
                     record.last_seen_ms = Some(at);
-                    devices.insert(device.0, encode(&record)?.as_slice()).map_err(backend)?;
+                    devices.insert(device.0, encode(&record)?.as_slice())?;
                 }
             }
             Ok(())
@@ -566,7 +568,7 @@ impl VerificationStore for RedbStore {
         let id = session.id.clone();
         let bytes = encode(session)?;
         self.write(move |txn| {
-            txn.open_table(VERIFICATIONS).map_err(backend)?.insert(id.as_str(), bytes.as_slice()).map_err(backend)?;
+            txn.open_table(VERIFICATIONS)?.insert(id.as_str(), bytes.as_slice())?;
             Ok(())
         })
         .await
@@ -575,9 +577,9 @@ impl VerificationStore for RedbStore {
     async fn verification(&self, id: &str) -> Result<Option<VerificationSession>, StoreError> {
         let id = id.to_owned();
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(VERIFICATIONS).map_err(backend)?;
-            let record = table.get(id.as_str()).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(VERIFICATIONS)?;
+            let record = table.get(id.as_str())?;
             record.map(|r| decode(r.value())).transpose()
         })
     }
@@ -585,7 +587,7 @@ impl VerificationStore for RedbStore {
     async fn delete_verification(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
         self.write(move |txn| {
-            txn.open_table(VERIFICATIONS).map_err(backend)?.remove(id.as_str()).map_err(backend)?;
+            txn.open_table(VERIFICATIONS)?.remove(id.as_str())?;
             Ok(())
         })
         .await
@@ -593,20 +595,20 @@ impl VerificationStore for RedbStore {
 
     async fn purge_verifications(&self, created_before_ms: u64) -> Result<usize, StoreError> {
         self.write(move |txn| {
-            let mut table = txn.open_table(VERIFICATIONS).map_err(backend)?;
-            if table.is_empty().map_err(backend)? {
+            let mut table = txn.open_table(VERIFICATIONS)?;
+            if table.is_empty()? {
                 return Ok(0);
             }
             let mut stale = Vec::new();
-            for entry in table.iter().map_err(backend)? {
-                let (key, value) = entry.map_err(backend)?;
+            for entry in table.iter()? {
+                let (key, value) = entry?;
                 let session: VerificationSession = decode(value.value())?;
                 if session.created_at_ms < created_before_ms {
                     stale.push(key.value().to_owned());
                 }
             }
             for key in &stale {
-                table.remove(key.as_str()).map_err(backend)?;
+                table.remove(key.as_str())?;
             }
             Ok(stale.len())
         })
@@ -618,9 +620,9 @@ impl VerificationStore for RedbStore {
 impl SettingsStore for RedbStore {
     async fn visibility(&self, account: AccountId) -> Result<Visibility, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(SETTINGS).map_err(backend)?;
-            let value = table.get(account.0).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SETTINGS)?;
+            let value = table.get(account.0)?;
             Ok(value.map(|v| decode(v.value())).transpose()?.unwrap_or_default())
         })
     }
@@ -628,7 +630,7 @@ impl SettingsStore for RedbStore {
     async fn set_visibility(&self, account: AccountId, visibility: Visibility) -> Result<(), StoreError> {
         let bytes = encode(&visibility)?;
         self.write(move |txn| {
-            txn.open_table(SETTINGS).map_err(backend)?.insert(account.0, bytes.as_slice()).map_err(backend)?;
+            txn.open_table(SETTINGS)?.insert(account.0, bytes.as_slice())?;
             Ok(())
         })
         .await
@@ -636,9 +638,9 @@ impl SettingsStore for RedbStore {
 
     async fn push_target(&self, device: DeviceId) -> Result<Option<PushTarget>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(PUSH).map_err(backend)?;
-            let value = table.get(device.0).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(PUSH)?;
+            let value = table.get(device.0)?;
             value.map(|v| decode(v.value())).transpose()
         })
     }
@@ -646,10 +648,10 @@ impl SettingsStore for RedbStore {
     async fn set_push_target(&self, device: DeviceId, target: Option<PushTarget>) -> Result<(), StoreError> {
         let bytes = target.as_ref().map(encode).transpose()?;
         self.write(move |txn| {
-            let mut table = txn.open_table(PUSH).map_err(backend)?;
+            let mut table = txn.open_table(PUSH)?;
             match bytes {
-                Some(bytes) => table.insert(device.0, bytes.as_slice()).map_err(backend)?,
-                None => table.remove(device.0).map_err(backend)?,
+                Some(bytes) => table.insert(device.0, bytes.as_slice())?,
+                None => table.remove(device.0)?,
             };
             Ok(())
         })
@@ -665,20 +667,20 @@ impl GroupStore for RedbStore {
 
     async fn group(&self, id: AccountId) -> Result<Option<GroupMeta>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(GROUPS).map_err(backend)?;
-            let value = table.get(id.0).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(GROUPS)?;
+            let value = table.get(id.0)?;
             value.map(|v| decode(v.value())).transpose()
         })
     }
 
     async fn groups_of(&self, account: AccountId) -> Result<Vec<AccountId>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(MEMBERSHIPS).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(MEMBERSHIPS)?;
             let mut out = Vec::new();
-            for entry in table.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)? {
-                out.push(AccountId(entry.map_err(backend)?.0.value().1));
+            for entry in table.range((account.0, 0)..=(account.0, u64::MAX))? {
+                out.push(AccountId(entry?.0.value().1));
             }
             Ok(out)
         })
@@ -689,11 +691,11 @@ impl GroupStore for RedbStore {
 impl MetaStore for RedbStore {
     async fn server_id(&self, candidate: [u8; 16]) -> Result<[u8; 16], StoreError> {
         self.write(move |txn| {
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            if let Some(v) = meta.get(SERVER_ID).map_err(backend)? {
+            let mut meta = txn.open_table(META)?;
+            if let Some(v) = meta.get(SERVER_ID)? {
                 return v.value().try_into().map_err(|_| StoreError::Corrupt("server id".into()));
             }
-            meta.insert(SERVER_ID, &candidate[..]).map_err(backend)?;
+            meta.insert(SERVER_ID, &candidate[..])?;
             Ok(candidate)
         })
         .await
@@ -702,11 +704,11 @@ impl MetaStore for RedbStore {
     async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         let key = format!("secret:{name}");
         self.write(move |txn| {
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            if let Some(v) = meta.get(key.as_str()).map_err(backend)? {
+            let mut meta = txn.open_table(META)?;
+            if let Some(v) = meta.get(key.as_str())? {
                 return Ok(v.value().to_vec());
             }
-            meta.insert(key.as_str(), candidate.as_slice()).map_err(backend)?;
+            meta.insert(key.as_str(), candidate.as_slice())?;
             Ok(candidate)
         })
         .await
@@ -725,7 +727,7 @@ impl MessageStore for RedbStore {
         for (_, item) in &write.outbox_puts {
             if let Forward::Group(e) = &item.forward {
                 if e.group != write.account {
-                    return Err(StoreError::Backend(format!(
+                    return Err(StoreError::Invariant(format!(
                         "outbox of {} holds an event of {}",
                         write.account, e.group
                     )));
@@ -733,7 +735,7 @@ impl MessageStore for RedbStore {
             }
         }
         let (reply, answer) = oneshot::channel();
-        let stopped = || StoreError::Backend("committer stopped".into());
+        let stopped = || StoreError::Closed;
         let queue = self.committer.queue.as_ref().ok_or_else(stopped)?;
         queue.send((write, reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -741,26 +743,24 @@ impl MessageStore for RedbStore {
 
     async fn account_state(&self, account: AccountId) -> Result<AccountState, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
+            let txn = db.begin_read()?;
             let counters = txn
-                .open_table(COUNTERS)
-                .map_err(backend)?
-                .get(account.0)
-                .map_err(backend)?
+                .open_table(COUNTERS)?
+                .get(account.0)?
                 .map(|v| {
                     let (next_seq, next_outbox) = v.value();
                     Counters { next_seq, next_outbox }
                 })
                 .unwrap_or_default();
-            let table = txn.open_table(OUTBOX).map_err(backend)?;
+            let table = txn.open_table(OUTBOX)?;
             let mut outbox = Vec::new();
-            for entry in table.range((account.0, 0)..=(account.0, u64::MAX)).map_err(backend)? {
-                let (key, value) = entry.map_err(backend)?;
+            for entry in table.range((account.0, 0)..=(account.0, u64::MAX))? {
+                let (key, value) = entry?;
                 let item = match decode_outbox(value.value())? {
                     StoredOutbox::Item(item) => item,
                     StoredOutbox::GroupEvent { to, seq } => {
-                        let log = txn.open_table(LOG).map_err(backend)?;
-                        let raw = log.get((account.0, seq)).map_err(backend)?;
+                        let log = txn.open_table(LOG)?;
+                        let raw = log.get((account.0, seq))?;
                         let raw =
                             raw.ok_or_else(|| StoreError::Corrupt(format!("outbox names missing event {seq}")))?;
                         match decode_entry(raw.value())? {
@@ -777,11 +777,11 @@ impl MessageStore for RedbStore {
 
     async fn read_log(&self, account: AccountId, from: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(LOG).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG)?;
             let mut out = Vec::new();
-            for entry in table.range((account.0, from)..=(account.0, u64::MAX)).map_err(backend)?.take(limit) {
-                let (key, value) = entry.map_err(backend)?;
+            for entry in table.range((account.0, from)..=(account.0, u64::MAX))?.take(limit) {
+                let (key, value) = entry?;
                 out.push((key.value().1, decode_entry(value.value())?));
             }
             Ok(out)
@@ -795,14 +795,14 @@ impl MessageStore for RedbStore {
         limit: usize,
     ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(LOG).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG)?;
             let mut out = Vec::new();
             if before == 0 {
                 return Ok(out);
             }
-            for entry in table.range((account.0, 0)..(account.0, before)).map_err(backend)?.rev().take(limit) {
-                let (key, value) = entry.map_err(backend)?;
+            for entry in table.range((account.0, 0)..(account.0, before))?.rev().take(limit) {
+                let (key, value) = entry?;
                 out.push((key.value().1, decode_entry(value.value())?));
             }
             Ok(out)
@@ -811,20 +811,20 @@ impl MessageStore for RedbStore {
 
     async fn is_contact(&self, account: AccountId, peer: AccountId) -> Result<bool, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(CONTACTS).map_err(backend)?;
-            Ok(table.get((account.0, peer.0)).map_err(backend)?.is_some())
+            let txn = db.begin_read()?;
+            let table = txn.open_table(CONTACTS)?;
+            Ok(table.get((account.0, peer.0))?.is_some())
         })
     }
 
     async fn receipt_state(&self, account: AccountId) -> Result<ReceiptState, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(RECEIPTS).map_err(backend)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RECEIPTS)?;
             let mut received: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
             let mut state = ReceiptState::default();
-            for entry in table.range((account.0, 0, 0)..=(account.0, u64::MAX, u8::MAX)).map_err(backend)? {
-                let (key, value) = entry.map_err(backend)?;
+            for entry in table.range((account.0, 0, 0)..=(account.0, u64::MAX, u8::MAX))? {
+                let (key, value) = entry?;
                 let (_, peer, slot) = key.value();
                 let hwm = value.value();
                 match slot {
@@ -847,25 +847,25 @@ impl MessageStore for RedbStore {
     ) -> Result<Option<u64>, StoreError> {
         let client_id = client_id.to_owned();
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(CLIENT_IDS).map_err(backend)?;
-            Ok(table.get((account.0, device.0, client_id.as_str())).map_err(backend)?.map(|v| v.value()))
+            let txn = db.begin_read()?;
+            let table = txn.open_table(CLIENT_IDS)?;
+            Ok(table.get((account.0, device.0, client_id.as_str()))?.map(|v| v.value()))
         })
     }
 
     async fn inbound(&self, account: AccountId, source: AccountId) -> Result<u64, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(INBOUND).map_err(backend)?;
-            Ok(table.get((account.0, source.0)).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
+            let txn = db.begin_read()?;
+            let table = txn.open_table(INBOUND)?;
+            Ok(table.get((account.0, source.0))?.map(|v| v.value()).unwrap_or(0))
         })
     }
 
     async fn cursor(&self, account: AccountId, device: DeviceId) -> Result<Option<u64>, StoreError> {
         self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(CURSORS).map_err(backend)?;
-            Ok(table.get((account.0, device.0)).map_err(backend)?.map(|v| v.value()))
+            let txn = db.begin_read()?;
+            let table = txn.open_table(CURSORS)?;
+            Ok(table.get((account.0, device.0))?.map(|v| v.value()))
         })
     }
 

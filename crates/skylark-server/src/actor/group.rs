@@ -121,7 +121,7 @@ impl Actor {
             GroupRequest::Create { subject, members } => {
                 if self.group.is_some() || self.last_seq() > 0 {
                     // Ids are allocated fresh for every creation.
-                    return Err(SendFailure::Refused(MessagingError::Unavailable("group id reused".into())));
+                    return Err(SendFailure::Refused(MessagingError::Internal("group id reused")));
                 }
                 let now = self.now();
                 let (meta, body) =
