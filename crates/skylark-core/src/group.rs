@@ -147,6 +147,14 @@ pub enum GroupError {
     NotAuthor,
 }
 
+/// The group-size rule, in one place: a group holds at most `max_members`
+/// accounts, its creator and admins included. Used for the exact checks
+/// below and, at the edge, to refuse a request naming more accounts than a
+/// group can hold before any of them is looked up.
+pub fn too_many(members: usize, max_members: usize) -> bool {
+    members > max_members
+}
+
 pub fn valid_subject(subject: &str) -> bool {
     let chars = subject.chars().count();
     chars > 0 && chars <= MAX_SUBJECT_CHARS && !subject.chars().any(char::is_control) && !subject.trim().is_empty()
@@ -172,7 +180,7 @@ impl GroupMeta {
                 roster.push(Member { account: *m, role: Role::Member, joined_seq: 1 });
             }
         }
-        if roster.len() > max_members {
+        if too_many(roster.len(), max_members) {
             return Err(GroupError::Full(max_members));
         }
         let body = GroupBody::Created {
@@ -225,7 +233,7 @@ impl GroupMeta {
                 if new.is_empty() {
                     return Err(GroupError::NoMembers);
                 }
-                if self.members.len() + new.len() > max_members {
+                if too_many(self.members.len() + new.len(), max_members) {
                     return Err(GroupError::Full(max_members));
                 }
                 GroupBody::Added { members: new }

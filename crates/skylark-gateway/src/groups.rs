@@ -29,7 +29,7 @@ async fn account(router: &Router, phone: &str) -> Result<AccountId, MessagingErr
 async fn change(router: &Router, change: Change) -> Result<GroupChange, MessagingError> {
     Ok(match change {
         Change::Add(list) => {
-            if list.phones.len() > router.config().max_group_members {
+            if skylark_core::group::too_many(list.phones.len(), router.config().max_group_members) {
                 return Err(GroupError::Full(router.config().max_group_members).into());
             }
             GroupChange::Add { members: accounts(router, &list.phones).await? }
@@ -91,7 +91,8 @@ async fn group_reply(router: &Router, id: u64, answer: GroupReply) -> ServerFram
 pub(crate) async fn answer(router: &Router, account: AccountId, device: DeviceId, id: u64, body: Body) -> Answer {
     let asked = match body {
         Body::CreateGroup(create) => {
-            if create.members.len() >= router.config().max_group_members {
+            // The creator counts too.
+            if skylark_core::group::too_many(create.members.len() + 1, router.config().max_group_members) {
                 let e = MessagingError::from(GroupError::Full(router.config().max_group_members));
                 return Answer::Now(messaging_error(id, &e));
             }

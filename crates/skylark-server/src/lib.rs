@@ -18,6 +18,7 @@ pub mod presence;
 pub mod push;
 pub mod ratelimit;
 pub mod registration;
+mod registry;
 pub mod router;
 pub mod sessions;
 mod small_map;

@@ -6,53 +6,23 @@
 //! the retiring actor to finish before loading the account's state, so two
 //! actors never write one account at the same time.
 
-use crate::actor::{self, Msg};
-use crate::actor::{GroupMail, Recipient};
+use crate::actor::{self, Context, Ctx, GroupMail, Msg, PostMail};
 use crate::directory::Directory;
 use crate::lane;
 use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingConfig, MessagingError, SendAck, SendRequest};
+use crate::registry::Registry;
 use skylark_core::group::{GroupError, GroupMeta};
 use skylark_core::message::{DeviceChange, valid_client_id};
 use skylark_core::{AccountId, Clock, DeviceId, PhoneNumber};
 use skylark_store::Store;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use tokio::sync::{oneshot, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// Messages queued for one actor. Bounded so a flooded actor pushes back on
-/// its senders (connections and other actors) instead of growing.
-pub(crate) const MAILBOX: usize = 1024;
-
-struct Slot {
-    mailbox: lane::Sender<Msg>,
-    generation: u64,
-}
-
-#[derive(Default)]
-struct Registry {
-    live: HashMap<AccountId, Slot>,
-    /// Actors that stopped taking mail but may still be finishing; a
-    /// successor waits for the flag before loading state.
-    retiring: HashMap<AccountId, watch::Receiver<bool>>,
-}
+use std::sync::Arc;
+use tokio::sync::oneshot;
 
 pub(crate) struct RouterInner {
-    registry: Mutex<Registry>,
-    generation: AtomicU64,
+    /// What actors run with: store, clock, settings, registry, waker, limiter.
+    ctx: Ctx,
     /// Phone ⇄ account, resolved once at the edge (bounded cache).
     directory: Arc<Directory>,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) config: MessagingConfig,
-    pub(crate) shutdown: CancellationToken,
-    tracker: TaskTracker,
-    /// Told when an account received messages (push wakes offline devices).
-    waker: std::sync::OnceLock<Arc<dyn Fn(AccountId) + Send + Sync>>,
-    /// Sends per device, against floods from one (possibly stolen) device.
-    sends: crate::ratelimit::KeyedLimiter,
     /// Group creations and changes per device.
     group_changes: crate::ratelimit::KeyedLimiter,
 }
@@ -60,7 +30,7 @@ pub(crate) struct RouterInner {
 /// Cheap to clone; all clones share one registry.
 #[derive(Clone)]
 pub struct Router {
-    pub(crate) inner: Arc<RouterInner>,
+    inner: Arc<RouterInner>,
 }
 
 impl std::fmt::Debug for Router {
@@ -69,7 +39,6 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// Why an actor may not get a message.
 fn gone() -> MessagingError {
     MessagingError::ShuttingDown
 }
@@ -86,127 +55,50 @@ impl Router {
         config: MessagingConfig,
         limits: &crate::config::RateLimits,
     ) -> Self {
-        Self {
-            inner: Arc::new(RouterInner {
-                registry: Mutex::new(Registry::default()),
-                generation: AtomicU64::new(1),
-                directory: Arc::new(Directory::new(store.clone(), crate::directory::DEFAULT_CAPACITY)),
-                store,
-                clock,
-                config,
-                shutdown: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-                waker: std::sync::OnceLock::new(),
-                sends: crate::ratelimit::KeyedLimiter::new("messages_per_device", limits.messages_per_device),
-                group_changes: crate::ratelimit::KeyedLimiter::new(
-                    "group_changes_per_device",
-                    limits.group_changes_per_device,
-                ),
-            }),
-        }
+        let directory = Arc::new(Directory::new(store.clone(), crate::directory::DEFAULT_CAPACITY));
+        let ctx = Arc::new(Context {
+            store,
+            clock,
+            config,
+            registry: Registry::default(),
+            waker: std::sync::OnceLock::new(),
+            sends: crate::ratelimit::KeyedLimiter::new("messages_per_device", limits.messages_per_device),
+        });
+        let group_changes =
+            crate::ratelimit::KeyedLimiter::new("group_changes_per_device", limits.group_changes_per_device);
+        Self { inner: Arc::new(RouterInner { ctx, directory, group_changes }) }
+    }
+
+    fn ctx(&self) -> &Ctx {
+        &self.inner.ctx
     }
 
     /// Installs the function told when an account received messages.
     pub fn on_incoming(&self, waker: Arc<dyn Fn(AccountId) + Send + Sync>) {
-        let _ = self.inner.waker.set(waker);
-    }
-
-    pub(crate) fn wake(&self, account: AccountId) {
-        if let Some(waker) = self.inner.waker.get() {
-            waker(account);
-        }
+        let _ = self.ctx().waker.set(waker);
     }
 
     pub fn config(&self) -> &MessagingConfig {
-        &self.inner.config
+        &self.ctx().config
     }
 
     /// Housekeeping: drops idle rate-limit state.
     pub fn sweep(&self) {
-        self.inner.sends.forget_idle();
+        self.ctx().sends.forget_idle();
         self.inner.group_changes.forget_idle();
     }
 
     pub fn live_actors(&self) -> usize {
-        self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner).live.len()
+        self.ctx().registry.live_actors()
     }
 
     /// Stops every actor after its current batch and waits for them.
     pub async fn shutdown(&self) {
-        self.inner.shutdown.cancel();
-        self.inner.tracker.close();
-        self.inner.tracker.wait().await;
+        self.ctx().registry.shutdown().await;
     }
 
-    /// The mailbox of `account`'s actor, spawning the actor if needed.
-    fn mailbox(&self, account: AccountId) -> (lane::Sender<Msg>, u64) {
-        let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = registry.live.get(&account) {
-            return (slot.mailbox.clone(), slot.generation);
-        }
-        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = lane::channel(MAILBOX);
-        let predecessor = registry.retiring.remove(&account);
-        registry.live.insert(account, Slot { mailbox: tx.clone(), generation });
-        drop(registry);
-        // Debug level, like the connection span: an idle actor is counted in
-        // bytes, and a disabled span costs none.
-        let span = tracing::debug_span!("actor", %account, generation);
-        let actor = actor::run(self.clone(), account, generation, tx.clone(), rx, predecessor);
-        self.inner.tracker.spawn(tracing::Instrument::instrument(actor, span));
-        (tx, generation)
-    }
-
-    /// Queues `msg` for `account`'s actor (waiting while its mailbox is
-    /// full). If the actor retired in between, its successor gets it.
-    pub(crate) async fn tell(&self, account: AccountId, mut msg: Msg) -> Result<(), MessagingError> {
-        for _ in 0..8 {
-            if self.inner.shutdown.is_cancelled() {
-                return Err(gone());
-            }
-            let (mailbox, generation) = self.mailbox(account);
-            match mailbox.send(msg).await {
-                Ok(()) => return Ok(()),
-                Err(lane::SendError(returned)) => {
-                    msg = returned;
-                    self.forget_generation(account, generation);
-                }
-            }
-        }
-        Err(gone())
-    }
-
-    /// Runs a task that shutdown waits for.
-    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.inner.tracker.spawn(task);
-    }
-
-    /// Removes a slot whose actor no longer takes mail.
-    pub(crate) fn forget_generation(&self, account: AccountId, generation: u64) {
-        let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
-        if registry.live.get(&account).is_some_and(|s| s.generation == generation) {
-            registry.live.remove(&account);
-        }
-    }
-
-    /// Called by an idle actor: if its mailbox is empty, it leaves the
-    /// registry (closing the mailbox under the registry lock) and gets a
-    /// flag to raise when it has finished.
-    pub(crate) fn retire(
-        &self,
-        account: AccountId,
-        generation: u64,
-        mailbox: &mut lane::Receiver<Msg>,
-    ) -> Option<watch::Sender<bool>> {
-        let mut registry = self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
-        if !mailbox.is_empty() || registry.live.get(&account).is_none_or(|s| s.generation != generation) {
-            return None;
-        }
-        registry.live.remove(&account);
-        let (done, waiter) = watch::channel(false);
-        registry.retiring.insert(account, waiter);
-        mailbox.close();
-        Some(done)
+    async fn tell(&self, account: AccountId, msg: Msg) -> Result<(), MessagingError> {
+        self.ctx().registry.tell(self.ctx(), account, msg).await
     }
 
     /// The phone ⇄ account directory every edge resolves through.
@@ -224,6 +116,13 @@ impl Router {
         Ok(self.inner.directory.phone(account).await?)
     }
 
+    /// Takes one message from `device`'s rate limit (a refused send to an
+    /// unknown number; the actor charges accepted sends itself, once it
+    /// knows they are not resends).
+    fn charge_send(&self, device: DeviceId) -> Result<(), MessagingError> {
+        self.ctx().sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))
+    }
+
     /// Queues a send from `device` of `account`. Returns once the request is
     /// in the actor's mailbox (so requests of one connection keep their
     /// order); the receiver yields the ack once the message is durable.
@@ -236,45 +135,33 @@ impl Router {
         if !valid_client_id(&request.client_id) {
             return Err(MessagingError::InvalidClientId);
         }
-        let max = self.inner.config.max_payload_bytes;
+        let max = self.ctx().config.max_payload_bytes;
         if request.payload.len() > max {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });
         }
-        let (to, actor) = match request.group {
-            Some(group) if self.group_exists(group).await? => (Recipient::Group, group),
+        let (reply, answer) = oneshot::channel();
+        let span = tracing::Span::current();
+        let SendRequest { client_id, to, group, payload } = request;
+        match group {
+            Some(group) if self.group_exists(group).await? => {
+                let mail = PostMail { author: account, device, client_id, payload, reply, span };
+                self.tell(group, Msg::Post(Box::new(mail))).await?;
+            }
             Some(_) => return Err(GroupError::UnknownGroup.into()),
             None => {
                 // The identity boundary: the actor gets an account id.
-                let phone = PhoneNumber::parse(&request.to)?;
-                match self.inner.directory.account(&phone).await? {
-                    Some(to) => (Recipient::Account(to), account),
-                    None => {
-                        // A refused send costs the sender's rate like a sent
-                        // one, so guessing numbers is as slow as messaging.
-                        self.charge_send(device)?;
-                        return Err(MessagingError::UnknownRecipient);
-                    }
-                }
+                let phone = PhoneNumber::parse(&to)?;
+                let Some(to) = self.inner.directory.account(&phone).await? else {
+                    // A refused send costs the sender's rate like a sent
+                    // one, so guessing numbers is as slow as messaging.
+                    self.charge_send(device)?;
+                    return Err(MessagingError::UnknownRecipient);
+                };
+                let mail = actor::SendMail { device, client_id, to, payload, reply, span };
+                self.tell(account, Msg::Send(Box::new(mail))).await?;
             }
-        };
-        let (reply, answer) = oneshot::channel();
-        let mail = actor::SendMail {
-            account,
-            device,
-            client_id: request.client_id,
-            to,
-            payload: request.payload,
-            reply,
-            span: tracing::Span::current(),
-        };
-        self.tell(actor, Msg::Send(Box::new(mail))).await?;
+        }
         Ok(answer)
-    }
-
-    /// Takes one message from `device`'s rate limit. The actor calls it for
-    /// a send once it knows the send is not a resend of an accepted one.
-    pub(crate) fn charge_send(&self, device: DeviceId) -> Result<(), MessagingError> {
-        self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))
     }
 
     /// Takes one group creation or change from `device`'s rate limit. The
@@ -286,18 +173,16 @@ impl Router {
 
     /// Creates a group of `account` (its first admin) and `members`.
     /// Returns once the request is queued; the receiver yields the group's
-    /// state once its creation is durable. (Charge the rate limit first:
-    /// [`Router::charge_group_change`].)
+    /// state once its creation is durable; the group's actor checks the size
+    /// (`skylark_core::group::too_many`). (Charge the rate limit first:
+    /// [`Router::charge_group_change`], and bound the list at the edge.)
     pub async fn create_group(
         &self,
         account: AccountId,
         subject: String,
         members: Vec<AccountId>,
     ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
-        if members.len() >= self.inner.config.max_group_members {
-            return Err(GroupError::Full(self.inner.config.max_group_members).into());
-        }
-        let group = self.inner.store.allocate_group().await?;
+        let group = self.ctx().store.allocate_group().await?;
         self.ask_group(account, group, GroupRequest::Create { subject, members }).await
     }
 
@@ -323,10 +208,10 @@ impl Router {
         if !group.is_group() {
             return Ok(false);
         }
-        if self.inner.registry.lock().unwrap_or_else(PoisonError::into_inner).live.contains_key(&group) {
+        if self.ctx().registry.is_live(group) {
             return Ok(true);
         }
-        Ok(self.inner.store.group(group).await?.is_some())
+        Ok(self.ctx().store.group(group).await?.is_some())
     }
 
     async fn ask_group(
@@ -342,9 +227,10 @@ impl Router {
 
     /// The groups `account` is a member of, as stored (durable state).
     pub async fn groups_of(&self, account: AccountId) -> Result<Vec<GroupMeta>, MessagingError> {
+        let store = &self.ctx().store;
         let mut out = Vec::new();
-        for id in self.inner.store.groups_of(account).await? {
-            if let Some(meta) = self.inner.store.group(id).await? {
+        for id in store.groups_of(account).await? {
+            if let Some(meta) = store.group(id).await? {
                 out.push(meta);
             }
         }
@@ -362,7 +248,7 @@ impl Router {
     ) -> Result<lane::Receiver<DeviceEvent>, MessagingError> {
         // Room for a full window plus the CaughtUp marker, so the actor
         // never has to wait on a slow connection.
-        let (events, stream) = lane::channel(self.inner.config.device_window + 4);
+        let (events, stream) = lane::channel(self.ctx().config.device_window + 4);
         let (reply, answer) = oneshot::channel();
         self.tell(account, Msg::Attach(Box::new(actor::AttachMail { device, connection, events, reply }))).await?;
         answer.await.map_err(|_| gone())??;
@@ -388,16 +274,14 @@ impl Router {
         peer: AccountId,
         up_to: u64,
     ) -> Result<oneshot::Receiver<Result<(), MessagingError>>, MessagingError> {
-        self.inner.sends.check(&device.to_string()).map_err(|l| MessagingError::RateLimited(l.retry_after))?;
-        // The peer must exist (a group drops read receipts from accounts
-        // that are not its members).
+        self.charge_send(device)?;
         if peer == account {
             return Err(MessagingError::UnknownAccount);
         }
         if peer.is_group() {
             // Only members mark a group read (removed members no longer
             // take part in its receipts).
-            match self.inner.store.group(peer).await? {
+            match self.ctx().store.group(peer).await? {
                 None => return Err(MessagingError::UnknownAccount),
                 Some(meta) if meta.member(account).is_none() => return Err(GroupError::NotAMember.into()),
                 Some(_) => {}
@@ -415,19 +299,6 @@ impl Router {
     pub async fn device_change(&self, account: AccountId, change: DeviceChange) -> Result<(), MessagingError> {
         let (reply, answer) = oneshot::channel();
         self.tell(account, Msg::DeviceChange { change: Box::new(change), reply }).await?;
-        answer.await.map_err(|_| gone())?
-    }
-
-    /// Hands forwards from `from` to `to`'s actor and waits until they are
-    /// durable there. Returns the highest outbox sequence applied.
-    pub(crate) async fn deliver(
-        &self,
-        to: AccountId,
-        from: AccountId,
-        items: actor::Batch,
-    ) -> Result<u64, MessagingError> {
-        let (reply, answer) = oneshot::channel();
-        self.tell(to, Msg::Deliver(Box::new(actor::DeliverMail { from, items, reply }))).await?;
         answer.await.map_err(|_| gone())?
     }
 }

@@ -1,4 +1,4 @@
-//! The actor of a group: the same actor as an account's, with a roster.
+//! The rules of a group's actor, on the same [`Machine`] as an account's.
 //!
 //! A group's actor is the single writer of the group's log. Every post and
 //! every change becomes one [`GroupEvent`] with the next group sequence,
@@ -14,31 +14,35 @@
 //! "message info" from them, and tells a message's author when every
 //! member has it (delivered) or has read it, as a receipt in the author's
 //! log with the group as its peer.
+//!
+//! Like the rest of the machine, nothing here performs IO: log entries it
+//! needs beyond memory are asked for ([`Machine::marks_need`]) and given.
 
-use super::{Actor, SendFailure, SendMail};
+use super::machine::{BatchIds, Effects, Facts, Kind, Machine, Missing, Refusal, duplicate};
 use crate::messaging::{GroupReply, GroupRequest, MessageInfo, MessagingError, SendAck};
 use skylark_core::group::{GroupBody, GroupChange, GroupError, GroupEvent, GroupMeta};
 use skylark_core::message::{Forward, LogEntry, MessageId, ReceiptKind};
 use skylark_core::{AccountId, DeviceId};
-use skylark_store::{AccountWrite, Store, StoreError};
+use skylark_store::AccountWrite;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
+#[derive(Debug)]
 pub(crate) struct GroupState {
-    meta: GroupMeta,
+    pub meta: GroupMeta,
     /// Per current member: highest group sequence delivered to any of its
     /// devices, and highest it read.
-    positions: HashMap<AccountId, (u64, u64)>,
+    pub positions: HashMap<AccountId, (u64, u64)>,
     /// The lowest delivered and read positions over all members, as the
     /// authors were last told.
-    marks: (u64, u64),
+    pub marks: (u64, u64),
 }
 
 impl GroupState {
-    pub(super) async fn load(store: &dyn Store, id: AccountId) -> Result<Option<GroupState>, StoreError> {
-        let Some(meta) = store.group(id).await? else { return Ok(None) };
-        let stored: HashMap<AccountId, (u64, u64)> =
-            store.receipt_state(id).await?.received.into_iter().map(|(m, d, r)| (m, (d, r))).collect();
+    /// The state of a stored group, with the receipt positions stored for
+    /// its members (`stored`: member → delivered, read).
+    pub fn new(meta: GroupMeta, stored: &HashMap<AccountId, (u64, u64)>) -> GroupState {
         let positions = meta
             .members
             .iter()
@@ -52,7 +56,7 @@ impl GroupState {
         // Author receipts go out in the same write as the positions that
         // move the marks, so whatever the marks are now was already told.
         state.marks = state.lowest();
-        Ok(Some(state))
+        state
     }
 
     fn lowest(&self) -> (u64, u64) {
@@ -62,99 +66,110 @@ impl GroupState {
     }
 }
 
-fn refused(e: GroupError) -> SendFailure {
-    SendFailure::Refused(MessagingError::Group(e))
+fn refused(e: GroupError) -> Refusal {
+    Refusal::Refused(MessagingError::Group(e))
 }
 
-impl Actor {
-    fn group_state(&self) -> Result<&GroupState, SendFailure> {
-        self.group.as_deref().ok_or_else(|| refused(GroupError::UnknownGroup))
+impl Machine {
+    fn group_state(&self) -> Result<&GroupState, Refusal> {
+        match &self.kind {
+            Kind::Group(Some(state)) => Ok(state),
+            Kind::Group(None) => Err(refused(GroupError::UnknownGroup)),
+            Kind::User => Err(Refusal::Refused(MessagingError::Internal("a group request reached an account"))),
+        }
+    }
+
+    fn group_state_mut(&mut self) -> Option<&mut GroupState> {
+        match &mut self.kind {
+            Kind::Group(Some(state)) => Some(state),
+            _ => None,
+        }
     }
 
     /// A member posts a message.
-    pub(super) async fn post(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn post(
         &mut self,
-        write: &mut AccountWrite,
-        batch_ids: &mut HashMap<(DeviceId, String), SendAck>,
-        mail: &SendMail,
-        kick: &mut HashSet<AccountId>,
-    ) -> Result<SendAck, SendFailure> {
+        fx: &mut Effects,
+        batch_ids: &mut BatchIds,
+        facts: &Facts,
+        now_ms: u64,
+        author: AccountId,
+        device: DeviceId,
+        client_id: String,
+        payload: Vec<u8>,
+        over_rate: Option<Duration>,
+    ) -> Result<SendAck, Refusal> {
         let state = self.group_state()?;
         // A resend of an accepted post is answered as such, even if its
         // author has left since: the post happened.
-        let key = (mail.device, mail.client_id.clone());
-        if let Some(ack) = batch_ids.get(&key) {
-            return Ok(SendAck { duplicate: true, ..*ack });
+        if let Some(ack) = duplicate(self.account, batch_ids, facts, device, &client_id) {
+            return Ok(ack);
         }
-        let store = self.router.inner.store.clone();
-        if let Some(seq) = store.client_id(self.account, mail.device, &mail.client_id).await? {
-            let sent_at_ms = match store.read_log(self.account, seq, 1).await?.first() {
-                Some((_, entry)) => entry.at_ms(),
-                None => 0,
-            };
-            return Ok(SendAck { id: MessageId { sender: self.account, seq }, sent_at_ms, duplicate: true });
+        if let Some(wait) = over_rate {
+            return Err(Refusal::Refused(MessagingError::RateLimited(wait)));
         }
-        self.router.charge_send(mail.device).map_err(SendFailure::Refused)?;
-        let change =
-            GroupChange::Post { device: mail.device, client_id: mail.client_id.clone(), payload: mail.payload.clone() };
-        let body =
-            state.meta.check(mail.account, change, self.router.inner.config.max_group_members).map_err(refused)?;
-        let (seq, sent_at_ms) = self.record(write, mail.account, body, kick);
+        let change = GroupChange::Post { device, client_id: client_id.clone(), payload };
+        let body = state.meta.check(author, change, self.config.max_group_members).map_err(refused)?;
+        let seq = self.record(&mut fx.write, &mut fx.kick, now_ms, author, body);
         // Posting means having seen the conversation up to here.
-        self.advance_position(write, mail.account, ReceiptKind::Read, seq);
-        write.client_ids.push((mail.device, mail.client_id.clone(), seq));
-        let ack = SendAck { id: MessageId { sender: self.account, seq }, sent_at_ms, duplicate: false };
-        batch_ids.insert(key, ack);
-        metrics::counter!("skylark_group_messages_accepted_total").increment(1);
+        self.advance_position(&mut fx.write, author, ReceiptKind::Read, seq);
+        fx.write.client_ids.push((device, client_id.clone(), seq));
+        let ack = SendAck { id: MessageId { sender: self.account, seq }, sent_at_ms: now_ms, duplicate: false };
+        batch_ids.insert((device, client_id), ack);
+        fx.counts.group_accepted += 1;
         Ok(ack)
     }
 
-    pub(super) async fn group_request(
+    pub(super) fn group_request(
         &mut self,
-        write: &mut AccountWrite,
+        fx: &mut Effects,
+        facts: &Facts,
+        now_ms: u64,
         from: AccountId,
         request: GroupRequest,
-        kick: &mut HashSet<AccountId>,
-    ) -> Result<GroupReply, SendFailure> {
-        let max = self.router.inner.config.max_group_members;
+    ) -> Result<GroupReply, Refusal> {
+        let max = self.config.max_group_members;
         match request {
             GroupRequest::Create { subject, members } => {
-                if self.group.is_some() || self.last_seq() > 0 {
+                if !matches!(self.kind, Kind::Group(None)) || self.log.last_seq() > 0 {
                     // Ids are allocated fresh for every creation.
-                    return Err(SendFailure::Refused(MessagingError::Internal("group id reused")));
+                    return Err(Refusal::Refused(MessagingError::Internal("group id reused")));
                 }
-                let now = self.now();
                 let (meta, body) =
-                    GroupMeta::create(self.account, from, subject, &members, max, now).map_err(refused)?;
+                    GroupMeta::create(self.account, from, subject, &members, max, now_ms).map_err(refused)?;
                 let positions = meta.members.iter().map(|m| (m.account, (0, 0))).collect();
-                write.memberships.extend(meta.members.iter().map(|m| (m.account, true)));
-                self.group = Some(Box::new(GroupState { meta, positions, marks: (0, 0) }));
-                self.record(write, from, body, kick);
+                fx.write.memberships.extend(meta.members.iter().map(|m| (m.account, true)));
+                self.kind = Kind::Group(Some(Box::new(GroupState { meta, positions, marks: (0, 0) })));
+                self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);
             }
             GroupRequest::Change(change) => {
                 let body = self.group_state()?.meta.check(from, change, max).map_err(refused)?;
-                self.record(write, from, body, kick);
+                self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);
             }
             GroupRequest::Info => {
                 self.member_check(from)?;
             }
-            GroupRequest::MessageInfo { seq } => return self.message_info(from, seq).await,
+            GroupRequest::MessageInfo { seq } => return self.message_info(facts, from, seq),
         }
         Ok(GroupReply::Info(self.group_state()?.meta.clone()))
     }
 
-    fn member_check(&self, from: AccountId) -> Result<(), SendFailure> {
+    fn member_check(&self, from: AccountId) -> Result<(), Refusal> {
         match self.group_state()?.meta.member(from) {
             Some(_) => Ok(()),
             None => Err(refused(GroupError::NotAMember)),
         }
     }
 
-    async fn message_info(&self, from: AccountId, seq: u64) -> Result<GroupReply, SendFailure> {
+    fn message_info(&self, facts: &Facts, from: AccountId, seq: u64) -> Result<GroupReply, Refusal> {
         self.member_check(from)?;
         let state = self.group_state()?;
-        let entry = if seq == 0 || seq > self.last_seq() { Vec::new() } else { self.entries(seq, seq).await? };
-        let Some(LogEntry::Group(event)) = entry.first().map(|(_, e)| e.as_ref()) else {
+        if seq == 0 || seq > self.log.last_seq() {
+            return Err(refused(GroupError::UnknownMessage));
+        }
+        let entry = self.log.entry(seq, facts).ok_or_else(|| Missing(format!("group log entry {seq}")))?;
+        let LogEntry::Group(event) = entry.as_ref() else {
             return Err(refused(GroupError::UnknownMessage));
         };
         let GroupBody::Message { .. } = &event.body else {
@@ -179,19 +194,19 @@ impl Actor {
 
     /// Records an event: appends it to the group's log, applies it to the
     /// roster, and queues it for every account that was or became a member
-    /// by it. Returns its sequence number and time.
+    /// by it. Returns its sequence number.
     fn record(
         &mut self,
         write: &mut AccountWrite,
+        kick: &mut HashSet<AccountId>,
+        now_ms: u64,
         by: AccountId,
         body: GroupBody,
-        kick: &mut HashSet<AccountId>,
-    ) -> (u64, u64) {
-        let seq = self.counters.next_seq;
-        let at_ms = self.now();
-        let event = Arc::new(GroupEvent { group: self.account, seq, by, at_ms, body });
-        self.append(write, LogEntry::Group(event.clone()));
-        let Some(state) = self.group.as_deref_mut() else { return (seq, at_ms) };
+    ) -> u64 {
+        let seq = self.log.counters.next_seq;
+        let event = Arc::new(GroupEvent { group: self.account, seq, by, at_ms: now_ms, body });
+        self.log.append(write, LogEntry::Group(event.clone()));
+        let Kind::Group(Some(state)) = &mut self.kind else { return seq };
         let mut recipients: Vec<AccountId> = state.meta.members.iter().map(|m| m.account).collect();
         let promote = state.meta.apply(by, seq, &event.body);
         match &event.body {
@@ -220,21 +235,21 @@ impl Actor {
             write.group = Some(state.meta.clone());
         }
         for to in recipients {
-            self.enqueue_forward(write, to, Forward::Group(event.clone()));
+            self.outbox.put(&mut self.log, write, to, Forward::Group(event.clone()));
             kick.insert(to);
         }
         if let Some(member) = promote {
             let group = self.account;
-            self.record(write, group, GroupBody::Promoted { member }, kick);
+            self.record(write, kick, now_ms, group, GroupBody::Promoted { member });
         }
-        (seq, at_ms)
+        seq
     }
 
     /// Moves a member's position forward (read implies delivered).
     fn advance_position(&mut self, write: &mut AccountWrite, member: AccountId, kind: ReceiptKind, up_to: u64) {
-        let Some(state) = self.group.as_deref_mut() else { return };
+        let up_to = up_to.min(self.log.last_seq());
+        let Some(state) = self.group_state_mut() else { return };
         let Some(position) = state.positions.get_mut(&member) else { return };
-        let up_to = up_to.min(self.counters.next_seq - 1);
         if up_to > position.0 {
             position.0 = up_to;
             write.receipts.push((member, ReceiptKind::Delivered, up_to));
@@ -253,34 +268,36 @@ impl Actor {
         }
     }
 
-    /// Tells authors when all members have (or have read) their messages.
-    pub(super) async fn advance_marks(
-        &mut self,
-        write: &mut AccountWrite,
-        kick: &mut HashSet<AccountId>,
-    ) -> Result<(), StoreError> {
-        let Some(state) = self.group.as_deref() else { return Ok(()) };
+    /// The log range [`Machine::advance_marks`] will read that is not in
+    /// memory, if the marks moved.
+    pub fn marks_need(&self) -> Option<(u64, u64)> {
+        let Kind::Group(Some(state)) = &self.kind else { return None };
+        let (old, new) = (state.marks, state.lowest());
+        if new == old {
+            return None;
+        }
+        self.log.missing(old.0.min(old.1) + 1, new.0.max(new.1))
+    }
+
+    /// Tells authors when all members have (or have read) their messages:
+    /// run after a step, before its write is made durable, with the entries
+    /// [`Machine::marks_need`] asked for.
+    pub fn advance_marks(&mut self, fx: &mut Effects, facts: &Facts, now_ms: u64) -> Result<(), Missing> {
+        let Kind::Group(Some(state)) = &self.kind else { return Ok(()) };
         let (old, new) = (state.marks, state.lowest());
         if new == old {
             return Ok(());
         }
-        let from = old.0.min(old.1) + 1;
-        let to = new.0.max(new.1);
         let mut authors: Vec<(u64, AccountId)> = Vec::new();
-        let mut next = from;
-        while next <= to {
-            let chunk = self.entries(next, to).await?;
-            let Some((last, _)) = chunk.last() else { break };
-            next = last + 1;
-            for (seq, entry) in chunk {
-                if let LogEntry::Group(e) = entry.as_ref() {
-                    if matches!(e.body, GroupBody::Message { .. }) && e.by != self.account {
-                        authors.push((seq, e.by));
-                    }
+        for seq in old.0.min(old.1) + 1..=new.0.max(new.1).min(self.log.last_seq()) {
+            let entry = self.log.entry(seq, facts).ok_or_else(|| Missing(format!("group log entry {seq}")))?;
+            if let LogEntry::Group(e) = entry.as_ref() {
+                if matches!(e.body, GroupBody::Message { .. }) && e.by != self.account {
+                    authors.push((seq, e.by));
                 }
             }
         }
-        let now = self.now();
+        let had_write = !fx.write.is_empty();
         for (kind, before, after) in [(ReceiptKind::Delivered, old.0, new.0), (ReceiptKind::Read, old.1, new.1)] {
             if after <= before {
                 continue;
@@ -288,13 +305,19 @@ impl Actor {
             let mut told: HashSet<AccountId> = HashSet::new();
             for (_, author) in authors.iter().filter(|(seq, _)| *seq > before && *seq <= after) {
                 if told.insert(*author) {
-                    self.enqueue_forward(write, *author, Forward::Receipt { kind, up_to: after, at_ms: now });
-                    kick.insert(*author);
+                    let receipt = Forward::Receipt { kind, up_to: after, at_ms: now_ms };
+                    self.outbox.put(&mut self.log, &mut fx.write, *author, receipt);
+                    fx.kick.insert(*author);
                 }
             }
         }
-        if let Some(state) = self.group.as_deref_mut() {
+        if let Some(state) = self.group_state_mut() {
             state.marks = (new.0.max(old.0), new.1.max(old.1));
+        }
+        // The step already joined held-back cleanup to a write it made; a
+        // write made only now takes it too.
+        if !had_write && !fx.write.is_empty() {
+            self.cleanup.take_into(&mut fx.write);
         }
         Ok(())
     }

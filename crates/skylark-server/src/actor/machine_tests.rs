@@ -1,0 +1,1 @@
+//! Unit tests of the machine: no runtime, no store.

@@ -1,0 +1,151 @@
+//! The registry of live actors: one mailbox per active account or group.
+//!
+//! [`Registry`] finds the mailbox of an actor, spawning the actor on first
+//! use. An actor that has been idle retires through
+//! [`Registry::retire`]: its mailbox closes under the registry's lock, and
+//! a successor spawned for later mail waits for it to finish before loading
+//! the account's state, so two actors never write one account at once.
+//!
+//! The registry knows mailboxes and generations, not what actors do; the
+//! context it spawns actors with is passed in by the caller, so it holds no
+//! reference back to it.
+
+use crate::actor::{self, Ctx, Msg};
+use crate::lane;
+use crate::messaging::MessagingError;
+use skylark_core::AccountId;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Messages queued for one actor. Bounded so a flooded actor pushes back on
+/// its senders (connections and other actors) instead of growing.
+pub(crate) const MAILBOX: usize = 1024;
+
+struct Slot {
+    mailbox: lane::Sender<Msg>,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Slots {
+    live: HashMap<AccountId, Slot>,
+    /// Actors that stopped taking mail but may still be finishing; a
+    /// successor waits for the flag before loading state.
+    retiring: HashMap<AccountId, watch::Receiver<bool>>,
+}
+
+pub(crate) struct Registry {
+    slots: Mutex<Slots>,
+    generation: AtomicU64,
+    /// Cancelled at shutdown: every actor and forward selects on it.
+    pub(crate) shutdown: CancellationToken,
+    /// Every actor and forward task, so shutdown waits for them.
+    tracker: TaskTracker,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(Slots::default()),
+            generation: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+}
+
+impl Registry {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn live_actors(&self) -> usize {
+        self.slots().live.len()
+    }
+
+    pub(crate) fn is_live(&self, account: AccountId) -> bool {
+        self.slots().live.contains_key(&account)
+    }
+
+    /// The mailbox of `account`'s actor, spawning the actor (with `ctx`) if needed.
+    fn mailbox(&self, ctx: &Ctx, account: AccountId) -> (lane::Sender<Msg>, u64) {
+        let mut slots = self.slots();
+        if let Some(slot) = slots.live.get(&account) {
+            return (slot.mailbox.clone(), slot.generation);
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = lane::channel(MAILBOX);
+        let predecessor = slots.retiring.remove(&account);
+        slots.live.insert(account, Slot { mailbox: tx.clone(), generation });
+        drop(slots);
+        // Debug level, like the connection span: an idle actor is counted in
+        // bytes, and a disabled span costs none.
+        let span = tracing::debug_span!("actor", %account, generation);
+        let actor = actor::run(ctx.clone(), account, generation, tx.clone(), rx, predecessor);
+        self.tracker.spawn(tracing::Instrument::instrument(actor, span));
+        (tx, generation)
+    }
+
+    /// Queues `msg` for `account`'s actor (waiting while its mailbox is
+    /// full). If the actor retired in between, its successor gets it.
+    pub(crate) async fn tell(&self, ctx: &Ctx, account: AccountId, mut msg: Msg) -> Result<(), MessagingError> {
+        for _ in 0..8 {
+            if self.shutdown.is_cancelled() {
+                return Err(MessagingError::ShuttingDown);
+            }
+            let (mailbox, generation) = self.mailbox(ctx, account);
+            match mailbox.send(msg).await {
+                Ok(()) => return Ok(()),
+                Err(lane::SendError(returned)) => {
+                    msg = returned;
+                    self.forget_generation(account, generation);
+                }
+            }
+        }
+        Err(MessagingError::ShuttingDown)
+    }
+
+    /// Runs a task that shutdown waits for.
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(task);
+    }
+
+    /// Removes a slot whose actor no longer takes mail.
+    pub(crate) fn forget_generation(&self, account: AccountId, generation: u64) {
+        let mut slots = self.slots();
+        if slots.live.get(&account).is_some_and(|s| s.generation == generation) {
+            slots.live.remove(&account);
+        }
+    }
+
+    /// Called by an idle actor: if its mailbox is empty, it leaves the
+    /// registry (closing the mailbox under the registry lock) and gets a
+    /// flag to raise when it has finished.
+    pub(crate) fn retire(
+        &self,
+        account: AccountId,
+        generation: u64,
+        mailbox: &mut lane::Receiver<Msg>,
+    ) -> Option<watch::Sender<bool>> {
+        let mut slots = self.slots();
+        if !mailbox.is_empty() || slots.live.get(&account).is_none_or(|s| s.generation != generation) {
+            return None;
+        }
+        slots.live.remove(&account);
+        let (done, waiter) = watch::channel(false);
+        slots.retiring.insert(account, waiter);
+        mailbox.close();
+        Some(done)
+    }
+
+    /// Stops every actor after its current batch and waits for them.
+    pub(crate) async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
