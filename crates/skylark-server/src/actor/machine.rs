@@ -745,6 +745,9 @@ impl Machine {
         position.acked = up_to;
         if let Some(window) = self.feeds.windows.get_mut(&device).filter(|w| w.connection == connection) {
             window.acked = window.acked.max(up_to);
+            // The device may ack, on a new connection, what its previous one
+            // was handed: what it acknowledged need not be sent again here.
+            window.sent = window.sent.max(window.acked);
         }
         fx.write.cursors.push((device, up_to));
         if up_to <= self.marks.delivered {
@@ -819,7 +822,7 @@ impl Machine {
         if window.sent >= last {
             return if window.caught_up { FeedPlan::Idle } else { FeedPlan::CaughtUp(last) };
         }
-        let room = (self.config.device_window as u64).saturating_sub(window.sent - window.acked);
+        let room = (self.config.device_window as u64).saturating_sub(window.sent.saturating_sub(window.acked));
         if room == 0 {
             return FeedPlan::Idle;
         }

@@ -1,1 +1,344 @@
-//! Unit tests of the machine: no runtime, no store.
+//! Unit tests of the machine: no runtime, no store, no clock — inputs,
+//! facts and times in, effects out.
+
+use super::*;
+use skylark_core::group::{GroupBody, GroupError};
+
+const A: AccountId = AccountId(1);
+const B: AccountId = AccountId(2);
+const C: AccountId = AccountId(3);
+const PHONE: DeviceId = DeviceId(11);
+const LAPTOP: DeviceId = DeviceId(12);
+
+fn config() -> MessagingConfig {
+    MessagingConfig { device_window: 4, ..MessagingConfig::default() }
+}
+
+fn machine(account: AccountId) -> Machine {
+    Machine::new(account, config(), Loaded::default())
+}
+
+fn send(client_id: &str, to: AccountId) -> Input {
+    Input::Send { device: PHONE, client_id: client_id.into(), to, payload: b"x".to_vec(), over_rate: None }
+}
+
+/// B's message number `seq` to A, as a forward.
+fn from_b(seq: u64) -> (u64, Forward) {
+    let id = MessageId { sender: B, seq };
+    let m = Message {
+        id,
+        to: A,
+        sender_device: DeviceId(21),
+        client_id: format!("b{seq}"),
+        sent_at_ms: seq,
+        payload: vec![],
+    };
+    (seq, Forward::Message(Arc::new(m)))
+}
+
+fn deliver(items: Vec<(u64, Forward)>) -> Input {
+    Input::Deliver { from: B, items: Arc::from(items) }
+}
+
+/// The facts a store with nothing in it gives for `needs` (a device's
+/// cursor at 0).
+fn nothing_stored(needs: &Needs) -> Facts {
+    let mut facts = Facts::default();
+    facts.contacts.extend(needs.contacts.iter().map(|p| (*p, false)));
+    facts.inbound.extend(needs.inbound.iter().map(|p| (*p, 0)));
+    facts.receipts.extend(needs.receipts.iter().map(|k| (*k, 0)));
+    facts.read_markers.extend(needs.read_markers.iter().map(|p| (*p, 0)));
+    facts.received.extend(needs.received.iter().map(|p| (*p, 0)));
+    facts.cursors.extend(needs.cursors.iter().map(|d| (*d, Some(0))));
+    facts
+}
+
+fn step(m: &mut Machine, inputs: Vec<Input>) -> Effects {
+    let facts = nothing_stored(&m.needs(&inputs));
+    m.step(inputs, &facts, 1_000).expect("the facts are complete")
+}
+
+fn answer(outcome: &Outcome) -> &Answer {
+    match outcome {
+        Outcome::Later(a) | Outcome::Now(Ok(a)) => a,
+        other => panic!("expected an answer, got {other:?}"),
+    }
+}
+
+fn ack_of(outcome: &Outcome) -> SendAck {
+    match answer(outcome) {
+        Answer::Send(ack) => *ack,
+        other => panic!("expected a send ack, got {other:?}"),
+    }
+}
+
+/// Hands `device` everything its window allows; returns the sequences.
+fn hand(m: &mut Machine, device: DeviceId) -> Vec<u64> {
+    match m.feed_plan(device, &BTreeMap::new()) {
+        FeedPlan::Entries(entries) => {
+            let seqs: Vec<u64> = entries.iter().map(|(s, _)| *s).collect();
+            m.fed(device, *seqs.last().expect("a plan has entries"));
+            seqs
+        }
+        FeedPlan::Idle => Vec::new(),
+        other => panic!("expected entries, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_resend_gets_the_first_ack_in_the_batch_and_from_the_store() {
+    let mut a = machine(A);
+    let fx = step(&mut a, vec![send("c1", B), send("c1", B)]);
+    let (first, again) = (ack_of(&fx.outcomes[0]), ack_of(&fx.outcomes[1]));
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!(first.id, again.id);
+    assert_eq!(fx.write.appends.len(), 1, "one message");
+    assert_eq!(fx.write.client_ids, vec![(PHONE, "c1".to_string(), 1)]);
+    assert_eq!(fx.write.outbox_puts.len(), 1);
+    assert!(fx.kick.contains(&B));
+    assert!(matches!(fx.outcomes[0], Outcome::Later(_)), "answered only once durable");
+
+    // Later, the store knows the id: the resend writes nothing.
+    let mut facts = Facts::default();
+    facts.client_ids.insert((PHONE, "c1".into()), (1, 1_000));
+    let fx = a.step(vec![send("c1", B)], &facts, 2_000).unwrap();
+    let ack = ack_of(&fx.outcomes[0]);
+    assert_eq!((ack.id, ack.sent_at_ms, ack.duplicate), (first.id, 1_000, true));
+    assert!(fx.write.is_empty());
+}
+
+#[test]
+fn over_the_rate_new_sends_are_refused_and_resends_still_answered() {
+    let mut a = machine(A);
+    step(&mut a, vec![send("c1", B)]);
+    let limited = |cid: &str| Input::Send {
+        device: PHONE,
+        client_id: cid.into(),
+        to: B,
+        payload: vec![],
+        over_rate: Some(Duration::from_millis(30)),
+    };
+    let mut facts = nothing_stored(&a.needs(&[limited("c2")]));
+    facts.client_ids.insert((PHONE, "c1".into()), (1, 1_000));
+    let fx = a.step(vec![limited("c1"), limited("c2")], &facts, 2_000).unwrap();
+    assert!(ack_of(&fx.outcomes[0]).duplicate);
+    assert!(matches!(&fx.outcomes[1], Outcome::Now(Err(MessagingError::RateLimited(w))) if w.as_millis() == 30));
+    assert!(fx.write.is_empty(), "a refusal changes nothing");
+}
+
+#[test]
+fn a_device_gets_its_window_then_waits_for_acks_then_is_told_caught_up() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver((1..=10).map(from_b).collect())]);
+    let fx = step(&mut a, vec![Input::Attach { device: PHONE, connection: 7 }]);
+    assert!(matches!(fx.outcomes[0], Outcome::Now(Ok(Answer::Done))));
+    assert_eq!(hand(&mut a, PHONE), vec![1, 2, 3, 4], "a window of 4");
+    assert_eq!(a.feed_plan(PHONE, &BTreeMap::new()), FeedPlan::Idle, "nothing more until acks");
+    step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 2 }]);
+    assert_eq!(hand(&mut a, PHONE), vec![5, 6]);
+    step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 6 }]);
+    assert_eq!(hand(&mut a, PHONE), vec![7, 8, 9, 10]);
+    assert_eq!(a.feed_plan(PHONE, &BTreeMap::new()), FeedPlan::CaughtUp(10));
+    a.told_caught_up(PHONE);
+    assert_eq!(a.feed_plan(PHONE, &BTreeMap::new()), FeedPlan::Idle, "told once");
+}
+
+#[test]
+fn acks_are_clamped_to_what_was_handed_and_send_one_receipt_per_sender() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver((1..=6).map(from_b).collect())]);
+    step(&mut a, vec![Input::Attach { device: PHONE, connection: 7 }]);
+    hand(&mut a, PHONE);
+    let fx = step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 1_000 }]);
+    assert_eq!(a.feeds.positions.get(&PHONE).map(|p| p.acked), Some(4), "clamped to the handed 4");
+    let receipts: Vec<&OutboxItem> = fx.write.outbox_puts.iter().map(|(_, i)| i).collect();
+    assert_eq!(receipts.len(), 1, "one receipt for B, however many messages");
+    assert!(matches!(
+        receipts[0],
+        OutboxItem { to: B, forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 4, .. } }
+    ));
+    // The receipt makes a write anyway: the cursors ride with it.
+    assert!(fx.write.cursors.contains(&(PHONE, 4)) && fx.write.cursors.contains(&(ACCOUNT_CURSOR, 4)));
+}
+
+#[test]
+fn an_ack_alone_waits_as_cleanup_for_the_next_durable_write() {
+    let mut a = machine(A);
+    step(&mut a, vec![Input::Attach { device: PHONE, connection: 7 }]);
+    step(&mut a, vec![send("c1", B)]);
+    assert_eq!(hand(&mut a, PHONE), vec![1], "her own message, for her other devices");
+    let fx = step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 1 }]);
+    assert!(fx.write.is_empty(), "an ack of her own message costs no commit");
+    assert!(a.cleanup.cursors.contains(&(PHONE, 1)));
+    let fx = step(&mut a, vec![send("c2", B)]);
+    assert!(fx.write.cursors.contains(&(PHONE, 1)), "it rides with the next write");
+    assert!(a.cleanup.is_empty());
+}
+
+#[test]
+fn a_new_connection_starts_after_the_newest_ack_even_before_it_is_durable() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver((1..=6).map(from_b).collect())]);
+    step(&mut a, vec![Input::Attach { device: PHONE, connection: 1 }]);
+    hand(&mut a, PHONE);
+    // Acked on the old connection, which is then replaced: the stored
+    // cursor (0 here) is older than the ack.
+    step(&mut a, vec![Input::Ack { device: PHONE, connection: 1, up_to: 3 }]);
+    step(&mut a, vec![Input::Attach { device: PHONE, connection: 2 }]);
+    assert_eq!(hand(&mut a, PHONE), vec![4, 5, 6], "nothing acknowledged comes again");
+    // An ack that arrives from the replaced connection still counts.
+    step(&mut a, vec![Input::Ack { device: PHONE, connection: 1, up_to: 5 }]);
+    assert_eq!(a.feeds.positions.get(&PHONE).map(|p| p.acked), Some(5));
+}
+
+#[test]
+fn a_read_marker_is_clamped_to_what_was_received() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver(vec![from_b(1), from_b(2)])]);
+    let fx = step(&mut a, vec![Input::MarkRead { peer: B, up_to: 1_000_000_000_000 }]);
+    assert!(fx.write.outbox_puts.iter().any(|(_, i)| matches!(
+        i,
+        OutboxItem { to: B, forward: Forward::Receipt { kind: ReceiptKind::Read, up_to: 2, .. } }
+    )));
+    assert!(fx.write.appends.iter().any(|(_, e)| matches!(e.as_ref(), LogEntry::ReadSync { peer: B, up_to: 2, .. })));
+    assert_eq!(fx.write.read_markers, vec![(B, 2)]);
+    // Nothing received from C: a mark for C changes nothing.
+    let fx = step(&mut a, vec![Input::MarkRead { peer: C, up_to: 5 }]);
+    assert!(fx.write.is_empty());
+    assert!(matches!(fx.outcomes[0], Outcome::Later(Answer::Done)), "still answered");
+}
+
+#[test]
+fn forwards_go_in_order_one_batch_at_a_time_and_confirmations_free_them() {
+    let mut a = machine(A);
+    step(&mut a, vec![send("c1", B), send("c2", B), send("c3", B)]);
+    let batch = a.outbox.take_batch(B).expect("a batch");
+    assert_eq!(batch.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(a.outbox.take_batch(B).is_none(), "one in flight per destination");
+    let fx = step(&mut a, vec![Input::Forwarded { to: B, up_to: 2 }]);
+    assert!(fx.write.is_empty(), "the deletion is cleanup");
+    assert_eq!(a.cleanup.outbox_deletes, vec![1, 2]);
+    let rest = a.outbox.take_batch(B).expect("the rest");
+    assert_eq!(rest.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3]);
+}
+
+#[test]
+fn a_destination_drops_what_it_already_has() {
+    let mut a = machine(A);
+    let fx = step(&mut a, vec![deliver(vec![from_b(1), from_b(2)])]);
+    assert!(matches!(answer(&fx.outcomes[0]), Answer::Deliver(2)));
+    assert_eq!(fx.write.inbound, vec![(B, 2)]);
+    assert_eq!(fx.write.received, vec![(B, 2)]);
+    let fx = step(&mut a, vec![deliver(vec![from_b(2), from_b(3)])]);
+    assert!(matches!(answer(&fx.outcomes[0]), Answer::Deliver(3)));
+    assert_eq!(fx.write.appends.len(), 1, "only the new one");
+    assert_eq!(a.log.last_seq(), 3);
+}
+
+#[test]
+fn a_removed_device_loses_its_window_position_and_held_cursor() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver(vec![from_b(1)])]);
+    step(&mut a, vec![Input::Attach { device: LAPTOP, connection: 3 }]);
+    hand(&mut a, LAPTOP);
+    step(&mut a, vec![Input::Ack { device: LAPTOP, connection: 3, up_to: 1 }]);
+    let fx = step(&mut a, vec![Input::DeviceChange(DeviceChange::Removed { device: LAPTOP })]);
+    assert!(a.feeds.windows.get(&LAPTOP).is_none() && a.feeds.positions.get(&LAPTOP).is_none());
+    assert!(!fx.write.cursors.iter().any(|(d, _)| *d == LAPTOP), "no cursor is written for a removed device");
+    assert!(fx.write.appends.iter().any(|(_, e)| matches!(e.as_ref(), LogEntry::Devices { .. })));
+}
+
+#[test]
+fn idle_means_nothing_attached_forwarded_or_held() {
+    let mut a = machine(A);
+    assert!(a.is_idle());
+    step(&mut a, vec![send("c1", B)]);
+    assert!(!a.is_idle(), "a forward waits");
+    let _batch = a.outbox.take_batch(B);
+    step(&mut a, vec![Input::Forwarded { to: B, up_to: 1 }]);
+    assert!(!a.is_idle(), "its deletion is held back");
+    let mut write = AccountWrite::new(A);
+    a.cleanup.take_into(&mut write);
+    assert!(a.is_idle());
+}
+
+#[test]
+fn needs_asks_only_for_what_memory_lacks() {
+    let loaded = Loaded { counters: Counters { next_seq: 1_001, next_outbox: 1 }, ..Loaded::default() };
+    let mut a = Machine::new(A, config(), loaded);
+    let needs = a.needs(&[Input::Ack { device: PHONE, connection: 1, up_to: 900 }, send("c1", B)]);
+    assert_eq!(needs.entries, vec![(1, 900)], "the entries the ack newly covers, none of them in memory");
+    assert_eq!(needs.client_ids, vec![(PHONE, "c1".to_string())]);
+    assert_eq!(needs.contacts, vec![B]);
+    step(&mut a, vec![send("c1", B)]);
+    let needs = a.needs(&[send("c2", B)]);
+    assert!(needs.contacts.is_empty(), "a known contact is not asked again");
+    let fresh = a.log.last_seq();
+    assert_eq!(a.needs(&[Input::Ack { device: PHONE, connection: 1, up_to: fresh }]).entries, vec![(1, 1_000)]);
+}
+
+#[test]
+fn a_step_without_its_facts_is_refused_and_changes_nothing() {
+    let mut a = machine(A);
+    let missing = a.step(vec![Input::Attach { device: PHONE, connection: 1 }], &Facts::default(), 1);
+    assert!(missing.is_err());
+    assert!(a.feeds.windows.is_empty());
+}
+
+#[test]
+fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
+    let g = AccountId::group(1);
+    let mut group = machine(g);
+    let create = Input::Group { from: A, request: GroupRequest::Create { subject: "club".into(), members: vec![B] } };
+    let fx = step(&mut group, vec![create]);
+    assert!(matches!(answer(&fx.outcomes[0]), Answer::Group(GroupReply::Info(meta)) if meta.members.len() == 2));
+    assert_eq!(fx.write.outbox_puts.iter().map(|(_, i)| i.to).collect::<Vec<_>>(), vec![A, B], "to every member");
+
+    let post = |author, cid: &str| Input::Post {
+        author,
+        device: PHONE,
+        client_id: cid.into(),
+        payload: b"hi".to_vec(),
+        over_rate: None,
+    };
+    let fx = step(&mut group, vec![post(B, "p1"), post(C, "p2")]);
+    assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 2, "the group's sequence");
+    assert!(matches!(&fx.outcomes[1], Outcome::Now(Err(MessagingError::Group(GroupError::NotAMember)))));
+
+    // A's account acknowledges up to the post; B has it by posting it.
+    let receipt = |kind| Forward::Receipt { kind, up_to: 2, at_ms: 5 };
+    let from_a = |items| Input::Deliver { from: A, items: Arc::from(items) };
+    let mut fx = step(&mut group, vec![from_a(vec![(1, receipt(ReceiptKind::Delivered))])]);
+    assert_eq!(group.marks_need(), None, "the log is in memory");
+    group.advance_marks(&mut fx, &Facts::default(), 2_000).unwrap();
+    let told: Vec<&OutboxItem> = fx.write.outbox_puts.iter().map(|(_, i)| i).collect();
+    assert!(matches!(
+        told.as_slice(),
+        [OutboxItem { to: B, forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 2, .. } }]
+    ));
+    let mut fx = step(&mut group, vec![from_a(vec![(2, receipt(ReceiptKind::Read))])]);
+    group.advance_marks(&mut fx, &Facts::default(), 3_000).unwrap();
+    assert!(fx.write.outbox_puts.iter().any(|(_, i)| matches!(
+        i,
+        OutboxItem { to: B, forward: Forward::Receipt { kind: ReceiptKind::Read, up_to: 2, .. } }
+    )));
+
+    // A member that leaves gets its own removal and nothing after it.
+    let leave = Input::Group { from: A, request: GroupRequest::Change(skylark_core::group::GroupChange::Leave) };
+    let fx = step(&mut group, vec![leave]);
+    let to: Vec<AccountId> = fx.write.outbox_puts.iter().map(|(_, i)| i.to).collect();
+    assert!(to.contains(&A) && to.contains(&B));
+    let fx = step(&mut group, vec![post(B, "p3")]);
+    assert_eq!(fx.write.outbox_puts.iter().map(|(_, i)| i.to).collect::<Vec<_>>(), vec![B]);
+    assert!(
+        group.log.recent.iter().any(|(_, e)| matches!(e.as_ref(), LogEntry::Group(g) if g.body == GroupBody::Left))
+    );
+}
+
+#[test]
+fn a_user_machine_refuses_group_mail_as_an_internal_error() {
+    let mut a = machine(A);
+    let info = Input::Group { from: B, request: GroupRequest::Info };
+    let fx = step(&mut a, vec![info]);
+    assert!(matches!(&fx.outcomes[0], Outcome::Now(Err(MessagingError::Internal(_)))));
+}
