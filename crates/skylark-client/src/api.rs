@@ -8,52 +8,16 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct SmsStatus {
-    /// "pending", "sent" or "failed".
-    pub status: String,
-    #[serde(default)]
-    pub error: Option<String>,
+/// A request body as JSON (the shared types always serialise).
+fn json<T: serde::Serialize>(body: &T) -> Value {
+    serde_json::to_value(body).unwrap_or(Value::Null)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct VerificationView {
-    pub session_id: String,
-    pub phone: String,
-    pub code_expires_in_ms: u64,
-    pub next_resend_in_ms: Option<u64>,
-    pub sms: SmsStatus,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Registered {
-    pub account_id: u64,
-    pub device_id: u64,
-    pub phone: String,
-    pub device_name: String,
-}
-
-/// A pending link, as the new device sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Link {
-    pub link_id: String,
-    /// Shown as `ABCD-EFGH`; typed or scanned on a signed-in device.
-    pub code: String,
-    pub expires_in_ms: u64,
-}
-
-/// The state of a pending link.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "status", rename_all = "lowercase")]
-pub enum LinkStatus {
-    Pending,
-    Expired,
-    Approved { account_id: u64, device_id: u64, phone: String },
-}
+pub use skylark_protocol::http::{Link, LinkStatus, Registered, SmsStatus, VerificationView};
+use skylark_protocol::http::{LinkRequest, StartVerification, VerifyRequest};
 
 pub struct Api {
     base: String,
@@ -94,7 +58,7 @@ impl Api {
     }
 
     pub async fn start_verification(&self, phone: &str) -> Result<VerificationView, ClientError> {
-        self.call("POST", "/v1/verification", Some(json!({ "phone": phone }))).await
+        self.call("POST", "/v1/verification", Some(json(&StartVerification { phone: phone.to_owned() }))).await
     }
 
     pub async fn verification(&self, session_id: &str) -> Result<VerificationView, ClientError> {
@@ -112,13 +76,17 @@ impl Api {
         public_key: &[u8; 32],
         device_name: &str,
     ) -> Result<Registered, ClientError> {
-        let body = json!({ "code": code, "public_key": BASE64.encode(public_key), "device_name": device_name });
+        let body = json(&VerifyRequest {
+            code: code.to_owned(),
+            public_key: BASE64.encode(public_key),
+            device_name: device_name.to_owned(),
+        });
         self.call("POST", &format!("/v1/verification/{session_id}/verify"), Some(body)).await
     }
 
     /// A new device asks to be linked to an existing account.
     pub async fn create_link(&self, public_key: &[u8; 32], device_name: &str) -> Result<Link, ClientError> {
-        let body = json!({ "public_key": BASE64.encode(public_key), "device_name": device_name });
+        let body = json(&LinkRequest { public_key: BASE64.encode(public_key), device_name: device_name.to_owned() });
         self.call("POST", "/v1/links", Some(body)).await
     }
 

@@ -28,8 +28,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
 use skylark_core::verification::{CheckError, Delivery, ResendError};
+use skylark_protocol::http;
 use skylark_server::devices::{DeviceError, LinkState, display_code};
 use skylark_server::registration::{RegistrationError, SessionView};
 use std::net::SocketAddr;
@@ -109,17 +109,23 @@ async fn readyz(State(shared): State<Shared>) -> Response {
 /// A JSON API error.
 struct ApiError {
     status: StatusCode,
-    body: Value,
+    body: http::ApiError,
     retry_after: Option<Duration>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, body: json!({ "error": code, "message": message.into() }), retry_after: None }
+        let body = http::ApiError {
+            error: code.to_owned(),
+            message: message.into(),
+            retry_after_ms: None,
+            attempts_left: None,
+        };
+        Self { status, body, retry_after: None }
     }
 
     fn retry_after(mut self, wait: Duration) -> Self {
-        self.body["retry_after_ms"] = json!(wait.as_millis() as u64);
+        self.body.retry_after_ms = Some(wait.as_millis() as u64);
         self.retry_after = Some(wait);
         self
     }
@@ -158,7 +164,7 @@ impl From<RegistrationError> for ApiError {
             R::Check(CheckError::AttemptsExhausted) => ApiError::new(StatusCode::GONE, "attempts_exhausted", message),
             R::Check(CheckError::WrongCode { attempts_left }) => {
                 let mut err = ApiError::new(StatusCode::BAD_REQUEST, "wrong_code", message);
-                err.body["attempts_left"] = json!(attempts_left);
+                err.body.attempts_left = Some(attempts_left);
                 err
             }
             R::InvalidKey(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", message),
@@ -207,38 +213,35 @@ fn parse<T: DeserializeOwned>(Body(body): &Body) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_request", e.to_string()))
 }
 
-fn session_json(view: SessionView, now_ms: u64) -> axum::Json<Value> {
+fn session_json(view: SessionView, now_ms: u64) -> axum::Json<http::VerificationView> {
     let sms = match view.delivery {
-        Delivery::Pending => json!({ "status": "pending" }),
-        Delivery::Sent => json!({ "status": "sent" }),
-        Delivery::Failed(error) => json!({ "status": "failed", "error": error }),
+        Delivery::Pending => http::SmsStatus { status: "pending".into(), error: None },
+        Delivery::Sent => http::SmsStatus { status: "sent".into(), error: None },
+        Delivery::Failed(error) => http::SmsStatus { status: "failed".into(), error: Some(error) },
     };
-    axum::Json(json!({
-        "session_id": view.session_id,
-        "phone": view.phone.as_str(),
-        "code_expires_in_ms": view.code_expires_at_ms.saturating_sub(now_ms),
-        "next_resend_in_ms": view.next_resend_at_ms.map(|t| t.saturating_sub(now_ms)),
-        "sms": sms,
-    }))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StartRequest {
-    phone: String,
+    axum::Json(http::VerificationView {
+        session_id: view.session_id,
+        phone: view.phone.to_string(),
+        code_expires_in_ms: view.code_expires_at_ms.saturating_sub(now_ms),
+        next_resend_in_ms: view.next_resend_at_ms.map(|t| t.saturating_sub(now_ms)),
+        sms,
+    })
 }
 
 async fn start(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Body,
-) -> Result<axum::Json<Value>, ApiError> {
-    let request: StartRequest = parse(&body)?;
+) -> Result<axum::Json<http::VerificationView>, ApiError> {
+    let request: http::StartVerification = parse(&body)?;
     let view = shared.server.registration.start(&request.phone, peer.ip()).await?;
     Ok(session_json(view, shared.server.clock.now_ms()))
 }
 
-async fn status(State(shared): State<Shared>, Path(id): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+async fn status(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<http::VerificationView>, ApiError> {
     let view = shared.server.registration.status(&id).await?;
     Ok(session_json(view, shared.server.clock.now_ms()))
 }
@@ -247,19 +250,9 @@ async fn resend(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<http::VerificationView>, ApiError> {
     let view = shared.server.registration.resend(&id, peer.ip()).await?;
     Ok(session_json(view, shared.server.clock.now_ms()))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VerifyRequest {
-    code: String,
-    /// Base64 of the device's 32-byte Ed25519 public key.
-    public_key: String,
-    #[serde(default)]
-    device_name: String,
 }
 
 async fn verify(
@@ -267,26 +260,17 @@ async fn verify(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     body: Body,
-) -> Result<axum::Json<Value>, ApiError> {
-    let request: VerifyRequest = parse(&body)?;
+) -> Result<axum::Json<http::Registered>, ApiError> {
+    let request: http::VerifyRequest = parse(&body)?;
     let key = public_key(&request.public_key)?;
     let registered =
         shared.server.registration.verify(&id, &request.code, &key, &request.device_name, peer.ip()).await?;
-    Ok(axum::Json(json!({
-        "account_id": registered.account.id.0,
-        "device_id": registered.device.id.0,
-        "phone": registered.account.phone.as_str(),
-        "device_name": registered.device.name,
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LinkRequest {
-    /// Base64 of the new device's 32-byte Ed25519 public key.
-    public_key: String,
-    #[serde(default)]
-    device_name: String,
+    Ok(axum::Json(http::Registered {
+        account_id: registered.account.id.0,
+        device_id: registered.device.id.0,
+        phone: registered.account.phone.to_string(),
+        device_name: registered.device.name,
+    }))
 }
 
 fn device_api_error(e: DeviceError) -> ApiError {
@@ -314,17 +298,17 @@ async fn create_link(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Body,
-) -> Result<axum::Json<Value>, ApiError> {
-    let request: LinkRequest = parse(&body)?;
+) -> Result<axum::Json<http::Link>, ApiError> {
+    let request: http::LinkRequest = parse(&body)?;
     let key = public_key(&request.public_key)?;
     let link = shared.server.devices.create_link(&key, &request.device_name, peer.ip()).map_err(device_api_error)?;
     let code = display_code(&link.code);
-    Ok(axum::Json(json!({
-        "link_id": link.link_id,
-        "qr_svg": crate::web::qr_svg(&code),
-        "code": code,
-        "expires_in_ms": link.expires_at_ms.saturating_sub(shared.server.clock.now_ms()),
-    })))
+    Ok(axum::Json(http::Link {
+        link_id: link.link_id,
+        qr_svg: crate::web::qr_svg(&code),
+        code,
+        expires_in_ms: link.expires_at_ms.saturating_sub(shared.server.clock.now_ms()),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -340,25 +324,22 @@ async fn wait_link(
     State(shared): State<Shared>,
     Path(id): Path<String>,
     axum::extract::Query(query): axum::extract::Query<WaitQuery>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<http::LinkStatus>, ApiError> {
     let wait = Duration::from_millis(query.wait_ms).min(MAX_LINK_WAIT);
     let state = tokio::select! {
         state = shared.server.devices.wait_link(&id, wait) => state.map_err(device_api_error)?,
         _ = shared.shutdown.cancelled() => LinkState::Pending,
     };
     Ok(axum::Json(match state {
-        LinkState::Pending => json!({ "status": "pending" }),
-        LinkState::Expired => json!({ "status": "expired" }),
-        LinkState::Approved { account, device, phone } => json!({
-            "status": "approved",
-            "account_id": account.0,
-            "device_id": device.0,
-            "phone": phone.as_str(),
-        }),
+        LinkState::Pending => http::LinkStatus::Pending,
+        LinkState::Expired => http::LinkStatus::Expired,
+        LinkState::Approved { account, device, phone } => {
+            http::LinkStatus::Approved { account_id: account.0, device_id: device.0, phone: phone.to_string() }
+        }
     }))
 }
 
-async fn vapid_key(State(shared): State<Shared>) -> axum::Json<Value> {
+async fn vapid_key(State(shared): State<Shared>) -> axum::Json<http::VapidKey> {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    axum::Json(json!({ "public_key": URL_SAFE_NO_PAD.encode(shared.server.pusher.vapid_public_key()) }))
+    axum::Json(http::VapidKey { public_key: URL_SAFE_NO_PAD.encode(shared.server.pusher.vapid_public_key()) })
 }

@@ -12,9 +12,9 @@
 //! waits for the tracked connections to close.
 
 mod convert;
-mod groups;
 mod http;
 pub mod metrics_endpoint;
+mod requests;
 mod session;
 mod slots;
 mod tcp;

@@ -14,22 +14,20 @@
 //! timer; a client that stays quiet past `idle_timeout_ms` is closed.
 
 use crate::Shared;
+use crate::requests::{Answer, Deferred, error, reply};
 use crate::transport::{Inbound, Transport};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use skylark_core::DeviceId;
 use skylark_core::auth::{AuthError, Challenge};
-use skylark_core::{AccountId, DeviceId, PhoneNumber};
 use skylark_protocol::v1::{self, client_frame, server_frame};
-use skylark_protocol::{ClientFrame, CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
+use skylark_protocol::{CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
 use skylark_server::auth::{AuthFailure, Authenticated};
-use skylark_server::devices::{DeviceError, DeviceInfo};
-use skylark_server::messaging::{DeviceEvent, MessagingError, SendRequest};
+use skylark_server::messaging::DeviceEvent;
 use skylark_server::presence::Ephemeral;
 use skylark_server::sessions::Disconnect;
 use skylark_store::StoreError;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::time::Duration;
 use tokio::time::{Instant, sleep_until};
 
@@ -43,14 +41,6 @@ impl Ending {
     fn new(code: CloseCode, reason: impl Into<String>) -> Self {
         Self { code, reason: reason.into() }
     }
-}
-
-pub(crate) fn reply(id: u64, body: server_frame::Body) -> ServerFrame {
-    ServerFrame { id, body: Some(body) }
-}
-
-pub(crate) fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-    reply(id, server_frame::Body::Error(v1::Error { code: code as i32, message: message.into(), retry_after_ms: 0 }))
 }
 
 fn auth_error_code(e: AuthError) -> ErrorCode {
@@ -214,17 +204,6 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Bo
 /// the connection is not read until one finishes (back-pressure).
 const MAX_IN_FLIGHT: usize = 64;
 
-type Deferred = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
-
-/// How a request is answered.
-pub(crate) enum Answer {
-    Now(ServerFrame),
-    /// Once the actor has made it durable.
-    Later(Deferred),
-    /// Never (acks).
-    None,
-}
-
 /// Serves an authenticated device until either side ends the session.
 async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticated>) -> Option<Ending> {
     let (guard, disconnect) = shared.server.sessions.attach(authed.device.id);
@@ -347,11 +326,13 @@ async fn take_step<T: Transport>(
             Ok(frame) => frame,
             Err(e) => return Err(Some(storage_trouble(&e))),
         },
-        Step::Inbound(Inbound::Frame(frame)) => match answer(shared, authed, connection, frame).await {
-            Answer::Now(reply) => reply,
-            Answer::Later(deferred) => return Ok(Some(deferred)),
-            Answer::None => return Ok(None),
-        },
+        Step::Inbound(Inbound::Frame(frame)) => {
+            match crate::requests::answer(shared, authed, connection, frame).await {
+                Answer::Now(reply) => reply,
+                Answer::Later(deferred) => return Ok(Some(deferred)),
+                Answer::None => return Ok(None),
+            }
+        }
         Step::Inbound(Inbound::Closed) => return Err(None),
         Step::Inbound(bad) => return Err(Some(refuse_bad_input(t, &bad).await)),
     };
@@ -369,216 +350,10 @@ async fn next_answer(in_flight: &mut Option<FuturesUnordered<Deferred>>) -> Opti
     }
 }
 
-fn device_error(id: u64, e: &DeviceError) -> ServerFrame {
-    error(id, crate::convert::device_error_code(e), e.to_string())
-}
-
 /// The close for a connection whose events cannot be built for now.
 fn storage_trouble(e: &StoreError) -> Ending {
     tracing::error!(error = %e, "store failed while building an event; closing the connection to be retried");
     Ending::new(CloseCode::TryAgainLater, "the server's storage is unavailable; reconnect shortly")
-}
-
-/// A request that failed because the store did: the details go to the
-/// server's log, the device is told in words to retry.
-pub(crate) fn unavailable(id: u64, e: &StoreError) -> ServerFrame {
-    tracing::error!(error = %e, "store failed while answering a request");
-    error(id, ErrorCode::Unavailable, "the server's storage is unavailable; try again shortly")
-}
-
-pub(crate) fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
-    match e {
-        MessagingError::Unavailable(e) => return unavailable(id, e),
-        MessagingError::Internal(what) => {
-            tracing::error!(invariant = what, "internal error answering a request");
-            return error(id, ErrorCode::Internal, "internal server error");
-        }
-        _ => {}
-    }
-    let mut frame = error(id, crate::convert::messaging_error_code(e), e.to_string());
-    if let (MessagingError::RateLimited(wait), Some(server_frame::Body::Error(err))) = (e, frame.body.as_mut()) {
-        err.retry_after_ms = (wait.as_millis() as u64).max(1);
-    }
-    frame
-}
-
-/// The answer to one request from an authenticated device.
-async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame: ClientFrame) -> Answer {
-    let router = &shared.server.router;
-    let (account, device) = (authed.account.id, authed.device.id);
-    let id = frame.id;
-    // Acks are notifications: no id needed, never answered.
-    if let Some(client_frame::Body::Ack(ack)) = &frame.body {
-        router.ack(account, device, connection, ack.up_to_seq).await;
-        return Answer::None;
-    }
-    // Typing is a notification too: best effort, nothing stored.
-    if let Some(client_frame::Body::Typing(typing)) = &frame.body {
-        if let (Ok(phone), Some(state)) = (PhoneNumber::parse(&typing.to), crate::convert::typing_state(typing.state)) {
-            if let Ok(Some(to)) = router.account_by_phone(&phone).await {
-                shared.server.presence.typing(account, device, to, state);
-            }
-        }
-        return Answer::None;
-    }
-    if id == 0 {
-        return Answer::Now(error(0, ErrorCode::MissingRequestId, "request id must be non-zero"));
-    }
-    Answer::Now(match frame.body {
-        Some(client_frame::Body::Ping(_)) => {
-            reply(id, server_frame::Body::Pong(v1::Pong { server_time_ms: shared.server.clock.now_ms() }))
-        }
-        Some(client_frame::Body::WhoAmI(_)) => {
-            // The stored name: the device may have been renamed since it connected.
-            let name = match shared.server.store.device(device).await {
-                Ok(Some(d)) => d.name,
-                _ => authed.device.name.clone(),
-            };
-            reply(
-                id,
-                server_frame::Body::WhoAmI(v1::WhoAmI {
-                    account_id: authed.account.id.0,
-                    phone: authed.account.phone.to_string(),
-                    device_id: authed.device.id.0,
-                    device_name: name,
-                    device_created_at_ms: authed.device.created_at_ms,
-                }),
-            )
-        }
-        Some(client_frame::Body::Send(send)) => {
-            let group = (send.group != 0).then_some(AccountId(send.group));
-            let request = SendRequest { client_id: send.client_id, to: send.to, group, payload: send.payload };
-            return match router.send(account, device, request).await {
-                Ok(durable) => Answer::Later(Box::pin(async move {
-                    match durable.await {
-                        Ok(Ok(ack)) => reply(
-                            id,
-                            server_frame::Body::SendAck(v1::SendAck {
-                                id: Some(crate::convert::message_id(ack.id)),
-                                sent_at_ms: ack.sent_at_ms,
-                                duplicate: ack.duplicate,
-                            }),
-                        ),
-                        Ok(Err(e)) => messaging_error(id, &e),
-                        Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
-                    }
-                })),
-                Err(e) => Answer::Now(messaging_error(id, &e)),
-            };
-        }
-        Some(client_frame::Body::MarkRead(mark)) => {
-            return match router.mark_read(account, device, AccountId(mark.peer), mark.up_to_seq).await {
-                Ok(durable) => Answer::Later(Box::pin(async move {
-                    match durable.await {
-                        Ok(Ok(())) => reply(id, server_frame::Body::Ok(v1::Ok {})),
-                        Ok(Err(e)) => messaging_error(id, &e),
-                        Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
-                    }
-                })),
-                Err(e) => Answer::Now(messaging_error(id, &e)),
-            };
-        }
-        Some(client_frame::Body::ApproveLink(approve)) => {
-            match shared.server.devices.approve_link(account, &approve.code).await {
-                Ok(device) => {
-                    let info = DeviceInfo { device, online: false };
-                    reply(
-                        id,
-                        server_frame::Body::LinkApproved(v1::LinkApproved {
-                            device: Some(crate::convert::device_info(&info, authed.device.id)),
-                        }),
-                    )
-                }
-                Err(e) => device_error(id, &e),
-            }
-        }
-        Some(client_frame::Body::ListDevices(_)) => match shared.server.devices.list(account).await {
-            Ok(list) => reply(
-                id,
-                server_frame::Body::DeviceList(v1::DeviceList {
-                    devices: list.iter().map(|d| crate::convert::device_info(d, authed.device.id)).collect(),
-                }),
-            ),
-            Err(e) => device_error(id, &e),
-        },
-        Some(client_frame::Body::RenameDevice(r)) => {
-            match shared.server.devices.rename(account, DeviceId(r.device_id), &r.name).await {
-                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
-                Err(e) => device_error(id, &e),
-            }
-        }
-        Some(client_frame::Body::RemoveDevice(r)) => {
-            match shared.server.devices.remove(account, DeviceId(r.device_id)).await {
-                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
-                Err(e) => device_error(id, &e),
-            }
-        }
-        Some(client_frame::Body::History(h)) => {
-            let limit = if h.limit == 0 { 50 } else { h.limit as usize };
-            match shared.server.devices.history(account, h.before_seq, limit).await {
-                Ok(page) => match crate::convert::history_page(router, page).await {
-                    Ok(page) => reply(id, server_frame::Body::HistoryPage(page)),
-                    Err(e) => unavailable(id, &e),
-                },
-                Err(e) => device_error(id, &e),
-            }
-        }
-        Some(client_frame::Body::SubscribePresence(sub)) => {
-            let mut targets = Vec::new();
-            for phone in sub.phones.iter().filter_map(|p| PhoneNumber::parse(p).ok()) {
-                // Numbers without an account are left out of the answer.
-                match router.directory().account(&phone).await {
-                    Ok(Some(target)) => targets.push(target),
-                    Ok(None) => {}
-                    Err(e) => return Answer::Now(unavailable(id, &e)),
-                }
-            }
-            match shared.server.presence.subscribe(account, connection, &targets).await {
-                Ok(list) => {
-                    let mut presences = Vec::with_capacity(list.len());
-                    for info in list {
-                        match crate::convert::presence_info(router, info).await {
-                            Ok(info) => presences.push(info),
-                            Err(e) => return Answer::Now(unavailable(id, &e)),
-                        }
-                    }
-                    reply(id, server_frame::Body::PresenceList(v1::PresenceList { presences }))
-                }
-                Err(e) => messaging_error(id, &MessagingError::from(e)),
-            }
-        }
-        Some(client_frame::Body::SetActive(active)) => {
-            shared.server.presence.set_active(account, connection, active.active);
-            reply(id, server_frame::Body::Ok(v1::Ok {}))
-        }
-        Some(client_frame::Body::SetPrivacy(privacy)) => match crate::convert::visibility(privacy.presence) {
-            Some(visibility) => match shared.server.presence.set_visibility(account, visibility).await {
-                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
-                Err(e) => messaging_error(id, &MessagingError::from(e)),
-            },
-            None => error(id, ErrorCode::InvalidArgument, "unknown visibility"),
-        },
-        Some(client_frame::Body::RegisterPush(register)) => match crate::convert::push_target(register) {
-            Ok(target) => match shared.server.pusher.register(device, target).await {
-                Ok(()) => reply(id, server_frame::Body::Ok(v1::Ok {})),
-                Err(e) => error(id, ErrorCode::InvalidArgument, e.to_string()),
-            },
-            Err(why) => error(id, ErrorCode::InvalidArgument, why),
-        },
-        Some(
-            body @ (client_frame::Body::CreateGroup(_)
-            | client_frame::Body::ChangeGroup(_)
-            | client_frame::Body::GetGroup(_)
-            | client_frame::Body::ListGroups(_)
-            | client_frame::Body::GetMessageInfo(_)),
-        ) => return crate::groups::answer(router, account, device, id, body).await,
-        Some(client_frame::Body::Hello(_) | client_frame::Body::Authenticate(_)) => {
-            error(id, ErrorCode::AlreadyAuthenticated, "this connection is already authenticated")
-        }
-        Some(client_frame::Body::Ack(_) | client_frame::Body::Typing(_)) | None => {
-            error(id, ErrorCode::UnknownRequest, "frame has no known body")
-        }
-    })
 }
 
 #[cfg(test)]
@@ -587,6 +362,7 @@ mod tests {
     use crate::Shared;
     use ed25519_dalek::{Signer, SigningKey};
     use skylark_core::{NewDevice, SystemClock};
+    use skylark_protocol::ClientFrame;
     use skylark_server::Server;
     use skylark_server::sms::ConsoleSms;
     use skylark_store::{AccountStore, RedbStore};

@@ -8,6 +8,7 @@
 //! types, and the client SDK builds on them directly.
 
 pub mod codec;
+pub mod http;
 pub mod json;
 pub mod samples;
 

@@ -1,6 +1,6 @@
 //! Group requests: wire ⇄ the router's group API.
 
-use crate::session::{Answer, error, messaging_error, reply, unavailable};
+use super::{Answer, error, messaging_error, reply, unavailable};
 use skylark_core::group::{GroupChange, GroupError};
 use skylark_core::{AccountId, DeviceId, PhoneNumber};
 use skylark_protocol::v1::{self, change_group::Change, client_frame::Body, server_frame};
