@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&descriptors))?;
 
     prost_build::Config::new()
+        // Message payloads are `bytes::Bytes`: decoded without a copy where
+        // the frame allows, and shared, not copied, by every device's event.
+        .bytes([".skylark.v1.SendMessage.payload", ".skylark.v1.Message.payload", ".skylark.v1.GroupMessage.payload"])
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         .compile_protos(&[proto], &["proto"])?;

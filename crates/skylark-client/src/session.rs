@@ -101,7 +101,7 @@ impl SessionHandle {
             client_id: client_id.to_owned(),
             to: to.to_owned(),
             group: 0,
-            payload,
+            payload: payload.into(),
         });
         self.send_body(body).await
     }
@@ -118,7 +118,7 @@ impl SessionHandle {
             client_id: client_id.to_owned(),
             to: String::new(),
             group,
-            payload,
+            payload: payload.into(),
         });
         self.send_body(body).await
     }

@@ -77,7 +77,7 @@ pub enum GroupBody {
     Message {
         device: DeviceId,
         client_id: String,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
     },
     Created {
         subject: String,
@@ -109,7 +109,7 @@ pub enum GroupBody {
 /// What a member asks of a group (creation is [`GroupMeta::create`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupChange {
-    Post { device: DeviceId, client_id: String, payload: Vec<u8> },
+    Post { device: DeviceId, client_id: String, payload: bytes::Bytes },
     Add { members: Vec<AccountId> },
     Remove { member: AccountId },
     Leave,
@@ -338,7 +338,7 @@ mod tests {
     #[test]
     fn only_admins_manage_and_only_members_post() {
         let g = group();
-        let post = || GroupChange::Post { device: DeviceId(1), client_id: "c".into(), payload: vec![] };
+        let post = || GroupChange::Post { device: DeviceId(1), client_id: "c".into(), payload: bytes::Bytes::new() };
         assert_eq!(g.check(D, post(), 4), Err(GroupError::NotAMember));
         assert!(matches!(g.check(B, post(), 4), Ok(GroupBody::Message { .. })));
         assert_eq!(g.check(B, GroupChange::Add { members: vec![D] }, 4), Err(GroupError::NotAnAdmin));

@@ -32,7 +32,9 @@ pub struct Message {
     /// When the sender's actor accepted it (server clock).
     pub sent_at_ms: u64,
     /// Opaque to the server (ciphertext for end-to-end encrypted clients).
-    pub payload: Vec<u8>,
+    /// Shared, not copied, by every copy of the message in memory and on
+    /// the wire.
+    pub payload: bytes::Bytes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -96,7 +96,7 @@ pub(crate) struct SendMail {
     pub client_id: String,
     /// The recipient, resolved at the edge.
     pub to: AccountId,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
     /// The sending connection's span, so what the actor logs about this
     /// message is tied to the connection it came from.
@@ -108,7 +108,7 @@ pub(crate) struct PostMail {
     pub author: AccountId,
     pub device: DeviceId,
     pub client_id: String,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
     pub span: tracing::Span,
 }

@@ -51,7 +51,7 @@ pub struct SendRequest {
     pub to: String,
     /// Post to this group instead.
     pub group: Option<AccountId>,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 /// A member's request to a group, other than posting (see [`SendRequest`]).

@@ -320,7 +320,8 @@ mod tests {
     }
 
     async fn send(router: &Router, from: (AccountId, DeviceId), to: &str, client_id: &str) -> SendAck {
-        let request = SendRequest { client_id: client_id.into(), to: to.into(), group: None, payload: b"x".to_vec() };
+        let request =
+            SendRequest { client_id: client_id.into(), to: to.into(), group: None, payload: b"x".to_vec().into() };
         router.send(from.0, from.1, request).await.unwrap().await.unwrap().unwrap()
     }
 
@@ -345,8 +346,12 @@ mod tests {
             let bogus = AccountId::group(n);
             let asked = router.group_request(alice.0, bogus, GroupRequest::Info).await;
             assert!(matches!(asked, Err(MessagingError::Group(GroupError::UnknownGroup))));
-            let request =
-                SendRequest { client_id: format!("c{n}"), to: String::new(), group: Some(bogus), payload: vec![] };
+            let request = SendRequest {
+                client_id: format!("c{n}"),
+                to: String::new(),
+                group: Some(bogus),
+                payload: vec![].into(),
+            };
             assert!(matches!(router.send(alice.0, alice.1, request).await, Err(MessagingError::Group(_))));
             assert!(router.mark_read(alice.0, alice.1, bogus, 1).await.is_err());
         }

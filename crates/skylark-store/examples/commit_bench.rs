@@ -30,7 +30,7 @@ fn write_for(account: u64, seq: u64, payload: &[u8]) -> AccountWrite {
         sender_device: DeviceId(1),
         client_id: format!("c-{seq}"),
         sent_at_ms: 1_700_000_000_000 + seq,
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
     };
     let mut w = AccountWrite::new(AccountId(account));
     w.appends.push((seq, std::sync::Arc::new(LogEntry::Message(std::sync::Arc::new(message.clone())))));

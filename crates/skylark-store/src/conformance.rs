@@ -58,7 +58,11 @@ async fn groups(store: &dyn Store) {
         seq: 1,
         by: a,
         at_ms: 9,
-        body: GroupBody::Message { device: skylark_core::DeviceId(1), client_id: "g".into(), payload: vec![1, 2, 3] },
+        body: GroupBody::Message {
+            device: skylark_core::DeviceId(1),
+            client_id: "g".into(),
+            payload: vec![1, 2, 3].into(),
+        },
     });
     let mut write = AccountWrite::new(first);
     write.appends.push((1, std::sync::Arc::new(LogEntry::Group(event.clone()))));
@@ -241,7 +245,7 @@ async fn message_path(store: &dyn Store) {
         sender_device: DeviceId(3),
         client_id: "c1".into(),
         sent_at_ms: 10,
-        payload: b"hi".to_vec(),
+        payload: b"hi".as_slice().into(),
     };
     let mut write = AccountWrite::new(a);
     write.appends.push((1, std::sync::Arc::new(LogEntry::Message(std::sync::Arc::new(message.clone())))));

@@ -131,7 +131,7 @@ fn read_message(r: &mut Reader<'_>) -> Result<Message, StoreError> {
         sender_device: DeviceId(r.u64()?),
         client_id: r.string()?,
         sent_at_ms: r.u64()?,
-        payload: r.bytes()?.to_vec(),
+        payload: bytes::Bytes::copy_from_slice(r.bytes()?),
     })
 }
 
@@ -204,9 +204,11 @@ fn read_group(r: &mut Reader<'_>) -> Result<GroupEvent, StoreError> {
     let by = AccountId(r.u64()?);
     let at_ms = r.u64()?;
     let body = match r.u8()? {
-        GROUP_MESSAGE => {
-            GroupBody::Message { device: DeviceId(r.u64()?), client_id: r.string()?, payload: r.bytes()?.to_vec() }
-        }
+        GROUP_MESSAGE => GroupBody::Message {
+            device: DeviceId(r.u64()?),
+            client_id: r.string()?,
+            payload: bytes::Bytes::copy_from_slice(r.bytes()?),
+        },
         GROUP_CREATED => {
             let subject = r.string()?;
             let n = count(r)?;
@@ -386,7 +388,7 @@ mod tests {
             sender_device: DeviceId(9),
             client_id: "c-1".into(),
             sent_at_ms: 1_700_000_000_000,
-            payload: vec![0, 1, 2, 255],
+            payload: vec![0, 1, 2, 255].into(),
         }
     }
 
@@ -426,7 +428,7 @@ mod tests {
     fn group_events() -> Vec<Arc<GroupEvent>> {
         let g = AccountId::group(3);
         [
-            GroupBody::Message { device: DeviceId(4), client_id: "g-1".into(), payload: vec![9; 3] },
+            GroupBody::Message { device: DeviceId(4), client_id: "g-1".into(), payload: vec![9; 3].into() },
             GroupBody::Created {
                 subject: "trip".into(),
                 members: vec![(AccountId(1), Role::Admin), (AccountId(2), Role::Member)],

@@ -17,7 +17,7 @@ fn seeds() -> Vec<Vec<u8>> {
         sender_device: DeviceId(3),
         client_id: "c-1".into(),
         sent_at_ms: 1_700_000_000_000,
-        payload: vec![0, 1, 2, 255],
+        payload: vec![0, 1, 2, 255].into(),
     };
     let group = Arc::new(GroupEvent {
         group: AccountId::group(1),

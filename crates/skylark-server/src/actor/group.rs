@@ -97,7 +97,7 @@ impl Machine {
         author: AccountId,
         device: DeviceId,
         client_id: String,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
         over_rate: Option<Duration>,
     ) -> Result<SendAck, Refusal> {
         let state = self.group_state()?;

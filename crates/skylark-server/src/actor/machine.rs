@@ -56,7 +56,7 @@ pub(crate) enum Input {
         device: DeviceId,
         client_id: String,
         to: AccountId,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
         over_rate: Option<Duration>,
     },
     /// A member posts (group actors); `over_rate` as for [`Input::Send`].
@@ -64,7 +64,7 @@ pub(crate) enum Input {
         author: AccountId,
         device: DeviceId,
         client_id: String,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
         over_rate: Option<Duration>,
     },
     /// A request to this group (group actors).
@@ -635,7 +635,7 @@ impl Machine {
         device: DeviceId,
         client_id: String,
         to: AccountId,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
     ) -> Result<SendAck, Refusal> {
         let id = MessageId { sender: self.account, seq: self.log.counters.next_seq };
         let message = Arc::new(Message { id, to, sender_device: device, client_id, sent_at_ms: now_ms, payload });

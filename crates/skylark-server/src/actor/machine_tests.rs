@@ -19,7 +19,7 @@ fn machine(account: AccountId) -> Machine {
 }
 
 fn send(client_id: &str, to: AccountId) -> Input {
-    Input::Send { device: PHONE, client_id: client_id.into(), to, payload: b"x".to_vec(), over_rate: None }
+    Input::Send { device: PHONE, client_id: client_id.into(), to, payload: b"x".to_vec().into(), over_rate: None }
 }
 
 /// B's message number `seq` to A, as a forward.
@@ -31,7 +31,7 @@ fn from_b(seq: u64) -> (u64, Forward) {
         sender_device: DeviceId(21),
         client_id: format!("b{seq}"),
         sent_at_ms: seq,
-        payload: vec![],
+        payload: vec![].into(),
     };
     (seq, Forward::Message(Arc::new(m)))
 }
@@ -115,7 +115,7 @@ fn over_the_rate_new_sends_are_refused_and_resends_still_answered() {
         device: PHONE,
         client_id: cid.into(),
         to: B,
-        payload: vec![],
+        payload: vec![].into(),
         over_rate: Some(Duration::from_millis(30)),
     };
     let mut facts = nothing_stored(&a.needs(&[limited("c2")]));
@@ -298,7 +298,7 @@ fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
         author,
         device: PHONE,
         client_id: cid.into(),
-        payload: b"hi".to_vec(),
+        payload: b"hi".to_vec().into(),
         over_rate: None,
     };
     let fx = step(&mut group, vec![post(B, "p1"), post(C, "p2")]);

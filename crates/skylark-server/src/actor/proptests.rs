@@ -267,7 +267,7 @@ impl World {
                     device: DEVICES[0],
                     client_id: client_id.clone(),
                     to,
-                    payload: vec![cid],
+                    payload: vec![cid].into(),
                     over_rate: None,
                 };
                 if let Some(outcomes) = self.step(from, vec![input]) {

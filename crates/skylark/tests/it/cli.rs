@@ -145,7 +145,7 @@ async fn send_listen_and_chat_from_the_command_line() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("✓ sent to +15550800001"));
     let got = alice_peer.received(1, true).await;
-    assert_eq!(got[0].payload, b"hello from the cli");
+    assert_eq!(got[0].payload, b"hello from the cli".as_slice());
 
     // `listen` shows Alice's reply and the delivery receipt for Bob's message.
     alice_peer.handle().send("+15550800002", "r1", b"hi bob".to_vec()).await.unwrap();
@@ -173,7 +173,7 @@ async fn send_listen_and_chat_from_the_command_line() {
     chat.type_line("are you there?");
     chat.expect("✓ you: are you there?");
     let got = alice_peer.received(1, true).await;
-    assert_eq!(got[0].payload, b"are you there?");
+    assert_eq!(got[0].payload, b"are you there?".as_slice());
     chat.expect("✓✓ you: are you there?");
     let id = got[0].id.unwrap();
     alice_peer.handle().mark_read(id.sender, id.seq).await.unwrap();
@@ -334,7 +334,7 @@ async fn chat_in_a_terminal_sends_typing_as_you_type_and_shows_presence() {
     assert_eq!(next_typing(&mut alice).await, TypingState::Paused as i32);
     tmux.keys(&["lo", "Enter"]);
     let got = alice.received(1, true).await;
-    assert_eq!(got[0].payload, b"hello");
+    assert_eq!(got[0].payload, b"hello".as_slice());
     // Alice types back; Bob's terminal shows it.
     alice.handle().typing("+15550800022", TypingState::Composing).await.unwrap();
     alice.handle().send("+15550800022", "r", b"hi bob".to_vec()).await.unwrap();
@@ -395,7 +395,7 @@ async fn groups_from_the_command_line() {
         if let Some(Body::Group(e)) = event.body {
             kinds.push(e.group_seq);
             if let Some(skylark_protocol::v1::group_event::Body::Message(m)) = e.body {
-                assert_eq!(m.payload, b"who's in?");
+                assert_eq!(m.payload, b"who's in?".as_slice());
             }
         }
     }

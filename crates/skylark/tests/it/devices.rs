@@ -67,7 +67,7 @@ async fn linked_devices_get_everything_and_see_each_others_sends() {
     bob.handle().send("+15551000001", "b1", b"to all of you".to_vec()).await.unwrap();
     for device in [&mut phone, &mut laptop, &mut tablet] {
         let got = device.received(1, true).await;
-        assert_eq!(got[0].payload, b"to all of you");
+        assert_eq!(got[0].payload, b"to all of you".as_slice());
     }
 
     // What the laptop sends appears on the phone and the tablet.
@@ -215,7 +215,7 @@ async fn duplicate_credentials_newest_wins_and_nothing_is_shown_twice_or_lost() 
                 *acked_by.entry(e.seq).or_default() += 1;
                 if let Some(Body::Message(m)) = &e.body {
                     if seen.insert(e.seq) {
-                        shown.push(String::from_utf8(m.payload.clone()).unwrap());
+                        shown.push(String::from_utf8(m.payload.to_vec()).unwrap());
                     }
                 }
                 taken += 1;

@@ -227,7 +227,7 @@ async fn a_reader_that_stops_reading_holds_only_its_window_and_slows_no_one() {
     assert!((1..=64).contains(&handed), "handed {handed} entries; the window is 64");
     // Everyone else is served as usual.
     sender.handle().send("+15557200003", "c1", b"to carol".to_vec()).await.unwrap();
-    assert_eq!(carol.received(1, true).await[0].payload, b"to carol");
+    assert_eq!(carol.received(1, true).await[0].payload, b"to carol".as_slice());
 
     // When the reader comes back (a new connection), it gets everything, in order.
     drop(conn);

@@ -26,7 +26,7 @@ async fn online_message_is_acked_delivered_and_read() {
 
     // Bob receives it, with the sender's phone.
     let got = bob.received(1, true).await;
-    assert_eq!(got[0].payload, b"hello bob");
+    assert_eq!(got[0].payload, b"hello bob".as_slice());
     assert_eq!(got[0].from_phone, "+15550600001");
     assert_eq!(got[0].id, Some(id));
 
@@ -55,7 +55,7 @@ async fn offline_recipient_gets_everything_in_order_on_connect() {
     let got = bob.received(100, true).await;
     let seqs: Vec<u64> = got.iter().map(|m| m.id.unwrap().seq).collect();
     assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "in the order Alice sent them");
-    let payloads: Vec<String> = got.iter().map(|m| String::from_utf8(m.payload.clone()).unwrap()).collect();
+    let payloads: Vec<String> = got.iter().map(|m| String::from_utf8(m.payload.to_vec()).unwrap()).collect();
     assert_eq!(payloads, (0..100).map(|i| i.to_string()).collect::<Vec<_>>());
 }
 
@@ -83,7 +83,7 @@ async fn many_messages_both_ways_keep_each_senders_order() {
     send_b.await.unwrap();
     let expect = |p: &str| (0..N).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
     let text = |ms: &[skylark_protocol::v1::Message]| {
-        ms.iter().map(|m| String::from_utf8(m.payload.clone()).unwrap()).collect::<Vec<_>>()
+        ms.iter().map(|m| String::from_utf8(m.payload.to_vec()).unwrap()).collect::<Vec<_>>()
     };
     assert_eq!(text(&from_alice), expect("a"));
     assert_eq!(text(&from_bob), expect("b"));

@@ -70,7 +70,7 @@ async fn the_sdk_talks_tls_on_every_transport_with_a_trusted_ca() {
             }
         }
     };
-    assert_eq!(got, b"over tls");
+    assert_eq!(got, b"over tls".as_slice());
     b.close().await;
     // The JSON mapping over wss, as browsers use it.
     let (b, _) = Session::open(&wss_json, &bob).await.unwrap();

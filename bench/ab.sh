@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# A/B run of two server binaries with one load tool, interleaved, on this
+# machine's core split (server on core 1, load on core 0), each run on a
+# fresh copy of the same provisioned data. Prints one line per run and keeps
+# every JSON report.
+#
+#   bench/ab.sh BEFORE_SKYLARK AFTER_SKYLARK SKYLARK_LOAD OUT_DIR [ROUNDS]
+#
+# For example, against the commit before a change:
+#   git worktree add /tmp/before <commit> && (cd /tmp/before &&
+#     CARGO_TARGET_DIR=/tmp/before-target cargo build --release -p skylark)
+#   cargo build --release -p skylark -p skylark-load
+#   bench/ab.sh /tmp/before-target/release/skylark target/release/skylark \
+#     target/release/skylark-load target/ab
+#
+# The scenarios are the ones docs/BENCHMARKS.md reports A/B for: idle memory
+# (19,500 TCP connections), 1:1 chat at two rates, and a 1,024-member group.
+set -euo pipefail
+before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
+for tool in taskset curl; do
+  command -v "$tool" >/dev/null || { echo "ab.sh: $tool is required" >&2; exit 1; }
+done
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+pristine=$out/pristine
+if [ ! -d "$pristine" ]; then
+  "$load" provision --data-dir "$pristine" --accounts 20000 --manifest "$out/manifest.json" >/dev/null
+fi
+
+serve() { # binary
+  rm -rf "$out/data"
+  cp -r "$pristine" "$out/data"
+  taskset -c 1 "$1" serve --data-dir "$out/data" --log warn >"$out/server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 100); do
+    curl -sf http://127.0.0.1:7480/readyz >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "ab.sh: the server did not become ready (see $out/server.log)" >&2
+  exit 1
+}
+
+stop() {
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+scenario() { # label binary name args...
+  local label=$1 bin=$2 name=$3
+  shift 3
+  serve "$bin"
+  local report="$out/$name-$label-$round.json"
+  local extra=()
+  [ "$name" = idle ] && extra=(--server-pid "$pid")
+  taskset -c 0 "$load" "${@}" --manifest "$out/manifest.json" --tcp 127.0.0.1:7481 \
+    --report "$report" "${extra[@]}" >"$out/$name-$label-$round.txt" 2>&1 || {
+    echo "ab.sh: $name on $label failed (see $out/$name-$label-$round.txt)" >&2
+  }
+  stop
+  echo "$name $label round $round: $report"
+}
+
+for round in $(seq 1 "$rounds"); do
+  for pair in "before $before" "after $after"; do
+    set -- $pair
+    label=$1 bin=$2
+    scenario "$label" "$bin" idle idle --connections 19500 --rate 4000 --sources 80 --workers 2
+    scenario "$label" "$bin" chat3000 chat --pairs 200 --rate 3000 --seconds 10 --sources 4
+    scenario "$label" "$bin" chat4000 chat --pairs 200 --rate 4000 --seconds 10 --sources 4
+    scenario "$label" "$bin" group group --sources 8 --members 1024 --messages 100 --rate 10
+  done
+done
