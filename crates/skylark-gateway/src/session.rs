@@ -73,36 +73,35 @@ async fn refuse_bad_input<T: Transport>(t: &mut T, inbound: &Inbound) -> Ending 
 /// Serves one connection to its end. Arguments are borrowed, and the
 /// authenticated identity boxed, because an async function's arguments are
 /// stored in its state (sometimes twice), which every idle connection pays.
-pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, peer: SocketAddr, kind: &'static str) {
-    use tracing::Instrument;
+pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, kind: &'static str) {
     metrics::counter!("skylark_connections_total", "transport" => kind).increment(1);
     metrics::gauge!("skylark_connections_open").increment(1.0);
-    // Everything logged for this connection carries who it is. Debug level:
-    // with the default `info` filter the span costs nothing per connection
-    // (idle connections are counted in bytes, docs/BENCHMARKS.md); turn it
-    // on with `--log info,skylark_gateway=debug`.
-    let span = tracing::debug_span!(
+    let ending = match Box::pin(handshake(shared, transport)).await {
+        Ok(Some(authed)) => serve(shared, transport, authed).await,
+        Ok(None) => None,
+        Err(ending) => Some(ending),
+    };
+    if let Some(ending) = ending {
+        tracing::debug!(code = ?ending.code, reason = %ending.reason, "closing connection");
+        transport.close(ending.code, &ending.reason).await;
+    }
+    metrics::gauge!("skylark_connections_open").decrement(1.0);
+}
+
+/// The span a connection's task runs in: everything logged for it carries
+/// who it is (account, device and connection once authenticated). Debug
+/// level, and tasks enter it only when it is enabled
+/// ([`skylark_server::spawn_in`]): idle connections are counted in bytes
+/// (docs/BENCHMARKS.md). Turn it on with `--log info,skylark_gateway=debug`.
+pub(crate) fn connection_span(peer: SocketAddr, kind: &'static str) -> tracing::Span {
+    tracing::debug_span!(
         "connection",
         %peer,
         transport = kind,
         account = tracing::field::Empty,
         device = tracing::field::Empty,
         connection = tracing::field::Empty,
-    );
-    async {
-        let ending = match Box::pin(handshake(shared, transport)).await {
-            Ok(Some(authed)) => serve(shared, transport, authed).await,
-            Ok(None) => None,
-            Err(ending) => Some(ending),
-        };
-        if let Some(ending) = ending {
-            tracing::debug!(code = ?ending.code, reason = %ending.reason, "closing connection");
-            transport.close(ending.code, &ending.reason).await;
-        }
-    }
-    .instrument(span)
-    .await;
-    metrics::gauge!("skylark_connections_open").decrement(1.0);
+    )
 }
 
 /// Runs the handshake. `Ok(None)` means the peer went away.
@@ -445,7 +444,7 @@ mod tests {
             closed: closed.clone(),
         };
 
-        run(&shared, &mut peer, "127.0.0.1:1".parse().unwrap(), "test").await;
+        run(&shared, &mut peer, "test").await;
 
         assert_eq!(*closed.lock().unwrap(), Some(CloseCode::IdleTimeout));
         let waited = Instant::now() - silent_since.lock().unwrap().expect("authenticated first");
@@ -572,7 +571,7 @@ mod tests {
                 authenticated: authenticated.clone(),
             };
             let ended = rt.block_on(async {
-                let session = run(&shared, &mut peer, "127.0.0.1:9".parse().unwrap(), "fuzz");
+                let session = run(&shared, &mut peer, "fuzz");
                 tokio::time::timeout(Duration::from_secs(10), session).await
             });
             assert!(ended.is_ok(), "the session outlived its peer");

@@ -29,7 +29,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
         // half-open TLS handshakes from one address is bounded too.
         let slot = each.slots.acquire(peer.ip());
         let (shared, tls) = (each.clone(), tls.clone());
-        each.tracker.spawn(async move {
+        let span = crate::session::connection_span(peer, "tcp");
+        skylark_server::spawn_in(&each.tracker, span, async move {
             // Boxed, as it is passed through once: the task would otherwise keep
             // room for a TLS handshake for its whole life.
             let Some(io) = Box::pin(handshake(tls.as_ref(), stream, deadline)).await else { return };
@@ -37,7 +38,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
             let mut transport = TcpTransport { io, codec: FrameCodec::new(max), read: BytesMut::new(), closed: false };
             match slot {
                 Some(slot) => {
-                    crate::session::run(&shared, &mut transport, peer, "tcp").await;
+                    crate::session::run(&shared, &mut transport, "tcp").await;
                     drop(slot);
                 }
                 None => transport.close(CloseCode::TryAgainLater, "too many connections from this address").await,

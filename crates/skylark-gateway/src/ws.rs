@@ -91,7 +91,8 @@ pub(crate) async fn upgrade(
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
     let tracker = shared.tracker.clone();
-    tracker.spawn(async move {
+    let kind = if encoding == Encoding::Json { "ws-json" } else { "ws" };
+    skylark_server::spawn_in(&tracker, crate::session::connection_span(peer, kind), async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -101,8 +102,7 @@ pub(crate) async fn upgrade(
         };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
         let mut transport = WsTransport { ws, encoding, max_frame_bytes: limits.max_frame_bytes };
-        let kind = if encoding == Encoding::Json { "ws-json" } else { "ws" };
-        crate::session::run(&shared, &mut transport, peer, kind).await;
+        crate::session::run(&shared, &mut transport, kind).await;
         drop(slot);
     });
 

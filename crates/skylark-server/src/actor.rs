@@ -693,7 +693,7 @@ impl Shell {
         let from = self.account();
         let span = tracing::debug_span!("forward", %from, %to);
         let task = forward(self.ctx.clone(), from, to, items, self.self_mailbox.clone());
-        self.ctx.registry.spawn(tracing::Instrument::instrument(task, span));
+        self.ctx.registry.spawn(span, task);
     }
 }
 

@@ -31,6 +31,21 @@ use std::sync::Arc;
 
 pub use config::Config;
 
+/// Spawns `task` on `tracker`, inside `span` when that span is enabled. A
+/// disabled span (the default `info` filter disables the per-connection and
+/// per-actor ones) then costs the task no room at all, which every idle
+/// connection and actor would otherwise pay.
+pub fn spawn_in<F>(tracker: &tokio_util::task::TaskTracker, span: tracing::Span, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if span.is_disabled() {
+        tracker.spawn(task);
+    } else {
+        tracker.spawn(tracing::Instrument::instrument(task, span));
+    }
+}
+
 /// Everything a gateway needs to serve devices.
 pub struct Server {
     pub config: Config,

@@ -86,7 +86,7 @@ impl Registry {
         // bytes, and a disabled span costs none.
         let span = tracing::debug_span!("actor", %account, generation);
         let actor = actor::run(ctx.clone(), account, generation, tx.clone(), rx, predecessor);
-        self.tracker.spawn(tracing::Instrument::instrument(actor, span));
+        crate::spawn_in(&self.tracker, span, actor);
         (tx, generation)
     }
 
@@ -109,9 +109,9 @@ impl Registry {
         Err(MessagingError::ShuttingDown)
     }
 
-    /// Runs a task that shutdown waits for.
-    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.tracker.spawn(task);
+    /// Runs a task that shutdown waits for, in `span` when it is enabled.
+    pub(crate) fn spawn(&self, span: tracing::Span, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        crate::spawn_in(&self.tracker, span, task);
     }
 
     /// Removes a slot whose actor no longer takes mail.

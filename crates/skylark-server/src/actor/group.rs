@@ -110,7 +110,7 @@ impl Machine {
             return Err(Refusal::Refused(MessagingError::RateLimited(wait)));
         }
         let change = GroupChange::Post { device, client_id: client_id.clone(), payload };
-        let body = state.meta.check(author, change, self.config.max_group_members).map_err(refused)?;
+        let body = state.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
         let seq = self.record(&mut fx.write, &mut fx.kick, now_ms, author, body);
         // Posting means having seen the conversation up to here.
         self.advance_position(&mut fx.write, author, ReceiptKind::Read, seq);
@@ -129,7 +129,7 @@ impl Machine {
         from: AccountId,
         request: GroupRequest,
     ) -> Result<GroupReply, Refusal> {
-        let max = self.config.max_group_members;
+        let max = self.limits.max_group_members;
         match request {
             GroupRequest::Create { subject, members } => {
                 if !matches!(self.kind, Kind::Group(None)) || self.log.last_seq() > 0 {

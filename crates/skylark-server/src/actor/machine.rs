@@ -340,10 +340,10 @@ pub(crate) struct Marks {
     pub received: HashMap<AccountId, u64>,
     /// Peers known to be recorded as contacts (sent a message to).
     pub contacts: HashSet<AccountId>,
-    /// Highest sequence any device acknowledged (delivery receipts go out
-    /// when it advances).
-    pub delivered: u64,
 }
+
+/// No marks looked up yet (what an actor that only feeds devices has).
+static NO_MARKS: std::sync::LazyLock<Marks> = std::sync::LazyLock::new(Marks::default);
 
 /// Store changes that may be lost in a crash without breaking any
 /// promise, held back until something that must be durable is written.
@@ -400,15 +400,28 @@ pub(crate) struct Loaded {
     pub group: Option<GroupState>,
 }
 
+/// The settings the machine's rules use (kept small: one machine per
+/// active account).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub device_window: usize,
+    pub max_group_members: usize,
+}
+
 /// One account's (or group's) actor, as a state machine.
 #[derive(Debug)]
 pub(crate) struct Machine {
     pub account: AccountId,
-    pub config: MessagingConfig,
+    pub limits: Limits,
     pub log: Log,
     pub outbox: Outbox,
     pub feeds: Feeds,
-    pub marks: Marks,
+    /// Allocated on first use: an actor that only feeds its devices (most
+    /// idle connections' accounts) holds none.
+    marks: Option<Box<Marks>>,
+    /// Highest sequence any device acknowledged (delivery receipts go out
+    /// when it advances).
+    pub delivered: u64,
     pub cleanup: Cleanup,
     pub kind: Kind,
 }
@@ -438,14 +451,23 @@ impl Machine {
         let kind = if account.is_group() { Kind::Group(loaded.group.map(Box::new)) } else { Kind::User };
         Machine {
             account,
-            config,
+            limits: Limits { device_window: config.device_window, max_group_members: config.max_group_members },
             log: Log { counters: loaded.counters, recent: VecDeque::new() },
             outbox,
             feeds: Feeds::default(),
-            marks: Marks { delivered: loaded.delivered, ..Marks::default() },
+            marks: None,
+            delivered: loaded.delivered,
             cleanup: Cleanup::default(),
             kind,
         }
+    }
+
+    pub fn marks(&self) -> &Marks {
+        self.marks.as_deref().unwrap_or(&NO_MARKS)
+    }
+
+    fn marks_mut(&mut self) -> &mut Marks {
+        self.marks.get_or_insert_with(Box::default)
     }
 
     pub fn is_group(&self) -> bool {
@@ -470,19 +492,19 @@ impl Machine {
             match input {
                 Input::Send { device, client_id, to, .. } => {
                     needs.client_ids.push((*device, client_id.clone()));
-                    if *to != self.account && !self.marks.contacts.contains(to) && !needs.contacts.contains(to) {
+                    if *to != self.account && !self.marks().contacts.contains(to) && !needs.contacts.contains(to) {
                         needs.contacts.push(*to);
                     }
                 }
                 Input::Post { device, client_id, .. } => needs.client_ids.push((*device, client_id.clone())),
                 Input::Deliver { from, items } => {
-                    if !self.marks.inbound.contains_key(from) && !needs.inbound.contains(from) {
+                    if !self.marks().inbound.contains_key(from) && !needs.inbound.contains(from) {
                         needs.inbound.push(*from);
                     }
                     for (_, forward) in items.iter() {
                         if let Forward::Receipt { kind, .. } = forward {
                             let key = (*from, *kind);
-                            if !self.marks.receipts.contains_key(&key) && !needs.receipts.contains(&key) {
+                            if !self.marks().receipts.contains_key(&key) && !needs.receipts.contains(&key) {
                                 needs.receipts.push(key);
                             }
                         }
@@ -490,10 +512,10 @@ impl Machine {
                 }
                 Input::Attach { device, .. } => needs.cursors.push(*device),
                 Input::MarkRead { peer, .. } => {
-                    if !self.marks.read_markers.contains_key(peer) {
+                    if !self.marks().read_markers.contains_key(peer) {
                         needs.read_markers.push(*peer);
                     }
-                    if !self.marks.received.contains_key(peer) {
+                    if !self.marks().received.contains_key(peer) {
                         needs.received.push(*peer);
                     }
                 }
@@ -506,8 +528,8 @@ impl Machine {
         }
         // Acks send receipts for what they newly cover, which is read from
         // the entries after the account's delivered mark.
-        if acks_to > self.marks.delivered {
-            needs.entries.extend(self.log.missing(self.marks.delivered + 1, acks_to));
+        if acks_to > self.delivered {
+            needs.entries.extend(self.log.missing(self.delivered + 1, acks_to));
         }
         needs
     }
@@ -644,12 +666,12 @@ impl Machine {
         if to != self.account {
             self.outbox.put(&mut self.log, &mut fx.write, to, Forward::Message(message.clone()));
             fx.kick.insert(to);
-            if !self.marks.contacts.contains(&to) {
+            if !self.marks().contacts.contains(&to) {
                 let known = facts.contacts.get(&to).ok_or_else(|| Missing(format!("contact {to}")))?;
                 if !known && !fx.write.contacts.contains(&to) {
                     fx.write.contacts.push(to);
                 }
-                self.marks.contacts.insert(to);
+                self.marks_mut().contacts.insert(to);
             }
         }
         fx.write.client_ids.push((device, message.client_id.clone(), seq));
@@ -666,7 +688,7 @@ impl Machine {
         from: AccountId,
         items: &[(u64, Forward)],
     ) -> Result<u64, Missing> {
-        let mut applied = match self.marks.inbound.get(&from) {
+        let mut applied = match self.marks().inbound.get(&from) {
             Some(hwm) => *hwm,
             None => *facts.inbound.get(&from).ok_or_else(|| Missing(format!("inbound from {from}")))?,
         };
@@ -694,7 +716,7 @@ impl Machine {
                 }
                 Forward::Receipt { kind, up_to, at_ms } => {
                     let key = (from, *kind);
-                    let current = match self.marks.receipts.get(&key) {
+                    let current = match self.marks().receipts.get(&key) {
                         Some(v) => *v,
                         None => *facts.receipts.get(&key).ok_or_else(|| Missing(format!("receipt {key:?}")))?,
                     };
@@ -704,9 +726,9 @@ impl Machine {
                             LogEntry::Receipt { peer: from, kind: *kind, up_to: *up_to, at_ms: *at_ms },
                         );
                         fx.write.receipts.push((from, *kind, *up_to));
-                        self.marks.receipts.insert(key, *up_to);
+                        self.marks_mut().receipts.insert(key, *up_to);
                     } else {
-                        self.marks.receipts.insert(key, current);
+                        self.marks_mut().receipts.insert(key, current);
                     }
                 }
             }
@@ -718,9 +740,9 @@ impl Machine {
         if let Some(seq) = received {
             // Forwards come in the source's order, so this only grows.
             fx.write.received.push((from, seq));
-            self.marks.received.insert(from, seq);
+            self.marks_mut().received.insert(from, seq);
         }
-        self.marks.inbound.insert(from, applied);
+        self.marks_mut().inbound.insert(from, applied);
         Ok(applied)
     }
 
@@ -750,14 +772,14 @@ impl Machine {
             window.sent = window.sent.max(window.acked);
         }
         fx.write.cursors.push((device, up_to));
-        if up_to <= self.marks.delivered {
+        if up_to <= self.delivered {
             return Ok(());
         }
         // The account received these entries: send delivery receipts, one
         // per sender, for the highest of its messages among them.
         // Groups get one for every event, so they know how far each member is.
         let mut highest: BTreeMap<AccountId, u64> = BTreeMap::new();
-        for seq in self.marks.delivered + 1..=up_to {
+        for seq in self.delivered + 1..=up_to {
             let entry = self.log.entry(seq, facts).ok_or_else(|| Missing(format!("log entry {seq}")))?;
             match entry.as_ref() {
                 LogEntry::Message(m) if m.to == self.account && m.id.sender != self.account => {
@@ -776,7 +798,7 @@ impl Machine {
             self.outbox.put(&mut self.log, &mut fx.write, sender, receipt);
             fx.kick.insert(sender);
         }
-        self.marks.delivered = up_to;
+        self.delivered = up_to;
         fx.write.cursors.push((ACCOUNT_CURSOR, up_to));
         Ok(())
     }
@@ -789,21 +811,21 @@ impl Machine {
         peer: AccountId,
         up_to: u64,
     ) -> Result<(), Missing> {
-        let current = match self.marks.read_markers.get(&peer) {
+        let current = match self.marks().read_markers.get(&peer) {
             Some(v) => *v,
             None => *facts.read_markers.get(&peer).ok_or_else(|| Missing(format!("read marker {peer}")))?,
         };
-        let received = match self.marks.received.get(&peer) {
+        let received = match self.marks().received.get(&peer) {
             Some(v) => *v,
             None => *facts.received.get(&peer).ok_or_else(|| Missing(format!("received from {peer}")))?,
         };
-        self.marks.received.insert(peer, received);
+        self.marks_mut().received.insert(peer, received);
         // A read marker covers at most what the account received from the
         // peer: a device cannot have read the rest, and a receipt beyond it
         // would mark the peer's future messages read before they exist.
         let up_to = up_to.min(received);
         if up_to <= current {
-            self.marks.read_markers.insert(peer, current);
+            self.marks_mut().read_markers.insert(peer, current);
             return Ok(());
         }
         let receipt = Forward::Receipt { kind: ReceiptKind::Read, up_to, at_ms: now_ms };
@@ -811,7 +833,7 @@ impl Machine {
         fx.kick.insert(peer);
         self.log.append(&mut fx.write, LogEntry::ReadSync { peer, up_to, at_ms: now_ms });
         fx.write.read_markers.push((peer, up_to));
-        self.marks.read_markers.insert(peer, up_to);
+        self.marks_mut().read_markers.insert(peer, up_to);
         Ok(())
     }
 
@@ -822,7 +844,7 @@ impl Machine {
         if window.sent >= last {
             return if window.caught_up { FeedPlan::Idle } else { FeedPlan::CaughtUp(last) };
         }
-        let room = (self.config.device_window as u64).saturating_sub(window.sent.saturating_sub(window.acked));
+        let room = (self.limits.device_window as u64).saturating_sub(window.sent.saturating_sub(window.acked));
         if room == 0 {
             return FeedPlan::Idle;
         }
