@@ -38,7 +38,7 @@ use std::time::Duration;
 
 pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared) {
     use axum::serve::Listener;
-    let limits = shared.server.config.limits;
+    let limits = shared.config.limits;
     let request_timeout = Duration::from_millis(limits.http_request_timeout_ms);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -196,7 +196,7 @@ impl axum::extract::FromRequest<Shared> for Body {
         match Bytes::from_request(request, shared).await {
             Ok(bytes) => Ok(Body(bytes)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                let max = shared.server.config.limits.http_body_bytes;
+                let max = shared.config.limits.http_body_bytes;
                 Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large",

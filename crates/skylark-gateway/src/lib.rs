@@ -11,6 +11,7 @@
 //! listener and connection selects on the token, and [`Gateway::shutdown`]
 //! waits for the tracked connections to close.
 
+pub mod config;
 mod convert;
 mod http;
 pub mod metrics_endpoint;
@@ -23,6 +24,7 @@ mod transport;
 mod web;
 mod ws;
 
+pub use config::{GatewayConfig, Settings};
 use skylark_server::Server;
 use std::io;
 use std::net::SocketAddr;
@@ -40,6 +42,9 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub server: Arc<Server>,
+    /// Addresses, TLS and the transport limits (shared, not copied, by
+    /// every connection task).
+    pub config: Arc<GatewayConfig>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub ready: Arc<AtomicBool>,
@@ -74,15 +79,16 @@ fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 
 impl Gateway {
     /// Binds the configured addresses and starts serving.
-    pub async fn start(server: Arc<Server>) -> io::Result<Gateway> {
+    pub async fn start(server: Arc<Server>, config: GatewayConfig) -> io::Result<Gateway> {
         metrics_endpoint::install();
-        let http_listener = listen(server.config.listen.http)?;
-        let tcp_listener = listen(server.config.listen.tcp)?;
+        let http_listener = listen(config.listen.http)?;
+        let tcp_listener = listen(config.listen.tcp)?;
         let http_addr = http_listener.local_addr()?;
         let tcp_addr = tcp_listener.local_addr()?;
         let shared = Shared {
-            slots: slots::IpSlots::new(server.config.limits.max_connections_per_ip),
+            slots: slots::IpSlots::new(config.limits.max_connections_per_ip),
             server,
+            config: Arc::new(config),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             ready: Arc::new(AtomicBool::new(false)),

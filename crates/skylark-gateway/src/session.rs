@@ -106,7 +106,7 @@ pub(crate) fn connection_span(peer: SocketAddr, kind: &'static str) -> tracing::
 
 /// Runs the handshake. `Ok(None)` means the peer went away.
 async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Box<Authenticated>>, Ending> {
-    let limits = shared.server.config.limits;
+    let limits = shared.config.limits;
     let deadline = Instant::now() + Duration::from_millis(limits.auth_timeout_ms);
     let mut challenge: Option<Challenge> = None;
     loop {
@@ -245,7 +245,7 @@ async fn serve_attached<T: Transport>(
     streams: Streams,
 ) -> Option<Ending> {
     let Streams { mut disconnect, mut events, mut ephemeral } = streams;
-    let limits = shared.server.config.limits;
+    let limits = shared.config.limits;
     let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
     let mut idle_deadline = Instant::now() + idle_timeout;
     // Created on the first deferred answer and dropped when the last one is
@@ -424,11 +424,13 @@ mod tests {
             .unwrap();
         let server =
             Server::new(Default::default(), store.clone(), Arc::new(ConsoleSms), Arc::new(SystemClock)).await.unwrap();
-        let idle = Duration::from_millis(server.config.limits.idle_timeout_ms);
+        let config = crate::GatewayConfig::default();
+        let idle = Duration::from_millis(config.limits.idle_timeout_ms);
         assert!(idle < Duration::from_secs(60), "the default detects a vanished peer in under a minute");
         let shared = Shared {
             slots: crate::slots::IpSlots::new(10),
             server: server.clone(),
+            config: Arc::new(config),
             shutdown: tokio_util::sync::CancellationToken::new(),
             tracker: tokio_util::task::TaskTracker::new(),
             ready: Arc::default(),
@@ -538,6 +540,7 @@ mod tests {
             let shared = Shared {
                 slots: crate::slots::IpSlots::new(10),
                 server,
+                config: Arc::default(),
                 shutdown: tokio_util::sync::CancellationToken::new(),
                 tracker: tokio_util::task::TaskTracker::new(),
                 ready: Arc::default(),

@@ -22,7 +22,7 @@ const READ_BUFFER: usize = 512;
 const KEEP_READ_BUFFER: usize = 4096;
 
 pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<TlsAcceptor>) {
-    let deadline = Duration::from_millis(shared.server.config.limits.auth_timeout_ms);
+    let deadline = Duration::from_millis(shared.config.limits.auth_timeout_ms);
     let each = shared.clone();
     accept_loop(listener, shared, move |stream, peer| {
         // The address's slot is taken before the handshake, so a flood of
@@ -34,7 +34,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
             // Boxed, as it is passed through once: the task would otherwise keep
             // room for a TLS handshake for its whole life.
             let Some(io) = Box::pin(handshake(tls.as_ref(), stream, deadline)).await else { return };
-            let max = shared.server.config.limits.max_frame_bytes;
+            let max = shared.config.limits.max_frame_bytes;
             let mut transport = TcpTransport { io, codec: FrameCodec::new(max), read: BytesMut::new(), closed: false };
             match slot {
                 Some(slot) => {

@@ -112,7 +112,7 @@ impl AsyncWrite for Io {
 
 /// The gateway's TLS acceptor, if TLS is configured.
 pub(crate) fn acceptor(shared: &Shared) -> io::Result<Option<TlsAcceptor>> {
-    let tls = &shared.server.config.tls;
+    let tls = &shared.config.tls;
     match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => Ok(Some(TlsAcceptor::from(server_config(cert, key)?))),
         (None, None) => Ok(None),
@@ -168,7 +168,7 @@ impl HttpListener {
     pub(crate) fn start(listener: TcpListener, shared: Shared, tls: Option<TlsAcceptor>) -> io::Result<HttpListener> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(256);
-        let deadline = Duration::from_millis(shared.server.config.limits.auth_timeout_ms);
+        let deadline = Duration::from_millis(shared.config.limits.auth_timeout_ms);
         let tracker = shared.tracker.clone();
         tracker.spawn(accept_loop(listener, shared.clone(), move |stream, peer| {
             let (tx, tls) = (tx.clone(), tls.clone());

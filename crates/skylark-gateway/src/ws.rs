@@ -84,7 +84,7 @@ pub(crate) async fn upgrade(
         return response;
     };
 
-    let limits = shared.server.config.limits;
+    let limits = shared.config.limits;
     let config = WebSocketConfig::default()
         .read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(0)

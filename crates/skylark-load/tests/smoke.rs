@@ -17,13 +17,14 @@ async fn start(
     store: Arc<dyn skylark_store::Store>,
     per_address: u32,
 ) -> (Arc<skylark_server::Server>, skylark_gateway::Gateway) {
-    let mut config = skylark_server::Config::default();
+    let mut config = skylark_gateway::Settings::default();
     config.limits.max_connections_per_ip = per_address;
     config.listen.http = http.parse().unwrap();
     config.listen.tcp = tcp.parse().unwrap();
     let sms = Arc::new(skylark_server::sms::ConsoleSms);
-    let server = skylark_server::Server::new(config, store, sms, Arc::new(skylark_core::SystemClock)).await.unwrap();
-    let gateway = skylark_gateway::Gateway::start(server.clone()).await.unwrap();
+    let (services, transport) = config.split();
+    let server = skylark_server::Server::new(services, store, sms, Arc::new(skylark_core::SystemClock)).await.unwrap();
+    let gateway = skylark_gateway::Gateway::start(server.clone(), transport).await.unwrap();
     (server, gateway)
 }
 

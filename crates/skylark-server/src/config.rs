@@ -8,16 +8,13 @@ use crate::push::PushConfig;
 use serde::{Deserialize, Serialize};
 use skylark_core::verification::VerificationPolicy;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 
+/// The services' settings. The gateway owns the transport's (addresses,
+/// TLS, frame and connection limits); the binary reads both from one file
+/// (`skylark_gateway::config::Settings`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where the embedded store keeps its file.
-    pub data_dir: PathBuf,
-    pub listen: Listen,
-    pub tls: TlsConfig,
     pub limits: Limits,
     pub verification: VerificationPolicy,
     pub rate_limits: RateLimits,
@@ -30,9 +27,6 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            data_dir: PathBuf::from("./skylark-data"),
-            listen: Listen::default(),
-            tls: TlsConfig::default(),
             limits: Limits::default(),
             verification: VerificationPolicy::default(),
             rate_limits: RateLimits::default(),
@@ -44,78 +38,19 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Listen {
-    /// HTTP API and WebSocket (`/v1/ws`).
-    pub http: SocketAddr,
-    /// Raw TCP with length-prefixed frames.
-    pub tcp: SocketAddr,
-}
-
-impl Default for Listen {
-    fn default() -> Self {
-        Self { http: SocketAddr::from(([127, 0, 0, 1], 7480)), tcp: SocketAddr::from(([127, 0, 0, 1], 7481)) }
-    }
-}
-
-/// TLS on both listeners (HTTP/WebSocket and TCP). Off unless both files
-/// are given; `skylark serve --dev-tls` fills them with a self-signed
-/// certificate for local use.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain, leaf first.
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: Option<PathBuf>,
-}
-
+/// The services' timing limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Largest frame accepted or sent, in bytes, on every transport.
-    pub max_frame_bytes: usize,
-    /// A connection must authenticate within this time after it opens.
-    pub auth_timeout_ms: u64,
     /// How long a connection's challenge nonce stays valid.
     pub challenge_ttl_ms: u64,
-    /// A connection that sends nothing for this long is closed.
-    pub idle_timeout_ms: u64,
-    /// How often clients are asked to ping when otherwise idle.
-    pub heartbeat_interval_ms: u64,
-    /// WebSocket read buffer per connection. Small on purpose: the default
-    /// of the WebSocket library is 128 KiB per connection.
-    pub ws_read_buffer_bytes: usize,
-    /// Largest HTTP request body accepted by the JSON API.
-    pub http_body_bytes: usize,
-    /// An HTTP client must send a request's complete headers within this
-    /// time (also while a kept-alive connection waits for its next request).
-    pub http_header_timeout_ms: u64,
-    /// An HTTP request (body included) must complete within this time;
-    /// longer than the longest long-poll (30 s).
-    pub http_request_timeout_ms: u64,
     /// How long a typing indicator lasts unless the typist refreshes it.
     pub typing_ttl_ms: u64,
-    /// Open connections (TCP and WebSocket together) from one IP address.
-    pub max_connections_per_ip: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_frame_bytes: 128 * 1024,
-            auth_timeout_ms: 20_000,
-            challenge_ttl_ms: 15_000,
-            idle_timeout_ms: 45_000,
-            heartbeat_interval_ms: 25_000,
-            ws_read_buffer_bytes: 4 * 1024,
-            http_body_bytes: 16 * 1024,
-            http_header_timeout_ms: 10_000,
-            http_request_timeout_ms: 40_000,
-            typing_ttl_ms: 10_000,
-            max_connections_per_ip: 256,
-        }
+        Self { challenge_ttl_ms: 15_000, typing_ttl_ms: 10_000 }
     }
 }
 
@@ -195,14 +130,13 @@ mod tests {
     #[test]
     fn partial_config_keeps_defaults() {
         let config: Config = serde_json::from_value(serde_json::json!({
-            "data_dir": "/var/lib/skylark",
-            "limits": { "max_frame_bytes": 65536 },
+            "limits": { "typing_ttl_ms": 5000 },
             "sms": { "provider": "http", "url": "http://127.0.0.1:9000/send",
                      "headers": { "Authorization": "Bearer x" } }
         }))
         .unwrap();
-        assert_eq!(config.limits.max_frame_bytes, 65536);
-        assert_eq!(config.limits.idle_timeout_ms, Limits::default().idle_timeout_ms);
+        assert_eq!(config.limits.typing_ttl_ms, 5000);
+        assert_eq!(config.limits.challenge_ttl_ms, Limits::default().challenge_ttl_ms);
         assert!(matches!(config.sms, SmsConfig::Http { timeout_ms: 5_000, .. }));
     }
 

@@ -5,9 +5,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use skylark_core::SystemClock;
 use skylark_gateway::Gateway;
+use skylark_gateway::Settings as Config;
+use skylark_server::Server;
 use skylark_server::config::SmsConfig;
 use skylark_server::sms::{ConsoleSms, HttpSms, SmsSender};
-use skylark_server::{Config, Server};
 use skylark_store::RedbStore;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -132,8 +133,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     tracing::info!(data = %db_path.display(), "store opened");
 
     let tls_cert = config.tls.cert_file.clone().filter(|_| config.tls.key_file.is_some());
-    let server = Server::new(config, Arc::new(store), sms, Arc::new(SystemClock)).await?;
-    let gateway = Gateway::start(server.clone()).await.context("binding listeners (and loading TLS files)")?;
+    let (services, transport) = config.split();
+    let server = Server::new(services, Arc::new(store), sms, Arc::new(SystemClock)).await?;
+    let gateway =
+        Gateway::start(server.clone(), transport).await.context("binding listeners (and loading TLS files)")?;
     let (scheme, tcp) = if tls_cert.is_some() { ("https", "TCP+TLS") } else { ("http", "TCP") };
     println!(
         "Skylark is running: HTTP + WebSocket on {scheme}://{} (WebSocket at /v1/ws), {tcp} on {}. Ctrl-C stops it.",

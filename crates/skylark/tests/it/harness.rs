@@ -7,9 +7,10 @@ use skylark_client::identity::generate_key;
 use skylark_client::{Endpoint, Identity};
 use skylark_core::{Clock, ManualClock, PhoneNumber, SystemClock};
 use skylark_gateway::Gateway;
+use skylark_gateway::Settings as Config;
 use skylark_protocol::CloseCode;
+use skylark_server::Server;
 use skylark_server::sms::{SmsError, SmsSender};
-use skylark_server::{Config, Server};
 use skylark_store::{RedbStore, Store};
 use std::sync::{Arc, Mutex};
 
@@ -101,8 +102,9 @@ impl TestServer {
     pub async fn start_on(config: Config, store: Arc<dyn Store>) -> TestServer {
         let sms = Arc::new(CapturedSms::default());
         let clock = ManualClock::new(SystemClock.now_ms());
-        let server = Server::new(config, store.clone(), sms.clone(), Arc::new(clock.clone())).await.unwrap();
-        let gateway = Gateway::start(server.clone()).await.unwrap();
+        let (services, transport) = config.split();
+        let server = Server::new(services, store.clone(), sms.clone(), Arc::new(clock.clone())).await.unwrap();
+        let gateway = Gateway::start(server.clone(), transport).await.unwrap();
         TestServer { gateway: Some(gateway), server, sms, clock, store }
     }
 
