@@ -23,7 +23,8 @@ done
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 pristine=$out/pristine
-if [ ! -d "$pristine" ]; then
+if [ ! -d "$pristine" ] || [ ! -f "$out/manifest.json" ]; then
+  rm -rf "$pristine"
   "$load" provision --data-dir "$pristine" --accounts 20000 --manifest "$out/manifest.json" >/dev/null
 fi
 

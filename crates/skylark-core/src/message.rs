@@ -109,6 +109,12 @@ pub struct OutboxItem {
     pub forward: Forward,
 }
 
+/// The payload-size rule: a message's payload is at most `max` bytes
+/// (`messaging.max_payload_bytes`).
+pub fn payload_fits(len: usize, max: usize) -> bool {
+    len <= max
+}
+
 /// Longest client message id accepted, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 64;
 
@@ -134,5 +140,11 @@ mod tests {
         assert!(!valid_client_id("a b"), "no spaces");
         assert!(!valid_client_id("é"), "ASCII only");
         assert!(!valid_client_id("a\tb"));
+    }
+
+    #[test]
+    fn payload_sizes() {
+        assert!(payload_fits(0, 10) && payload_fits(10, 10));
+        assert!(!payload_fits(11, 10));
     }
 }

@@ -12,7 +12,7 @@ use crate::lane;
 use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingConfig, MessagingError, SendAck, SendRequest};
 use crate::registry::Registry;
 use skylark_core::group::{GroupError, GroupMeta};
-use skylark_core::message::{DeviceChange, valid_client_id};
+use skylark_core::message::{DeviceChange, payload_fits, valid_client_id};
 use skylark_core::{AccountId, Clock, DeviceId, PhoneNumber};
 use skylark_store::Store;
 use std::sync::Arc;
@@ -136,7 +136,7 @@ impl Router {
             return Err(MessagingError::InvalidClientId);
         }
         let max = self.ctx().config.max_payload_bytes;
-        if request.payload.len() > max {
+        if !payload_fits(request.payload.len(), max) {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });
         }
         let (reply, answer) = oneshot::channel();

@@ -1,20 +1,25 @@
-//! Property tests of the machine: two accounts, a model of the durable
-//! store, and random interleavings of sends (and resends), forwards
+//! Property tests of the machine: two accounts and a group of both, a
+//! model of the durable store, and random interleavings of sends and posts
+//! (and resends), forwards
 //! delivered in any order between destinations, devices attaching,
 //! acknowledging and leaving, reads, crashes (the machine dropped and
 //! rebuilt from what was durable, forwards in flight from it lost) and
 //! failed writes. After the run everything is let settle, then the
 //! guarantees are checked: nothing acknowledged is lost, each message is in
-//! its recipient's log once and in its sender's order, a client id names one
+//! its recipient's log once and in its sender's order, both members see the
+//! group's events once each in the one group order, a client id names one
 //! message however often it is resent, no device is handed an entry at or
 //! below what it acknowledged, and every device ends up with everything.
 //!
 //! No runtime and no store: the shell's part (read what the machine needs,
 //! make the write durable, then perform effects) is done here by hand.
 
+use super::group::GroupState;
 use super::machine::*;
+use crate::messaging::GroupRequest;
 use crate::messaging::{MessagingConfig, SendAck};
 use proptest::prelude::*;
+use skylark_core::group::GroupMeta;
 use skylark_core::message::{LogEntry, MessageId, OutboxItem, ReceiptKind};
 use skylark_core::{AccountId, DeviceId};
 use skylark_store::{AccountWrite, Counters};
@@ -36,6 +41,7 @@ struct Durable {
     read_markers: HashMap<AccountId, u64>,
     received: HashMap<AccountId, u64>,
     contacts: HashSet<AccountId>,
+    group: Option<GroupMeta>,
 }
 
 impl Durable {
@@ -61,6 +67,9 @@ impl Durable {
         self.read_markers.extend(w.read_markers.iter().copied());
         self.received.extend(w.received.iter().copied());
         self.contacts.extend(w.contacts.iter().copied());
+        if let Some(meta) = &w.group {
+            self.group = Some(meta.clone());
+        }
     }
 
     fn loaded(&self) -> Loaded {
@@ -68,7 +77,17 @@ impl Durable {
             counters: self.counters,
             outbox: self.outbox.iter().map(|(s, i)| (*s, i.clone())).collect(),
             delivered: self.cursors.get(&ACCOUNT_CURSOR).copied().unwrap_or(0),
-            group: None,
+            group: self.group.clone().map(|meta| {
+                let mut stored: HashMap<AccountId, (u64, u64)> = HashMap::new();
+                for ((peer, kind), up_to) in &self.receipts {
+                    let slot = stored.entry(*peer).or_default();
+                    match kind {
+                        ReceiptKind::Delivered => slot.0 = *up_to,
+                        ReceiptKind::Read => slot.1 = *up_to,
+                    }
+                }
+                GroupState::new(meta, &stored)
+            }),
         }
     }
 
@@ -168,6 +187,15 @@ enum Op {
     MarkRead {
         node: usize,
     },
+    /// A member posts to the group, with one of a few client ids.
+    Post {
+        from: usize,
+        cid: u8,
+    },
+    /// A member marks the group read.
+    MarkGroupRead {
+        node: usize,
+    },
     /// The actor's task dies: memory is gone, so are its forwards in flight.
     Crash {
         node: usize,
@@ -188,32 +216,42 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..2usize, 0..2usize).prop_map(|(node, device)| Op::Ack { node, device }),
         1 => (0..2usize, 0..2usize).prop_map(|(node, device)| Op::AckTooMuch { node, device }),
         1 => (0..2usize).prop_map(|node| Op::MarkRead { node }),
-        1 => (0..2usize).prop_map(|node| Op::Crash { node }),
-        1 => (0..2usize).prop_map(|node| Op::FailWrite { node }),
+        2 => (0..2usize, 0..6u8).prop_map(|(from, cid)| Op::Post { from, cid }),
+        1 => (0..2usize).prop_map(|node| Op::MarkGroupRead { node }),
+        1 => (0..3usize).prop_map(|node| Op::Crash { node }),
+        1 => (0..3usize).prop_map(|node| Op::FailWrite { node }),
     ]
 }
 
+/// The group's node.
+const GROUP: usize = 2;
+
 struct World {
-    nodes: [Node; 2],
+    /// Two accounts, then the group of both.
+    nodes: [Node; 3],
     /// Forwards in flight: (from, to, batch).
     flight: Vec<(usize, usize, Batch)>,
     now: u64,
     connections: u64,
-    fail_next: [bool; 2],
+    fail_next: [bool; 3],
     /// Every ack a sender got: (sender, client id) → message id.
     acked: HashMap<(usize, String), MessageId>,
 }
 
 impl World {
     fn new() -> World {
-        World {
-            nodes: [Node::new(AccountId(1)), Node::new(AccountId(2))],
+        let mut world = World {
+            nodes: [Node::new(AccountId(1)), Node::new(AccountId(2)), Node::new(AccountId::group(1))],
             flight: Vec::new(),
             now: 1,
             connections: 0,
-            fail_next: [false; 2],
+            fail_next: [false; 3],
             acked: HashMap::new(),
-        }
+        };
+        let create = GroupRequest::Create { subject: "both".into(), members: vec![AccountId(2)] };
+        let created = world.step(GROUP, vec![Input::Group { from: AccountId(1), request: create }]);
+        assert!(matches!(created.as_deref(), Some([Outcome::Later(Answer::Group(_))])), "{created:?}");
+        world
     }
 
     /// The shell's work for one batch on node `n`: read, step, write, then
@@ -222,7 +260,13 @@ impl World {
         self.now += 1;
         let node = &mut self.nodes[n];
         let facts = node.durable.facts(&node.machine.needs(&inputs));
-        let fx = node.machine.step(inputs, &facts, self.now).expect("the read phase gave every fact asked for");
+        let mut fx = node.machine.step(inputs, &facts, self.now).expect("the read phase gave every fact asked for");
+        // A group reads what its marks passed, then tells authors.
+        let mut more = Facts::default();
+        if let Some((from, to)) = node.machine.marks_need() {
+            more.entries.extend(node.durable.log.range(from..=to).map(|(s, e)| (*s, e.clone())));
+        }
+        node.machine.advance_marks(&mut fx, &more, self.now).expect("the marks' entries were read");
         if std::mem::take(&mut self.fail_next[n]) {
             self.restart(n);
             return None;
@@ -333,6 +377,28 @@ impl World {
                 let peer = self.nodes[1 - node].account;
                 self.step(node, vec![Input::MarkRead { peer, up_to: u64::MAX }]);
             }
+            Op::MarkGroupRead { node } => {
+                let group = self.nodes[GROUP].account;
+                self.step(node, vec![Input::MarkRead { peer: group, up_to: u64::MAX }]);
+            }
+            Op::Post { from, cid } => {
+                // Device ids are global: each account posts from its own.
+                let device = DeviceId(100 + from as u64);
+                let client_id = format!("g{cid}");
+                let author = self.nodes[from].account;
+                let post = Input::Post {
+                    author,
+                    device,
+                    client_id: client_id.clone(),
+                    payload: vec![cid].into(),
+                    over_rate: None,
+                };
+                if let Some(outcomes) = self.step(GROUP, vec![post]) {
+                    let ack = ack(&outcomes[0]);
+                    let first = *self.acked.entry((GROUP + from, client_id)).or_insert(ack.id);
+                    assert_eq!(first, ack.id, "a post's client id names one post");
+                }
+            }
             Op::Crash { node } => self.restart(node),
             Op::FailWrite { node } => self.fail_next[node] = true,
         }
@@ -377,7 +443,7 @@ impl World {
 
     /// Lets everything in flight arrive and every device catch up.
     fn settle(&mut self) {
-        self.fail_next = [false; 2];
+        self.fail_next = [false; 3];
         for n in 0..2 {
             for device in 0..2 {
                 if self.nodes[n].devices[device].connection.is_none() {
@@ -416,7 +482,7 @@ impl World {
     }
 
     fn check(&self) {
-        for (n, node) in self.nodes.iter().enumerate() {
+        for (n, node) in self.nodes[..GROUP].iter().enumerate() {
             let peer = &self.nodes[1 - n];
             // Each message from the peer is in this log once, in the peer's order.
             let from_peer: Vec<MessageId> = node
@@ -441,8 +507,28 @@ impl World {
             // Receipts never name more than the peer received.
             let received = peer.durable.received.get(&node.account).copied().unwrap_or(0);
             for e in node.durable.log.values() {
-                if let LogEntry::Receipt { up_to, kind, .. } = e.as_ref() {
-                    assert!(*up_to <= received, "a {kind:?} receipt up to {up_to}; the peer received up to {received}");
+                if let LogEntry::Receipt { up_to, kind, peer: from, .. } = e.as_ref() {
+                    if *from == peer.account {
+                        assert!(*up_to <= received, "a {kind:?} receipt up to {up_to}; the peer received {received}");
+                    }
+                }
+            }
+            // The group's events: all of them, once each, in the group's order.
+            let group = &self.nodes[GROUP];
+            let seen: Vec<u64> = node
+                .durable
+                .log
+                .values()
+                .filter_map(|e| match e.as_ref() {
+                    LogEntry::Group(g) if g.group == group.account => Some(g.seq),
+                    _ => None,
+                })
+                .collect();
+            let all: Vec<u64> = group.durable.log.keys().copied().collect();
+            assert_eq!(seen, all, "member {n} sees the one group order, each event once");
+            for ((who, cid), id) in &self.acked {
+                if *who >= GROUP {
+                    assert!(all.contains(&id.seq), "acked post {cid} ({id:?}) lost");
                 }
             }
             // Every device has everything after where it started.
