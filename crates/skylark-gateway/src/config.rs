@@ -132,7 +132,10 @@ impl Settings {
     }
 }
 
-/// The file's `[limits]`: the transport's and two of the services'.
+/// The file's `[limits]`: the transport's and two of the services'. The
+/// fields are listed here rather than flattened from the two parts because
+/// serde cannot refuse unknown keys in a flattened struct, and a typo in a
+/// limit must be an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {

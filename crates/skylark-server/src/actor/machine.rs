@@ -501,7 +501,9 @@ impl Machine {
                     if !self.marks().inbound.contains_key(from) && !needs.inbound.contains(from) {
                         needs.inbound.push(*from);
                     }
-                    for (_, forward) in items.iter() {
+                    // A group takes receipts into its members' positions,
+                    // not into per-peer receipt marks: nothing to read.
+                    for (_, forward) in items.iter().filter(|_| !self.is_group()) {
                         if let Forward::Receipt { kind, .. } = forward {
                             let key = (*from, *kind);
                             if !self.marks().receipts.contains_key(&key) && !needs.receipts.contains(&key) {

@@ -336,6 +336,16 @@ fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
 }
 
 #[test]
+fn a_group_reads_no_receipt_marks_for_its_members_receipts() {
+    let g = AccountId::group(1);
+    let group = machine(g);
+    let receipt = Forward::Receipt { kind: ReceiptKind::Read, up_to: 1, at_ms: 1 };
+    let needs = group.needs(&[Input::Deliver { from: A, items: Arc::from(vec![(1, receipt)]) }]);
+    assert_eq!(needs.inbound, vec![A]);
+    assert!(needs.receipts.is_empty(), "members' receipts go to positions");
+}
+
+#[test]
 fn a_user_machine_refuses_group_mail_as_an_internal_error() {
     let mut a = machine(A);
     let info = Input::Group { from: B, request: GroupRequest::Info };
