@@ -40,6 +40,11 @@ pub enum StoreError {
     /// The store was closed (the server is stopping); nothing was written.
     #[error("the store is closed")]
     Closed,
+    /// The store cannot be used as it is — a damaged or empty file, or one
+    /// written by a newer version. The message names the file and says
+    /// what to do; nothing was changed.
+    #[error("{0}")]
+    Unusable(String),
 }
 
 impl StoreError {

@@ -107,6 +107,27 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
+/// Opens the file with redb, turning both its errors and its panics (a
+/// truncated file trips an assertion inside redb) into a reason. The
+/// default panic hook is silenced meanwhile, so an operator sees one clear
+/// message instead of a backtrace from inside the storage engine; this
+/// runs once, at start.
+fn open_file(path: &Path) -> Result<Database, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Database::create(path));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the storage engine gave up reading it".into())),
+    }
+}
+
 fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
     StoreError::backend(e)
 }
@@ -139,6 +160,13 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The layout of the stored tables and records, kept in `meta` under
+/// `format`. A binary refuses a store of a newer format; an older format
+/// would be upgraded in `init` (there is none yet: format 1 is the first,
+/// and stores written before it was recorded are format 1).
+pub const FORMAT_VERSION: u64 = 1;
+const FORMAT: &str = "format";
+
 impl RedbStore {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -147,8 +175,28 @@ impl RedbStore {
 
     /// Opens with an explicit group-commit bound; `max_batch = 1` commits
     /// (and fsyncs) every write on its own, for comparison benchmarks.
+    ///
+    /// A file that exists but is empty, or that redb cannot read, is
+    /// refused with [`StoreError::Unusable`] naming it: a server must never
+    /// start silently without its accounts, nor crash without saying why.
     pub fn open_with(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
-        Self::init(Database::create(path)?, max_batch)
+        let restore = "Restore it from a backup, or move it away to start a server with no accounts.";
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::Unusable(format!(
+                "the store file {} is empty (0 bytes), so every account would be gone. {restore}",
+                path.display()
+            )));
+        }
+        let db = open_file(path).map_err(|why| {
+            StoreError::Unusable(format!(
+                "the store file {} is damaged and cannot be read ({why}). {restore}",
+                path.display()
+            ))
+        })?;
+        Self::init(db, max_batch).map_err(|e| match e {
+            StoreError::Unusable(why) => StoreError::Unusable(format!("the store file {}: {why}", path.display())),
+            other => other,
+        })
     }
 
     /// A store that lives in memory only, for tests.
@@ -161,7 +209,27 @@ impl RedbStore {
     /// missing one, and starts the committer thread.
     fn init(db: Database, max_batch: usize) -> Result<Self, StoreError> {
         let txn = db.begin_write()?;
-        txn.open_table(META)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let stored = match meta.get(FORMAT)? {
+                Some(v) => Some(u64::from_be_bytes(
+                    v.value().try_into().map_err(|_| StoreError::Corrupt("the format version".into()))?,
+                )),
+                None => None,
+            };
+            match stored {
+                Some(version) if version > FORMAT_VERSION => {
+                    return Err(StoreError::Unusable(format!(
+                        "it was written by a newer Skylark (store format {version}; this binary reads up to \
+                         {FORMAT_VERSION}). Run the newer binary, or restore a backup made by this version."
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(FORMAT, &FORMAT_VERSION.to_be_bytes()[..])?;
+                }
+            }
+        }
         txn.open_table(ACCOUNTS)?;
         txn.open_table(PHONES)?;
         txn.open_table(DEVICES)?;
@@ -896,6 +964,76 @@ mod tests {
     async fn file_backend_conforms() {
         let dir = tempfile::tempdir().unwrap();
         conformance::run_all(&RedbStore::open(&dir.path().join("db.redb")).unwrap()).await;
+    }
+
+    /// A store file with one account in it, closed.
+    async fn written(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let path = dir.path().join("skylark.redb");
+        let store = RedbStore::open(&path).unwrap();
+        let phone = PhoneNumber::parse("+15550000002").unwrap();
+        store.register(&phone, NewDevice { public_key: [1; 32], name: "a".into() }, 5).await.unwrap();
+        drop(store);
+        path
+    }
+
+    fn unusable(path: &Path) -> String {
+        match RedbStore::open(path) {
+            Err(StoreError::Unusable(message)) => message,
+            Err(other) => panic!("expected an unusable store, got {other:?}"),
+            Ok(_) => panic!("a damaged store was opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_or_empty_file_is_refused_in_words_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(&dir).await;
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let message = unusable(&path);
+        assert!(message.contains(&path.display().to_string()) && message.contains("damaged"), "{message}");
+        assert!(message.contains("backup"), "says what to do: {message}");
+        std::fs::write(&path, b"").unwrap();
+        let message = unusable(&path);
+        assert!(message.contains("empty") && message.contains(&path.display().to_string()), "{message}");
+        std::fs::write(&path, b"not a database at all, just some bytes").unwrap();
+        assert!(unusable(&path).contains("damaged"));
+    }
+
+    #[tokio::test]
+    async fn a_store_of_a_newer_format_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(&dir).await;
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(FORMAT, &(FORMAT_VERSION + 1).to_be_bytes()[..]).unwrap();
+            txn.commit().unwrap();
+        }
+        let message = unusable(&path);
+        assert!(message.contains("newer") && message.contains(&path.display().to_string()), "{message}");
+        let store = redb::Database::open(&path).unwrap();
+        let txn = store.begin_read().unwrap();
+        let format = txn.open_table(META).unwrap().get(FORMAT).unwrap().map(|v| v.value().to_vec());
+        assert_eq!(format, Some((FORMAT_VERSION + 1).to_be_bytes().to_vec()), "nothing was changed");
+    }
+
+    #[tokio::test]
+    async fn a_store_without_a_recorded_format_is_format_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(&dir).await;
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove(FORMAT).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        let phone = PhoneNumber::parse("+15550000002").unwrap();
+        assert!(store.account_by_phone(&phone).await.unwrap().is_some(), "the data is kept");
+        let txn = store.db.begin_read().unwrap();
+        let format = txn.open_table(META).unwrap().get(FORMAT).unwrap().map(|v| v.value().to_vec());
+        assert_eq!(format, Some(FORMAT_VERSION.to_be_bytes().to_vec()));
     }
 
     #[tokio::test]
