@@ -103,7 +103,18 @@ impl Api {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Option<u64>, Value), ClientError> {
-        let io = |e: &dyn std::fmt::Display| ClientError::Io(e.to_string());
+        // With its causes: hyper's own text ("client error (Connect)") says
+        // nothing; the TLS or socket error under it does.
+        let io = |e: &(dyn std::error::Error + 'static)| {
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            ClientError::Io(text)
+        };
         let request = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))

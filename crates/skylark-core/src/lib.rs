@@ -4,8 +4,7 @@
 //! Nothing here does IO or reads a clock by itself: time comes in as an
 //! argument (see [`clock`]), so every rule is testable without sockets,
 //! disks or sleeps. This crate must not know about storage engines, network
-//! transports or wire encodings; the only protocol item it uses is the
-//! authentication transcript, which both ends must build identically.
+//! transports or wire encodings, and depends on no other Skylark crate.
 
 pub mod account;
 pub mod auth;
@@ -14,6 +13,7 @@ pub mod group;
 pub mod message;
 pub mod phone;
 pub mod verification;
+pub mod words;
 
 pub use account::{Account, AccountId, Device, DeviceId, NewDevice};
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -48,7 +48,7 @@ pub struct VerificationSession {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ResendError {
-    #[error("a new code can be sent in {retry_after_ms} ms")]
+    #[error("a new code can be sent in {}", crate::words::wait(*retry_after_ms))]
     TooSoon { retry_after_ms: u64 },
     #[error("no more codes can be sent for this session")]
     TooManySends,
@@ -60,7 +60,7 @@ pub enum CheckError {
     Expired,
     #[error("too many wrong attempts for this code")]
     AttemptsExhausted,
-    #[error("wrong code, {attempts_left} attempts left")]
+    #[error("wrong code; {}", crate::words::count(u64::from(*attempts_left), "attempt", "attempts") + " left")]
     WrongCode { attempts_left: u32 },
 }
 

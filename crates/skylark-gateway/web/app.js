@@ -161,7 +161,7 @@ $("code-form").addEventListener("submit", async (e) => {
     await enter({ accountId: String(r.account_id), deviceId: String(r.device_id), phone: r.phone, pair: pendingKey.pair });
   } catch (err) {
     say(err instanceof ApiError && err.attemptsLeft !== undefined
-      ? `Wrong code; ${err.attemptsLeft} attempts left.` : explain(err));
+      ? `Wrong code; ${err.attemptsLeft} ${err.attemptsLeft === 1 ? "attempt" : "attempts"} left.` : explain(err));
   }
 });
 

@@ -134,7 +134,7 @@ pub enum MessagingError {
     Internal(&'static str),
     #[error("server shutting down")]
     ShuttingDown,
-    #[error("too many messages; retry in {} ms", .0.as_millis())]
+    #[error("too many messages; try again in {}", skylark_core::words::wait(u64::try_from(.0.as_millis()).unwrap_or(u64::MAX)))]
     RateLimited(std::time::Duration),
     #[error(transparent)]
     Group(#[from] GroupError),

@@ -105,7 +105,8 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
         match api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), name).await {
             Ok(registered) => break registered,
             Err(ClientError::Api { error, body, .. }) if error == "wrong_code" => {
-                println!("Wrong code; {} attempts left.", body["attempts_left"]);
+                let left = body["attempts_left"].as_u64().unwrap_or(0);
+                println!("Wrong code; {} left.", skylark_core::words::count(left, "attempt", "attempts"));
             }
             Err(e) => return Err(explain(e)),
         }
@@ -142,11 +143,7 @@ pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {
 
 /// Client errors in words a person can act on.
 pub fn explain(e: ClientError) -> anyhow::Error {
-    match &e {
-        ClientError::Api { status: 429, message, retry_after_secs, .. } => {
-            anyhow::anyhow!("{message}; try again in {} s", retry_after_secs.unwrap_or(0))
-        }
-        ClientError::Api { message, .. } => anyhow::anyhow!("{message}"),
-        _ => anyhow::anyhow!(e),
-    }
+    // The SDK's errors are in words already (the server's own, with the
+    // wait where there is one).
+    anyhow::anyhow!(e)
 }
