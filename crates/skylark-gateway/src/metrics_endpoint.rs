@@ -1,18 +1,111 @@
 //! The Prometheus exporter behind `/metrics`.
 //!
 //! The `metrics` recorder is process-global, so it is installed once and
-//! shared by every gateway in the process (tests start several).
+//! shared by every gateway in the process (tests start several). Every
+//! metric the server records is listed in [`METRICS`]: at install each is
+//! described (`# HELP`, `# TYPE`) and registered at zero for each of its
+//! known label values, so a fresh server's page already shows everything an
+//! operator can alert on, instead of a metric appearing only once it changes.
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// Installs the recorder if nobody has installed one yet.
+/// What a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric: name, kind, help text, and its label with every value it takes.
+pub type Metric = (&'static str, Kind, &'static str, Option<(&'static str, &'static [&'static str])>);
+
+/// Every metric Skylark records (a new `counter!`/`gauge!`/`histogram!`
+/// belongs here too).
+pub const METRICS: &[Metric] = &[
+    (
+        "skylark_connections_total",
+        Kind::Counter,
+        "Connections opened, by transport.",
+        Some(("transport", &["tcp", "ws", "ws-json"])),
+    ),
+    ("skylark_connections_open", Kind::Gauge, "Connections open now.", None),
+    (
+        "skylark_connections_refused_total",
+        Kind::Counter,
+        "Connections refused before the handshake, by reason.",
+        Some(("reason", &["per_ip"])),
+    ),
+    (
+        "skylark_auth_failures_total",
+        Kind::Counter,
+        "Failed device authentications, by reason.",
+        Some((
+            "reason",
+            &["unknown_device", "device_removed", "challenge_mismatch", "challenge_expired", "bad_signature"],
+        )),
+    ),
+    ("skylark_actors", Kind::Gauge, "Account and group actors running now.", None),
+    ("skylark_messages_accepted_total", Kind::Counter, "1:1 messages accepted (durable in the sender's log).", None),
+    ("skylark_messages_stored_total", Kind::Counter, "1:1 messages made durable in a recipient's log.", None),
+    (
+        "skylark_group_messages_accepted_total",
+        Kind::Counter,
+        "Group posts accepted (durable in the group's log).",
+        None,
+    ),
+    ("skylark_group_events_stored_total", Kind::Counter, "Group events made durable in a member's log.", None),
+    ("skylark_forward_retries_total", Kind::Counter, "Forwards between actors retried (failed or timed out).", None),
+    ("skylark_store_commit_batch_writes", Kind::Histogram, "Account writes merged into one store commit.", None),
+    (
+        "skylark_ephemeral_dropped_total",
+        Kind::Counter,
+        "Presence and typing events dropped at a full connection queue.",
+        None,
+    ),
+    ("skylark_typing_dropped_total", Kind::Counter, "Typing notifications dropped past the per-device limit.", None),
+    (
+        "skylark_rate_limited_total",
+        Kind::Counter,
+        "Requests refused by a rate limit, by limit.",
+        Some((
+            "limit",
+            &[
+                "messages_per_device",
+                "group_changes_per_device",
+                "typing_per_device",
+                "sms_per_number",
+                "sms_per_ip",
+                "sms_per_prefix",
+                "checks_per_number",
+                "checks_per_ip",
+                "links_per_ip",
+                "link_approvals_per_account",
+                "push_registrations",
+            ],
+        )),
+    ),
+    ("skylark_sms_total", Kind::Counter, "Verification SMS sends, by result.", Some(("result", &["sent", "failed"]))),
+    (
+        "skylark_push_total",
+        Kind::Counter,
+        "Push wake-ups, by result.",
+        Some(("result", &["delivered", "gone", "failed"])),
+    ),
+];
+
+/// Installs the recorder if nobody has installed one yet, and describes and
+/// registers every metric.
 pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => Some(handle),
+            Ok(handle) => {
+                describe();
+                Some(handle)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
                 None
@@ -21,7 +114,101 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+fn describe() {
+    for (name, kind, help, label) in METRICS {
+        let values: Vec<Vec<(&'static str, &'static str)>> = match label {
+            Some((key, values)) => values.iter().map(|v| vec![(*key, *v)]).collect(),
+            None => vec![Vec::new()],
+        };
+        match kind {
+            Kind::Counter => {
+                metrics::describe_counter!(*name, *help);
+                for labels in &values {
+                    // Registering is enough: a counter starts at zero.
+                    let _ = metrics::counter!(*name, labels);
+                }
+            }
+            Kind::Gauge => {
+                metrics::describe_gauge!(*name, *help);
+                for labels in &values {
+                    let _ = metrics::gauge!(*name, labels);
+                }
+            }
+            Kind::Histogram => {
+                metrics::describe_histogram!(*name, *help);
+                for labels in &values {
+                    let _ = metrics::histogram!(*name, labels);
+                }
+            }
+        }
+    }
+}
+
 /// The current metrics in Prometheus text format.
 pub fn render() -> String {
     install().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `.rs` file under `dir`.
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_lists_every_metric_the_code_records() {
+        let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        sources(&crates, &mut files);
+        let mut recorded = std::collections::BTreeSet::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            for macro_name in ["metrics::counter!(\"", "metrics::gauge!(\"", "metrics::histogram!(\""] {
+                for (at, _) in text.match_indices(macro_name) {
+                    let rest = &text[at + macro_name.len()..];
+                    if let Some(end) = rest.find('"') {
+                        recorded.insert(rest[..end].to_owned());
+                    }
+                }
+            }
+        }
+        assert!(recorded.len() >= 10, "the scan found the metrics: {recorded:?}");
+        let listed: std::collections::BTreeSet<String> = METRICS.iter().map(|m| m.0.to_owned()).collect();
+        let missing: Vec<&String> = recorded.difference(&listed).collect();
+        assert!(missing.is_empty(), "recorded but not in METRICS: {missing:?}");
+    }
+
+    #[test]
+    fn every_metric_is_on_the_page_from_the_start() {
+        let page = render();
+        for (name, kind, _, label) in METRICS {
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "summary",
+            };
+            assert!(page.contains(&format!("# HELP {name} ")), "no help for {name}:\n{page}");
+            assert!(page.contains(&format!("# TYPE {name} {kind}")), "no type for {name}:\n{page}");
+            if let Some((key, values)) = label {
+                for value in *values {
+                    assert!(
+                        page.contains(&format!("{name}{{{key}=\"{value}\"}}")),
+                        "no {name}{{{key}={value}}}:\n{page}"
+                    );
+                }
+            } else if kind != "summary" {
+                assert!(page.lines().any(|l| l.starts_with(&format!("{name} "))), "no sample of {name}:\n{page}");
+            }
+        }
+    }
 }
