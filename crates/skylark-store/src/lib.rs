@@ -52,12 +52,6 @@ impl StoreError {
     pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Backend(std::sync::Arc::new(e))
     }
-
-    /// Whether the failure may pass by itself (the backend or its disk),
-    /// as opposed to stored data that cannot be read or a bug.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Backend(_) | StoreError::Closed)
-    }
 }
 
 /// The outcome of [`AccountStore::register`].

@@ -297,7 +297,6 @@ impl Machine {
                 }
             }
         }
-        let had_write = !fx.write.is_empty();
         for (kind, before, after) in [(ReceiptKind::Delivered, old.0, new.0), (ReceiptKind::Read, old.1, new.1)] {
             if after <= before {
                 continue;
@@ -314,11 +313,7 @@ impl Machine {
         if let Some(state) = self.group_state_mut() {
             state.marks = (new.0.max(old.0), new.1.max(old.1));
         }
-        // The step already joined held-back cleanup to a write it made; a
-        // write made only now takes it too.
-        if !had_write && !fx.write.is_empty() {
-            self.cleanup.take_into(&mut fx.write);
-        }
+        self.seal(&mut fx.write);
         Ok(())
     }
 }

@@ -562,13 +562,19 @@ impl Machine {
             }
             _ => false,
         });
-        // Cleanup waits for the next write that must be durable anyway (or
-        // for the actor to go quiet); a write of nothing else is not made.
-        self.cleanup.defer(&mut fx.write);
-        if !fx.write.is_empty() {
-            self.cleanup.take_into(&mut fx.write);
-        }
+        self.seal(&mut fx.write);
         Ok(fx)
+    }
+
+    /// Cleanup waits for the next write that must be durable anyway (or for
+    /// the actor to go quiet); a write of nothing else is not made. Every
+    /// phase that adds to a step's write ends with this; doing it again
+    /// after more was added gives the same result as doing it once.
+    pub(super) fn seal(&mut self, write: &mut AccountWrite) {
+        self.cleanup.defer(write);
+        if !write.is_empty() {
+            self.cleanup.take_into(write);
+        }
     }
 
     fn take(
