@@ -4,12 +4,14 @@
 //! (bundled as [`Store`]), each method with its contract. The embedded
 //! backend ([`redb_store::RedbStore`]) keeps everything in one redb file and
 //! commits each write with fsync before returning; its in-memory twin serves
-//! tests. A PostgreSQL backend implements the same traits without callers
-//! changing, and must pass the same [`conformance`] suite.
+//! tests. The PostgreSQL backend ([`postgres::PgStore`]) implements the
+//! same traits over one or more databases, sharded by account; both pass
+//! the same [`conformance`] suite.
 //!
 //! This crate knows domain types only: never protobuf, sockets or HTTP.
 
 pub mod conformance;
+pub mod postgres;
 pub mod record;
 pub mod redb_store;
 
@@ -19,6 +21,7 @@ use skylark_core::message::{LogEntry, OutboxItem, ReceiptKind};
 use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
 
+pub use postgres::{PgOptions, PgStore};
 pub use redb_store::RedbStore;
 
 /// A backend's own error, kept whole (its `source` chain too) and shared,
