@@ -84,8 +84,9 @@ impl Default for TransportLimits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// Where the embedded store keeps its file.
+    /// Where the embedded store keeps its file (and `--dev-tls` its certificate).
     pub data_dir: PathBuf,
+    pub store: StoreSettings,
     pub listen: Listen,
     pub tls: TlsConfig,
     pub limits: Limits,
@@ -102,6 +103,7 @@ impl Default for Settings {
         let server = skylark_server::Config::default();
         Self {
             data_dir: PathBuf::from("./skylark-data"),
+            store: StoreSettings::default(),
             listen: Listen::default(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
@@ -129,6 +131,41 @@ impl Settings {
             sms: self.sms.clone(),
         };
         (server, GatewayConfig { listen: self.listen.clone(), tls: self.tls.clone(), limits: transport })
+    }
+}
+
+/// The file's `[store]`: where the durable state lives. With no shards,
+/// the embedded store (one redb file in `data_dir`); with one or more
+/// PostgreSQL URLs, the PostgreSQL store, accounts spread over them (the
+/// first also holds the directory). docs/OPERATIONS.md explains each key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// PostgreSQL URLs, one per shard, in a fixed order.
+    pub shards: Vec<String>,
+    /// Connections per shard.
+    pub pool_size: u32,
+    /// Writes merged into one commit, at most.
+    pub max_batch: usize,
+    /// Group commits in flight at once, per shard.
+    pub commit_tasks: usize,
+    /// PostgreSQL's `synchronous_commit` (`on`, `remote_apply`,
+    /// `remote_write` or `local`; never `off`).
+    pub synchronous_commit: String,
+    /// How long a request waits for a database connection before failing.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            shards: Vec::new(),
+            pool_size: 16,
+            max_batch: 1024,
+            commit_tasks: 2,
+            synchronous_commit: "on".into(),
+            acquire_timeout_ms: 5000,
+        }
     }
 }
 

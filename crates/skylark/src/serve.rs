@@ -9,7 +9,8 @@ use skylark_gateway::Settings as Config;
 use skylark_server::Server;
 use skylark_server::config::SmsConfig;
 use skylark_server::sms::{ConsoleSms, HttpSms, SmsSender};
-use skylark_store::RedbStore;
+use skylark_store::postgres::hide_password;
+use skylark_store::{PgOptions, PgStore, RedbStore, Store};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +29,11 @@ pub struct ServeArgs {
     /// Directory for the embedded store.
     #[arg(long, env = "SKYLARK_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Keep the data in PostgreSQL: a `postgres://…` URL; repeat for
+    /// shards (the first also holds the directory). Replaces `[store]
+    /// shards` of the file.
+    #[arg(long = "store", env = "SKYLARK_STORE", value_name = "URL")]
+    store: Vec<String>,
     /// Address for HTTP and WebSocket.
     #[arg(long, env = "SKYLARK_HTTP")]
     http: Option<SocketAddr>,
@@ -60,6 +66,9 @@ fn load_config(args: &ServeArgs) -> Result<Config> {
     };
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
+    }
+    if !args.store.is_empty() {
+        config.store.shards = args.store.clone();
     }
     if let Some(addr) = args.http {
         config.listen.http = addr;
@@ -115,6 +124,33 @@ async fn shutdown_signal() {
     }
 }
 
+/// The PostgreSQL store's options from the file's `[store]`.
+pub fn pg_options(store: &skylark_gateway::config::StoreSettings) -> PgOptions {
+    PgOptions {
+        shards: store.shards.clone(),
+        pool_size: store.pool_size,
+        max_batch: store.max_batch,
+        commit_tasks: store.commit_tasks,
+        synchronous_commit: store.synchronous_commit.clone(),
+        acquire_timeout: Duration::from_millis(store.acquire_timeout_ms),
+    }
+}
+
+/// The embedded store in the data directory, or PostgreSQL when shards
+/// are configured. Either refuses, in words, what it cannot use.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    if config.store.shards.is_empty() {
+        let db_path = config.data_dir.join("skylark.redb");
+        let store = RedbStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+        tracing::info!(data = %db_path.display(), "store opened");
+        return Ok(Arc::new(store));
+    }
+    let store = PgStore::open(&pg_options(&config.store)).await.context("opening the PostgreSQL store")?;
+    let shown: Vec<String> = config.store.shards.iter().map(|u| hide_password(u)).collect();
+    tracing::info!(shards = ?shown, "PostgreSQL store opened");
+    Ok(Arc::new(store))
+}
+
 pub async fn run(args: ServeArgs) -> Result<()> {
     let filter: Targets = args.log.parse().with_context(|| format!("bad log filter {:?}", args.log))?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -124,17 +160,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let config = load_config(&args)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let db_path = config.data_dir.join("skylark.redb");
-    let store = RedbStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    let store = open_store(&config).await?;
     let sms = sms_provider(&config.sms)?;
     if matches!(config.sms, SmsConfig::Console) {
         tracing::warn!("SMS provider is `console`: verification codes are printed in this log");
     }
-    tracing::info!(data = %db_path.display(), "store opened");
 
     let tls_cert = config.tls.cert_file.clone().filter(|_| config.tls.key_file.is_some());
     let (services, transport) = config.split();
-    let server = Server::new(services, Arc::new(store), sms, Arc::new(SystemClock)).await?;
+    let server = Server::new(services, store, sms, Arc::new(SystemClock)).await?;
     let gateway =
         Gateway::start(server.clone(), transport).await.context("binding listeners (and loading TLS files)")?;
     let (scheme, tcp) = if tls_cert.is_some() { ("https", "TCP+TLS") } else { ("http", "TCP") };
@@ -180,6 +214,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
         let args = ServeArgs {
             config: Some(path),
             data_dir: None,
+            store: Vec::new(),
             http: None,
             tcp: Some("127.0.0.1:9001".parse().unwrap()),
             tls_cert: None,
@@ -202,6 +237,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
         let args = ServeArgs {
             config: None,
             data_dir: Some(dir.path().to_owned()),
+            store: vec!["postgres://db.example/skylark".into()],
             http: None,
             tcp: None,
             tls_cert: None,
@@ -210,6 +246,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             log: "info".into(),
         };
         let first = load_config(&args).unwrap();
+        assert_eq!(first.store.shards, vec!["postgres://db.example/skylark".to_string()], "--store names the database");
         let cert = first.tls.cert_file.clone().unwrap();
         let pem = std::fs::read_to_string(&cert).unwrap();
         assert!(pem.contains("BEGIN CERTIFICATE"));
@@ -266,6 +303,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
         let args = ServeArgs {
             config: Some(path),
             data_dir: None,
+            store: Vec::new(),
             http: None,
             tcp: None,
             tls_cert: None,
