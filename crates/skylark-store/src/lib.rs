@@ -11,6 +11,7 @@
 //! This crate knows domain types only: never protobuf, sockets or HTTP.
 
 pub mod conformance;
+pub mod copy;
 pub mod postgres;
 pub mod record;
 pub mod redb_store;

@@ -29,42 +29,42 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
 const PHONES: TableDefinition<&str, u64> = TableDefinition::new("phones");
-const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("devices");
+pub(crate) const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("devices");
 /// (account id, device id) of every active device, for listing an account's devices.
 const ACCOUNT_DEVICES: TableDefinition<(u64, u64), ()> = TableDefinition::new("account_devices");
-const VERIFICATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("verifications");
+pub(crate) const VERIFICATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("verifications");
 /// (account, seq) → encoded log entry.
-const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+pub(crate) const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
 /// (account, outbox seq) → encoded outbox item.
-const OUTBOX: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("outbox");
+pub(crate) const OUTBOX: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("outbox");
 /// account → (next log seq, next outbox seq).
-const COUNTERS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("counters");
+pub(crate) const COUNTERS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("counters");
 /// (account, device, client id) → log seq of that message.
-const CLIENT_IDS: TableDefinition<(u64, u64, &str), u64> = TableDefinition::new("client_ids");
+pub(crate) const CLIENT_IDS: TableDefinition<(u64, u64, &str), u64> = TableDefinition::new("client_ids");
 /// (account, source account) → highest outbox seq applied from it.
-const INBOUND: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbound");
+pub(crate) const INBOUND: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbound");
 /// (account, device) → highest log seq the device acknowledged.
-const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors");
+pub(crate) const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors");
 /// (account, peer, slot) → a high-water mark: slots 0 and 1 are delivered
 /// and read receipts received from the peer, slot 2 the account's own read
 /// marker for the peer's messages, slot 3 the highest of the peer's
 /// sequence numbers the account received.
-const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinition::new("receipts");
+pub(crate) const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinition::new("receipts");
 const READ_MARKER_SLOT: u8 = 2;
 const RECEIVED_SLOT: u8 = 3;
 /// (account, peer) for every peer the account sent a message to.
-const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
+pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
 /// account → presence visibility (JSON).
-const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
+pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
 /// device → push target (JSON).
-const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
+pub(crate) const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
 /// Group id → its current state (JSON).
-const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
+pub(crate) const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
 /// (member account, group id): the account is a member of the group now.
-const MEMBERSHIPS: TableDefinition<(u64, u64), ()> = TableDefinition::new("memberships");
+pub(crate) const MEMBERSHIPS: TableDefinition<(u64, u64), ()> = TableDefinition::new("memberships");
 
 /// Writes waiting for the committer. Deep enough to hold a burst from every
 /// active actor; a full queue makes callers wait (back-pressure).
@@ -80,7 +80,7 @@ const SERVER_ID: &str = "server_id";
 
 #[derive(Clone)]
 pub struct RedbStore {
-    db: Arc<Database>,
+    pub(crate) db: Arc<Database>,
     committer: Arc<Committer>,
 }
 
@@ -188,6 +188,12 @@ impl RedbStore {
             )));
         }
         let db = open_file(path).map_err(|why| {
+            if why.contains("already open") {
+                return StoreError::Unusable(format!(
+                    "the store file {} is in use by another process (a running server?); stop it first",
+                    path.display()
+                ));
+            }
             StoreError::Unusable(format!(
                 "the store file {} is damaged and cannot be read ({why}). {restore}",
                 path.display()

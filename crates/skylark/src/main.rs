@@ -23,6 +23,11 @@ struct Args {
 enum Command {
     /// Run the server (embedded store, nothing else to install).
     Serve(serve::ServeArgs),
+    /// Manage the server's store: `store copy` moves the embedded store into PostgreSQL.
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
     /// Register a phone number: sends an SMS code, asks for it, enrols this device.
     Register {
         /// The phone number in international form, such as +15551234567.
@@ -121,6 +126,21 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy the embedded store into empty PostgreSQL databases, then verify
+    /// every table (row counts and checksums). Offline: stop the server first.
+    Copy {
+        /// The embedded store's data directory (or its skylark.redb file).
+        #[arg(long, default_value = "./skylark-data")]
+        from: PathBuf,
+        /// A PostgreSQL URL; repeat for shards, in the order `serve --store`
+        /// will be given them.
+        #[arg(long = "to", value_name = "URL", required = true)]
+        to: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum LinkCommand {
     /// On a signed-in device: approve the code a new device shows.
     Approve {
@@ -145,6 +165,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match args.command {
         Command::Serve(serve_args) => runtime.block_on(serve::run(serve_args)),
+        Command::Store { action: StoreCommand::Copy { from, to } } => runtime.block_on(serve::copy_store(&from, to)),
         Command::Register { phone, server, name, ca, profile } => {
             runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?, ca.as_deref()))
         }

@@ -151,6 +151,38 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(store))
 }
 
+/// `skylark store copy`: the embedded store into PostgreSQL, verified.
+pub async fn copy_store(from: &std::path::Path, to: Vec<String>) -> Result<()> {
+    let file = if from.is_dir() { from.join("skylark.redb") } else { from.to_owned() };
+    let options = pg_options(&skylark_gateway::config::StoreSettings { shards: to, ..Default::default() });
+    println!("Copying {} into {} PostgreSQL shard(s)…", file.display(), options.shards.len());
+    let reports = skylark_store::copy::redb_to_postgres(&file, &options, |table| println!("  {table}…"))
+        .await
+        .context("copying the store")?;
+    println!("{:<14} {:>10} {:>10}  checksum", "table", "source", "copied");
+    let mut bad = Vec::new();
+    for r in &reports {
+        let verdict = if r.matches() { "ok" } else { "DIFFERS" };
+        println!("{:<14} {:>10} {:>10}  {} {verdict}", r.table, r.rows, r.copied_rows, &r.source[..12]);
+        if !r.matches() {
+            bad.push(r.table);
+        }
+    }
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "the copy does not match the source in {}; do not use it (drop those databases and copy again)",
+            bad.join(", ")
+        );
+    }
+    let rows: u64 = reports.iter().map(|r| r.rows).sum();
+    println!(
+        "Verified: {} tables, {rows} rows, every count and checksum equal. Start the server with --store {}",
+        reports.len(),
+        options.shards.iter().map(|u| hide_password(u)).collect::<Vec<_>>().join(" --store ")
+    );
+    Ok(())
+}
+
 pub async fn run(args: ServeArgs) -> Result<()> {
     let filter: Targets = args.log.parse().with_context(|| format!("bad log filter {:?}", args.log))?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -108,10 +108,10 @@ pub fn shard_of(id: AccountId, count: usize) -> usize {
 }
 
 /// A shard's pool and, for a multi-host URL, which host it uses.
-struct Conn {
+pub(crate) struct Conn {
     index: usize,
     target: Target,
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     host: AtomicUsize,
     choosing: AtomicBool,
 }
@@ -119,7 +119,7 @@ struct Conn {
 impl Conn {
     /// A failed database call as a store error. A lost connection to a
     /// multi-host shard starts a search for the host that accepts writes.
-    fn fail(self: &Arc<Self>, e: sqlx::Error) -> StoreError {
+    pub(crate) fn fail(self: &Arc<Self>, e: sqlx::Error) -> StoreError {
         if self.target.hosts.len() > 1 && is_connection_error(&e) && !self.choosing.swap(true, Ordering::AcqRel) {
             let conn = self.clone();
             tokio::spawn(async move {
@@ -257,6 +257,10 @@ impl PgStore {
         Ok(PgStore { shards: Arc::new(shards) })
     }
 
+    pub(crate) fn shard_conns(&self) -> impl Iterator<Item = &Arc<Conn>> {
+        self.shards.iter().map(|s| &s.conn)
+    }
+
     fn directory(&self) -> &Arc<Conn> {
         &self.shards[0].conn
     }
@@ -277,23 +281,6 @@ impl PgStore {
     /// How many shards the store spreads accounts over.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
-    }
-
-    /// Every table's row count and a checksum of its rows, summed over the
-    /// shards, for verifying a copy ([`crate::copy`]).
-    pub async fn table_digest(&self, table: &str, columns: &str) -> Result<(u64, String), StoreError> {
-        let mut count = 0u64;
-        let mut sums = Vec::new();
-        for shard in self.shards.iter() {
-            let sql = format!(
-                "SELECT count(*), coalesce(md5(string_agg(md5(row({columns})::text), '' ORDER BY {columns})), '') \
-                 FROM {table}"
-            );
-            let row = sqlx::query(&sql).fetch_one(&shard.conn.pool).await.map_err(|e| shard.conn.fail(e))?;
-            count += uint(row.try_get::<i64, _>(0).map_err(StoreError::backend)?)?;
-            sums.push(row.try_get::<String, _>(1).map_err(StoreError::backend)?);
-        }
-        Ok((count, sums.join("/")))
     }
 }
 
@@ -391,7 +378,7 @@ async fn identity(conn: &Arc<Conn>) -> Result<Option<Identity>, StoreError> {
     raw.map(|r| serde_json::from_slice(&r).map_err(|e| StoreError::Corrupt(format!("shard identity: {e}")))).transpose()
 }
 
-async fn holds_data(conn: &Arc<Conn>) -> Result<bool, StoreError> {
+pub(crate) async fn holds_data(conn: &Arc<Conn>) -> Result<bool, StoreError> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM counters) OR EXISTS (SELECT 1 FROM log) OR EXISTS (SELECT 1 FROM accounts)",
     )

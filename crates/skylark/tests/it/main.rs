@@ -19,5 +19,6 @@ mod messaging;
 mod presence;
 mod push;
 mod signup;
+mod store;
 mod tls;
 mod web;
