@@ -123,7 +123,7 @@ impl Conn {
         if self.target.hosts.len() > 1 && is_connection_error(&e) && !self.choosing.swap(true, Ordering::AcqRel) {
             let conn = self.clone();
             tokio::spawn(async move {
-                conn.choose_host().await;
+                let _ = conn.choose_host().await;
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 conn.choosing.store(false, Ordering::Release);
             });
@@ -132,8 +132,10 @@ impl Conn {
     }
 
     /// Tries each host in order and points the pool at the first that
-    /// accepts writes (or, without `read-write`, that answers).
-    async fn choose_host(&self) -> bool {
+    /// accepts writes (or, without `read-write`, that answers). On failure,
+    /// says what each host answered.
+    async fn choose_host(&self) -> Result<(), String> {
+        let mut why = Vec::new();
         for (i, options) in self.target.hosts.iter().enumerate() {
             let attempt = async {
                 let mut conn = PgConnection::connect_with(options).await?;
@@ -141,18 +143,30 @@ impl Conn {
                 let _ = conn.close().await;
                 Ok::<bool, sqlx::Error>(standby)
             };
+            let host = &self.target.names[i];
             match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-                Ok(Ok(standby)) if !(standby && self.target.read_write) => {
+                Ok(Ok(true)) if self.target.read_write => why.push(format!("{host} is a standby (read-only)")),
+                Ok(Ok(_)) => {
                     if self.host.swap(i, Ordering::AcqRel) != i {
-                        tracing::warn!(shard = self.index, host = %self.target.names[i], "store shard moved to another host");
+                        tracing::warn!(shard = self.index, %host, "store shard moved to another host");
                     }
                     self.pool.set_connect_options(options.clone());
-                    return true;
+                    return Ok(());
                 }
-                _ => continue,
+                Ok(Err(e)) => why.push(format!("{host}: {}", connect_error(&e))),
+                Err(_) => why.push(format!("{host} did not answer within 3 seconds")),
             }
         }
-        false
+        Err(why.join("; "))
+    }
+}
+
+/// A connection failure as an operator reads it.
+fn connect_error(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -306,12 +320,12 @@ async fn connect(index: usize, url: &str, options: &PgOptions) -> Result<Conn, S
         })
         .connect_lazy_with(target.hosts[0].clone());
     let conn = Conn { index, target, pool, host: AtomicUsize::new(0), choosing: AtomicBool::new(false) };
-    if !conn.choose_host().await {
+    if let Err(why) = conn.choose_host().await {
         let wanted = if conn.target.read_write { " that accepts writes" } else { "" };
         return Err(StoreError::Unusable(format!(
-            "cannot reach a PostgreSQL server{wanted} at {} (shard {}). Check that it is running and that the URL \
-             (host, port, user, database) is right.",
-            conn.target.shown, index
+            "cannot reach a PostgreSQL server{wanted} at {} (shard {index}): {why}. Check that it is running and \
+             that the URL (host, port, user, database) is right.",
+            conn.target.shown
         )));
     }
     Ok(conn)
