@@ -96,7 +96,10 @@ impl ClientError {
             ClientError::Closed { code: None, .. } => true,
             ClientError::Closed { code: Some(code), .. } => code.allows_reconnect(),
             ClientError::Refused { code, .. } => {
-                matches!(code, ErrorCode::Internal | ErrorCode::ChallengeExpired | ErrorCode::RateLimited)
+                matches!(
+                    code,
+                    ErrorCode::Internal | ErrorCode::ChallengeExpired | ErrorCode::RateLimited | ErrorCode::Unavailable
+                )
             }
             _ => false,
         }

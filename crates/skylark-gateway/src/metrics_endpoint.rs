@@ -61,6 +61,13 @@ pub const METRICS: &[Metric] = &[
     ("skylark_forward_retries_total", Kind::Counter, "Forwards between actors retried (failed or timed out).", None),
     ("skylark_store_commit_batch_writes", Kind::Histogram, "Account writes merged into one store commit.", None),
     (
+        "skylark_store_commit_seconds",
+        Kind::Histogram,
+        "Time of one PostgreSQL group commit (statement and commit).",
+        None,
+    ),
+    ("skylark_store_rows_written_total", Kind::Counter, "Rows written by PostgreSQL group commits.", None),
+    (
         "skylark_ephemeral_dropped_total",
         Kind::Counter,
         "Presence and typing events dropped at a full connection queue.",

@@ -182,8 +182,9 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Bo
                     }
                     Err(AuthFailure::Store(e)) => {
                         tracing::error!(error = %e, "store failed during authentication");
-                        let _ = t.send(error(id, ErrorCode::Internal, "internal error")).await;
-                        Err(Ending::new(CloseCode::InternalError, "internal error"))
+                        let words = "the server's storage is unavailable; reconnect shortly";
+                        let _ = t.send(error(id, ErrorCode::Unavailable, words)).await;
+                        Err(Ending::new(CloseCode::TryAgainLater, words))
                     }
                 };
             }

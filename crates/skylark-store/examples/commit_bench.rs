@@ -1,9 +1,17 @@
 //! Durable messages per second through the store: group commit against one
-//! fsync per message.
+//! fsync per message, in the embedded store and in PostgreSQL.
 //!
 //! ```sh
-//! cargo run --release -p skylark-store --example commit_bench -- [WRITERS] [MESSAGES] [PAYLOAD_BYTES] [DIR]
+//! cargo run --release -p skylark-store --example commit_bench -- [WRITERS] [MESSAGES] [PAYLOAD_BYTES] [DIR] [postgres]
 //! ```
+//!
+//! With `postgres` last, the same writes also go to a throwaway PostgreSQL
+//! (its data directory in the system's temporary directory) in three ways:
+//! group commit as the server runs it (every queued write in one statement,
+//! two commits in flight), pipelined (each write its own transaction, 16 in
+//! flight on 16 connections: PostgreSQL flushes concurrent commits' WAL
+//! together), and one commit at a time. For each, the commits and rows
+//! PostgreSQL counted (`pg_stat_database`) are printed per message.
 //!
 //! Each write is shaped like a real send: one log entry with the payload,
 //! one outbox item carrying the same message, the client id and the
@@ -15,7 +23,8 @@
 
 use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem};
 use skylark_core::{AccountId, DeviceId};
-use skylark_store::{AccountWrite, Counters, MessageStore, RedbStore};
+use skylark_store::postgres::throwaway::TestPostgres;
+use skylark_store::{AccountWrite, Counters, MessageStore, PgOptions, PgStore, RedbStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +53,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn run(label: &str, store: RedbStore, writers: usize, messages: usize, payload: usize) {
+async fn run(label: &str, store: impl MessageStore + 'static, writers: usize, messages: usize, payload: usize) {
     let store = Arc::new(store);
     let per_writer = messages / writers;
     let body = vec![0x5a; payload];
@@ -96,4 +105,41 @@ async fn main() {
     let dir = tempfile::tempdir_in(&base).expect("temp dir");
     let store = RedbStore::open_with(&dir.path().join("single.redb"), 1).expect("open");
     run("one fsync per message", store, writers, (messages / 10).max(writers), payload).await;
+
+    if std::env::args().nth(5).as_deref() == Some("postgres") {
+        let pg = TestPostgres::start().expect("a throwaway PostgreSQL");
+        let modes = [
+            ("postgres group commit", 1024, 2, messages),
+            ("postgres pipelined (16)", 1, 16, messages),
+            ("postgres one at a time", 1, 1, (messages / 10).max(writers)),
+        ];
+        for (i, (label, max_batch, commit_tasks, n)) in modes.into_iter().enumerate() {
+            let url = pg.create_database(&format!("bench{i}")).expect("database");
+            let options = PgOptions { shards: vec![url], max_batch, commit_tasks, ..PgOptions::default() };
+            let store = PgStore::open(&options).await.expect("open");
+            let stats = || {
+                pg.sql(&format!(
+                    "SELECT xact_commit || ' ' || (tup_inserted + tup_updated + tup_deleted) FROM pg_stat_database \
+                     WHERE datname = 'bench{i}'"
+                ))
+                .expect("stats")
+            };
+            let parse = |s: String| -> (f64, f64) {
+                let mut it = s.split(' ').map(|v| v.parse::<f64>().unwrap_or(0.0));
+                (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0))
+            };
+            // pg_stat counters are sent by backends every so often; wait them in.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let before = parse(stats());
+            run(label, store, writers, n, payload).await;
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let after = parse(stats());
+            println!(
+                "{:<28} {:.3} commits and {:.2} rows per message",
+                "",
+                (after.0 - before.0) / n as f64,
+                (after.1 - before.1) / n as f64
+            );
+        }
+    }
 }

@@ -65,3 +65,42 @@ async fn store_copy_moves_an_installation_into_postgres() {
     let resend = a.handle().send("+15550900002", "c1", b"hello 1".to_vec()).await.unwrap();
     assert_eq!(resend.id.unwrap().seq, got[1].id.unwrap().seq);
 }
+
+/// PostgreSQL killed while a device (the SDK's reconnecting client) tries
+/// to connect: it is told, in words, that the storage is unavailable, keeps
+/// trying, and is connected once the database is back — with no restart
+/// of the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_ride_out_a_database_restart() {
+    use skylark_client::backoff::Backoff;
+    use skylark_client::client::{Client, ClientEvent};
+    use std::time::Duration;
+    let mut pg = TestPostgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = pg.create_database("ride").unwrap();
+    let options = PgOptions { shards: vec![url], acquire_timeout: Duration::from_millis(500), ..PgOptions::default() };
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&options).await.unwrap());
+    let server = TestServer::start_on(test_config(), store).await;
+    let alice = server.register("+15550900011").await;
+
+    pg.kill();
+    let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(200));
+    let (client, mut events) = Client::start(server.endpoint(Transport::Tcp), alice, backoff);
+    let told = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match events.recv().await {
+                Some(ClientEvent::Disconnected { reason, .. }) => break reason,
+                Some(ClientEvent::Stopped(e)) => panic!("the client gave up: {e}"),
+                Some(_) => {}
+                None => panic!("client ended"),
+            }
+        }
+    })
+    .await
+    .expect("the device hears why it cannot connect");
+    assert!(told.contains("storage is unavailable"), "{told}");
+
+    pg.restart().unwrap_or_else(|e| panic!("{e}"));
+    let handle = tokio::time::timeout(Duration::from_secs(30), client.connected()).await.expect("reconnected");
+    let me = handle.unwrap().who_am_i().await.unwrap();
+    assert_eq!(me.phone, "+15550900011");
+}
