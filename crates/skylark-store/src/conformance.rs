@@ -293,6 +293,7 @@ async fn message_path(store: &dyn Store) {
         let mut w = AccountWrite::new(AccountId(1_000 + i));
         w.appends.push((1, std::sync::Arc::new(LogEntry::ReadSync { peer: a, up_to: i, at_ms: 1 })));
         w.counters = Some(Counters { next_seq: 2, next_outbox: 1 });
+        w.client_ids.push((DeviceId(7), format!("c{i}"), 1 + i % 3));
         store.apply(w)
     });
     for result in futures_util::future::join_all(writes).await {
@@ -301,6 +302,16 @@ async fn message_path(store: &dyn Store) {
     for i in 0..50u64 {
         let log = store.read_log(AccountId(1_000 + i), 1, 10).await.expect("read");
         assert_eq!(log, vec![(1, LogEntry::ReadSync { peer: a, up_to: i, at_ms: 1 })]);
+    }
+    // Concurrent client-id lookups (which a backend may batch) each get their own answer.
+    let lookups = (0..100u64).map(|i| async move {
+        let account = AccountId(1_000 + i % 50);
+        let id = if i < 50 { format!("c{i}") } else { format!("c{}", i % 50 + 1) };
+        (i, store.client_id(account, DeviceId(7), &id).await.expect("lookup"))
+    });
+    for (i, found) in futures_util::future::join_all(lookups).await {
+        let expected = if i < 50 { Some(1 + i % 3) } else { None };
+        assert_eq!(found, expected, "lookup {i}");
     }
 
     // A registered device's cursor starts at the end of its account's log.

@@ -188,9 +188,13 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
 
 type CommitJob = (AccountWrite, oneshot::Sender<Result<(), StoreError>>);
 
+/// A client-id lookup waiting to join a batch: (account, device, client id).
+type LookupJob = ((i64, i64, String), oneshot::Sender<Result<Option<u64>, StoreError>>);
+
 struct Shard {
     conn: Arc<Conn>,
     queue: mpsc::Sender<CommitJob>,
+    lookups: mpsc::Sender<LookupJob>,
 }
 
 /// The PostgreSQL store. Cheap to clone; the committers stop when the last
@@ -266,7 +270,12 @@ impl PgStore {
             for _ in 0..options.commit_tasks.max(1) {
                 tokio::spawn(commit_loop(conn.clone(), jobs.clone(), options.max_batch.max(1)));
             }
-            shards.push(Shard { conn, queue });
+            let (lookups, asked) = mpsc::channel(8192);
+            let asked = Arc::new(Mutex::new(asked));
+            for _ in 0..options.commit_tasks.max(1) {
+                tokio::spawn(lookup_loop(conn.clone(), asked.clone()));
+            }
+            shards.push(Shard { conn, queue, lookups });
         }
         Ok(PgStore { shards: Arc::new(shards) })
     }
@@ -698,6 +707,66 @@ async fn commit_loop(conn: Arc<Conn>, jobs: Arc<Mutex<mpsc::Receiver<CommitJob>>
         metrics::histogram!("skylark_store_commit_batch_writes").record(batch.len() as f64);
         for (_, reply) in batch {
             let _ = reply.send(result.clone());
+        }
+    }
+}
+
+/// A shard's client-id lookups, batched as its writes are: every send of a
+/// new message asks whether its client id was seen (a resend), and one
+/// query for every lookup queued at the time costs PostgreSQL far less
+/// than one query each (docs/BENCHMARKS.md, "Stores A/B").
+async fn lookup_loop(conn: Arc<Conn>, jobs: Arc<Mutex<mpsc::Receiver<LookupJob>>>) {
+    const MAX_LOOKUPS: usize = 1024;
+    loop {
+        let mut batch: Vec<LookupJob> = Vec::new();
+        {
+            let mut jobs = jobs.lock().await;
+            match jobs.recv().await {
+                Some(job) => batch.push(job),
+                None => return,
+            }
+            while batch.len() < MAX_LOOKUPS {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let (mut accounts, mut devices, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for ((a, d, c), _) in &batch {
+            accounts.push(*a);
+            devices.push(*d);
+            ids.push(c.clone());
+        }
+        let found: Result<Vec<(i64, i64)>, StoreError> = sqlx::query_as(
+            "SELECT t.i, c.seq FROM unnest($1::int8[], $2::int8[], $3::text[]) WITH ORDINALITY AS t(account, device, client_id, i) \
+             JOIN client_ids c ON c.account = t.account AND c.device = t.device AND c.client_id = t.client_id",
+        )
+        .bind(accounts)
+        .bind(devices)
+        .bind(ids)
+        .fetch_all(&conn.pool)
+        .await
+        .map_err(|e| conn.fail(e));
+        match found {
+            Ok(found) => {
+                let mut answers: Vec<Option<u64>> = vec![None; batch.len()];
+                for (i, seq) in found {
+                    if let (Some(slot), Ok(seq)) =
+                        (usize::try_from(i - 1).ok().and_then(|i| answers.get_mut(i)), uint(seq))
+                    {
+                        *slot = Some(seq);
+                    }
+                }
+                for ((_, reply), answer) in batch.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 }
@@ -1388,16 +1457,10 @@ impl MessageStore for PgStore {
         device: DeviceId,
         client_id: &str,
     ) -> Result<Option<u64>, StoreError> {
-        let shard = self.conn(account);
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM client_ids WHERE account = $1 AND device = $2 AND client_id = $3")
-                .bind(int(account.0)?)
-                .bind(bound(device.0))
-                .bind(client_id)
-                .fetch_optional(&shard.pool)
-                .await
-                .map_err(|e| shard.fail(e))?;
-        seq.map(uint).transpose()
+        let (reply, answer) = oneshot::channel();
+        let key = (int(account.0)?, bound(device.0), client_id.to_owned());
+        self.shard(account).lookups.send((key, reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn inbound(&self, account: AccountId, source: AccountId) -> Result<u64, StoreError> {
