@@ -204,3 +204,38 @@ async fn with_a_synchronous_standby_down_nothing_is_acknowledged() {
     let done = tokio::time::timeout(Duration::from_secs(30), pending).await;
     done.expect("acknowledged once the standby is back").unwrap().unwrap();
 }
+
+/// TLS to the database: with `sslmode=verify-full` and the server's CA the
+/// store's connections are encrypted (PostgreSQL says so in pg_stat_ssl);
+/// without the CA the certificate is refused, in words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_over_tls_and_checks_the_certificate() {
+    let mut pg = server();
+    let plain = pg.create_database("tls").unwrap();
+    // A CA, and the server's certificate for 127.0.0.1 signed by it.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    pg.enable_tls(&cert.pem(), &key.serialize_pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+
+    let url = format!("{plain}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let store = open(vec![url]).await;
+    let conn = store.shard_conns().next().unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&conn.pool)
+        .await
+        .unwrap();
+    assert!(ssl, "the connection is encrypted");
+    conformance::run_all(&store).await;
+
+    let other = pg.create_database("tls2").unwrap();
+    let message = unusable(PgStore::open(&options(vec![format!("{other}?sslmode=verify-full")])).await);
+    assert!(message.contains("cannot reach") && message.to_lowercase().contains("certificate"), "{message}");
+}

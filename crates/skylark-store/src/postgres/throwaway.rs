@@ -94,6 +94,8 @@ pub struct TestPostgres {
     root: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// Settings given at every start besides the defaults (TLS).
+    extra: Vec<String>,
 }
 
 impl TestPostgres {
@@ -124,7 +126,7 @@ impl TestPostgres {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid))
                 .map_err(|e| fail(format!("giving {} to the postgres user: {e}", root.display())))?;
         }
-        Ok(TestPostgres { bin, run_as, root, port: free_port()?, child: None })
+        Ok(TestPostgres { bin, run_as, root, port: free_port()?, child: None, extra: Vec::new() })
     }
 
     fn data(&self) -> PathBuf {
@@ -176,7 +178,10 @@ impl TestPostgres {
                 "synchronous_commit=on",
                 "max_connections=200",
                 "shared_buffers=64MB",
-            ] {
+            ]
+            .into_iter()
+            .chain(self.extra.iter().map(String::as_str))
+            {
                 postgres.arg("-c").arg(setting);
             }
             let log_err = log.try_clone().map_err(|e| fail(e.to_string()))?;
@@ -239,6 +244,31 @@ impl TestPostgres {
         createdb.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, name]);
         self.run(createdb, "createdb")?;
         Ok(self.url(name))
+    }
+
+    /// Turns TLS on with this certificate and key (PEM) and restarts;
+    /// clients may then connect with `sslmode=verify-full`.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) -> Result<(), HarnessError> {
+        let (cert, key) = (self.root.join("server.crt"), self.root.join("server.key"));
+        let write = |path: &Path, text: &str, mode: u32| -> Result<(), HarnessError> {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(path, text).map_err(|e| fail(format!("writing {}: {e}", path.display())))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fail(format!("setting the mode of {}: {e}", path.display())))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                    .map_err(|e| fail(format!("giving {} to the postgres user: {e}", path.display())))?;
+            }
+            Ok(())
+        };
+        write(&cert, cert_pem, 0o644)?;
+        write(&key, key_pem, 0o600)?;
+        self.extra = vec![
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", cert.display()),
+            format!("ssl_key_file={}", key.display()),
+        ];
+        self.restart()
     }
 
     /// The postmaster's process id, while it runs.
