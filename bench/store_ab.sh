@@ -13,7 +13,11 @@
 #   cargo build --release -p skylark -p skylark-load
 #   bench/store_ab.sh target/release/skylark target/release/skylark-load target/store-ab
 #
-# Prints one line per run and a summary; keeps every JSON report.
+# Prints one line per run and a summary; keeps every JSON report. RATES
+# (default "2000 3000 4000") sets the chat rates; NO_BACKLOG=1 skips the
+# backlog scenario. Commits and rows per message are the server's own
+# counts (/metrics) over the whole run, connecting included; rows are
+# counted by the PostgreSQL store only.
 set -euo pipefail
 skylark=$1 load=$2 out=$3 rounds=${4:-2}
 pg_core=${PG_CORE:-1}
@@ -35,6 +39,10 @@ fi
 pg_port=55432
 pg_dir=$out/pg
 pg_start() {
+  if "$bin/pg_isready" -q -h 127.0.0.1 -p $pg_port; then
+    echo "store_ab.sh: something already answers on port $pg_port; stop it first" >&2
+    exit 1
+  fi
   if [ ! -d "$pg_dir/data" ]; then
     mkdir -p "$pg_dir"
     [ ${#as_pg[@]} -gt 0 ] && chown postgres:postgres "$pg_dir"
@@ -92,30 +100,26 @@ scenario() { # store name args...
   shift 2
   serve "$store"
   local report="$out/$name-$store-$round.json"
-  local commits0
-  commits0=$("$bin/psql" -X -q -t -A -h 127.0.0.1 -p $pg_port -U skylark -d postgres \
-    -c "SELECT coalesce(sum(xact_commit),0) || ' ' || coalesce(sum(tup_inserted+tup_updated+tup_deleted),0) FROM pg_stat_database WHERE datname='bench'")
   taskset -c 0 "$load" "${@}" --manifest "$out/manifest.json" --tcp 127.0.0.1:7481 \
     --report "$report" >"$out/$name-$store-$round.txt" 2>&1 || {
     echo "store_ab.sh: $name on $store failed (see $out/$name-$store-$round.txt)" >&2
   }
-  sleep 1.5 # let PostgreSQL's statistics arrive
-  local commits1
-  commits1=$("$bin/psql" -X -q -t -A -h 127.0.0.1 -p $pg_port -U skylark -d postgres \
-    -c "SELECT coalesce(sum(xact_commit),0) || ' ' || coalesce(sum(tup_inserted+tup_updated+tup_deleted),0) FROM pg_stat_database WHERE datname='bench'")
+  # Group commits and rows written, as the server counted them.
+  curl -sf http://127.0.0.1:7480/metrics | awk '
+    /^skylark_store_commit_batch_writes_count/ { c = $2 }
+    /^skylark_store_rows_written_total/ { r = $2 }
+    END { printf "%s %s\n", c + 0, r + 0 }' >"$out/$name-$store-$round.commits"
   stop
-  if [ "$store" = postgres ]; then
-    echo "$commits0 $commits1" >"$out/$name-$store-$round.pgstat"
-  fi
   echo "$name $store round $round: $report"
 }
 
+rates=${RATES:-2000 3000 4000}
 for round in $(seq 1 "$rounds"); do
   for store in redb postgres; do
-    scenario "$store" chat2000 chat --pairs 200 --rate 2000 --seconds 10 --sources 4
-    scenario "$store" chat3000 chat --pairs 200 --rate 3000 --seconds 10 --sources 4
-    scenario "$store" chat4000 chat --pairs 200 --rate 4000 --seconds 10 --sources 4
-    scenario "$store" backlog backlog --users 1000 --per-user 50 --sources 8
+    for rate in $rates; do
+      scenario "$store" "chat$rate" chat --pairs 200 --rate "$rate" --seconds 10 --sources 4
+    done
+    [ -n "${NO_BACKLOG:-}" ] || scenario "$store" backlog backlog --users 1000 --per-user 50 --sources 8
   done
 done
 
@@ -125,10 +129,10 @@ for f in "$out"/*-*-*.json; do
   base=$(basename "$f" .json)
   IFS=- read -r name store round <<<"$base"
   per=""
-  if [ -f "$out/$base.pgstat" ]; then
-    read -r c0 t0 c1 t1 <"$out/$base.pgstat"
+  if [ -f "$out/$base.commits" ]; then
+    read -r commits rows <"$out/$base.commits"
     msgs=$(jq -r '.acked // .messages' "$f")
-    per=$(awk -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v m="$msgs" 'BEGIN { if (m > 0) printf "%.3f  %.2f", (c1-c0)/m, (t1-t0)/m }')
+    per=$(awk -v c="$commits" -v r="$rows" -v m="$msgs" 'BEGIN { if (m > 0) printf "%.3f  %.2f", c/m, r/m }')
   fi
   if [ "$name" = backlog ]; then
     jq -r --arg n "$name" --arg s "$store" --arg r "$round" --arg per "$per" \

@@ -316,6 +316,11 @@ async fn connect(index: usize, url: &str, options: &PgOptions) -> Result<Conn, S
     let pool = PgPoolOptions::new()
         .max_connections(options.pool_size.max(1))
         .acquire_timeout(options.acquire_timeout)
+        // No ping before every query (a round trip each): a connection that
+        // broke fails its next query instead, which the caller sees as a
+        // failed read or write (and an actor restarts), the same as a
+        // connection lost mid-query.
+        .test_before_acquire(false)
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if read_write {

@@ -27,21 +27,24 @@ fn fail(message: impl Into<String>) -> HarnessError {
     HarnessError(message.into())
 }
 
-/// The directory holding `initdb`, `postgres` and `pg_basebackup`.
+/// The directory holding PostgreSQL's server programs: `SKYLARK_PG_BIN`,
+/// or the newest `/usr/lib/postgresql/*/bin`.
 pub fn binaries() -> Result<PathBuf, HarnessError> {
-    let has_all = |dir: &Path| ["initdb", "postgres", "pg_basebackup", "psql"].iter().all(|b| dir.join(b).is_file());
-    if let Some(dir) = std::env::var_os("SKYLARK_PG_BIN") {
-        let dir = PathBuf::from(dir);
+    find_binaries(std::env::var_os("SKYLARK_PG_BIN").map(PathBuf::from), Path::new("/usr/lib/postgresql"))
+}
+
+const PROGRAMS: [&str; 4] = ["initdb", "postgres", "pg_basebackup", "psql"];
+
+fn find_binaries(named: Option<PathBuf>, installed: &Path) -> Result<PathBuf, HarnessError> {
+    let has_all = |dir: &Path| PROGRAMS.iter().all(|b| dir.join(b).is_file());
+    if let Some(dir) = named {
         return if has_all(&dir) {
             Ok(dir)
         } else {
-            Err(fail(format!(
-                "SKYLARK_PG_BIN is {} but initdb, postgres, pg_basebackup and psql are not all there",
-                dir.display()
-            )))
+            Err(fail(format!("SKYLARK_PG_BIN is {} but {} are not all there", dir.display(), PROGRAMS.join(", "))))
         };
     }
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(installed)
         .into_iter()
         .flatten()
         .flatten()
@@ -53,11 +56,12 @@ pub fn binaries() -> Result<PathBuf, HarnessError> {
         .collect();
     found.sort();
     found.pop().map(|(_, bin)| bin).ok_or_else(|| {
-        fail(
-            "PostgreSQL's server programs (initdb, postgres, pg_basebackup, psql) were not found under \
-             /usr/lib/postgresql/*/bin. Install them (Debian: apt-get install postgresql) or set \
-             SKYLARK_PG_BIN to the directory that holds them.",
-        )
+        fail(format!(
+            "PostgreSQL's server programs ({}) were not found under {}/*/bin. Install them (Debian: \
+             apt-get install postgresql) or set SKYLARK_PG_BIN to the directory that holds them.",
+            PROGRAMS.join(", "),
+            installed.display()
+        ))
     })
 }
 
@@ -370,5 +374,27 @@ impl Drop for TestPostgres {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_programs_are_named() {
+        let empty = std::env::temp_dir().join(format!("skylark-no-pg-{}", std::process::id()));
+        std::fs::create_dir_all(empty.join("15/bin")).unwrap();
+        let message = find_binaries(None, &empty).unwrap_err().to_string();
+        assert!(
+            message.contains("initdb, postgres, pg_basebackup, psql") && message.contains("apt-get install postgresql")
+        );
+        let message = find_binaries(Some(empty.join("15/bin")), &empty).unwrap_err().to_string();
+        assert!(message.contains("SKYLARK_PG_BIN") && message.contains("not all there"), "{message}");
+        for program in PROGRAMS {
+            std::fs::write(empty.join("15/bin").join(program), "").unwrap();
+        }
+        assert_eq!(find_binaries(None, &empty).unwrap(), empty.join("15/bin"), "the newest installed version");
+        std::fs::remove_dir_all(&empty).unwrap();
     }
 }
