@@ -315,6 +315,9 @@ async fn connect(index: usize, url: &str, options: &PgOptions) -> Result<Conn, S
     let read_write = target.read_write;
     let pool = PgPoolOptions::new()
         .max_connections(options.pool_size.max(1))
+        // Opened ahead: a PostgreSQL connection costs a process fork and
+        // statement preparation, which must not land on the first messages.
+        .min_connections(options.pool_size.max(1))
         .acquire_timeout(options.acquire_timeout)
         // No ping before every query (a round trip each): a connection that
         // broke fails its next query instead, which the caller sees as a
