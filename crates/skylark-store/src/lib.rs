@@ -241,6 +241,23 @@ impl AccountWrite {
         }
     }
 
+    /// A group's forwards are stored as references into its own log, so
+    /// they may only carry its own events. Backends check this before the
+    /// write joins a group commit, so a bad write fails alone.
+    pub fn check_group_forwards(&self) -> Result<(), StoreError> {
+        for (_, item) in &self.outbox_puts {
+            if let skylark_core::message::Forward::Group(e) = &item.forward {
+                if e.group != self.account {
+                    return Err(StoreError::Invariant(format!(
+                        "outbox of {} holds an event of {}",
+                        self.account, e.group
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.appends.is_empty()
             && self.outbox_puts.is_empty()

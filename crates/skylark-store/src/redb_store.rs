@@ -795,19 +795,7 @@ impl MessageStore for RedbStore {
         if write.is_empty() {
             return Ok(());
         }
-        // A group's forwards are stored as references into its own log, so
-        // they may only carry its own events. Checked before the write joins
-        // a group commit, so a bad write fails alone.
-        for (_, item) in &write.outbox_puts {
-            if let Forward::Group(e) = &item.forward {
-                if e.group != write.account {
-                    return Err(StoreError::Invariant(format!(
-                        "outbox of {} holds an event of {}",
-                        write.account, e.group
-                    )));
-                }
-            }
-        }
+        write.check_group_forwards()?;
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Closed;
         let queue = self.committer.queue.as_ref().ok_or_else(stopped)?;

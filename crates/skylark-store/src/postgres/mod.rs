@@ -1315,16 +1315,7 @@ impl MessageStore for PgStore {
         if write.is_empty() {
             return Ok(());
         }
-        for (_, item) in &write.outbox_puts {
-            if let Forward::Group(e) = &item.forward {
-                if e.group != write.account {
-                    return Err(StoreError::Invariant(format!(
-                        "outbox of {} holds an event of {}",
-                        write.account, e.group
-                    )));
-                }
-            }
-        }
+        write.check_group_forwards()?;
         let (reply, answer) = oneshot::channel();
         let shard = self.shard(write.account);
         shard.queue.send((write, reply)).await.map_err(|_| StoreError::Closed)?;
