@@ -1098,12 +1098,15 @@ impl AccountStore for PgStore {
             // The removal is what counts (a removed device cannot sign in);
             // its cursor is only tidied away.
             let shard = self.conn(account);
-            sqlx::query(delete_cursor)
+            let tidied = sqlx::query(delete_cursor)
                 .bind(int(account.0)?)
                 .bind(bound(device.0))
                 .execute(&shard.pool)
                 .await
-                .map_err(|e| shard.fail(e))?;
+                .map_err(|e| shard.fail(e));
+            if let Err(e) = tidied {
+                tracing::warn!(%account, %device, error = %e, "a removed device's cursor was left behind");
+            }
         }
         Ok(done)
     }
