@@ -63,7 +63,13 @@ pub const METRICS: &[Metric] = &[
     (
         "skylark_store_commit_seconds",
         Kind::Histogram,
-        "Time of one PostgreSQL group commit (statement and commit).",
+        "Time of one group commit: the transaction and its fsync (embedded store), or the statement and its commit (PostgreSQL).",
+        None,
+    ),
+    (
+        "skylark_send_ack_seconds",
+        Kind::Histogram,
+        "From a send reaching the server to its acknowledgement, which waits for the durable write.",
         None,
     ),
     ("skylark_store_rows_written_total", Kind::Counter, "Rows written by PostgreSQL group commits.", None),

@@ -428,6 +428,7 @@ fn commit_loop(db: &Database, mut jobs: mpsc::Receiver<CommitJob>, max_batch: us
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = (|| {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
@@ -436,6 +437,7 @@ fn commit_loop(db: &Database, mut jobs: mpsc::Receiver<CommitJob>, max_batch: us
             }
             txn.commit().map_err(backend)
         })();
+        metrics::histogram!("skylark_store_commit_seconds").record(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "group commit failed");
         }

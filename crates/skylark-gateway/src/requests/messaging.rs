@@ -9,8 +9,10 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
     let (account, device) = (caller.authed.account.id, caller.authed.device.id);
     let group = (send.group != 0).then_some(AccountId(send.group));
     let request = SendRequest { client_id: send.client_id, to: send.to, group, payload: send.payload };
+    let started = std::time::Instant::now();
     let queued = caller.shared.server.router.send(account, device, request).await;
     when_durable(id, queued, move |ack| {
+        metrics::histogram!("skylark_send_ack_seconds").record(started.elapsed().as_secs_f64());
         reply(
             id,
             server_frame::Body::SendAck(v1::SendAck {

@@ -147,8 +147,10 @@ async fn health_readiness_and_metrics() {
     let server = TestServer::start().await;
     let api = server.api();
     let identity = server.register("+15550400007").await;
+    server.register("+15550400008").await;
     let (session, _) = Session::open(&server.endpoint(Transport::Tcp), &identity).await.unwrap();
     session.who_am_i().await.unwrap();
+    session.handle().send("+15550400008", "m1", b"hi".to_vec()).await.unwrap();
     for path in ["/healthz", "/readyz"] {
         let (status, ..) = api.raw("GET", path, None).await.unwrap();
         assert_eq!(status, 200, "{path}");
@@ -156,6 +158,14 @@ async fn health_readiness_and_metrics() {
     let response = reqwest_like_get(&server.http_base(), "/metrics").await;
     assert!(response.contains("skylark_connections_total"), "{response}");
     assert!(response.contains("skylark_sms_total"), "{response}");
+    // The send was timed to its ack, and the store timed its commit.
+    for timed in ["skylark_send_ack_seconds_count", "skylark_store_commit_seconds_count"] {
+        let count = response
+            .lines()
+            .find_map(|l| l.strip_prefix(timed).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or_else(|| panic!("no {timed} in {response}"));
+        assert!(count >= 1.0, "{timed} = {count}");
+    }
 }
 
 /// GET returning the body as text (the API helper parses JSON only).
