@@ -157,14 +157,30 @@ pub struct StoreSettings {
 }
 
 impl Default for StoreSettings {
+    /// The PostgreSQL store's own defaults.
     fn default() -> Self {
+        let pg = skylark_store::PgOptions::default();
         Self {
-            shards: Vec::new(),
-            pool_size: 16,
-            max_batch: 1024,
-            commit_tasks: 2,
-            synchronous_commit: "on".into(),
-            acquire_timeout_ms: 5000,
+            shards: pg.shards,
+            pool_size: pg.pool_size,
+            max_batch: pg.max_batch,
+            commit_tasks: pg.commit_tasks,
+            synchronous_commit: pg.synchronous_commit,
+            acquire_timeout_ms: pg.acquire_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl StoreSettings {
+    /// The PostgreSQL store's options from these settings.
+    pub fn pg_options(&self) -> skylark_store::PgOptions {
+        skylark_store::PgOptions {
+            shards: self.shards.clone(),
+            pool_size: self.pool_size,
+            max_batch: self.max_batch,
+            commit_tasks: self.commit_tasks,
+            synchronous_commit: self.synchronous_commit.clone(),
+            acquire_timeout: std::time::Duration::from_millis(self.acquire_timeout_ms),
         }
     }
 }

@@ -107,6 +107,30 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Slots of the per-peer marks table, in both backends: the receipt kinds
+/// (`kind_byte`: 0 delivered, 1 read) received from the peer, then these.
+/// The account's read marker for the peer's messages.
+pub(crate) const READ_MARKER_SLOT: u8 = 2;
+/// The highest of the peer's sequence numbers the account received.
+pub(crate) const RECEIVED_SLOT: u8 = 3;
+
+/// One account's marks rows, (peer, slot, high-water mark) by ascending
+/// peer, as the [`crate::ReceiptState`] callers see.
+pub(crate) fn receipt_state(rows: impl IntoIterator<Item = (u64, u8, u64)>) -> crate::ReceiptState {
+    let mut received: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
+    let mut state = crate::ReceiptState::default();
+    for (peer, slot, hwm) in rows {
+        match slot {
+            READ_MARKER_SLOT => state.read_markers.push((AccountId(peer), hwm)),
+            RECEIVED_SLOT => {}
+            s if s == kind_byte(ReceiptKind::Delivered) => received.entry(peer).or_default().0 = hwm,
+            _ => received.entry(peer).or_default().1 = hwm,
+        }
+    }
+    state.received = received.into_iter().map(|(p, (d, r))| (AccountId(p), d, r)).collect();
+    state
+}
+
 pub(crate) fn kind_byte(kind: ReceiptKind) -> u8 {
     match kind {
         ReceiptKind::Delivered => 0,

@@ -12,7 +12,10 @@
 //! answers each caller. Throughput comes from batching; no write is
 //! acknowledged before the fsync that covers it.
 
-use crate::record::{StoredOutbox, decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
+use crate::record::{
+    READ_MARKER_SLOT, RECEIVED_SLOT, StoredOutbox, decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte,
+    receipt_state,
+};
 use crate::{
     AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, GroupStore, MessageStore, MetaStore,
     PushTarget, ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
@@ -53,8 +56,6 @@ pub(crate) const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::ne
 /// marker for the peer's messages, slot 3 the highest of the peer's
 /// sequence numbers the account received.
 pub(crate) const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinition::new("receipts");
-const READ_MARKER_SLOT: u8 = 2;
-const RECEIVED_SLOT: u8 = 3;
 /// (account, peer) for every peer the account sent a message to.
 pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
 /// account → presence visibility (JSON).
@@ -885,21 +886,13 @@ impl MessageStore for RedbStore {
         self.read(move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(RECEIPTS)?;
-            let mut received: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
-            let mut state = ReceiptState::default();
+            let mut rows = Vec::new();
             for entry in table.range((account.0, 0, 0)..=(account.0, u64::MAX, u8::MAX))? {
                 let (key, value) = entry?;
                 let (_, peer, slot) = key.value();
-                let hwm = value.value();
-                match slot {
-                    READ_MARKER_SLOT => state.read_markers.push((AccountId(peer), hwm)),
-                    RECEIVED_SLOT => {}
-                    s if s == kind_byte(ReceiptKind::Delivered) => received.entry(peer).or_default().0 = hwm,
-                    _ => received.entry(peer).or_default().1 = hwm,
-                }
+                rows.push((peer, slot, value.value()));
             }
-            state.received = received.into_iter().map(|(p, (d, r))| (AccountId(p), d, r)).collect();
-            Ok(state)
+            Ok(receipt_state(rows))
         })
     }
 

@@ -10,7 +10,7 @@ use skylark_server::Server;
 use skylark_server::config::SmsConfig;
 use skylark_server::sms::{ConsoleSms, HttpSms, SmsSender};
 use skylark_store::postgres::hide_password;
-use skylark_store::{PgOptions, PgStore, RedbStore, Store};
+use skylark_store::{PgStore, RedbStore, Store};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -124,18 +124,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// The PostgreSQL store's options from the file's `[store]`.
-pub fn pg_options(store: &skylark_gateway::config::StoreSettings) -> PgOptions {
-    PgOptions {
-        shards: store.shards.clone(),
-        pool_size: store.pool_size,
-        max_batch: store.max_batch,
-        commit_tasks: store.commit_tasks,
-        synchronous_commit: store.synchronous_commit.clone(),
-        acquire_timeout: Duration::from_millis(store.acquire_timeout_ms),
-    }
-}
-
 /// The embedded store in the data directory, or PostgreSQL when shards
 /// are configured. Either refuses, in words, what it cannot use.
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
@@ -145,7 +133,7 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
         tracing::info!(data = %db_path.display(), "store opened");
         return Ok(Arc::new(store));
     }
-    let store = PgStore::open(&pg_options(&config.store)).await.context("opening the PostgreSQL store")?;
+    let store = PgStore::open(&config.store.pg_options()).await.context("opening the PostgreSQL store")?;
     let shown: Vec<String> = config.store.shards.iter().map(|u| hide_password(u)).collect();
     tracing::info!(shards = ?shown, "PostgreSQL store opened");
     Ok(Arc::new(store))
@@ -154,7 +142,7 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
 /// `skylark store copy`: the embedded store into PostgreSQL, verified.
 pub async fn copy_store(from: &std::path::Path, to: Vec<String>) -> Result<()> {
     let file = if from.is_dir() { from.join("skylark.redb") } else { from.to_owned() };
-    let options = pg_options(&skylark_gateway::config::StoreSettings { shards: to, ..Default::default() });
+    let options = skylark_gateway::config::StoreSettings { shards: to, ..Default::default() }.pg_options();
     println!("Copying {} into {} PostgreSQL shard(s)…", file.display(), options.shards.len());
     let reports = skylark_store::copy::redb_to_postgres(&file, &options, |table| println!("  {table}…"))
         .await

@@ -48,10 +48,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use target::Target;
 pub use target::hide_password;
 
-/// Receipt slots, as in the embedded store: 0 and 1 are delivered and read
-/// receipts (see `record::kind_byte`), then these.
-const READ_MARKER_SLOT: i16 = 2;
-const RECEIVED_SLOT: i16 = 3;
+/// The marks table's slots (`record`), as the int2 PostgreSQL stores.
+const READ_MARKER_SLOT: i16 = crate::record::READ_MARKER_SLOT as i16;
+const RECEIVED_SLOT: i16 = crate::record::RECEIVED_SLOT as i16;
 
 /// The embedded schema migrations, oldest first.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "schema", include_str!("../../migrations/0001_schema.sql"))];
@@ -1437,20 +1436,12 @@ impl MessageStore for PgStore {
                 .fetch_all(&shard.pool)
                 .await
                 .map_err(|e| shard.fail(e))?;
-        let mut received: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-        let mut state = ReceiptState::default();
-        let delivered = i16::from(kind_byte(ReceiptKind::Delivered));
+        let mut slots = Vec::with_capacity(rows.len());
         for (peer, slot, hwm) in rows {
-            let (peer, hwm) = (uint(peer)?, uint(hwm)?);
-            match slot {
-                READ_MARKER_SLOT => state.read_markers.push((AccountId(peer), hwm)),
-                RECEIVED_SLOT => {}
-                s if s == delivered => received.entry(peer).or_default().0 = hwm,
-                _ => received.entry(peer).or_default().1 = hwm,
-            }
+            let slot = u8::try_from(slot).map_err(|_| StoreError::Corrupt(format!("receipt slot {slot}")))?;
+            slots.push((uint(peer)?, slot, uint(hwm)?));
         }
-        state.received = received.into_iter().map(|(p, (d, r))| (AccountId(p), d, r)).collect();
-        Ok(state)
+        Ok(crate::record::receipt_state(slots))
     }
 
     async fn client_id(
