@@ -49,6 +49,10 @@ pub enum StoreError {
     /// what to do; nothing was changed.
     #[error("{0}")]
     Unusable(String),
+    /// Cluster mode: the write carried an ownership epoch that is no longer
+    /// the actor's (another node took the actor over); nothing was written.
+    #[error("this node no longer owns the account (another node took it over)")]
+    Fenced,
 }
 
 impl StoreError {
@@ -219,6 +223,11 @@ pub struct AccountWrite {
     pub group: Option<GroupMeta>,
     /// For a group: accounts that joined (true) or left (false) it.
     pub memberships: Vec<(AccountId, bool)>,
+    /// Cluster mode: the writer's ownership epoch of `account`. The store
+    /// refuses the whole write with [`StoreError::Fenced`] unless it is the
+    /// account's current epoch ([`LeaseStore::acquire`]); `None` (one node)
+    /// writes unconditionally.
+    pub epoch: Option<u64>,
 }
 
 impl AccountWrite {
@@ -238,6 +247,7 @@ impl AccountWrite {
             contacts: Vec::new(),
             group: None,
             memberships: Vec::new(),
+            epoch: None,
         }
     }
 
@@ -372,6 +382,84 @@ pub trait GroupStore: Send + Sync {
 }
 
 /// Every domain store of one backend.
-pub trait Store: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore {}
+/// A node of a cluster, as its last heartbeat described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    /// Where devices and operators reach it (`host:port`).
+    pub address: String,
+    /// Set by `skylark cluster drain`: the node hands its actors away.
+    pub draining: bool,
+}
 
-impl<T: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore> Store for T {}
+/// What a heartbeat learnt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beat {
+    /// Nodes whose last heartbeat is within the lease, this one included.
+    pub live: Vec<NodeRecord>,
+    /// This node's previous heartbeat had expired: the others may have
+    /// taken its actors over, so what it holds in memory is suspect.
+    pub lapsed: bool,
+    /// An operator asked this node to drain.
+    pub draining: bool,
+}
+
+/// The outcome of asking for an actor's ownership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// This node owns the actor; its writes carry this epoch.
+    Owned(u64),
+    /// A live node holds it (it will release it when it sees it should).
+    HeldBy(String),
+}
+
+/// Cluster membership and actor ownership (cluster mode, PostgreSQL only).
+/// Times are the database's clock, so nodes' clocks need not agree.
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Records a heartbeat of `node` (a lease of `lease_ms`) and returns
+    /// the live nodes.
+    async fn beat(&self, node: &str, address: &str, lease_ms: u64) -> Result<Beat, StoreError> {
+        let _ = (node, address, lease_ms);
+        Err(cluster_needs_postgres())
+    }
+
+    /// Removes `node` from the membership at once (a clean stop).
+    async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        let _ = node;
+        Err(cluster_needs_postgres())
+    }
+
+    /// Marks `node` as draining (or not).
+    async fn set_draining(&self, node: &str, draining: bool) -> Result<bool, StoreError> {
+        let _ = (node, draining);
+        Err(cluster_needs_postgres())
+    }
+
+    /// Takes ownership of `actor` for `node` with a new epoch, if it is
+    /// free, released, held by `node` itself or by a node not in `live`.
+    async fn acquire(&self, actor: AccountId, node: &str, live: &[String]) -> Result<Acquired, StoreError> {
+        let _ = (actor, node, live);
+        Err(cluster_needs_postgres())
+    }
+
+    /// Gives up ownership of `actor` if `epoch` is still current.
+    async fn release(&self, actor: AccountId, epoch: u64) -> Result<(), StoreError> {
+        let _ = (actor, epoch);
+        Err(cluster_needs_postgres())
+    }
+}
+
+fn cluster_needs_postgres() -> StoreError {
+    StoreError::Unusable("cluster mode needs the PostgreSQL store (--store postgres://…)".into())
+}
+
+pub trait Store:
+    AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore + LeaseStore
+{
+}
+
+impl<T: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore + LeaseStore> Store
+    for T
+{
+}

@@ -17,8 +17,8 @@ use crate::record::{
     receipt_state,
 };
 use crate::{
-    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, GroupStore, MessageStore, MetaStore,
-    PushTarget, ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
+    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, GroupStore, LeaseStore, MessageStore,
+    MetaStore, PushTarget, ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
 };
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -763,6 +763,10 @@ impl GroupStore for RedbStore {
         })
     }
 }
+
+/// One node only: every cluster call says cluster mode needs PostgreSQL,
+/// and a write's epoch (never set on one node) is not checked.
+impl LeaseStore for RedbStore {}
 
 #[async_trait]
 impl MetaStore for RedbStore {

@@ -29,8 +29,9 @@ pub mod throwaway;
 
 use crate::record::{StoredOutbox, decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
 use crate::{
-    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, GroupStore, MessageStore, MetaStore,
-    PushTarget, ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
+    AccountState, AccountStore, AccountWrite, Acquired, AddDeviceError, Beat, Counters, GroupStore, LeaseStore,
+    MessageStore, MetaStore, NodeRecord, PushTarget, ReceiptState, Registration, SettingsStore, StoreError,
+    VerificationStore, Visibility,
 };
 use async_trait::async_trait;
 use skylark_core::group::GroupMeta;
@@ -53,7 +54,10 @@ const READ_MARKER_SLOT: i16 = crate::record::READ_MARKER_SLOT as i16;
 const RECEIVED_SLOT: i16 = crate::record::RECEIVED_SLOT as i16;
 
 /// The embedded schema migrations, oldest first.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "schema", include_str!("../../migrations/0001_schema.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "schema", include_str!("../../migrations/0001_schema.sql")),
+    (2, "cluster", include_str!("../../migrations/0002_cluster.sql")),
+];
 
 /// The newest schema version this binary knows.
 pub fn schema_version() -> i64 {
@@ -496,11 +500,16 @@ struct Rows {
     contacts: BTreeSet<(i64, i64)>,
     groups: BTreeMap<i64, String>,
     memberships: BTreeMap<(i64, i64), bool>,
+    /// (actor, epoch) of every write that carries one (cluster mode).
+    fence: Vec<(i64, i64)>,
 }
 
 impl Rows {
     fn add(&mut self, w: &AccountWrite) -> Result<(), StoreError> {
         let a = int(w.account.0)?;
+        if let Some(epoch) = w.epoch {
+            self.fence.push((a, int(epoch)?));
+        }
         for (seq, entry) in &w.appends {
             self.log.push((a, int(*seq)?, encode_entry(entry)));
         }
@@ -585,7 +594,7 @@ gr AS (INSERT INTO groups (id, meta) SELECT i, m::jsonb FROM unnest($28::int8[],
 mj AS (INSERT INTO memberships (member, group_id) SELECT * FROM unnest($30::int8[], $31::int8[]) ON CONFLICT DO NOTHING),
 ml AS (DELETE FROM memberships m USING unnest($32::int8[], $33::int8[]) AS d(member, group_id)
        WHERE m.member = d.member AND m.group_id = d.group_id)
-SELECT 1";
+SELECT skylark_fence($34::int8[], $35::int8[])";
 
 fn unzip3<A, B, C>(rows: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
@@ -598,6 +607,7 @@ fn unzip3<A, B, C>(rows: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Ve
 }
 
 async fn execute(pool: &PgPool, rows: Rows) -> Result<(), sqlx::Error> {
+    let (fa, fe): (Vec<i64>, Vec<i64>) = rows.fence.into_iter().unzip();
     let (la, ls, le) = unzip3(rows.log.into_iter());
     let (mut pa, mut ps, mut pi, mut da, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ((a, s), item) in rows.outbox {
@@ -676,6 +686,8 @@ async fn execute(pool: &PgPool, rows: Rows) -> Result<(), sqlx::Error> {
         .bind(jg)
         .bind(lm)
         .bind(lgp)
+        .bind(fa)
+        .bind(fe)
         .execute(pool)
         .await
         .map(|_| ())
@@ -699,23 +711,56 @@ async fn commit_loop(conn: Arc<Conn>, jobs: Arc<Mutex<mpsc::Receiver<CommitJob>>
                 }
             }
         }
-        let mut rows = Rows::default();
-        let mut result = batch.iter().try_for_each(|(w, _)| rows.add(w));
-        let written = rows.count();
-        if result.is_ok() {
-            let started = std::time::Instant::now();
-            result = execute(&conn.pool, rows).await.map_err(|e| conn.fail(e));
-            metrics::histogram!("skylark_store_commit_seconds").record(started.elapsed().as_secs_f64());
-        }
-        match &result {
-            Ok(()) => metrics::counter!("skylark_store_rows_written_total").increment(written as u64),
-            Err(e) => tracing::error!(error = %e, shard = conn.index, writes = batch.len(), "group commit failed"),
-        }
-        metrics::histogram!("skylark_store_commit_batch_writes").record(batch.len() as f64);
-        for (_, reply) in batch {
-            let _ = reply.send(result.clone());
+        // A write whose epoch is stale is answered "fenced" and the others
+        // are committed without it (the statement checks epochs before it
+        // changes anything, and fails as a whole).
+        while !batch.is_empty() {
+            let mut rows = Rows::default();
+            let mut result = batch.iter().try_for_each(|(w, _)| rows.add(w));
+            let written = rows.count();
+            let mut stale = None;
+            if result.is_ok() {
+                let started = std::time::Instant::now();
+                result = match execute(&conn.pool, rows).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        stale = stale_actors(&e);
+                        Err(conn.fail(e))
+                    }
+                };
+                metrics::histogram!("skylark_store_commit_seconds").record(started.elapsed().as_secs_f64());
+            }
+            if let Some(stale) = stale {
+                tracing::warn!(shard = conn.index, actors = ?stale, "writes with a stale ownership epoch refused");
+                let (fenced, rest): (Vec<CommitJob>, Vec<CommitJob>) =
+                    batch.into_iter().partition(|(w, _)| i64::try_from(w.account.0).is_ok_and(|a| stale.contains(&a)));
+                for (_, reply) in fenced {
+                    let _ = reply.send(Err(StoreError::Fenced));
+                }
+                batch = rest;
+                continue;
+            }
+            match &result {
+                Ok(()) => metrics::counter!("skylark_store_rows_written_total").increment(written as u64),
+                Err(e) => tracing::error!(error = %e, shard = conn.index, writes = batch.len(), "group commit failed"),
+            }
+            metrics::histogram!("skylark_store_commit_batch_writes").record(batch.len() as f64);
+            for (_, reply) in batch.drain(..) {
+                let _ = reply.send(result.clone());
+            }
         }
     }
+}
+
+/// The actors a fencing refusal (`skylark_fence`, SQLSTATE SKF01) named.
+fn stale_actors(e: &sqlx::Error) -> Option<Vec<i64>> {
+    let db = e.as_database_error()?;
+    if db.code().as_deref() != Some("SKF01") {
+        return None;
+    }
+    let detail = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?.detail()?;
+    let stale: Vec<i64> = detail.split(',').filter_map(|a| a.trim().parse().ok()).collect();
+    (!stale.is_empty()).then_some(stale)
 }
 
 /// A shard's client-id lookups, batched as its writes are: every send of a
@@ -1277,6 +1322,89 @@ impl GroupStore for PgStore {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for PgStore {
+    async fn beat(&self, node: &str, address: &str, lease_ms: u64) -> Result<Beat, StoreError> {
+        let dir = self.directory();
+        let fail = |e| dir.fail(e);
+        let (lapsed, draining): (bool, bool) = sqlx::query_as(
+            "WITH prev AS (SELECT beat_at + lease_ms * interval '1 millisecond' < now() AS lapsed FROM nodes WHERE id = $1), \
+             up AS (INSERT INTO nodes (id, address, beat_at, lease_ms) VALUES ($1, $2, now(), $3) \
+                    ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, beat_at = now(), lease_ms = EXCLUDED.lease_ms \
+                    RETURNING draining) \
+             SELECT coalesce((SELECT lapsed FROM prev), false), (SELECT draining FROM up)",
+        )
+        .bind(node)
+        .bind(address)
+        .bind(int(lease_ms)?)
+        .fetch_one(&dir.pool)
+        .await
+        .map_err(fail)?;
+        let rows: Vec<(String, String, bool)> = sqlx::query_as(
+            "SELECT id, address, draining FROM nodes WHERE beat_at + lease_ms * interval '1 millisecond' > now() ORDER BY id",
+        )
+        .fetch_all(&dir.pool)
+        .await
+        .map_err(fail)?;
+        let live = rows.into_iter().map(|(id, address, draining)| NodeRecord { id, address, draining }).collect();
+        Ok(Beat { live, lapsed, draining })
+    }
+
+    async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        let dir = self.directory();
+        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(node).execute(&dir.pool).await.map_err(|e| dir.fail(e))?;
+        Ok(())
+    }
+
+    async fn set_draining(&self, node: &str, draining: bool) -> Result<bool, StoreError> {
+        let dir = self.directory();
+        let done = sqlx::query("UPDATE nodes SET draining = $2 WHERE id = $1")
+            .bind(node)
+            .bind(draining)
+            .execute(&dir.pool)
+            .await
+            .map_err(|e| dir.fail(e))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn acquire(&self, actor: AccountId, node: &str, live: &[String]) -> Result<Acquired, StoreError> {
+        let shard = self.conn(actor);
+        let fail = |e| shard.fail(e);
+        let epoch: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO owners (actor, node, epoch) VALUES ($1, $2, 1) \
+             ON CONFLICT (actor) DO UPDATE SET node = EXCLUDED.node, epoch = owners.epoch + 1 \
+             WHERE owners.node IS NULL OR owners.node = EXCLUDED.node OR NOT (owners.node = ANY ($3::text[])) \
+             RETURNING epoch",
+        )
+        .bind(int(actor.0)?)
+        .bind(node)
+        .bind(live)
+        .fetch_optional(&shard.pool)
+        .await
+        .map_err(fail)?;
+        if let Some(epoch) = epoch {
+            return Ok(Acquired::Owned(uint(epoch)?));
+        }
+        let holder: Option<Option<String>> = sqlx::query_scalar("SELECT node FROM owners WHERE actor = $1")
+            .bind(int(actor.0)?)
+            .fetch_optional(&shard.pool)
+            .await
+            .map_err(fail)?;
+        Ok(Acquired::HeldBy(holder.flatten().unwrap_or_default()))
+    }
+
+    async fn release(&self, actor: AccountId, epoch: u64) -> Result<(), StoreError> {
+        let shard = self.conn(actor);
+        sqlx::query("UPDATE owners SET node = NULL WHERE actor = $1 AND epoch = $2")
+            .bind(int(actor.0)?)
+            .bind(int(epoch)?)
+            .execute(&shard.pool)
+            .await
+            .map_err(|e| shard.fail(e))?;
+        Ok(())
     }
 }
 

@@ -239,3 +239,64 @@ async fn connects_over_tls_and_checks_the_certificate() {
     let message = unusable(PgStore::open(&options(vec![format!("{other}?sslmode=verify-full")])).await);
     assert!(message.contains("cannot reach") && message.to_lowercase().contains("certificate"), "{message}");
 }
+
+fn log_write(account: AccountId, seq: u64, epoch: Option<u64>) -> AccountWrite {
+    let mut w = AccountWrite::new(account);
+    let entry = LogEntry::ReadSync { peer: AccountId(99), up_to: seq, at_ms: seq };
+    w.appends.push((seq, std::sync::Arc::new(entry)));
+    w.counters = Some(Counters { next_seq: seq + 1, next_outbox: 1 });
+    w.epoch = epoch;
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_a_stale_epoch_is_refused_and_the_rest_of_its_commit_lands() {
+    let pg = server();
+    let urls: Vec<String> = (0..2).map(|i| pg.create_database(&format!("f{i}")).unwrap()).collect();
+    let store = open(urls).await;
+    let (a, b) = (AccountId(11), AccountId(12));
+    let live = vec!["n1".to_string(), "n2".to_string()];
+    let Acquired::Owned(old) = store.acquire(a, "n1", &live).await.unwrap() else { panic!("a was free") };
+    assert_eq!(store.acquire(a, "n2", &live).await.unwrap(), Acquired::HeldBy("n1".into()), "a live owner keeps it");
+    store.apply(log_write(a, 1, Some(old))).await.unwrap();
+    // n1 is presumed dead: n2 takes a over with the next epoch.
+    let Acquired::Owned(new) = store.acquire(a, "n2", &["n2".to_string()]).await.unwrap() else { panic!("takeover") };
+    assert!(new > old);
+    let Acquired::Owned(eb) = store.acquire(b, "n1", &live).await.unwrap() else { panic!("b was free") };
+    // The former owner's write and a current one race into one commit.
+    let (stale, fine, current) = tokio::join!(
+        store.apply(log_write(a, 2, Some(old))),
+        store.apply(log_write(b, 1, Some(eb))),
+        store.apply(log_write(a, 2, Some(new))),
+    );
+    assert!(matches!(stale, Err(StoreError::Fenced)), "stale epoch refused: {stale:?}");
+    fine.unwrap();
+    current.unwrap();
+    let log = store.read_log(a, 1, 10).await.unwrap();
+    assert_eq!(log.len(), 2, "the new owner's entry, once: {log:?}");
+    assert_eq!(store.read_log(b, 1, 10).await.unwrap().len(), 1);
+    // Released, a is free for anyone; a release with a stale epoch is a no-op.
+    store.release(a, old).await.unwrap();
+    assert_eq!(store.acquire(a, "n1", &live).await.unwrap(), Acquired::HeldBy("n2".into()));
+    store.release(a, new).await.unwrap();
+    assert!(matches!(store.acquire(a, "n1", &live).await.unwrap(), Acquired::Owned(e) if e > new));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_make_a_membership_that_forgets_silent_nodes() {
+    let pg = server();
+    let store = open(vec![pg.create_database("members").unwrap()]).await;
+    let first = store.beat("n1", "127.0.0.1:1", 400).await.unwrap();
+    assert!(!first.lapsed && !first.draining);
+    store.beat("n2", "127.0.0.1:2", 60_000).await.unwrap();
+    let ids = |b: &Beat| b.live.iter().map(|n| n.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&store.beat("n2", "127.0.0.1:2", 60_000).await.unwrap()), ["n1", "n2"]);
+    assert!(store.set_draining("n2", true).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = store.beat("n2", "127.0.0.1:2", 60_000).await.unwrap();
+    assert_eq!(ids(&later), ["n2"], "n1 stopped beating and is out");
+    assert!(later.draining && later.live[0].draining);
+    assert!(store.beat("n1", "127.0.0.1:1", 400).await.unwrap().lapsed, "n1 learns it was presumed dead");
+    store.leave("n1").await.unwrap();
+    assert_eq!(ids(&store.beat("n2", "127.0.0.1:2", 60_000).await.unwrap()), ["n2"]);
+}
