@@ -107,7 +107,7 @@ pub enum GroupBody {
 }
 
 /// What a member asks of a group (creation is [`GroupMeta::create`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupChange {
     Post { device: DeviceId, client_id: String, payload: bytes::Bytes },
     Add { members: Vec<AccountId> },
@@ -119,7 +119,7 @@ pub enum GroupChange {
     AdminOnly { admin_only: bool },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum GroupError {
     #[error("no such group")]
     UnknownGroup,

@@ -96,6 +96,9 @@ pub struct Settings {
     pub devices: DevicesConfig,
     pub push: PushConfig,
     pub sms: SmsConfig,
+    /// Cluster mode (docs/CLUSTER.md); absent: one node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<skylark_server::cluster::ClusterConfig>,
 }
 
 impl Default for Settings {
@@ -113,6 +116,7 @@ impl Default for Settings {
             devices: server.devices,
             push: server.push,
             sms: server.sms,
+            cluster: None,
         }
     }
 }

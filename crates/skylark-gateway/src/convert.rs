@@ -20,9 +20,10 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         }
         MessagingError::UnknownRecipient => ErrorCode::UnknownRecipient,
         MessagingError::TooLarge { .. } => ErrorCode::MessageTooLarge,
-        MessagingError::Unavailable(_) | MessagingError::Restarted | MessagingError::ShuttingDown => {
-            ErrorCode::Unavailable
-        }
+        MessagingError::Unavailable(_)
+        | MessagingError::Restarted
+        | MessagingError::ShuttingDown
+        | MessagingError::NodeUnreachable => ErrorCode::Unavailable,
         MessagingError::Internal(_) => ErrorCode::Internal,
         MessagingError::RateLimited(_) => ErrorCode::RateLimited,
         MessagingError::Group(e) => match e {
@@ -202,6 +203,8 @@ pub(crate) async fn event_frame(router: &Router, event: DeviceEvent) -> Result<S
     let body = match event {
         DeviceEvent::CaughtUp { seq } => server_frame::Body::CaughtUp(v1::CaughtUp { seq }),
         DeviceEvent::Entry { seq, entry } => server_frame::Body::Event(self::event(router, seq, &entry).await?),
+        // The session ends the connection on a close instead (session.rs).
+        DeviceEvent::Closed(_) => return Err(StoreError::Invariant("a stream's close is not a frame".into())),
     };
     Ok(ServerFrame { id: 0, body: Some(body) })
 }

@@ -259,8 +259,7 @@ async fn serve_attached<T: Transport>(
             biased;
             reason = &mut disconnect => {
                 return Some(match reason {
-                    Ok(Disconnect::Replaced) => Ending::new(CloseCode::Replaced, "device connected elsewhere"),
-                    Ok(Disconnect::DeviceRemoved) => Ending::new(CloseCode::DeviceRemoved, "device removed"),
+                    Ok(reason) => disconnected(reason),
                     Err(_) => Ending::new(CloseCode::GoingAway, "server shutting down"),
                 });
             }
@@ -274,6 +273,9 @@ async fn serve_attached<T: Transport>(
             }
             Some(event) = ephemeral.recv() => Step::Ephemeral(event),
             event = events.recv() => match event {
+                // The actor let this connection go: a newer one of the device
+                // attached (on any node of a cluster), or it was removed.
+                Some(DeviceEvent::Closed(reason)) => return Some(disconnected(reason)),
                 Some(event) => Step::Event(event),
                 None => return Some(Ending::new(CloseCode::InternalError, "messaging restarted; reconnect")),
             },
@@ -292,6 +294,13 @@ async fn serve_attached<T: Transport>(
             Ok(None) => {}
             Err(ending) => return ending,
         }
+    }
+}
+
+fn disconnected(reason: Disconnect) -> Ending {
+    match reason {
+        Disconnect::Replaced => Ending::new(CloseCode::Replaced, "device connected elsewhere"),
+        Disconnect::DeviceRemoved => Ending::new(CloseCode::DeviceRemoved, "device removed"),
     }
 }
 

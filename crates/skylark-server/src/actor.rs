@@ -62,6 +62,8 @@ pub(crate) struct Context {
     pub waker: OnceLock<Arc<dyn Fn(AccountId) + Send + Sync>>,
     /// Sends per device, against floods from one (possibly stolen) device.
     pub sends: KeyedLimiter,
+    /// Cluster mode: where actors live, and the bus to the other nodes.
+    pub cluster: OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// One pointer per actor: an idle actor is counted in bytes.
@@ -203,20 +205,27 @@ struct Shell {
     self_mailbox: lane::WeakSender<Msg>,
     /// The attached connections' event queues, by device.
     lanes: SmallMap<DeviceId, (u64, lane::Sender<DeviceEvent>)>,
+    /// Cluster mode: the ownership epoch every write carries.
+    epoch: Option<u64>,
+}
+
+/// What the registry starts an actor with.
+pub(crate) struct Start {
+    pub account: AccountId,
+    pub generation: u64,
+    pub self_mailbox: lane::Sender<Msg>,
+    /// The account's previous actor on this node, if it is still finishing.
+    pub predecessor: Option<watch::Receiver<bool>>,
+    /// Cancelled when the actor must move to another node.
+    pub handoff: tokio_util::sync::CancellationToken,
 }
 
 /// The actor's task.
-pub(crate) async fn run(
-    ctx: Ctx,
-    account: AccountId,
-    generation: u64,
-    self_mailbox: lane::Sender<Msg>,
-    mut mailbox: lane::Receiver<Msg>,
-    predecessor: Option<watch::Receiver<bool>>,
-) {
+pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>) {
+    let Start { account, generation, self_mailbox, predecessor, handoff } = start;
     // Starting is boxed, like handling a batch: a task keeps room for its
     // largest state for its whole life, and this one is only passed through.
-    let start = start(&ctx, account, generation, self_mailbox, &mut mailbox, predecessor);
+    let start = self::start(&ctx, account, generation, self_mailbox, &mut mailbox, predecessor);
     let Some(mut shell) = Box::pin(start).await else { return };
     metrics::gauge!("skylark_actors").increment(1.0);
     let idle = Duration::from_millis(ctx.config.actor_idle_ms);
@@ -231,6 +240,21 @@ pub(crate) async fn run(
         let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            // Cluster mode: the account now belongs to another node. Mail
+            // already queued is still this actor's (it holds the lease);
+            // later mail is routed to the new owner.
+            _ = handoff.cancelled() => {
+                if let Some(done) = ctx.registry.retire(account, generation, &mut mailbox, true) {
+                    while mailbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                        if Box::pin(shell.handle(std::mem::take(&mut batch))).await.is_err() {
+                            healthy = false;
+                            break;
+                        }
+                    }
+                    retired = Some(done);
+                }
+                break;
+            }
             n = mailbox.recv_many(&mut batch, MAX_BATCH) => n,
             // One timer for two jobs: writing deferred cleanup once the actor
             // has been quiet for a moment, and retiring it once it has been
@@ -246,7 +270,7 @@ pub(crate) async fn run(
                     }
                     continue;
                 }
-                if let Some(done) = ctx.registry.retire(account, generation, &mut mailbox) {
+                if let Some(done) = ctx.registry.retire(account, generation, &mut mailbox, false) {
                     // Mail that slipped in before the mailbox closed is still ours.
                     while mailbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
                         if Box::pin(shell.handle(std::mem::take(&mut batch))).await.is_err() {
@@ -275,6 +299,11 @@ pub(crate) async fn run(
     if healthy && !shell.machine.cleanup.is_empty() {
         let _ = Box::pin(shell.write_cleanup()).await;
     }
+    // Its connections learn that the actor let them go (they reconnect).
+    shell.lanes = SmallMap::default();
+    if let (Some(cluster), Some(epoch)) = (ctx.cluster.get(), shell.epoch) {
+        cluster.release(account, epoch).await;
+    }
     if let Some(done) = retired {
         let _ = done.send(true);
     }
@@ -302,10 +331,22 @@ async fn start(
     }
     let weak = self_mailbox.downgrade();
     drop(self_mailbox);
+    // Cluster mode: the account's ownership, with the epoch its writes carry.
+    let epoch = match ctx.cluster.get() {
+        Some(cluster) => match cluster.acquire(account).await {
+            Ok(epoch) => Some(epoch),
+            Err(e) => {
+                tracing::debug!(%account, error = %e, "could not take the actor's ownership");
+                fail_all(mailbox, ctx, account, generation, e).await;
+                return None;
+            }
+        },
+        None => None,
+    };
     match load(&*ctx.store, account).await {
         Ok(loaded) => {
             let machine = Machine::new(account, ctx.config, loaded);
-            let mut shell = Shell { ctx: ctx.clone(), machine, self_mailbox: weak, lanes: SmallMap::default() };
+            let mut shell = Shell { ctx: ctx.clone(), machine, self_mailbox: weak, lanes: SmallMap::default(), epoch };
             // Forwards left over from before a restart resume at once.
             for to in shell.machine.destinations() {
                 shell.start_forward(to);
@@ -500,6 +541,7 @@ impl Shell {
     async fn write_cleanup(&mut self) -> Result<(), StoreError> {
         let mut write = AccountWrite::new(self.account());
         self.machine.cleanup.take_into(&mut write);
+        write.epoch = self.epoch;
         self.ctx.store.apply(write).await
     }
 
@@ -543,7 +585,12 @@ impl Shell {
                 Outcome::Now(result) => {
                     if let (Reply::Attach(_, connection, events), Ok(_)) = (&reply, &result) {
                         if let Some(device) = self.attaching(*connection) {
-                            self.lanes.insert(device, (*connection, events.clone()));
+                            // A newer connection of the device: the older one
+                            // is told why its stream ends.
+                            let older = self.lanes.insert(device, (*connection, events.clone()));
+                            if let Some((_, older)) = older.filter(|(c, _)| c != connection) {
+                                let _ = older.try_send(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced));
+                            }
                         }
                     }
                     reply.answer(result);
@@ -553,7 +600,9 @@ impl Shell {
             }
         }
         if !fx.write.is_empty() {
-            if let Err(e) = store.apply(std::mem::replace(&mut fx.write, AccountWrite::new(account))).await {
+            let mut write = std::mem::replace(&mut fx.write, AccountWrite::new(account));
+            write.epoch = self.epoch;
+            if let Err(e) = store.apply(write).await {
                 tracing::error!(%account, error = %e, "actor write failed; restarting the actor");
                 for (reply, _) in later {
                     reply.answer(Err(MessagingError::from(e.clone())));
@@ -586,7 +635,9 @@ impl Shell {
     }
 
     /// Drops the queues of connections the machine no longer feeds
-    /// (detached, replaced or removed devices): their streams end.
+    /// (detached, replaced or removed devices): their streams end, telling a
+    /// replaced connection (a newer one of its device attached, on whichever
+    /// node) and a removed device's why.
     fn sync_lanes(&mut self) {
         let stale: Vec<DeviceId> = self
             .lanes
@@ -597,6 +648,16 @@ impl Shell {
             .map(|(device, _)| *device)
             .collect();
         for device in stale {
+            let reason = if self.machine.feeds.windows.get(&device).is_some() {
+                Some(crate::sessions::Disconnect::Replaced)
+            } else if self.machine.feeds.positions.get(&device).is_none() {
+                Some(crate::sessions::Disconnect::DeviceRemoved)
+            } else {
+                None
+            };
+            if let (Some(reason), Some((_, events))) = (reason, self.lanes.get(&device)) {
+                let _ = events.try_send(DeviceEvent::Closed(reason));
+            }
             self.lanes.remove(&device);
         }
     }

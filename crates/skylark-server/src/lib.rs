@@ -8,6 +8,7 @@
 
 mod actor;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod devices;
 pub mod directory;

@@ -55,7 +55,7 @@ pub struct SendRequest {
 }
 
 /// A member's request to a group, other than posting (see [`SendRequest`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GroupRequest {
     Create {
         subject: String,
@@ -69,7 +69,7 @@ pub enum GroupRequest {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GroupReply {
     /// The group's state after the request.
     Info(GroupMeta),
@@ -78,7 +78,7 @@ pub enum GroupReply {
 
 /// Who has one group message: every member other than its author that
 /// was a member when it was posted and still is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MessageInfo {
     pub group: AccountId,
     pub seq: u64,
@@ -107,6 +107,10 @@ pub enum DeviceEvent {
     CaughtUp {
         seq: u64,
     },
+    /// The actor let this connection go: a newer connection of the device
+    /// took its place (on any node), or the device was removed. The last
+    /// event of the stream.
+    Closed(crate::sessions::Disconnect),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -134,6 +138,10 @@ pub enum MessagingError {
     Internal(&'static str),
     #[error("server shutting down")]
     ShuttingDown,
+    /// Cluster mode: the node that holds the account did not answer in
+    /// time; nothing is known to be done (retry, with the same client id).
+    #[error("the server that holds this account did not answer in time; retry")]
+    NodeUnreachable,
     #[error("too many messages; try again in {}", skylark_core::words::wait(u64::try_from(.0.as_millis()).unwrap_or(u64::MAX)))]
     RateLimited(std::time::Duration),
     #[error(transparent)]

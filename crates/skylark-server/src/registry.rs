@@ -28,6 +28,8 @@ pub(crate) const MAILBOX: usize = 1024;
 struct Slot {
     mailbox: lane::Sender<Msg>,
     generation: u64,
+    /// Cancelled when the actor must move to another node (cluster mode).
+    handoff: CancellationToken,
 }
 
 #[derive(Default)]
@@ -80,22 +82,40 @@ impl Registry {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = lane::channel(MAILBOX);
         let predecessor = slots.retiring.remove(&account);
-        slots.live.insert(account, Slot { mailbox: tx.clone(), generation });
+        let handoff = CancellationToken::new();
+        slots.live.insert(account, Slot { mailbox: tx.clone(), generation, handoff: handoff.clone() });
         drop(slots);
         // Debug level, like the connection span: an idle actor is counted in
         // bytes, and a disabled span costs none.
         let span = tracing::debug_span!("actor", %account, generation);
-        let actor = actor::run(ctx.clone(), account, generation, tx.clone(), rx, predecessor);
+        let start = actor::Start { account, generation, self_mailbox: tx.clone(), predecessor, handoff };
+        let actor = actor::run(ctx.clone(), start, rx);
         crate::spawn_in(&self.tracker, span, actor);
         (tx, generation)
     }
 
     /// Queues `msg` for `account`'s actor (waiting while its mailbox is
-    /// full). If the actor retired in between, its successor gets it.
-    pub(crate) async fn tell(&self, ctx: &Ctx, account: AccountId, mut msg: Msg) -> Result<(), MessagingError> {
+    /// full), on whichever node owns it. If the actor retired or moved in
+    /// between, its successor gets it.
+    pub(crate) async fn tell(&self, ctx: &Ctx, account: AccountId, msg: Msg) -> Result<(), MessagingError> {
+        self.tell_where(ctx, account, msg, true).await
+    }
+
+    /// As [`Registry::tell`], to an actor on this node whatever the
+    /// placement says (mail that another node routed here).
+    pub(crate) async fn tell_here(&self, ctx: &Ctx, account: AccountId, msg: Msg) -> Result<(), MessagingError> {
+        self.tell_where(ctx, account, msg, false).await
+    }
+
+    async fn tell_where(&self, ctx: &Ctx, account: AccountId, mut msg: Msg, route: bool) -> Result<(), MessagingError> {
         for _ in 0..8 {
             if self.shutdown.is_cancelled() {
                 return Err(MessagingError::ShuttingDown);
+            }
+            if let (true, Some(cluster)) = (route, ctx.cluster.get()) {
+                if let Some(node) = cluster.remote_owner(account) {
+                    return cluster.tell(&node, account, msg).await;
+                }
             }
             let (mailbox, generation) = self.mailbox(ctx, account);
             match mailbox.send(msg).await {
@@ -122,17 +142,33 @@ impl Registry {
         }
     }
 
+    /// Asks every live actor for which `moves` holds to hand itself off
+    /// (cluster mode: its owner changed). Returns how many were asked.
+    pub(crate) fn hand_off(&self, moves: impl Fn(AccountId) -> bool) -> usize {
+        let slots = self.slots();
+        let mut asked = 0;
+        for (account, slot) in &slots.live {
+            if moves(*account) && !slot.handoff.is_cancelled() {
+                slot.handoff.cancel();
+                asked += 1;
+            }
+        }
+        asked
+    }
+
     /// Called by an idle actor: if its mailbox is empty, it leaves the
     /// registry (closing the mailbox under the registry lock) and gets a
-    /// flag to raise when it has finished.
+    /// flag to raise when it has finished. With `force` (a hand-off) it
+    /// leaves even with mail queued, which it still handles.
     pub(crate) fn retire(
         &self,
         account: AccountId,
         generation: u64,
         mailbox: &mut lane::Receiver<Msg>,
+        force: bool,
     ) -> Option<watch::Sender<bool>> {
         let mut slots = self.slots();
-        if !mailbox.is_empty() || slots.live.get(&account).is_none_or(|s| s.generation != generation) {
+        if (!force && !mailbox.is_empty()) || slots.live.get(&account).is_none_or(|s| s.generation != generation) {
             return None;
         }
         slots.live.remove(&account);

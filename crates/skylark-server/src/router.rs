@@ -63,6 +63,7 @@ impl Router {
             registry: Registry::default(),
             waker: std::sync::OnceLock::new(),
             sends: crate::ratelimit::KeyedLimiter::new("messages_per_device", limits.messages_per_device),
+            cluster: std::sync::OnceLock::new(),
         });
         let group_changes =
             crate::ratelimit::KeyedLimiter::new("group_changes_per_device", limits.group_changes_per_device);
@@ -71,6 +72,23 @@ impl Router {
 
     fn ctx(&self) -> &Ctx {
         &self.inner.ctx
+    }
+
+    /// Cluster mode: joins the cluster described by `config` (NATS and the
+    /// store's membership), so actors are placed across its nodes. Call
+    /// once, before serving devices.
+    pub async fn join_cluster(
+        &self,
+        config: crate::cluster::ClusterConfig,
+    ) -> Result<Arc<crate::cluster::Cluster>, crate::cluster::ClusterError> {
+        let cluster = crate::cluster::Cluster::start(config, self.ctx().store.clone(), self.ctx()).await?;
+        let _ = self.ctx().cluster.set(cluster.clone());
+        Ok(cluster)
+    }
+
+    /// The cluster this router is part of, if any.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.ctx().cluster.get()
     }
 
     /// Installs the function told when an account received messages.
@@ -391,6 +409,7 @@ mod tests {
                 }
                 DeviceEvent::CaughtUp { .. } if seen.len() == 2 => break,
                 DeviceEvent::CaughtUp { .. } => {}
+                DeviceEvent::Closed(reason) => panic!("the stream closed: {reason:?}"),
             }
         }
         assert_eq!(seen, vec!["a", "b"]);

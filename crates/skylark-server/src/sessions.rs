@@ -28,10 +28,18 @@ struct Entry {
     disconnect: oneshot::Sender<Disconnect>,
 }
 
-#[derive(Default)]
 pub struct Sessions {
     live: Mutex<HashMap<DeviceId, Entry>>,
     next_connection: AtomicU64,
+}
+
+impl Default for Sessions {
+    /// Connection numbers start at a random multiple of 2³², so those of
+    /// different nodes of a cluster (which meet in one actor) do not collide.
+    fn default() -> Self {
+        let base = u64::from(rand::random::<u32>() >> 1) << 32;
+        Self { live: Mutex::default(), next_connection: AtomicU64::new(base) }
+    }
 }
 
 impl std::fmt::Debug for Sessions {

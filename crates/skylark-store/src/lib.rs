@@ -424,6 +424,11 @@ pub trait LeaseStore: Send + Sync {
         Err(cluster_needs_postgres())
     }
 
+    /// The live nodes, read without beating (for operators' tools).
+    async fn members(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Err(cluster_needs_postgres())
+    }
+
     /// Removes `node` from the membership at once (a clean stop).
     async fn leave(&self, node: &str) -> Result<(), StoreError> {
         let _ = node;

@@ -38,27 +38,31 @@ const GROUP_DEMOTED: u8 = 7;
 const GROUP_SUBJECT: u8 = 8;
 const GROUP_ADMIN_ONLY: u8 = 9;
 
+/// Writes the fields of a record (also used by the cluster's node-to-node
+/// encoding, so both share one set of rules).
 #[derive(Default)]
-struct Writer(Vec<u8>);
+pub struct Writer(pub Vec<u8>);
 
 impl Writer {
-    fn u8(&mut self, v: u8) {
+    pub fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u64(&mut self, mut v: u64) {
+    pub fn u64(&mut self, mut v: u64) {
         while v >= 0x80 {
             self.0.push((v as u8) | 0x80);
             v >>= 7;
         }
         self.0.push(v as u8);
     }
-    fn bytes(&mut self, b: &[u8]) {
+    pub fn bytes(&mut self, b: &[u8]) {
         self.u64(b.len() as u64);
         self.0.extend_from_slice(b);
     }
 }
 
-struct Reader<'a> {
+/// Reads the fields [`Writer`] wrote; every length is checked against the
+/// input left.
+pub struct Reader<'a> {
     buf: &'a [u8],
 }
 
@@ -67,12 +71,15 @@ fn corrupt(what: &str) -> StoreError {
 }
 
 impl<'a> Reader<'a> {
-    fn u8(&mut self) -> Result<u8, StoreError> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+    pub fn u8(&mut self) -> Result<u8, StoreError> {
         let (&first, rest) = self.buf.split_first().ok_or_else(|| corrupt("truncated"))?;
         self.buf = rest;
         Ok(first)
     }
-    fn u64(&mut self) -> Result<u64, StoreError> {
+    pub fn u64(&mut self) -> Result<u64, StoreError> {
         let mut out = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.u8()?;
@@ -83,7 +90,7 @@ impl<'a> Reader<'a> {
         }
         Err(corrupt("varint too long"))
     }
-    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+    pub fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
         let len = usize::try_from(self.u64()?).map_err(|_| corrupt("length"))?;
         if len > self.buf.len() {
             return Err(corrupt("length beyond the record"));
@@ -92,7 +99,7 @@ impl<'a> Reader<'a> {
         self.buf = rest;
         Ok(head)
     }
-    fn string(&mut self) -> Result<String, StoreError> {
+    pub fn string(&mut self) -> Result<String, StoreError> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| corrupt("string is not utf-8"))
     }
     fn kind(&mut self) -> Result<ReceiptKind, StoreError> {
@@ -102,7 +109,7 @@ impl<'a> Reader<'a> {
             _ => Err(corrupt("receipt kind")),
         }
     }
-    fn finish(self) -> Result<(), StoreError> {
+    pub fn finish(self) -> Result<(), StoreError> {
         if self.buf.is_empty() { Ok(()) } else { Err(corrupt("trailing bytes")) }
     }
 }

@@ -28,6 +28,15 @@ enum Command {
         #[command(subcommand)]
         action: StoreCommand,
     },
+    /// Cluster mode: `cluster status` lists the live nodes; `cluster drain
+    /// NODE` moves a node's actors and connections away, then it stops.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCommand,
+        /// The cluster's PostgreSQL store (as given to `serve --store`).
+        #[arg(long = "store", env = "SKYLARK_STORE", value_name = "URL", global = true)]
+        store: Vec<String>,
+    },
     /// Register a phone number: sends an SMS code, asks for it, enrols this device.
     Register {
         /// The phone number in international form, such as +15551234567.
@@ -126,6 +135,20 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// The live nodes and their addresses.
+    Status,
+    /// Drain a node: its actors move to the others, its devices reconnect
+    /// elsewhere, then it stops. Waits until it has left.
+    Drain {
+        node: String,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum StoreCommand {
     /// Copy the embedded store into empty PostgreSQL databases, then verify
     /// every table (row counts and checksums). Offline: stop the server first.
@@ -166,6 +189,10 @@ fn main() -> Result<()> {
     match args.command {
         Command::Serve(serve_args) => runtime.block_on(serve::run(serve_args)),
         Command::Store { action: StoreCommand::Copy { from, to } } => runtime.block_on(serve::copy_store(&from, to)),
+        Command::Cluster { action: ClusterCommand::Status, store } => runtime.block_on(serve::cluster_status(store)),
+        Command::Cluster { action: ClusterCommand::Drain { node, wait_secs }, store } => {
+            runtime.block_on(serve::cluster_drain(store, &node, std::time::Duration::from_secs(wait_secs)))
+        }
         Command::Register { phone, server, name, ca, profile } => {
             runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?, ca.as_deref()))
         }

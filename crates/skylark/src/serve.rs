@@ -50,6 +50,17 @@ pub struct ServeArgs {
     /// and kept in the data directory (clients trust it with `--ca`).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     dev_tls: bool,
+    /// Cluster mode: this node's name (unique in the cluster). Needs the
+    /// PostgreSQL store and NATS; docs/CLUSTER.md.
+    #[arg(long, env = "SKYLARK_CLUSTER_NODE", value_name = "NAME")]
+    cluster_node: Option<String>,
+    /// Cluster mode: a NATS server URL; repeat for a NATS cluster.
+    #[arg(long = "nats", env = "SKYLARK_NATS", value_name = "URL", value_delimiter = ',')]
+    nats: Vec<String>,
+    /// Cluster mode: the address devices use to reach this node, shown to
+    /// operators (default: the HTTP listen address).
+    #[arg(long, env = "SKYLARK_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Log filter, such as `info` or `info,skylark_gateway=debug`.
     #[arg(long, env = "SKYLARK_LOG", default_value = "info")]
     log: String,
@@ -81,6 +92,20 @@ fn load_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(key) = &args.tls_key {
         config.tls.key_file = Some(key.clone());
+    }
+    if let Some(node) = &args.cluster_node {
+        config.cluster.get_or_insert_with(Default::default).node = node.clone();
+    }
+    if let Some(cluster) = &mut config.cluster {
+        if !args.nats.is_empty() {
+            cluster.nats = args.nats.clone();
+        }
+        if let Some(advertise) = &args.advertise {
+            cluster.advertise = advertise.clone();
+        }
+        if cluster.advertise.is_empty() {
+            cluster.advertise = config.listen.http.to_string();
+        }
     }
     if args.dev_tls {
         let dir = config.data_dir.join("dev-tls");
@@ -171,6 +196,73 @@ pub async fn copy_store(from: &std::path::Path, to: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// Resolves once an operator drained this node and its actors moved away
+/// (never on one node).
+async fn drained(server: &Server, cluster: Option<&skylark_server::cluster::Cluster>) {
+    let Some(cluster) = cluster else { return std::future::pending().await };
+    let mut draining = cluster.draining();
+    let _ = draining.wait_for(|d| *d).await;
+    while server.router.live_actors() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Before stopping: marks this node draining so its actors move (and are
+/// released) while it still answers, for at most a few seconds.
+async fn hand_over(server: &Server, cluster: &skylark_server::cluster::Cluster) {
+    if let Err(e) = cluster.drain().await {
+        tracing::warn!(error = %e, "could not announce the drain; the others take over when the lease lapses");
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.router.live_actors() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `skylark cluster status`: the live nodes, as the store records them.
+pub async fn cluster_status(store: Vec<String>) -> Result<()> {
+    let store = open_cluster_store(store).await?;
+    let members = skylark_store::LeaseStore::members(&store).await?;
+    if members.is_empty() {
+        println!("No node is live.");
+    }
+    for node in members {
+        println!("{}  {}{}", node.id, node.address, if node.draining { "  (draining)" } else { "" });
+    }
+    Ok(())
+}
+
+/// `skylark cluster drain NODE`: asks the node to hand its actors to the
+/// others and stop, then waits until it has left.
+pub async fn cluster_drain(store: Vec<String>, node: &str, wait: Duration) -> Result<()> {
+    let store = open_cluster_store(store).await?;
+    if !skylark_store::LeaseStore::set_draining(&store, node, true).await? {
+        anyhow::bail!("no node named {node:?} has joined this cluster (see `skylark cluster status`)");
+    }
+    println!("Draining {node}: its actors move to the other nodes, then it stops…");
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let members = skylark_store::LeaseStore::members(&store).await?;
+        if !members.iter().any(|n| n.id == node) {
+            println!("{node} has left the cluster.");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{node} is still a member after {} s; is it running?", wait.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn open_cluster_store(store: Vec<String>) -> Result<PgStore> {
+    if store.is_empty() {
+        anyhow::bail!("name the cluster's PostgreSQL store with --store postgres://… (or SKYLARK_STORE)");
+    }
+    let options = skylark_gateway::config::StoreSettings { shards: store, ..Default::default() }.pg_options();
+    PgStore::open(&options).await.context("opening the PostgreSQL store")
+}
+
 pub async fn run(args: ServeArgs) -> Result<()> {
     let filter: Targets = args.log.parse().with_context(|| format!("bad log filter {:?}", args.log))?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -186,9 +278,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         tracing::warn!("SMS provider is `console`: verification codes are printed in this log");
     }
 
+    if config.cluster.is_some() && config.store.shards.is_empty() {
+        anyhow::bail!(
+            "cluster mode needs the PostgreSQL store every node shares: add --store postgres://… (docs/CLUSTER.md)"
+        );
+    }
     let tls_cert = config.tls.cert_file.clone().filter(|_| config.tls.key_file.is_some());
     let (services, transport) = config.split();
     let server = Server::new(services, store, sms, Arc::new(SystemClock)).await?;
+    let cluster = match config.cluster.clone() {
+        Some(settings) => Some(server.router.join_cluster(settings).await?),
+        None => None,
+    };
     let gateway =
         Gateway::start(server.clone(), transport).await.context("binding listeners (and loading TLS files)")?;
     let (scheme, tcp) = if tls_cert.is_some() { ("https", "TCP+TLS") } else { ("http", "TCP") };
@@ -201,10 +302,25 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         println!("Self-signed certificate (for local use): trust it with --ca {}", cert.display());
     }
 
-    shutdown_signal().await;
+    if let Some(cluster) = &cluster {
+        println!("Cluster node {} is serving; members: {}.", cluster.node(), cluster.placement().join(", "));
+    }
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = drained(&server, cluster.as_deref()) => {
+            tracing::info!("drained: every actor moved to the other nodes; stopping");
+        }
+    }
+    if let Some(cluster) = &cluster {
+        // The others take this node's actors now, not when its lease lapses.
+        hand_over(&server, cluster).await;
+    }
     tracing::info!("shutting down: closing connections");
     gateway.shutdown(DRAIN).await;
     server.shutdown().await;
+    if let Some(cluster) = cluster {
+        cluster.leave().await;
+    }
     drop(server);
     tracing::info!("stopped cleanly");
     Ok(())
@@ -235,6 +351,9 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             config: Some(path),
             data_dir: None,
             store: Vec::new(),
+            cluster_node: None,
+            nats: Vec::new(),
+            advertise: None,
             http: None,
             tcp: Some("127.0.0.1:9001".parse().unwrap()),
             tls_cert: None,
@@ -258,6 +377,9 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             config: None,
             data_dir: Some(dir.path().to_owned()),
             store: vec!["postgres://db.example/skylark".into()],
+            cluster_node: None,
+            nats: Vec::new(),
+            advertise: None,
             http: None,
             tcp: None,
             tls_cert: None,
@@ -324,6 +446,9 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             config: Some(path),
             data_dir: None,
             store: Vec::new(),
+            cluster_node: None,
+            nats: Vec::new(),
+            advertise: None,
             http: None,
             tcp: None,
             tls_cert: None,

@@ -1343,14 +1343,18 @@ impl LeaseStore for PgStore {
         .fetch_one(&dir.pool)
         .await
         .map_err(fail)?;
+        Ok(Beat { live: self.members().await?, lapsed, draining })
+    }
+
+    async fn members(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let dir = self.directory();
         let rows: Vec<(String, String, bool)> = sqlx::query_as(
             "SELECT id, address, draining FROM nodes WHERE beat_at + lease_ms * interval '1 millisecond' > now() ORDER BY id",
         )
         .fetch_all(&dir.pool)
         .await
-        .map_err(fail)?;
-        let live = rows.into_iter().map(|(id, address, draining)| NodeRecord { id, address, draining }).collect();
-        Ok(Beat { live, lapsed, draining })
+        .map_err(|e| dir.fail(e))?;
+        Ok(rows.into_iter().map(|(id, address, draining)| NodeRecord { id, address, draining }).collect())
     }
 
     async fn leave(&self, node: &str) -> Result<(), StoreError> {

@@ -19,24 +19,24 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Messages each account sends to its partner.
-const MESSAGES_PER_SENDER: usize = 150;
+pub(crate) const MESSAGES_PER_SENDER: usize = 150;
 /// How many times the server is killed.
 const KILLS: usize = 6;
 /// The whole test gives up (and fails) after this.
-const DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(120);
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-struct ServerProcess {
-    child: Child,
-    stderr_log: PathBuf,
+pub(crate) struct ServerProcess {
+    pub(crate) child: Child,
+    pub(crate) stderr_log: PathBuf,
 }
 
 impl ServerProcess {
     /// Starts the real binary and waits for its "running" line.
-    fn start(config: &Path, stderr_log: &Path) -> ServerProcess {
+    pub(crate) fn start(config: &Path, stderr_log: &Path) -> ServerProcess {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(stderr_log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_skylark"))
             .args(["serve", "--config"])
@@ -53,7 +53,7 @@ impl ServerProcess {
         ServerProcess { child, stderr_log: stderr_log.to_owned() }
     }
 
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.child.kill().unwrap(); // SIGKILL on Unix
         self.child.wait().unwrap();
     }
@@ -61,7 +61,7 @@ impl ServerProcess {
 
 /// What one account's device saw and did.
 #[derive(Default)]
-struct Ledger {
+pub(crate) struct Ledger {
     /// client id → (message seq) for every send the server acknowledged.
     acked: HashMap<String, u64>,
     /// Messages from the partner in the order the app showed them: (client id, sender seq).
@@ -72,9 +72,17 @@ struct Ledger {
     reconnects: usize,
 }
 
-async fn connect(endpoint: &Endpoint, identity: &Identity) -> (Session, mpsc::Receiver<Event>) {
+impl Ledger {
+    pub(crate) fn acked_ids(&self) -> impl Iterator<Item = &str> {
+        self.acked.keys().map(String::as_str)
+    }
+}
+
+/// Connects to the first of `endpoints` that answers, trying each in turn
+/// (the nodes of a cluster; one server otherwise).
+pub(crate) async fn connect(endpoints: &[Endpoint], identity: &Identity) -> (Session, mpsc::Receiver<Event>) {
     let started = Instant::now();
-    loop {
+    for endpoint in endpoints.iter().cycle() {
         match Session::open(endpoint, identity).await {
             Ok(pair) => return pair,
             Err(e) => {
@@ -83,6 +91,7 @@ async fn connect(endpoint: &Endpoint, identity: &Identity) -> (Session, mpsc::Re
             }
         }
     }
+    unreachable!("no endpoints")
 }
 
 /// Takes every event already received; `false` if the session ended.
@@ -112,8 +121,8 @@ fn drain(events: &mut mpsc::Receiver<Event>, ledger: &mut Ledger, me: u64, acks:
 
 /// One account's device: sends its messages (resending the same client id
 /// until acked, across reconnects) and shows what its partner sends.
-async fn device(
-    endpoint: Endpoint,
+pub(crate) async fn device(
+    endpoints: Vec<Endpoint>,
     identity: Identity,
     partner_phone: String,
     expect: usize,
@@ -123,7 +132,7 @@ async fn device(
     let started = Instant::now();
     let mut next = 0usize;
     'reconnect: loop {
-        let (session, mut events) = connect(&endpoint, &identity).await;
+        let (session, mut events) = connect(&endpoints, &identity).await;
         let handle = session.handle();
         loop {
             assert!(started.elapsed() < DEADLINE, "device {me} did not finish in time");
@@ -255,22 +264,7 @@ fn store_toml(shards: &[String]) -> String {
 /// the messages has been acknowledged); then the ledger: every
 /// acknowledged message shown once, in order.
 async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut chaos: Chaos<'_>) {
-    // A stand-in SMS gateway: the server POSTs codes here.
-    let (codes_tx, mut codes) = mpsc::unbounded_channel::<(String, String)>();
-    let app = axum::Router::new().route(
-        "/sms",
-        post(move |body: String| {
-            let codes_tx = codes_tx.clone();
-            async move {
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                codes_tx.send((v["to"].as_str().unwrap().into(), v["code"].as_str().unwrap().into())).unwrap();
-                "ok"
-            }
-        }),
-    );
-    let sms_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sms_addr = sms_listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(sms_listener, app).await });
+    let (sms_addr, mut codes) = sms_gateway().await;
 
     let (http, tcp) = (free_port(), free_port());
     let config = dir.path().join("skylark.toml");
@@ -290,15 +284,7 @@ async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut cha
     // Four accounts in two pairs, each registered through the real API.
     let api = Api::new(&format!("http://127.0.0.1:{http}")).unwrap();
     let phones = ["+15550700001", "+15550700002", "+15550700003", "+15550700004"];
-    let mut identities = Vec::new();
-    for phone in phones {
-        let session = api.start_verification(phone).await.unwrap();
-        let (to, code) = codes.recv().await.unwrap();
-        assert_eq!(to, phone);
-        let key = generate_key();
-        let r = api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), "crash").await.unwrap();
-        identities.push(Identity::new(api.base().into(), r.account_id, r.device_id, r.phone, &key));
-    }
+    let identities = register(&api, &phones, &mut codes).await;
 
     let ledgers: Vec<Arc<Mutex<Ledger>>> = (0..4).map(|_| Arc::new(Mutex::new(Ledger::default()))).collect();
     let mut devices = Vec::new();
@@ -310,7 +296,7 @@ async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut cha
             Endpoint::websocket_for(api.base(), false)
         };
         devices.push(tokio::spawn(device(
-            endpoint,
+            vec![endpoint],
             identity.clone(),
             phones[partner].to_owned(),
             MESSAGES_PER_SENDER,
@@ -350,13 +336,59 @@ async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut cha
     let mut not_stored = 0;
     for (i, identity) in identities.iter().enumerate() {
         let endpoint = Endpoint::Tcp(format!("127.0.0.1:{tcp}"));
-        let (session, _events) = connect(&endpoint, identity).await;
+        let (session, _events) = connect(&[endpoint], identity).await;
         let stored = stored_client_ids(&session.handle(), identity.account_id).await;
         not_stored += ledgers[i].lock().unwrap().acked.keys().filter(|c| !stored.contains(c.as_str())).count();
         session.close().await;
     }
 
-    // The ledger check.
+    verdict(&ledgers, kills, not_stored);
+    server.take().unwrap().kill();
+}
+
+/// A stand-in SMS gateway: the server POSTs codes here; they come out of
+/// the receiver as (phone, code).
+pub(crate) async fn sms_gateway() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<(String, String)>) {
+    let (codes_tx, codes) = mpsc::unbounded_channel::<(String, String)>();
+    let app = axum::Router::new().route(
+        "/sms",
+        post(move |body: String| {
+            let codes_tx = codes_tx.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                codes_tx.send((v["to"].as_str().unwrap().into(), v["code"].as_str().unwrap().into())).unwrap();
+                "ok"
+            }
+        }),
+    );
+    let sms_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sms_addr = sms_listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(sms_listener, app).await });
+    (sms_addr, codes)
+}
+
+/// Registers each phone through the real API, with the code the SMS
+/// gateway got.
+pub(crate) async fn register(
+    api: &Api,
+    phones: &[&str],
+    codes: &mut mpsc::UnboundedReceiver<(String, String)>,
+) -> Vec<Identity> {
+    let mut identities = Vec::new();
+    for phone in phones.iter().copied() {
+        let session = api.start_verification(phone).await.unwrap();
+        let (to, code) = codes.recv().await.unwrap();
+        assert_eq!(to, phone);
+        let key = generate_key();
+        let r = api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), "crash").await.unwrap();
+        identities.push(Identity::new(api.base().into(), r.account_id, r.device_id, r.phone, &key));
+    }
+    identities
+}
+
+/// The ledger check over pairs of devices (`i` sends to `i ^ 1`): every
+/// acknowledged message shown once, in order, and found in the store.
+pub(crate) fn verdict(ledgers: &[Arc<Mutex<Ledger>>], kills: usize, not_stored: usize) {
     let (mut acked_total, mut lost, mut shown_twice, mut order_violations, mut redelivered, mut reconnects) =
         (0, 0, 0, 0, 0, 0);
     for (i, ledger) in ledgers.iter().enumerate() {
@@ -384,14 +416,13 @@ async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut cha
          acked-then-lost = {lost}, shown twice = {shown_twice}, order violations = {order_violations} \
          (redelivered on the wire and dropped by message id: {redelivered})"
     );
-    assert_eq!(acked_total, 4 * MESSAGES_PER_SENDER);
+    assert_eq!(acked_total, ledgers.len() * MESSAGES_PER_SENDER);
     println!("acknowledged but missing from the restarted server's store: {not_stored}");
     assert_eq!((lost, not_stored, shown_twice, order_violations), (0, 0, 0, 0));
-    server.take().unwrap().kill();
 }
 
 /// The client ids of every message `me` sent, from its stored history.
-async fn stored_client_ids(handle: &skylark_client::session::SessionHandle, me: u64) -> HashSet<String> {
+pub(crate) async fn stored_client_ids(handle: &skylark_client::session::SessionHandle, me: u64) -> HashSet<String> {
     let mut ids = HashSet::new();
     let mut before = 0;
     loop {

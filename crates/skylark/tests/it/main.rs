@@ -7,6 +7,7 @@
 mod auth;
 mod authz;
 mod cli;
+mod cluster;
 mod crash;
 mod devices;
 mod docs;

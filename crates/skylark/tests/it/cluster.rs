@@ -1,0 +1,343 @@
+//! Cluster mode: three real `skylark serve` processes on 127.0.0.1–3
+//! sharing a throwaway PostgreSQL and a throwaway NATS server (both started
+//! here from the installed binaries), with devices of one conversation on
+//! different nodes. The ledger of the crash tests judges every run: each
+//! acknowledged message shown once, in order, and found in the store —
+//! with a node killed, a node frozen past its lease, NATS or PostgreSQL
+//! killed and started again.
+
+use crate::crash::{
+    DEADLINE, Ledger, MESSAGES_PER_SENDER, ServerProcess, connect, device, free_port, register, sms_gateway,
+    stored_client_ids, verdict,
+};
+use skylark_client::api::Api;
+use skylark_client::session::Event;
+use skylark_client::{Endpoint, Session};
+use skylark_protocol::CloseCode;
+use skylark_store::postgres::throwaway::TestPostgres;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Heartbeats in the tests: a node that stops is out within about 2.4 s.
+const LEASE_MS: u64 = 2_000;
+const BEAT_MS: u64 = 400;
+
+/// A private nats-server on a port of its own.
+struct TestNats {
+    bin: PathBuf,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestNats {
+    fn start(dir: &Path) -> TestNats {
+        let bin = std::env::var_os("SKYLARK_NATS_BIN").map(PathBuf::from).unwrap_or_else(|| {
+            ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "nats-server is not installed: the cluster tests start their own NATS server. Install \
+                         Debian's nats-server package, or set SKYLARK_NATS_BIN to the binary"
+                    )
+                })
+        });
+        let mut nats = TestNats { bin, port: free_port(), log: dir.join("nats.log"), child: None };
+        nats.launch();
+        nats
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nats-server did not listen; see {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The nodes' processes and what they share.
+struct TestCluster {
+    pg: TestPostgres,
+    nats: TestNats,
+    configs: Vec<PathBuf>,
+    logs: Vec<PathBuf>,
+    nodes: Vec<Option<ServerProcess>>,
+    /// (http, tcp) per node.
+    addrs: Vec<(String, String)>,
+}
+
+impl TestCluster {
+    fn start(dir: &Path, nodes: usize, sms: std::net::SocketAddr) -> TestCluster {
+        let pg = TestPostgres::start().unwrap_or_else(|e| panic!("{e}"));
+        let url = pg.create_database("cluster").unwrap();
+        let nats = TestNats::start(dir);
+        let (mut configs, mut logs, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..nodes {
+            let host = format!("127.0.0.{}", i + 1);
+            let (http, tcp) = (format!("{host}:{}", free_port()), format!("{host}:{}", free_port()));
+            let config = dir.join(format!("n{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "data_dir = {:?}\n[listen]\nhttp = \"{http}\"\ntcp = \"{tcp}\"\n\
+                     [messaging]\nforward_retry_base_ms = 10\nforward_retry_max_ms = 200\n\
+                     [sms]\nprovider = \"http\"\nurl = \"http://{sms}/sms\"\n\
+                     [store]\nshards = [{url:?}]\nacquire_timeout_ms = 1000\n\
+                     [cluster]\nnode = \"n{i}\"\nnats = [{:?}]\nlease_ms = {LEASE_MS}\nbeat_ms = {BEAT_MS}\n\
+                     request_timeout_ms = 2000\n",
+                    dir.join(format!("data{i}")),
+                    nats.url()
+                ),
+            )
+            .unwrap();
+            configs.push(config);
+            logs.push(dir.join(format!("n{i}.log")));
+            addrs.push((http, tcp));
+        }
+        let mut cluster = TestCluster { pg, nats, configs, logs, nodes: Vec::new(), addrs };
+        for i in 0..nodes {
+            let node = cluster.launch(i);
+            cluster.nodes.push(Some(node));
+        }
+        cluster
+    }
+
+    fn launch(&self, i: usize) -> ServerProcess {
+        ServerProcess::start(&self.configs[i], &self.logs[i])
+    }
+
+    fn endpoints_from(&self, first: usize, websocket: bool) -> Vec<Endpoint> {
+        (0..self.addrs.len())
+            .map(|k| {
+                let (http, tcp) = &self.addrs[(first + k) % self.addrs.len()];
+                if websocket {
+                    Endpoint::websocket_for(&format!("http://{http}"), false)
+                } else {
+                    Endpoint::Tcp(tcp.clone())
+                }
+            })
+            .collect()
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i].as_ref().expect("the node runs").child.id();
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for log in &self.logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            out += &format!("--- {} ---\n{}\n", log.display(), &text[text.len().saturating_sub(3000)..]);
+        }
+        out
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().filter_map(Option::take) {
+            node.kill();
+        }
+    }
+}
+
+type Chaos<'a> = Box<dyn FnMut(&mut TestCluster) + Send + 'a>;
+
+/// Four devices in two pairs, each pair's two devices on different nodes,
+/// send to each other while `chaos` strikes `rounds` times; then the
+/// ledger, with the stored history read back through any node.
+async fn cluster_ledger(rounds: usize, mut chaos: Chaos<'_>) -> TestCluster {
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let mut cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 3, sms));
+    let api = Api::new(&format!("http://{}", cluster.addrs[0].0)).unwrap();
+    let phones = ["+15550800001", "+15550800002", "+15550800003", "+15550800004"];
+    let identities = register(&api, &phones, &mut codes).await;
+
+    let ledgers: Vec<Arc<Mutex<Ledger>>> = (0..4).map(|_| Arc::new(Mutex::new(Ledger::default()))).collect();
+    let mut devices = Vec::new();
+    for (i, identity) in identities.iter().enumerate() {
+        // Devices 0..3 start on nodes 0, 1, 2, 0: both pairs span two nodes.
+        let endpoints = cluster.endpoints_from(i % 3, i % 2 == 1);
+        let task =
+            device(endpoints, identity.clone(), phones[i ^ 1].to_owned(), MESSAGES_PER_SENDER, ledgers[i].clone());
+        devices.push(tokio::spawn(task));
+    }
+    let total = 4 * MESSAGES_PER_SENDER;
+    let acked = || ledgers.iter().map(|l| l.lock().unwrap().acked_ids().count()).sum::<usize>();
+    let started = Instant::now();
+    for round in 0..rounds {
+        let target = total * (round + 1) / (rounds + 2);
+        while acked() < target {
+            assert!(started.elapsed() < DEADLINE, "traffic stalled at {} of {total}\n{}", acked(), cluster.log_tail());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        println!("chaos strikes with {} of {total} acknowledged", acked());
+        tokio::task::block_in_place(|| chaos(&mut cluster));
+    }
+    for d in devices {
+        if let Err(e) = d.await {
+            panic!("device failed: {e}\n{}", cluster.log_tail());
+        }
+    }
+    let mut not_stored = 0;
+    for (i, identity) in identities.iter().enumerate() {
+        let (session, _events) = connect(&cluster.endpoints_from(i % 3, false), identity).await;
+        let stored = stored_client_ids(&session.handle(), identity.account_id).await;
+        not_stored += ledgers[i].lock().unwrap().acked_ids().filter(|c| !stored.contains(*c)).count();
+        session.close().await;
+    }
+    verdict(&ledgers, rounds, not_stored);
+    // The directory lives as long as the cluster does (logs for a failure).
+    std::mem::forget(dir);
+    cluster
+}
+
+/// 1. Senders and receivers on different nodes: every guarantee as on one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_across_nodes_keeps_the_ledger() {
+    cluster_ledger(0, Box::new(|_| {})).await;
+}
+
+/// 2. A node killed with SIGKILL under traffic (and started again later):
+/// its devices reconnect to the others, its actors are taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_traffic_loses_nothing() {
+    let mut round = 0;
+    cluster_ledger(
+        2,
+        Box::new(move |cluster| {
+            if round == 0 {
+                cluster.nodes[1].take().unwrap().kill();
+            } else {
+                cluster.nodes[1] = Some(cluster.launch(1));
+            }
+            round += 1;
+        }),
+    )
+    .await;
+}
+
+/// 3. NATS killed and started again under traffic: routing resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_and_restarted_loses_nothing() {
+    cluster_ledger(
+        1,
+        Box::new(|cluster| {
+            cluster.nats.kill();
+            std::thread::sleep(Duration::from_millis(800));
+            cluster.nats.launch();
+        }),
+    )
+    .await;
+}
+
+/// 4. PostgreSQL killed with SIGKILL and started again under traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_under_cluster_traffic_loses_nothing() {
+    cluster_ledger(
+        1,
+        Box::new(|cluster| {
+            cluster.pg.kill();
+            std::thread::sleep(Duration::from_millis(500));
+            cluster.pg.restart().unwrap_or_else(|e| panic!("{e}"));
+        }),
+    )
+    .await;
+}
+
+/// 5. A node frozen (SIGSTOP) past its lease while the others take its
+/// actors over, then resumed (SIGCONT): it finds its lease lapsed and hands
+/// everything away; whatever it still tried to write under its old epochs
+/// is refused by the database; the ledger shows no duplicate and no
+/// reordering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_fenced_when_it_wakes() {
+    let cluster = cluster_ledger(
+        1,
+        Box::new(|cluster| {
+            cluster.signal(1, "-STOP");
+            std::thread::sleep(Duration::from_millis(LEASE_MS + 3 * BEAT_MS + 500));
+            cluster.signal(1, "-CONT");
+        }),
+    )
+    .await;
+    let log = std::fs::read_to_string(&cluster.logs[1]).unwrap();
+    assert!(log.contains("lease had lapsed"), "the woken node noticed it was presumed dead:\n{log}");
+    let fenced = log.matches("stale ownership epoch refused").count();
+    println!("writes the woken node attempted under a stale epoch, refused: {fenced} commits");
+}
+
+/// 6. The same device connecting to two nodes at once: the newest
+/// connection wins, the older is told "replaced" (4004).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_device_on_two_nodes_newest_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 3, sms));
+    let api = Api::new(&format!("http://{}", cluster.addrs[0].0)).unwrap();
+    let identity = register(&api, &["+15550800011"], &mut codes).await.remove(0);
+    for (older, newer) in [(0, 1), (2, 0)] {
+        let open = |node: usize, websocket: bool| {
+            let endpoint = cluster.endpoints_from(node, websocket).remove(0);
+            let identity = identity.clone();
+            async move { Session::open(&endpoint, &identity).await }
+        };
+        let (first, mut first_events) =
+            open(older, false).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.log_tail()));
+        let (second, _second_events) =
+            open(newer, true).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.log_tail()));
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match first_events.recv().await {
+                    Some(Event::Closed { code, .. }) => return code,
+                    Some(Event::Frame(_)) => continue,
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("the older connection was closed");
+        assert_eq!(closed, Some(CloseCode::Replaced), "node {older} closed the older connection as replaced");
+        // The newer one still works.
+        second.handle().history(0, 1).await.expect("the newer connection serves");
+        drop(first);
+        second.close().await;
+    }
+}
