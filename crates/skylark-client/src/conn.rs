@@ -226,11 +226,11 @@ impl FrameConn {
                         Err(e) => return self.closed(format!("bad frame from server: {e}")),
                     },
                     Some(Ok(Message::Close(close))) => {
-                        if self.pending_close.is_none() {
-                            if let Some(c) = close {
-                                let code = CloseCode::from_ws_status(u16::from(c.code));
-                                return Received::Closed { code, reason: c.reason.to_string() };
-                            }
+                        if self.pending_close.is_none()
+                            && let Some(c) = close
+                        {
+                            let code = CloseCode::from_ws_status(u16::from(c.code));
+                            return Received::Closed { code, reason: c.reason.to_string() };
                         }
                         return self.closed("connection closed".into());
                     }

@@ -482,14 +482,13 @@ mod tests {
     impl Transport for ScriptedPeer {
         async fn recv(&mut self) -> Inbound {
             let Some(mut next) = self.script.pop_front() else { return Inbound::Closed };
-            if let (Inbound::Frame(frame), Some(c)) = (&mut next, &self.challenge) {
-                if let Some(client_frame::Body::Authenticate(a)) = &mut frame.body {
-                    if a.device_id == self.device {
-                        let transcript = skylark_protocol::auth_transcript(&c.server_id, &c.nonce, self.device);
-                        a.signature = self.key.sign(&transcript).to_bytes().to_vec();
-                        a.nonce = c.nonce.clone();
-                    }
-                }
+            if let (Inbound::Frame(frame), Some(c)) = (&mut next, &self.challenge)
+                && let Some(client_frame::Body::Authenticate(a)) = &mut frame.body
+                && a.device_id == self.device
+            {
+                let transcript = skylark_protocol::auth_transcript(&c.server_id, &c.nonce, self.device);
+                a.signature = self.key.sign(&transcript).to_bytes().to_vec();
+                a.nonce = c.nonce.clone();
             }
             next
         }

@@ -106,7 +106,7 @@ pub async fn idle(
             }
             Err(_) => failed += 1,
         }
-        if !quiet && (done % 500 == 0 || done == total as u64) {
+        if !quiet && (done.is_multiple_of(500) || done == total as u64) {
             progress("connecting", done, total as u64);
         }
     }
@@ -132,10 +132,10 @@ pub fn server_memory(report: &mut IdleReport, pid: Option<u32>, before: Option<u
     let after = pid.and_then(rss_kib);
     report.server_rss_before_kib = before;
     report.server_rss_after_kib = after;
-    if let (Some(b), Some(a)) = (before, after) {
-        if report.connections > 0 {
-            report.server_bytes_per_connection = Some(a.saturating_sub(b) as f64 * 1024.0 / report.connections as f64);
-        }
+    if let (Some(b), Some(a)) = (before, after)
+        && report.connections > 0
+    {
+        report.server_bytes_per_connection = Some(a.saturating_sub(b) as f64 * 1024.0 / report.connections as f64);
     }
 }
 
@@ -252,13 +252,13 @@ pub async fn chat(
                 let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await else { break };
                 let Event::Frame(frame) = event else { break };
                 if let Some(LogEvent::Entry(e)) = log_event(&frame) {
-                    if let Some(Body::Message(m)) = &e.body {
-                        if let Some(sent) = read_stamp(&m.payload) {
-                            got += 1;
-                            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                            t.delivered += 1;
-                            t.deliver.record(started.elapsed().saturating_sub(sent));
-                        }
+                    if let Some(Body::Message(m)) = &e.body
+                        && let Some(sent) = read_stamp(&m.payload)
+                    {
+                        got += 1;
+                        let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                        t.delivered += 1;
+                        t.deliver.record(started.elapsed().saturating_sub(sent));
                     }
                     let _ = handle.ack(e.seq).await;
                 }
@@ -290,20 +290,19 @@ pub async fn chat(
                     };
                     let Event::Frame(frame) = event else { break };
                     let Some(LogEvent::Entry(e)) = log_event(&frame) else { continue };
-                    if let Some(Body::Receipt(r)) = &e.body {
-                        if r.kind == ReceiptKind::Delivered as i32 {
-                            let now = started.elapsed();
-                            let mut pending = intended.lock().unwrap_or_else(|p| p.into_inner());
-                            pending.highest_receipt = pending.highest_receipt.max(r.up_to_seq);
-                            let done: Vec<u64> =
-                                pending.waiting.keys().copied().filter(|s| *s <= r.up_to_seq).collect();
-                            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                            for seq in done {
-                                if let Some(sent) = pending.waiting.remove(&seq) {
-                                    pending.receipted += 1;
-                                    t.receipted += 1;
-                                    t.receipt.record(now.saturating_sub(sent));
-                                }
+                    if let Some(Body::Receipt(r)) = &e.body
+                        && r.kind == ReceiptKind::Delivered as i32
+                    {
+                        let now = started.elapsed();
+                        let mut pending = intended.lock().unwrap_or_else(|p| p.into_inner());
+                        pending.highest_receipt = pending.highest_receipt.max(r.up_to_seq);
+                        let done: Vec<u64> = pending.waiting.keys().copied().filter(|s| *s <= r.up_to_seq).collect();
+                        let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                        for seq in done {
+                            if let Some(sent) = pending.waiting.remove(&seq) {
+                                pending.receipted += 1;
+                                t.receipted += 1;
+                                t.receipt.record(now.saturating_sub(sent));
                             }
                         }
                     }
@@ -766,32 +765,32 @@ pub async fn group(
                     break;
                 };
                 let Some(LogEvent::Entry(e)) = log_event(&frame) else { continue };
-                if let Some(Body::Group(g)) = &e.body {
-                    if g.group == group {
-                        match &g.body {
-                            Some(skylark_protocol::v1::group_event::Body::Created(_)) if !ready => {
-                                ready = true;
-                                let _ = ready_tx.send(());
-                            }
-                            Some(skylark_protocol::v1::group_event::Body::Message(m)) => {
-                                let start = *started.lock().unwrap_or_else(|p| p.into_inner());
-                                if let (Some(start), Some(at)) = (start, read_stamp(&m.payload)) {
-                                    let now = start.elapsed();
-                                    let latency = now.saturating_sub(at);
-                                    let mut a = arrivals.lock().unwrap_or_else(|p| p.into_inner());
-                                    if seen.insert(g.group_seq) {
-                                        let entry = a.per_post.entry(g.group_seq).or_insert((0, Duration::ZERO));
-                                        entry.0 += 1;
-                                        entry.1 = entry.1.max(latency);
-                                        a.latency.record(latency);
-                                        a.last = a.last.max(now);
-                                    } else {
-                                        a.duplicates += 1;
-                                    }
+                if let Some(Body::Group(g)) = &e.body
+                    && g.group == group
+                {
+                    match &g.body {
+                        Some(skylark_protocol::v1::group_event::Body::Created(_)) if !ready => {
+                            ready = true;
+                            let _ = ready_tx.send(());
+                        }
+                        Some(skylark_protocol::v1::group_event::Body::Message(m)) => {
+                            let start = *started.lock().unwrap_or_else(|p| p.into_inner());
+                            if let (Some(start), Some(at)) = (start, read_stamp(&m.payload)) {
+                                let now = start.elapsed();
+                                let latency = now.saturating_sub(at);
+                                let mut a = arrivals.lock().unwrap_or_else(|p| p.into_inner());
+                                if seen.insert(g.group_seq) {
+                                    let entry = a.per_post.entry(g.group_seq).or_insert((0, Duration::ZERO));
+                                    entry.0 += 1;
+                                    entry.1 = entry.1.max(latency);
+                                    a.latency.record(latency);
+                                    a.last = a.last.max(now);
+                                } else {
+                                    a.duplicates += 1;
                                 }
                             }
-                            _ => {}
                         }
+                        _ => {}
                     }
                 }
                 let _ = handle.ack(e.seq).await;

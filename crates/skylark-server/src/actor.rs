@@ -569,10 +569,10 @@ impl Shell {
         // A group tells authors when every member has their posts, reading
         // the part of its log the marks passed that is not in memory.
         let mut more = Facts::default();
-        if let Some((from, to)) = self.machine.marks_need() {
-            if let Err(e) = read_range(&*store, account, from, to, &mut more.entries).await {
-                return fail(replies, MessagingError::from(e), "an actor read failed");
-            }
+        if let Some((from, to)) = self.machine.marks_need()
+            && let Err(e) = read_range(&*store, account, from, to, &mut more.entries).await
+        {
+            return fail(replies, MessagingError::from(e), "an actor read failed");
         }
         if let Err(missing) = self.machine.advance_marks(&mut fx, &more, now) {
             tracing::error!(%account, error = %missing, "actor step lacked a fact");
@@ -583,14 +583,14 @@ impl Shell {
         for (outcome, reply) in fx.outcomes.drain(..).zip(replies.drain(..)) {
             match outcome {
                 Outcome::Now(result) => {
-                    if let (Reply::Attach(_, connection, events), Ok(_)) = (&reply, &result) {
-                        if let Some(device) = self.attaching(*connection) {
-                            // A newer connection of the device: the older one
-                            // is told why its stream ends.
-                            let older = self.lanes.insert(device, (*connection, events.clone()));
-                            if let Some((_, older)) = older.filter(|(c, _)| c != connection) {
-                                let _ = older.try_send(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced));
-                            }
+                    if let (Reply::Attach(_, connection, events), Ok(_)) = (&reply, &result)
+                        && let Some(device) = self.attaching(*connection)
+                    {
+                        // A newer connection of the device: the older one
+                        // is told why its stream ends.
+                        let older = self.lanes.insert(device, (*connection, events.clone()));
+                        if let Some((_, older)) = older.filter(|(c, _)| c != connection) {
+                            let _ = older.try_send(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced));
                         }
                     }
                     reply.answer(result);

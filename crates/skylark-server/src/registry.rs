@@ -112,10 +112,10 @@ impl Registry {
             if self.shutdown.is_cancelled() {
                 return Err(MessagingError::ShuttingDown);
             }
-            if let (true, Some(cluster)) = (route, ctx.cluster.get()) {
-                if let Some(node) = cluster.remote_owner(account) {
-                    return cluster.tell(&node, account, msg).await;
-                }
+            if let (true, Some(cluster)) = (route, ctx.cluster.get())
+                && let Some(node) = cluster.remote_owner(account)
+            {
+                return cluster.tell(&node, account, msg).await;
             }
             let (mailbox, generation) = self.mailbox(ctx, account);
             match mailbox.send(msg).await {

@@ -256,13 +256,10 @@ impl AccountWrite {
     /// write joins a group commit, so a bad write fails alone.
     pub fn check_group_forwards(&self) -> Result<(), StoreError> {
         for (_, item) in &self.outbox_puts {
-            if let skylark_core::message::Forward::Group(e) = &item.forward {
-                if e.group != self.account {
-                    return Err(StoreError::Invariant(format!(
-                        "outbox of {} holds an event of {}",
-                        self.account, e.group
-                    )));
-                }
+            if let skylark_core::message::Forward::Group(e) = &item.forward
+                && e.group != self.account
+            {
+                return Err(StoreError::Invariant(format!("outbox of {} holds an event of {}", self.account, e.group)));
             }
         }
         Ok(())

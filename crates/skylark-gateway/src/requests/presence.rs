@@ -10,10 +10,10 @@ use skylark_server::messaging::MessagingError;
 /// cannot be resolved now (unknown, or the store failing) drops it.
 pub(super) async fn typing(caller: &Caller<'_>, typing: v1::Typing) -> Answer {
     let server = &caller.shared.server;
-    if let (Ok(phone), Some(state)) = (PhoneNumber::parse(&typing.to), crate::convert::typing_state(typing.state)) {
-        if let Ok(Some(to)) = server.router.directory().account(&phone).await {
-            server.presence.typing(caller.authed.account.id, caller.authed.device.id, to, state);
-        }
+    if let (Ok(phone), Some(state)) = (PhoneNumber::parse(&typing.to), crate::convert::typing_state(typing.state))
+        && let Ok(Some(to)) = server.router.directory().account(&phone).await
+    {
+        server.presence.typing(caller.authed.account.id, caller.authed.device.id, to, state);
     }
     Answer::None
 }

@@ -291,10 +291,11 @@ impl Machine {
         let mut authors: Vec<(u64, AccountId)> = Vec::new();
         for seq in old.0.min(old.1) + 1..=new.0.max(new.1).min(self.log.last_seq()) {
             let entry = self.log.entry(seq, facts).ok_or_else(|| Missing(format!("group log entry {seq}")))?;
-            if let LogEntry::Group(e) = entry.as_ref() {
-                if matches!(e.body, GroupBody::Message { .. }) && e.by != self.account {
-                    authors.push((seq, e.by));
-                }
+            if let LogEntry::Group(e) = entry.as_ref()
+                && matches!(e.body, GroupBody::Message { .. })
+                && e.by != self.account
+            {
+                authors.push((seq, e.by));
             }
         }
         for (kind, before, after) in [(ReceiptKind::Delivered, old.0, new.0), (ReceiptKind::Read, old.1, new.1)] {

@@ -507,10 +507,10 @@ impl World {
             // Receipts never name more than the peer received.
             let received = peer.durable.received.get(&node.account).copied().unwrap_or(0);
             for e in node.durable.log.values() {
-                if let LogEntry::Receipt { up_to, kind, peer: from, .. } = e.as_ref() {
-                    if *from == peer.account {
-                        assert!(*up_to <= received, "a {kind:?} receipt up to {up_to}; the peer received {received}");
-                    }
+                if let LogEntry::Receipt { up_to, kind, peer: from, .. } = e.as_ref()
+                    && *from == peer.account
+                {
+                    assert!(*up_to <= received, "a {kind:?} receipt up to {up_to}; the peer received {received}");
                 }
             }
             // The group's events: all of them, once each, in the group's order.

@@ -309,7 +309,7 @@ impl Cluster {
         let placement: Vec<(String, u64)> = beat
             .live
             .iter()
-            .filter(|n| !n.draining && !(n.id == self.config.node && draining))
+            .filter(|n| !(n.draining || (n.id == self.config.node && draining)))
             .map(|n| (n.id.clone(), seed(&n.id)))
             .collect();
         let changed = {
@@ -508,10 +508,10 @@ impl Cluster {
                 let me = Arc::downgrade(self);
                 let sent = self
                     .ask(node, Mail::Attach { account, device, connection, origin }, move |a| {
-                        if a.is_err() {
-                            if let Some(me) = me.upgrade() {
-                                me.streams.lock().unwrap_or_else(PoisonError::into_inner).remove(&connection);
-                            }
+                        if a.is_err()
+                            && let Some(me) = me.upgrade()
+                        {
+                            me.streams.lock().unwrap_or_else(PoisonError::into_inner).remove(&connection);
                         }
                         let _ = reply.send(match a {
                             Ok(Answer::Done) => Ok(()),

@@ -465,12 +465,12 @@ async fn check_identities(conns: &[Arc<Conn>]) -> Result<(), StoreError> {
         format!("{a:016x}{b:016x}")
     };
     for i in (0..count).rev() {
-        if i > 0 {
-            if let Some(id) = &found[i] {
-                // Left by a first start that stopped halfway, or another store's.
-                if id.index != i || id.count != count || holds_data(&conns[i]).await? {
-                    return Err(refuse(i, "belongs to another Skylark store".into()));
-                }
+        if i > 0
+            && let Some(id) = &found[i]
+        {
+            // Left by a first start that stopped halfway, or another store's.
+            if id.index != i || id.count != count || holds_data(&conns[i]).await? {
+                return Err(refuse(i, "belongs to another Skylark store".into()));
             }
         }
         let value = serde_json::to_vec(&Identity { store: store.clone(), index: i, count })

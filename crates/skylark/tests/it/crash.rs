@@ -428,10 +428,10 @@ pub(crate) async fn stored_client_ids(handle: &skylark_client::session::SessionH
     loop {
         let page = handle.history(before, 200).await.expect("history");
         for event in &page.events {
-            if let Some(Body::Message(m)) = &event.body {
-                if m.id.is_some_and(|id| id.sender == me) {
-                    ids.insert(m.client_id.clone());
-                }
+            if let Some(Body::Message(m)) = &event.body
+                && m.id.is_some_and(|id| id.sender == me)
+            {
+                ids.insert(m.client_id.clone());
             }
         }
         match page.events.last() {

@@ -76,12 +76,12 @@ async fn linked_devices_get_everything_and_see_each_others_sends() {
         loop {
             let event = device.next_entry().await;
             device.handle().ack(event.seq).await.unwrap();
-            if let Some(Body::Message(m)) = event.body {
-                if m.client_id == "l1" {
-                    assert_eq!(m.sender_device, laptop_id.device_id);
-                    assert_eq!(m.to_phone, "+15551000002");
-                    break;
-                }
+            if let Some(Body::Message(m)) = event.body
+                && m.client_id == "l1"
+            {
+                assert_eq!(m.sender_device, laptop_id.device_id);
+                assert_eq!(m.to_phone, "+15551000002");
+                break;
             }
         }
     }
@@ -213,10 +213,10 @@ async fn duplicate_credentials_newest_wins_and_nothing_is_shown_twice_or_lost() 
             if let Some(LogEvent::Entry(e)) = log_event(&frame) {
                 session.handle().ack(e.seq).await.unwrap();
                 *acked_by.entry(e.seq).or_default() += 1;
-                if let Some(Body::Message(m)) = &e.body {
-                    if seen.insert(e.seq) {
-                        shown.push(String::from_utf8(m.payload.to_vec()).unwrap());
-                    }
+                if let Some(Body::Message(m)) = &e.body
+                    && seen.insert(e.seq)
+                {
+                    shown.push(String::from_utf8(m.payload.to_vec()).unwrap());
                 }
                 taken += 1;
             }

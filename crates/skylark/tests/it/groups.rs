@@ -31,11 +31,11 @@ async fn collect_group(
             return out;
         };
         peer.handle().ack(event.seq).await.unwrap();
-        if let Some(Body::Group(g)) = event.body {
-            if g.group == group {
-                done |= until(&g);
-                out.push(g);
-            }
+        if let Some(Body::Group(g)) = event.body
+            && g.group == group
+        {
+            done |= until(&g);
+            out.push(g);
         }
     }
 }

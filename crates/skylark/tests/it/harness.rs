@@ -224,10 +224,10 @@ impl Peer {
             if ack {
                 self.handle().ack(event.seq).await.unwrap();
             }
-            if let Some(Body::Message(m)) = event.body {
-                if m.id.as_ref().unwrap().sender != self.identity.account_id {
-                    out.push(m);
-                }
+            if let Some(Body::Message(m)) = event.body
+                && m.id.as_ref().unwrap().sender != self.identity.account_id
+            {
+                out.push(m);
             }
         }
         out
@@ -243,10 +243,11 @@ impl Peer {
         loop {
             let event = self.next_entry().await;
             self.handle().ack(event.seq).await.unwrap();
-            if let Some(Body::Receipt(r)) = event.body {
-                if r.kind == kind as i32 && r.up_to_seq >= seq {
-                    return r;
-                }
+            if let Some(Body::Receipt(r)) = event.body
+                && r.kind == kind as i32
+                && r.up_to_seq >= seq
+            {
+                return r;
             }
         }
     }

@@ -62,12 +62,11 @@ async fn the_sdk_talks_tls_on_every_transport_with_a_trusted_ca() {
     a.handle().send("+15554000002", "t1", b"over tls".to_vec()).await.unwrap();
     let got = loop {
         let event = tokio::time::timeout(crate::harness::EVENT_WAIT, b_events.recv()).await.unwrap().unwrap();
-        if let skylark_client::session::Event::Frame(frame) = event {
-            if let Some(skylark_client::session::LogEvent::Entry(e)) = skylark_client::session::log_event(&frame) {
-                if let Some(skylark_protocol::v1::event::Body::Message(m)) = &e.body {
-                    break m.payload.clone();
-                }
-            }
+        if let skylark_client::session::Event::Frame(frame) = event
+            && let Some(skylark_client::session::LogEvent::Entry(e)) = skylark_client::session::log_event(&frame)
+            && let Some(skylark_protocol::v1::event::Body::Message(m)) = &e.body
+        {
+            break m.payload.clone();
         }
     };
     assert_eq!(got, b"over tls".as_slice());
