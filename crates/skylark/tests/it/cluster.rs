@@ -133,6 +133,16 @@ impl TestCluster {
             let node = cluster.launch(i);
             cluster.nodes.push(Some(node));
         }
+        for (i, (http, _)) in cluster.addrs.iter().enumerate() {
+            let started = Instant::now();
+            while std::net::TcpStream::connect(http.as_str()).is_err() {
+                if started.elapsed() > Duration::from_secs(10) {
+                    let status = cluster.nodes[i].as_mut().and_then(|n| n.child.try_wait().ok().flatten());
+                    panic!("node n{i} does not listen on {http} (exit status {status:?})\n{}", cluster.log_tail());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         cluster
     }
 
