@@ -61,7 +61,7 @@ for ((i = 0; i < NODES; i++)); do
     --nats "nats://127.0.0.1:$NATS_PORT" --http "$host:$HTTP_PORT" --tcp "$host:$TCP_PORT" \
     --data-dir "$work/n$i" >"$work/n$i.out" 2>"$work/n$i.log" &
   pids+=($!)
-  until grep -q "Cluster node" "$work/n$i.out" 2>/dev/null; do
+  until grep -q "Skylark is running" "$work/n$i.out" 2>/dev/null; do
     kill -0 "${pids[-1]}" 2>/dev/null || { echo "node n$i did not start:" >&2; tail "$work/n$i.log" >&2; exit 1; }
     sleep 0.2
   done

@@ -303,7 +303,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
 
     if let Some(cluster) = &cluster {
-        println!("Cluster node {} is serving; members: {}.", cluster.node(), cluster.placement().join(", "));
+        // On stderr: whoever started the server may read only the line above.
+        tracing::info!(node = cluster.node(), members = ?cluster.placement(), "cluster node serving");
     }
     tokio::select! {
         _ = shutdown_signal() => {}

@@ -143,6 +143,9 @@ impl TestCluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // Every node has beaten since the last one joined, so all views
+        // agree: no actor moves under the test because a node joined late.
+        std::thread::sleep(Duration::from_millis(3 * BEAT_MS));
         cluster
     }
 
