@@ -25,8 +25,9 @@ CREATE TABLE owners (
 -- write carries. Locks the owners' rows (FOR SHARE, so a takeover waits
 -- until this commit is over, and this commit sees a takeover that came
 -- first), and fails the whole statement if any epoch is not current. The
--- error (SQLSTATE SKF01) lists the stale actors in its detail, so the
--- committer can answer those writes "fenced" and commit the others.
+-- error (SQLSTATE SKF01) lists the stale writes' actor:epoch pairs in its
+-- detail, so the committer can answer those writes "fenced" and commit the
+-- others (a current write of the same actor included).
 CREATE FUNCTION skylark_fence(actors int8[], epochs int8[]) RETURNS int8
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -36,7 +37,7 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM 1 FROM owners WHERE actor = ANY (actors) ORDER BY actor FOR SHARE;
-    SELECT string_agg(f.actor::text, ',') INTO stale
+    SELECT string_agg(f.actor::text || ':' || f.epoch::text, ',') INTO stale
       FROM unnest(actors, epochs) AS f(actor, epoch)
       LEFT JOIN owners o ON o.actor = f.actor AND o.epoch = f.epoch
      WHERE o.actor IS NULL;

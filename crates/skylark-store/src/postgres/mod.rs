@@ -732,13 +732,20 @@ async fn commit_loop(conn: Arc<Conn>, jobs: Arc<Mutex<mpsc::Receiver<CommitJob>>
             }
             if let Some(stale) = stale {
                 tracing::warn!(shard = conn.index, actors = ?stale, "writes with a stale ownership epoch refused");
-                let (fenced, rest): (Vec<CommitJob>, Vec<CommitJob>) =
-                    batch.into_iter().partition(|(w, _)| i64::try_from(w.account.0).is_ok_and(|a| stale.contains(&a)));
+                let (fenced, rest): (Vec<CommitJob>, Vec<CommitJob>) = batch.into_iter().partition(|(w, _)| {
+                    let key = (i64::try_from(w.account.0).ok(), w.epoch.and_then(|e| i64::try_from(e).ok()));
+                    stale.iter().any(|(a, e)| key == (Some(*a), Some(*e)))
+                });
+                // Each round removes at least one write; a refusal naming
+                // none of them would repeat forever, so it fails the batch.
+                let progress = !fenced.is_empty();
                 for (_, reply) in fenced {
                     let _ = reply.send(Err(StoreError::Fenced));
                 }
                 batch = rest;
-                continue;
+                if progress {
+                    continue;
+                }
             }
             match &result {
                 Ok(()) => metrics::counter!("skylark_store_rows_written_total").increment(written as u64),
@@ -752,14 +759,21 @@ async fn commit_loop(conn: Arc<Conn>, jobs: Arc<Mutex<mpsc::Receiver<CommitJob>>
     }
 }
 
-/// The actors a fencing refusal (`skylark_fence`, SQLSTATE SKF01) named.
-fn stale_actors(e: &sqlx::Error) -> Option<Vec<i64>> {
+/// The (actor, epoch) of each write a fencing refusal (`skylark_fence`,
+/// SQLSTATE SKF01) named.
+fn stale_actors(e: &sqlx::Error) -> Option<Vec<(i64, i64)>> {
     let db = e.as_database_error()?;
     if db.code().as_deref() != Some("SKF01") {
         return None;
     }
     let detail = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?.detail()?;
-    let stale: Vec<i64> = detail.split(',').filter_map(|a| a.trim().parse().ok()).collect();
+    let stale: Vec<(i64, i64)> = detail
+        .split(',')
+        .filter_map(|pair| {
+            let (actor, epoch) = pair.trim().split_once(':')?;
+            Some((actor.parse().ok()?, epoch.parse().ok()?))
+        })
+        .collect();
     (!stale.is_empty()).then_some(stale)
 }
 
