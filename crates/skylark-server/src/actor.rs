@@ -245,12 +245,7 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
             // later mail is routed to the new owner.
             _ = handoff.cancelled() => {
                 if let Some(done) = ctx.registry.retire(account, generation, &mut mailbox, true) {
-                    while mailbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                        if Box::pin(shell.handle(std::mem::take(&mut batch))).await.is_err() {
-                            healthy = false;
-                            break;
-                        }
-                    }
+                    healthy = shell.finish_queued(&mut mailbox, &mut batch).await;
                     retired = Some(done);
                 }
                 break;
@@ -272,12 +267,7 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
                 }
                 if let Some(done) = ctx.registry.retire(account, generation, &mut mailbox, false) {
                     // Mail that slipped in before the mailbox closed is still ours.
-                    while mailbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                        if Box::pin(shell.handle(std::mem::take(&mut batch))).await.is_err() {
-                            healthy = false;
-                            break;
-                        }
-                    }
+                    healthy = shell.finish_queued(&mut mailbox, &mut batch).await;
                     retired = Some(done);
                     break;
                 }
@@ -535,6 +525,16 @@ async fn forward(ctx: Ctx, from: AccountId, to: AccountId, items: Batch, origin:
 impl Shell {
     fn account(&self) -> AccountId {
         self.machine.account
+    }
+
+    /// Handles the mail left in a closed mailbox; false if a batch failed.
+    async fn finish_queued(&mut self, mailbox: &mut lane::Receiver<Msg>, batch: &mut Vec<Msg>) -> bool {
+        while mailbox.recv_many(batch, MAX_BATCH).await > 0 {
+            if Box::pin(self.handle(std::mem::take(batch))).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Writes the deferred cleanup on its own.

@@ -178,6 +178,11 @@ fn last_number(subject: &str) -> Option<u64> {
     subject.rsplit('.').next()?.parse().ok()
 }
 
+/// The answer of the kind `pick` takes, or the error it carries.
+fn answer_as<T>(answer: Result<Answer, MessagingError>, pick: fn(Answer) -> Option<T>) -> Result<T, MessagingError> {
+    pick(answer?).ok_or(MessagingError::Internal("an answer of the wrong kind from another node"))
+}
+
 fn unreachable() -> MessagingError {
     MessagingError::NodeUnreachable
 }
@@ -451,17 +456,12 @@ impl Cluster {
     /// way (mail of one connection keeps its order: one NATS connection,
     /// one subject, handled in order at the other end).
     pub(crate) async fn tell(self: &Arc<Self>, node: &str, account: AccountId, msg: Msg) -> Result<(), MessagingError> {
-        let wrong = || MessagingError::Internal("an answer of the wrong kind from another node");
         match msg {
             Msg::Send(mail) => {
                 let SendMail { device, client_id, to, payload, reply, .. } = *mail;
                 let mail = Mail::Send { account, device, client_id, to, payload };
                 self.ask(node, mail, move |a| {
-                    let _ = reply.send(match a {
-                        Ok(Answer::Send(ack)) => Ok(ack),
-                        Ok(_) => Err(wrong()),
-                        Err(e) => Err(e),
-                    });
+                    let _ = reply.send(answer_as(a, Answer::into_send));
                 })
                 .await
             }
@@ -469,22 +469,14 @@ impl Cluster {
                 let PostMail { author, device, client_id, payload, reply, .. } = *mail;
                 let mail = Mail::Post { group: account, author, device, client_id, payload };
                 self.ask(node, mail, move |a| {
-                    let _ = reply.send(match a {
-                        Ok(Answer::Send(ack)) => Ok(ack),
-                        Ok(_) => Err(wrong()),
-                        Err(e) => Err(e),
-                    });
+                    let _ = reply.send(answer_as(a, Answer::into_send));
                 })
                 .await
             }
             Msg::Group(mail) => {
                 let GroupMail { from, request, reply } = *mail;
                 self.ask(node, Mail::Group { group: account, from, request }, move |a| {
-                    let _ = reply.send(match a {
-                        Ok(Answer::Group(g)) => Ok(g),
-                        Ok(_) => Err(wrong()),
-                        Err(e) => Err(e),
-                    });
+                    let _ = reply.send(answer_as(a, Answer::into_group));
                 })
                 .await
             }
@@ -492,11 +484,7 @@ impl Cluster {
                 let DeliverMail { from, items, reply } = *mail;
                 let items = items.iter().cloned().collect();
                 self.ask(node, Mail::Deliver { to: account, from, items }, move |a| {
-                    let _ = reply.send(match a {
-                        Ok(Answer::Deliver(up_to)) => Ok(up_to),
-                        Ok(_) => Err(wrong()),
-                        Err(e) => Err(e),
-                    });
+                    let _ = reply.send(answer_as(a, Answer::into_deliver));
                 })
                 .await
             }
@@ -513,11 +501,7 @@ impl Cluster {
                         {
                             me.streams.lock().unwrap_or_else(PoisonError::into_inner).remove(&connection);
                         }
-                        let _ = reply.send(match a {
-                            Ok(Answer::Done) => Ok(()),
-                            Ok(_) => Err(wrong()),
-                            Err(e) => Err(e),
-                        });
+                        let _ = reply.send(answer_as(a, Answer::into_done));
                     })
                     .await;
                 if sent.is_err() {
@@ -534,13 +518,13 @@ impl Cluster {
             }
             Msg::MarkRead { peer, up_to, reply } => {
                 self.ask(node, Mail::MarkRead { account, peer, up_to }, move |a| {
-                    let _ = reply.send(a.map(|_| ()));
+                    let _ = reply.send(answer_as(a, Answer::into_done));
                 })
                 .await
             }
             Msg::DeviceChange { change, reply } => {
                 self.ask(node, Mail::DeviceChange { account, change: *change }, move |a| {
-                    let _ = reply.send(a.map(|_| ()));
+                    let _ = reply.send(answer_as(a, Answer::into_done));
                 })
                 .await
             }

@@ -87,6 +87,21 @@ pub(crate) enum Answer {
     Done,
 }
 
+impl Answer {
+    pub(crate) fn into_send(self) -> Option<SendAck> {
+        if let Answer::Send(ack) = self { Some(ack) } else { None }
+    }
+    pub(crate) fn into_deliver(self) -> Option<u64> {
+        if let Answer::Deliver(up_to) = self { Some(up_to) } else { None }
+    }
+    pub(crate) fn into_group(self) -> Option<GroupReply> {
+        if let Answer::Group(reply) = self { Some(reply) } else { None }
+    }
+    pub(crate) fn into_done(self) -> Option<()> {
+        matches!(self, Answer::Done).then_some(())
+    }
+}
+
 /// One event of a device stream across nodes, numbered so a gap (a bus
 /// that dropped something) ends the stream instead of skipping entries.
 #[derive(Debug, Clone, PartialEq)]
