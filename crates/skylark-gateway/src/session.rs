@@ -219,7 +219,7 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
         }
     };
     shared.server.devices.touch(device);
-    let ephemeral = shared.server.presence.connect(account, connection).await;
+    let ephemeral = shared.server.presence.connect(account, device, connection).await;
     let streams = Streams { disconnect, events, ephemeral };
     let ending = serve_attached(shared, t, &authed, connection, streams).await;
     router.detach(account, device, connection).await;

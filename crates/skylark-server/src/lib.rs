@@ -57,7 +57,7 @@ pub struct Server {
     pub sessions: Arc<sessions::Sessions>,
     pub router: router::Router,
     pub devices: devices::Devices,
-    pub presence: presence::Presence,
+    pub presence: Arc<presence::Presence>,
     pub pusher: push::Pusher,
 }
 
@@ -100,16 +100,33 @@ impl Server {
         let router = router::Router::with_limits(store.clone(), clock.clone(), config.messaging, &config.rate_limits);
         let devices =
             devices::Devices::new(store.clone(), clock.clone(), sessions.clone(), router.clone(), config.devices);
-        let presence = presence::Presence::new(
+        let presence = Arc::new(presence::Presence::new(
             store.clone(),
             clock.clone(),
             config.limits.typing_ttl_ms,
             config.rate_limits.typing_per_device,
-        );
+        ));
         let pusher = push::Pusher::new(store.clone(), sessions.clone(), clock.clone(), config.push.clone()).await?;
         let waker = pusher.clone();
         router.on_incoming(Arc::new(move |account| waker.wake(account)));
         Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router, devices, presence, pusher }))
+    }
+
+    /// Cluster mode: joins the cluster (docs/CLUSTER.md) — actors placed
+    /// across its nodes, presence and typing carried between them, and
+    /// devices connected elsewhere counted as online for push. Call once,
+    /// before serving devices.
+    pub async fn join_cluster(
+        &self,
+        config: cluster::ClusterConfig,
+    ) -> Result<Arc<cluster::Cluster>, cluster::ClusterError> {
+        let cluster = self.router.join_cluster(config).await?;
+        cluster.carry_presence(&self.presence).await?;
+        let presence = Arc::downgrade(&self.presence);
+        self.sessions.on_elsewhere(Arc::new(move |account, device| {
+            presence.upgrade().is_some_and(|p| p.live_elsewhere(account, device))
+        }));
+        Ok(cluster)
     }
 
     /// Stops the user actors after their current batch (their writes are

@@ -48,6 +48,7 @@ pub enum Ephemeral {
 }
 
 struct Conn {
+    device: DeviceId,
     events: lane::Sender<Ephemeral>,
     /// False while the client says it is in the background.
     active: bool,
@@ -57,10 +58,22 @@ struct Conn {
 /// The live connections of one account: almost always one or two.
 type Conns = SmallMap<u64, Conn>;
 
+/// What a node tells the others of its connections and typing (cluster
+/// mode); each node applies the others' to its own watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceNote {
+    Connected { account: AccountId, device: DeviceId },
+    Disconnected { account: AccountId, device: DeviceId, at_ms: u64 },
+    Typing { from: AccountId, device: DeviceId, to: AccountId, state: TypingState },
+}
+
 #[derive(Default)]
 struct State {
     /// Live connections per account.
     live: HashMap<AccountId, Conns>,
+    /// Cluster mode: devices connected to other nodes, by account
+    /// (device → node).
+    remote: HashMap<AccountId, HashMap<DeviceId, String>>,
     /// Watched account → (watcher account, connection).
     watchers: HashMap<AccountId, HashSet<(AccountId, u64)>>,
     /// When accounts went offline, for last seen.
@@ -78,6 +91,15 @@ pub struct Presence {
     typing_ttl_ms: u64,
     /// Typing notifications per device; past it they are dropped.
     typing_limit: crate::ratelimit::KeyedLimiter,
+    /// Cluster mode: where this node's notes go.
+    broadcast: std::sync::OnceLock<Arc<dyn Fn(PresenceNote) + Send + Sync>>,
+}
+
+impl State {
+    /// Online here or (cluster mode) on another node.
+    fn online(&self, account: AccountId) -> bool {
+        self.live.get(&account).is_some_and(|c| !c.is_empty()) || self.remote.contains_key(&account)
+    }
 }
 
 impl std::fmt::Debug for Presence {
@@ -94,7 +116,8 @@ impl Presence {
         typing_per_device: crate::config::Quota,
     ) -> Self {
         let typing_limit = crate::ratelimit::KeyedLimiter::new("typing_per_device", typing_per_device);
-        Self { state: Mutex::new(State::default()), store, clock, typing_ttl_ms, typing_limit }
+        let broadcast = std::sync::OnceLock::new();
+        Self { state: Mutex::new(State::default()), store, clock, typing_ttl_ms, typing_limit, broadcast }
     }
 
     /// Housekeeping: drops idle rate-limit state, and last-seen times old
@@ -125,8 +148,95 @@ impl Presence {
 
     fn snapshot(&self, account: AccountId) -> (bool, u64) {
         let state = self.state();
-        let online = state.live.get(&account).is_some_and(|c| !c.is_empty());
-        (online, state.last_seen.get(&account).copied().unwrap_or(0))
+        (state.online(account), state.last_seen.get(&account).copied().unwrap_or(0))
+    }
+
+    /// Cluster mode: installs where this node's notes go.
+    pub fn on_note(&self, broadcast: Arc<dyn Fn(PresenceNote) + Send + Sync>) {
+        let _ = self.broadcast.set(broadcast);
+    }
+
+    fn tell_others(&self, note: PresenceNote) {
+        if let Some(broadcast) = self.broadcast.get() {
+            broadcast(note);
+        }
+    }
+
+    /// Cluster mode: applies a note from `node` for this node's watchers
+    /// and connections.
+    pub async fn apply_note(&self, node: &str, note: PresenceNote) {
+        let changed = match note {
+            PresenceNote::Typing { from, device, to, state } => {
+                let event = Ephemeral::Typing { from, device, state, expires_in_ms: self.typing_ttl_ms };
+                self.deliver(to, None, event);
+                None
+            }
+            PresenceNote::Connected { account, device } => {
+                let mut state = self.state();
+                let was = state.online(account);
+                state.remote.entry(account).or_default().insert(device, node.to_string());
+                (!was).then_some(account)
+            }
+            PresenceNote::Disconnected { account, device, at_ms } => {
+                let mut state = self.state();
+                let was = state.online(account);
+                if let Some(devices) = state.remote.get_mut(&account) {
+                    if devices.get(&device).is_some_and(|n| n == node) {
+                        devices.remove(&device);
+                    }
+                    if devices.is_empty() {
+                        state.remote.remove(&account);
+                    }
+                }
+                let now = state.online(account);
+                if was && !now {
+                    state.last_seen.insert(account, at_ms);
+                }
+                (was && !now).then_some(account)
+            }
+        };
+        if let Some(account) = changed {
+            self.announce(account).await;
+        }
+    }
+
+    /// Cluster mode: `node` left; its devices are offline from now on.
+    pub async fn forget_node(&self, node: &str) {
+        let now = self.clock.now_ms();
+        let gone: Vec<AccountId> = {
+            let mut state = self.state();
+            let mut gone = Vec::new();
+            let accounts: Vec<AccountId> = state.remote.keys().copied().collect();
+            for account in accounts {
+                let was = state.online(account);
+                if let Some(devices) = state.remote.get_mut(&account) {
+                    devices.retain(|_, n| n != node);
+                    if devices.is_empty() {
+                        state.remote.remove(&account);
+                    }
+                }
+                if was && !state.online(account) {
+                    state.last_seen.insert(account, now);
+                    gone.push(account);
+                }
+            }
+            gone
+        };
+        for account in gone {
+            self.announce(account).await;
+        }
+    }
+
+    /// Cluster mode: every device connected here, for a node that joined
+    /// (or reconnected to the bus) and must learn them.
+    pub fn local_devices(&self) -> Vec<(AccountId, DeviceId)> {
+        let state = self.state();
+        state.live.iter().flat_map(|(account, conns)| conns.iter().map(|(_, c)| (*account, c.device))).collect()
+    }
+
+    /// Whether `device` has a connection on another node (cluster mode).
+    pub fn live_elsewhere(&self, account: AccountId, device: DeviceId) -> bool {
+        self.state().remote.get(&account).is_some_and(|d| d.contains_key(&device))
     }
 
     /// What `account` looks like to `watcher` now.
@@ -171,33 +281,38 @@ impl Presence {
         }
     }
 
-    /// A connection of `account` went live. The receiver carries its
-    /// presence and typing events.
-    pub async fn connect(&self, account: AccountId, connection: u64) -> lane::Receiver<Ephemeral> {
+    /// A connection of `account`'s `device` went live. The receiver carries
+    /// its presence and typing events.
+    pub async fn connect(&self, account: AccountId, device: DeviceId, connection: u64) -> lane::Receiver<Ephemeral> {
         let (events, receiver) = lane::channel(EPHEMERAL_QUEUE);
         let came_online = {
             let mut state = self.state();
+            let was_offline = !state.online(account);
             let conns = state.live.entry(account).or_default();
-            let was_offline = conns.is_empty();
-            conns.insert(connection, Conn { events, active: true, watching: HashSet::new() });
+            conns.insert(connection, Conn { device, events, active: true, watching: HashSet::new() });
             was_offline
         };
+        self.tell_others(PresenceNote::Connected { account, device });
         if came_online {
             self.announce(account).await;
         }
         receiver
     }
 
-    /// The connection ended. The last one takes the account offline.
+    /// The connection ended. The last one (on any node) takes the account
+    /// offline.
     pub async fn disconnect(&self, account: AccountId, connection: u64) {
-        let went_offline = {
+        let now_ms = self.clock.now_ms();
+        let (went_offline, device) = {
             let mut state = self.state();
             let Some(conns) = state.live.get_mut(&account) else { return };
             let Some(conn) = conns.remove(&connection) else { return };
-            let now_empty = conns.is_empty();
-            if now_empty {
+            if conns.is_empty() {
                 state.live.remove(&account);
-                state.last_seen.insert(account, self.clock.now_ms());
+            }
+            let now_empty = !state.online(account);
+            if now_empty {
+                state.last_seen.insert(account, now_ms);
             }
             for watched in conn.watching {
                 if let Some(w) = state.watchers.get_mut(&watched) {
@@ -207,8 +322,9 @@ impl Presence {
                     }
                 }
             }
-            now_empty
+            (now_empty, conn.device)
         };
+        self.tell_others(PresenceNote::Disconnected { account, device, at_ms: now_ms });
         if went_offline {
             self.announce(account).await;
         }
@@ -262,6 +378,9 @@ impl Presence {
         }
         let event = Ephemeral::Typing { from, device, state, expires_in_ms: self.typing_ttl_ms };
         self.deliver(to, None, event);
+        if self.state().remote.contains_key(&to) {
+            self.tell_others(PresenceNote::Typing { from, device, to, state });
+        }
         true
     }
 
@@ -296,7 +415,7 @@ mod tests {
             crate::config::Quota { burst: 10, per_ms: 1 },
         );
         let account = who.account.id;
-        let _events = presence.connect(account, 1).await;
+        let _events = presence.connect(account, who.device.id, 1).await;
         presence.disconnect(account, 1).await;
         let seen = presence.info(account, account).await.unwrap().last_seen_ms;
         assert_eq!(seen, 1_000_000, "kept in memory while fresh");

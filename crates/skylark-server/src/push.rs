@@ -294,7 +294,7 @@ impl Pusher {
         let store = &self.inner.store;
         let last = store.read_log_before(account, u64::MAX, 1).await?.first().map(|(seq, _)| *seq).unwrap_or(0);
         for device in store.active_devices(account).await? {
-            if self.inner.sessions.is_live(device.id) {
+            if self.inner.sessions.is_live_anywhere(account, device.id) {
                 continue;
             }
             let Some(target) = store.push_target(device.id).await? else { continue };

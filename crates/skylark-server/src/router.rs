@@ -75,9 +75,9 @@ impl Router {
     }
 
     /// Cluster mode: joins the cluster described by `config` (NATS and the
-    /// store's membership), so actors are placed across its nodes. Call
-    /// once, before serving devices.
-    pub async fn join_cluster(
+    /// store's membership), so actors are placed across its nodes (see
+    /// `Server::join_cluster`, which also carries presence).
+    pub(crate) async fn join_cluster(
         &self,
         config: crate::cluster::ClusterConfig,
     ) -> Result<Arc<crate::cluster::Cluster>, crate::cluster::ClusterError> {

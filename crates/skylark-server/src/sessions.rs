@@ -8,7 +8,7 @@
 //! Removing a device tells its connection to close with
 //! [`Disconnect::DeviceRemoved`].
 
-use skylark_core::DeviceId;
+use skylark_core::{AccountId, DeviceId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,9 +28,13 @@ struct Entry {
     disconnect: oneshot::Sender<Disconnect>,
 }
 
+/// Cluster mode: whether a device of an account is connected to another node.
+pub type Elsewhere = Arc<dyn Fn(AccountId, DeviceId) -> bool + Send + Sync>;
+
 pub struct Sessions {
     live: Mutex<HashMap<DeviceId, Entry>>,
     next_connection: AtomicU64,
+    elsewhere: std::sync::OnceLock<Elsewhere>,
 }
 
 impl Default for Sessions {
@@ -38,7 +42,7 @@ impl Default for Sessions {
     /// different nodes of a cluster (which meet in one actor) do not collide.
     fn default() -> Self {
         let base = u64::from(rand::random::<u32>() >> 1) << 32;
-        Self { live: Mutex::default(), next_connection: AtomicU64::new(base) }
+        Self { live: Mutex::default(), next_connection: AtomicU64::new(base), elsewhere: std::sync::OnceLock::new() }
     }
 }
 
@@ -102,6 +106,17 @@ impl Sessions {
 
     pub fn is_live(&self, device: DeviceId) -> bool {
         self.live.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&device)
+    }
+
+    /// Cluster mode: installs the check for devices connected to other nodes.
+    pub fn on_elsewhere(&self, elsewhere: Elsewhere) {
+        let _ = self.elsewhere.set(elsewhere);
+    }
+
+    /// Whether `account`'s `device` has a live connection here or (cluster
+    /// mode) on another node.
+    pub fn is_live_anywhere(&self, account: AccountId, device: DeviceId) -> bool {
+        self.is_live(device) || self.elsewhere.get().is_some_and(|f| f(account, device))
     }
 
     pub fn live_count(&self) -> usize {

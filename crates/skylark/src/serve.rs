@@ -287,7 +287,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let (services, transport) = config.split();
     let server = Server::new(services, store, sms, Arc::new(SystemClock)).await?;
     let cluster = match config.cluster.clone() {
-        Some(settings) => Some(server.router.join_cluster(settings).await?),
+        Some(settings) => Some(server.join_cluster(settings).await?),
         None => None,
     };
     let gateway =

@@ -32,6 +32,7 @@ pub(crate) mod wire;
 use crate::actor::{AttachMail, Ctx, DeliverMail, GroupMail, Msg, PostMail, SendMail};
 use crate::lane;
 use crate::messaging::{DeviceEvent, MessagingError};
+use crate::presence::Presence;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use skylark_core::AccountId;
@@ -43,7 +44,10 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wire::{Answer, Mail, StreamEvent};
+use wire::{Answer, Broadcast, Mail, StreamEvent};
+
+/// Every node's presence notes (connections, typing), heard by all.
+const PRESENCE_SUBJECT: &str = "skylark.presence";
 
 /// `[cluster]` in the configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -123,6 +127,8 @@ pub struct Cluster {
     next_request: AtomicU64,
     streams: Mutex<HashMap<u64, RemoteStream>>,
     ctx: Weak<crate::actor::Context>,
+    /// This node's presence notes and hellos, on their way to the bus.
+    presence: std::sync::OnceLock<(Weak<Presence>, tokio::sync::mpsc::UnboundedSender<Broadcast>)>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -217,8 +223,10 @@ impl Cluster {
             .event_callback(move |event| {
                 let lost = lost_tx.clone();
                 async move {
-                    if matches!(event, async_nats::Event::Disconnected) {
-                        let _ = lost.send(());
+                    match event {
+                        async_nats::Event::Disconnected => drop(lost.send(false)),
+                        async_nats::Event::Connected => drop(lost.send(true)),
+                        _ => {}
                     }
                 }
             });
@@ -238,6 +246,7 @@ impl Cluster {
             next_request: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             ctx: Arc::downgrade(ctx),
+            presence: std::sync::OnceLock::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             config,
@@ -265,9 +274,15 @@ impl Cluster {
         let c = cluster.clone();
         cluster.tracker.spawn(async move {
             loop {
-                tokio::select! {
+                let reconnected = tokio::select! {
                     _ = c.shutdown.cancelled() => return,
-                    lost = lost_rx.recv() => if lost.is_none() { return },
+                    event = lost_rx.recv() => match event { Some(e) => e, None => return },
+                };
+                if reconnected {
+                    // Presence notes may have been missed: forget what the
+                    // others said and ask them again.
+                    c.relearn_presence().await;
+                    continue;
                 }
                 // Events may have been lost in the gap: every stream from
                 // another node ends, and its device reconnects.
@@ -317,12 +332,18 @@ impl Cluster {
             .filter(|n| !(n.draining || (n.id == self.config.node && draining)))
             .map(|n| (n.id.clone(), seed(&n.id)))
             .collect();
-        let changed = {
+        let (changed, gone) = {
             let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
             let changed = view.placement != placement;
+            let gone: Vec<String> = view.live.iter().filter(|n| !live.contains(n)).cloned().collect();
             *view = Arc::new(View { live, placement });
-            changed
+            (changed, gone)
         };
+        if let Some(presence) = self.presence.get().and_then(|(p, _)| p.upgrade()) {
+            for node in gone {
+                presence.forget_node(&node).await;
+            }
+        }
         if beat.draining && !*self.draining.borrow() {
             tracing::info!(node = %self.config.node, "draining: handing every actor to the other nodes");
             self.draining.send_replace(true);
@@ -693,6 +714,74 @@ impl Cluster {
                 streams.remove(&connection);
             }
         }
+    }
+
+    /// Carries `presence` across the cluster: this node's connections and
+    /// typing go to every node, and theirs come here. Asks the others for
+    /// their connections at once.
+    pub async fn carry_presence(self: &Arc<Self>, presence: &Arc<Presence>) -> Result<(), ClusterError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Broadcast>();
+        let notes = tx.clone();
+        presence.on_note(Arc::new(move |note| drop(notes.send(Broadcast::Note(note)))));
+        let mut subscription = self
+            .nats
+            .subscribe(PRESENCE_SUBJECT)
+            .await
+            .map_err(|e| ClusterError::Nats { urls: self.config.nats.join(", "), reason: e.to_string() })?;
+        let _ = self.presence.set((Arc::downgrade(presence), tx.clone()));
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            loop {
+                let broadcast = tokio::select! {
+                    _ = me.shutdown.cancelled() => return,
+                    b = rx.recv() => match b { Some(b) => b, None => return },
+                };
+                let bytes = wire::encode_broadcast(&me.config.node, &broadcast);
+                if me.nats.publish(PRESENCE_SUBJECT, bytes.into()).await.is_err() {
+                    tracing::debug!("a presence note could not be published");
+                }
+            }
+        });
+        let me = self.clone();
+        let weak = Arc::downgrade(presence);
+        self.tracker.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = me.shutdown.cancelled() => return,
+                    m = subscription.next() => match m { Some(m) => m, None => return },
+                };
+                let Some(presence) = weak.upgrade() else { return };
+                match wire::decode_broadcast(&message.payload) {
+                    Ok((node, _)) if node == me.config.node => {}
+                    Ok((_, Broadcast::Hello)) => {
+                        for (account, device) in presence.local_devices() {
+                            let note = crate::presence::PresenceNote::Connected { account, device };
+                            let _ = tx.send(Broadcast::Note(note));
+                        }
+                    }
+                    Ok((node, Broadcast::Note(note))) => presence.apply_note(&node, note).await,
+                    Err(e) => tracing::warn!(error = %e, "a presence note from another node could not be read"),
+                }
+            }
+        });
+        self.say_hello();
+        Ok(())
+    }
+
+    fn say_hello(&self) {
+        if let Some((_, tx)) = self.presence.get() {
+            let _ = tx.send(Broadcast::Hello);
+        }
+    }
+
+    /// After a gap on the bus: drop every other node's presence notes and
+    /// ask for them again.
+    async fn relearn_presence(&self) {
+        let Some(presence) = self.presence.get().and_then(|(p, _)| p.upgrade()) else { return };
+        for node in self.current().live.iter().filter(|n| **n != self.config.node) {
+            presence.forget_node(node).await;
+        }
+        self.say_hello();
     }
 
     /// Leaves the cluster: stops routing and removes this node from the

@@ -10,6 +10,7 @@
 //! a rolling upgrade can tell an older node's mail from garbage.
 
 use crate::messaging::{DeviceEvent, GroupReply, GroupRequest, MessagingError, SendAck};
+use crate::presence::{PresenceNote, TypingState};
 use crate::sessions::Disconnect;
 use bytes::Bytes;
 use skylark_core::group::GroupError;
@@ -460,6 +461,80 @@ pub(crate) fn decode_event(bytes: &[u8]) -> Result<(u64, StreamEvent), BadMessag
     Ok((number, event))
 }
 
+/// A node's broadcast on the presence subject: a note of its connections
+/// or typing, or a newcomer's request that every node repeat its
+/// connections (`Hello`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Broadcast {
+    Note(PresenceNote),
+    Hello,
+}
+
+fn typing_byte(state: TypingState) -> u8 {
+    match state {
+        TypingState::Composing => 0,
+        TypingState::Paused => 1,
+        TypingState::Recording => 2,
+    }
+}
+
+pub(crate) fn encode_broadcast(node: &str, broadcast: &Broadcast) -> Vec<u8> {
+    let mut w = match broadcast {
+        Broadcast::Hello => start(1),
+        Broadcast::Note(PresenceNote::Connected { .. }) => start(2),
+        Broadcast::Note(PresenceNote::Disconnected { .. }) => start(3),
+        Broadcast::Note(PresenceNote::Typing { .. }) => start(4),
+    };
+    w.bytes(node.as_bytes());
+    match broadcast {
+        Broadcast::Hello => {}
+        Broadcast::Note(PresenceNote::Connected { account, device }) => {
+            w.u64(account.0);
+            w.u64(device.0);
+        }
+        Broadcast::Note(PresenceNote::Disconnected { account, device, at_ms }) => {
+            w.u64(account.0);
+            w.u64(device.0);
+            w.u64(*at_ms);
+        }
+        Broadcast::Note(PresenceNote::Typing { from, device, to, state }) => {
+            w.u64(from.0);
+            w.u64(device.0);
+            w.u64(to.0);
+            w.u8(typing_byte(*state));
+        }
+    }
+    w.0
+}
+
+pub(crate) fn decode_broadcast(bytes: &[u8]) -> Result<(String, Broadcast), BadMessage> {
+    let (mut r, tag) = open(bytes)?;
+    let node = r.string()?;
+    let broadcast = match tag {
+        1 => Broadcast::Hello,
+        2 => Broadcast::Note(PresenceNote::Connected { account: AccountId(r.u64()?), device: DeviceId(r.u64()?) }),
+        3 => Broadcast::Note(PresenceNote::Disconnected {
+            account: AccountId(r.u64()?),
+            device: DeviceId(r.u64()?),
+            at_ms: r.u64()?,
+        }),
+        4 => Broadcast::Note(PresenceNote::Typing {
+            from: AccountId(r.u64()?),
+            device: DeviceId(r.u64()?),
+            to: AccountId(r.u64()?),
+            state: match r.u8()? {
+                0 => TypingState::Composing,
+                1 => TypingState::Paused,
+                2 => TypingState::Recording,
+                _ => return Err(bad("unknown typing state")),
+            },
+        }),
+        _ => return Err(bad("unknown broadcast")),
+    };
+    r.finish()?;
+    Ok((node, broadcast))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,6 +588,15 @@ mod tests {
         }
         let event = StreamEvent::Event(DeviceEvent::Entry { seq: 3, entry: Arc::new(LogEntry::Message(message())) });
         assert_eq!(decode_event(&encode_event(41, &event)).unwrap(), (41, event));
+        let typing = PresenceNote::Typing {
+            from: AccountId(1),
+            device: DeviceId(2),
+            to: AccountId(3),
+            state: TypingState::Recording,
+        };
+        for broadcast in [Broadcast::Hello, Broadcast::Note(typing)] {
+            assert_eq!(decode_broadcast(&encode_broadcast("n1", &broadcast)).unwrap(), ("n1".into(), broadcast));
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use skylark_client::api::Api;
 use skylark_client::session::Event;
 use skylark_client::{Endpoint, Session};
 use skylark_protocol::CloseCode;
+use skylark_protocol::v1::{TypingState, server_frame::Body};
 use skylark_store::postgres::throwaway::TestPostgres;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -353,4 +354,60 @@ async fn the_same_device_on_two_nodes_newest_wins() {
         drop(first);
         second.close().await;
     }
+}
+
+/// The next presence or typing frame of a session, skipping log events.
+async fn next_ephemeral(events: &mut tokio::sync::mpsc::Receiver<Event>) -> Body {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("timed out") {
+            Some(Event::Frame(frame)) => match frame.body {
+                Some(body @ (Body::Presence(_) | Body::TypingUpdate(_))) => return body,
+                _ => continue,
+            },
+            other => panic!("the session ended: {other:?}"),
+        }
+    }
+}
+
+/// Presence and typing across nodes: a watcher on one node sees a contact
+/// connect to another, type, and leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_cross_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 3, sms));
+    let api = Api::new(&format!("http://{}", cluster.addrs[0].0)).unwrap();
+    let phones = ["+15550800021", "+15550800022"];
+    let ids = register(&api, &phones, &mut codes).await;
+    let on = |node: usize| cluster.endpoints_from(node, false).remove(0);
+    let (alice, mut alice_events) = Session::open(&on(0), &ids[0]).await.unwrap();
+    let seen = alice.handle().subscribe_presence(&[phones[1]]).await.unwrap();
+    assert!(!seen[0].online, "Bob is not connected anywhere yet");
+
+    let (bob, _bob_events) = Session::open(&on(1), &ids[1]).await.unwrap();
+    match next_ephemeral(&mut alice_events).await {
+        Body::Presence(p) => assert!(p.online && p.account == ids[1].account_id, "{p:?}"),
+        other => panic!("{other:?}"),
+    }
+    bob.handle().typing(phones[0], TypingState::Composing).await.unwrap();
+    match next_ephemeral(&mut alice_events).await {
+        Body::TypingUpdate(t) => assert_eq!((t.from, t.state), (ids[1].account_id, TypingState::Composing as i32)),
+        other => panic!("{other:?}"),
+    }
+    bob.close().await;
+    match next_ephemeral(&mut alice_events).await {
+        Body::Presence(p) => assert!(!p.online && p.last_seen_ms > 0, "{p:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A node that (re)joins learns who is online elsewhere (it asks).
+    let (bob, _bob_events) = Session::open(&on(1), &ids[1]).await.unwrap();
+    let _ = next_ephemeral(&mut alice_events).await;
+    let mut cluster = cluster;
+    cluster.nodes[2].take().unwrap().kill();
+    cluster.nodes[2] = Some(tokio::task::block_in_place(|| cluster.launch(2)));
+    tokio::time::sleep(Duration::from_millis(3 * BEAT_MS)).await;
+    let (alice_again, _events) = Session::open(&cluster.endpoints_from(2, false).remove(0), &ids[0]).await.unwrap();
+    let seen = alice_again.handle().subscribe_presence(&[phones[1]]).await.unwrap();
+    assert!(seen[0].online, "the restarted node 2 knows Bob is on node 1");
+    drop((alice, bob, alice_again));
 }
