@@ -99,6 +99,7 @@ struct TestCluster {
     nodes: Vec<Option<ServerProcess>>,
     /// (http, tcp) per node.
     addrs: Vec<(String, String)>,
+    store: String,
 }
 
 impl TestCluster {
@@ -129,7 +130,7 @@ impl TestCluster {
             logs.push(dir.join(format!("n{i}.log")));
             addrs.push((http, tcp));
         }
-        let mut cluster = TestCluster { pg, nats, configs, logs, nodes: Vec::new(), addrs };
+        let mut cluster = TestCluster { pg, nats, configs, logs, nodes: Vec::new(), addrs, store: url };
         for i in 0..nodes {
             let node = cluster.launch(i);
             cluster.nodes.push(Some(node));
@@ -316,6 +317,42 @@ async fn a_frozen_node_is_fenced_when_it_wakes() {
     assert!(log.contains("lease had lapsed"), "the woken node noticed it was presumed dead:\n{log}");
     let fenced = log.matches("stale ownership epoch refused").count();
     println!("writes the woken node attempted under a stale epoch, refused: {fenced} commits");
+}
+
+/// An operator drains a node under traffic (`skylark cluster drain`): its
+/// actors move, its devices reconnect to the others, it stops by itself,
+/// and the ledger holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_hands_everything_over_and_stops() {
+    let cluster = cluster_ledger(
+        1,
+        Box::new(|cluster| {
+            let out = Command::new(env!("CARGO_BIN_EXE_skylark"))
+                .args(["cluster", "drain", "n1", "--store", &cluster.store, "--wait-secs", "30"])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "drain failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+            assert!(stdout.contains("n1 has left the cluster"), "{stdout}");
+            let mut node = cluster.nodes[1].take().unwrap();
+            let started = Instant::now();
+            let status = loop {
+                if let Some(status) = node.child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(started.elapsed() < Duration::from_secs(20), "the drained node did not stop");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert!(status.success(), "the drained node stopped cleanly: {status:?}");
+        }),
+    )
+    .await;
+    let status = Command::new(env!("CARGO_BIN_EXE_skylark"))
+        .args(["cluster", "status", "--store", &cluster.store])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&status.stdout);
+    assert!(listed.contains("n0") && listed.contains("n2") && !listed.contains("n1"), "{listed}");
 }
 
 /// 6. The same device connecting to two nodes at once: the newest
