@@ -39,6 +39,12 @@ pub enum Endpoint {
     /// TCP with TLS, or a `wss://` WebSocket with a chosen CA. (A plain
     /// `WebSocket` with a `wss://` URL trusts the web PKI roots.)
     Tls(Box<Endpoint>, TlsClient),
+    /// Several servers (the nodes of a cluster, docs/CLUSTER.md): each
+    /// connect tries them in turn from a random one, and fails only when
+    /// none answers, so the client's back-off applies between full rounds.
+    /// (A host name with several addresses is tried address by address by
+    /// any endpoint.)
+    Any(Vec<Endpoint>),
 }
 
 impl Endpoint {
@@ -151,6 +157,7 @@ impl FrameConn {
     /// like a second network), or from any when `local` is `None`.
     pub async fn connect_from(endpoint: &Endpoint, local: Option<IpAddr>) -> Result<FrameConn, ClientError> {
         let inner = match endpoint {
+            Endpoint::Any(endpoints) => return Box::pin(Self::connect_any(endpoints, local)).await,
             Endpoint::Tcp(addr) => tcp_framed(Box::new(tcp(addr, local).await?)),
             Endpoint::WebSocket { url, json } => websocket(url, *json, None, local).await?,
             Endpoint::Tls(inner, tls) => match inner.as_ref() {
@@ -160,10 +167,26 @@ impl FrameConn {
                     tcp_framed(Box::new(stream))
                 }
                 Endpoint::WebSocket { url, json } => websocket(url, *json, Some(tls), local).await?,
-                Endpoint::Tls(..) => return Err(io("TLS inside TLS is not an endpoint")),
+                Endpoint::Tls(..) | Endpoint::Any(_) => return Err(io("TLS around that is not an endpoint")),
             },
         };
         Ok(FrameConn { inner, pending_close: None })
+    }
+
+    /// The first of `endpoints` that answers, starting at a random one.
+    async fn connect_any(endpoints: &[Endpoint], local: Option<IpAddr>) -> Result<FrameConn, ClientError> {
+        let start = if endpoints.is_empty() { 0 } else { rand::random_range(0..endpoints.len()) };
+        let mut last = io("no server address given");
+        for endpoint in endpoints.iter().cycle().skip(start).take(endpoints.len()) {
+            match Self::connect_from(endpoint, local).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    tracing::debug!(?endpoint, error = %e, "server did not answer; trying the next");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
     }
 
     pub async fn send(&mut self, frame: ClientFrame) -> Result<(), ClientError> {

@@ -23,7 +23,7 @@ use skylark_core::auth::{AuthError, Challenge};
 use skylark_protocol::v1::{self, client_frame, server_frame};
 use skylark_protocol::{CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
 use skylark_server::auth::{AuthFailure, Authenticated};
-use skylark_server::messaging::DeviceEvent;
+use skylark_server::messaging::{DeviceEvent, MessagingError};
 use skylark_server::presence::Ephemeral;
 use skylark_server::sessions::Disconnect;
 use skylark_store::StoreError;
@@ -213,6 +213,15 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
     span.record("account", account.0).record("device", device.0).record("connection", connection);
     let events = match router.attach(account, device, connection).await {
         Ok(events) => events,
+        Err(e @ (MessagingError::Unavailable(_) | MessagingError::Restarted | MessagingError::NodeUnreachable)) => {
+            // Storage trouble, or (cluster mode) the account's node is
+            // unreachable or its actor moving: a matter of seconds.
+            tracing::warn!(%account, error = %e, "could not attach the device to its actor");
+            return Some(Ending::new(
+                CloseCode::TryAgainLater,
+                "your account is unavailable for a moment; reconnect shortly",
+            ));
+        }
         Err(e) => {
             tracing::warn!(%account, error = %e, "could not attach the device to its actor");
             return Some(Ending::new(CloseCode::InternalError, "messaging unavailable; reconnect"));

@@ -30,7 +30,8 @@ impl ProfileArgs {
 
 #[derive(Args)]
 pub struct TransportArgs {
-    /// Connect over raw TCP to this address instead of WebSocket.
+    /// Connect over raw TCP to this address instead of WebSocket (several,
+    /// comma-separated, are tried in turn).
     #[arg(long, global = true)]
     tcp: Option<String>,
     /// Use the JSON mapping on the WebSocket (for debugging).
@@ -50,18 +51,48 @@ pub fn trust(ca: Option<&Path>) -> Result<TlsClient> {
     Ok(TlsClient::new(ca)?)
 }
 
+/// The HTTP API of the first of `servers` (a comma-separated list: the
+/// nodes of a cluster), and the list as a profile keeps it (connections
+/// try each in turn).
+pub fn api_for(servers: &str, ca: Option<&Path>) -> Result<(Api, String)> {
+    let list: Vec<&str> = addresses(servers).collect();
+    let Some(first) = list.first() else { bail!("no server address given (--server)") };
+    let api = Api::with_tls(first, &trust(ca)?)?;
+    let mut kept = vec![api.base().to_owned()];
+    kept.extend(list[1..].iter().map(|s| s.trim_end_matches('/').to_owned()));
+    Ok((api, kept.join(",")))
+}
+
+/// The addresses of a comma-separated list (the nodes of a cluster).
+pub fn addresses(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|a| !a.is_empty())
+}
+
 impl TransportArgs {
+    /// Where to connect: the profile's server (or `--tcp`), each address of
+    /// a comma-separated list tried in turn when there are several.
     pub fn endpoint(&self, identity: &Identity) -> Result<Endpoint> {
         let tls = trust(self.ca.as_deref())?;
-        Ok(match &self.tcp {
-            Some(addr) if self.tls => Endpoint::Tls(Box::new(Endpoint::Tcp(addr.clone())), tls),
-            Some(addr) => Endpoint::Tcp(addr.clone()),
-            None => match Endpoint::websocket_for(&identity.server, self.json) {
-                ws @ Endpoint::WebSocket { .. } if identity.server.starts_with("https://") => {
-                    Endpoint::Tls(Box::new(ws), tls)
-                }
-                ws => ws,
-            },
+        let endpoints: Vec<Endpoint> = match &self.tcp {
+            Some(list) => addresses(list)
+                .map(|addr| match self.tls {
+                    true => Endpoint::Tls(Box::new(Endpoint::Tcp(addr.to_owned())), tls.clone()),
+                    false => Endpoint::Tcp(addr.to_owned()),
+                })
+                .collect(),
+            None => addresses(&identity.server)
+                .map(|server| match Endpoint::websocket_for(server, self.json) {
+                    ws @ Endpoint::WebSocket { .. } if server.starts_with("https://") => {
+                        Endpoint::Tls(Box::new(ws), tls.clone())
+                    }
+                    ws => ws,
+                })
+                .collect(),
+        };
+        Ok(match <[Endpoint; 1]>::try_from(endpoints) {
+            Ok([one]) => one,
+            Err(many) if many.is_empty() => bail!("no server address (give --server or --tcp)"),
+            Err(many) => Endpoint::Any(many),
         })
     }
 }
@@ -80,7 +111,7 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
     if profile.join("identity.json").exists() {
         bail!("profile {} already holds an identity; use another --profile or remove it first", profile.display());
     }
-    let api = Api::with_tls(server, &trust(ca)?)?;
+    let (api, servers) = api_for(server, ca)?;
     let session = api.start_verification(phone).await.map_err(explain)?;
     match session.sms.status.as_str() {
         "sent" => println!("A code was sent to {} by SMS.", session.phone),
@@ -111,8 +142,7 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
             Err(e) => return Err(explain(e)),
         }
     };
-    let identity =
-        Identity::new(api.base().to_owned(), registered.account_id, registered.device_id, registered.phone, &key);
+    let identity = Identity::new(servers, registered.account_id, registered.device_id, registered.phone, &key);
     let path = identity.save(profile)?;
     println!(
         "Registered {} as account {}, device {} ({}). Identity saved in {}.",

@@ -2,7 +2,7 @@
 
 use crate::cli::{TransportArgs, explain};
 use anyhow::{Result, bail};
-use skylark_client::api::{Api, LinkStatus};
+use skylark_client::api::LinkStatus;
 use skylark_client::identity::generate_key;
 use skylark_client::{Identity, Session};
 use std::path::Path;
@@ -44,7 +44,7 @@ pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -
     if profile.join("identity.json").exists() {
         bail!("profile {} already holds an identity; use another --profile", profile.display());
     }
-    let api = Api::with_tls(server, &crate::cli::trust(ca)?)?;
+    let (api, servers) = crate::cli::api_for(server, ca)?;
     let key = generate_key();
     let link = api.create_link(&key.verifying_key().to_bytes(), name).await.map_err(explain)?;
     if let Some(qr) = qr(&link.code) {
@@ -61,7 +61,7 @@ pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -
             LinkStatus::Pending => continue,
             LinkStatus::Expired => bail!("the link code expired; run `skylark link` again"),
             LinkStatus::Approved { account_id, device_id, phone } => {
-                let identity = Identity::new(api.base().to_owned(), account_id, device_id, phone, &key);
+                let identity = Identity::new(servers.clone(), account_id, device_id, phone, &key);
                 let path = identity.save(profile)?;
                 println!(
                     "Linked: this is device {device_id} of {} (account {account_id}). Identity saved in {}.",

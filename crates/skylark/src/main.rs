@@ -41,7 +41,8 @@ enum Command {
     Register {
         /// The phone number in international form, such as +15551234567.
         phone: String,
-        /// The server's HTTP address.
+        /// The server's HTTP address; for a cluster, several, comma-separated
+        /// (kept in the profile; connections try each in turn).
         #[arg(long, env = "SKYLARK_SERVER", default_value = "http://127.0.0.1:7480")]
         server: String,
         /// A name for this device, shown in device lists.
@@ -66,7 +67,8 @@ enum Command {
     Link {
         #[command(subcommand)]
         approve: Option<LinkCommand>,
-        /// The server's HTTP address.
+        /// The server's HTTP address; for a cluster, several, comma-separated
+        /// (kept in the profile; connections try each in turn).
         #[arg(long, env = "SKYLARK_SERVER", default_value = "http://127.0.0.1:7480")]
         server: String,
         /// A name for this device, shown in device lists.

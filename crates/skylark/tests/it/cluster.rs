@@ -448,3 +448,57 @@ async fn presence_and_typing_cross_nodes() {
     assert!(seen[0].online, "the restarted node 2 knows Bob is on node 1");
     drop((alice, bob, alice_again));
 }
+
+/// The CLI against a cluster: a profile registered with every node's
+/// address keeps them all, and its commands reach the cluster through
+/// whichever node answers when one is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_fails_over_between_the_nodes_it_was_given() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let mut cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 3, sms));
+    let servers: Vec<String> = cluster.addrs.iter().map(|(http, _)| format!("http://{http}")).collect();
+    let servers = servers.join(",");
+    let home = dir.path().join("home");
+    let cli = move |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skylark"));
+        cmd.env("SKYLARK_HOME", &home).env_remove("SKYLARK_PROFILE").env_remove("SKYLARK_SERVER").args(args);
+        cmd
+    };
+    let register = cli(&["register", "+15550800031", "--server", &servers, "--profile", "p"]);
+    let output = tokio::task::spawn_blocking(move || {
+        let mut register = register;
+        let mut child = register.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let (_, code) = codes.blocking_recv().unwrap();
+        writeln!(child.stdin.take().unwrap(), "{code}").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        assert!(child.wait().unwrap().success(), "{first}{rest}");
+        rest
+    })
+    .await
+    .unwrap();
+    assert!(output.contains("Registered +15550800031"), "{output}");
+    for down in [0, 1] {
+        // Every node but one down in turn: the profile's list finds the rest.
+        cluster.nodes[down].take().unwrap().kill();
+        // Past the lease, the others own what the dead node held (during
+        // it, a command may be told to try again shortly).
+        tokio::time::sleep(Duration::from_millis(LEASE_MS + 2 * BEAT_MS)).await;
+        for transport in
+            [vec![], vec!["--tcp".to_string(), cluster.addrs.iter().map(|a| a.1.clone()).collect::<Vec<_>>().join(",")]]
+        {
+            let mut args = vec!["whoami", "--profile", "p"];
+            args.extend(transport.iter().map(String::as_str));
+            let out = tokio::task::block_in_place(|| cli(&args).output().unwrap());
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "node {down} down: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+            assert!(stdout.contains("phone:    +15550800031"), "{stdout}");
+        }
+        cluster.nodes[down] = Some(tokio::task::block_in_place(|| cluster.launch(down)));
+    }
+}
