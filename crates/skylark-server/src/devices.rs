@@ -54,7 +54,7 @@ impl Default for DevicesConfig {
 }
 
 /// What the waiting device learns about its link.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LinkState {
     Pending,
     Approved { account: AccountId, device: DeviceId, phone: PhoneNumber },
@@ -134,6 +134,19 @@ pub struct HistoryPage {
 /// Largest history page.
 pub const MAX_HISTORY_PAGE: usize = 200;
 
+/// Cluster mode: the pending links of the other nodes (they live in the
+/// memory of the node that made them).
+#[async_trait::async_trait]
+pub trait LinkPeers: Send + Sync {
+    /// This node's name; it ends the ids of the links made here.
+    fn node(&self) -> &str;
+    /// Asks the node that holds `code` to approve it for `account`. `None`
+    /// when no node holds it.
+    async fn approve(&self, account: AccountId, code: &str) -> Option<Result<Device, DeviceError>>;
+    /// Waits for link `link_id` on `node`, which made it.
+    async fn wait(&self, node: &str, link_id: &str, wait: Duration) -> Result<LinkState, DeviceError>;
+}
+
 pub struct Devices {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -148,6 +161,8 @@ pub struct Devices {
     /// one fsync per connect and disconnect; a crash loses at most the last
     /// minute of last-seen times, which are informational.
     last_seen: Mutex<HashMap<DeviceId, u64>>,
+    /// Cluster mode: links made on other nodes.
+    peers: std::sync::OnceLock<Arc<dyn LinkPeers>>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -194,7 +209,13 @@ impl Devices {
             config,
             links: Mutex::new(Links::default()),
             last_seen: Mutex::new(HashMap::new()),
+            peers: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Cluster mode: installs the way to other nodes' links.
+    pub fn on_peers(&self, peers: Arc<dyn LinkPeers>) {
+        let _ = self.peers.set(peers);
     }
 
     pub fn config(&self) -> &DevicesConfig {
@@ -215,7 +236,11 @@ impl Devices {
         let expires_at_ms = now + self.config.link_ttl_ms;
         let mut id_bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut id_bytes);
-        let link_id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut link_id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(peers) = self.peers.get() {
+            // Cluster mode: the id says which node to wait on.
+            link_id = format!("{link_id}.{}", peers.node());
+        }
         let (state, waiter) = watch::channel(LinkState::Pending);
         let mut links = self.links();
         self.forget_expired(&mut links, now);
@@ -245,6 +270,11 @@ impl Devices {
 
     /// Waits up to `wait` for the link to be approved or to expire.
     pub async fn wait_link(&self, link_id: &str, wait: Duration) -> Result<LinkState, DeviceError> {
+        if let (Some(peers), Some((_, node))) = (self.peers.get(), link_id.rsplit_once('.'))
+            && node != peers.node()
+        {
+            return peers.wait(node, link_id, wait).await;
+        }
         let (mut waiter, expires_at_ms) = {
             let mut links = self.links();
             self.forget_expired(&mut links, self.clock.now_ms());
@@ -265,6 +295,19 @@ impl Devices {
     pub async fn approve_link(&self, account: AccountId, code: &str) -> Result<Device, DeviceError> {
         self.approvals.check(&account.to_string())?;
         let code = normalise_code(code);
+        match (self.approve_here(account, &code).await, self.peers.get()) {
+            // Cluster mode: the new device may have asked another node.
+            (Err(DeviceError::UnknownCode), Some(peers)) => {
+                peers.approve(account, &code).await.unwrap_or(Err(DeviceError::UnknownCode))
+            }
+            (outcome, _) => outcome,
+        }
+    }
+
+    /// Approves a link made on this node (the code normalised, the rate
+    /// charged by the asker).
+    pub async fn approve_here(&self, account: AccountId, code: &str) -> Result<Device, DeviceError> {
+        let code = code.to_owned();
         let now = self.clock.now_ms();
         // Taking the link out first makes it single-use even under races.
         let link = {

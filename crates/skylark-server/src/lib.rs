@@ -56,7 +56,7 @@ pub struct Server {
     pub auth: auth::Authenticator,
     pub sessions: Arc<sessions::Sessions>,
     pub router: router::Router,
-    pub devices: devices::Devices,
+    pub devices: Arc<devices::Devices>,
     pub presence: Arc<presence::Presence>,
     pub pusher: push::Pusher,
 }
@@ -98,8 +98,13 @@ impl Server {
         );
         let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms);
         let router = router::Router::with_limits(store.clone(), clock.clone(), config.messaging, &config.rate_limits);
-        let devices =
-            devices::Devices::new(store.clone(), clock.clone(), sessions.clone(), router.clone(), config.devices);
+        let devices = Arc::new(devices::Devices::new(
+            store.clone(),
+            clock.clone(),
+            sessions.clone(),
+            router.clone(),
+            config.devices,
+        ));
         let presence = Arc::new(presence::Presence::new(
             store.clone(),
             clock.clone(),
@@ -122,6 +127,7 @@ impl Server {
     ) -> Result<Arc<cluster::Cluster>, cluster::ClusterError> {
         let cluster = self.router.join_cluster(config).await?;
         cluster.carry_presence(&self.presence).await?;
+        cluster.carry_links(&self.devices).await?;
         let presence = Arc::downgrade(&self.presence);
         self.sessions.on_elsewhere(Arc::new(move |account, device| {
             presence.upgrade().is_some_and(|p| p.live_elsewhere(account, device))

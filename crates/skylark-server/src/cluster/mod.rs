@@ -27,6 +27,7 @@
 //! rests on NATS delivering: a lost forward is retried by its outbox, a lost
 //! request times out and the device resends with the same client id.
 
+mod links;
 pub(crate) mod wire;
 
 use crate::actor::{AttachMail, Ctx, DeliverMail, GroupMail, Msg, PostMail, SendMail};
@@ -48,6 +49,15 @@ use wire::{Answer, Broadcast, Mail, StreamEvent};
 
 /// Every node's presence notes (connections, typing), heard by all.
 const PRESENCE_SUBJECT: &str = "skylark.presence";
+/// Approvals of link codes: every node hears them, the one holding the
+/// code answers.
+const LINK_APPROVE_SUBJECT: &str = "skylark.links.approve";
+/// How long an approval waits for the node holding its code.
+const LINK_APPROVE_WAIT: Duration = Duration::from_secs(2);
+
+fn links_subject(node: &str) -> String {
+    format!("skylark.node.{node}.links")
+}
 
 /// `[cluster]` in the configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -782,6 +792,44 @@ impl Cluster {
             presence.forget_node(node).await;
         }
         self.say_hello();
+    }
+
+    /// Carries device links across the cluster: a code made on one node
+    /// can be approved on any other, and the new device can wait on any.
+    pub async fn carry_links(self: &Arc<Self>, devices: &Arc<crate::devices::Devices>) -> Result<(), ClusterError> {
+        let nats_error = |e: async_nats::SubscribeError| ClusterError::Nats {
+            urls: self.config.nats.join(", "),
+            reason: e.to_string(),
+        };
+        let approvals = self.nats.subscribe(LINK_APPROVE_SUBJECT).await.map_err(nats_error)?;
+        let waits = self.nats.subscribe(links_subject(&self.config.node)).await.map_err(nats_error)?;
+        devices.on_peers(Arc::new(links::Peers { cluster: Arc::downgrade(self), node: self.config.node.clone() }));
+        for subscription in [approvals, waits] {
+            self.tracker.spawn(self.clone().link_loop(subscription, Arc::downgrade(devices)));
+        }
+        Ok(())
+    }
+
+    /// Serves other nodes' link requests; each is answered when done (a
+    /// wait can take a while), and not at all when this node has no say.
+    async fn link_loop(
+        self: Arc<Self>,
+        mut subscription: async_nats::Subscriber,
+        devices: Weak<crate::devices::Devices>,
+    ) {
+        loop {
+            let message = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                m = subscription.next() => match m { Some(m) => m, None => return },
+            };
+            let (Some(devices), Some(reply)) = (devices.upgrade(), message.reply) else { continue };
+            let nats = self.nats.clone();
+            self.tracker.spawn(async move {
+                if let Some(answer) = links::serve(&devices, &message.payload).await {
+                    let _ = nats.publish(reply, answer.into()).await;
+                }
+            });
+        }
     }
 
     /// Leaves the cluster: stops routing and removes this node from the

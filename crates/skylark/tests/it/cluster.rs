@@ -502,3 +502,35 @@ async fn the_cli_fails_over_between_the_nodes_it_was_given() {
         cluster.nodes[down] = Some(tokio::task::block_in_place(|| cluster.launch(down)));
     }
 }
+
+/// A device link across nodes: the new device asks node 0, waits on node 2,
+/// and a signed-in device on node 1 approves the code; the code is single-use
+/// and the new device then connects like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_is_approved_on_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 3, sms));
+    let api = |node: usize| Api::new(&format!("http://{}", cluster.addrs[node].0)).unwrap();
+    let owner = register(&api(0), &["+15550800041"], &mut codes).await.remove(0);
+    let key = skylark_client::identity::generate_key();
+    let link = api(0).create_link(&key.verifying_key().to_bytes(), "tablet").await.unwrap();
+    let waiting = {
+        let (api2, link_id) = (api(2), link.link_id.clone());
+        tokio::spawn(async move { api2.wait_link(&link_id, 10_000).await })
+    };
+    let (session, _events) = Session::open(&cluster.endpoints_from(1, false).remove(0), &owner).await.unwrap();
+    let device = session.handle().approve_link(&link.code).await.expect("approved on node 1");
+    assert_eq!(device.name, "tablet");
+    let status = waiting.await.unwrap().expect("the wait on node 2 learns the outcome");
+    assert!(
+        matches!(status, skylark_protocol::http::LinkStatus::Approved { device_id, .. } if device_id == device.id),
+        "{status:?}"
+    );
+    let again = session.handle().approve_link(&link.code).await;
+    assert!(again.is_err(), "a code is single-use across nodes: {again:?}");
+    let identity =
+        skylark_client::Identity::new(api(0).base().into(), owner.account_id, device.id, owner.phone.clone(), &key);
+    let (linked, _events) = Session::open(&cluster.endpoints_from(2, true).remove(0), &identity).await.unwrap();
+    linked.handle().history(0, 1).await.expect("the linked device is served");
+}
