@@ -25,17 +25,60 @@ use std::time::{Duration, Instant};
 const LEASE_MS: u64 = 2_000;
 const BEAT_MS: u64 = 400;
 
-/// A private nats-server on a port of its own.
+/// A private nats-server on a port of its own (one of a NATS cluster, when
+/// `routes` name the others).
 struct TestNats {
     bin: PathBuf,
     port: u16,
     log: PathBuf,
     child: Option<Child>,
+    /// `--cluster` and `--routes` arguments, for a member of a NATS cluster.
+    routes: Vec<String>,
+    /// The monitoring port (`/connz`).
+    monitor: u16,
 }
 
 impl TestNats {
-    fn start(dir: &Path) -> TestNats {
-        let bin = std::env::var_os("SKYLARK_NATS_BIN").map(PathBuf::from).unwrap_or_else(|| {
+    /// `count` servers; more than one form a NATS cluster (full mesh).
+    fn start_many(dir: &Path, count: usize) -> Vec<TestNats> {
+        let bin = Self::binary();
+        let cluster_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let mut servers: Vec<TestNats> = (0..count)
+            .map(|i| {
+                let routes = if count == 1 {
+                    Vec::new()
+                } else {
+                    let others: Vec<String> = (0..count)
+                        .filter(|k| *k != i)
+                        .map(|k| format!("nats://127.0.0.1:{}", cluster_ports[k]))
+                        .collect();
+                    vec![
+                        "--cluster_name".into(),
+                        "skylark-test".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{}", cluster_ports[i]),
+                        "--routes".into(),
+                        others.join(","),
+                    ]
+                };
+                TestNats {
+                    bin: bin.clone(),
+                    port: free_port(),
+                    log: dir.join(format!("nats{i}.log")),
+                    child: None,
+                    routes,
+                    monitor: free_port(),
+                }
+            })
+            .collect();
+        for server in &mut servers {
+            server.launch();
+        }
+        servers
+    }
+
+    fn binary() -> PathBuf {
+        std::env::var_os("SKYLARK_NATS_BIN").map(PathBuf::from).unwrap_or_else(|| {
             ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
                 .iter()
                 .map(PathBuf::from)
@@ -46,16 +89,14 @@ impl TestNats {
                          Debian's nats-server package, or set SKYLARK_NATS_BIN to the binary"
                     )
                 })
-        });
-        let mut nats = TestNats { bin, port: free_port(), log: dir.join("nats.log"), child: None };
-        nats.launch();
-        nats
+        })
     }
 
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(&self.bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor.to_string()])
+            .args(&self.routes)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -76,6 +117,18 @@ impl TestNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// How many clients this server has now (its monitoring endpoint).
+    fn clients(&self) -> u64 {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.monitor)).unwrap();
+        write!(stream, "GET /connz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let connz: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"));
+        connz["num_connections"].as_u64().unwrap()
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -93,7 +146,7 @@ impl Drop for TestNats {
 /// The nodes' processes and what they share.
 struct TestCluster {
     pg: TestPostgres,
-    nats: TestNats,
+    nats: Vec<TestNats>,
     configs: Vec<PathBuf>,
     logs: Vec<PathBuf>,
     nodes: Vec<Option<ServerProcess>>,
@@ -104,9 +157,16 @@ struct TestCluster {
 
 impl TestCluster {
     fn start(dir: &Path, nodes: usize, sms: std::net::SocketAddr) -> TestCluster {
+        Self::start_with(dir, nodes, 1, sms)
+    }
+
+    /// `nodes` Skylark nodes over `nats_servers` NATS servers (a NATS
+    /// cluster when more than one; every node is given all of them).
+    fn start_with(dir: &Path, nodes: usize, nats_servers: usize, sms: std::net::SocketAddr) -> TestCluster {
         let pg = TestPostgres::start().unwrap_or_else(|e| panic!("{e}"));
         let url = pg.create_database("cluster").unwrap();
-        let nats = TestNats::start(dir);
+        let nats = TestNats::start_many(dir, nats_servers);
+        let nats_urls: Vec<String> = nats.iter().map(TestNats::url).collect();
         let (mut configs, mut logs, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..nodes {
             let host = format!("127.0.0.{}", i + 1);
@@ -119,10 +179,9 @@ impl TestCluster {
                      [messaging]\nforward_retry_base_ms = 10\nforward_retry_max_ms = 200\n\
                      [sms]\nprovider = \"http\"\nurl = \"http://{sms}/sms\"\n\
                      [store]\nshards = [{url:?}]\nacquire_timeout_ms = 1000\n\
-                     [cluster]\nnode = \"n{i}\"\nnats = [{:?}]\nlease_ms = {LEASE_MS}\nbeat_ms = {BEAT_MS}\n\
+                     [cluster]\nnode = \"n{i}\"\nnats = {nats_urls:?}\nlease_ms = {LEASE_MS}\nbeat_ms = {BEAT_MS}\n\
                      request_timeout_ms = 2000\n",
                     dir.join(format!("data{i}")),
-                    nats.url()
                 ),
             )
             .unwrap();
@@ -197,10 +256,15 @@ type Chaos<'a> = Box<dyn FnMut(&mut TestCluster) + Send + 'a>;
 /// Four devices in two pairs, each pair's two devices on different nodes,
 /// send to each other while `chaos` strikes `rounds` times; then the
 /// ledger, with the stored history read back through any node.
-async fn cluster_ledger(rounds: usize, mut chaos: Chaos<'_>) -> TestCluster {
+async fn cluster_ledger(rounds: usize, chaos: Chaos<'_>) -> TestCluster {
+    cluster_ledger_over(1, rounds, chaos).await
+}
+
+/// As [`cluster_ledger`], the nodes sharing `nats_servers` NATS servers.
+async fn cluster_ledger_over(nats_servers: usize, rounds: usize, mut chaos: Chaos<'_>) -> TestCluster {
     let dir = tempfile::tempdir().unwrap();
     let (sms, mut codes) = sms_gateway().await;
-    let mut cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 3, sms));
+    let mut cluster = tokio::task::block_in_place(|| TestCluster::start_with(dir.path(), 3, nats_servers, sms));
     let api = Api::new(&format!("http://{}", cluster.addrs[0].0)).unwrap();
     let phones = ["+15550800001", "+15550800002", "+15550800003", "+15550800004"];
     let identities = register(&api, &phones, &mut codes).await;
@@ -275,9 +339,29 @@ async fn nats_killed_and_restarted_loses_nothing() {
     cluster_ledger(
         1,
         Box::new(|cluster| {
-            cluster.nats.kill();
+            cluster.nats[0].kill();
             std::thread::sleep(Duration::from_millis(800));
-            cluster.nats.launch();
+            cluster.nats[0].launch();
+        }),
+    )
+    .await;
+}
+
+/// 3b. One server of a three-server NATS cluster killed under traffic: the
+/// nodes it served move to the others by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_of_a_nats_cluster_killed_loses_nothing() {
+    cluster_ledger_over(
+        3,
+        1,
+        Box::new(|cluster| {
+            // Kill the server with the most nodes on it (each node picked
+            // one of the three at random).
+            let busiest = (0..3).max_by_key(|i| cluster.nats[*i].clients()).unwrap();
+            let clients = cluster.nats[busiest].clients();
+            assert!(clients > 0, "some node uses the NATS server that is killed");
+            println!("killing NATS server {busiest}, serving {clients} of the nodes");
+            cluster.nats[busiest].kill();
         }),
     )
     .await;
