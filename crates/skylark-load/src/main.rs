@@ -105,6 +105,8 @@ struct Common {
     #[arg(long, default_value = "http://127.0.0.1:7480")]
     server: String,
     /// Use raw TCP at this address (default: WebSocket on the HTTP address).
+    /// Several, comma-separated (the nodes of a cluster): each client
+    /// connects to one of them, chosen at random.
     #[arg(long)]
     tcp: Option<String>,
     /// Connect from this many loopback addresses, 127.0.0.1 upwards.
@@ -145,6 +147,9 @@ struct IdleArgs {
 impl Common {
     fn target(&self) -> Target {
         let endpoint = match &self.tcp {
+            Some(list) if list.contains(',') => {
+                Endpoint::Any(list.split(',').map(|a| Endpoint::Tcp(a.trim().to_owned())).collect())
+            }
             Some(addr) => Endpoint::Tcp(addr.clone()),
             None => Endpoint::websocket_for(&self.server, false),
         };
