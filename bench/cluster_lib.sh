@@ -10,9 +10,12 @@ nats=${SKYLARK_NATS_BIN:-$(command -v nats-server || echo /usr/sbin/nats-server)
 
 work=$(mktemp -d /tmp/skylark-cluster.XXXXXX)
 chmod 755 "$work"
-pids=()
+pids=()       # PostgreSQL and NATS
+node_pids=()  # the nodes, stopped first (they hand over while the others still serve)
 stop() {
   echo; echo "== stopping"
+  for pid in "${node_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${node_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -46,7 +49,7 @@ start_nats() {
 }
 
 # start_node BIN INDEX HTTP_PORT TCP_PORT NATS_URL [extra serve flags…]:
-# node n$INDEX on 127.0.0.$((INDEX+1)); sets $node_pid.
+# node n$INDEX on 127.0.0.$((INDEX+1)); sets $node_pid (also in $node_pids).
 start_node() {
   local bin=$1 i=$2 http=$3 tcp=$4 natsurl=$5; shift 5
   local host=127.0.0.$((i + 1))
@@ -54,7 +57,7 @@ start_node() {
     --nats "$natsurl" --http "$host:$http" --tcp "$host:$tcp" --data-dir "$work/n$i" "$@" \
     >"$work/n$i.out" 2>"$work/n$i.log" &
   node_pid=$!
-  pids+=($node_pid)
+  node_pids+=($node_pid)
   until grep -q "Skylark is running" "$work/n$i.out" 2>/dev/null; do
     kill -0 "$node_pid" 2>/dev/null || { echo "node n$i did not start:" >&2; tail "$work/n$i.log" >&2; exit 1; }
     sleep 0.2

@@ -32,10 +32,8 @@ echo "== provisioning $accounts accounts (embedded store, then copied into Postg
 start_pg 55432 -c max_connections=300 -c shared_buffers=512MB
 "$bin" store copy --from "$work/seed" --to "$store" | tail -1
 start_nats 54222
-node_pids=()
 for ((i = 0; i < NODES; i++)); do
   SKYLARK_LOG=warn start_node "$bin" "$i" "$HTTP_PORT" "$TCP_PORT" "nats://127.0.0.1:54222"
-  node_pids+=("$node_pid")
 done
 sleep 3
 

@@ -835,14 +835,20 @@ impl Cluster {
     /// Leaves the cluster: stops routing and removes this node from the
     /// membership, so the others take its actors at once. Call after the
     /// actors stopped (their leases are released).
+    /// Each step is bounded: with NATS or PostgreSQL down, stopping must
+    /// not wait for them (the lease then lapses by itself).
     pub async fn leave(&self) {
+        const STEP: Duration = Duration::from_secs(3);
         self.shutdown.cancel();
         self.tracker.close();
-        self.tracker.wait().await;
-        if let Err(e) = self.store.leave(&self.config.node).await {
-            tracing::warn!(error = %e, "could not leave the membership; the others wait for the lease to lapse");
+        if tokio::time::timeout(STEP, self.tracker.wait()).await.is_err() {
+            tracing::warn!("requests to other nodes were still running at shutdown; left unanswered");
         }
-        let _ = self.nats.flush().await;
+        match tokio::time::timeout(STEP, self.store.leave(&self.config.node)).await {
+            Ok(Ok(())) => {}
+            _ => tracing::warn!("could not leave the membership; the others take over when the lease lapses"),
+        }
+        let _ = tokio::time::timeout(STEP, self.nats.flush()).await;
     }
 
     /// Stops taking actors: the membership is told this node is draining,

@@ -618,3 +618,27 @@ async fn a_link_is_approved_on_another_node() {
     let (linked, _events) = Session::open(&cluster.endpoints_from(2, true).remove(0), &identity).await.unwrap();
     linked.handle().history(0, 1).await.expect("the linked device is served");
 }
+
+/// A node asked to stop (SIGTERM) while NATS and PostgreSQL are both gone
+/// still stops, within its bounded steps, instead of waiting for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stops_even_with_nats_and_postgres_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, _codes) = sms_gateway().await;
+    let mut cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 2, sms));
+    cluster.nats[0].kill();
+    cluster.pg.kill();
+    cluster.signal(1, "-TERM");
+    let mut node = cluster.nodes[1].take().unwrap();
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| {
+        loop {
+            if let Some(status) = node.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(45), "the node did not stop\n{}", cluster.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    println!("stopped in {:?} with {status:?}", started.elapsed());
+}
