@@ -216,8 +216,8 @@ pub(crate) struct Start {
     pub self_mailbox: lane::Sender<Msg>,
     /// The account's previous actor on this node, if it is still finishing.
     pub predecessor: Option<watch::Receiver<bool>>,
-    /// Cancelled when the actor must move to another node.
-    pub handoff: tokio_util::sync::CancellationToken,
+    /// Cancelled when the actor must move to another node (cluster mode).
+    pub handoff: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// The actor's task.
@@ -243,7 +243,7 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
             // Cluster mode: the account now belongs to another node. Mail
             // already queued is still this actor's (it holds the lease);
             // later mail is routed to the new owner.
-            _ = handoff.cancelled() => {
+            _ = async { handoff.as_ref()?.cancelled().await; Some(()) }, if handoff.is_some() => {
                 if let Some(done) = ctx.registry.retire(account, generation, &mut mailbox, true) {
                     healthy = shell.finish_queued(&mut mailbox, &mut batch).await;
                     retired = Some(done);

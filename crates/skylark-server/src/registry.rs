@@ -28,8 +28,9 @@ pub(crate) const MAILBOX: usize = 1024;
 struct Slot {
     mailbox: lane::Sender<Msg>,
     generation: u64,
-    /// Cancelled when the actor must move to another node (cluster mode).
-    handoff: CancellationToken,
+    /// Cancelled when the actor must move to another node (cluster mode
+    /// only: one node never needs it, and its actors do not pay for it).
+    handoff: Option<CancellationToken>,
 }
 
 #[derive(Default)]
@@ -82,7 +83,7 @@ impl Registry {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = lane::channel(MAILBOX);
         let predecessor = slots.retiring.remove(&account);
-        let handoff = CancellationToken::new();
+        let handoff = ctx.cluster.get().map(|_| CancellationToken::new());
         slots.live.insert(account, Slot { mailbox: tx.clone(), generation, handoff: handoff.clone() });
         drop(slots);
         // Debug level, like the connection span: an idle actor is counted in
@@ -148,8 +149,8 @@ impl Registry {
         let slots = self.slots();
         let mut asked = 0;
         for (account, slot) in &slots.live {
-            if moves(*account) && !slot.handoff.is_cancelled() {
-                slot.handoff.cancel();
+            if let Some(handoff) = slot.handoff.as_ref().filter(|h| !h.is_cancelled() && moves(*account)) {
+                handoff.cancel();
                 asked += 1;
             }
         }

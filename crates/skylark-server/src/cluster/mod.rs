@@ -571,10 +571,7 @@ impl Cluster {
     /// when the actor gives it.
     async fn mail_loop(self: Arc<Self>, mut subscription: async_nats::Subscriber) {
         loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = subscription.next() => match m { Some(m) => m, None => return },
-            };
+            let Some(message) = self.next_message(&mut subscription).await else { return };
             let Some(ctx) = self.ctx.upgrade() else { return };
             let mail = match Mail::decode(&message.payload) {
                 Ok(mail) => mail,
@@ -677,13 +674,19 @@ impl Cluster {
         }
     }
 
+    /// The next message of `subscription`; `None` at shutdown or when the
+    /// subscription ends.
+    async fn next_message(&self, subscription: &mut async_nats::Subscriber) -> Option<async_nats::Message> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            m = subscription.next() => m,
+        }
+    }
+
     /// Answers from other nodes, matched to their requests.
     async fn reply_loop(self: Arc<Self>, mut subscription: async_nats::Subscriber) {
         loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = subscription.next() => match m { Some(m) => m, None => return },
-            };
+            let Some(message) = self.next_message(&mut subscription).await else { return };
             let Some(id) = last_number(&message.subject) else { continue };
             let waiter = self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
             if let Some(waiter) = waiter {
@@ -695,10 +698,7 @@ impl Cluster {
     /// Events for this node's connections attached to actors elsewhere.
     async fn stream_loop(self: Arc<Self>, mut subscription: async_nats::Subscriber) {
         loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = subscription.next() => match m { Some(m) => m, None => return },
-            };
+            let Some(message) = self.next_message(&mut subscription).await else { return };
             let Some(connection) = last_number(&message.subject) else { continue };
             let decoded = wire::decode_event(&message.payload);
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
@@ -756,10 +756,7 @@ impl Cluster {
         let weak = Arc::downgrade(presence);
         self.tracker.spawn(async move {
             loop {
-                let message = tokio::select! {
-                    _ = me.shutdown.cancelled() => return,
-                    m = subscription.next() => match m { Some(m) => m, None => return },
-                };
+                let Some(message) = me.next_message(&mut subscription).await else { return };
                 let Some(presence) = weak.upgrade() else { return };
                 match wire::decode_broadcast(&message.payload) {
                     Ok((node, _)) if node == me.config.node => {}
@@ -818,10 +815,7 @@ impl Cluster {
         devices: Weak<crate::devices::Devices>,
     ) {
         loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = subscription.next() => match m { Some(m) => m, None => return },
-            };
+            let Some(message) = self.next_message(&mut subscription).await else { return };
             let (Some(devices), Some(reply)) = (devices.upgrade(), message.reply) else { continue };
             let nats = self.nats.clone();
             self.tracker.spawn(async move {
