@@ -49,6 +49,12 @@ pub const METRICS: &[Metric] = &[
         )),
     ),
     ("skylark_actors", Kind::Gauge, "Account and group actors running now.", None),
+    (
+        "skylark_cluster_members",
+        Kind::Gauge,
+        "Cluster mode: live nodes taking actors, as this node sees them (0 on one node).",
+        None,
+    ),
     ("skylark_messages_accepted_total", Kind::Counter, "1:1 messages accepted (durable in the sender's log).", None),
     ("skylark_messages_stored_total", Kind::Counter, "1:1 messages made durable in a recipient's log.", None),
     (

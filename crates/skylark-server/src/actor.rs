@@ -177,7 +177,7 @@ enum Reply {
     Group(oneshot::Sender<Result<GroupReply, MessagingError>>),
     Done(oneshot::Sender<Result<(), MessagingError>>),
     /// An attach: its queue joins the shell's once the machine took it.
-    Attach(oneshot::Sender<Result<(), MessagingError>>, u64, lane::Sender<DeviceEvent>),
+    Attach(oneshot::Sender<Result<(), MessagingError>>, DeviceId, u64, lane::Sender<DeviceEvent>),
     None,
 }
 
@@ -410,7 +410,7 @@ fn split(msg: Msg) -> (Input, Reply) {
         Msg::Forwarded { to, up_to } => (Input::Forwarded { to, up_to }, Reply::None),
         Msg::Attach(mail) => {
             let AttachMail { device, connection, events, reply } = *mail;
-            (Input::Attach { device, connection }, Reply::Attach(reply, connection, events))
+            (Input::Attach { device, connection }, Reply::Attach(reply, device, connection, events))
         }
         Msg::Detach { device, connection } => (Input::Detach { device, connection }, Reply::None),
         Msg::Ack { device, connection, up_to } => (Input::Ack { device, connection, up_to }, Reply::None),
@@ -583,14 +583,18 @@ impl Shell {
         for (outcome, reply) in fx.outcomes.drain(..).zip(replies.drain(..)) {
             match outcome {
                 Outcome::Now(result) => {
-                    if let (Reply::Attach(_, connection, events), Ok(_)) = (&reply, &result)
-                        && let Some(device) = self.attaching(*connection)
-                    {
-                        // A newer connection of the device: the older one
-                        // is told why its stream ends.
-                        let older = self.lanes.insert(device, (*connection, events.clone()));
-                        if let Some((_, older)) = older.filter(|(c, _)| c != connection) {
-                            let _ = older.try_send(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced));
+                    if let (Reply::Attach(_, device, connection, events), Ok(_)) = (&reply, &result) {
+                        if self.machine.feeds.windows.get(device).is_some_and(|w| w.connection == *connection) {
+                            // A newer connection of the device: the older one
+                            // is told why its stream ends.
+                            let older = self.lanes.insert(*device, (*connection, events.clone()));
+                            if let Some((_, older)) = older.filter(|(c, _)| c != connection) {
+                                let _ = older.try_send(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced));
+                            }
+                        } else if let Some(reason) = self.let_go(*device) {
+                            // Superseded within this batch: a newer connection
+                            // of the device attached too, or it was removed.
+                            let _ = events.try_send(DeviceEvent::Closed(reason));
                         }
                     }
                     reply.answer(result);
@@ -629,9 +633,17 @@ impl Shell {
         Ok(())
     }
 
-    /// The device whose window the machine just opened for `connection`.
-    fn attaching(&self, connection: u64) -> Option<DeviceId> {
-        self.machine.feeds.windows.iter().find(|(_, w)| w.connection == connection).map(|(d, _)| *d)
+    /// Why the machine let a connection of `device` go, if a device is
+    /// told: a newer connection holds its window, or it was removed (a
+    /// detached connection is not listening).
+    fn let_go(&self, device: DeviceId) -> Option<crate::sessions::Disconnect> {
+        if self.machine.feeds.windows.get(&device).is_some() {
+            Some(crate::sessions::Disconnect::Replaced)
+        } else if self.machine.feeds.positions.get(&device).is_none() {
+            Some(crate::sessions::Disconnect::DeviceRemoved)
+        } else {
+            None
+        }
     }
 
     /// Drops the queues of connections the machine no longer feeds
@@ -648,14 +660,7 @@ impl Shell {
             .map(|(device, _)| *device)
             .collect();
         for device in stale {
-            let reason = if self.machine.feeds.windows.get(&device).is_some() {
-                Some(crate::sessions::Disconnect::Replaced)
-            } else if self.machine.feeds.positions.get(&device).is_none() {
-                Some(crate::sessions::Disconnect::DeviceRemoved)
-            } else {
-                None
-            };
-            if let (Some(reason), Some((_, events))) = (reason, self.lanes.get(&device)) {
+            if let (Some(reason), Some((_, events))) = (self.let_go(device), self.lanes.get(&device)) {
                 let _ = events.try_send(DeviceEvent::Closed(reason));
             }
             self.lanes.remove(&device);

@@ -355,6 +355,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn two_connections_of_a_device_in_one_batch_the_older_is_told_it_was_replaced() {
+        let store = Arc::new(RedbStore::in_memory().unwrap());
+        let alice = account(&store, "+15550900041").await;
+        let router = Router::new(store.clone(), Arc::new(SystemClock), MessagingConfig::default());
+        // Both attaches are queued before the new actor takes its first
+        // batch (one thread: neither future lets it run in between).
+        let (older, newer) = tokio::join!(router.attach(alice.0, alice.1, 1), router.attach(alice.0, alice.1, 2));
+        let (mut older, mut newer) = (older.unwrap(), newer.unwrap());
+        assert!(
+            matches!(older.recv().await, Some(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced))),
+            "the connection superseded within the batch is told why its stream ends"
+        );
+        assert!(older.recv().await.is_none());
+        assert!(matches!(newer.recv().await, Some(DeviceEvent::CaughtUp { .. })), "the newer one is served");
+        router.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn made_up_group_ids_spawn_no_actors() {
         use crate::messaging::GroupRequest;
         let store = Arc::new(RedbStore::in_memory().unwrap());

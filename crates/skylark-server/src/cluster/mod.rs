@@ -342,6 +342,7 @@ impl Cluster {
             .filter(|n| !(n.draining || (n.id == self.config.node && draining)))
             .map(|n| (n.id.clone(), seed(&n.id)))
             .collect();
+        metrics::gauge!("skylark_cluster_members").set(placement.len() as f64);
         let (changed, gone) = {
             let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
             let changed = view.placement != placement;

@@ -27,6 +27,16 @@ use std::time::{Duration, Instant};
 const LEASE_MS: u64 = 4_000;
 const BEAT_MS: u64 = 500;
 
+/// The body of a plain HTTP GET.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_owned())
+}
+
 /// A private nats-server on a port of its own (one of a NATS cluster, when
 /// `routes` name the others).
 struct TestNats {
@@ -121,13 +131,8 @@ impl TestNats {
 
     /// How many clients this server has now (its monitoring endpoint).
     fn clients(&self) -> u64 {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.monitor)).unwrap();
-        write!(stream, "GET /connz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        let connz: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"));
+        let body = http_get(&format!("127.0.0.1:{}", self.monitor), "/connz");
+        let connz: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
         connz["num_connections"].as_u64().unwrap()
     }
 
@@ -206,10 +211,26 @@ impl TestCluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        // Every node has beaten since the last one joined, so all views
-        // agree: no actor moves under the test because a node joined late.
-        std::thread::sleep(Duration::from_millis(3 * BEAT_MS));
+        cluster.wait_for_views(nodes);
         cluster
+    }
+
+    /// Waits until every running node sees `members` live nodes (its
+    /// `skylark_cluster_members` gauge), so no actor moves under a test
+    /// because a node's view of a late joiner lagged (heartbeats can be
+    /// slow on a loaded machine).
+    fn wait_for_views(&self, members: usize) {
+        let want = format!("skylark_cluster_members {members}\n");
+        let started = Instant::now();
+        for (i, (http, _)) in self.addrs.iter().enumerate() {
+            if self.nodes.get(i).is_none_or(Option::is_none) {
+                continue;
+            }
+            while !http_get(http, "/metrics").contains(&want) {
+                assert!(started.elapsed() < Duration::from_secs(30), "node n{i} never saw {members} members");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     fn launch(&self, i: usize) -> ServerProcess {
@@ -458,6 +479,17 @@ async fn the_same_device_on_two_nodes_newest_wins() {
         };
         let (first, mut first_events) =
             open(older, false).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.log_tail()));
+        // The first connection is attached (its backlog is done) before the
+        // second one connects: the newest to attach is the one that stays.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(event) = first_events.recv().await {
+                if matches!(&event, Event::Frame(f) if matches!(f.body, Some(Body::CaughtUp(_)))) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the first connection caught up");
         let (second, _second_events) =
             open(newer, true).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.log_tail()));
         let closed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -471,7 +503,12 @@ async fn the_same_device_on_two_nodes_newest_wins() {
         })
         .await
         .expect("the older connection was closed");
-        assert_eq!(closed, Some(CloseCode::Replaced), "node {older} closed the older connection as replaced");
+        assert_eq!(
+            closed,
+            Some(CloseCode::Replaced),
+            "node {older} closed the older connection as replaced\n{}",
+            cluster.log_tail()
+        );
         // The newer one still works.
         second.handle().history(0, 1).await.expect("the newer connection serves");
         drop(first);
@@ -528,7 +565,7 @@ async fn presence_and_typing_cross_nodes() {
     let mut cluster = cluster;
     cluster.nodes[2].take().unwrap().kill();
     cluster.nodes[2] = Some(tokio::task::block_in_place(|| cluster.launch(2)));
-    tokio::time::sleep(Duration::from_millis(3 * BEAT_MS)).await;
+    tokio::task::block_in_place(|| cluster.wait_for_views(3));
     let (alice_again, _events) = Session::open(&cluster.endpoints_from(2, false).remove(0), &ids[0]).await.unwrap();
     let seen = alice_again.handle().subscribe_presence(&[phones[1]]).await.unwrap();
     assert!(seen[0].online, "the restarted node 2 knows Bob is on node 1");

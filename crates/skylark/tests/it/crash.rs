@@ -41,7 +41,8 @@ impl ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_skylark"))
             .args(["serve", "--config"])
             .arg(config)
-            .env("SKYLARK_LOG", "warn")
+            // TEST_SERVER_LOG=debug (say) when a failure needs the servers' story.
+            .env("SKYLARK_LOG", std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
