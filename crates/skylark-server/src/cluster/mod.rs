@@ -350,10 +350,14 @@ impl Cluster {
             *view = Arc::new(View { live, placement });
             (changed, gone)
         };
-        if let Some(presence) = self.presence.get().and_then(|(p, _)| p.upgrade()) {
-            for node in gone {
-                presence.forget_node(&node).await;
-            }
+        // Off the heartbeat's path: telling watchers can take a while, and a
+        // late heartbeat is a lapsed lease.
+        if let (Some(presence), false) = (self.presence.get().and_then(|(p, _)| p.upgrade()), gone.is_empty()) {
+            self.tracker.spawn(async move {
+                for node in gone {
+                    presence.forget_node(&node).await;
+                }
+            });
         }
         if beat.draining && !*self.draining.borrow() {
             tracing::info!(node = %self.config.node, "draining: handing every actor to the other nodes");
