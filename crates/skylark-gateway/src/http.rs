@@ -10,6 +10,7 @@
 //! | POST | /v1/links | a new device asks for a link code |
 //! | GET | /v1/links/{id}?wait_ms= | the new device waits for approval (long poll) |
 //! | GET | /v1/push/vapid | the server's VAPID public key for Web Push subscriptions |
+//! | GET | /v1/nodes | a cluster's serving nodes and their advertised addresses |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
 //! | GET | /, /app.js, /proto.js, /style.css | the web client |
 //! | GET | /healthz, /readyz, /metrics | operations |
@@ -49,6 +50,7 @@ pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared
         .route("/v1/verification/{id}/resend", post(resend))
         .route("/v1/verification/{id}/verify", post(verify))
         .route("/v1/push/vapid", get(vapid_key))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/links", post(create_link))
         .route("/v1/links/{id}", get(wait_link))
         .route("/v1/ws", get(crate::ws::upgrade))
@@ -337,6 +339,19 @@ async fn wait_link(
             http::LinkStatus::Approved { account_id: account.0, device_id: device.0, phone: phone.to_string() }
         }
     }))
+}
+
+/// The nodes a client may fail over to (the web client keeps the list and
+/// tries them when the node it came from is gone). Every node of a cluster
+/// answers with the same list once their views agree; a single server has
+/// no others.
+async fn nodes(State(shared): State<Shared>) -> Response {
+    let nodes = shared.server.router.cluster().map_or_else(Vec::new, |cluster| {
+        cluster.serving().into_iter().map(|(node, address)| http::NodeAddress { node, address }).collect()
+    });
+    let mut response = axum::Json(http::NodeList { nodes }).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 async fn vapid_key(State(shared): State<Shared>) -> axum::Json<http::VapidKey> {

@@ -40,6 +40,7 @@ const state = {
   ackTimer: null,
   ackUpTo: 0,
   backoff: 0,
+  lastHost: null, // the node that took the last session
 };
 
 function chat(key, init = {}) {
@@ -207,17 +208,73 @@ function setConnState(text) {
   $("conn-state").textContent = text;
 }
 
+// ---------------------------------------------------------------- nodes
+//
+// A cluster's nodes are listed at /v1/nodes. The page keeps the list, so
+// when the node it was loaded from is gone it reconnects to another one
+// (as the SDK's Endpoint::Any does): the node that served it last first,
+// then the page's own, then the others in a random order.
+
+const NODES_KEY = "skylark.nodes";
+/// Refusals of the device itself, which every node would repeat.
+const SIGNED_OUT = ["ERROR_CODE_UNKNOWN_DEVICE", "ERROR_CODE_DEVICE_REMOVED"];
+
+function knownNodes() {
+  try {
+    const nodes = JSON.parse(localStorage.getItem(NODES_KEY) || "[]");
+    return Array.isArray(nodes) ? nodes.filter((n) => typeof n === "string") : [];
+  } catch {
+    return [];
+  }
+}
+
+async function refreshNodes() {
+  try {
+    const list = await api.nodes();
+    localStorage.setItem(NODES_KEY, JSON.stringify((list.nodes || []).map((n) => n.address)));
+  } catch {
+    // The page's own node is unreachable: keep the list from before.
+  }
+}
+
+function candidates() {
+  const others = knownNodes().filter((n) => n !== location.host);
+  for (let i = others.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [others[i], others[j]] = [others[j], others[i]];
+  }
+  const order = [state.lastHost, location.host, ...others].filter(Boolean);
+  return [...new Set(order)];
+}
+
+/// The first node that takes the session; a refusal of this device (not
+/// of the node) ends the search, since every node would say the same.
+async function openAnywhere() {
+  let last = null;
+  for (const host of candidates()) {
+    try {
+      return await Session.open(state.me, { onFrame, onClose, host });
+    } catch (err) {
+      if (err instanceof Refused && SIGNED_OUT.includes(err.code)) throw err;
+      last = err;
+    }
+  }
+  throw last || new Error("no server to connect to");
+}
+
 async function connect() {
   setConnState("connecting…");
   try {
-    const session = await Session.open(state.me, { onFrame, onClose });
+    const session = await openAnywhere();
     state.session = session;
+    state.lastHost = session.host;
     state.connected = true;
     state.backoff = 0;
     setConnState("");
+    refreshNodes();
     await afterConnect(session);
   } catch (err) {
-    if (err instanceof Refused && ["ERROR_CODE_UNKNOWN_DEVICE", "ERROR_CODE_DEVICE_REMOVED"].includes(err.code)) {
+    if (err instanceof Refused && SIGNED_OUT.includes(err.code)) {
       return signedOut("This browser was signed out of the account.");
     }
     if (!state.connected) reconnectLater();

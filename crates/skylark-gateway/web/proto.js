@@ -124,6 +124,7 @@ export const api = {
   createLink: (publicKey, deviceName) =>
     call("POST", "/v1/links", { public_key: toBase64(publicKey), device_name: deviceName }),
   waitLink: (id, waitMs) => call("GET", `/v1/links/${encodeURIComponent(id)}?wait_ms=${waitMs}`),
+  nodes: () => call("GET", "/v1/nodes"),
 };
 
 // ---------------------------------------------------------------- sessions
@@ -140,16 +141,29 @@ export class Refused extends Error {
 /// Close codes after which reconnecting by itself would be wrong.
 const FINAL_CLOSES = new Set([4001, 4003, 4004, 4005]);
 
+/// How long a connect may take to be authenticated before the next node is
+/// tried: a node that is gone without refusing (a dropped route) would
+/// otherwise hold the page until the browser gives up on it.
+const OPEN_TIMEOUT_MS = 8000;
+
 /// One authenticated WebSocket session. `onFrame(frame)` gets every frame
 /// the server sends on its own (events, caught-up, presence, typing);
-/// `onClose(code, reason)` is called once when it ends.
+/// `onClose(code, reason)` is called once when it ends. `host` is the
+/// node's `host:port` (the page's own by default), reached with the page's
+/// scheme.
 export class Session {
-  static open(identity, { onFrame, onClose }) {
+  static open(identity, { onFrame, onClose, host = location.host }) {
     return new Promise((resolve, reject) => {
-      const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws`;
+      const url = `${location.protocol === "https:" ? "wss" : "ws"}://${host}/v1/ws`;
       const ws = new WebSocket(url, "skylark.v1.json");
       const session = new Session(ws, onFrame, onClose);
+      session.host = host;
       let authenticated = false;
+      const timer = setTimeout(() => {
+        if (authenticated) return;
+        reject(new Refused({ code: "TIMEOUT", message: `${host} did not answer in time` }));
+        ws.close();
+      }, OPEN_TIMEOUT_MS);
       ws.onopen = () =>
         session.raw({ id: "1", hello: { minVersion: 1, maxVersion: 1, client: "skylark-web/0.1" } });
       ws.onmessage = async (message) => {
@@ -166,6 +180,7 @@ export class Session {
             });
           } else if (frame.authenticated) {
             authenticated = true;
+            clearTimeout(timer);
             session.info = frame.authenticated;
             session.startHeartbeat(Number(frame.authenticated.heartbeatIntervalMs || 25000));
             resolve(session);
@@ -177,6 +192,7 @@ export class Session {
         session.dispatch(frame);
       };
       ws.onclose = (e) => {
+        clearTimeout(timer);
         if (authenticated) session.closed(e.code, e.reason);
         else reject(new Refused({ code: `CLOSE_${e.code}`, message: e.reason || "connection closed" }));
       };

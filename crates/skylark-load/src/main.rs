@@ -68,6 +68,29 @@ enum Command {
         #[arg(long)]
         server_core: Option<u32>,
     },
+    /// A cluster loses a node: how long the devices it dropped take to be
+    /// back and serving on the other nodes. Connects its clients over every
+    /// node given with --tcp, prints "ready", then waits for --kill-file to
+    /// hold the kill's time (milliseconds since the Unix epoch, written by
+    /// whoever kills the node).
+    Failover {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Use accounts from this index on.
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// Clients started per second.
+        #[arg(long, default_value_t = 300.0)]
+        rate: f64,
+        #[arg(long)]
+        kill_file: PathBuf,
+        /// Keep measuring at least this long after the kill (past the
+        /// killed node's lease, when the last streams end).
+        #[arg(long, default_value_t = 20.0)]
+        settle_secs: f64,
+    },
     /// Fan-out: one group of N members, all online; posts at a set rate.
     Group {
         #[command(flatten)]
@@ -388,6 +411,38 @@ async fn main() -> Result<()> {
                 r.lost,
                 r.duplicated,
                 r.redelivered
+            );
+            common.write(&r)
+        }
+        Command::Failover { common, clients, offset, rate, kill_file, settle_secs } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if manifest.accounts.len() < offset + clients {
+                bail!("failover with {clients} clients from account {offset} needs {} accounts", offset + clients);
+            }
+            let killed = || async move {
+                println!("ready: {clients} clients connected; waiting for {}", kill_file.display());
+                let _ = std::io::stdout().flush();
+                loop {
+                    if let Ok(text) = std::fs::read_to_string(&kill_file)
+                        && let Ok(ms) = text.trim().parse::<u64>()
+                    {
+                        return std::time::UNIX_EPOCH + Duration::from_millis(ms);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let settle = Duration::from_secs_f64(settle_secs);
+            let r = scenarios::failover(&common.target(), &manifest, (offset, clients, rate), settle, killed).await;
+            println!(
+                "failover: {} clients, {} dropped by the kill, {} back and serving; 50% back in {:.2} s, 99% in {:.2} s, \
+                 all in {:.2} s (NaN: never); {} failed attempts on the way",
+                r.clients,
+                r.dropped,
+                r.back,
+                r.back_50_seconds,
+                r.back_99_seconds,
+                r.back_all_seconds,
+                r.failed_attempts
             );
             common.write(&r)
         }

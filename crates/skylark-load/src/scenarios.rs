@@ -9,7 +9,7 @@ use skylark_protocol::v1::{ReceiptKind, event::Body};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
 /// Where the server is and how to reach it.
@@ -682,6 +682,187 @@ where
         lost,
         duplicated,
         redelivered: redelivered.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+// ---------------------------------------------------------------- failover
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverReport {
+    pub scenario: String,
+    pub clients: usize,
+    /// Clients whose connection ended after the kill: those connected to
+    /// the killed node, and those elsewhere whose account's actor lived
+    /// there (their stream ends when the node leaves the membership).
+    pub dropped: usize,
+    /// Of those, how many were back and serving before the run ended.
+    pub back: usize,
+    /// From the kill until half (99%, all) of the dropped clients were
+    /// back: reconnected to a live node, with a message they sent
+    /// acknowledged (their account's actor serves again). NaN: never.
+    pub back_50_seconds: f64,
+    pub back_99_seconds: f64,
+    pub back_all_seconds: f64,
+    /// Connections that ended (or connects that failed) after the kill,
+    /// before their client was back: refused while the killed node's lease
+    /// ran, and the like.
+    pub failed_attempts: u64,
+    /// Every dropped client's time back, sorted (to merge the reports of
+    /// several load processes).
+    pub back_seconds: Vec<f64>,
+}
+
+/// `clients` reconnecting clients (accounts `offset..offset + clients`)
+/// spread over a cluster's nodes by the target's endpoint list. Once every
+/// one is connected, `killed` is awaited: it tells the caller to kill a
+/// node and resolves with the moment of the kill (a wall-clock time, so
+/// several load processes can share it). Each client whose connection then
+/// ends sends one message (to the next account) as soon as it is connected
+/// again, until it is acknowledged; the report says how long after the kill
+/// the dropped clients were back. The run lasts at least `settle` after the
+/// kill, so the clients dropped only when the node left the membership are
+/// counted, and at most two minutes. Clients start at `rate` per second.
+pub async fn failover<K, F>(
+    target: &Target,
+    manifest: &Manifest,
+    (offset, clients, rate): (usize, usize, f64),
+    settle: Duration,
+    killed: K,
+) -> FailoverReport
+where
+    K: FnOnce() -> F,
+    F: std::future::Future<Output = SystemTime>,
+{
+    use skylark_client::backoff::Backoff;
+    use skylark_client::client::{Client, ClientEvent};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let run = run_id();
+    let armed = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    // Per client: when its connection first ended after the kill, and when
+    // it was back.
+    let dropped: Arc<Mutex<Vec<Option<SystemTime>>>> = Arc::new(Mutex::new(vec![None; clients]));
+    let back: Arc<Mutex<Vec<Option<SystemTime>>>> = Arc::new(Mutex::new(vec![None; clients]));
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let mut handles = Vec::with_capacity(clients);
+    let mut kept = Vec::with_capacity(clients);
+    let ramp = Instant::now();
+    for i in 0..clients {
+        pace(ramp + Duration::from_secs_f64(i as f64 / rate.max(1.0))).await;
+        let index = offset + i;
+        let identity = manifest.identity(index, &target.http_base);
+        let to = manifest.accounts[offset + (i + 1) % clients].phone.clone();
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let (client, mut events) = Client::start_from(target.endpoint.clone(), identity, backoff, target.source(index));
+        let client = Arc::new(client);
+        let (armed, failed, dropped, back, ready_tx, run) =
+            (armed.clone(), failed.clone(), dropped.clone(), back.clone(), ready_tx.clone(), run.clone());
+        let prober = client.clone();
+        handles.push(tokio::spawn(async move {
+            let client_id = format!("failover-{run}-{index}");
+            let mut was_ready = false;
+            let mut probe: Option<tokio::task::JoinHandle<()>> = None;
+            while let Some(event) = events.recv().await {
+                let lock = |v: &Arc<Mutex<Vec<Option<SystemTime>>>>| {
+                    v.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i]
+                };
+                match event {
+                    ClientEvent::Connected(_) if !was_ready => {
+                        was_ready = true;
+                        let _ = ready_tx.send(i);
+                    }
+                    ClientEvent::Connected(_) if lock(&dropped).is_some() && lock(&back).is_none() => {
+                        // Probe on this connection: the send is answered once
+                        // the account's actor serves again. A failed probe
+                        // waits for the next connection.
+                        let (prober, to, client_id, back) =
+                            (prober.clone(), to.clone(), client_id.clone(), back.clone());
+                        if let Some(old) = probe.replace(tokio::spawn(async move {
+                            let Ok(h) = prober.connected().await else { return };
+                            if h.send(&to, &client_id, vec![b'f'; 32]).await.is_ok() {
+                                back.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i] =
+                                    Some(SystemTime::now());
+                            }
+                        })) {
+                            old.abort();
+                        }
+                    }
+                    ClientEvent::Disconnected { .. } if armed.load(Ordering::Relaxed) => {
+                        let mut d = dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if d[i].is_none() {
+                            d[i] = Some(SystemTime::now());
+                        } else if lock(&back).is_none() {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    ClientEvent::Stopped(_) => break,
+                    _ => {}
+                }
+            }
+            if let Some(probe) = probe {
+                probe.abort();
+            }
+        }));
+        kept.push(client);
+    }
+    drop(ready_tx);
+    let mut ready = 0;
+    while ready < clients {
+        match tokio::time::timeout(Duration::from_secs(120), ready_rx.recv()).await {
+            Ok(Some(_)) => {
+                ready += 1;
+                if ready % 500 == 0 {
+                    progress("connected", ready as u64, clients as u64);
+                }
+            }
+            _ => break,
+        }
+    }
+    progress("connected", ready as u64, clients as u64);
+    armed.store(true, Ordering::Relaxed);
+    let kill = killed().await;
+    let started = Instant::now();
+    loop {
+        let down = dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().flatten().count();
+        let up = back.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().flatten().count();
+        progress("back", up as u64, down.max(1) as u64);
+        let waited = started.elapsed();
+        if (waited >= settle && up == down) || waited > Duration::from_secs(120) {
+            eprintln!();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dropped_count = dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().flatten().count();
+    let mut times: Vec<f64> = back
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .flatten()
+        .map(|t| t.duration_since(kill).unwrap_or_default().as_secs_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    // Quantiles of every dropped client, as in `storm`.
+    let at = |q: f64| {
+        let rank = ((dropped_count as f64 * q).ceil() as usize).max(1);
+        times.get(rank - 1).copied().unwrap_or(f64::NAN)
+    };
+    for client in &kept {
+        client.cancel();
+    }
+    for h in handles {
+        h.abort();
+    }
+    FailoverReport {
+        scenario: "failover".into(),
+        clients,
+        dropped: dropped_count,
+        back: times.len(),
+        back_50_seconds: at(0.5),
+        back_99_seconds: at(0.99),
+        back_all_seconds: at(1.0),
+        failed_attempts: failed.load(std::sync::atomic::Ordering::Relaxed),
+        back_seconds: times,
     }
 }
 

@@ -90,6 +90,20 @@ pub struct VapidKey {
     pub public_key: String,
 }
 
+/// `GET /v1/nodes`: the nodes of a cluster that take devices now, with the
+/// address each advertises (`host:port` of its HTTP listener, reached with
+/// the same scheme as the node that answered). Empty on a single server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeList {
+    pub nodes: Vec<NodeAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddress {
+    pub node: String,
+    pub address: String,
+}
+
 /// Every error answer: a stable name and a message in words.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {

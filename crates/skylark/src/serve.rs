@@ -58,7 +58,8 @@ pub struct ServeArgs {
     #[arg(long = "nats", env = "SKYLARK_NATS", value_name = "URL", value_delimiter = ',')]
     nats: Vec<String>,
     /// Cluster mode: the address devices use to reach this node, shown to
-    /// operators (default: the HTTP listen address).
+    /// operators and listed to clients at /v1/nodes (default: the HTTP
+    /// listen address).
     #[arg(long, env = "SKYLARK_ADVERTISE", value_name = "HOST:PORT")]
     advertise: Option<String>,
     /// Log filter, such as `info` or `info,skylark_gateway=debug`.

@@ -67,7 +67,8 @@ pub struct ClusterConfig {
     pub node: String,
     /// NATS servers (`nats://host:port`); the client fails over between them.
     pub nats: Vec<String>,
-    /// Where devices reach this node (`host:port`), as shown to operators.
+    /// Where devices reach this node (`host:port` of its HTTP listener): shown
+    /// to operators, and listed to clients at `GET /v1/nodes`.
     pub advertise: String,
     /// How long a heartbeat keeps a node live.
     pub lease_ms: u64,
@@ -117,6 +118,9 @@ struct View {
     live: Vec<String>,
     /// Live nodes that take actors, with their rendezvous seeds.
     placement: Vec<(String, u64)>,
+    /// The advertised address of each node in `placement` (same order):
+    /// where devices can reach it.
+    addresses: Vec<String>,
 }
 
 /// A connection of this node attached to an actor on another node.
@@ -313,6 +317,14 @@ impl Cluster {
         self.current().placement.iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// The live, non-draining nodes with the addresses they advertise
+    /// (`[cluster] advertise`), as this node sees them: what a client that
+    /// fails over by itself (the web client) may try.
+    pub fn serving(&self) -> Vec<(String, String)> {
+        let view = self.current();
+        view.placement.iter().map(|(n, _)| n.clone()).zip(view.addresses.iter().cloned()).collect()
+    }
+
     fn current(&self) -> Arc<View> {
         self.view.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -336,18 +348,15 @@ impl Cluster {
         let beat = self.store.beat(&self.config.node, &self.config.advertise, self.config.lease_ms).await?;
         let live: Vec<String> = beat.live.iter().map(|n| n.id.clone()).collect();
         let draining = beat.draining || self.shutdown.is_cancelled();
-        let placement: Vec<(String, u64)> = beat
-            .live
-            .iter()
-            .filter(|n| !(n.draining || (n.id == self.config.node && draining)))
-            .map(|n| (n.id.clone(), seed(&n.id)))
-            .collect();
+        let serving = || beat.live.iter().filter(|n| !(n.draining || (n.id == self.config.node && draining)));
+        let placement: Vec<(String, u64)> = serving().map(|n| (n.id.clone(), seed(&n.id))).collect();
+        let addresses: Vec<String> = serving().map(|n| n.address.clone()).collect();
         metrics::gauge!("skylark_cluster_members").set(placement.len() as f64);
         let (changed, gone) = {
             let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
             let changed = view.placement != placement;
             let gone: Vec<String> = view.live.iter().filter(|n| !live.contains(n)).cloned().collect();
-            *view = Arc::new(View { live, placement });
+            *view = Arc::new(View { live, placement, addresses });
             (changed, gone)
         };
         // Off the heartbeat's path: telling watchers can take a while, and a

@@ -681,3 +681,65 @@ async fn a_node_stops_even_with_nats_and_postgres_gone() {
     });
     println!("stopped in {:?} with {status:?}", started.elapsed());
 }
+
+/// The web client fails over by itself: its page, served by node 0, learns
+/// the cluster's nodes (`/v1/nodes`); when node 0 dies, it reconnects to
+/// another node and the conversation goes on both ways, each message shown
+/// once (`tests/web/cluster.mjs` drives Chromium; this side owns the
+/// cluster and answers its questions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_client_fails_over_when_its_node_dies() {
+    use std::io::{BufRead, BufReader, Write};
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web");
+    let chromium = crate::web::chromium();
+    crate::web::playwright(&web);
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let mut cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 3, sms));
+    // Every node lists every node, with the address it advertises.
+    let list: serde_json::Value = serde_json::from_str(&http_get(&cluster.addrs[1].0, "/v1/nodes")).unwrap();
+    let mut listed: Vec<&str> =
+        list["nodes"].as_array().unwrap().iter().map(|n| n["address"].as_str().unwrap()).collect();
+    listed.sort_unstable();
+    let mut addrs: Vec<&str> = cluster.addrs.iter().map(|(http, _)| http.as_str()).collect();
+    addrs.sort_unstable();
+    assert_eq!(listed, addrs, "{list}");
+
+    let nodes: Vec<String> = cluster.addrs.iter().map(|(http, _)| format!("http://{http}")).collect();
+    let mut script = Command::new("node")
+        .arg("cluster.mjs")
+        .current_dir(&web)
+        .env("NODES", nodes.join(","))
+        .env("CHROMIUM", &chromium)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("the web client test needs Node.js (`node` on PATH): {e}"));
+    let mut answers = script.stdin.take().unwrap();
+    let questions = BufReader::new(script.stdout.take().unwrap());
+    let mut done = false;
+    tokio::task::block_in_place(|| {
+        for line in questions.lines() {
+            let line = line.unwrap();
+            println!("cluster.mjs: {line}");
+            if let Some(phone) = line.strip_prefix("CODE ") {
+                let (to, code) = codes.blocking_recv().unwrap();
+                assert_eq!(to, phone);
+                writeln!(answers, "{code}").unwrap();
+            } else if line == "KILL 0" {
+                cluster.nodes[0].take().expect("node 0 runs").kill();
+                writeln!(answers, "killed").unwrap();
+            } else if line == "DONE" {
+                done = true;
+            }
+        }
+    });
+    let output = script.wait_with_output().unwrap();
+    assert!(
+        output.status.success() && done,
+        "the web client's failover test failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        cluster.log_tail()
+    );
+}

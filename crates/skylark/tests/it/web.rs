@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn chromium() -> PathBuf {
+pub(crate) fn chromium() -> PathBuf {
     if let Some(path) = std::env::var_os("CHROMIUM") {
         return PathBuf::from(path);
     }
@@ -22,7 +22,7 @@ fn chromium() -> PathBuf {
 }
 
 /// `playwright-core`, installed from the committed package-lock.json.
-fn playwright(dir: &Path) {
+pub(crate) fn playwright(dir: &Path) {
     if dir.join("node_modules/playwright-core").exists() {
         return;
     }

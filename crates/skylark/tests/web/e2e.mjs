@@ -15,11 +15,11 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
+import { sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SHOTS = process.env.SCREENSHOTS || join(tmpdir(), "skylark-web-screenshots");
-const WAIT = 15000;
 mkdirSync(SHOTS, { recursive: true });
 
 function freePort() {
@@ -35,6 +35,8 @@ const dataDir = mkdtempSync(join(tmpdir(), "skylark-web-"));
 const [httpPort, tcpPort] = [await freePort(), await freePort()];
 const base = `http://127.0.0.1:${httpPort}`;
 const codes = new Map(); // phone → latest code
+const signUp = (page, phone) =>
+  signUpAt(page, base, phone, (p) => until(`the SMS code for ${p}`, () => codes.get(p)));
 let server = null;
 
 function startServer() {
@@ -54,49 +56,8 @@ function startServer() {
   });
 }
 
-async function until(what, fn, ms = WAIT) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 async function shot(page, name) {
   await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
-}
-
-async function signUp(page, phone) {
-  await page.goto(base);
-  await page.fill("#phone", phone);
-  await page.press("#phone", "Enter");
-  await page.waitForSelector("#code-form:not([hidden])");
-  const code = await until(`the SMS code for ${phone}`, () => codes.get(phone));
-  await page.fill("#code", code);
-  await page.press("#code", "Enter");
-  await page.waitForSelector("#app:not([hidden])");
-  assert.equal(await page.textContent("#me-phone"), phone);
-}
-
-async function startChat(page, phone) {
-  await page.click("#new-chat");
-  await page.fill("dialog input", phone);
-  await page.press("dialog input", "Enter");
-  await page.waitForSelector("#composer:not([hidden])");
-}
-
-async function sendText(page, text) {
-  await page.fill("#text", text);
-  await page.press("#text", "Enter");
-}
-
-const tick = (page, text) =>
-  page.locator("#messages li.msg.mine", { hasText: text }).locator(".tick").getAttribute("data-status");
-
-async function tickIs(page, text, status) {
-  await until(`"${text}" to be ${status}`, async () => (await tick(page, text)) === status);
 }
 
 async function count(page, selector, text) {
