@@ -16,7 +16,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         // Message payloads are `bytes::Bytes`: decoded without a copy where
         // the frame allows, and shared, not copied, by every device's event.
-        .bytes([".skylark.v1.SendMessage.payload", ".skylark.v1.Message.payload", ".skylark.v1.GroupMessage.payload"])
+        .bytes([
+            ".skylark.v1.SendMessage.payload",
+            ".skylark.v1.Message.payload",
+            ".skylark.v1.GroupMessage.payload",
+            // Key packages likewise: stored and handed out as they came.
+            ".skylark.v1.UploadKeyPackages",
+            ".skylark.v1.DeviceKeyPackage.key_package",
+        ])
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         .compile_protos(&[proto], &["proto"])?;

@@ -248,6 +248,41 @@ impl SessionHandle {
         self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await
     }
 
+    /// Publishes MLS key packages for this device (and, when given, its
+    /// last-resort package); answers the stock after the upload.
+    pub async fn upload_key_packages(
+        &self,
+        key_packages: Vec<bytes::Bytes>,
+        last_resort: Option<bytes::Bytes>,
+    ) -> Result<v1::KeyPackageStock, ClientError> {
+        let body = client_frame::Body::UploadKeyPackages(v1::UploadKeyPackages {
+            key_packages,
+            last_resort: last_resort.unwrap_or_default(),
+        });
+        match self.request(body).await? {
+            server_frame::Body::KeyPackageStock(stock) => Ok(stock),
+            other => Err(ClientError::Protocol(format!("expected KeyPackageStock, got {other:?}"))),
+        }
+    }
+
+    /// How many of this device's key packages are unclaimed.
+    pub async fn key_package_stock(&self) -> Result<v1::KeyPackageStock, ClientError> {
+        match self.request(client_frame::Body::GetKeyPackageStock(v1::GetKeyPackageStock {})).await? {
+            server_frame::Body::KeyPackageStock(stock) => Ok(stock),
+            other => Err(ClientError::Protocol(format!("expected KeyPackageStock, got {other:?}"))),
+        }
+    }
+
+    /// One key package of every active device of `phone`'s account (of
+    /// this account's other devices, for this device's own number).
+    pub async fn claim_key_packages(&self, phone: &str) -> Result<v1::ClaimedKeyPackages, ClientError> {
+        let body = client_frame::Body::ClaimKeyPackages(v1::ClaimKeyPackages { phone: phone.to_owned() });
+        match self.request(body).await? {
+            server_frame::Body::ClaimedKeyPackages(claimed) => Ok(claimed),
+            other => Err(ClientError::Protocol(format!("expected ClaimedKeyPackages, got {other:?}"))),
+        }
+    }
+
     async fn expect_ok(&self, body: client_frame::Body) -> Result<(), ClientError> {
         match self.request(body).await? {
             server_frame::Body::Ok(_) => Ok(()),

@@ -10,6 +10,7 @@ pub mod account;
 pub mod auth;
 pub mod clock;
 pub mod group;
+pub mod keys;
 pub mod message;
 pub mod phone;
 pub mod verification;

@@ -772,16 +772,21 @@ where
                         let _ = ready_tx.send(i);
                     }
                     ClientEvent::Connected(_) if lock(&dropped).is_some() && lock(&back).is_none() => {
-                        // Probe on this connection: the send is answered once
-                        // the account's actor serves again. A failed probe
-                        // waits for the next connection.
+                        // Probe: the send is answered once the account's
+                        // actor serves again. A refused probe (the actor's
+                        // node is not known to be gone yet) is sent again,
+                        // with the same client id, until it is answered.
                         let (prober, to, client_id, back) =
                             (prober.clone(), to.clone(), client_id.clone(), back.clone());
                         if let Some(old) = probe.replace(tokio::spawn(async move {
-                            let Ok(h) = prober.connected().await else { return };
-                            if h.send(&to, &client_id, vec![b'f'; 32]).await.is_ok() {
-                                back.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i] =
-                                    Some(SystemTime::now());
+                            loop {
+                                let Ok(h) = prober.connected().await else { return };
+                                if h.send(&to, &client_id, vec![b'f'; 32]).await.is_ok() {
+                                    back.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i] =
+                                        Some(SystemTime::now());
+                                    return;
+                                }
+                                tokio::time::sleep(Duration::from_millis(200)).await;
                             }
                         })) {
                             old.abort();

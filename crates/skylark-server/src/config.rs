@@ -85,6 +85,11 @@ pub struct RateLimits {
     /// Typing notifications per device; past it they are dropped silently
     /// (they are never answered).
     pub typing_per_device: Quota,
+    /// Claims of key packages per device (each takes one package of every
+    /// device of the account claimed).
+    pub key_claims_per_device: Quota,
+    /// Uploads of key packages per device.
+    pub key_uploads_per_device: Quota,
 }
 
 impl Default for RateLimits {
@@ -99,6 +104,8 @@ impl Default for RateLimits {
             messages_per_device: Quota { burst: 1_000, per_ms: 10 },
             group_changes_per_device: Quota { burst: 30, per_ms: 2_000 },
             typing_per_device: Quota { burst: 20, per_ms: 500 },
+            key_claims_per_device: Quota { burst: 60, per_ms: 1_000 },
+            key_uploads_per_device: Quota { burst: 10, per_ms: 60_000 },
         }
     }
 }

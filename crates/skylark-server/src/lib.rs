@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod directory;
 pub mod http_client;
+pub mod keys;
 pub mod lane;
 pub mod messaging;
 pub mod presence;
@@ -59,6 +60,8 @@ pub struct Server {
     pub devices: Arc<devices::Devices>,
     pub presence: Arc<presence::Presence>,
     pub pusher: push::Pusher,
+    /// End-to-end encryption's key-package directory.
+    pub keys: keys::KeyDirectory,
 }
 
 impl std::fmt::Debug for Server {
@@ -114,7 +117,20 @@ impl Server {
         let pusher = push::Pusher::new(store.clone(), sessions.clone(), clock.clone(), config.push.clone()).await?;
         let waker = pusher.clone();
         router.on_incoming(Arc::new(move |account| waker.wake(account)));
-        Ok(Arc::new(Self { config, store, clock, registration, auth, sessions, router, devices, presence, pusher }))
+        let keys = keys::KeyDirectory::new(store.clone(), router.directory().clone(), &config.rate_limits);
+        Ok(Arc::new(Self {
+            config,
+            store,
+            clock,
+            registration,
+            auth,
+            sessions,
+            router,
+            devices,
+            presence,
+            pusher,
+            keys,
+        }))
     }
 
     /// Cluster mode: joins the cluster (docs/CLUSTER.md) — actors placed
@@ -153,6 +169,7 @@ impl Server {
         self.pusher.sweep();
         self.router.sweep();
         self.presence.sweep();
+        self.keys.sweep();
         self.devices.flush_last_seen().await;
         let day_ago = self.clock.now_ms().saturating_sub(24 * 3_600_000);
         match self.store.purge_verifications(day_ago).await {

@@ -20,6 +20,89 @@ pub async fn run_all(store: &dyn Store) {
     device_management(store).await;
     settings(store).await;
     groups(store).await;
+    key_packages(store).await;
+}
+
+/// The key-package directory: a stock claimed oldest first, a last-resort
+/// package handed out (and kept) once the stock is empty, the bound kept
+/// all or nothing, no package handed out twice under concurrent claims, and
+/// nothing left of a removed device.
+async fn key_packages(store: &dyn Store) {
+    use bytes::Bytes;
+    use skylark_core::keys::KeyStock;
+    let reg = store
+        .register(&phone("+15550170001"), NewDevice { public_key: [7; 32], name: "phone".into() }, 1)
+        .await
+        .expect("register");
+    let (account, first) = (reg.account.id, reg.device.id);
+    let second = store
+        .add_device(account, NewDevice { public_key: [8; 32], name: "laptop".into() }, 5, 2)
+        .await
+        .expect("add")
+        .id;
+    let empty = KeyStock { available: 0, has_last_resort: false };
+    assert_eq!(store.key_stock(first).await.expect("read"), empty);
+
+    let package = |tag: &str| Bytes::from(format!("kp-{tag}").into_bytes());
+    let put = store
+        .put_key_packages(first, vec![package("a1"), package("a2"), package("a3")], Some(package("last")), 10)
+        .await
+        .expect("put");
+    assert_eq!(put, Ok(KeyStock { available: 3, has_last_resort: true }));
+    let over = (0..8).map(|i| package(&format!("over{i}"))).collect();
+    assert_eq!(
+        store.put_key_packages(first, over, Some(package("other")), 10).await.expect("put"),
+        Err(KeyStock { available: 3, has_last_resort: true }),
+        "over the bound: refused whole"
+    );
+    assert_eq!(store.key_stock(first).await.expect("read").available, 3, "nothing of a refused upload kept");
+
+    let claimed = store.claim_key_packages(&[first, second]).await.expect("claim");
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(
+        (claimed[0].device, claimed[0].package.clone(), claimed[0].last_resort),
+        (first, Some(package("a1")), false)
+    );
+    assert_eq!((claimed[1].device, claimed[1].package.clone()), (second, None), "nothing published");
+    for want in ["a2", "a3"] {
+        let claimed = store.claim_key_packages(&[first]).await.expect("claim");
+        assert_eq!((claimed[0].package.clone(), claimed[0].last_resort), (Some(package(want)), false), "oldest first");
+    }
+    for _ in 0..2 {
+        let claimed = store.claim_key_packages(&[first]).await.expect("claim");
+        assert_eq!((claimed[0].package.clone(), claimed[0].last_resort), (Some(package("last")), true));
+    }
+    assert_eq!(store.key_stock(first).await.expect("read"), KeyStock { available: 0, has_last_resort: true });
+
+    // Concurrent claims never share a one-time package.
+    let many: Vec<Bytes> = (0..40).map(|i| package(&format!("c{i}"))).collect();
+    store.put_key_packages(second, many.clone(), None, 100).await.expect("put").expect("room");
+    let one = [second];
+    let claims = (0..50).map(|_| store.claim_key_packages(&one));
+    let results = futures_util::future::join_all(claims).await;
+    let mut handed: Vec<Bytes> = Vec::new();
+    let mut none = 0;
+    for claimed in results {
+        match claimed.expect("claim").remove(0).package {
+            Some(p) => handed.push(p),
+            None => none += 1,
+        }
+    }
+    assert_eq!(none, 10, "no last-resort package: the claims past the stock get nothing");
+    handed.sort();
+    let mut want = many;
+    want.sort();
+    assert_eq!(handed, want, "each package handed out exactly once");
+
+    // A removed device's packages are gone; a takeover removes the rest.
+    store.put_key_packages(second, vec![package("x")], Some(package("y")), 100).await.expect("put").expect("room");
+    assert!(store.remove_device(account, first, 3).await.expect("remove"));
+    assert_eq!(store.key_stock(first).await.expect("read"), empty);
+    store
+        .register(&phone("+15550170001"), NewDevice { public_key: [9; 32], name: "new phone".into() }, 4)
+        .await
+        .expect("take over");
+    assert_eq!(store.key_stock(second).await.expect("read"), empty);
 }
 
 async fn groups(store: &dyn Store) {

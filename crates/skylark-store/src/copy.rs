@@ -95,6 +95,11 @@ const TABLES: &[Table] = &[
         filter: "",
     },
     Table { name: "push", columns: &[("device", Int), ("target", Json)], shard_by: None, filter: "" },
+    // A package's place in its device's stock is not copied (the new
+    // database numbers them in the order they come); which one a claim
+    // takes first does not matter.
+    Table { name: "key_packages", columns: &[("device", Int), ("package", Bytes)], shard_by: None, filter: "" },
+    Table { name: "last_resort_keys", columns: &[("device", Int), ("package", Bytes)], shard_by: None, filter: "" },
     Table { name: "log", columns: &[("account", Int), ("seq", Int), ("entry", Bytes)], shard_by: Some(0), filter: "" },
     Table {
         name: "outbox",
@@ -386,6 +391,19 @@ pub async fn redb_to_postgres(
     progress("push");
     for (device, raw) in json_rows(&txn, redb_store::PUSH)? {
         pending.push(index_of("push"), vec![int(device)?, canonical_json(&raw)?]).await?;
+    }
+    progress("key packages");
+    {
+        let table = txn.open_table(redb_store::KEY_PACKAGES)?;
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            pending.push(index_of("key_packages"), vec![int(k.value().0)?, Value::Bytes(v.value().to_vec())]).await?;
+        }
+        let table = txn.open_table(redb_store::LAST_RESORT_KEYS)?;
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            pending.push(index_of("last_resort_keys"), vec![int(k.value())?, Value::Bytes(v.value().to_vec())]).await?;
+        }
     }
     progress("settings");
     for (account, raw) in json_rows(&txn, redb_store::SETTINGS)? {

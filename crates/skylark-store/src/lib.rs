@@ -18,6 +18,7 @@ pub mod redb_store;
 
 use async_trait::async_trait;
 use skylark_core::group::GroupMeta;
+pub use skylark_core::keys::KeyStock;
 use skylark_core::message::{LogEntry, OutboxItem, ReceiptKind};
 use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
@@ -170,6 +171,43 @@ pub trait SettingsStore: Send + Sync {
     async fn push_target(&self, device: DeviceId) -> Result<Option<PushTarget>, StoreError>;
     /// Sets (or with `None`, removes) a device's push target. Durable when it returns.
     async fn set_push_target(&self, device: DeviceId, target: Option<PushTarget>) -> Result<(), StoreError>;
+}
+
+/// One device's answer to a claim of key packages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKey {
+    pub device: DeviceId,
+    /// `None`: the device has published no package at all.
+    pub package: Option<bytes::Bytes>,
+    /// The device's stock was empty, so this is its last-resort package
+    /// (handed out again to later claims until it is replaced).
+    pub last_resort: bool,
+}
+
+/// The MLS key-package directory (the rules are `skylark_core::keys`): per
+/// device, a stock of one-time packages claimed oldest first, and one
+/// last-resort package.
+#[async_trait]
+pub trait KeyPackageStore: Send + Sync {
+    /// Appends `packages` to `device`'s stock and, when given, replaces its
+    /// last-resort package, in one durable transaction. When the stock
+    /// would then hold more than `max` packages nothing is stored and the
+    /// answer is `Err` with the stock as it is.
+    async fn put_key_packages(
+        &self,
+        device: DeviceId,
+        packages: Vec<bytes::Bytes>,
+        last_resort: Option<bytes::Bytes>,
+        max: u32,
+    ) -> Result<Result<KeyStock, KeyStock>, StoreError>;
+
+    async fn key_stock(&self, device: DeviceId) -> Result<KeyStock, StoreError>;
+
+    /// One package for each of `devices` (in that order): the oldest of its
+    /// stock, taken out durably before this returns, or its last-resort
+    /// package when the stock is empty. Concurrent claims never get the
+    /// same one-time package.
+    async fn claim_key_packages(&self, devices: &[DeviceId]) -> Result<Vec<ClaimedKey>, StoreError>;
 }
 
 #[async_trait]
@@ -457,11 +495,18 @@ fn cluster_needs_postgres() -> StoreError {
 }
 
 pub trait Store:
-    AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore + LeaseStore
+    AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore + LeaseStore + KeyPackageStore
 {
 }
 
-impl<T: AccountStore + VerificationStore + MetaStore + MessageStore + SettingsStore + GroupStore + LeaseStore> Store
-    for T
+impl<T> Store for T where
+    T: AccountStore
+        + VerificationStore
+        + MetaStore
+        + MessageStore
+        + SettingsStore
+        + GroupStore
+        + LeaseStore
+        + KeyPackageStore
 {
 }

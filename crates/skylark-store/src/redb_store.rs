@@ -17,8 +17,9 @@ use crate::record::{
     receipt_state,
 };
 use crate::{
-    AccountState, AccountStore, AccountWrite, AddDeviceError, Counters, GroupStore, LeaseStore, MessageStore,
-    MetaStore, PushTarget, ReceiptState, Registration, SettingsStore, StoreError, VerificationStore, Visibility,
+    AccountState, AccountStore, AccountWrite, AddDeviceError, ClaimedKey, Counters, GroupStore, KeyPackageStore,
+    KeyStock, LeaseStore, MessageStore, MetaStore, PushTarget, ReceiptState, Registration, SettingsStore, StoreError,
+    VerificationStore, Visibility,
 };
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -62,6 +63,11 @@ pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::ne
 pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
 /// device → push target (JSON).
 pub(crate) const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
+/// (device, n) → one unclaimed MLS key package; the lowest n is claimed
+/// first.
+pub(crate) const KEY_PACKAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("key_packages");
+/// device → its last-resort key package (never consumed by a claim).
+pub(crate) const LAST_RESORT_KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("last_resort_keys");
 /// Group id → its current state (JSON).
 pub(crate) const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
 /// (member account, group id): the account is a member of the group now.
@@ -252,6 +258,8 @@ impl RedbStore {
         txn.open_table(CONTACTS)?;
         txn.open_table(SETTINGS)?;
         txn.open_table(PUSH)?;
+        txn.open_table(KEY_PACKAGES)?;
+        txn.open_table(LAST_RESORT_KEYS)?;
         txn.open_table(GROUPS)?;
         txn.open_table(MEMBERSHIPS)?;
         txn.commit()?;
@@ -534,6 +542,7 @@ impl AccountStore for RedbStore {
                 record.removed_at_ms = Some(now_ms);
                 devices.insert(device_id, encode(&record)?.as_slice())?;
                 removed_devices.push(DeviceId(device_id));
+                drop_keys(txn, device_id)?;
             }
 
             // A new device starts at the end of the account's log.
@@ -600,6 +609,7 @@ impl AccountStore for RedbStore {
             record.removed_at_ms = Some(now_ms);
             devices.insert(device.0, encode(&record)?.as_slice())?;
             txn.open_table(CURSORS)?.remove((account.0, device.0))?;
+            drop_keys(txn, device.0)?;
             Ok(true)
         })
         .await
@@ -731,6 +741,91 @@ impl SettingsStore for RedbStore {
                 None => table.remove(device.0)?,
             };
             Ok(())
+        })
+        .await
+    }
+}
+
+/// A removed device's key packages are gone with it: nobody may add it to
+/// a conversation any more.
+fn drop_keys(txn: &redb::WriteTransaction, device: u64) -> Result<(), StoreError> {
+    txn.open_table(KEY_PACKAGES)?.retain_in((device, 0)..=(device, u64::MAX), |_, _| false)?;
+    txn.open_table(LAST_RESORT_KEYS)?.remove(device)?;
+    Ok(())
+}
+
+fn stock_of(
+    packages: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    last_resort: &impl ReadableTable<u64, &'static [u8]>,
+    device: u64,
+) -> Result<KeyStock, StoreError> {
+    let available = packages.range((device, 0)..=(device, u64::MAX))?.count();
+    Ok(KeyStock {
+        available: u32::try_from(available).map_err(|_| StoreError::Invariant("a key stock over u32".into()))?,
+        has_last_resort: last_resort.get(device)?.is_some(),
+    })
+}
+
+#[async_trait]
+impl KeyPackageStore for RedbStore {
+    async fn put_key_packages(
+        &self,
+        device: DeviceId,
+        packages: Vec<bytes::Bytes>,
+        last_resort: Option<bytes::Bytes>,
+        max: u32,
+    ) -> Result<Result<KeyStock, KeyStock>, StoreError> {
+        self.write(move |txn| {
+            let mut table = txn.open_table(KEY_PACKAGES)?;
+            let mut spare = txn.open_table(LAST_RESORT_KEYS)?;
+            let stock = stock_of(&table, &spare, device.0)?;
+            if stock.available as usize + packages.len() > max as usize {
+                return Ok(Err(stock));
+            }
+            let next = match table.range((device.0, 0)..=(device.0, u64::MAX))?.next_back() {
+                Some(last) => last?.0.value().1 + 1,
+                None => 0,
+            };
+            for (n, package) in (next..).zip(&packages) {
+                table.insert((device.0, n), package.as_ref())?;
+            }
+            if let Some(package) = &last_resort {
+                spare.insert(device.0, package.as_ref())?;
+            }
+            Ok(Ok(stock_of(&table, &spare, device.0)?))
+        })
+        .await
+    }
+
+    async fn key_stock(&self, device: DeviceId) -> Result<KeyStock, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            stock_of(&txn.open_table(KEY_PACKAGES)?, &txn.open_table(LAST_RESORT_KEYS)?, device.0)
+        })
+    }
+
+    async fn claim_key_packages(&self, devices: &[DeviceId]) -> Result<Vec<ClaimedKey>, StoreError> {
+        let devices = devices.to_vec();
+        // One write transaction: redb has a single writer, so two claims
+        // are serialised and never take the same package.
+        self.write(move |txn| {
+            let mut table = txn.open_table(KEY_PACKAGES)?;
+            let spare = txn.open_table(LAST_RESORT_KEYS)?;
+            let mut claimed = Vec::with_capacity(devices.len());
+            for device in devices {
+                let oldest =
+                    table.range((device.0, 0)..=(device.0, u64::MAX))?.next().transpose()?.map(|(k, _)| k.value());
+                let (package, last_resort) = match oldest {
+                    Some(key) => {
+                        let package = table.remove(key)?.map(|v| bytes::Bytes::copy_from_slice(v.value()));
+                        (package, false)
+                    }
+                    None => (spare.get(device.0)?.map(|v| bytes::Bytes::copy_from_slice(v.value())), true),
+                };
+                let last_resort = last_resort && package.is_some();
+                claimed.push(ClaimedKey { device, package, last_resort });
+            }
+            Ok(claimed)
         })
         .await
     }

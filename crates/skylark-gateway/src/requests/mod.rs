@@ -9,6 +9,7 @@
 //! | [`presence`] | `Typing`, `SubscribePresence`, `SetActive`, `SetPrivacy` |
 //! | [`push`] | `RegisterPush` |
 //! | [`groups`] | `CreateGroup`, `ChangeGroup`, `GetGroup`, `ListGroups`, `GetMessageInfo` |
+//! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
 //!
 //! The session (`session.rs`) owns the connection's state machine and calls
 //! [`answer`] for each request frame; this layer knows nothing of
@@ -18,6 +19,7 @@
 
 mod devices;
 pub(crate) mod groups;
+mod keys;
 mod messaging;
 mod presence;
 mod push;
@@ -144,6 +146,9 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::SetActive(active) => Answer::Now(presence::set_active(&caller, id, active)),
         Body::SetPrivacy(privacy) => Answer::Now(presence::set_privacy(&caller, id, privacy).await),
         Body::RegisterPush(register) => Answer::Now(push::register(&caller, id, register).await),
+        Body::UploadKeyPackages(upload) => Answer::Now(keys::upload(&caller, id, upload).await),
+        Body::GetKeyPackageStock(_) => Answer::Now(keys::get_stock(&caller, id).await),
+        Body::ClaimKeyPackages(claim) => Answer::Now(keys::claim(&caller, id, claim).await),
         body @ (Body::CreateGroup(_)
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)

@@ -29,9 +29,9 @@ pub mod throwaway;
 
 use crate::record::{StoredOutbox, decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte};
 use crate::{
-    AccountState, AccountStore, AccountWrite, Acquired, AddDeviceError, Beat, Counters, GroupStore, LeaseStore,
-    MessageStore, MetaStore, NodeRecord, PushTarget, ReceiptState, Registration, SettingsStore, StoreError,
-    VerificationStore, Visibility,
+    AccountState, AccountStore, AccountWrite, Acquired, AddDeviceError, Beat, ClaimedKey, Counters, GroupStore,
+    KeyPackageStore, KeyStock, LeaseStore, MessageStore, MetaStore, NodeRecord, PushTarget, ReceiptState, Registration,
+    SettingsStore, StoreError, VerificationStore, Visibility,
 };
 use async_trait::async_trait;
 use skylark_core::group::GroupMeta;
@@ -57,6 +57,7 @@ const RECEIVED_SLOT: i16 = crate::record::RECEIVED_SLOT as i16;
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "schema", include_str!("../../migrations/0001_schema.sql")),
     (2, "cluster", include_str!("../../migrations/0002_cluster.sql")),
+    (3, "key_packages", include_str!("../../migrations/0003_key_packages.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -115,6 +116,11 @@ pub(crate) struct Conn {
     index: usize,
     target: Target,
     pub(crate) pool: PgPool,
+    /// One connection of its own for cluster heartbeats, so a node whose
+    /// pool is saturated by traffic still beats in time: a late heartbeat
+    /// is a lapsed lease, which would hand every actor away and make an
+    /// overload worse.
+    beats: PgPool,
     host: AtomicUsize,
     choosing: AtomicBool,
 }
@@ -154,6 +160,7 @@ impl Conn {
                         tracing::warn!(shard = self.index, %host, "store shard moved to another host");
                     }
                     self.pool.set_connect_options(options.clone());
+                    self.beats.set_connect_options(options.clone());
                     return Ok(());
                 }
                 Ok(Err(e)) => why.push(format!("{host}: {}", connect_error(&e))),
@@ -316,30 +323,36 @@ async fn connect(index: usize, url: &str, options: &PgOptions) -> Result<Conn, S
         *host = host.clone().options([("synchronous_commit", options.synchronous_commit.as_str())]);
     }
     let read_write = target.read_write;
-    let pool = PgPoolOptions::new()
-        .max_connections(options.pool_size.max(1))
+    let pool_of = |size: u32| {
+        PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(options.acquire_timeout)
+            // No ping before every query (a round trip each): a connection
+            // that broke fails its next query instead, which the caller sees
+            // as a failed read or write (and an actor restarts), the same as
+            // a connection lost mid-query.
+            .test_before_acquire(false)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if read_write {
+                        let standby: bool =
+                            sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(&mut *conn).await?;
+                        if standby {
+                            return Err(sqlx::Error::Protocol("the server is a standby (read-only)".into()));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+    };
+    let pool = pool_of(options.pool_size.max(1))
         // Opened ahead: a PostgreSQL connection costs a process fork and
         // statement preparation, which must not land on the first messages.
         .min_connections(options.pool_size.max(1))
-        .acquire_timeout(options.acquire_timeout)
-        // No ping before every query (a round trip each): a connection that
-        // broke fails its next query instead, which the caller sees as a
-        // failed read or write (and an actor restarts), the same as a
-        // connection lost mid-query.
-        .test_before_acquire(false)
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                if read_write {
-                    let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(&mut *conn).await?;
-                    if standby {
-                        return Err(sqlx::Error::Protocol("the server is a standby (read-only)".into()));
-                    }
-                }
-                Ok(())
-            })
-        })
         .connect_lazy_with(target.hosts[0].clone());
-    let conn = Conn { index, target, pool, host: AtomicUsize::new(0), choosing: AtomicBool::new(false) };
+    // Opened on the first heartbeat (single-node servers never beat).
+    let beats = pool_of(1).connect_lazy_with(target.hosts[0].clone());
+    let conn = Conn { index, target, pool, beats, host: AtomicUsize::new(0), choosing: AtomicBool::new(false) };
     if let Err(why) = conn.choose_host().await {
         let wanted = if conn.target.read_write { " that accepts writes" } else { "" };
         return Err(StoreError::Unusable(format!(
@@ -1056,6 +1069,7 @@ impl AccountStore for PgStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(fail)?;
+        drop_keys(&mut tx, &removed).await.map_err(fail)?;
         let mut removed_devices = removed.into_iter().map(|d| uint(d).map(DeviceId)).collect::<Result<Vec<_>, _>>()?;
         removed_devices.sort();
         let placed = early.filter(|_| known.as_ref().is_some_and(|k| k.id == account.id));
@@ -1142,6 +1156,9 @@ impl AccountStore for PgStore {
         .map_err(fail)?
         .rows_affected()
             == 1;
+        if done {
+            drop_keys(&mut tx, &[int(device.0)?]).await.map_err(fail)?;
+        }
         let delete_cursor = "DELETE FROM cursors WHERE account = $1 AND device = $2";
         if done && together {
             sqlx::query(delete_cursor)
@@ -1303,6 +1320,136 @@ impl SettingsStore for PgStore {
     }
 }
 
+/// The nodes whose heartbeat is within their lease, by name.
+async fn live_nodes(pool: &PgPool) -> Result<Vec<NodeRecord>, sqlx::Error> {
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT id, address, draining FROM nodes WHERE beat_at + lease_ms * interval '1 millisecond' > now() ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, address, draining)| NodeRecord { id, address, draining }).collect())
+}
+
+/// A removed device's key packages go with it: nobody may add it to a
+/// conversation any more.
+async fn drop_keys(conn: &mut PgConnection, devices: &[i64]) -> Result<(), sqlx::Error> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM key_packages WHERE device = ANY($1)").bind(devices).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM last_resort_keys WHERE device = ANY($1)").bind(devices).execute(&mut *conn).await?;
+    Ok(())
+}
+
+async fn key_stock_in(conn: &mut PgConnection, device: i64) -> Result<KeyStock, sqlx::Error> {
+    let (available, has_last_resort): (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM key_packages WHERE device = $1), \
+                EXISTS (SELECT 1 FROM last_resort_keys WHERE device = $1)",
+    )
+    .bind(device)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(KeyStock { available: u32::try_from(available).unwrap_or(u32::MAX), has_last_resort })
+}
+
+#[async_trait]
+impl KeyPackageStore for PgStore {
+    async fn put_key_packages(
+        &self,
+        device: DeviceId,
+        packages: Vec<bytes::Bytes>,
+        last_resort: Option<bytes::Bytes>,
+        max: u32,
+    ) -> Result<Result<KeyStock, KeyStock>, StoreError> {
+        let dir = self.directory();
+        let fail = |e| dir.fail(e);
+        let id = int(device.0)?;
+        let mut tx = dir.pool.begin().await.map_err(fail)?;
+        // The device's row serialises its uploads, so two cannot both fit
+        // under the bound and together exceed it.
+        sqlx::query("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await.map_err(fail)?;
+        let stock = key_stock_in(&mut tx, id).await.map_err(fail)?;
+        if stock.available as usize + packages.len() > max as usize {
+            return Ok(Err(stock));
+        }
+        let rows: Vec<&[u8]> = packages.iter().map(|p| p.as_ref()).collect();
+        sqlx::query(
+            "INSERT INTO key_packages (device, package) \
+             SELECT $1, p FROM unnest($2::bytea[]) WITH ORDINALITY AS u(p, n) ORDER BY n",
+        )
+        .bind(id)
+        .bind(&rows)
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+        if let Some(package) = &last_resort {
+            sqlx::query(
+                "INSERT INTO last_resort_keys (device, package) VALUES ($1, $2) \
+                 ON CONFLICT (device) DO UPDATE SET package = EXCLUDED.package",
+            )
+            .bind(id)
+            .bind(package.as_ref())
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        }
+        let stock = key_stock_in(&mut tx, id).await.map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(Ok(stock))
+    }
+
+    async fn key_stock(&self, device: DeviceId) -> Result<KeyStock, StoreError> {
+        let dir = self.directory();
+        let mut conn = dir.pool.acquire().await.map_err(|e| dir.fail(e))?;
+        key_stock_in(&mut conn, int(device.0)?).await.map_err(|e| dir.fail(e))
+    }
+
+    async fn claim_key_packages(&self, devices: &[DeviceId]) -> Result<Vec<ClaimedKey>, StoreError> {
+        let dir = self.directory();
+        let fail = |e| dir.fail(e);
+        let ids = devices.iter().map(|d| int(d.0)).collect::<Result<Vec<_>, _>>()?;
+        // Each device's oldest package that no concurrent claim holds
+        // (SKIP LOCKED), taken out in the same statement; then the
+        // last-resort packages of the devices left without one.
+        let mut tx = dir.pool.begin().await.map_err(fail)?;
+        let taken: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "WITH picked AS ( \
+                 SELECT k.device, k.seq FROM unnest($1::int8[]) AS d(id) \
+                 CROSS JOIN LATERAL (SELECT device, seq FROM key_packages WHERE device = d.id \
+                                     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) k) \
+             DELETE FROM key_packages k USING picked \
+             WHERE k.device = picked.device AND k.seq = picked.seq RETURNING k.device, k.package",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(fail)?;
+        let taken: BTreeMap<i64, Vec<u8>> = taken.into_iter().collect();
+        let rest: Vec<i64> = ids.iter().copied().filter(|d| !taken.contains_key(d)).collect();
+        let spares: BTreeMap<i64, Vec<u8>> = if rest.is_empty() {
+            BTreeMap::new()
+        } else {
+            sqlx::query_as("SELECT device, package FROM last_resort_keys WHERE device = ANY($1)")
+                .bind(&rest)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(fail)?
+                .into_iter()
+                .collect()
+        };
+        tx.commit().await.map_err(fail)?;
+        Ok(devices
+            .iter()
+            .zip(&ids)
+            .map(|(device, id)| match (taken.get(id), spares.get(id)) {
+                (Some(p), _) => ClaimedKey { device: *device, package: Some(p.clone().into()), last_resort: false },
+                (None, Some(p)) => ClaimedKey { device: *device, package: Some(p.clone().into()), last_resort: true },
+                (None, None) => ClaimedKey { device: *device, package: None, last_resort: false },
+            })
+            .collect())
+    }
+}
+
 #[async_trait]
 impl GroupStore for PgStore {
     async fn allocate_group(&self) -> Result<AccountId, StoreError> {
@@ -1354,21 +1501,15 @@ impl LeaseStore for PgStore {
         .bind(node)
         .bind(address)
         .bind(int(lease_ms)?)
-        .fetch_one(&dir.pool)
+        .fetch_one(&dir.beats)
         .await
         .map_err(fail)?;
-        Ok(Beat { live: self.members().await?, lapsed, draining })
+        Ok(Beat { live: live_nodes(&dir.beats).await.map_err(fail)?, lapsed, draining })
     }
 
     async fn members(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let dir = self.directory();
-        let rows: Vec<(String, String, bool)> = sqlx::query_as(
-            "SELECT id, address, draining FROM nodes WHERE beat_at + lease_ms * interval '1 millisecond' > now() ORDER BY id",
-        )
-        .fetch_all(&dir.pool)
-        .await
-        .map_err(|e| dir.fail(e))?;
-        Ok(rows.into_iter().map(|(id, address, draining)| NodeRecord { id, address, draining }).collect())
+        live_nodes(&dir.pool).await.map_err(|e| dir.fail(e))
     }
 
     async fn leave(&self, node: &str) -> Result<(), StoreError> {

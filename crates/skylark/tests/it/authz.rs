@@ -70,6 +70,17 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
         ("set_active", Body::SetActive(v1::SetActive { active: true })),
         ("set_privacy", Body::SetPrivacy(v1::SetPrivacy { presence: v1::Visibility::Everyone as i32 })),
         ("register_push", Body::RegisterPush(v1::RegisterPush { target: None })),
+        // Key packages: a device publishes its own; anyone may claim a
+        // registered number's (rate-limited), as contact discovery needs.
+        (
+            "upload_key_packages",
+            Body::UploadKeyPackages(v1::UploadKeyPackages {
+                key_packages: vec![bytes::Bytes::from_static(b"key package")],
+                last_resort: bytes::Bytes::new(),
+            }),
+        ),
+        ("key_package_stock", Body::GetKeyPackageStock(v1::GetKeyPackageStock {})),
+        ("claim alice's key packages", Body::ClaimKeyPackages(v1::ClaimKeyPackages { phone: "+15556000001".into() })),
         (
             "create_group",
             Body::CreateGroup(v1::CreateGroup { subject: "mine".into(), members: vec!["+15556000002".into()] }),

@@ -14,6 +14,7 @@ mod docs;
 mod frames;
 mod groups;
 mod harness;
+mod keys;
 mod lifecycle;
 mod limits;
 mod messaging;

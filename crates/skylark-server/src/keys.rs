@@ -1,0 +1,116 @@
+//! The key-package directory of end-to-end encryption: the server's half
+//! of MLS's "authentication service and delivery service" split that
+//! concerns keys.
+//!
+//! Each device publishes a stock of one-time MLS key packages and one
+//! last-resort package; another device claims one package of every device
+//! of an account when it adds that account to a conversation. A claim
+//! takes a package out durably before answering, so no package is handed
+//! out twice; an empty stock hands out the last-resort package (MLS allows
+//! its reuse), so a device stays reachable until it tops its stock up. The
+//! packages are opaque bytes here: the claiming client checks their
+//! signatures against the device keys it trusts. The rules (sizes, counts)
+//! are `skylark_core::keys`; this module adds the rate limits and the
+//! phone → account step. It knows nothing of the wire.
+
+use crate::config::RateLimits;
+use crate::directory::Directory;
+use crate::ratelimit::{KeyedLimiter, Limited};
+use bytes::Bytes;
+use skylark_core::keys::{KeyStock, MAX_KEY_PACKAGES_PER_DEVICE, UploadError, check_upload};
+use skylark_core::phone::PhoneError;
+use skylark_core::{AccountId, DeviceId, PhoneNumber};
+use skylark_store::{ClaimedKey, Store, StoreError};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Upload(#[from] UploadError),
+    #[error("invalid phone number: {0}")]
+    InvalidPhone(#[from] PhoneError),
+    #[error("no account has that phone number")]
+    UnknownAccount,
+    #[error("too many key package requests; try again in {}", skylark_core::words::wait(u64::try_from(.0.retry_after.as_millis()).unwrap_or(u64::MAX)))]
+    RateLimited(Limited),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a claim hands out: one entry per active device of the account, in
+/// device id order.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub account: AccountId,
+    pub phone: PhoneNumber,
+    pub devices: Vec<ClaimedKey>,
+}
+
+pub struct KeyDirectory {
+    store: Arc<dyn Store>,
+    directory: Arc<Directory>,
+    /// Per claiming device: each claim empties one package of every device
+    /// of the target, so this is what bounds draining someone's stock.
+    claims: KeyedLimiter,
+    uploads: KeyedLimiter,
+}
+
+impl std::fmt::Debug for KeyDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyDirectory").finish_non_exhaustive()
+    }
+}
+
+impl KeyDirectory {
+    pub fn new(store: Arc<dyn Store>, directory: Arc<Directory>, limits: &RateLimits) -> Self {
+        Self {
+            store,
+            directory,
+            claims: KeyedLimiter::new("key_claims_per_device", limits.key_claims_per_device),
+            uploads: KeyedLimiter::new("key_uploads_per_device", limits.key_uploads_per_device),
+        }
+    }
+
+    /// Adds `packages` to `device`'s stock (and replaces its last-resort
+    /// package when one is given), all or nothing; durable when it returns.
+    pub async fn upload(
+        &self,
+        device: DeviceId,
+        packages: Vec<Bytes>,
+        last_resort: Option<Bytes>,
+    ) -> Result<KeyStock, KeyError> {
+        self.uploads.check(&device.0.to_string()).map_err(KeyError::RateLimited)?;
+        let sizes: Vec<usize> = packages.iter().map(Bytes::len).collect();
+        check_upload(&sizes, last_resort.as_ref().map(Bytes::len))?;
+        match self.store.put_key_packages(device, packages, last_resort, MAX_KEY_PACKAGES_PER_DEVICE).await? {
+            Ok(stock) => Ok(stock),
+            Err(stock) => {
+                Err(UploadError::StockFull { available: stock.available, max: MAX_KEY_PACKAGES_PER_DEVICE }.into())
+            }
+        }
+    }
+
+    pub async fn stock(&self, device: DeviceId) -> Result<KeyStock, KeyError> {
+        Ok(self.store.key_stock(device).await?)
+    }
+
+    /// One package of every active device of the account with `phone`,
+    /// other than `claimer` itself (a device claims its own number to add
+    /// its account's other devices).
+    pub async fn claim(&self, claimer: DeviceId, phone: &str) -> Result<Claimed, KeyError> {
+        self.claims.check(&claimer.0.to_string()).map_err(KeyError::RateLimited)?;
+        let phone = PhoneNumber::parse(phone)?;
+        let account = self.directory.account(&phone).await?.ok_or(KeyError::UnknownAccount)?;
+        let mut ids: Vec<DeviceId> =
+            self.store.active_devices(account).await?.into_iter().map(|d| d.id).filter(|d| *d != claimer).collect();
+        ids.sort_unstable();
+        let devices = self.store.claim_key_packages(&ids).await?;
+        Ok(Claimed { account, phone, devices })
+    }
+
+    /// Housekeeping: drops idle rate-limit state.
+    pub fn sweep(&self) {
+        self.claims.forget_idle();
+        self.uploads.forget_idle();
+    }
+}
