@@ -61,6 +61,49 @@ impl Endpoint {
     }
 }
 
+#[cfg(test)]
+mod display_tests {
+    use super::Endpoint;
+
+    #[test]
+    fn endpoints_read_as_addresses() {
+        let ws = Endpoint::websocket_for("http://127.0.0.1:7480", false);
+        assert_eq!(ws.to_string(), "ws://127.0.0.1:7480/v1/ws");
+        assert_eq!(Endpoint::Tcp("127.0.0.1:7481".into()).to_string(), "tcp://127.0.0.1:7481");
+        let tls = crate::tls::TlsClient::new(None).expect("web PKI roots");
+        let over_tls = Endpoint::Tls(Box::new(Endpoint::Tcp("example.org:7481".into())), tls.clone());
+        assert_eq!(over_tls.to_string(), "tls://example.org:7481");
+        let wss = Endpoint::Tls(Box::new(Endpoint::websocket_for("https://example.org", true)), tls);
+        assert_eq!(wss.to_string(), "wss://example.org/v1/ws");
+        let any = Endpoint::Any(vec![Endpoint::Tcp("a:1".into()), Endpoint::Tcp("b:2".into())]);
+        assert_eq!(any.to_string(), "tcp://a:1 or tcp://b:2");
+    }
+}
+
+/// The address as a person reads it: `ws://host:port/v1/ws`,
+/// `tcp://host:port`, `tls://host:port` (TCP inside TLS), or a list.
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Endpoint::WebSocket { url, .. } => f.write_str(url),
+            Endpoint::Tls(inner, _) => match inner.as_ref() {
+                Endpoint::Tcp(addr) => write!(f, "tls://{addr}"),
+                other => write!(f, "{other}"),
+            },
+            Endpoint::Any(list) => {
+                for (i, endpoint) in list.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" or ")?;
+                    }
+                    write!(f, "{endpoint}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What the server sent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Received {

@@ -161,12 +161,13 @@ pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {
     let (session, _events) = Session::open(&endpoint, &identity)
         .await
         .map_err(explain)
-        .with_context(|| format!("connecting to {endpoint:?}"))?;
+        .with_context(|| format!("connecting to {endpoint}"))?;
     let me = session.who_am_i().await.map_err(explain)?;
     println!("phone:    {}", me.phone);
     println!("account:  {}", me.account_id);
     println!("device:   {} ({})", me.device_id, me.device_name);
-    println!("server:   {} (protocol v{})", identity.server, session.info.version);
+    // The address this connection used (the --tcp one, when given).
+    println!("server:   {endpoint} (protocol v{})", session.info.version);
     session.close().await;
     Ok(())
 }

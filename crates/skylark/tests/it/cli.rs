@@ -46,6 +46,12 @@ async fn register_then_whoami_from_the_command_line() {
 
     let home_path = home.path().to_owned();
     let tcp = server.gateway.as_ref().unwrap().tcp_addr().to_string();
+    // Each names the address it used, as an address (not a Rust value).
+    let used = [
+        format!("server:   ws://{}/v1/ws (protocol v1)", base.trim_start_matches("http://")),
+        format!("server:   tcp://{tcp} (protocol v1)"),
+        format!("server:   ws://{}/v1/ws (protocol v1)", base.trim_start_matches("http://")),
+    ];
     let outputs = tokio::task::spawn_blocking(move || {
         let mut outputs = Vec::new();
         for extra in [vec![], vec!["--tcp", tcp.as_str()], vec!["--json"]] {
@@ -57,9 +63,10 @@ async fn register_then_whoami_from_the_command_line() {
     })
     .await
     .unwrap();
-    for out in outputs {
+    for (out, used) in outputs.iter().zip(&used) {
         assert!(out.contains("phone:    +15550500001"), "{out}");
         assert!(out.contains("(laptop)"), "{out}");
+        assert!(out.contains(used.as_str()), "{out}");
     }
 
     // Without a profile, whoami says what to do.
