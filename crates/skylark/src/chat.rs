@@ -42,11 +42,21 @@ pub(crate) fn normalise(number: &str) -> Result<String> {
     Ok(PhoneNumber::parse(number).with_context(|| format!("{number:?} is not a phone number"))?.to_string())
 }
 
+/// The bytes of a text message, refusing one with nothing to read (an
+/// empty or blank argument is a slip, not a message).
+pub fn text_to_send(message: &str) -> Result<Vec<u8>> {
+    if message.trim().is_empty() {
+        bail!("the message is empty, so nothing was sent; give the text to send (in quotes if it has spaces)");
+    }
+    Ok(message.as_bytes().to_vec())
+}
+
 pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: &str) -> Result<()> {
+    let payload = text_to_send(message)?;
     let identity = Identity::load(profile)?;
     let to = normalise(to)?;
     let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let ack = session.handle().send(&to, &client_id(), message.as_bytes().to_vec()).await.map_err(explain)?;
+    let ack = session.handle().send(&to, &client_id(), payload).await.map_err(explain)?;
     let id = ack.id.unwrap_or_default();
     println!("✓ sent to {to} at {} (message {}:{})", clock(ack.sent_at_ms), id.sender, id.seq);
     session.close().await;

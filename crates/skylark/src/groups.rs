@@ -53,6 +53,9 @@ fn print_info(info: &v1::GroupInfo) {
 }
 
 pub async fn run(profile: &Path, transport: &TransportArgs, command: GroupCommand) -> Result<()> {
+    if let GroupCommand::Send { message, .. } = &command {
+        crate::chat::text_to_send(message)?;
+    }
     let identity = Identity::load(profile)?;
     let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
     let result = command_on(&session.handle(), command).await;

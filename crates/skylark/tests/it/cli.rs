@@ -69,6 +69,15 @@ async fn register_then_whoami_from_the_command_line() {
         assert!(out.contains(used.as_str()), "{out}");
     }
 
+    // An empty or blank message is a slip: refused in words, nothing sent.
+    for args in [vec!["send", "+15550500001", ""], vec!["send", "+15550500001", "   "], vec!["group", "send", "1", ""]]
+    {
+        let out = skylark(home.path()).args(&args).args(["--profile", "alice"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains("the message is empty, so nothing was sent"), "{args:?}: {stderr}");
+    }
+
     // Without a profile, whoami says what to do.
     let out = skylark(home.path()).args(["whoami", "--profile", "nobody"]).output().unwrap();
     assert!(!out.status.success());
