@@ -26,16 +26,7 @@ mkdir -p "$OUT"
 rm -f "$OUT"/failover-p*.json
 
 . bench/cluster_lib.sh
-accounts=$((PROCS * PER_PROC))
-echo "== provisioning $accounts accounts (embedded store, then copied into PostgreSQL)"
-"$load" provision --data-dir "$work/seed" --accounts "$accounts" --manifest "$OUT/manifest.json" >/dev/null
-start_pg 55432 -c max_connections=300 -c shared_buffers=512MB
-"$bin" store copy --from "$work/seed" --to "$store" | tail -1
-start_nats 54222
-for ((i = 0; i < NODES; i++)); do
-  SKYLARK_LOG=warn start_node "$bin" "$i" "$HTTP_PORT" "$TCP_PORT" "nats://127.0.0.1:54222"
-done
-sleep 3
+start_provisioned_cluster $((PROCS * PER_PROC)) "$NODES"
 
 # 100 client addresses: after the kill a node may hold 15,000 of the clients,
 # which must stay under the server's 256 connections per client address.

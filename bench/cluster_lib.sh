@@ -1,7 +1,8 @@
-# Shared by bench/cluster.sh and bench/cluster_scale.sh: a private
+# Shared by bench/cluster.sh, cluster_scale.sh and cluster_failover.sh: a private
 # PostgreSQL, a private NATS server and Skylark nodes from installed
 # binaries, all stopped (and their data removed) when the script exits.
-# Source it; it defines start_pg, start_nats, start_node and $work.
+# Source it; it defines start_pg, start_nats, start_node,
+# start_provisioned_cluster and $work.
 
 pgbin=${SKYLARK_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 [ -x "$pgbin/initdb" ] || { echo "PostgreSQL's server programs are missing (apt-get install postgresql)" >&2; exit 1; }
@@ -63,4 +64,21 @@ start_node() {
     sleep 0.2
   done
   echo "== node n$i: http://$host:$http (TCP $host:$tcp); log $work/n$i.log"
+}
+
+# start_provisioned_cluster ACCOUNTS NODES: ACCOUNTS test accounts written
+# with skylark-load into an embedded store and copied into a private
+# PostgreSQL, NATS, and NODES quiet nodes (ports $HTTP_PORT, $TCP_PORT);
+# the manifest goes to $OUT/manifest.json. Needs $bin and $load.
+start_provisioned_cluster() {
+  local accounts=$1 nodes=$2
+  echo "== provisioning $accounts accounts (embedded store, then copied into PostgreSQL)"
+  "$load" provision --data-dir "$work/seed" --accounts "$accounts" --manifest "$OUT/manifest.json" >/dev/null
+  start_pg 55432 -c max_connections=300 -c shared_buffers=512MB
+  "$bin" store copy --from "$work/seed" --to "$store" | tail -1
+  start_nats 54222
+  for ((i = 0; i < nodes; i++)); do
+    SKYLARK_LOG=warn start_node "$bin" "$i" "$HTTP_PORT" "$TCP_PORT" "nats://127.0.0.1:54222"
+  done
+  sleep 3
 }

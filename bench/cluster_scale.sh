@@ -26,16 +26,7 @@ bin=$target/release/skylark load=$target/release/skylark-load
 mkdir -p "$OUT"
 
 . bench/cluster_lib.sh
-accounts=$((NODES * PER_NODE))
-echo "== provisioning $accounts accounts (embedded store, then copied into PostgreSQL)"
-"$load" provision --data-dir "$work/seed" --accounts "$accounts" --manifest "$OUT/manifest.json" >/dev/null
-start_pg 55432 -c max_connections=300 -c shared_buffers=512MB
-"$bin" store copy --from "$work/seed" --to "$store" | tail -1
-start_nats 54222
-for ((i = 0; i < NODES; i++)); do
-  SKYLARK_LOG=warn start_node "$bin" "$i" "$HTTP_PORT" "$TCP_PORT" "nats://127.0.0.1:54222"
-done
-sleep 3
+start_provisioned_cluster $((NODES * PER_NODE)) "$NODES"
 
 echo "== 1. idle: $PER_NODE connections on each of $NODES nodes"
 loads=()

@@ -496,6 +496,14 @@ pub async fn backlog(target: &Target, manifest: &Manifest, users: usize, per_use
     }
 }
 
+/// The `q` quantile of `all` clients' times when only those in `sorted`
+/// have one: if fewer than that share came back, the figure is missing
+/// (NaN), not a quantile of the ones that did.
+fn quantile_of_all(sorted: &[f64], all: usize, q: f64) -> f64 {
+    let rank = ((all as f64 * q).ceil() as usize).max(1);
+    sorted.get(rank - 1).copied().unwrap_or(f64::NAN)
+}
+
 // ---------------------------------------------------------------- storm
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -644,12 +652,7 @@ where
         .filter_map(|c| c.map(|t| t.duration_since(kill).as_secs_f64()))
         .collect();
     times.sort_by(f64::total_cmp);
-    // Quantiles of all clients: if fewer than that share came back, the
-    // figure is missing (NaN), not a quantile of the ones that did.
-    let at = |q: f64| {
-        let rank = ((clients as f64 * q).ceil() as usize).max(1);
-        times.get(rank - 1).copied().unwrap_or(f64::NAN)
-    };
+    let at = |q: f64| quantile_of_all(&times, clients, q);
 
     // A little more traffic after the restart, then check the ledger.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -847,11 +850,7 @@ where
         .map(|t| t.duration_since(kill).unwrap_or_default().as_secs_f64())
         .collect();
     times.sort_by(f64::total_cmp);
-    // Quantiles of every dropped client, as in `storm`.
-    let at = |q: f64| {
-        let rank = ((dropped_count as f64 * q).ceil() as usize).max(1);
-        times.get(rank - 1).copied().unwrap_or(f64::NAN)
-    };
+    let at = |q: f64| quantile_of_all(&times, dropped_count, q);
     for client in &kept {
         client.cancel();
     }
