@@ -766,22 +766,27 @@ where
             let mut was_ready = false;
             let mut probe: Option<tokio::task::JoinHandle<()>> = None;
             while let Some(event) = events.recv().await {
-                let lock = |v: &Arc<Mutex<Vec<Option<SystemTime>>>>| {
-                    v.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i]
-                };
                 match event {
                     ClientEvent::Connected(_) if !was_ready => {
                         was_ready = true;
                         let _ = ready_tx.send(i);
                     }
-                    ClientEvent::Connected(_) if lock(&dropped).is_some() && lock(&back).is_none() => {
-                        // Probe: the send is answered once the account's
-                        // actor serves again. A refused probe (the actor's
-                        // node is not known to be gone yet) is sent again,
-                        // with the same client id, until it is answered.
+                    ClientEvent::Disconnected { .. } if armed.load(Ordering::Relaxed) => {
+                        if probe.is_some() {
+                            if back.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i].is_none() {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                        dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i] = Some(SystemTime::now());
+                        // Probe: one message, resent under the same client id
+                        // until it is answered, which it is once the client
+                        // is connected again and its account's actor serves
+                        // again (a refusal: its node is not known to be gone
+                        // yet).
                         let (prober, to, client_id, back) =
                             (prober.clone(), to.clone(), client_id.clone(), back.clone());
-                        if let Some(old) = probe.replace(tokio::spawn(async move {
+                        probe = Some(tokio::spawn(async move {
                             loop {
                                 let Ok(h) = prober.connected().await else { return };
                                 if h.send(&to, &client_id, vec![b'f'; 32]).await.is_ok() {
@@ -791,17 +796,7 @@ where
                                 }
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                             }
-                        })) {
-                            old.abort();
-                        }
-                    }
-                    ClientEvent::Disconnected { .. } if armed.load(Ordering::Relaxed) => {
-                        let mut d = dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if d[i].is_none() {
-                            d[i] = Some(SystemTime::now());
-                        } else if lock(&back).is_none() {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
+                        }));
                     }
                     ClientEvent::Stopped(_) => break,
                     _ => {}
