@@ -102,6 +102,7 @@ impl SessionHandle {
             to: to.to_owned(),
             group: 0,
             payload: payload.into(),
+            commit_epoch: None,
         });
         self.send_body(body).await
     }
@@ -119,6 +120,27 @@ impl SessionHandle {
             to: String::new(),
             group,
             payload: payload.into(),
+            commit_epoch: None,
+        });
+        self.send_body(body).await
+    }
+
+    /// Posts an MLS commit made in `epoch` to a group. The group takes one
+    /// commit per epoch: a later one for the same epoch is refused with
+    /// `ERROR_CODE_STALE_EPOCH` ([`ClientError::Refused`]).
+    pub async fn commit_to_group(
+        &self,
+        group: u64,
+        client_id: &str,
+        epoch: u64,
+        payload: Vec<u8>,
+    ) -> Result<v1::SendAck, ClientError> {
+        let body = client_frame::Body::Send(v1::SendMessage {
+            client_id: client_id.to_owned(),
+            to: String::new(),
+            group,
+            payload: payload.into(),
+            commit_epoch: Some(epoch),
         });
         self.send_body(body).await
     }

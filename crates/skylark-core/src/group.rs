@@ -57,6 +57,10 @@ pub struct GroupMeta {
     pub admin_only: bool,
     /// Current members, in the order they joined.
     pub members: Vec<Member>,
+    /// The epoch of the group's end-to-end encryption (MLS): the epoch the
+    /// next commit must be made in. Every accepted commit ends one.
+    #[serde(default)]
+    pub mls_epoch: u64,
 }
 
 /// One event of a group's log, as every member receives it.
@@ -109,14 +113,32 @@ pub enum GroupBody {
 /// What a member asks of a group (creation is [`GroupMeta::create`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupChange {
-    Post { device: DeviceId, client_id: String, payload: bytes::Bytes },
-    Add { members: Vec<AccountId> },
-    Remove { member: AccountId },
+    /// A message, or (with `commit_epoch`) an MLS commit made in that epoch.
+    Post {
+        device: DeviceId,
+        client_id: String,
+        payload: bytes::Bytes,
+        commit_epoch: Option<u64>,
+    },
+    Add {
+        members: Vec<AccountId>,
+    },
+    Remove {
+        member: AccountId,
+    },
     Leave,
-    Promote { member: AccountId },
-    Demote { member: AccountId },
-    Subject { subject: String },
-    AdminOnly { admin_only: bool },
+    Promote {
+        member: AccountId,
+    },
+    Demote {
+        member: AccountId,
+    },
+    Subject {
+        subject: String,
+    },
+    AdminOnly {
+        admin_only: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -145,6 +167,11 @@ pub enum GroupError {
     UnknownMessage,
     #[error("only the sender of a message may ask who has it")]
     NotAuthor,
+    #[error(
+        "the group's encryption moved on (to epoch {0}) before this change arrived; \
+         catch up on the group's messages and make the change again"
+    )]
+    StaleEpoch(u64),
 }
 
 /// The group-size rule, in one place: a group holds at most `max_members`
@@ -187,8 +214,15 @@ impl GroupMeta {
             subject: subject.clone(),
             members: roster.iter().map(|m| (m.account, m.role)).collect(),
         };
-        let meta =
-            GroupMeta { id, subject, created_by: creator, created_at_ms: now_ms, admin_only: false, members: roster };
+        let meta = GroupMeta {
+            id,
+            subject,
+            created_by: creator,
+            created_at_ms: now_ms,
+            admin_only: false,
+            members: roster,
+            mls_epoch: 0,
+        };
         Ok((meta, body))
     }
 
@@ -213,9 +247,16 @@ impl GroupMeta {
         let need_admin = |ok: bool| if ok { Ok(()) } else { Err(GroupError::NotAnAdmin) };
         let need_member = |m: AccountId| self.member(m).map(|_| ()).ok_or(GroupError::NotMember(m));
         Ok(match change {
-            GroupChange::Post { device, client_id, payload } => {
-                if self.admin_only && !admin {
-                    return Err(GroupError::AdminOnly);
+            GroupChange::Post { device, client_id, payload, commit_epoch } => {
+                match commit_epoch {
+                    // One commit per epoch, first come first served. Any
+                    // member may commit, even in an admin-only group: a
+                    // commit carries key changes (a linked device, fresh
+                    // keys), not a message to read.
+                    Some(epoch) if epoch != self.mls_epoch => return Err(GroupError::StaleEpoch(self.mls_epoch)),
+                    Some(_) => {}
+                    None if self.admin_only && !admin => return Err(GroupError::AdminOnly),
+                    None => {}
                 }
                 GroupBody::Message { device, client_id, payload }
             }
@@ -293,6 +334,12 @@ impl GroupMeta {
         if self.admins() == 0 { self.members.first().map(|m| m.account) } else { None }
     }
 
+    /// A commit made in the current epoch was recorded: the next one must
+    /// be made in the epoch it started.
+    pub fn commit_recorded(&mut self) {
+        self.mls_epoch += 1;
+    }
+
     fn set_role(&mut self, account: AccountId, role: Role) {
         if let Some(m) = self.members.iter_mut().find(|m| m.account == account) {
             m.role = role;
@@ -338,7 +385,12 @@ mod tests {
     #[test]
     fn only_admins_manage_and_only_members_post() {
         let g = group();
-        let post = || GroupChange::Post { device: DeviceId(1), client_id: "c".into(), payload: bytes::Bytes::new() };
+        let post = || GroupChange::Post {
+            device: DeviceId(1),
+            client_id: "c".into(),
+            payload: bytes::Bytes::new(),
+            commit_epoch: None,
+        };
         assert_eq!(g.check(D, post(), 4), Err(GroupError::NotAMember));
         assert!(matches!(g.check(B, post(), 4), Ok(GroupBody::Message { .. })));
         assert_eq!(g.check(B, GroupChange::Add { members: vec![D] }, 4), Err(GroupError::NotAnAdmin));
@@ -352,6 +404,27 @@ mod tests {
         g.apply(A, 2, &GroupBody::AdminOnly { admin_only: true });
         assert_eq!(g.check(B, post(), 4), Err(GroupError::AdminOnly));
         assert!(g.check(A, post(), 4).is_ok());
+    }
+
+    #[test]
+    fn the_group_takes_one_commit_per_epoch() {
+        let mut g = group();
+        let commit = |epoch| GroupChange::Post {
+            device: DeviceId(1),
+            client_id: "c".into(),
+            payload: bytes::Bytes::new(),
+            commit_epoch: Some(epoch),
+        };
+        assert!(g.check(B, commit(0), 4).is_ok());
+        g.commit_recorded();
+        // A second commit made in epoch 0 lost the race.
+        assert_eq!(g.check(C, commit(0), 4), Err(GroupError::StaleEpoch(1)));
+        assert_eq!(g.check(C, commit(7), 4), Err(GroupError::StaleEpoch(1)));
+        assert!(g.check(C, commit(1), 4).is_ok());
+        assert_eq!(g.check(D, commit(1), 4), Err(GroupError::NotAMember));
+        // In an admin-only group members still commit (key changes), but do not post.
+        g.apply(A, 2, &GroupBody::AdminOnly { admin_only: true });
+        assert!(g.check(B, commit(1), 4).is_ok());
     }
 
     #[test]

@@ -15,9 +15,10 @@ use skylark_store::{PushTarget, StoreError, Visibility};
 
 pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
     match e {
-        MessagingError::InvalidRecipient(_) | MessagingError::InvalidClientId | MessagingError::UnknownAccount => {
-            ErrorCode::InvalidArgument
-        }
+        MessagingError::InvalidRecipient(_)
+        | MessagingError::InvalidClientId
+        | MessagingError::CommitOutsideGroup
+        | MessagingError::UnknownAccount => ErrorCode::InvalidArgument,
         MessagingError::UnknownRecipient => ErrorCode::UnknownRecipient,
         MessagingError::TooLarge { .. } => ErrorCode::MessageTooLarge,
         MessagingError::Unavailable(_)
@@ -34,6 +35,7 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
             }
             GroupError::Full(_) => ErrorCode::GroupFull,
             GroupError::UnknownMessage => ErrorCode::UnknownMessage,
+            GroupError::StaleEpoch(_) => ErrorCode::StaleEpoch,
             GroupError::NotMember(_)
             | GroupError::AlreadyMember(_)
             | GroupError::InvalidSubject

@@ -111,6 +111,7 @@ pub(crate) struct PostMail {
     pub device: DeviceId,
     pub client_id: String,
     pub payload: bytes::Bytes,
+    pub commit_epoch: Option<u64>,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
     pub span: tracing::Span,
 }
@@ -395,9 +396,9 @@ fn split(msg: Msg) -> (Input, Reply) {
             (Input::Send { device, client_id, to, payload, over_rate: None }, Reply::Send(reply))
         }
         Msg::Post(mail) => {
-            let PostMail { author, device, client_id, payload, reply, span } = *mail;
+            let PostMail { author, device, client_id, payload, commit_epoch, reply, span } = *mail;
             tracing::trace!(parent: &span, %client_id, "post taken by the group's actor");
-            (Input::Post { author, device, client_id, payload, over_rate: None }, Reply::Send(reply))
+            (Input::Post { author, device, client_id, payload, commit_epoch, over_rate: None }, Reply::Send(reply))
         }
         Msg::Group(mail) => {
             let GroupMail { from, request, reply } = *mail;

@@ -52,6 +52,9 @@ pub struct SendRequest {
     /// Post to this group instead.
     pub group: Option<AccountId>,
     pub payload: bytes::Bytes,
+    /// The payload is an MLS commit made in this epoch of the group's
+    /// encryption (groups only).
+    pub commit_epoch: Option<u64>,
 }
 
 /// A member's request to a group, other than posting (see [`SendRequest`]).
@@ -123,6 +126,8 @@ pub enum MessagingError {
     TooLarge { len: usize, max: usize },
     #[error("client id must be 1 to 64 printable bytes")]
     InvalidClientId,
+    #[error("an encryption commit (commit_epoch) can only be posted to a group")]
+    CommitOutsideGroup,
     #[error("no such account")]
     UnknownAccount,
     /// The store failed; nothing was done (retry, with the same client id).

@@ -157,12 +157,15 @@ impl Router {
         if !payload_fits(request.payload.len(), max) {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });
         }
+        if request.commit_epoch.is_some() && request.group.is_none() {
+            return Err(MessagingError::CommitOutsideGroup);
+        }
         let (reply, answer) = oneshot::channel();
         let span = tracing::Span::current();
-        let SendRequest { client_id, to, group, payload } = request;
+        let SendRequest { client_id, to, group, payload, commit_epoch } = request;
         match group {
             Some(group) if self.group_exists(group).await? => {
-                let mail = PostMail { author: account, device, client_id, payload, reply, span };
+                let mail = PostMail { author: account, device, client_id, payload, commit_epoch, reply, span };
                 self.tell(group, Msg::Post(Box::new(mail))).await?;
             }
             Some(_) => return Err(GroupError::UnknownGroup.into()),
@@ -338,8 +341,13 @@ mod tests {
     }
 
     async fn send(router: &Router, from: (AccountId, DeviceId), to: &str, client_id: &str) -> SendAck {
-        let request =
-            SendRequest { client_id: client_id.into(), to: to.into(), group: None, payload: b"x".to_vec().into() };
+        let request = SendRequest {
+            client_id: client_id.into(),
+            to: to.into(),
+            group: None,
+            payload: b"x".to_vec().into(),
+            commit_epoch: None,
+        };
         router.send(from.0, from.1, request).await.unwrap().await.unwrap().unwrap()
     }
 
@@ -387,6 +395,7 @@ mod tests {
                 to: String::new(),
                 group: Some(bogus),
                 payload: vec![].into(),
+                commit_epoch: None,
             };
             assert!(matches!(router.send(alice.0, alice.1, request).await, Err(MessagingError::Group(_))));
             assert!(router.mark_read(alice.0, alice.1, bogus, 1).await.is_err());

@@ -8,7 +8,13 @@ use skylark_server::messaging::SendRequest;
 pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) -> Answer {
     let (account, device) = (caller.authed.account.id, caller.authed.device.id);
     let group = (send.group != 0).then_some(AccountId(send.group));
-    let request = SendRequest { client_id: send.client_id, to: send.to, group, payload: send.payload };
+    let request = SendRequest {
+        client_id: send.client_id,
+        to: send.to,
+        group,
+        payload: send.payload,
+        commit_epoch: send.commit_epoch,
+    };
     let started = std::time::Instant::now();
     let queued = caller.shared.server.router.send(account, device, request).await;
     when_durable(id, queued, move |ack| {

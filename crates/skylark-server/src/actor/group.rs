@@ -66,6 +66,15 @@ impl GroupState {
     }
 }
 
+/// A member's post, as the group's actor takes it.
+pub(super) struct Post {
+    pub author: AccountId,
+    pub device: DeviceId,
+    pub client_id: String,
+    pub payload: bytes::Bytes,
+    pub commit_epoch: Option<u64>,
+}
+
 fn refused(e: GroupError) -> Refusal {
     Refusal::Refused(MessagingError::Group(e))
 }
@@ -86,20 +95,17 @@ impl Machine {
         }
     }
 
-    /// A member posts a message.
-    #[allow(clippy::too_many_arguments)]
+    /// A member posts a message (or an MLS commit).
     pub(super) fn post(
         &mut self,
         fx: &mut Effects,
         batch_ids: &mut BatchIds,
         facts: &Facts,
         now_ms: u64,
-        author: AccountId,
-        device: DeviceId,
-        client_id: String,
-        payload: bytes::Bytes,
+        post: Post,
         over_rate: Option<Duration>,
     ) -> Result<SendAck, Refusal> {
+        let Post { author, device, client_id, payload, commit_epoch } = post;
         let state = self.group_state()?;
         // A resend of an accepted post is answered as such, even if its
         // author has left since: the post happened.
@@ -109,9 +115,16 @@ impl Machine {
         if let Some(wait) = over_rate {
             return Err(Refusal::Refused(MessagingError::RateLimited(wait)));
         }
-        let change = GroupChange::Post { device, client_id: client_id.clone(), payload };
+        let change = GroupChange::Post { device, client_id: client_id.clone(), payload, commit_epoch };
         let body = state.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
         let seq = self.record(&mut fx.write, &mut fx.kick, now_ms, author, body);
+        if commit_epoch.is_some()
+            && let Some(state) = self.group_state_mut()
+        {
+            // The epoch moves in the same write as the commit's event.
+            state.meta.commit_recorded();
+            fx.write.group = Some(state.meta.clone());
+        }
         // Posting means having seen the conversation up to here.
         self.advance_position(&mut fx.write, author, ReceiptKind::Read, seq);
         fx.write.client_ids.push((device, client_id.clone(), seq));

@@ -65,6 +65,8 @@ pub(crate) enum Input {
         device: DeviceId,
         client_id: String,
         payload: bytes::Bytes,
+        /// An MLS commit made in this epoch (see `GroupMeta::mls_epoch`).
+        commit_epoch: Option<u64>,
         over_rate: Option<Duration>,
     },
     /// A request to this group (group actors).
@@ -597,8 +599,9 @@ impl Machine {
                 };
                 settle(sent, Answer::Send)?
             }
-            Input::Post { author, device, client_id, payload, over_rate } => {
-                let posted = self.post(fx, batch_ids, facts, now_ms, author, device, client_id, payload, over_rate);
+            Input::Post { author, device, client_id, payload, commit_epoch, over_rate } => {
+                let post = super::group::Post { author, device, client_id, payload, commit_epoch };
+                let posted = self.post(fx, batch_ids, facts, now_ms, post, over_rate);
                 settle(posted, Answer::Send)?
             }
             Input::Group { from, request } => {

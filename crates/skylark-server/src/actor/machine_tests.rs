@@ -299,6 +299,7 @@ fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
         device: PHONE,
         client_id: cid.into(),
         payload: b"hi".to_vec().into(),
+        commit_epoch: None,
         over_rate: None,
     };
     let fx = step(&mut group, vec![post(B, "p1"), post(C, "p2")]);
@@ -333,6 +334,33 @@ fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
     assert!(
         group.log.recent.iter().any(|(_, e)| matches!(e.as_ref(), LogEntry::Group(g) if g.body == GroupBody::Left))
     );
+}
+
+#[test]
+fn a_group_takes_one_commit_per_epoch_and_stores_the_epoch_with_it() {
+    let g = AccountId::group(1);
+    let mut group = machine(g);
+    let create = Input::Group { from: A, request: GroupRequest::Create { subject: "club".into(), members: vec![B] } };
+    step(&mut group, vec![create]);
+    let commit = |author, cid: &str, epoch| Input::Post {
+        author,
+        device: PHONE,
+        client_id: cid.into(),
+        payload: b"mls".to_vec().into(),
+        commit_epoch: Some(epoch),
+        over_rate: None,
+    };
+    // Two members commit in the same epoch, in one batch: the first wins,
+    // and a resend of the winner is a duplicate, not a second commit.
+    let fx = step(&mut group, vec![commit(B, "c1", 0), commit(A, "c2", 0), commit(B, "c1", 0)]);
+    assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 2);
+    assert!(matches!(&fx.outcomes[1], Outcome::Now(Err(MessagingError::Group(GroupError::StaleEpoch(1))))));
+    assert!(ack_of(&fx.outcomes[2]).duplicate);
+    assert_eq!(fx.write.group.as_ref().map(|m| m.mls_epoch), Some(1), "the epoch is stored with the commit");
+    // The loser retries in the new epoch.
+    let fx = step(&mut group, vec![commit(A, "c3", 1)]);
+    assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 3);
+    assert_eq!(fx.write.group.as_ref().map(|m| m.mls_epoch), Some(2));
 }
 
 #[test]

@@ -391,6 +391,7 @@ impl World {
                     device,
                     client_id: client_id.clone(),
                     payload: vec![cid].into(),
+                    commit_epoch: None,
                     over_rate: None,
                 };
                 if let Some(outcomes) = self.step(GROUP, vec![post]) {

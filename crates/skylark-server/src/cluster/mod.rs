@@ -511,8 +511,8 @@ impl Cluster {
                 .await
             }
             Msg::Post(mail) => {
-                let PostMail { author, device, client_id, payload, reply, .. } = *mail;
-                let mail = Mail::Post { group: account, author, device, client_id, payload };
+                let PostMail { author, device, client_id, payload, commit_epoch, reply, .. } = *mail;
+                let mail = Mail::Post { group: account, author, device, client_id, payload, commit_epoch };
                 self.ask(node, mail, move |a| {
                     let _ = reply.send(answer_as(a, Answer::into_send));
                 })
@@ -608,9 +608,10 @@ impl Cluster {
                 let msg = Msg::Send(Box::new(SendMail { device, client_id, to, payload, reply: tx, span }));
                 (msg, Some(self.relay(rx, Answer::Send)))
             }
-            Mail::Post { author, device, client_id, payload, .. } => {
+            Mail::Post { author, device, client_id, payload, commit_epoch, .. } => {
                 let (tx, rx) = oneshot::channel();
-                let msg = Msg::Post(Box::new(PostMail { author, device, client_id, payload, reply: tx, span }));
+                let msg =
+                    Msg::Post(Box::new(PostMail { author, device, client_id, payload, commit_epoch, reply: tx, span }));
                 (msg, Some(self.relay(rx, Answer::Send)))
             }
             Mail::Group { from, request, .. } => {

@@ -38,6 +38,7 @@ pub(crate) enum Mail {
         device: DeviceId,
         client_id: String,
         payload: Bytes,
+        commit_epoch: Option<u64>,
     },
     Group {
         group: AccountId,
@@ -183,13 +184,15 @@ impl Mail {
                 w.bytes(payload);
                 w.0
             }
-            Mail::Post { group, author, device, client_id, payload } => {
+            Mail::Post { group, author, device, client_id, payload, commit_epoch } => {
                 let mut w = start(2);
                 w.u64(group.0);
                 w.u64(author.0);
                 w.u64(device.0);
                 w.bytes(client_id.as_bytes());
                 w.bytes(payload);
+                // 0: not a commit; otherwise the epoch plus one.
+                w.u64(commit_epoch.map_or(0, |e| e.saturating_add(1)));
                 w.0
             }
             Mail::Group { group, from, request } => {
@@ -265,6 +268,7 @@ impl Mail {
                 device: DeviceId(r.u64()?),
                 client_id: r.string()?,
                 payload: Bytes::copy_from_slice(r.bytes()?),
+                commit_epoch: r.u64()?.checked_sub(1),
             },
             3 => Mail::Group { group: AccountId(r.u64()?), from: AccountId(r.u64()?), request: from_json(r.bytes()?)? },
             4 => {
@@ -371,9 +375,10 @@ pub(crate) fn encode_answer(answer: &Result<Answer, MessagingError>) -> Vec<u8> 
                 MessagingError::NodeUnreachable => (E_UNREACHABLE, 0, Vec::new()),
                 MessagingError::TooLarge { len, max } => (E_TOO_LARGE, *len as u64, max.to_string().into_bytes()),
                 MessagingError::InvalidClientId => (E_INVALID_CLIENT_ID, 0, Vec::new()),
-                MessagingError::InvalidRecipient(_) | MessagingError::Internal(_) => {
-                    (E_INTERNAL, 0, e.to_string().into_bytes())
-                }
+                // Checked at the edge, before any mail: never on the bus.
+                MessagingError::InvalidRecipient(_)
+                | MessagingError::CommitOutsideGroup
+                | MessagingError::Internal(_) => (E_INTERNAL, 0, e.to_string().into_bytes()),
             };
             w.u8(kind);
             w.u64(number);

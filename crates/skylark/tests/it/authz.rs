@@ -47,6 +47,7 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
                 to: "+15556000009".into(),
                 group: 0,
                 payload: b"m".to_vec().into(),
+                commit_epoch: None,
             }),
         ),
         (
@@ -56,6 +57,7 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
                 to: String::new(),
                 group: g,
                 payload: b"p".to_vec().into(),
+                commit_epoch: None,
             }),
         ),
         ("mark_read", Body::MarkRead(v1::MarkRead { peer: g, up_to_seq: 1 })),

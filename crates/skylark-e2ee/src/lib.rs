@@ -1,0 +1,601 @@
+//! End-to-end encryption for Skylark's clients: MLS (RFC 9420) on OpenMLS.
+//!
+//! Every device is an MLS member with its own leaf. A conversation is an
+//! MLS group whose members are all devices of all its participants; the
+//! server is the delivery service (it orders commits, stores and forwards
+//! ciphertext) and the key-package directory, and never holds a key that
+//! opens a message.
+//!
+//! This crate is the whole client side of that, without IO: an [`Engine`]
+//! per device turns plaintext into payloads and payloads back into
+//! plaintext, makes the commits that add and remove devices, and can be
+//! written out ([`Engine::export`]) and read back ([`Engine::import`]) as
+//! one byte string, which the CLI keeps in its profile directory and the
+//! web client in IndexedDB. Both clients run this same code (the web
+//! client as WebAssembly).
+//!
+//! **Identity.** A device's MLS signature key is its own Ed25519 key,
+//! separate from the device key that authenticates it to the server
+//! (browsers keep that one non-extractable), and bound to it: the MLS
+//! credential names the account and device and carries the device key's
+//! signature over [`binding_transcript`]. [`verify_binding`] checks it
+//! against a device key from the server's device list; the safety number
+//! ([`safety_number`]) lets two people check those device keys themselves.
+//!
+//! **Payloads.** An encrypted payload starts with [`MAGIC`] (a NUL byte
+//! never starts a text message) followed by one serialized `MLSMessage`:
+//! a Welcome, or a commit or application message as `PrivateMessage`.
+
+use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::signatures::{Signer, SignerError};
+use sha2::{Digest, Sha512};
+
+/// X25519, AES-128-GCM, SHA-256, Ed25519: MLS's mandatory suite.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// The first bytes of every end-to-end encrypted payload.
+pub const MAGIC: &[u8] = b"\0SKMLS1";
+
+/// How many past epochs a device keeps the keys of, so an application
+/// message sent just before a commit (and ordered after it) still opens.
+const PAST_EPOCHS: usize = 8;
+
+/// Ciphertexts are padded to a multiple of this many bytes.
+const PADDING: usize = 32;
+
+/// The version of [`Engine::export`]'s format.
+const STATE_VERSION: u8 = 1;
+const STATE_MAGIC: &[u8] = b"SKYLARK-E2EE";
+
+/// A member of a conversation: one device of one account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceRef {
+    pub account: u64,
+    pub device: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum E2eeError {
+    #[error("this device is not in that conversation's encryption group")]
+    UnknownConversation,
+    #[error("the encryption group for that conversation already exists on this device")]
+    AlreadyExists,
+    #[error("a key package from the server is invalid ({0}); that device cannot be added")]
+    BadKeyPackage(String),
+    #[error("a key package claims to be device {got:?} but was listed for device {expected:?}")]
+    WrongDevice { expected: DeviceRef, got: DeviceRef },
+    #[error("this device has a change to that conversation waiting for the server's answer")]
+    PendingCommit,
+    #[error("this device was removed from that conversation's encryption group")]
+    Removed,
+    #[error("the payload is not an end-to-end encrypted message")]
+    NotEncrypted,
+    #[error("the encrypted message is malformed: {0}")]
+    Malformed(String),
+    #[error("the encryption state is damaged: {0}")]
+    State(String),
+    #[error("encryption failed: {0}")]
+    Mls(String),
+}
+
+fn mls<E: std::fmt::Display>(e: E) -> E2eeError {
+    E2eeError::Mls(e.to_string())
+}
+
+/// What a device signs with its device key to bind its MLS key to itself.
+pub fn binding_transcript(member: DeviceRef, mls_key: &[u8]) -> Vec<u8> {
+    let mut t = b"skylark mls binding v1\0".to_vec();
+    t.extend_from_slice(&member.account.to_be_bytes());
+    t.extend_from_slice(&member.device.to_be_bytes());
+    t.extend_from_slice(mls_key);
+    t
+}
+
+/// A credential's identity: account, device, and the binding signature.
+fn identity_bytes(member: DeviceRef, binding: &[u8]) -> Vec<u8> {
+    let mut id = Vec::with_capacity(16 + binding.len());
+    id.extend_from_slice(&member.account.to_be_bytes());
+    id.extend_from_slice(&member.device.to_be_bytes());
+    id.extend_from_slice(binding);
+    id
+}
+
+fn parse_identity(credential: &Credential) -> Option<(DeviceRef, Vec<u8>)> {
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    let id = basic.identity();
+    if id.len() < 16 {
+        return None;
+    }
+    let account = u64::from_be_bytes(id[..8].try_into().ok()?);
+    let device = u64::from_be_bytes(id[8..16].try_into().ok()?);
+    Some((DeviceRef { account, device }, id[16..].to_vec()))
+}
+
+/// Whether `member`'s MLS key (`mls_key`, from its leaf or key package) was
+/// bound to it by its device key `device_key` (32 bytes, Ed25519).
+pub fn verify_binding(member: DeviceRef, mls_key: &[u8], binding: &[u8], device_key: &[u8]) -> bool {
+    let Ok(key) = <[u8; 32]>::try_from(device_key) else { return false };
+    let Ok(key) = VerifyingKey::from_bytes(&key) else { return false };
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(binding) else { return false };
+    key.verify(&binding_transcript(member, mls_key), &sig).is_ok()
+}
+
+/// The MLS signing key of a device.
+struct MlsKey(SigningKey);
+
+impl Signer for MlsKey {
+    fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, SignerError> {
+        Ok(self.0.sign(payload).to_bytes().to_vec())
+    }
+
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+/// A member's MLS key, and its device key's signature binding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberKey {
+    pub member: DeviceRef,
+    pub mls_key: Vec<u8>,
+    pub binding: Vec<u8>,
+}
+
+/// A handshake this device made: send `commit` to the conversation as a
+/// commit for `epoch`; once the server accepted it, send `welcome` (when
+/// there is one) so the added devices can join.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub epoch: u64,
+    pub commit: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// What a received payload was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message, decrypted.
+    Message { conversation: Vec<u8>, from: DeviceRef, plaintext: Vec<u8> },
+    /// This device joined a conversation (from a Welcome).
+    Joined { conversation: Vec<u8>, epoch: u64 },
+    /// The conversation's membership or keys changed; `removed` says this
+    /// device is no longer a member (it reads nothing sent after).
+    Committed { conversation: Vec<u8>, epoch: u64, by: DeviceRef, removed: bool },
+    /// A Welcome for other devices, or a message for a conversation this
+    /// device is not (yet) in, or one it already processed.
+    NotForMe,
+}
+
+/// One device's MLS state.
+pub struct Engine {
+    provider: OpenMlsRustCrypto,
+    key: MlsKey,
+    me: DeviceRef,
+    binding: Vec<u8>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("me", &self.me).finish_non_exhaustive()
+    }
+}
+
+fn group_id(conversation: &[u8]) -> GroupId {
+    GroupId::from_slice(conversation)
+}
+
+impl Engine {
+    /// A new device engine with a fresh MLS key; `bind` signs the
+    /// [`binding_transcript`] with the device's key and returns the
+    /// 64-byte signature.
+    pub fn new(me: DeviceRef, bind: impl FnOnce(&[u8]) -> Vec<u8>) -> Engine {
+        let mut seed = [0u8; 32];
+        getrandom(&mut seed);
+        let key = MlsKey(SigningKey::from_bytes(&seed));
+        let binding = bind(&binding_transcript(me, key.0.verifying_key().as_bytes()));
+        Engine { provider: OpenMlsRustCrypto::default(), key, me, binding }
+    }
+
+    pub fn me(&self) -> DeviceRef {
+        self.me
+    }
+
+    /// This device's MLS public key (32 bytes, Ed25519).
+    pub fn mls_public_key(&self) -> [u8; 32] {
+        self.key.0.verifying_key().to_bytes()
+    }
+
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(identity_bytes(self.me, &self.binding)).into(),
+            signature_key: self.key.0.verifying_key().as_bytes().to_vec().into(),
+        }
+    }
+
+    fn package(&self, last_resort: bool) -> Result<Vec<u8>, E2eeError> {
+        let mut builder = KeyPackage::builder();
+        if last_resort {
+            builder = builder.mark_as_last_resort();
+        }
+        let bundle = builder.build(CIPHERSUITE, &self.provider, &self.key, self.credential()).map_err(mls)?;
+        bundle.key_package().tls_serialize_detached().map_err(mls)
+    }
+
+    /// `n` one-time key packages for the server's directory.
+    pub fn key_packages(&mut self, n: usize) -> Result<Vec<Vec<u8>>, E2eeError> {
+        (0..n).map(|_| self.package(false)).collect()
+    }
+
+    /// A last-resort key package (reusable until replaced).
+    pub fn last_resort_package(&mut self) -> Result<Vec<u8>, E2eeError> {
+        self.package(true)
+    }
+
+    fn create_config() -> MlsGroupCreateConfig {
+        MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(PAST_EPOCHS)
+            .padding_size(PADDING)
+            .build()
+    }
+
+    fn join_config() -> MlsGroupJoinConfig {
+        MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(PAST_EPOCHS)
+            .padding_size(PADDING)
+            .build()
+    }
+
+    fn group(&self, conversation: &[u8]) -> Result<MlsGroup, E2eeError> {
+        MlsGroup::load(self.provider.storage(), &group_id(conversation))
+            .map_err(|e| E2eeError::State(e.to_string()))?
+            .ok_or(E2eeError::UnknownConversation)
+    }
+
+    /// Whether this device is an active member of the conversation's group.
+    pub fn is_member(&self, conversation: &[u8]) -> bool {
+        self.group(conversation).map(|g| g.is_active()).unwrap_or(false)
+    }
+
+    /// Starts the conversation's group with this device as its only member
+    /// (epoch 0).
+    pub fn create(&mut self, conversation: &[u8]) -> Result<(), E2eeError> {
+        if self.group(conversation).is_ok() {
+            return Err(E2eeError::AlreadyExists);
+        }
+        MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.key,
+            &Self::create_config(),
+            group_id(conversation),
+            self.credential(),
+        )
+        .map_err(mls)?;
+        Ok(())
+    }
+
+    /// The group's current epoch (what a commit from here would be for).
+    pub fn epoch(&self, conversation: &[u8]) -> Result<u64, E2eeError> {
+        Ok(self.group(conversation)?.epoch().as_u64())
+    }
+
+    /// The devices in the conversation's group, in leaf order.
+    pub fn members(&self, conversation: &[u8]) -> Result<Vec<DeviceRef>, E2eeError> {
+        let group = self.group(conversation)?;
+        Ok(group.members().filter_map(|m| parse_identity(&m.credential).map(|(d, _)| d)).collect())
+    }
+
+    /// Each member's MLS key and binding signature, for checking against
+    /// the device keys the server lists ([`verify_binding`]).
+    pub fn member_keys(&self, conversation: &[u8]) -> Result<Vec<MemberKey>, E2eeError> {
+        let group = self.group(conversation)?;
+        Ok(group
+            .members()
+            .filter_map(|m| {
+                parse_identity(&m.credential).map(|(member, binding)| MemberKey {
+                    member,
+                    mls_key: m.signature_key.clone(),
+                    binding,
+                })
+            })
+            .collect())
+    }
+
+    /// Whether a commit from this device waits for the server's answer.
+    pub fn has_pending_commit(&self, conversation: &[u8]) -> bool {
+        self.group(conversation).map(|g| g.pending_commit().is_some()).unwrap_or(false)
+    }
+
+    /// A commit adding the devices whose key packages are given (each
+    /// checked to be the device it was listed for). Devices already in the
+    /// group are skipped; `Ok(None)` when none is left to add.
+    pub fn add(&mut self, conversation: &[u8], packages: &[(DeviceRef, Vec<u8>)]) -> Result<Option<Commit>, E2eeError> {
+        let mut group = self.group(conversation)?;
+        if group.pending_commit().is_some() {
+            return Err(E2eeError::PendingCommit);
+        }
+        let present: std::collections::HashSet<DeviceRef> =
+            group.members().filter_map(|m| parse_identity(&m.credential).map(|(d, _)| d)).collect();
+        let mut valid = Vec::new();
+        for (expected, bytes) in packages {
+            if present.contains(expected) {
+                continue;
+            }
+            let package = KeyPackageIn::tls_deserialize_exact(bytes.as_slice())
+                .map_err(|e| E2eeError::BadKeyPackage(e.to_string()))?
+                .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(|e| E2eeError::BadKeyPackage(e.to_string()))?;
+            let got = parse_identity(package.leaf_node().credential())
+                .map(|(d, _)| d)
+                .ok_or_else(|| E2eeError::BadKeyPackage("not a Skylark credential".into()))?;
+            if got != *expected {
+                return Err(E2eeError::WrongDevice { expected: *expected, got });
+            }
+            valid.push(package);
+        }
+        if valid.is_empty() {
+            return Ok(None);
+        }
+        let epoch = group.epoch().as_u64();
+        let (commit, welcome, _) = group.add_members(&self.provider, &self.key, &valid).map_err(mls)?;
+        Ok(Some(Commit { epoch, commit: wrap(&commit)?, welcome: Some(wrap(&welcome)?) }))
+    }
+
+    /// A commit removing the given devices; `Ok(None)` when none of them
+    /// is in the group.
+    pub fn remove(&mut self, conversation: &[u8], devices: &[DeviceRef]) -> Result<Option<Commit>, E2eeError> {
+        let mut group = self.group(conversation)?;
+        if group.pending_commit().is_some() {
+            return Err(E2eeError::PendingCommit);
+        }
+        let leaves: Vec<LeafNodeIndex> = group
+            .members()
+            .filter(|m| parse_identity(&m.credential).is_some_and(|(d, _)| devices.contains(&d)))
+            .map(|m| m.index)
+            .collect();
+        if leaves.is_empty() {
+            return Ok(None);
+        }
+        let epoch = group.epoch().as_u64();
+        let (commit, welcome, _) = group.remove_members(&self.provider, &self.key, &leaves).map_err(mls)?;
+        Ok(Some(Commit { epoch, commit: wrap(&commit)?, welcome: welcome.as_ref().map(wrap).transpose()? }))
+    }
+
+    /// A commit that only refreshes this device's own keys (forward
+    /// secrecy and post-compromise security).
+    pub fn update(&mut self, conversation: &[u8]) -> Result<Commit, E2eeError> {
+        let mut group = self.group(conversation)?;
+        if group.pending_commit().is_some() {
+            return Err(E2eeError::PendingCommit);
+        }
+        let epoch = group.epoch().as_u64();
+        let bundle = group.self_update(&self.provider, &self.key, LeafNodeParameters::default()).map_err(mls)?;
+        let (commit, welcome, _) = bundle.into_messages();
+        Ok(Commit { epoch, commit: wrap(&commit)?, welcome: welcome.as_ref().map(wrap).transpose()? })
+    }
+
+    /// The server accepted this device's pending commit: move to the new
+    /// epoch. Nothing to do when there is none (already applied).
+    pub fn commit_accepted(&mut self, conversation: &[u8]) -> Result<(), E2eeError> {
+        let mut group = self.group(conversation)?;
+        if group.pending_commit().is_some() {
+            group.merge_pending_commit(&self.provider).map_err(mls)?;
+        }
+        Ok(())
+    }
+
+    /// The server refused this device's pending commit (another commit
+    /// came first): drop it, process what came first, and make the change
+    /// again if it is still needed.
+    pub fn commit_refused(&mut self, conversation: &[u8]) -> Result<(), E2eeError> {
+        let mut group = self.group(conversation)?;
+        group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+        Ok(())
+    }
+
+    /// Encrypts a message for every device in the conversation.
+    pub fn encrypt(&mut self, conversation: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, E2eeError> {
+        let mut group = self.group(conversation)?;
+        if !group.is_active() {
+            return Err(E2eeError::Removed);
+        }
+        if group.pending_commit().is_some() {
+            return Err(E2eeError::PendingCommit);
+        }
+        let out = group.create_message(&self.provider, &self.key, plaintext).map_err(mls)?;
+        wrap(&out)
+    }
+
+    /// Processes one payload from the conversation's log, in log order.
+    /// `from_me`: the payload was sent by this device (its own commit, seen
+    /// in the log, is applied here if it was still pending; its own
+    /// application messages cannot be opened by it, and are `NotForMe`).
+    pub fn receive(&mut self, payload: &[u8], from_me: bool) -> Result<Incoming, E2eeError> {
+        let bytes = payload.strip_prefix(MAGIC).ok_or(E2eeError::NotEncrypted)?;
+        let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| E2eeError::Malformed(e.to_string()))?;
+        let protocol: ProtocolMessage = match message.extract() {
+            MlsMessageBodyIn::Welcome(welcome) => return self.join(welcome),
+            MlsMessageBodyIn::PrivateMessage(m) => m.into(),
+            MlsMessageBodyIn::PublicMessage(m) => m.into(),
+            _ => return Err(E2eeError::Malformed("not a message, commit or welcome".into())),
+        };
+        let conversation = protocol.group_id().as_slice().to_vec();
+        let Ok(mut group) = self.group(&conversation) else { return Ok(Incoming::NotForMe) };
+        let epoch = protocol.epoch().as_u64();
+        if from_me {
+            // Our own commit, back from the log: it is the one that counts.
+            if protocol.content_type() == ContentType::Commit
+                && group.pending_commit().is_some()
+                && epoch == group.epoch().as_u64()
+            {
+                group.merge_pending_commit(&self.provider).map_err(mls)?;
+                let removed = !group.is_active();
+                return Ok(Incoming::Committed { conversation, epoch: group.epoch().as_u64(), by: self.me, removed });
+            }
+            return Ok(Incoming::NotForMe);
+        }
+        if !group.is_active() {
+            return Ok(Incoming::NotForMe);
+        }
+        if protocol.content_type() == ContentType::Commit && epoch < group.epoch().as_u64() {
+            // Already applied (a replay after a restart).
+            return Ok(Incoming::NotForMe);
+        }
+        let processed = group.process_message(&self.provider, protocol).map_err(mls)?;
+        let by = parse_identity(processed.credential()).map(|(d, _)| d).unwrap_or(DeviceRef { account: 0, device: 0 });
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                Ok(Incoming::Message { conversation, from: by, plaintext: app.into_bytes() })
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                // A commit from another device replaces any of ours for the
+                // same epoch: the server took theirs first.
+                if group.pending_commit().is_some() {
+                    group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+                }
+                group.merge_staged_commit(&self.provider, *staged).map_err(mls)?;
+                let removed = !group.is_active();
+                Ok(Incoming::Committed { conversation, epoch: group.epoch().as_u64(), by, removed })
+            }
+            // Skylark's clients send no standalone proposals.
+            _ => Ok(Incoming::NotForMe),
+        }
+    }
+
+    fn join(&mut self, welcome: Welcome) -> Result<Incoming, E2eeError> {
+        let staged = match StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None) {
+            Ok(staged) => staged,
+            Err(WelcomeError::NoMatchingKeyPackage) => return Ok(Incoming::NotForMe),
+            Err(e) => return Err(mls(e)),
+        };
+        let conversation = staged.group_context().group_id().as_slice().to_vec();
+        // A device that was removed and is welcomed back starts over.
+        if let Ok(mut old) = self.group(&conversation) {
+            old.delete(self.provider.storage()).map_err(mls)?;
+        }
+        let group = staged.into_group(&self.provider).map_err(mls)?;
+        Ok(Incoming::Joined { conversation, epoch: group.epoch().as_u64() })
+    }
+
+    /// The whole state as one byte string (keys included: keep it private).
+    pub fn export(&self) -> Vec<u8> {
+        let values = self.provider.storage().values.read().expect("storage lock");
+        let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
+        entries.sort();
+        let mut out = STATE_MAGIC.to_vec();
+        out.push(STATE_VERSION);
+        put(&mut out, &self.me.account.to_be_bytes());
+        put(&mut out, &self.me.device.to_be_bytes());
+        put(&mut out, self.key.0.as_bytes());
+        put(&mut out, &self.binding);
+        put(&mut out, &(entries.len() as u64).to_be_bytes());
+        for (k, v) in entries {
+            put(&mut out, k);
+            put(&mut out, v);
+        }
+        out
+    }
+
+    /// Reads back what [`Engine::export`] wrote.
+    pub fn import(bytes: &[u8]) -> Result<Engine, E2eeError> {
+        let bad = |what: &str| E2eeError::State(format!("{what} (the file is damaged or from another program)"));
+        let rest = bytes.strip_prefix(STATE_MAGIC).ok_or_else(|| bad("not a Skylark encryption state"))?;
+        let (&version, mut rest) = rest.split_first().ok_or_else(|| bad("empty"))?;
+        if version != STATE_VERSION {
+            return Err(E2eeError::State(format!(
+                "state format {version} is not known to this version of Skylark (it reads format {STATE_VERSION})"
+            )));
+        }
+        let mut next = |what: &str| take(&mut rest).ok_or_else(|| bad(what));
+        let u64_of = |b: &[u8]| b.try_into().map(u64::from_be_bytes).map_err(|_| bad("bad number"));
+        let account = u64_of(next("account")?)?;
+        let device = u64_of(next("device")?)?;
+        let seed: [u8; 32] = next("key")?.try_into().map_err(|_| bad("bad key"))?;
+        let binding = next("binding")?.to_vec();
+        let count = u64_of(next("count")?)?;
+        let provider = OpenMlsRustCrypto::default();
+        {
+            let mut values = provider.storage().values.write().expect("storage lock");
+            for _ in 0..count {
+                let k = next("entry")?.to_vec();
+                let v = next("entry")?.to_vec();
+                values.insert(k, v);
+            }
+        }
+        Ok(Engine { provider, key: MlsKey(SigningKey::from_bytes(&seed)), me: DeviceRef { account, device }, binding })
+    }
+}
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn take<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let bytes = rest.get(4..4 + len)?;
+    *rest = &rest[4 + len..];
+    Some(bytes)
+}
+
+fn wrap(message: &MlsMessageOut) -> Result<Vec<u8>, E2eeError> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&message.tls_serialize_detached().map_err(mls)?);
+    Ok(out)
+}
+
+/// Whether a payload is end-to-end encrypted (rather than plain text from
+/// a client without encryption).
+pub fn is_encrypted(payload: &[u8]) -> bool {
+    payload.starts_with(MAGIC)
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use openmls_traits::random::OpenMlsRand as _;
+    let provider = OpenMlsRustCrypto::default();
+    let bytes = provider.rand().random_vec(buf.len()).expect("the system's random source");
+    buf.copy_from_slice(&bytes);
+}
+
+/// The safety number of two accounts: 60 digits that both sides compute
+/// from their own and the other's device keys, and compare (read aloud,
+/// or side by side). It changes when either account's set of device keys
+/// changes. `keys` are 32-byte Ed25519 device keys, in any order.
+pub fn safety_number(a: (u64, &[[u8; 32]]), b: (u64, &[[u8; 32]])) -> String {
+    let half = |account: u64, keys: &[[u8; 32]]| -> String {
+        let mut keys = keys.to_vec();
+        keys.sort();
+        let mut hash = Sha512::new();
+        hash.update(b"skylark safety number v1\0");
+        hash.update(account.to_be_bytes());
+        for k in &keys {
+            hash.update(k);
+        }
+        let mut digest = hash.finalize();
+        // Stretched, so finding a colliding key set costs real work.
+        for _ in 0..1024 {
+            let mut h = Sha512::new();
+            h.update(digest);
+            h.update(account.to_be_bytes());
+            digest = h.finalize();
+        }
+        digest[..30]
+            .chunks(5)
+            .map(|c| {
+                let n = c.iter().fold(0u64, |n, &b| (n << 8) | u64::from(b));
+                format!("{:05}", n % 100_000)
+            })
+            .collect()
+    };
+    let (first, second) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+    let digits = half(first.0, first.1) + &half(second.0, second.1);
+    digits.as_bytes().chunks(5).map(|c| std::str::from_utf8(c).expect("digits")).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,233 @@
+//! The engine against a stand-in for the server's delivery service: one
+//! ordered log per conversation that accepts a commit only for its current
+//! epoch, as the group actor does.
+
+use super::*;
+
+const CONV: &[u8] = b"skylark-test-conversation";
+
+struct Device {
+    engine: Engine,
+    device_key: SigningKey,
+    /// How far into the log this device has read.
+    read: usize,
+}
+
+fn device(account: u64, device: u64) -> Device {
+    let device_key = SigningKey::from_bytes(&[(account * 16 + device) as u8; 32]);
+    let engine = Engine::new(DeviceRef { account, device }, |t| device_key.sign(t).to_bytes().to_vec());
+    Device { engine, device_key, read: 0 }
+}
+
+#[derive(Default)]
+struct Log {
+    epoch: u64,
+    entries: Vec<(DeviceRef, Vec<u8>)>,
+}
+
+impl Log {
+    /// The delivery service's rule: a commit for an epoch that is not the
+    /// current one is refused.
+    fn commit(&mut self, from: &mut Device, commit: &Commit) -> bool {
+        if commit.epoch != self.epoch {
+            from.engine.commit_refused(CONV).unwrap();
+            return false;
+        }
+        self.epoch += 1;
+        self.entries.push((from.engine.me(), commit.commit.clone()));
+        from.engine.commit_accepted(CONV).unwrap();
+        if let Some(welcome) = &commit.welcome {
+            self.entries.push((from.engine.me(), welcome.clone()));
+        }
+        true
+    }
+
+    fn post(&mut self, from: &mut Device, text: &str) {
+        let payload = from.engine.encrypt(CONV, text.as_bytes()).unwrap();
+        assert!(!payload.windows(text.len()).any(|w| w == text.as_bytes()), "plaintext visible in the payload");
+        self.entries.push((from.engine.me(), payload));
+    }
+
+    /// Everything new for `d`, in order; returns the texts it decrypted.
+    fn catch_up(&self, d: &mut Device) -> Vec<String> {
+        let mut texts = Vec::new();
+        while d.read < self.entries.len() {
+            let (from, payload) = &self.entries[d.read];
+            d.read += 1;
+            match d.engine.receive(payload, *from == d.engine.me()).unwrap() {
+                Incoming::Message { plaintext, from: sender, .. } => {
+                    assert_eq!(sender, *from, "the sender named inside the message is the one who posted");
+                    texts.push(String::from_utf8(plaintext).unwrap());
+                }
+                Incoming::Joined { .. } | Incoming::Committed { .. } | Incoming::NotForMe => {}
+            }
+        }
+        texts
+    }
+}
+
+fn packages(devices: &mut [&mut Device]) -> Vec<(DeviceRef, Vec<u8>)> {
+    devices.iter_mut().map(|d| (d.engine.me(), d.engine.key_packages(1).unwrap().remove(0))).collect()
+}
+
+/// Starts a conversation of `a1` with the others, everyone caught up.
+fn start(log: &mut Log, a1: &mut Device, others: &mut [&mut Device]) {
+    a1.engine.create(CONV).unwrap();
+    let commit = a1.engine.add(CONV, &packages(others)).unwrap().expect("devices to add");
+    assert!(log.commit(a1, &commit));
+    for d in others.iter_mut() {
+        // A device joins from the Welcome; the commit before it is not for it.
+        d.read = log.entries.len() - 1;
+        log.catch_up(d);
+        assert!(d.engine.is_member(CONV));
+    }
+    a1.read = log.entries.len();
+}
+
+#[test]
+fn every_device_of_both_accounts_reads_every_message() {
+    let (mut a1, mut a2, mut b1, mut b2) = (device(1, 1), device(1, 2), device(2, 1), device(2, 2));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut a2, &mut b1, &mut b2]);
+    assert_eq!(a1.engine.members(CONV).unwrap().len(), 4);
+
+    log.post(&mut a1, "hello from a1");
+    log.post(&mut b2, "hello from b2");
+    assert_eq!(log.catch_up(&mut a2), ["hello from a1", "hello from b2"]);
+    assert_eq!(log.catch_up(&mut b1), ["hello from a1", "hello from b2"]);
+    // A device cannot open its own ciphertext; the others all can.
+    assert_eq!(log.catch_up(&mut b2), ["hello from a1"]);
+    assert_eq!(log.catch_up(&mut a1), ["hello from b2"]);
+}
+
+#[test]
+fn a_removed_device_reads_nothing_sent_after() {
+    let (mut a1, mut b1, mut b2) = (device(1, 1), device(2, 1), device(2, 2));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1, &mut b2]);
+    log.post(&mut a1, "before");
+    let commit = b1.engine.remove(CONV, &[b2.engine.me()]).unwrap().expect("b2 is a member");
+    log.catch_up(&mut b1);
+    assert!(log.commit(&mut b1, &commit));
+    log.post(&mut a1, "after");
+    let removal_index = log.entries.len() - 2;
+
+    assert_eq!(log.catch_up(&mut b2), ["before"]);
+    assert!(!b2.engine.is_member(CONV), "b2 learned it was removed");
+    // Even handed the later ciphertext directly, b2 cannot open it.
+    let (_, after) = &log.entries[removal_index + 1];
+    assert!(!matches!(b2.engine.receive(after, false), Ok(Incoming::Message { .. })));
+    assert_eq!(log.catch_up(&mut b1), ["after"]);
+    log.catch_up(&mut a1);
+    assert_eq!(a1.engine.members(CONV).unwrap(), [a1.engine.me(), b1.engine.me()]);
+}
+
+#[test]
+fn two_devices_commit_at_once_one_wins_the_other_retries_and_both_converge() {
+    let (mut a1, mut b1, mut c1) = (device(1, 1), device(2, 1), device(3, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    // Both change the group from the same epoch.
+    let from_a = a1.engine.update(CONV).unwrap();
+    let from_b = b1.engine.add(CONV, &packages(&mut [&mut c1])).unwrap().unwrap();
+    assert!(log.commit(&mut a1, &from_a));
+    assert!(!log.commit(&mut b1, &from_b), "the second commit for the same epoch is refused");
+    // b1 merges what came first and makes its change again.
+    log.catch_up(&mut b1);
+    let retry = b1.engine.add(CONV, &packages(&mut [&mut c1])).unwrap().unwrap();
+    assert!(log.commit(&mut b1, &retry));
+    c1.read = log.entries.len() - 1;
+    log.catch_up(&mut c1);
+    log.catch_up(&mut a1);
+    assert_eq!(a1.engine.epoch(CONV).unwrap(), b1.engine.epoch(CONV).unwrap());
+    assert_eq!(c1.engine.epoch(CONV).unwrap(), a1.engine.epoch(CONV).unwrap());
+    log.post(&mut c1, "all three");
+    assert_eq!(log.catch_up(&mut a1), ["all three"]);
+    assert_eq!(log.catch_up(&mut b1), ["all three"]);
+}
+
+#[test]
+fn state_survives_export_and_import() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    log.post(&mut a1, "one");
+    assert_eq!(log.catch_up(&mut b1), ["one"]);
+    let saved = b1.engine.export();
+    b1.engine = Engine::import(&saved).unwrap();
+    log.post(&mut a1, "two");
+    assert_eq!(log.catch_up(&mut b1), ["two"]);
+    log.post(&mut b1, "three");
+    assert_eq!(log.catch_up(&mut a1), ["three"]);
+    assert!(Engine::import(&saved[..saved.len() / 2]).is_err(), "a truncated state is an error");
+    assert!(Engine::import(b"something else").is_err());
+}
+
+#[test]
+fn a_device_killed_between_commit_and_answer_applies_its_commit_from_the_log() {
+    let (mut a1, mut b1, mut b2) = (device(1, 1), device(2, 1), device(2, 2));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    let commit = a1.engine.add(CONV, &packages(&mut [&mut b2])).unwrap().unwrap();
+    // The state on disk holds the pending commit; the process dies before
+    // the server's answer arrives, but the server took the commit.
+    let saved = a1.engine.export();
+    log.epoch += 1;
+    log.entries.push((a1.engine.me(), commit.commit.clone()));
+    a1.engine = Engine::import(&saved).unwrap();
+    assert!(a1.engine.has_pending_commit(CONV));
+    log.catch_up(&mut a1);
+    assert!(!a1.engine.has_pending_commit(CONV), "its own commit in the log applied it");
+    assert_eq!(a1.engine.epoch(CONV).unwrap(), log.epoch);
+    log.catch_up(&mut b1);
+    log.post(&mut a1, "still in sync");
+    assert_eq!(log.catch_up(&mut b1), ["still in sync"]);
+}
+
+#[test]
+fn a_key_package_listed_for_another_device_is_refused() {
+    let (mut a1, mut b1, mut c1) = (device(1, 1), device(2, 1), device(3, 1));
+    a1.engine.create(CONV).unwrap();
+    let c_package = c1.engine.key_packages(1).unwrap().remove(0);
+    let err = a1.engine.add(CONV, &[(b1.engine.me(), c_package)]).unwrap_err();
+    assert!(matches!(err, E2eeError::WrongDevice { .. }), "{err}");
+    let err = a1.engine.add(CONV, &[(b1.engine.me(), b"junk".to_vec())]).unwrap_err();
+    assert!(matches!(err, E2eeError::BadKeyPackage(_)), "{err}");
+    let _ = b1.engine.last_resort_package().unwrap();
+}
+
+#[test]
+fn each_member_key_is_bound_to_its_device_key() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    let keys = a1.engine.member_keys(CONV).unwrap();
+    let b = keys.iter().find(|k| k.member == b1.engine.me()).unwrap();
+    let b_device_key = b1.device_key.verifying_key().to_bytes();
+    assert!(verify_binding(b.member, &b.mls_key, &b.binding, &b_device_key));
+    let a_device_key = a1.device_key.verifying_key().to_bytes();
+    assert!(!verify_binding(b.member, &b.mls_key, &b.binding, &a_device_key), "another device's key does not verify");
+    assert!(!verify_binding(a1.engine.me(), &b.mls_key, &b.binding, &b_device_key), "nor another identity");
+}
+
+#[test]
+fn safety_numbers_agree_on_both_sides_and_change_with_a_key() {
+    let (k1, k2, k3) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+    let alice = safety_number((10, &[k1, k2]), (20, &[k3]));
+    let bob = safety_number((20, &[k3]), (10, &[k2, k1]));
+    assert_eq!(alice, bob);
+    assert_eq!(alice.replace(' ', "").len(), 60);
+    assert!(alice.replace(' ', "").chars().all(|c| c.is_ascii_digit()));
+    assert_ne!(alice, safety_number((10, &[k1]), (20, &[k3])), "a device removed changes the number");
+    assert_ne!(alice, safety_number((10, &[k1, k2]), (20, &[[4u8; 32]])), "a new key changes it");
+}
+
+#[test]
+fn plain_payloads_are_told_apart() {
+    let mut a1 = device(1, 1);
+    assert!(!is_encrypted(b"hello"));
+    assert!(matches!(a1.engine.receive(b"hello", false), Err(E2eeError::NotEncrypted)));
+    let mut junk = MAGIC.to_vec();
+    junk.extend_from_slice(b"garbage");
+    assert!(matches!(a1.engine.receive(&junk, false), Err(E2eeError::Malformed(_))));
+}
