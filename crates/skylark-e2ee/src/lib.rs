@@ -147,7 +147,7 @@ pub struct MemberKey {
 /// A handshake this device made: send `commit` to the conversation as a
 /// commit for `epoch`; once the server accepted it, send `welcome` (when
 /// there is one) so the added devices can join.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commit {
     pub epoch: u64,
     pub commit: Vec<u8>,
@@ -169,12 +169,46 @@ pub enum Incoming {
     NotForMe,
 }
 
+/// A commit this device made and has not finished sending: kept in the
+/// state, so a client that dies before the server's answer (or before
+/// sending the Welcome) sends both again after a restart, with the same
+/// client id (the server answers a resend as a duplicate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub conversation: Vec<u8>,
+    pub client_id: String,
+    pub commit: Commit,
+}
+
+/// What one entry of a conversation's log turned out to be, remembered by
+/// the entry's key ([`Engine::open_once`]): MLS keys are used once, so a
+/// message read again (a redelivery, a page of history) is answered from
+/// here, never decrypted twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    Message {
+        conversation: Vec<u8>,
+        from: DeviceRef,
+        plaintext: Vec<u8>,
+    },
+    /// A Welcome, a commit, or something not for this device: nothing to show.
+    Control,
+    /// It could not be opened (the reason, for the user).
+    Failed(String),
+}
+
+/// Entries [`Engine::open_once`] remembers (the oldest are forgotten first).
+const JOURNAL_ENTRIES: usize = 50_000;
+
 /// One device's MLS state.
 pub struct Engine {
     provider: OpenMlsRustCrypto,
     key: MlsKey,
     me: DeviceRef,
     binding: Vec<u8>,
+    outgoing: Vec<Outgoing>,
+    journal: std::collections::HashMap<String, Opened>,
+    journal_order: std::collections::VecDeque<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -196,7 +230,15 @@ impl Engine {
         getrandom(&mut seed);
         let key = MlsKey(SigningKey::from_bytes(&seed));
         let binding = bind(&binding_transcript(me, key.0.verifying_key().as_bytes()));
-        Engine { provider: OpenMlsRustCrypto::default(), key, me, binding }
+        Engine {
+            provider: OpenMlsRustCrypto::default(),
+            key,
+            me,
+            binding,
+            outgoing: Vec::new(),
+            journal: Default::default(),
+            journal_order: Default::default(),
+        }
     }
 
     pub fn me(&self) -> DeviceRef {
@@ -379,6 +421,29 @@ impl Engine {
         Ok(Commit { epoch, commit: wrap(&commit)?, welcome: welcome.as_ref().map(wrap).transpose()? })
     }
 
+    /// Keeps `commit` until [`Engine::unstage`]: what to send again after a
+    /// restart ([`Engine::outgoing`]).
+    pub fn stage(&mut self, conversation: &[u8], client_id: &str, commit: &Commit) {
+        self.outgoing.retain(|o| o.conversation != conversation);
+        self.outgoing.push(Outgoing {
+            conversation: conversation.to_vec(),
+            client_id: client_id.to_owned(),
+            commit: commit.clone(),
+        });
+    }
+
+    /// The staged commit and its Welcome are sent (or the commit lost).
+    pub fn unstage(&mut self, conversation: &[u8]) {
+        self.outgoing.retain(|o| o.conversation != conversation);
+    }
+
+    /// Commits still to send (or to finish sending: when the group has no
+    /// pending commit any more, the server took it and only the Welcome is
+    /// left).
+    pub fn outgoing(&self) -> &[Outgoing] {
+        &self.outgoing
+    }
+
     /// The server accepted this device's pending commit: move to the new
     /// epoch. Nothing to do when there is none (already applied).
     pub fn commit_accepted(&mut self, conversation: &[u8]) -> Result<(), E2eeError> {
@@ -393,6 +458,7 @@ impl Engine {
     /// came first): drop it, process what came first, and make the change
     /// again if it is still needed.
     pub fn commit_refused(&mut self, conversation: &[u8]) -> Result<(), E2eeError> {
+        self.unstage(conversation);
         let mut group = self.group(conversation)?;
         group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
         Ok(())
@@ -457,6 +523,7 @@ impl Engine {
                 // same epoch: the server took theirs first.
                 if group.pending_commit().is_some() {
                     group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+                    self.outgoing.retain(|o| o.conversation != conversation);
                 }
                 group.merge_staged_commit(&self.provider, *staged).map_err(mls)?;
                 let removed = !group.is_active();
@@ -464,6 +531,51 @@ impl Engine {
             }
             // Skylark's clients send no standalone proposals.
             _ => Ok(Incoming::NotForMe),
+        }
+    }
+
+    /// Encrypts like [`Engine::encrypt`], and remembers the plaintext
+    /// under `client_id`, so this device shows its own message when it
+    /// comes back in the log (it cannot decrypt its own ciphertext).
+    pub fn encrypt_as(&mut self, conversation: &[u8], client_id: &str, plaintext: &[u8]) -> Result<Vec<u8>, E2eeError> {
+        let payload = self.encrypt(conversation, plaintext)?;
+        self.remember(
+            own_key(client_id),
+            Opened::Message { conversation: conversation.to_vec(), from: self.me, plaintext: plaintext.to_vec() },
+        );
+        Ok(payload)
+    }
+
+    /// Opens one log entry once: `key` names the entry (unique per device,
+    /// such as the account log's sequence number); asked again, the same
+    /// answer comes from memory. `own_client_id`: the entry was sent by this
+    /// device, with that client id.
+    pub fn open_once(&mut self, key: &str, payload: &[u8], own_client_id: Option<&str>) -> Opened {
+        if let Some(known) = self.journal.get(key) {
+            return known.clone();
+        }
+        let opened = match own_client_id.and_then(|c| self.journal.get(&own_key(c))) {
+            Some(mine @ Opened::Message { .. }) => mine.clone(),
+            _ => match self.receive(payload, own_client_id.is_some()) {
+                Ok(Incoming::Message { conversation, from, plaintext }) => {
+                    Opened::Message { conversation, from, plaintext }
+                }
+                Ok(_) => Opened::Control,
+                Err(e) => Opened::Failed(e.to_string()),
+            },
+        };
+        self.remember(key.to_owned(), opened.clone());
+        opened
+    }
+
+    fn remember(&mut self, key: String, opened: Opened) {
+        if self.journal.insert(key.clone(), opened).is_none() {
+            self.journal_order.push_back(key);
+        }
+        while self.journal_order.len() > JOURNAL_ENTRIES {
+            if let Some(old) = self.journal_order.pop_front() {
+                self.journal.remove(&old);
+            }
         }
     }
 
@@ -498,6 +610,32 @@ impl Engine {
             put(&mut out, k);
             put(&mut out, v);
         }
+        put(&mut out, &(self.outgoing.len() as u64).to_be_bytes());
+        for o in &self.outgoing {
+            put(&mut out, &o.conversation);
+            put(&mut out, o.client_id.as_bytes());
+            put(&mut out, &o.commit.epoch.to_be_bytes());
+            put(&mut out, &o.commit.commit);
+            put(&mut out, o.commit.welcome.as_deref().unwrap_or_default());
+        }
+        put(&mut out, &(self.journal_order.len() as u64).to_be_bytes());
+        for key in &self.journal_order {
+            put(&mut out, key.as_bytes());
+            match &self.journal[key] {
+                Opened::Message { conversation, from, plaintext } => {
+                    put(&mut out, &[0]);
+                    put(&mut out, conversation);
+                    put(&mut out, &from.account.to_be_bytes());
+                    put(&mut out, &from.device.to_be_bytes());
+                    put(&mut out, plaintext);
+                }
+                Opened::Control => put(&mut out, &[1]),
+                Opened::Failed(why) => {
+                    put(&mut out, &[2]);
+                    put(&mut out, why.as_bytes());
+                }
+            }
+        }
         out
     }
 
@@ -527,8 +665,49 @@ impl Engine {
                 values.insert(k, v);
             }
         }
-        Ok(Engine { provider, key: MlsKey(SigningKey::from_bytes(&seed)), me: DeviceRef { account, device }, binding })
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| bad("bad text"));
+        let mut outgoing = Vec::new();
+        for _ in 0..u64_of(next("count")?)? {
+            let conversation = next("outgoing")?.to_vec();
+            let client_id = text(next("outgoing")?)?;
+            let epoch = u64_of(next("outgoing")?)?;
+            let commit = next("outgoing")?.to_vec();
+            let welcome = Some(next("outgoing")?.to_vec()).filter(|w| !w.is_empty());
+            outgoing.push(Outgoing { conversation, client_id, commit: Commit { epoch, commit, welcome } });
+        }
+        let mut engine = Engine {
+            provider,
+            key: MlsKey(SigningKey::from_bytes(&seed)),
+            me: DeviceRef { account, device },
+            binding,
+            outgoing,
+            journal: Default::default(),
+            journal_order: Default::default(),
+        };
+        for _ in 0..u64_of(next("count")?)? {
+            let key = text(next("journal")?)?;
+            let opened = match next("journal")? {
+                [0] => Opened::Message {
+                    conversation: next("journal")?.to_vec(),
+                    from: DeviceRef { account: u64_of(next("journal")?)?, device: u64_of(next("journal")?)? },
+                    plaintext: next("journal")?.to_vec(),
+                },
+                [1] => Opened::Control,
+                [2] => Opened::Failed(text(next("journal")?)?),
+                _ => return Err(bad("bad journal entry")),
+            };
+            engine.remember(key, opened);
+        }
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(engine)
     }
+}
+
+/// The journal key of this device's own message with `client_id`.
+fn own_key(client_id: &str) -> String {
+    format!("own:{client_id}")
 }
 
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {

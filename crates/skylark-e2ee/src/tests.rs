@@ -231,3 +231,74 @@ fn plain_payloads_are_told_apart() {
     junk.extend_from_slice(b"garbage");
     assert!(matches!(a1.engine.receive(&junk, false), Err(E2eeError::Malformed(_))));
 }
+
+#[test]
+fn an_entry_read_again_is_answered_from_the_journal_even_after_a_restart() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    let payload = a1.engine.encrypt_as(CONV, "cid-1", b"remember me").unwrap();
+    let first = b1.engine.open_once("seq-9", &payload, None);
+    assert!(matches!(&first, Opened::Message { plaintext, .. } if plaintext == b"remember me"));
+    // MLS keys are single use: opening the same ciphertext afresh fails...
+    assert!(b1.engine.receive(&payload, false).is_err());
+    // ...but the journal answers, also after the state went to disk and back.
+    b1.engine = Engine::import(&b1.engine.export()).unwrap();
+    assert_eq!(b1.engine.open_once("seq-9", &payload, None), first);
+    // The sender shows its own message from what it remembered when sending.
+    let mine = a1.engine.open_once("seq-4", &payload, Some("cid-1"));
+    assert!(
+        matches!(mine, Opened::Message { from, plaintext, .. } if from == a1.engine.me() && plaintext == b"remember me")
+    );
+}
+
+#[test]
+fn a_staged_commit_survives_a_restart_until_unstaged() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    a1.engine.create(CONV).unwrap();
+    let commit = a1.engine.add(CONV, &packages(&mut [&mut b1])).unwrap().unwrap();
+    a1.engine.stage(CONV, "commit-1", &commit);
+    let mut back = Engine::import(&a1.engine.export()).unwrap();
+    assert_eq!(back.outgoing().len(), 1);
+    assert_eq!(back.outgoing()[0].client_id, "commit-1");
+    assert_eq!(back.outgoing()[0].commit, commit);
+    assert!(back.has_pending_commit(CONV));
+    back.commit_accepted(CONV).unwrap();
+    assert_eq!(back.outgoing().len(), 1, "the Welcome is still to send");
+    back.unstage(CONV);
+    assert!(back.outgoing().is_empty());
+    // A refused commit is dropped with its staging.
+    let mut c1 = device(3, 1);
+    let again = back.add(CONV, &packages(&mut [&mut c1])).unwrap().unwrap();
+    back.stage(CONV, "commit-2", &again);
+    back.commit_refused(CONV).unwrap();
+    assert!(back.outgoing().is_empty() && !back.has_pending_commit(CONV));
+}
+
+/// The web client tells encrypted messages from handshakes by these bytes
+/// (app.js, `mlsKind`), without decrypting: keep them where it looks.
+#[test]
+fn the_wire_layout_the_web_client_reads() {
+    fn kind(payload: &[u8]) -> &'static str {
+        let at = MAGIC.len();
+        assert_eq!(&payload[at..at + 2], &[0, 1], "MLS 1.0");
+        if u16::from_be_bytes([payload[at + 2], payload[at + 3]]) != 2 {
+            return "handshake";
+        }
+        let mut at = at + 4;
+        let length_bytes = 1usize << (payload[at] >> 6);
+        let mut group_id_length = usize::from(payload[at] & 0x3f);
+        for i in 1..length_bytes {
+            group_id_length = group_id_length * 256 + usize::from(payload[at + i]);
+        }
+        at += length_bytes + group_id_length + 8;
+        if payload[at] == 1 { "application" } else { "handshake" }
+    }
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    a1.engine.create(CONV).unwrap();
+    let commit = a1.engine.add(CONV, &packages(&mut [&mut b1])).unwrap().unwrap();
+    assert_eq!(kind(&commit.commit), "handshake");
+    assert_eq!(kind(commit.welcome.as_ref().unwrap()), "handshake");
+    a1.engine.commit_accepted(CONV).unwrap();
+    assert_eq!(kind(&a1.engine.encrypt(CONV, b"hi").unwrap()), "application");
+}

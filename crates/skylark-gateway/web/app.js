@@ -70,9 +70,30 @@ function clientId() {
 }
 
 const decoder = new TextDecoder();
+// End-to-end encrypted payloads (MLS, from the CLI) start with these bytes
+// (skylark_e2ee::MAGIC). This page does not decrypt yet.
+const MLS_MAGIC = [0, 83, 75, 77, 76, 83, 49]; // "\0SKMLS1"
+const LOCKED = "🔒 An end-to-end encrypted message, which this browser cannot decrypt yet; read it with the skylark CLI.";
+// "application" for an encrypted message, "handshake" for a Welcome or a
+// commit (nothing to show), null for a plain payload.
+const mlsKind = (bytes) => {
+  if (bytes.length < MLS_MAGIC.length + 4 || MLS_MAGIC.some((b, i) => bytes[i] !== b)) return null;
+  let at = MLS_MAGIC.length + 2; // past the protocol version
+  const wireFormat = (bytes[at] << 8) | bytes[at + 1];
+  at += 2;
+  if (wireFormat !== 2) return "handshake"; // not a PrivateMessage
+  const lengthBytes = 1 << (bytes[at] >> 6); // the group id's QUIC-style length prefix
+  let groupIdLength = bytes[at] & 0x3f;
+  for (let i = 1; i < lengthBytes; i++) groupIdLength = groupIdLength * 256 + bytes[at + i];
+  at += lengthBytes + groupIdLength + 8; // past the group id and the epoch
+  return bytes[at] === 1 ? "application" : "handshake";
+};
+const payloadBytes = (b64) => Uint8Array.from(atob(b64 || ""), (c) => c.charCodeAt(0));
 const payloadText = (b64) => {
   try {
-    return decoder.decode(Uint8Array.from(atob(b64 || ""), (c) => c.charCodeAt(0)));
+    const bytes = payloadBytes(b64);
+    if (mlsKind(bytes)) return LOCKED;
+    return decoder.decode(bytes);
   } catch {
     return "(unreadable)";
   }
@@ -434,6 +455,13 @@ function applyGroup(g, order, live) {
   const c = chat(groupKey(g.group), { group: g.group });
   const at = Number(g.atMs);
   if (g.message) {
+    let handshake = false;
+    try {
+      handshake = mlsKind(payloadBytes(g.message.payload)) === "handshake";
+    } catch {
+      handshake = false;
+    }
+    if (handshake) return; // encryption keys changing: nothing to show
     const mine = g.by === state.me.accountId;
     addMessage(c, {
       id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, mine, from: g.byPhone,

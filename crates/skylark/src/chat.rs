@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use rand::RngCore;
 use skylark_client::backoff::Backoff;
 use skylark_client::client::ClientEvent;
+use skylark_client::e2ee::Crypto;
 use skylark_client::session::{LogEvent, SessionHandle, log_event};
 use skylark_client::{Client, ClientError, Identity, Session};
 use skylark_core::PhoneNumber;
@@ -64,12 +65,12 @@ pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: 
 }
 
 /// Prints one log event; `only` limits it to one conversation.
-fn describe(event: &v1::Event, me: &Identity, only: Option<&Peer>) -> Option<String> {
+fn describe(event: &v1::Event, me: &Identity, only: Option<&Peer>, crypto: &Crypto) -> Option<String> {
     let only = match only {
         Some(Peer::Phone(p)) => Some(p.as_str()),
         Some(Peer::Group(g)) => {
             return match event.body.as_ref()? {
-                Body::Group(e) if e.group == *g => crate::groups::describe_group(e, me),
+                Body::Group(e) if e.group == *g => crate::groups::describe_group(e, me, crypto.open_event(event)),
                 _ => None,
             };
         }
@@ -77,7 +78,7 @@ fn describe(event: &v1::Event, me: &Identity, only: Option<&Peer>) -> Option<Str
     };
     match event.body.as_ref()? {
         Body::Group(_) if only.is_some() => None,
-        Body::Group(g) => crate::groups::describe_group(g, me),
+        Body::Group(g) => crate::groups::describe_group(g, me, crypto.open_event(event)),
         Body::Message(m) => {
             let mine = m.id.is_some_and(|id| id.sender == me.account_id);
             let peer = if mine { &m.to_phone } else { &m.from_phone };
@@ -123,10 +124,11 @@ fn describe(event: &v1::Event, me: &Identity, only: Option<&Peer>) -> Option<Str
 fn start_client(
     profile: &Path,
     transport: &TransportArgs,
-) -> Result<(Identity, Client, tokio::sync::mpsc::Receiver<ClientEvent>)> {
+) -> Result<(Identity, Client, tokio::sync::mpsc::Receiver<ClientEvent>, Crypto)> {
     let identity = Identity::load(profile)?;
+    let crypto = Crypto::open(profile, &identity).map_err(explain)?;
     let (client, events) = Client::start(transport.endpoint(&identity)?, identity.clone(), Backoff::default());
-    Ok((identity, client, events))
+    Ok((identity, client, events, crypto))
 }
 
 /// A presence or typing frame as a line, if it concerns `only` (or anyone).
@@ -158,12 +160,15 @@ fn presence_line(p: &v1::PresenceInfo) -> String {
 
 pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String]) -> Result<()> {
     let watch: Vec<String> = watch.iter().map(|w| normalise(w)).collect::<Result<_>>()?;
-    let (identity, client, mut events) = start_client(profile, transport)?;
+    let (identity, client, mut events, crypto) = start_client(profile, transport)?;
     println!("Listening as {} (Ctrl-C stops).", identity.phone);
     while let Some(event) = events.recv().await {
         match event {
             ClientEvent::Connected(_) => {
                 println!("— connected —");
+                if let Ok(handle) = client.connected().await {
+                    crate::cli::prepare_crypto(&crypto, &handle).await;
+                }
                 if !watch.is_empty() {
                     let phones: Vec<&str> = watch.iter().map(String::as_str).collect();
                     if let Ok(handle) = client.connected().await {
@@ -177,7 +182,7 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
             ClientEvent::Stopped(e) => return Err(explain(e)),
             ClientEvent::Frame(frame) => match log_event(&frame) {
                 Some(LogEvent::Entry(event)) => {
-                    if let Some(line) = describe(event, &identity, None) {
+                    if let Some(line) = describe(event, &identity, None, &crypto) {
                         println!("{line}");
                     }
                     if let Ok(handle) = client.connected().await {
@@ -196,15 +201,15 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
     Ok(())
 }
 
-/// Sends with the same client id until the server acknowledges it, across
-/// reconnects (the server drops the duplicates).
-async fn send_reliably(client: &Client, to: &Peer, payload: Vec<u8>) -> Result<v1::SendAck> {
-    let id = client_id();
+/// Sends with the same client id (and the same payload: a group post is
+/// encrypted once) until the server acknowledges it, across reconnects (the
+/// server drops the duplicates).
+async fn send_reliably(client: &Client, to: &Peer, id: &str, payload: Vec<u8>) -> Result<v1::SendAck> {
     for _ in 0..10 {
         let handle: SessionHandle = client.connected().await.map_err(explain)?;
         let sent = match to {
-            Peer::Phone(phone) => handle.send(phone, &id, payload.clone()).await,
-            Peer::Group(group) => handle.send_to_group(*group, &id, payload.clone()).await,
+            Peer::Phone(phone) => handle.send(phone, id, payload.clone()).await,
+            Peer::Group(group) => handle.send_to_group(*group, id, payload.clone()).await,
         };
         match sent {
             Ok(ack) => return Ok(ack),
@@ -336,7 +341,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
         Peer::Phone(p) => p.clone(),
         Peer::Group(_) => String::new(),
     };
-    let (identity, client, mut events) = start_client(profile, transport)?;
+    let (identity, client, mut events, crypto) = start_client(profile, transport)?;
     let tty = std::io::stdin().is_terminal();
     let _raw = if tty { Some(RawMode::enter()?) } else { None };
     let mut screen = Screen { raw: tty, typed: String::new() };
@@ -375,7 +380,12 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         screen.redraw();
                         continue;
                     }
-                    let ack = send_reliably(&client, &peer, line.clone().into_bytes()).await?;
+                    let id = client_id();
+                    let payload = match &peer {
+                        Peer::Group(group) => crypto.group_payload(*group, &id, &line).map_err(explain)?.0,
+                        Peer::Phone(_) => line.clone().into_bytes(),
+                    };
+                    let ack = send_reliably(&client, &peer, &id, payload).await?;
                     let seq = ack.id.unwrap_or_default().seq;
                     screen.say(&format!("  ✓ you: {line}"));
                     mine.insert(seq, (line, "✓"));
@@ -393,9 +403,12 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                 let Some(event) = event else { break };
                 let frame = match event {
                     ClientEvent::Frame(frame) => frame,
-                    ClientEvent::Connected(_) if peer_phone.is_empty() => continue,
                     ClientEvent::Connected(_) => {
                         if let Ok(handle) = client.connected().await {
+                            crate::cli::prepare_crypto(&crypto, &handle).await;
+                            if peer_phone.is_empty() {
+                                continue;
+                            }
                             for p in handle.subscribe_presence(&[peer_phone.as_str()]).await.unwrap_or_default() {
                                 screen.say(&presence_line(&p));
                             }
@@ -422,8 +435,10 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     Some(Body::Group(g)) if g.group == group => {
                         let from_here = matches!(&g.body, Some(v1::group_event::Body::Message(m))
                             if g.by == identity.account_id && m.sender_device == identity.device_id);
+                        // Opened either way: commits change the keys.
+                        let shown = crypto.open_event(event);
                         if !from_here {
-                            if let Some(line) = crate::groups::describe_group(g, &identity) {
+                            if let Some(line) = crate::groups::describe_group(g, &identity, shown) {
                                 screen.say(&line);
                             }
                             if let Ok(handle) = client.connected().await {
@@ -464,7 +479,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                     }
                     _ => {
-                        if let Some(line) = describe(event, &identity, Some(&peer)) {
+                        if let Some(line) = describe(event, &identity, Some(&peer), &crypto) {
                             screen.say(&line);
                         }
                     }

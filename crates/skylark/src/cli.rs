@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use skylark_client::api::Api;
+use skylark_client::e2ee::Crypto;
 use skylark_client::identity::generate_key;
 use skylark_client::{ClientError, Endpoint, Identity, Session, TlsClient};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,55 @@ pub fn api_for(servers: &str, ca: Option<&Path>) -> Result<(Api, String)> {
 /// The addresses of a comma-separated list (the nodes of a cluster).
 pub fn addresses(list: &str) -> impl Iterator<Item = &str> {
     list.split(',').map(str::trim).filter(|a| !a.is_empty())
+}
+
+/// A session of a profile's device, with its end-to-end encryption ready:
+/// commits a previous run left half-sent are finished, and the device's
+/// published key packages are topped up when low.
+pub struct Connected {
+    pub session: Session,
+    pub events: tokio::sync::mpsc::Receiver<skylark_client::session::Event>,
+    pub crypto: Crypto,
+}
+
+pub async fn connect(profile: &Path, transport: &TransportArgs) -> Result<Connected> {
+    let identity = Identity::load(profile)?;
+    let endpoint = transport.endpoint(&identity)?;
+    let (session, events) = Session::open(&endpoint, &identity)
+        .await
+        .map_err(explain)
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    let crypto = Crypto::open(profile, &identity).map_err(explain)?;
+    prepare_crypto(&crypto, &session.handle()).await;
+    Ok(Connected { session, events, crypto })
+}
+
+/// Finishes half-sent commits and tops up key packages. Failing that is
+/// worth a warning, not the command: the next run tries again.
+pub async fn prepare_crypto(crypto: &Crypto, h: &skylark_client::session::SessionHandle) {
+    if let Err(e) = crypto.resume(h).await {
+        eprintln!("warning: could not finish an earlier encryption change ({e}); the next command tries again");
+    }
+    if let Err(e) = crypto.replenish(h).await {
+        eprintln!("warning: could not publish this device's encryption keys ({e}); the next command tries again");
+    }
+}
+
+/// Right after `register` or `link`: publishes the new device's key
+/// packages, so others can add it to encrypted groups while it is offline.
+pub async fn publish_keys(profile: &Path, identity: &Identity, ca: Option<&Path>) {
+    let transport = TransportArgs { tcp: None, json: false, tls: false, ca: ca.map(Path::to_owned) };
+    let published = async {
+        let endpoint = transport.endpoint(identity)?;
+        let (session, _events) = Session::open(&endpoint, identity).await.map_err(explain)?;
+        let crypto = Crypto::open(profile, identity).map_err(explain)?;
+        let uploaded = crypto.replenish(&session.handle()).await.map_err(explain);
+        session.close().await;
+        uploaded
+    };
+    if let Err(e) = published.await {
+        eprintln!("warning: could not publish this device's encryption keys yet ({e:#}); any later command does");
+    }
 }
 
 impl TransportArgs {
@@ -152,6 +202,7 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
         registered.device_name,
         path.display()
     );
+    publish_keys(profile, &identity, ca).await;
     Ok(())
 }
 

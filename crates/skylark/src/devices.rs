@@ -68,6 +68,7 @@ pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -
                     identity.phone,
                     path.display()
                 );
+                crate::cli::publish_keys(profile, &identity, ca).await;
                 return Ok(());
             }
         }

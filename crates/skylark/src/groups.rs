@@ -4,10 +4,12 @@ use crate::chat::{client_id, clock, normalise};
 use crate::cli::{TransportArgs, explain};
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use skylark_client::session::SessionHandle;
-use skylark_client::{Identity, Session};
+use skylark_client::Identity;
+use skylark_client::e2ee::{Crypto, Setup, Shown};
+use skylark_client::session::{Event, SessionHandle};
 use skylark_protocol::v1::{self, change_group::Change};
 use std::path::Path;
+use tokio::sync::mpsc;
 
 #[derive(Subcommand)]
 pub enum GroupCommand {
@@ -56,11 +58,25 @@ pub async fn run(profile: &Path, transport: &TransportArgs, command: GroupComman
     if let GroupCommand::Send { message, .. } = &command {
         crate::chat::text_to_send(message)?;
     }
-    let identity = Identity::load(profile)?;
-    let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let result = command_on(&session.handle(), command).await;
-    session.close().await;
+    let mut c = crate::cli::connect(profile, transport).await?;
+    let result = command_on(&c.session.handle(), &mut c.events, &c.crypto, command).await;
+    c.session.close().await;
     result
+}
+
+/// Says whether a group is end-to-end encrypted after a setup.
+fn say_setup(setup: &Setup) {
+    match setup {
+        Setup::Encrypted => println!("🔒 Messages in this group are end-to-end encrypted."),
+        Setup::Plain { without_keys } => {
+            let devices: Vec<String> = without_keys.iter().map(|(p, d)| format!("{p} (device {d})")).collect();
+            println!(
+                "⚠ This group is NOT end-to-end encrypted: {} cannot encrypt yet (an older client, or the web \
+                 client). The server can read its messages.",
+                devices.join(", ")
+            );
+        }
+    }
 }
 
 async fn change(h: &SessionHandle, group: u64, change: Change) -> Result<()> {
@@ -68,13 +84,21 @@ async fn change(h: &SessionHandle, group: u64, change: Change) -> Result<()> {
     Ok(())
 }
 
-async fn command_on(h: &SessionHandle, command: GroupCommand) -> Result<()> {
+async fn command_on(
+    h: &SessionHandle,
+    events: &mut mpsc::Receiver<Event>,
+    crypto: &Crypto,
+    command: GroupCommand,
+) -> Result<()> {
+    // Encrypting or committing needs the group's newest state.
+    crypto.catch_up(events).await.map_err(explain)?;
     match command {
         GroupCommand::Create { subject, members } => {
             let members: Vec<String> = members.iter().map(|m| normalise(m)).collect::<Result<_>>()?;
             let refs: Vec<&str> = members.iter().map(String::as_str).collect();
             let info = h.create_group(&subject, &refs).await.map_err(explain)?;
             print_info(&info);
+            say_setup(&crypto.start_group(h, events, &info).await.map_err(explain)?);
             println!(
                 "Post with: skylark group send {} \"hello\"   (or chat with: skylark chat --group {})",
                 info.id, info.id
@@ -91,10 +115,36 @@ async fn command_on(h: &SessionHandle, command: GroupCommand) -> Result<()> {
         }
         GroupCommand::Info { group } => print_info(&h.group_info(group).await.map_err(explain)?),
         GroupCommand::Add { group, members } => {
-            let phones = members.iter().map(|m| normalise(m)).collect::<Result<_>>()?;
+            let phones: Vec<String> = members.iter().map(|m| normalise(m)).collect::<Result<_>>()?;
+            // In an encrypted group, every new device must be able to read it.
+            let prepared = crypto.prepare_add(h, group, &phones).await.map_err(explain)?;
+            if let Some(p) = &prepared
+                && !p.without_keys().is_empty()
+            {
+                let devices: Vec<String> = p.without_keys().iter().map(|(p, d)| format!("{p} (device {d})")).collect();
+                bail!(
+                    "group {group} is end-to-end encrypted, and {} cannot encrypt yet (an older client, or the web \
+                     client); nobody was added",
+                    devices.join(", ")
+                );
+            }
             change(h, group, Change::Add(v1::PhoneList { phones })).await?;
+            if let Some(p) = prepared {
+                crypto.finish_add(h, events, group, p).await.map_err(explain)?;
+                println!("🔒 The new members' devices were given the group's keys.");
+            }
         }
-        GroupCommand::Remove { group, member } => change(h, group, Change::Remove(normalise(&member)?)).await?,
+        GroupCommand::Remove { group, member } => {
+            let phone = normalise(&member)?;
+            let before = h.group_info(group).await.map_err(explain)?;
+            let account = before.members.iter().find(|m| m.phone == phone).map(|m| m.account);
+            change(h, group, Change::Remove(phone)).await?;
+            if let Some(account) = account
+                && crypto.remove_account(h, events, group, account).await.map_err(explain)?
+            {
+                println!("🔒 Their devices were removed from the group's keys: they cannot read what is sent next.");
+            }
+        }
         GroupCommand::Leave { group } => {
             h.change_group(group, Change::Leave(v1::Leave {})).await.map_err(explain)?;
             println!("You left group {group}.");
@@ -104,9 +154,10 @@ async fn command_on(h: &SessionHandle, command: GroupCommand) -> Result<()> {
         GroupCommand::Subject { group, subject } => change(h, group, Change::Subject(subject)).await?,
         GroupCommand::AdminOnly { group, setting } => change(h, group, Change::AdminOnly(setting == "on")).await?,
         GroupCommand::Send { group, message } => {
-            let ack = h.send_to_group(group, &client_id(), message.into_bytes()).await.map_err(explain)?;
+            let (ack, encrypted) = crypto.post(h, group, &client_id(), &message).await.map_err(explain)?;
             let id = ack.id.unwrap_or_default();
-            println!("✓ posted to group {group} at {} (#{})", clock(ack.sent_at_ms), id.seq);
+            let lock = if encrypted { "🔒 " } else { "" };
+            println!("✓ {lock}posted to group {group} at {} (#{})", clock(ack.sent_at_ms), id.seq);
         }
         GroupCommand::Msginfo { group, seq } => {
             let info = h.message_info(group, seq).await.map_err(explain)?;
@@ -130,16 +181,19 @@ async fn command_on(h: &SessionHandle, command: GroupCommand) -> Result<()> {
     Ok(())
 }
 
-/// A group event as a line of text.
-pub fn describe_group(g: &v1::GroupEvent, me: &Identity) -> Option<String> {
+/// A group event as a line of text; `shown` is the post as this device
+/// opened it (`None` for a post that only carries encryption changes).
+pub fn describe_group(g: &v1::GroupEvent, me: &Identity, shown: Option<Shown>) -> Option<String> {
     use v1::group_event::Body;
     let who = if g.by == me.account_id { "you".to_owned() } else { g.by_phone.clone() };
     let at = clock(g.at_ms);
     let tag = format!("[{at}] group {}", g.group);
     Some(match g.body.as_ref()? {
-        Body::Message(m) => {
-            format!("{tag} #{} {who}: {}", g.group_seq, String::from_utf8_lossy(&m.payload))
-        }
+        Body::Message(_) => match shown? {
+            Shown::Encrypted(text) => format!("{tag} #{} {who}: {text}", g.group_seq),
+            Shown::Plain(text) => format!("{tag} #{} {who}: {text}  (not end-to-end encrypted)", g.group_seq),
+            Shown::Unreadable(why) => format!("{tag} #{} {who}: [this device cannot read it: {why}]", g.group_seq),
+        },
         Body::Created(c) => {
             let members: Vec<&str> = c.members.iter().map(|m| m.phone.as_str()).collect();
             format!("{tag}: {who} created \"{}\" with {}", c.subject, members.join(", "))

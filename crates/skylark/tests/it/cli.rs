@@ -487,3 +487,109 @@ async fn the_cli_speaks_tls_when_told_to_trust_the_ca() {
     assert!(!outs.2.status.success());
     assert!(String::from_utf8_lossy(&outs.2.stderr).contains("certificate"), "{:?}", outs.2);
 }
+
+/// End-to-end encrypted groups with the real binary: every device of every
+/// member reads the posts, a removed member's devices are taken out of the
+/// keys, and the server's store never holds the text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_groups_from_the_command_line() {
+    use crate::harness::{Peer, Transport, test_config};
+    use skylark_store::redb_store::RedbStore;
+    use std::sync::Arc;
+
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("skylark.redb");
+    let store: Arc<dyn skylark_store::Store> = Arc::new(RedbStore::open(&db).unwrap());
+    let mut server = TestServer::start_on(test_config(), store).await;
+    let home = tempfile::tempdir().unwrap();
+    let save = |id: &skylark_client::Identity, name: &str| id.save(&home.path().join(name)).unwrap();
+    let alice = server.register("+15551700001").await;
+    save(&alice, "alice");
+    let bob = server.register("+15551700002").await;
+    save(&bob, "bob");
+    let bob_phone = Peer::connect(&server, &bob, Transport::Ws).await;
+    let bob_laptop = crate::devices::link(&server, &bob_phone, "laptop").await;
+    drop(bob_phone);
+    save(&bob_laptop, "bob-laptop");
+    let carol = server.register("+15551700003").await;
+    save(&carol, "carol");
+    // Dave's only device never ran this CLI, so it publishes no keys.
+    let _dave = server.register("+15551700004").await;
+
+    let run = |profile: &str, a: &[&str]| {
+        let home_path = home.path().to_owned();
+        let mut args: Vec<String> = a.iter().map(|s| (*s).to_owned()).collect();
+        args.extend(["--profile".to_owned(), profile.to_owned()]);
+        tokio::task::spawn_blocking(move || {
+            let out = skylark(&home_path).args(&args).output().unwrap();
+            let (stdout, stderr) =
+                (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+            assert!(out.status.success(), "skylark {args:?} failed:\n{stdout}{stderr}");
+            stdout
+        })
+    };
+    let listen = |profile: &str| {
+        let mut cmd = skylark(home.path());
+        cmd.args(["listen", "--profile", profile]);
+        Running::spawn(cmd)
+    };
+    // Any command publishes the device's key packages.
+    for profile in ["alice", "bob", "bob-laptop", "carol"] {
+        run(profile, &["group", "list"]).await.unwrap();
+    }
+
+    let out = run("alice", &["group", "create", "Secret", "+15551700002", "+15551700003"]).await.unwrap();
+    assert!(out.contains("end-to-end encrypted") && !out.contains("NOT"), "{out}");
+    let group: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let g = group.to_string();
+    let out = run("alice", &["group", "send", &g, "e2ee-marker-one"]).await.unwrap();
+    assert!(out.contains("✓ 🔒 posted"), "{out}");
+
+    // Every device of every member reads it.
+    for profile in ["bob", "bob-laptop", "carol"] {
+        let l = listen(profile);
+        l.expect("+15551700001: e2ee-marker-one");
+    }
+    // Bob answers from his laptop; Alice reads it, and her own post too.
+    run("bob-laptop", &["group", "send", &g, "e2ee-marker-two"]).await.unwrap();
+    let l = listen("alice");
+    l.expect("you: e2ee-marker-one");
+    l.expect("+15551700002: e2ee-marker-two");
+    drop(l);
+
+    // Carol is removed: her devices leave the keys, the others read on.
+    let out = run("alice", &["group", "remove", &g, "+15551700003"]).await.unwrap();
+    assert!(out.contains("cannot read what is sent next"), "{out}");
+    run("alice", &["group", "send", &g, "e2ee-marker-three"]).await.unwrap();
+    let l = listen("bob");
+    let seen = l.expect("+15551700001: e2ee-marker-three");
+    assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
+    drop(l);
+
+    // A member whose device cannot encrypt is not added to an encrypted
+    // group, and a new group with them says it is not encrypted.
+    let home_path = home.path().to_owned();
+    let g2 = g.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        skylark(&home_path).args(["group", "add", &g2, "+15551700004", "--profile", "alice"]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot encrypt yet"), "{refused:?}");
+    let out = run("alice", &["group", "create", "Open", "+15551700004"]).await.unwrap();
+    assert!(out.contains("NOT end-to-end encrypted"), "{out}");
+    let open: String = out.split_whitespace().nth(1).unwrap().to_owned();
+    run("alice", &["group", "send", &open, "plain-marker-four"]).await.unwrap();
+
+    // The server's store holds none of the encrypted texts; the scan does
+    // find the one sent in the clear, so it can see text when it is there.
+    server.shutdown().await;
+    drop(server);
+    let bytes = std::fs::read(&db).unwrap();
+    let found = |marker: &str| bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
+    for marker in ["e2ee-marker-one", "e2ee-marker-two", "e2ee-marker-three"] {
+        assert!(!found(marker), "{marker} is readable in the server's store");
+    }
+    assert!(found("plain-marker-four"), "the scan sees plaintext where there is some");
+}

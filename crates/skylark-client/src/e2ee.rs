@@ -1,0 +1,472 @@
+//! End-to-end encryption for a profile: the device's MLS state
+//! (`skylark_e2ee::Engine`) in `e2ee.state` beside `identity.json`, and
+//! the steps that need the server — publishing key packages, claiming
+//! them to add devices, posting commits in the group's order (and trying
+//! again when another commit came first), encrypting posts and opening
+//! the posts that arrive.
+//!
+//! Every operation reads the state from disk, changes it and writes it
+//! back (a temporary file, fsync, rename) under an exclusive lock of
+//! `e2ee.lock`, so several commands on one profile take turns instead of
+//! overwriting each other's keys.
+//!
+//! Groups are encrypted when every device of every member has published
+//! key packages; a group with a device that cannot encrypt (an older client,
+//! or the web client, which does not encrypt yet) stays plain, and the
+//! commands say so.
+
+use crate::session::{Event, LogEvent, SessionHandle, log_event};
+use crate::{ClientError, Identity};
+use ed25519_dalek::Signer as _;
+use skylark_e2ee::{Commit, DeviceRef, E2eeError, Engine, Opened};
+use skylark_protocol::ErrorCode;
+use skylark_protocol::v1;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const STATE: &str = "e2ee.state";
+const LOCK: &str = "e2ee.lock";
+
+/// Key packages a device keeps published (the server tells when to top up).
+const TARGET_STOCK: u32 = 100;
+
+/// Attempts at a commit that keeps losing to other members' commits.
+const COMMIT_ATTEMPTS: usize = 5;
+
+/// How long to wait for the commit that won, before trying again anyway.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
+/// The MLS group id of a Skylark group.
+pub fn group_conversation(group: u64) -> Vec<u8> {
+    format!("skylark-group:{group}").into_bytes()
+}
+
+fn e2ee(e: E2eeError) -> ClientError {
+    ClientError::Profile(format!("end-to-end encryption: {e}"))
+}
+
+/// A group post, as this device can show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shown {
+    /// Decrypted: only the members' devices could read it.
+    Encrypted(String),
+    /// Sent without end-to-end encryption (the server could read it).
+    Plain(String),
+    /// An encrypted post this device cannot open, and why.
+    Unreadable(String),
+}
+
+/// What starting or extending a group's encryption did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setup {
+    /// Every device named was added (or was in already).
+    Encrypted,
+    /// Not encrypted: these devices (phone, device id) publish no keys.
+    Plain { without_keys: Vec<(String, u64)> },
+}
+
+/// One profile's end-to-end encryption.
+#[derive(Debug)]
+pub struct Crypto {
+    profile: PathBuf,
+    identity: Identity,
+}
+
+fn new_client_id() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 12];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Crypto {
+    /// The profile's encryption state, created (with a fresh MLS key bound
+    /// to the device key) on first use.
+    pub fn open(profile: &Path, identity: &Identity) -> Result<Crypto, ClientError> {
+        let crypto = Crypto { profile: profile.to_owned(), identity: identity.clone() };
+        crypto.with(|_| Ok(()))?;
+        Ok(crypto)
+    }
+
+    fn me(&self) -> DeviceRef {
+        DeviceRef { account: self.identity.account_id, device: self.identity.device_id }
+    }
+
+    /// Runs `f` on the state, under the profile's lock, and writes the
+    /// state back when `f` succeeds (durably, before returning).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Engine) -> Result<R, E2eeError>) -> Result<R, ClientError> {
+        let fail =
+            |what: &str, e: std::io::Error| ClientError::Profile(format!("{what} in {}: {e}", self.profile.display()));
+        std::fs::create_dir_all(&self.profile).map_err(|e| fail("cannot create the profile", e))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.profile.join(LOCK))
+            .map_err(|e| fail("cannot open the encryption lock", e))?;
+        lock.lock().map_err(|e| fail("cannot lock the encryption state", e))?;
+        let path = self.profile.join(STATE);
+        let mut engine = match std::fs::read(&path) {
+            Ok(bytes) => Engine::import(&bytes).map_err(|e| {
+                ClientError::Profile(format!(
+                    "{}: {e}; move it away to start over (encrypted groups must then add this device again)",
+                    path.display()
+                ))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = self.identity.signing_key()?;
+                Engine::new(self.me(), |t| key.sign(t).to_bytes().to_vec())
+            }
+            Err(e) => return Err(fail("cannot read the encryption state", e)),
+        };
+        if engine.me() != self.me() {
+            return Err(ClientError::Profile(format!(
+                "{} belongs to another device; move it away to start over",
+                path.display()
+            )));
+        }
+        let out = f(&mut engine).map_err(e2ee)?;
+        let tmp = self.profile.join(format!("{STATE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            let mut file = options.open(&tmp)?;
+            file.write_all(&engine.export())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.profile)?.sync_all()
+        };
+        write().map_err(|e| fail("cannot write the encryption state", e))?;
+        Ok(out)
+    }
+
+    /// Tops up this device's published key packages when the server says
+    /// the stock is low; returns how many were uploaded.
+    pub async fn replenish(&self, h: &SessionHandle) -> Result<u32, ClientError> {
+        let stock = h.key_package_stock().await?;
+        if stock.available >= stock.replenish_below && stock.has_last_resort {
+            return Ok(0);
+        }
+        let want = TARGET_STOCK.min(stock.max_available).saturating_sub(stock.available).min(100);
+        let need_last_resort = !stock.has_last_resort;
+        let (packages, last_resort) = self.with(|e| {
+            let packages = e.key_packages(want as usize)?;
+            let last = if need_last_resort { Some(e.last_resort_package()?) } else { None };
+            Ok((packages, last))
+        })?;
+        h.upload_key_packages(packages.into_iter().map(Into::into).collect(), last_resort.map(Into::into)).await?;
+        Ok(want)
+    }
+
+    /// Finishes commits a previous run left half-sent (the process died
+    /// between making a commit and hearing the server, or before sending
+    /// its Welcome).
+    pub async fn resume(&self, h: &SessionHandle) -> Result<(), ClientError> {
+        let outgoing = self.with(|e| Ok(e.outgoing().to_vec()))?;
+        for o in outgoing {
+            let Some(group) = parse_group(&o.conversation) else {
+                self.with(|e| {
+                    e.unstage(&o.conversation);
+                    Ok(())
+                })?;
+                continue;
+            };
+            let pending = self.with(|e| Ok(e.has_pending_commit(&o.conversation)))?;
+            let sent = if pending {
+                self.send_staged(h, group, &o.client_id, &o.commit).await
+            } else {
+                self.send_welcome(h, group, &o.client_id, &o.commit).await
+            };
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
+                    self.with(|e| e.commit_refused(&o.conversation))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_staged(&self, h: &SessionHandle, group: u64, client_id: &str, c: &Commit) -> Result<(), ClientError> {
+        let conversation = group_conversation(group);
+        h.commit_to_group(group, client_id, c.epoch, c.commit.clone()).await?;
+        self.with(|e| e.commit_accepted(&conversation))?;
+        self.send_welcome(h, group, client_id, c).await
+    }
+
+    async fn send_welcome(
+        &self,
+        h: &SessionHandle,
+        group: u64,
+        client_id: &str,
+        c: &Commit,
+    ) -> Result<(), ClientError> {
+        if let Some(welcome) = &c.welcome {
+            h.send_to_group(group, &format!("{client_id}w"), welcome.clone()).await?;
+        }
+        self.with(|e| {
+            e.unstage(&group_conversation(group));
+            Ok(())
+        })
+    }
+
+    /// Makes a commit with `make` and posts it in the group's order: when
+    /// another member's commit came first, reads the group's events until
+    /// it has that one, and makes the commit again. `Ok(false)` when there
+    /// was nothing to commit.
+    async fn commit(
+        &self,
+        h: &SessionHandle,
+        events: &mut mpsc::Receiver<Event>,
+        group: u64,
+        make: impl Fn(&mut Engine) -> Result<Option<Commit>, E2eeError>,
+    ) -> Result<bool, ClientError> {
+        let conversation = group_conversation(group);
+        for _ in 0..COMMIT_ATTEMPTS {
+            let client_id = new_client_id();
+            let made = self.with(|e| {
+                let commit = make(e)?;
+                if let Some(c) = &commit {
+                    e.stage(&conversation, &client_id, c);
+                }
+                Ok(commit)
+            })?;
+            let Some(commit) = made else { return Ok(false) };
+            match self.send_staged(h, group, &client_id, &commit).await {
+                Ok(()) => return Ok(true),
+                Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
+                    self.with(|e| e.commit_refused(&conversation))?;
+                    self.read_until_epoch_moves(events, group, commit.epoch).await?;
+                }
+                // The commit stays staged: the next run finishes it (`resume`).
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Profile(
+            "the group's encryption kept changing while this device tried to change it; try again".into(),
+        ))
+    }
+
+    async fn read_until_epoch_moves(
+        &self,
+        events: &mut mpsc::Receiver<Event>,
+        group: u64,
+        from: u64,
+    ) -> Result<(), ClientError> {
+        let conversation = group_conversation(group);
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        while self.with(|e| e.epoch(&conversation))? <= from {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(Event::Frame(frame))) => {
+                    if let Some(LogEvent::Entry(event)) = log_event(&frame) {
+                        self.open_event(event);
+                    }
+                }
+                Ok(Some(Event::Closed { code, reason })) => return Err(ClientError::Closed { code, reason }),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the session's backlog up to `CaughtUp`, opening every group
+    /// post on the way (so the state is current before this device
+    /// commits or encrypts). Returns the entries read.
+    pub async fn catch_up(&self, events: &mut mpsc::Receiver<Event>) -> Result<Vec<v1::Event>, ClientError> {
+        let mut read = Vec::new();
+        loop {
+            match tokio::time::timeout(CATCH_UP_WAIT, events.recv()).await {
+                Ok(Some(Event::Frame(frame))) => match log_event(&frame) {
+                    Some(LogEvent::Entry(event)) => {
+                        self.open_event(event);
+                        read.push(event.clone());
+                    }
+                    Some(LogEvent::CaughtUp(_)) => return Ok(read),
+                    None => {}
+                },
+                Ok(Some(Event::Closed { code, reason })) => return Err(ClientError::Closed { code, reason }),
+                // A backlog longer than the server's window arrives only as
+                // entries are acknowledged: go on with what is here.
+                Ok(None) | Err(_) => return Ok(read),
+            }
+        }
+    }
+
+    /// Opens a log entry if it is a group post (`None` otherwise, and for
+    /// posts that carry only encryption changes). Each entry is decrypted
+    /// once; reading it again (redelivery, history) answers the same.
+    pub fn open_event(&self, event: &v1::Event) -> Option<Shown> {
+        let Some(v1::event::Body::Group(g)) = &event.body else { return None };
+        let Some(v1::group_event::Body::Message(m)) = &g.body else { return None };
+        if !skylark_e2ee::is_encrypted(&m.payload) {
+            return Some(Shown::Plain(String::from_utf8_lossy(&m.payload).into_owned()));
+        }
+        let mine = g.by == self.identity.account_id && m.sender_device == self.identity.device_id;
+        let own = mine.then_some(m.client_id.as_str());
+        let opened = self.with(|e| Ok(e.open_once(&format!("log:{}", event.seq), &m.payload, own)));
+        match opened {
+            Ok(Opened::Message { plaintext, .. }) => {
+                Some(Shown::Encrypted(String::from_utf8_lossy(&plaintext).into_owned()))
+            }
+            Ok(Opened::Control) => None,
+            Ok(Opened::Failed(why)) => Some(Shown::Unreadable(why)),
+            Err(e) => Some(Shown::Unreadable(e.to_string())),
+        }
+    }
+
+    /// Whether this device encrypts for the group.
+    pub fn encrypts(&self, group: u64) -> Result<bool, ClientError> {
+        self.with(|e| Ok(e.is_member(&group_conversation(group))))
+    }
+
+    /// The payload of a post of `text` to the group with `client_id`:
+    /// encrypted when the group is, the plain text otherwise. Resend the
+    /// same payload with the same client id (a new encryption of the same
+    /// text would be a second message to the members).
+    pub fn group_payload(&self, group: u64, client_id: &str, text: &str) -> Result<(Vec<u8>, bool), ClientError> {
+        let conversation = group_conversation(group);
+        self.with(|e| {
+            if e.is_member(&conversation) {
+                Ok((e.encrypt_as(&conversation, client_id, text.as_bytes())?, true))
+            } else {
+                Ok((text.as_bytes().to_vec(), false))
+            }
+        })
+    }
+
+    /// Posts `text` to the group: encrypted when the group is, plain
+    /// otherwise. Returns the ack and whether it was encrypted.
+    pub async fn post(
+        &self,
+        h: &SessionHandle,
+        group: u64,
+        client_id: &str,
+        text: &str,
+    ) -> Result<(v1::SendAck, bool), ClientError> {
+        let (payload, encrypted) = self.group_payload(group, client_id, text)?;
+        let ack = h.send_to_group(group, client_id, payload).await?;
+        Ok((ack, encrypted))
+    }
+
+    /// Claims a key package of every device of each account in `phones`.
+    async fn claim(&self, h: &SessionHandle, phones: &[String]) -> Result<Claimed, ClientError> {
+        let mut claimed = Claimed::default();
+        for phone in phones {
+            let answer = h.claim_key_packages(phone).await?;
+            for d in answer.devices {
+                let who = DeviceRef { account: answer.account_id, device: d.device_id };
+                if d.key_package.is_empty() {
+                    claimed.without_keys.push((answer.phone.clone(), d.device_id));
+                } else {
+                    claimed.packages.push((who, d.key_package.to_vec()));
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Starts the group's encryption: this device creates the MLS group
+    /// and adds every device of every member (its own account's other
+    /// devices included). Stays plain when a device has no keys.
+    pub async fn start_group(
+        &self,
+        h: &SessionHandle,
+        events: &mut mpsc::Receiver<Event>,
+        info: &v1::GroupInfo,
+    ) -> Result<Setup, ClientError> {
+        let phones: Vec<String> = info.members.iter().map(|m| m.phone.clone()).collect();
+        let claimed = self.claim(h, &phones).await?;
+        if !claimed.without_keys.is_empty() {
+            return Ok(Setup::Plain { without_keys: claimed.without_keys });
+        }
+        let conversation = group_conversation(info.id);
+        self.with(|e| if e.is_member(&conversation) { Ok(()) } else { e.create(&conversation) })?;
+        let packages = claimed.packages;
+        self.commit(h, events, info.id, |e| e.add(&conversation, &packages)).await?;
+        Ok(Setup::Encrypted)
+    }
+
+    /// Before adding accounts to an encrypted group: their key packages,
+    /// or the devices that have none (then the group would have members
+    /// who cannot read it, so the caller should not add them).
+    pub async fn prepare_add(
+        &self,
+        h: &SessionHandle,
+        group: u64,
+        phones: &[String],
+    ) -> Result<Option<Prepared>, ClientError> {
+        if !self.encrypts(group)? {
+            return Ok(None);
+        }
+        let claimed = self.claim(h, phones).await?;
+        Ok(Some(Prepared { claimed }))
+    }
+
+    /// Adds the prepared devices to the group's encryption (after the
+    /// server added their accounts).
+    pub async fn finish_add(
+        &self,
+        h: &SessionHandle,
+        events: &mut mpsc::Receiver<Event>,
+        group: u64,
+        prepared: Prepared,
+    ) -> Result<(), ClientError> {
+        let conversation = group_conversation(group);
+        let packages = prepared.claimed.packages;
+        self.commit(h, events, group, |e| e.add(&conversation, &packages)).await?;
+        Ok(())
+    }
+
+    /// Removes every device of `account` from the group's encryption (after
+    /// the server removed the account): they read nothing sent after.
+    pub async fn remove_account(
+        &self,
+        h: &SessionHandle,
+        events: &mut mpsc::Receiver<Event>,
+        group: u64,
+        account: u64,
+    ) -> Result<bool, ClientError> {
+        if !self.encrypts(group)? {
+            return Ok(false);
+        }
+        let conversation = group_conversation(group);
+        self.commit(h, events, group, |e| {
+            let leaving: Vec<DeviceRef> =
+                e.members(&conversation)?.into_iter().filter(|d| d.account == account).collect();
+            e.remove(&conversation, &leaving)
+        })
+        .await
+    }
+}
+
+/// Key packages claimed for an addition.
+#[derive(Debug, Default)]
+struct Claimed {
+    packages: Vec<(DeviceRef, Vec<u8>)>,
+    without_keys: Vec<(String, u64)>,
+}
+
+/// What [`Crypto::prepare_add`] claimed.
+#[derive(Debug)]
+pub struct Prepared {
+    claimed: Claimed,
+}
+
+impl Prepared {
+    /// Devices (phone, device id) that publish no keys.
+    pub fn without_keys(&self) -> &[(String, u64)] {
+        &self.claimed.without_keys
+    }
+}
+
+fn parse_group(conversation: &[u8]) -> Option<u64> {
+    std::str::from_utf8(conversation).ok()?.strip_prefix("skylark-group:")?.parse().ok()
+}
