@@ -35,6 +35,14 @@ const TARGET_STOCK: u32 = 100;
 /// Attempts at a commit that keeps losing to other members' commits.
 const COMMIT_ATTEMPTS: usize = 5;
 
+/// How long a 1:1 conversation found plain stays plain before the next
+/// check (a check claims a key package of every device of both accounts).
+pub const PLAIN_RECHECK: Duration = Duration::from_secs(600);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// How long to wait for the commit that won, before trying again anyway.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -67,11 +75,42 @@ pub enum Setup {
     Plain { without_keys: Vec<(String, u64)> },
 }
 
+/// Where a session's frames come from, for reading the log while a commit
+/// waits: a session's receiver, or a reconnecting client's.
+pub trait Frames {
+    /// The next frame, `Event::Closed` when the session ended, `None` when
+    /// nothing more will come.
+    fn next_frame(&mut self) -> impl std::future::Future<Output = Option<Event>> + Send;
+}
+
+impl Frames for mpsc::Receiver<Event> {
+    async fn next_frame(&mut self) -> Option<Event> {
+        self.recv().await
+    }
+}
+
+impl Frames for mpsc::Receiver<crate::client::ClientEvent> {
+    async fn next_frame(&mut self) -> Option<Event> {
+        use crate::client::ClientEvent;
+        loop {
+            return match self.recv().await? {
+                ClientEvent::Frame(frame) => Some(Event::Frame(frame)),
+                // The client reconnects by itself; the log resumes after.
+                ClientEvent::Connected(_) | ClientEvent::Disconnected { .. } => continue,
+                ClientEvent::Stopped(e) => Some(Event::Closed { code: None, reason: e.to_string() }),
+            };
+        }
+    }
+}
+
 /// One profile's end-to-end encryption.
 #[derive(Debug)]
 pub struct Crypto {
     profile: PathBuf,
     identity: Identity,
+    /// Frames read while waiting on the log (a commit's catch-up), for the
+    /// caller to show: [`Crypto::take_read`].
+    read: std::sync::Mutex<Vec<skylark_protocol::ServerFrame>>,
 }
 
 fn new_client_id() -> String {
@@ -85,7 +124,7 @@ impl Crypto {
     /// The profile's encryption state, created (with a fresh MLS key bound
     /// to the device key) on first use.
     pub fn open(profile: &Path, identity: &Identity) -> Result<Crypto, ClientError> {
-        let crypto = Crypto { profile: profile.to_owned(), identity: identity.clone() };
+        let crypto = Crypto { profile: profile.to_owned(), identity: identity.clone(), read: Default::default() };
         crypto.with(|_| Ok(()))?;
         Ok(crypto)
     }
@@ -225,7 +264,7 @@ impl Crypto {
     async fn commit(
         &self,
         h: &SessionHandle,
-        events: &mut mpsc::Receiver<Event>,
+        events: &mut impl Frames,
         group: u64,
         make: impl Fn(&mut Engine) -> Result<Option<Commit>, E2eeError>,
     ) -> Result<bool, ClientError> {
@@ -255,20 +294,16 @@ impl Crypto {
         ))
     }
 
-    async fn read_until_epoch_moves(
-        &self,
-        events: &mut mpsc::Receiver<Event>,
-        group: u64,
-        from: u64,
-    ) -> Result<(), ClientError> {
+    async fn read_until_epoch_moves(&self, events: &mut impl Frames, group: u64, from: u64) -> Result<(), ClientError> {
         let conversation = group_conversation(group);
         let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
         while self.with(|e| e.epoch(&conversation))? <= from {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
+            match tokio::time::timeout_at(deadline, events.next_frame()).await {
                 Ok(Some(Event::Frame(frame))) => {
                     if let Some(LogEvent::Entry(event)) = log_event(&frame) {
                         self.open_event(event);
                     }
+                    self.keep_read(frame);
                 }
                 Ok(Some(Event::Closed { code, reason })) => return Err(ClientError::Closed { code, reason }),
                 Ok(None) | Err(_) => break,
@@ -280,24 +315,44 @@ impl Crypto {
     /// Reads the session's backlog up to `CaughtUp`, opening every group
     /// post on the way (so the state is current before this device
     /// commits or encrypts). Returns the entries read.
-    pub async fn catch_up(&self, events: &mut mpsc::Receiver<Event>) -> Result<Vec<v1::Event>, ClientError> {
+    pub async fn catch_up(&self, events: &mut impl Frames) -> Result<Vec<v1::Event>, ClientError> {
         let mut read = Vec::new();
         loop {
-            match tokio::time::timeout(CATCH_UP_WAIT, events.recv()).await {
-                Ok(Some(Event::Frame(frame))) => match log_event(&frame) {
-                    Some(LogEvent::Entry(event)) => {
-                        self.open_event(event);
-                        read.push(event.clone());
+            match tokio::time::timeout(CATCH_UP_WAIT, events.next_frame()).await {
+                Ok(Some(Event::Frame(frame))) => {
+                    let caught_up = match log_event(&frame) {
+                        Some(LogEvent::Entry(event)) => {
+                            self.open_event(event);
+                            read.push(event.clone());
+                            false
+                        }
+                        Some(LogEvent::CaughtUp(_)) => true,
+                        None => false,
+                    };
+                    self.keep_read(frame);
+                    if caught_up {
+                        return Ok(read);
                     }
-                    Some(LogEvent::CaughtUp(_)) => return Ok(read),
-                    None => {}
-                },
+                }
                 Ok(Some(Event::Closed { code, reason })) => return Err(ClientError::Closed { code, reason }),
                 // A backlog longer than the server's window arrives only as
                 // entries are acknowledged: go on with what is here.
                 Ok(None) | Err(_) => return Ok(read),
             }
         }
+    }
+
+    fn keep_read(&self, frame: skylark_protocol::ServerFrame) {
+        if let Ok(mut read) = self.read.lock() {
+            read.push(frame);
+        }
+    }
+
+    /// The frames this object read from the session while catching up or
+    /// waiting for a commit that came first, in order, for a program that
+    /// shows them (each is read once: this empties the list).
+    pub fn take_read(&self) -> Vec<skylark_protocol::ServerFrame> {
+        self.read.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default()
     }
 
     /// Opens a log entry if it is a group post (`None` otherwise, and for
@@ -379,7 +434,7 @@ impl Crypto {
     pub async fn start_group(
         &self,
         h: &SessionHandle,
-        events: &mut mpsc::Receiver<Event>,
+        events: &mut impl Frames,
         info: &v1::GroupInfo,
     ) -> Result<Setup, ClientError> {
         let phones: Vec<String> = info.members.iter().map(|m| m.phone.clone()).collect();
@@ -392,6 +447,60 @@ impl Crypto {
         let packages = claimed.packages;
         self.commit(h, events, info.id, |e| e.add(&conversation, &packages)).await?;
         Ok(Setup::Encrypted)
+    }
+
+    /// The group of the end-to-end encrypted 1:1 conversation with
+    /// `phone`, set up on first use; `None` when it cannot be encrypted (a
+    /// device of either account cannot encrypt, or it is this account's
+    /// own number), and then the caller sends in the clear. A conversation
+    /// found plain is not checked again for [`PLAIN_RECHECK`], since each
+    /// check claims a key package of every device.
+    pub async fn start_direct(
+        &self,
+        h: &SessionHandle,
+        events: &mut impl Frames,
+        phone: &str,
+    ) -> Result<Option<u64>, ClientError> {
+        let info = match h.open_direct(phone).await {
+            Ok(info) => info,
+            Err(e) if e.error_code() == Some(ErrorCode::Forbidden) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if self.encrypts(info.id)? {
+            return Ok(Some(info.id));
+        }
+        if self.recently_plain(info.id) {
+            return Ok(None);
+        }
+        match self.start_group(h, events, &info).await? {
+            Setup::Encrypted => Ok(Some(info.id)),
+            Setup::Plain { .. } => {
+                self.remember_plain(info.id);
+                Ok(None)
+            }
+        }
+    }
+
+    fn plain_file(&self) -> PathBuf {
+        self.profile.join("e2ee.plain")
+    }
+
+    /// Conversations found plain, with when (ms since the epoch).
+    fn plain_marks(&self) -> std::collections::HashMap<u64, u64> {
+        std::fs::read(self.plain_file()).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn recently_plain(&self, group: u64) -> bool {
+        self.plain_marks().get(&group).is_some_and(|&at| now_ms().saturating_sub(at) < PLAIN_RECHECK.as_millis() as u64)
+    }
+
+    fn remember_plain(&self, group: u64) {
+        let mut marks = self.plain_marks();
+        marks.insert(group, now_ms());
+        if let Ok(json) = serde_json::to_vec(&marks) {
+            // Only a hint: losing it costs one more check.
+            let _ = std::fs::write(self.plain_file(), json);
+        }
     }
 
     /// Before adding accounts to an encrypted group: their key packages,
@@ -415,7 +524,7 @@ impl Crypto {
     pub async fn finish_add(
         &self,
         h: &SessionHandle,
-        events: &mut mpsc::Receiver<Event>,
+        events: &mut impl Frames,
         group: u64,
         prepared: Prepared,
     ) -> Result<(), ClientError> {
@@ -430,7 +539,7 @@ impl Crypto {
     pub async fn remove_account(
         &self,
         h: &SessionHandle,
-        events: &mut mpsc::Receiver<Event>,
+        events: &mut impl Frames,
         group: u64,
         account: u64,
     ) -> Result<bool, ClientError> {

@@ -159,6 +159,12 @@ impl SessionHandle {
             .await
     }
 
+    /// Opens the group of the 1:1 conversation with `phone` (created on
+    /// first use by either side; it orders the conversation's encryption).
+    pub async fn open_direct(&self, phone: &str) -> Result<v1::GroupInfo, ClientError> {
+        self.group_info_of(client_frame::Body::OpenDirect(v1::OpenDirect { phone: phone.to_owned() })).await
+    }
+
     /// Changes a group; returns the group after the change.
     pub async fn change_group(
         &self,

@@ -17,6 +17,14 @@ use serde::{Deserialize, Serialize};
 /// Set in every group id, never in an account id.
 pub const GROUP_ID_BIT: u64 = 1 << 62;
 
+/// Set, with [`GROUP_ID_BIT`], in the id of a 1:1 conversation's group
+/// ([`AccountId::direct`]): the group end-to-end encryption orders the
+/// conversation's commits in. Its members are fixed.
+pub const DIRECT_ID_BIT: u64 = 1 << 61;
+
+/// Account ids up to this many bits have a 1:1 conversation group.
+const DIRECT_ACCOUNT_BITS: u32 = 30;
+
 /// Longest group subject, in characters.
 pub const MAX_SUBJECT_CHARS: usize = 100;
 
@@ -28,6 +36,37 @@ impl AccountId {
 
     pub fn is_group(self) -> bool {
         self.0 & GROUP_ID_BIT != 0
+    }
+
+    /// The id of the 1:1 conversation group of two accounts: the same
+    /// whoever asks, and no other pair's (both ids packed into it). `None`
+    /// for an account with itself, a group, or an id past 2^30.
+    pub fn direct(a: AccountId, b: AccountId) -> Option<AccountId> {
+        let (lo, hi) = if a.0 <= b.0 { (a.0, b.0) } else { (b.0, a.0) };
+        let fits = |id: u64| id < (1 << DIRECT_ACCOUNT_BITS);
+        if lo == hi || !fits(lo) || !fits(hi) {
+            return None;
+        }
+        Some(AccountId(GROUP_ID_BIT | DIRECT_ID_BIT | (hi << DIRECT_ACCOUNT_BITS) | lo))
+    }
+
+    /// Whether this is a 1:1 conversation's group.
+    pub fn is_direct(self) -> bool {
+        self.is_group() && self.0 & DIRECT_ID_BIT != 0
+    }
+
+    /// The other account of this 1:1 conversation group, seen from `me`.
+    pub fn direct_peer(self, me: AccountId) -> Option<AccountId> {
+        if !self.is_direct() {
+            return None;
+        }
+        let mask = (1 << DIRECT_ACCOUNT_BITS) - 1;
+        let (lo, hi) = (self.0 & mask, (self.0 >> DIRECT_ACCOUNT_BITS) & mask);
+        match me.0 {
+            m if m == lo => Some(AccountId(hi)),
+            m if m == hi => Some(AccountId(lo)),
+            _ => None,
+        }
     }
 }
 
@@ -167,6 +206,8 @@ pub enum GroupError {
     UnknownMessage,
     #[error("only the sender of a message may ask who has it")]
     NotAuthor,
+    #[error("a 1:1 conversation has its two members, for good")]
+    Direct,
     #[error(
         "the group's encryption moved on (to epoch {0}) before this change arrived; \
          catch up on the group's messages and make the change again"
@@ -188,6 +229,26 @@ pub fn valid_subject(subject: &str) -> bool {
 }
 
 impl GroupMeta {
+    /// The 1:1 conversation group of `a` and `b` (its id is
+    /// [`AccountId::direct`]); both are admins, and its roster never changes.
+    pub fn create_direct(id: AccountId, a: AccountId, b: AccountId, now_ms: u64) -> (GroupMeta, GroupBody) {
+        let members = vec![
+            Member { account: a, role: Role::Admin, joined_seq: 1 },
+            Member { account: b, role: Role::Admin, joined_seq: 1 },
+        ];
+        let body = GroupBody::Created { subject: String::new(), members: vec![(a, Role::Admin), (b, Role::Admin)] };
+        let meta = GroupMeta {
+            id,
+            subject: String::new(),
+            created_by: a,
+            created_at_ms: now_ms,
+            admin_only: false,
+            members,
+            mls_epoch: 0,
+        };
+        (meta, body)
+    }
+
     /// A new group of `creator` (its first admin) and `members`, checked
     /// against `max_members`. The creation event gets sequence 1.
     pub fn create(
@@ -243,6 +304,9 @@ impl GroupMeta {
     /// sequence number.
     pub fn check(&self, by: AccountId, change: GroupChange, max_members: usize) -> Result<GroupBody, GroupError> {
         let Some(me) = self.member(by) else { return Err(GroupError::NotAMember) };
+        if self.id.is_direct() && !matches!(change, GroupChange::Post { .. }) {
+            return Err(GroupError::Direct);
+        }
         let admin = me.role == Role::Admin;
         let need_admin = |ok: bool| if ok { Ok(()) } else { Err(GroupError::NotAnAdmin) };
         let need_member = |m: AccountId| self.member(m).map(|_| ()).ok_or(GroupError::NotMember(m));
@@ -425,6 +489,32 @@ mod tests {
         // In an admin-only group members still commit (key changes), but do not post.
         g.apply(A, 2, &GroupBody::AdminOnly { admin_only: true });
         assert!(g.check(B, commit(1), 4).is_ok());
+    }
+
+    #[test]
+    fn a_pair_has_one_direct_group_with_a_fixed_roster() {
+        let id = AccountId::direct(A, B).unwrap();
+        assert_eq!(AccountId::direct(B, A), Some(id), "the same whoever asks");
+        assert!(id.is_group() && id.is_direct());
+        assert_ne!(AccountId::direct(A, C), Some(id));
+        assert_ne!(AccountId::direct(AccountId(1 << 30), B), AccountId::direct(A, B));
+        assert_eq!(AccountId::direct(A, A), None);
+        assert_eq!(AccountId::direct(A, AccountId(1 << 30)), None);
+        assert!(!AccountId::group(5).is_direct());
+        assert_eq!(id.direct_peer(A), Some(B));
+        assert_eq!(id.direct_peer(B), Some(A));
+        assert_eq!(id.direct_peer(C), None);
+        let (g, _) = GroupMeta::create_direct(id, A, B, 0);
+        let post = GroupChange::Post {
+            device: DeviceId(1),
+            client_id: "c".into(),
+            payload: bytes::Bytes::new(),
+            commit_epoch: None,
+        };
+        assert!(g.check(B, post, 4).is_ok());
+        assert_eq!(g.check(A, GroupChange::Add { members: vec![C] }, 4), Err(GroupError::Direct));
+        assert_eq!(g.check(A, GroupChange::Leave, 4), Err(GroupError::Direct));
+        assert_eq!(g.check(A, GroupChange::Subject { subject: "x".into() }, 4), Err(GroupError::Direct));
     }
 
     #[test]

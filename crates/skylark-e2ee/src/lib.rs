@@ -512,7 +512,14 @@ impl Engine {
             // Already applied (a replay after a restart).
             return Ok(Incoming::NotForMe);
         }
-        let processed = group.process_message(&self.provider, protocol).map_err(mls)?;
+        let processed = match group.process_message(&self.provider, protocol) {
+            Ok(processed) => processed,
+            // This device started the conversation too, alone in its own
+            // group, and another device's start came first: that one's
+            // commit is not for this group; its Welcome follows.
+            Err(_) if group.members().count() == 1 => return Ok(Incoming::NotForMe),
+            Err(e) => return Err(mls(e)),
+        };
         let by = parse_identity(processed.credential()).map(|(d, _)| d).unwrap_or(DeviceRef { account: 0, device: 0 });
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
@@ -580,16 +587,24 @@ impl Engine {
     }
 
     fn join(&mut self, welcome: Welcome) -> Result<Incoming, E2eeError> {
-        let staged = match StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None) {
-            Ok(staged) => staged,
+        let processed = match ProcessedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome) {
+            Ok(processed) => processed,
             Err(WelcomeError::NoMatchingKeyPackage) => return Ok(Incoming::NotForMe),
             Err(e) => return Err(mls(e)),
         };
-        let conversation = staged.group_context().group_id().as_slice().to_vec();
-        // A device that was removed and is welcomed back starts over.
+        let conversation = processed.unverified_group_info().group_id().as_slice().to_vec();
+        // The Welcome is for this device. A group it had for the
+        // conversation gives way only if it was removed from it, or was
+        // alone in it (it lost the race to start the conversation): a
+        // Welcome never replaces a group this device is a member of with
+        // others, so nobody can fork it out of its conversation.
         if let Ok(mut old) = self.group(&conversation) {
+            if old.is_active() && old.members().count() > 1 {
+                return Ok(Incoming::NotForMe);
+            }
             old.delete(self.provider.storage()).map_err(mls)?;
         }
+        let staged = processed.into_staged_welcome(&self.provider, None).map_err(mls)?;
         let group = staged.into_group(&self.provider).map_err(mls)?;
         Ok(Incoming::Joined { conversation, epoch: group.epoch().as_u64() })
     }

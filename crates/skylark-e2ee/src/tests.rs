@@ -302,3 +302,22 @@ fn the_wire_layout_the_web_client_reads() {
     a1.engine.commit_accepted(CONV).unwrap();
     assert_eq!(kind(&a1.engine.encrypt(CONV, b"hi").unwrap()), "application");
 }
+
+#[test]
+fn a_device_that_lost_the_race_to_start_a_conversation_joins_the_winners() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    // Both start the conversation and add the other, from epoch 0.
+    a1.engine.create(CONV).unwrap();
+    b1.engine.create(CONV).unwrap();
+    let from_a = a1.engine.add(CONV, &packages(&mut [&mut b1])).unwrap().unwrap();
+    let from_b = b1.engine.add(CONV, &packages(&mut [&mut a1])).unwrap().unwrap();
+    let mut log = Log::default();
+    assert!(log.commit(&mut a1, &from_a));
+    assert!(!log.commit(&mut b1, &from_b));
+    // b1 reads a1's commit (which its own group cannot take) and Welcome.
+    log.catch_up(&mut b1);
+    assert!(b1.engine.is_member(CONV));
+    assert_eq!(b1.engine.epoch(CONV).unwrap(), 1);
+    log.post(&mut b1, "joined the winner's");
+    assert_eq!(log.catch_up(&mut a1), ["joined the winner's"]);
+}

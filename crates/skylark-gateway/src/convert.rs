@@ -36,6 +36,7 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
             GroupError::Full(_) => ErrorCode::GroupFull,
             GroupError::UnknownMessage => ErrorCode::UnknownMessage,
             GroupError::StaleEpoch(_) => ErrorCode::StaleEpoch,
+            GroupError::Direct => ErrorCode::Forbidden,
             GroupError::NotMember(_)
             | GroupError::AlreadyMember(_)
             | GroupError::InvalidSubject
@@ -120,6 +121,7 @@ pub(crate) async fn group_info(router: &Router, meta: &GroupMeta) -> Result<v1::
         created_at_ms: meta.created_at_ms,
         admin_only: meta.admin_only,
         members,
+        direct: meta.id.is_direct(),
     })
 }
 
@@ -136,7 +138,7 @@ async fn group_event(router: &Router, e: &GroupEvent) -> Result<v1::GroupEvent, 
             for (m, role) in members {
                 out.push(member(router, *m, *role, e.seq).await?);
             }
-            Body::Created(v1::GroupCreated { subject: subject.clone(), members: out })
+            Body::Created(v1::GroupCreated { subject: subject.clone(), members: out, direct: e.group.is_direct() })
         }
         GroupBody::Added { members } => {
             let mut out = Vec::with_capacity(members.len());

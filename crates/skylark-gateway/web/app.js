@@ -470,7 +470,13 @@ function applyGroup(g, order, live) {
     if (live && !mine) maybeMarkRead(c);
     return;
   }
-  if (g.created) c.title = g.created.subject;
+  if (g.created) {
+    // A 1:1 conversation's end-to-end encrypted group (from the CLI): named
+    // after the other person; its posts are encrypted for their devices.
+    const other = g.created.direct && (g.created.members || []).find((m) => m.account !== state.me.accountId);
+    c.title = other ? `🔒 ${other.phone}` : g.created.subject;
+    if (other) return;
+  }
   if (g.subject !== undefined) c.title = g.subject;
   const text = systemLine(g);
   if (text) addMessage(c, { id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, system: true, text, at });

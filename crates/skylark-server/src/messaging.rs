@@ -65,6 +65,11 @@ pub enum GroupRequest {
         members: Vec<AccountId>,
     },
     Change(GroupChange),
+    /// Opens (creating it the first time) the 1:1 conversation group of
+    /// the asker and `with`; sent to the group [`AccountId::direct`] names.
+    OpenDirect {
+        with: AccountId,
+    },
     Info,
     /// Delivery and read state of one of the asker's messages, per member.
     MessageInfo {

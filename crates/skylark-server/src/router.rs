@@ -207,6 +207,20 @@ impl Router {
         self.ask_group(account, group, GroupRequest::Create { subject, members }).await
     }
 
+    /// Opens the 1:1 conversation group of `account` and `with` (creating
+    /// it on first use; see `AccountId::direct`). (Charge the rate limit
+    /// first: [`Router::charge_group_change`].)
+    pub async fn open_direct(
+        &self,
+        account: AccountId,
+        with: AccountId,
+    ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
+        let Some(group) = AccountId::direct(account, with) else {
+            return Err(GroupError::Direct.into());
+        };
+        self.ask_group(account, group, GroupRequest::OpenDirect { with }).await
+    }
+
     /// A member's request to a group (changes, info); the group's actor
     /// checks who may do what. (Charge changes to the rate limit first:
     /// [`Router::charge_group_change`].)

@@ -11,7 +11,7 @@ use skylark_client::backoff::Backoff;
 use skylark_client::client::ClientEvent;
 use skylark_client::e2ee::Crypto;
 use skylark_client::session::{LogEvent, SessionHandle, log_event};
-use skylark_client::{Client, ClientError, Identity, Session};
+use skylark_client::{Client, ClientError, Identity};
 use skylark_core::PhoneNumber;
 use skylark_protocol::v1::{self, ReceiptKind, event::Body, server_frame};
 use std::collections::BTreeMap;
@@ -54,31 +54,95 @@ pub fn text_to_send(message: &str) -> Result<Vec<u8>> {
 
 pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: &str) -> Result<()> {
     let payload = text_to_send(message)?;
-    let identity = Identity::load(profile)?;
     let to = normalise(to)?;
-    let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let ack = session.handle().send(&to, &client_id(), payload).await.map_err(explain)?;
-    let id = ack.id.unwrap_or_default();
-    println!("✓ sent to {to} at {} (message {}:{})", clock(ack.sent_at_ms), id.sender, id.seq);
-    session.close().await;
-    Ok(())
+    let mut c = crate::cli::connect(profile, transport).await?;
+    let h = c.session.handle();
+    let sent = async {
+        // Encrypting needs the conversation's newest keys.
+        c.crypto.catch_up(&mut c.events).await.map_err(explain)?;
+        match c.crypto.start_direct(&h, &mut c.events, &to).await.map_err(explain)? {
+            Some(group) => {
+                let (ack, _) = c.crypto.post(&h, group, &client_id(), message).await.map_err(explain)?;
+                let id = ack.id.unwrap_or_default();
+                println!("✓ 🔒 sent to {to} at {} (end-to-end encrypted, #{})", clock(ack.sent_at_ms), id.seq);
+            }
+            None => {
+                let ack = h.send(&to, &client_id(), payload).await.map_err(explain)?;
+                let id = ack.id.unwrap_or_default();
+                println!(
+                    "✓ sent to {to} at {} (message {}:{}; not end-to-end encrypted: a device of yours or theirs \
+                     cannot encrypt yet)",
+                    clock(ack.sent_at_ms),
+                    id.sender,
+                    id.seq
+                );
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    c.session.close().await;
+    sent
+}
+
+/// The other party of 1:1 conversation groups, by group id.
+#[derive(Default)]
+struct DirectPeers(std::collections::HashMap<u64, String>);
+
+impl DirectPeers {
+    fn get(&self, group: u64) -> Option<&str> {
+        self.0.get(&group).map(String::as_str)
+    }
+
+    /// Learns the other party of `event`'s 1:1 conversation group, if it
+    /// is one (from the event, or else by asking the server once).
+    async fn learn(&mut self, event: &v1::Event, me: &Identity, h: Option<SessionHandle>) {
+        let Some(Body::Group(g)) = &event.body else { return };
+        if !skylark_core::AccountId(g.group).is_direct() || self.0.contains_key(&g.group) {
+            return;
+        }
+        if g.by != me.account_id && !g.by_phone.is_empty() {
+            self.0.insert(g.group, g.by_phone.clone());
+        } else if let Some(h) = h
+            && let Ok(info) = h.group_info(g.group).await
+            && let Some(other) = info.members.iter().find(|m| m.account != me.account_id)
+        {
+            self.0.insert(g.group, other.phone.clone());
+        }
+    }
 }
 
 /// Prints one log event; `only` limits it to one conversation.
-fn describe(event: &v1::Event, me: &Identity, only: Option<&Peer>, crypto: &Crypto) -> Option<String> {
+fn describe(
+    event: &v1::Event,
+    me: &Identity,
+    only: Option<&Peer>,
+    crypto: &Crypto,
+    peers: &DirectPeers,
+) -> Option<String> {
     let only = match only {
         Some(Peer::Phone(p)) => Some(p.as_str()),
         Some(Peer::Group(g)) => {
             return match event.body.as_ref()? {
-                Body::Group(e) if e.group == *g => crate::groups::describe_group(e, me, crypto.open_event(event)),
+                Body::Group(e) if e.group == *g => {
+                    crate::groups::describe_group(e, me, crypto.open_event(event), peers.get(e.group))
+                }
                 _ => None,
             };
         }
         None => None,
     };
     match event.body.as_ref()? {
+        // A 1:1 conversation's encrypted posts belong to that conversation.
+        Body::Group(g) if skylark_core::AccountId(g.group).is_direct() => {
+            let peer = peers.get(g.group);
+            if only.is_some_and(|o| Some(o) != peer) {
+                return None;
+            }
+            crate::groups::describe_group(g, me, crypto.open_event(event), peer)
+        }
         Body::Group(_) if only.is_some() => None,
-        Body::Group(g) => crate::groups::describe_group(g, me, crypto.open_event(event)),
+        Body::Group(g) => crate::groups::describe_group(g, me, crypto.open_event(event), peers.get(g.group)),
         Body::Message(m) => {
             let mine = m.id.is_some_and(|id| id.sender == me.account_id);
             let peer = if mine { &m.to_phone } else { &m.from_phone };
@@ -161,6 +225,7 @@ fn presence_line(p: &v1::PresenceInfo) -> String {
 pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String]) -> Result<()> {
     let watch: Vec<String> = watch.iter().map(|w| normalise(w)).collect::<Result<_>>()?;
     let (identity, client, mut events, crypto) = start_client(profile, transport)?;
+    let mut peers = DirectPeers::default();
     println!("Listening as {} (Ctrl-C stops).", identity.phone);
     while let Some(event) = events.recv().await {
         match event {
@@ -182,7 +247,8 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
             ClientEvent::Stopped(e) => return Err(explain(e)),
             ClientEvent::Frame(frame) => match log_event(&frame) {
                 Some(LogEvent::Entry(event)) => {
-                    if let Some(line) = describe(event, &identity, None, &crypto) {
+                    peers.learn(event, &identity, client.connected().await.ok()).await;
+                    if let Some(line) = describe(event, &identity, None, &crypto, &peers) {
                         println!("{line}");
                     }
                     if let Ok(handle) = client.connected().await {
@@ -218,6 +284,17 @@ async fn send_reliably(client: &Client, to: &Peer, id: &str, payload: Vec<u8>) -
         }
     }
     bail!("could not send after several reconnects")
+}
+
+/// The next event: those read ahead first, then the client's.
+async fn next_event(
+    pending: &mut std::collections::VecDeque<ClientEvent>,
+    events: &mut tokio::sync::mpsc::Receiver<ClientEvent>,
+) -> Option<ClientEvent> {
+    match pending.pop_front() {
+        Some(event) => Some(event),
+        None => events.recv().await,
+    }
 }
 
 /// Where chat output goes. On a raw terminal the line being typed stays at
@@ -350,9 +427,26 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
     } else {
         Keyboard::Lines(BufReader::new(tokio::io::stdin()).lines())
     };
-    let title = match &peer {
-        Peer::Phone(p) => p.clone(),
-        Peer::Group(g) => format!("group {g}"),
+    let mut peers = DirectPeers::default();
+    // A 1:1 chat goes through the conversation's end-to-end encrypted
+    // group when both accounts' devices can encrypt. Setting it up may read
+    // some of the log; those frames are shown first.
+    let mut direct = None;
+    if let Peer::Phone(p) = &peer {
+        let h = client.connected().await.map_err(explain)?;
+        direct = crypto.start_direct(&h, &mut events, p).await.map_err(explain)?;
+        if let Some(g) = direct {
+            peers.0.insert(g, p.clone());
+        }
+    }
+    let mut pending: std::collections::VecDeque<ClientEvent> =
+        crypto.take_read().into_iter().map(ClientEvent::Frame).collect();
+    let title = match (&peer, direct) {
+        (Peer::Phone(p), Some(_)) => format!("{p} (🔒 end-to-end encrypted)"),
+        (Peer::Phone(p), None) => {
+            format!("{p} (not end-to-end encrypted: a device of yours or theirs cannot encrypt yet)")
+        }
+        (Peer::Group(g), _) => format!("group {g}"),
     };
     screen.say(&format!("Chat with {title}. Type a message and press Enter; Ctrl-D leaves."));
     // My messages in this chat by sequence, for showing ticks as they change.
@@ -381,11 +475,13 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         continue;
                     }
                     let id = client_id();
-                    let payload = match &peer {
-                        Peer::Group(group) => crypto.group_payload(*group, &id, &line).map_err(explain)?.0,
-                        Peer::Phone(_) => line.clone().into_bytes(),
+                    let (to, payload) = match (&peer, direct) {
+                        (&Peer::Group(group), _) | (Peer::Phone(_), Some(group)) => {
+                            (Peer::Group(group), crypto.group_payload(group, &id, &line).map_err(explain)?.0)
+                        }
+                        (Peer::Phone(p), None) => (Peer::Phone(p.clone()), line.clone().into_bytes()),
                     };
-                    let ack = send_reliably(&client, &peer, &id, payload).await?;
+                    let ack = send_reliably(&client, &to, &id, payload).await?;
                     let seq = ack.id.unwrap_or_default().seq;
                     screen.say(&format!("  ✓ you: {line}"));
                     mine.insert(seq, (line, "✓"));
@@ -399,7 +495,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     }
                 }
             }
-            event = events.recv() => {
+            event = next_event(&mut pending, &mut events) => {
                 let Some(event) = event else { break };
                 let frame = match event {
                     ClientEvent::Frame(frame) => frame,
@@ -429,7 +525,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                 };
                 let group = match peer {
                     Peer::Group(g) => g,
-                    Peer::Phone(_) => 0,
+                    Peer::Phone(_) => direct.unwrap_or(0),
                 };
                 match event.body.as_ref() {
                     Some(Body::Group(g)) if g.group == group => {
@@ -438,7 +534,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         // Opened either way: commits change the keys.
                         let shown = crypto.open_event(event);
                         if !from_here {
-                            if let Some(line) = crate::groups::describe_group(g, &identity, shown) {
+                            if let Some(line) = crate::groups::describe_group(g, &identity, shown, peers.get(g.group)) {
                                 screen.say(&line);
                             }
                             if let Ok(handle) = client.connected().await {
@@ -479,7 +575,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                     }
                     _ => {
-                        if let Some(line) = describe(event, &identity, Some(&peer), &crypto) {
+                        if let Some(line) = describe(event, &identity, Some(&peer), &crypto, &peers) {
                             screen.say(&line);
                         }
                     }

@@ -106,10 +106,11 @@ async fn command_on(
         }
         GroupCommand::List => {
             let groups = h.list_groups().await.map_err(explain)?;
-            if groups.is_empty() {
+            if groups.iter().all(|g| g.direct) {
                 println!("You are in no groups.");
             }
-            for g in groups {
+            // 1:1 conversations' groups are not groups to the person.
+            for g in groups.iter().filter(|g| !g.direct) {
                 println!("{}  \"{}\"  {} members", g.id, g.subject, g.members.len());
             }
         }
@@ -183,10 +184,27 @@ async fn command_on(
 
 /// A group event as a line of text; `shown` is the post as this device
 /// opened it (`None` for a post that only carries encryption changes).
-pub fn describe_group(g: &v1::GroupEvent, me: &Identity, shown: Option<Shown>) -> Option<String> {
+///
+/// A 1:1 conversation's group (`peer`: the other party's number, when
+/// known) reads as the 1:1 conversation it carries.
+pub fn describe_group(g: &v1::GroupEvent, me: &Identity, shown: Option<Shown>, peer: Option<&str>) -> Option<String> {
     use v1::group_event::Body;
     let who = if g.by == me.account_id { "you".to_owned() } else { g.by_phone.clone() };
     let at = clock(g.at_ms);
+    if skylark_core::AccountId(g.group).is_direct() {
+        // Nothing but posts: its creation and key changes are no news.
+        let Some(Body::Message(_)) = g.body.as_ref() else { return None };
+        let line = if g.by == me.account_id {
+            format!("[{at}] you → {}", peer.unwrap_or("your 1:1 chat"))
+        } else {
+            format!("[{at}] {}", g.by_phone)
+        };
+        return Some(match shown? {
+            Shown::Encrypted(text) => format!("{line}: {text}"),
+            Shown::Plain(text) => format!("{line}: {text}  (not end-to-end encrypted)"),
+            Shown::Unreadable(why) => format!("{line}: [this device cannot read it: {why}]"),
+        });
+    }
     let tag = format!("[{at}] group {}", g.group);
     Some(match g.body.as_ref()? {
         Body::Message(_) => match shown? {

@@ -118,6 +118,15 @@ pub(crate) async fn answer(router: &Router, account: AccountId, device: DeviceId
             }
         },
         Body::GetGroup(g) => router.group_request(account, AccountId(g.group), GroupRequest::Info).await,
+        Body::OpenDirect(open) => {
+            if let Err(e) = router.charge_group_change(device) {
+                return Answer::Now(messaging_error(id, &e));
+            }
+            match self::account(router, &open.phone).await {
+                Ok(with) => router.open_direct(account, with).await,
+                Err(e) => Err(e),
+            }
+        }
         Body::GetMessageInfo(m) => {
             router.group_request(account, AccountId(m.group), GroupRequest::MessageInfo { seq: m.seq }).await
         }

@@ -8,7 +8,7 @@
 //! | [`devices`] | `WhoAmI`, `ApproveLink`, `ListDevices`, `RenameDevice`, `RemoveDevice`, `History` |
 //! | [`presence`] | `Typing`, `SubscribePresence`, `SetActive`, `SetPrivacy` |
 //! | [`push`] | `RegisterPush` |
-//! | [`groups`] | `CreateGroup`, `ChangeGroup`, `GetGroup`, `ListGroups`, `GetMessageInfo` |
+//! | [`groups`] | `CreateGroup`, `ChangeGroup`, `GetGroup`, `ListGroups`, `GetMessageInfo`, `OpenDirect` |
 //! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
 //!
 //! The session (`session.rs`) owns the connection's state machine and calls
@@ -153,7 +153,8 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)
         | Body::ListGroups(_)
-        | Body::GetMessageInfo(_)) => {
+        | Body::GetMessageInfo(_)
+        | Body::OpenDirect(_)) => {
             groups::answer(&shared.server.router, authed.account.id, authed.device.id, id, body).await
         }
         Body::Hello(_) | Body::Authenticate(_) => {

@@ -156,6 +156,20 @@ impl Machine {
                 self.kind = Kind::Group(Some(Box::new(GroupState { meta, positions, marks: (0, 0) })));
                 self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);
             }
+            GroupRequest::OpenDirect { with } => {
+                if AccountId::direct(from, with) != Some(self.account) {
+                    return Err(Refusal::Refused(MessagingError::Internal("a direct group asked by a stranger")));
+                }
+                if matches!(self.kind, Kind::Group(None)) && self.log.last_seq() == 0 {
+                    let (meta, body) = GroupMeta::create_direct(self.account, from, with, now_ms);
+                    let positions = meta.members.iter().map(|m| (m.account, (0, 0))).collect();
+                    fx.write.memberships.extend(meta.members.iter().map(|m| (m.account, true)));
+                    self.kind = Kind::Group(Some(Box::new(GroupState { meta, positions, marks: (0, 0) })));
+                    self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);
+                } else {
+                    self.member_check(from)?;
+                }
+            }
             GroupRequest::Change(change) => {
                 let body = self.group_state()?.meta.check(from, change, max).map_err(refused)?;
                 self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);

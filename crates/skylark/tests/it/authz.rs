@@ -88,6 +88,7 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
             Body::CreateGroup(v1::CreateGroup { subject: "mine".into(), members: vec!["+15556000002".into()] }),
         ),
         ("get_group", Body::GetGroup(v1::GetGroup { group: g })),
+        ("open_direct with alice", Body::OpenDirect(v1::OpenDirect { phone: "+15556000001".into() })),
         ("list_groups", Body::ListGroups(v1::ListGroups {})),
         ("message_info", Body::GetMessageInfo(v1::GetMessageInfo { group: g, seq: ids.alice_post })),
         (
@@ -127,6 +128,8 @@ fn expected(caller: Caller, request: &str) -> Option<ErrorCode> {
             Some(ErrorCode::NotAMember)
         }
         (Other, _) if group_admin => Some(ErrorCode::Forbidden),
+        // A 1:1 conversation needs two accounts.
+        (Own | Sibling, "open_direct with alice") => Some(ErrorCode::Forbidden),
         // Message info is for the post's sender (Alice's account).
         (Other, "message_info") => Some(ErrorCode::Forbidden),
         _ => None,
@@ -220,8 +223,9 @@ async fn every_request_type_by_every_kind_of_caller() {
         }
     }
     // Bob: 2 device + 5 group changes + message info; Dave and Carol: 2 device + 8 group
-    // (post, info, mark read, message info and the group changes).
-    assert_eq!(refused, 8 + 11 + 11, "every refusal in the table was exercised");
+    // (post, info, mark read, message info and the group changes); Alice's
+    // two devices: a 1:1 conversation with herself.
+    assert_eq!(refused, 8 + 11 + 11 + 2, "every refusal in the table was exercised");
 
     // A removed device cannot even authenticate.
     let err = skylark_client::Session::open(&server.endpoint(Transport::Tcp), &old_id).await.unwrap_err();

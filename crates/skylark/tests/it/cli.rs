@@ -593,3 +593,89 @@ async fn encrypted_groups_from_the_command_line() {
     }
     assert!(found("plain-marker-four"), "the scan sees plaintext where there is some");
 }
+
+/// End-to-end encrypted 1:1 conversations with the real binary: the pair's
+/// conversation group orders its keys, the sender's other device reads
+/// what it sent, two first messages sent at once (two commits for the
+/// conversation's first epoch) end in one conversation both can read, and
+/// the store holds none of the texts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_one_to_one_from_the_command_line() {
+    use crate::harness::{Peer, Transport, test_config};
+    use skylark_store::redb_store::RedbStore;
+    use std::sync::Arc;
+
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("skylark.redb");
+    let store: Arc<dyn skylark_store::Store> = Arc::new(RedbStore::open(&db).unwrap());
+    let mut server = TestServer::start_on(test_config(), store).await;
+    let home = tempfile::tempdir().unwrap();
+    let save = |id: &skylark_client::Identity, name: &str| id.save(&home.path().join(name)).unwrap();
+    let alice = server.register("+15551800001").await;
+    save(&alice, "alice");
+    let alice_phone = Peer::connect(&server, &alice, Transport::Ws).await;
+    let laptop = crate::devices::link(&server, &alice_phone, "laptop").await;
+    drop(alice_phone);
+    save(&laptop, "alice-laptop");
+    save(&server.register("+15551800002").await, "bob");
+    save(&server.register("+15551800003").await, "carol");
+
+    let run = |profile: &str, a: &[&str]| {
+        let home_path = home.path().to_owned();
+        let mut args: Vec<String> = a.iter().map(|s| (*s).to_owned()).collect();
+        args.extend(["--profile".to_owned(), profile.to_owned()]);
+        tokio::task::spawn_blocking(move || {
+            let out = skylark(&home_path).args(&args).output().unwrap();
+            let (stdout, stderr) =
+                (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+            assert!(out.status.success(), "skylark {args:?} failed:\n{stdout}{stderr}");
+            stdout
+        })
+    };
+    let listen = |profile: &str| {
+        let mut cmd = skylark(home.path());
+        cmd.args(["listen", "--profile", profile]);
+        Running::spawn(cmd)
+    };
+    for profile in ["alice", "alice-laptop", "bob", "carol"] {
+        run(profile, &["group", "list"]).await.unwrap();
+    }
+
+    let out = run("alice", &["send", "+15551800002", "dm-marker-one"]).await.unwrap();
+    assert!(out.contains("✓ 🔒 sent to +15551800002"), "{out}");
+    let out = run("bob", &["send", "+15551800001", "dm-marker-two"]).await.unwrap();
+    assert!(out.contains("✓ 🔒 sent"), "{out}");
+    let l = listen("bob");
+    l.expect("+15551800001: dm-marker-one");
+    drop(l);
+    // Alice's laptop reads both sides of the conversation.
+    let l = listen("alice-laptop");
+    l.expect("you → +15551800002: dm-marker-one");
+    l.expect("+15551800002: dm-marker-two");
+    drop(l);
+
+    // Bob and Carol write to each other for the first time at once: both
+    // start the conversation's encryption, one commit wins, the other side
+    // joins it and sends in it.
+    let (from_bob, from_carol) = tokio::join!(
+        run("bob", &["send", "+15551800003", "dm-marker-three"]),
+        run("carol", &["send", "+15551800002", "dm-marker-four"])
+    );
+    assert!(from_bob.unwrap().contains("🔒"));
+    assert!(from_carol.unwrap().contains("🔒"));
+    let l = listen("carol");
+    let seen = l.expect("+15551800002: dm-marker-three");
+    assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
+    drop(l);
+    let l = listen("bob");
+    let seen = l.expect("+15551800003: dm-marker-four");
+    assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
+    drop(l);
+
+    server.shutdown().await;
+    drop(server);
+    let bytes = std::fs::read(&db).unwrap();
+    for marker in ["dm-marker-one", "dm-marker-two", "dm-marker-three", "dm-marker-four"] {
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "{marker} is readable in the store");
+    }
+}
