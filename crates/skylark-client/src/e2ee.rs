@@ -28,6 +28,24 @@ use tokio::sync::mpsc;
 
 const STATE: &str = "e2ee.state";
 const LOCK: &str = "e2ee.lock";
+/// The account's device changes this device still has to carry into its
+/// encrypted conversations ([`Crypto::maintain`]).
+const TODO: &str = "e2ee.todo";
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Todo {
+    /// Devices linked to the account, to add to its conversations.
+    add: std::collections::BTreeSet<u64>,
+    /// Devices removed from the account, to remove from them.
+    remove: std::collections::BTreeSet<u64>,
+    /// The log entries of device changes already noted (commands that do
+    /// not acknowledge the log read them again).
+    #[serde(default)]
+    seen: std::collections::BTreeSet<u64>,
+}
+
+/// Device changes remembered as noted.
+const SEEN_CHANGES: usize = 1_000;
 
 /// Key packages a device keeps published (the server tells when to top up).
 const TARGET_STOCK: u32 = 100;
@@ -357,8 +375,14 @@ impl Crypto {
 
     /// Opens a log entry if it is a group post (`None` otherwise, and for
     /// posts that carry only encryption changes). Each entry is decrypted
-    /// once; reading it again (redelivery, history) answers the same.
+    /// once; reading it again (redelivery, history) answers the same. A
+    /// device linked to or removed from the account is noted, for
+    /// [`Crypto::maintain`].
     pub fn open_event(&self, event: &v1::Event) -> Option<Shown> {
+        if let Some(v1::event::Body::DeviceChange(change)) = &event.body {
+            self.note_device_change(event.seq, change);
+            return None;
+        }
         let Some(v1::event::Body::Group(g)) = &event.body else { return None };
         let Some(v1::group_event::Body::Message(m)) = &g.body else { return None };
         if !skylark_e2ee::is_encrypted(&m.payload) {
@@ -375,6 +399,103 @@ impl Crypto {
             Ok(Opened::Failed(why)) => Some(Shown::Unreadable(why)),
             Err(e) => Some(Shown::Unreadable(e.to_string())),
         }
+    }
+
+    fn todo(&self) -> Todo {
+        std::fs::read(self.profile.join(TODO)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn save_todo(&self, todo: &Todo) -> Result<(), ClientError> {
+        let fail = |e: std::io::Error| ClientError::Profile(format!("cannot write {}: {e}", self.profile.display()));
+        let tmp = self.profile.join(format!("{TODO}.tmp"));
+        let json = serde_json::to_vec(todo).map_err(|e| ClientError::Profile(e.to_string()))?;
+        std::fs::write(&tmp, json).map_err(fail)?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(fail)?;
+        std::fs::rename(&tmp, self.profile.join(TODO)).map_err(fail)
+    }
+
+    fn note_device_change(&self, seq: u64, change: &v1::DeviceChange) {
+        use v1::device_change::Change;
+        let mut todo = self.todo();
+        if !todo.seen.insert(seq) {
+            return;
+        }
+        while todo.seen.len() > SEEN_CHANGES {
+            todo.seen.pop_first();
+        }
+        match &change.change {
+            Some(Change::Linked(d)) if d.id != self.identity.device_id => {
+                todo.add.insert(d.id);
+            }
+            Some(Change::Removed(id)) => {
+                todo.add.remove(id);
+                todo.remove.insert(*id);
+            }
+            _ => {}
+        }
+        if let Err(e) = self.save_todo(&todo) {
+            tracing::warn!("could not note a device change: {e}");
+        }
+    }
+
+    /// Carries the account's device changes into its encrypted
+    /// conversations: a removed device is removed from each (it reads
+    /// nothing sent after), a linked one added (with one of its key
+    /// packages per conversation; a device that has not published keys yet
+    /// is tried again next time). Any device of the account may do it;
+    /// when several do at once, the group's order makes one commit count
+    /// and the others find nothing left to do.
+    pub async fn maintain(&self, h: &SessionHandle, events: &mut impl Frames) -> Result<(), ClientError> {
+        if self.todo().add.is_empty() && self.todo().remove.is_empty() {
+            return Ok(());
+        }
+        let _lock = self.maintaining()?;
+        let todo = self.todo();
+        let conversations = self.with(|e| Ok(e.conversations()))?;
+        let groups: Vec<(u64, Vec<u8>)> =
+            conversations.into_iter().filter_map(|c| parse_group(&c).map(|g| (g, c))).collect();
+        let account = self.identity.account_id;
+        let removed: Vec<DeviceRef> = todo.remove.iter().map(|&device| DeviceRef { account, device }).collect();
+        for (group, conversation) in &groups {
+            self.commit(h, events, *group, |e| e.remove(conversation, &removed)).await?;
+        }
+        // Read again before writing: reading the log may have noted more.
+        let mut now = self.todo();
+        now.remove.retain(|d| !todo.remove.contains(d));
+        self.save_todo(&now)?;
+        let mut added = std::collections::BTreeSet::new();
+        for (group, conversation) in &groups {
+            // One package per device per conversation: a Welcome uses it up.
+            let claimed = h.claim_key_packages(&self.identity.phone).await?;
+            let packages: Vec<(DeviceRef, Vec<u8>)> = claimed
+                .devices
+                .into_iter()
+                .filter(|d| todo.add.contains(&d.device_id) && !d.key_package.is_empty())
+                .map(|d| (DeviceRef { account, device: d.device_id }, d.key_package.to_vec()))
+                .collect();
+            added.extend(packages.iter().map(|(d, _)| d.device));
+            self.commit(h, events, *group, |e| e.add(conversation, &packages)).await?;
+        }
+        if groups.is_empty() {
+            added = todo.add.clone();
+        }
+        let mut now = self.todo();
+        now.add.retain(|d| !added.contains(d));
+        self.save_todo(&now)
+    }
+
+    /// Held while [`Crypto::maintain`] works: the to-do list is read and
+    /// rewritten around network steps, so two commands of one profile take
+    /// turns at it.
+    fn maintaining(&self) -> Result<std::fs::File, ClientError> {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.profile.join("e2ee.todo.lock"))
+            .map_err(|e| ClientError::Profile(format!("cannot open {}: {e}", self.profile.display())))?;
+        lock.lock().map_err(|e| ClientError::Profile(format!("cannot lock {}: {e}", self.profile.display())))?;
+        Ok(lock)
     }
 
     /// Whether this device encrypts for the group.

@@ -59,7 +59,10 @@ pub struct DeviceRef {
 
 #[derive(Debug, thiserror::Error)]
 pub enum E2eeError {
-    #[error("this device is not in that conversation's encryption group")]
+    #[error(
+        "this device does not have the keys of that conversation (it was added after the message was sent, \
+         or the account's other devices have not added it yet)"
+    )]
     UnknownConversation,
     #[error("the encryption group for that conversation already exists on this device")]
     AlreadyExists,
@@ -209,6 +212,8 @@ pub struct Engine {
     outgoing: Vec<Outgoing>,
     journal: std::collections::HashMap<String, Opened>,
     journal_order: std::collections::VecDeque<String>,
+    /// The conversations this device created or joined.
+    conversations: std::collections::BTreeSet<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -238,6 +243,7 @@ impl Engine {
             outgoing: Vec::new(),
             journal: Default::default(),
             journal_order: Default::default(),
+            conversations: Default::default(),
         }
     }
 
@@ -318,7 +324,13 @@ impl Engine {
             self.credential(),
         )
         .map_err(mls)?;
+        self.conversations.insert(conversation.to_vec());
         Ok(())
+    }
+
+    /// The conversations this device is an active member of.
+    pub fn conversations(&self) -> Vec<Vec<u8>> {
+        self.conversations.iter().filter(|c| self.is_member(c)).cloned().collect()
     }
 
     /// The group's current epoch (what a commit from here would be for).
@@ -491,7 +503,14 @@ impl Engine {
             _ => return Err(E2eeError::Malformed("not a message, commit or welcome".into())),
         };
         let conversation = protocol.group_id().as_slice().to_vec();
-        let Ok(mut group) = self.group(&conversation) else { return Ok(Incoming::NotForMe) };
+        let Ok(mut group) = self.group(&conversation) else {
+            // A message in a conversation this device has no keys of is
+            // worth saying; a handshake is not (its Welcome may follow).
+            return match protocol.content_type() {
+                ContentType::Application => Err(E2eeError::UnknownConversation),
+                _ => Ok(Incoming::NotForMe),
+            };
+        };
         let epoch = protocol.epoch().as_u64();
         if from_me {
             // Our own commit, back from the log: it is the one that counts.
@@ -606,6 +625,7 @@ impl Engine {
         }
         let staged = processed.into_staged_welcome(&self.provider, None).map_err(mls)?;
         let group = staged.into_group(&self.provider).map_err(mls)?;
+        self.conversations.insert(conversation.clone());
         Ok(Incoming::Joined { conversation, epoch: group.epoch().as_u64() })
     }
 
@@ -650,6 +670,10 @@ impl Engine {
                     put(&mut out, why.as_bytes());
                 }
             }
+        }
+        put(&mut out, &(self.conversations.len() as u64).to_be_bytes());
+        for c in &self.conversations {
+            put(&mut out, c);
         }
         out
     }
@@ -698,6 +722,7 @@ impl Engine {
             outgoing,
             journal: Default::default(),
             journal_order: Default::default(),
+            conversations: Default::default(),
         };
         for _ in 0..u64_of(next("count")?)? {
             let key = text(next("journal")?)?;
@@ -712,6 +737,9 @@ impl Engine {
                 _ => return Err(bad("bad journal entry")),
             };
             engine.remember(key, opened);
+        }
+        for _ in 0..u64_of(next("count")?)? {
+            engine.conversations.insert(next("conversation")?.to_vec());
         }
         if !rest.is_empty() {
             return Err(bad("trailing bytes"));

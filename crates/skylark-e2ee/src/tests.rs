@@ -321,3 +321,17 @@ fn a_device_that_lost_the_race_to_start_a_conversation_joins_the_winners() {
     log.post(&mut b1, "joined the winner's");
     assert_eq!(log.catch_up(&mut a1), ["joined the winner's"]);
 }
+
+#[test]
+fn a_device_knows_its_conversations_across_a_restart() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    assert_eq!(a1.engine.conversations(), [CONV.to_vec()]);
+    assert_eq!(Engine::import(&b1.engine.export()).unwrap().conversations(), [CONV.to_vec()]);
+    // Removed from it, it is no longer one of its conversations.
+    let commit = a1.engine.remove(CONV, &[b1.engine.me()]).unwrap().unwrap();
+    assert!(log.commit(&mut a1, &commit));
+    log.catch_up(&mut b1);
+    assert!(b1.engine.conversations().is_empty());
+}

@@ -60,6 +60,7 @@ pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: 
     let sent = async {
         // Encrypting needs the conversation's newest keys.
         c.crypto.catch_up(&mut c.events).await.map_err(explain)?;
+        c.crypto.maintain(&h, &mut c.events).await.map_err(explain)?;
         match c.crypto.start_direct(&h, &mut c.events, &to).await.map_err(explain)? {
             Some(group) => {
                 let (ack, _) = c.crypto.post(&h, group, &client_id(), message).await.map_err(explain)?;
@@ -253,6 +254,22 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
                     }
                     if let Ok(handle) = client.connected().await {
                         let _ = handle.ack(event.seq).await;
+                        // A device linked or removed: carry it into the
+                        // encrypted conversations (reading on meanwhile).
+                        if matches!(event.body, Some(Body::DeviceChange(_))) {
+                            if let Err(e) = crypto.maintain(&handle, &mut events).await {
+                                println!("(could not update the encrypted conversations for it yet: {e})");
+                            }
+                            for frame in crypto.take_read() {
+                                if let Some(LogEvent::Entry(event)) = log_event(&frame) {
+                                    peers.learn(event, &identity, Some(handle.clone())).await;
+                                    if let Some(line) = describe(event, &identity, None, &crypto, &peers) {
+                                        println!("{line}");
+                                    }
+                                    let _ = handle.ack(event.seq).await;
+                                }
+                            }
+                        }
                     }
                 }
                 Some(LogEvent::CaughtUp(_)) => println!("— caught up —"),

@@ -92,6 +92,7 @@ async fn command_on(
 ) -> Result<()> {
     // Encrypting or committing needs the group's newest state.
     crypto.catch_up(events).await.map_err(explain)?;
+    crypto.maintain(h, events).await.map_err(explain)?;
     match command {
         GroupCommand::Create { subject, members } => {
             let members: Vec<String> = members.iter().map(|m| normalise(m)).collect::<Result<_>>()?;

@@ -679,3 +679,78 @@ async fn encrypted_one_to_one_from_the_command_line() {
         assert!(!bytes.windows(marker.len()).any(|w| w == marker.as_bytes()), "{marker} is readable in the store");
     }
 }
+
+/// A device linked to an account is added to its encrypted conversations
+/// by the account's other device, and a removed one is taken out of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_and_removed_devices_follow_the_encrypted_conversations() {
+    use crate::harness::{Peer, Transport};
+
+    let server = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let save = |id: &skylark_client::Identity, name: &str| id.save(&home.path().join(name)).unwrap();
+    let alice = server.register("+15551900001").await;
+    save(&alice, "alice");
+    let bob = server.register("+15551900002").await;
+    save(&bob, "bob");
+    let run = |profile: &str, a: &[&str]| {
+        let home_path = home.path().to_owned();
+        let mut args: Vec<String> = a.iter().map(|s| (*s).to_owned()).collect();
+        args.extend(["--profile".to_owned(), profile.to_owned()]);
+        tokio::task::spawn_blocking(move || {
+            let out = skylark(&home_path).args(&args).output().unwrap();
+            let (stdout, stderr) =
+                (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+            assert!(out.status.success(), "skylark {args:?} failed:\n{stdout}{stderr}");
+            stdout
+        })
+    };
+    let listen = |profile: &str| {
+        let mut cmd = skylark(home.path());
+        cmd.args(["listen", "--profile", profile]);
+        Running::spawn(cmd)
+    };
+    run("alice", &["group", "list"]).await.unwrap();
+    run("bob", &["group", "list"]).await.unwrap();
+    let out = run("alice", &["send", "+15551900002", "before the laptop"]).await.unwrap();
+    assert!(out.contains("🔒"), "{out}");
+
+    // Alice links a laptop; it publishes its keys on its first command.
+    let phone = Peer::connect(&server, &alice, Transport::Ws).await;
+    let laptop = crate::devices::link(&server, &phone, "laptop").await;
+    drop(phone);
+    save(&laptop, "alice-laptop");
+    run("alice-laptop", &["group", "list"]).await.unwrap();
+    // Alice's phone's next command adds the laptop to the conversation.
+    run("alice", &["send", "+15551900002", "the laptop is in"]).await.unwrap();
+    run("bob", &["send", "+15551900001", "hello laptop"]).await.unwrap();
+    let l = listen("alice-laptop");
+    let seen = l.expect("+15551900002: hello laptop");
+    assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
+    drop(l);
+
+    // Alice removes the laptop; her phone takes it out of the conversation.
+    let conversation = skylark_client::e2ee::group_conversation(
+        skylark_core::AccountId::direct(
+            skylark_core::AccountId(alice.account_id),
+            skylark_core::AccountId(bob.account_id),
+        )
+        .unwrap()
+        .0,
+    );
+    let members_seen_by_bob = || {
+        let state = std::fs::read(home.path().join("bob").join("e2ee.state")).unwrap();
+        let engine = skylark_e2ee::Engine::import(&state).unwrap();
+        engine.members(&conversation).unwrap().iter().map(|d| d.device).collect::<Vec<u64>>()
+    };
+    run("bob", &["group", "list"]).await.unwrap();
+    assert!(members_seen_by_bob().contains(&laptop.device_id));
+    run("alice", &["devices", "remove", &laptop.device_id.to_string()]).await.unwrap();
+    run("alice", &["send", "+15551900002", "the laptop is out"]).await.unwrap();
+    let l = listen("bob");
+    l.expect("+15551900001: the laptop is out");
+    drop(l);
+    let members = members_seen_by_bob();
+    assert!(!members.contains(&laptop.device_id), "{members:?}");
+    assert!(members.contains(&alice.device_id) && members.contains(&bob.device_id), "{members:?}");
+}
