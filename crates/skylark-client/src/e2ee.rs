@@ -129,6 +129,26 @@ pub struct Crypto {
     /// Frames read while waiting on the log (a commit's catch-up), for the
     /// caller to show: [`Crypto::take_read`].
     read: std::sync::Mutex<Vec<skylark_protocol::ServerFrame>>,
+    /// The state as this process last wrote it, and the file's stamp then.
+    cache: std::sync::Mutex<Option<(Engine, Stamp)>>,
+}
+
+/// What tells one version of the state file from another: a writer
+/// renames a new file into place, so its inode changes with every write.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp { inode, len: meta.len(), modified: meta.modified().ok() })
 }
 
 fn new_client_id() -> String {
@@ -142,7 +162,12 @@ impl Crypto {
     /// The profile's encryption state, created (with a fresh MLS key bound
     /// to the device key) on first use.
     pub fn open(profile: &Path, identity: &Identity) -> Result<Crypto, ClientError> {
-        let crypto = Crypto { profile: profile.to_owned(), identity: identity.clone(), read: Default::default() };
+        let crypto = Crypto {
+            profile: profile.to_owned(),
+            identity: identity.clone(),
+            read: Default::default(),
+            cache: Default::default(),
+        };
         crypto.with(|_| Ok(()))?;
         Ok(crypto)
     }
@@ -152,7 +177,9 @@ impl Crypto {
     }
 
     /// Runs `f` on the state, under the profile's lock, and writes the
-    /// state back when `f` succeeds (durably, before returning).
+    /// state back when `f` succeeds (durably, before returning). The state
+    /// stays in memory between calls and is read again only when another
+    /// process wrote the file since.
     pub fn with<R>(&self, f: impl FnOnce(&mut Engine) -> Result<R, E2eeError>) -> Result<R, ClientError> {
         let fail =
             |what: &str, e: std::io::Error| ClientError::Profile(format!("{what} in {}: {e}", self.profile.display()));
@@ -165,26 +192,42 @@ impl Crypto {
             .map_err(|e| fail("cannot open the encryption lock", e))?;
         lock.lock().map_err(|e| fail("cannot lock the encryption state", e))?;
         let path = self.profile.join(STATE);
-        let mut engine = match std::fs::read(&path) {
-            Ok(bytes) => Engine::import(&bytes).map_err(|e| {
-                ClientError::Profile(format!(
-                    "{}: {e}; move it away to start over (encrypted groups must then add this device again)",
+        let mut cache =
+            self.cache.lock().map_err(|_| ClientError::Profile("the encryption state's lock was poisoned".into()))?;
+        let on_disk = stamp(&path);
+        if cache.as_ref().is_none_or(|(_, at)| on_disk.is_none() || Some(at) != on_disk.as_ref()) {
+            *cache = None;
+            let engine = match std::fs::read(&path) {
+                Ok(bytes) => Engine::import(&bytes).map_err(|e| {
+                    ClientError::Profile(format!(
+                        "{}: {e}; move it away to start over (encrypted conversations must then add this device again)",
+                        path.display()
+                    ))
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let key = self.identity.signing_key()?;
+                    Engine::new(self.me(), |t| key.sign(t).to_bytes().to_vec())
+                }
+                Err(e) => return Err(fail("cannot read the encryption state", e)),
+            };
+            if engine.me() != self.me() {
+                return Err(ClientError::Profile(format!(
+                    "{} belongs to another device; move it away to start over",
                     path.display()
-                ))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = self.identity.signing_key()?;
-                Engine::new(self.me(), |t| key.sign(t).to_bytes().to_vec())
+                )));
             }
-            Err(e) => return Err(fail("cannot read the encryption state", e)),
-        };
-        if engine.me() != self.me() {
-            return Err(ClientError::Profile(format!(
-                "{} belongs to another device; move it away to start over",
-                path.display()
-            )));
+            *cache = Some((engine, Stamp::default()));
         }
-        let out = f(&mut engine).map_err(e2ee)?;
+        let Some((engine, _)) = cache.as_mut() else { unreachable!("filled above") };
+        let out = match f(engine) {
+            Ok(out) => out,
+            Err(e) => {
+                // The failed step may have changed the state in memory:
+                // read it from disk next time.
+                *cache = None;
+                return Err(e2ee(e));
+            }
+        };
         let tmp = self.profile.join(format!("{STATE}.tmp"));
         let write = || -> std::io::Result<()> {
             let mut options = std::fs::OpenOptions::new();
@@ -200,7 +243,14 @@ impl Crypto {
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&self.profile)?.sync_all()
         };
-        write().map_err(|e| fail("cannot write the encryption state", e))?;
+        if let Err(e) = write() {
+            *cache = None;
+            return Err(fail("cannot write the encryption state", e));
+        }
+        match (stamp(&path), cache.as_mut()) {
+            (Some(now), Some((_, at))) => *at = now,
+            _ => *cache = None,
+        }
         Ok(out)
     }
 
@@ -223,25 +273,23 @@ impl Crypto {
     }
 
     /// Finishes commits a previous run left half-sent (the process died
-    /// between making a commit and hearing the server, or before sending
-    /// its Welcome).
+    /// between making a commit and hearing the server's answer): sends it
+    /// again with the same client id (the server answers a duplicate if it
+    /// had it, or refuses it if another commit came first).
     pub async fn resume(&self, h: &SessionHandle) -> Result<(), ClientError> {
         let outgoing = self.with(|e| Ok(e.outgoing().to_vec()))?;
         for o in outgoing {
-            let Some(group) = parse_group(&o.conversation) else {
+            let pending = self.with(|e| Ok(e.has_pending_commit(&o.conversation)))?;
+            let group = parse_group(&o.conversation);
+            let (Some(group), true) = (group, pending) else {
+                // Applied already (its own commit came back in the log).
                 self.with(|e| {
                     e.unstage(&o.conversation);
                     Ok(())
                 })?;
                 continue;
             };
-            let pending = self.with(|e| Ok(e.has_pending_commit(&o.conversation)))?;
-            let sent = if pending {
-                self.send_staged(h, group, &o.client_id, &o.commit).await
-            } else {
-                self.send_welcome(h, group, &o.client_id, &o.commit).await
-            };
-            match sent {
+            match self.send_staged(h, group, &o.client_id, &o.commit).await {
                 Ok(()) => {}
                 Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
                     self.with(|e| e.commit_refused(&o.conversation))?;
@@ -252,25 +300,14 @@ impl Crypto {
         Ok(())
     }
 
+    /// Posts a staged commit (with its Welcome, in one post) and applies
+    /// it once the group took it.
     async fn send_staged(&self, h: &SessionHandle, group: u64, client_id: &str, c: &Commit) -> Result<(), ClientError> {
         let conversation = group_conversation(group);
-        h.commit_to_group(group, client_id, c.epoch, c.commit.clone()).await?;
-        self.with(|e| e.commit_accepted(&conversation))?;
-        self.send_welcome(h, group, client_id, c).await
-    }
-
-    async fn send_welcome(
-        &self,
-        h: &SessionHandle,
-        group: u64,
-        client_id: &str,
-        c: &Commit,
-    ) -> Result<(), ClientError> {
-        if let Some(welcome) = &c.welcome {
-            h.send_to_group(group, &format!("{client_id}w"), welcome.clone()).await?;
-        }
+        h.commit_to_group(group, client_id, c.epoch, c.payload()).await?;
         self.with(|e| {
-            e.unstage(&group_conversation(group));
+            e.commit_accepted(&conversation)?;
+            e.unstage(&conversation);
             Ok(())
         })
     }
@@ -466,7 +503,7 @@ impl Crypto {
         let mut added = std::collections::BTreeSet::new();
         for (group, conversation) in &groups {
             // One package per device per conversation: a Welcome uses it up.
-            let claimed = h.claim_key_packages(&self.identity.phone).await?;
+            let claimed = claim_patiently(h, &self.identity.phone).await?;
             let packages: Vec<(DeviceRef, Vec<u8>)> = claimed
                 .devices
                 .into_iter()
@@ -536,7 +573,7 @@ impl Crypto {
     async fn claim(&self, h: &SessionHandle, phones: &[String]) -> Result<Claimed, ClientError> {
         let mut claimed = Claimed::default();
         for phone in phones {
-            let answer = h.claim_key_packages(phone).await?;
+            let answer = claim_patiently(h, phone).await?;
             for d in answer.devices {
                 let who = DeviceRef { account: answer.account_id, device: d.device_id };
                 if d.key_package.is_empty() {
@@ -655,14 +692,15 @@ impl Crypto {
         Ok(())
     }
 
-    /// Removes every device of `account` from the group's encryption (after
-    /// the server removed the account): they read nothing sent after.
-    pub async fn remove_account(
+    /// Removes every device of `accounts` from the group's encryption
+    /// (after the server removed the accounts), in one commit: they read
+    /// nothing sent after.
+    pub async fn remove_accounts(
         &self,
         h: &SessionHandle,
         events: &mut impl Frames,
         group: u64,
-        account: u64,
+        accounts: &[u64],
     ) -> Result<bool, ClientError> {
         if !self.encrypts(group)? {
             return Ok(false);
@@ -670,7 +708,7 @@ impl Crypto {
         let conversation = group_conversation(group);
         self.commit(h, events, group, |e| {
             let leaving: Vec<DeviceRef> =
-                e.members(&conversation)?.into_iter().filter(|d| d.account == account).collect();
+                e.members(&conversation)?.into_iter().filter(|d| accounts.contains(&d.account)).collect();
             e.remove(&conversation, &leaving)
         })
         .await
@@ -694,6 +732,27 @@ impl Prepared {
     /// Devices (phone, device id) that publish no keys.
     pub fn without_keys(&self) -> &[(String, u64)] {
         &self.claimed.without_keys
+    }
+}
+
+/// The longest a claim waits out the server's rate limit before giving up.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Claims `phone`'s key packages, waiting when the server says claims come
+/// too fast (adding many accounts at once meets the per-device limit).
+async fn claim_patiently(h: &SessionHandle, phone: &str) -> Result<v1::ClaimedKeyPackages, ClientError> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match h.claim_key_packages(phone).await {
+            Err(ClientError::Refused { code: ErrorCode::RateLimited, retry_after_ms, .. })
+                if waited < CLAIM_PATIENCE =>
+            {
+                let wait = Duration::from_millis(retry_after_ms.max(100));
+                tokio::time::sleep(wait).await;
+                waited += wait;
+            }
+            answer => return answer,
+        }
     }
 }
 

@@ -36,8 +36,13 @@ use sha2::{Digest, Sha512};
 /// X25519, AES-128-GCM, SHA-256, Ed25519: MLS's mandatory suite.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 
-/// The first bytes of every end-to-end encrypted payload.
+/// The first bytes of every end-to-end encrypted payload but bundles.
 pub const MAGIC: &[u8] = b"\0SKMLS1";
+
+/// The first bytes of a commit bundled with its Welcome ([`Commit::payload`]):
+/// then the commit's length (4 bytes, big-endian), the commit and the
+/// Welcome, each a payload starting with [`MAGIC`].
+pub const BUNDLE_MAGIC: &[u8] = b"\0SKMLSB";
 
 /// How many past epochs a device keeps the keys of, so an application
 /// message sent just before a commit (and ordered after it) still opens.
@@ -139,6 +144,29 @@ impl Signer for MlsKey {
     }
 }
 
+impl Commit {
+    /// The post: the commit, bundled with its Welcome when there is one.
+    pub fn payload(&self) -> Vec<u8> {
+        match &self.welcome {
+            None => self.commit.clone(),
+            Some(welcome) => {
+                let mut out = BUNDLE_MAGIC.to_vec();
+                out.extend_from_slice(&(self.commit.len() as u32).to_be_bytes());
+                out.extend_from_slice(&self.commit);
+                out.extend_from_slice(welcome);
+                out
+            }
+        }
+    }
+}
+
+fn split_bundle(payload: &[u8]) -> Option<(&[u8], &[u8])> {
+    let rest = payload.strip_prefix(BUNDLE_MAGIC)?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let commit = rest.get(4..4 + len)?;
+    Some((commit, &rest[4 + len..]))
+}
+
 /// A member's MLS key, and its device key's signature binding it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberKey {
@@ -147,9 +175,10 @@ pub struct MemberKey {
     pub binding: Vec<u8>,
 }
 
-/// A handshake this device made: send `commit` to the conversation as a
-/// commit for `epoch`; once the server accepted it, send `welcome` (when
-/// there is one) so the added devices can join.
+/// A handshake this device made: post [`Commit::payload`] to the
+/// conversation as a commit for `epoch`. It carries the Welcome of the
+/// devices it adds in the same post, so nothing can be ordered between the
+/// commit and the Welcome (a message the new devices could not read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commit {
     pub epoch: u64,
@@ -494,6 +523,16 @@ impl Engine {
     /// in the log, is applied here if it was still pending; its own
     /// application messages cannot be opened by it, and are `NotForMe`).
     pub fn receive(&mut self, payload: &[u8], from_me: bool) -> Result<Incoming, E2eeError> {
+        if payload.starts_with(BUNDLE_MAGIC) {
+            let (commit, welcome) =
+                split_bundle(payload).ok_or_else(|| E2eeError::Malformed("a cut-off commit bundle".into()))?;
+            // Members (and the committer) take the commit; the devices it
+            // adds, the Welcome.
+            return match self.receive(commit, from_me)? {
+                Incoming::NotForMe if !from_me => self.receive(welcome, false),
+                done => Ok(done),
+            };
+        }
         let bytes = payload.strip_prefix(MAGIC).ok_or(E2eeError::NotEncrypted)?;
         let message = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| E2eeError::Malformed(e.to_string()))?;
         let protocol: ProtocolMessage = match message.extract() {
@@ -774,7 +813,7 @@ fn wrap(message: &MlsMessageOut) -> Result<Vec<u8>, E2eeError> {
 /// Whether a payload is end-to-end encrypted (rather than plain text from
 /// a client without encryption).
 pub fn is_encrypted(payload: &[u8]) -> bool {
-    payload.starts_with(MAGIC)
+    payload.starts_with(MAGIC) || payload.starts_with(BUNDLE_MAGIC)
 }
 
 fn getrandom(buf: &mut [u8]) {

@@ -34,11 +34,8 @@ impl Log {
             return false;
         }
         self.epoch += 1;
-        self.entries.push((from.engine.me(), commit.commit.clone()));
+        self.entries.push((from.engine.me(), commit.payload()));
         from.engine.commit_accepted(CONV).unwrap();
-        if let Some(welcome) = &commit.welcome {
-            self.entries.push((from.engine.me(), welcome.clone()));
-        }
         true
     }
 
@@ -173,7 +170,7 @@ fn a_device_killed_between_commit_and_answer_applies_its_commit_from_the_log() {
     // the server's answer arrives, but the server took the commit.
     let saved = a1.engine.export();
     log.epoch += 1;
-    log.entries.push((a1.engine.me(), commit.commit.clone()));
+    log.entries.push((a1.engine.me(), commit.payload()));
     a1.engine = Engine::import(&saved).unwrap();
     assert!(a1.engine.has_pending_commit(CONV));
     log.catch_up(&mut a1);
@@ -299,6 +296,9 @@ fn the_wire_layout_the_web_client_reads() {
     let commit = a1.engine.add(CONV, &packages(&mut [&mut b1])).unwrap().unwrap();
     assert_eq!(kind(&commit.commit), "handshake");
     assert_eq!(kind(commit.welcome.as_ref().unwrap()), "handshake");
+    // A bundle: the first six bytes of MAGIC, then 'B' (app.js looks there).
+    let bundle = commit.payload();
+    assert!(bundle.starts_with(&MAGIC[..6]) && bundle[6] == b'B', "a commit with a Welcome is posted as a bundle");
     a1.engine.commit_accepted(CONV).unwrap();
     assert_eq!(kind(&a1.engine.encrypt(CONV, b"hi").unwrap()), "application");
 }

@@ -77,6 +77,10 @@ const LOCKED = "🔒 An end-to-end encrypted message, which this browser cannot 
 // "application" for an encrypted message, "handshake" for a Welcome or a
 // commit (nothing to show), null for a plain payload.
 const mlsKind = (bytes) => {
+  // A commit bundled with its Welcome ("\0SKMLSB"): a handshake.
+  if (bytes.length > MLS_MAGIC.length && MLS_MAGIC.slice(0, 6).every((b, i) => bytes[i] === b) && bytes[6] === 66) {
+    return "handshake";
+  }
   if (bytes.length < MLS_MAGIC.length + 4 || MLS_MAGIC.some((b, i) => bytes[i] !== b)) return null;
   let at = MLS_MAGIC.length + 2; // past the protocol version
   const wireFormat = (bytes[at] << 8) | bytes[at + 1];

@@ -142,7 +142,7 @@ async fn command_on(
             let account = before.members.iter().find(|m| m.phone == phone).map(|m| m.account);
             change(h, group, Change::Remove(phone)).await?;
             if let Some(account) = account
-                && crypto.remove_account(h, events, group, account).await.map_err(explain)?
+                && crypto.remove_accounts(h, events, group, &[account]).await.map_err(explain)?
             {
                 println!("🔒 Their devices were removed from the group's keys: they cannot read what is sent next.");
             }

@@ -85,6 +85,7 @@ pub fn test_config() -> Config {
     config.rate_limits.sms_per_prefix = loose;
     config.rate_limits.checks_per_number = loose;
     config.rate_limits.checks_per_ip = loose;
+    config.rate_limits.key_claims_per_device = loose;
     config
 }
 

@@ -11,6 +11,7 @@ mod cluster;
 mod crash;
 mod devices;
 mod docs;
+mod e2ee;
 mod frames;
 mod groups;
 mod harness;

@@ -1,0 +1,295 @@
+//! End-to-end encryption through the client SDK, where a test needs to
+//! stop a client at an exact step (the CLI tests cover the commands).
+
+use crate::harness::{EVENT_WAIT, TestServer, Transport};
+use skylark_client::e2ee::{Crypto, Shown, group_conversation};
+use skylark_client::session::{Event, LogEvent, log_event};
+use skylark_client::{Identity, Session};
+use tokio::sync::mpsc;
+
+struct Device {
+    identity: Identity,
+    crypto: Crypto,
+    session: Session,
+    events: mpsc::Receiver<Event>,
+}
+
+async fn device(server: &TestServer, identity: &Identity, profile: &std::path::Path) -> Device {
+    let (session, events) = Session::open(&server.endpoint(Transport::Ws), identity).await.unwrap();
+    let crypto = Crypto::open(profile, identity).unwrap();
+    crypto.resume(&session.handle()).await.unwrap();
+    crypto.replenish(&session.handle()).await.unwrap();
+    Device { identity: identity.clone(), crypto, session, events }
+}
+
+/// Reads the log until a post opens to `text`; returns what it saw.
+async fn read_until(d: &mut Device, text: &str) -> Vec<Shown> {
+    let mut seen = Vec::new();
+    loop {
+        let event = tokio::time::timeout(EVENT_WAIT, d.events.recv()).await;
+        let Ok(Some(Event::Frame(frame))) = event else { panic!("no post {text:?}; saw {seen:?}") };
+        if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
+            d.session.handle().ack(entry.seq).await.unwrap();
+            if let Some(shown) = d.crypto.open_event(entry) {
+                let hit = shown == Shown::Encrypted(text.to_owned());
+                seen.push(shown);
+                if hit {
+                    return seen;
+                }
+            }
+        }
+    }
+}
+
+/// A client that dies after the server took its commit, but before it
+/// heard so or sent the Welcome, finishes both on its next run; one that
+/// dies before sending the commit sends it then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_commit_finishes_it_on_the_next_run() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let alice_id = server.register("+15552000001").await;
+    let bob_id = server.register("+15552000002").await;
+    let alice_dir = dirs.path().join("alice");
+    let mut bob = device(&server, &bob_id, &dirs.path().join("bob")).await;
+
+    for (name, server_took_it) in [("taken", true), ("never sent", false)] {
+        let alice = device(&server, &alice_id, &alice_dir).await;
+        let h = alice.session.handle();
+        let info = h.create_group(name, &["+15552000002"]).await.unwrap();
+        let conversation = group_conversation(info.id);
+        let claimed = h.claim_key_packages("+15552000002").await.unwrap();
+        let packages: Vec<(skylark_e2ee::DeviceRef, Vec<u8>)> = claimed
+            .devices
+            .iter()
+            .map(|d| {
+                (skylark_e2ee::DeviceRef { account: claimed.account_id, device: d.device_id }, d.key_package.to_vec())
+            })
+            .collect();
+        let commit = alice
+            .crypto
+            .with(|e| {
+                e.create(&conversation)?;
+                let c = e.add(&conversation, &packages)?.expect("bob's device to add");
+                e.stage(&conversation, "commit-1", &c);
+                Ok(c)
+            })
+            .unwrap();
+        if server_took_it {
+            h.commit_to_group(info.id, "commit-1", commit.epoch, commit.payload()).await.unwrap();
+        }
+        // The process dies here: no answer recorded, no Welcome sent.
+        alice.session.close().await;
+        drop(alice.crypto);
+
+        let mut alice = device(&server, &alice_id, &alice_dir).await;
+        assert!(alice.crypto.with(|e| Ok(e.outgoing().is_empty())).unwrap(), "{name}: the next run finished it");
+        assert_eq!(alice.crypto.with(|e| e.epoch(&conversation)).unwrap(), 1);
+        let text = format!("after the crash ({name})");
+        alice
+            .crypto
+            .post(&alice.session.handle(), info.id, &format!("p-{}", name.replace(' ', "-")), &text)
+            .await
+            .unwrap();
+        let seen = read_until(&mut bob, &text).await;
+        assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{name}: {seen:?}");
+        // Alice's other run sees its own post in the log as what it sent.
+        assert!(read_until(&mut alice, &text).await.contains(&Shown::Encrypted(text.clone())));
+        assert_eq!(alice.identity.device_id, alice_id.device_id);
+        alice.session.close().await;
+    }
+}
+
+/// What a member device read, in order: (group sequence, what it showed).
+type Feed = Vec<(u64, Shown)>;
+
+/// Reads a device's log until `stop` says so (on a post's text or the
+/// device's removal), opening every group post; returns the feed.
+async fn read_feed(mut d: Device, group: u64, me: u64, stop: &'static str) -> Feed {
+    use skylark_protocol::v1::{event::Body, group_event::Body as G};
+    let mut feed = Vec::new();
+    loop {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(120), d.events.recv()).await;
+        let Ok(Some(Event::Frame(frame))) = event else { panic!("device of {me}: the log stopped; read {feed:?}") };
+        let Some(LogEvent::Entry(entry)) = log_event(&frame) else { continue };
+        d.session.handle().ack(entry.seq).await.unwrap();
+        let Some(Body::Group(g)) = &entry.body else { continue };
+        if g.group != group {
+            continue;
+        }
+        if let Some(shown) = d.crypto.open_event(entry) {
+            let last = shown == Shown::Encrypted(stop.to_owned());
+            feed.push((g.group_seq, shown));
+            if last {
+                return feed;
+            }
+        }
+        if matches!(&g.body, Some(G::Removed(m)) if m.account == me) {
+            return feed;
+        }
+    }
+}
+
+/// A 100-member encrypted group, members added and removed while others
+/// post: every device reads exactly the posts of the epochs it was a
+/// member in (and that reached it), in the group's order, and nothing of
+/// the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_member_group_under_traffic_each_device_reads_its_slice() {
+    const MEMBERS: usize = 100;
+    const FIRST: usize = 50;
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut identities = Vec::new();
+    let mut devices = Vec::new();
+    for i in 0..MEMBERS {
+        let id = server.register(&format!("+1555210{i:04}")).await;
+        devices.push(device(&server, &id, &dirs.path().join(format!("m{i}"))).await);
+        identities.push(id);
+    }
+    let phone = |i: usize| identities[i].phone.clone();
+    let mut admin = devices.remove(0);
+    let h = admin.session.handle();
+    let first: Vec<String> = (1..FIRST).map(phone).collect();
+    let refs: Vec<&str> = first.iter().map(String::as_str).collect();
+    let info = h.create_group("hundred", &refs).await.unwrap();
+    let setup = admin.crypto.start_group(&h, &mut admin.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+    let conversation = group_conversation(info.id);
+    let epoch_of = |c: &Crypto| c.with(|e| e.epoch(&conversation)).unwrap();
+    // Membership by epochs: from the epoch a device was added in, up to
+    // the one it was removed in.
+    let mut joined = vec![epoch_of(&admin.crypto); MEMBERS];
+    let mut left = vec![u64::MAX; MEMBERS];
+
+    // Everyone but the admin reads; five of the first members post.
+    let mut readers = Vec::new();
+    let mut posters = Vec::new();
+    for (n, d) in devices.into_iter().enumerate() {
+        let i = n + 1;
+        if i <= 5 {
+            posters.push((i, d));
+        } else {
+            let me = identities[i].account_id;
+            readers.push((i, tokio::spawn(read_feed(d, info.id, me, "the end"))));
+        }
+    }
+    let posts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, u64, String)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut poster_tasks = Vec::new();
+    for (i, mut d) in posters {
+        let (posts, stop, conversation) = (posts.clone(), stop.clone(), conversation.clone());
+        poster_tasks.push(tokio::spawn(async move {
+            // First the Welcome.
+            while !d.crypto.encrypts(info.id).unwrap() {
+                let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, d.events.recv()).await else {
+                    panic!("member {i} was never welcomed")
+                };
+                if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
+                    d.crypto.open_event(entry);
+                    d.session.handle().ack(entry.seq).await.unwrap();
+                }
+            }
+            let mut n = 0;
+            // A few posts each, spread over the changes (and on while they last).
+            while n < 6 || !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 12 {
+                // Keep up with the group's commits before each post.
+                while let Ok(Some(Event::Frame(frame))) =
+                    tokio::time::timeout(std::time::Duration::from_millis(5), d.events.recv()).await
+                {
+                    if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
+                        d.crypto.open_event(entry);
+                        d.session.handle().ack(entry.seq).await.unwrap();
+                    }
+                }
+                let text = format!("post {n} from {i}");
+                let cid = format!("p{i}-{n}");
+                let (epoch, payload) = d
+                    .crypto
+                    .with(|e| Ok((e.epoch(&conversation)?, e.encrypt_as(&conversation, &cid, text.as_bytes())?)))
+                    .unwrap();
+                let ack = d.session.handle().send_to_group(info.id, &cid, payload).await.unwrap();
+                posts.lock().unwrap().push((ack.id.unwrap().seq, epoch, text));
+                n += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            }
+            d
+        }));
+    }
+
+    // Under that traffic: two additions of 25, then two removals of five.
+    for batch in 0..2 {
+        let added: Vec<usize> = (FIRST + batch * 25..FIRST + batch * 25 + 25).collect();
+        let phones: Vec<String> = added.iter().map(|&i| phone(i)).collect();
+        let prepared = admin.crypto.prepare_add(&h, info.id, &phones).await.unwrap().unwrap();
+        assert!(prepared.without_keys().is_empty());
+        let change = skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones });
+        h.change_group(info.id, change).await.unwrap();
+        admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap();
+        for i in added {
+            joined[i] = epoch_of(&admin.crypto);
+        }
+    }
+    for batch in 0..2 {
+        let removed: Vec<usize> = ((10 + batch * 5)..(15 + batch * 5)).collect();
+        for &i in &removed {
+            let remove = skylark_protocol::v1::change_group::Change::Remove(phone(i));
+            h.change_group(info.id, remove).await.unwrap();
+        }
+        let accounts: Vec<u64> = removed.iter().map(|&i| identities[i].account_id).collect();
+        assert!(admin.crypto.remove_accounts(&h, &mut admin.events, info.id, &accounts).await.unwrap());
+        for i in removed {
+            left[i] = epoch_of(&admin.crypto);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut last_poster = None;
+    for task in poster_tasks {
+        last_poster = Some(task.await.unwrap());
+    }
+    admin.crypto.post(&h, info.id, "end", "the end").await.unwrap();
+    let end_epoch = epoch_of(&admin.crypto);
+    drop(last_poster);
+
+    let posts = posts.lock().unwrap().clone();
+    assert!(posts.len() >= 30, "traffic went on during the changes: {} posts", posts.len());
+    let mut checked = 0;
+    for (i, reader) in readers {
+        let feed = reader.await.unwrap();
+        let removed_at = feed.iter().map(|(seq, _)| *seq).max().filter(|_| left[i] != u64::MAX);
+        let got: Vec<String> = feed
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Shown::Encrypted(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        // Exactly the posts of its epochs that reached it, in group order.
+        let mut want: Vec<(u64, String)> = posts
+            .iter()
+            .filter(|(seq, epoch, _)| *epoch >= joined[i] && *epoch < left[i] && feed.iter().any(|(s, _)| s == seq))
+            .map(|(seq, _, text)| (*seq, text.clone()))
+            .collect();
+        want.sort();
+        let mut want: Vec<String> = want.into_iter().map(|(_, t)| t).collect();
+        if left[i] == u64::MAX {
+            assert!(end_epoch >= joined[i]);
+            want.push("the end".to_owned());
+        }
+        assert_eq!(
+            got, want,
+            "member {i} (joined in epoch {}, left in {:?}, removed at {removed_at:?})",
+            joined[i], left[i]
+        );
+        // Posts of epochs before it joined reached it but are not readable to it.
+        for (seq, shown) in &feed {
+            if let Some((_, epoch, _)) = posts.iter().find(|p| p.0 == *seq)
+                && *epoch < joined[i]
+            {
+                assert!(matches!(shown, Shown::Unreadable(_)), "member {i} read a post from before it joined");
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, MEMBERS - 6);
+}
