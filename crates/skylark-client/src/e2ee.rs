@@ -50,6 +50,9 @@ const SEEN_CHANGES: usize = 1_000;
 /// Key packages a device keeps published (the server tells when to top up).
 const TARGET_STOCK: u32 = 100;
 
+/// Devices added by one commit (see `Crypto::add_in_batches`).
+const ADD_BATCH: usize = 32;
+
 /// Attempts at a commit that keeps losing to other members' commits.
 const COMMIT_ATTEMPTS: usize = 5;
 
@@ -569,6 +572,23 @@ impl Crypto {
         Ok((ack, encrypted))
     }
 
+    /// Adds devices in commits of at most [`ADD_BATCH`], so each post (a
+    /// commit carries the added devices' key packages, its Welcome the
+    /// group's ratchet tree) stays within the server's payload limit.
+    async fn add_in_batches(
+        &self,
+        h: &SessionHandle,
+        events: &mut impl Frames,
+        group: u64,
+        packages: &[(DeviceRef, Vec<u8>)],
+    ) -> Result<(), ClientError> {
+        let conversation = group_conversation(group);
+        for batch in packages.chunks(ADD_BATCH) {
+            self.commit(h, events, group, |e| e.add(&conversation, batch)).await?;
+        }
+        Ok(())
+    }
+
     /// Claims a key package of every device of each account in `phones`.
     async fn claim(&self, h: &SessionHandle, phones: &[String]) -> Result<Claimed, ClientError> {
         let mut claimed = Claimed::default();
@@ -603,7 +623,7 @@ impl Crypto {
         let conversation = group_conversation(info.id);
         self.with(|e| if e.is_member(&conversation) { Ok(()) } else { e.create(&conversation) })?;
         let packages = claimed.packages;
-        self.commit(h, events, info.id, |e| e.add(&conversation, &packages)).await?;
+        self.add_in_batches(h, events, info.id, &packages).await?;
         Ok(Setup::Encrypted)
     }
 
@@ -686,10 +706,7 @@ impl Crypto {
         group: u64,
         prepared: Prepared,
     ) -> Result<(), ClientError> {
-        let conversation = group_conversation(group);
-        let packages = prepared.claimed.packages;
-        self.commit(h, events, group, |e| e.add(&conversation, &packages)).await?;
-        Ok(())
+        self.add_in_batches(h, events, group, &prepared.claimed.packages).await
     }
 
     /// Removes every device of `accounts` from the group's encryption

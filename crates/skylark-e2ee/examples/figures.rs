@@ -1,0 +1,103 @@
+//! Client-side costs of Skylark's end-to-end encryption, for
+//! docs/BENCHMARKS.md: CPU time and bytes per message and per membership
+//! change, in groups of 2, 100 and 1,024 devices, one device per member.
+//!
+//! `cargo run --release -p skylark-e2ee --example figures`
+//!
+//! Only two devices do work: the committer and one observer that joined
+//! first; the others exist as the key packages that added them.
+
+use ed25519_dalek::{Signer as _, SigningKey};
+use skylark_e2ee::{DeviceRef, Engine};
+use std::time::{Duration, Instant};
+
+const CONV: &[u8] = b"skylark-group:1";
+const ROUNDS: u32 = 200;
+
+fn engine(account: u64) -> Engine {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&account.to_be_bytes());
+    let key = SigningKey::from_bytes(&seed);
+    Engine::new(DeviceRef { account, device: 1 }, |t| key.sign(t).to_bytes().to_vec())
+}
+
+fn per(total: Duration, n: u32) -> String {
+    let us = total.as_secs_f64() * 1e6 / f64::from(n);
+    if us >= 1000.0 { format!("{:.2} ms", us / 1000.0) } else { format!("{us:.0} µs") }
+}
+
+fn main() {
+    println!("| devices | message: encrypt | decrypt | bytes (100-byte text) | add 1 device: commit | its post | a member applies it | remove 1 device: commit | its post | a member applies it | state per device |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for size in [2u64, 100, 1024] {
+        let mut admin = engine(1);
+        let mut observer = engine(2);
+        admin.create(CONV).unwrap();
+        let first = vec![(observer.me(), observer.key_packages(1).unwrap().remove(0))];
+        let c = admin.add(CONV, &first).unwrap().unwrap();
+        admin.commit_accepted(CONV).unwrap();
+        observer.receive(&c.payload(), false).unwrap();
+        // The rest of the members, 32 per commit as the CLI adds them.
+        let mut rest: Vec<(DeviceRef, Vec<u8>)> = Vec::new();
+        for account in 3..=size {
+            let mut e = engine(account);
+            rest.push((e.me(), e.key_packages(1).unwrap().remove(0)));
+        }
+        for batch in rest.chunks(32) {
+            let c = admin.add(CONV, batch).unwrap().unwrap();
+            admin.commit_accepted(CONV).unwrap();
+            observer.receive(&c.payload(), false).unwrap();
+        }
+        assert_eq!(admin.members(CONV).unwrap().len() as u64, size);
+
+        let text = [b'x'; 100];
+        let (mut enc, mut dec, mut bytes) = (Duration::ZERO, Duration::ZERO, 0);
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            let payload = admin.encrypt(CONV, &text).unwrap();
+            enc += t.elapsed();
+            bytes = payload.len();
+            let t = Instant::now();
+            observer.receive(&payload, false).unwrap();
+            dec += t.elapsed();
+        }
+
+        let changes = 20u32;
+        let (mut add_c, mut add_p, mut add_bytes) = (Duration::ZERO, Duration::ZERO, 0);
+        let (mut rm_c, mut rm_p, mut rm_bytes) = (Duration::ZERO, Duration::ZERO, 0);
+        for round in 0..u64::from(changes) {
+            let mut newcomer = engine(1_000_000 + round);
+            let package = vec![(newcomer.me(), newcomer.key_packages(1).unwrap().remove(0))];
+            let t = Instant::now();
+            let c = admin.add(CONV, &package).unwrap().unwrap();
+            admin.commit_accepted(CONV).unwrap();
+            add_c += t.elapsed();
+            add_bytes = c.payload().len();
+            let t = Instant::now();
+            observer.receive(&c.payload(), false).unwrap();
+            add_p += t.elapsed();
+
+            let t = Instant::now();
+            let c = admin.remove(CONV, &[newcomer.me()]).unwrap().unwrap();
+            admin.commit_accepted(CONV).unwrap();
+            rm_c += t.elapsed();
+            rm_bytes = c.payload().len();
+            let t = Instant::now();
+            observer.receive(&c.payload(), false).unwrap();
+            rm_p += t.elapsed();
+        }
+        let state = observer.export().len();
+        println!(
+            "| {size} | {} | {} | {bytes} | {} | {:.1} KB | {} | {} | {:.1} KB | {} | {:.0} KB |",
+            per(enc, ROUNDS),
+            per(dec, ROUNDS),
+            per(add_c, changes),
+            add_bytes as f64 / 1024.0,
+            per(add_p, changes),
+            per(rm_c, changes),
+            rm_bytes as f64 / 1024.0,
+            per(rm_p, changes),
+            state as f64 / 1024.0,
+        );
+    }
+}
