@@ -85,6 +85,9 @@ pub enum Shown {
     Plain(String),
     /// An encrypted post this device cannot open, and why.
     Unreadable(String),
+    /// The devices in the conversation changed (one was linked, removed,
+    /// added or taken out): the safety number changed with them.
+    DevicesChanged,
 }
 
 /// What starting or extending a group's encryption did.
@@ -436,6 +439,7 @@ impl Crypto {
                 Some(Shown::Encrypted(String::from_utf8_lossy(&plaintext).into_owned()))
             }
             Ok(Opened::Control) => None,
+            Ok(Opened::DevicesChanged { .. }) => Some(Shown::DevicesChanged),
             Ok(Opened::Failed(why)) => Some(Shown::Unreadable(why)),
             Err(e) => Some(Shown::Unreadable(e.to_string())),
         }
@@ -536,6 +540,23 @@ impl Crypto {
             .map_err(|e| ClientError::Profile(format!("cannot open {}: {e}", self.profile.display())))?;
         lock.lock().map_err(|e| ClientError::Profile(format!("cannot lock {}: {e}", self.profile.display())))?;
         Ok(lock)
+    }
+
+    /// The safety number of this account and the other one of a 1:1
+    /// conversation's group, from the keys of the devices in it (see
+    /// `skylark_e2ee::safety_number`), with how many devices each side has.
+    pub fn safety_number(&self, group: u64, peer_account: u64) -> Result<(String, usize, usize), ClientError> {
+        let me = self.identity.account_id;
+        let keys = self.with(|e| e.member_keys(&group_conversation(group)))?;
+        let side = |account: u64| -> Vec<[u8; 32]> {
+            keys.iter()
+                .filter(|k| k.member.account == account)
+                .filter_map(|k| k.mls_key.as_slice().try_into().ok())
+                .collect()
+        };
+        let (mine, theirs) = (side(me), side(peer_account));
+        let number = skylark_e2ee::safety_number((me, &mine), (peer_account, &theirs));
+        Ok((number, mine.len(), theirs.len()))
     }
 
     /// Whether this device encrypts for the group.

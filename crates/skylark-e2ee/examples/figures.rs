@@ -27,7 +27,9 @@ fn per(total: Duration, n: u32) -> String {
 }
 
 fn main() {
-    println!("| devices | message: encrypt | decrypt | bytes (100-byte text) | add 1 device: commit | its post | a member applies it | remove 1 device: commit | its post | a member applies it | state per device |");
+    println!(
+        "| devices | message: encrypt | decrypt | bytes (100-byte text) | add 1 device: commit | its post | a member applies it | remove 1 device: commit | its post | a member applies it | state per device |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for size in [2u64, 100, 1024] {
         let mut admin = engine(1);

@@ -225,6 +225,12 @@ pub enum Opened {
     },
     /// A Welcome, a commit, or something not for this device: nothing to show.
     Control,
+    /// A commit that changed which devices are in the conversation, after
+    /// its first: worth showing (the safety number changed).
+    DevicesChanged {
+        conversation: Vec<u8>,
+        epoch: u64,
+    },
     /// It could not be opened (the reason, for the user).
     Failed(String),
 }
@@ -621,16 +627,37 @@ impl Engine {
         }
         let opened = match own_client_id.and_then(|c| self.journal.get(&own_key(c))) {
             Some(mine @ Opened::Message { .. }) => mine.clone(),
-            _ => match self.receive(payload, own_client_id.is_some()) {
-                Ok(Incoming::Message { conversation, from, plaintext }) => {
-                    Opened::Message { conversation, from, plaintext }
+            _ => {
+                let before = self.conversation_of(payload).and_then(|c| self.members(&c).ok());
+                match self.receive(payload, own_client_id.is_some()) {
+                    Ok(Incoming::Message { conversation, from, plaintext }) => {
+                        Opened::Message { conversation, from, plaintext }
+                    }
+                    Ok(Incoming::Committed { conversation, epoch, removed: false, .. })
+                        if epoch > 1 && before.is_some_and(|b| self.members(&conversation).ok() != Some(b)) =>
+                    {
+                        Opened::DevicesChanged { conversation, epoch }
+                    }
+                    Ok(_) => Opened::Control,
+                    Err(e) => Opened::Failed(e.to_string()),
                 }
-                Ok(_) => Opened::Control,
-                Err(e) => Opened::Failed(e.to_string()),
-            },
+            }
         };
         self.remember(key.to_owned(), opened.clone());
         opened
+    }
+
+    /// The conversation a commit or message payload belongs to (not for
+    /// Welcomes, whose group id is encrypted).
+    fn conversation_of(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        let payload = split_bundle(payload).map_or(payload, |(commit, _)| commit);
+        let bytes = payload.strip_prefix(MAGIC)?;
+        let protocol: ProtocolMessage = match MlsMessageIn::tls_deserialize_exact(bytes).ok()?.extract() {
+            MlsMessageBodyIn::PrivateMessage(m) => m.into(),
+            MlsMessageBodyIn::PublicMessage(m) => m.into(),
+            _ => return None,
+        };
+        Some(protocol.group_id().as_slice().to_vec())
     }
 
     fn remember(&mut self, key: String, opened: Opened) {
@@ -704,6 +731,11 @@ impl Engine {
                     put(&mut out, plaintext);
                 }
                 Opened::Control => put(&mut out, &[1]),
+                Opened::DevicesChanged { conversation, epoch } => {
+                    put(&mut out, &[3]);
+                    put(&mut out, conversation);
+                    put(&mut out, &epoch.to_be_bytes());
+                }
                 Opened::Failed(why) => {
                     put(&mut out, &[2]);
                     put(&mut out, why.as_bytes());
@@ -772,6 +804,9 @@ impl Engine {
                     plaintext: next("journal")?.to_vec(),
                 },
                 [1] => Opened::Control,
+                [3] => {
+                    Opened::DevicesChanged { conversation: next("journal")?.to_vec(), epoch: u64_of(next("journal")?)? }
+                }
                 [2] => Opened::Failed(text(next("journal")?)?),
                 _ => return Err(bad("bad journal entry")),
             };

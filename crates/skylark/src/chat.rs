@@ -113,6 +113,43 @@ impl DirectPeers {
     }
 }
 
+/// `verify`: the safety number of the encrypted conversation with `phone`.
+pub async fn verify(profile: &Path, transport: &TransportArgs, phone: &str) -> Result<()> {
+    let phone = normalise(phone)?;
+    let mut c = crate::cli::connect(profile, transport).await?;
+    let h = c.session.handle();
+    let shown = async {
+        c.crypto.catch_up(&mut c.events).await.map_err(explain)?;
+        c.crypto.maintain(&h, &mut c.events).await.map_err(explain)?;
+        let Some(group) = c.crypto.start_direct(&h, &mut c.events, &phone).await.map_err(explain)? else {
+            bail!(
+                "your conversation with {phone} is not end-to-end encrypted (a device of yours or theirs cannot \
+                 encrypt yet), so there is no safety number to compare"
+            );
+        };
+        let me = skylark_core::AccountId(Identity::load(profile)?.account_id);
+        let Some(peer) = skylark_core::AccountId(group).direct_peer(me) else {
+            bail!("the server answered a conversation group that is not yours with {phone}; nothing to verify");
+        };
+        let (number, mine, theirs) = c.crypto.safety_number(group, peer.0).map_err(explain)?;
+        println!("Safety number with {phone}:\n");
+        for line in number.split(' ').collect::<Vec<_>>().chunks(4) {
+            println!("    {}", line.join(" "));
+        }
+        println!(
+            "\nCompare it with the one {phone} sees (side by side, or read aloud on a call). If they match, your \
+             messages are encrypted for your {} and their {} and nobody else. It changes when either of you links \
+             or removes a device.",
+            skylark_core::words::count(mine as u64, "device", "devices"),
+            skylark_core::words::count(theirs as u64, "device", "devices"),
+        );
+        Ok(())
+    }
+    .await;
+    c.session.close().await;
+    shown
+}
+
 /// Prints one log event; `only` limits it to one conversation.
 fn describe(
     event: &v1::Event,

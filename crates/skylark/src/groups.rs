@@ -204,11 +204,19 @@ pub fn describe_group(g: &v1::GroupEvent, me: &Identity, shown: Option<Shown>, p
             Shown::Encrypted(text) => format!("{line}: {text}"),
             Shown::Plain(text) => format!("{line}: {text}  (not end-to-end encrypted)"),
             Shown::Unreadable(why) => format!("{line}: [this device cannot read it: {why}]"),
+            Shown::DevicesChanged => {
+                let peer = peer.unwrap_or("the other person");
+                format!(
+                    "[{at}] 🔑 the devices in your conversation with {peer} changed, and so did your safety \
+                     number: compare it again with `skylark verify {peer}`"
+                )
+            }
         });
     }
     let tag = format!("[{at}] group {}", g.group);
     Some(match g.body.as_ref()? {
         Body::Message(_) => match shown? {
+            Shown::DevicesChanged => format!("{tag}: 🔑 the members' devices changed (linked, removed, added)"),
             Shown::Encrypted(text) => format!("{tag} #{} {who}: {text}", g.group_seq),
             Shown::Plain(text) => format!("{tag} #{} {who}: {text}  (not end-to-end encrypted)", g.group_seq),
             Shown::Unreadable(why) => format!("{tag} #{} {who}: [this device cannot read it: {why}]", g.group_seq),

@@ -100,6 +100,16 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// The safety number of your end-to-end encrypted conversation with a
+    /// phone number: compare it with theirs to know nobody is in between.
+    Verify {
+        /// Their phone number.
+        phone: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
     /// Groups: create, list, info, add, remove, leave, promote, demote,
     /// subject, admin-only, send, msginfo.
     Group {
@@ -217,6 +227,9 @@ fn main() -> Result<()> {
         }
         Command::Send { to, message, profile, transport } => {
             runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
+        }
+        Command::Verify { phone, profile, transport } => {
+            runtime.block_on(chat::verify(&profile.dir()?, &transport, &phone))
         }
         Command::Listen { watch, profile, transport } => {
             runtime.block_on(chat::listen(&profile.dir()?, &transport, &watch))

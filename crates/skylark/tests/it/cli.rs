@@ -654,6 +654,19 @@ async fn encrypted_one_to_one_from_the_command_line() {
     l.expect("+15551800002: dm-marker-two");
     drop(l);
 
+    // The safety number is the same on both sides (and on Alice's laptop).
+    let number = |out: String| -> String {
+        out.lines().filter(|l| l.starts_with("    ")).map(str::trim).collect::<Vec<_>>().join(" ")
+    };
+    let from_alice = number(run("alice", &["verify", "+15551800002"]).await.unwrap());
+    let from_bob = number(run("bob", &["verify", "+15551800001"]).await.unwrap());
+    let from_laptop = number(run("alice-laptop", &["verify", "+15551800002"]).await.unwrap());
+    assert_eq!(from_alice.replace(' ', "").len(), 60, "{from_alice}");
+    assert_eq!(from_alice, from_bob);
+    assert_eq!(from_alice, from_laptop);
+    let with_carol = number(run("alice", &["verify", "+15551800003"]).await.unwrap());
+    assert_ne!(with_carol, from_alice, "each pair has its own");
+
     // Bob and Carol write to each other for the first time at once: both
     // start the conversation's encryption, one commit wins, the other side
     // joins it and sends in it.
@@ -722,8 +735,19 @@ async fn linked_and_removed_devices_follow_the_encrypted_conversations() {
     save(&laptop, "alice-laptop");
     run("alice-laptop", &["group", "list"]).await.unwrap();
     // Alice's phone's next command adds the laptop to the conversation.
+    let number = |out: String| -> String {
+        out.lines().filter(|l| l.starts_with("    ")).map(str::trim).collect::<Vec<_>>().join(" ")
+    };
+    let before = number(run("bob", &["verify", "+15551900001"]).await.unwrap());
     run("alice", &["send", "+15551900002", "the laptop is in"]).await.unwrap();
     run("bob", &["send", "+15551900001", "hello laptop"]).await.unwrap();
+    // Bob is told, and his safety number with Alice changed.
+    let l = listen("bob");
+    l.expect("🔑 the devices in your conversation with +15551900001 changed");
+    drop(l);
+    let after = number(run("bob", &["verify", "+15551900001"]).await.unwrap());
+    assert_ne!(before, after, "a linked device changes the safety number");
+    assert_eq!(after, number(run("alice", &["verify", "+15551900002"]).await.unwrap()));
     let l = listen("alice-laptop");
     let seen = l.expect("+15551900002: hello laptop");
     assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
