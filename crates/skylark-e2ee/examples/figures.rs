@@ -34,33 +34,33 @@ fn main() {
     for size in [2u64, 100, 1024] {
         let mut admin = engine(1);
         let mut observer = engine(2);
-        admin.create(CONV).unwrap();
-        let first = vec![(observer.me(), observer.key_packages(1).unwrap().remove(0))];
-        let c = admin.add(CONV, &first).unwrap().unwrap();
-        admin.commit_accepted(CONV).unwrap();
-        observer.receive(&c.payload(), false).unwrap();
+        admin.create(CONV).expect("the engine works");
+        let first = vec![(observer.me(), observer.key_packages(1).expect("the engine works").remove(0))];
+        let c = admin.add(CONV, &first).expect("the engine works").expect("the engine works");
+        admin.commit_accepted(CONV).expect("the engine works");
+        observer.receive(&c.payload(), false).expect("the engine works");
         // The rest of the members, 32 per commit as the CLI adds them.
         let mut rest: Vec<(DeviceRef, Vec<u8>)> = Vec::new();
         for account in 3..=size {
             let mut e = engine(account);
-            rest.push((e.me(), e.key_packages(1).unwrap().remove(0)));
+            rest.push((e.me(), e.key_packages(1).expect("the engine works").remove(0)));
         }
         for batch in rest.chunks(32) {
-            let c = admin.add(CONV, batch).unwrap().unwrap();
-            admin.commit_accepted(CONV).unwrap();
-            observer.receive(&c.payload(), false).unwrap();
+            let c = admin.add(CONV, batch).expect("the engine works").expect("the engine works");
+            admin.commit_accepted(CONV).expect("the engine works");
+            observer.receive(&c.payload(), false).expect("the engine works");
         }
-        assert_eq!(admin.members(CONV).unwrap().len() as u64, size);
+        assert_eq!(admin.members(CONV).expect("the engine works").len() as u64, size);
 
         let text = [b'x'; 100];
         let (mut enc, mut dec, mut bytes) = (Duration::ZERO, Duration::ZERO, 0);
         for _ in 0..ROUNDS {
             let t = Instant::now();
-            let payload = admin.encrypt(CONV, &text).unwrap();
+            let payload = admin.encrypt(CONV, &text).expect("the engine works");
             enc += t.elapsed();
             bytes = payload.len();
             let t = Instant::now();
-            observer.receive(&payload, false).unwrap();
+            observer.receive(&payload, false).expect("the engine works");
             dec += t.elapsed();
         }
 
@@ -69,23 +69,23 @@ fn main() {
         let (mut rm_c, mut rm_p, mut rm_bytes) = (Duration::ZERO, Duration::ZERO, 0);
         for round in 0..u64::from(changes) {
             let mut newcomer = engine(1_000_000 + round);
-            let package = vec![(newcomer.me(), newcomer.key_packages(1).unwrap().remove(0))];
+            let package = vec![(newcomer.me(), newcomer.key_packages(1).expect("the engine works").remove(0))];
             let t = Instant::now();
-            let c = admin.add(CONV, &package).unwrap().unwrap();
-            admin.commit_accepted(CONV).unwrap();
+            let c = admin.add(CONV, &package).expect("the engine works").expect("the engine works");
+            admin.commit_accepted(CONV).expect("the engine works");
             add_c += t.elapsed();
             add_bytes = c.payload().len();
             let t = Instant::now();
-            observer.receive(&c.payload(), false).unwrap();
+            observer.receive(&c.payload(), false).expect("the engine works");
             add_p += t.elapsed();
 
             let t = Instant::now();
-            let c = admin.remove(CONV, &[newcomer.me()]).unwrap().unwrap();
-            admin.commit_accepted(CONV).unwrap();
+            let c = admin.remove(CONV, &[newcomer.me()]).expect("the engine works").expect("the engine works");
+            admin.commit_accepted(CONV).expect("the engine works");
             rm_c += t.elapsed();
             rm_bytes = c.payload().len();
             let t = Instant::now();
-            observer.receive(&c.payload(), false).unwrap();
+            observer.receive(&c.payload(), false).expect("the engine works");
             rm_p += t.elapsed();
         }
         let state = observer.export().len();
