@@ -115,14 +115,7 @@ impl SessionHandle {
         client_id: &str,
         payload: Vec<u8>,
     ) -> Result<v1::SendAck, ClientError> {
-        let body = client_frame::Body::Send(v1::SendMessage {
-            client_id: client_id.to_owned(),
-            to: String::new(),
-            group,
-            payload: payload.into(),
-            commit_epoch: None,
-        });
-        self.send_body(body).await
+        self.post(group, client_id, payload, None).await
     }
 
     /// Posts an MLS commit made in `epoch` to a group. The group takes one
@@ -135,12 +128,22 @@ impl SessionHandle {
         epoch: u64,
         payload: Vec<u8>,
     ) -> Result<v1::SendAck, ClientError> {
+        self.post(group, client_id, payload, Some(epoch)).await
+    }
+
+    async fn post(
+        &self,
+        group: u64,
+        client_id: &str,
+        payload: Vec<u8>,
+        commit_epoch: Option<u64>,
+    ) -> Result<v1::SendAck, ClientError> {
         let body = client_frame::Body::Send(v1::SendMessage {
             client_id: client_id.to_owned(),
             to: String::new(),
             group,
             payload: payload.into(),
-            commit_epoch: Some(epoch),
+            commit_epoch,
         });
         self.send_body(body).await
     }

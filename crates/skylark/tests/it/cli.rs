@@ -488,6 +488,53 @@ async fn the_cli_speaks_tls_when_told_to_trust_the_ca() {
     assert!(String::from_utf8_lossy(&outs.2.stderr).contains("certificate"), "{:?}", outs.2);
 }
 
+/// The CLI on profiles kept under one home directory.
+struct Profiles {
+    home: tempfile::TempDir,
+}
+
+impl Profiles {
+    fn new() -> Profiles {
+        Profiles { home: tempfile::tempdir().unwrap() }
+    }
+
+    fn home(&self) -> &std::path::Path {
+        self.home.path()
+    }
+
+    fn save(&self, identity: &skylark_client::Identity, profile: &str) {
+        identity.save(&self.home().join(profile)).unwrap();
+    }
+
+    /// Runs `skylark ARGS --profile PROFILE` to its end.
+    async fn output(&self, profile: &str, args: &[&str]) -> std::process::Output {
+        let home = self.home().to_owned();
+        let mut args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        args.extend(["--profile".to_owned(), profile.to_owned()]);
+        tokio::task::spawn_blocking(move || skylark(&home).args(&args).output().unwrap()).await.unwrap()
+    }
+
+    /// As [`Profiles::output`], for a command that must succeed: its stdout.
+    async fn run(&self, profile: &str, args: &[&str]) -> String {
+        let out = self.output(profile, args).await;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "skylark {args:?} --profile {profile} failed:\n{stdout}{stderr}");
+        stdout.into_owned()
+    }
+
+    /// `skylark listen` on a profile, running until dropped.
+    fn listen(&self, profile: &str) -> Running {
+        let mut cmd = skylark(self.home());
+        cmd.args(["listen", "--profile", profile]);
+        Running::spawn(cmd)
+    }
+}
+
+/// The digits of the safety number `skylark verify` printed.
+fn safety_number(out: &str) -> String {
+    out.lines().filter(|l| l.starts_with("    ")).map(str::trim).collect::<Vec<_>>().join(" ")
+}
+
 /// End-to-end encrypted groups with the real binary: every device of every
 /// member reads the posts, a removed member's devices are taken out of the
 /// keys, and the server's store never holds the text.
@@ -501,86 +548,62 @@ async fn encrypted_groups_from_the_command_line() {
     let db = data.path().join("skylark.redb");
     let store: Arc<dyn skylark_store::Store> = Arc::new(RedbStore::open(&db).unwrap());
     let mut server = TestServer::start_on(test_config(), store).await;
-    let home = tempfile::tempdir().unwrap();
-    let save = |id: &skylark_client::Identity, name: &str| id.save(&home.path().join(name)).unwrap();
+    let cli = Profiles::new();
     let alice = server.register("+15551700001").await;
-    save(&alice, "alice");
+    cli.save(&alice, "alice");
     let bob = server.register("+15551700002").await;
-    save(&bob, "bob");
+    cli.save(&bob, "bob");
     let bob_phone = Peer::connect(&server, &bob, Transport::Ws).await;
     let bob_laptop = crate::devices::link(&server, &bob_phone, "laptop").await;
     drop(bob_phone);
-    save(&bob_laptop, "bob-laptop");
+    cli.save(&bob_laptop, "bob-laptop");
     let carol = server.register("+15551700003").await;
-    save(&carol, "carol");
+    cli.save(&carol, "carol");
     // Dave's only device never ran this CLI, so it publishes no keys.
     let _dave = server.register("+15551700004").await;
 
-    let run = |profile: &str, a: &[&str]| {
-        let home_path = home.path().to_owned();
-        let mut args: Vec<String> = a.iter().map(|s| (*s).to_owned()).collect();
-        args.extend(["--profile".to_owned(), profile.to_owned()]);
-        tokio::task::spawn_blocking(move || {
-            let out = skylark(&home_path).args(&args).output().unwrap();
-            let (stdout, stderr) =
-                (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-            assert!(out.status.success(), "skylark {args:?} failed:\n{stdout}{stderr}");
-            stdout
-        })
-    };
-    let listen = |profile: &str| {
-        let mut cmd = skylark(home.path());
-        cmd.args(["listen", "--profile", profile]);
-        Running::spawn(cmd)
-    };
     // Any command publishes the device's key packages.
     for profile in ["alice", "bob", "bob-laptop", "carol"] {
-        run(profile, &["group", "list"]).await.unwrap();
+        cli.run(profile, &["group", "list"]).await;
     }
 
-    let out = run("alice", &["group", "create", "Secret", "+15551700002", "+15551700003"]).await.unwrap();
+    let out = cli.run("alice", &["group", "create", "Secret", "+15551700002", "+15551700003"]).await;
     assert!(out.contains("end-to-end encrypted") && !out.contains("NOT"), "{out}");
     let group: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     let g = group.to_string();
-    let out = run("alice", &["group", "send", &g, "e2ee-marker-one"]).await.unwrap();
+    let out = cli.run("alice", &["group", "send", &g, "e2ee-marker-one"]).await;
     assert!(out.contains("✓ 🔒 posted"), "{out}");
 
     // Every device of every member reads it.
     for profile in ["bob", "bob-laptop", "carol"] {
-        let l = listen(profile);
+        let l = cli.listen(profile);
         l.expect("+15551700001: e2ee-marker-one");
     }
     // Bob answers from his laptop; Alice reads it, and her own post too.
-    run("bob-laptop", &["group", "send", &g, "e2ee-marker-two"]).await.unwrap();
-    let l = listen("alice");
+    cli.run("bob-laptop", &["group", "send", &g, "e2ee-marker-two"]).await;
+    let l = cli.listen("alice");
     l.expect("you: e2ee-marker-one");
     l.expect("+15551700002: e2ee-marker-two");
     drop(l);
 
     // Carol is removed: her devices leave the keys, the others read on.
-    let out = run("alice", &["group", "remove", &g, "+15551700003"]).await.unwrap();
+    let out = cli.run("alice", &["group", "remove", &g, "+15551700003"]).await;
     assert!(out.contains("cannot read what is sent next"), "{out}");
-    run("alice", &["group", "send", &g, "e2ee-marker-three"]).await.unwrap();
-    let l = listen("bob");
+    cli.run("alice", &["group", "send", &g, "e2ee-marker-three"]).await;
+    let l = cli.listen("bob");
     let seen = l.expect("+15551700001: e2ee-marker-three");
     assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
     drop(l);
 
     // A member whose device cannot encrypt is not added to an encrypted
     // group, and a new group with them says it is not encrypted.
-    let home_path = home.path().to_owned();
-    let g2 = g.clone();
-    let refused = tokio::task::spawn_blocking(move || {
-        skylark(&home_path).args(["group", "add", &g2, "+15551700004", "--profile", "alice"]).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let refused = cli.output("alice", &["group", "add", &g, "+15551700004"]).await;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot encrypt yet"), "{refused:?}");
-    let out = run("alice", &["group", "create", "Open", "+15551700004"]).await.unwrap();
+    let out = cli.run("alice", &["group", "create", "Open", "+15551700004"]).await;
     assert!(out.contains("NOT end-to-end encrypted"), "{out}");
     let open: String = out.split_whitespace().nth(1).unwrap().to_owned();
-    run("alice", &["group", "send", &open, "plain-marker-four"]).await.unwrap();
+    cli.run("alice", &["group", "send", &open, "plain-marker-four"]).await;
 
     // The server's store holds none of the encrypted texts; the scan does
     // find the one sent in the clear, so it can see text when it is there.
@@ -609,78 +632,57 @@ async fn encrypted_one_to_one_from_the_command_line() {
     let db = data.path().join("skylark.redb");
     let store: Arc<dyn skylark_store::Store> = Arc::new(RedbStore::open(&db).unwrap());
     let mut server = TestServer::start_on(test_config(), store).await;
-    let home = tempfile::tempdir().unwrap();
-    let save = |id: &skylark_client::Identity, name: &str| id.save(&home.path().join(name)).unwrap();
+    let cli = Profiles::new();
     let alice = server.register("+15551800001").await;
-    save(&alice, "alice");
+    cli.save(&alice, "alice");
     let alice_phone = Peer::connect(&server, &alice, Transport::Ws).await;
     let laptop = crate::devices::link(&server, &alice_phone, "laptop").await;
     drop(alice_phone);
-    save(&laptop, "alice-laptop");
-    save(&server.register("+15551800002").await, "bob");
-    save(&server.register("+15551800003").await, "carol");
+    cli.save(&laptop, "alice-laptop");
+    cli.save(&server.register("+15551800002").await, "bob");
+    cli.save(&server.register("+15551800003").await, "carol");
 
-    let run = |profile: &str, a: &[&str]| {
-        let home_path = home.path().to_owned();
-        let mut args: Vec<String> = a.iter().map(|s| (*s).to_owned()).collect();
-        args.extend(["--profile".to_owned(), profile.to_owned()]);
-        tokio::task::spawn_blocking(move || {
-            let out = skylark(&home_path).args(&args).output().unwrap();
-            let (stdout, stderr) =
-                (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-            assert!(out.status.success(), "skylark {args:?} failed:\n{stdout}{stderr}");
-            stdout
-        })
-    };
-    let listen = |profile: &str| {
-        let mut cmd = skylark(home.path());
-        cmd.args(["listen", "--profile", profile]);
-        Running::spawn(cmd)
-    };
     for profile in ["alice", "alice-laptop", "bob", "carol"] {
-        run(profile, &["group", "list"]).await.unwrap();
+        cli.run(profile, &["group", "list"]).await;
     }
 
-    let out = run("alice", &["send", "+15551800002", "dm-marker-one"]).await.unwrap();
+    let out = cli.run("alice", &["send", "+15551800002", "dm-marker-one"]).await;
     assert!(out.contains("✓ 🔒 sent to +15551800002"), "{out}");
-    let out = run("bob", &["send", "+15551800001", "dm-marker-two"]).await.unwrap();
+    let out = cli.run("bob", &["send", "+15551800001", "dm-marker-two"]).await;
     assert!(out.contains("✓ 🔒 sent"), "{out}");
-    let l = listen("bob");
+    let l = cli.listen("bob");
     l.expect("+15551800001: dm-marker-one");
     drop(l);
     // Alice's laptop reads both sides of the conversation.
-    let l = listen("alice-laptop");
+    let l = cli.listen("alice-laptop");
     l.expect("you → +15551800002: dm-marker-one");
     l.expect("+15551800002: dm-marker-two");
     drop(l);
 
     // The safety number is the same on both sides (and on Alice's laptop).
-    let number = |out: String| -> String {
-        out.lines().filter(|l| l.starts_with("    ")).map(str::trim).collect::<Vec<_>>().join(" ")
-    };
-    let from_alice = number(run("alice", &["verify", "+15551800002"]).await.unwrap());
-    let from_bob = number(run("bob", &["verify", "+15551800001"]).await.unwrap());
-    let from_laptop = number(run("alice-laptop", &["verify", "+15551800002"]).await.unwrap());
+    let from_alice = safety_number(&cli.run("alice", &["verify", "+15551800002"]).await);
+    let from_bob = safety_number(&cli.run("bob", &["verify", "+15551800001"]).await);
+    let from_laptop = safety_number(&cli.run("alice-laptop", &["verify", "+15551800002"]).await);
     assert_eq!(from_alice.replace(' ', "").len(), 60, "{from_alice}");
     assert_eq!(from_alice, from_bob);
     assert_eq!(from_alice, from_laptop);
-    let with_carol = number(run("alice", &["verify", "+15551800003"]).await.unwrap());
+    let with_carol = safety_number(&cli.run("alice", &["verify", "+15551800003"]).await);
     assert_ne!(with_carol, from_alice, "each pair has its own");
 
     // Bob and Carol write to each other for the first time at once: both
     // start the conversation's encryption, one commit wins, the other side
     // joins it and sends in it.
     let (from_bob, from_carol) = tokio::join!(
-        run("bob", &["send", "+15551800003", "dm-marker-three"]),
-        run("carol", &["send", "+15551800002", "dm-marker-four"])
+        cli.run("bob", &["send", "+15551800003", "dm-marker-three"]),
+        cli.run("carol", &["send", "+15551800002", "dm-marker-four"])
     );
-    assert!(from_bob.unwrap().contains("🔒"));
-    assert!(from_carol.unwrap().contains("🔒"));
-    let l = listen("carol");
+    assert!(from_bob.contains("🔒"));
+    assert!(from_carol.contains("🔒"));
+    let l = cli.listen("carol");
     let seen = l.expect("+15551800002: dm-marker-three");
     assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
     drop(l);
-    let l = listen("bob");
+    let l = cli.listen("bob");
     let seen = l.expect("+15551800003: dm-marker-four");
     assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
     drop(l);
@@ -700,55 +702,34 @@ async fn linked_and_removed_devices_follow_the_encrypted_conversations() {
     use crate::harness::{Peer, Transport};
 
     let server = TestServer::start().await;
-    let home = tempfile::tempdir().unwrap();
-    let save = |id: &skylark_client::Identity, name: &str| id.save(&home.path().join(name)).unwrap();
+    let cli = Profiles::new();
     let alice = server.register("+15551900001").await;
-    save(&alice, "alice");
+    cli.save(&alice, "alice");
     let bob = server.register("+15551900002").await;
-    save(&bob, "bob");
-    let run = |profile: &str, a: &[&str]| {
-        let home_path = home.path().to_owned();
-        let mut args: Vec<String> = a.iter().map(|s| (*s).to_owned()).collect();
-        args.extend(["--profile".to_owned(), profile.to_owned()]);
-        tokio::task::spawn_blocking(move || {
-            let out = skylark(&home_path).args(&args).output().unwrap();
-            let (stdout, stderr) =
-                (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-            assert!(out.status.success(), "skylark {args:?} failed:\n{stdout}{stderr}");
-            stdout
-        })
-    };
-    let listen = |profile: &str| {
-        let mut cmd = skylark(home.path());
-        cmd.args(["listen", "--profile", profile]);
-        Running::spawn(cmd)
-    };
-    run("alice", &["group", "list"]).await.unwrap();
-    run("bob", &["group", "list"]).await.unwrap();
-    let out = run("alice", &["send", "+15551900002", "before the laptop"]).await.unwrap();
+    cli.save(&bob, "bob");
+    cli.run("alice", &["group", "list"]).await;
+    cli.run("bob", &["group", "list"]).await;
+    let out = cli.run("alice", &["send", "+15551900002", "before the laptop"]).await;
     assert!(out.contains("🔒"), "{out}");
 
     // Alice links a laptop; it publishes its keys on its first command.
     let phone = Peer::connect(&server, &alice, Transport::Ws).await;
     let laptop = crate::devices::link(&server, &phone, "laptop").await;
     drop(phone);
-    save(&laptop, "alice-laptop");
-    run("alice-laptop", &["group", "list"]).await.unwrap();
+    cli.save(&laptop, "alice-laptop");
+    cli.run("alice-laptop", &["group", "list"]).await;
     // Alice's phone's next command adds the laptop to the conversation.
-    let number = |out: String| -> String {
-        out.lines().filter(|l| l.starts_with("    ")).map(str::trim).collect::<Vec<_>>().join(" ")
-    };
-    let before = number(run("bob", &["verify", "+15551900001"]).await.unwrap());
-    run("alice", &["send", "+15551900002", "the laptop is in"]).await.unwrap();
-    run("bob", &["send", "+15551900001", "hello laptop"]).await.unwrap();
+    let before = safety_number(&cli.run("bob", &["verify", "+15551900001"]).await);
+    cli.run("alice", &["send", "+15551900002", "the laptop is in"]).await;
+    cli.run("bob", &["send", "+15551900001", "hello laptop"]).await;
     // Bob is told, and his safety number with Alice changed.
-    let l = listen("bob");
+    let l = cli.listen("bob");
     l.expect("🔑 the devices in your conversation with +15551900001 changed");
     drop(l);
-    let after = number(run("bob", &["verify", "+15551900001"]).await.unwrap());
+    let after = safety_number(&cli.run("bob", &["verify", "+15551900001"]).await);
     assert_ne!(before, after, "a linked device changes the safety number");
-    assert_eq!(after, number(run("alice", &["verify", "+15551900002"]).await.unwrap()));
-    let l = listen("alice-laptop");
+    assert_eq!(after, safety_number(&cli.run("alice", &["verify", "+15551900002"]).await));
+    let l = cli.listen("alice-laptop");
     let seen = l.expect("+15551900002: hello laptop");
     assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
     drop(l);
@@ -763,15 +744,15 @@ async fn linked_and_removed_devices_follow_the_encrypted_conversations() {
         .0,
     );
     let members_seen_by_bob = || {
-        let state = std::fs::read(home.path().join("bob").join("e2ee.state")).unwrap();
+        let state = std::fs::read(cli.home().join("bob").join("e2ee.state")).unwrap();
         let engine = skylark_e2ee::Engine::import(&state).unwrap();
         engine.members(&conversation).unwrap().iter().map(|d| d.device).collect::<Vec<u64>>()
     };
-    run("bob", &["group", "list"]).await.unwrap();
+    cli.run("bob", &["group", "list"]).await;
     assert!(members_seen_by_bob().contains(&laptop.device_id));
-    run("alice", &["devices", "remove", &laptop.device_id.to_string()]).await.unwrap();
-    run("alice", &["send", "+15551900002", "the laptop is out"]).await.unwrap();
-    let l = listen("bob");
+    cli.run("alice", &["devices", "remove", &laptop.device_id.to_string()]).await;
+    cli.run("alice", &["send", "+15551900002", "the laptop is out"]).await;
+    let l = cli.listen("bob");
     l.expect("+15551900001: the laptop is out");
     drop(l);
     let members = members_seen_by_bob();
