@@ -38,6 +38,10 @@ struct Todo {
     add: std::collections::BTreeSet<u64>,
     /// Devices removed from the account, to remove from them.
     remove: std::collections::BTreeSet<u64>,
+    /// (group, account): members that left a group (or were removed from
+    /// it), whose devices are still to take out of the group's keys.
+    #[serde(default)]
+    gone: std::collections::BTreeSet<(u64, u64)>,
     /// The log entries of device changes already noted (commands that do
     /// not acknowledge the log read them again).
     #[serde(default)]
@@ -427,6 +431,15 @@ impl Crypto {
             return None;
         }
         let Some(v1::event::Body::Group(g)) = &event.body else { return None };
+        match &g.body {
+            Some(v1::group_event::Body::Left(_)) if g.by != self.identity.account_id => {
+                self.note_gone(event.seq, g.group, g.by);
+            }
+            Some(v1::group_event::Body::Removed(m)) if m.account != self.identity.account_id => {
+                self.note_gone(event.seq, g.group, m.account);
+            }
+            _ => {}
+        }
         let Some(v1::group_event::Body::Message(m)) = &g.body else { return None };
         if !skylark_e2ee::is_encrypted(&m.payload) {
             return Some(Shown::Plain(String::from_utf8_lossy(&m.payload).into_owned()));
@@ -456,6 +469,23 @@ impl Crypto {
         std::fs::write(&tmp, json).map_err(fail)?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(fail)?;
         std::fs::rename(&tmp, self.profile.join(TODO)).map_err(fail)
+    }
+
+    /// A member left a group (or was removed): its devices are to leave
+    /// the group's keys. Any remaining member may commit that; the one who
+    /// removed it usually has already.
+    fn note_gone(&self, seq: u64, group: u64, account: u64) {
+        let mut todo = self.todo();
+        if !todo.seen.insert(seq) {
+            return;
+        }
+        while todo.seen.len() > SEEN_CHANGES {
+            todo.seen.pop_first();
+        }
+        todo.gone.insert((group, account));
+        if let Err(e) = self.save_todo(&todo) {
+            tracing::warn!("could not note a member who left: {e}");
+        }
     }
 
     fn note_device_change(&self, seq: u64, change: &v1::DeviceChange) {
@@ -490,11 +520,22 @@ impl Crypto {
     /// when several do at once, the group's order makes one commit count
     /// and the others find nothing left to do.
     pub async fn maintain(&self, h: &SessionHandle, events: &mut impl Frames) -> Result<(), ClientError> {
-        if self.todo().add.is_empty() && self.todo().remove.is_empty() {
+        let todo = self.todo();
+        if todo.add.is_empty() && todo.remove.is_empty() && todo.gone.is_empty() {
             return Ok(());
         }
         let _lock = self.maintaining()?;
         let todo = self.todo();
+        for &(group, account) in &todo.gone {
+            // A member this device could not commit for (say, no longer
+            // in the group itself) is left to the others.
+            if let Err(e) = self.remove_accounts(h, events, group, &[account]).await {
+                tracing::info!(group, account, "could not remove a departed member's devices: {e}");
+            }
+        }
+        let mut now = self.todo();
+        now.gone.retain(|g| !todo.gone.contains(g));
+        self.save_todo(&now)?;
         let conversations = self.with(|e| Ok(e.conversations()))?;
         let groups: Vec<(u64, Vec<u8>)> =
             conversations.into_iter().filter_map(|c| parse_group(&c).map(|g| (g, c))).collect();

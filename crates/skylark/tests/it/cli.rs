@@ -595,6 +595,17 @@ async fn encrypted_groups_from_the_command_line() {
     assert!(!seen.iter().any(|line| line.contains("cannot read")), "{seen:#?}");
     drop(l);
 
+    // Bob leaves: Alice's next command takes his two devices out of the keys.
+    cli.run("bob", &["group", "leave", &g]).await;
+    cli.run("alice", &["group", "send", &g, "e2ee-marker-five"]).await;
+    let state = std::fs::read(cli.home().join("alice").join("e2ee.state")).unwrap();
+    let members = skylark_e2ee::Engine::import(&state)
+        .unwrap()
+        .members(&skylark_client::e2ee::group_conversation(group))
+        .unwrap();
+    assert!(members.iter().all(|d| d.account != bob.account_id), "{members:?}");
+    assert_eq!(members.len(), 1, "only Alice's device is left: {members:?}");
+
     // A member whose device cannot encrypt is not added to an encrypted
     // group, and a new group with them says it is not encrypted.
     let refused = cli.output("alice", &["group", "add", &g, "+15551700004"]).await;
@@ -611,7 +622,7 @@ async fn encrypted_groups_from_the_command_line() {
     drop(server);
     let bytes = std::fs::read(&db).unwrap();
     let found = |marker: &str| bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
-    for marker in ["e2ee-marker-one", "e2ee-marker-two", "e2ee-marker-three"] {
+    for marker in ["e2ee-marker-one", "e2ee-marker-two", "e2ee-marker-three", "e2ee-marker-five"] {
         assert!(!found(marker), "{marker} is readable in the server's store");
     }
     assert!(found("plain-marker-four"), "the scan sees plaintext where there is some");
