@@ -458,6 +458,26 @@ impl Crypto {
         }
     }
 
+    /// A log entry as [`Crypto::open_event`] showed it, without opening
+    /// anything new: for pages of history, which come newest first (MLS
+    /// must see a conversation's entries in order; those not opened yet
+    /// arrive on the live stream and are opened there).
+    pub fn recall(&self, event: &v1::Event) -> Option<Shown> {
+        let Some(v1::event::Body::Group(g)) = &event.body else { return None };
+        let Some(v1::group_event::Body::Message(m)) = &g.body else { return None };
+        if !skylark_e2ee::is_encrypted(&m.payload) {
+            return Some(Shown::Plain(String::from_utf8_lossy(&m.payload).into_owned()));
+        }
+        match self.with(|e| Ok(e.recall(&format!("log:{}", event.seq)))).ok()?? {
+            Opened::Message { plaintext, .. } => {
+                Some(Shown::Encrypted(String::from_utf8_lossy(&plaintext).into_owned()))
+            }
+            Opened::DevicesChanged { .. } => Some(Shown::DevicesChanged),
+            Opened::Failed(why) => Some(Shown::Unreadable(why)),
+            Opened::Control => None,
+        }
+    }
+
     fn todo(&self) -> Todo {
         std::fs::read(self.profile.join(TODO)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }

@@ -660,6 +660,12 @@ impl Engine {
         Some(protocol.group_id().as_slice().to_vec())
     }
 
+    /// What [`Engine::open_once`] made of the entry `key`, if it was
+    /// opened (nothing is decrypted here: for showing history).
+    pub fn recall(&self, key: &str) -> Option<Opened> {
+        self.journal.get(key).cloned()
+    }
+
     fn remember(&mut self, key: String, opened: Opened) {
         if self.journal.insert(key.clone(), opened).is_none() {
             self.journal_order.push_back(key);

@@ -158,12 +158,34 @@ fn describe(
     crypto: &Crypto,
     peers: &DirectPeers,
 ) -> Option<String> {
+    describe_as(event, me, only, peers, &|e| crypto.open_event(e))
+}
+
+/// A page of history: only what this device opened before (see
+/// `Crypto::recall`).
+fn describe_history(
+    event: &v1::Event,
+    me: &Identity,
+    only: Option<&Peer>,
+    crypto: &Crypto,
+    peers: &DirectPeers,
+) -> Option<String> {
+    describe_as(event, me, only, peers, &|e| crypto.recall(e))
+}
+
+fn describe_as(
+    event: &v1::Event,
+    me: &Identity,
+    only: Option<&Peer>,
+    peers: &DirectPeers,
+    open: &dyn Fn(&v1::Event) -> Option<skylark_client::e2ee::Shown>,
+) -> Option<String> {
     let only = match only {
         Some(Peer::Phone(p)) => Some(p.as_str()),
         Some(Peer::Group(g)) => {
             return match event.body.as_ref()? {
                 Body::Group(e) if e.group == *g => {
-                    crate::groups::describe_group(e, me, crypto.open_event(event), peers.get(e.group))
+                    crate::groups::describe_group(e, me, open(event), peers.get(e.group))
                 }
                 _ => None,
             };
@@ -177,10 +199,10 @@ fn describe(
             if only.is_some_and(|o| Some(o) != peer) {
                 return None;
             }
-            crate::groups::describe_group(g, me, crypto.open_event(event), peer)
+            crate::groups::describe_group(g, me, open(event), peer)
         }
         Body::Group(_) if only.is_some() => None,
-        Body::Group(g) => crate::groups::describe_group(g, me, crypto.open_event(event), peers.get(g.group)),
+        Body::Group(g) => crate::groups::describe_group(g, me, open(event), peers.get(g.group)),
         Body::Message(m) => {
             let mine = m.id.is_some_and(|id| id.sender == me.account_id);
             let peer = if mine { &m.to_phone } else { &m.from_phone };
@@ -339,6 +361,11 @@ async fn send_reliably(client: &Client, to: &Peer, id: &str, payload: Vec<u8>) -
     }
     bail!("could not send after several reconnects")
 }
+
+/// Log entries a chat reads back on opening, and how many of the
+/// conversation's it shows.
+const HISTORY_PAGE: u32 = 200;
+const HISTORY_SHOWN: usize = 20;
 
 /// The next event: those read ahead first, then the client's.
 async fn next_event(
@@ -500,9 +527,37 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
         (Peer::Phone(p), None) => {
             format!("{p} (not end-to-end encrypted: a device of yours or theirs cannot encrypt yet)")
         }
-        (Peer::Group(g), _) => format!("group {g}"),
+        (Peer::Group(g), _) => match client.connected().await.map_err(explain)?.group_info(*g).await {
+            Ok(info) => format!("group \"{}\" ({g})", info.subject),
+            Err(e) => return Err(explain(e)),
+        },
     };
     screen.say(&format!("Chat with {title}. Type a message and press Enter; Ctrl-D leaves."));
+    // The conversation so far; entries shown here are not shown again
+    // when the live stream delivers them.
+    let mut shown_before = std::collections::HashSet::new();
+    if let Ok(h) = client.connected().await
+        && let Ok(page) = h.history(0, HISTORY_PAGE).await
+    {
+        let mut earlier: Vec<(u64, String)> = Vec::new();
+        for event in &page.events {
+            peers.learn(event, &identity, Some(h.clone())).await;
+            if let Some(line) = describe_history(event, &identity, Some(&peer), &crypto, &peers) {
+                earlier.push((event.seq, line));
+            }
+        }
+        // Newest first from the server; the last few, oldest first.
+        earlier.truncate(HISTORY_SHOWN);
+        earlier.reverse();
+        if !earlier.is_empty() {
+            screen.say("— earlier —");
+            for (seq, line) in earlier {
+                screen.say(&line);
+                shown_before.insert(seq);
+            }
+            screen.say("— now —");
+        }
+    }
     // My messages in this chat by sequence, for showing ticks as they change.
     let mut mine: BTreeMap<u64, (String, &'static str)> = BTreeMap::new();
     // When "composing" was last sent, while the person is typing.
@@ -581,6 +636,8 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     Peer::Group(g) => g,
                     Peer::Phone(_) => direct.unwrap_or(0),
                 };
+                // Shown already as history: handled, not shown twice.
+                let quiet = shown_before.remove(&event.seq);
                 match event.body.as_ref() {
                     Some(Body::Group(g)) if g.group == group => {
                         let from_here = matches!(&g.body, Some(v1::group_event::Body::Message(m))
@@ -588,7 +645,9 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         // Opened either way: commits change the keys.
                         let shown = crypto.open_event(event);
                         if !from_here {
-                            if let Some(line) = crate::groups::describe_group(g, &identity, shown, peers.get(g.group)) {
+                            if let Some(line) = crate::groups::describe_group(g, &identity, shown, peers.get(g.group))
+                                && !quiet
+                            {
                                 screen.say(&line);
                             }
                             if let Ok(handle) = client.connected().await {
@@ -606,7 +665,9 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                     }
                     Some(Body::Message(m)) if !peer_phone.is_empty() && m.from_phone == peer_phone => {
-                        screen.say(&format!("[{}] {}: {}", clock(m.sent_at_ms), m.from_phone, text(&m.payload)));
+                        if !quiet {
+                            screen.say(&format!("[{}] {}: {}", clock(m.sent_at_ms), m.from_phone, text(&m.payload)));
+                        }
                         // The chat is open, so the user sees it now: blue ticks.
                         if let (Some(id), Ok(handle)) = (m.id, client.connected().await) {
                             let _ = handle.mark_read(id.sender, id.seq).await;
@@ -629,7 +690,9 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                     }
                     _ => {
-                        if let Some(line) = describe(event, &identity, Some(&peer), &crypto, &peers) {
+                        if let Some(line) = describe(event, &identity, Some(&peer), &crypto, &peers)
+                            && !quiet
+                        {
                             screen.say(&line);
                         }
                     }

@@ -186,6 +186,11 @@ async fn send_listen_and_chat_from_the_command_line() {
     ]);
     let mut chat = Running::spawn(cmd);
     chat.expect("Chat with +15550800001");
+    // It opens on the conversation so far, once.
+    chat.expect("— earlier —");
+    let earlier = chat.expect("— now —");
+    assert!(earlier.iter().any(|l| l.contains("you → +15550800001: hello from the cli")), "{earlier:#?}");
+    assert!(earlier.iter().any(|l| l.contains("+15550800001: hi bob")), "{earlier:#?}");
     chat.type_line("are you there?");
     chat.expect("✓ you: are you there?");
     let got = alice_peer.received(1, true).await;
@@ -424,6 +429,13 @@ async fn groups_from_the_command_line() {
     listen.expect(&format!("group {group}: you created \"Weekend\""));
     listen.expect(&format!("group {group} #3 you: who's in?"));
     drop(listen);
+    // `chat --group` names the group by its subject and opens on its posts.
+    let mut cmd = skylark(home.path());
+    cmd.args(["chat", "--group", &g, "--profile", "alice"]);
+    let chat = Running::spawn(cmd);
+    chat.expect(&format!("Chat with group \"Weekend\" ({group})"));
+    chat.expect("who's in?");
+    drop(chat);
     let (ok, out, _) = run(args(&["group", "msginfo", &g, "3"])).await.unwrap();
     assert!(ok && out.contains("of 2"), "{out}");
 
