@@ -157,10 +157,56 @@ async fn prompt(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>, text:
     }
 }
 
-pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca: Option<&Path>) -> Result<()> {
-    if profile.join("identity.json").exists() {
-        bail!("profile {} already holds an identity; use another --profile or remove it first", profile.display());
+/// Before `register` or `link` writes a new identity into `profile`: a
+/// profile whose device still works is refused; one whose device was
+/// removed (or whose number was registered again elsewhere) is moved aside,
+/// so a dead profile never blocks starting over.
+pub async fn make_room(profile: &Path, ca: Option<&Path>) -> Result<()> {
+    if !profile.join("identity.json").exists() {
+        return Ok(());
     }
+    let identity = Identity::load(profile)?;
+    let transport = TransportArgs { tcp: None, json: false, tls: false, ca: ca.map(Path::to_owned) };
+    let gone = match Session::open(&transport.endpoint(&identity)?, &identity).await {
+        Ok((session, _events)) => {
+            session.close().await;
+            false
+        }
+        Err(ClientError::Closed { code: Some(skylark_protocol::CloseCode::DeviceRemoved), .. }) => true,
+        Err(e) => matches!(
+            e.error_code(),
+            Some(skylark_protocol::ErrorCode::DeviceRemoved | skylark_protocol::ErrorCode::UnknownDevice)
+        ),
+    };
+    if !gone {
+        bail!(
+            "profile {} already holds device {} of {}, which still works (or its server could not be asked); \
+             use another --profile, or remove that device first (`skylark devices remove {}`)",
+            profile.display(),
+            identity.device_id,
+            identity.phone,
+            identity.device_id
+        );
+    }
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let aside = profile.with_file_name(format!(
+        "{}.removed-{secs}",
+        profile.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    std::fs::rename(profile, &aside)
+        .with_context(|| format!("moving the old profile {} aside to {}", profile.display(), aside.display()))?;
+    println!(
+        "This profile's device ({} of {}) was removed from its account, or the number was registered again \
+         elsewhere; its old files are kept in {}. Starting over.",
+        identity.device_id,
+        identity.phone,
+        aside.display()
+    );
+    Ok(())
+}
+
+pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca: Option<&Path>) -> Result<()> {
+    make_room(profile, ca).await?;
     let (api, servers) = api_for(server, ca)?;
     let session = api.start_verification(phone).await.map_err(explain)?;
     match session.sms.status.as_str() {

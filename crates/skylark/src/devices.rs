@@ -41,9 +41,7 @@ fn qr(code: &str) -> Option<String> {
 
 /// On the new device: ask for a link code, show it, wait for approval.
 pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -> Result<()> {
-    if profile.join("identity.json").exists() {
-        bail!("profile {} already holds an identity; use another --profile", profile.display());
-    }
+    crate::cli::make_room(profile, ca).await?;
     let (api, servers) = crate::cli::api_for(server, ca)?;
     let key = generate_key();
     let link = api.create_link(&key.verifying_key().to_bytes(), name).await.map_err(explain)?;

@@ -245,6 +245,15 @@ async fn link_approve_and_manage_devices_from_the_command_line() {
         assert!(ok, "{removed}");
         let (ok, whoami) = run(&["whoami", "--profile", "laptop"]);
         assert!(!ok, "a removed device cannot sign in: {whoami}");
+        // The dead profile does not block linking it again; a live one does.
+        let mut cmd = skylark(&home_path);
+        cmd.args(["link", "--server", &base, "--name", "laptop again", "--profile", "laptop"]);
+        let relinking = Running::spawn(cmd);
+        relinking.expect("was removed from its account");
+        relinking.expect("Link code:");
+        drop(relinking);
+        let (ok, refused) = run(&["link", "--server", &base, "--profile", "alice"]);
+        assert!(!ok && refused.contains("which still works"), "{refused}");
         (list, list_after, whoami)
     })
     .await
