@@ -20,6 +20,10 @@ pub struct Identity {
     pub phone: String,
     /// Base64 of the 32-byte Ed25519 secret key.
     secret_key: String,
+    /// A CA certificate file (PEM) to trust for this server, besides the
+    /// web PKI roots (a server with its own or a self-signed certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -30,6 +34,7 @@ impl std::fmt::Debug for Identity {
             .field("account_id", &self.account_id)
             .field("device_id", &self.device_id)
             .field("phone", &self.phone)
+            .field("ca", &self.ca)
             .finish_non_exhaustive()
     }
 }
@@ -43,7 +48,7 @@ pub fn generate_key() -> SigningKey {
 
 impl Identity {
     pub fn new(server: String, account_id: u64, device_id: u64, phone: String, key: &SigningKey) -> Self {
-        Self { server, account_id, device_id, phone, secret_key: BASE64.encode(key.to_bytes()) }
+        Self { server, account_id, device_id, phone, secret_key: BASE64.encode(key.to_bytes()), ca: None }
     }
 
     pub fn signing_key(&self) -> Result<SigningKey, ClientError> {

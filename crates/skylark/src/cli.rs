@@ -122,7 +122,8 @@ impl TransportArgs {
     /// Where to connect: the profile's server (or `--tcp`), each address of
     /// a comma-separated list tried in turn when there are several.
     pub fn endpoint(&self, identity: &Identity) -> Result<Endpoint> {
-        let tls = trust(self.ca.as_deref())?;
+        // --ca for this command, else the one the profile keeps.
+        let tls = trust(self.ca.as_deref().or(identity.ca.as_deref()))?;
         let endpoints: Vec<Endpoint> = match &self.tcp {
             Some(list) => addresses(list)
                 .map(|addr| match self.tls {
@@ -238,7 +239,8 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
             Err(e) => return Err(explain(e)),
         }
     };
-    let identity = Identity::new(servers, registered.account_id, registered.device_id, registered.phone, &key);
+    let mut identity = Identity::new(servers, registered.account_id, registered.device_id, registered.phone, &key);
+    identity.ca = kept_ca(ca)?;
     let path = identity.save(profile)?;
     println!(
         "Registered {} as account {}, device {} ({}). Identity saved in {}.",
@@ -266,6 +268,39 @@ pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {
     // The address this connection used (the --tcp one, when given).
     println!("server:   {endpoint} (protocol v{})", session.info.version);
     session.close().await;
+    Ok(())
+}
+
+/// The CA file a profile remembers: as an absolute path, so commands run
+/// from any directory find it.
+pub fn kept_ca(ca: Option<&Path>) -> Result<Option<PathBuf>> {
+    ca.map(|p| std::path::absolute(p).with_context(|| format!("the CA file {}", p.display()))).transpose()
+}
+
+/// `profile server`: points a profile at another address of its server
+/// (a new host name, TLS switched on, more nodes), and what CA to trust.
+pub async fn set_server(profile: &Path, servers: &str, ca: Option<&Path>) -> Result<()> {
+    let mut identity = Identity::load(profile)?;
+    let (_, kept) = api_for(servers, ca.or(identity.ca.as_deref()))?;
+    identity.server = kept;
+    if ca.is_some() {
+        identity.ca = kept_ca(ca)?;
+    }
+    let transport = TransportArgs { tcp: None, json: false, tls: false, ca: None };
+    let endpoint = transport.endpoint(&identity)?;
+    // Saved only if the device can sign in there: a typo must not strand the profile.
+    match Session::open(&endpoint, &identity).await {
+        Ok((session, _events)) => session.close().await,
+        Err(e) => {
+            return Err(explain(e))
+                .with_context(|| format!("this device could not sign in at {endpoint}; the profile is unchanged"));
+        }
+    }
+    identity.save(profile)?;
+    println!("Profile {} now connects to {endpoint}.", profile.display());
+    if let Some(ca) = &identity.ca {
+        println!("It trusts the CA in {} (besides the usual ones).", ca.display());
+    }
     Ok(())
 }
 

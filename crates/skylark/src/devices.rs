@@ -59,7 +59,8 @@ pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -
             LinkStatus::Pending => continue,
             LinkStatus::Expired => bail!("the link code expired; run `skylark link` again"),
             LinkStatus::Approved { account_id, device_id, phone } => {
-                let identity = Identity::new(servers.clone(), account_id, device_id, phone, &key);
+                let mut identity = Identity::new(servers.clone(), account_id, device_id, phone, &key);
+                identity.ca = crate::cli::kept_ca(ca)?;
                 let path = identity.save(profile)?;
                 println!(
                     "Linked: this is device {device_id} of {} (account {account_id}). Identity saved in {}.",

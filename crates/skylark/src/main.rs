@@ -100,6 +100,15 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// This profile's settings: `profile server URL[,URL…] [--ca FILE]`
+    /// points it at another address of its server (say, after TLS was
+    /// switched on) and remembers the CA to trust.
+    Profile {
+        #[command(subcommand)]
+        action: ProfileCommand,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+    },
     /// The safety number of your end-to-end encrypted conversation with a
     /// phone number: compare it with theirs to know nobody is in between.
     Verify {
@@ -188,6 +197,19 @@ enum LinkCommand {
 }
 
 #[derive(Subcommand)]
+enum ProfileCommand {
+    /// Connect to the server at these addresses from now on (checked first).
+    Server {
+        /// The server's address (`https://chat.example.org`), or several,
+        /// comma-separated (the nodes of a cluster).
+        servers: String,
+        /// Also trust the CA certificate(s) in this PEM file from now on.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum DevicesCommand {
     /// Give a device another name.
     Rename { id: u64, name: String },
@@ -227,6 +249,9 @@ fn main() -> Result<()> {
         }
         Command::Send { to, message, profile, transport } => {
             runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
+        }
+        Command::Profile { action: ProfileCommand::Server { servers, ca }, profile } => {
+            runtime.block_on(cli::set_server(&profile.dir()?, &servers, ca.as_deref()))
         }
         Command::Verify { phone, profile, transport } => {
             runtime.block_on(chat::verify(&profile.dir()?, &transport, &phone))

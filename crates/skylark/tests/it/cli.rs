@@ -496,17 +496,68 @@ async fn the_cli_speaks_tls_when_told_to_trust_the_ca() {
     let (home_path, ca) = (home.path().to_owned(), cert.to_string_lossy().into_owned());
     let outs = tokio::task::spawn_blocking(move || {
         let run = |extra: &[&str]| skylark(&home_path).arg("whoami").args(extra).output().unwrap();
+        // The profile remembers the CA it registered with.
         (run(&["--ca", &ca]), run(&["--ca", &ca, "--tcp", &tcp, "--tls"]), run(&[]))
     })
     .await
     .unwrap();
-    for ok in [&outs.0, &outs.1] {
+    for ok in [&outs.0, &outs.1, &outs.2] {
         assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
         assert!(String::from_utf8_lossy(&ok.stdout).contains("+15550950001"));
     }
-    // Without the CA the self-signed certificate is refused, in words.
-    assert!(!outs.2.status.success());
-    assert!(String::from_utf8_lossy(&outs.2.stderr).contains("certificate"), "{:?}", outs.2);
+
+    // A profile made before the server switched to TLS is pointed at the new
+    // address; without the CA the self-signed certificate is refused, in
+    // words, and the profile is left as it was.
+    let sms = server.sms.clone();
+    let (home_path, ca, https) =
+        (home.path().to_owned(), cert.to_string_lossy().into_owned(), format!("https://{}", gateway.http_addr()));
+    tokio::task::spawn_blocking(move || {
+        let mut child = skylark(&home_path)
+            .args(["register", "+15550950002", "--server", &https, "--ca", &ca, "--profile", "old"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kept open until the command ends: it still prints.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        writeln!(child.stdin.take().unwrap(), "{}", sms.last_code("+15550950002")).unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{first}{rest}{}", String::from_utf8_lossy(&out.stderr));
+    })
+    .await
+    .unwrap();
+    // As it was before TLS: plain HTTP, no CA.
+    let mut old = skylark_client::Identity::load(&home.path().join("old")).unwrap();
+    old.server = format!("http://{}", gateway.http_addr());
+    old.ca = None;
+    old.save(&home.path().join("old")).unwrap();
+    let (home_path, ca, https) =
+        (home.path().to_owned(), cert.to_string_lossy().into_owned(), format!("https://{}", gateway.http_addr()));
+    let outs = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| skylark(&home_path).args(args).args(["--profile", "old"]).output().unwrap();
+        (
+            run(&["profile", "server", &https]),
+            run(&["whoami"]),
+            run(&["profile", "server", &https, "--ca", &ca]),
+            run(&["whoami"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!outs.0.status.success());
+    assert!(String::from_utf8_lossy(&outs.0.stderr).contains("certificate"), "{:?}", outs.0);
+    assert!(String::from_utf8_lossy(&outs.0.stderr).contains("the profile is unchanged"), "{:?}", outs.0);
+    assert!(!outs.1.status.success(), "still the old address");
+    assert!(outs.2.status.success(), "{}", String::from_utf8_lossy(&outs.2.stderr));
+    assert!(String::from_utf8_lossy(&outs.2.stdout).contains("now connects to"), "{:?}", outs.2);
+    assert!(outs.3.status.success(), "{}", String::from_utf8_lossy(&outs.3.stderr));
+    assert!(String::from_utf8_lossy(&outs.3.stdout).contains("+15550950002"));
 }
 
 /// The CLI on profiles kept under one home directory.
