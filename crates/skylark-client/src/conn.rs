@@ -277,6 +277,17 @@ impl FrameConn {
                 Inner::Tcp(framed) => match framed.next().await {
                     Some(Ok(frame)) => frame,
                     Some(Err(FrameError::Io(e))) => return self.closed(e.to_string()),
+                    // A TLS record where a frame's length should be: the
+                    // port speaks TLS (0x15/0x16 alert/handshake, version 3.x).
+                    Some(Err(FrameError::TooLarge { len, .. }))
+                        if (len >> 24 == 0x15 || len >> 24 == 0x16) && (len >> 16) & 0xff == 3 =>
+                    {
+                        return self.closed(
+                            "the server speaks TLS on this port: connect with TLS (the CLI's --tls, with --ca FILE for \
+                             a certificate of your own)"
+                                .into(),
+                        );
+                    }
                     Some(Err(e)) => return self.closed(format!("bad frame from server: {e}")),
                     None => return self.closed("connection closed".into()),
                 },

@@ -70,19 +70,34 @@ impl std::fmt::Debug for Gateway {
 /// ramp, and a dropped SYN costs the client a one-second retransmit.
 const ACCEPT_BACKLOG: u32 = 65_535;
 
-fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(ACCEPT_BACKLOG)
+/// Binds one listener; a failure names the listener, its address and
+/// what to do (another server, or another program, holds the port).
+fn listen(addr: std::net::SocketAddr, what: &str, setting: &str) -> io::Result<TcpListener> {
+    let bind = || {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(ACCEPT_BACKLOG)
+    };
+    bind().map_err(|e| {
+        let hint = match e.kind() {
+            io::ErrorKind::AddrInUse => "another Skylark server (or another program) is using that port; stop it, \
+                or choose another address"
+                .to_owned(),
+            io::ErrorKind::AddrNotAvailable => "that address is not one of this machine's".to_owned(),
+            io::ErrorKind::PermissionDenied => "ports below 1024 need privileges; choose a higher one".to_owned(),
+            _ => format!("{e}"),
+        };
+        io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {hint} ({setting})"))
+    })
 }
 
 impl Gateway {
     /// Binds the configured addresses and starts serving.
     pub async fn start(server: Arc<Server>, config: GatewayConfig) -> io::Result<Gateway> {
         metrics_endpoint::install();
-        let http_listener = listen(config.listen.http)?;
-        let tcp_listener = listen(config.listen.tcp)?;
+        let http_listener = listen(config.listen.http, "HTTP and WebSocket", "--http, or [listen] http")?;
+        let tcp_listener = listen(config.listen.tcp, "raw TCP", "--tcp, or [listen] tcp")?;
         let http_addr = http_listener.local_addr()?;
         let tcp_addr = tcp_listener.local_addr()?;
         let shared = Shared {

@@ -291,8 +291,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         Some(settings) => Some(server.join_cluster(settings).await?),
         None => None,
     };
-    let gateway =
-        Gateway::start(server.clone(), transport).await.context("binding listeners (and loading TLS files)")?;
+    let gateway = Gateway::start(server.clone(), transport).await.context("starting the listeners")?;
     let (scheme, tcp) = if tls_cert.is_some() { ("https", "TCP+TLS") } else { ("http", "TCP") };
     println!(
         "Skylark is running: HTTP + WebSocket on {scheme}://{} (WebSocket at /v1/ws), {tcp} on {}. Ctrl-C stops it.",

@@ -497,7 +497,7 @@ async fn the_cli_speaks_tls_when_told_to_trust_the_ca() {
     let outs = tokio::task::spawn_blocking(move || {
         let run = |extra: &[&str]| skylark(&home_path).arg("whoami").args(extra).output().unwrap();
         // The profile remembers the CA it registered with.
-        (run(&["--ca", &ca]), run(&["--ca", &ca, "--tcp", &tcp, "--tls"]), run(&[]))
+        (run(&["--ca", &ca]), run(&["--ca", &ca, "--tcp", &tcp, "--tls"]), run(&[]), run(&["--tcp", &tcp]))
     })
     .await
     .unwrap();
@@ -505,6 +505,9 @@ async fn the_cli_speaks_tls_when_told_to_trust_the_ca() {
         assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
         assert!(String::from_utf8_lossy(&ok.stdout).contains("+15550950001"));
     }
+    // Plain TCP to the TLS port is explained, not "a frame of 352518912 bytes".
+    assert!(!outs.3.status.success());
+    assert!(String::from_utf8_lossy(&outs.3.stderr).contains("the server speaks TLS on this port"), "{:?}", outs.3);
 
     // A profile made before the server switched to TLS is pointed at the new
     // address; without the CA the self-signed certificate is refused, in

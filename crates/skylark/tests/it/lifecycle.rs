@@ -179,3 +179,17 @@ async fn reqwest_like_get(base: &str, path: &str) -> String {
     stream.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test]
+async fn a_second_server_on_a_taken_port_says_which_and_what_to_do() {
+    let first = TestServer::start().await;
+    let taken = first.gateway.as_ref().unwrap().http_addr();
+    let mut config = test_config();
+    config.listen.http = taken;
+    let (_, transport) = config.split();
+    let err = skylark_gateway::Gateway::start(first.server.clone(), transport).await.unwrap_err().to_string();
+    assert!(err.contains(&taken.to_string()) && err.contains("HTTP"), "{err}");
+    assert!(err.contains("another Skylark server (or another program) is using that port"), "{err}");
+    assert!(err.contains("--http"), "{err}");
+    assert!(!err.contains("TLS"), "no TLS files are configured: {err}");
+}
