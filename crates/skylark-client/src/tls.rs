@@ -80,6 +80,29 @@ impl TlsClient {
         tokio_rustls::TlsConnector::from(self.config.clone())
             .connect(name, stream)
             .await
-            .map_err(|e| ClientError::Io(format!("tls: {e}")))
+            .map_err(|e| ClientError::Io(tls_words(&e, host)))
     }
+}
+
+/// A failed TLS handshake, in words a person can act on.
+fn tls_words(e: &std::io::Error, host: &str) -> String {
+    use rustls::{CertificateError, Error};
+    let words = match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            "the server's certificate is not signed by an authority this device trusts (a self-signed or \
+             private certificate): if it is yours, trust its CA with --ca FILE"
+                .to_owned()
+        }
+        Some(Error::InvalidCertificate(CertificateError::NotValidForName))
+        | Some(Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
+            format!("the server's certificate is not for {host}: use the name the certificate was made for")
+        }
+        Some(Error::InvalidCertificate(CertificateError::Expired))
+        | Some(Error::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
+            "the server's certificate has expired: its operator must renew it".to_owned()
+        }
+        Some(other) => format!("the secure connection (TLS) failed: {other}"),
+        None => format!("the secure connection (TLS) failed: {e}"),
+    };
+    format!("{words} (connecting to {host})")
 }
