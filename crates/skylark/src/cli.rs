@@ -230,11 +230,21 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
             }
             continue;
         }
+        // A slip (empty, too short, not digits) is not worth an attempt.
+        let code: String = code.chars().filter(|c| !c.is_whitespace() && *c != '-').collect();
+        if code.len() != 6 || !code.chars().all(|c| c.is_ascii_digit()) {
+            println!("A code is 6 digits, as in the SMS; nothing was checked, so no attempt was used.");
+            continue;
+        }
         match api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), name).await {
             Ok(registered) => break registered,
             Err(ClientError::Api { error, body, .. }) if error == "wrong_code" => {
                 let left = body["attempts_left"].as_u64().unwrap_or(0);
-                println!("Wrong code; {} left.", skylark_core::words::count(left, "attempt", "attempts"));
+                if left == 0 {
+                    println!("Wrong code, and that was the last attempt for it: type `resend` for a new code.");
+                } else {
+                    println!("Wrong code; {} left.", skylark_core::words::count(left, "attempt", "attempts"));
+                }
             }
             Err(e) => return Err(explain(e)),
         }

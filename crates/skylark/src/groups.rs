@@ -14,37 +14,82 @@ use tokio::sync::mpsc;
 #[derive(Subcommand)]
 pub enum GroupCommand {
     /// Create a group with a subject and members (phone numbers); you are its admin.
-    Create { subject: String, members: Vec<String> },
+    Create {
+        /// What the group is called (1 to 100 characters).
+        subject: String,
+        /// The members' phone numbers (international form, +…).
+        members: Vec<String>,
+    },
     /// The groups you are a member of.
     List,
     /// A group's subject, settings and members.
-    Info { group: u64 },
+    Info {
+        /// The group's id (as `group list` shows it).
+        group: u64,
+    },
     /// Add members (admins only).
     Add {
+        /// The group's id.
         group: u64,
+        /// The new members' phone numbers.
         #[arg(required = true)]
         members: Vec<String>,
     },
     /// Remove a member (admins only).
-    Remove { group: u64, member: String },
+    Remove {
+        /// The group's id.
+        group: u64,
+        /// The member's phone number.
+        member: String,
+    },
     /// Leave a group.
-    Leave { group: u64 },
+    Leave {
+        /// The group's id.
+        group: u64,
+    },
     /// Make a member an admin (admins only).
-    Promote { group: u64, member: String },
+    Promote {
+        /// The group's id.
+        group: u64,
+        /// The member's phone number.
+        member: String,
+    },
     /// Make an admin a plain member again (admins only).
-    Demote { group: u64, member: String },
+    Demote {
+        /// The group's id.
+        group: u64,
+        /// The admin's phone number.
+        member: String,
+    },
     /// Change the subject (admins only).
-    Subject { group: u64, subject: String },
+    Subject {
+        /// The group's id.
+        group: u64,
+        /// The new subject.
+        subject: String,
+    },
     /// Let only admins post (`on`) or everyone (`off`) (admins only).
     AdminOnly {
+        /// The group's id.
         group: u64,
+        /// `on` or `off`.
         #[arg(value_parser = ["on", "off"])]
         setting: String,
     },
     /// Post a text message; returns once the group has stored it.
-    Send { group: u64, message: String },
+    Send {
+        /// The group's id.
+        group: u64,
+        /// The text to post.
+        message: String,
+    },
     /// Who has received and read one of your messages (by its group sequence).
-    Msginfo { group: u64, seq: u64 },
+    Msginfo {
+        /// The group's id.
+        group: u64,
+        /// The message's number in the group (the `#n` shown when it was posted).
+        seq: u64,
+    },
 }
 
 fn print_info(info: &v1::GroupInfo) {

@@ -212,9 +212,17 @@ enum ProfileCommand {
 #[derive(Subcommand)]
 enum DevicesCommand {
     /// Give a device another name.
-    Rename { id: u64, name: String },
+    Rename {
+        /// The device's id (as `skylark devices` lists them).
+        id: u64,
+        /// Its new name.
+        name: String,
+    },
     /// Sign a device out for good (its key stops working).
-    Remove { id: u64 },
+    Remove {
+        /// The device's id (as `skylark devices` lists them).
+        id: u64,
+    },
 }
 
 fn main() -> Result<()> {

@@ -33,7 +33,10 @@ async fn register_then_whoami_from_the_command_line() {
         // The code "arrives by SMS" once the line above is printed.
         let code = sms.last_code("+15550500001");
         let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "000000x").unwrap();
+        // A slip (too short) costs no attempt; a wrong code costs one.
+        writeln!(stdin, "12").unwrap();
+        let wrong = if code == "000001" { "000002" } else { "000001" };
+        writeln!(stdin, "{wrong}").unwrap();
         writeln!(stdin, "{code}").unwrap();
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
@@ -41,6 +44,7 @@ async fn register_then_whoami_from_the_command_line() {
         rest
     });
     let output = register.await.unwrap();
+    assert!(output.contains("A code is 6 digits"), "{output}");
     assert!(output.contains("Wrong code; 4 attempts left."), "{output}");
     assert!(output.contains("Registered +15550500001"), "{output}");
 
