@@ -245,6 +245,43 @@ fn describe_as(
     }
 }
 
+/// One device, one connection: a short command run on this profile (say
+/// `send` while `listen` runs) takes the connection over. A long-running
+/// command takes it back a moment later and says so; if it keeps being
+/// taken (another long-running command on the profile), it gives up in
+/// words.
+#[derive(Default)]
+struct TakeBack {
+    recent: Vec<tokio::time::Instant>,
+}
+
+/// How long a long-running command leaves the connection to the command
+/// that took it, and how often in a minute it takes it back.
+const TAKE_BACK_AFTER: std::time::Duration = std::time::Duration::from_millis(1500);
+const TAKE_BACKS_PER_MINUTE: usize = 5;
+
+impl TakeBack {
+    /// Whether `error` is a takeover to answer by reconnecting (after a pause).
+    async fn should_retake(&mut self, error: &ClientError) -> Result<bool> {
+        if !matches!(error, ClientError::Closed { code: Some(skylark_protocol::CloseCode::Replaced), .. }) {
+            return Ok(false);
+        }
+        let now = tokio::time::Instant::now();
+        self.recent.retain(|t| now.duration_since(*t) < std::time::Duration::from_secs(60));
+        if self.recent.len() >= TAKE_BACKS_PER_MINUTE {
+            bail!(
+                "another long-running command (listen or chat) keeps using this profile's connection; one device \
+                 has one connection, so stop one of them (or give each its own device with `skylark link`)"
+            );
+        }
+        self.recent.push(now);
+        tokio::time::sleep(TAKE_BACK_AFTER).await;
+        Ok(true)
+    }
+}
+
+const TAKEN_BACK: &str = "— another skylark command used this device's connection; took it back —";
+
 fn start_client(
     profile: &Path,
     transport: &TransportArgs,
@@ -284,7 +321,8 @@ fn presence_line(p: &v1::PresenceInfo) -> String {
 
 pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String]) -> Result<()> {
     let watch: Vec<String> = watch.iter().map(|w| normalise(w)).collect::<Result<_>>()?;
-    let (identity, client, mut events, crypto) = start_client(profile, transport)?;
+    let (identity, mut client, mut events, crypto) = start_client(profile, transport)?;
+    let mut take_back = TakeBack::default();
     let mut peers = DirectPeers::default();
     println!("Listening as {} (Ctrl-C stops).", identity.phone);
     while let Some(event) = events.recv().await {
@@ -304,7 +342,13 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
                 }
             }
             ClientEvent::Disconnected { reason, .. } => println!("— disconnected ({reason}); reconnecting —"),
-            ClientEvent::Stopped(e) => return Err(explain(e)),
+            ClientEvent::Stopped(e) => {
+                if !take_back.should_retake(&e).await? {
+                    return Err(explain(e));
+                }
+                (client, events) = Client::start(transport.endpoint(&identity)?, identity.clone(), Backoff::default());
+                println!("{TAKEN_BACK}");
+            }
             ClientEvent::Frame(frame) => match log_event(&frame) {
                 Some(LogEvent::Entry(event)) => {
                     peers.learn(event, &identity, client.connected().await.ok()).await;
@@ -499,7 +543,8 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
         Peer::Phone(p) => p.clone(),
         Peer::Group(_) => String::new(),
     };
-    let (identity, client, mut events, crypto) = start_client(profile, transport)?;
+    let (identity, mut client, mut events, crypto) = start_client(profile, transport)?;
+    let mut take_back = TakeBack::default();
     let tty = std::io::stdin().is_terminal();
     let _raw = if tty { Some(RawMode::enter()?) } else { None };
     let mut screen = Screen { raw: tty, typed: String::new() };
@@ -620,7 +665,15 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                         continue;
                     }
-                    ClientEvent::Stopped(e) => return Err(explain(e)),
+                    ClientEvent::Stopped(e) => {
+                        if !take_back.should_retake(&e).await? {
+                            return Err(explain(e));
+                        }
+                        (client, events) =
+                            Client::start(transport.endpoint(&identity)?, identity.clone(), Backoff::default());
+                        screen.say(TAKEN_BACK);
+                        continue;
+                    }
                     ClientEvent::Disconnected { .. } => continue,
                 };
                 let Some(LogEvent::Entry(event)) = log_event(&frame) else {

@@ -850,3 +850,23 @@ async fn linked_and_removed_devices_follow_the_encrypted_conversations() {
     assert!(!members.contains(&laptop.device_id), "{members:?}");
     assert!(members.contains(&alice.device_id) && members.contains(&bob.device_id), "{members:?}");
 }
+
+/// A short command on the profile of a running `listen` takes the device's
+/// one connection for a moment; `listen` takes it back and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_takes_its_connection_back_from_a_short_command() {
+    use crate::harness::{Peer, Transport};
+    let server = TestServer::start().await;
+    let cli = Profiles::new();
+    let alice = server.register("+15552100001").await;
+    cli.save(&alice, "alice");
+    let bob = server.register("+15552100002").await;
+    let listen = cli.listen("alice");
+    listen.expect("— caught up —");
+    let out = cli.run("alice", &["whoami"]).await;
+    assert!(out.contains("+15552100001"), "{out}");
+    listen.expect("took it back");
+    let bob = Peer::connect(&server, &bob, Transport::Ws).await;
+    bob.handle().send("+15552100001", "b1", b"still there?".to_vec()).await.unwrap();
+    listen.expect("+15552100002: still there?");
+}
