@@ -870,3 +870,50 @@ async fn listen_takes_its_connection_back_from_a_short_command() {
     bob.handle().send("+15552100001", "b1", b"still there?".to_vec()).await.unwrap();
     listen.expect("+15552100002: still there?");
 }
+
+/// The PostgreSQL store holds none of the text of end-to-end encrypted
+/// messages either (every table read back and searched, as text and as
+/// the hex of a `bytea`), and does hold the text of a plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_holds_no_plaintext_of_encrypted_messages() {
+    use skylark_store::postgres::throwaway::TestPostgres;
+    use skylark_store::{PgOptions, PgStore, Store};
+    use std::sync::Arc;
+
+    let pg = TestPostgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let options = PgOptions { shards: vec![pg.url("postgres")], ..PgOptions::default() };
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&options).await.unwrap());
+    let mut server = TestServer::start_on(crate::harness::test_config(), store).await;
+    let cli = Profiles::new();
+    cli.save(&server.register("+15552200001").await, "alice");
+    cli.save(&server.register("+15552200002").await, "bob");
+    // Carol's device never ran this CLI: it cannot encrypt.
+    let _carol = server.register("+15552200003").await;
+    for profile in ["alice", "bob"] {
+        cli.run(profile, &["group", "list"]).await;
+    }
+    assert!(cli.run("alice", &["send", "+15552200002", "pg-e2ee-marker-one"]).await.contains("🔒"));
+    let out = cli.run("alice", &["group", "create", "Vault", "+15552200002"]).await;
+    let group = out.split_whitespace().nth(1).unwrap().to_owned();
+    cli.run("alice", &["group", "send", &group, "pg-e2ee-marker-two"]).await;
+    let out = cli.run("alice", &["send", "+15552200003", "pg-plain-marker-three"]).await;
+    assert!(out.contains("not end-to-end encrypted"), "{out}");
+    let l = cli.listen("bob");
+    l.expect("+15552200001: pg-e2ee-marker-one");
+    l.expect("+15552200001: pg-e2ee-marker-two");
+    drop(l);
+    server.shutdown().await;
+
+    let tables = pg.sql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").unwrap();
+    let mut everything = String::new();
+    for table in tables.lines().filter(|t| !t.is_empty()) {
+        everything.push_str(&pg.sql(&format!("SELECT t::text FROM \"{table}\" t")).unwrap());
+        everything.push('\n');
+    }
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let found = |marker: &str| everything.contains(marker) || everything.contains(&hex(marker));
+    assert!(found("pg-plain-marker-three"), "the search sees text where there is some");
+    for marker in ["pg-e2ee-marker-one", "pg-e2ee-marker-two"] {
+        assert!(!found(marker), "{marker} is readable in PostgreSQL");
+    }
+}
