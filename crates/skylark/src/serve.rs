@@ -26,21 +26,22 @@ pub struct ServeArgs {
     /// A TOML configuration file; flags and environment override it.
     #[arg(long, env = "SKYLARK_CONFIG")]
     config: Option<PathBuf>,
-    /// Directory for the embedded store.
+    /// Directory for the embedded store [default: ./skylark-data].
     #[arg(long, env = "SKYLARK_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Keep the data in PostgreSQL: a `postgres://…` URL; repeat for
     /// shards (the first also holds the directory). Replaces `[store]
-    /// shards` of the file.
+    /// shards` of the file [default: the embedded store].
     #[arg(long = "store", env = "SKYLARK_STORE", value_name = "URL")]
     store: Vec<String>,
-    /// Address for HTTP and WebSocket.
+    /// Address for HTTP and WebSocket [default: 127.0.0.1:7480].
     #[arg(long, env = "SKYLARK_HTTP")]
     http: Option<SocketAddr>,
-    /// Address for raw TCP.
+    /// Address for raw TCP [default: 127.0.0.1:7481].
     #[arg(long, env = "SKYLARK_TCP")]
     tcp: Option<SocketAddr>,
-    /// TLS certificate chain (PEM) for both listeners; needs --tls-key.
+    /// TLS certificate chain (PEM) for both listeners; needs --tls-key
+    /// [default: none, TLS off].
     #[arg(long, env = "SKYLARK_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).

@@ -917,3 +917,19 @@ async fn the_postgres_store_holds_no_plaintext_of_encrypted_messages() {
         assert!(!found(marker), "{marker} is readable in PostgreSQL");
     }
 }
+
+/// `serve --help` shows the defaults the server really uses.
+#[test]
+fn serve_help_shows_the_real_defaults() {
+    let home = tempfile::tempdir().unwrap();
+    let out = skylark(home.path()).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let defaults = skylark_gateway::config::Settings::default();
+    for shown in [
+        format!("[default: {}]", defaults.data_dir.display()),
+        format!("[default: {}]", defaults.listen.http),
+        format!("[default: {}]", defaults.listen.tcp),
+    ] {
+        assert!(help.contains(&shown), "{shown} missing from:\n{help}");
+    }
+}
