@@ -576,7 +576,16 @@ impl Crypto {
                 .devices
                 .into_iter()
                 .filter(|d| todo.add.contains(&d.device_id) && !d.key_package.is_empty())
-                .map(|d| (DeviceRef { account, device: d.device_id }, d.key_package.to_vec()))
+                .filter_map(|d| {
+                    let who = DeviceRef { account, device: d.device_id };
+                    match skylark_e2ee::check_package(who, &d.key_package, &d.device_key) {
+                        Ok(()) => Some((who, d.key_package.to_vec())),
+                        Err(e) => {
+                            tracing::warn!("not adding a linked device: {e}");
+                            None
+                        }
+                    }
+                })
                 .collect();
             added.extend(packages.iter().map(|(d, _)| d.device));
             self.commit(h, events, *group, |e| e.add(conversation, &packages)).await?;
@@ -681,6 +690,8 @@ impl Crypto {
                 if d.key_package.is_empty() {
                     claimed.without_keys.push((answer.phone.clone(), d.device_id));
                 } else {
+                    // Its MLS key must be the one its device key signed.
+                    skylark_e2ee::check_package(who, &d.key_package, &d.device_key).map_err(e2ee)?;
                     claimed.packages.push((who, d.key_package.to_vec()));
                 }
             }

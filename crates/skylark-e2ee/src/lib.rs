@@ -75,6 +75,12 @@ pub enum E2eeError {
     BadKeyPackage(String),
     #[error("a key package claims to be device {got:?} but was listed for device {expected:?}")]
     WrongDevice { expected: DeviceRef, got: DeviceRef },
+    #[error(
+        "the encryption key of device {} of account {} is not signed by the device key the server lists for it; \
+         that device was not added",
+        .0.device, .0.account
+    )]
+    Unbound(DeviceRef),
     #[error("this device has a change to that conversation waiting for the server's answer")]
     PendingCommit,
     #[error("this device was removed from that conversation's encryption group")]
@@ -129,6 +135,27 @@ pub fn verify_binding(member: DeviceRef, mls_key: &[u8], binding: &[u8], device_
     let Ok(key) = VerifyingKey::from_bytes(&key) else { return false };
     let Ok(sig) = ed25519_dalek::Signature::from_slice(binding) else { return false };
     key.verify(&binding_transcript(member, mls_key), &sig).is_ok()
+}
+
+/// Checks that a key package is `member`'s and that its MLS key is bound
+/// to `device_key` (the device key the server lists for it): the package's
+/// own signature, the credential's identity, and the binding signature.
+pub fn check_package(member: DeviceRef, package: &[u8], device_key: &[u8]) -> Result<(), E2eeError> {
+    let crypto = OpenMlsRustCrypto::default();
+    let package = KeyPackageIn::tls_deserialize_exact(package)
+        .map_err(|e| E2eeError::BadKeyPackage(e.to_string()))?
+        .validate(crypto.crypto(), ProtocolVersion::Mls10)
+        .map_err(|e| E2eeError::BadKeyPackage(e.to_string()))?;
+    let leaf = package.leaf_node();
+    let (got, binding) =
+        parse_identity(leaf.credential()).ok_or_else(|| E2eeError::BadKeyPackage("not a Skylark credential".into()))?;
+    if got != member {
+        return Err(E2eeError::WrongDevice { expected: member, got });
+    }
+    if !verify_binding(member, leaf.signature_key().as_slice(), &binding, device_key) {
+        return Err(E2eeError::Unbound(member));
+    }
+    Ok(())
 }
 
 /// The MLS signing key of a device.

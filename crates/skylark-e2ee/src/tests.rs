@@ -335,3 +335,15 @@ fn a_device_knows_its_conversations_across_a_restart() {
     log.catch_up(&mut b1);
     assert!(b1.engine.conversations().is_empty());
 }
+
+#[test]
+fn a_claimed_package_must_be_bound_to_the_device_key_the_server_lists() {
+    let (mut b1, c1) = (device(2, 1), device(3, 1));
+    let package = b1.engine.key_packages(1).unwrap().remove(0);
+    let b_key = b1.device_key.verifying_key().to_bytes();
+    assert!(check_package(b1.engine.me(), &package, &b_key).is_ok());
+    let c_key = c1.device_key.verifying_key().to_bytes();
+    assert!(matches!(check_package(b1.engine.me(), &package, &c_key), Err(E2eeError::Unbound(_))));
+    assert!(matches!(check_package(c1.engine.me(), &package, &b_key), Err(E2eeError::WrongDevice { .. })));
+    assert!(matches!(check_package(b1.engine.me(), b"junk", &b_key), Err(E2eeError::BadKeyPackage(_))));
+}

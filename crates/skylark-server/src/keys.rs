@@ -44,6 +44,8 @@ pub struct Claimed {
     pub account: AccountId,
     pub phone: PhoneNumber,
     pub devices: Vec<ClaimedKey>,
+    /// Each claimed device's public key, in the order of `devices`.
+    pub device_keys: Vec<[u8; 32]>,
 }
 
 pub struct KeyDirectory {
@@ -101,11 +103,22 @@ impl KeyDirectory {
         self.claims.check(&claimer.0.to_string()).map_err(KeyError::RateLimited)?;
         let phone = PhoneNumber::parse(phone)?;
         let account = self.directory.account(&phone).await?.ok_or(KeyError::UnknownAccount)?;
-        let mut ids: Vec<DeviceId> =
-            self.store.active_devices(account).await?.into_iter().map(|d| d.id).filter(|d| *d != claimer).collect();
-        ids.sort_unstable();
+        let mut active: Vec<(DeviceId, [u8; 32])> = self
+            .store
+            .active_devices(account)
+            .await?
+            .into_iter()
+            .filter(|d| d.id != claimer)
+            .map(|d| (d.id, d.public_key))
+            .collect();
+        active.sort_unstable_by_key(|(id, _)| *id);
+        let ids: Vec<DeviceId> = active.iter().map(|(id, _)| *id).collect();
         let devices = self.store.claim_key_packages(&ids).await?;
-        Ok(Claimed { account, phone, devices })
+        let device_keys = devices
+            .iter()
+            .map(|c| active.iter().find(|(id, _)| *id == c.device).map(|(_, key)| *key).unwrap_or([0; 32]))
+            .collect();
+        Ok(Claimed { account, phone, devices, device_keys })
     }
 
     /// Housekeeping: drops idle rate-limit state.

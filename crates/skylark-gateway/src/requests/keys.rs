@@ -60,10 +60,12 @@ pub(super) async fn claim(caller: &Caller<'_>, id: u64, claim: v1::ClaimKeyPacka
                 devices: claimed
                     .devices
                     .into_iter()
-                    .map(|d| v1::DeviceKeyPackage {
+                    .zip(claimed.device_keys)
+                    .map(|(d, key)| v1::DeviceKeyPackage {
                         device_id: d.device.0,
                         key_package: d.package.unwrap_or_default(),
                         last_resort: d.last_resort,
+                        device_key: key.to_vec(),
                     })
                     .collect(),
             }),
