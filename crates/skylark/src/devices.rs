@@ -49,9 +49,9 @@ pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -
         println!("{qr}");
     }
     println!(
-        "Link code: {}  (valid {} min). On a device already signed in, run:\n  skylark link approve {}",
+        "Link code: {}  (valid for {}). On a device already signed in, run:\n  skylark link approve {}",
         link.code,
-        link.expires_in_ms / 60_000,
+        skylark_core::words::wait(link.expires_in_ms),
         link.code
     );
     loop {

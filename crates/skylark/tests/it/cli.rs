@@ -231,6 +231,8 @@ async fn link_approve_and_manage_devices_from_the_command_line() {
         cmd.args(["link", "--server", &base, "--name", "laptop", "--profile", "laptop"]);
         let linking = Running::spawn(cmd);
         let lines = linking.expect("Link code:");
+        // A five-minute code reads as five minutes, not "4 min".
+        assert!(lines.last().unwrap().contains("(valid for 5 minutes)"), "{lines:#?}");
         let code = lines.last().unwrap().split_whitespace().nth(2).unwrap().to_owned();
         assert!(lines.iter().any(|l| l.contains('█') || l.contains('▀') || l.contains('▄')), "a QR code is drawn");
 
