@@ -12,6 +12,7 @@ const INDEX: &str = include_str!("../web/index.html");
 const APP: &str = include_str!("../web/app.js");
 const PROTO: &str = include_str!("../web/proto.js");
 const STYLE: &str = include_str!("../web/style.css");
+const ICON: &str = include_str!("../web/icon.svg");
 
 /// Scripts and styles only from this origin; the WebSocket back to it; QR
 /// codes arrive as data: images. No inline script anywhere.
@@ -35,6 +36,9 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/app.js", get(|| async { asset(APP, "text/javascript; charset=utf-8") }))
         .route("/proto.js", get(|| async { asset(PROTO, "text/javascript; charset=utf-8") }))
         .route("/style.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
+        // Browsers ask for /favicon.ico whatever the page says.
+        .route("/favicon.svg", get(|| async { asset(ICON, "image/svg+xml") }))
+        .route("/favicon.ico", get(|| async { asset(ICON, "image/svg+xml") }))
 }
 
 /// A QR code of `text` as an SVG image.

@@ -193,3 +193,15 @@ async fn a_second_server_on_a_taken_port_says_which_and_what_to_do() {
     assert!(err.contains("--http"), "{err}");
     assert!(!err.contains("TLS"), "no TLS files are configured: {err}");
 }
+
+#[tokio::test]
+async fn the_web_client_has_its_icon() {
+    let server = TestServer::start().await;
+    let page = reqwest_like_get(&server.http_base(), "/").await;
+    assert!(page.contains(r#"<link rel="icon" href="/favicon.svg""#), "{page}");
+    for path in ["/favicon.svg", "/favicon.ico"] {
+        let icon = reqwest_like_get(&server.http_base(), path).await;
+        assert!(icon.starts_with("HTTP/1.1 200"), "{path}: {icon}");
+        assert!(icon.to_lowercase().contains("content-type: image/svg+xml") && icon.contains("<svg"), "{icon}");
+    }
+}

@@ -64,14 +64,21 @@ async function count(page, selector, text) {
   return page.locator(selector, { hasText: text }).count();
 }
 
+// Every request the pages make must find its file (the favicon too).
+const missing = [];
+const watched = (page) => {
+  page.on("response", (r) => { if (r.status() === 404) missing.push(r.url()); });
+  return page;
+};
+
 const ALICE = "+15553000001";
 const BOB = "+15553000002";
 
 server = await startServer();
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
 try {
-  const alice = await (await browser.newContext()).newPage();
-  const bob = await (await browser.newContext()).newPage();
+  const alice = watched(await (await browser.newContext()).newPage());
+  const bob = watched(await (await browser.newContext()).newPage());
   for (const p of [alice, bob]) p.on("pageerror", (e) => console.error("page error:", e.message));
 
   await alice.goto(base);
@@ -128,7 +135,7 @@ try {
 
   // A third browser links to Alice's account without SMS and sees the chat.
   const smsBefore = codes.size;
-  const laptop = await (await browser.newContext()).newPage();
+  const laptop = watched(await (await browser.newContext()).newPage());
   await laptop.goto(base);
   await laptop.click("#link-start");
   await laptop.waitForSelector("#link-show:not([hidden])");
@@ -205,7 +212,7 @@ try {
   assert.equal(await tick(alice, "anyone?"), "failed");
 
   // Phone-sized window: one pane at a time.
-  const phone = await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage();
+  const phone = watched(await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage());
   // Same browser profile as Bob's? No: a fresh context, linked to Bob's account.
   await phone.goto(base);
   await phone.click("#link-start");
@@ -224,6 +231,7 @@ try {
   await shot(phone, "10-narrow-chat");
   await phone.click("#back");
   assert.equal(await phone.isVisible("#sidebar"), true);
+  assert.deepEqual(missing, [], "no request of the pages ends in 404");
   console.log(`web e2e passed; screenshots in ${SHOTS}`);
 } finally {
   await browser.close();
