@@ -446,14 +446,8 @@ impl Crypto {
         }
         let mine = g.by == self.identity.account_id && m.sender_device == self.identity.device_id;
         let own = mine.then_some(m.client_id.as_str());
-        let opened = self.with(|e| Ok(e.open_once(&format!("log:{}", event.seq), &m.payload, own)));
-        match opened {
-            Ok(Opened::Message { plaintext, .. }) => {
-                Some(Shown::Encrypted(String::from_utf8_lossy(&plaintext).into_owned()))
-            }
-            Ok(Opened::Control) => None,
-            Ok(Opened::DevicesChanged { .. }) => Some(Shown::DevicesChanged),
-            Ok(Opened::Failed(why)) => Some(Shown::Unreadable(why)),
+        match self.with(|e| Ok(e.open_once(&journal_key(event), &m.payload, own))) {
+            Ok(opened) => shown(opened),
             Err(e) => Some(Shown::Unreadable(e.to_string())),
         }
     }
@@ -468,14 +462,7 @@ impl Crypto {
         if !skylark_e2ee::is_encrypted(&m.payload) {
             return Some(Shown::Plain(String::from_utf8_lossy(&m.payload).into_owned()));
         }
-        match self.with(|e| Ok(e.recall(&format!("log:{}", event.seq)))).ok()?? {
-            Opened::Message { plaintext, .. } => {
-                Some(Shown::Encrypted(String::from_utf8_lossy(&plaintext).into_owned()))
-            }
-            Opened::DevicesChanged { .. } => Some(Shown::DevicesChanged),
-            Opened::Failed(why) => Some(Shown::Unreadable(why)),
-            Opened::Control => None,
-        }
+        shown(self.with(|e| Ok(e.recall(&journal_key(event)))).ok()??)
     }
 
     fn todo(&self) -> Todo {
@@ -863,6 +850,22 @@ async fn claim_patiently(h: &SessionHandle, phone: &str) -> Result<v1::ClaimedKe
             }
             answer => return answer,
         }
+    }
+}
+
+/// The journal key of a log entry (unique per device: its account log's
+/// sequence number).
+fn journal_key(event: &v1::Event) -> String {
+    format!("log:{}", event.seq)
+}
+
+/// What an opened entry shows (`None`: nothing, a handshake).
+fn shown(opened: Opened) -> Option<Shown> {
+    match opened {
+        Opened::Message { plaintext, .. } => Some(Shown::Encrypted(String::from_utf8_lossy(&plaintext).into_owned())),
+        Opened::DevicesChanged { .. } => Some(Shown::DevicesChanged),
+        Opened::Failed(why) => Some(Shown::Unreadable(why)),
+        Opened::Control => None,
     }
 }
 

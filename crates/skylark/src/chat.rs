@@ -97,7 +97,7 @@ impl DirectPeers {
 
     /// Learns the other party of `event`'s 1:1 conversation group, if it
     /// is one (from the event, or else by asking the server once).
-    async fn learn(&mut self, event: &v1::Event, me: &Identity, h: Option<SessionHandle>) {
+    async fn learn(&mut self, event: &v1::Event, me: &Identity, h: Option<&SessionHandle>) {
         let Some(Body::Group(g)) = &event.body else { return };
         if !skylark_core::AccountId(g.group).is_direct() || self.0.contains_key(&g.group) {
             return;
@@ -150,30 +150,10 @@ pub async fn verify(profile: &Path, transport: &TransportArgs, phone: &str) -> R
     shown
 }
 
-/// Prints one log event; `only` limits it to one conversation.
+/// One log event as a line; `only` limits it to one conversation, and
+/// `open` shows a group post (`Crypto::open_event` for what arrives,
+/// `Crypto::recall` for a page of history).
 fn describe(
-    event: &v1::Event,
-    me: &Identity,
-    only: Option<&Peer>,
-    crypto: &Crypto,
-    peers: &DirectPeers,
-) -> Option<String> {
-    describe_as(event, me, only, peers, &|e| crypto.open_event(e))
-}
-
-/// A page of history: only what this device opened before (see
-/// `Crypto::recall`).
-fn describe_history(
-    event: &v1::Event,
-    me: &Identity,
-    only: Option<&Peer>,
-    crypto: &Crypto,
-    peers: &DirectPeers,
-) -> Option<String> {
-    describe_as(event, me, only, peers, &|e| crypto.recall(e))
-}
-
-fn describe_as(
     event: &v1::Event,
     me: &Identity,
     only: Option<&Peer>,
@@ -351,11 +331,12 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
             }
             ClientEvent::Frame(frame) => match log_event(&frame) {
                 Some(LogEvent::Entry(event)) => {
-                    peers.learn(event, &identity, client.connected().await.ok()).await;
-                    if let Some(line) = describe(event, &identity, None, &crypto, &peers) {
+                    let handle = client.connected().await.ok();
+                    peers.learn(event, &identity, handle.as_ref()).await;
+                    if let Some(line) = describe(event, &identity, None, &peers, &|e| crypto.open_event(e)) {
                         println!("{line}");
                     }
-                    if let Ok(handle) = client.connected().await {
+                    if let Some(handle) = handle {
                         let _ = handle.ack(event.seq).await;
                         // A device linked or removed: carry it into the
                         // encrypted conversations (reading on meanwhile).
@@ -365,8 +346,10 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
                             }
                             for frame in crypto.take_read() {
                                 if let Some(LogEvent::Entry(event)) = log_event(&frame) {
-                                    peers.learn(event, &identity, Some(handle.clone())).await;
-                                    if let Some(line) = describe(event, &identity, None, &crypto, &peers) {
+                                    peers.learn(event, &identity, Some(&handle)).await;
+                                    if let Some(line) =
+                                        describe(event, &identity, None, &peers, &|e| crypto.open_event(e))
+                                    {
                                         println!("{line}");
                                     }
                                     let _ = handle.ack(event.seq).await;
@@ -586,8 +569,8 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
     {
         let mut earlier: Vec<(u64, String)> = Vec::new();
         for event in &page.events {
-            peers.learn(event, &identity, Some(h.clone())).await;
-            if let Some(line) = describe_history(event, &identity, Some(&peer), &crypto, &peers) {
+            peers.learn(event, &identity, Some(&h)).await;
+            if let Some(line) = describe(event, &identity, Some(&peer), &peers, &|e| crypto.recall(e)) {
                 earlier.push((event.seq, line));
             }
         }
@@ -743,7 +726,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                     }
                     _ => {
-                        if let Some(line) = describe(event, &identity, Some(&peer), &crypto, &peers)
+                        if let Some(line) = describe(event, &identity, Some(&peer), &peers, &|e| crypto.open_event(e))
                             && !quiet
                         {
                             screen.say(&line);
