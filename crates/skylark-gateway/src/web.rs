@@ -11,6 +11,7 @@ use axum::routing::get;
 const INDEX: &str = include_str!("../web/index.html");
 const APP: &str = include_str!("../web/app.js");
 const PROTO: &str = include_str!("../web/proto.js");
+const STORE: &str = include_str!("../web/store.js");
 const STYLE: &str = include_str!("../web/style.css");
 const ICON: &str = include_str!("../web/icon.svg");
 
@@ -35,6 +36,7 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/", get(|| async { asset(INDEX, "text/html; charset=utf-8") }))
         .route("/app.js", get(|| async { asset(APP, "text/javascript; charset=utf-8") }))
         .route("/proto.js", get(|| async { asset(PROTO, "text/javascript; charset=utf-8") }))
+        .route("/store.js", get(|| async { asset(STORE, "text/javascript; charset=utf-8") }))
         .route("/style.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
         // Browsers ask for /favicon.ico whatever the page says.
         .route("/favicon.svg", get(|| async { asset(ICON, "image/svg+xml") }))

@@ -1,13 +1,19 @@
 // Skylark in the browser: sign-up or linking, chat list, conversations
 // with live ticks, typing and presence, groups, linked devices.
 //
-// State lives in memory; after a reload the page rebuilds it from the
-// server (history pages, group list) and the live event stream. Every log
-// event is handled once (by its sequence number) and acknowledged after.
+// The page keeps its own copy of the account in IndexedDB (store.js):
+// after a reload it shows every chat at once from there, then reads what
+// is newer from the server's history, then, in the background, the older
+// pages down to the start of the server's history window. Live events are
+// kept as they arrive. Every log event is handled once (by its sequence
+// number) and acknowledged after it is kept. Messages typed but not yet
+// acknowledged are kept too, and sent when a connection comes back, even
+// after the tab was closed.
 
 import {
   api, ApiError, Refused, Session, forgetIdentity, generateKey, loadIdentity, saveIdentity,
 } from "./proto.js";
+import { LocalStore } from "./store.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -36,21 +42,33 @@ const state = {
   groups: new Map(), // group id → GroupInfo
   presence: new Map(), // phone → PresenceInfo
   typing: new Map(), // phone → expiry time (ms)
-  outbox: [], // sends waiting for their ack (kept across reconnects)
+  outbox: [], // sends waiting for their ack (kept across reconnects and in the local store)
+  local: null, // the LocalStore of this device, when IndexedDB opened
+  // The part of the account's log held here with nothing missing:
+  // sequences lo..=hi (lo 0: down to the start of the history window);
+  // null before the first page was read.
+  log: { hi: null, lo: null },
+  wake: null, // ends the pause between two background history pages
   ackTimer: null,
-  ackUpTo: 0,
+  arrived: [], // live events to keep and acknowledge
   backoff: 0,
   lastHost: null, // the node that took the last session
 };
 
+/// How many of a conversation's newest messages are drawn at first; each
+/// scroll to the top draws this many more.
+const WINDOW = 60;
+
 function chat(key, init = {}) {
   let c = state.chats.get(key);
   if (!c) {
+    const group = key.startsWith("g:");
     c = {
-      key, kind: key.startsWith("g:") ? "group" : "peer", title: key.slice(2), peer: null,
-      messages: new Map(), delivered: 0, read: 0, readByMe: 0, lastAt: 0,
+      key, kind: group ? "group" : "peer", title: key.slice(2), peer: null, group: group ? key.slice(2) : undefined,
+      messages: new Map(), delivered: 0, read: 0, readByMe: 0, lastAt: 0, window: WINDOW,
     };
     state.chats.set(key, c);
+    if (!group && state.session) presenceSoon();
   }
   Object.assign(c, init);
   return c;
@@ -73,7 +91,7 @@ const decoder = new TextDecoder();
 // End-to-end encrypted payloads (MLS, from the CLI) start with these bytes
 // (skylark_e2ee::MAGIC). This page does not decrypt yet.
 const MLS_MAGIC = [0, 83, 75, 77, 76, 83, 49]; // "\0SKMLS1"
-const LOCKED = "🔒 An end-to-end encrypted message, which this browser cannot decrypt yet; read it with the skylark CLI.";
+const LOCKED = "An end-to-end encrypted message, which this browser cannot decrypt yet; read it with the skylark CLI.";
 // "application" for an encrypted message, "handshake" for a Welcome or a
 // commit (nothing to show), null for a plain payload.
 const mlsKind = (bytes) => {
@@ -109,6 +127,46 @@ const payloadOf = (text) => {
   return btoa(s);
 };
 
+// Icons are drawn (SVG), not taken from a font: a browser without an emoji
+// font would show boxes.
+const SVG = "http://www.w3.org/2000/svg";
+const ICONS = {
+  clock: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18", "M12 7v5l3 2"],
+  sent: ["M5 13l4 4L19 7"],
+  delivered: ["M2 13l4 4L16 7", "M9 15l2 2L21 7"],
+  read: ["M2 13l4 4L16 7", "M9 15l2 2L21 7"],
+  failed: ["M12 4v10", "M12 18v2"],
+  lock: ["M6 11h12v9H6z", "M8 11V8a4 4 0 0 1 8 0v3"],
+};
+function icon(name, label) {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("class", `icon icon-${name}`);
+  if (label) {
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", label);
+  } else {
+    svg.setAttribute("aria-hidden", "true");
+  }
+  for (const d of ICONS[name]) {
+    const path = document.createElementNS(SVG, "path");
+    path.setAttribute("d", d);
+    svg.append(path);
+  }
+  return svg;
+}
+
+/// A name for this browser in the account's device list ("Chrome on
+/// Linux"); it can be renamed there.
+function browserName() {
+  const ua = navigator.userAgent;
+  const browser = /Edg\//.test(ua) ? "Edge" : /Firefox\//.test(ua) ? "Firefox"
+    : /Chrom(e|ium)\//.test(ua) ? "Chrome" : /Safari\//.test(ua) ? "Safari" : "Web browser";
+  const system = /Android/.test(ua) ? "Android" : /iPhone|iPad/.test(ua) ? "iOS" : /Windows/.test(ua) ? "Windows"
+    : /Mac OS X/.test(ua) ? "macOS" : /Linux/.test(ua) ? "Linux" : null;
+  return system ? `${browser} on ${system}` : browser;
+}
+
 function clock(ms) {
   const d = new Date(Number(ms));
   return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
@@ -118,6 +176,14 @@ function clock(ms) {
 
 let bannerTimer = null;
 function say(text, kind = "error") {
+  // A dialog is drawn above the page: its messages go inside it.
+  if ($("panel").open) {
+    const note = $("panel-note");
+    note.textContent = text;
+    note.className = kind;
+    note.hidden = false;
+    return;
+  }
   const b = $("banner");
   b.textContent = text;
   b.className = kind;
@@ -183,7 +249,7 @@ $("code-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   try {
     pendingKey = pendingKey || (await generateKey());
-    const r = await api.verify(verification.session_id, $("code").value.trim(), pendingKey.publicKey, "Web browser");
+    const r = await api.verify(verification.session_id, $("code").value.trim(), pendingKey.publicKey, browserName());
     await enter({ accountId: String(r.account_id), deviceId: String(r.device_id), phone: r.phone, pair: pendingKey.pair });
   } catch (err) {
     say(err instanceof ApiError && err.attemptsLeft !== undefined
@@ -194,7 +260,7 @@ $("code-form").addEventListener("submit", async (e) => {
 $("link-start").addEventListener("click", async () => {
   try {
     const key = await generateKey();
-    const link = await api.createLink(key.publicKey, "Web browser");
+    const link = await api.createLink(key.publicKey, browserName());
     $("link-show").hidden = false;
     $("link-code").textContent = link.code;
     $("link-code-2").textContent = link.code;
@@ -226,7 +292,25 @@ async function enter(identity) {
   $("welcome").hidden = true;
   $("app").hidden = false;
   $("me-phone").textContent = identity.phone;
+  await openLocal();
   connect();
+}
+
+/// Shows what this browser kept: chats, messages, ticks and the outbox.
+async function openLocal() {
+  try {
+    state.local = await LocalStore.open(state.me.deviceId);
+    const kept = await state.local.load();
+    state.log = { hi: kept.meta.hi ?? null, lo: kept.meta.lo ?? null };
+    for (const g of kept.meta.groups || []) rememberGroup(g);
+    applyReceipts(kept.meta.receipts || []);
+    for (const event of kept.events) apply(event, false);
+    for (const item of kept.outbox) enqueue(item);
+  } catch {
+    state.local = null;
+    say("This browser could not open its copy of your chats; they are read from the server instead.");
+  }
+  renderAll();
 }
 
 function setConnState(text) {
@@ -317,31 +401,51 @@ function reconnectLater() {
 function onClose(code, reason, final) {
   state.connected = false;
   state.session = null;
-  if (code === 4005) return signedOut("This browser was removed from the account.");
+  renderHeader(); // no "online" or "typing…" while this page cannot know
+  if (code === 4005) return signedOut(state.loggingOut ? "You logged out of this browser." : "This browser was removed from the account.");
   if (code === 4004) {
     setConnState("open in another window");
     return say("Skylark is open in another window or tab with this account; this one stopped.");
   }
-  if (final) return say(`Disconnected: ${reason || code}`);
+  if (final) {
+    setConnState("disconnected");
+    return say(code === 4003
+      ? "The server no longer speaks this page's protocol version; reload the page to get the current one."
+      : "The server did not accept this browser's sign-in; reload the page to try again, or link it anew.");
+  }
   reconnectLater();
 }
 
 async function signedOut(why) {
+  state.loggingOut = false;
+  const device = state.me && state.me.deviceId;
   await forgetIdentity();
-  say(why);
+  if (state.local) state.local.close();
+  state.local = null;
+  if (device) await LocalStore.destroy(device);
+  if ($("panel").open) $("panel").close();
+  if (why) say(why, "info");
   state.me = null;
   state.chats.clear();
   state.seen.clear();
+  state.groups.clear();
+  state.outbox = [];
+  state.open = null;
+  state.log = { hi: null, lo: null };
+  $("app").classList.remove("chat-open");
+  renderAll();
   showWelcome();
 }
 
 async function afterConnect(session) {
-  // Groups first (titles), then recent history, then whatever waits to be sent.
+  // Groups first (titles), then what is newer than the log held here, then
+  // whatever waits to be sent; older history is read in the background.
   try {
     const list = await session.request({ listGroups: {} });
+    state.groups.clear();
     for (const g of list.groupList.groups || []) rememberGroup(g);
-    const page = await session.request({ history: { beforeSeq: "0", limit: 200 } });
-    applyHistory(page.historyPage);
+    keep([], { groups: list.groupList.groups || [] });
+    await catchUp(session);
     await subscribePresence();
     session.request({ setActive: { active: document.visibilityState === "visible" } }).catch(() => {});
   } catch (err) {
@@ -349,28 +453,104 @@ async function afterConnect(session) {
   }
   renderAll();
   flushOutbox();
+  backfill(session).catch((err) => {
+    if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
+  });
 }
 
 function rememberGroup(info) {
   state.groups.set(info.id, info);
-  chat(groupKey(info.id), { title: info.subject, group: info.id });
+  // A 1:1 conversation's end-to-end encrypted group (made by the command
+  // line client) is named after the other person.
+  const other = info.direct && (info.members || []).find((m) => m.account !== state.me.accountId);
+  chat(groupKey(info.id), other ? { title: other.phone, locked: true, group: info.id } : { title: info.subject, group: info.id });
 }
 
-function applyHistory(page) {
-  for (const r of page.receipts || []) {
+// ---------------------------------------------------------------- history
+
+/// The server's largest history page.
+const HISTORY_PAGE = 200;
+/// The pause between two background pages of older history, unless the
+/// user is scrolling back and waits for them.
+const BACKFILL_PAUSE_MS = 250;
+
+async function historyPage(session, before) {
+  const reply = await session.request({ history: { beforeSeq: String(before), limit: HISTORY_PAGE } });
+  const page = reply.historyPage;
+  const events = page.events || [];
+  return {
+    events, receipts: page.receipts || [], hasMore: !!page.hasMore,
+    newest: events.length ? Number(events[0].seq) : 0,
+    oldest: events.length ? Number(events[events.length - 1].seq) : 0,
+  };
+}
+
+/// Shows events read from the server's history and keeps them here, with
+/// the `meta` that says which part of the log is now held.
+function keep(events, meta) {
+  for (const event of events.slice().reverse()) apply(event, false);
+  if (meta.receipts) applyReceipts(meta.receipts);
+  if (meta.hi !== undefined) state.log.hi = meta.hi;
+  if (meta.lo !== undefined) state.log.lo = meta.lo;
+  renderAll();
+  if (!state.local) return Promise.resolve();
+  return state.local.putEvents(events, meta).catch(() => {
+    say("This browser could not keep a copy of new messages (is its storage full?); they stay on the server.");
+  });
+}
+
+/// Reads the log from the newest entry down to the part already held. The
+/// held range grows only once every page in between was read, so a tab
+/// closed halfway reads them again next time.
+async function catchUp(session) {
+  const held = state.log.hi;
+  let before = 0;
+  let newest = null;
+  for (;;) {
+    const page = await historyPage(session, before);
+    if (newest === null) newest = page.newest;
+    if (held === null) {
+      // Nothing held yet: this page is the held range; older ones follow.
+      return keep(page.events, { receipts: page.receipts, hi: newest, lo: page.hasMore ? page.oldest : 0 });
+    }
+    const done = !page.hasMore || page.events.length === 0 || page.oldest <= held;
+    await keep(page.events, done ? { receipts: page.receipts, hi: Math.max(newest, held) } : { receipts: page.receipts });
+    if (done) return;
+    before = page.oldest;
+  }
+}
+
+/// Reads older pages, down to the start of the server's history window,
+/// while this session lasts: chats whose last message is old, and unread
+/// counts, are then complete.
+async function backfill(session) {
+  while (state.log.lo !== 0 && state.log.lo !== null && state.session === session) {
+    const page = await historyPage(session, state.log.lo);
+    await keep(page.events, { receipts: page.receipts, lo: page.hasMore && page.events.length ? page.oldest : 0 });
+    if (state.log.lo !== 0) {
+      await new Promise((resolve) => {
+        state.wake = resolve;
+        setTimeout(resolve, BACKFILL_PAUSE_MS);
+      });
+      state.wake = null;
+    }
+  }
+}
+
+function applyReceipts(receipts) {
+  for (const r of receipts) {
     const key = r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer);
     const c = chat(key, r.peerPhone ? { peer: r.peer } : {});
     c.delivered = Math.max(c.delivered, Number(r.deliveredUpTo || 0));
     c.read = Math.max(c.read, Number(r.readUpTo || 0));
     c.readByMe = Math.max(c.readByMe, Number(r.readByMeUpTo || 0));
   }
-  for (const event of (page.events || []).slice().reverse()) apply(event, false);
 }
 
 function onFrame(frame) {
   if (frame.event) {
     apply(frame.event, true);
-    scheduleAck(Number(frame.event.seq));
+    keepLive(frame.event);
   } else if (frame.caughtUp) {
     setConnState("");
   } else if (frame.presence) {
@@ -385,12 +565,20 @@ function onFrame(frame) {
   }
 }
 
-function scheduleAck(seq) {
-  state.ackUpTo = Math.max(state.ackUpTo, seq);
+/// Keeps live events here, a batch per transaction, and acknowledges them
+/// once they are kept (the server's log has them either way: an event not
+/// kept when the tab closes comes again on the next connection).
+function keepLive(event) {
+  state.arrived.push(event);
   if (state.ackTimer) return;
-  state.ackTimer = setTimeout(() => {
+  state.ackTimer = setTimeout(async () => {
+    const batch = state.arrived;
+    state.arrived = [];
+    if (state.local) await state.local.putEvents(batch).catch(() => {});
     state.ackTimer = null;
-    if (state.session) state.session.notify({ ack: { upToSeq: String(state.ackUpTo) } });
+    const upTo = Math.max(...batch.map((e) => Number(e.seq)));
+    if (state.session) state.session.notify({ ack: { upToSeq: String(upTo) } });
+    if (state.arrived.length) keepLive(state.arrived.pop());
   }, 30);
 }
 
@@ -434,6 +622,7 @@ function applyMessage(m, order, live) {
   const mine = m.id.sender === state.me.accountId;
   const phone = mine ? m.toPhone : m.fromPhone;
   const c = chat(peerKey(phone), mine ? { peer: m.to } : { peer: m.id.sender });
+  if (live && !mine) state.typing.delete(phone); // the message they were typing
   addMessage(c, {
     id: `m:${m.id.seq}:${mine ? "out" : "in"}`, seq: Number(m.id.seq), order, mine, from: m.fromPhone,
     text: payloadText(m.payload), at: Number(m.sentAtMs), clientId: m.clientId,
@@ -478,7 +667,8 @@ function applyGroup(g, order, live) {
     // A 1:1 conversation's end-to-end encrypted group (from the CLI): named
     // after the other person; its posts are encrypted for their devices.
     const other = g.created.direct && (g.created.members || []).find((m) => m.account !== state.me.accountId);
-    c.title = other ? `🔒 ${other.phone}` : g.created.subject;
+    c.title = other ? other.phone : g.created.subject;
+    c.locked = !!other;
     if (other) return;
   }
   if (g.subject !== undefined) c.title = g.subject;
@@ -514,12 +704,23 @@ function maybeMarkRead(c) {
 // ---------------------------------------------------------------- sending
 
 function send(c, text) {
-  const id = clientId();
-  const local = { id: `local:${id}`, local: true, mine: true, text, at: Date.now(), clientId: id, seq: Infinity, order: Infinity };
-  addMessage(c, local);
-  state.outbox.push({ key: c.key, clientId: id, text, local });
+  const item = { key: c.key, clientId: clientId(), text, queuedAt: Date.now() };
+  // Kept before anything else: a tab closed now still sends it next time.
+  if (state.local) state.local.queue(item).catch(() => {});
+  enqueue(item);
   renderAll();
   flushOutbox();
+}
+
+/// Shows a queued message as waiting (🕓) and adds it to the outbox.
+function enqueue(item) {
+  const c = chat(item.key);
+  const local = {
+    id: `local:${item.clientId}`, local: true, mine: true, text: item.text, at: item.queuedAt,
+    clientId: item.clientId, seq: Infinity, order: Infinity,
+  };
+  addMessage(c, local);
+  state.outbox.push({ ...item, local });
 }
 
 let flushing = false;
@@ -547,11 +748,13 @@ async function flushOutbox() {
           }
         }
         state.outbox.shift();
+        if (state.local) state.local.unqueue(item.clientId).catch(() => {});
       } catch (err) {
         if (err instanceof Refused && err.code !== "CLOSED" && err.code !== "ERROR_CODE_UNAVAILABLE") {
           // Refused for good: say why and keep the text visible, marked.
           item.local.failed = explain(err);
           state.outbox.shift();
+          if (state.local) state.local.unqueue(item.clientId).catch(() => {});
           say(explain(err));
         } else {
           break; // not connected: the next connection resends with the same client id
@@ -564,11 +767,12 @@ async function flushOutbox() {
   }
 }
 
+/// A message's status and the words that say it.
 function tickOf(c, m) {
-  if (m.local) return m.failed ? ["failed", "!"] : ["pending", "🕓"];
-  if (m.seq <= c.read) return ["read", "✓✓"];
-  if (m.seq <= c.delivered) return ["delivered", "✓✓"];
-  return ["sent", "✓"];
+  if (m.local) return m.failed ? ["failed", m.failed] : ["pending", "waiting to be sent"];
+  if (m.seq <= c.read) return ["read", "read"];
+  if (m.seq <= c.delivered) return ["delivered", "delivered"];
+  return ["sent", "sent"];
 }
 
 // ---------------------------------------------------------------- typing
@@ -606,7 +810,9 @@ $("composer").addEventListener("submit", (e) => {
 function openChat(key) {
   state.open = key;
   $("app").classList.add("chat-open");
+  $("banner").hidden = true; // a message about another screen
   const c = state.chats.get(key);
+  c.window = WINDOW;
   maybeMarkRead(c);
   renderAll();
   $("text").focus();
@@ -625,19 +831,42 @@ function preview(c) {
   return last.system ? last.text : `${last.mine ? "You: " : c.kind === "group" ? `${last.from}: ` : ""}${last.text}`;
 }
 
+/// The newest message of `c` whose text contains `query` (lower case).
+function found(c, query) {
+  let best = null;
+  for (const m of c.messages.values()) {
+    if (!m.system && m.text.toLowerCase().includes(query) && (!best || m.at >= best.at)) best = m;
+  }
+  return best;
+}
+
 function renderList() {
   const list = $("chat-list");
-  const chats = [...state.chats.values()].sort((a, b) => b.lastAt - a.lastAt);
+  const query = $("search").value.trim().toLowerCase();
+  let total = 0;
+  for (const c of state.chats.values()) total += unread(c);
+  document.title = total ? `(${total}) Skylark` : "Skylark";
+  // An encrypted 1:1 group with nothing to show (only key changes) is not a chat yet.
+  let chats = [...state.chats.values()].filter((c) => !c.locked || c.messages.size).sort((a, b) => b.lastAt - a.lastAt);
+  const hits = new Map();
+  if (query) {
+    chats = chats.filter((c) => {
+      const m = found(c, query);
+      if (m) hits.set(c.key, m);
+      return m || c.title.toLowerCase().includes(query);
+    });
+  }
   list.replaceChildren(...chats.map((c) => {
     const n = unread(c);
+    const hit = hits.get(c.key);
     return h("li", {
       class: `chat${state.open === c.key ? " open" : ""}`, tabindex: "0", role: "button", "data-chat": c.key,
       onclick: () => openChat(c.key),
       onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openChat(c.key); } },
     },
-    h("span", { class: "name" }, c.title),
+    h("span", { class: "name" }, c.locked ? icon("lock", "end-to-end encrypted") : null, c.title),
     h("span", { class: "time" }, c.lastAt ? clock(c.lastAt) : ""),
-    h("span", { class: "preview" }, preview(c)),
+    h("span", { class: "preview" }, hit ? `${hit.mine ? "You: " : ""}${hit.text}` : preview(c)),
     n ? h("span", { class: "badge", "aria-label": `${n} unread` }, String(n)) : h("span"));
   }));
 }
@@ -650,7 +879,7 @@ function renderHeader() {
     $("chat-status").textContent = "";
     return;
   }
-  $("chat-title").textContent = c.title;
+  $("chat-title").replaceChildren(c.locked ? icon("lock", "end-to-end encrypted") : "", c.title);
   let status = "";
   if (c.kind === "group") {
     const info = state.groups.get(c.group);
@@ -659,32 +888,58 @@ function renderHeader() {
     const phone = c.key.slice(2);
     const typing = state.typing.get(phone);
     const p = state.presence.get(phone);
-    if (typing && typing > Date.now()) status = "typing…";
+    if (!state.connected) status = "";
+    else if (typing && typing > Date.now()) status = "typing…";
     else if (p && p.visible && p.online) status = "online";
     else if (p && p.visible && Number(p.lastSeenMs)) status = `last seen ${clock(p.lastSeenMs)}`;
   }
   $("chat-status").textContent = status;
 }
 
-function renderMessages() {
+/// Draws the open conversation. `grown`: older messages were added above,
+/// so the ones in view stay where they are.
+function renderMessages(grown = false) {
   const c = state.chats.get(state.open);
   $("empty").hidden = !!c;
   $("composer").hidden = !c || (c.kind === "group" && !state.groups.has(c.group));
   const box = $("messages");
   if (!c) return box.replaceChildren();
   const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 30;
-  const items = [...c.messages.values()].sort((a, b) => a.order - b.order || a.at - b.at);
-  box.replaceChildren(...items.map((m) => {
+  const [fromBottom, fromTop] = [box.scrollHeight - box.scrollTop, box.scrollTop];
+  const all = [...c.messages.values()].sort((a, b) => a.order - b.order || a.at - b.at);
+  const items = all.slice(-c.window);
+  // Above the first message drawn: older ones here, or on the server.
+  let top = null;
+  if (items.length < all.length) top = h("li", { class: "older" }, "Scroll up for older messages");
+  else if (state.log.lo !== 0) top = h("li", { class: "older" }, "Loading older messages…");
+  else if (all.length) top = h("li", { class: "older" }, "No older messages");
+  box.replaceChildren(top || "", ...items.map((m) => {
     if (m.system) return h("li", { class: "system" }, m.text);
     const [status, mark] = m.mine ? tickOf(c, m) : [null, null];
     return h("li", { class: `msg${m.mine ? " mine" : ""}${m.failed ? " failed" : ""}`, "data-client-id": m.clientId },
       !m.mine && c.kind === "group" ? h("span", { class: "from" }, m.from) : null,
-      h("span", { class: "text" }, m.text),
+      h("span", { class: "text" }, m.text === LOCKED ? icon("lock") : null, m.text),
       h("span", { class: "meta" }, clock(m.at), m.mine ? " " : "",
-        m.mine ? h("span", { class: "tick", "data-status": status, title: m.failed || status }, mark) : null));
+        m.mine ? h("span", { class: "tick", "data-status": status, title: mark }, icon(status === "pending" ? "clock" : status, mark)) : null));
   }));
   if (stick) box.scrollTop = box.scrollHeight;
+  else box.scrollTop = grown ? box.scrollHeight - fromBottom : fromTop;
 }
+
+// Scrolling to the top draws older messages, and reads the next page of
+// history from the server at once when every kept one is drawn.
+$("messages").addEventListener("scroll", () => {
+  const c = state.chats.get(state.open);
+  if (!c || $("messages").scrollTop > 40) return;
+  if (c.window < c.messages.size) {
+    c.window += WINDOW;
+    renderMessages(true);
+  } else if (state.wake) {
+    state.wake();
+  }
+});
+
+$("search").addEventListener("input", renderList);
 
 function renderAll() {
   renderList();
@@ -700,6 +955,13 @@ document.addEventListener("visibilitychange", () => {
   if (visible && state.open) maybeMarkRead(state.chats.get(state.open));
 });
 
+let presenceTimer = null;
+/// Subscribes soon to the presence of every 1:1 chat (a new chat was made).
+function presenceSoon() {
+  clearTimeout(presenceTimer);
+  presenceTimer = setTimeout(() => subscribePresence().then(renderHeader).catch(() => {}), 100);
+}
+
 async function subscribePresence() {
   if (!state.session) return;
   const phones = [...state.chats.values()].filter((c) => c.kind === "peer").map((c) => c.key.slice(2));
@@ -713,11 +975,15 @@ async function subscribePresence() {
 let panelShows = null;
 
 function panel(name, ...children) {
+  // The same panel drawn again (its content changed) keeps its message.
+  if (name !== panelShows || !$("panel").open) $("panel-note").hidden = true;
   panelShows = name;
+  $("banner").hidden = true;
   $("panel-body").replaceChildren(...children);
   if (!$("panel").open) $("panel").showModal();
 }
 $("panel").addEventListener("close", () => (panelShows = null));
+$("banner").addEventListener("click", () => ($("banner").hidden = true));
 
 async function guarded(fn) {
   try {
@@ -824,24 +1090,65 @@ async function showDevices() {
     h("ul", {}, (r.deviceList.devices || []).map((d) => h("li", { class: "device", "data-device": d.id },
       h("span", { class: "who" }, d.name || `device ${d.id}`, d.current ? " (this browser)" : "",
         h("br"), h("span", { class: "muted" }, d.online ? "online" : Number(d.lastSeenMs) ? `last seen ${clock(d.lastSeenMs)}` : "")),
+      d.current ? h("button", { type: "button", onclick: () => renameDevice(d) }, "Rename") : null,
       h("button", {
         type: "button",
-        onclick: () => guarded(async () => {
+        onclick: () => (d.current ? confirmLogOut() : guarded(async () => {
           await state.session.request({ removeDevice: { deviceId: d.id } });
-          if (!d.current) await showDevices();
-        }),
+          await showDevices();
+        })),
       }, d.current ? "Log out" : "Remove")))),
     h("h3", {}, "Link a device"),
     h("form", {
       onsubmit: (e) => {
         e.preventDefault();
         guarded(async () => {
-          await state.session.request({ approveLink: { code: code.value.trim() } });
-          say("Device linked.", "info");
+          const r = await state.session.request({ approveLink: { code: code.value.trim() } });
           await showDevices();
+          const name = r.linkApproved && r.linkApproved.device && r.linkApproved.device.name;
+          say(`Linked "${name || "a new device"}" to your account. Not yours? Remove it here.`, "info");
         });
       },
     }, code, h("button", { type: "submit" }, "Approve")));
+}
+
+function renameDevice(d) {
+  const name = h("input", { value: d.name || "", "aria-label": "Name of this browser", maxlength: "64", required: true });
+  panel("rename", h("h2", {}, "Rename this browser"),
+    h("p", { class: "muted" }, "The name your other devices show for it."),
+    h("form", {
+      onsubmit: (e) => {
+        e.preventDefault();
+        guarded(async () => {
+          await state.session.request({ renameDevice: { deviceId: d.id, name: name.value.trim() } });
+          await showDevices();
+        });
+      },
+    }, name, h("button", { type: "submit" }, "Save")));
+  name.focus();
+}
+
+function confirmLogOut() {
+  panel("log-out", h("h2", {}, "Log out of this browser?"),
+    h("p", {}, "This browser's copy of your chats is deleted, and messages typed but not yet sent are lost. "
+      + "Your account, your other devices and your chats on them stay as they are."),
+    h("p", {},
+      h("button", {
+        type: "button", class: "danger",
+        onclick: async () => {
+          if (!state.session) return say("Not connected; log out once this browser is back online.");
+          state.loggingOut = true;
+          try {
+            await state.session.request({ removeDevice: { deviceId: state.me.deviceId } });
+          } catch (err) {
+            // The server ends this session as it removes the device.
+            if (err instanceof Refused && err.code === "CLOSED") return;
+            state.loggingOut = false;
+            say(explain(err));
+          }
+        },
+      }, "Log out"), " ",
+      h("button", { type: "button", class: "secondary", onclick: () => guarded(showDevices) }, "Cancel")));
 }
 
 document.addEventListener("keydown", (e) => {

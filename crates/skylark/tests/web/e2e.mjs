@@ -4,9 +4,13 @@
 //
 // Two browsers sign up two numbers and chat (ticks sent → delivered →
 // read, typing, presence); a third links to the first account and sees the
-// same conversation; a group is created, used and managed; a reload keeps
-// the session; the server is killed and restarted mid-conversation and
-// nothing is lost or shown twice; a phone-sized window works.
+// same conversation; a group is created, used and managed; two command
+// line accounts write more than a few history pages; a reload shows every
+// chat from the browser's own copy before it reconnects; a browser linked
+// afterwards reads the whole history back from the server and pages back
+// as the user scrolls; the server is killed and restarted mid-conversation,
+// a message typed meanwhile survives closing the tab, and nothing is lost
+// or shown twice; a phone-sized window works.
 
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -56,6 +60,69 @@ function startServer() {
   });
 }
 
+/// Runs the command line client with a profile of its own; `input` is fed
+/// to its standard input, and `onOutput(text)` sees what it prints.
+function cli(profile, args, input, onOutput = () => {}) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(BIN, [...args, "--profile", join(dataDir, `cli-${profile}`)],
+      { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, SKYLARK_SERVER: base } });
+    let out = "";
+    const read = (chunk) => {
+      out += chunk.toString();
+      onOutput(out, child);
+    };
+    child.stdout.on("data", read);
+    child.stderr.on("data", read);
+    if (input !== undefined) child.stdin.end(input);
+    child.on("exit", (code) => (code === 0 ? resolve(out) : reject(new Error(`skylark ${args.join(" ")} failed:\n${out}`))));
+  });
+}
+
+async function cliRegister(profile, phone) {
+  let sent = false;
+  await cli(profile, ["register", phone], undefined, (out, child) => {
+    if (!sent && out.includes("A code was sent")) {
+      sent = true;
+      until(`the SMS code for ${phone}`, () => codes.get(phone)).then((code) => child.stdin.end(`${code}\n`));
+    }
+  });
+}
+
+/// Links a new browser (`page`) to the account signed in on `approver`.
+async function linkTo(approver, page) {
+  await page.goto(base);
+  await page.click("#link-start");
+  await page.waitForSelector("#link-show:not([hidden])");
+  const code = (await page.textContent("#link-code")).trim();
+  await approver.click("#devices");
+  await approver.fill("dialog input[aria-label='Link code']", code);
+  await approver.press("dialog input[aria-label='Link code']", "Enter");
+  await page.waitForSelector("#app:not([hidden])");
+  await approver.waitForSelector("#panel-note >> text=Linked");
+  await approver.keyboard.press("Escape");
+}
+
+/// How many messages from `phone` the page has kept in its local store.
+const keptFrom = (page, phone) => page.evaluate(async (phone) => {
+  const [info] = (await indexedDB.databases()).filter((d) => d.name.startsWith("skylark-device-"));
+  if (!info) return 0;
+  const db = await new Promise((resolve, reject) => {
+    const req = indexedDB.open(info.name);
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+  const rows = await new Promise((resolve) => {
+    db.transaction("events").objectStore("events").getAll().onsuccess = (e) => resolve(e.target.result);
+  });
+  db.close();
+  return rows.filter((r) => r.event.message && r.event.message.fromPhone === phone).length;
+}, phone);
+
+const badge = async (page, phone) => {
+  const b = page.locator(`[data-chat="p:${phone}"] .badge`);
+  return (await b.count()) ? b.textContent() : null;
+};
+
 async function shot(page, name) {
   await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
 }
@@ -73,11 +140,15 @@ const watched = (page) => {
 
 const ALICE = "+15553000001";
 const BOB = "+15553000002";
+const CAROL = "+15553000003";
+const DAVE = "+15553000004";
+/// More events than two history pages of the server (200 each).
+const MANY = 550;
 
 server = await startServer();
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
 try {
-  const alice = watched(await (await browser.newContext()).newPage());
+  let alice = watched(await (await browser.newContext()).newPage());
   const bob = watched(await (await browser.newContext()).newPage());
   for (const p of [alice, bob]) p.on("pageerror", (e) => console.error("page error:", e.message));
 
@@ -146,7 +217,8 @@ try {
   await alice.click("#devices");
   await alice.fill("dialog input[aria-label='Link code']", code);
   await alice.press("dialog input[aria-label='Link code']", "Enter");
-  await alice.waitForSelector("dialog li.device >> text=Web browser");
+  // Each browser is named after itself, and can be renamed.
+  await alice.waitForSelector("dialog li.device >> text=Chrome on Linux");
   await until("two devices listed", async () => (await alice.locator("dialog li.device").count()) === 2);
   await shot(alice, "06-devices");
   await alice.keyboard.press("Escape");
@@ -180,22 +252,79 @@ try {
   await bob.waitForSelector("#messages li.system >> text=an admin");
   await laptop.waitForSelector("li.chat >> text=Weekend");
 
-  // A reload keeps the session and the conversation.
+  // History longer than the server's pages: Carol (command line) writes
+  // once, then Dave (command line) writes MANY times; Alice reads neither.
+  await cliRegister("carol", CAROL);
+  await cliRegister("dave", DAVE);
+  await cli("carol", ["send", ALICE, "carol was here"]);
+  const lines = Array.from({ length: MANY }, (_, i) => `dave ${String(i + 1).padStart(3, "0")}`);
+  await cli("dave", ["chat", ALICE], `${lines.join("\n")}\n`);
+  await until("Dave's messages counted on Alice's page", async () => (await badge(alice, DAVE)) === String(MANY), 30000);
+  assert.equal(await badge(alice, CAROL), "1");
+  await until("Dave's messages kept in Alice's browser", async () => (await keptFrom(alice, DAVE)) === MANY);
+  assert.match(await alice.title(), /^\(\d+\) Skylark$/, "unread count in the tab title");
+
+  // A reload shows every chat from the browser's own copy, before (here:
+  // without) a connection to the server.
+  let hold = true; // while set, the page's socket opens to nobody
+  await alice.routeWebSocket(/\/v1\/ws/, (ws) => { if (!hold) ws.connectToServer(); });
   await alice.reload();
   await alice.waitForSelector("#app:not([hidden])");
+  await alice.waitForSelector(`[data-chat="p:${CAROL}"] .badge`);
+  assert.equal(await badge(alice, CAROL), "1");
+  assert.equal(await badge(alice, DAVE), String(MANY));
   await alice.click(`[data-chat="p:${BOB}"]`);
   await alice.waitForSelector("#messages >> text=hello bob");
   await alice.waitForSelector("#messages >> text=hi alice");
+  assert.notEqual(await alice.textContent("#conn-state"), "", "not connected while the socket is held");
+  hold = false;
+  await alice.reload();
+  await alice.waitForSelector("#app:not([hidden])");
+  await until("Alice reconnected", async () => (await alice.textContent("#conn-state")) === "");
+
+  // A browser linked now has nothing of its own: it reads the history back
+  // from the server, down to Carol's message, and pages back through Dave's
+  // as the user scrolls up.
+  const tablet = watched(await (await browser.newContext()).newPage());
+  await linkTo(alice, tablet);
+  await until("Carol's chat read back from history", async () => (await badge(tablet, CAROL)) === "1");
+  await until("every message of Dave's counted", async () => (await badge(tablet, DAVE)) === String(MANY));
+  assert.equal(await tablet.title(), await alice.title(), "the same unread count on both devices");
+  await tablet.click(`[data-chat="p:${DAVE}"]`);
+  await tablet.waitForSelector(`#messages >> text=dave ${MANY}`);
+  assert.ok((await tablet.locator("#messages li.msg").count()) < MANY, "a long chat draws its newest messages first");
+  await until("scrolled back to Dave's first message", async () => {
+    await tablet.locator("#messages").evaluate((box) => { box.scrollTop = 0; });
+    return (await tablet.locator("#messages >> text=dave 001").count()) === 1;
+  });
+  await tablet.waitForSelector("#messages li.older >> text=No older messages");
+  assert.equal(await tablet.locator("#messages li.msg").count(), MANY, "each message once");
+  await shot(tablet, "08-history");
+  // Search finds Carol's chat by the words of her message.
+  await tablet.fill("#search", "was here");
+  await until("search shows Carol's chat alone", async () => (await tablet.locator("li.chat").count()) === 1);
+  assert.match(await tablet.textContent("li.chat"), /carol was here/);
+  await tablet.fill("#search", "");
+  await tablet.close();
 
   // The server dies (kill -9) mid-conversation and comes back: what Alice
-  // typed meanwhile is sent once, and Bob sees it exactly once.
+  // typed meanwhile survives closing the tab, is sent once when a tab is
+  // open again, and Bob sees it exactly once.
+  await alice.click(`[data-chat="p:${BOB}"]`);
   server.kill("SIGKILL");
   await new Promise((r) => server.once("exit", r));
   await until("Alice's page notices", async () => /offline|connecting/.test(await alice.textContent("#conn-state")));
+  assert.equal(await alice.textContent("#chat-status"), "", "no presence shown while offline");
   await sendText(alice, "while you were away");
   assert.equal(await tick(alice, "while you were away"), "pending");
-  await shot(alice, "08-offline");
+  await shot(alice, "09-offline");
+  const aliceContext = alice.context();
+  await alice.close();
   server = await startServer();
+  alice = watched(await aliceContext.newPage());
+  await alice.goto(base);
+  await alice.waitForSelector("#app:not([hidden])");
+  await alice.click(`[data-chat="p:${BOB}"]`);
   await tickIs(alice, "while you were away", "delivered");
   await bob.click(`[data-chat="p:${ALICE}"]`);
   await bob.waitForSelector("#messages >> text=while you were away");
@@ -213,22 +342,15 @@ try {
 
   // Phone-sized window: one pane at a time.
   const phone = watched(await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage());
-  // Same browser profile as Bob's? No: a fresh context, linked to Bob's account.
-  await phone.goto(base);
-  await phone.click("#link-start");
-  await phone.waitForSelector("#link-show:not([hidden])");
-  const code2 = (await phone.textContent("#link-code")).trim();
-  await bob.click("#devices");
-  await bob.fill("dialog input[aria-label='Link code']", code2);
-  await bob.press("dialog input[aria-label='Link code']", "Enter");
-  await phone.waitForSelector("#app:not([hidden])");
+  // A fresh context, linked to Bob's account.
+  await linkTo(bob, phone);
   await phone.waitForSelector(`[data-chat="p:${ALICE}"]`);
   assert.equal(await phone.isVisible("#conversation"), false, "narrow: the list alone");
-  await shot(phone, "09-narrow-list");
+  await shot(phone, "10-narrow-list");
   await phone.click(`[data-chat="p:${ALICE}"]`);
   assert.equal(await phone.isVisible("#sidebar"), false, "narrow: the conversation alone");
   await phone.waitForSelector("#messages >> text=while you were away");
-  await shot(phone, "10-narrow-chat");
+  await shot(phone, "11-narrow-chat");
   await phone.click("#back");
   assert.equal(await phone.isVisible("#sidebar"), true);
   assert.deepEqual(missing, [], "no request of the pages ends in 404");
