@@ -305,6 +305,15 @@ try {
   await until("search shows Carol's chat alone", async () => (await tablet.locator("li.chat").count()) === 1);
   assert.match(await tablet.textContent("li.chat"), /carol was here/);
   await tablet.fill("#search", "");
+  // Logging out asks first, then forgets the browser's copy of the account.
+  await tablet.click("#devices");
+  await tablet.click("dialog li.device >> text=Log out");
+  await tablet.waitForSelector("dialog >> text=Log out of this browser?");
+  await tablet.click("dialog button.danger");
+  await tablet.waitForSelector("#welcome:not([hidden])");
+  assert.equal(await tablet.isVisible("#panel"), false, "no dialog left open");
+  assert.match(await tablet.textContent("#banner"), /You logged out of this browser/);
+  assert.equal(await keptFrom(tablet, DAVE), 0, "nothing of the account is left in the browser");
   await tablet.close();
 
   // The server dies (kill -9) mid-conversation and comes back: what Alice
