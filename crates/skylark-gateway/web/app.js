@@ -860,14 +860,13 @@ function renderList() {
     const n = unread(c);
     const hit = hits.get(c.key);
     return h("li", {
-      class: `chat${state.open === c.key ? " open" : ""}`, tabindex: "0", role: "button", "data-chat": c.key,
-      onclick: () => openChat(c.key),
-      onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openChat(c.key); } },
-    },
-    h("span", { class: "name" }, c.locked ? icon("lock", "end-to-end encrypted") : null, c.title),
-    h("span", { class: "time" }, c.lastAt ? clock(c.lastAt) : ""),
-    h("span", { class: "preview" }, hit ? `${hit.mine ? "You: " : ""}${hit.text}` : preview(c)),
-    n ? h("span", { class: "badge", "aria-label": `${n} unread` }, String(n)) : h("span"));
+      class: `chat${state.open === c.key ? " open" : ""}`, "data-chat": c.key,
+    }, h("button", { type: "button", class: "row", "aria-current": state.open === c.key ? "true" : null, onclick: () => openChat(c.key) },
+      h("span", { class: "name" }, c.locked ? icon("lock", "end-to-end encrypted") : null, c.title),
+      h("span", { class: "time" }, c.lastAt ? clock(c.lastAt) : ""),
+      h("span", { class: "preview" }, hit ? `${hit.mine ? "You: " : ""}${hit.text}` : preview(c)),
+      n ? h("span", { class: "badge" }, String(n)) : h("span"),
+      n ? h("span", { class: "sr-only" }, n === 1 ? " 1 unread message" : ` ${n} unread messages`) : null));
   }));
 }
 

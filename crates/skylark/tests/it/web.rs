@@ -21,9 +21,9 @@ pub(crate) fn chromium() -> PathBuf {
     );
 }
 
-/// `playwright-core`, installed from the committed package-lock.json.
+/// `playwright-core` and `axe-core`, installed from the committed package-lock.json.
 pub(crate) fn playwright(dir: &Path) {
-    if dir.join("node_modules/playwright-core").exists() {
+    if dir.join("node_modules/playwright-core").exists() && dir.join("node_modules/axe-core").exists() {
         return;
     }
     let status = Command::new("npm")

@@ -19,7 +19,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
-import { sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
+import { accessible, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -154,6 +154,7 @@ try {
 
   await alice.goto(base);
   await shot(alice, "01-welcome");
+  await accessible(alice, "the welcome screen");
   await signUp(alice, ALICE);
   await signUp(bob, BOB);
 
@@ -203,6 +204,7 @@ try {
     assert.deepEqual(shown, expected, "conversation order");
   }
   await shot(alice, "04-conversation");
+  await accessible(alice, "a conversation");
 
   // A third browser links to Alice's account without SMS and sees the chat.
   const smsBefore = codes.size;
@@ -221,6 +223,7 @@ try {
   await alice.waitForSelector("dialog li.device >> text=Chrome on Linux");
   await until("two devices listed", async () => (await alice.locator("dialog li.device").count()) === 2);
   await shot(alice, "06-devices");
+  await accessible(alice, "the devices dialog");
   await alice.keyboard.press("Escape");
   await laptop.waitForSelector("#app:not([hidden])");
   assert.equal(codes.size, smsBefore, "linking sent no SMS");
@@ -248,6 +251,7 @@ try {
   await alice.click(`dialog li[data-member="${BOB}"] >> text=Make admin`);
   await alice.waitForSelector(`dialog li[data-member="${BOB}"] .admin-tag`);
   await shot(alice, "07-group-info");
+  await accessible(alice, "the group dialog");
   await alice.keyboard.press("Escape");
   await bob.waitForSelector("#messages li.system >> text=an admin");
   await laptop.waitForSelector("li.chat >> text=Weekend");
@@ -360,6 +364,7 @@ try {
   assert.equal(await phone.isVisible("#sidebar"), false, "narrow: the conversation alone");
   await phone.waitForSelector("#messages >> text=while you were away");
   await shot(phone, "11-narrow-chat");
+  await accessible(phone, "a conversation on a phone-sized screen");
   await phone.click("#back");
   assert.equal(await phone.isVisible("#sidebar"), true);
   assert.deepEqual(missing, [], "no request of the pages ends in 404");

@@ -3,6 +3,22 @@
 // sending, and reading a message's tick.
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+
+const AXE = readFileSync(new URL("./node_modules/axe-core/axe.min.js", import.meta.url), "utf8");
+
+/// Runs axe-core on what `page` shows; fails on any finding of serious or
+/// critical impact, naming the rule and the elements.
+export async function accessible(page, what) {
+  if (!(await page.evaluate(() => typeof window.axe === "object"))) await page.evaluate(AXE);
+  const found = await page.evaluate(async () => {
+    const result = await window.axe.run(document, { resultTypes: ["violations"] });
+    return result.violations
+      .filter((v) => v.impact === "serious" || v.impact === "critical")
+      .map((v) => `${v.id} (${v.impact}): ${v.help} — ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+  });
+  assert.deepEqual(found, [], `accessibility of ${what}`);
+}
 
 export const WAIT = 15000;
 
