@@ -137,6 +137,8 @@ const ICONS = {
   read: ["M2 13l4 4L16 7", "M9 15l2 2L21 7"],
   failed: ["M12 4v10", "M12 18v2"],
   lock: ["M6 11h12v9H6z", "M8 11V8a4 4 0 0 1 8 0v3"],
+  person: ["M12 4a4 4 0 1 0 0 8a4 4 0 1 0 0-8", "M4 21a8 8 0 0 1 16 0"],
+  info: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18", "M12 11v6", "M12 7.5v.5"],
 };
 function icon(name, label) {
   const svg = document.createElementNS(SVG, "svg");
@@ -170,6 +172,44 @@ function browserName() {
 function clock(ms) {
   const d = new Date(Number(ms));
   return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+/// Midnight of the day of `ms`, local time.
+const dayOf = (ms) => new Date(Number(ms)).setHours(0, 0, 0, 0);
+
+/// "Today", "Yesterday", a weekday within the week, else the date.
+function dayName(ms) {
+  const days = Math.round((dayOf(Date.now()) - dayOf(ms)) / 86400000);
+  if (days === 0) return "Today";
+  if (days === 1) return "Yesterday";
+  const d = new Date(Number(ms));
+  if (days > 1 && days < 7) return d.toLocaleDateString([], { weekday: "long" });
+  return d.toLocaleDateString([], { day: "numeric", month: "long", year: "numeric" });
+}
+
+/// "today at 13:36", "yesterday at 09:12", "on 30 November at 18:02".
+function whenSeen(ms) {
+  const day = dayName(ms);
+  const at = clock(ms);
+  if (day === "Today" || day === "Yesterday") return `${day.toLowerCase()} at ${at}`;
+  return `on ${day} at ${at}`;
+}
+
+/// A chat list time: the time today, "Yesterday", then the date.
+function listTime(ms) {
+  const day = dayName(ms);
+  if (day === "Today") return clock(ms);
+  return day === "Yesterday" ? day : new Date(Number(ms)).toLocaleDateString([], { day: "numeric", month: "short" });
+}
+
+/// A round picture: a group's initials, or a person's outline, on a colour
+/// of its own.
+function avatar(c) {
+  let hash = 0;
+  for (const ch of c.key) hash = (hash * 31 + ch.charCodeAt(0)) >>> 0;
+  const words = c.kind === "group" && !c.locked ? c.title.split(/\s+/).filter(Boolean) : [];
+  const initials = words.slice(0, 2).map((w) => [...w][0].toUpperCase()).join("");
+  return h("span", { class: `avatar hue-${hash % 6}`, "aria-hidden": "true" }, initials || icon("person"));
 }
 
 // ---------------------------------------------------------------- errors
@@ -862,8 +902,9 @@ function renderList() {
     return h("li", {
       class: `chat${state.open === c.key ? " open" : ""}`, "data-chat": c.key,
     }, h("button", { type: "button", class: "row", "aria-current": state.open === c.key ? "true" : null, onclick: () => openChat(c.key) },
+      avatar(c),
       h("span", { class: "name" }, c.locked ? icon("lock", "end-to-end encrypted") : null, c.title),
-      h("span", { class: "time" }, c.lastAt ? clock(c.lastAt) : ""),
+      h("span", { class: "time" }, c.lastAt ? listTime(c.lastAt) : ""),
       h("span", { class: "preview" }, hit ? `${hit.mine ? "You: " : ""}${hit.text}` : preview(c)),
       n ? h("span", { class: "badge" }, String(n)) : h("span"),
       n ? h("span", { class: "sr-only" }, n === 1 ? " 1 unread message" : ` ${n} unread messages`) : null));
@@ -890,7 +931,7 @@ function renderHeader() {
     if (!state.connected) status = "";
     else if (typing && typing > Date.now()) status = "typing…";
     else if (p && p.visible && p.online) status = "online";
-    else if (p && p.visible && Number(p.lastSeenMs)) status = `last seen ${clock(p.lastSeenMs)}`;
+    else if (p && p.visible && Number(p.lastSeenMs)) status = `last seen ${whenSeen(p.lastSeenMs)}`;
   }
   $("chat-status").textContent = status;
 }
@@ -912,17 +953,52 @@ function renderMessages(grown = false) {
   if (items.length < all.length) top = h("li", { class: "older" }, "Scroll up for older messages");
   else if (state.log.lo !== 0) top = h("li", { class: "older" }, "Loading older messages…");
   else if (all.length) top = h("li", { class: "older" }, "No older messages");
-  box.replaceChildren(top || "", ...items.map((m) => {
-    if (m.system) return h("li", { class: "system" }, m.text);
-    const [status, mark] = m.mine ? tickOf(c, m) : [null, null];
-    return h("li", { class: `msg${m.mine ? " mine" : ""}${m.failed ? " failed" : ""}`, "data-client-id": m.clientId },
-      !m.mine && c.kind === "group" ? h("span", { class: "from" }, m.from) : null,
-      h("span", { class: "text" }, m.text === LOCKED ? icon("lock") : null, m.text),
-      h("span", { class: "meta" }, clock(m.at), m.mine ? " " : "",
-        m.mine ? h("span", { class: "tick", "data-status": status, title: mark }, icon(status === "pending" ? "clock" : status, mark)) : null));
-  }));
+  // A line with the day above the first message of each day.
+  const drawn = [];
+  let day = null;
+  for (const m of items) {
+    if (dayOf(m.at) !== day) {
+      day = dayOf(m.at);
+      drawn.push(h("li", { class: "day" }, dayName(m.at)));
+    }
+    drawn.push(drawMessage(c, m));
+  }
+  box.replaceChildren(top || "", ...drawn);
   if (stick) box.scrollTop = box.scrollHeight;
   else box.scrollTop = grown ? box.scrollHeight - fromBottom : fromTop;
+}
+
+function drawMessage(c, m) {
+  if (m.system) return h("li", { class: "system" }, m.text);
+  const [status, mark] = m.mine ? tickOf(c, m) : [null, null];
+  // Who has one of my group posts: asked of the server when wanted.
+  const info = m.mine && c.kind === "group" && !m.local
+    ? h("button", { type: "button", class: "info", "aria-label": "Message info", title: "Message info", onclick: () => guarded(() => showInfo(c, m)) }, icon("info"))
+    : null;
+  return h("li", { class: `msg${m.mine ? " mine" : ""}${m.failed ? " failed" : ""}`, "data-client-id": m.clientId },
+    !m.mine && c.kind === "group" ? h("span", { class: "from" }, m.from) : null,
+    h("span", { class: "text" }, m.text === LOCKED ? icon("lock") : null, m.text),
+    h("span", { class: "meta" }, clock(m.at), m.mine ? " " : "",
+      m.mine ? h("span", { class: "tick", "data-status": status, title: mark }, icon(status === "pending" ? "clock" : status, mark)) : null,
+      info));
+}
+
+async function showInfo(c, m) {
+  const r = await state.session.request({ getMessageInfo: { group: c.group, seq: String(m.seq) } });
+  const info = r.messageInfo;
+  const members = info.recipients || [];
+  const read = members.filter((x) => x.read);
+  const delivered = members.filter((x) => x.delivered && !x.read);
+  const waiting = members.filter((x) => !x.delivered);
+  const section = (title, list) => (list.length
+    ? [h("h3", {}, title), h("ul", {}, list.map((x) => h("li", { class: "member", "data-member": x.phone }, x.phone)))]
+    : []);
+  panel(`info:${m.id}`, h("h2", {}, "Message info"),
+    h("p", { class: "bubble" }, m.text),
+    h("p", { class: "muted" }, `Sent ${whenSeen(info.sentAtMs || m.at)}`),
+    section(`Read by ${read.length} of ${members.length}`, read),
+    section(`Delivered to ${delivered.length}`, delivered),
+    section(`Not yet delivered to ${waiting.length}`, waiting));
 }
 
 // Scrolling to the top draws older messages, and reads the next page of
@@ -978,7 +1054,7 @@ function panel(name, ...children) {
   if (name !== panelShows || !$("panel").open) $("panel-note").hidden = true;
   panelShows = name;
   $("banner").hidden = true;
-  $("panel-body").replaceChildren(...children);
+  $("panel-body").replaceChildren(...children.flat());
   if (!$("panel").open) $("panel").showModal();
 }
 $("panel").addEventListener("close", () => (panelShows = null));
@@ -1088,7 +1164,7 @@ async function showDevices() {
     h("h2", {}, "Linked devices"),
     h("ul", {}, (r.deviceList.devices || []).map((d) => h("li", { class: "device", "data-device": d.id },
       h("span", { class: "who" }, d.name || `device ${d.id}`, d.current ? " (this browser)" : "",
-        h("br"), h("span", { class: "muted" }, d.online ? "online" : Number(d.lastSeenMs) ? `last seen ${clock(d.lastSeenMs)}` : "")),
+        h("br"), h("span", { class: "muted" }, d.online ? "online" : Number(d.lastSeenMs) ? `last seen ${whenSeen(d.lastSeenMs)}` : "")),
       d.current ? h("button", { type: "button", onclick: () => renameDevice(d) }, "Rename") : null,
       h("button", {
         type: "button",

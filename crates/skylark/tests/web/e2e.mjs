@@ -247,6 +247,12 @@ try {
   await sendText(bob, "me!");
   await alice.waitForSelector("#messages li.msg:not(.mine) >> text=me!");
   await tickIs(alice, "who is in?", "read");
+  // Message info: who has it (each member's read and delivered marks).
+  await alice.click("#messages li.msg.mine:has-text('who is in?') button.info");
+  await alice.waitForSelector(`dialog >> text=Read by 1 of 1`);
+  await alice.waitForSelector(`dialog li[data-member="${BOB}"]`);
+  await alice.keyboard.press("Escape");
+  assert.equal(await alice.locator("#messages li.day").first().textContent(), "Today", "a day line above today's messages");
   await alice.click("#group-info");
   await alice.click(`dialog li[data-member="${BOB}"] >> text=Make admin`);
   await alice.waitForSelector(`dialog li[data-member="${BOB}"] .admin-tag`);
