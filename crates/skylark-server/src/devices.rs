@@ -72,7 +72,7 @@ pub struct LinkView {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DeviceError {
-    #[error("too many requests ({}); try again in {}", .0.limit, skylark_core::words::wait(u64::try_from(.0.retry_after.as_millis()).unwrap_or(u64::MAX)))]
+    #[error("{}; try again in {}", .0.what(), skylark_core::words::wait(u64::try_from(.0.retry_after.as_millis()).unwrap_or(u64::MAX)))]
     RateLimited(Limited),
     #[error("invalid public key")]
     InvalidKey,

@@ -13,6 +13,26 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
+impl Limited {
+    /// What was too much, in words, for people reading the error.
+    pub fn what(&self) -> &'static str {
+        match self.limit {
+            "sms_per_number" => "too many codes were sent to this number",
+            "sms_per_ip" | "sms_per_prefix" => "too many codes were asked for from here",
+            "checks_per_number" | "checks_per_ip" => "too many codes were tried",
+            "messages_per_device" => "too many messages were sent from this device",
+            "group_changes_per_device" => "too many group changes were made from this device",
+            "links_per_ip" => "too many link codes were asked for from here",
+            "link_approvals_per_account" => "too many devices were linked to this account",
+            "key_claims_per_device" => "too many encryption keys were fetched from this device",
+            "key_uploads_per_device" => "too many encryption keys were uploaded from this device",
+            "typing_per_device" => "too many typing updates were sent from this device",
+            "push_registrations" => "this device changed its push registration too often",
+            _ => "too many requests",
+        }
+    }
+}
+
 pub struct KeyedLimiter {
     name: &'static str,
     inner: governor::RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>,

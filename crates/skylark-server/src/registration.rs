@@ -25,7 +25,7 @@ use std::sync::Arc;
 pub enum RegistrationError {
     #[error("invalid phone number: {0}")]
     InvalidPhone(#[from] PhoneError),
-    #[error("too many requests ({}); try again in {}", .0.limit, skylark_core::words::wait(u64::try_from(.0.retry_after.as_millis()).unwrap_or(u64::MAX)))]
+    #[error("{}; try again in {}", .0.what(), skylark_core::words::wait(u64::try_from(.0.retry_after.as_millis()).unwrap_or(u64::MAX)))]
     RateLimited(Limited),
     #[error("no such verification session")]
     UnknownSession,

@@ -406,31 +406,70 @@ async fn next_event(
 }
 
 /// Where chat output goes. On a raw terminal the line being typed stays at
-/// the bottom and every other line is printed above it.
+/// the bottom and every other line is printed above it; a line still in
+/// view can be rewritten in place (a message's ticks).
 struct Screen {
     raw: bool,
     typed: String,
+    out: Box<dyn std::io::Write>,
+    /// Rows printed above the prompt so far.
+    rows: u64,
+    /// The terminal's (columns, rows); asked of the terminal when None.
+    size: Option<(u16, u16)>,
 }
 
+/// Where a line was printed: the row it starts on, if it took one row.
+type Row = Option<u64>;
+
 impl Screen {
-    fn say(&self, line: &str) {
-        use std::io::Write;
-        let mut out = std::io::stdout();
+    fn new(raw: bool) -> Screen {
+        Screen { raw, typed: String::new(), out: Box::new(std::io::stdout()), rows: 0, size: None }
+    }
+
+    fn size(&self) -> (u16, u16) {
+        self.size.or_else(|| crossterm::terminal::size().ok()).unwrap_or((80, 24))
+    }
+
+    /// Columns `line` takes, counting wide characters (emoji, CJK) as two.
+    fn width(line: &str) -> usize {
+        line.chars().map(|c| if u32::from(c) >= 0x1100 && c != '✓' { 2 } else { 1 }).sum()
+    }
+
+    fn say(&mut self, line: &str) -> Row {
+        let (columns, _) = self.size();
+        let width = Self::width(line);
+        let at = self.rows;
         if self.raw {
-            let _ = write!(out, "\r\x1b[2K{line}\r\n> {}", self.typed);
+            let _ = write!(self.out, "\r\x1b[2K{line}\r\n> {}", self.typed);
         } else {
-            let _ = writeln!(out, "{line}");
+            let _ = writeln!(self.out, "{line}");
         }
-        let _ = out.flush();
+        let _ = self.out.flush();
+        let rows = (width.max(1)).div_ceil(usize::from(columns.max(1))) as u64;
+        self.rows += rows;
+        (self.raw && rows == 1).then_some(at)
+    }
+
+    /// Rewrites the line printed at `row` when it is still on the screen
+    /// and `line` fits on one row; otherwise prints `line` anew.
+    fn replace(&mut self, row: Row, line: &str) -> Row {
+        let (columns, height) = self.size();
+        let up = row.map(|at| self.rows - at);
+        match up {
+            Some(up) if up < u64::from(height.saturating_sub(1)) && Self::width(line) < usize::from(columns) => {
+                let _ = write!(self.out, "\r\x1b[2K\x1b[{up}A\r\x1b[2K{line}\x1b[{up}B\r> {}", self.typed);
+                let _ = self.out.flush();
+                row
+            }
+            _ => self.say(line),
+        }
     }
 
     /// Shows the line being typed again (after an edit).
-    fn redraw(&self) {
-        use std::io::Write;
+    fn redraw(&mut self) {
         if self.raw {
-            let mut out = std::io::stdout();
-            let _ = write!(out, "\r\x1b[2K> {}", self.typed);
-            let _ = out.flush();
+            let _ = write!(self.out, "\r\x1b[2K> {}", self.typed);
+            let _ = self.out.flush();
         }
     }
 }
@@ -530,7 +569,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
     let mut take_back = TakeBack::default();
     let tty = std::io::stdin().is_terminal();
     let _raw = if tty { Some(RawMode::enter()?) } else { None };
-    let mut screen = Screen { raw: tty, typed: String::new() };
+    let mut screen = Screen::new(tty);
     let mut keyboard = if tty {
         Keyboard::Keys(crossterm::event::EventStream::new())
     } else {
@@ -587,7 +626,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
         }
     }
     // My messages in this chat by sequence, for showing ticks as they change.
-    let mut mine: BTreeMap<u64, (String, &'static str)> = BTreeMap::new();
+    let mut mine: BTreeMap<u64, (String, &'static str, Row)> = BTreeMap::new();
     // When "composing" was last sent, while the person is typing.
     let mut composing: Option<tokio::time::Instant> = None;
     let mut last_key = tokio::time::Instant::now();
@@ -620,8 +659,8 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     };
                     let ack = send_reliably(&client, &to, &id, payload).await?;
                     let seq = ack.id.unwrap_or_default().seq;
-                    screen.say(&format!("  ✓ you: {line}"));
-                    mine.insert(seq, (line, "✓"));
+                    let row = screen.say(&format!("  ✓ you: {line}"));
+                    mine.insert(seq, (line, "✓", row));
                 }
             },
             _ = tick.tick() => {
@@ -693,10 +732,10 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     }
                     Some(Body::Receipt(r)) if group != 0 && r.peer == group => {
                         let mark = if r.kind == ReceiptKind::Read as i32 { "✓✓ (read by all)" } else { "✓✓" };
-                        for (_, (text, state)) in mine.range_mut(..=r.up_to_seq) {
+                        for (_, (text, state, row)) in mine.range_mut(..=r.up_to_seq) {
                             if *state != mark && *state != "✓✓ (read by all)" {
                                 *state = mark;
-                                screen.say(&format!("  {mark} you: {text}"));
+                                *row = screen.replace(*row, &format!("  {mark} you: {text}"));
                             }
                         }
                     }
@@ -718,10 +757,10 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     Some(Body::ReadSync(_)) => {}
                     Some(Body::Receipt(r)) if !peer_phone.is_empty() && r.peer_phone == peer_phone => {
                         let mark = if r.kind == ReceiptKind::Read as i32 { "✓✓ (read)" } else { "✓✓" };
-                        for (_, (text, state)) in mine.range_mut(..=r.up_to_seq) {
+                        for (_, (text, state, row)) in mine.range_mut(..=r.up_to_seq) {
                             if *state != mark && *state != "✓✓ (read)" {
                                 *state = mark;
-                                screen.say(&format!("  {mark} you: {text}"));
+                                *row = screen.replace(*row, &format!("  {mark} you: {text}"));
                             }
                         }
                     }
@@ -741,4 +780,71 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
     }
     client.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A terminal that keeps what was written to it.
+    #[derive(Clone, Default)]
+    struct Tape(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Tape {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn screen(raw: bool, size: (u16, u16)) -> (Screen, Tape) {
+        let tape = Tape::default();
+        let screen = Screen { raw, typed: "draft".into(), out: Box::new(tape.clone()), rows: 0, size: Some(size) };
+        (screen, tape)
+    }
+
+    fn written(tape: &Tape) -> String {
+        String::from_utf8(std::mem::take(&mut *tape.0.lock().unwrap())).unwrap()
+    }
+
+    #[test]
+    fn a_tick_change_rewrites_the_line_in_place_while_it_is_in_view() {
+        let (mut s, tape) = screen(true, (40, 10));
+        let row = s.say("  ✓ you: hello");
+        s.say("[12:00] +1555: hi");
+        s.say("[12:01] +1555: there");
+        written(&tape);
+        assert_eq!(s.replace(row, "  ✓✓ you: hello"), row);
+        // Three rows up, the line rewritten, back down, the draft again; no new row.
+        assert_eq!(written(&tape), "\r\x1b[2K\x1b[3A\r\x1b[2K  ✓✓ you: hello\x1b[3B\r> draft");
+        assert_eq!(s.rows, 3);
+    }
+
+    #[test]
+    fn a_line_out_of_view_or_too_wide_or_not_on_a_terminal_is_printed_anew() {
+        let (mut s, tape) = screen(true, (40, 4));
+        let row = s.say("  ✓ you: hello");
+        for _ in 0..3 {
+            s.say("[12:00] +1555: hi");
+        }
+        written(&tape);
+        let again = s.replace(row, "  ✓✓ you: hello");
+        assert!(written(&tape).ends_with("  ✓✓ you: hello\r\n> draft"), "scrolled away: a new line");
+        assert_eq!(again, Some(4));
+
+        let long = "x".repeat(50);
+        let (mut s, _) = screen(true, (40, 10));
+        assert_eq!(s.say(&long), None, "a wrapped line is not rewritten");
+        assert_eq!(s.rows, 2);
+
+        let (mut s, tape) = screen(false, (40, 10));
+        let row = s.say("  ✓ you: hello");
+        assert_eq!(row, None);
+        s.replace(row, "  ✓✓ you: hello");
+        assert_eq!(written(&tape), "  ✓ you: hello\n  ✓✓ you: hello\n");
+    }
 }

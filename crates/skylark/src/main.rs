@@ -225,8 +225,19 @@ enum DevicesCommand {
     },
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+/// Errors are printed in words, with their causes on one line: never a
+/// backtrace (even with RUST_BACKTRACE set) or a debug dump.
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match args.command {
         Command::Serve(serve_args) => runtime.block_on(serve::run(serve_args)),
