@@ -12,7 +12,7 @@
 //! | GET | /v1/push/vapid | the server's VAPID public key for Web Push subscriptions |
 //! | GET | /v1/nodes | a cluster's serving nodes and their advertised addresses |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
-//! | GET | /, /app.js, /proto.js, /store.js, /style.css, /favicon.svg (and .ico) | the web client |
+//! | GET | /, /app.js, /proto.js, /store.js, /sw.js, /style.css, /favicon.svg (and .ico) | the web client |
 //! | GET | /healthz, /readyz, /metrics | operations |
 //!
 //! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting

@@ -12,6 +12,7 @@ const INDEX: &str = include_str!("../web/index.html");
 const APP: &str = include_str!("../web/app.js");
 const PROTO: &str = include_str!("../web/proto.js");
 const STORE: &str = include_str!("../web/store.js");
+const WORKER: &str = include_str!("../web/sw.js");
 const STYLE: &str = include_str!("../web/style.css");
 const ICON: &str = include_str!("../web/icon.svg");
 
@@ -37,6 +38,8 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/app.js", get(|| async { asset(APP, "text/javascript; charset=utf-8") }))
         .route("/proto.js", get(|| async { asset(PROTO, "text/javascript; charset=utf-8") }))
         .route("/store.js", get(|| async { asset(STORE, "text/javascript; charset=utf-8") }))
+        // The service worker, at the root so that it controls the whole page.
+        .route("/sw.js", get(|| async { asset(WORKER, "text/javascript; charset=utf-8") }))
         .route("/style.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
         // Browsers ask for /favicon.ico whatever the page says.
         .route("/favicon.svg", get(|| async { asset(ICON, "image/svg+xml") }))

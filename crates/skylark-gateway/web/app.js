@@ -11,7 +11,7 @@
 // after the tab was closed.
 
 import {
-  api, ApiError, Refused, Session, forgetIdentity, generateKey, loadIdentity, saveIdentity,
+  api, ApiError, Refused, Session, forgetIdentity, fromBase64, generateKey, loadIdentity, saveIdentity, toBase64,
 } from "./proto.js";
 import { LocalStore } from "./store.js";
 
@@ -49,6 +49,8 @@ const state = {
   // null before the first page was read.
   log: { hi: null, lo: null },
   wake: null, // ends the pause between two background history pages
+  muted: new Set(), // chat keys whose messages raise no notification (kept in the local store)
+  pushOn: false, // this session registered the browser's push subscription
   ackTimer: null,
   arrived: [], // live events to keep and acknowledge
   backoff: 0,
@@ -343,6 +345,7 @@ async function openLocal() {
     const kept = await state.local.load();
     state.log = { hi: kept.meta.hi ?? null, lo: kept.meta.lo ?? null };
     for (const g of kept.meta.groups || []) rememberGroup(g);
+    state.muted = new Set(kept.meta.muted || []);
     applyReceipts(kept.meta.receipts || []);
     for (const event of kept.events) apply(event, false);
     for (const item of kept.outbox) enqueue(item);
@@ -493,6 +496,7 @@ async function afterConnect(session) {
   }
   renderAll();
   flushOutbox();
+  if (window.Notification && Notification.permission === "granted") startPush(session).catch(() => {});
   backfill(session).catch((err) => {
     if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
   });
@@ -667,7 +671,10 @@ function applyMessage(m, order, live) {
     id: `m:${m.id.seq}:${mine ? "out" : "in"}`, seq: Number(m.id.seq), order, mine, from: m.fromPhone,
     text: payloadText(m.payload), at: Number(m.sentAtMs), clientId: m.clientId,
   });
-  if (live && !mine) maybeMarkRead(c);
+  if (live && !mine) {
+    maybeMarkRead(c);
+    notifyPage(c, m.fromPhone, payloadText(m.payload));
+  }
 }
 
 function systemLine(g) {
@@ -700,7 +707,10 @@ function applyGroup(g, order, live) {
       id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, mine, from: g.byPhone,
       text: payloadText(g.message.payload), at, clientId: g.message.clientId,
     });
-    if (live && !mine) maybeMarkRead(c);
+    if (live && !mine) {
+      maybeMarkRead(c);
+      notifyPage(c, `${g.byPhone} in ${c.title}`, payloadText(g.message.payload));
+    }
     return;
   }
   if (g.created) {
@@ -815,6 +825,86 @@ function tickOf(c, m) {
   return ["sent", "sent"];
 }
 
+// ---------------------------------------------------------------- notifications
+//
+// While this page is open but not in view, a message raises a notification
+// with its sender and text (unless the chat is muted). When no page is
+// connected, the server pushes a content-free wake-up to the browser's push
+// subscription and the service worker (sw.js) says "You have new messages".
+
+async function worker() {
+  if (!("serviceWorker" in navigator)) return null;
+  try {
+    await navigator.serviceWorker.register("/sw.js");
+    return await navigator.serviceWorker.ready;
+  } catch {
+    return null;
+  }
+}
+
+function renderOffer() {
+  const offer = window.Notification && Notification.permission === "default";
+  $("notify-offer").hidden = !offer;
+}
+
+$("notify-on").addEventListener("click", async () => {
+  const answer = await Notification.requestPermission();
+  renderOffer();
+  if (answer !== "granted") return say("Notifications are blocked for this site; allow them in the browser's site settings.");
+  try {
+    if (state.session) await startPush(state.session);
+    say("Notifications are on.", "info");
+  } catch (err) {
+    say(`Notifications show while this page is open; with it closed, this browser cannot be woken (${explain(err)}).`, "info");
+  }
+});
+
+/// Subscribes this browser to Web Push with the server's key and tells the
+/// server where to wake it.
+async function startPush(session) {
+  if (state.pushOn) return;
+  const registration = await worker();
+  if (!registration || !registration.pushManager) throw new Error("this browser has no push service");
+  const { public_key: key } = await api.vapid();
+  const applicationServerKey = fromBase64(key.replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(key.length / 4) * 4, "="));
+  let subscription = await registration.pushManager.getSubscription();
+  if (!subscription) subscription = await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey });
+  await session.request({
+    registerPush: {
+      webPush: {
+        endpoint: subscription.endpoint,
+        p256dh: toBase64(subscription.getKey("p256dh")),
+        auth: toBase64(subscription.getKey("auth")),
+      },
+    },
+  });
+  state.pushOn = true;
+}
+
+/// A notification for a message that arrived while the page is out of view.
+async function notifyPage(c, title, body) {
+  if (document.visibilityState === "visible" || state.muted.has(c.key)) return;
+  if (!window.Notification || Notification.permission !== "granted") return;
+  const registration = await worker();
+  const options = { body, tag: c.key, renotify: true, icon: "/favicon.svg", data: { chat: c.key } };
+  if (registration) await registration.showNotification(title, options);
+  else new Notification(title, options);
+}
+
+if ("serviceWorker" in navigator) {
+  navigator.serviceWorker.addEventListener("message", (e) => {
+    if (e.data && e.data.open && state.chats.has(e.data.open)) openChat(e.data.open);
+  });
+}
+
+$("mute").addEventListener("click", () => {
+  const key = state.open;
+  if (!key) return;
+  if (state.muted.has(key)) state.muted.delete(key);
+  else state.muted.add(key);
+  keep([], { muted: [...state.muted] });
+});
+
 // ---------------------------------------------------------------- typing
 
 let composingSent = 0;
@@ -906,7 +996,7 @@ function renderList() {
       h("span", { class: "name" }, c.locked ? icon("lock", "end-to-end encrypted") : null, c.title),
       h("span", { class: "time" }, c.lastAt ? listTime(c.lastAt) : ""),
       h("span", { class: "preview" }, hit ? `${hit.mine ? "You: " : ""}${hit.text}` : preview(c)),
-      n ? h("span", { class: "badge" }, String(n)) : h("span"),
+      n ? h("span", { class: `badge${state.muted.has(c.key) ? " muted" : ""}` }, String(n)) : h("span"),
       n ? h("span", { class: "sr-only" }, n === 1 ? " 1 unread message" : ` ${n} unread messages`) : null));
   }));
 }
@@ -914,6 +1004,12 @@ function renderList() {
 function renderHeader() {
   const c = state.chats.get(state.open);
   $("group-info").hidden = !c || c.kind !== "group" || !state.groups.has(c.group);
+  $("mute").hidden = !c;
+  if (c) {
+    const muted = state.muted.has(c.key);
+    $("mute").textContent = muted ? "Unmute" : "Mute";
+    $("mute").setAttribute("aria-pressed", String(muted));
+  }
   if (!c) {
     $("chat-title").textContent = "";
     $("chat-status").textContent = "";
@@ -1238,6 +1334,8 @@ document.addEventListener("keydown", (e) => {
   if (!window.crypto || !crypto.subtle || !window.indexedDB) {
     return say("This browser lacks WebCrypto or IndexedDB, which Skylark needs.");
   }
+  worker(); // the page's files kept for opening offline
+  renderOffer();
   const identity = await loadIdentity().catch(() => undefined);
   if (identity) await enter(identity);
   else showWelcome();

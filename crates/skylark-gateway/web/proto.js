@@ -125,6 +125,7 @@ export const api = {
     call("POST", "/v1/links", { public_key: toBase64(publicKey), device_name: deviceName }),
   waitLink: (id, waitMs) => call("GET", `/v1/links/${encodeURIComponent(id)}?wait_ms=${waitMs}`),
   nodes: () => call("GET", "/v1/nodes"),
+  vapid: () => call("GET", "/v1/push/vapid"),
 };
 
 // ---------------------------------------------------------------- sessions

@@ -148,7 +148,8 @@ const MANY = 550;
 server = await startServer();
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
 try {
-  let alice = watched(await (await browser.newContext()).newPage());
+  // Alice allows notifications; Bob has not been asked yet.
+  let alice = watched(await (await browser.newContext({ permissions: ["notifications"] })).newPage());
   const bob = watched(await (await browser.newContext()).newPage());
   for (const p of [alice, bob]) p.on("pageerror", (e) => console.error("page error:", e.message));
 
@@ -205,6 +206,31 @@ try {
   }
   await shot(alice, "04-conversation");
   await accessible(alice, "a conversation");
+
+  // Notifications: Bob's page offers them; Alice allowed them. With her
+  // page out of view, a message from Bob raises one with his words; once
+  // she mutes his chat, the next raises none.
+  assert.equal(await bob.isVisible("#notify-offer"), true, "notifications offered");
+  assert.equal(await alice.isVisible("#notify-offer"), false, "nothing to offer once allowed");
+  const notifications = (page) => page.evaluate(async () =>
+    (await (await navigator.serviceWorker.ready).getNotifications()).map((n) => `${n.title}: ${n.body}`));
+  const visibility = (page, hidden) => page.evaluate((hidden) => {
+    if (hidden) Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
+    else delete document.visibilityState;
+    document.dispatchEvent(new Event("visibilitychange"));
+  }, hidden);
+  await visibility(alice, true);
+  await sendText(bob, "are you there?");
+  await until("a notification on Alice's page", async () => (await notifications(alice)).includes(`${BOB}: are you there?`));
+  await alice.click("#mute");
+  assert.equal(await alice.getAttribute("#mute", "aria-pressed"), "true");
+  await sendText(bob, "quiet one");
+  await alice.waitForSelector("#messages >> text=quiet one");
+  await new Promise((r) => setTimeout(r, 300));
+  assert.ok(!(await notifications(alice)).some((n) => n.includes("quiet one")), "a muted chat raises no notification");
+  await alice.click("#mute");
+  await visibility(alice, false);
+  await tickIs(bob, "quiet one", "read");
 
   // A third browser links to Alice's account without SMS and sees the chat.
   const smsBefore = codes.size;
@@ -339,11 +365,32 @@ try {
   await shot(alice, "09-offline");
   const aliceContext = alice.context();
   await alice.close();
-  server = await startServer();
+
+  // With no page open, a push (here handed to the browser through the
+  // DevTools protocol, since headless Chromium has no push service) shows
+  // a notification from the service worker, without content.
+  const devtools = await aliceContext.newCDPSession(await aliceContext.newPage());
+  const registration = new Promise((resolve) => devtools.on("ServiceWorker.workerRegistrationUpdated", ({ registrations }) => {
+    const mine = registrations.find((r) => r.scopeURL === `${base}/` && !r.isDeleted);
+    if (mine) resolve(mine.registrationId);
+  }));
+  await devtools.send("ServiceWorker.enable");
+  await devtools.send("ServiceWorker.deliverPushMessage",
+    { origin: base, registrationId: await registration, data: JSON.stringify({ type: "wake" }) });
+  await until("the service worker's notification", async () => {
+    const [sw] = aliceContext.serviceWorkers();
+    const shown = sw ? await sw.evaluate(async () => (await self.registration.getNotifications()).map((n) => `${n.title}: ${n.body}`)) : [];
+    return shown.includes("Skylark: You have new messages.");
+  });
+
+  // The page opens with the server still down (its files kept by the
+  // service worker), showing the chats and the message waiting to be sent.
   alice = watched(await aliceContext.newPage());
   await alice.goto(base);
   await alice.waitForSelector("#app:not([hidden])");
   await alice.click(`[data-chat="p:${BOB}"]`);
+  assert.equal(await tick(alice, "while you were away"), "pending");
+  server = await startServer();
   await tickIs(alice, "while you were away", "delivered");
   await bob.click(`[data-chat="p:${ALICE}"]`);
   await bob.waitForSelector("#messages >> text=while you were away");
