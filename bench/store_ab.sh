@@ -105,7 +105,7 @@ scenario() { # store name args...
     echo "store_ab.sh: $name on $store failed (see $out/$name-$store-$round.txt)" >&2
   }
   # Group commits and rows written, as the server counted them.
-  curl -sf http://127.0.0.1:7480/metrics | awk '
+  curl -sf http://127.0.0.1:7482/metrics | awk '
     /^skylark_store_commit_batch_writes_count/ { c = $2 }
     /^skylark_store_rows_written_total/ { r = $2 }
     END { printf "%s %s\n", c + 0, r + 0 }' >"$out/$name-$store-$round.commits"

@@ -21,6 +21,8 @@ use skylark_protocol::http::{LinkRequest, StartVerification, VerifyRequest};
 
 pub struct Api {
     base: String,
+    /// Sent as `Authorization: Bearer …` (the admin API's token).
+    bearer: Option<String>,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
@@ -50,7 +52,14 @@ impl Api {
             .enable_http1()
             .build();
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Api { base: base.trim_end_matches('/').to_owned(), client })
+        Ok(Api { base: base.trim_end_matches('/').to_owned(), bearer: None, client })
+    }
+
+    /// The same API, sending `token` as a bearer token with every request
+    /// (the server's admin listener wants one).
+    pub fn with_bearer(mut self, token: &str) -> Api {
+        self.bearer = Some(token.to_owned());
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -115,10 +124,14 @@ impl Api {
             }
             ClientError::Io(text)
         };
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(token) = &self.bearer {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
             .body(match body {
                 Some(bytes) => Full::new(Bytes::from(bytes)),
                 None => Full::new(Bytes::new()),
@@ -133,7 +146,13 @@ impl Api {
         Ok((status, retry_after, value))
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<Value>) -> Result<T, ClientError> {
+    /// A JSON request; an answer outside 2xx becomes [`ClientError::Api`].
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T, ClientError> {
         let (status, retry_after_secs, value) =
             self.raw(method, path, body.map(|b| b.to_string().into_bytes())).await?;
         if !(200..300).contains(&status) {

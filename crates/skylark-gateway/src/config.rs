@@ -19,6 +19,8 @@ pub struct GatewayConfig {
     pub listen: Listen,
     pub tls: TlsConfig,
     pub limits: TransportLimits,
+    /// The admin API's token and audit log (set by `skylark serve`).
+    pub admin: crate::admin::AdminConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,11 +30,18 @@ pub struct Listen {
     pub http: SocketAddr,
     /// Raw TCP with length-prefixed frames.
     pub tcp: SocketAddr,
+    /// The operator's listener: the admin API and Prometheus metrics. Keep
+    /// it private (loopback, or a management network).
+    pub admin: SocketAddr,
 }
 
 impl Default for Listen {
     fn default() -> Self {
-        Self { http: SocketAddr::from(([127, 0, 0, 1], 7480)), tcp: SocketAddr::from(([127, 0, 0, 1], 7481)) }
+        Self {
+            http: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            tcp: SocketAddr::from(([127, 0, 0, 1], 7481)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 7482)),
+        }
     }
 }
 
@@ -134,7 +143,15 @@ impl Settings {
             push: self.push.clone(),
             sms: self.sms.clone(),
         };
-        (server, GatewayConfig { listen: self.listen.clone(), tls: self.tls.clone(), limits: transport })
+        (
+            server,
+            GatewayConfig {
+                listen: self.listen.clone(),
+                tls: self.tls.clone(),
+                limits: transport,
+                admin: crate::admin::AdminConfig::default(),
+            },
+        )
     }
 }
 

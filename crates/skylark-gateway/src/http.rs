@@ -13,7 +13,7 @@
 //! | GET | /v1/nodes | a cluster's serving nodes and their advertised addresses |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
 //! | GET | /, /app.js, /proto.js, /store.js, /sw.js, /style.css, /favicon.svg (and .ico) | the web client |
-//! | GET | /healthz, /readyz, /metrics | operations |
+//! | GET | /healthz, /readyz | operations (metrics are on the admin listener, see `admin`) |
 //!
 //! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting
 //! status; rate limits add `Retry-After` (seconds) and `retry_after_ms`.
@@ -44,7 +44,6 @@ pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { crate::metrics_endpoint::render() }))
         .route("/v1/verification", post(start))
         .route("/v1/verification/{id}", get(status))
         .route("/v1/verification/{id}/resend", post(resend))
@@ -109,14 +108,18 @@ async fn readyz(State(shared): State<Shared>) -> Response {
 }
 
 /// A JSON API error.
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     body: http::ApiError,
     retry_after: Option<Duration>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn message(&self) -> &str {
+        &self.body.message
+    }
+
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         let body = http::ApiError {
             error: code.to_owned(),
             message: message.into(),

@@ -11,6 +11,7 @@
 //! listener and connection selects on the token, and [`Gateway::shutdown`]
 //! waits for the tracked connections to close.
 
+pub mod admin;
 pub mod config;
 mod convert;
 mod http;
@@ -56,6 +57,7 @@ pub(crate) struct Shared {
 pub struct Gateway {
     http_addr: SocketAddr,
     tcp_addr: SocketAddr,
+    admin_addr: SocketAddr,
     shared: Shared,
 }
 
@@ -98,6 +100,8 @@ impl Gateway {
         metrics_endpoint::install();
         let http_listener = listen(config.listen.http, "HTTP and WebSocket", "--http, or [listen] http")?;
         let tcp_listener = listen(config.listen.tcp, "raw TCP", "--tcp, or [listen] tcp")?;
+        let admin_listener = listen(config.listen.admin, "the admin API and metrics", "--admin, or [listen] admin")?;
+        let admin_addr = admin_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
         let tcp_addr = tcp_listener.local_addr()?;
         let shared = Shared {
@@ -113,11 +117,12 @@ impl Gateway {
         let http_listener = tls::HttpListener::start(http_listener, shared.clone(), tls.clone())?;
         shared.tracker.spawn(http::serve(http_listener, shared.clone()));
         shared.tracker.spawn(tcp::serve(tcp_listener, shared.clone(), tls.clone()));
+        shared.tracker.spawn(admin::serve(admin_listener, shared.clone()));
         shared.tracker.spawn(housekeeping(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         let secure = tls.is_some();
-        tracing::info!(%http_addr, %tcp_addr, tls = secure, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP)");
-        Ok(Gateway { http_addr, tcp_addr, shared })
+        tracing::info!(%http_addr, %tcp_addr, %admin_addr, tls = secure, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP; admin API and metrics)");
+        Ok(Gateway { http_addr, tcp_addr, admin_addr, shared })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -126,6 +131,11 @@ impl Gateway {
 
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_addr
+    }
+
+    /// The admin API's and metrics' address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The token that stops this gateway when cancelled.

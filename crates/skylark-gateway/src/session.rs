@@ -310,6 +310,7 @@ fn disconnected(reason: Disconnect) -> Ending {
     match reason {
         Disconnect::Replaced => Ending::new(CloseCode::Replaced, "device connected elsewhere"),
         Disconnect::DeviceRemoved => Ending::new(CloseCode::DeviceRemoved, "device removed"),
+        Disconnect::Operator => Ending::new(CloseCode::GoingAway, "disconnected by the server's operator"),
     }
 }
 

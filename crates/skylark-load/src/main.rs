@@ -366,7 +366,7 @@ async fn main() -> Result<()> {
                         }
                         None => Process::new(&server_bin),
                     };
-                    cmd.arg("serve").arg("--data-dir").arg(&data_dir).args(["--log", "warn"]);
+                    cmd.arg("serve").arg("--data-dir").arg(&data_dir).args(["--log", "warn", "--admin", "127.0.0.1:0"]);
                     cmd.args(["--http", http.trim_start_matches("http://")]);
                     if let Some(tcp) = &tcp {
                         cmd.args(["--tcp", tcp]);

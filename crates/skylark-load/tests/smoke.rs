@@ -21,6 +21,7 @@ async fn start(
     config.limits.max_connections_per_ip = per_address;
     config.listen.http = http.parse().unwrap();
     config.listen.tcp = tcp.parse().unwrap();
+    config.listen.admin = "127.0.0.1:0".parse().unwrap();
     let sms = Arc::new(skylark_server::sms::ConsoleSms);
     let (services, transport) = config.split();
     let server = skylark_server::Server::new(services, store, sms, Arc::new(skylark_core::SystemClock)).await.unwrap();

@@ -21,6 +21,8 @@ pub enum Disconnect {
     Replaced,
     /// The device was removed from its account.
     DeviceRemoved,
+    /// The server's operator ended the connection (the device may reconnect).
+    Operator,
 }
 
 struct Entry {

@@ -220,6 +220,26 @@ pub trait MetaStore: Send + Sync {
     /// if none was stored under `name` yet (it is then stored), otherwise the
     /// stored one.
     async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+
+    /// Writes a consistent copy of everything stored to a new file at
+    /// `dest` while the store keeps serving: what was committed when the
+    /// copy began, nothing after. Only the embedded store can; PostgreSQL is
+    /// backed up with its own tools (`pg_dump`, base backups).
+    async fn backup(&self, dest: &std::path::Path) -> Result<Backup, StoreError> {
+        let _ = dest;
+        Err(StoreError::Unusable(
+            "this store is PostgreSQL: back it up with PostgreSQL's own tools (pg_dump, or a base backup)".into(),
+        ))
+    }
+}
+
+/// What [`AccountStore::backup`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// Rows copied, over every table.
+    pub rows: u64,
+    /// Size of the file written, in bytes.
+    pub bytes: u64,
 }
 
 /// Everything one account's actor changes in one step, applied atomically.

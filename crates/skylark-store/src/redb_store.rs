@@ -22,7 +22,7 @@ use crate::{
     VerificationStore, Visibility,
 };
 use async_trait::async_trait;
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use skylark_core::group::GroupMeta;
@@ -133,6 +133,101 @@ fn open_file(path: &Path) -> Result<Database, String> {
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "the storage engine gave up reading it".into())),
     }
+}
+
+/// Copies every row of one table from a snapshot into a new database.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &redb::ReadTransaction,
+    to: &redb::WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<u64, StoreError> {
+    let source = from.open_table(table)?;
+    let mut dest = to.open_table(table)?;
+    let mut rows = 0;
+    for row in source.iter()? {
+        let (k, v) = row?;
+        dest.insert(k.value(), v.value())?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+/// Writes a copy of `db` as it is at one instant (a read transaction's
+/// snapshot; writers go on meanwhile) to `dest`: into a temporary file
+/// beside it, committed durably and synced, then renamed into place and the
+/// directory synced, so `dest` is either the whole copy or absent.
+fn backup_to(db: &Database, dest: &Path) -> Result<crate::Backup, StoreError> {
+    let unusable = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Unusable(format!("the backup to {} failed: {what} ({e})", dest.display()))
+    };
+    if dest.exists() {
+        return Err(StoreError::Unusable(format!(
+            "{} exists already; choose a new file name for the backup (nothing was written)",
+            dest.display()
+        )));
+    }
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = dest.file_name().ok_or_else(|| unusable("no file name", &dest.display()))?;
+    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    let snapshot = db.begin_read()?;
+    let copy = Database::create(&tmp).map_err(|e| unusable("cannot create the file", &e))?;
+    let result = (|| {
+        let txn = copy.begin_write()?;
+        let mut rows = 0;
+        macro_rules! copy {
+            ($($table:expr),* $(,)?) => {{ $( rows += copy_table(&snapshot, &txn, $table)?; )* }};
+        }
+        copy!(
+            META,
+            ACCOUNTS,
+            PHONES,
+            DEVICES,
+            ACCOUNT_DEVICES,
+            VERIFICATIONS,
+            LOG,
+            OUTBOX,
+            COUNTERS,
+            CLIENT_IDS,
+            INBOUND,
+            CURSORS,
+            RECEIPTS,
+            CONTACTS,
+            SETTINGS,
+            PUSH,
+            KEY_PACKAGES,
+            LAST_RESORT_KEYS,
+            GROUPS,
+            MEMBERSHIPS,
+        );
+        // A table this list forgets would be missing from every backup:
+        // refuse rather than write an incomplete one.
+        let names = |tables: Vec<String>| tables.into_iter().collect::<std::collections::BTreeSet<_>>();
+        let have = names(snapshot.list_tables()?.map(|t| t.name().to_owned()).collect());
+        let copied = names(txn.list_tables()?.map(|t| t.name().to_owned()).collect());
+        if let Some(missing) = have.difference(&copied).next() {
+            return Err(StoreError::Invariant(format!("the backup does not copy the table {missing}")));
+        }
+        txn.commit()?;
+        Ok(rows)
+    })();
+    drop(copy);
+    let rows = match result {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_all());
+    sync(&tmp).map_err(|e| unusable("cannot sync the file", &e))?;
+    std::fs::rename(&tmp, dest).map_err(|e| unusable("cannot move the file into place", &e))?;
+    sync(&dir).map_err(|e| unusable("cannot sync the directory", &e))?;
+    let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    Ok(crate::Backup { rows, bytes })
 }
 
 fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
@@ -877,6 +972,14 @@ impl MetaStore for RedbStore {
         .await
     }
 
+    async fn backup(&self, dest: &Path) -> Result<crate::Backup, StoreError> {
+        let db = self.db.clone();
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || backup_to(&db, &dest))
+            .await
+            .map_err(|e| StoreError::Invariant(format!("the backup task failed: {e}")))?
+    }
+
     async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         let key = format!("secret:{name}");
         self.write(move |txn| {
@@ -1052,6 +1155,47 @@ mod tests {
     async fn file_backend_conforms() {
         let dir = tempfile::tempdir().unwrap();
         conformance::run_all(&RedbStore::open(&dir.path().join("db.redb")).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn a_backup_holds_every_row_of_every_table_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("db.redb")).unwrap();
+        conformance::run_all(&store).await;
+        let dest = dir.path().join("backup.redb");
+        let made = store.backup(&dest).await.unwrap();
+        assert!(made.rows > 50 && made.bytes > 0, "{made:?}");
+        let again = store.backup(&dest).await.unwrap_err();
+        assert!(again.to_string().contains("exists already"), "{again}");
+        drop(store);
+        let (a, b) = (Database::open(dir.path().join("db.redb")).unwrap(), Database::open(&dest).unwrap());
+        let (a, b) = (a.begin_read().unwrap(), b.begin_read().unwrap());
+        let mut total = 0;
+        macro_rules! same {
+            ($($table:expr),*) => {$(
+                let (x, y) = (a.open_table($table).unwrap(), b.open_table($table).unwrap());
+                assert_eq!(x.len().unwrap(), y.len().unwrap(), "rows of {}", $table.name());
+                for (p, q) in x.iter().unwrap().zip(y.iter().unwrap()) {
+                    let ((k1, v1), (k2, v2)) = (p.unwrap(), q.unwrap());
+                    assert!(k1.value() == k2.value() && v1.value() == v2.value(), "a row of {}", $table.name());
+                }
+                total += x.len().unwrap();
+            )*};
+        }
+        same!(META, ACCOUNTS, PHONES, DEVICES, ACCOUNT_DEVICES, VERIFICATIONS, LOG, OUTBOX, COUNTERS, CLIENT_IDS);
+        same!(
+            INBOUND,
+            CURSORS,
+            RECEIPTS,
+            CONTACTS,
+            SETTINGS,
+            PUSH,
+            KEY_PACKAGES,
+            LAST_RESORT_KEYS,
+            GROUPS,
+            MEMBERSHIPS
+        );
+        assert_eq!(total, made.rows);
     }
 
     /// A store file with one account in it, closed.

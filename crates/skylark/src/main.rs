@@ -2,6 +2,7 @@
 //! `whoami`) in one binary. Thin by design: argument parsing, config
 //! loading and printing; the work happens in the library crates.
 
+mod admin;
 mod chat;
 mod cli;
 mod devices;
@@ -36,6 +37,33 @@ enum Command {
         /// The cluster's PostgreSQL store (as given to `serve --store`).
         #[arg(long = "store", env = "SKYLARK_STORE", value_name = "URL", global = true)]
         store: Vec<String>,
+    },
+    /// Operate a running server through its admin listener: stats,
+    /// accounts, disconnecting a device, backups.
+    Admin {
+        #[command(subcommand)]
+        action: admin::AdminCommand,
+        #[command(flatten)]
+        args: admin::AdminArgs,
+    },
+    /// A consistent copy of a running server's embedded store (same as
+    /// `admin backup`).
+    Backup {
+        /// The file to write (must not exist).
+        dest: PathBuf,
+        #[command(flatten)]
+        args: admin::AdminArgs,
+    },
+    /// Put a backup in place as a stopped server's store.
+    Restore {
+        /// The backup file (from `skylark backup`).
+        from: PathBuf,
+        /// The server's data directory.
+        #[arg(long, env = "SKYLARK_DATA_DIR", default_value = "./skylark-data")]
+        data_dir: PathBuf,
+        /// Replace an existing store (it is kept beside, renamed).
+        #[arg(long)]
+        force: bool,
     },
     /// Register a phone number: sends an SMS code, asks for it, enrols this device.
     Register {
@@ -249,6 +277,9 @@ fn run(args: Args) -> Result<()> {
         Command::Register { phone, server, name, ca, profile } => {
             runtime.block_on(cli::register(&phone, &server, &name, &profile.dir()?, ca.as_deref()))
         }
+        Command::Admin { action, args } => runtime.block_on(admin::run(&args, &action)),
+        Command::Backup { dest, args } => runtime.block_on(admin::run(&args, &admin::AdminCommand::Backup { dest })),
+        Command::Restore { from, data_dir, force } => admin::restore(&from, &data_dir, force),
         Command::Whoami { profile, transport } => runtime.block_on(cli::whoami(&profile.dir()?, &transport)),
         Command::Link { approve: Some(LinkCommand::Approve { code, profile, transport }), .. } => {
             runtime.block_on(devices::approve(&profile.dir()?, &transport, &code))

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Address for raw TCP [default: 127.0.0.1:7481].
     #[arg(long, env = "SKYLARK_TCP")]
     tcp: Option<SocketAddr>,
+    /// Address for the admin API and Prometheus metrics; keep it private
+    /// [default: 127.0.0.1:7482].
+    #[arg(long, env = "SKYLARK_ADMIN")]
+    admin: Option<SocketAddr>,
     /// TLS certificate chain (PEM) for both listeners; needs --tls-key
     /// [default: none, TLS off].
     #[arg(long, env = "SKYLARK_TLS_CERT")]
@@ -68,6 +72,34 @@ pub struct ServeArgs {
     log: String,
 }
 
+/// The admin API's token, in the data directory (mode 0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// The admin token kept in `dir`, made (random, 256 bits) on first start.
+fn admin_token(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading the admin token {}", path.display())),
+    }
+    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let tmp = dir.join(format!("{ADMIN_TOKEN_FILE}.new"));
+    {
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        file.write_all(token.as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(token)
+}
+
 /// The file's settings (or the defaults), then each flag given.
 fn load_config(args: &ServeArgs) -> Result<Config> {
     let mut config = match &args.config {
@@ -88,6 +120,9 @@ fn load_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(addr) = args.tcp {
         config.listen.tcp = addr;
+    }
+    if let Some(addr) = args.admin {
+        config.listen.admin = addr;
     }
     if let Some(cert) = &args.tls_cert {
         config.tls.cert_file = Some(cert.clone());
@@ -286,7 +321,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         );
     }
     let tls_cert = config.tls.cert_file.clone().filter(|_| config.tls.key_file.is_some());
-    let (services, transport) = config.split();
+    let (services, mut transport) = config.split();
+    transport.admin = skylark_gateway::admin::AdminConfig {
+        token: Some(admin_token(&config.data_dir)?),
+        audit_log: Some(config.data_dir.join("audit.log")),
+    };
     let server = Server::new(services, store, sms, Arc::new(SystemClock)).await?;
     let cluster = match config.cluster.clone() {
         Some(settings) => Some(server.join_cluster(settings).await?),
@@ -295,9 +334,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let gateway = Gateway::start(server.clone(), transport).await.context("starting the listeners")?;
     let (scheme, tcp) = if tls_cert.is_some() { ("https", "TCP+TLS") } else { ("http", "TCP") };
     println!(
-        "Skylark is running: HTTP + WebSocket on {scheme}://{} (WebSocket at /v1/ws), {tcp} on {}. Ctrl-C stops it.",
+        "Skylark is running: HTTP + WebSocket on {scheme}://{} (WebSocket at /v1/ws), {tcp} on {}; admin API and \
+         metrics on http://{} (token in {}). Ctrl-C stops it.",
         gateway.http_addr(),
-        gateway.tcp_addr()
+        gateway.tcp_addr(),
+        gateway.admin_addr(),
+        config.data_dir.join(ADMIN_TOKEN_FILE).display()
     );
     if let (true, Some(cert)) = (args.dev_tls, &tls_cert) {
         println!("Self-signed certificate (for local use): trust it with --ca {}", cert.display());
@@ -358,6 +400,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             advertise: None,
             http: None,
             tcp: Some("127.0.0.1:9001".parse().unwrap()),
+            admin: None,
             tls_cert: None,
             tls_key: None,
             dev_tls: false,
@@ -384,6 +427,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             advertise: None,
             http: None,
             tcp: None,
+            admin: None,
             tls_cert: None,
             tls_key: None,
             dev_tls: true,
@@ -453,6 +497,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             advertise: None,
             http: None,
             tcp: None,
+            admin: None,
             tls_cert: None,
             tls_key: None,
             dev_tls: false,

@@ -442,6 +442,7 @@ pub(crate) fn encode_event(number: u64, event: &StreamEvent) -> Vec<u8> {
         StreamEvent::Event(DeviceEvent::Closed(reason)) => w.u8(match reason {
             Disconnect::Replaced => 1,
             Disconnect::DeviceRemoved => 2,
+            Disconnect::Operator => 3,
         }),
         StreamEvent::End => {}
     }
@@ -457,6 +458,7 @@ pub(crate) fn decode_event(bytes: &[u8]) -> Result<(u64, StreamEvent), BadMessag
         3 => StreamEvent::Event(DeviceEvent::Closed(match r.u8()? {
             1 => Disconnect::Replaced,
             2 => Disconnect::DeviceRemoved,
+            3 => Disconnect::Operator,
             _ => return Err(bad("unknown close reason")),
         })),
         4 => StreamEvent::End,

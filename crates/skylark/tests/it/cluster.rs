@@ -159,6 +159,8 @@ struct TestCluster {
     nodes: Vec<Option<ServerProcess>>,
     /// (http, tcp) per node.
     addrs: Vec<(String, String)>,
+    /// The admin listener (metrics) per node.
+    admins: Vec<String>,
     store: String,
 }
 
@@ -174,15 +176,16 @@ impl TestCluster {
         let url = pg.create_database("cluster").unwrap();
         let nats = TestNats::start_many(dir, nats_servers);
         let nats_urls: Vec<String> = nats.iter().map(TestNats::url).collect();
-        let (mut configs, mut logs, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut configs, mut logs, mut addrs, mut admins) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..nodes {
             let host = format!("127.0.0.{}", i + 1);
             let (http, tcp) = (format!("{host}:{}", free_port()), format!("{host}:{}", free_port()));
+            let admin = format!("{host}:{}", free_port());
             let config = dir.join(format!("n{i}.toml"));
             std::fs::write(
                 &config,
                 format!(
-                    "data_dir = {:?}\n[listen]\nhttp = \"{http}\"\ntcp = \"{tcp}\"\n\
+                    "data_dir = {:?}\n[listen]\nhttp = \"{http}\"\ntcp = \"{tcp}\"\nadmin = \"{admin}\"\n\
                      [messaging]\nforward_retry_base_ms = 10\nforward_retry_max_ms = 200\n\
                      [sms]\nprovider = \"http\"\nurl = \"http://{sms}/sms\"\n\
                      [store]\nshards = [{url:?}]\nacquire_timeout_ms = 1000\n\
@@ -195,8 +198,9 @@ impl TestCluster {
             configs.push(config);
             logs.push(dir.join(format!("n{i}.log")));
             addrs.push((http, tcp));
+            admins.push(admin);
         }
-        let mut cluster = TestCluster { pg, nats, configs, logs, nodes: Vec::new(), addrs, store: url };
+        let mut cluster = TestCluster { pg, nats, configs, logs, nodes: Vec::new(), addrs, admins, store: url };
         for i in 0..nodes {
             let node = cluster.launch(i);
             cluster.nodes.push(Some(node));
@@ -222,11 +226,11 @@ impl TestCluster {
     fn wait_for_views(&self, members: usize) {
         let want = format!("skylark_cluster_members {members}\n");
         let started = Instant::now();
-        for (i, (http, _)) in self.addrs.iter().enumerate() {
+        for (i, admin) in self.admins.iter().enumerate() {
             if self.nodes.get(i).is_none_or(Option::is_none) {
                 continue;
             }
-            while !http_get(http, "/metrics").contains(&want) {
+            while !http_get(admin, "/metrics").contains(&want) {
                 assert!(started.elapsed() < Duration::from_secs(30), "node n{i} never saw {members} members");
                 std::thread::sleep(Duration::from_millis(50));
             }

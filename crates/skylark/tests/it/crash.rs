@@ -272,7 +272,7 @@ async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut cha
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:{http}\"\ntcp = \"127.0.0.1:{tcp}\"\n\
+            "data_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:{http}\"\ntcp = \"127.0.0.1:{tcp}\"\nadmin = \"127.0.0.1:0\"\n\
              [messaging]\nforward_retry_base_ms = 10\nforward_retry_max_ms = 200\n\
              [sms]\nprovider = \"http\"\nurl = \"http://{sms_addr}/sms\"\n{store}",
             dir.path().join("data")

@@ -73,12 +73,16 @@ pub struct TestServer {
     pub store: Arc<dyn Store>,
 }
 
+/// The admin API's token in tests.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// A config listening on ephemeral loopback ports with generous rate
 /// limits, so only the tests about limits meet them.
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.listen.http = "127.0.0.1:0".parse().unwrap();
     config.listen.tcp = "127.0.0.1:0".parse().unwrap();
+    config.listen.admin = "127.0.0.1:0".parse().unwrap();
     let loose = skylark_server::config::Quota { burst: 1_000, per_ms: 1 };
     config.rate_limits.sms_per_number = loose;
     config.rate_limits.sms_per_ip = loose;
@@ -101,9 +105,15 @@ impl TestServer {
 
     /// Starts on an existing store (to restart a server over the same data).
     pub async fn start_on(config: Config, store: Arc<dyn Store>) -> TestServer {
+        Self::start_audited(config, store, None).await
+    }
+
+    /// As [`TestServer::start_on`], with the admin API's audit log at `audit`.
+    pub async fn start_audited(config: Config, store: Arc<dyn Store>, audit: Option<std::path::PathBuf>) -> TestServer {
         let sms = Arc::new(CapturedSms::default());
         let clock = ManualClock::new(SystemClock.now_ms());
-        let (services, transport) = config.split();
+        let (services, mut transport) = config.split();
+        transport.admin = skylark_gateway::admin::AdminConfig { token: Some(ADMIN_TOKEN.to_owned()), audit_log: audit };
         let server = Server::new(services, store.clone(), sms.clone(), Arc::new(clock.clone())).await.unwrap();
         let gateway = Gateway::start(server.clone(), transport).await.unwrap();
         TestServer { gateway: Some(gateway), server, sms, clock, store }
@@ -115,6 +125,11 @@ impl TestServer {
 
     pub fn http_base(&self) -> String {
         format!("http://{}", self.gateway().http_addr())
+    }
+
+    /// The admin listener (admin API and metrics).
+    pub fn admin_base(&self) -> String {
+        format!("http://{}", self.gateway().admin_addr())
     }
 
     pub fn api(&self) -> Api {

@@ -155,7 +155,9 @@ async fn health_readiness_and_metrics() {
         let (status, ..) = api.raw("GET", path, None).await.unwrap();
         assert_eq!(status, 200, "{path}");
     }
-    let response = reqwest_like_get(&server.http_base(), "/metrics").await;
+    // Metrics are on the admin listener, not the public one.
+    assert!(reqwest_like_get(&server.http_base(), "/metrics").await.starts_with("HTTP/1.1 404"));
+    let response = reqwest_like_get(&server.admin_base(), "/metrics").await;
     assert!(response.contains("skylark_connections_total"), "{response}");
     assert!(response.contains("skylark_sms_total"), "{response}");
     // The send was timed to its ack, and the store timed its commit.

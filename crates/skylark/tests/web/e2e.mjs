@@ -36,7 +36,7 @@ function freePort() {
 }
 
 const dataDir = mkdtempSync(join(tmpdir(), "skylark-web-"));
-const [httpPort, tcpPort] = [await freePort(), await freePort()];
+const [httpPort, tcpPort, adminPort] = [await freePort(), await freePort(), await freePort()];
 const base = `http://127.0.0.1:${httpPort}`;
 const codes = new Map(); // phone → latest code
 const signUp = (page, phone) =>
@@ -46,7 +46,7 @@ let server = null;
 function startServer() {
   return new Promise((resolve, reject) => {
     const child = spawn(BIN, ["serve", "--data-dir", dataDir, "--http", `127.0.0.1:${httpPort}`,
-      "--tcp", `127.0.0.1:${tcpPort}`, "--log", "info"], { stdio: ["ignore", "pipe", "pipe"] });
+      "--tcp", `127.0.0.1:${tcpPort}`, "--admin", `127.0.0.1:${adminPort}`, "--log", "info"], { stdio: ["ignore", "pipe", "pipe"] });
     const onLine = (chunk) => {
       for (const line of chunk.toString().split("\n")) {
         const sms = line.match(/code is (\d{6}).*to=(\+\d+)/);

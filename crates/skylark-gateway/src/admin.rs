@@ -1,0 +1,303 @@
+//! The operator's listener (default `127.0.0.1:7482`, apart from the
+//! public one): Prometheus metrics, and the admin API under `/admin/v1`.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | GET | /metrics | Prometheus metrics (no token: keep the listener private) |
+//! | GET | /admin/v1/stats | version, uptime, live connections |
+//! | GET | /admin/v1/accounts/{phone} | an account, its devices, which are connected |
+//! | POST | /admin/v1/devices/{id}/disconnect | end a device's live connection (it may reconnect) |
+//! | POST | /admin/v1/backup `{"dest": PATH}` | a consistent copy of the embedded store, written by the server |
+//!
+//! Every `/admin/v1` request needs `Authorization: Bearer <token>` (the
+//! token `skylark serve` keeps in `admin.token` in its data directory), and
+//! every one is written to the audit log, whatever its outcome. Nothing
+//! here returns message content.
+
+use crate::Shared;
+use crate::http::ApiError;
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use skylark_core::{DeviceId, PhoneNumber};
+use skylark_server::sessions::Disconnect;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// The admin API's access and audit settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// The bearer token every `/admin/v1` request must carry; none: the
+    /// admin API refuses every request (metrics are still served).
+    pub token: Option<String>,
+    /// Where every admin action is appended, one JSON object per line.
+    pub audit_log: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone)]
+struct Admin {
+    shared: Shared,
+    started: Instant,
+    audit: Arc<std::sync::Mutex<()>>,
+}
+
+pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Shared) {
+    let admin = Admin { shared: shared.clone(), started: Instant::now(), audit: Arc::default() };
+    let app = Router::new()
+        .route("/metrics", get(|| async { crate::metrics_endpoint::render() }))
+        .route("/admin/v1/stats", get(stats))
+        .route("/admin/v1/accounts/{phone}", get(account))
+        .route("/admin/v1/devices/{id}/disconnect", post(disconnect))
+        .route("/admin/v1/backup", post(backup))
+        .with_state(admin);
+    let shutdown = shared.shutdown.clone();
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the admin listener stopped");
+    }
+}
+
+impl Admin {
+    /// Checks the bearer token, in time independent of where it differs.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = self.shared.config.admin.token.as_deref() else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_disabled",
+                "this server has no admin token configured, so its admin API is off",
+            ));
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same =
+            given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid admin token is needed (Authorization: Bearer, from admin.token in the data directory)",
+            ))
+        }
+    }
+
+    /// Appends one line to the audit log; an action that cannot be audited
+    /// is not done.
+    fn audit(&self, from: SocketAddr, action: &str, target: &str, outcome: &str) -> Result<(), ApiError> {
+        tracing::info!(%from, action, target, outcome, "admin action");
+        let Some(path) = self.shared.config.admin.audit_log.as_deref() else { return Ok(()) };
+        #[derive(Serialize)]
+        struct Line<'a> {
+            at_ms: u64,
+            from: String,
+            action: &'a str,
+            target: &'a str,
+            outcome: &'a str,
+        }
+        let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let line = Line { at_ms, from: from.to_string(), action, target, outcome };
+        let mut text = serde_json::to_string(&line).unwrap_or_default();
+        text.push('\n');
+        let _guard = self.audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_data()))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "audit_failed",
+                    format!("the audit log {} cannot be written ({e}), so nothing was done", path.display()),
+                )
+            })
+    }
+
+    /// Authorizes, audits the attempt, runs `act`, audits its outcome.
+    async fn run<T: Serialize, F: Future<Output = Result<T, ApiError>>>(
+        &self,
+        from: SocketAddr,
+        headers: &HeaderMap,
+        action: &str,
+        target: &str,
+        act: F,
+    ) -> Response {
+        if let Err(refused) = self.authorize(headers) {
+            let _ = self.audit(from, action, target, "refused: no valid token");
+            return refused.into_response();
+        }
+        if let Err(e) = self.audit(from, action, target, "started") {
+            return e.into_response();
+        }
+        let result = act.await;
+        let outcome = match &result {
+            Ok(_) => "done".to_owned(),
+            Err(e) => format!("failed: {}", e.message()),
+        };
+        let _ = self.audit(from, action, target, &outcome);
+        match result {
+            Ok(body) => axum::Json(body).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Stats {
+    version: &'static str,
+    uptime_seconds: u64,
+    live_connections: usize,
+    ready: bool,
+}
+
+async fn stats(State(admin): State<Admin>, ConnectInfo(from): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    let act = async {
+        Ok(Stats {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: admin.started.elapsed().as_secs(),
+            live_connections: admin.shared.server.sessions.live_count(),
+            ready: admin.shared.ready.load(std::sync::atomic::Ordering::SeqCst),
+        })
+    };
+    admin.run(from, &headers, "stats", "", act).await
+}
+
+#[derive(Serialize)]
+struct AccountView {
+    account_id: u64,
+    phone: String,
+    created_at_ms: u64,
+    devices: Vec<DeviceView>,
+}
+
+#[derive(Serialize)]
+struct DeviceView {
+    id: u64,
+    name: String,
+    created_at_ms: u64,
+    last_seen_ms: Option<u64>,
+    connected: bool,
+}
+
+async fn account(
+    State(admin): State<Admin>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(phone): Path<String>,
+) -> Response {
+    let act = async {
+        let number = PhoneNumber::parse(&phone).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_phone", format!("{phone} is not a phone number: {e}"))
+        })?;
+        let server = &admin.shared.server;
+        let account = server.store.account_by_phone(&number).await.map_err(store_failed)?.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
+        })?;
+        let devices = server.devices.list(account.id).await.map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_failed", format!("listing the devices failed: {e}"))
+        })?;
+        Ok(AccountView {
+            account_id: account.id.0,
+            phone: account.phone.to_string(),
+            created_at_ms: account.created_at_ms,
+            devices: devices
+                .into_iter()
+                .map(|d| DeviceView {
+                    id: d.device.id.0,
+                    name: d.device.name,
+                    created_at_ms: d.device.created_at_ms,
+                    last_seen_ms: d.device.last_seen_ms,
+                    connected: d.online,
+                })
+                .collect(),
+        })
+    };
+    admin.run(from, &headers, "account", &phone, act).await
+}
+
+#[derive(Serialize)]
+struct Disconnected {
+    device: u64,
+    /// Whether it had a live connection here to end.
+    was_connected: bool,
+}
+
+async fn disconnect(
+    State(admin): State<Admin>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    let act = async {
+        let sessions = &admin.shared.server.sessions;
+        let was_connected = sessions.is_live(DeviceId(id));
+        sessions.disconnect(DeviceId(id), Disconnect::Operator);
+        Ok(Disconnected { device: id, was_connected })
+    };
+    admin.run(from, &headers, "disconnect", &id.to_string(), act).await
+}
+
+#[derive(Deserialize)]
+struct BackupRequest {
+    dest: std::path::PathBuf,
+}
+
+#[derive(Serialize)]
+struct BackupMade {
+    dest: String,
+    rows: u64,
+    bytes: u64,
+    seconds: f64,
+}
+
+async fn backup(
+    State(admin): State<Admin>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: Result<BackupRequest, _> = serde_json::from_slice(&body);
+    let target = request.as_ref().map(|r| r.dest.display().to_string()).unwrap_or_default();
+    let act = async {
+        let request = request.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"dest\": PATH}}: {e}"))
+        })?;
+        if !request.dest.is_absolute() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "give the backup's path as an absolute path on the server's machine",
+            ));
+        }
+        let began = Instant::now();
+        let made = admin
+            .shared
+            .server
+            .store
+            .backup(&request.dest)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::CONFLICT, "backup_failed", e.to_string()))?;
+        Ok(BackupMade {
+            dest: request.dest.display().to_string(),
+            rows: made.rows,
+            bytes: made.bytes,
+            seconds: began.elapsed().as_secs_f64(),
+        })
+    };
+    admin.run(from, &headers, "backup", &target, act).await
+}
+
+fn store_failed(e: skylark_store::StoreError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_failed", format!("the store failed: {e}"))
+}

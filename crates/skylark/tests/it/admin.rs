@@ -1,0 +1,151 @@
+//! The operator's listener: the admin API behind its token, the audit log,
+//! the `skylark admin` verbs, and a backup taken under load then restored.
+
+use crate::harness::{ADMIN_TOKEN, TestServer, Transport, test_config};
+use serde_json::{Value, json};
+use skylark_client::Session;
+use skylark_client::api::Api;
+use skylark_client::session::Event;
+use skylark_protocol::CloseCode;
+use skylark_store::{RedbStore, Store};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn skylark(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skylark")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+async fn closed(events: &mut tokio::sync::mpsc::Receiver<Event>) -> Option<CloseCode> {
+    loop {
+        match events.recv().await.expect("events end with Closed") {
+            Event::Closed { code, .. } => return code,
+            Event::Frame(_) => continue,
+        }
+    }
+}
+
+/// Client ids of the messages `identity`'s account holds, read back through
+/// history as a device sees it.
+async fn history_ids(server: &TestServer, identity: &skylark_client::Identity) -> BTreeSet<String> {
+    let (session, _events) = Session::open(&server.endpoint(Transport::Tcp), identity).await.unwrap();
+    let (mut ids, mut before) = (BTreeSet::new(), 0);
+    loop {
+        let page = session.handle().history(before, 200).await.unwrap();
+        for event in &page.events {
+            if let Some(skylark_protocol::v1::event::Body::Message(m)) = &event.body {
+                ids.insert(m.client_id.clone());
+            }
+        }
+        match page.events.last() {
+            Some(last) if page.has_more => before = last.seq,
+            _ => return ids,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_load_restores_every_message_acknowledged_before_it_began() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("live.redb")).unwrap());
+    let audit = dir.path().join("audit.log");
+    let mut server = TestServer::start_audited(test_config(), store, Some(audit.clone())).await;
+    let alice = server.register("+15552600001").await;
+    let bob = server.register("+15552600002").await;
+
+    // Alice sends without pause; every acknowledged id is recorded in order.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (session, _events) = Session::open(&server.endpoint(Transport::Tcp), &alice).await.unwrap();
+    let sender = tokio::spawn({
+        let (acked, stop) = (acked.clone(), stop.clone());
+        async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!("m{n}");
+                session.handle().send("+15552600002", &id, vec![b'x'; 200]).await.unwrap();
+                acked.lock().unwrap().push(id);
+                n += 1;
+            }
+        }
+    });
+    let count = || acked.lock().unwrap().len();
+    while count() < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Without the token: refused, and audited as refused.
+    let admin = Api::new(&server.admin_base()).unwrap();
+    let (status, ..) = admin.raw("GET", "/admin/v1/stats", None).await.unwrap();
+    assert_eq!(status, 401);
+    let admin = admin.with_bearer(ADMIN_TOKEN);
+
+    let before: Vec<String> = acked.lock().unwrap().clone();
+    let dest = dir.path().join("backup.redb");
+    let made: Value = admin.call("POST", "/admin/v1/backup", Some(json!({ "dest": dest }))).await.unwrap();
+    assert!(made["rows"].as_u64().unwrap() > before.len() as u64, "{made}");
+    let at_backup = count();
+    while count() < at_backup + 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    sender.await.unwrap();
+    assert!(at_backup > before.len(), "messages were acknowledged while the backup ran or right after");
+    // A second backup to the same file is refused: nothing is overwritten.
+    let again = admin.call::<Value>("POST", "/admin/v1/backup", Some(json!({ "dest": dest }))).await.unwrap_err();
+    assert!(again.to_string().contains("exists already"), "{again}");
+    server.shutdown().await;
+
+    // Restored with the command line into a new data directory and served:
+    // Bob's device finds every message acknowledged before the backup began.
+    let restored = dir.path().join("restored");
+    let (ok, out) = skylark(&["restore", dest.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let (ok, out) = skylark(&["restore", dest.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    assert!(!ok && out.contains("--force"), "an existing store is not replaced silently: {out}");
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&restored.join("skylark.redb")).unwrap());
+    let server = TestServer::start_on(test_config(), store).await;
+    let held = history_ids(&server, &bob).await;
+    let missing: Vec<&String> = before.iter().filter(|id| !held.contains(*id)).collect();
+    assert!(missing.is_empty(), "{} acknowledged before the backup are missing: {missing:?}", missing.len());
+    assert!(held.len() >= before.len() && held.len() <= at_backup + 1, "{} held", held.len());
+
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains(r#""action":"stats""#) && log.contains("refused: no valid token"), "{log}");
+    assert!(log.contains(r#""action":"backup""#) && log.contains(r#""outcome":"done""#), "{log}");
+    assert!(!log.contains("xxxx"), "no message content in the audit log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_verbs_show_an_account_and_disconnect_a_device_in_words() {
+    let server = TestServer::start().await;
+    let carol = server.register("+15552600003").await;
+    let (_session, mut events) = Session::open(&server.endpoint(Transport::Ws), &carol).await.unwrap();
+    let url = server.admin_base();
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--admin", url.as_str(), "--token", ADMIN_TOKEN];
+        all.extend_from_slice(args);
+        skylark(&all)
+    };
+
+    let (ok, out) = admin(&["stats"]);
+    assert!(ok && out.contains("1 live connection;") && out.contains("ready"), "{out}");
+    let (ok, out) = admin(&["account", "+15552600003"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("+15552600003 is account {}", carol.account_id)), "{out}");
+    assert!(out.contains(&format!("device {} \"", carol.device_id)) && out.contains("connected"), "{out}");
+    let (ok, out) = admin(&["account", "+15552609999"]);
+    assert!(!ok && out.contains("no account has +15552609999"), "{out}");
+
+    let (ok, out) = admin(&["disconnect", &carol.device_id.to_string()]);
+    assert!(ok && out.contains("was disconnected"), "{out}");
+    assert_eq!(closed(&mut events).await, Some(CloseCode::GoingAway));
+
+    // A wrong token, or none: refused in words.
+    let (ok, out) = skylark(&["admin", "--admin", &url, "--token", "wrong", "stats"]);
+    assert!(!ok && out.contains("a valid admin token is needed"), "{out}");
+    let (ok, out) = skylark(&["admin", "--admin", "http://127.0.0.1:1", "--token", "x", "stats"]);
+    assert!(!ok && out.contains("cannot reach the admin API at http://127.0.0.1:1"), "{out}");
+}
