@@ -18,8 +18,10 @@ impl Limited {
     pub fn what(&self) -> &'static str {
         match self.limit {
             "sms_per_number" => "too many codes were sent to this number",
-            "sms_per_ip" | "sms_per_prefix" => "too many codes were asked for from here",
-            "checks_per_number" | "checks_per_ip" => "too many codes were tried",
+            "sms_per_ip" => "too many codes were asked for from this address",
+            "sms_per_prefix" => "too many codes were sent to numbers that start like this one",
+            "checks_per_number" => "too many codes were tried for this number",
+            "checks_per_ip" => "too many codes were tried from this address",
             "messages_per_device" => "too many messages were sent from this device",
             "group_changes_per_device" => "too many group changes were made from this device",
             "links_per_ip" => "too many link codes were asked for from here",
