@@ -184,6 +184,31 @@ mod tests {
         }
     }
 
+    /// The alert rules and the dashboard (in `ops/`) name only metrics
+    /// that exist, with their histogram suffixes where they are histograms.
+    #[test]
+    fn the_alerts_and_the_dashboard_name_only_metrics_the_server_has() {
+        let ops = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops");
+        let mut named = 0;
+        for file in ["prometheus/skylark-alerts.yml", "grafana/skylark-dashboard.json"] {
+            let text = std::fs::read_to_string(ops.join(file)).unwrap();
+            for (at, _) in text.match_indices("skylark_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+                    .collect();
+                let known = METRICS.iter().any(|(metric, kind, _, _)| {
+                    name == *metric
+                        || (*kind == Kind::Histogram
+                            && ["_bucket", "_sum", "_count"].iter().any(|suffix| name == format!("{metric}{suffix}")))
+                });
+                assert!(known, "{file} names {name}, which the server does not record");
+                named += 1;
+            }
+        }
+        assert!(named > 20, "the files name the server's metrics ({named} found)");
+    }
+
     #[test]
     fn the_table_lists_every_metric_the_code_records() {
         let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
