@@ -27,6 +27,8 @@ pub enum AuthError {
     ChallengeExpired,
     #[error("signature does not verify")]
     BadSignature,
+    #[error("this number is banned from this server; ask its operator")]
+    Banned,
 }
 
 /// Parses a device public key, refusing bytes that are not a valid point.

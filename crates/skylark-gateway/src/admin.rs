@@ -8,6 +8,9 @@
 //! | GET | /admin/v1/accounts/{phone} | an account, its devices, which are connected |
 //! | POST | /admin/v1/devices/{id}/disconnect | end a device's live connection (it may reconnect) |
 //! | POST | /admin/v1/backup `{"dest": PATH}` | a consistent copy of the embedded store, written by the server |
+//! | GET | /admin/v1/bans | the banned numbers |
+//! | POST | /admin/v1/bans `{"phone": NUMBER}` | ban a number: refused at sign-up and at connection; its devices are disconnected |
+//! | DELETE | /admin/v1/bans/{phone} | lift a ban |
 //!
 //! Every `/admin/v1` request needs `Authorization: Bearer <token>` (the
 //! token `skylark serve` keeps in `admin.token` in its data directory), and
@@ -54,6 +57,8 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Shared) {
         .route("/admin/v1/accounts/{phone}", get(account))
         .route("/admin/v1/devices/{id}/disconnect", post(disconnect))
         .route("/admin/v1/backup", post(backup))
+        .route("/admin/v1/bans", get(bans).post(ban))
+        .route("/admin/v1/bans/{phone}", axum::routing::delete(unban))
         .with_state(admin);
     let shutdown = shared.shutdown.clone();
     let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -197,9 +202,7 @@ async fn account(
     Path(phone): Path<String>,
 ) -> Response {
     let act = async {
-        let number = PhoneNumber::parse(&phone).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_phone", format!("{phone} is not a phone number: {e}"))
-        })?;
+        let number = parse_phone(&phone)?;
         let server = &admin.shared.server;
         let account = server.store.account_by_phone(&number).await.map_err(store_failed)?.ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
@@ -296,6 +299,88 @@ async fn backup(
         })
     };
     admin.run(from, &headers, "backup", &target, act).await
+}
+
+fn parse_phone(phone: &str) -> Result<PhoneNumber, ApiError> {
+    PhoneNumber::parse(phone).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_phone", format!("{phone} is not a phone number: {e}"))
+    })
+}
+
+#[derive(Serialize)]
+struct BanView {
+    phone: String,
+    at_ms: u64,
+}
+
+async fn bans(State(admin): State<Admin>, ConnectInfo(from): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    let act = async {
+        let listed = admin.shared.server.bans.list().await.map_err(store_failed)?;
+        Ok(listed.into_iter().map(|(p, at_ms)| BanView { phone: p.to_string(), at_ms }).collect::<Vec<_>>())
+    };
+    admin.run(from, &headers, "bans", "", act).await
+}
+
+#[derive(Deserialize)]
+struct BanRequest {
+    phone: String,
+}
+
+#[derive(Serialize)]
+struct Banned {
+    phone: String,
+    /// Live connections of the account's devices that were ended.
+    disconnected: usize,
+}
+
+async fn ban(
+    State(admin): State<Admin>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: Result<BanRequest, _> = serde_json::from_slice(&body);
+    let target = request.as_ref().map(|r| r.phone.clone()).unwrap_or_default();
+    let act = async {
+        let request = request.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"phone\": NUMBER}}: {e}"))
+        })?;
+        let phone = parse_phone(&request.phone)?;
+        let server = &admin.shared.server;
+        server.bans.ban(&phone).await.map_err(store_failed)?;
+        // Its devices connected now are ended; connecting again is refused.
+        let mut disconnected = 0;
+        if let Some(account) = server.store.account_by_phone(&phone).await.map_err(store_failed)? {
+            for device in server.store.active_devices(account.id).await.map_err(store_failed)? {
+                if server.sessions.is_live(device.id) {
+                    disconnected += 1;
+                }
+                server.sessions.disconnect(device.id, Disconnect::Operator);
+            }
+        }
+        Ok(Banned { phone: phone.to_string(), disconnected })
+    };
+    admin.run(from, &headers, "ban", &target, act).await
+}
+
+#[derive(Serialize)]
+struct Unbanned {
+    phone: String,
+    was_banned: bool,
+}
+
+async fn unban(
+    State(admin): State<Admin>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(phone): Path<String>,
+) -> Response {
+    let act = async {
+        let number = parse_phone(&phone)?;
+        let was_banned = admin.shared.server.bans.unban(&number).await.map_err(store_failed)?;
+        Ok(Unbanned { phone: number.to_string(), was_banned })
+    };
+    admin.run(from, &headers, "unban", &phone, act).await
 }
 
 fn store_failed(e: skylark_store::StoreError) -> ApiError {

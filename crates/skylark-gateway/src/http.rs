@@ -160,6 +160,7 @@ impl From<RegistrationError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(l.retry_after)
             }
             R::UnknownSession => ApiError::new(StatusCode::NOT_FOUND, "unknown_session", message),
+            R::Banned => ApiError::new(StatusCode::FORBIDDEN, "banned", message),
             R::Resend(ResendError::TooSoon { retry_after_ms }) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "resend_too_soon", message)
                     .retry_after(Duration::from_millis(retry_after_ms))

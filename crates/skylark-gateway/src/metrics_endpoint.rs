@@ -45,7 +45,7 @@ pub const METRICS: &[Metric] = &[
         "Failed device authentications, by reason.",
         Some((
             "reason",
-            &["unknown_device", "device_removed", "challenge_mismatch", "challenge_expired", "bad_signature"],
+            &["unknown_device", "device_removed", "challenge_mismatch", "challenge_expired", "bad_signature", "banned"],
         )),
     ),
     ("skylark_actors", Kind::Gauge, "Account and group actors running now.", None),

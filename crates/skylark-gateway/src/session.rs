@@ -50,6 +50,7 @@ fn auth_error_code(e: AuthError) -> ErrorCode {
         AuthError::ChallengeMismatch => ErrorCode::ChallengeMismatch,
         AuthError::ChallengeExpired => ErrorCode::ChallengeExpired,
         AuthError::BadSignature => ErrorCode::BadSignature,
+        AuthError::Banned => ErrorCode::Banned,
     }
 }
 

@@ -244,6 +244,7 @@ function explain(e) {
       ERROR_CODE_RATE_LIMITED: `Too many requests; try again in ${Math.ceil(e.retryAfterMs / 1000)} s.`,
       ERROR_CODE_UNAVAILABLE: "The server is busy; it will be retried.",
       ERROR_CODE_MESSAGE_TOO_LARGE: "That message is too large.",
+      ERROR_CODE_BANNED: "This number is banned from this server; ask its operator.",
     };
     return words[e.code] || e.message || e.code;
   }
@@ -407,7 +408,7 @@ async function openAnywhere() {
     try {
       return await Session.open(state.me, { onFrame, onClose, host });
     } catch (err) {
-      if (err instanceof Refused && SIGNED_OUT.includes(err.code)) throw err;
+      if (err instanceof Refused && (SIGNED_OUT.includes(err.code) || err.code === "ERROR_CODE_BANNED")) throw err;
       last = err;
     }
   }
@@ -428,6 +429,11 @@ async function connect() {
   } catch (err) {
     if (err instanceof Refused && SIGNED_OUT.includes(err.code)) {
       return signedOut("This browser was signed out of the account.");
+    }
+    if (err instanceof Refused && err.code === "ERROR_CODE_BANNED") {
+      // Kept signed in: the operator may lift the ban; a reload tries again.
+      setConnState("banned");
+      return say(explain(err));
     }
     if (!state.connected) reconnectLater();
   }

@@ -22,6 +22,8 @@ pub struct Authenticated {
 }
 
 pub struct Authenticator {
+    /// Numbers the operator banned (none in unit tests of this module).
+    bans: Option<Arc<crate::bans::Bans>>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     server_id: [u8; 16],
@@ -36,7 +38,13 @@ impl std::fmt::Debug for Authenticator {
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, server_id: [u8; 16], challenge_ttl_ms: u64) -> Self {
-        Self { store, clock, server_id, challenge_ttl_ms }
+        Self { bans: None, store, clock, server_id, challenge_ttl_ms }
+    }
+
+    /// Refuses devices of banned numbers.
+    pub fn with_bans(mut self, bans: Arc<crate::bans::Bans>) -> Self {
+        self.bans = Some(bans);
+        self
     }
 
     pub fn server_id(&self) -> [u8; 16] {
@@ -73,6 +81,10 @@ impl Authenticator {
         let account = self.store.account(device.account_id).await?.ok_or_else(|| {
             StoreError::Corrupt(format!("device {} names missing account {}", device.id, device.account_id))
         })?;
+        if self.bans.as_ref().is_some_and(|b| b.is_banned(&account.phone)) {
+            metrics::counter!("skylark_auth_failures_total", "reason" => auth_reason(AuthError::Banned)).increment(1);
+            return Err(AuthError::Banned.into());
+        }
         Ok(Authenticated { account, device })
     }
 }
@@ -84,5 +96,6 @@ fn auth_reason(e: AuthError) -> &'static str {
         AuthError::ChallengeMismatch => "challenge_mismatch",
         AuthError::ChallengeExpired => "challenge_expired",
         AuthError::BadSignature => "bad_signature",
+        AuthError::Banned => "banned",
     }
 }

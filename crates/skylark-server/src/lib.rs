@@ -8,6 +8,7 @@
 
 mod actor;
 pub mod auth;
+pub mod bans;
 pub mod cluster;
 pub mod config;
 pub mod devices;
@@ -62,6 +63,8 @@ pub struct Server {
     pub pusher: push::Pusher,
     /// End-to-end encryption's key-package directory.
     pub keys: keys::KeyDirectory,
+    /// Numbers the operator banned.
+    pub bans: Arc<bans::Bans>,
 }
 
 impl std::fmt::Debug for Server {
@@ -91,7 +94,9 @@ impl Server {
         rand::rng().fill_bytes(&mut candidate);
         let server_id = store.server_id(candidate).await?;
         let sessions = Arc::new(sessions::Sessions::default());
+        let bans = Arc::new(bans::Bans::load(store.clone(), clock.clone()).await?);
         let registration = registration::Registration::new(
+            bans.clone(),
             store.clone(),
             sms,
             clock.clone(),
@@ -99,7 +104,8 @@ impl Server {
             config.verification,
             &config.rate_limits,
         );
-        let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms);
+        let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms)
+            .with_bans(bans.clone());
         let router = router::Router::with_limits(store.clone(), clock.clone(), config.messaging, &config.rate_limits);
         let devices = Arc::new(devices::Devices::new(
             store.clone(),
@@ -130,6 +136,7 @@ impl Server {
             presence,
             pusher,
             keys,
+            bans,
         }))
     }
 
@@ -171,6 +178,9 @@ impl Server {
         self.presence.sweep();
         self.keys.sweep();
         self.devices.flush_last_seen().await;
+        if let Err(e) = self.bans.reload().await {
+            tracing::warn!(error = %e, "reloading the banned numbers failed");
+        }
         let day_ago = self.clock.now_ms().saturating_sub(24 * 3_600_000);
         match self.store.purge_verifications(day_ago).await {
             Ok(0) => {}

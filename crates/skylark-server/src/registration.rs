@@ -29,6 +29,8 @@ pub enum RegistrationError {
     RateLimited(Limited),
     #[error("no such verification session")]
     UnknownSession,
+    #[error("this number is banned from this server; ask its operator")]
+    Banned,
     #[error(transparent)]
     Resend(#[from] ResendError),
     #[error(transparent)]
@@ -61,6 +63,7 @@ pub struct SessionView {
 pub use skylark_store::Registration as Registered;
 
 pub struct Registration {
+    bans: Arc<crate::bans::Bans>,
     store: Arc<dyn Store>,
     sms: Arc<dyn SmsSender>,
     clock: Arc<dyn Clock>,
@@ -96,6 +99,7 @@ fn sms_text(code: &str) -> String {
 
 impl Registration {
     pub fn new(
+        bans: Arc<crate::bans::Bans>,
         store: Arc<dyn Store>,
         sms: Arc<dyn SmsSender>,
         clock: Arc<dyn Clock>,
@@ -104,6 +108,7 @@ impl Registration {
         limits: &RateLimits,
     ) -> Self {
         Self {
+            bans,
             store,
             sms,
             clock,
@@ -155,6 +160,9 @@ impl Registration {
     /// Starts a verification session for `phone` and sends its first code.
     pub async fn start(&self, phone: &str, ip: IpAddr) -> Result<SessionView, RegistrationError> {
         let phone = PhoneNumber::parse(phone)?;
+        if self.bans.is_banned(&phone) {
+            return Err(RegistrationError::Banned);
+        }
         self.check_sms_limits(&phone, ip)?;
         let session = VerificationSession::start(new_session_id(), phone, new_code(), self.clock.now_ms());
         self.deliver(session).await
@@ -196,6 +204,9 @@ impl Registration {
 
         self.checks_per_ip.check(&ip.to_string())?;
         let mut session = self.store.verification(session_id).await?.ok_or(RegistrationError::UnknownSession)?;
+        if self.bans.is_banned(&session.phone) {
+            return Err(RegistrationError::Banned);
+        }
         self.checks_per_number.check(session.phone.as_str())?;
 
         if let Err(e) = session.check(code, self.clock.now_ms(), &self.policy) {

@@ -21,6 +21,25 @@ pub async fn run_all(store: &dyn Store) {
     settings(store).await;
     groups(store).await;
     key_packages(store).await;
+    bans(store).await;
+}
+
+/// Banned numbers: listed with their time, banned again (a new time),
+/// lifted.
+async fn bans(store: &dyn Store) {
+    assert_eq!(store.bans().await.expect("list"), vec![]);
+    let (a, b) = (phone("+15550180001"), phone("+15550180002"));
+    store.set_ban(&b, Some(20)).await.expect("ban");
+    store.set_ban(&a, Some(10)).await.expect("ban");
+    let mut listed = store.bans().await.expect("list");
+    listed.sort();
+    assert_eq!(listed, vec![(a.clone(), 10), (b.clone(), 20)]);
+    store.set_ban(&a, Some(30)).await.expect("ban again");
+    store.set_ban(&b, None).await.expect("lift");
+    store.set_ban(&b, None).await.expect("lifting twice is fine");
+    assert_eq!(store.bans().await.expect("list"), vec![(a.clone(), 30)]);
+    store.set_ban(&a, None).await.expect("lift");
+    assert_eq!(store.bans().await.expect("list"), vec![]);
 }
 
 /// The key-package directory: a stock claimed oldest first, a last-resort

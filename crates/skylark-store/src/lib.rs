@@ -221,6 +221,12 @@ pub trait MetaStore: Send + Sync {
     /// stored one.
     async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError>;
 
+    /// Bans `phone` from the server (since `at_ms`), or lifts its ban (None).
+    async fn set_ban(&self, phone: &PhoneNumber, at_ms: Option<u64>) -> Result<(), StoreError>;
+
+    /// Every banned number, with when it was banned.
+    async fn bans(&self) -> Result<Vec<(PhoneNumber, u64)>, StoreError>;
+
     /// Writes a consistent copy of everything stored to a new file at
     /// `dest` while the store keeps serving: what was committed when the
     /// copy began, nothing after. Only the embedded store can; PostgreSQL is

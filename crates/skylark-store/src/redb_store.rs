@@ -268,6 +268,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// and stores written before it was recorded are format 1).
 pub const FORMAT_VERSION: u64 = 1;
 const FORMAT: &str = "format";
+/// `meta` keys of banned numbers: this prefix, then the number.
+const BAN: &str = "ban:";
 
 impl RedbStore {
     /// Opens (or creates) the database file at `path`.
@@ -970,6 +972,34 @@ impl MetaStore for RedbStore {
             Ok(candidate)
         })
         .await
+    }
+
+    async fn set_ban(&self, phone: &PhoneNumber, at_ms: Option<u64>) -> Result<(), StoreError> {
+        let key = format!("{BAN}{phone}");
+        self.write(move |txn| {
+            let mut meta = txn.open_table(META)?;
+            match at_ms {
+                Some(at) => meta.insert(key.as_str(), &at.to_be_bytes()[..])?,
+                None => meta.remove(key.as_str())?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn bans(&self) -> Result<Vec<(PhoneNumber, u64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let mut out = Vec::new();
+        for row in meta.range(BAN..)? {
+            let (k, v) = row?;
+            let Some(phone) = k.value().strip_prefix(BAN) else { break };
+            let phone = PhoneNumber::parse(phone).map_err(|e| StoreError::Corrupt(format!("a banned number: {e}")))?;
+            let at =
+                v.value().try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt("a ban's time".into()))?;
+            out.push((phone, at));
+        }
+        Ok(out)
     }
 
     async fn backup(&self, dest: &Path) -> Result<crate::Backup, StoreError> {

@@ -39,6 +39,19 @@ pub enum AdminCommand {
         /// The device's number (see `admin account`).
         device: u64,
     },
+    /// Ban a number: refused at sign-up and when its devices connect
+    /// (those connected now are disconnected).
+    Ban {
+        /// The phone number in international form.
+        phone: String,
+    },
+    /// Lift a ban.
+    Unban {
+        /// The phone number in international form.
+        phone: String,
+    },
+    /// The banned numbers.
+    Bans,
     /// A consistent copy of the embedded store, made while the server runs.
     Backup {
         /// The file to write (must not exist), on the server's machine.
@@ -149,6 +162,34 @@ pub async fn run(args: &AdminArgs, command: &AdminCommand) -> Result<()> {
                 println!("Device {} was disconnected (it may connect again).", d.device);
             } else {
                 println!("Device {} had no live connection on this server.", d.device);
+            }
+        }
+        AdminCommand::Ban { phone } => {
+            let b: Value = args.call("POST", "/admin/v1/bans", Some(json!({ "phone": phone }))).await?;
+            let n = b["disconnected"].as_u64().unwrap_or(0);
+            println!(
+                "{} is banned: refused at sign-up and when its devices connect ({} disconnected now).",
+                b["phone"].as_str().unwrap_or(phone),
+                words::count(n, "device", "devices")
+            );
+        }
+        AdminCommand::Unban { phone } => {
+            let u: Value = args.call("DELETE", &format!("/admin/v1/bans/{phone}"), None).await?;
+            let number = u["phone"].as_str().unwrap_or(phone);
+            if u["was_banned"].as_bool() == Some(true) {
+                println!("{number} is no longer banned.");
+            } else {
+                println!("{number} was not banned.");
+            }
+        }
+        AdminCommand::Bans => {
+            let listed: Vec<Value> = args.call("GET", "/admin/v1/bans", None).await?;
+            if listed.is_empty() {
+                println!("No number is banned.");
+            }
+            for b in listed {
+                let at = b["at_ms"].as_u64().map(ago).unwrap_or_default().replace("last seen", "banned");
+                println!("{}  ({at})", b["phone"].as_str().unwrap_or("?"));
             }
         }
         AdminCommand::Backup { dest } => {

@@ -1577,6 +1577,40 @@ impl MetaStore for PgStore {
     async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         self.meta_once(&format!("secret:{name}"), candidate).await
     }
+
+    async fn set_ban(&self, phone: &PhoneNumber, at_ms: Option<u64>) -> Result<(), StoreError> {
+        let dir = self.directory();
+        let key = format!("ban:{phone}");
+        let query = match at_ms {
+            Some(at) => {
+                sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2")
+                    .bind(key)
+                    .bind(at.to_be_bytes().to_vec())
+            }
+            None => sqlx::query("DELETE FROM meta WHERE key = $1").bind(key),
+        };
+        query.execute(&dir.pool).await.map_err(|e| dir.fail(e))?;
+        Ok(())
+    }
+
+    async fn bans(&self) -> Result<Vec<(PhoneNumber, u64)>, StoreError> {
+        let dir = self.directory();
+        let rows: Vec<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT key, value FROM meta WHERE key LIKE 'ban:%' ORDER BY key")
+                .fetch_all(&dir.pool)
+                .await
+                .map_err(|e| dir.fail(e))?;
+        rows.into_iter()
+            .map(|(key, value)| {
+                let phone = PhoneNumber::parse(key.trim_start_matches("ban:"))
+                    .map_err(|e| StoreError::Corrupt(format!("a banned number: {e}")))?;
+                let at = <[u8; 8]>::try_from(value.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("a ban's time".into()))?;
+                Ok((phone, at))
+            })
+            .collect()
+    }
 }
 
 impl PgStore {

@@ -143,6 +143,24 @@ async fn the_admin_verbs_show_an_account_and_disconnect_a_device_in_words() {
     assert!(ok && out.contains("was disconnected"), "{out}");
     assert_eq!(closed(&mut events).await, Some(CloseCode::GoingAway));
 
+    // A ban: her device's connection ends, connecting again and signing up
+    // again are refused in words; lifted, she connects again.
+    let (_session, mut events) = Session::open(&server.endpoint(Transport::Tcp), &carol).await.unwrap();
+    let (ok, out) = admin(&["ban", "+15552600003"]);
+    assert!(ok && out.contains("+15552600003 is banned") && out.contains("1 device disconnected"), "{out}");
+    assert_eq!(closed(&mut events).await, Some(CloseCode::GoingAway));
+    let refused = Session::open(&server.endpoint(Transport::Ws), &carol).await.unwrap_err().to_string();
+    assert!(refused.contains("this number is banned from this server"), "{refused}");
+    let signup = server.api().start_verification("+15552600003").await.unwrap_err().to_string();
+    assert!(signup.contains("banned"), "{signup}");
+    let (ok, out) = admin(&["bans"]);
+    assert!(ok && out.contains("+15552600003"), "{out}");
+    let (ok, out) = admin(&["unban", "+15552600003"]);
+    assert!(ok && out.contains("no longer banned"), "{out}");
+    Session::open(&server.endpoint(Transport::Ws), &carol).await.expect("connects once the ban is lifted");
+    let (ok, out) = admin(&["unban", "+15552600003"]);
+    assert!(ok && out.contains("was not banned"), "{out}");
+
     // A wrong token, or none: refused in words.
     let (ok, out) = skylark(&["admin", "--admin", &url, "--token", "wrong", "stats"]);
     assert!(!ok && out.contains("a valid admin token is needed"), "{out}");
