@@ -138,6 +138,9 @@ const watched = (page) => {
   return page;
 };
 
+/// Screenshots at a desktop's 1280×800 (and a phone's 390×780 below).
+const DESKTOP = { viewport: { width: 1280, height: 800 } };
+
 const ALICE = "+15553000001";
 const BOB = "+15553000002";
 const CAROL = "+15553000003";
@@ -149,8 +152,8 @@ server = await startServer();
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
 try {
   // Alice allows notifications; Bob has not been asked yet.
-  let alice = watched(await (await browser.newContext({ permissions: ["notifications"] })).newPage());
-  const bob = watched(await (await browser.newContext()).newPage());
+  let alice = watched(await (await browser.newContext({ ...DESKTOP, permissions: ["notifications"] })).newPage());
+  const bob = watched(await (await browser.newContext(DESKTOP)).newPage());
   for (const p of [alice, bob]) p.on("pageerror", (e) => console.error("page error:", e.message));
 
   await alice.goto(base);
@@ -234,7 +237,7 @@ try {
 
   // A third browser links to Alice's account without SMS and sees the chat.
   const smsBefore = codes.size;
-  const laptop = watched(await (await browser.newContext()).newPage());
+  const laptop = watched(await (await browser.newContext(DESKTOP)).newPage());
   await laptop.goto(base);
   await laptop.click("#link-start");
   await laptop.waitForSelector("#link-show:not([hidden])");
@@ -321,7 +324,7 @@ try {
   // A browser linked now has nothing of its own: it reads the history back
   // from the server, down to Carol's message, and pages back through Dave's
   // as the user scrolls up.
-  const tablet = watched(await (await browser.newContext()).newPage());
+  const tablet = watched(await (await browser.newContext(DESKTOP)).newPage());
   await linkTo(alice, tablet);
   await until("Carol's chat read back from history", async () => (await badge(tablet, CAROL)) === "1");
   await until("every message of Dave's counted", async () => (await badge(tablet, DAVE)) === String(MANY));
