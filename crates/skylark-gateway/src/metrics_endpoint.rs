@@ -78,6 +78,12 @@ pub const METRICS: &[Metric] = &[
         "From a send reaching the server to its acknowledgement, which waits for the durable write.",
         None,
     ),
+    (
+        "skylark_delivery_seconds",
+        Kind::Histogram,
+        "From a message's acceptance to its delivery to a recipient device that was connected when it was sent (each device).",
+        None,
+    ),
     ("skylark_store_rows_written_total", Kind::Counter, "Rows written by PostgreSQL group commits.", None),
     (
         "skylark_ephemeral_dropped_total",
@@ -120,7 +126,7 @@ pub const METRICS: &[Metric] = &[
 /// registers every metric.
 pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+        .get_or_init(|| match builder().and_then(PrometheusBuilder::install_recorder) {
             Ok(handle) => {
                 describe();
                 Some(handle)
@@ -131,6 +137,19 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// Latencies and batch sizes as histograms with fixed buckets (not
+/// summaries), so that Prometheus can add them up across servers and
+/// compute quantiles over any window (the alert rules in `ops/` do).
+fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::Matcher;
+    const SECONDS: &[f64] =
+        &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    const WRITES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)?
+        .set_buckets_for_metric(Matcher::Full("skylark_store_commit_batch_writes".into()), WRITES)
 }
 
 fn describe() {
@@ -239,7 +258,7 @@ mod tests {
             let kind = match kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
-                Kind::Histogram => "summary",
+                Kind::Histogram => "histogram",
             };
             assert!(page.contains(&format!("# HELP {name} ")), "no help for {name}:\n{page}");
             assert!(page.contains(&format!("# TYPE {name} {kind}")), "no type for {name}:\n{page}");
@@ -250,7 +269,10 @@ mod tests {
                         "no {name}{{{key}={value}}}:\n{page}"
                     );
                 }
-            } else if kind != "summary" {
+            } else if kind == "histogram" {
+                let bucket = format!("{name}_bucket{{le=\"+Inf\"}}");
+                assert!(page.contains(&bucket), "no buckets of {name} (a histogram, not a summary):\n{page}");
+            } else {
                 assert!(page.lines().any(|l| l.starts_with(&format!("{name} "))), "no sample of {name}:\n{page}");
             }
         }

@@ -230,7 +230,8 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
     };
     shared.server.devices.touch(device);
     let ephemeral = shared.server.presence.connect(account, device, connection).await;
-    let streams = Streams { disconnect, events, ephemeral };
+    let attached_ms = shared.server.clock.now_ms();
+    let streams = Streams { disconnect, events, ephemeral, attached_ms };
     let ending = serve_attached(shared, t, &authed, connection, streams).await;
     router.detach(account, device, connection).await;
     shared.server.presence.disconnect(account, connection).await;
@@ -246,6 +247,9 @@ struct Streams {
     events: skylark_server::lane::Receiver<DeviceEvent>,
     /// Presence and typing, never stored.
     ephemeral: skylark_server::lane::Receiver<Ephemeral>,
+    /// When the device attached (server clock): messages accepted since are
+    /// timed to their delivery here.
+    attached_ms: u64,
 }
 
 async fn serve_attached<T: Transport>(
@@ -255,7 +259,7 @@ async fn serve_attached<T: Transport>(
     connection: u64,
     streams: Streams,
 ) -> Option<Ending> {
-    let Streams { mut disconnect, mut events, mut ephemeral } = streams;
+    let Streams { mut disconnect, mut events, mut ephemeral, attached_ms } = streams;
     let limits = shared.config.limits;
     let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
     let mut idle_deadline = Instant::now() + idle_timeout;
@@ -299,7 +303,7 @@ async fn serve_attached<T: Transport>(
         // Boxed: taking a step (answering a request, converting an event,
         // writing a frame) is the largest state of this loop, and held
         // inline it would be paid by every idle connection.
-        match Box::pin(take_step(shared, t, authed, connection, step)).await {
+        match Box::pin(take_step(shared, t, authed, connection, attached_ms, step)).await {
             Ok(Some(deferred)) => in_flight.get_or_insert_with(FuturesUnordered::new).push(deferred),
             Ok(None) => {}
             Err(ending) => return ending,
@@ -331,8 +335,12 @@ async fn take_step<T: Transport>(
     t: &mut T,
     authed: &Authenticated,
     connection: u64,
+    attached_ms: u64,
     step: Step,
 ) -> Result<Option<Deferred>, Option<Ending>> {
+    // A message from someone else, accepted while this device was connected:
+    // how long it took to reach it is timed once it is written.
+    let mut delivered_from = None;
     let frame = match step {
         Step::Reply(reply) => reply,
         // An event that cannot be named (the store failed looking up a
@@ -342,10 +350,13 @@ async fn take_step<T: Transport>(
             Ok(frame) => frame,
             Err(e) => return Err(Some(storage_trouble(&e))),
         },
-        Step::Event(event) => match crate::convert::event_frame(&shared.server.router, event).await {
-            Ok(frame) => frame,
-            Err(e) => return Err(Some(storage_trouble(&e))),
-        },
+        Step::Event(event) => {
+            delivered_from = accepted_at(authed.account.id, &event).filter(|&at| at >= attached_ms);
+            match crate::convert::event_frame(&shared.server.router, event).await {
+                Ok(frame) => frame,
+                Err(e) => return Err(Some(storage_trouble(&e))),
+            }
+        }
         Step::Inbound(Inbound::Frame(frame)) => {
             match crate::requests::answer(shared, authed, connection, frame).await {
                 Answer::Now(reply) => reply,
@@ -357,8 +368,29 @@ async fn take_step<T: Transport>(
         Step::Inbound(bad) => return Err(Some(refuse_bad_input(t, &bad).await)),
     };
     match t.send(frame).await {
-        Ok(()) => Ok(None),
+        Ok(()) => {
+            if let Some(at) = delivered_from {
+                let ms = shared.server.clock.now_ms().saturating_sub(at);
+                metrics::histogram!("skylark_delivery_seconds").record(ms as f64 / 1000.0);
+            }
+            Ok(None)
+        }
         Err(()) => Err(None),
+    }
+}
+
+/// When a message or group post by another account was accepted, if the
+/// event is one.
+fn accepted_at(me: skylark_core::AccountId, event: &DeviceEvent) -> Option<u64> {
+    let DeviceEvent::Entry { entry, .. } = event else { return None };
+    match entry.as_ref() {
+        skylark_core::message::LogEntry::Message(m) if m.id.sender != me => Some(m.sent_at_ms),
+        skylark_core::message::LogEntry::Group(e)
+            if e.by != me && matches!(e.body, skylark_core::group::GroupBody::Message { .. }) =>
+        {
+            Some(e.at_ms)
+        }
+        _ => None,
     }
 }
 

@@ -147,10 +147,19 @@ async fn health_readiness_and_metrics() {
     let server = TestServer::start().await;
     let api = server.api();
     let identity = server.register("+15550400007").await;
-    server.register("+15550400008").await;
+    let recipient = server.register("+15550400008").await;
+    let (_theirs, mut their_events) = Session::open(&server.endpoint(Transport::Ws), &recipient).await.unwrap();
     let (session, _) = Session::open(&server.endpoint(Transport::Tcp), &identity).await.unwrap();
     session.who_am_i().await.unwrap();
     session.handle().send("+15550400008", "m1", b"hi".to_vec()).await.unwrap();
+    // Delivered to the recipient's connected device (timed once written).
+    loop {
+        match their_events.recv().await.expect("the recipient's stream") {
+            Event::Frame(f) if matches!(f.body, Some(skylark_protocol::v1::server_frame::Body::Event(_))) => break,
+            Event::Frame(_) => continue,
+            Event::Closed { .. } => panic!("the recipient's connection closed"),
+        }
+    }
     for path in ["/healthz", "/readyz"] {
         let (status, ..) = api.raw("GET", path, None).await.unwrap();
         assert_eq!(status, 200, "{path}");
@@ -161,7 +170,9 @@ async fn health_readiness_and_metrics() {
     assert!(response.contains("skylark_connections_total"), "{response}");
     assert!(response.contains("skylark_sms_total"), "{response}");
     // The send was timed to its ack, and the store timed its commit.
-    for timed in ["skylark_send_ack_seconds_count", "skylark_store_commit_seconds_count"] {
+    for timed in
+        ["skylark_send_ack_seconds_count", "skylark_store_commit_seconds_count", "skylark_delivery_seconds_count"]
+    {
         let count = response
             .lines()
             .find_map(|l| l.strip_prefix(timed).and_then(|v| v.trim().parse::<f64>().ok()))
