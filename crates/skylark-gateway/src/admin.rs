@@ -11,6 +11,8 @@
 //! | GET | /admin/v1/bans | the banned numbers |
 //! | POST | /admin/v1/bans `{"phone": NUMBER}` | ban a number: refused at sign-up and at connection; its devices are disconnected |
 //! | DELETE | /admin/v1/bans/{phone} | lift a ban |
+//! | POST | /admin/v1/test/sms `{"phone": NUMBER}` | send a test SMS through the configured provider |
+//! | POST | /admin/v1/test/push/{device} | send a device one wake-up through its push registration |
 //!
 //! Every `/admin/v1` request needs `Authorization: Bearer <token>` (the
 //! token `skylark serve` keeps in `admin.token` in its data directory), and
@@ -59,6 +61,8 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Shared) {
         .route("/admin/v1/backup", post(backup))
         .route("/admin/v1/bans", get(bans).post(ban))
         .route("/admin/v1/bans/{phone}", axum::routing::delete(unban))
+        .route("/admin/v1/test/sms", post(test_sms))
+        .route("/admin/v1/test/push/{device}", post(test_push))
         .with_state(admin);
     let shutdown = shared.shutdown.clone();
     let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -381,6 +385,46 @@ async fn unban(
         Ok(Unbanned { phone: number.to_string(), was_banned })
     };
     admin.run(from, &headers, "unban", &phone, act).await
+}
+
+#[derive(Serialize)]
+struct Tested {
+    /// What came of it, in words.
+    outcome: String,
+}
+
+async fn test_sms(
+    State(admin): State<Admin>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: Result<BanRequest, _> = serde_json::from_slice(&body);
+    let target = request.as_ref().map(|r| r.phone.clone()).unwrap_or_default();
+    let act = async {
+        let request = request.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"phone\": NUMBER}}: {e}"))
+        })?;
+        let phone = parse_phone(&request.phone)?;
+        admin.shared.server.registration.test_sms(&phone).await.map_err(|e| {
+            ApiError::new(StatusCode::BAD_GATEWAY, "sms_failed", format!("the SMS provider failed: {e}"))
+        })?;
+        Ok(Tested { outcome: format!("the SMS provider accepted a test message to {phone}") })
+    };
+    admin.run(from, &headers, "test-sms", &target, act).await
+}
+
+async fn test_push(
+    State(admin): State<Admin>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(device): Path<u64>,
+) -> Response {
+    let act = async {
+        let outcome = admin.shared.server.pusher.test(DeviceId(device)).await.map_err(store_failed)?;
+        Ok(Tested { outcome })
+    };
+    admin.run(from, &headers, "test-push", &device.to_string(), act).await
 }
 
 fn store_failed(e: skylark_store::StoreError) -> ApiError {

@@ -271,6 +271,21 @@ impl Pusher {
         Ok(())
     }
 
+    /// The operator's test: one wake-up to `device` now, whatever its
+    /// state, and what came of it in words. Nothing is retried or removed.
+    pub async fn test(&self, device: DeviceId) -> Result<String, StoreError> {
+        let Some(target) = self.inner.store.push_target(device).await? else {
+            return Ok(format!("device {device} has no push registration (it registers one itself, from its app)"));
+        };
+        Ok(match self.send(device, &target).await {
+            Sent::Delivered => "the push service accepted the wake-up".to_owned(),
+            Sent::Gone => {
+                "the push service says this subscription no longer exists; the device must register again".to_owned()
+            }
+            Sent::Retry(why) | Sent::Fail(why) => format!("the push failed: {why}"),
+        })
+    }
+
     /// `account` received messages: wake its offline devices after the delay.
     pub fn wake(&self, account: AccountId) {
         if !self.inner.scheduled.lock().unwrap_or_else(PoisonError::into_inner).insert(account) {

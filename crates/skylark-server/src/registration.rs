@@ -168,6 +168,13 @@ impl Registration {
         self.deliver(session).await
     }
 
+    /// The operator's test of the SMS provider: one message to `phone`,
+    /// with no code in it.
+    pub async fn test_sms(&self, phone: &PhoneNumber) -> Result<(), crate::sms::SmsError> {
+        let text = "This is a test message from your Skylark server's operator; nothing to do.";
+        send_with_retry(self.sms.as_ref(), phone, text, "").await
+    }
+
     pub async fn status(&self, session_id: &str) -> Result<SessionView, RegistrationError> {
         let session = self.store.verification(session_id).await?.ok_or(RegistrationError::UnknownSession)?;
         Ok(self.view(&session))

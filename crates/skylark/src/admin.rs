@@ -52,6 +52,16 @@ pub enum AdminCommand {
     },
     /// The banned numbers.
     Bans,
+    /// Send a test SMS through the server's SMS provider.
+    TestSms {
+        /// The phone number in international form.
+        phone: String,
+    },
+    /// Send a device one wake-up through its push registration.
+    TestPush {
+        /// The device's number (see `admin account`).
+        device: u64,
+    },
     /// A consistent copy of the embedded store, made while the server runs.
     Backup {
         /// The file to write (must not exist), on the server's machine.
@@ -191,6 +201,14 @@ pub async fn run(args: &AdminArgs, command: &AdminCommand) -> Result<()> {
                 let at = b["at_ms"].as_u64().map(ago).unwrap_or_default().replace("last seen", "banned");
                 println!("{}  ({at})", b["phone"].as_str().unwrap_or("?"));
             }
+        }
+        AdminCommand::TestSms { phone } => {
+            let t: Value = args.call("POST", "/admin/v1/test/sms", Some(json!({ "phone": phone }))).await?;
+            println!("{}.", t["outcome"].as_str().unwrap_or("done"));
+        }
+        AdminCommand::TestPush { device } => {
+            let t: Value = args.call("POST", &format!("/admin/v1/test/push/{device}"), None).await?;
+            println!("{}.", t["outcome"].as_str().unwrap_or("done"));
         }
         AdminCommand::Backup { dest } => {
             // The server writes the file: give it a full path.

@@ -161,6 +161,15 @@ async fn the_admin_verbs_show_an_account_and_disconnect_a_device_in_words() {
     let (ok, out) = admin(&["unban", "+15552600003"]);
     assert!(ok && out.contains("was not banned"), "{out}");
 
+    // The providers, tested: an SMS (no code in it) and a push to a device
+    // that has no registration.
+    let (ok, out) = admin(&["test-sms", "+15552600004"]);
+    assert!(ok && out.contains("accepted a test message to +15552600004"), "{out}");
+    let last = server.sms.sent.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last, ("+15552600004".to_owned(), String::new()), "sent there, with no code");
+    let (ok, out) = admin(&["test-push", &carol.device_id.to_string()]);
+    assert!(ok && out.contains("has no push registration"), "{out}");
+
     // A wrong token, or none: refused in words.
     let (ok, out) = skylark(&["admin", "--admin", &url, "--token", "wrong", "stats"]);
     assert!(!ok && out.contains("a valid admin token is needed"), "{out}");
