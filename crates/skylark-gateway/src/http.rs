@@ -13,6 +13,7 @@
 //! | GET | /v1/nodes | a cluster's serving nodes and their advertised addresses |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
 //! | GET | /, /app.js, /proto.js, /store.js, /sw.js, /style.css, /favicon.svg (and .ico) | the web client |
+//! | GET | /v1/openapi.json | this API as an OpenAPI 3 document (`openapi`) |
 //! | GET | /healthz, /readyz | operations (metrics are on the admin listener, see `admin`) |
 //!
 //! Errors are JSON `{"error": "<code>", "message": "…"}` with a fitting
@@ -42,7 +43,8 @@ pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared
     let limits = shared.config.limits;
     let request_timeout = Duration::from_millis(limits.http_request_timeout_ms);
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(|| async { axum::Json(crate::openapi::document()) }))
         .route("/readyz", get(readyz))
         .route("/v1/verification", post(start))
         .route("/v1/verification/{id}", get(status))
@@ -99,6 +101,19 @@ pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared
     }
 }
 
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "ok", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The server accepts connections (503 while starting or stopping).
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "not ready", body = String, content_type = "text/plain"),
+    ))]
 async fn readyz(State(shared): State<Shared>) -> Response {
     if shared.ready.load(Ordering::SeqCst) && !shared.shutdown.is_cancelled() {
         (StatusCode::OK, "ready\n").into_response()
@@ -234,6 +249,14 @@ fn session_json(view: SessionView, now_ms: u64) -> axum::Json<http::Verification
     })
 }
 
+/// Starts a verification: a code is sent to the number by SMS.
+#[utoipa::path(post, path = "/v1/verification", tag = "sign-up", request_body = http::StartVerification,
+    responses(
+        (status = 200, description = "A session; the code is on its way", body = http::VerificationView),
+        (status = 400, description = "`invalid_phone`, or `malformed_request`", body = http::ApiError),
+        (status = 403, description = "`banned`: the number is banned from this server", body = http::ApiError),
+        (status = 429, description = "`rate_limited` (per address, number prefix or number); see Retry-After", body = http::ApiError),
+    ))]
 async fn start(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -244,6 +267,13 @@ async fn start(
     Ok(session_json(view, shared.server.clock.now_ms()))
 }
 
+/// A verification session's state.
+#[utoipa::path(get, path = "/v1/verification/{id}", tag = "sign-up",
+    params(("id" = String, Path, description = "The session id")),
+    responses(
+        (status = 200, description = "The session", body = http::VerificationView),
+        (status = 404, description = "`unknown_session`", body = http::ApiError),
+    ))]
 async fn status(
     State(shared): State<Shared>,
     Path(id): Path<String>,
@@ -252,6 +282,16 @@ async fn status(
     Ok(session_json(view, shared.server.clock.now_ms()))
 }
 
+/// Sends a new code for the session.
+#[utoipa::path(post, path = "/v1/verification/{id}/resend", tag = "sign-up",
+    params(("id" = String, Path, description = "The session id")),
+    responses(
+        (status = 200, description = "A new code is on its way", body = http::VerificationView),
+        (status = 403, description = "`banned`", body = http::ApiError),
+        (status = 404, description = "`unknown_session`", body = http::ApiError),
+        (status = 410, description = "`sends_exhausted`: start a new session", body = http::ApiError),
+        (status = 429, description = "`resend_too_soon` or `rate_limited`; see Retry-After", body = http::ApiError),
+    ))]
 async fn resend(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -261,6 +301,17 @@ async fn resend(
     Ok(session_json(view, shared.server.clock.now_ms()))
 }
 
+/// Checks the code; if right, registers the number and enrols the device.
+#[utoipa::path(post, path = "/v1/verification/{id}/verify", tag = "sign-up", request_body = http::VerifyRequest,
+    params(("id" = String, Path, description = "The session id")),
+    responses(
+        (status = 200, description = "The device is enrolled", body = http::Registered),
+        (status = 400, description = "`wrong_code` (with `attempts_left`), `invalid_public_key`, `invalid_device_name` or `malformed_request`", body = http::ApiError),
+        (status = 403, description = "`banned`", body = http::ApiError),
+        (status = 404, description = "`unknown_session`", body = http::ApiError),
+        (status = 410, description = "`code_expired` or `attempts_exhausted`: resend", body = http::ApiError),
+        (status = 429, description = "`rate_limited`; see Retry-After", body = http::ApiError),
+    ))]
 async fn verify(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -300,6 +351,14 @@ fn device_api_error(e: DeviceError) -> ApiError {
     }
 }
 
+/// A new device asks to be linked to an account: it gets a code to approve
+/// on a signed-in device.
+#[utoipa::path(post, path = "/v1/links", tag = "linking", request_body = http::LinkRequest,
+    responses(
+        (status = 200, description = "A pending link and its code", body = http::Link),
+        (status = 400, description = "`invalid_public_key`, `invalid_device_name` or `malformed_request`", body = http::ApiError),
+        (status = 429, description = "`rate_limited`; see Retry-After", body = http::ApiError),
+    ))]
 async fn create_link(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -317,15 +376,24 @@ async fn create_link(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct WaitQuery {
+    /// How long to wait for a change, in milliseconds (at most 30,000).
     #[serde(default)]
+    #[param(maximum = 30000)]
     wait_ms: u64,
 }
 
 /// Longest a link long-poll is held open.
 const MAX_LINK_WAIT: Duration = Duration::from_secs(30);
 
+/// The new device waits for its link's approval (a long poll).
+#[utoipa::path(get, path = "/v1/links/{id}", tag = "linking",
+    params(("id" = String, Path, description = "The link id"), WaitQuery),
+    responses(
+        (status = 200, description = "Pending, expired, or approved with the new device's identity", body = http::LinkStatus),
+        (status = 404, description = "`unknown_link`", body = http::ApiError),
+    ))]
 async fn wait_link(
     State(shared): State<Shared>,
     Path(id): Path<String>,
@@ -349,6 +417,8 @@ async fn wait_link(
 /// tries them when the node it came from is gone). Every node of a cluster
 /// answers with the same list once their views agree; a single server has
 /// no others.
+#[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
+    responses((status = 200, description = "The nodes taking devices now (none on a single server)", body = http::NodeList)))]
 async fn nodes(State(shared): State<Shared>) -> Response {
     let nodes = shared.server.router.cluster().map_or_else(Vec::new, |cluster| {
         cluster.serving().into_iter().map(|(node, address)| http::NodeAddress { node, address }).collect()
@@ -358,6 +428,9 @@ async fn nodes(State(shared): State<Shared>) -> Response {
     response
 }
 
+/// The server's VAPID public key, for Web Push subscriptions.
+#[utoipa::path(get, path = "/v1/push/vapid", tag = "push",
+    responses((status = 200, description = "The key", body = http::VapidKey)))]
 async fn vapid_key(State(shared): State<Shared>) -> axum::Json<http::VapidKey> {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     axum::Json(http::VapidKey { public_key: URL_SAFE_NO_PAD.encode(shared.server.pusher.vapid_public_key()) })

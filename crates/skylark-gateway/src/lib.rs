@@ -16,6 +16,7 @@ pub mod config;
 mod convert;
 mod http;
 pub mod metrics_endpoint;
+pub mod openapi;
 mod requests;
 mod session;
 mod slots;

@@ -9,13 +9,16 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /v1/verification`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartVerification {
     /// In international form; separators are ignored.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^\+[1-9][0-9]{7,14}$", example = "+15551234567"))]
     pub phone: String,
 }
 
 /// How the verification code's SMS went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SmsStatus {
     /// "pending", "sent" or "failed".
     pub status: String,
@@ -25,6 +28,7 @@ pub struct SmsStatus {
 
 /// A verification session, as every verification endpoint answers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VerificationView {
     pub session_id: String,
     pub phone: String,
@@ -36,9 +40,12 @@ pub struct VerificationView {
 
 /// `POST /v1/verification/{id}/verify`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VerifyRequest {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9]{6}$", example = "123456"))]
     pub code: String,
     /// Base64 of the device's 32-byte Ed25519 public key.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub public_key: String,
     #[serde(default)]
     pub device_name: String,
@@ -46,6 +53,7 @@ pub struct VerifyRequest {
 
 /// A device enrolled by a verification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Registered {
     pub account_id: u64,
     pub device_id: u64,
@@ -55,8 +63,10 @@ pub struct Registered {
 
 /// `POST /v1/links`: a new device asks to be linked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LinkRequest {
     /// Base64 of the new device's 32-byte Ed25519 public key.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9+/]{43}=$"))]
     pub public_key: String,
     #[serde(default)]
     pub device_name: String,
@@ -64,6 +74,7 @@ pub struct LinkRequest {
 
 /// A pending link, as the new device sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Link {
     pub link_id: String,
     /// Shown as `ABCD-EFGH`; typed or scanned on a signed-in device.
@@ -76,6 +87,7 @@ pub struct Link {
 
 /// `GET /v1/links/{id}`: the state of a pending link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum LinkStatus {
     Pending,
@@ -85,6 +97,7 @@ pub enum LinkStatus {
 
 /// `GET /v1/push/vapid`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VapidKey {
     /// The uncompressed P-256 point, base64url without padding.
     pub public_key: String,
@@ -94,11 +107,13 @@ pub struct VapidKey {
 /// address each advertises (`host:port` of its HTTP listener, reached with
 /// the same scheme as the node that answered). Empty on a single server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeList {
     pub nodes: Vec<NodeAddress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeAddress {
     pub node: String,
     pub address: String,
@@ -106,6 +121,7 @@ pub struct NodeAddress {
 
 /// Every error answer: a stable name and a message in words.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     pub error: String,
     pub message: String,
