@@ -14,9 +14,13 @@ use serde::{Deserialize, Serialize};
 /// The rules a verification session follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerificationPolicy {
+    /// How long a code is valid after it is sent.
     pub code_ttl_ms: u64,
+    /// Wrong guesses allowed per code.
     pub max_attempts: u32,
+    /// The least time between two codes of one session.
     pub resend_interval_ms: u64,
+    /// Codes sent per session, the first included.
     pub max_sends: u32,
 }
 

@@ -104,6 +104,7 @@ pub struct Settings {
     pub messaging: MessagingConfig,
     pub devices: DevicesConfig,
     pub push: PushConfig,
+    /// Where verification codes go (the `[sms]` section below).
     pub sms: SmsConfig,
     /// Cluster mode (docs/CLUSTER.md); absent: one node.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,18 +214,27 @@ impl StoreSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// Largest frame accepted or sent, in bytes, on every transport (a larger one closes the connection).
     pub max_frame_bytes: usize,
+    /// A connection must authenticate within this time after it opens.
     pub auth_timeout_ms: u64,
     /// How long a connection's challenge nonce stays valid (services).
     pub challenge_ttl_ms: u64,
+    /// A connection that sends nothing for this long is closed.
     pub idle_timeout_ms: u64,
+    /// How often clients are told to send a heartbeat (below the idle timeout).
     pub heartbeat_interval_ms: u64,
+    /// The WebSocket read buffer per connection, in bytes.
     pub ws_read_buffer_bytes: usize,
+    /// Largest HTTP request body, in bytes.
     pub http_body_bytes: usize,
+    /// An HTTP request's headers must arrive within this time.
     pub http_header_timeout_ms: u64,
+    /// An HTTP request must be answered within this time (a link long-poll waits at most 30 s).
     pub http_request_timeout_ms: u64,
     /// How long a typing indicator lasts unless refreshed (services).
     pub typing_ttl_ms: u64,
+    /// Open connections per client IP address; more are refused before the handshake.
     pub max_connections_per_ip: u32,
 }
 

@@ -21,6 +21,7 @@ pub struct MessagingConfig {
     /// First retry delay of a forward between actors; doubles per attempt,
     /// with full jitter, up to `forward_retry_max_ms`.
     pub forward_retry_base_ms: u64,
+    /// The longest delay between two retries of a forward.
     pub forward_retry_max_ms: u64,
     /// A forward not acknowledged within this time is retried.
     pub forward_timeout_ms: u64,

@@ -46,12 +46,14 @@ pub struct PushConfig {
     pub attempts: u32,
     /// First retry delay; doubles per attempt.
     pub retry_base_ms: u64,
+    /// How long one push request may take.
     pub timeout_ms: u64,
     /// The VAPID `sub` claim: how a push service can reach the operator.
     pub vapid_subject: String,
     /// Where webhook targets are delivered; webhook registrations are
     /// refused when unset.
     pub webhook_url: Option<String>,
+    /// Headers sent with every webhook request (an API key).
     #[serde(default)]
     pub webhook_headers: BTreeMap<String, String>,
     /// Push registrations changed per device.

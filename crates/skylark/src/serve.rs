@@ -483,6 +483,156 @@ sms_per_number = { burst = 1, per_ms = 60000 }
         assert!(missing.is_empty(), "README.md's configuration lacks {missing:?}");
     }
 
+    /// The configuration types' fields, from the sources: struct name →
+    /// (field, its type, its doc comment) in declaration order.
+    fn config_fields() -> std::collections::HashMap<String, Vec<(String, String, String)>> {
+        let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let files = [
+            "skylark-gateway/src/config.rs",
+            "skylark-server/src/config.rs",
+            "skylark-server/src/messaging.rs",
+            "skylark-server/src/devices.rs",
+            "skylark-server/src/push.rs",
+            "skylark-server/src/cluster/mod.rs",
+            "skylark-server/src/actor/machine.rs",
+            "skylark-core/src/verification.rs",
+        ];
+        let mut structs = std::collections::HashMap::new();
+        for file in files {
+            let text = std::fs::read_to_string(crates.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let (mut current, mut doc): (Option<String>, Vec<String>) = (None, Vec::new());
+            for line in text.lines() {
+                let trimmed = line.trim();
+                if let Some(rest) = line.strip_prefix("pub struct ") {
+                    // The first of two structs of one name wins (the
+                    // gateway's `Limits` holds the services' too).
+                    current = rest.strip_suffix(" {").map(str::to_owned).filter(|n| !structs.contains_key(n));
+                    doc.clear();
+                } else if line == "}" {
+                    current = None;
+                } else if let Some(name) = &current {
+                    if let Some(text) = trimmed.strip_prefix("///") {
+                        doc.push(text.trim().to_owned());
+                    } else if let Some(field) = trimmed.strip_prefix("pub ") {
+                        if let Some((key, ty)) = field.split_once(": ") {
+                            let entry = (key.to_owned(), ty.trim_end_matches(',').to_owned(), doc.join(" "));
+                            structs.entry(name.clone()).or_insert_with(Vec::new).push(entry);
+                        }
+                        doc.clear();
+                    } else if !trimmed.starts_with("#[") {
+                        doc.clear();
+                    }
+                }
+            }
+        }
+        structs
+    }
+
+    /// A value as it is written in the file.
+    fn toml_text(v: &toml::Value) -> String {
+        match v {
+            toml::Value::String(s) => serde_json::to_string(s).unwrap(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Datetime(d) => d.to_string(),
+            toml::Value::Array(items) => format!("[{}]", items.iter().map(toml_text).collect::<Vec<_>>().join(", ")),
+            toml::Value::Table(t) => {
+                let pairs: Vec<String> = t.iter().map(|(k, v)| format!("{k} = {}", toml_text(v))).collect();
+                if pairs.is_empty() { "{}".to_owned() } else { format!("{{ {} }}", pairs.join(", ")) }
+            }
+        }
+    }
+
+    /// docs/CONFIG.md, generated: every key of the file with its default
+    /// (from `Config::default()`) and what it does (the field's doc comment).
+    fn config_doc() -> String {
+        let structs = config_fields();
+        let defaults = toml::Value::try_from(Config::default()).expect("the defaults serialise");
+        let mut out = String::from(
+            "# Configuration\n\n<!-- Generated from the configuration types by the test \
+             `serve::tests::docs_config_md_is_current`; do not edit by hand. To regenerate: \
+             SKYLARK_WRITE_DOCS=1 cargo test -p skylark --bin skylark docs_config_md -->\n\n\
+             `skylark serve --config FILE` reads a TOML file with these keys; every key is optional \
+             (omitted keys keep the default shown) and an unknown key is an error. Flags and \
+             environment variables override the file (README.md, \"Running the server\"). What each \
+             limit does when reached: docs/LIMITS.md. A rate limit is written `{ burst = N, per_ms = M }`: \
+             N at once, then one more every M milliseconds.\n",
+        );
+        fn section(
+            out: &mut String,
+            structs: &std::collections::HashMap<String, Vec<(String, String, String)>>,
+            ty: &str,
+            path: &str,
+            defaults: Option<&toml::Value>,
+            about: &str,
+        ) {
+            let fields = structs.get(ty).unwrap_or_else(|| panic!("no struct {ty} in the configuration sources"));
+            let mut nested = Vec::new();
+            let mut rows = String::new();
+            for (key, field_ty, doc) in fields {
+                let inner = field_ty.trim_start_matches("Option<").trim_end_matches('>');
+                let value = defaults.and_then(|d| d.get(key));
+                // A rate limit is one value, `{ burst, per_ms }`.
+                if structs.contains_key(inner) && inner != "Quota" {
+                    nested.push((key.clone(), inner.to_owned(), value.cloned(), doc.clone()));
+                    continue;
+                }
+                let shown = match value {
+                    Some(v) => format!("`{}`", toml_text(v).replace('|', "\\|")),
+                    None => "none".to_owned(),
+                };
+                let doc = if doc.is_empty() { "—".to_owned() } else { doc.replace('|', "\\|") };
+                rows.push_str(&format!("| `{key}` | {shown} | {doc} |\n"));
+            }
+            if !rows.is_empty() {
+                let title = if path.is_empty() { "Top level".to_owned() } else { format!("`[{path}]`") };
+                let about = if about.is_empty() { String::new() } else { format!("{about}\n\n") };
+                out.push_str(&format!(
+                    "\n## {title}\n\n{about}| key | default | what it does |\n| --- | --- | --- |\n{rows}"
+                ));
+            }
+            for (key, inner, value, doc) in nested {
+                let path = if path.is_empty() { key } else { format!("{path}.{key}") };
+                section(out, structs, &inner, &path, value.as_ref(), &doc);
+            }
+        }
+        section(&mut out, &structs, "Settings", "", Some(&defaults), "");
+        out.push_str(
+            "\n## `[sms]`\n\n| key | default | what it does |\n| --- | --- | --- |\n\
+             | `provider` | `\"console\"` | `console` prints codes in the server log; `http` POSTs JSON \
+             `{\"to\", \"text\", \"code\"}` to `url` |\n\
+             | `url` | none | with `http`: where to POST |\n\
+             | `headers` | `{}` | with `http`: headers to send (an API key) |\n\
+             | `timeout_ms` | `5000` | with `http`: how long one attempt may take |\n",
+        );
+        out
+    }
+
+    #[test]
+    fn docs_config_md_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/CONFIG.md");
+        let generated = config_doc();
+        if std::env::var_os("SKYLARK_WRITE_DOCS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/CONFIG.md is not what the configuration types say; regenerate it with \
+             SKYLARK_WRITE_DOCS=1 cargo test -p skylark --bin skylark docs_config_md"
+        );
+        assert!(!generated.contains("| — |"), "a configuration field has no doc comment:\n{generated}");
+        // Every key of the defaults is in it.
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut keys = Vec::new();
+        key_paths("", &defaults, &mut keys);
+        for key in keys {
+            let last = key.rsplit('.').next().unwrap();
+            assert!(generated.contains(&format!("| `{last}` |")), "docs/CONFIG.md lacks {key}");
+        }
+    }
+
     #[test]
     fn typo_in_config_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
