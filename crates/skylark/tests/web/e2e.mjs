@@ -372,19 +372,29 @@ try {
   // With no page open, a push (here handed to the browser through the
   // DevTools protocol, since headless Chromium has no push service) shows
   // a notification from the service worker, without content.
-  const devtools = await aliceContext.newCDPSession(await aliceContext.newPage());
+  // The probe is a same-origin document that is not the app (the icon,
+  // served by the service worker while the server is down).
+  const probe = await aliceContext.newPage();
+  await probe.goto(`${base}/favicon.svg`);
+  const devtools = await aliceContext.newCDPSession(probe);
   const registration = new Promise((resolve) => devtools.on("ServiceWorker.workerRegistrationUpdated", ({ registrations }) => {
     const mine = registrations.find((r) => r.scopeURL === `${base}/` && !r.isDeleted);
     if (mine) resolve(mine.registrationId);
   }));
   await devtools.send("ServiceWorker.enable");
-  await devtools.send("ServiceWorker.deliverPushMessage",
-    { origin: base, registrationId: await registration, data: JSON.stringify({ type: "wake" }) });
+  const registrationId = await registration;
   await until("the service worker's notification", async () => {
-    const [sw] = aliceContext.serviceWorkers();
-    const shown = sw ? await sw.evaluate(async () => (await self.registration.getNotifications()).map((n) => `${n.title}: ${n.body}`)) : [];
+    // Handed again while none shows: the worker may still be starting.
+    await devtools.send("ServiceWorker.deliverPushMessage",
+      { origin: base, registrationId, data: JSON.stringify({ type: "wake" }) });
+    await new Promise((r) => setTimeout(r, 200));
+    const shown = await probe.evaluate(async () => {
+      const r = await navigator.serviceWorker.getRegistration("/");
+      return r ? (await r.getNotifications()).map((n) => `${n.title}: ${n.body}`) : [];
+    });
     return shown.includes("Skylark: You have new messages.");
   });
+  await probe.close();
 
   // The page opens with the server still down (its files kept by the
   // service worker), showing the chats and the message waiting to be sent.
