@@ -11,6 +11,19 @@ use skylark_protocol::codec::{FrameCodec, FrameError, LENGTH_PREFIX};
 use skylark_protocol::{ClientFrame, ServerFrame, json, samples};
 use tokio_util::codec::Decoder;
 
+/// With `SKYLARK_WRITE_CORPUS` set, writes `seeds` as the starting corpus
+/// of the cargo-fuzz target `target` (fuzz/corpus/, kept in the repo).
+fn write_corpus(target: &str, seeds: &[Vec<u8>]) {
+    if std::env::var_os("SKYLARK_WRITE_CORPUS").is_none() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, seed) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i:03}")), seed).unwrap();
+    }
+}
+
 fn protobuf_seeds() -> Vec<Vec<u8>> {
     samples::client_frames().iter().map(|f| f.encode_to_vec()).collect()
 }
@@ -26,6 +39,7 @@ fn fuzz_tcp_frame_decoder() {
         seeds.push(framed);
     }
     seeds.push(seeds.concat());
+    write_corpus("tcp_frames", &seeds);
     skylark_fuzz::run("tcp-frame-decoder", &seeds, |input| {
         let mut codec: FrameCodec<ClientFrame, ServerFrame> = FrameCodec::new(MAX);
         let mut buf = BytesMut::new();
@@ -56,6 +70,7 @@ fn fuzz_tcp_frame_decoder() {
 
 #[test]
 fn fuzz_protobuf_frames() {
+    write_corpus("protobuf_frames", &protobuf_seeds());
     skylark_fuzz::run("protobuf-frames", &protobuf_seeds(), |input| {
         let client = ClientFrame::decode(input).ok();
         if let Some(frame) = &client {
@@ -71,6 +86,7 @@ fn fuzz_protobuf_frames() {
 #[test]
 fn fuzz_json_mapping() {
     let seeds: Vec<Vec<u8>> = samples::client_frames().iter().map(|f| json::encode_client(f).into_bytes()).collect();
+    write_corpus("json_frames", &seeds);
     skylark_fuzz::run("json-mapping", &seeds, |input| {
         let text = String::from_utf8_lossy(input);
         let client = json::decode_client(&text).ok();

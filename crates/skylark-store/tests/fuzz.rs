@@ -46,6 +46,14 @@ fn seeds() -> Vec<Vec<u8>> {
 
 #[test]
 fn fuzz_store_records() {
+    // With SKYLARK_WRITE_CORPUS set: the cargo-fuzz target's starting corpus.
+    if std::env::var_os("SKYLARK_WRITE_CORPUS").is_some() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/store_records");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, seed) in seeds().iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i:03}")), seed).unwrap();
+        }
+    }
     skylark_fuzz::run("store-records", &seeds(), |input| {
         let entry = decode_entry(input).ok();
         if let Some(entry) = &entry {
