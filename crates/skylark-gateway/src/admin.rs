@@ -326,8 +326,23 @@ async fn bans(State(admin): State<Admin>, ConnectInfo(from): ConnectInfo<SocketA
 }
 
 #[derive(Deserialize)]
-struct BanRequest {
+struct PhoneRequest {
     phone: String,
+}
+
+/// A `{"phone": NUMBER}` body: the text given (for the audit log), and the
+/// number or why it is not one.
+fn phone_body(body: &[u8]) -> (String, Result<PhoneNumber, ApiError>) {
+    match serde_json::from_slice::<PhoneRequest>(body) {
+        Ok(request) => {
+            let phone = parse_phone(&request.phone);
+            (request.phone, phone)
+        }
+        Err(e) => {
+            let why = format!("expected {{\"phone\": NUMBER}}: {e}");
+            (String::new(), Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why)))
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -343,13 +358,9 @@ async fn ban(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let request: Result<BanRequest, _> = serde_json::from_slice(&body);
-    let target = request.as_ref().map(|r| r.phone.clone()).unwrap_or_default();
+    let (target, phone) = phone_body(&body);
     let act = async {
-        let request = request.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"phone\": NUMBER}}: {e}"))
-        })?;
-        let phone = parse_phone(&request.phone)?;
+        let phone = phone?;
         let server = &admin.shared.server;
         server.bans.ban(&phone).await.map_err(store_failed)?;
         // Its devices connected now are ended; connecting again is refused.
@@ -399,13 +410,9 @@ async fn test_sms(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let request: Result<BanRequest, _> = serde_json::from_slice(&body);
-    let target = request.as_ref().map(|r| r.phone.clone()).unwrap_or_default();
+    let (target, phone) = phone_body(&body);
     let act = async {
-        let request = request.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"phone\": NUMBER}}: {e}"))
-        })?;
-        let phone = parse_phone(&request.phone)?;
+        let phone = phone?;
         admin.shared.server.registration.test_sms(&phone).await.map_err(|e| {
             ApiError::new(StatusCode::BAD_GATEWAY, "sms_failed", format!("the SMS provider failed: {e}"))
         })?;

@@ -183,6 +183,9 @@ impl Registration {
     /// Sends a new code for an existing session.
     pub async fn resend(&self, session_id: &str, ip: IpAddr) -> Result<SessionView, RegistrationError> {
         let mut session = self.store.verification(session_id).await?.ok_or(RegistrationError::UnknownSession)?;
+        if self.bans.is_banned(&session.phone) {
+            return Err(RegistrationError::Banned);
+        }
         // The session's own resend rules come first: they are free to check
         // and give the more precise answer.
         let now = self.clock.now_ms();

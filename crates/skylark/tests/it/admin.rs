@@ -153,6 +153,16 @@ async fn the_admin_verbs_show_an_account_and_disconnect_a_device_in_words() {
     assert!(refused.contains("this number is banned from this server"), "{refused}");
     let signup = server.api().start_verification("+15552600003").await.unwrap_err().to_string();
     assert!(signup.contains("banned"), "{signup}");
+    // A session started before its number was banned goes no further.
+    let api = server.api();
+    let started = api.start_verification("+15552600005").await.unwrap();
+    let (ok, out) = admin(&["ban", "+15552600005"]);
+    assert!(ok && out.contains("0 devices disconnected"), "{out}");
+    let resend = api.resend(&started.session_id).await.unwrap_err().to_string();
+    assert!(resend.contains("banned"), "{resend}");
+    let code = server.sms.last_code("+15552600005");
+    let verify = api.verify(&started.session_id, &code, &[9; 32], "x").await.unwrap_err().to_string();
+    assert!(verify.contains("banned"), "{verify}");
     let (ok, out) = admin(&["bans"]);
     assert!(ok && out.contains("+15552600003"), "{out}");
     let (ok, out) = admin(&["unban", "+15552600003"]);
