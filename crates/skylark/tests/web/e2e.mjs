@@ -182,6 +182,8 @@ try {
   await bob.fill("#text", "hi alice");
   await bob.press("#text", "Enter");
   await alice.waitForSelector("#messages li.msg:not(.mine) >> text=hi alice");
+  // The message ends "typing…" at once (not when the indicator expires).
+  assert.equal(await alice.textContent("#chat-status"), "online", "typing… ends with the message");
   await tickIs(bob, "hi alice", "read"); // Alice has the chat open
   // Both sides of a conversation in the order they happened, on both screens,
   // even when the two senders' message ids (which count in different
@@ -418,6 +420,14 @@ try {
   await sendText(alice, "anyone?");
   await alice.waitForSelector("#banner:not([hidden]) >> text=No Skylark account has that phone number.");
   assert.equal(await tick(alice, "anyone?"), "failed");
+
+  // A chat that begins with an incoming message shows the sender's presence
+  // without a reload (Erin, on the command line, writes and leaves).
+  await cliRegister("erin", "+15553000005");
+  await cli("erin", ["send", ALICE, "hello from erin"]);
+  await alice.waitForSelector(`[data-chat="p:+15553000005"]`);
+  await alice.click(`[data-chat="p:+15553000005"]`);
+  await until("Erin's last seen on Alice's page", async () => /last seen|online/.test(await alice.textContent("#chat-status")));
 
   // Phone-sized window: one pane at a time.
   const phone = watched(await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage());
