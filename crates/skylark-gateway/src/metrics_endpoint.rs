@@ -50,6 +50,18 @@ pub const METRICS: &[Metric] = &[
     ),
     ("skylark_actors", Kind::Gauge, "Account and group actors running now.", None),
     (
+        "skylark_mailbox_queued",
+        Kind::Gauge,
+        "Messages waiting in the actors' mailboxes, all together (sampled every minute).",
+        None,
+    ),
+    (
+        "skylark_mailbox_fullest",
+        Kind::Gauge,
+        "Messages waiting in the fullest actor mailbox (of 1,024; sampled every minute).",
+        None,
+    ),
+    (
         "skylark_cluster_members",
         Kind::Gauge,
         "Cluster mode: live nodes taking actors, as this node sees them (0 on one node).",

@@ -85,6 +85,11 @@ fn remember(slot: &mut Option<Waker>, cx: &Context<'_>) {
 }
 
 impl<T> Sender<T> {
+    /// Messages waiting to be received now.
+    pub fn queued(&self) -> usize {
+        self.0.lock().queue.len()
+    }
+
     /// Queues `message` if there is room, without waiting.
     pub fn try_send(&self, message: T) -> Result<(), TrySendError<T>> {
         let receiver = {
@@ -270,7 +275,9 @@ mod tests {
         tx.try_send(2).unwrap();
         tx.try_send(3).unwrap();
         assert_eq!(tx.try_send(4), Err(TrySendError::Full(4)));
+        assert_eq!(tx.queued(), 3);
         assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(tx.queued(), 2);
         tx.try_send(4).unwrap();
         let mut got = Vec::new();
         assert_eq!(rx.recv_many(&mut got, 10).await, 3);

@@ -70,6 +70,12 @@ impl Registry {
         self.slots().live.len()
     }
 
+    /// Messages waiting in every live actor's mailbox, and in the fullest.
+    pub(crate) fn mailbox_depths(&self) -> (usize, usize) {
+        let slots = self.slots();
+        slots.live.values().map(|s| s.mailbox.queued()).fold((0, 0), |(total, max), n| (total + n, max.max(n)))
+    }
+
     pub(crate) fn is_live(&self, account: AccountId) -> bool {
         self.slots().live.contains_key(&account)
     }

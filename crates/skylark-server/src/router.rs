@@ -104,6 +104,9 @@ impl Router {
     pub fn sweep(&self) {
         self.ctx().sends.forget_idle();
         self.inner.group_changes.forget_idle();
+        let (queued, fullest) = self.ctx().registry.mailbox_depths();
+        metrics::gauge!("skylark_mailbox_queued").set(queued as f64);
+        metrics::gauge!("skylark_mailbox_fullest").set(fullest as f64);
     }
 
     pub fn live_actors(&self) -> usize {
