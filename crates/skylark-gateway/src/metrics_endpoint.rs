@@ -34,6 +34,12 @@ pub const METRICS: &[Metric] = &[
     ),
     ("skylark_connections_open", Kind::Gauge, "Connections open now.", None),
     (
+        "skylark_tls_handshakes_total",
+        Kind::Counter,
+        "TLS handshakes on both listeners, by result (all connections are TLS when TLS is configured).",
+        Some(("result", &["ok", "failed", "timed_out"])),
+    ),
+    (
         "skylark_connections_refused_total",
         Kind::Counter,
         "Connections refused before the handshake, by reason.",

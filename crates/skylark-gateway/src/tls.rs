@@ -125,12 +125,17 @@ pub(crate) async fn handshake(tls: Option<&TlsAcceptor>, stream: TcpStream, dead
     let _ = stream.set_nodelay(true);
     let Some(acceptor) = tls else { return Some(Io::Plain(stream)) };
     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => Some(Io::Tls(Box::new(stream))),
+        Ok(Ok(stream)) => {
+            metrics::counter!("skylark_tls_handshakes_total", "result" => "ok").increment(1);
+            Some(Io::Tls(Box::new(stream)))
+        }
         Ok(Err(e)) => {
+            metrics::counter!("skylark_tls_handshakes_total", "result" => "failed").increment(1);
             tracing::debug!(error = %e, "tls handshake failed");
             None
         }
         Err(_) => {
+            metrics::counter!("skylark_tls_handshakes_total", "result" => "timed_out").increment(1);
             tracing::debug!("tls handshake timed out");
             None
         }
