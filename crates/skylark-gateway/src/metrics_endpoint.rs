@@ -83,6 +83,18 @@ pub const METRICS: &[Metric] = &[
     ),
     ("skylark_group_events_stored_total", Kind::Counter, "Group events made durable in a member's log.", None),
     ("skylark_forward_retries_total", Kind::Counter, "Forwards between actors retried (failed or timed out).", None),
+    (
+        "skylark_forwards_retrying",
+        Kind::Gauge,
+        "Forwards between actors that failed and are being retried now (sampled every minute).",
+        None,
+    ),
+    (
+        "skylark_forward_oldest_retry_seconds",
+        Kind::Gauge,
+        "How long the oldest forward being retried has been failing (0 when none; sampled every minute).",
+        None,
+    ),
     ("skylark_store_commit_batch_writes", Kind::Histogram, "Account writes merged into one store commit.", None),
     (
         "skylark_store_commit_seconds",

@@ -501,6 +501,8 @@ async fn forward(ctx: Ctx, from: AccountId, to: AccountId, items: Batch, origin:
     let config = ctx.config;
     let timeout = Duration::from_millis(config.forward_timeout_ms);
     let mut attempt = 0u32;
+    // Counted among the forwards being retried from its first failure on.
+    let mut retry_guard = None;
     loop {
         match tokio::time::timeout(timeout, ctx.deliver(to, from, items.clone())).await {
             Ok(Ok(up_to)) => {
@@ -514,6 +516,9 @@ async fn forward(ctx: Ctx, from: AccountId, to: AccountId, items: Batch, origin:
             Err(_) => tracing::debug!(attempt, "forward timed out; retrying"),
         }
         metrics::counter!("skylark_forward_retries_total").increment(1);
+        if retry_guard.is_none() {
+            retry_guard = Some(ctx.registry.retrying());
+        }
         let delay = jittered(config.forward_retry_base_ms, config.forward_retry_max_ms, attempt);
         attempt = attempt.saturating_add(1);
         tokio::select! {

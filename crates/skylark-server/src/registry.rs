@@ -43,6 +43,10 @@ struct Slots {
 
 pub(crate) struct Registry {
     slots: Mutex<Slots>,
+    /// Forwards that failed at least once and are still being retried:
+    /// when each first failed (for the operator's metrics).
+    retrying: std::sync::Arc<Mutex<HashMap<u64, std::time::Instant>>>,
+    next_retry: AtomicU64,
     generation: AtomicU64,
     /// Cancelled at shutdown: every actor and forward selects on it.
     pub(crate) shutdown: CancellationToken,
@@ -54,6 +58,8 @@ impl Default for Registry {
     fn default() -> Self {
         Self {
             slots: Mutex::new(Slots::default()),
+            retrying: std::sync::Arc::default(),
+            next_retry: AtomicU64::new(0),
             generation: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -68,6 +74,20 @@ impl Registry {
 
     pub(crate) fn live_actors(&self) -> usize {
         self.slots().live.len()
+    }
+
+    /// A forward failed: it is counted as retrying until the guard is dropped.
+    pub(crate) fn retrying(&self) -> RetryGuard {
+        let id = self.next_retry.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.retrying.lock().unwrap_or_else(PoisonError::into_inner).insert(id, std::time::Instant::now());
+        RetryGuard { retrying: self.retrying.clone(), id }
+    }
+
+    /// Forwards being retried now, and how long the oldest has been.
+    pub(crate) fn retries(&self) -> (usize, std::time::Duration) {
+        let retrying = self.retrying.lock().unwrap_or_else(PoisonError::into_inner);
+        let oldest = retrying.values().min().map(std::time::Instant::elapsed).unwrap_or_default();
+        (retrying.len(), oldest)
     }
 
     /// Messages waiting in every live actor's mailbox, and in the fullest.
@@ -190,5 +210,40 @@ impl Registry {
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// Held by a forward while it retries (see [`Registry::retrying`]).
+pub(crate) struct RetryGuard {
+    retrying: std::sync::Arc<Mutex<HashMap<u64, std::time::Instant>>>,
+    id: u64,
+}
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.retrying.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_count_as_retrying_while_their_guard_lives() {
+        let registry = Registry::default();
+        assert_eq!(registry.retries(), (0, std::time::Duration::ZERO));
+        let first = registry.retrying();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let second = registry.retrying();
+        let (count, oldest) = registry.retries();
+        assert_eq!(count, 2);
+        assert!(oldest >= std::time::Duration::from_millis(20), "the oldest is the first: {oldest:?}");
+        drop(first);
+        let (count, oldest) = registry.retries();
+        assert_eq!(count, 1);
+        assert!(oldest < std::time::Duration::from_millis(20), "{oldest:?}");
+        drop(second);
+        assert_eq!(registry.retries(), (0, std::time::Duration::ZERO));
     }
 }

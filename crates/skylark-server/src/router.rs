@@ -107,6 +107,9 @@ impl Router {
         let (queued, fullest) = self.ctx().registry.mailbox_depths();
         metrics::gauge!("skylark_mailbox_queued").set(queued as f64);
         metrics::gauge!("skylark_mailbox_fullest").set(fullest as f64);
+        let (retrying, oldest) = self.ctx().registry.retries();
+        metrics::gauge!("skylark_forwards_retrying").set(retrying as f64);
+        metrics::gauge!("skylark_forward_oldest_retry_seconds").set(oldest.as_secs_f64());
     }
 
     pub fn live_actors(&self) -> usize {
