@@ -55,7 +55,8 @@ start_node() {
   local bin=$1 i=$2 http=$3 tcp=$4 natsurl=$5; shift 5
   local host=127.0.0.$((i + 1))
   SKYLARK_LOG=${SKYLARK_LOG:-info} "$bin" serve --store "$store" --cluster-node "n$i" \
-    --nats "$natsurl" --http "$host:$http" --tcp "$host:$tcp" --data-dir "$work/n$i" "$@" \
+    --nats "$natsurl" --http "$host:$http" --tcp "$host:$tcp" --admin "$host:${ADMIN_PORT:-7482}" \
+    --data-dir "$work/n$i" "$@" \
     >"$work/n$i.out" 2>"$work/n$i.log" &
   node_pid=$!
   node_pids+=($node_pid)
@@ -63,7 +64,7 @@ start_node() {
     kill -0 "$node_pid" 2>/dev/null || { echo "node n$i did not start:" >&2; tail "$work/n$i.log" >&2; exit 1; }
     sleep 0.2
   done
-  echo "== node n$i: http://$host:$http (TCP $host:$tcp); log $work/n$i.log"
+  echo "== node n$i: http://$host:$http (TCP $host:$tcp; admin and metrics http://$host:${ADMIN_PORT:-7482}); log $work/n$i.log"
 }
 
 # start_provisioned_cluster ACCOUNTS NODES: ACCOUNTS test accounts written
