@@ -22,7 +22,7 @@
 use crate::Shared;
 use crate::http::ApiError;
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -42,6 +42,55 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Where every admin action is appended, one JSON object per line.
     pub audit_log: Option<std::path::PathBuf>,
+}
+
+/// Who is asking, as every admin handler needs it: the admin API, the
+/// client's address (for the audit log) and the headers (for the token).
+struct Caller {
+    admin: Admin,
+    from: SocketAddr,
+    headers: HeaderMap,
+}
+
+impl axum::extract::FromRequestParts<Admin> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        admin: &Admin,
+    ) -> Result<Self, Self::Rejection> {
+        let from =
+            parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+        Ok(Caller { admin: admin.clone(), from, headers: parts.headers.clone() })
+    }
+}
+
+impl Caller {
+    /// Authorizes, audits the attempt, runs `act`, audits its outcome.
+    async fn run<T: Serialize, F: Future<Output = Result<T, ApiError>>>(
+        &self,
+        action: &str,
+        target: &str,
+        act: F,
+    ) -> Response {
+        if let Err(refused) = self.admin.authorize(&self.headers) {
+            let _ = self.admin.audit(self.from, action, target, "refused: no valid token");
+            return refused.into_response();
+        }
+        if let Err(e) = self.admin.audit(self.from, action, target, "started") {
+            return e.into_response();
+        }
+        let result = act.await;
+        let outcome = match &result {
+            Ok(_) => "done".to_owned(),
+            Err(e) => format!("failed: {}", e.message()),
+        };
+        let _ = self.admin.audit(self.from, action, target, &outcome);
+        match result {
+            Ok(body) => axum::Json(body).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -132,34 +181,6 @@ impl Admin {
                 )
             })
     }
-
-    /// Authorizes, audits the attempt, runs `act`, audits its outcome.
-    async fn run<T: Serialize, F: Future<Output = Result<T, ApiError>>>(
-        &self,
-        from: SocketAddr,
-        headers: &HeaderMap,
-        action: &str,
-        target: &str,
-        act: F,
-    ) -> Response {
-        if let Err(refused) = self.authorize(headers) {
-            let _ = self.audit(from, action, target, "refused: no valid token");
-            return refused.into_response();
-        }
-        if let Err(e) = self.audit(from, action, target, "started") {
-            return e.into_response();
-        }
-        let result = act.await;
-        let outcome = match &result {
-            Ok(_) => "done".to_owned(),
-            Err(e) => format!("failed: {}", e.message()),
-        };
-        let _ = self.audit(from, action, target, &outcome);
-        match result {
-            Ok(body) => axum::Json(body).into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -170,16 +191,16 @@ struct Stats {
     ready: bool,
 }
 
-async fn stats(State(admin): State<Admin>, ConnectInfo(from): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn stats(caller: Caller) -> Response {
     let act = async {
         Ok(Stats {
             version: env!("CARGO_PKG_VERSION"),
-            uptime_seconds: admin.started.elapsed().as_secs(),
-            live_connections: admin.shared.server.sessions.live_count(),
-            ready: admin.shared.ready.load(std::sync::atomic::Ordering::SeqCst),
+            uptime_seconds: caller.admin.started.elapsed().as_secs(),
+            live_connections: caller.admin.shared.server.sessions.live_count(),
+            ready: caller.admin.shared.ready.load(std::sync::atomic::Ordering::SeqCst),
         })
     };
-    admin.run(from, &headers, "stats", "", act).await
+    caller.run("stats", "", act).await
 }
 
 #[derive(Serialize)]
@@ -199,15 +220,10 @@ struct DeviceView {
     connected: bool,
 }
 
-async fn account(
-    State(admin): State<Admin>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(phone): Path<String>,
-) -> Response {
+async fn account(caller: Caller, Path(phone): Path<String>) -> Response {
     let act = async {
         let number = parse_phone(&phone)?;
-        let server = &admin.shared.server;
+        let server = &caller.admin.shared.server;
         let account = server.store.account_by_phone(&number).await.map_err(store_failed)?.ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
         })?;
@@ -230,7 +246,7 @@ async fn account(
                 .collect(),
         })
     };
-    admin.run(from, &headers, "account", &phone, act).await
+    caller.run("account", &phone, act).await
 }
 
 #[derive(Serialize)]
@@ -240,19 +256,12 @@ struct Disconnected {
     was_connected: bool,
 }
 
-async fn disconnect(
-    State(admin): State<Admin>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<u64>,
-) -> Response {
+async fn disconnect(caller: Caller, Path(id): Path<u64>) -> Response {
     let act = async {
-        let sessions = &admin.shared.server.sessions;
-        let was_connected = sessions.is_live(DeviceId(id));
-        sessions.disconnect(DeviceId(id), Disconnect::Operator);
+        let was_connected = caller.admin.shared.server.sessions.disconnect(DeviceId(id), Disconnect::Operator);
         Ok(Disconnected { device: id, was_connected })
     };
-    admin.run(from, &headers, "disconnect", &id.to_string(), act).await
+    caller.run("disconnect", &id.to_string(), act).await
 }
 
 #[derive(Deserialize)]
@@ -268,12 +277,7 @@ struct BackupMade {
     seconds: f64,
 }
 
-async fn backup(
-    State(admin): State<Admin>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn backup(caller: Caller, body: axum::body::Bytes) -> Response {
     let request: Result<BackupRequest, _> = serde_json::from_slice(&body);
     let target = request.as_ref().map(|r| r.dest.display().to_string()).unwrap_or_default();
     let act = async {
@@ -288,7 +292,8 @@ async fn backup(
             ));
         }
         let began = Instant::now();
-        let made = admin
+        let made = caller
+            .admin
             .shared
             .server
             .store
@@ -302,7 +307,7 @@ async fn backup(
             seconds: began.elapsed().as_secs_f64(),
         })
     };
-    admin.run(from, &headers, "backup", &target, act).await
+    caller.run("backup", &target, act).await
 }
 
 fn parse_phone(phone: &str) -> Result<PhoneNumber, ApiError> {
@@ -317,12 +322,12 @@ struct BanView {
     at_ms: u64,
 }
 
-async fn bans(State(admin): State<Admin>, ConnectInfo(from): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn bans(caller: Caller) -> Response {
     let act = async {
-        let listed = admin.shared.server.bans.list().await.map_err(store_failed)?;
+        let listed = caller.admin.shared.server.bans.list().await.map_err(store_failed)?;
         Ok(listed.into_iter().map(|(p, at_ms)| BanView { phone: p.to_string(), at_ms }).collect::<Vec<_>>())
     };
-    admin.run(from, &headers, "bans", "", act).await
+    caller.run("bans", "", act).await
 }
 
 #[derive(Deserialize)]
@@ -352,30 +357,24 @@ struct Banned {
     disconnected: usize,
 }
 
-async fn ban(
-    State(admin): State<Admin>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn ban(caller: Caller, body: axum::body::Bytes) -> Response {
     let (target, phone) = phone_body(&body);
     let act = async {
         let phone = phone?;
-        let server = &admin.shared.server;
+        let server = &caller.admin.shared.server;
         server.bans.ban(&phone).await.map_err(store_failed)?;
         // Its devices connected now are ended; connecting again is refused.
         let mut disconnected = 0;
         if let Some(account) = server.store.account_by_phone(&phone).await.map_err(store_failed)? {
             for device in server.store.active_devices(account.id).await.map_err(store_failed)? {
-                if server.sessions.is_live(device.id) {
+                if server.sessions.disconnect(device.id, Disconnect::Operator) {
                     disconnected += 1;
                 }
-                server.sessions.disconnect(device.id, Disconnect::Operator);
             }
         }
         Ok(Banned { phone: phone.to_string(), disconnected })
     };
-    admin.run(from, &headers, "ban", &target, act).await
+    caller.run("ban", &target, act).await
 }
 
 #[derive(Serialize)]
@@ -384,18 +383,13 @@ struct Unbanned {
     was_banned: bool,
 }
 
-async fn unban(
-    State(admin): State<Admin>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(phone): Path<String>,
-) -> Response {
+async fn unban(caller: Caller, Path(phone): Path<String>) -> Response {
     let act = async {
         let number = parse_phone(&phone)?;
-        let was_banned = admin.shared.server.bans.unban(&number).await.map_err(store_failed)?;
+        let was_banned = caller.admin.shared.server.bans.unban(&number).await.map_err(store_failed)?;
         Ok(Unbanned { phone: number.to_string(), was_banned })
     };
-    admin.run(from, &headers, "unban", &phone, act).await
+    caller.run("unban", &phone, act).await
 }
 
 #[derive(Serialize)]
@@ -404,34 +398,24 @@ struct Tested {
     outcome: String,
 }
 
-async fn test_sms(
-    State(admin): State<Admin>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn test_sms(caller: Caller, body: axum::body::Bytes) -> Response {
     let (target, phone) = phone_body(&body);
     let act = async {
         let phone = phone?;
-        admin.shared.server.registration.test_sms(&phone).await.map_err(|e| {
+        caller.admin.shared.server.registration.test_sms(&phone).await.map_err(|e| {
             ApiError::new(StatusCode::BAD_GATEWAY, "sms_failed", format!("the SMS provider failed: {e}"))
         })?;
         Ok(Tested { outcome: format!("the SMS provider accepted a test message to {phone}") })
     };
-    admin.run(from, &headers, "test-sms", &target, act).await
+    caller.run("test-sms", &target, act).await
 }
 
-async fn test_push(
-    State(admin): State<Admin>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(device): Path<u64>,
-) -> Response {
+async fn test_push(caller: Caller, Path(device): Path<u64>) -> Response {
     let act = async {
-        let outcome = admin.shared.server.pusher.test(DeviceId(device)).await.map_err(store_failed)?;
+        let outcome = caller.admin.shared.server.pusher.test(DeviceId(device)).await.map_err(store_failed)?;
         Ok(Tested { outcome })
     };
-    admin.run(from, &headers, "test-push", &device.to_string(), act).await
+    caller.run("test-push", &device.to_string(), act).await
 }
 
 fn store_failed(e: skylark_store::StoreError) -> ApiError {

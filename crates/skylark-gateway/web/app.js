@@ -838,14 +838,19 @@ function tickOf(c, m) {
 // connected, the server pushes a content-free wake-up to the browser's push
 // subscription and the service worker (sw.js) says "You have new messages".
 
-async function worker() {
-  if (!("serviceWorker" in navigator)) return null;
-  try {
-    await navigator.serviceWorker.register("/sw.js");
-    return await navigator.serviceWorker.ready;
-  } catch {
-    return null;
-  }
+/// The service worker's registration (registered once per page), or null.
+let workerReady = null;
+function worker() {
+  workerReady ||= (async () => {
+    if (!("serviceWorker" in navigator)) return null;
+    try {
+      await navigator.serviceWorker.register("/sw.js");
+      return await navigator.serviceWorker.ready;
+    } catch {
+      return null;
+    }
+  })();
+  return workerReady;
 }
 
 function renderOffer() {

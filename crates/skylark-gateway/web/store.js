@@ -92,10 +92,6 @@ export class LocalStore {
     });
   }
 
-  putMeta(meta) {
-    return this.putEvents([], meta);
-  }
-
   /// A message typed and not yet acknowledged by the server.
   queue(item) {
     return this.transaction([OUTBOX], "readwrite", (s) => s[OUTBOX].put(item));

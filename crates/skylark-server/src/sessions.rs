@@ -98,11 +98,15 @@ impl Sessions {
         (SessionGuard { sessions: self.clone(), device, connection }, rx)
     }
 
-    /// Ends the device's live session, if it has one.
-    pub fn disconnect(&self, device: DeviceId, reason: Disconnect) {
+    /// Ends the device's live session, if it has one; true if it had.
+    pub fn disconnect(&self, device: DeviceId, reason: Disconnect) -> bool {
         let entry = self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&device);
-        if let Some(entry) = entry {
-            let _ = entry.disconnect.send(reason);
+        match entry {
+            Some(entry) => {
+                let _ = entry.disconnect.send(reason);
+                true
+            }
+            None => false,
         }
     }
 
