@@ -11,6 +11,7 @@ use crate::{ClientError, Identity};
 use skylark_protocol::v1::{self, client_frame, server_frame};
 use skylark_protocol::{ClientFrame, CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -58,6 +59,9 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
     commands: mpsc::Sender<Command>,
+    /// How the session ended, once it has: what a request made after the
+    /// end reports, rather than a bare "ended".
+    ended: Arc<OnceLock<(Option<CloseCode>, String)>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -66,8 +70,13 @@ impl std::fmt::Debug for Command {
     }
 }
 
-fn closed_unexpectedly() -> ClientError {
-    ClientError::Closed { code: None, reason: "session ended".into() }
+impl SessionHandle {
+    fn closed_unexpectedly(&self) -> ClientError {
+        match self.ended.get() {
+            Some((code, reason)) => ClientError::Closed { code: *code, reason: reason.clone() },
+            None => ClientError::Closed { code: None, reason: "session ended".into() },
+        }
+    }
 }
 
 impl SessionHandle {
@@ -75,8 +84,8 @@ impl SessionHandle {
     /// [`ClientError::Refused`].
     pub async fn request(&self, body: client_frame::Body) -> Result<server_frame::Body, ClientError> {
         let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Request { body, reply }).await.map_err(|_| closed_unexpectedly())?;
-        rx.await.map_err(|_| closed_unexpectedly())?
+        self.commands.send(Command::Request { body, reply }).await.map_err(|_| self.closed_unexpectedly())?;
+        rx.await.map_err(|_| self.closed_unexpectedly())?
     }
 
     pub async fn who_am_i(&self) -> Result<v1::WhoAmI, ClientError> {
@@ -207,7 +216,7 @@ impl SessionHandle {
     /// Tells the server this device has every event up to `up_to_seq`.
     pub async fn ack(&self, up_to_seq: u64) -> Result<(), ClientError> {
         let body = client_frame::Body::Ack(v1::Ack { up_to_seq });
-        self.commands.send(Command::Notify { body }).await.map_err(|_| closed_unexpectedly())
+        self.commands.send(Command::Notify { body }).await.map_err(|_| self.closed_unexpectedly())
     }
 
     /// Marks `peer`'s messages read up to the peer's sequence `up_to_seq`.
@@ -267,7 +276,7 @@ impl SessionHandle {
     /// Tells `to`'s online devices that this user is typing (not stored).
     pub async fn typing(&self, to: &str, state: v1::TypingState) -> Result<(), ClientError> {
         let body = client_frame::Body::Typing(v1::Typing { to: to.to_owned(), state: state as i32 });
-        self.commands.send(Command::Notify { body }).await.map_err(|_| closed_unexpectedly())
+        self.commands.send(Command::Notify { body }).await.map_err(|_| self.closed_unexpectedly())
     }
 
     pub async fn set_privacy(&self, presence: v1::Visibility) -> Result<(), ClientError> {
@@ -430,8 +439,9 @@ impl Session {
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let heartbeat = Duration::from_millis(info.heartbeat_interval_ms.max(1_000));
-        let task = tokio::spawn(run(conn, commands, events_tx, heartbeat));
-        Ok((Session { info, handle: SessionHandle { commands: commands_tx }, task }, events))
+        let ended = Arc::new(OnceLock::new());
+        let task = tokio::spawn(run(conn, commands, events_tx, heartbeat, ended.clone()));
+        Ok((Session { info, handle: SessionHandle { commands: commands_tx, ended }, task }, events))
     }
 
     pub fn handle(&self) -> SessionHandle {
@@ -454,6 +464,7 @@ async fn run(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     heartbeat: Duration,
+    ended: Arc<OnceLock<(Option<CloseCode>, String)>>,
 ) {
     // Handshake used ids 1 and 2.
     let mut next_id: u64 = 3;
@@ -510,6 +521,8 @@ async fn run(
             },
         }
     };
+    // Before `commands` is dropped: a request still queued there learns this.
+    let _ = ended.set((code, reason.clone()));
     for (_, reply) in pending.drain() {
         let _ = reply.send(Err(ClientError::Closed { code, reason: reason.clone() }));
     }

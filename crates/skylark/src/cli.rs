@@ -5,8 +5,11 @@ use clap::Args;
 use skylark_client::api::Api;
 use skylark_client::e2ee::Crypto;
 use skylark_client::identity::generate_key;
+use skylark_client::session::Event;
 use skylark_client::{ClientError, Endpoint, Identity, Session, TlsClient};
+use skylark_protocol::CloseCode;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Args)]
@@ -81,7 +84,7 @@ pub struct Connected {
 pub async fn connect(profile: &Path, transport: &TransportArgs) -> Result<Connected> {
     let identity = Identity::load(profile)?;
     let endpoint = transport.endpoint(&identity)?;
-    let (session, events) = Session::open(&endpoint, &identity)
+    let (session, events) = open_session(&endpoint, &identity)
         .await
         .map_err(explain)
         .with_context(|| format!("connecting to {endpoint}"))?;
@@ -107,7 +110,7 @@ pub async fn publish_keys(profile: &Path, identity: &Identity, ca: Option<&Path>
     let transport = TransportArgs { tcp: None, json: false, tls: false, ca: ca.map(Path::to_owned) };
     let published = async {
         let endpoint = transport.endpoint(identity)?;
-        let (session, _events) = Session::open(&endpoint, identity).await.map_err(explain)?;
+        let (session, _events) = open_session(&endpoint, identity).await.map_err(explain)?;
         let crypto = Crypto::open(profile, identity).map_err(explain)?;
         let uploaded = crypto.replenish(&session.handle()).await.map_err(explain);
         session.close().await;
@@ -115,6 +118,47 @@ pub async fn publish_keys(profile: &Path, identity: &Identity, ca: Option<&Path>
     };
     if let Err(e) = published.await {
         eprintln!("warning: could not publish this device's encryption keys yet ({e:#}); any later command does");
+    }
+}
+
+/// How long a command waits for an account the cluster is moving between
+/// nodes (or a server restarting) before it gives up.
+const ATTACH_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Opens a session of `identity` and waits until the server has attached it
+/// to its account: the server answers a request only after that, so a ping
+/// answered proves it. When the server says "try again in a moment" (its
+/// account moving to another node, or the server restarting), the command
+/// says so once and tries again, with growing pauses, for a while.
+pub async fn open_session(
+    endpoint: &Endpoint,
+    identity: &Identity,
+) -> Result<(Session, tokio::sync::mpsc::Receiver<Event>), ClientError> {
+    let gave_up = tokio::time::Instant::now() + ATTACH_PATIENCE;
+    let mut pause = Duration::from_millis(250);
+    let mut told = false;
+    loop {
+        let error = match Session::open(endpoint, identity).await {
+            Ok((session, events)) => match session.handle().ping().await {
+                Ok(_) => return Ok((session, events)),
+                Err(e) => {
+                    session.close().await;
+                    e
+                }
+            },
+            Err(e) => e,
+        };
+        let passing =
+            matches!(error, ClientError::Closed { code: Some(CloseCode::TryAgainLater | CloseCode::GoingAway), .. });
+        if !passing || tokio::time::Instant::now() + pause > gave_up {
+            return Err(error);
+        }
+        if !told {
+            eprintln!("{error}; trying again");
+            told = true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -267,7 +311,7 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
 pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {
     let identity = Identity::load(profile)?;
     let endpoint = transport.endpoint(&identity)?;
-    let (session, _events) = Session::open(&endpoint, &identity)
+    let (session, _events) = open_session(&endpoint, &identity)
         .await
         .map_err(explain)
         .with_context(|| format!("connecting to {endpoint}"))?;
@@ -299,7 +343,7 @@ pub async fn set_server(profile: &Path, servers: &str, ca: Option<&Path>) -> Res
     let transport = TransportArgs { tcp: None, json: false, tls: false, ca: None };
     let endpoint = transport.endpoint(&identity)?;
     // Saved only if the device can sign in there: a typo must not strand the profile.
-    match Session::open(&endpoint, &identity).await {
+    match open_session(&endpoint, &identity).await {
         Ok((session, _events)) => session.close().await,
         Err(e) => {
             return Err(explain(e))

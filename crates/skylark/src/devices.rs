@@ -76,7 +76,8 @@ pub async fn link(server: &str, name: &str, profile: &Path, ca: Option<&Path>) -
 
 async fn open(profile: &Path, transport: &TransportArgs) -> Result<(Identity, Session)> {
     let identity = Identity::load(profile)?;
-    let (session, _events) = Session::open(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let (session, _events) =
+        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
     Ok((identity, session))
 }
 

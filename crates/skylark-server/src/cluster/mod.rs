@@ -181,6 +181,15 @@ fn rendezvous(placement: &[(String, u64)], actor: AccountId) -> Option<&str> {
         .map(|(name, _)| name.as_str())
 }
 
+/// Where `account`'s actor lives when exactly the nodes named in `nodes`
+/// are live and none is draining (for tools and tests that must know
+/// which node to stop).
+pub fn home_node<'a>(nodes: &[&'a str], account: AccountId) -> Option<&'a str> {
+    let placement: Vec<(String, u64)> = nodes.iter().map(|n| ((*n).to_owned(), seed(n))).collect();
+    let home = rendezvous(&placement, account)?;
+    nodes.iter().copied().find(|n| *n == home)
+}
+
 fn mail_subject(node: &str) -> String {
     format!("skylark.node.{node}.mail")
 }
@@ -704,7 +713,10 @@ impl Cluster {
             let Some(message) = self.next_message(&mut subscription).await else { return };
             let Some(id) = last_number(&message.subject) else { continue };
             let waiter = self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-            if let Some(waiter) = waiter {
+            // A status instead of an answer ("no responders": the node has
+            // gone and nobody reads its mail): the waiter is dropped, which
+            // its request takes as "unreachable" at once, not at the timeout.
+            if let (Some(waiter), None) = (waiter, message.status) {
                 let _ = waiter.send(message.payload);
             }
         }
