@@ -22,9 +22,9 @@
 //! cut stops them); file handles they held are not valid across it.
 
 use fuser::{
-    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -301,7 +301,7 @@ impl File {
             self.dirty.retain(|index, _| *index < first_gone);
             self.lost.retain(|index, _| *index < first_gone);
             self.order.retain(|index| *index < first_gone);
-            if size % PAGE != 0 {
+            if !size.is_multiple_of(PAGE) {
                 let within = (size % PAGE) as usize;
                 self.page_mut(size / PAGE)?[within..].fill(0);
             }
@@ -771,7 +771,8 @@ impl Filesystem for CutFs {
             Ok(d) => d.live.iter().map(|(n, i)| (n.clone(), *i)).collect(),
             Err(e) => return reply.error(e),
         };
-        let mut all = vec![(OsString::from("."), ino.0, FileType::Directory), (OsString::from(".."), ROOT, FileType::Directory)];
+        let mut all =
+            vec![(OsString::from("."), ino.0, FileType::Directory), (OsString::from(".."), ROOT, FileType::Directory)];
         for (name, child) in entries {
             let kind = match state.nodes.get(&child).map(|n| &n.kind) {
                 Some(Kind::Dir(_)) => FileType::Directory,

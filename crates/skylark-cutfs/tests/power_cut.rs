@@ -1,5 +1,8 @@
 //! The filesystem, mounted, against what a power cut must and must not keep.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use skylark_cutfs::{Cut, Mounted};
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -120,8 +123,10 @@ fn a_torn_cut_keeps_a_prefix_of_the_unsynced_pages_in_whole_sectors() {
         fs.control().power_cut(Cut::Torn { seed }).unwrap();
         let after = std::fs::read(&path).unwrap();
         assert_eq!(after.len(), 4 * 4096);
-        let written: Vec<usize> =
-            [2usize, 0, 3, 1].iter().map(|p| after[p * 4096..(p + 1) * 4096].iter().filter(|b| **b != 0).count()).collect();
+        let written: Vec<usize> = [2usize, 0, 3, 1]
+            .iter()
+            .map(|p| after[p * 4096..(p + 1) * 4096].iter().filter(|b| **b != 0).count())
+            .collect();
         // A prefix in write order: whole pages, then at most one torn page
         // (a whole number of sectors from its start), then nothing.
         let full = written.iter().take_while(|n| **n == 4096).count();

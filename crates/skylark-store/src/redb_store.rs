@@ -31,7 +31,7 @@ use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
@@ -89,6 +89,9 @@ const SERVER_ID: &str = "server_id";
 pub struct RedbStore {
     pub(crate) db: Arc<Database>,
     committer: Arc<Committer>,
+    /// Set, once and for good, when the disk failed a write (see
+    /// [`RedbStore::disk_failure`]).
+    failed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// The committer thread and its queue. Dropping the last handle closes the
@@ -242,6 +245,27 @@ fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
     StoreError::backend(e)
 }
 
+/// Whether `e` is the disk failing (an I/O error, or redb refusing to go on
+/// after one), rather than a bad record or a broken invariant.
+fn disk_failed(e: &StoreError) -> bool {
+    let StoreError::Backend(inner) = e else { return false };
+    let inner: &(dyn std::error::Error + Send + Sync + 'static) = &**inner;
+    let storage = |s: &redb::StorageError| matches!(s, redb::StorageError::Io(_) | redb::StorageError::PreviousIo);
+    if let Some(s) = inner.downcast_ref::<redb::StorageError>() {
+        return storage(s);
+    }
+    if let Some(redb::CommitError::Storage(s)) = inner.downcast_ref::<redb::CommitError>() {
+        return storage(s);
+    }
+    if let Some(redb::TransactionError::Storage(s)) = inner.downcast_ref::<redb::TransactionError>() {
+        return storage(s);
+    }
+    if let Some(redb::TableError::Storage(s)) = inner.downcast_ref::<redb::TableError>() {
+        return storage(s);
+    }
+    matches!(inner.downcast_ref::<redb::Error>(), Some(redb::Error::Io(_) | redb::Error::PreviousIo))
+}
+
 /// redb's errors become backend errors with their source kept, so `?`
 /// works on every redb call.
 macro_rules! from_redb {
@@ -311,10 +335,18 @@ impl RedbStore {
                 path.display()
             ))
         })?;
-        Self::init(db, max_batch).map_err(|e| match e {
+        let store = Self::init(db, max_batch).map_err(|e| match e {
             StoreError::Unusable(why) => StoreError::Unusable(format!("the store file {}: {why}", path.display())),
             other => other,
-        })
+        })?;
+        // The file's name is durable only once its directory is synced: a
+        // store created just now could otherwise vanish whole in a power
+        // cut, with everything committed to it since.
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+            StoreError::Unusable(format!("cannot sync the directory {} of the store file: {e}", dir.display()))
+        })?;
+        Ok(store)
     }
 
     /// A store that lives in memory only, for tests.
@@ -370,12 +402,24 @@ impl RedbStore {
         txn.commit()?;
         let db = Arc::new(db);
         let (queue, jobs) = mpsc::channel(COMMIT_QUEUE);
+        let (fail, failed) = watch::channel(None);
         let thread_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("skylark-commit".into())
-            .spawn(move || commit_loop(&thread_db, jobs, max_batch.max(1)))
+            .spawn(move || commit_loop(&thread_db, jobs, max_batch.max(1), &fail))
             .map_err(backend)?;
-        Ok(Self { db, committer: Arc::new(Committer { queue: Some(queue), thread: Some(thread) }) })
+        Ok(Self { db, committer: Arc::new(Committer { queue: Some(queue), thread: Some(thread) }), failed })
+    }
+
+    /// Says why, once the disk has failed a write (an fsync that reported
+    /// EIO, say). From then on the store refuses every write and the
+    /// process must start again from what the disk holds: after a failed
+    /// fsync the kernel may have dropped the data while reporting the next
+    /// fsync as a success, so trying again could acknowledge a write that
+    /// is not on disk. `skylark serve` exits when this fires and leaves the
+    /// restart to its supervisor.
+    pub fn disk_failure(&self) -> watch::Receiver<Option<String>> {
+        self.failed.clone()
     }
 
     /// Runs blocking database work (writes, which fsync) off the async runtime.
@@ -532,7 +576,12 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
 
 /// The committer thread: one transaction and one fsync for every write
 /// queued at the time, then an answer to each.
-fn commit_loop(db: &Database, mut jobs: mpsc::Receiver<CommitJob>, max_batch: usize) {
+fn commit_loop(
+    db: &Database,
+    mut jobs: mpsc::Receiver<CommitJob>,
+    max_batch: usize,
+    failed: &watch::Sender<Option<String>>,
+) {
     let mut batch: Vec<CommitJob> = Vec::with_capacity(max_batch.min(DEFAULT_MAX_BATCH));
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
@@ -554,6 +603,9 @@ fn commit_loop(db: &Database, mut jobs: mpsc::Receiver<CommitJob>, max_batch: us
         metrics::histogram!("skylark_store_commit_seconds").record(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "group commit failed");
+            if disk_failed(e) && failed.borrow().is_none() {
+                let _ = failed.send(Some(format!("the disk failed a write of the store ({e})")));
+            }
         }
         metrics::histogram!("skylark_store_commit_batch_writes").record(batch.len() as f64);
         for (_, reply) in batch.drain(..) {

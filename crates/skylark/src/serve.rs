@@ -97,7 +97,37 @@ fn admin_token(dir: &std::path::Path) -> Result<String> {
         file.sync_all()?;
     }
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    sync_dir(dir)?;
     Ok(token)
+}
+
+/// Makes the entries of `dir` durable (new files, renames in it).
+fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing the directory {}", dir.display()))
+}
+
+/// Creates the data directory (and any missing parent), each new level
+/// made durable in its parent: a power cut must not take it, and the store
+/// in it, away.
+fn create_data_dir(dir: &std::path::Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.exists() {
+        missing.push(at.to_owned());
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 /// The file's settings (or the defaults), then each flag given.
@@ -188,17 +218,36 @@ async fn shutdown_signal() {
 
 /// The embedded store in the data directory, or PostgreSQL when shards
 /// are configured. Either refuses, in words, what it cannot use.
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+/// With the embedded store comes the signal that its disk failed a write.
+async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<DiskFailure>)> {
     if config.store.shards.is_empty() {
         let db_path = config.data_dir.join("skylark.redb");
         let store = RedbStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
         tracing::info!(data = %db_path.display(), "store opened");
-        return Ok(Arc::new(store));
+        let failure = store.disk_failure();
+        return Ok((Arc::new(store), Some(failure)));
     }
     let store = PgStore::open(&config.store.pg_options()).await.context("opening the PostgreSQL store")?;
     let shown: Vec<String> = config.store.shards.iter().map(|u| hide_password(u)).collect();
     tracing::info!(shards = ?shown, "PostgreSQL store opened");
-    Ok(Arc::new(store))
+    Ok((Arc::new(store), None))
+}
+
+type DiskFailure = tokio::sync::watch::Receiver<Option<String>>;
+
+/// Resolves, with the reason, once the embedded store's disk failed a write.
+async fn disk_failed(failure: Option<DiskFailure>) -> String {
+    if let Some(mut failure) = failure {
+        loop {
+            if let Some(why) = failure.borrow_and_update().clone() {
+                return why;
+            }
+            if failure.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 /// `skylark store copy`: the embedded store into PostgreSQL, verified.
@@ -307,9 +356,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     tracing_subscriber::registry().with(layer).with(filter).init();
 
     let config = load_config(&args)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let store = open_store(&config).await?;
+    create_data_dir(&config.data_dir)?;
+    let (store, disk_failure) = open_store(&config).await?;
     let sms = sms_provider(&config.sms)?;
     if matches!(config.sms, SmsConfig::Console) {
         tracing::warn!("SMS provider is `console`: verification codes are printed in this log");
@@ -353,6 +401,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         _ = shutdown_signal() => {}
         _ = drained(&server, cluster.as_deref()) => {
             tracing::info!("drained: every actor moved to the other nodes; stopping");
+        }
+        why = disk_failed(disk_failure) => {
+            // No graceful steps: they would write. What was not acknowledged
+            // is resent by its clients; what was is on disk.
+            tracing::error!(%why, "stopping at once; start again to recover from what is on disk");
+            anyhow::bail!(
+                "{why}. Skylark stopped at once, so that it starts again from what is on the disk: nothing that                  failed to be written was acknowledged, and clients resend it. Check the disk (dmesg), then start                  Skylark again (under systemd it restarts by itself)."
+            );
         }
     }
     if let Some(cluster) = &cluster {

@@ -188,7 +188,7 @@ pub(crate) async fn device(
 
 /// What is done to the system while the devices work, given the running
 /// server (to kill and restart it, or leave it be).
-type Chaos<'a> = Box<dyn FnMut(&mut Option<ServerProcess>) + Send + 'a>;
+pub(crate) type Chaos<'a> = Box<dyn FnMut(&mut Option<ServerProcess>) + Send + 'a>;
 
 /// Kill -9 the server and start it again.
 fn kill_the_server(config: PathBuf, log: PathBuf) -> Chaos<'static> {
@@ -264,7 +264,18 @@ fn store_toml(shards: &[String]) -> String {
 /// `rounds` times, spread over the traffic (each when a further share of
 /// the messages has been acknowledged); then the ledger: every
 /// acknowledged message shown once, in order.
-async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut chaos: Chaos<'_>) {
+pub(crate) async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, chaos: Chaos<'_>) {
+    ledger_run_in(dir, &dir.path().join("data"), store, rounds, chaos).await;
+}
+
+/// As [`ledger_run`], with the server's data in `data_dir`.
+pub(crate) async fn ledger_run_in(
+    dir: &tempfile::TempDir,
+    data_dir: &Path,
+    store: &str,
+    rounds: usize,
+    mut chaos: Chaos<'_>,
+) {
     let (sms_addr, mut codes) = sms_gateway().await;
 
     let (http, tcp) = (free_port(), free_port());
@@ -275,7 +286,7 @@ async fn ledger_run(dir: &tempfile::TempDir, store: &str, rounds: usize, mut cha
             "data_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:{http}\"\ntcp = \"127.0.0.1:{tcp}\"\nadmin = \"127.0.0.1:0\"\n\
              [messaging]\nforward_retry_base_ms = 10\nforward_retry_max_ms = 200\n\
              [sms]\nprovider = \"http\"\nurl = \"http://{sms_addr}/sms\"\n{store}",
-            dir.path().join("data")
+            data_dir
         ),
     )
     .unwrap();

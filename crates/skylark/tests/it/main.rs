@@ -20,6 +20,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod power;
 mod presence;
 mod push;
 mod signup;
