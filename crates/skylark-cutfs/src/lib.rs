@@ -24,7 +24,7 @@
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
     MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -142,7 +142,13 @@ pub fn mount(backing: &Path, mountpoint: &Path) -> std::io::Result<Mounted> {
     let state = Arc::new(Mutex::new(State::new(backing.to_owned())?));
     let fs = CutFs { state: state.clone() };
     let mut config = Config::default();
-    config.mount_options = vec![MountOption::FSName("skylark-cutfs".into()), MountOption::RW];
+    // The kernel checks permissions by the modes and owners served here, so
+    // other users (PostgreSQL's) can be given a directory of their own.
+    config.mount_options =
+        vec![MountOption::FSName("skylark-cutfs".into()), MountOption::RW, MountOption::DefaultPermissions];
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0 {
+        config.acl = SessionACL::All;
+    }
     config.n_threads = Some(2);
     let session = fuser::spawn_mount2(fs, mountpoint, &config).map_err(|e| {
         std::io::Error::new(
@@ -167,8 +173,6 @@ struct CutFs {
 
 struct State {
     backing: PathBuf,
-    /// Who owns every file: the owner of the backing directory.
-    owner: (u32, u32),
     nodes: HashMap<u64, Node>,
     next_ino: u64,
     fail_next: u64,
@@ -178,6 +182,8 @@ struct State {
 
 struct Node {
     perm: u16,
+    uid: u32,
+    gid: u32,
     mtime: SystemTime,
     kind: Kind,
 }
@@ -366,12 +372,13 @@ impl State {
         let meta = std::fs::metadata(&backing)?;
         let root = Node {
             perm: 0o755,
+            uid: meta.uid(),
+            gid: meta.gid(),
             mtime: SystemTime::now(),
             kind: Kind::Dir(Dir { live: BTreeMap::new(), durable: BTreeMap::new() }),
         };
         Ok(State {
             backing,
-            owner: (meta.uid(), meta.gid()),
             nodes: HashMap::from([(ROOT, root)]),
             next_ino: ROOT + 1,
             fail_next: 0,
@@ -397,8 +404,8 @@ impl State {
             kind,
             perm: node.perm,
             nlink: if kind == FileType::Directory { 2 } else { 1 },
-            uid: self.owner.0,
-            gid: self.owner.1,
+            uid: node.uid,
+            gid: node.gid,
             rdev: 0,
             blksize: PAGE as u32,
             flags: 0,
@@ -427,7 +434,7 @@ impl State {
 
     /// Adds a new node under `parent` (live only: durable once the
     /// directory is fsync'd).
-    fn add(&mut self, parent: u64, name: &OsStr, perm: u16, file: bool) -> Result<u64, Errno> {
+    fn add(&mut self, parent: u64, name: &OsStr, perm: u16, owner: (u32, u32), file: bool) -> Result<u64, Errno> {
         if self.dir_mut(parent)?.live.contains_key(name) {
             return Err(Errno::EEXIST);
         }
@@ -453,7 +460,7 @@ impl State {
         } else {
             Kind::Dir(Dir { live: BTreeMap::new(), durable: BTreeMap::new() })
         };
-        self.nodes.insert(ino, Node { perm, mtime: SystemTime::now(), kind });
+        self.nodes.insert(ino, Node { perm, uid: owner.0, gid: owner.1, mtime: SystemTime::now(), kind });
         self.dir_mut(parent)?.live.insert(name.to_owned(), ino);
         Ok(ino)
     }
@@ -567,8 +574,8 @@ impl Filesystem for CutFs {
         _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
@@ -589,6 +596,8 @@ impl Filesystem for CutFs {
             if let Some(mode) = mode {
                 node.perm = (mode & 0o7777) as u16;
             }
+            node.uid = uid.unwrap_or(node.uid);
+            node.gid = gid.unwrap_or(node.gid);
             if size.is_some() || mtime.is_some() {
                 node.mtime = match mtime {
                     Some(TimeOrNow::SpecificTime(t)) => t,
@@ -603,10 +612,10 @@ impl Filesystem for CutFs {
         }
     }
 
-    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let mut state = lock(&self.state);
         let perm = (mode & !umask & 0o7777) as u16;
-        match state.add(parent.0, name, perm, false).and_then(|ino| state.attr(ino)) {
+        match state.add(parent.0, name, perm, (req.uid(), req.gid()), false).and_then(|ino| state.attr(ino)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -614,7 +623,7 @@ impl Filesystem for CutFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -624,7 +633,7 @@ impl Filesystem for CutFs {
     ) {
         let mut state = lock(&self.state);
         let perm = (mode & !umask & 0o7777) as u16;
-        match state.add(parent.0, name, perm, true).and_then(|ino| state.attr(ino)) {
+        match state.add(parent.0, name, perm, (req.uid(), req.gid()), true).and_then(|ino| state.attr(ino)) {
             Ok(attr) => reply.created(&TTL, &attr, Generation(0), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
         }

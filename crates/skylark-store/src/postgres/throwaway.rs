@@ -96,6 +96,8 @@ pub struct TestPostgres {
     run_as: Option<(u32, u32)>,
     /// Holds `data/` and `server.log`; removed on drop.
     root: PathBuf,
+    /// The data directory, when not `root/data` (see [`TestPostgres::start_in`]).
+    data_dir: Option<PathBuf>,
     port: u16,
     child: Option<Child>,
     /// Settings given at every start besides the defaults (TLS).
@@ -130,11 +132,34 @@ impl TestPostgres {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid))
                 .map_err(|e| fail(format!("giving {} to the postgres user: {e}", root.display())))?;
         }
-        Ok(TestPostgres { bin, run_as, root, port: free_port()?, child: None, extra: Vec::new() })
+        Ok(TestPostgres { bin, run_as, root, data_dir: None, port: free_port()?, child: None, extra: Vec::new() })
     }
 
     fn data(&self) -> PathBuf {
-        self.root.join("data")
+        self.data_dir.clone().unwrap_or_else(|| self.root.join("data"))
+    }
+
+    /// As [`TestPostgres::start`], with the data directory at `data` (to be
+    /// created; its parent must exist), and initdb's files synced: for a
+    /// data directory on a filesystem that can lose power.
+    pub fn start_in(data: &Path) -> Result<TestPostgres, HarnessError> {
+        let mut pg = Self::fresh()?;
+        std::fs::create_dir(data).map_err(|e| fail(format!("creating {}: {e}", data.display())))?;
+        if let Some((uid, gid)) = pg.run_as {
+            std::os::unix::fs::chown(data, Some(uid), Some(gid))
+                .map_err(|e| fail(format!("giving {} to the postgres user: {e}", data.display())))?;
+        }
+        if let Some(parent) = data.parent() {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| fail(format!("syncing {}: {e}", parent.display())))?;
+        }
+        pg.data_dir = Some(data.to_owned());
+        let mut initdb = pg.command("initdb");
+        initdb.arg("-D").arg(data).args(["-U", USER, "--auth=trust", "-E", "UTF8", "--locale=C"]);
+        pg.run(initdb, "initdb")?;
+        pg.launch()?;
+        Ok(pg)
     }
 
     /// A command for one of the server programs, run as the right user.
@@ -285,6 +310,34 @@ impl TestPostgres {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Kills the postmaster and every process of the cluster (its
+    /// backends run in the data directory) with SIGKILL, and returns once
+    /// none is left: a machine losing power stops them all at once.
+    pub fn kill_all(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        let data = self.data().canonicalize().map_err(|e| fail(format!("{}: {e}", self.data().display())))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<String> = std::fs::read_dir("/proc")
+                .map_err(|e| fail(format!("reading /proc: {e}")))?
+                .filter_map(|entry| {
+                    let name = entry.ok()?.file_name().into_string().ok()?;
+                    name.parse::<u32>().ok()?;
+                    let cwd = std::fs::read_link(format!("/proc/{name}/cwd")).ok()?;
+                    cwd.starts_with(&data).then_some(name)
+                })
+                .collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!("PostgreSQL processes {left:?} would not die")));
+            }
+            let _ = Command::new("kill").arg("-9").args(&left).status();
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
