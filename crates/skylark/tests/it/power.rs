@@ -47,7 +47,10 @@ async fn power_cuts_during_traffic_lose_nothing() {
         let (config, log) = (dir.path().join("skylark.toml"), dir.path().join("server.log"));
         let kept = reports.clone();
         let mut cut = 0u64;
+        let mut moment = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ run);
         let chaos: Chaos<'_> = Box::new(move |server| {
+            // At a random moment within the next 20 ms of traffic.
+            std::thread::sleep(Duration::from_micros(rand::Rng::random_range(&mut moment, 0..20_000)));
             server.take().expect("the server runs").kill();
             let report = control.power_cut(Cut::Torn { seed: seed ^ (run << 32) ^ cut }).unwrap();
             cut += 1;
@@ -80,6 +83,9 @@ struct Rig {
     tcp: u16,
     identities: Vec<Identity>,
     phones: [&'static str; 2],
+    api: Api,
+    /// Verification codes the server sends.
+    codes: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
 }
 
 impl Drop for Rig {
@@ -110,7 +116,7 @@ impl Rig {
         let api = Api::new(&format!("http://127.0.0.1:{http}")).unwrap();
         let phones = ["+15550900001", "+15550900002"];
         let identities = register(&api, &phones, &mut codes).await;
-        Rig { server: Some(server), fs, dir, config, tcp, identities, phones }
+        Rig { server: Some(server), fs, dir, config, tcp, identities, phones, api, codes }
     }
 
     fn endpoint(&self) -> Endpoint {
@@ -251,4 +257,44 @@ async fn power_cuts_of_the_postgres_machine_lose_nothing() {
         reports.iter().map(|r| r.directories_reverted).sum::<usize>()
     );
     assert_eq!(reports.len() as u64, runs * PG_CUTS as u64);
+}
+
+/// Besides messages, what the server keeps survives a cut whole: device
+/// enrolments, a verification session's spent attempts, the VAPID key and
+/// the admin token are as they were (docs/RELIABILITY.md lists them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_else_the_server_keeps_survives_a_power_cut() {
+    let mut rig = Rig::start().await;
+    let (status, _, key_before) = rig.api.raw("GET", "/v1/push/vapid", None).await.unwrap();
+    assert_eq!(status, 200, "{key_before}");
+    let token_path = rig.fs.path().join("data/admin.token");
+    let token_before = std::fs::read_to_string(&token_path).unwrap();
+    // Two wrong codes spent on a new number's verification.
+    let phone = "+15550900003";
+    let session = rig.api.start_verification(phone).await.unwrap();
+    let (_, code) = rig.codes.recv().await.unwrap();
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let key = skylark_client::identity::generate_key().verifying_key().to_bytes();
+    let attempts_left = |e: skylark_client::ClientError| match e {
+        skylark_client::ClientError::Api { body, .. } => body["attempts_left"].as_u64(),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    for _ in 0..2 {
+        rig.api.verify(&session.session_id, wrong, &key, "x").await.unwrap_err();
+    }
+
+    rig.server.take().unwrap().kill();
+    rig.fs.control().power_cut(Cut::Torn { seed: 7 }).unwrap();
+    rig.restart();
+
+    let (_, _, key_after) = rig.api.raw("GET", "/v1/push/vapid", None).await.unwrap();
+    assert_eq!(key_after, key_before, "the VAPID key changed across a power cut");
+    assert_eq!(std::fs::read_to_string(&token_path).unwrap(), token_before, "the admin token changed");
+    let left = attempts_left(rig.api.verify(&session.session_id, wrong, &key, "x").await.unwrap_err());
+    assert_eq!(left, Some(2), "five attempts, two spent before the cut, one now");
+    for identity in &rig.identities {
+        let (session, _events) = connect(&[rig.endpoint()], identity).await;
+        session.who_am_i().await.expect("an enrolled device signs in after the cut");
+        session.close().await;
+    }
 }
