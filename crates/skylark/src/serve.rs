@@ -407,7 +407,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             // is resent by its clients; what was is on disk.
             tracing::error!(%why, "stopping at once; start again to recover from what is on disk");
             anyhow::bail!(
-                "{why}. Skylark stopped at once, so that it starts again from what is on the disk: nothing that                  failed to be written was acknowledged, and clients resend it. Check the disk (dmesg), then start                  Skylark again (under systemd it restarts by itself)."
+                "{why}. Skylark stopped at once, so that it starts again from what is on the disk: nothing that \
+                 failed to be written was acknowledged, and clients resend it. Check the disk (dmesg), then start \
+                 Skylark again (under systemd it restarts by itself)."
             );
         }
     }
