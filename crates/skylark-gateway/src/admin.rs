@@ -170,13 +170,12 @@ impl Admin {
         let _guard = self.audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A log created now has a name only once its directory is synced.
         let created = !path.exists();
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_data()))
-            .and_then(|()| if created { std::fs::File::open(dir).and_then(|d| d.sync_all()) } else { Ok(()) })
+            .and_then(|()| if created { skylark_store::sync_parent(path) } else { Ok(()) })
             .map_err(|e| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

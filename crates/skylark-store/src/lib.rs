@@ -26,6 +26,18 @@ use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber}
 pub use postgres::{PgOptions, PgStore};
 pub use redb_store::RedbStore;
 
+/// Syncs a file, or a directory's entries (files created, renamed or
+/// removed in it): what the files a server writes beside its store need to
+/// survive a power cut, as the store's own writes do.
+pub fn sync_path(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// Syncs the directory holding `path` (the current one for a bare name).
+pub fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
+    sync_path(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")))
+}
+
 /// A backend's own error, kept whole (its `source` chain too) and shared,
 /// so that one failed group commit can be told to every write in it.
 pub type BackendError = std::sync::Arc<dyn std::error::Error + Send + Sync>;

@@ -233,10 +233,9 @@ fn backup_to(db: &Database, dest: &Path) -> Result<crate::Backup, StoreError> {
             return Err(e);
         }
     };
-    let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_all());
-    sync(&tmp).map_err(|e| unusable("cannot sync the file", &e))?;
+    crate::sync_path(&tmp).map_err(|e| unusable("cannot sync the file", &e))?;
     std::fs::rename(&tmp, dest).map_err(|e| unusable("cannot move the file into place", &e))?;
-    sync(&dir).map_err(|e| unusable("cannot sync the directory", &e))?;
+    crate::sync_path(&dir).map_err(|e| unusable("cannot sync the directory", &e))?;
     let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
     Ok(crate::Backup { rows, bytes })
 }
@@ -342,9 +341,8 @@ impl RedbStore {
         // The file's name is durable only once its directory is synced: a
         // store created just now could otherwise vanish whole in a power
         // cut, with everything committed to it since.
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
-            StoreError::Unusable(format!("cannot sync the directory {} of the store file: {e}", dir.display()))
+        crate::sync_parent(path).map_err(|e| {
+            StoreError::Unusable(format!("cannot sync the directory of the store file {}: {e}", path.display()))
         })?;
         Ok(store)
     }

@@ -253,11 +253,9 @@ pub fn restore(from: &Path, data_dir: &Path, force: bool) -> Result<()> {
     }
     let tmp = data_dir.join("skylark.redb.restoring");
     std::fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
+    skylark_store::sync_path(&tmp).with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, &target).with_context(|| format!("moving the copy to {}", target.display()))?;
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", data_dir.display()))?;
+    skylark_store::sync_path(data_dir).with_context(|| format!("syncing {}", data_dir.display()))?;
     println!(
         "Restored {} into {}; start the server with --data-dir {}.",
         from.display(),

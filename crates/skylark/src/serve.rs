@@ -103,9 +103,7 @@ fn admin_token(dir: &std::path::Path) -> Result<String> {
 
 /// Makes the entries of `dir` durable (new files, renames in it).
 fn sync_dir(dir: &std::path::Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing the directory {}", dir.display()))
+    skylark_store::sync_path(dir).with_context(|| format!("syncing the directory {}", dir.display()))
 }
 
 /// Creates the data directory (and any missing parent), each new level
