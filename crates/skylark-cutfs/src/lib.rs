@@ -98,6 +98,16 @@ impl Control {
         lock(&self.state).lies = lies;
     }
 
+    /// With `true`, every successful fsync (of any file or directory) also
+    /// makes every directory change made before it durable (creates,
+    /// renames, removals), as a filesystem that journals its metadata in
+    /// order (ext4, XFS) does in practice, though POSIX does not promise it.
+    /// Off (the strict default), a directory's changes are durable only
+    /// once that directory is fsync'd.
+    pub fn set_metadata_journal(&self, on: bool) {
+        lock(&self.state).journal = on;
+    }
+
     pub fn stats(&self) -> Stats {
         lock(&self.state).stats
     }
@@ -177,6 +187,8 @@ struct State {
     next_ino: u64,
     fail_next: u64,
     lies: bool,
+    /// See [`Control::set_metadata_journal`].
+    journal: bool,
     stats: Stats,
 }
 
@@ -383,6 +395,7 @@ impl State {
             next_ino: ROOT + 1,
             fail_next: 0,
             lies: false,
+            journal: false,
             stats: Stats::default(),
         })
     }
@@ -484,12 +497,17 @@ impl State {
             return Ok(());
         }
         match &mut self.nodes.get_mut(&ino).ok_or(Errno::ENOENT)?.kind {
-            Kind::File(f) => f.sync().map_err(|_| Errno::EIO),
-            Kind::Dir(d) => {
-                d.durable = d.live.clone();
-                Ok(())
+            Kind::File(f) => f.sync().map_err(|_| Errno::EIO)?,
+            Kind::Dir(d) => d.durable = d.live.clone(),
+        }
+        if self.journal {
+            for node in self.nodes.values_mut() {
+                if let Kind::Dir(d) = &mut node.kind {
+                    d.durable = d.live.clone();
+                }
             }
         }
+        Ok(())
     }
 
     fn power_cut(&mut self, how: Cut) -> std::io::Result<CutReport> {

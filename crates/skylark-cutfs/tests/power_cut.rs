@@ -142,3 +142,28 @@ fn a_torn_cut_keeps_a_prefix_of_the_unsynced_pages_in_whole_sectors() {
     }
     assert!(torn_somewhere, "sixteen torn cuts never tore a page");
 }
+
+#[test]
+fn with_a_metadata_journal_any_fsync_keeps_every_earlier_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = mounted(dir.path());
+    fs.control().set_metadata_journal(true);
+    let root = fs.path().to_owned();
+    std::fs::create_dir(root.join("sub")).unwrap();
+    std::fs::write(root.join("sub/tmp"), b"renamed").unwrap();
+    std::fs::rename(root.join("sub/tmp"), root.join("sub/renamed")).unwrap();
+    // One file's fsync commits the directory changes made before it...
+    let mut synced = File::create(root.join("synced")).unwrap();
+    synced.write_all(b"data").unwrap();
+    synced.sync_all().unwrap();
+    // ...but not those made after it.
+    std::fs::write(root.join("later"), b"x").unwrap();
+    drop(synced);
+    fs.control().power_cut(Cut::Clean).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["sub", "synced"]);
+    assert_eq!(std::fs::read(root.join("synced")).unwrap(), b"data");
+    // The renamed file's name survived; its data was never synced.
+    assert_eq!(std::fs::read(root.join("sub/renamed")).unwrap(), b"");
+}

@@ -426,7 +426,12 @@ impl TestPostgres {
 impl Drop for TestPostgres {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.root);
+        // SKYLARK_KEEP_TEST_PG=1 keeps the log (and data) of a failed run.
+        if std::env::var_os("SKYLARK_KEEP_TEST_PG").is_some() {
+            eprintln!("kept the throwaway PostgreSQL cluster in {}", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
 

@@ -324,7 +324,14 @@ pub(crate) async fn ledger_run_in(
     for round in 0..rounds {
         let target = total * (round + 1) / (rounds + 2);
         while acked() < target {
-            assert!(started.elapsed() < DEADLINE, "traffic stalled at {} of {total} acknowledged", acked());
+            if started.elapsed() > DEADLINE {
+                let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                panic!(
+                    "traffic stalled at {} of {total} acknowledged\n--- server log (tail) ---\n{}",
+                    acked(),
+                    &log[log.len().saturating_sub(4000)..]
+                );
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         acked_at_crashes.push(acked());
