@@ -283,6 +283,19 @@ impl SessionHandle {
         self.expect_ok(client_frame::Body::SetPrivacy(v1::SetPrivacy { presence: presence as i32 })).await
     }
 
+    /// Blocks (or with `blocked: false`, unblocks) the account of `phone`.
+    pub async fn block(&self, phone: &str, blocked: bool) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::Block(v1::Block { phone: phone.into(), blocked })).await
+    }
+
+    /// The accounts this account blocked.
+    pub async fn list_blocked(&self) -> Result<Vec<v1::BlockedAccount>, ClientError> {
+        match self.request(client_frame::Body::ListBlocked(v1::ListBlocked {})).await? {
+            server_frame::Body::BlockedList(list) => Ok(list.accounts),
+            other => Err(ClientError::Protocol(format!("expected BlockedList, got {other:?}"))),
+        }
+    }
+
     /// Registers (or with `None`, removes) this device's push target.
     pub async fn register_push(&self, target: Option<v1::register_push::Target>) -> Result<(), ClientError> {
         self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await

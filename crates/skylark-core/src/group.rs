@@ -55,6 +55,15 @@ impl AccountId {
         self.is_group() && self.0 & DIRECT_ID_BIT != 0
     }
 
+    /// The two accounts of this 1:1 conversation group (lower id first).
+    pub fn direct_members(self) -> Option<(AccountId, AccountId)> {
+        if !self.is_direct() {
+            return None;
+        }
+        let mask = (1 << DIRECT_ACCOUNT_BITS) - 1;
+        Some((AccountId(self.0 & mask), AccountId((self.0 >> DIRECT_ACCOUNT_BITS) & mask)))
+    }
+
     /// The other account of this 1:1 conversation group, seen from `me`.
     pub fn direct_peer(self, me: AccountId) -> Option<AccountId> {
         if !self.is_direct() {
@@ -208,6 +217,9 @@ pub enum GroupError {
     NotAuthor,
     #[error("a 1:1 conversation has its two members, for good")]
     Direct,
+    /// The account blocked the one adding it (the gateway names its number).
+    #[error("account {0} does not accept being added to groups by you")]
+    AddRefused(AccountId),
     #[error(
         "the group's encryption moved on (to epoch {0}) before this change arrived; \
          catch up on the group's messages and make the change again"

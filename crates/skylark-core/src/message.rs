@@ -58,6 +58,9 @@ pub enum LogEntry {
     ReadSync { peer: AccountId, up_to: u64, at_ms: u64 },
     /// The account's set of devices changed; every device is told.
     Devices { change: DeviceChange, at_ms: u64 },
+    /// The account blocked `peer` (or unblocked it, `blocked: false`);
+    /// every device is told, so all show the same block list.
+    Block { peer: AccountId, blocked: bool, at_ms: u64 },
     /// An event of a group: in the group's own log, and in the log of
     /// every account that was a member when it happened. Shared, because
     /// one event goes to every member.
@@ -77,9 +80,10 @@ impl LogEntry {
     pub fn at_ms(&self) -> u64 {
         match self {
             LogEntry::Message(m) => m.sent_at_ms,
-            LogEntry::Receipt { at_ms, .. } | LogEntry::ReadSync { at_ms, .. } | LogEntry::Devices { at_ms, .. } => {
-                *at_ms
-            }
+            LogEntry::Receipt { at_ms, .. }
+            | LogEntry::ReadSync { at_ms, .. }
+            | LogEntry::Devices { at_ms, .. }
+            | LogEntry::Block { at_ms, .. } => *at_ms,
             LogEntry::Group(e) => e.at_ms,
         }
     }

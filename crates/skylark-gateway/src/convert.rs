@@ -20,6 +20,7 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         | MessagingError::CommitOutsideGroup
         | MessagingError::UnknownAccount => ErrorCode::InvalidArgument,
         MessagingError::UnknownRecipient => ErrorCode::UnknownRecipient,
+        MessagingError::YouBlocked => ErrorCode::Blocked,
         MessagingError::TooLarge { .. } => ErrorCode::MessageTooLarge,
         MessagingError::Unavailable(_)
         | MessagingError::Restarted
@@ -36,7 +37,7 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
             GroupError::Full(_) => ErrorCode::GroupFull,
             GroupError::UnknownMessage => ErrorCode::UnknownMessage,
             GroupError::StaleEpoch(_) => ErrorCode::StaleEpoch,
-            GroupError::Direct => ErrorCode::Forbidden,
+            GroupError::Direct | GroupError::AddRefused(_) => ErrorCode::Forbidden,
             GroupError::NotMember(_)
             | GroupError::AlreadyMember(_)
             | GroupError::InvalidSubject
@@ -189,6 +190,11 @@ pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> Result
             peer_phone: phone(router, *peer).await?,
             up_to_seq: *up_to,
             at_ms: *at_ms,
+        }),
+        LogEntry::Block { peer, blocked, .. } => event::Body::BlockChange(v1::BlockChange {
+            peer: peer.0,
+            peer_phone: phone(router, *peer).await?,
+            blocked: *blocked,
         }),
         LogEntry::Devices { change, .. } => event::Body::DeviceChange(v1::DeviceChange {
             change: Some(match change {

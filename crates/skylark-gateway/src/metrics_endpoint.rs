@@ -82,6 +82,12 @@ pub const METRICS: &[Metric] = &[
         None,
     ),
     ("skylark_group_events_stored_total", Kind::Counter, "Group events made durable in a member's log.", None),
+    (
+        "skylark_messages_blocked_total",
+        Kind::Counter,
+        "Messages not delivered because their recipient blocked the sender.",
+        None,
+    ),
     ("skylark_forward_retries_total", Kind::Counter, "Forwards between actors retried (failed or timed out).", None),
     (
         "skylark_forwards_retrying",

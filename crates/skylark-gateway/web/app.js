@@ -50,6 +50,7 @@ const state = {
   log: { hi: null, lo: null },
   wake: null, // ends the pause between two background history pages
   muted: new Set(), // chat keys whose messages raise no notification (kept in the local store)
+  blocked: new Set(), // phone numbers this account blocked (from the server, kept current by the log)
   pushOn: false, // this session registered the browser's push subscription
   ackTimer: null,
   arrived: [], // live events to keep and acknowledge
@@ -234,12 +235,20 @@ function say(text, kind = "error") {
   bannerTimer = setTimeout(() => (b.hidden = true), kind === "error" ? 8000 : 3000);
 }
 
+/// The server's message as a sentence: capitalised, with a full stop.
+function sentence(text) {
+  if (!text) return "";
+  const s = text[0].toUpperCase() + text.slice(1);
+  return /[.!?]$/.test(s) ? s : `${s}.`;
+}
+
 function explain(e) {
   if (e instanceof Refused) {
     const words = {
       ERROR_CODE_UNKNOWN_RECIPIENT: "No Skylark account has that phone number.",
       ERROR_CODE_NOT_A_MEMBER: "You are not a member of that group.",
-      ERROR_CODE_FORBIDDEN: "Only group admins may do that.",
+      ERROR_CODE_FORBIDDEN: sentence(e.message) || "You may not do that.",
+      ERROR_CODE_BLOCKED: "You blocked this contact. Unblock them to send messages.",
       ERROR_CODE_GROUP_FULL: "The group is full.",
       ERROR_CODE_RATE_LIMITED: `Too many requests; try again in ${Math.ceil(e.retryAfterMs / 1000)} s.`,
       ERROR_CODE_UNAVAILABLE: "The server is busy; it will be retried.",
@@ -495,6 +504,7 @@ async function afterConnect(session) {
     for (const g of list.groupList.groups || []) rememberGroup(g);
     keep([], { groups: list.groupList.groups || [] });
     await catchUp(session);
+    await refreshBlocked(session);
     await subscribePresence();
     session.request({ setActive: { active: document.visibilityState === "visible" } }).catch(() => {});
   } catch (err) {
@@ -650,6 +660,7 @@ function apply(event, live) {
     const c = chat(r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer));
     c.readByMe = Math.max(c.readByMe, Number(r.upToSeq || 0));
   } else if (event.group) applyGroup(event.group, seq, live);
+  else if (event.blockChange) applyBlock(event.blockChange, seq);
   else if (event.deviceChange && panelShows === "devices") showDevices();
   if (live) renderAll();
 }
@@ -681,6 +692,30 @@ function applyMessage(m, order, live) {
     maybeMarkRead(c);
     notifyPage(c, m.fromPhone, payloadText(m.payload));
   }
+}
+
+/// A block or unblock from one of this account's devices: a line in the
+/// conversation, and the block list (which the server keeps too).
+function applyBlock(b, order) {
+  if (b.blocked) state.blocked.add(b.peerPhone);
+  else state.blocked.delete(b.peerPhone);
+  const c = chat(peerKey(b.peerPhone), { peer: b.peer });
+  const text = b.blocked ? `You blocked ${b.peerPhone}` : `You unblocked ${b.peerPhone}`;
+  addMessage(c, { id: `b:${order}`, seq: 0, order, system: true, text, at: c.lastAt });
+}
+
+/// The block list as the server has it (the log's block events may be
+/// older than the history held here).
+async function refreshBlocked(session) {
+  const r = await session.request({ listBlocked: {} });
+  state.blocked = new Set((r.blockedList.accounts || []).map((a) => a.phone));
+}
+
+/// The other person's number of a 1:1 chat (plain or encrypted), else null.
+function peerPhoneOf(c) {
+  if (!c) return null;
+  if (c.kind === "peer") return c.key.slice(2);
+  return c.locked ? c.title : null;
 }
 
 function systemLine(g) {
@@ -908,6 +943,29 @@ if ("serviceWorker" in navigator) {
   });
 }
 
+/// Blocks or unblocks the other person of the open 1:1 chat.
+async function setBlocked(phone, blocked) {
+  if (!state.session) return say("Not connected; try again once this browser is back online.");
+  await guarded(async () => {
+    await state.session.request({ block: { phone, blocked } });
+    if (blocked) state.blocked.add(phone);
+    else state.blocked.delete(phone);
+    if ($("panel").open) $("panel").close();
+    say(blocked ? `You blocked ${phone}.` : `You unblocked ${phone}.`, "info");
+  });
+  renderAll();
+}
+
+$("block").addEventListener("click", () => {
+  const phone = peerPhoneOf(state.chats.get(state.open));
+  if (!phone) return;
+  if (state.blocked.has(phone)) return setBlocked(phone, false);
+  panel("block", h("h2", {}, `Block ${phone}?`),
+    h("p", {}, "Their messages will not reach you (they see one tick), they will not see when you are online "
+      + "or typing, and they cannot add you to groups. You can unblock them at any time."),
+    h("p", {}, h("button", { type: "button", class: "danger", onclick: () => setBlocked(phone, true) }, "Block")));
+});
+
 $("mute").addEventListener("click", () => {
   const key = state.open;
   if (!key) return;
@@ -1016,6 +1074,9 @@ function renderHeader() {
   const c = state.chats.get(state.open);
   $("group-info").hidden = !c || c.kind !== "group" || !state.groups.has(c.group);
   $("mute").hidden = !c;
+  const blockable = peerPhoneOf(c);
+  $("block").hidden = !blockable;
+  if (blockable) $("block").textContent = state.blocked.has(blockable) ? "Unblock" : "Block";
   if (c) {
     const muted = state.muted.has(c.key);
     $("mute").textContent = muted ? "Unmute" : "Mute";
@@ -1048,7 +1109,9 @@ function renderHeader() {
 function renderMessages(grown = false) {
   const c = state.chats.get(state.open);
   $("empty").hidden = !!c;
-  $("composer").hidden = !c || (c.kind === "group" && !state.groups.has(c.group));
+  const blocked = !!c && state.blocked.has(peerPhoneOf(c));
+  $("composer").hidden = !c || blocked || (c.kind === "group" && !state.groups.has(c.group));
+  $("blocked-note").hidden = !blocked;
   const box = $("messages");
   if (!c) return box.replaceChildren();
   const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 30;

@@ -169,6 +169,12 @@ pub(crate) enum Msg {
         change: Box<DeviceChange>,
         reply: oneshot::Sender<Result<(), MessagingError>>,
     },
+    /// The account blocked (or unblocked) `peer`; the store already says so.
+    Block {
+        peer: AccountId,
+        blocked: bool,
+        reply: oneshot::Sender<Result<(), MessagingError>>,
+    },
 }
 
 /// Where the answer to one input goes.
@@ -417,6 +423,7 @@ fn split(msg: Msg) -> (Input, Reply) {
         Msg::Ack { device, connection, up_to } => (Input::Ack { device, connection, up_to }, Reply::None),
         Msg::MarkRead { peer, up_to, reply } => (Input::MarkRead { peer, up_to }, Reply::Done(reply)),
         Msg::DeviceChange { change, reply } => (Input::DeviceChange(*change), Reply::Done(reply)),
+        Msg::Block { peer, blocked, reply } => (Input::Block { peer, blocked }, Reply::Done(reply)),
     }
 }
 
@@ -434,6 +441,21 @@ async fn fetch(store: &dyn Store, account: AccountId, needs: Needs) -> Result<Fa
     }
     for peer in needs.contacts {
         facts.contacts.insert(peer, store.is_contact(account, peer).await?);
+    }
+    if needs.blocks {
+        facts.blocks = Some(match account.direct_members() {
+            // A 1:1 conversation's group: which member blocked the other.
+            Some((a, b)) => {
+                let mut set = std::collections::HashSet::new();
+                for (member, other) in [(a, b), (b, a)] {
+                    if store.blocked(member).await?.iter().any(|(peer, _)| *peer == other) {
+                        set.insert(member);
+                    }
+                }
+                set
+            }
+            None => store.blocked(account).await?.into_iter().map(|(peer, _)| peer).collect(),
+        });
     }
     for source in needs.inbound {
         facts.inbound.insert(source, store.inbound(account, source).await?);
@@ -708,6 +730,9 @@ impl Shell {
         }
         if counts.group_events_stored > 0 {
             metrics::counter!("skylark_group_events_stored_total").increment(counts.group_events_stored);
+        }
+        if counts.dropped_blocked > 0 {
+            metrics::counter!("skylark_messages_blocked_total").increment(counts.dropped_blocked);
         }
     }
 

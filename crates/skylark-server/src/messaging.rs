@@ -136,6 +136,9 @@ pub enum MessagingError {
     CommitOutsideGroup,
     #[error("no such account")]
     UnknownAccount,
+    /// The sender blocked the recipient (only the blocker is told).
+    #[error("you blocked this account; unblock it to send it messages")]
+    YouBlocked,
     /// The store failed; nothing was done (retry, with the same client id).
     #[error("storage unavailable: {0}")]
     Unavailable(#[source] StoreError),

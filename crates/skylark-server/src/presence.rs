@@ -139,6 +139,9 @@ impl Presence {
         if account == watcher {
             return Ok(true);
         }
+        if self.store.blocked(account).await?.iter().any(|(peer, _)| *peer == watcher) {
+            return Ok(false);
+        }
         Ok(match self.store.visibility(account).await? {
             Visibility::Everyone => true,
             Visibility::Nobody => false,
@@ -382,6 +385,25 @@ impl Presence {
             self.tell_others(PresenceNote::Typing { from, device, to, state });
         }
         true
+    }
+
+    /// Tells `watcher`'s connections that watch `account` what they may see
+    /// of it now (after `account` blocked or unblocked `watcher`).
+    pub async fn retell(&self, account: AccountId, watcher: AccountId) -> Result<(), StoreError> {
+        let connections: Vec<u64> = self
+            .state()
+            .watchers
+            .get(&account)
+            .map(|w| w.iter().filter(|(a, _)| *a == watcher).map(|(_, c)| *c).collect())
+            .unwrap_or_default();
+        if connections.is_empty() {
+            return Ok(());
+        }
+        let info = self.info(account, watcher).await?;
+        for connection in connections {
+            self.deliver(watcher, Some(connection), Ephemeral::Presence(info));
+        }
+        Ok(())
     }
 
     /// Sets who may see `account`'s presence, and tells current watchers.

@@ -209,6 +209,7 @@ impl Router {
         subject: String,
         members: Vec<AccountId>,
     ) -> Result<oneshot::Receiver<Result<GroupReply, MessagingError>>, MessagingError> {
+        self.check_addable(account, &members).await?;
         let group = self.ctx().store.allocate_group().await?;
         self.ask_group(account, group, GroupRequest::Create { subject, members }).await
     }
@@ -239,7 +240,62 @@ impl Router {
         if !self.group_exists(group).await? {
             return Err(GroupError::UnknownGroup.into());
         }
+        if let GroupRequest::Change(skylark_core::group::GroupChange::Add { members }) = &request {
+            self.check_addable(account, members).await?;
+        }
         self.ask_group(account, group, request).await
+    }
+
+    /// Refuses to put into a group anyone who blocked the one adding them
+    /// (the first such member is named).
+    async fn check_addable(&self, by: AccountId, members: &[AccountId]) -> Result<(), MessagingError> {
+        for member in members {
+            if self.is_blocked_by(*member, by).await? {
+                return Err(GroupError::AddRefused(*member).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `account` blocked `peer` (as stored).
+    pub async fn is_blocked_by(&self, account: AccountId, peer: AccountId) -> Result<bool, MessagingError> {
+        Ok(self.ctx().store.blocked(account).await?.iter().any(|(p, _)| *p == peer))
+    }
+
+    /// The accounts `account` blocked, with since when.
+    pub async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, MessagingError> {
+        Ok(self.ctx().store.blocked(account).await?)
+    }
+
+    /// `account` blocks (or unblocks) `peer`. The store has it first, so
+    /// every check from then on sees it; then the 1:1 conversation's group
+    /// (if there is one) reads it again, and the account's log records it
+    /// for its devices. The receiver yields once that entry is durable.
+    /// From then on `peer`'s messages to `account` are taken and dropped
+    /// (one tick for the sender), `account` may not message `peer`, and
+    /// `peer` may neither see `account`'s presence or typing nor add it to
+    /// groups.
+    pub async fn block(
+        &self,
+        account: AccountId,
+        peer: AccountId,
+        blocked: bool,
+    ) -> Result<oneshot::Receiver<Result<(), MessagingError>>, MessagingError> {
+        if peer == account || peer.is_group() {
+            return Err(MessagingError::UnknownAccount);
+        }
+        let now = self.ctx().clock.now_ms();
+        self.ctx().store.set_block(account, peer, blocked.then_some(now)).await?;
+        if let Some(direct) = AccountId::direct(account, peer)
+            && self.group_exists(direct).await?
+        {
+            let (reply, answer) = oneshot::channel();
+            self.tell(direct, Msg::Block { peer, blocked, reply }).await?;
+            answer.await.map_err(|_| gone())??;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tell(account, Msg::Block { peer, blocked, reply }).await?;
+        Ok(answer)
     }
 
     /// Whether `group` names an existing group. A live actor answers for

@@ -22,6 +22,23 @@ pub async fn run_all(store: &dyn Store) {
     groups(store).await;
     key_packages(store).await;
     bans(store).await;
+    blocks(store).await;
+}
+
+/// Block lists: per account, one-way, in peer order, the first time kept
+/// when blocked again, unblocking twice harmless.
+async fn blocks(store: &dyn Store) {
+    use skylark_core::AccountId;
+    let (a, b, c) = (AccountId(7_000), AccountId(7_001), AccountId(7_002));
+    assert_eq!(store.blocked(a).await.expect("list"), vec![]);
+    store.set_block(a, c, Some(20)).await.expect("block");
+    store.set_block(a, b, Some(10)).await.expect("block");
+    store.set_block(a, b, Some(30)).await.expect("block again");
+    assert_eq!(store.blocked(a).await.expect("list"), vec![(b, 10), (c, 20)]);
+    assert_eq!(store.blocked(b).await.expect("list"), vec![], "blocks are one-way");
+    store.set_block(a, b, None).await.expect("unblock");
+    store.set_block(a, b, None).await.expect("unblocking twice is fine");
+    assert_eq!(store.blocked(a).await.expect("list"), vec![(c, 20)]);
 }
 
 /// Banned numbers: listed with their time, banned again (a new time),

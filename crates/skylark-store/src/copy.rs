@@ -139,6 +139,12 @@ const TABLES: &[Table] = &[
     },
     Table { name: "contacts", columns: &[("account", Int), ("peer", Int)], shard_by: Some(0), filter: "" },
     Table { name: "settings", columns: &[("account", Int), ("visibility", Json)], shard_by: Some(0), filter: "" },
+    Table {
+        name: "blocks",
+        columns: &[("account", Int), ("peer", Int), ("at_ms", Int)],
+        shard_by: Some(0),
+        filter: "",
+    },
     Table { name: "groups", columns: &[("id", Int), ("meta", Json)], shard_by: Some(0), filter: "" },
     Table { name: "memberships", columns: &[("member", Int), ("group_id", Int)], shard_by: Some(1), filter: "" },
 ];
@@ -438,7 +444,9 @@ pub async fn redb_to_postgres(
             let row = vec![int(account)?, int(device)?, Value::Text(client_id.into()), int(v.value())?];
             pending.push(index_of("client_ids"), row).await?;
         }
-        for (def, name) in [(redb_store::INBOUND, "inbound"), (redb_store::CURSORS, "cursors")] {
+        for (def, name) in
+            [(redb_store::INBOUND, "inbound"), (redb_store::CURSORS, "cursors"), (redb_store::BLOCKS, "blocks")]
+        {
             let table = txn.open_table(def)?;
             for entry in table.iter()? {
                 let (k, v) = entry?;

@@ -183,6 +183,11 @@ pub trait SettingsStore: Send + Sync {
     async fn push_target(&self, device: DeviceId) -> Result<Option<PushTarget>, StoreError>;
     /// Sets (or with `None`, removes) a device's push target. Durable when it returns.
     async fn set_push_target(&self, device: DeviceId, target: Option<PushTarget>) -> Result<(), StoreError>;
+    /// `account` blocks `peer` (since `at_ms`), or unblocks it (`None`).
+    /// Blocking again keeps the first time. Durable when it returns.
+    async fn set_block(&self, account: AccountId, peer: AccountId, at_ms: Option<u64>) -> Result<(), StoreError>;
+    /// The accounts `account` blocked, with since when, in account id order.
+    async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, StoreError>;
 }
 
 /// One device's answer to a claim of key packages.

@@ -21,6 +21,7 @@ const TAG_DEVICE_LINKED: u8 = 4;
 const TAG_DEVICE_RENAMED: u8 = 5;
 const TAG_DEVICE_REMOVED: u8 = 6;
 const TAG_GROUP: u8 = 7;
+const TAG_BLOCK: u8 = 8;
 const TAG_FORWARD_MESSAGE: u8 = 11;
 const TAG_FORWARD_RECEIPT: u8 = 12;
 /// A group's forward of one of its own events: a reference into the
@@ -310,6 +311,12 @@ pub fn encode_entry(entry: &LogEntry) -> Vec<u8> {
             }
             w.u64(*at_ms);
         }
+        LogEntry::Block { peer, blocked, at_ms } => {
+            w.u8(TAG_BLOCK);
+            w.u64(peer.0);
+            w.u8(u8::from(*blocked));
+            w.u64(*at_ms);
+        }
         LogEntry::Group(e) => {
             w.u8(TAG_GROUP);
             write_group(&mut w, e);
@@ -341,6 +348,15 @@ pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
             LogEntry::Devices { change: DeviceChange::Removed { device: DeviceId(r.u64()?) }, at_ms: r.u64()? }
         }
         TAG_GROUP => LogEntry::Group(Arc::new(read_group(&mut r)?)),
+        TAG_BLOCK => {
+            let peer = AccountId(r.u64()?);
+            let blocked = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(corrupt("a block's flag")),
+            };
+            LogEntry::Block { peer, blocked, at_ms: r.u64()? }
+        }
         _ => return Err(corrupt("unknown log entry tag")),
     };
     r.finish()?;
@@ -432,6 +448,8 @@ mod tests {
             LogEntry::Devices { change: DeviceChange::Linked { device: DeviceId(5), name: "laptop".into() }, at_ms: 7 },
             LogEntry::Devices { change: DeviceChange::Renamed { device: DeviceId(5), name: "work".into() }, at_ms: 8 },
             LogEntry::Devices { change: DeviceChange::Removed { device: DeviceId(5) }, at_ms: 9 },
+            LogEntry::Block { peer: AccountId(12), blocked: true, at_ms: 10 },
+            LogEntry::Block { peer: AccountId(12), blocked: false, at_ms: 11 },
         ]
         .into_iter()
         .chain(group_events().into_iter().map(LogEntry::Group))

@@ -61,6 +61,8 @@ pub(crate) const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinitio
 pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
 /// account → presence visibility (JSON).
 pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
+/// (account, peer) → when the account blocked the peer.
+pub(crate) const BLOCKS: TableDefinition<(u64, u64), u64> = TableDefinition::new("blocks");
 /// device → push target (JSON).
 pub(crate) const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
 /// (device, n) → one unclaimed MLS key package; the lowest n is claimed
@@ -158,6 +160,7 @@ macro_rules! every_table {
             RECEIPTS,
             CONTACTS,
             SETTINGS,
+            BLOCKS,
             PUSH,
             KEY_PACKAGES,
             LAST_RESORT_KEYS,
@@ -294,10 +297,11 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 }
 
 /// The layout of the stored tables and records, kept in `meta` under
-/// `format`. A binary refuses a store of a newer format; an older format
-/// would be upgraded in `init` (there is none yet: format 1 is the first,
-/// and stores written before it was recorded are format 1).
-pub const FORMAT_VERSION: u64 = 1;
+/// `format`. A binary refuses a store of a newer format and upgrades an
+/// older one in `init`. Stores written before the version was recorded are
+/// format 1; format 2 added the `blocks` table and the block log entry (the
+/// upgrade from 1 creates the table, as for a new store).
+pub const FORMAT_VERSION: u64 = 2;
 const FORMAT: &str = "format";
 /// `meta` keys of banned numbers: this prefix, then the number.
 const BAN: &str = "ban:";
@@ -372,8 +376,10 @@ impl RedbStore {
                          {FORMAT_VERSION}). Run the newer binary, or restore a backup made by this version."
                     )));
                 }
-                Some(_) => {}
-                None => {
+                Some(version) if version == FORMAT_VERSION => {}
+                // Older formats: every table is created below, which is all
+                // an upgrade from 1 needs.
+                Some(_) | None => {
                     meta.insert(FORMAT, &FORMAT_VERSION.to_be_bytes()[..])?;
                 }
             }
@@ -392,6 +398,7 @@ impl RedbStore {
         txn.open_table(RECEIPTS)?;
         txn.open_table(CONTACTS)?;
         txn.open_table(SETTINGS)?;
+        txn.open_table(BLOCKS)?;
         txn.open_table(PUSH)?;
         txn.open_table(KEY_PACKAGES)?;
         txn.open_table(LAST_RESORT_KEYS)?;
@@ -899,6 +906,37 @@ impl SettingsStore for RedbStore {
         })
         .await
     }
+
+    async fn set_block(&self, account: AccountId, peer: AccountId, at_ms: Option<u64>) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            let mut table = txn.open_table(BLOCKS)?;
+            match at_ms {
+                Some(at) => {
+                    if table.get((account.0, peer.0))?.is_none() {
+                        table.insert((account.0, peer.0), at)?;
+                    }
+                }
+                None => {
+                    table.remove((account.0, peer.0))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(BLOCKS)?;
+            let mut out = Vec::new();
+            for row in table.range((account.0, 0)..=(account.0, u64::MAX))? {
+                let (k, v) = row?;
+                out.push((AccountId(k.value().1), v.value()));
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// A removed device's key packages are gone with it: nobody may add it to
@@ -1339,6 +1377,27 @@ mod tests {
         let store = RedbStore::open(&path).unwrap();
         let phone = PhoneNumber::parse("+15550000002").unwrap();
         assert!(store.account_by_phone(&phone).await.unwrap().is_some(), "the data is kept");
+        let txn = store.db.begin_read().unwrap();
+        let format = txn.open_table(META).unwrap().get(FORMAT).unwrap().map(|v| v.value().to_vec());
+        assert_eq!(format, Some(FORMAT_VERSION.to_be_bytes().to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_format_one_store_is_upgraded_and_gains_the_block_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(&dir).await;
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(FORMAT, &1u64.to_be_bytes()[..]).unwrap();
+            assert!(txn.delete_table(BLOCKS).unwrap(), "format 1 had no blocks table");
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        let phone = PhoneNumber::parse("+15550000002").unwrap();
+        assert!(store.account_by_phone(&phone).await.unwrap().is_some(), "the data is kept");
+        store.set_block(AccountId(1), AccountId(2), Some(5)).await.unwrap();
+        assert_eq!(store.blocked(AccountId(1)).await.unwrap(), vec![(AccountId(2), 5)]);
         let txn = store.db.begin_read().unwrap();
         let format = txn.open_table(META).unwrap().get(FORMAT).unwrap().map(|v| v.value().to_vec());
         assert_eq!(format, Some(FORMAT_VERSION.to_be_bytes().to_vec()));

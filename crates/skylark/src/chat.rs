@@ -222,6 +222,16 @@ fn describe(
                 Change::Removed(id) => format!("(device {id} was removed from your account)"),
             })
         }
+        Body::BlockChange(b) => {
+            if only.is_some_and(|o| o != b.peer_phone) {
+                return None;
+            }
+            Some(if b.blocked {
+                format!("(you blocked {}: their messages no longer reach you)", b.peer_phone)
+            } else {
+                format!("(you unblocked {})", b.peer_phone)
+            })
+        }
     }
 }
 

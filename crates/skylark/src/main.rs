@@ -3,6 +3,7 @@
 //! loading and printing; the work happens in the library crates.
 
 mod admin;
+mod blocks;
 mod chat;
 mod cli;
 mod devices;
@@ -123,6 +124,32 @@ enum Command {
         to: String,
         /// The text to send.
         message: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Block a phone number: their messages stop reaching you (they see one
+    /// tick), they cannot see your presence or typing, nor add you to groups.
+    Block {
+        /// The phone number to block.
+        phone: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Unblock a phone number you blocked.
+    Unblock {
+        /// The phone number to unblock.
+        phone: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// List the phone numbers you blocked.
+    Blocked {
         #[command(flatten)]
         profile: cli::ProfileArgs,
         #[command(flatten)]
@@ -300,6 +327,13 @@ fn run(args: Args) -> Result<()> {
         Command::Send { to, message, profile, transport } => {
             runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
         }
+        Command::Block { phone, profile, transport } => {
+            runtime.block_on(blocks::set(&profile.dir()?, &transport, &phone, true))
+        }
+        Command::Unblock { phone, profile, transport } => {
+            runtime.block_on(blocks::set(&profile.dir()?, &transport, &phone, false))
+        }
+        Command::Blocked { profile, transport } => runtime.block_on(blocks::list(&profile.dir()?, &transport)),
         Command::Profile { action: ProfileCommand::Server { servers, ca }, profile } => {
             runtime.block_on(cli::set_server(&profile.dir()?, &servers, ca.as_deref()))
         }

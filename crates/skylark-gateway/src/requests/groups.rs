@@ -149,6 +149,20 @@ pub(crate) async fn answer(router: &Router, account: AccountId, device: DeviceId
     };
     match asked {
         Ok(answer) => later(router, id, answer),
+        // Named by number: "account 17" means nothing to a user.
+        Err(MessagingError::Group(GroupError::AddRefused(member))) => {
+            Answer::Now(match router.directory().phone(member).await {
+                Ok(phone) => {
+                    let who = phone.map(|p| p.to_string()).unwrap_or_else(|| "someone you named".into());
+                    error(
+                        id,
+                        ErrorCode::Forbidden,
+                        format!("{who} cannot be added to groups by you; nothing was changed"),
+                    )
+                }
+                Err(e) => unavailable(id, &e),
+            })
+        }
         Err(e) => Answer::Now(messaging_error(id, &e)),
     }
 }

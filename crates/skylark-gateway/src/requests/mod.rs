@@ -10,6 +10,7 @@
 //! | [`push`] | `RegisterPush` |
 //! | [`groups`] | `CreateGroup`, `ChangeGroup`, `GetGroup`, `ListGroups`, `GetMessageInfo`, `OpenDirect` |
 //! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
+//! | [`blocks`] | `Block`, `ListBlocked` |
 //!
 //! The session (`session.rs`) owns the connection's state machine and calls
 //! [`answer`] for each request frame; this layer knows nothing of
@@ -17,6 +18,7 @@
 //! answered with its documented code and a message in words; store
 //! failures are logged here and answered "unavailable".
 
+mod blocks;
 mod devices;
 pub(crate) mod groups;
 mod keys;
@@ -149,6 +151,8 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::UploadKeyPackages(upload) => Answer::Now(keys::upload(&caller, id, upload).await),
         Body::GetKeyPackageStock(_) => Answer::Now(keys::get_stock(&caller, id).await),
         Body::ClaimKeyPackages(claim) => Answer::Now(keys::claim(&caller, id, claim).await),
+        Body::Block(block) => blocks::block(&caller, id, block).await,
+        Body::ListBlocked(_) => Answer::Now(blocks::list(&caller, id).await),
         body @ (Body::CreateGroup(_)
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)

@@ -10,10 +10,13 @@ use skylark_server::messaging::MessagingError;
 /// cannot be resolved now (unknown, or the store failing) drops it.
 pub(super) async fn typing(caller: &Caller<'_>, typing: v1::Typing) -> Answer {
     let server = &caller.shared.server;
+    let from = caller.authed.account.id;
     if let (Ok(phone), Some(state)) = (PhoneNumber::parse(&typing.to), crate::convert::typing_state(typing.state))
         && let Ok(Some(to)) = server.router.directory().account(&phone).await
+        // Nobody who blocked the typist sees it type (nor learns of the block).
+        && let Ok(false) = server.router.is_blocked_by(to, from).await
     {
-        server.presence.typing(caller.authed.account.id, caller.authed.device.id, to, state);
+        server.presence.typing(from, caller.authed.device.id, to, state);
     }
     Answer::None
 }

@@ -117,7 +117,21 @@ impl Machine {
         }
         let change = GroupChange::Post { device, client_id: client_id.clone(), payload, commit_epoch };
         let body = state.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
-        let seq = self.record(&mut fx.write, &mut fx.kick, now_ms, author, body);
+        // Blocks hold in 1:1 conversations, for messages; commits go to
+        // both (the conversation's encryption must stay in step).
+        let mut skip = None;
+        if commit_epoch.is_none()
+            && let Some(peer) = self.account.direct_peer(author)
+        {
+            if self.blocks(author)? {
+                return Err(Refusal::Refused(MessagingError::YouBlocked));
+            }
+            if self.blocks(peer)? {
+                skip = Some(peer);
+                fx.counts.dropped_blocked += 1;
+            }
+        }
+        let seq = self.record(&mut fx.write, &mut fx.kick, now_ms, author, body, skip);
         if commit_epoch.is_some()
             && let Some(state) = self.group_state_mut()
         {
@@ -154,7 +168,7 @@ impl Machine {
                 let positions = meta.members.iter().map(|m| (m.account, (0, 0))).collect();
                 fx.write.memberships.extend(meta.members.iter().map(|m| (m.account, true)));
                 self.kind = Kind::Group(Some(Box::new(GroupState { meta, positions, marks: (0, 0) })));
-                self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);
+                self.record(&mut fx.write, &mut fx.kick, now_ms, from, body, None);
             }
             GroupRequest::OpenDirect { with } => {
                 if AccountId::direct(from, with) != Some(self.account) {
@@ -165,14 +179,14 @@ impl Machine {
                     let positions = meta.members.iter().map(|m| (m.account, (0, 0))).collect();
                     fx.write.memberships.extend(meta.members.iter().map(|m| (m.account, true)));
                     self.kind = Kind::Group(Some(Box::new(GroupState { meta, positions, marks: (0, 0) })));
-                    self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);
+                    self.record(&mut fx.write, &mut fx.kick, now_ms, from, body, None);
                 } else {
                     self.member_check(from)?;
                 }
             }
             GroupRequest::Change(change) => {
                 let body = self.group_state()?.meta.check(from, change, max).map_err(refused)?;
-                self.record(&mut fx.write, &mut fx.kick, now_ms, from, body);
+                self.record(&mut fx.write, &mut fx.kick, now_ms, from, body, None);
             }
             GroupRequest::Info => {
                 self.member_check(from)?;
@@ -229,12 +243,14 @@ impl Machine {
         now_ms: u64,
         by: AccountId,
         body: GroupBody,
+        skip: Option<AccountId>,
     ) -> u64 {
         let seq = self.log.counters.next_seq;
         let event = Arc::new(GroupEvent { group: self.account, seq, by, at_ms: now_ms, body });
         self.log.append(write, LogEntry::Group(event.clone()));
         let Kind::Group(Some(state)) = &mut self.kind else { return seq };
-        let mut recipients: Vec<AccountId> = state.meta.members.iter().map(|m| m.account).collect();
+        let mut recipients: Vec<AccountId> =
+            state.meta.members.iter().map(|m| m.account).filter(|a| Some(*a) != skip).collect();
         let promote = state.meta.apply(by, seq, &event.body);
         match &event.body {
             GroupBody::Message { .. } => {}
@@ -267,7 +283,7 @@ impl Machine {
         }
         if let Some(member) = promote {
             let group = self.account;
-            self.record(write, kick, now_ms, group, GroupBody::Promoted { member });
+            self.record(write, kick, now_ms, group, GroupBody::Promoted { member }, None);
         }
         seq
     }

@@ -102,6 +102,13 @@ pub(crate) enum Input {
         up_to: u64,
     },
     DeviceChange(DeviceChange),
+    /// The account blocked (or unblocked) `peer` (user actors; the store
+    /// already holds the change). A 1:1 conversation's group is told too,
+    /// and forgets what it knew of its members' blocks.
+    Block {
+        peer: AccountId,
+        blocked: bool,
+    },
 }
 
 /// An answer to one input.
@@ -147,6 +154,8 @@ pub(crate) struct Counts {
     pub group_accepted: u64,
     pub stored: u64,
     pub group_events_stored: u64,
+    /// Messages from blocked senders, taken and dropped.
+    pub dropped_blocked: u64,
 }
 
 /// A fact the machine needed and was not given: the shell's prefetch and
@@ -168,6 +177,9 @@ pub(crate) struct Needs {
     pub cursors: Vec<DeviceId>,
     /// Log ranges (inclusive) not in memory.
     pub entries: Vec<(u64, u64)>,
+    /// The account's block list (for a 1:1 conversation's group: which of
+    /// its two members blocked the other).
+    pub blocks: bool,
 }
 
 impl Needs {
@@ -189,6 +201,7 @@ pub(crate) struct Facts {
     pub received: HashMap<AccountId, u64>,
     pub cursors: HashMap<DeviceId, Option<u64>>,
     pub entries: BTreeMap<u64, Arc<LogEntry>>,
+    pub blocks: Option<HashSet<AccountId>>,
 }
 
 /// The account's log as the actor sees it: its counters, and the newest
@@ -342,6 +355,9 @@ pub(crate) struct Marks {
     pub received: HashMap<AccountId, u64>,
     /// Peers known to be recorded as contacts (sent a message to).
     pub contacts: HashSet<AccountId>,
+    /// The accounts this account blocked, once read (for a 1:1
+    /// conversation's group: those of its members that blocked the other).
+    pub blocked: Option<HashSet<AccountId>>,
 }
 
 /// No marks looked up yet (what an actor that only feeds devices has).
@@ -497,9 +513,17 @@ impl Machine {
                     if *to != self.account && !self.marks().contacts.contains(to) && !needs.contacts.contains(to) {
                         needs.contacts.push(*to);
                     }
+                    needs.blocks |= *to != self.account && self.marks().blocked.is_none();
                 }
-                Input::Post { device, client_id, .. } => needs.client_ids.push((*device, client_id.clone())),
+                Input::Post { device, client_id, commit_epoch, .. } => {
+                    needs.client_ids.push((*device, client_id.clone()));
+                    needs.blocks |=
+                        self.account.is_direct() && commit_epoch.is_none() && self.marks().blocked.is_none();
+                }
                 Input::Deliver { from, items } => {
+                    needs.blocks |= !self.is_group()
+                        && self.marks().blocked.is_none()
+                        && items.iter().any(|(_, f)| matches!(f, Forward::Message(_)));
                     if !self.marks().inbound.contains_key(from) && !needs.inbound.contains(from) {
                         needs.inbound.push(*from);
                     }
@@ -549,6 +573,11 @@ impl Machine {
             wake: false,
             counts: Counts::default(),
         };
+        if let Some(blocks) = &facts.blocks
+            && self.marks().blocked.is_none()
+        {
+            self.marks_mut().blocked = Some(blocks.clone());
+        }
         let mut batch_ids = BatchIds::new();
         for input in inputs {
             let outcome = self.take(input, facts, now_ms, &mut batch_ids, &mut fx)?;
@@ -641,7 +670,31 @@ impl Machine {
                 self.log.append(&mut fx.write, LogEntry::Devices { change, at_ms: now_ms });
                 Outcome::Later(Answer::Done)
             }
+            Input::Block { peer, blocked } => {
+                if self.is_group() {
+                    // Read again from the store (which has the change) when next needed.
+                    if let Some(marks) = self.marks.as_deref_mut() {
+                        marks.blocked = None;
+                    }
+                    return Ok(Outcome::Now(Ok(Answer::Done)));
+                }
+                if let Some(set) = self.marks.as_deref_mut().and_then(|m| m.blocked.as_mut()) {
+                    if blocked {
+                        set.insert(peer);
+                    } else {
+                        set.remove(&peer);
+                    }
+                }
+                self.log.append(&mut fx.write, LogEntry::Block { peer, blocked, at_ms: now_ms });
+                Outcome::Later(Answer::Done)
+            }
         })
+    }
+
+    /// Whether `peer` is in the block list read for this step.
+    pub(super) fn blocks(&self, peer: AccountId) -> Result<bool, Missing> {
+        let set = self.marks().blocked.as_ref().ok_or_else(|| Missing("the block list".into()))?;
+        Ok(set.contains(&peer))
     }
 
     /// A device's connection attaches, `stored` being its durable cursor.
@@ -670,6 +723,9 @@ impl Machine {
         to: AccountId,
         payload: bytes::Bytes,
     ) -> Result<SendAck, Refusal> {
+        if to != self.account && self.blocks(to)? {
+            return Err(Refusal::Refused(MessagingError::YouBlocked));
+        }
         let id = MessageId { sender: self.account, seq: self.log.counters.next_seq };
         let message = Arc::new(Message { id, to, sender_device: device, client_id, sent_at_ms: now_ms, payload });
         let (seq, _) = self.log.append(&mut fx.write, LogEntry::Message(message.clone()));
@@ -720,6 +776,9 @@ impl Machine {
                     received = received.max(Some(event.seq));
                     fx.counts.group_events_stored += 1;
                 }
+                // A blocked sender's message is taken (its outbox moves on)
+                // and dropped: it sees one tick, never two.
+                Forward::Message(_) if self.blocks(from)? => fx.counts.dropped_blocked += 1,
                 Forward::Message(m) => {
                     self.log.append(&mut fx.write, LogEntry::Message(m.clone()));
                     received = received.max(Some(m.id.seq));

@@ -50,6 +50,9 @@ fn nothing_stored(needs: &Needs) -> Facts {
     facts.read_markers.extend(needs.read_markers.iter().map(|p| (*p, 0)));
     facts.received.extend(needs.received.iter().map(|p| (*p, 0)));
     facts.cursors.extend(needs.cursors.iter().map(|d| (*d, Some(0))));
+    if needs.blocks {
+        facts.blocks = Some(HashSet::new());
+    }
     facts
 }
 
@@ -379,4 +382,90 @@ fn a_user_machine_refuses_group_mail_as_an_internal_error() {
     let info = Input::Group { from: B, request: GroupRequest::Info };
     let fx = step(&mut a, vec![info]);
     assert!(matches!(&fx.outcomes[0], Outcome::Now(Err(MessagingError::Internal(_)))));
+}
+
+/// The facts for `inputs` when the store says the account (or, for a 1:1
+/// conversation's group, these members) blocked `blocked`.
+fn with_blocks(m: &Machine, inputs: &[Input], blocked: &[AccountId]) -> Facts {
+    let needs = m.needs(inputs);
+    assert!(needs.blocks, "the block list is asked for");
+    let mut facts = nothing_stored(&needs);
+    facts.blocks = Some(blocked.iter().copied().collect());
+    facts
+}
+
+#[test]
+fn a_blocked_senders_messages_are_taken_and_dropped_and_an_unblock_lets_them_in() {
+    let mut a = machine(A);
+    // The store already holds the block; the machine has not read its list yet.
+    let fx = step(&mut a, vec![Input::Block { peer: B, blocked: true }]);
+    assert!(matches!(fx.outcomes[0], Outcome::Later(Answer::Done)), "answered once the entry is durable");
+    assert!(matches!(fx.write.appends[0].1.as_ref(), LogEntry::Block { peer: B, blocked: true, .. }));
+
+    let inputs = vec![deliver(vec![from_b(1), from_b(2)])];
+    let facts = with_blocks(&a, &inputs, &[B]);
+    let fx = a.step(inputs, &facts, 2_000).unwrap();
+    assert_eq!(answer(&fx.outcomes[0]), &Answer::Deliver(2), "taken: the sender's outbox moves on");
+    assert!(fx.write.appends.is_empty(), "nothing reaches the log");
+    assert!(!fx.wake, "no push for what was dropped");
+    assert_eq!(fx.counts.dropped_blocked, 2);
+
+    // Unblocked: the list, now held, is updated without another read.
+    step(&mut a, vec![Input::Block { peer: B, blocked: false }]);
+    assert!(!a.needs(&[deliver(vec![from_b(3)])]).blocks);
+    let fx = step(&mut a, vec![deliver(vec![from_b(3)])]);
+    assert!(matches!(fx.write.appends[0].1.as_ref(), LogEntry::Message(m) if m.id.seq == 3));
+}
+
+#[test]
+fn sending_to_an_account_you_blocked_is_refused_and_writes_nothing() {
+    let mut a = machine(A);
+    let inputs = vec![send("c1", B), send("c2", C)];
+    let facts = with_blocks(&a, &inputs, &[B]);
+    let fx = a.step(inputs, &facts, 1_000).unwrap();
+    assert!(matches!(fx.outcomes[0], Outcome::Now(Err(MessagingError::YouBlocked))));
+    assert_eq!(ack_of(&fx.outcomes[1]).id.seq, 1, "others are written to as before");
+    assert_eq!(fx.write.outbox_puts.iter().map(|(_, i)| i.to).collect::<Vec<_>>(), vec![C]);
+}
+
+#[test]
+fn a_direct_group_keeps_a_blocked_members_messages_from_the_blocker_but_not_its_commits() {
+    let direct = AccountId::direct(A, B).unwrap();
+    let mut group = machine(direct);
+    step(&mut group, vec![Input::Group { from: A, request: GroupRequest::OpenDirect { with: B } }]);
+    let post = |author, cid: &str, commit_epoch| Input::Post {
+        author,
+        device: PHONE,
+        client_id: cid.into(),
+        payload: b"mls".to_vec().into(),
+        commit_epoch,
+        over_rate: None,
+    };
+    // B blocked A.
+    let inputs = vec![post(A, "m1", None), post(B, "m2", None), post(A, "c1", Some(0))];
+    let facts = with_blocks(&group, &inputs, &[B]);
+    let fx = group.step(inputs, &facts, 1_000).unwrap();
+    let to = |fx: &Effects, seq: u64| -> Vec<AccountId> {
+        let mut to: Vec<AccountId> = fx
+            .write
+            .outbox_puts
+            .iter()
+            .filter(|(_, i)| matches!(&i.forward, Forward::Group(e) if e.seq == seq))
+            .map(|(_, i)| i.to)
+            .collect();
+        to.sort();
+        to
+    };
+    let first = ack_of(&fx.outcomes[0]).id.seq;
+    assert_eq!(to(&fx, first), vec![A], "A's message goes to A's own devices only");
+    assert!(matches!(fx.outcomes[1], Outcome::Now(Err(MessagingError::YouBlocked))), "the blocker may not write");
+    let commit = ack_of(&fx.outcomes[2]).id.seq;
+    assert_eq!(to(&fx, commit), vec![A, B], "a commit reaches both");
+    // The block is lifted (the group is told to read the list again).
+    let fx = step(&mut group, vec![Input::Block { peer: A, blocked: false }]);
+    assert!(fx.write.is_empty(), "a group records nothing of it");
+    let inputs = vec![post(A, "m3", None)];
+    let facts = with_blocks(&group, &inputs, &[]);
+    let fx = group.step(inputs, &facts, 2_000).unwrap();
+    assert_eq!(to(&fx, ack_of(&fx.outcomes[0]).id.seq), vec![A, B]);
 }

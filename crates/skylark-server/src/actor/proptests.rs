@@ -121,6 +121,10 @@ impl Durable {
         for (from, to) in &needs.entries {
             facts.entries.extend(self.log.range(*from..=*to).map(|(s, e)| (*s, e.clone())));
         }
+        if needs.blocks {
+            // The model blocks nobody.
+            facts.blocks = Some(Default::default());
+        }
         facts
     }
 }

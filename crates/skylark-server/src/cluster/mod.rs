@@ -582,6 +582,12 @@ impl Cluster {
                 })
                 .await
             }
+            Msg::Block { peer, blocked, reply } => {
+                self.ask(node, Mail::Block { account, peer, blocked }, move |a| {
+                    let _ = reply.send(answer_as(a, Answer::into_done));
+                })
+                .await
+            }
             // A forward's confirmation goes to its own actor's mailbox,
             // which is always on this node.
             Msg::Forwarded { .. } => Err(MessagingError::Internal("a forward confirmation for another node")),
@@ -649,6 +655,10 @@ impl Cluster {
             Mail::DeviceChange { change, .. } => {
                 let (tx, rx) = oneshot::channel();
                 (Msg::DeviceChange { change: Box::new(change), reply: tx }, Some(self.relay(rx, |()| Answer::Done)))
+            }
+            Mail::Block { peer, blocked, .. } => {
+                let (tx, rx) = oneshot::channel();
+                (Msg::Block { peer, blocked, reply: tx }, Some(self.relay(rx, |()| Answer::Done)))
             }
         };
         let queued = ctx.registry.tell_here(ctx, account, msg).await;

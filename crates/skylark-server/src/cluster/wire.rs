@@ -78,6 +78,11 @@ pub(crate) enum Mail {
         account: AccountId,
         change: DeviceChange,
     },
+    Block {
+        account: AccountId,
+        peer: AccountId,
+        blocked: bool,
+    },
 }
 
 /// The answer to one piece of mail.
@@ -249,6 +254,13 @@ impl Mail {
                 w.bytes(&encode_entry(&LogEntry::Devices { change: change.clone(), at_ms: 0 }));
                 w.0
             }
+            Mail::Block { account, peer, blocked } => {
+                let mut w = start(10);
+                w.u64(account.0);
+                w.u64(peer.0);
+                w.u8(u8::from(*blocked));
+                w.0
+            }
         }
     }
 
@@ -306,6 +318,15 @@ impl Mail {
                     _ => return Err(bad("a device change that is not one")),
                 }
             }
+            10 => Mail::Block {
+                account: AccountId(r.u64()?),
+                peer: AccountId(r.u64()?),
+                blocked: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(bad("a block's flag")),
+                },
+            },
             _ => return Err(bad("unknown mail")),
         };
         r.finish()?;
@@ -320,7 +341,8 @@ impl Mail {
             | Mail::Detach { account, .. }
             | Mail::Ack { account, .. }
             | Mail::MarkRead { account, .. }
-            | Mail::DeviceChange { account, .. } => *account,
+            | Mail::DeviceChange { account, .. }
+            | Mail::Block { account, .. } => *account,
             Mail::Post { group, .. } | Mail::Group { group, .. } => *group,
             Mail::Deliver { to, .. } => *to,
         }
@@ -339,6 +361,7 @@ const E_INTERNAL: u8 = 7;
 const E_TOO_LARGE: u8 = 8;
 const E_INVALID_CLIENT_ID: u8 = 9;
 const E_UNREACHABLE: u8 = 10;
+const E_YOU_BLOCKED: u8 = 11;
 
 pub(crate) fn encode_answer(answer: &Result<Answer, MessagingError>) -> Vec<u8> {
     match answer {
@@ -375,6 +398,7 @@ pub(crate) fn encode_answer(answer: &Result<Answer, MessagingError>) -> Vec<u8> 
                 MessagingError::NodeUnreachable => (E_UNREACHABLE, 0, Vec::new()),
                 MessagingError::TooLarge { len, max } => (E_TOO_LARGE, *len as u64, max.to_string().into_bytes()),
                 MessagingError::InvalidClientId => (E_INVALID_CLIENT_ID, 0, Vec::new()),
+                MessagingError::YouBlocked => (E_YOU_BLOCKED, 0, Vec::new()),
                 // Checked at the edge, before any mail: never on the bus.
                 MessagingError::InvalidRecipient(_)
                 | MessagingError::CommitOutsideGroup
@@ -416,6 +440,7 @@ pub(crate) fn decode_answer(bytes: &[u8]) -> Result<Result<Answer, MessagingErro
                 },
                 E_INVALID_CLIENT_ID => MessagingError::InvalidClientId,
                 E_UNREACHABLE => MessagingError::NodeUnreachable,
+                E_YOU_BLOCKED => MessagingError::YouBlocked,
                 _ => MessagingError::Internal("another node failed to answer"),
             })
         }
@@ -579,6 +604,8 @@ mod tests {
             Mail::Attach { account: AccountId(1), device: DeviceId(2), connection: u64::MAX, origin: "n2".into() },
             Mail::Group { group: AccountId::group(4), from: AccountId(1), request: GroupRequest::Info },
             Mail::DeviceChange { account: AccountId(1), change: DeviceChange::Removed { device: DeviceId(3) } },
+            Mail::Block { account: AccountId(1), peer: AccountId(8), blocked: true },
+            Mail::Block { account: AccountId(1), peer: AccountId(8), blocked: false },
         ];
         for mail in mails {
             assert_eq!(Mail::decode(&mail.encode()).unwrap(), mail);

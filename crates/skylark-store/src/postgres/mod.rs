@@ -58,6 +58,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "schema", include_str!("../../migrations/0001_schema.sql")),
     (2, "cluster", include_str!("../../migrations/0002_cluster.sql")),
     (3, "key_packages", include_str!("../../migrations/0003_key_packages.sql")),
+    (4, "blocks", include_str!("../../migrations/0004_blocks.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -1317,6 +1318,33 @@ impl SettingsStore for PgStore {
         };
         query.execute(&dir.pool).await.map_err(|e| dir.fail(e))?;
         Ok(())
+    }
+
+    async fn set_block(&self, account: AccountId, peer: AccountId, at_ms: Option<u64>) -> Result<(), StoreError> {
+        let shard = self.conn(account);
+        let query = match at_ms {
+            Some(at) => sqlx::query(
+                "INSERT INTO blocks (account, peer, at_ms) VALUES ($1, $2, $3) ON CONFLICT (account, peer) DO NOTHING",
+            )
+            .bind(int(account.0)?)
+            .bind(int(peer.0)?)
+            .bind(int(at)?),
+            None => sqlx::query("DELETE FROM blocks WHERE account = $1 AND peer = $2")
+                .bind(bound(account.0))
+                .bind(bound(peer.0)),
+        };
+        query.execute(&shard.pool).await.map_err(|e| shard.fail(e))?;
+        Ok(())
+    }
+
+    async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, StoreError> {
+        let shard = self.conn(account);
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT peer, at_ms FROM blocks WHERE account = $1 ORDER BY peer")
+            .bind(bound(account.0))
+            .fetch_all(&shard.pool)
+            .await
+            .map_err(|e| shard.fail(e))?;
+        Ok(rows.into_iter().map(|(peer, at)| (AccountId(peer as u64), at as u64)).collect())
     }
 }
 

@@ -935,3 +935,42 @@ fn serve_help_shows_the_real_defaults() {
         assert!(help.contains(&shown), "{shown} missing from:\n{help}");
     }
 }
+
+/// Blocking from the command line, in an encrypted 1:1 conversation: the
+/// blocked sender still gets its tick, the blocker's devices show nothing
+/// of it, the blocker is told why it cannot write, and unblocking lets the
+/// conversation go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_and_unblock_from_the_command_line() {
+    let server = TestServer::start().await;
+    let cli = Profiles::new();
+    cli.save(&server.register("+15551900001").await, "alice");
+    cli.save(&server.register("+15551900002").await, "bob");
+    for profile in ["alice", "bob"] {
+        cli.run(profile, &["group", "list"]).await;
+    }
+    let out = cli.run("alice", &["send", "+15551900002", "before-block"]).await;
+    assert!(out.contains("✓ 🔒 sent"), "{out}");
+
+    let out = cli.run("bob", &["block", "+15551900001"]).await;
+    assert!(out.contains("Blocked +15551900001"), "{out}");
+    let out = cli.run("bob", &["blocked"]).await;
+    assert!(out.contains("+15551900001"), "{out}");
+    let out = cli.run("alice", &["send", "+15551900002", "during-block"]).await;
+    assert!(out.contains("✓ 🔒 sent"), "the blocked sender sees its tick: {out}");
+    let refused = cli.output("bob", &["send", "+15551900001", "to-her"]).await;
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("you blocked this account") && said.contains("unblock"), "{said}");
+
+    let out = cli.run("bob", &["unblock", "+15551900001"]).await;
+    assert!(out.contains("Unblocked +15551900001"), "{out}");
+    let out = cli.run("bob", &["blocked"]).await;
+    assert!(out.contains("You have blocked nobody"), "{out}");
+    cli.run("alice", &["send", "+15551900002", "after-block"]).await;
+    let l = cli.listen("bob");
+    let seen = l.expect("+15551900001: after-block");
+    assert!(seen.iter().any(|line| line.contains("+15551900001: before-block")), "{seen:#?}");
+    assert!(seen.iter().any(|line| line.contains("you blocked +15551900001")), "{seen:#?}");
+    assert!(!seen.iter().any(|line| line.contains("during-block")), "{seen:#?}");
+}

@@ -7,6 +7,7 @@
 mod admin;
 mod auth;
 mod authz;
+mod blocks;
 mod cli;
 mod cluster;
 mod crash;

@@ -10,7 +10,8 @@
 // afterwards reads the whole history back from the server and pages back
 // as the user scrolls; the server is killed and restarted mid-conversation,
 // a message typed meanwhile survives closing the tab, and nothing is lost
-// or shown twice; a phone-sized window works.
+// or shown twice; a number is blocked and unblocked; a phone-sized window
+// works.
 
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -428,6 +429,25 @@ try {
   await alice.waitForSelector(`[data-chat="p:+15553000005"]`);
   await alice.click(`[data-chat="p:+15553000005"]`);
   await until("Erin's last seen on Alice's page", async () => /last seen|online/.test(await alice.textContent("#chat-status")));
+
+  // Alice blocks Erin: asked first, then the composer gives way to a note,
+  // Erin's presence is hidden, and what Erin sends meanwhile (she still
+  // gets her tick) never reaches Alice, not even after the unblock.
+  await alice.click("#block");
+  await alice.click("dialog >> button:has-text('Block')");
+  await alice.waitForSelector("#blocked-note:not([hidden])");
+  await alice.waitForSelector("#messages >> text=You blocked +15553000005");
+  assert.equal(await alice.isVisible("#composer"), false, "no composer for a blocked chat");
+  assert.equal(await alice.textContent("#block"), "Unblock");
+  const sent = await cli("erin", ["send", ALICE, "erin while blocked"]);
+  assert.match(sent, /✓ sent/, "the blocked sender sees one tick");
+  await shot(alice, "12-blocked");
+  await alice.click("#block");
+  await alice.waitForSelector("#composer:not([hidden])");
+  await alice.waitForSelector("#messages >> text=You unblocked +15553000005");
+  await cli("erin", ["send", ALICE, "erin after the unblock"]);
+  await alice.waitForSelector("#messages >> text=erin after the unblock");
+  assert.equal(await count(alice, "#messages li.msg", "erin while blocked"), 0, "dropped for good");
 
   // Phone-sized window: one pane at a time.
   const phone = watched(await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage());

@@ -1,0 +1,64 @@
+//! Blocking: `Block` and `ListBlocked`. The rules live in the router
+//! (`Router::block`); here numbers become accounts and back.
+
+use super::{Answer, Caller, error, messaging_error, reply, unavailable};
+use skylark_core::PhoneNumber;
+use skylark_protocol::v1::{self, server_frame};
+use skylark_protocol::{ErrorCode, ServerFrame};
+use skylark_server::messaging::MessagingError;
+
+pub(super) async fn block(caller: &Caller<'_>, id: u64, block: v1::Block) -> Answer {
+    let router = &caller.shared.server.router;
+    let me = caller.authed.account.id;
+    // Charged like a group change: rare, and each one is a durable write.
+    if let Err(e) = router.charge_group_change(caller.authed.device.id) {
+        return Answer::Now(messaging_error(id, &e));
+    }
+    let phone = match PhoneNumber::parse(&block.phone) {
+        Ok(phone) => phone,
+        Err(e) => return Answer::Now(messaging_error(id, &MessagingError::InvalidRecipient(e))),
+    };
+    let peer = match router.directory().account(&phone).await {
+        Ok(Some(peer)) => peer,
+        Ok(None) => return Answer::Now(messaging_error(id, &MessagingError::UnknownRecipient)),
+        Err(e) => return Answer::Now(unavailable(id, &e)),
+    };
+    if peer == me {
+        return Answer::Now(error(id, ErrorCode::InvalidArgument, "you cannot block your own number"));
+    }
+    let queued = router.block(me, peer, block.blocked).await;
+    let presence = caller.shared.server.presence.clone();
+    match queued {
+        Ok(durable) => Answer::Later(Box::pin(async move {
+            match durable.await {
+                Ok(Ok(())) => {
+                    // The peer's watching connections learn what they may see now.
+                    if let Err(e) = presence.retell(me, peer).await {
+                        tracing::warn!(error = %e, "could not retell presence after a block");
+                    }
+                    super::ok(id)
+                }
+                Ok(Err(e)) => messaging_error(id, &e),
+                Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
+            }
+        })),
+        Err(e) => Answer::Now(messaging_error(id, &e)),
+    }
+}
+
+pub(super) async fn list(caller: &Caller<'_>, id: u64) -> ServerFrame {
+    let router = &caller.shared.server.router;
+    let blocked = match router.blocked(caller.authed.account.id).await {
+        Ok(blocked) => blocked,
+        Err(e) => return messaging_error(id, &e),
+    };
+    let mut accounts = Vec::with_capacity(blocked.len());
+    for (account, since_ms) in blocked {
+        let phone = match router.directory().phone(account).await {
+            Ok(phone) => phone.map(|p| p.to_string()).unwrap_or_default(),
+            Err(e) => return unavailable(id, &e),
+        };
+        accounts.push(v1::BlockedAccount { account: account.0, phone, since_ms });
+    }
+    reply(id, server_frame::Body::BlockedList(v1::BlockedList { accounts }))
+}

@@ -1,0 +1,44 @@
+//! `skylark block`, `unblock` and `blocked`: the account's block list.
+
+use crate::cli::{TransportArgs, explain};
+use anyhow::Result;
+use skylark_client::Identity;
+use std::path::Path;
+
+/// Blocks (or unblocks) `phone` for this profile's account.
+pub async fn set(profile: &Path, transport: &TransportArgs, phone: &str, blocked: bool) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let (session, _events) =
+        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let done = session.handle().block(phone, blocked).await;
+    session.close().await;
+    done.map_err(explain)?;
+    if blocked {
+        println!(
+            "Blocked {phone}. Their messages will not reach you (they see one tick), they cannot see when you are \
+             online or typing, nor add you to groups. `skylark unblock {phone}` undoes it."
+        );
+    } else {
+        println!("Unblocked {phone}: you can message each other again.");
+    }
+    Ok(())
+}
+
+/// Lists the accounts this account blocked.
+pub async fn list(profile: &Path, transport: &TransportArgs) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let (session, _events) =
+        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let listed = session.handle().list_blocked().await;
+    session.close().await;
+    let accounts = listed.map_err(explain)?;
+    if accounts.is_empty() {
+        println!("You have blocked nobody.");
+        return Ok(());
+    }
+    println!("Blocked by {}:", identity.phone);
+    for a in accounts {
+        println!("  {:<18} since {}", a.phone, crate::devices::utc(a.since_ms));
+    }
+    Ok(())
+}
