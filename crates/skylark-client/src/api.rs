@@ -85,10 +85,24 @@ impl Api {
         public_key: &[u8; 32],
         device_name: &str,
     ) -> Result<Registered, ClientError> {
+        self.verify_with_pin(session_id, code, public_key, device_name, None).await
+    }
+
+    /// As [`Api::verify`], with the number's two-step verification PIN
+    /// (needed when the answer was the error `registration_locked`).
+    pub async fn verify_with_pin(
+        &self,
+        session_id: &str,
+        code: &str,
+        public_key: &[u8; 32],
+        device_name: &str,
+        pin: Option<&str>,
+    ) -> Result<Registered, ClientError> {
         let body = json(&VerifyRequest {
             code: code.to_owned(),
             public_key: BASE64.encode(public_key),
             device_name: device_name.to_owned(),
+            pin: pin.map(str::to_owned),
         });
         self.call("POST", &format!("/v1/verification/{session_id}/verify"), Some(body)).await
     }

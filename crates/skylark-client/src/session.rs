@@ -296,6 +296,24 @@ impl SessionHandle {
         }
     }
 
+    /// Sets the account's two-step verification PIN (6 digits; `None`
+    /// removes it).
+    pub async fn set_pin(&self, pin: Option<&str>) -> Result<v1::PinStatus, ClientError> {
+        self.pin_request(client_frame::Body::SetPin(v1::SetPin { pin: pin.unwrap_or_default().into() })).await
+    }
+
+    /// Whether the account has a two-step verification PIN.
+    pub async fn pin_status(&self) -> Result<v1::PinStatus, ClientError> {
+        self.pin_request(client_frame::Body::GetPinStatus(v1::GetPinStatus {})).await
+    }
+
+    async fn pin_request(&self, body: client_frame::Body) -> Result<v1::PinStatus, ClientError> {
+        match self.request(body).await? {
+            server_frame::Body::PinStatus(status) => Ok(status),
+            other => Err(ClientError::Protocol(format!("expected PinStatus, got {other:?}"))),
+        }
+    }
+
     /// Registers (or with `None`, removes) this device's push target.
     pub async fn register_push(&self, target: Option<v1::register_push::Target>) -> Result<(), ClientError> {
         self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await

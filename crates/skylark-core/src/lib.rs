@@ -13,6 +13,7 @@ pub mod group;
 pub mod keys;
 pub mod message;
 pub mod phone;
+pub mod pin;
 pub mod verification;
 pub mod words;
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// The rules a verification session follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct VerificationPolicy {
     /// How long a code is valid after it is sent.
     pub code_ttl_ms: u64,
@@ -22,11 +23,19 @@ pub struct VerificationPolicy {
     pub resend_interval_ms: u64,
     /// Codes sent per session, the first included.
     pub max_sends: u32,
+    /// Two-step verification: how long an account must go unused (no device connected) before its PIN no longer guards its number (7 days).
+    pub pin_lapse_ms: u64,
 }
 
 impl Default for VerificationPolicy {
     fn default() -> Self {
-        Self { code_ttl_ms: 10 * 60_000, max_attempts: 5, resend_interval_ms: 30_000, max_sends: 5 }
+        Self {
+            code_ttl_ms: 10 * 60_000,
+            max_attempts: 5,
+            resend_interval_ms: 30_000,
+            max_sends: 5,
+            pin_lapse_ms: 7 * 86_400_000,
+        }
     }
 }
 

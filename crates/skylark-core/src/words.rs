@@ -15,8 +15,10 @@ pub fn wait(ms: u64) -> String {
         count(secs, "second", "seconds")
     } else if secs < 2 * 3600 {
         count(secs.div_ceil(60), "minute", "minutes")
-    } else {
+    } else if secs < 2 * 86_400 {
         count(secs.div_ceil(3600), "hour", "hours")
+    } else {
+        count(secs.div_ceil(86_400), "day", "days")
     }
 }
 
@@ -31,6 +33,7 @@ mod tests {
         assert_eq!(wait(0), "1 second", "never \"0 seconds\" for a wait that is not over");
         assert_eq!(wait(600_000), "10 minutes");
         assert_eq!(wait(3 * 3_600_000), "3 hours");
+        assert_eq!(wait(7 * 86_400_000), "7 days");
         assert_eq!(count(1, "attempt", "attempts"), "1 attempt");
         assert_eq!(count(4, "attempt", "attempts"), "4 attempts");
     }

@@ -190,6 +190,20 @@ impl From<RegistrationError> for ApiError {
             }
             R::InvalidKey(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_public_key", message),
             R::InvalidName(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_device_name", message),
+            R::PinRequired { .. } => ApiError::new(StatusCode::LOCKED, "registration_locked", message),
+            R::WrongPin { attempts_left, retry_after_ms } => {
+                let mut err = ApiError::new(StatusCode::FORBIDDEN, "wrong_pin", message);
+                err.body.attempts_left = Some(attempts_left);
+                if retry_after_ms > 0 {
+                    err = err.retry_after(Duration::from_millis(retry_after_ms));
+                }
+                err
+            }
+            R::PinWait(ms) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "pin_wait", message).retry_after(Duration::from_millis(ms))
+            }
+            R::PinLockedOut { .. } => ApiError::new(StatusCode::LOCKED, "pin_locked", message),
+            R::InvalidPin => ApiError::new(StatusCode::BAD_REQUEST, "invalid_pin", message),
             R::Store(e) => {
                 tracing::error!(error = %e, "store failed in the registration api");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
@@ -307,10 +321,11 @@ async fn resend(
     responses(
         (status = 200, description = "The device is enrolled", body = http::Registered),
         (status = 400, description = "`wrong_code` (with `attempts_left`), `invalid_public_key`, `invalid_device_name` or `malformed_request`", body = http::ApiError),
-        (status = 403, description = "`banned`", body = http::ApiError),
+        (status = 403, description = "`banned`, or `wrong_pin` (with `attempts_left`, and Retry-After once guesses must wait)", body = http::ApiError),
         (status = 404, description = "`unknown_session`", body = http::ApiError),
         (status = 410, description = "`code_expired` or `attempts_exhausted`: resend", body = http::ApiError),
-        (status = 429, description = "`rate_limited`; see Retry-After", body = http::ApiError),
+        (status = 423, description = "`registration_locked`: the number has a two-step verification PIN, send it as `pin`; `pin_locked`: too many wrong PINs", body = http::ApiError),
+        (status = 429, description = "`rate_limited` or `pin_wait`; see Retry-After", body = http::ApiError),
     ))]
 async fn verify(
     State(shared): State<Shared>,
@@ -320,8 +335,11 @@ async fn verify(
 ) -> Result<axum::Json<http::Registered>, ApiError> {
     let request: http::VerifyRequest = parse(&body)?;
     let key = public_key(&request.public_key)?;
-    let registered =
-        shared.server.registration.verify(&id, &request.code, &key, &request.device_name, peer.ip()).await?;
+    let registered = shared
+        .server
+        .registration
+        .verify(&id, &request.code, &key, &request.device_name, peer.ip(), request.pin.as_deref())
+        .await?;
     Ok(axum::Json(http::Registered {
         account_id: registered.account.id.0,
         device_id: registered.device.id.0,

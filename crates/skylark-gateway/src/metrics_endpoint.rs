@@ -83,6 +83,12 @@ pub const METRICS: &[Metric] = &[
     ),
     ("skylark_group_events_stored_total", Kind::Counter, "Group events made durable in a member's log.", None),
     (
+        "skylark_pin_failures_total",
+        Kind::Counter,
+        "Wrong two-step verification PINs given when registering a locked number.",
+        None,
+    ),
+    (
         "skylark_messages_blocked_total",
         Kind::Counter,
         "Messages not delivered because their recipient blocked the sender.",

@@ -301,10 +301,22 @@ $("code-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   try {
     pendingKey = pendingKey || (await generateKey());
-    const r = await api.verify(verification.session_id, $("code").value.trim(), pendingKey.publicKey, browserName());
+    const pin = $("pin-field").hidden ? undefined : $("pin").value.trim();
+    if (pin !== undefined && !/^[0-9]{6}$/.test(pin)) return say("A PIN is 6 digits; nothing was checked, so no attempt was used.");
+    const r = await api.verify(verification.session_id, $("code").value.trim(), pendingKey.publicKey, browserName(), pin);
     await enter({ accountId: String(r.account_id), deviceId: String(r.device_id), phone: r.phone, pair: pendingKey.pair });
   } catch (err) {
-    say(err instanceof ApiError && err.attemptsLeft !== undefined
+    if (err instanceof ApiError && err.code === "registration_locked") {
+      // The code was right: the number's PIN is needed too.
+      $("pin-field").hidden = false;
+      $("pin").focus();
+      return say(sentence(err.message), "info");
+    }
+    if (err instanceof ApiError && err.code === "wrong_pin") {
+      $("pin").value = "";
+      return say(sentence(err.message));
+    }
+    say(err instanceof ApiError && err.code === "wrong_code"
       ? `Wrong code; ${err.attemptsLeft} ${err.attemptsLeft === 1 ? "attempt" : "attempts"} left.` : explain(err));
   }
 });
@@ -1355,6 +1367,59 @@ async function showDevices() {
         });
       },
     }, code, h("button", { type: "submit" }, "Approve")));
+}
+
+$("settings").addEventListener("click", () => guarded(showSettings));
+
+/// Privacy and security: two-step verification and the numbers blocked.
+async function showSettings() {
+  if (!state.session) return say("Not connected; the settings open once this browser is back online.");
+  const [pin, blocked] = await Promise.all([
+    state.session.request({ getPinStatus: {} }),
+    state.session.request({ listBlocked: {} }),
+  ]);
+  const status = pin.pinStatus;
+  const days = Math.round(Number(status.lapseMs || 0) / 86400000);
+  const first = h("input", { type: "password", inputmode: "numeric", maxlength: "6", "aria-label": "New PIN", required: true });
+  const again = h("input", { type: "password", inputmode: "numeric", maxlength: "6", "aria-label": "New PIN again", required: true });
+  const accounts = blocked.blockedList.accounts || [];
+  panel("settings",
+    h("h2", {}, "Settings"),
+    h("h3", {}, "Two-step verification"),
+    h("p", { class: "pin-state" }, status.enabled
+      ? `On since ${whenSeen(status.setAtMs)}: registering ${state.me.phone} on another phone needs your PIN as well as the SMS code.`
+      : `Off: the SMS code alone registers ${state.me.phone} on another phone.`),
+    h("p", { class: "muted" }, `The PIN stops guarding your number if your account goes unused for ${days} days.`),
+    h("form", {
+      onsubmit: (e) => {
+        e.preventDefault();
+        if (!/^[0-9]{6}$/.test(first.value)) return say("A PIN is 6 digits.");
+        if (first.value !== again.value) return say("The two PINs differ; nothing was changed.");
+        guarded(async () => {
+          await state.session.request({ setPin: { pin: first.value } });
+          await showSettings();
+          say("Two-step verification is on. Keep your PIN safe.", "info");
+        });
+      },
+    }, first, again, h("button", { type: "submit" }, status.enabled ? "Change PIN" : "Turn on")),
+    status.enabled ? h("p", {}, h("button", {
+      type: "button", class: "secondary",
+      onclick: () => guarded(async () => {
+        await state.session.request({ setPin: { pin: "" } });
+        await showSettings();
+        say("Two-step verification is off.", "info");
+      }),
+    }, "Turn off")) : null,
+    h("h3", {}, "Blocked numbers"),
+    accounts.length
+      ? h("ul", {}, accounts.map((a) => h("li", { class: "device", "data-blocked": a.phone },
+        h("span", { class: "who" }, a.phone, h("br"), h("span", { class: "muted" }, `since ${whenSeen(a.sinceMs)}`)),
+        h("button", { type: "button", onclick: () => guarded(async () => {
+          await setBlocked(a.phone, false);
+          await showSettings();
+        }) }, "Unblock"))))
+      : h("p", { class: "muted" }, "Nobody. Block a number from its chat."));
+  first.focus();
 }
 
 function renameDevice(d) {

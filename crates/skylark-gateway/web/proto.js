@@ -115,11 +115,12 @@ async function call(method, path, body) {
 export const api = {
   startVerification: (phone) => call("POST", "/v1/verification", { phone }),
   resend: (id) => call("POST", `/v1/verification/${encodeURIComponent(id)}/resend`),
-  verify: (id, code, publicKey, deviceName) =>
+  verify: (id, code, publicKey, deviceName, pin) =>
     call("POST", `/v1/verification/${encodeURIComponent(id)}/verify`, {
       code,
       public_key: toBase64(publicKey),
       device_name: deviceName,
+      ...(pin ? { pin } : {}),
     }),
   createLink: (publicKey, deviceName) =>
     call("POST", "/v1/links", { public_key: toBase64(publicKey), device_name: deviceName }),

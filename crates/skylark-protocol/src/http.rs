@@ -49,6 +49,11 @@ pub struct VerifyRequest {
     pub public_key: String,
     #[serde(default)]
     pub device_name: String,
+    /// The number's two-step verification PIN, when its owner set one
+    /// (answered `registration_locked` without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-9]{6}$", example = "246810"))]
+    pub pin: Option<String>,
 }
 
 /// A device enrolled by a verification.

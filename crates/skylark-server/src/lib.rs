@@ -95,15 +95,6 @@ impl Server {
         let server_id = store.server_id(candidate).await?;
         let sessions = Arc::new(sessions::Sessions::default());
         let bans = Arc::new(bans::Bans::load(store.clone(), clock.clone()).await?);
-        let registration = registration::Registration::new(
-            bans.clone(),
-            store.clone(),
-            sms,
-            clock.clone(),
-            sessions.clone(),
-            config.verification,
-            &config.rate_limits,
-        );
         let auth = auth::Authenticator::new(store.clone(), clock.clone(), server_id, config.limits.challenge_ttl_ms)
             .with_bans(bans.clone());
         let router = router::Router::with_limits(store.clone(), clock.clone(), config.messaging, &config.rate_limits);
@@ -114,6 +105,16 @@ impl Server {
             router.clone(),
             config.devices,
         ));
+        let registration = registration::Registration::new(
+            bans.clone(),
+            store.clone(),
+            sms,
+            clock.clone(),
+            sessions.clone(),
+            devices.clone(),
+            config.verification,
+            &config.rate_limits,
+        );
         let presence = Arc::new(presence::Presence::new(
             store.clone(),
             clock.clone(),

@@ -39,8 +39,39 @@ pub enum RegistrationError {
     InvalidKey(&'static str),
     #[error("invalid device name: {0}")]
     InvalidName(&'static str),
+    /// The number's account has two-step verification: the request must
+    /// carry its PIN. The lock lapses at `lapses_at_ms` if the account is
+    /// not used until then.
+    #[error(
+        "this number is protected by two-step verification: enter its {}-digit PIN (set by the number's owner)",
+        skylark_core::pin::PIN_DIGITS
+    )]
+    PinRequired { lapses_at_ms: u64 },
+    #[error("wrong PIN; {}", pin_left(*.attempts_left, *.retry_after_ms))]
+    WrongPin { attempts_left: u32, retry_after_ms: u64 },
+    #[error("too many wrong PINs in a row; try again in {}", skylark_core::words::wait(*.0))]
+    PinWait(u64),
+    #[error(
+        "too many wrong PINs: this number cannot be registered again until its account has gone unused for a \
+         while (it stays locked while its owner uses it)"
+    )]
+    PinLockedOut { lapses_at_ms: u64 },
+    #[error("a PIN is {} digits", skylark_core::pin::PIN_DIGITS)]
+    InvalidPin,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn pin_left(attempts_left: u32, retry_after_ms: u64) -> String {
+    let left = skylark_core::words::count(u64::from(attempts_left), "attempt", "attempts");
+    if retry_after_ms == 0 {
+        format!("{left} left before the number is locked")
+    } else {
+        format!(
+            "{left} left before the number is locked; the next can be made in {}",
+            skylark_core::words::wait(retry_after_ms)
+        )
+    }
 }
 
 impl From<Limited> for RegistrationError {
@@ -68,6 +99,8 @@ pub struct Registration {
     sms: Arc<dyn SmsSender>,
     clock: Arc<dyn Clock>,
     sessions: Arc<Sessions>,
+    /// Last-seen times not yet written, for when a lock lapses.
+    devices: Arc<crate::devices::Devices>,
     policy: VerificationPolicy,
     prefix_digits: usize,
     sms_per_number: KeyedLimiter,
@@ -75,6 +108,9 @@ pub struct Registration {
     sms_per_prefix: KeyedLimiter,
     checks_per_number: KeyedLimiter,
     checks_per_ip: KeyedLimiter,
+    /// PIN checks read, judge and write an account's record one at a time,
+    /// so parallel guesses cannot share one count.
+    pin_checks: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -98,12 +134,14 @@ fn sms_text(code: &str) -> String {
 }
 
 impl Registration {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         bans: Arc<crate::bans::Bans>,
         store: Arc<dyn Store>,
         sms: Arc<dyn SmsSender>,
         clock: Arc<dyn Clock>,
         sessions: Arc<Sessions>,
+        devices: Arc<crate::devices::Devices>,
         policy: VerificationPolicy,
         limits: &RateLimits,
     ) -> Self {
@@ -113,6 +151,7 @@ impl Registration {
             sms,
             clock,
             sessions,
+            devices,
             policy,
             prefix_digits: limits.prefix_digits,
             sms_per_number: KeyedLimiter::new("sms_per_number", limits.sms_per_number),
@@ -120,6 +159,7 @@ impl Registration {
             sms_per_prefix: KeyedLimiter::new("sms_per_prefix", limits.sms_per_prefix),
             checks_per_number: KeyedLimiter::new("checks_per_number", limits.checks_per_number),
             checks_per_ip: KeyedLimiter::new("checks_per_ip", limits.checks_per_ip),
+            pin_checks: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -206,6 +246,7 @@ impl Registration {
         public_key: &[u8],
         device_name: &str,
         ip: IpAddr,
+        pin: Option<&str>,
     ) -> Result<Registered, RegistrationError> {
         let public_key: [u8; 32] =
             public_key.try_into().map_err(|_| RegistrationError::InvalidKey("expected 32 bytes"))?;
@@ -224,6 +265,9 @@ impl Registration {
             self.store.put_verification(&session).await?;
             return Err(e.into());
         }
+        // The code is right; a locked number also needs its PIN (the
+        // session stays, so the client can ask for it and try again).
+        self.check_pin(&session.phone, pin).await?;
         let registered =
             self.store.register(&session.phone, NewDevice { public_key, name }, self.clock.now_ms()).await?;
         self.store.delete_verification(session_id).await?;
@@ -238,6 +282,86 @@ impl Registration {
             "number verified"
         );
         Ok(registered)
+    }
+
+    /// The registration lock: for a number whose account has a PIN and was
+    /// used within `pin_lapse_ms`, the PIN must come with the code. Wrong
+    /// ones are counted on the account (across sessions and restarts), with
+    /// growing waits and a lock-out (`skylark_core::pin`). A lapsed lock is
+    /// removed, so a new owner of the number does not inherit it.
+    async fn check_pin(&self, phone: &PhoneNumber, pin: Option<&str>) -> Result<(), RegistrationError> {
+        let Some(account) = self.store.account_by_phone(phone).await? else { return Ok(()) };
+        let _one_at_a_time = self.pin_checks.lock().await;
+        let Some(mut record) = self.store.pin(account.id).await? else { return Ok(()) };
+        let now = self.clock.now_ms();
+        let lapses_at_ms = self.pin_lapses_at(account.id, &record, now).await?;
+        if now >= lapses_at_ms {
+            tracing::info!(account = %account.id, "registration lock lapsed; the PIN is removed");
+            self.store.set_pin(account.id, None).await?;
+            return Ok(());
+        }
+        let Some(pin) = pin.filter(|p| !p.is_empty()) else {
+            return Err(RegistrationError::PinRequired { lapses_at_ms });
+        };
+        match record.guess(now) {
+            skylark_core::pin::Guess::LockedOut => return Err(RegistrationError::PinLockedOut { lapses_at_ms }),
+            skylark_core::pin::Guess::Wait(ms) => return Err(RegistrationError::PinWait(ms)),
+            skylark_core::pin::Guess::Allowed => {}
+        }
+        let right = skylark_core::pin::valid_pin(pin) && verify_pin(pin, &record.hash).await;
+        if right {
+            if record.failures > 0 {
+                record.failures = 0;
+                self.store.set_pin(account.id, Some(record)).await?;
+            }
+            return Ok(());
+        }
+        let attempts_left = record.failed(now);
+        let retry_after_ms = match record.guess(now) {
+            skylark_core::pin::Guess::Wait(ms) => ms,
+            _ => 0,
+        };
+        self.store.set_pin(account.id, Some(record)).await?;
+        tracing::info!(account = %account.id, attempts_left, "wrong registration PIN");
+        metrics::counter!("skylark_pin_failures_total").increment(1);
+        Err(RegistrationError::WrongPin { attempts_left, retry_after_ms })
+    }
+
+    /// When the account's registration lock lapses: `pin_lapse_ms` after
+    /// its last use (a device connected now, or the newest last-seen,
+    /// written or not).
+    async fn pin_lapses_at(
+        &self,
+        account: skylark_core::AccountId,
+        record: &skylark_core::pin::PinRecord,
+        now: u64,
+    ) -> Result<u64, RegistrationError> {
+        let mut last_active = 0;
+        for device in self.store.active_devices(account).await? {
+            if self.sessions.is_live_anywhere(account, device.id) {
+                last_active = now;
+            }
+            last_active = last_active.max(self.devices.last_seen(&device).unwrap_or(device.created_at_ms));
+        }
+        Ok(skylark_core::pin::lapses_at(record, last_active, self.policy.pin_lapse_ms))
+    }
+
+    /// Sets the account's PIN (`None` removes it). Set or changed, it
+    /// starts with no wrong guesses counted.
+    pub async fn set_pin(&self, account: skylark_core::AccountId, pin: Option<&str>) -> Result<(), RegistrationError> {
+        let record = match pin {
+            None => None,
+            Some(pin) if !skylark_core::pin::valid_pin(pin) => return Err(RegistrationError::InvalidPin),
+            Some(pin) => Some(skylark_core::pin::PinRecord::new(hash_pin(pin).await?, self.clock.now_ms())),
+        };
+        let _one_at_a_time = self.pin_checks.lock().await;
+        self.store.set_pin(account, record).await?;
+        Ok(())
+    }
+
+    /// Whether the account has a PIN, and since when.
+    pub async fn pin_set_at(&self, account: skylark_core::AccountId) -> Result<Option<u64>, RegistrationError> {
+        Ok(self.store.pin(account).await?.map(|r| r.set_at_ms))
     }
 
     /// Drops rate-limit state for keys that have been quiet long enough.
@@ -256,4 +380,30 @@ fn ed25519_check(key: &[u8; 32]) -> Result<(), RegistrationError> {
     skylark_core::auth::parse_public_key(key)
         .map(|_| ())
         .map_err(|_| RegistrationError::InvalidKey("not an ed25519 point"))
+}
+
+/// Argon2id with the crate's defaults (19 MiB, 2 passes: OWASP's advice for
+/// Argon2id), off the async threads: it is slow on purpose.
+async fn hash_pin(pin: &str) -> Result<String, RegistrationError> {
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    let pin = pin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        argon2::Argon2::default().hash_password(pin.as_bytes(), &salt).map(|h| h.to_string())
+    })
+    .await
+    .map_err(|_| RegistrationError::Store(StoreError::Invariant("the PIN hashing task failed".into())))?
+    .map_err(|e| RegistrationError::Store(StoreError::Invariant(format!("hashing a PIN: {e}"))))
+}
+
+/// Whether `pin` matches the stored hash (false for an unreadable hash).
+async fn verify_pin(pin: &str, hash: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let (pin, hash) = (pin.to_owned(), hash.to_owned());
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .is_ok_and(|parsed| argon2::Argon2::default().verify_password(pin.as_bytes(), &parsed).is_ok())
+    })
+    .await
+    .unwrap_or(false)
 }

@@ -23,6 +23,25 @@ pub async fn run_all(store: &dyn Store) {
     key_packages(store).await;
     bans(store).await;
     blocks(store).await;
+    pins(store).await;
+}
+
+/// A PIN record per account: absent, set, replaced, removed.
+async fn pins(store: &dyn Store) {
+    use skylark_core::AccountId;
+    use skylark_core::pin::PinRecord;
+    let (a, b) = (AccountId(7_100), AccountId(7_101));
+    assert_eq!(store.pin(a).await.expect("read"), None);
+    let mut record = PinRecord::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(), 5);
+    store.set_pin(a, Some(record.clone())).await.expect("set");
+    assert_eq!(store.pin(a).await.expect("read"), Some(record.clone()));
+    assert_eq!(store.pin(b).await.expect("read"), None, "per account");
+    record.failed(9);
+    store.set_pin(a, Some(record.clone())).await.expect("replace");
+    assert_eq!(store.pin(a).await.expect("read").map(|r| (r.failures, r.last_failure_ms)), Some((1, 9)));
+    store.set_pin(a, None).await.expect("remove");
+    store.set_pin(a, None).await.expect("removing twice is fine");
+    assert_eq!(store.pin(a).await.expect("read"), None);
 }
 
 /// Block lists: per account, one-way, in peer order, the first time kept

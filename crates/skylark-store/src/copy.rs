@@ -139,6 +139,7 @@ const TABLES: &[Table] = &[
     },
     Table { name: "contacts", columns: &[("account", Int), ("peer", Int)], shard_by: Some(0), filter: "" },
     Table { name: "settings", columns: &[("account", Int), ("visibility", Json)], shard_by: Some(0), filter: "" },
+    Table { name: "pins", columns: &[("account", Int), ("record", Json)], shard_by: Some(0), filter: "" },
     Table {
         name: "blocks",
         columns: &[("account", Int), ("peer", Int), ("at_ms", Int)],
@@ -414,6 +415,9 @@ pub async fn redb_to_postgres(
     progress("settings");
     for (account, raw) in json_rows(&txn, redb_store::SETTINGS)? {
         pending.push(index_of("settings"), vec![int(account)?, canonical_json(&raw)?]).await?;
+    }
+    for (account, raw) in json_rows(&txn, redb_store::PINS)? {
+        pending.push(index_of("pins"), vec![int(account)?, canonical_json(&raw)?]).await?;
     }
     progress("groups");
     for (id, raw) in json_rows(&txn, redb_store::GROUPS)? {

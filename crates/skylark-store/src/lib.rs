@@ -188,6 +188,10 @@ pub trait SettingsStore: Send + Sync {
     async fn set_block(&self, account: AccountId, peer: AccountId, at_ms: Option<u64>) -> Result<(), StoreError>;
     /// The accounts `account` blocked, with since when, in account id order.
     async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, StoreError>;
+    /// The account's two-step verification PIN (its hash and guess count).
+    async fn pin(&self, account: AccountId) -> Result<Option<skylark_core::pin::PinRecord>, StoreError>;
+    /// Sets (or with `None`, removes) the account's PIN record. Durable when it returns.
+    async fn set_pin(&self, account: AccountId, pin: Option<skylark_core::pin::PinRecord>) -> Result<(), StoreError>;
 }
 
 /// One device's answer to a claim of key packages.

@@ -63,6 +63,8 @@ pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::ne
 pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
 /// (account, peer) → when the account blocked the peer.
 pub(crate) const BLOCKS: TableDefinition<(u64, u64), u64> = TableDefinition::new("blocks");
+/// account → its two-step verification PIN record (JSON).
+pub(crate) const PINS: TableDefinition<u64, &[u8]> = TableDefinition::new("pins");
 /// device → push target (JSON).
 pub(crate) const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
 /// (device, n) → one unclaimed MLS key package; the lowest n is claimed
@@ -161,6 +163,7 @@ macro_rules! every_table {
             CONTACTS,
             SETTINGS,
             BLOCKS,
+            PINS,
             PUSH,
             KEY_PACKAGES,
             LAST_RESORT_KEYS,
@@ -299,8 +302,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// The layout of the stored tables and records, kept in `meta` under
 /// `format`. A binary refuses a store of a newer format and upgrades an
 /// older one in `init`. Stores written before the version was recorded are
-/// format 1; format 2 added the `blocks` table and the block log entry (the
-/// upgrade from 1 creates the table, as for a new store).
+/// format 1; format 2 added the `blocks` and `pins` tables and the block log
+/// entry (the upgrade from 1 creates the tables, as for a new store).
 pub const FORMAT_VERSION: u64 = 2;
 const FORMAT: &str = "format";
 /// `meta` keys of banned numbers: this prefix, then the number.
@@ -399,6 +402,7 @@ impl RedbStore {
         txn.open_table(CONTACTS)?;
         txn.open_table(SETTINGS)?;
         txn.open_table(BLOCKS)?;
+        txn.open_table(PINS)?;
         txn.open_table(PUSH)?;
         txn.open_table(KEY_PACKAGES)?;
         txn.open_table(LAST_RESORT_KEYS)?;
@@ -925,6 +929,28 @@ impl SettingsStore for RedbStore {
         .await
     }
 
+    async fn pin(&self, account: AccountId) -> Result<Option<skylark_core::pin::PinRecord>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(PINS)?;
+            let value = table.get(account.0)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+    }
+
+    async fn set_pin(&self, account: AccountId, pin: Option<skylark_core::pin::PinRecord>) -> Result<(), StoreError> {
+        let bytes = pin.as_ref().map(encode).transpose()?;
+        self.write(move |txn| {
+            let mut table = txn.open_table(PINS)?;
+            match bytes {
+                Some(bytes) => table.insert(account.0, bytes.as_slice())?,
+                None => table.remove(account.0)?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
     async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
@@ -1391,6 +1417,7 @@ mod tests {
             let txn = store.db.begin_write().unwrap();
             txn.open_table(META).unwrap().insert(FORMAT, &1u64.to_be_bytes()[..]).unwrap();
             assert!(txn.delete_table(BLOCKS).unwrap(), "format 1 had no blocks table");
+            assert!(txn.delete_table(PINS).unwrap(), "nor a pins table");
             txn.commit().unwrap();
         }
         let store = RedbStore::open(&path).unwrap();

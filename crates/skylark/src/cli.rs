@@ -265,7 +265,9 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
 
     let key = generate_key();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let registered = loop {
+    // The number's two-step verification PIN, once asked for.
+    let mut pin: Option<String> = None;
+    let registered = 'code: loop {
         let code = prompt(&mut lines, "Enter the 6-digit code (or `resend`): ").await?;
         if code == "resend" {
             match api.resend(&session.session_id).await {
@@ -280,17 +282,28 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
             println!("A code is 6 digits, as in the SMS; nothing was checked, so no attempt was used.");
             continue;
         }
-        match api.verify(&session.session_id, &code, &key.verifying_key().to_bytes(), name).await {
-            Ok(registered) => break registered,
-            Err(ClientError::Api { error, body, .. }) if error == "wrong_code" => {
-                let left = body["attempts_left"].as_u64().unwrap_or(0);
-                if left == 0 {
-                    println!("Wrong code, and that was the last attempt for it: type `resend` for a new code.");
-                } else {
-                    println!("Wrong code; {} left.", skylark_core::words::count(left, "attempt", "attempts"));
+        loop {
+            let key_bytes = key.verifying_key().to_bytes();
+            match api.verify_with_pin(&session.session_id, &code, &key_bytes, name, pin.as_deref()).await {
+                Ok(registered) => break 'code registered,
+                Err(ClientError::Api { error, body, .. }) if error == "wrong_code" => {
+                    let left = body["attempts_left"].as_u64().unwrap_or(0);
+                    if left == 0 {
+                        println!("Wrong code, and that was the last attempt for it: type `resend` for a new code.");
+                    } else {
+                        println!("Wrong code; {} left.", skylark_core::words::count(left, "attempt", "attempts"));
+                    }
+                    continue 'code;
                 }
+                // The code was right; the number also needs its PIN.
+                Err(ClientError::Api { error, message, .. })
+                    if error == "registration_locked" || error == "wrong_pin" =>
+                {
+                    println!("{}.", upper_first(&message));
+                    pin = Some(ask_pin(&mut lines).await?);
+                }
+                Err(e) => return Err(explain(e)),
             }
-            Err(e) => return Err(explain(e)),
         }
     };
     let mut identity = Identity::new(servers, registered.account_id, registered.device_id, registered.phone, &key);
@@ -306,6 +319,23 @@ pub async fn register(phone: &str, server: &str, name: &str, profile: &Path, ca:
     );
     publish_keys(profile, &identity, ca).await;
     Ok(())
+}
+
+/// Asks for a two-step verification PIN until one has its form (a slip
+/// costs no attempt).
+async fn ask_pin(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> Result<String> {
+    loop {
+        let pin = prompt(lines, "Enter the number's 6-digit PIN: ").await?;
+        if skylark_core::pin::valid_pin(pin.trim()) {
+            return Ok(pin.trim().to_owned());
+        }
+        println!("A PIN is 6 digits; nothing was checked, so no attempt was used.");
+    }
+}
+
+fn upper_first(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
 pub async fn whoami(profile: &Path, transport: &TransportArgs) -> Result<()> {

@@ -2,6 +2,7 @@
 //! `whoami`) in one binary. Thin by design: argument parsing, config
 //! loading and printing; the work happens in the library crates.
 
+mod account;
 mod admin;
 mod blocks;
 mod chat;
@@ -143,6 +144,17 @@ enum Command {
     Unblock {
         /// The phone number to unblock.
         phone: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Two-step verification: `pin set` asks for a 6-digit PIN that
+    /// registering this number on another phone will need; `pin off`
+    /// removes it; `pin` says whether one is set.
+    Pin {
+        #[command(subcommand)]
+        action: Option<account::PinCommand>,
         #[command(flatten)]
         profile: cli::ProfileArgs,
         #[command(flatten)]
@@ -334,6 +346,9 @@ fn run(args: Args) -> Result<()> {
             runtime.block_on(blocks::set(&profile.dir()?, &transport, &phone, false))
         }
         Command::Blocked { profile, transport } => runtime.block_on(blocks::list(&profile.dir()?, &transport)),
+        Command::Pin { action, profile, transport } => {
+            runtime.block_on(account::pin(&profile.dir()?, &transport, action.as_ref()))
+        }
         Command::Profile { action: ProfileCommand::Server { servers, ca }, profile } => {
             runtime.block_on(cli::set_server(&profile.dir()?, &servers, ca.as_deref()))
         }

@@ -11,6 +11,7 @@
 //! | [`groups`] | `CreateGroup`, `ChangeGroup`, `GetGroup`, `ListGroups`, `GetMessageInfo`, `OpenDirect` |
 //! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
 //! | [`blocks`] | `Block`, `ListBlocked` |
+//! | [`pin`] | `SetPin`, `GetPinStatus` |
 //!
 //! The session (`session.rs`) owns the connection's state machine and calls
 //! [`answer`] for each request frame; this layer knows nothing of
@@ -23,6 +24,7 @@ mod devices;
 pub(crate) mod groups;
 mod keys;
 mod messaging;
+mod pin;
 mod presence;
 mod push;
 
@@ -153,6 +155,8 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::ClaimKeyPackages(claim) => Answer::Now(keys::claim(&caller, id, claim).await),
         Body::Block(block) => blocks::block(&caller, id, block).await,
         Body::ListBlocked(_) => Answer::Now(blocks::list(&caller, id).await),
+        Body::SetPin(set) => Answer::Now(pin::set(&caller, id, set).await),
+        Body::GetPinStatus(_) => Answer::Now(pin::status(&caller, id).await),
         body @ (Body::CreateGroup(_)
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)

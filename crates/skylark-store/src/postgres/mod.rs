@@ -58,7 +58,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "schema", include_str!("../../migrations/0001_schema.sql")),
     (2, "cluster", include_str!("../../migrations/0002_cluster.sql")),
     (3, "key_packages", include_str!("../../migrations/0003_key_packages.sql")),
-    (4, "blocks", include_str!("../../migrations/0004_blocks.sql")),
+    (4, "conversation_features", include_str!("../../migrations/0004_conversation_features.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -1332,6 +1332,31 @@ impl SettingsStore for PgStore {
             None => sqlx::query("DELETE FROM blocks WHERE account = $1 AND peer = $2")
                 .bind(bound(account.0))
                 .bind(bound(peer.0)),
+        };
+        query.execute(&shard.pool).await.map_err(|e| shard.fail(e))?;
+        Ok(())
+    }
+
+    async fn pin(&self, account: AccountId) -> Result<Option<skylark_core::pin::PinRecord>, StoreError> {
+        let shard = self.conn(account);
+        let value: Option<String> = sqlx::query_scalar("SELECT record::text FROM pins WHERE account = $1")
+            .bind(bound(account.0))
+            .fetch_optional(&shard.pool)
+            .await
+            .map_err(|e| shard.fail(e))?;
+        value.as_deref().map(from_json).transpose()
+    }
+
+    async fn set_pin(&self, account: AccountId, pin: Option<skylark_core::pin::PinRecord>) -> Result<(), StoreError> {
+        let shard = self.conn(account);
+        let query = match &pin {
+            Some(record) => sqlx::query(
+                "INSERT INTO pins (account, record) VALUES ($1, $2::jsonb) \
+                 ON CONFLICT (account) DO UPDATE SET record = $2::jsonb",
+            )
+            .bind(int(account.0)?)
+            .bind(json(record)?),
+            None => sqlx::query("DELETE FROM pins WHERE account = $1").bind(bound(account.0)),
         };
         query.execute(&shard.pool).await.map_err(|e| shard.fail(e))?;
         Ok(())

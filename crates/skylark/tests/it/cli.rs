@@ -974,3 +974,61 @@ async fn block_and_unblock_from_the_command_line() {
     assert!(seen.iter().any(|line| line.contains("you blocked +15551900001")), "{seen:#?}");
     assert!(!seen.iter().any(|line| line.contains("during-block")), "{seen:#?}");
 }
+
+/// Two-step verification from the command line: `pin set` asks twice,
+/// `pin` tells, and `register` on a new phone asks for the PIN after the
+/// code (a slip costs nothing, a wrong one says how many are left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_set_then_register_again_with_it_from_the_command_line() {
+    let server = TestServer::start().await;
+    let cli = Profiles::new();
+    let phone = "+15551900101";
+    cli.save(&server.register(phone).await, "old-phone");
+    let out = cli.run("old-phone", &["pin"]).await;
+    assert!(out.contains("Two-step verification is off"), "{out}");
+
+    let home = cli.home().to_owned();
+    let set = tokio::task::spawn_blocking(move || {
+        let mut child = skylark(&home)
+            .args(["pin", "set", "--profile", "old-phone"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "135790\n135790").unwrap();
+        child.wait_with_output().unwrap()
+    });
+    let out = set.await.unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("Two-step verification is on"), "{said}");
+    assert!(said.contains("7 days"), "says when it lapses: {said}");
+    let out = cli.run("old-phone", &["pin"]).await;
+    assert!(out.contains("Two-step verification is on (since"), "{out}");
+
+    let (home, base, sms) = (cli.home().to_owned(), server.http_base(), server.sms.clone());
+    let register = tokio::task::spawn_blocking(move || {
+        let mut child = skylark(&home)
+            .args(["register", phone, "--server", &base, "--profile", "new-phone"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let code = sms.last_code(phone);
+        // The code, a slip, a wrong PIN, the right one.
+        writeln!(child.stdin.take().unwrap(), "{code}\n12\n000000\n135790").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        (child.wait().unwrap().success(), rest)
+    });
+    let (ok, out) = register.await.unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("protected by two-step verification"), "{out}");
+    assert!(out.contains("A PIN is 6 digits; nothing was checked"), "{out}");
+    assert!(out.contains("Wrong PIN; 9 attempts left"), "{out}");
+    assert!(out.contains(&format!("Registered {phone}")), "{out}");
+    let out = cli.output("old-phone", &["pin"]).await;
+    assert!(!out.status.success(), "the old phone was signed out by the takeover");
+}

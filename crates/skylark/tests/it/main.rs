@@ -21,6 +21,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod pin;
 mod power;
 mod presence;
 mod push;

@@ -54,7 +54,16 @@ fn the_web_client_signs_up_chats_links_groups_reloads_and_survives_a_restart() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    for shot in ["01-welcome", "04-conversation", "07-group-info", "08-history", "11-narrow-chat", "12-blocked"] {
+    for shot in [
+        "01-welcome",
+        "04-conversation",
+        "07-group-info",
+        "08-history",
+        "11-narrow-chat",
+        "12-blocked",
+        "13-settings",
+        "14-pin-asked",
+    ] {
         assert!(shots.join(format!("{shot}.png")).exists(), "screenshot {shot} missing");
     }
 }

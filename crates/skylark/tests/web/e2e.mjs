@@ -10,8 +10,8 @@
 // afterwards reads the whole history back from the server and pages back
 // as the user scrolls; the server is killed and restarted mid-conversation,
 // a message typed meanwhile survives closing the tab, and nothing is lost
-// or shown twice; a number is blocked and unblocked; a phone-sized window
-// works.
+// or shown twice; a number is blocked and unblocked; two-step verification
+// is turned on and asked for at sign-up; a phone-sized window works.
 
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -448,6 +448,42 @@ try {
   await cli("erin", ["send", ALICE, "erin after the unblock"]);
   await alice.waitForSelector("#messages >> text=erin after the unblock");
   assert.equal(await count(alice, "#messages li.msg", "erin while blocked"), 0, "dropped for good");
+
+  // Settings: two-step verification on, then off again; the blocked list
+  // (empty again) is there too.
+  await alice.click("#settings");
+  await alice.waitForSelector("dialog >> text=Two-step verification");
+  assert.match(await alice.textContent("dialog .pin-state"), /^Off/);
+  await alice.waitForSelector("dialog >> text=Nobody. Block a number from its chat.");
+  await alice.fill("dialog input[aria-label='New PIN']", "246810");
+  await alice.fill("dialog input[aria-label='New PIN again']", "246810");
+  await alice.click("dialog >> button:has-text('Turn on')");
+  await until("the PIN on", async () => /^On since/.test(await alice.textContent("dialog .pin-state")));
+  await shot(alice, "13-settings");
+  await alice.click("dialog >> button:has-text('Turn off')");
+  await until("the PIN off", async () => /^Off/.test(await alice.textContent("dialog .pin-state")));
+  await alice.keyboard.press("Escape");
+
+  // Erin sets a PIN on the command line; a browser registering her number
+  // is asked for it once the code is right.
+  await cli("erin", ["pin", "set"], "135790\n135790\n");
+  const newPhone = watched(await (await browser.newContext(DESKTOP)).newPage());
+  codes.delete("+15553000005");
+  await newPhone.goto(base);
+  await newPhone.fill("#phone", "+15553000005");
+  await newPhone.press("#phone", "Enter");
+  await newPhone.waitForSelector("#code-form:not([hidden])");
+  await newPhone.fill("#code", await until("Erin's new code", () => codes.get("+15553000005")));
+  await newPhone.press("#code", "Enter");
+  await newPhone.waitForSelector("#pin-field:not([hidden])");
+  await newPhone.fill("#pin", "000000");
+  await newPhone.press("#pin", "Enter");
+  await newPhone.waitForSelector("#banner:not([hidden]) >> text=Wrong PIN; 9 attempts left");
+  await shot(newPhone, "14-pin-asked");
+  await newPhone.fill("#pin", "135790");
+  await newPhone.press("#pin", "Enter");
+  await newPhone.waitForSelector("#app:not([hidden])");
+  assert.equal(await newPhone.textContent("#me-phone"), "+15553000005");
 
   // Phone-sized window: one pane at a time.
   const phone = watched(await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage());

@@ -1,0 +1,15 @@
+-- Version 4: block lists and two-step verification PINs, each on the
+-- account's shard beside its settings. A `blocks` row means `account`
+-- blocked `peer` since `at_ms`; a `pins` row holds the account's PIN record
+-- (an Argon2id hash, never the PIN, and the count of wrong guesses).
+CREATE TABLE blocks (
+    account int8 NOT NULL,
+    peer    int8 NOT NULL,
+    at_ms   int8 NOT NULL,
+    PRIMARY KEY (account, peer)
+);
+
+CREATE TABLE pins (
+    account int8  PRIMARY KEY,
+    record  jsonb NOT NULL
+);
