@@ -314,6 +314,21 @@ impl SessionHandle {
         }
     }
 
+    /// Everything the server keeps about the account (no messages), as JSON.
+    pub async fn export_account(&self) -> Result<String, ClientError> {
+        match self.request(client_frame::Body::ExportAccount(v1::ExportAccount {})).await? {
+            server_frame::Body::AccountExport(export) => Ok(export.json),
+            other => Err(ClientError::Protocol(format!("expected AccountExport, got {other:?}"))),
+        }
+    }
+
+    /// Deletes the account for good; `phone` is its own number, typed as a
+    /// confirmation. Every device is signed out, this one too: the session
+    /// may end (closed as "device removed") before the answer arrives.
+    pub async fn delete_account(&self, phone: &str) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::DeleteAccount(v1::DeleteAccount { phone: phone.into() })).await
+    }
+
     /// Registers (or with `None`, removes) this device's push target.
     pub async fn register_push(&self, target: Option<v1::register_push::Target>) -> Result<(), ClientError> {
         self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await

@@ -105,7 +105,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Shared) {
     let app = Router::new()
         .route("/metrics", get(|| async { crate::metrics_endpoint::render() }))
         .route("/admin/v1/stats", get(stats))
-        .route("/admin/v1/accounts/{phone}", get(account))
+        .route("/admin/v1/accounts/{phone}", get(account).delete(delete_account))
         .route("/admin/v1/devices/{id}/disconnect", post(disconnect))
         .route("/admin/v1/backup", post(backup))
         .route("/admin/v1/bans", get(bans).post(ban))
@@ -250,6 +250,25 @@ async fn account(caller: Caller, Path(phone): Path<String>) -> Response {
         })
     };
     caller.run("account", &phone, act).await
+}
+
+/// Deletes an account (as its owner can, from a device): it leaves its
+/// groups, its number is freed, its devices are signed out.
+async fn delete_account(caller: Caller, Path(phone): Path<String>) -> Response {
+    let act = async {
+        let number = parse_phone(&phone)?;
+        let server = &caller.admin.shared.server;
+        let account = server.store.account_by_phone(&number).await.map_err(store_failed)?.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
+        })?;
+        server.delete_account(account.id).await.map_err(|e| match e {
+            skylark_server::accounts::AccountError::UnknownAccount => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
+            }
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "delete_failed", format!("deleting failed: {e}")),
+        })
+    };
+    caller.run("delete_account", &phone, act).await
 }
 
 #[derive(Serialize)]

@@ -82,6 +82,7 @@ pub const METRICS: &[Metric] = &[
         None,
     ),
     ("skylark_group_events_stored_total", Kind::Counter, "Group events made durable in a member's log.", None),
+    ("skylark_accounts_deleted_total", Kind::Counter, "Accounts deleted, by their owner or an operator.", None),
     (
         "skylark_pin_failures_total",
         Kind::Counter,

@@ -472,7 +472,11 @@ function onClose(code, reason, final) {
   state.connected = false;
   state.session = null;
   renderHeader(); // no "online" or "typing…" while this page cannot know
-  if (code === 4005) return signedOut(state.loggingOut ? "You logged out of this browser." : "This browser was removed from the account.");
+  if (code === 4005) {
+    const why = state.deletingAccount ? "Your account was deleted."
+      : state.loggingOut ? "You logged out of this browser." : "This browser was removed from the account.";
+    return signedOut(why);
+  }
   if (code === 4004) {
     setConnState("open in another window");
     return say("Skylark is open in another window or tab with this account; this one stopped.");
@@ -488,6 +492,8 @@ function onClose(code, reason, final) {
 
 async function signedOut(why) {
   state.loggingOut = false;
+  state.deletingAccount = false;
+  state.blocked = new Set();
   const device = state.me && state.me.deviceId;
   await forgetIdentity();
   if (state.local) state.local.close();
@@ -1418,8 +1424,51 @@ async function showSettings() {
           await setBlocked(a.phone, false);
           await showSettings();
         }) }, "Unblock"))))
-      : h("p", { class: "muted" }, "Nobody. Block a number from its chat."));
+      : h("p", { class: "muted" }, "Nobody. Block a number from its chat."),
+    h("h3", {}, "Your account"),
+    h("p", {},
+      h("button", { type: "button", onclick: () => guarded(downloadExport) }, "Download my data"),
+      " ",
+      h("button", { type: "button", class: "danger", onclick: confirmDeleteAccount }, "Delete my account")));
   first.focus();
+}
+
+/// What the server keeps about the account, saved as a JSON file.
+async function downloadExport() {
+  const r = await state.session.request({ exportAccount: {} });
+  const url = URL.createObjectURL(new Blob([r.accountExport.json], { type: "application/json" }));
+  const a = h("a", { href: url, download: `skylark-${state.me.phone.slice(1)}.json` });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+  say("Your account's data was downloaded.", "info");
+}
+
+function confirmDeleteAccount() {
+  const typed = h("input", { type: "tel", placeholder: state.me.phone, "aria-label": "Your phone number", required: true });
+  panel("delete-account", h("h2", {}, "Delete your account?"),
+    h("p", {}, "This cannot be undone. You leave your groups, every device is signed out, the server forgets your "
+      + "settings and undelivered messages, and your number is freed. Type your number to confirm."),
+    h("form", {
+      onsubmit: (e) => {
+        e.preventDefault();
+        if (normalisePhone(typed.value) !== state.me.phone) return say("That is not your number; nothing was deleted.");
+        guarded(async () => {
+          state.deletingAccount = true;
+          try {
+            await state.session.request({ deleteAccount: { phone: state.me.phone } });
+          } catch (err) {
+            // Signed out with every other device before the answer came.
+            if (!(err instanceof Refused && err.code === "CLOSED")) {
+              state.deletingAccount = false;
+              throw err;
+            }
+          }
+        });
+      },
+    }, typed, h("button", { type: "submit", class: "danger" }, "Delete my account")));
+  typed.focus();
 }
 
 function renameDevice(d) {

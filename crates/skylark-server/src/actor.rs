@@ -169,6 +169,10 @@ pub(crate) enum Msg {
         change: Box<DeviceChange>,
         reply: oneshot::Sender<Result<(), MessagingError>>,
     },
+    /// The account was deleted (the store is told next).
+    Deleted {
+        reply: oneshot::Sender<Result<(), MessagingError>>,
+    },
     /// The account blocked (or unblocked) `peer`; the store already says so.
     Block {
         peer: AccountId,
@@ -424,6 +428,7 @@ fn split(msg: Msg) -> (Input, Reply) {
         Msg::MarkRead { peer, up_to, reply } => (Input::MarkRead { peer, up_to }, Reply::Done(reply)),
         Msg::DeviceChange { change, reply } => (Input::DeviceChange(*change), Reply::Done(reply)),
         Msg::Block { peer, blocked, reply } => (Input::Block { peer, blocked }, Reply::Done(reply)),
+        Msg::Deleted { reply } => (Input::Deleted, Reply::Done(reply)),
     }
 }
 
@@ -454,7 +459,10 @@ async fn fetch(store: &dyn Store, account: AccountId, needs: Needs) -> Result<Fa
                 }
                 set
             }
-            None => store.blocked(account).await?.into_iter().map(|(peer, _)| peer).collect(),
+            None => {
+                facts.deleted = store.account(account).await?.is_none();
+                store.blocked(account).await?.into_iter().map(|(peer, _)| peer).collect()
+            }
         });
     }
     for source in needs.inbound {

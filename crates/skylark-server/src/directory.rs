@@ -5,9 +5,13 @@
 //! the other, used once at the edge of each request (the router for sends,
 //! the gateway for typing, presence, groups and outgoing events).
 //!
-//! A number never moves to another account (a takeover keeps the account
-//! and its id), so answers may be cached; the cache is bounded, so memory
-//! does not grow with every account ever looked up.
+//! A number moves to another account only when its account is deleted (a
+//! takeover keeps the account and its id), so answers may be cached: the
+//! deleting node forgets the account at once, and in a cluster every node
+//! clears its cache in housekeeping (every minute), so another node may
+//! name the deleted account for that number for up to a minute (what it
+//! sends there is dropped). The cache is bounded, so memory does not grow
+//! with every account ever looked up.
 //!
 //! Policy when a lookup fails: "no such account" (`Ok(None)`) is an answer
 //! the caller turns into its documented refusal; a store failure (`Err`) is
@@ -77,6 +81,20 @@ impl Directory {
         self.phones.lock().unwrap_or_else(PoisonError::into_inner).insert(phone, account);
     }
 
+    /// Forgets a deleted account (its number may sign up again as a new
+    /// account). Other nodes of a cluster forget theirs when housekeeping
+    /// clears their caches.
+    pub fn forget(&self, account: AccountId, phone: &PhoneNumber) {
+        self.phones.lock().unwrap_or_else(PoisonError::into_inner).remove(phone);
+        self.accounts.lock().unwrap_or_else(PoisonError::into_inner).remove(&account);
+    }
+
+    /// Forgets every cached answer.
+    pub fn clear(&self) {
+        self.phones.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.accounts.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
     /// Entries cached now (both directions).
     pub fn cached(&self) -> usize {
         self.phones.lock().unwrap_or_else(PoisonError::into_inner).len()
@@ -118,6 +136,16 @@ impl<K: Eq + Hash + Clone, V: Clone> Bounded<K, V> {
         }
         self.cold.remove(&key);
         self.hot.insert(key, value);
+    }
+
+    pub fn remove(&mut self, key: &K) {
+        self.hot.remove(key);
+        self.cold.remove(key);
+    }
+
+    pub fn clear(&mut self) {
+        self.hot.clear();
+        self.cold.clear();
     }
 
     pub fn len(&self) -> usize {

@@ -6,6 +6,7 @@
 //! transports: the gateway decodes frames and HTTP requests, calls these
 //! services, and encodes their answers.
 
+pub mod accounts;
 mod actor;
 pub mod auth;
 pub mod bans;
@@ -179,6 +180,10 @@ impl Server {
         self.presence.sweep();
         self.keys.sweep();
         self.devices.flush_last_seen().await;
+        if self.router.cluster().is_some() {
+            // Another node may have deleted an account whose number is cached here.
+            self.router.directory().clear();
+        }
         if let Err(e) = self.bans.reload().await {
             tracing::warn!(error = %e, "reloading the banned numbers failed");
         }

@@ -267,6 +267,15 @@ impl Router {
         Ok(self.ctx().store.blocked(account).await?)
     }
 
+    /// Tells the account's actor that the account is being deleted: from
+    /// then on it keeps nothing that arrives (call before the store
+    /// deletes it).
+    pub async fn account_deleted(&self, account: AccountId) -> Result<(), MessagingError> {
+        let (reply, answer) = oneshot::channel();
+        self.tell(account, Msg::Deleted { reply }).await?;
+        answer.await.map_err(|_| gone())?
+    }
+
     /// `account` blocks (or unblocks) `peer`. The store has it first, so
     /// every check from then on sees it; then the 1:1 conversation's group
     /// (if there is one) reads it again, and the account's log records it

@@ -24,6 +24,55 @@ pub async fn run_all(store: &dyn Store) {
     bans(store).await;
     blocks(store).await;
     pins(store).await;
+    account_deletion(store).await;
+}
+
+/// A deleted account: its number free, its devices removed (with their
+/// keys and push targets), its log and settings gone; others untouched.
+async fn account_deletion(store: &dyn Store) {
+    use crate::{AccountWrite, PushTarget, Visibility};
+    use skylark_core::message::LogEntry;
+    use skylark_core::pin::PinRecord;
+    let number = phone("+15550190001");
+    let reg = store.register(&number, NewDevice { public_key: [9; 32], name: "a".into() }, 10).await.expect("register");
+    let other = store
+        .register(&phone("+15550190002"), NewDevice { public_key: [8; 32], name: "b".into() }, 10)
+        .await
+        .expect("register");
+    let (a, b) = (reg.account.id, other.account.id);
+    let second = store.add_device(a, NewDevice { public_key: [7; 32], name: "c".into() }, 5, 11).await.expect("add");
+    let mut w = AccountWrite::new(a);
+    w.appends.push((1, std::sync::Arc::new(LogEntry::ReadSync { peer: b, up_to: 1, at_ms: 1 })));
+    w.contacts.push(b);
+    store.apply(w).await.expect("apply");
+    let mut w = AccountWrite::new(b);
+    w.appends.push((1, std::sync::Arc::new(LogEntry::ReadSync { peer: a, up_to: 1, at_ms: 1 })));
+    store.apply(w).await.expect("apply");
+    store.set_visibility(a, Visibility::Nobody).await.expect("settings");
+    store.set_pin(a, Some(PinRecord::new("h".into(), 1))).await.expect("pin");
+    store.set_block(a, b, Some(1)).await.expect("block");
+    store.set_push_target(second.id, Some(PushTarget::Webhook { token: "t".into() })).await.expect("push");
+    store.put_key_packages(second.id, vec![bytes::Bytes::from_static(b"kp")], None, 10).await.expect("keys").ok();
+
+    let mut removed = store.delete_account(a, 50).await.expect("delete").expect("it existed");
+    removed.sort();
+    assert_eq!(removed, vec![reg.device.id, second.id]);
+    assert_eq!(store.account_by_phone(&number).await.expect("read"), None, "the number is free");
+    assert_eq!(store.account(a).await.expect("read"), None);
+    assert!(store.active_devices(a).await.expect("read").is_empty());
+    assert_eq!(store.device(second.id).await.expect("read").and_then(|d| d.removed_at_ms), Some(50));
+    assert_eq!(store.push_target(second.id).await.expect("read"), None);
+    assert_eq!(store.key_stock(second.id).await.expect("read").available, 0);
+    assert!(store.read_log(a, 1, 10).await.expect("read").is_empty(), "the log is gone");
+    assert!(!store.is_contact(a, b).await.expect("read"));
+    assert_eq!(store.visibility(a).await.expect("read"), Visibility::Everyone);
+    assert_eq!(store.pin(a).await.expect("read"), None);
+    assert!(store.blocked(a).await.expect("read").is_empty());
+    assert_eq!(store.read_log(b, 1, 10).await.expect("read").len(), 1, "others keep theirs");
+    assert_eq!(store.delete_account(a, 60).await.expect("delete"), None, "once");
+    // The number signs up again as a new account.
+    let again = store.register(&number, NewDevice { public_key: [6; 32], name: "d".into() }, 70).await.expect("again");
+    assert!(again.created && again.account.id != a);
 }
 
 /// A PIN record per account: absent, set, replaced, removed.

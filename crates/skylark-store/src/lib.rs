@@ -126,6 +126,15 @@ pub trait AccountStore: Send + Sync {
 
     /// Records when devices were last seen, all in one write.
     async fn touch_devices(&self, seen: Vec<(DeviceId, u64)>) -> Result<(), StoreError>;
+
+    /// Deletes the account, durably: its number is free (a new sign-up
+    /// makes a new account), its devices are marked removed (with their key
+    /// packages and push targets gone), and its log, markers, receipts,
+    /// contacts, settings, PIN and block list are deleted. Its outbox stays,
+    /// so what it sent before is still delivered; group rosters are the
+    /// groups' business (leave them first). Returns the devices removed, or
+    /// `None` if there is no such account.
+    async fn delete_account(&self, account: AccountId, now_ms: u64) -> Result<Option<Vec<DeviceId>>, StoreError>;
 }
 
 /// Why a device could not be added.

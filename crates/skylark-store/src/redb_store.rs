@@ -796,6 +796,47 @@ impl AccountStore for RedbStore {
         .await
     }
 
+    async fn delete_account(&self, account: AccountId, now_ms: u64) -> Result<Option<Vec<DeviceId>>, StoreError> {
+        self.write(move |txn| {
+            let a = account.0;
+            let record: Option<Account> =
+                txn.open_table(ACCOUNTS)?.remove(a)?.map(|r| decode(r.value())).transpose()?;
+            let Some(record) = record else { return Ok(None) };
+            txn.open_table(PHONES)?.remove(record.phone.as_str())?;
+            let mut removed = Vec::new();
+            {
+                let mut index = txn.open_table(ACCOUNT_DEVICES)?;
+                let ids: Vec<u64> = index
+                    .range((a, 0)..=(a, u64::MAX))?
+                    .map(|row| row.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()?;
+                let mut devices = txn.open_table(DEVICES)?;
+                let mut push = txn.open_table(PUSH)?;
+                for id in ids {
+                    index.remove((a, id))?;
+                    let mut device = indexed_device(&devices, id)?;
+                    device.removed_at_ms = Some(now_ms);
+                    devices.insert(id, encode(&device)?.as_slice())?;
+                    push.remove(id)?;
+                    drop_keys(txn, id)?;
+                    removed.push(DeviceId(id));
+                }
+            }
+            let pairs = (a, 0)..(a + 1, 0);
+            txn.open_table(LOG)?.retain_in(pairs.clone(), |_, _| false)?;
+            txn.open_table(INBOUND)?.retain_in(pairs.clone(), |_, _| false)?;
+            txn.open_table(CURSORS)?.retain_in(pairs.clone(), |_, _| false)?;
+            txn.open_table(CONTACTS)?.retain_in(pairs.clone(), |_, _| false)?;
+            txn.open_table(BLOCKS)?.retain_in(pairs, |_, _| false)?;
+            txn.open_table(RECEIPTS)?.retain_in((a, 0, 0)..(a + 1, 0, 0), |_, _| false)?;
+            txn.open_table(CLIENT_IDS)?.retain_in((a, 0, "")..(a + 1, 0, ""), |_, _| false)?;
+            txn.open_table(SETTINGS)?.remove(a)?;
+            txn.open_table(PINS)?.remove(a)?;
+            Ok(Some(removed))
+        })
+        .await
+    }
+
     async fn touch_devices(&self, seen: Vec<(DeviceId, u64)>) -> Result<(), StoreError> {
         if seen.is_empty() {
             return Ok(());

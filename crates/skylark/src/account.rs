@@ -1,5 +1,5 @@
-//! Account settings from the command line: `skylark pin` (two-step
-//! verification).
+//! The account from the command line: `skylark pin` (two-step
+//! verification) and `skylark account export|delete`.
 
 use crate::cli::{TransportArgs, explain};
 use anyhow::{Result, bail};
@@ -65,4 +65,82 @@ async fn read_new_pin() -> Result<String> {
         bail!("the two PINs differ; nothing was changed");
     }
     Ok(first.to_owned())
+}
+
+#[derive(clap::Subcommand)]
+pub enum AccountCommand {
+    /// Print (or write to a file) what the server keeps about your account,
+    /// as JSON: profile, settings, devices, groups, blocked numbers.
+    Export {
+        /// Write it to this file instead of printing it.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Delete your account for good: it leaves its groups, every device is
+    /// signed out, the number is freed. Asks you to type your number.
+    Delete {
+        /// Your number, to confirm without being asked (for scripts).
+        #[arg(long, value_name = "PHONE")]
+        confirm: Option<String>,
+    },
+}
+
+pub async fn account(profile: &Path, transport: &TransportArgs, action: &AccountCommand) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let confirmed = match action {
+        AccountCommand::Delete { confirm: Some(phone) } => Some(phone.clone()),
+        AccountCommand::Delete { confirm: None } => {
+            println!(
+                "Deleting {} cannot be undone: you leave your groups, every device is signed out and the number \
+                 is freed. Type the number to confirm:",
+                identity.phone
+            );
+            let mut lines = BufReader::new(tokio::io::stdin()).lines();
+            Some(lines.next_line().await?.unwrap_or_default().trim().to_owned())
+        }
+        AccountCommand::Export { .. } => None,
+    };
+    if let Some(typed) = &confirmed {
+        let same = skylark_core::PhoneNumber::parse(typed).is_ok_and(|p| p.as_str() == identity.phone);
+        if !same {
+            bail!("that is not this account's number ({}); nothing was deleted", identity.phone);
+        }
+    }
+    let (session, _events) =
+        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let handle = session.handle();
+    match action {
+        AccountCommand::Export { out } => {
+            let json = handle.export_account().await;
+            session.close().await;
+            let json = json.map_err(explain)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(path, json.as_bytes())?;
+                    println!("Wrote your account's data to {}.", path.display());
+                }
+                None => println!("{json}"),
+            }
+        }
+        AccountCommand::Delete { .. } => {
+            let done = handle.delete_account(&identity.phone).await;
+            session.close().await;
+            match done {
+                Ok(()) => {}
+                // Signed out with every other device, before the answer came.
+                Err(skylark_client::ClientError::Closed {
+                    code: Some(skylark_protocol::CloseCode::DeviceRemoved),
+                    ..
+                }) => {}
+                Err(e) => return Err(explain(e)),
+            }
+            println!(
+                "Deleted {}. Its devices are signed out; this profile ({}) can go, or sign up again with \
+                 `skylark register`.",
+                identity.phone,
+                profile.display()
+            );
+        }
+    }
+    Ok(())
 }

@@ -45,6 +45,12 @@ pub enum AdminCommand {
         /// The phone number in international form.
         phone: String,
     },
+    /// Delete an account for good: it leaves its groups, its devices are
+    /// signed out, its number is freed (as its owner's `account delete`).
+    DeleteAccount {
+        /// The phone number in international form.
+        phone: String,
+    },
     /// Lift a ban.
     Unban {
         /// The phone number in international form.
@@ -181,6 +187,15 @@ pub async fn run(args: &AdminArgs, command: &AdminCommand) -> Result<()> {
                 "{} is banned: refused at sign-up and when its devices connect ({} disconnected now).",
                 b["phone"].as_str().unwrap_or(phone),
                 words::count(n, "device", "devices")
+            );
+        }
+        AdminCommand::DeleteAccount { phone } => {
+            let d: Value = args.call("DELETE", &format!("/admin/v1/accounts/{phone}"), None).await?;
+            println!(
+                "Deleted {}: {} device(s) signed out, left {} group(s).",
+                d["phone"].as_str().unwrap_or(phone),
+                d["devices_removed"],
+                d["groups_left"]
             );
         }
         AdminCommand::Unban { phone } => {

@@ -160,6 +160,16 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// Your account: `account export` (what the server keeps about it, as
+    /// JSON) and `account delete`.
+    Account {
+        #[command(subcommand)]
+        action: account::AccountCommand,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
     /// List the phone numbers you blocked.
     Blocked {
         #[command(flatten)]
@@ -346,6 +356,9 @@ fn run(args: Args) -> Result<()> {
             runtime.block_on(blocks::set(&profile.dir()?, &transport, &phone, false))
         }
         Command::Blocked { profile, transport } => runtime.block_on(blocks::list(&profile.dir()?, &transport)),
+        Command::Account { action, profile, transport } => {
+            runtime.block_on(account::account(&profile.dir()?, &transport, &action))
+        }
         Command::Pin { action, profile, transport } => {
             runtime.block_on(account::pin(&profile.dir()?, &transport, action.as_ref()))
         }

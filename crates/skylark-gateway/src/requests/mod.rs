@@ -12,6 +12,7 @@
 //! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
 //! | [`blocks`] | `Block`, `ListBlocked` |
 //! | [`pin`] | `SetPin`, `GetPinStatus` |
+//! | [`account`] | `ExportAccount`, `DeleteAccount` |
 //!
 //! The session (`session.rs`) owns the connection's state machine and calls
 //! [`answer`] for each request frame; this layer knows nothing of
@@ -19,6 +20,7 @@
 //! answered with its documented code and a message in words; store
 //! failures are logged here and answered "unavailable".
 
+mod account;
 mod blocks;
 mod devices;
 pub(crate) mod groups;
@@ -157,6 +159,8 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::ListBlocked(_) => Answer::Now(blocks::list(&caller, id).await),
         Body::SetPin(set) => Answer::Now(pin::set(&caller, id, set).await),
         Body::GetPinStatus(_) => Answer::Now(pin::status(&caller, id).await),
+        Body::ExportAccount(_) => Answer::Now(account::export(&caller, id).await),
+        Body::DeleteAccount(delete) => Answer::Now(account::delete(&caller, id, delete).await),
         body @ (Body::CreateGroup(_)
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)

@@ -109,6 +109,9 @@ pub(crate) enum Input {
         peer: AccountId,
         blocked: bool,
     },
+    /// The account was deleted (user actors): from now on whatever arrives
+    /// for it is taken and dropped.
+    Deleted,
 }
 
 /// An answer to one input.
@@ -178,7 +181,8 @@ pub(crate) struct Needs {
     /// Log ranges (inclusive) not in memory.
     pub entries: Vec<(u64, u64)>,
     /// The account's block list (for a 1:1 conversation's group: which of
-    /// its two members blocked the other).
+    /// its two members blocked the other), and whether the account still
+    /// exists.
     pub blocks: bool,
 }
 
@@ -202,6 +206,8 @@ pub(crate) struct Facts {
     pub cursors: HashMap<DeviceId, Option<u64>>,
     pub entries: BTreeMap<u64, Arc<LogEntry>>,
     pub blocks: Option<HashSet<AccountId>>,
+    /// The account was deleted (read with `blocks`).
+    pub deleted: bool,
 }
 
 /// The account's log as the actor sees it: its counters, and the newest
@@ -358,6 +364,8 @@ pub(crate) struct Marks {
     /// The accounts this account blocked, once read (for a 1:1
     /// conversation's group: those of its members that blocked the other).
     pub blocked: Option<HashSet<AccountId>>,
+    /// The account was deleted: known once `blocked` was read, or told.
+    pub deleted: bool,
 }
 
 /// No marks looked up yet (what an actor that only feeds devices has).
@@ -521,9 +529,7 @@ impl Machine {
                         self.account.is_direct() && commit_epoch.is_none() && self.marks().blocked.is_none();
                 }
                 Input::Deliver { from, items } => {
-                    needs.blocks |= !self.is_group()
-                        && self.marks().blocked.is_none()
-                        && items.iter().any(|(_, f)| matches!(f, Forward::Message(_)));
+                    needs.blocks |= !self.is_group() && self.marks().blocked.is_none();
                     if !self.marks().inbound.contains_key(from) && !needs.inbound.contains(from) {
                         needs.inbound.push(*from);
                     }
@@ -576,7 +582,9 @@ impl Machine {
         if let Some(blocks) = &facts.blocks
             && self.marks().blocked.is_none()
         {
-            self.marks_mut().blocked = Some(blocks.clone());
+            let marks = self.marks_mut();
+            marks.blocked = Some(blocks.clone());
+            marks.deleted |= facts.deleted;
         }
         let mut batch_ids = BatchIds::new();
         for input in inputs {
@@ -670,6 +678,10 @@ impl Machine {
                 self.log.append(&mut fx.write, LogEntry::Devices { change, at_ms: now_ms });
                 Outcome::Later(Answer::Done)
             }
+            Input::Deleted => {
+                self.marks_mut().deleted = true;
+                Outcome::Now(Ok(Answer::Done))
+            }
             Input::Block { peer, blocked } => {
                 if self.is_group() {
                     // Read again from the store (which has the change) when next needed.
@@ -689,6 +701,15 @@ impl Machine {
                 Outcome::Later(Answer::Done)
             }
         })
+    }
+
+    /// Whether the account was deleted (known once its block list was read).
+    fn deleted(&self) -> Result<bool, Missing> {
+        match self.marks.as_deref() {
+            Some(m) if m.deleted => Ok(true),
+            Some(m) if m.blocked.is_some() => Ok(false),
+            _ => Err(Missing("whether the account exists".into())),
+        }
     }
 
     /// Whether `peer` is in the block list read for this step.
@@ -767,6 +788,11 @@ impl Machine {
             }
             if self.is_group() {
                 self.group_receipt(&mut fx.write, from, forward);
+                applied = *oseq;
+                continue;
+            }
+            if self.deleted()? {
+                // Taken, so the source's outbox moves on; kept nowhere.
                 applied = *oseq;
                 continue;
             }

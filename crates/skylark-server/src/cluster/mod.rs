@@ -588,6 +588,12 @@ impl Cluster {
                 })
                 .await
             }
+            Msg::Deleted { reply } => {
+                self.ask(node, Mail::Deleted { account }, move |a| {
+                    let _ = reply.send(answer_as(a, Answer::into_done));
+                })
+                .await
+            }
             // A forward's confirmation goes to its own actor's mailbox,
             // which is always on this node.
             Msg::Forwarded { .. } => Err(MessagingError::Internal("a forward confirmation for another node")),
@@ -659,6 +665,10 @@ impl Cluster {
             Mail::Block { peer, blocked, .. } => {
                 let (tx, rx) = oneshot::channel();
                 (Msg::Block { peer, blocked, reply: tx }, Some(self.relay(rx, |()| Answer::Done)))
+            }
+            Mail::Deleted { .. } => {
+                let (tx, rx) = oneshot::channel();
+                (Msg::Deleted { reply: tx }, Some(self.relay(rx, |()| Answer::Done)))
             }
         };
         let queued = ctx.registry.tell_here(ctx, account, msg).await;

@@ -83,6 +83,9 @@ pub(crate) enum Mail {
         peer: AccountId,
         blocked: bool,
     },
+    Deleted {
+        account: AccountId,
+    },
 }
 
 /// The answer to one piece of mail.
@@ -261,6 +264,11 @@ impl Mail {
                 w.u8(u8::from(*blocked));
                 w.0
             }
+            Mail::Deleted { account } => {
+                let mut w = start(11);
+                w.u64(account.0);
+                w.0
+            }
         }
     }
 
@@ -318,6 +326,7 @@ impl Mail {
                     _ => return Err(bad("a device change that is not one")),
                 }
             }
+            11 => Mail::Deleted { account: AccountId(r.u64()?) },
             10 => Mail::Block {
                 account: AccountId(r.u64()?),
                 peer: AccountId(r.u64()?),
@@ -342,7 +351,8 @@ impl Mail {
             | Mail::Ack { account, .. }
             | Mail::MarkRead { account, .. }
             | Mail::DeviceChange { account, .. }
-            | Mail::Block { account, .. } => *account,
+            | Mail::Block { account, .. }
+            | Mail::Deleted { account } => *account,
             Mail::Post { group, .. } | Mail::Group { group, .. } => *group,
             Mail::Deliver { to, .. } => *to,
         }
@@ -606,6 +616,7 @@ mod tests {
             Mail::DeviceChange { account: AccountId(1), change: DeviceChange::Removed { device: DeviceId(3) } },
             Mail::Block { account: AccountId(1), peer: AccountId(8), blocked: true },
             Mail::Block { account: AccountId(1), peer: AccountId(8), blocked: false },
+            Mail::Deleted { account: AccountId(9) },
         ];
         for mail in mails {
             assert_eq!(Mail::decode(&mail.encode()).unwrap(), mail);

@@ -1141,6 +1141,40 @@ impl AccountStore for PgStore {
         Ok(new)
     }
 
+    async fn delete_account(&self, account: AccountId, now_ms: u64) -> Result<Option<Vec<DeviceId>>, StoreError> {
+        let dir = self.directory().clone();
+        let fail = |e| dir.fail(e);
+        let mut tx = dir.pool.begin().await.map_err(fail)?;
+        let gone = sqlx::query("DELETE FROM accounts WHERE id = $1").bind(bound(account.0)).execute(&mut *tx).await;
+        if gone.map_err(fail)?.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let devices: Vec<i64> = sqlx::query_scalar(
+            "UPDATE devices SET removed_at_ms = $2 WHERE account_id = $1 AND removed_at_ms IS NULL RETURNING id",
+        )
+        .bind(bound(account.0))
+        .bind(int(now_ms)?)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(fail)?;
+        drop_keys(&mut tx, &devices).await.map_err(fail)?;
+        sqlx::query("DELETE FROM push WHERE device = ANY($1)").bind(&devices).execute(&mut *tx).await.map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
+        // The account's own rows, on its shard. The identity is gone already
+        // (nobody can sign in or be written to as it); these only follow.
+        let shard = self.conn(account);
+        let mut tx = shard.pool.begin().await.map_err(|e| shard.fail(e))?;
+        for table in ["log", "inbound", "cursors", "contacts", "blocks", "receipts", "client_ids", "settings", "pins"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE account = $1"))
+                .bind(bound(account.0))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| shard.fail(e))?;
+        }
+        tx.commit().await.map_err(|e| shard.fail(e))?;
+        Ok(Some(devices.into_iter().map(|d| DeviceId(d as u64)).collect()))
+    }
+
     async fn remove_device(&self, account: AccountId, device: DeviceId, now_ms: u64) -> Result<bool, StoreError> {
         let dir = self.directory().clone();
         let fail = |e| dir.fail(e);

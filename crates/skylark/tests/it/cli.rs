@@ -1032,3 +1032,63 @@ async fn pin_set_then_register_again_with_it_from_the_command_line() {
     let out = cli.output("old-phone", &["pin"]).await;
     assert!(!out.status.success(), "the old phone was signed out by the takeover");
 }
+
+/// `account export` and `account delete` from the command line, and an
+/// operator's `admin delete-account`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_export_and_delete_from_the_command_line() {
+    let server = TestServer::start().await;
+    let cli = Profiles::new();
+    cli.save(&server.register("+15551900201").await, "dana");
+    cli.save(&server.register("+15551900202").await, "eli");
+    cli.run("dana", &["group", "create", "Trip", "+15551900202"]).await;
+
+    let out = cli.run("dana", &["account", "export"]).await;
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(json["account"]["phone"], "+15551900201");
+    assert_eq!(json["groups"][0]["subject"], "Trip");
+    let file = cli.home().join("dana-export.json");
+    let out = cli.run("dana", &["account", "export", "--out", file.to_str().unwrap()]).await;
+    assert!(out.contains("Wrote your account's data"), "{out}");
+    assert!(std::fs::read_to_string(&file).unwrap().contains("\"Trip\""));
+
+    // A wrong confirmation deletes nothing.
+    let wrong = cli.output("dana", &["account", "delete", "--confirm", "+15551900202"]).await;
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("nothing was deleted"));
+    // Typed at the prompt.
+    let home = cli.home().to_owned();
+    let deleted = tokio::task::spawn_blocking(move || {
+        let mut child = skylark(&home)
+            .args(["account", "delete", "--profile", "dana"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "+1 555 190 0201").unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&deleted.stdout);
+    assert!(deleted.status.success(), "{said}{}", String::from_utf8_lossy(&deleted.stderr));
+    assert!(said.contains("cannot be undone") && said.contains("Deleted +15551900201"), "{said}");
+    let phone = skylark_core::PhoneNumber::parse("+15551900201").unwrap();
+    assert_eq!(server.store.account_by_phone(&phone).await.unwrap(), None);
+    let l = cli.listen("eli");
+    l.expect("left");
+    drop(l);
+
+    // The operator deletes Eli's.
+    let (home, admin_url) = (cli.home().to_owned(), server.admin_base());
+    let out = tokio::task::spawn_blocking(move || {
+        let args =
+            ["admin", "delete-account", "+15551900202", "--admin", &admin_url, "--token", crate::harness::ADMIN_TOKEN];
+        skylark(&home).args(args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("Deleted +15551900202: 1 device(s) signed out, left 1 group(s)."), "{said}");
+}

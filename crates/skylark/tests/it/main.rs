@@ -4,6 +4,7 @@
 // This whole crate is test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod account;
 mod admin;
 mod auth;
 mod authz;

@@ -11,11 +11,12 @@
 // as the user scrolls; the server is killed and restarted mid-conversation,
 // a message typed meanwhile survives closing the tab, and nothing is lost
 // or shown twice; a number is blocked and unblocked; two-step verification
-// is turned on and asked for at sign-up; a phone-sized window works.
+// is turned on and asked for at sign-up; an account's data is downloaded
+// and the account deleted; a phone-sized window works.
 
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -78,6 +79,9 @@ function cli(profile, args, input, onOutput = () => {}) {
     child.on("exit", (code) => (code === 0 ? resolve(out) : reject(new Error(`skylark ${args.join(" ")} failed:\n${out}`))));
   });
 }
+
+/// The server's admin token (written to its data directory at start).
+const adminToken = () => readFileSync(join(dataDir, "admin.token"), "utf8").trim();
 
 async function cliRegister(profile, phone) {
   let sent = false;
@@ -484,6 +488,28 @@ try {
   await newPhone.press("#pin", "Enter");
   await newPhone.waitForSelector("#app:not([hidden])");
   assert.equal(await newPhone.textContent("#me-phone"), "+15553000005");
+
+  // Erin downloads her data, then deletes her account: the page signs out,
+  // and her number is free.
+  await newPhone.click("#settings");
+  await newPhone.waitForSelector("dialog >> text=Your account");
+  const [download] = await Promise.all([
+    newPhone.waitForEvent("download"),
+    newPhone.click("dialog >> button:has-text('Download my data')"),
+  ]);
+  const exported = JSON.parse(readFileSync(await download.path(), "utf8"));
+  assert.equal(exported.account.phone, "+15553000005");
+  assert.equal(exported.settings.two_step_verification, true, "the PIN she signed in with");
+  await newPhone.click("dialog >> button:has-text('Delete my account')");
+  await newPhone.fill("dialog input[aria-label='Your phone number']", "+15553000005");
+  await shot(newPhone, "15-delete-account");
+  await newPhone.click("dialog >> button[type=submit]:has-text('Delete my account')");
+  await newPhone.waitForSelector("#welcome:not([hidden])");
+  await newPhone.waitForSelector("#banner >> text=Your account was deleted.");
+  await until("Erin's number is free", async () => {
+    const r = await fetch(`http://127.0.0.1:${adminPort}/admin/v1/accounts/%2B15553000005`, { headers: { authorization: `Bearer ${adminToken()}` } });
+    return r.status === 404;
+  });
 
   // Phone-sized window: one pane at a time.
   const phone = watched(await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage());

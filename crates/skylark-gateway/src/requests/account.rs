@@ -1,0 +1,46 @@
+//! The account as a whole: `ExportAccount` and `DeleteAccount`. The work is
+//! `skylark_server::accounts`.
+
+use super::{Caller, error, messaging_error, ok, reply, unavailable};
+use skylark_core::PhoneNumber;
+use skylark_protocol::v1::{self, server_frame};
+use skylark_protocol::{ErrorCode, ServerFrame};
+use skylark_server::accounts::AccountError;
+
+fn account_error(id: u64, e: &AccountError) -> ServerFrame {
+    match e {
+        AccountError::Store(e) => unavailable(id, e),
+        AccountError::Messaging(e) => messaging_error(id, e),
+        AccountError::UnknownAccount => error(id, ErrorCode::UnknownDevice, "this account no longer exists"),
+    }
+}
+
+pub(super) async fn export(caller: &Caller<'_>, id: u64) -> ServerFrame {
+    match caller.shared.server.export_account(caller.authed.account.id).await {
+        Ok(export) => match serde_json::to_string_pretty(&export) {
+            Ok(json) => reply(id, server_frame::Body::AccountExport(v1::AccountExport { json })),
+            Err(_) => error(id, ErrorCode::Internal, "the export could not be written"),
+        },
+        Err(e) => account_error(id, &e),
+    }
+}
+
+pub(super) async fn delete(caller: &Caller<'_>, id: u64, delete: v1::DeleteAccount) -> ServerFrame {
+    let me = &caller.authed.account;
+    // Typed out by the user, as a confirmation.
+    if PhoneNumber::parse(&delete.phone).ok().as_ref() != Some(&me.phone) {
+        return error(
+            id,
+            ErrorCode::InvalidArgument,
+            format!("to delete the account, confirm with its own number ({})", me.phone),
+        );
+    }
+    // Rare, and heavy: charged like a group change.
+    if let Err(e) = caller.shared.server.router.charge_group_change(caller.authed.device.id) {
+        return messaging_error(id, &e);
+    }
+    match caller.shared.server.delete_account(me.id).await {
+        Ok(_) => ok(id),
+        Err(e) => account_error(id, &e),
+    }
+}

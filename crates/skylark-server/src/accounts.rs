@@ -1,0 +1,195 @@
+//! An account's own data as a whole: exporting it (what the server keeps
+//! about the account, never message content) and deleting it.
+//!
+//! Deleting goes in an order that keeps every promise made before it: the
+//! account leaves its groups (their other members see it go, as any
+//! leave); its actor is told, so from then on nothing that arrives for it
+//! is kept; then the store deletes it (number freed, devices removed, log
+//! and settings gone) and its devices are disconnected. What it sent
+//! before is still delivered (its outbox stays).
+
+use crate::Server;
+use crate::messaging::{GroupRequest, MessagingError};
+use crate::sessions::Disconnect;
+use serde::Serialize;
+use skylark_core::group::{GroupChange, GroupError, Role};
+use skylark_core::{AccountId, DeviceId};
+use skylark_store::{StoreError, Visibility};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("no such account")]
+    UnknownAccount,
+    #[error(transparent)]
+    Messaging(#[from] MessagingError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a deletion did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Deleted {
+    pub phone: String,
+    pub devices_removed: usize,
+    pub groups_left: usize,
+}
+
+/// The account's data as JSON (`skylark account export`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Export {
+    pub format: &'static str,
+    pub exported_at_ms: u64,
+    pub account: ExportedAccount,
+    pub settings: ExportedSettings,
+    pub devices: Vec<ExportedDevice>,
+    pub groups: Vec<ExportedGroup>,
+    pub blocked: Vec<ExportedBlock>,
+    /// What is not in it, and why.
+    pub note: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedAccount {
+    pub id: u64,
+    pub phone: String,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedSettings {
+    /// Who may see your presence: everyone, contacts or nobody.
+    pub presence_visible_to: &'static str,
+    pub two_step_verification: bool,
+    pub two_step_verification_set_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedDevice {
+    pub id: u64,
+    pub name: String,
+    pub created_at_ms: u64,
+    pub last_seen_ms: Option<u64>,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedGroup {
+    pub id: u64,
+    /// A 1:1 conversation's group (for its end-to-end encryption).
+    pub direct: bool,
+    pub subject: String,
+    pub admin: bool,
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedBlock {
+    pub phone: String,
+    pub since_ms: u64,
+}
+
+impl Server {
+    /// Everything the server keeps about `account` that is the account's
+    /// own (profile, settings, devices, groups, block list); no messages.
+    pub async fn export_account(&self, account: AccountId) -> Result<Export, AccountError> {
+        let record = self.store.account(account).await?.ok_or(AccountError::UnknownAccount)?;
+        let directory = self.router.directory();
+        let phone_of = |id: AccountId| async move {
+            Ok::<String, StoreError>(directory.phone(id).await?.map(|p| p.to_string()).unwrap_or_default())
+        };
+        let presence_visible_to = match self.store.visibility(account).await? {
+            Visibility::Everyone => "everyone",
+            Visibility::Contacts => "contacts",
+            Visibility::Nobody => "nobody",
+        };
+        let pin = self.store.pin(account).await?;
+        let devices = self
+            .devices
+            .list(account)
+            .await
+            .map_err(|e| AccountError::Store(StoreError::Invariant(format!("listing devices: {e}"))))?;
+        let mut groups = Vec::new();
+        for meta in self.router.groups_of(account).await? {
+            let mut members = Vec::with_capacity(meta.members.len());
+            for m in &meta.members {
+                members.push(phone_of(m.account).await?);
+            }
+            let admin = meta.member(account).is_some_and(|m| m.role == Role::Admin);
+            groups.push(ExportedGroup {
+                id: meta.id.0,
+                direct: meta.id.is_direct(),
+                subject: meta.subject,
+                admin,
+                members,
+            });
+        }
+        let mut blocked = Vec::new();
+        for (peer, since_ms) in self.store.blocked(account).await? {
+            blocked.push(ExportedBlock { phone: phone_of(peer).await?, since_ms });
+        }
+        Ok(Export {
+            format: "skylark-account-export/1",
+            exported_at_ms: self.clock.now_ms(),
+            account: ExportedAccount {
+                id: account.0,
+                phone: record.phone.to_string(),
+                created_at_ms: record.created_at_ms,
+            },
+            settings: ExportedSettings {
+                presence_visible_to,
+                two_step_verification: pin.is_some(),
+                two_step_verification_set_at_ms: pin.map(|p| p.set_at_ms),
+            },
+            devices: devices
+                .into_iter()
+                .map(|d| ExportedDevice {
+                    id: d.device.id.0,
+                    name: d.device.name.clone(),
+                    created_at_ms: d.device.created_at_ms,
+                    last_seen_ms: self.devices.last_seen(&d.device),
+                    online: d.online,
+                })
+                .collect(),
+            groups,
+            blocked,
+            note: "Messages are not part of this export: your devices hold them (end-to-end encrypted ones \
+                   only there), and the server keeps an account's log only until its devices have it.",
+        })
+    }
+
+    /// Deletes `account`: it leaves its groups, its number is freed (signing
+    /// up with it again makes a new, empty account), its devices are removed
+    /// and disconnected, and its log, settings, PIN and block list are
+    /// deleted. 1:1 conversation groups keep their two members (they cannot
+    /// be left); their posts to a deleted account are dropped.
+    pub async fn delete_account(&self, account: AccountId) -> Result<Deleted, AccountError> {
+        let phone = self.router.directory().phone(account).await?.ok_or(AccountError::UnknownAccount)?;
+        let mut groups_left = 0;
+        for meta in self.router.groups_of(account).await? {
+            if meta.id.is_direct() {
+                continue;
+            }
+            let asked = self.router.group_request(account, meta.id, GroupRequest::Change(GroupChange::Leave)).await;
+            let left = match asked {
+                Ok(answer) => answer.await.unwrap_or(Err(MessagingError::ShuttingDown)),
+                Err(e) => Err(e),
+            };
+            match left {
+                Ok(_) => groups_left += 1,
+                // Left meanwhile, or the group is gone: nothing to leave.
+                Err(MessagingError::Group(GroupError::NotAMember | GroupError::UnknownGroup)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.router.account_deleted(account).await?;
+        let removed: Vec<DeviceId> =
+            self.store.delete_account(account, self.clock.now_ms()).await?.ok_or(AccountError::UnknownAccount)?;
+        for device in &removed {
+            self.sessions.disconnect(*device, Disconnect::DeviceRemoved);
+        }
+        self.router.directory().forget(account, &phone);
+        tracing::info!(%account, devices = removed.len(), groups_left, "account deleted");
+        metrics::counter!("skylark_accounts_deleted_total").increment(1);
+        Ok(Deleted { phone: phone.to_string(), devices_removed: removed.len(), groups_left })
+    }
+}

@@ -1,0 +1,127 @@
+//! An account as a whole, over the real protocol: exporting its data, and
+//! deleting it (by its owner, and by an operator).
+
+use crate::harness::{ADMIN_TOKEN, EVENT_WAIT, Peer, TestServer, Transport};
+use skylark_client::ClientError;
+use skylark_client::api::Api;
+use skylark_client::session::Event;
+use skylark_core::{AccountId, PhoneNumber};
+use skylark_protocol::v1::event::Body;
+use skylark_protocol::v1::group_event;
+use skylark_protocol::{CloseCode, ErrorCode};
+
+const ALICE: &str = "+15552300001";
+const BOB: &str = "+15552300002";
+const CAROL: &str = "+15552300003";
+
+/// Waits until `peer`'s session is closed; its close code.
+async fn closed(peer: &mut Peer) -> Option<CloseCode> {
+    loop {
+        match tokio::time::timeout(EVENT_WAIT, peer.events.recv()).await.expect("timed out waiting for a close") {
+            Some(Event::Closed { code, .. }) => return code,
+            Some(Event::Frame(_)) => continue,
+            None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_account_exports_its_data_then_deletes_itself_and_its_number_is_free() {
+    let server = TestServer::start().await;
+    let alice_id = server.register(ALICE).await;
+    let bob_id = server.register(BOB).await;
+    server.register(CAROL).await;
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let laptop_id = crate::devices::link(&server, &alice, "laptop").await;
+    let mut bob = Peer::connect(&server, &bob_id, Transport::Ws).await;
+    let club = alice.handle().create_group("club", &[BOB, CAROL]).await.unwrap();
+    alice.handle().block(CAROL, true).await.unwrap();
+    alice.handle().set_pin(Some("424242")).await.unwrap();
+    alice.handle().send(BOB, "a1", b"hello bob".to_vec()).await.unwrap();
+    bob.handle().send(ALICE, "b1", b"hello alice".to_vec()).await.unwrap();
+    alice.received(1, true).await;
+
+    let json: serde_json::Value = serde_json::from_str(&alice.handle().export_account().await.unwrap()).unwrap();
+    assert_eq!(json["account"]["phone"], ALICE);
+    assert_eq!(json["account"]["id"], alice_id.account_id);
+    assert_eq!(json["devices"].as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(json["settings"]["two_step_verification"], true);
+    assert_eq!(json["settings"]["presence_visible_to"], "everyone");
+    assert_eq!(json["blocked"][0]["phone"], CAROL);
+    let group = &json["groups"].as_array().unwrap().iter().find(|g| g["id"] == club.id).expect("the club").clone();
+    assert_eq!((group["subject"].as_str(), group["admin"].as_bool()), (Some("club"), Some(true)));
+    assert_eq!(group["members"].as_array().unwrap().len(), 3);
+    let text = json.to_string();
+    assert!(!text.contains("hello bob") && !text.contains("hello alice"), "no messages in it");
+    assert!(!text.contains("424242"), "never the PIN");
+
+    // The number must be typed as a confirmation.
+    let e = alice.handle().delete_account(BOB).await.unwrap_err();
+    assert_eq!(e.error_code(), Some(ErrorCode::InvalidArgument));
+    assert!(e.to_string().contains(ALICE), "{e}");
+
+    match alice.handle().delete_account(ALICE).await {
+        Ok(()) | Err(ClientError::Closed { code: Some(CloseCode::DeviceRemoved), .. }) => {}
+        Err(e) => panic!("{e}"),
+    }
+    assert_eq!(closed(&mut alice).await, Some(CloseCode::DeviceRemoved), "signed out");
+    // The laptop (offline meanwhile) cannot sign in any more.
+    let refused = skylark_client::Session::open(&server.endpoint(Transport::Tcp), &laptop_id).await.err();
+    assert_eq!(refused.and_then(|e| e.error_code()), Some(ErrorCode::DeviceRemoved));
+
+    // Bob sees her leave the group, and can no longer write to her number.
+    loop {
+        let event = bob.next_entry().await;
+        bob.handle().ack(event.seq).await.unwrap();
+        if let Some(Body::Group(g)) = event.body
+            && g.group == club.id
+            && matches!(g.body, Some(group_event::Body::Left(_)))
+        {
+            assert_eq!(g.by, alice_id.account_id);
+            break;
+        }
+    }
+    let info = bob.handle().group_info(club.id).await.unwrap();
+    assert_eq!(info.members.len(), 2);
+    let e = bob.handle().send(ALICE, "b2", b"are you there".to_vec()).await.unwrap_err();
+    assert_eq!(e.error_code(), Some(ErrorCode::UnknownRecipient));
+    // The server keeps nothing of hers.
+    let old = AccountId(alice_id.account_id);
+    assert_eq!(server.store.account_by_phone(&PhoneNumber::parse(ALICE).unwrap()).await.unwrap(), None);
+    assert!(server.store.read_log(old, 1, 100).await.unwrap().is_empty());
+    assert_eq!(server.store.pin(old).await.unwrap(), None);
+    assert!(server.store.blocked(old).await.unwrap().is_empty());
+
+    // The number signs up again: a new, empty account, no PIN asked.
+    let again = server.register(ALICE).await;
+    assert_ne!(again.account_id, alice_id.account_id);
+    let fresh = Peer::connect(&server, &again, Transport::Tcp).await;
+    assert!(fresh.handle().list_groups().await.unwrap().is_empty());
+    assert!(!fresh.handle().pin_status().await.unwrap().enabled);
+    assert!(fresh.handle().history(0, 50).await.unwrap().events.is_empty());
+    // And Bob reaches the new account at that number.
+    bob.handle().send(ALICE, "b3", b"welcome back".to_vec()).await.unwrap();
+    let mut fresh = fresh;
+    assert_eq!(fresh.received(1, true).await[0].payload.to_vec(), b"welcome back");
+}
+
+#[tokio::test]
+async fn an_operator_deletes_an_account_from_the_admin_api() {
+    let server = TestServer::start().await;
+    let bob_id = server.register(BOB).await;
+    let carol_id = server.register(CAROL).await;
+    let mut carol = Peer::connect(&server, &carol_id, Transport::Ws).await;
+    let bob = Peer::connect(&server, &bob_id, Transport::Tcp).await;
+    let group = bob.handle().create_group("pair", &[CAROL]).await.unwrap();
+
+    let admin = Api::new(&server.admin_base()).unwrap().with_bearer(ADMIN_TOKEN);
+    let done: serde_json::Value = admin.call("DELETE", &format!("/admin/v1/accounts/{CAROL}"), None).await.unwrap();
+    assert_eq!(
+        (done["phone"].as_str(), done["devices_removed"].as_u64(), done["groups_left"].as_u64()),
+        (Some(CAROL), Some(1), Some(1))
+    );
+    assert_eq!(closed(&mut carol).await, Some(CloseCode::DeviceRemoved));
+    let again = admin.call::<serde_json::Value>("DELETE", &format!("/admin/v1/accounts/{CAROL}"), None).await;
+    assert!(again.unwrap_err().to_string().contains("no account has"), "a second time: not found");
+    assert_eq!(bob.handle().group_info(group.id).await.unwrap().members.len(), 1);
+}
