@@ -329,6 +329,12 @@ impl SessionHandle {
         self.expect_ok(client_frame::Body::DeleteAccount(v1::DeleteAccount { phone: phone.into() })).await
     }
 
+    /// Reports the 1:1 conversation with `phone` (or, with `group` not 0,
+    /// that group) to the server's operator; `block` also blocks `phone`.
+    pub async fn report(&self, phone: &str, group: u64, block: bool) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::Report(v1::Report { phone: phone.into(), group, block })).await
+    }
+
     /// Registers (or with `None`, removes) this device's push target.
     pub async fn register_push(&self, target: Option<v1::register_push::Target>) -> Result<(), ClientError> {
         self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await

@@ -108,6 +108,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Shared) {
         .route("/admin/v1/accounts/{phone}", get(account).delete(delete_account))
         .route("/admin/v1/devices/{id}/disconnect", post(disconnect))
         .route("/admin/v1/backup", post(backup))
+        .route("/admin/v1/reports", get(reports))
         .route("/admin/v1/bans", get(bans).post(ban))
         .route("/admin/v1/bans/{phone}", axum::routing::delete(unban))
         .route("/admin/v1/test/sms", post(test_sms))
@@ -269,6 +270,66 @@ async fn delete_account(caller: Caller, Path(phone): Path<String>) -> Response {
         })
     };
     caller.run("delete_account", &phone, act).await
+}
+
+#[derive(Serialize)]
+struct ReportView {
+    id: u64,
+    at_ms: u64,
+    reporter: String,
+    /// The reported account's number, or the group's id and subject.
+    reported: String,
+    blocked: bool,
+    /// The last messages of the conversation: who sent them, when, how
+    /// large (the server cannot read them).
+    messages: Vec<ReportedView>,
+}
+
+#[derive(Serialize)]
+struct ReportedView {
+    sender: String,
+    seq: u64,
+    sent_at_ms: u64,
+    bytes: u64,
+}
+
+/// Users' reports, newest first (at most 100).
+async fn reports(caller: Caller) -> Response {
+    let act = async {
+        let server = &caller.admin.shared.server;
+        let directory = server.router.directory();
+        let name = |id: skylark_core::AccountId| async move {
+            if id.is_group() {
+                let subject =
+                    server.store.group(id).await.map_err(store_failed)?.map(|g| g.subject).unwrap_or_default();
+                return Ok::<String, ApiError>(format!("group {} \"{subject}\"", id.0));
+            }
+            let phone = directory.phone(id).await.map_err(store_failed)?;
+            Ok(phone.map(|p| p.to_string()).unwrap_or_else(|| format!("deleted account {}", id.0)))
+        };
+        let mut out = Vec::new();
+        for r in server.store.reports(100).await.map_err(store_failed)? {
+            let mut messages = Vec::with_capacity(r.messages.len());
+            for m in &r.messages {
+                messages.push(ReportedView {
+                    sender: name(m.sender).await?,
+                    seq: m.seq,
+                    sent_at_ms: m.sent_at_ms,
+                    bytes: m.bytes,
+                });
+            }
+            out.push(ReportView {
+                id: r.id,
+                at_ms: r.at_ms,
+                reporter: name(r.reporter).await?,
+                reported: name(r.reported).await?,
+                blocked: r.blocked,
+                messages,
+            });
+        }
+        Ok(out)
+    };
+    caller.run("reports", "", act).await
 }
 
 #[derive(Serialize)]

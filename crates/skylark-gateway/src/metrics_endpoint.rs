@@ -83,6 +83,7 @@ pub const METRICS: &[Metric] = &[
     ),
     ("skylark_group_events_stored_total", Kind::Counter, "Group events made durable in a member's log.", None),
     ("skylark_accounts_deleted_total", Kind::Counter, "Accounts deleted, by their owner or an operator.", None),
+    ("skylark_reports_total", Kind::Counter, "Conversations reported to the operator by their users.", None),
     (
         "skylark_pin_failures_total",
         Kind::Counter,

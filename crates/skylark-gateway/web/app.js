@@ -984,6 +984,29 @@ $("block").addEventListener("click", () => {
     h("p", {}, h("button", { type: "button", class: "danger", onclick: () => setBlocked(phone, true) }, "Block")));
 });
 
+$("report").addEventListener("click", () => {
+  const c = state.chats.get(state.open);
+  if (!c) return;
+  const phone = peerPhoneOf(c);
+  const what = phone || `"${c.title}"`;
+  const send = (block) => guarded(async () => {
+    if (!state.session) return say("Not connected; report once this browser is back online.");
+    const body = phone ? { phone, block } : { group: c.group };
+    await state.session.request({ report: body });
+    if (block) state.blocked.add(phone);
+    if ($("panel").open) $("panel").close();
+    say(block ? `Reported and blocked ${phone}.` : `Reported ${what} to this server's operator.`, "info");
+    renderAll();
+  });
+  panel("report", h("h2", {}, `Report ${what}?`),
+    h("p", {}, "The server's operator learns who is reported and the last few messages' times and sizes, "
+      + "not their text."),
+    h("p", {},
+      h("button", { type: "button", onclick: () => send(false) }, "Report"),
+      phone ? " " : null,
+      phone ? h("button", { type: "button", class: "danger", onclick: () => send(true) }, "Report and block") : null));
+});
+
 $("mute").addEventListener("click", () => {
   const key = state.open;
   if (!key) return;
@@ -1094,6 +1117,7 @@ function renderHeader() {
   $("mute").hidden = !c;
   const blockable = peerPhoneOf(c);
   $("block").hidden = !blockable;
+  $("report").hidden = !c || (!blockable && c.kind !== "group");
   if (blockable) $("block").textContent = state.blocked.has(blockable) ? "Unblock" : "Block";
   if (c) {
     const muted = state.muted.has(c.key);

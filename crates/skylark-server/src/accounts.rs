@@ -88,7 +88,84 @@ pub struct ExportedBlock {
     pub since_ms: u64,
 }
 
+/// Messages of a reported conversation kept with the report.
+pub const REPORTED_MESSAGES: usize = 5;
+/// How far back in the reporter's log they are looked for.
+const REPORT_SCAN: usize = 1_000;
+
 impl Server {
+    /// `reporter` reports its conversation with `reported` (an account, or a
+    /// group it is a member of) to the operator: the last few messages'
+    /// ids and metadata are kept (never content), and with `block` the
+    /// account is blocked too.
+    pub async fn report(
+        &self,
+        reporter: AccountId,
+        reported: AccountId,
+        block: bool,
+    ) -> Result<skylark_store::Report, AccountError> {
+        use skylark_core::group::GroupBody;
+        use skylark_core::message::LogEntry;
+        if reported == reporter {
+            return Err(AccountError::Messaging(MessagingError::UnknownAccount));
+        }
+        let direct = AccountId::direct(reporter, reported);
+        let mut messages = Vec::new();
+        let mut before = u64::MAX;
+        let mut scanned = 0;
+        while messages.len() < REPORTED_MESSAGES && scanned < REPORT_SCAN {
+            let page = self.store.read_log_before(reporter, before, 200).await?;
+            let Some((oldest, _)) = page.last() else { break };
+            before = *oldest;
+            scanned += page.len();
+            for (_, entry) in &page {
+                let found = match entry {
+                    LogEntry::Message(m)
+                        if !reported.is_group()
+                            && ((m.id.sender == reported && m.to == reporter)
+                                || (m.id.sender == reporter && m.to == reported)) =>
+                    {
+                        Some(skylark_store::ReportedMessage {
+                            sender: m.id.sender,
+                            seq: m.id.seq,
+                            sent_at_ms: m.sent_at_ms,
+                            bytes: m.payload.len() as u64,
+                        })
+                    }
+                    LogEntry::Group(e) if e.group == reported || Some(e.group) == direct => match &e.body {
+                        GroupBody::Message { payload, .. } => Some(skylark_store::ReportedMessage {
+                            sender: e.by,
+                            seq: e.seq,
+                            sent_at_ms: e.at_ms,
+                            bytes: payload.len() as u64,
+                        }),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(found) = found
+                    && messages.len() < REPORTED_MESSAGES
+                {
+                    messages.push(found);
+                }
+            }
+            if page.len() < 200 {
+                break;
+            }
+        }
+        let blocked = block && !reported.is_group();
+        if blocked {
+            let answer = self.router.block(reporter, reported, true).await?;
+            answer.await.unwrap_or(Err(MessagingError::ShuttingDown))?;
+        }
+        let mut report =
+            skylark_store::Report { id: 0, at_ms: self.clock.now_ms(), reporter, reported, blocked, messages };
+        report.id = self.store.add_report(report.clone()).await?;
+        tracing::info!(report = report.id, %reporter, %reported, blocked, "conversation reported");
+        metrics::counter!("skylark_reports_total").increment(1);
+        Ok(report)
+    }
+
     /// Everything the server keeps about `account` that is the account's
     /// own (profile, settings, devices, groups, block list); no messages.
     pub async fn export_account(&self, account: AccountId) -> Result<Export, AccountError> {

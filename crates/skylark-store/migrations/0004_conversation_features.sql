@@ -1,5 +1,6 @@
 -- Version 4: block lists and two-step verification PINs, each on the
--- account's shard beside its settings. A `blocks` row means `account`
+-- account's shard beside its settings; users' reports, on the directory
+-- shard. A `blocks` row means `account`
 -- blocked `peer` since `at_ms`; a `pins` row holds the account's PIN record
 -- (an Argon2id hash, never the PIN, and the count of wrong guesses).
 CREATE TABLE blocks (
@@ -12,4 +13,9 @@ CREATE TABLE blocks (
 CREATE TABLE pins (
     account int8  PRIMARY KEY,
     record  jsonb NOT NULL
+);
+
+CREATE TABLE reports (
+    id     int8  PRIMARY KEY,
+    record jsonb NOT NULL
 );

@@ -25,6 +25,32 @@ pub async fn run_all(store: &dyn Store) {
     blocks(store).await;
     pins(store).await;
     account_deletion(store).await;
+    reports(store).await;
+}
+
+/// Reports: numbered by the store, listed newest first.
+async fn reports(store: &dyn Store) {
+    use crate::{Report, ReportedMessage};
+    use skylark_core::AccountId;
+    assert!(store.reports(10).await.expect("list").is_empty());
+    let report = |reporter: u64| Report {
+        id: 0,
+        at_ms: reporter,
+        reporter: AccountId(reporter),
+        reported: AccountId(99),
+        blocked: reporter.is_multiple_of(2),
+        messages: vec![ReportedMessage { sender: AccountId(99), seq: 3, sent_at_ms: 2, bytes: 40 }],
+    };
+    let first = store.add_report(report(1)).await.expect("add");
+    let second = store.add_report(report(2)).await.expect("add");
+    assert!(second > first);
+    let listed = store.reports(10).await.expect("list");
+    assert_eq!(
+        listed.iter().map(|r| (r.id, r.reporter)).collect::<Vec<_>>(),
+        vec![(second, AccountId(2)), (first, AccountId(1))]
+    );
+    assert_eq!(listed[0].messages, report(2).messages);
+    assert_eq!(store.reports(1).await.expect("list").len(), 1);
 }
 
 /// A deleted account: its number free, its devices removed (with their

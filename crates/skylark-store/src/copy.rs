@@ -140,6 +140,7 @@ const TABLES: &[Table] = &[
     Table { name: "contacts", columns: &[("account", Int), ("peer", Int)], shard_by: Some(0), filter: "" },
     Table { name: "settings", columns: &[("account", Int), ("visibility", Json)], shard_by: Some(0), filter: "" },
     Table { name: "pins", columns: &[("account", Int), ("record", Json)], shard_by: Some(0), filter: "" },
+    Table { name: "reports", columns: &[("id", Int), ("record", Json)], shard_by: None, filter: "" },
     Table {
         name: "blocks",
         columns: &[("account", Int), ("peer", Int), ("at_ms", Int)],
@@ -338,7 +339,7 @@ pub async fn redb_to_postgres(
     let txn = source.db.begin_read()?;
 
     progress("meta");
-    let mut counters = vec![("account", 1u64), ("device", 1), ("group", 1)];
+    let mut counters = vec![("account", 1u64), ("device", 1), ("group", 1), ("report", 1)];
     {
         let meta = txn.open_table(redb_store::META)?;
         for entry in meta.iter()? {
@@ -348,6 +349,7 @@ pub async fn redb_to_postgres(
                 "next_account_id" => Some(0),
                 "next_device_id" => Some(1),
                 "next_group_id" => Some(2),
+                "next_report_id" => Some(3),
                 _ => None,
             };
             if let Some(i) = counter {
@@ -418,6 +420,9 @@ pub async fn redb_to_postgres(
     }
     for (account, raw) in json_rows(&txn, redb_store::PINS)? {
         pending.push(index_of("pins"), vec![int(account)?, canonical_json(&raw)?]).await?;
+    }
+    for (id, raw) in json_rows(&txn, redb_store::REPORTS)? {
+        pending.push(index_of("reports"), vec![int(id)?, canonical_json(&raw)?]).await?;
     }
     progress("groups");
     for (id, raw) in json_rows(&txn, redb_store::GROUPS)? {

@@ -184,6 +184,31 @@ pub enum PushTarget {
     Webhook { token: String },
 }
 
+/// A user's report of a conversation to the server's operator: who, whom
+/// (an account, or a group), when, and the last few messages of that
+/// conversation as ids and metadata — never their content.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Given by the store.
+    pub id: u64,
+    pub at_ms: u64,
+    pub reporter: AccountId,
+    pub reported: AccountId,
+    /// The reporter blocked the account with the report.
+    pub blocked: bool,
+    pub messages: Vec<ReportedMessage>,
+}
+
+/// One message of a reported conversation, without its content.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReportedMessage {
+    pub sender: AccountId,
+    /// Its sequence in the sender's log (1:1) or the group's.
+    pub seq: u64,
+    pub sent_at_ms: u64,
+    pub bytes: u64,
+}
+
 /// Per-account settings and per-device push targets.
 #[async_trait]
 pub trait SettingsStore: Send + Sync {
@@ -256,6 +281,13 @@ pub trait MetaStore: Send + Sync {
 
     /// Every banned number, with when it was banned.
     async fn bans(&self) -> Result<Vec<(PhoneNumber, u64)>, StoreError>;
+
+    /// Keeps a report for the operator, durably; answers its id (the
+    /// store's, whatever `report.id` says).
+    async fn add_report(&self, report: Report) -> Result<u64, StoreError>;
+
+    /// The newest `limit` reports, newest first.
+    async fn reports(&self, limit: usize) -> Result<Vec<Report>, StoreError>;
 
     /// Writes a consistent copy of everything stored to a new file at
     /// `dest` while the store keeps serving: what was committed when the

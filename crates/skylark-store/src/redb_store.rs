@@ -65,6 +65,8 @@ pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("s
 pub(crate) const BLOCKS: TableDefinition<(u64, u64), u64> = TableDefinition::new("blocks");
 /// account → its two-step verification PIN record (JSON).
 pub(crate) const PINS: TableDefinition<u64, &[u8]> = TableDefinition::new("pins");
+/// report id → a user's report of a conversation (JSON).
+pub(crate) const REPORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("reports");
 /// device → push target (JSON).
 pub(crate) const PUSH: TableDefinition<u64, &[u8]> = TableDefinition::new("push");
 /// (device, n) → one unclaimed MLS key package; the lowest n is claimed
@@ -86,6 +88,7 @@ pub const DEFAULT_MAX_BATCH: usize = 1024;
 type CommitJob = (AccountWrite, oneshot::Sender<Result<(), StoreError>>);
 
 const NEXT_ACCOUNT_ID: &str = "next_account_id";
+const NEXT_REPORT_ID: &str = "next_report_id";
 const NEXT_DEVICE_ID: &str = "next_device_id";
 const SERVER_ID: &str = "server_id";
 
@@ -164,6 +167,7 @@ macro_rules! every_table {
             SETTINGS,
             BLOCKS,
             PINS,
+            REPORTS,
             PUSH,
             KEY_PACKAGES,
             LAST_RESORT_KEYS,
@@ -302,8 +306,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// The layout of the stored tables and records, kept in `meta` under
 /// `format`. A binary refuses a store of a newer format and upgrades an
 /// older one in `init`. Stores written before the version was recorded are
-/// format 1; format 2 added the `blocks` and `pins` tables and the block log
-/// entry (the upgrade from 1 creates the tables, as for a new store).
+/// format 1; format 2 added the `blocks`, `pins` and `reports` tables and the
+/// block log entry (the upgrade from 1 creates the tables, as for a new store).
 pub const FORMAT_VERSION: u64 = 2;
 const FORMAT: &str = "format";
 /// `meta` keys of banned numbers: this prefix, then the number.
@@ -403,6 +407,7 @@ impl RedbStore {
         txn.open_table(SETTINGS)?;
         txn.open_table(BLOCKS)?;
         txn.open_table(PINS)?;
+        txn.open_table(REPORTS)?;
         txn.open_table(PUSH)?;
         txn.open_table(KEY_PACKAGES)?;
         txn.open_table(LAST_RESORT_KEYS)?;
@@ -1165,6 +1170,27 @@ impl MetaStore for RedbStore {
         Ok(out)
     }
 
+    async fn add_report(&self, mut report: crate::Report) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            report.id = next_id(txn, NEXT_REPORT_ID)?;
+            txn.open_table(REPORTS)?.insert(report.id, encode(&report)?.as_slice())?;
+            Ok(report.id)
+        })
+        .await
+    }
+
+    async fn reports(&self, limit: usize) -> Result<Vec<crate::Report>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(REPORTS)?;
+            let mut out = Vec::new();
+            for row in table.iter()?.rev().take(limit) {
+                out.push(decode(row?.1.value())?);
+            }
+            Ok(out)
+        })
+    }
+
     async fn backup(&self, dest: &Path) -> Result<crate::Backup, StoreError> {
         let db = self.db.clone();
         let dest = dest.to_path_buf();
@@ -1459,6 +1485,7 @@ mod tests {
             txn.open_table(META).unwrap().insert(FORMAT, &1u64.to_be_bytes()[..]).unwrap();
             assert!(txn.delete_table(BLOCKS).unwrap(), "format 1 had no blocks table");
             assert!(txn.delete_table(PINS).unwrap(), "nor a pins table");
+            assert!(txn.delete_table(REPORTS).unwrap(), "nor a reports table");
             txn.commit().unwrap();
         }
         let store = RedbStore::open(&path).unwrap();

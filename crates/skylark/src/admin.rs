@@ -58,6 +58,8 @@ pub enum AdminCommand {
     },
     /// The banned numbers.
     Bans,
+    /// Conversations users reported, newest first.
+    Reports,
     /// Send a test SMS through the server's SMS provider.
     TestSms {
         /// The phone number in international form.
@@ -197,6 +199,32 @@ pub async fn run(args: &AdminArgs, command: &AdminCommand) -> Result<()> {
                 d["devices_removed"],
                 d["groups_left"]
             );
+        }
+        AdminCommand::Reports => {
+            let reports: Value = args.call("GET", "/admin/v1/reports", None).await?;
+            let list = reports.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("No reports.");
+            }
+            for r in list {
+                println!(
+                    "#{} {}: {} reported {}{}",
+                    r["id"],
+                    crate::devices::utc(r["at_ms"].as_u64().unwrap_or(0)),
+                    r["reporter"].as_str().unwrap_or("?"),
+                    r["reported"].as_str().unwrap_or("?"),
+                    if r["blocked"].as_bool() == Some(true) { " (and blocked)" } else { "" }
+                );
+                for m in r["messages"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "    {} from {}, {} bytes (message {})",
+                        crate::devices::utc(m["sent_at_ms"].as_u64().unwrap_or(0)),
+                        m["sender"].as_str().unwrap_or("?"),
+                        m["bytes"],
+                        m["seq"]
+                    );
+                }
+            }
         }
         AdminCommand::Unban { phone } => {
             let u: Value = args.call("DELETE", &format!("/admin/v1/bans/{phone}"), None).await?;

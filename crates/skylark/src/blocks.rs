@@ -1,4 +1,5 @@
-//! `skylark block`, `unblock` and `blocked`: the account's block list.
+//! `skylark block`, `unblock` and `blocked`: the account's block list;
+//! `skylark report`: a conversation reported to the operator.
 
 use crate::cli::{TransportArgs, explain};
 use anyhow::Result;
@@ -40,5 +41,32 @@ pub async fn list(profile: &Path, transport: &TransportArgs) -> Result<()> {
     for a in accounts {
         println!("  {:<18} since {}", a.phone, crate::devices::utc(a.since_ms));
     }
+    Ok(())
+}
+
+/// Reports the conversation with `phone` (or group `group`) to the operator.
+pub async fn report(
+    profile: &Path,
+    transport: &TransportArgs,
+    phone: Option<&str>,
+    group: Option<u64>,
+    block: bool,
+) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let (session, _events) =
+        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let done = session.handle().report(phone.unwrap_or_default(), group.unwrap_or(0), block).await;
+    session.close().await;
+    done.map_err(explain)?;
+    let what = match (phone, group) {
+        (Some(phone), _) => format!("your conversation with {phone}"),
+        (None, Some(group)) => format!("group {group}"),
+        (None, None) => "the conversation".to_owned(),
+    };
+    println!(
+        "Reported {what} to the server's operator: the last few messages' times and sizes (not their text) go \
+         with it.{}",
+        if block { " You blocked them too." } else { "" }
+    );
     Ok(())
 }

@@ -170,6 +170,23 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// Report a conversation to the server's operator (the last few
+    /// messages' times and sizes go with it, never their text).
+    Report {
+        /// The other person's phone number.
+        #[arg(required_unless_present = "group")]
+        phone: Option<String>,
+        /// Report this group instead.
+        #[arg(long, conflicts_with = "phone")]
+        group: Option<u64>,
+        /// Block the number too.
+        #[arg(long, conflicts_with = "group")]
+        block: bool,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
     /// List the phone numbers you blocked.
     Blocked {
         #[command(flatten)]
@@ -356,6 +373,9 @@ fn run(args: Args) -> Result<()> {
             runtime.block_on(blocks::set(&profile.dir()?, &transport, &phone, false))
         }
         Command::Blocked { profile, transport } => runtime.block_on(blocks::list(&profile.dir()?, &transport)),
+        Command::Report { phone, group, block, profile, transport } => {
+            runtime.block_on(blocks::report(&profile.dir()?, &transport, phone.as_deref(), group, block))
+        }
         Command::Account { action, profile, transport } => {
             runtime.block_on(account::account(&profile.dir()?, &transport, &action))
         }

@@ -12,7 +12,7 @@
 //! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
 //! | [`blocks`] | `Block`, `ListBlocked` |
 //! | [`pin`] | `SetPin`, `GetPinStatus` |
-//! | [`account`] | `ExportAccount`, `DeleteAccount` |
+//! | [`account`] | `ExportAccount`, `DeleteAccount`, `Report` |
 //!
 //! The session (`session.rs`) owns the connection's state machine and calls
 //! [`answer`] for each request frame; this layer knows nothing of
@@ -161,6 +161,7 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::GetPinStatus(_) => Answer::Now(pin::status(&caller, id).await),
         Body::ExportAccount(_) => Answer::Now(account::export(&caller, id).await),
         Body::DeleteAccount(delete) => Answer::Now(account::delete(&caller, id, delete).await),
+        Body::Report(report) => Answer::Now(account::report(&caller, id, report).await),
         body @ (Body::CreateGroup(_)
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)

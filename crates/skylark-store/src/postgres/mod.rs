@@ -1698,6 +1698,31 @@ impl MetaStore for PgStore {
             })
             .collect()
     }
+
+    async fn add_report(&self, mut report: crate::Report) -> Result<u64, StoreError> {
+        let dir = self.directory().clone();
+        let fail = |e| dir.fail(e);
+        let mut tx = dir.pool.begin().await.map_err(fail)?;
+        report.id = next_id(&mut tx, "report").await.map_err(fail)?;
+        sqlx::query("INSERT INTO reports (id, record) VALUES ($1, $2::jsonb)")
+            .bind(int(report.id)?)
+            .bind(json(&report)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(report.id)
+    }
+
+    async fn reports(&self, limit: usize) -> Result<Vec<crate::Report>, StoreError> {
+        let dir = self.directory();
+        let rows: Vec<String> = sqlx::query_scalar("SELECT record::text FROM reports ORDER BY id DESC LIMIT $1")
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&dir.pool)
+            .await
+            .map_err(|e| dir.fail(e))?;
+        rows.iter().map(|r| from_json(r)).collect()
+    }
 }
 
 impl PgStore {

@@ -125,3 +125,48 @@ async fn an_operator_deletes_an_account_from_the_admin_api() {
     assert!(again.unwrap_err().to_string().contains("no account has"), "a second time: not found");
     assert_eq!(bob.handle().group_info(group.id).await.unwrap().members.len(), 1);
 }
+
+#[tokio::test]
+async fn a_conversation_is_reported_with_metadata_only_and_the_operator_lists_it() {
+    let server = TestServer::start().await;
+    let alice_id = server.register(ALICE).await;
+    let bob_id = server.register(BOB).await;
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let bob = Peer::connect(&server, &bob_id, Transport::Ws).await;
+    for i in 0..7 {
+        bob.handle().send(ALICE, &format!("spam-{i}"), format!("buy now {i}").into_bytes()).await.unwrap();
+    }
+    alice.received(7, true).await;
+    let group = bob.handle().create_group("deals", &[ALICE]).await.unwrap();
+    bob.handle().send_to_group(group.id, "g1", b"group spam".to_vec()).await.unwrap();
+
+    assert_eq!(
+        alice.handle().report(ALICE, 0, false).await.unwrap_err().error_code(),
+        Some(ErrorCode::InvalidArgument)
+    );
+    assert_eq!(
+        alice.handle().report("+15552309999", 0, false).await.unwrap_err().error_code(),
+        Some(ErrorCode::UnknownRecipient)
+    );
+    alice.handle().report(BOB, 0, true).await.unwrap();
+    alice.handle().report("", group.id, false).await.unwrap();
+    assert_eq!(alice.handle().list_blocked().await.unwrap()[0].phone, BOB, "reported and blocked");
+
+    let admin = Api::new(&server.admin_base()).unwrap().with_bearer(ADMIN_TOKEN);
+    let reports: serde_json::Value = admin.call("GET", "/admin/v1/reports", None).await.unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    let (newest, first) = (&reports[0], &reports[1]);
+    assert_eq!(
+        (first["reporter"].as_str(), first["reported"].as_str(), first["blocked"].as_bool()),
+        (Some(ALICE), Some(BOB), Some(true))
+    );
+    let messages = first["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 5, "the last five");
+    assert_eq!(messages[0]["seq"], 7, "newest first");
+    assert!(messages.iter().all(|m| m["sender"] == BOB && m["bytes"].as_u64() == Some(9)));
+    assert!(newest["reported"].as_str().unwrap().contains("deals"), "{newest}");
+    assert_eq!(newest["messages"].as_array().unwrap().len(), 1);
+    let text = serde_json::Value::Array(reports.clone()).to_string();
+    assert!(!text.contains("buy now") && !text.contains("group spam"), "never the text");
+}

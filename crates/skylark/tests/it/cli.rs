@@ -963,6 +963,20 @@ async fn block_and_unblock_from_the_command_line() {
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("you blocked this account") && said.contains("unblock"), "{said}");
 
+    // Reporting: the operator lists it, without text.
+    let out = cli.run("bob", &["report", "+15551900001"]).await;
+    assert!(out.contains("Reported your conversation with +15551900001"), "{out}");
+    let (home, admin_url) = (cli.home().to_owned(), server.admin_base());
+    let listed = tokio::task::spawn_blocking(move || {
+        let args = ["admin", "reports", "--admin", &admin_url, "--token", crate::harness::ADMIN_TOKEN];
+        skylark(&home).args(args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("+15551900002 reported +15551900001"), "{listed}");
+    assert!(listed.contains("from +15551900001") && !listed.contains("before-block"), "{listed}");
+
     let out = cli.run("bob", &["unblock", "+15551900001"]).await;
     assert!(out.contains("Unblocked +15551900001"), "{out}");
     let out = cli.run("bob", &["blocked"]).await;

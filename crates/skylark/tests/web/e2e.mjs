@@ -452,6 +452,15 @@ try {
   await cli("erin", ["send", ALICE, "erin after the unblock"]);
   await alice.waitForSelector("#messages >> text=erin after the unblock");
   assert.equal(await count(alice, "#messages li.msg", "erin while blocked"), 0, "dropped for good");
+  // Alice reports the conversation; the operator sees it, without text.
+  await alice.click("#report");
+  await alice.click("dialog >> button:text-is('Report')");
+  await alice.waitForSelector("#banner >> text=Reported +15553000005");
+  const reports = await (await fetch(`http://127.0.0.1:${adminPort}/admin/v1/reports`,
+    { headers: { authorization: `Bearer ${adminToken()}` } })).json();
+  assert.equal(reports[0].reporter, ALICE);
+  assert.equal(reports[0].reported, "+15553000005");
+  assert.ok(reports[0].messages.length > 0 && !JSON.stringify(reports).includes("erin after"), "metadata only");
 
   // Settings: two-step verification on, then off again; the blocked list
   // (empty again) is there too.
