@@ -29,10 +29,15 @@ pub const METRICS: &[Metric] = &[
     (
         "skylark_connections_total",
         Kind::Counter,
-        "Connections opened, by transport.",
-        Some(("transport", &["tcp", "ws", "ws-json"])),
+        "Connections opened, by transport (with TLS: tcp+tls, wss, wss-json).",
+        Some(("transport", &["tcp", "ws", "ws-json", "tcp+tls", "wss", "wss-json"])),
     ),
-    ("skylark_connections_open", Kind::Gauge, "Connections open now.", None),
+    (
+        "skylark_connections_open",
+        Kind::Gauge,
+        "Connections open now, by transport (with TLS: tcp+tls, wss, wss-json).",
+        Some(("transport", &["tcp", "ws", "ws-json", "tcp+tls", "wss", "wss-json"])),
+    ),
     (
         "skylark_tls_handshakes_total",
         Kind::Counter,

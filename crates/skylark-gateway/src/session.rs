@@ -75,8 +75,15 @@ async fn refuse_bad_input<T: Transport>(t: &mut T, inbound: &Inbound) -> Ending 
 /// authenticated identity boxed, because an async function's arguments are
 /// stored in its state (sometimes twice), which every idle connection pays.
 pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, kind: &'static str) {
+    // By transport and TLS (every connection is TLS when TLS is configured).
+    let kind = match (kind, shared.config.tls.cert_file.is_some()) {
+        ("tcp", true) => "tcp+tls",
+        ("ws", true) => "wss",
+        ("ws-json", true) => "wss-json",
+        (kind, _) => kind,
+    };
     metrics::counter!("skylark_connections_total", "transport" => kind).increment(1);
-    metrics::gauge!("skylark_connections_open").increment(1.0);
+    metrics::gauge!("skylark_connections_open", "transport" => kind).increment(1.0);
     let ending = match Box::pin(handshake(shared, transport)).await {
         Ok(Some(authed)) => serve(shared, transport, authed).await,
         Ok(None) => None,
@@ -86,7 +93,7 @@ pub(crate) async fn run<T: Transport>(shared: &Shared, transport: &mut T, kind: 
         tracing::debug!(code = ?ending.code, reason = %ending.reason, "closing connection");
         transport.close(ending.code, &ending.reason).await;
     }
-    metrics::gauge!("skylark_connections_open").decrement(1.0);
+    metrics::gauge!("skylark_connections_open", "transport" => kind).decrement(1.0);
 }
 
 /// The span a connection's task runs in: everything logged for it carries

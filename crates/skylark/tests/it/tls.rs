@@ -74,6 +74,13 @@ async fn the_sdk_talks_tls_on_every_transport_with_a_trusted_ca() {
     // The JSON mapping over wss, as browsers use it.
     let (b, _) = Session::open(&wss_json, &bob).await.unwrap();
     assert_eq!(b.handle().who_am_i().await.unwrap().phone, "+15554000002");
+    // Counted by transport and TLS.
+    let page = skylark_gateway::metrics_endpoint::render();
+    for transport in ["tcp+tls", "wss", "wss-json"] {
+        let line = format!("skylark_connections_total{{transport=\"{transport}\"}}");
+        let counted = page.lines().find(|l| l.starts_with(&line)).unwrap_or_else(|| panic!("{line} missing"));
+        assert!(!counted.ends_with(" 0"), "{counted}");
+    }
 }
 
 #[tokio::test]
