@@ -335,6 +335,24 @@ impl SessionHandle {
         self.expect_ok(client_frame::Body::Report(v1::Report { phone: phone.into(), group, block })).await
     }
 
+    /// Names the contact `phone` on every device of the account (an empty
+    /// name forgets it).
+    pub async fn set_contact_name(&self, phone: &str, name: &str) -> Result<(), ClientError> {
+        self.expect_ok(client_frame::Body::SetContactName(v1::SetContactName {
+            phone: phone.into(),
+            name: name.into(),
+        }))
+        .await
+    }
+
+    /// The names this account gave its contacts.
+    pub async fn contact_names(&self) -> Result<Vec<v1::ContactName>, ClientError> {
+        match self.request(client_frame::Body::ListContactNames(v1::ListContactNames {})).await? {
+            server_frame::Body::ContactNames(list) => Ok(list.contacts),
+            other => Err(ClientError::Protocol(format!("expected ContactNames, got {other:?}"))),
+        }
+    }
+
     /// Registers (or with `None`, removes) this device's push target.
     pub async fn register_push(&self, target: Option<v1::register_push::Target>) -> Result<(), ClientError> {
         self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await

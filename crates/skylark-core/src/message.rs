@@ -61,6 +61,9 @@ pub enum LogEntry {
     /// The account blocked `peer` (or unblocked it, `blocked: false`);
     /// every device is told, so all show the same block list.
     Block { peer: AccountId, blocked: bool, at_ms: u64 },
+    /// The account named `peer` in its contacts (empty: the name was
+    /// removed); every device is told, so all show the same names.
+    ContactName { peer: AccountId, name: String, at_ms: u64 },
     /// An event of a group: in the group's own log, and in the log of
     /// every account that was a member when it happened. Shared, because
     /// one event goes to every member.
@@ -83,7 +86,8 @@ impl LogEntry {
             LogEntry::Receipt { at_ms, .. }
             | LogEntry::ReadSync { at_ms, .. }
             | LogEntry::Devices { at_ms, .. }
-            | LogEntry::Block { at_ms, .. } => *at_ms,
+            | LogEntry::Block { at_ms, .. }
+            | LogEntry::ContactName { at_ms, .. } => *at_ms,
             LogEntry::Group(e) => e.at_ms,
         }
     }

@@ -18,6 +18,7 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         MessagingError::InvalidRecipient(_)
         | MessagingError::InvalidClientId
         | MessagingError::CommitOutsideGroup
+        | MessagingError::InvalidName
         | MessagingError::UnknownAccount => ErrorCode::InvalidArgument,
         MessagingError::UnknownRecipient => ErrorCode::UnknownRecipient,
         MessagingError::YouBlocked => ErrorCode::Blocked,
@@ -190,6 +191,11 @@ pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> Result
             peer_phone: phone(router, *peer).await?,
             up_to_seq: *up_to,
             at_ms: *at_ms,
+        }),
+        LogEntry::ContactName { peer, name, .. } => event::Body::ContactName(v1::ContactNameChange {
+            peer: peer.0,
+            peer_phone: phone(router, *peer).await?,
+            name: name.clone(),
         }),
         LogEntry::Block { peer, blocked, .. } => event::Body::BlockChange(v1::BlockChange {
             peer: peer.0,

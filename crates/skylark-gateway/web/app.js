@@ -51,6 +51,7 @@ const state = {
   wake: null, // ends the pause between two background history pages
   muted: new Set(), // chat keys whose messages raise no notification (kept in the local store)
   blocked: new Set(), // phone numbers this account blocked (from the server, kept current by the log)
+  names: new Map(), // phone → the name this account gave that contact (synced across its devices)
   pushOn: false, // this session registered the browser's push subscription
   ackTimer: null,
   arrived: [], // live events to keep and acknowledge
@@ -494,6 +495,7 @@ async function signedOut(why) {
   state.loggingOut = false;
   state.deletingAccount = false;
   state.blocked = new Set();
+  state.names = new Map();
   const device = state.me && state.me.deviceId;
   await forgetIdentity();
   if (state.local) state.local.close();
@@ -523,6 +525,7 @@ async function afterConnect(session) {
     keep([], { groups: list.groupList.groups || [] });
     await catchUp(session);
     await refreshBlocked(session);
+    await refreshNames(session);
     await subscribePresence();
     session.request({ setActive: { active: document.visibilityState === "visible" } }).catch(() => {});
   } catch (err) {
@@ -679,6 +682,11 @@ function apply(event, live) {
     c.readByMe = Math.max(c.readByMe, Number(r.upToSeq || 0));
   } else if (event.group) applyGroup(event.group, seq, live);
   else if (event.blockChange) applyBlock(event.blockChange, seq);
+  else if (event.contactName) {
+    const n = event.contactName;
+    if (n.name) state.names.set(n.peerPhone, n.name);
+    else state.names.delete(n.peerPhone);
+  }
   else if (event.deviceChange && panelShows === "devices") showDevices();
   if (live) renderAll();
 }
@@ -727,6 +735,20 @@ function applyBlock(b, order) {
 async function refreshBlocked(session) {
   const r = await session.request({ listBlocked: {} });
   state.blocked = new Set((r.blockedList.accounts || []).map((a) => a.phone));
+}
+
+/// What a chat is called: the name given to its person, else its title
+/// (their number, or the group's subject).
+function titleOf(c) {
+  const phone = peerPhoneOf(c);
+  const name = phone && state.names.get(phone);
+  return name ? `${name} (${phone})` : c.title;
+}
+
+/// The names this account gave its contacts, as the server has them.
+async function refreshNames(session) {
+  const r = await session.request({ listContactNames: {} });
+  state.names = new Map((r.contactNames.contacts || []).map((c) => [c.phone, c.name]));
 }
 
 /// The other person's number of a 1:1 chat (plain or encrypted), else null.
@@ -984,6 +1006,29 @@ $("block").addEventListener("click", () => {
     h("p", {}, h("button", { type: "button", class: "danger", onclick: () => setBlocked(phone, true) }, "Block")));
 });
 
+$("name-contact").addEventListener("click", () => {
+  const phone = peerPhoneOf(state.chats.get(state.open));
+  if (!phone) return;
+  const name = h("input", { value: state.names.get(phone) || "", maxlength: "64", "aria-label": "Contact name", placeholder: "Name" });
+  panel("name-contact", h("h2", {}, `Name ${phone}`),
+    h("p", { class: "muted" }, "Shown instead of the number on all your devices. Leave it empty to show the number."),
+    h("form", {
+      onsubmit: (e) => {
+        e.preventDefault();
+        guarded(async () => {
+          if (!state.session) return say("Not connected; try again once this browser is back online.");
+          const value = name.value.trim();
+          await state.session.request({ setContactName: { phone, name: value } });
+          if (value) state.names.set(phone, value);
+          else state.names.delete(phone);
+          $("panel").close();
+          renderAll();
+        });
+      },
+    }, name, h("button", { type: "submit" }, "Save")));
+  name.focus();
+});
+
 $("report").addEventListener("click", () => {
   const c = state.chats.get(state.open);
   if (!c) return;
@@ -1093,7 +1138,7 @@ function renderList() {
     chats = chats.filter((c) => {
       const m = found(c, query);
       if (m) hits.set(c.key, m);
-      return m || c.title.toLowerCase().includes(query);
+      return m || titleOf(c).toLowerCase().includes(query);
     });
   }
   list.replaceChildren(...chats.map((c) => {
@@ -1103,7 +1148,7 @@ function renderList() {
       class: `chat${state.open === c.key ? " open" : ""}`, "data-chat": c.key,
     }, h("button", { type: "button", class: "row", "aria-current": state.open === c.key ? "true" : null, onclick: () => openChat(c.key) },
       avatar(c),
-      h("span", { class: "name" }, c.locked ? icon("lock", "end-to-end encrypted") : null, c.title),
+      h("span", { class: "name" }, c.locked ? icon("lock", "end-to-end encrypted") : null, titleOf(c)),
       h("span", { class: "time" }, c.lastAt ? listTime(c.lastAt) : ""),
       h("span", { class: "preview" }, hit ? `${hit.mine ? "You: " : ""}${hit.text}` : preview(c)),
       n ? h("span", { class: `badge${state.muted.has(c.key) ? " muted" : ""}` }, String(n)) : h("span"),
@@ -1117,6 +1162,7 @@ function renderHeader() {
   $("mute").hidden = !c;
   const blockable = peerPhoneOf(c);
   $("block").hidden = !blockable;
+  $("name-contact").hidden = !blockable;
   $("report").hidden = !c || (!blockable && c.kind !== "group");
   if (blockable) $("block").textContent = state.blocked.has(blockable) ? "Unblock" : "Block";
   if (c) {
@@ -1129,7 +1175,7 @@ function renderHeader() {
     $("chat-status").textContent = "";
     return;
   }
-  $("chat-title").replaceChildren(c.locked ? icon("lock", "end-to-end encrypted") : "", c.title);
+  $("chat-title").replaceChildren(c.locked ? icon("lock", "end-to-end encrypted") : "", titleOf(c));
   let status = "";
   if (c.kind === "group") {
     const info = state.groups.get(c.group);

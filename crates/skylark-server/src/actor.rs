@@ -169,6 +169,12 @@ pub(crate) enum Msg {
         change: Box<DeviceChange>,
         reply: oneshot::Sender<Result<(), MessagingError>>,
     },
+    /// The account named a contact (the store already says so).
+    ContactName {
+        /// Boxed to keep `Msg` small; names are rare.
+        change: Box<(AccountId, String)>,
+        reply: oneshot::Sender<Result<(), MessagingError>>,
+    },
     /// The account was deleted (the store is told next).
     Deleted {
         reply: oneshot::Sender<Result<(), MessagingError>>,
@@ -429,6 +435,10 @@ fn split(msg: Msg) -> (Input, Reply) {
         Msg::DeviceChange { change, reply } => (Input::DeviceChange(*change), Reply::Done(reply)),
         Msg::Block { peer, blocked, reply } => (Input::Block { peer, blocked }, Reply::Done(reply)),
         Msg::Deleted { reply } => (Input::Deleted, Reply::Done(reply)),
+        Msg::ContactName { change, reply } => {
+            let (peer, name) = *change;
+            (Input::ContactName { peer, name }, Reply::Done(reply))
+        }
     }
 }
 

@@ -136,6 +136,8 @@ pub enum MessagingError {
     CommitOutsideGroup,
     #[error("no such account")]
     UnknownAccount,
+    #[error("a contact's name is 1 to 64 characters, without control characters")]
+    InvalidName,
     /// The sender blocked the recipient (only the blocker is told).
     #[error("you blocked this account; unblock it to send it messages")]
     YouBlocked,

@@ -39,6 +39,9 @@ impl std::fmt::Debug for Router {
     }
 }
 
+/// The longest name a contact can be given.
+pub const MAX_CONTACT_NAME_CHARS: usize = 64;
+
 fn gone() -> MessagingError {
     MessagingError::ShuttingDown
 }
@@ -265,6 +268,35 @@ impl Router {
     /// The accounts `account` blocked, with since when.
     pub async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, MessagingError> {
         Ok(self.ctx().store.blocked(account).await?)
+    }
+
+    /// `account` names `peer` in its contacts (`name` empty: forgets the
+    /// name). Stored first, then recorded in the account's log so every
+    /// device shows it; the receiver yields once that entry is durable.
+    /// Names are 1 to 64 characters, without control characters.
+    pub async fn set_contact_name(
+        &self,
+        account: AccountId,
+        peer: AccountId,
+        name: &str,
+    ) -> Result<oneshot::Receiver<Result<(), MessagingError>>, MessagingError> {
+        if peer == account || peer.is_group() {
+            return Err(MessagingError::UnknownAccount);
+        }
+        let name = name.trim();
+        if name.chars().count() > MAX_CONTACT_NAME_CHARS || name.chars().any(char::is_control) {
+            return Err(MessagingError::InvalidName);
+        }
+        let stored = (!name.is_empty()).then(|| name.to_owned());
+        self.ctx().store.set_contact_name(account, peer, stored).await?;
+        let (reply, answer) = oneshot::channel();
+        self.tell(account, Msg::ContactName { change: Box::new((peer, name.to_owned())), reply }).await?;
+        Ok(answer)
+    }
+
+    /// The names `account` gave its contacts.
+    pub async fn contact_names(&self, account: AccountId) -> Result<Vec<(AccountId, String)>, MessagingError> {
+        Ok(self.ctx().store.contact_names(account).await?)
     }
 
     /// Tells the account's actor that the account is being deleted: from

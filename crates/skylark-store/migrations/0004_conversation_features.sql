@@ -1,5 +1,5 @@
--- Version 4: block lists and two-step verification PINs, each on the
--- account's shard beside its settings; users' reports, on the directory
+-- Version 4: block lists, contact names and two-step verification PINs,
+-- each on the account's shard beside its settings; users' reports, on the directory
 -- shard. A `blocks` row means `account`
 -- blocked `peer` since `at_ms`; a `pins` row holds the account's PIN record
 -- (an Argon2id hash, never the PIN, and the count of wrong guesses).
@@ -7,6 +7,14 @@ CREATE TABLE blocks (
     account int8 NOT NULL,
     peer    int8 NOT NULL,
     at_ms   int8 NOT NULL,
+    PRIMARY KEY (account, peer)
+);
+
+-- The names an account gave its contacts (synced to its devices).
+CREATE TABLE contact_names (
+    account int8 NOT NULL,
+    peer    int8 NOT NULL,
+    name    text NOT NULL,
     PRIMARY KEY (account, peer)
 );
 

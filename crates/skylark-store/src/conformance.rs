@@ -26,6 +26,22 @@ pub async fn run_all(store: &dyn Store) {
     pins(store).await;
     account_deletion(store).await;
     reports(store).await;
+    contact_names(store).await;
+}
+
+/// Contact names: per account, in peer order, replaced, removed.
+async fn contact_names(store: &dyn Store) {
+    use skylark_core::AccountId;
+    let (a, b, c) = (AccountId(7_200), AccountId(7_201), AccountId(7_202));
+    assert!(store.contact_names(a).await.expect("list").is_empty());
+    store.set_contact_name(a, c, Some("Cleo".into())).await.expect("name");
+    store.set_contact_name(a, b, Some("Bo".into())).await.expect("name");
+    store.set_contact_name(a, b, Some("Bo Li".into())).await.expect("rename");
+    assert_eq!(store.contact_names(a).await.expect("list"), vec![(b, "Bo Li".into()), (c, "Cleo".into())]);
+    assert!(store.contact_names(b).await.expect("list").is_empty(), "per account");
+    store.set_contact_name(a, b, None).await.expect("forget");
+    store.set_contact_name(a, b, None).await.expect("forgetting twice is fine");
+    assert_eq!(store.contact_names(a).await.expect("list"), vec![(c, "Cleo".into())]);
 }
 
 /// Reports: numbered by the store, listed newest first.
@@ -77,6 +93,7 @@ async fn account_deletion(store: &dyn Store) {
     store.set_visibility(a, Visibility::Nobody).await.expect("settings");
     store.set_pin(a, Some(PinRecord::new("h".into(), 1))).await.expect("pin");
     store.set_block(a, b, Some(1)).await.expect("block");
+    store.set_contact_name(a, b, Some("B".into())).await.expect("name");
     store.set_push_target(second.id, Some(PushTarget::Webhook { token: "t".into() })).await.expect("push");
     store.put_key_packages(second.id, vec![bytes::Bytes::from_static(b"kp")], None, 10).await.expect("keys").ok();
 
@@ -94,6 +111,7 @@ async fn account_deletion(store: &dyn Store) {
     assert_eq!(store.visibility(a).await.expect("read"), Visibility::Everyone);
     assert_eq!(store.pin(a).await.expect("read"), None);
     assert!(store.blocked(a).await.expect("read").is_empty());
+    assert!(store.contact_names(a).await.expect("read").is_empty());
     assert_eq!(store.read_log(b, 1, 10).await.expect("read").len(), 1, "others keep theirs");
     assert_eq!(store.delete_account(a, 60).await.expect("delete"), None, "once");
     // The number signs up again as a new account.

@@ -140,6 +140,12 @@ const TABLES: &[Table] = &[
     Table { name: "contacts", columns: &[("account", Int), ("peer", Int)], shard_by: Some(0), filter: "" },
     Table { name: "settings", columns: &[("account", Int), ("visibility", Json)], shard_by: Some(0), filter: "" },
     Table { name: "pins", columns: &[("account", Int), ("record", Json)], shard_by: Some(0), filter: "" },
+    Table {
+        name: "contact_names",
+        columns: &[("account", Int), ("peer", Int), ("name", Text)],
+        shard_by: Some(0),
+        filter: "",
+    },
     Table { name: "reports", columns: &[("id", Int), ("record", Json)], shard_by: None, filter: "" },
     Table {
         name: "blocks",
@@ -420,6 +426,15 @@ pub async fn redb_to_postgres(
     }
     for (account, raw) in json_rows(&txn, redb_store::PINS)? {
         pending.push(index_of("pins"), vec![int(account)?, canonical_json(&raw)?]).await?;
+    }
+    {
+        let table = txn.open_table(redb_store::CONTACT_NAMES)?;
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let (account, peer) = k.value();
+            let row = vec![int(account)?, int(peer)?, Value::Text(v.value().to_owned())];
+            pending.push(index_of("contact_names"), row).await?;
+        }
     }
     for (id, raw) in json_rows(&txn, redb_store::REPORTS)? {
         pending.push(index_of("reports"), vec![int(id)?, canonical_json(&raw)?]).await?;

@@ -222,6 +222,16 @@ pub trait SettingsStore: Send + Sync {
     async fn set_block(&self, account: AccountId, peer: AccountId, at_ms: Option<u64>) -> Result<(), StoreError>;
     /// The accounts `account` blocked, with since when, in account id order.
     async fn blocked(&self, account: AccountId) -> Result<Vec<(AccountId, u64)>, StoreError>;
+    /// Names `peer` in `account`'s contacts (`None` removes the name).
+    /// Durable when it returns.
+    async fn set_contact_name(
+        &self,
+        account: AccountId,
+        peer: AccountId,
+        name: Option<String>,
+    ) -> Result<(), StoreError>;
+    /// The names `account` gave its contacts, in peer id order.
+    async fn contact_names(&self, account: AccountId) -> Result<Vec<(AccountId, String)>, StoreError>;
     /// The account's two-step verification PIN (its hash and guess count).
     async fn pin(&self, account: AccountId) -> Result<Option<skylark_core::pin::PinRecord>, StoreError>;
     /// Sets (or with `None`, removes) the account's PIN record. Durable when it returns.

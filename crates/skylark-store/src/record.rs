@@ -22,6 +22,7 @@ const TAG_DEVICE_RENAMED: u8 = 5;
 const TAG_DEVICE_REMOVED: u8 = 6;
 const TAG_GROUP: u8 = 7;
 const TAG_BLOCK: u8 = 8;
+const TAG_CONTACT_NAME: u8 = 9;
 const TAG_FORWARD_MESSAGE: u8 = 11;
 const TAG_FORWARD_RECEIPT: u8 = 12;
 /// A group's forward of one of its own events: a reference into the
@@ -317,6 +318,12 @@ pub fn encode_entry(entry: &LogEntry) -> Vec<u8> {
             w.u8(u8::from(*blocked));
             w.u64(*at_ms);
         }
+        LogEntry::ContactName { peer, name, at_ms } => {
+            w.u8(TAG_CONTACT_NAME);
+            w.u64(peer.0);
+            w.bytes(name.as_bytes());
+            w.u64(*at_ms);
+        }
         LogEntry::Group(e) => {
             w.u8(TAG_GROUP);
             write_group(&mut w, e);
@@ -357,6 +364,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
             };
             LogEntry::Block { peer, blocked, at_ms: r.u64()? }
         }
+        TAG_CONTACT_NAME => LogEntry::ContactName { peer: AccountId(r.u64()?), name: r.string()?, at_ms: r.u64()? },
         _ => return Err(corrupt("unknown log entry tag")),
     };
     r.finish()?;
@@ -450,6 +458,8 @@ mod tests {
             LogEntry::Devices { change: DeviceChange::Removed { device: DeviceId(5) }, at_ms: 9 },
             LogEntry::Block { peer: AccountId(12), blocked: true, at_ms: 10 },
             LogEntry::Block { peer: AccountId(12), blocked: false, at_ms: 11 },
+            LogEntry::ContactName { peer: AccountId(12), name: "Ana María".into(), at_ms: 12 },
+            LogEntry::ContactName { peer: AccountId(12), name: String::new(), at_ms: 13 },
         ]
         .into_iter()
         .chain(group_events().into_iter().map(LogEntry::Group))

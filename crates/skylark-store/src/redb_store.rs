@@ -63,6 +63,8 @@ pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::ne
 pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
 /// (account, peer) → when the account blocked the peer.
 pub(crate) const BLOCKS: TableDefinition<(u64, u64), u64> = TableDefinition::new("blocks");
+/// (account, peer) → the name the account gave that contact.
+pub(crate) const CONTACT_NAMES: TableDefinition<(u64, u64), &str> = TableDefinition::new("contact_names");
 /// account → its two-step verification PIN record (JSON).
 pub(crate) const PINS: TableDefinition<u64, &[u8]> = TableDefinition::new("pins");
 /// report id → a user's report of a conversation (JSON).
@@ -167,6 +169,7 @@ macro_rules! every_table {
             SETTINGS,
             BLOCKS,
             PINS,
+            CONTACT_NAMES,
             REPORTS,
             PUSH,
             KEY_PACKAGES,
@@ -306,8 +309,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// The layout of the stored tables and records, kept in `meta` under
 /// `format`. A binary refuses a store of a newer format and upgrades an
 /// older one in `init`. Stores written before the version was recorded are
-/// format 1; format 2 added the `blocks`, `pins` and `reports` tables and the
-/// block log entry (the upgrade from 1 creates the tables, as for a new store).
+/// format 1; format 2 added the `blocks`, `pins`, `reports` and
+/// `contact_names` tables and the block and contact-name log entries (the
+/// upgrade from 1 creates the tables, as for a new store).
 pub const FORMAT_VERSION: u64 = 2;
 const FORMAT: &str = "format";
 /// `meta` keys of banned numbers: this prefix, then the number.
@@ -408,6 +412,7 @@ impl RedbStore {
         txn.open_table(BLOCKS)?;
         txn.open_table(PINS)?;
         txn.open_table(REPORTS)?;
+        txn.open_table(CONTACT_NAMES)?;
         txn.open_table(PUSH)?;
         txn.open_table(KEY_PACKAGES)?;
         txn.open_table(LAST_RESORT_KEYS)?;
@@ -832,7 +837,8 @@ impl AccountStore for RedbStore {
             txn.open_table(INBOUND)?.retain_in(pairs.clone(), |_, _| false)?;
             txn.open_table(CURSORS)?.retain_in(pairs.clone(), |_, _| false)?;
             txn.open_table(CONTACTS)?.retain_in(pairs.clone(), |_, _| false)?;
-            txn.open_table(BLOCKS)?.retain_in(pairs, |_, _| false)?;
+            txn.open_table(BLOCKS)?.retain_in(pairs.clone(), |_, _| false)?;
+            txn.open_table(CONTACT_NAMES)?.retain_in(pairs, |_, _| false)?;
             txn.open_table(RECEIPTS)?.retain_in((a, 0, 0)..(a + 1, 0, 0), |_, _| false)?;
             txn.open_table(CLIENT_IDS)?.retain_in((a, 0, "")..(a + 1, 0, ""), |_, _| false)?;
             txn.open_table(SETTINGS)?.remove(a)?;
@@ -973,6 +979,36 @@ impl SettingsStore for RedbStore {
             Ok(())
         })
         .await
+    }
+
+    async fn set_contact_name(
+        &self,
+        account: AccountId,
+        peer: AccountId,
+        name: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            let mut table = txn.open_table(CONTACT_NAMES)?;
+            match name {
+                Some(name) => table.insert((account.0, peer.0), name.as_str())?,
+                None => table.remove((account.0, peer.0))?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn contact_names(&self, account: AccountId) -> Result<Vec<(AccountId, String)>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(CONTACT_NAMES)?;
+            let mut out = Vec::new();
+            for row in table.range((account.0, 0)..=(account.0, u64::MAX))? {
+                let (k, v) = row?;
+                out.push((AccountId(k.value().1), v.value().to_owned()));
+            }
+            Ok(out)
+        })
     }
 
     async fn pin(&self, account: AccountId) -> Result<Option<skylark_core::pin::PinRecord>, StoreError> {
@@ -1486,6 +1522,7 @@ mod tests {
             assert!(txn.delete_table(BLOCKS).unwrap(), "format 1 had no blocks table");
             assert!(txn.delete_table(PINS).unwrap(), "nor a pins table");
             assert!(txn.delete_table(REPORTS).unwrap(), "nor a reports table");
+            assert!(txn.delete_table(CONTACT_NAMES).unwrap(), "nor contact names");
             txn.commit().unwrap();
         }
         let store = RedbStore::open(&path).unwrap();

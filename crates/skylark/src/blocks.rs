@@ -1,5 +1,6 @@
 //! `skylark block`, `unblock` and `blocked`: the account's block list;
-//! `skylark report`: a conversation reported to the operator.
+//! `skylark report`: a conversation reported to the operator; `skylark
+//! contact` and `contacts`: the names the account gives its contacts.
 
 use crate::cli::{TransportArgs, explain};
 use anyhow::Result;
@@ -68,5 +69,38 @@ pub async fn report(
          with it.{}",
         if block { " You blocked them too." } else { "" }
     );
+    Ok(())
+}
+
+/// Names the contact `phone` (or, `name` empty, forgets the name).
+pub async fn name(profile: &Path, transport: &TransportArgs, phone: &str, name: &str) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let (session, _events) =
+        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let done = session.handle().set_contact_name(phone, name).await;
+    session.close().await;
+    done.map_err(explain)?;
+    if name.trim().is_empty() {
+        println!("{phone} has no name any more, on all your devices.");
+    } else {
+        println!("{phone} is \"{}\" on all your devices.", name.trim());
+    }
+    Ok(())
+}
+
+/// Lists the names the account gave its contacts.
+pub async fn names(profile: &Path, transport: &TransportArgs) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let (session, _events) =
+        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let listed = session.handle().contact_names().await;
+    session.close().await;
+    let contacts = listed.map_err(explain)?;
+    if contacts.is_empty() {
+        println!("No contact has a name yet: `skylark contact +NUMBER NAME` gives one.");
+    }
+    for c in contacts {
+        println!("  {:<18} {}", c.phone, c.name);
+    }
     Ok(())
 }

@@ -222,6 +222,16 @@ fn describe(
                 Change::Removed(id) => format!("(device {id} was removed from your account)"),
             })
         }
+        Body::ContactName(n) => {
+            if only.is_some_and(|o| o != n.peer_phone) {
+                return None;
+            }
+            Some(if n.name.is_empty() {
+                format!("(you removed the name of {})", n.peer_phone)
+            } else {
+                format!("(you named {} \"{}\")", n.peer_phone, n.name)
+            })
+        }
         Body::BlockChange(b) => {
             if only.is_some_and(|o| o != b.peer_phone) {
                 return None;
@@ -599,10 +609,18 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
     }
     let mut pending: std::collections::VecDeque<ClientEvent> =
         crypto.take_read().into_iter().map(ClientEvent::Frame).collect();
+    // The name this account gave them, if any.
+    let named = match &peer {
+        Peer::Phone(p) => {
+            let names = client.connected().await.map_err(explain)?.contact_names().await.map_err(explain)?;
+            names.into_iter().find(|c| &c.phone == p).map(|c| format!("{} ({p})", c.name)).unwrap_or_else(|| p.clone())
+        }
+        Peer::Group(_) => String::new(),
+    };
     let title = match (&peer, direct) {
-        (Peer::Phone(p), Some(_)) => format!("{p} (🔒 end-to-end encrypted)"),
-        (Peer::Phone(p), None) => {
-            format!("{p} (not end-to-end encrypted: a device of yours or theirs cannot encrypt yet)")
+        (Peer::Phone(_), Some(_)) => format!("{named} (🔒 end-to-end encrypted)"),
+        (Peer::Phone(_), None) => {
+            format!("{named} (not end-to-end encrypted: a device of yours or theirs cannot encrypt yet)")
         }
         (Peer::Group(g), _) => match client.connected().await.map_err(explain)?.group_info(*g).await {
             Ok(info) => format!("group \"{}\" ({g})", info.subject),

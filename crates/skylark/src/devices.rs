@@ -85,7 +85,10 @@ async fn open(profile: &Path, transport: &TransportArgs) -> Result<(Identity, Se
 pub async fn approve(profile: &Path, transport: &TransportArgs, code: &str) -> Result<()> {
     let (identity, session) = open(profile, transport).await?;
     let device = session.handle().approve_link(code).await.map_err(explain)?;
-    println!("Approved: device {} ({}) now belongs to {}.", device.id, device.name, identity.phone);
+    println!(
+        "Approved: device {} \"{}\" now belongs to {}. Not yours? Remove it at once: skylark devices remove {}",
+        device.id, device.name, identity.phone, device.id
+    );
     session.close().await;
     Ok(())
 }

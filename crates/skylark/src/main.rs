@@ -187,6 +187,29 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
+    /// Give a phone number a name, shown on all your devices (`--forget`
+    /// removes it).
+    Contact {
+        /// Their phone number.
+        phone: String,
+        /// The name to show for them.
+        #[arg(required_unless_present = "forget")]
+        name: Option<String>,
+        /// Remove the name.
+        #[arg(long, conflicts_with = "name")]
+        forget: bool,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// The names you gave your contacts.
+    Contacts {
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
     /// List the phone numbers you blocked.
     Blocked {
         #[command(flatten)]
@@ -373,6 +396,10 @@ fn run(args: Args) -> Result<()> {
             runtime.block_on(blocks::set(&profile.dir()?, &transport, &phone, false))
         }
         Command::Blocked { profile, transport } => runtime.block_on(blocks::list(&profile.dir()?, &transport)),
+        Command::Contact { phone, name, forget: _, profile, transport } => {
+            runtime.block_on(blocks::name(&profile.dir()?, &transport, &phone, name.as_deref().unwrap_or("")))
+        }
+        Command::Contacts { profile, transport } => runtime.block_on(blocks::names(&profile.dir()?, &transport)),
         Command::Report { phone, group, block, profile, transport } => {
             runtime.block_on(blocks::report(&profile.dir()?, &transport, phone.as_deref(), group, block))
         }

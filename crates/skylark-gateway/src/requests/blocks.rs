@@ -1,4 +1,5 @@
-//! Blocking: `Block` and `ListBlocked`. The rules live in the router
+//! Blocking (`Block`, `ListBlocked`) and contact names (`SetContactName`,
+//! `ListContactNames`): the account's own view of other accounts. The rules live in the router
 //! (`Router::block`); here numbers become accounts and back.
 
 use super::{Answer, Caller, error, messaging_error, reply, unavailable};
@@ -61,4 +62,51 @@ pub(super) async fn list(caller: &Caller<'_>, id: u64) -> ServerFrame {
         accounts.push(v1::BlockedAccount { account: account.0, phone, since_ms });
     }
     reply(id, server_frame::Body::BlockedList(v1::BlockedList { accounts }))
+}
+
+pub(super) async fn set_name(caller: &Caller<'_>, id: u64, set: v1::SetContactName) -> Answer {
+    let router = &caller.shared.server.router;
+    let me = caller.authed.account.id;
+    if let Err(e) = router.charge_group_change(caller.authed.device.id) {
+        return Answer::Now(messaging_error(id, &e));
+    }
+    let peer = match PhoneNumber::parse(&set.phone) {
+        Ok(phone) => match router.directory().account(&phone).await {
+            Ok(Some(peer)) => peer,
+            Ok(None) => return Answer::Now(messaging_error(id, &MessagingError::UnknownRecipient)),
+            Err(e) => return Answer::Now(unavailable(id, &e)),
+        },
+        Err(e) => return Answer::Now(messaging_error(id, &MessagingError::InvalidRecipient(e))),
+    };
+    if peer == me {
+        return Answer::Now(error(id, ErrorCode::InvalidArgument, "your own number has no contact name"));
+    }
+    match router.set_contact_name(me, peer, &set.name).await {
+        Ok(durable) => Answer::Later(Box::pin(async move {
+            match durable.await {
+                Ok(Ok(())) => super::ok(id),
+                Ok(Err(e)) => messaging_error(id, &e),
+                Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
+            }
+        })),
+        Err(e) => Answer::Now(messaging_error(id, &e)),
+    }
+}
+
+pub(super) async fn names(caller: &Caller<'_>, id: u64) -> ServerFrame {
+    let router = &caller.shared.server.router;
+    let names = match router.contact_names(caller.authed.account.id).await {
+        Ok(names) => names,
+        Err(e) => return messaging_error(id, &e),
+    };
+    let mut contacts = Vec::with_capacity(names.len());
+    for (account, name) in names {
+        match router.directory().phone(account).await {
+            // A deleted contact's name has no number left to show.
+            Ok(Some(phone)) => contacts.push(v1::ContactName { account: account.0, phone: phone.to_string(), name }),
+            Ok(None) => {}
+            Err(e) => return unavailable(id, &e),
+        }
+    }
+    reply(id, server_frame::Body::ContactNames(v1::ContactNames { contacts }))
 }

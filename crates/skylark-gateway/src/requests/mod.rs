@@ -10,7 +10,7 @@
 //! | [`push`] | `RegisterPush` |
 //! | [`groups`] | `CreateGroup`, `ChangeGroup`, `GetGroup`, `ListGroups`, `GetMessageInfo`, `OpenDirect` |
 //! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
-//! | [`blocks`] | `Block`, `ListBlocked` |
+//! | [`blocks`] | `Block`, `ListBlocked`, `SetContactName`, `ListContactNames` |
 //! | [`pin`] | `SetPin`, `GetPinStatus` |
 //! | [`account`] | `ExportAccount`, `DeleteAccount`, `Report` |
 //!
@@ -157,6 +157,8 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::ClaimKeyPackages(claim) => Answer::Now(keys::claim(&caller, id, claim).await),
         Body::Block(block) => blocks::block(&caller, id, block).await,
         Body::ListBlocked(_) => Answer::Now(blocks::list(&caller, id).await),
+        Body::SetContactName(set) => blocks::set_name(&caller, id, set).await,
+        Body::ListContactNames(_) => Answer::Now(blocks::names(&caller, id).await),
         Body::SetPin(set) => Answer::Now(pin::set(&caller, id, set).await),
         Body::GetPinStatus(_) => Answer::Now(pin::status(&caller, id).await),
         Body::ExportAccount(_) => Answer::Now(account::export(&caller, id).await),

@@ -112,6 +112,12 @@ pub(crate) enum Input {
     /// The account was deleted (user actors): from now on whatever arrives
     /// for it is taken and dropped.
     Deleted,
+    /// The account named (or, empty, unnamed) a contact; the store already
+    /// holds it. Recorded in the log for its devices.
+    ContactName {
+        peer: AccountId,
+        name: String,
+    },
 }
 
 /// An answer to one input.
@@ -676,6 +682,10 @@ impl Machine {
                     self.cleanup.cursors.retain(|(d, _)| d != device);
                 }
                 self.log.append(&mut fx.write, LogEntry::Devices { change, at_ms: now_ms });
+                Outcome::Later(Answer::Done)
+            }
+            Input::ContactName { peer, name } => {
+                self.log.append(&mut fx.write, LogEntry::ContactName { peer, name, at_ms: now_ms });
                 Outcome::Later(Answer::Done)
             }
             Input::Deleted => {

@@ -588,6 +588,13 @@ impl Cluster {
                 })
                 .await
             }
+            Msg::ContactName { change, reply } => {
+                let (peer, name) = *change;
+                self.ask(node, Mail::ContactName { account, peer, name }, move |a| {
+                    let _ = reply.send(answer_as(a, Answer::into_done));
+                })
+                .await
+            }
             Msg::Deleted { reply } => {
                 self.ask(node, Mail::Deleted { account }, move |a| {
                     let _ = reply.send(answer_as(a, Answer::into_done));
@@ -665,6 +672,13 @@ impl Cluster {
             Mail::Block { peer, blocked, .. } => {
                 let (tx, rx) = oneshot::channel();
                 (Msg::Block { peer, blocked, reply: tx }, Some(self.relay(rx, |()| Answer::Done)))
+            }
+            Mail::ContactName { peer, name, .. } => {
+                let (tx, rx) = oneshot::channel();
+                (
+                    Msg::ContactName { change: Box::new((peer, name)), reply: tx },
+                    Some(self.relay(rx, |()| Answer::Done)),
+                )
             }
             Mail::Deleted { .. } => {
                 let (tx, rx) = oneshot::channel();

@@ -86,6 +86,11 @@ pub(crate) enum Mail {
     Deleted {
         account: AccountId,
     },
+    ContactName {
+        account: AccountId,
+        peer: AccountId,
+        name: String,
+    },
 }
 
 /// The answer to one piece of mail.
@@ -269,6 +274,13 @@ impl Mail {
                 w.u64(account.0);
                 w.0
             }
+            Mail::ContactName { account, peer, name } => {
+                let mut w = start(12);
+                w.u64(account.0);
+                w.u64(peer.0);
+                w.bytes(name.as_bytes());
+                w.0
+            }
         }
     }
 
@@ -327,6 +339,7 @@ impl Mail {
                 }
             }
             11 => Mail::Deleted { account: AccountId(r.u64()?) },
+            12 => Mail::ContactName { account: AccountId(r.u64()?), peer: AccountId(r.u64()?), name: r.string()? },
             10 => Mail::Block {
                 account: AccountId(r.u64()?),
                 peer: AccountId(r.u64()?),
@@ -352,7 +365,8 @@ impl Mail {
             | Mail::MarkRead { account, .. }
             | Mail::DeviceChange { account, .. }
             | Mail::Block { account, .. }
-            | Mail::Deleted { account } => *account,
+            | Mail::Deleted { account }
+            | Mail::ContactName { account, .. } => *account,
             Mail::Post { group, .. } | Mail::Group { group, .. } => *group,
             Mail::Deliver { to, .. } => *to,
         }
@@ -372,6 +386,7 @@ const E_TOO_LARGE: u8 = 8;
 const E_INVALID_CLIENT_ID: u8 = 9;
 const E_UNREACHABLE: u8 = 10;
 const E_YOU_BLOCKED: u8 = 11;
+const E_INVALID_NAME: u8 = 12;
 
 pub(crate) fn encode_answer(answer: &Result<Answer, MessagingError>) -> Vec<u8> {
     match answer {
@@ -409,6 +424,7 @@ pub(crate) fn encode_answer(answer: &Result<Answer, MessagingError>) -> Vec<u8> 
                 MessagingError::TooLarge { len, max } => (E_TOO_LARGE, *len as u64, max.to_string().into_bytes()),
                 MessagingError::InvalidClientId => (E_INVALID_CLIENT_ID, 0, Vec::new()),
                 MessagingError::YouBlocked => (E_YOU_BLOCKED, 0, Vec::new()),
+                MessagingError::InvalidName => (E_INVALID_NAME, 0, Vec::new()),
                 // Checked at the edge, before any mail: never on the bus.
                 MessagingError::InvalidRecipient(_)
                 | MessagingError::CommitOutsideGroup
@@ -451,6 +467,7 @@ pub(crate) fn decode_answer(bytes: &[u8]) -> Result<Result<Answer, MessagingErro
                 E_INVALID_CLIENT_ID => MessagingError::InvalidClientId,
                 E_UNREACHABLE => MessagingError::NodeUnreachable,
                 E_YOU_BLOCKED => MessagingError::YouBlocked,
+                E_INVALID_NAME => MessagingError::InvalidName,
                 _ => MessagingError::Internal("another node failed to answer"),
             })
         }
@@ -617,6 +634,7 @@ mod tests {
             Mail::Block { account: AccountId(1), peer: AccountId(8), blocked: true },
             Mail::Block { account: AccountId(1), peer: AccountId(8), blocked: false },
             Mail::Deleted { account: AccountId(9) },
+            Mail::ContactName { account: AccountId(9), peer: AccountId(3), name: "Zoë".into() },
         ];
         for mail in mails {
             assert_eq!(Mail::decode(&mail.encode()).unwrap(), mail);

@@ -1164,7 +1164,19 @@ impl AccountStore for PgStore {
         // (nobody can sign in or be written to as it); these only follow.
         let shard = self.conn(account);
         let mut tx = shard.pool.begin().await.map_err(|e| shard.fail(e))?;
-        for table in ["log", "inbound", "cursors", "contacts", "blocks", "receipts", "client_ids", "settings", "pins"] {
+        let tables = [
+            "log",
+            "inbound",
+            "cursors",
+            "contacts",
+            "contact_names",
+            "blocks",
+            "receipts",
+            "client_ids",
+            "settings",
+            "pins",
+        ];
+        for table in tables {
             sqlx::query(&format!("DELETE FROM {table} WHERE account = $1"))
                 .bind(bound(account.0))
                 .execute(&mut *tx)
@@ -1369,6 +1381,40 @@ impl SettingsStore for PgStore {
         };
         query.execute(&shard.pool).await.map_err(|e| shard.fail(e))?;
         Ok(())
+    }
+
+    async fn set_contact_name(
+        &self,
+        account: AccountId,
+        peer: AccountId,
+        name: Option<String>,
+    ) -> Result<(), StoreError> {
+        let shard = self.conn(account);
+        let query = match &name {
+            Some(name) => sqlx::query(
+                "INSERT INTO contact_names (account, peer, name) VALUES ($1, $2, $3) \
+                 ON CONFLICT (account, peer) DO UPDATE SET name = $3",
+            )
+            .bind(int(account.0)?)
+            .bind(int(peer.0)?)
+            .bind(name.as_str()),
+            None => sqlx::query("DELETE FROM contact_names WHERE account = $1 AND peer = $2")
+                .bind(bound(account.0))
+                .bind(bound(peer.0)),
+        };
+        query.execute(&shard.pool).await.map_err(|e| shard.fail(e))?;
+        Ok(())
+    }
+
+    async fn contact_names(&self, account: AccountId) -> Result<Vec<(AccountId, String)>, StoreError> {
+        let shard = self.conn(account);
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT peer, name FROM contact_names WHERE account = $1 ORDER BY peer")
+                .bind(bound(account.0))
+                .fetch_all(&shard.pool)
+                .await
+                .map_err(|e| shard.fail(e))?;
+        Ok(rows.into_iter().map(|(peer, name)| (AccountId(peer as u64), name)).collect())
     }
 
     async fn pin(&self, account: AccountId) -> Result<Option<skylark_core::pin::PinRecord>, StoreError> {

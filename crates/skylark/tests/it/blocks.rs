@@ -207,3 +207,45 @@ async fn blocking_needs_a_real_other_account() {
     alice.handle().block(BOB, false).await.unwrap();
     assert!(alice.handle().list_blocked().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn contact_names_reach_every_device_of_the_account_and_nobody_else() {
+    let server = TestServer::start().await;
+    let alice_id = server.register(ALICE).await;
+    let bob_id = server.register(BOB).await;
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let laptop_id = crate::devices::link(&server, &alice, "laptop").await;
+    let bob = Peer::connect(&server, &bob_id, Transport::Ws).await;
+
+    alice.handle().set_contact_name(BOB, "  Bob the Builder ").await.unwrap();
+    let (_, named) = next_matching(&mut alice, |b| match b {
+        Body::ContactName(n) => Some(n.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!((named.peer_phone.as_str(), named.name.as_str()), (BOB, "Bob the Builder"), "trimmed");
+    let listed = alice.handle().contact_names().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].phone.as_str(), listed[0].name.as_str()), (BOB, "Bob the Builder"));
+    assert!(bob.handle().contact_names().await.unwrap().is_empty(), "per account");
+    // The laptop, offline meanwhile, learns it on connecting, and lists it.
+    let mut laptop = Peer::connect(&server, &laptop_id, Transport::WsJson).await;
+    let (_, name) = next_matching(&mut laptop, |b| match b {
+        Body::ContactName(n) => Some(n.name.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(name, "Bob the Builder");
+    assert_eq!(laptop.handle().contact_names().await.unwrap().len(), 1);
+
+    let long = "x".repeat(65);
+    assert_eq!(code(alice.handle().set_contact_name(BOB, &long).await.unwrap_err()), ErrorCode::InvalidArgument);
+    assert_eq!(code(alice.handle().set_contact_name(BOB, "a\u{7}b").await.unwrap_err()), ErrorCode::InvalidArgument);
+    assert_eq!(code(alice.handle().set_contact_name(ALICE, "me").await.unwrap_err()), ErrorCode::InvalidArgument);
+    assert_eq!(
+        code(alice.handle().set_contact_name("+15552109999", "x").await.unwrap_err()),
+        ErrorCode::UnknownRecipient
+    );
+    alice.handle().set_contact_name(BOB, "").await.unwrap();
+    assert!(laptop.handle().contact_names().await.unwrap().is_empty(), "forgotten everywhere");
+}

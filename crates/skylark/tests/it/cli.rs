@@ -979,6 +979,10 @@ async fn block_and_unblock_from_the_command_line() {
 
     let out = cli.run("bob", &["unblock", "+15551900001"]).await;
     assert!(out.contains("Unblocked +15551900001"), "{out}");
+    let out = cli.run("bob", &["contact", "+15551900001", "Alice A."]).await;
+    assert!(out.contains("\"Alice A.\" on all your devices"), "{out}");
+    let out = cli.run("bob", &["contacts"]).await;
+    assert!(out.contains("+15551900001") && out.contains("Alice A."), "{out}");
     let out = cli.run("bob", &["blocked"]).await;
     assert!(out.contains("You have blocked nobody"), "{out}");
     cli.run("alice", &["send", "+15551900002", "after-block"]).await;
@@ -986,6 +990,7 @@ async fn block_and_unblock_from_the_command_line() {
     let seen = l.expect("+15551900001: after-block");
     assert!(seen.iter().any(|line| line.contains("+15551900001: before-block")), "{seen:#?}");
     assert!(seen.iter().any(|line| line.contains("you blocked +15551900001")), "{seen:#?}");
+    assert!(seen.iter().any(|line| line.contains("you named +15551900001 \"Alice A.\"")), "{seen:#?}");
     assert!(!seen.iter().any(|line| line.contains("during-block")), "{seen:#?}");
 }
 

@@ -452,6 +452,12 @@ try {
   await cli("erin", ["send", ALICE, "erin after the unblock"]);
   await alice.waitForSelector("#messages >> text=erin after the unblock");
   assert.equal(await count(alice, "#messages li.msg", "erin while blocked"), 0, "dropped for good");
+  // Alice names Erin: the chat is called so in the list and the header.
+  await alice.click("#name-contact");
+  await alice.fill("dialog input[aria-label='Contact name']", "Erin E.");
+  await alice.press("dialog input[aria-label='Contact name']", "Enter");
+  await alice.waitForSelector(`[data-chat="p:+15553000005"] >> text=Erin E. (+15553000005)`);
+  assert.equal(await alice.textContent("#chat-title"), "Erin E. (+15553000005)");
   // Alice reports the conversation; the operator sees it, without text.
   await alice.click("#report");
   await alice.click("dialog >> button:text-is('Report')");
