@@ -226,11 +226,8 @@ struct DeviceView {
 
 async fn account(caller: Caller, Path(phone): Path<String>) -> Response {
     let act = async {
-        let number = parse_phone(&phone)?;
         let server = &caller.admin.shared.server;
-        let account = server.store.account_by_phone(&number).await.map_err(store_failed)?.ok_or_else(|| {
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
-        })?;
+        let (_, account) = account_of(server, &phone).await?;
         let devices = server.devices.list(account.id).await.map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_failed", format!("listing the devices failed: {e}"))
         })?;
@@ -253,15 +250,25 @@ async fn account(caller: Caller, Path(phone): Path<String>) -> Response {
     caller.run("account", &phone, act).await
 }
 
+/// The account holding `phone`, or a 404 in words.
+async fn account_of(
+    server: &skylark_server::Server,
+    phone: &str,
+) -> Result<(skylark_core::PhoneNumber, skylark_core::Account), ApiError> {
+    let number = parse_phone(phone)?;
+    let account =
+        server.store.account_by_phone(&number).await.map_err(store_failed)?.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
+        })?;
+    Ok((number, account))
+}
+
 /// Deletes an account (as its owner can, from a device): it leaves its
 /// groups, its number is freed, its devices are signed out.
 async fn delete_account(caller: Caller, Path(phone): Path<String>) -> Response {
     let act = async {
-        let number = parse_phone(&phone)?;
         let server = &caller.admin.shared.server;
-        let account = server.store.account_by_phone(&number).await.map_err(store_failed)?.ok_or_else(|| {
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))
-        })?;
+        let (number, account) = account_of(server, &phone).await?;
         server.delete_account(account.id).await.map_err(|e| match e {
             skylark_server::accounts::AccountError::UnknownAccount => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_account", format!("no account has {number}"))

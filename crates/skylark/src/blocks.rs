@@ -2,19 +2,13 @@
 //! `skylark report`: a conversation reported to the operator; `skylark
 //! contact` and `contacts`: the names the account gives its contacts.
 
-use crate::cli::{TransportArgs, explain};
+use crate::cli::{TransportArgs, one_request};
 use anyhow::Result;
-use skylark_client::Identity;
 use std::path::Path;
 
 /// Blocks (or unblocks) `phone` for this profile's account.
 pub async fn set(profile: &Path, transport: &TransportArgs, phone: &str, blocked: bool) -> Result<()> {
-    let identity = Identity::load(profile)?;
-    let (session, _events) =
-        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let done = session.handle().block(phone, blocked).await;
-    session.close().await;
-    done.map_err(explain)?;
+    one_request(profile, transport, async |h| h.block(phone, blocked).await).await?;
     if blocked {
         println!(
             "Blocked {phone}. Their messages will not reach you (they see one tick), they cannot see when you are \
@@ -28,12 +22,7 @@ pub async fn set(profile: &Path, transport: &TransportArgs, phone: &str, blocked
 
 /// Lists the accounts this account blocked.
 pub async fn list(profile: &Path, transport: &TransportArgs) -> Result<()> {
-    let identity = Identity::load(profile)?;
-    let (session, _events) =
-        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let listed = session.handle().list_blocked().await;
-    session.close().await;
-    let accounts = listed.map_err(explain)?;
+    let (identity, accounts) = one_request(profile, transport, async |h| h.list_blocked().await).await?;
     if accounts.is_empty() {
         println!("You have blocked nobody.");
         return Ok(());
@@ -53,12 +42,8 @@ pub async fn report(
     group: Option<u64>,
     block: bool,
 ) -> Result<()> {
-    let identity = Identity::load(profile)?;
-    let (session, _events) =
-        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let done = session.handle().report(phone.unwrap_or_default(), group.unwrap_or(0), block).await;
-    session.close().await;
-    done.map_err(explain)?;
+    let phone_or_none = phone.unwrap_or_default();
+    one_request(profile, transport, async |h| h.report(phone_or_none, group.unwrap_or(0), block).await).await?;
     let what = match (phone, group) {
         (Some(phone), _) => format!("your conversation with {phone}"),
         (None, Some(group)) => format!("group {group}"),
@@ -74,12 +59,7 @@ pub async fn report(
 
 /// Names the contact `phone` (or, `name` empty, forgets the name).
 pub async fn name(profile: &Path, transport: &TransportArgs, phone: &str, name: &str) -> Result<()> {
-    let identity = Identity::load(profile)?;
-    let (session, _events) =
-        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let done = session.handle().set_contact_name(phone, name).await;
-    session.close().await;
-    done.map_err(explain)?;
+    one_request(profile, transport, async |h| h.set_contact_name(phone, name).await).await?;
     if name.trim().is_empty() {
         println!("{phone} has no name any more, on all your devices.");
     } else {
@@ -90,12 +70,7 @@ pub async fn name(profile: &Path, transport: &TransportArgs, phone: &str, name: 
 
 /// Lists the names the account gave its contacts.
 pub async fn names(profile: &Path, transport: &TransportArgs) -> Result<()> {
-    let identity = Identity::load(profile)?;
-    let (session, _events) =
-        crate::cli::open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
-    let listed = session.handle().contact_names().await;
-    session.close().await;
-    let contacts = listed.map_err(explain)?;
+    let (_, contacts) = one_request(profile, transport, async |h| h.contact_names().await).await?;
     if contacts.is_empty() {
         println!("No contact has a name yet: `skylark contact +NUMBER NAME` gives one.");
     }

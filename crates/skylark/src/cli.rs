@@ -130,6 +130,20 @@ const ATTACH_PATIENCE: Duration = Duration::from_secs(20);
 /// answered proves it. When the server says "try again in a moment" (its
 /// account moving to another node, or the server restarting), the command
 /// says so once and tries again, with growing pauses, for a while.
+/// One short command's request: connects as the profile's device, asks,
+/// closes the session (whatever the answer), and gives the answer in words.
+pub async fn one_request<T>(
+    profile: &Path,
+    transport: &TransportArgs,
+    ask: impl AsyncFnOnce(&skylark_client::session::SessionHandle) -> Result<T, ClientError>,
+) -> Result<(Identity, T)> {
+    let identity = Identity::load(profile)?;
+    let (session, _events) = open_session(&transport.endpoint(&identity)?, &identity).await.map_err(explain)?;
+    let answer = ask(&session.handle()).await;
+    session.close().await;
+    Ok((identity, answer.map_err(explain)?))
+}
+
 pub async fn open_session(
     endpoint: &Endpoint,
     identity: &Identity,

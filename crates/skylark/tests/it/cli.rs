@@ -570,6 +570,16 @@ async fn the_cli_speaks_tls_when_told_to_trust_the_ca() {
     assert!(String::from_utf8_lossy(&outs.3.stdout).contains("+15550950002"));
 }
 
+/// `skylark admin ARGS` against the test server's admin listener: its stdout.
+async fn admin_cli(cli: &Profiles, server: &TestServer, args: &[&str]) -> String {
+    let (home, url) = (cli.home().to_owned(), server.admin_base());
+    let mut all: Vec<String> = vec!["admin".into()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    all.extend(["--admin".into(), url, "--token".into(), crate::harness::ADMIN_TOKEN.into()]);
+    let out = tokio::task::spawn_blocking(move || skylark(&home).args(&all).output().unwrap()).await.unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The CLI on profiles kept under one home directory.
 struct Profiles {
     home: tempfile::TempDir,
@@ -966,14 +976,7 @@ async fn block_and_unblock_from_the_command_line() {
     // Reporting: the operator lists it, without text.
     let out = cli.run("bob", &["report", "+15551900001"]).await;
     assert!(out.contains("Reported your conversation with +15551900001"), "{out}");
-    let (home, admin_url) = (cli.home().to_owned(), server.admin_base());
-    let listed = tokio::task::spawn_blocking(move || {
-        let args = ["admin", "reports", "--admin", &admin_url, "--token", crate::harness::ADMIN_TOKEN];
-        skylark(&home).args(args).output().unwrap()
-    })
-    .await
-    .unwrap();
-    let listed = String::from_utf8_lossy(&listed.stdout);
+    let listed = admin_cli(&cli, &server, &["reports"]).await;
     assert!(listed.contains("+15551900002 reported +15551900001"), "{listed}");
     assert!(listed.contains("from +15551900001") && !listed.contains("before-block"), "{listed}");
 
@@ -1100,14 +1103,6 @@ async fn account_export_and_delete_from_the_command_line() {
     drop(l);
 
     // The operator deletes Eli's.
-    let (home, admin_url) = (cli.home().to_owned(), server.admin_base());
-    let out = tokio::task::spawn_blocking(move || {
-        let args =
-            ["admin", "delete-account", "+15551900202", "--admin", &admin_url, "--token", crate::harness::ADMIN_TOKEN];
-        skylark(&home).args(args).output().unwrap()
-    })
-    .await
-    .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = admin_cli(&cli, &server, &["delete-account", "+15551900202"]).await;
     assert!(said.contains("Deleted +15551900202: 1 device(s) signed out, left 1 group(s)."), "{said}");
 }
