@@ -16,6 +16,10 @@ fn account_error(id: u64, e: &AccountError) -> ServerFrame {
 }
 
 pub(super) async fn export(caller: &Caller<'_>, id: u64) -> ServerFrame {
+    // It reads every group of the account: charged like a group change.
+    if let Err(e) = caller.shared.server.router.charge_group_change(caller.authed.device.id) {
+        return messaging_error(id, &e);
+    }
     match caller.shared.server.export_account(caller.authed.account.id).await {
         Ok(export) => match serde_json::to_string_pretty(&export) {
             Ok(json) => reply(id, server_frame::Body::AccountExport(v1::AccountExport { json })),
