@@ -353,6 +353,22 @@ impl SessionHandle {
         }
     }
 
+    /// Sets this account's profile (name, about) and, unless
+    /// `Unspecified`, who may see it.
+    pub async fn set_profile(&self, name: &str, about: &str, visible_to: v1::Visibility) -> Result<(), ClientError> {
+        let body = v1::SetProfile { name: name.into(), about: about.into(), visible_to: visible_to as i32 };
+        self.expect_ok(client_frame::Body::SetProfile(body)).await
+    }
+
+    /// The profiles of these numbers, as this account may see them.
+    pub async fn profiles(&self, phones: &[&str]) -> Result<Vec<v1::ProfileInfo>, ClientError> {
+        let phones = phones.iter().map(|p| (*p).to_owned()).collect();
+        match self.request(client_frame::Body::GetProfiles(v1::GetProfiles { phones })).await? {
+            server_frame::Body::Profiles(list) => Ok(list.profiles),
+            other => Err(ClientError::Protocol(format!("expected Profiles, got {other:?}"))),
+        }
+    }
+
     /// Registers (or with `None`, removes) this device's push target.
     pub async fn register_push(&self, target: Option<v1::register_push::Target>) -> Result<(), ClientError> {
         self.expect_ok(client_frame::Body::RegisterPush(v1::RegisterPush { target })).await

@@ -77,9 +77,39 @@ pub fn clean_device_name(name: &str) -> Result<String, &'static str> {
     Ok(if name.is_empty() { "device".to_owned() } else { name.to_owned() })
 }
 
+/// The longest profile name, in characters (as WhatsApp's).
+pub const MAX_PROFILE_NAME_CHARS: usize = 25;
+/// The longest "about" text, in characters (as WhatsApp's).
+pub const MAX_ABOUT_CHARS: usize = 139;
+
+/// A profile's name and about text, trimmed; refused when too long or with
+/// control characters (a name may be empty: the number is shown then).
+pub fn clean_profile(name: &str, about: &str) -> Result<(String, String), String> {
+    let (name, about) = (name.trim(), about.trim());
+    if name.chars().count() > MAX_PROFILE_NAME_CHARS {
+        return Err(format!("a profile name is at most {MAX_PROFILE_NAME_CHARS} characters"));
+    }
+    if about.chars().count() > MAX_ABOUT_CHARS {
+        return Err(format!("an about text is at most {MAX_ABOUT_CHARS} characters"));
+    }
+    if name.chars().chain(about.chars()).any(char::is_control) {
+        return Err("a profile has no control characters (line breaks included)".into());
+    }
+    Ok((name.to_owned(), about.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profiles_are_trimmed_and_bounded() {
+        assert_eq!(clean_profile("  Ana ", " hi "), Ok(("Ana".into(), "hi".into())));
+        assert!(clean_profile(&"é".repeat(25), &"x".repeat(139)).is_ok(), "counted in characters");
+        assert!(clean_profile(&"é".repeat(26), "").is_err());
+        assert!(clean_profile("", &"x".repeat(140)).is_err());
+        assert!(clean_profile("a\nb", "").is_err());
+    }
 
     #[test]
     fn device_names() {

@@ -276,6 +276,14 @@ pub(crate) fn visibility(v: i32) -> Option<Visibility> {
     }
 }
 
+pub(crate) fn visibility_wire(v: Visibility) -> v1::Visibility {
+    match v {
+        Visibility::Everyone => v1::Visibility::Everyone,
+        Visibility::Contacts => v1::Visibility::Contacts,
+        Visibility::Nobody => v1::Visibility::Nobody,
+    }
+}
+
 pub(crate) async fn presence_info(router: &Router, info: PresenceInfo) -> Result<v1::PresenceInfo, StoreError> {
     Ok(v1::PresenceInfo {
         account: info.account.0,

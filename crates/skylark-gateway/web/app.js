@@ -52,6 +52,7 @@ const state = {
   muted: new Set(), // chat keys whose messages raise no notification (kept in the local store)
   blocked: new Set(), // phone numbers this account blocked (from the server, kept current by the log)
   names: new Map(), // phone → the name this account gave that contact (synced across its devices)
+  profiles: new Map(), // phone → ProfileInfo (their own name and about, as they let us see them)
   pushOn: false, // this session registered the browser's push subscription
   ackTimer: null,
   arrived: [], // live events to keep and acknowledge
@@ -496,6 +497,7 @@ async function signedOut(why) {
   state.deletingAccount = false;
   state.blocked = new Set();
   state.names = new Map();
+  state.profiles = new Map();
   const device = state.me && state.me.deviceId;
   await forgetIdentity();
   if (state.local) state.local.close();
@@ -742,7 +744,9 @@ async function refreshBlocked(session) {
 function titleOf(c) {
   const phone = peerPhoneOf(c);
   const name = phone && state.names.get(phone);
-  return name ? `${name} (${phone})` : c.title;
+  if (name) return `${name} (${phone})`;
+  const profile = phone && state.profiles.get(phone);
+  return profile && profile.visible && profile.name ? `~${profile.name} (${phone})` : c.title;
 }
 
 /// The names this account gave its contacts, as the server has them.
@@ -1188,6 +1192,8 @@ function renderHeader() {
     else if (typing && typing > Date.now()) status = "typing…";
     else if (p && p.visible && p.online) status = "online";
     else if (p && p.visible && Number(p.lastSeenMs)) status = `last seen ${whenSeen(p.lastSeenMs)}`;
+    const profile = state.profiles.get(phone);
+    if (!status && profile && profile.visible && profile.about) status = profile.about;
   }
   $("chat-status").textContent = status;
 }
@@ -1301,6 +1307,10 @@ async function subscribePresence() {
   if (!phones.length) return;
   const r = await state.session.request({ subscribePresence: { phones } });
   for (const p of r.presenceList.presences || []) state.presence.set(p.phone, p);
+  // Their profiles too (names shown as ~Name where no contact name is set).
+  const profiles = await state.session.request({ getProfiles: { phones } });
+  for (const p of profiles.profiles.profiles || []) state.profiles.set(p.phone, p);
+  renderAll();
 }
 
 // ---------------------------------------------------------------- panels
@@ -1455,12 +1465,28 @@ async function showSettings() {
     state.session.request({ listBlocked: {} }),
   ]);
   const status = pin.pinStatus;
+  const mine = (await state.session.request({ getProfiles: { phones: [state.me.phone] } })).profiles.profiles[0] || {};
+  const myName = h("input", { value: mine.visible ? mine.name : "", maxlength: "25", "aria-label": "Your name", placeholder: "Your name" });
+  const myAbout = h("input", { value: mine.visible ? mine.about : "", maxlength: "139", "aria-label": "About you", placeholder: "About" });
+  const seenBy = h("select", { "aria-label": "Who sees your profile" },
+    ...[["VISIBILITY_EVERYONE", "Everyone"], ["VISIBILITY_CONTACTS", "People you wrote to"], ["VISIBILITY_NOBODY", "Nobody"]]
+      .map(([v, label]) => h("option", { value: v, ...(mine.visibleTo === v ? { selected: "" } : {}) }, label)));
   const days = Math.round(Number(status.lapseMs || 0) / 86400000);
   const first = h("input", { type: "password", inputmode: "numeric", maxlength: "6", "aria-label": "New PIN", required: true });
   const again = h("input", { type: "password", inputmode: "numeric", maxlength: "6", "aria-label": "New PIN again", required: true });
   const accounts = blocked.blockedList.accounts || [];
   panel("settings",
     h("h2", {}, "Settings"),
+    h("h3", {}, "Profile"),
+    h("form", {
+      onsubmit: (e) => {
+        e.preventDefault();
+        guarded(async () => {
+          await state.session.request({ setProfile: { name: myName.value.trim(), about: myAbout.value.trim(), visibleTo: seenBy.value } });
+          say("Your profile is saved.", "info");
+        });
+      },
+    }, myName, myAbout, seenBy, h("button", { type: "submit" }, "Save profile")),
     h("h3", {}, "Two-step verification"),
     h("p", { class: "pin-state" }, status.enabled
       ? `On since ${whenSeen(status.setAtMs)}: registering ${state.me.phone} on another phone needs your PIN as well as the SMS code.`

@@ -20,6 +20,9 @@ use skylark_store::{StoreError, Visibility};
 pub enum AccountError {
     #[error("no such account")]
     UnknownAccount,
+    /// A request the user can fix (the message says how).
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Messaging(#[from] MessagingError),
     #[error(transparent)]
@@ -40,6 +43,7 @@ pub struct Export {
     pub format: &'static str,
     pub exported_at_ms: u64,
     pub account: ExportedAccount,
+    pub profile: Option<ExportedProfile>,
     pub settings: ExportedSettings,
     pub devices: Vec<ExportedDevice>,
     pub groups: Vec<ExportedGroup>,
@@ -53,6 +57,13 @@ pub struct ExportedAccount {
     pub id: u64,
     pub phone: String,
     pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedProfile {
+    pub name: String,
+    pub about: String,
+    pub visible_to: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,6 +97,19 @@ pub struct ExportedGroup {
 pub struct ExportedBlock {
     pub phone: String,
     pub since_ms: u64,
+}
+
+/// What one account may see of another's profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileView {
+    pub account: AccountId,
+    /// False: the profile is hidden from this watcher (or there is none),
+    /// and `name` and `about` say nothing.
+    pub visible: bool,
+    pub name: String,
+    pub about: String,
+    /// Who may see it (told only to its owner).
+    pub visible_to: Option<Visibility>,
 }
 
 /// Messages of a reported conversation kept with the report.
@@ -166,6 +190,53 @@ impl Server {
         Ok(report)
     }
 
+    /// Sets the account's profile: name and about text (checked by
+    /// `skylark_core::account::clean_profile`) and who may see them
+    /// (`None`: as before, everyone for a first profile).
+    pub async fn set_profile(
+        &self,
+        account: AccountId,
+        name: &str,
+        about: &str,
+        visible_to: Option<Visibility>,
+    ) -> Result<(), AccountError> {
+        let (name, about) = skylark_core::account::clean_profile(name, about).map_err(AccountError::Invalid)?;
+        let visible_to = match visible_to {
+            Some(v) => v,
+            None => self.store.profile(account).await?.map(|p| p.visible_to).unwrap_or_default(),
+        };
+        let profile = skylark_store::Profile { name, about, visible_to, updated_at_ms: self.clock.now_ms() };
+        self.store.set_profile(account, Some(profile)).await?;
+        Ok(())
+    }
+
+    /// What `watcher` may see of `account`'s profile: everything for its
+    /// owner; for others as its `visible_to` says (contacts: accounts it
+    /// wrote to), and nothing for an account it blocked.
+    pub async fn profile_for(&self, account: AccountId, watcher: AccountId) -> Result<ProfileView, StoreError> {
+        let hidden =
+            ProfileView { account, visible: false, name: String::new(), about: String::new(), visible_to: None };
+        let Some(profile) = self.store.profile(account).await? else { return Ok(hidden) };
+        let own = account == watcher;
+        let may = own
+            || (!self.store.blocked(account).await?.iter().any(|(p, _)| *p == watcher)
+                && match profile.visible_to {
+                    Visibility::Everyone => true,
+                    Visibility::Nobody => false,
+                    Visibility::Contacts => self.store.is_contact(account, watcher).await?,
+                });
+        if !may {
+            return Ok(hidden);
+        }
+        Ok(ProfileView {
+            account,
+            visible: true,
+            name: profile.name,
+            about: profile.about,
+            visible_to: own.then_some(profile.visible_to),
+        })
+    }
+
     /// Everything the server keeps about `account` that is the account's
     /// own (profile, settings, devices, groups, block list); no messages.
     pub async fn export_account(&self, account: AccountId) -> Result<Export, AccountError> {
@@ -174,11 +245,17 @@ impl Server {
         let phone_of = |id: AccountId| async move {
             Ok::<String, StoreError>(directory.phone(id).await?.map(|p| p.to_string()).unwrap_or_default())
         };
-        let presence_visible_to = match self.store.visibility(account).await? {
+        let words = |v: Visibility| match v {
             Visibility::Everyone => "everyone",
             Visibility::Contacts => "contacts",
             Visibility::Nobody => "nobody",
         };
+        let presence_visible_to = words(self.store.visibility(account).await?);
+        let profile = self.store.profile(account).await?.map(|p| ExportedProfile {
+            name: p.name,
+            about: p.about,
+            visible_to: words(p.visible_to),
+        });
         let pin = self.store.pin(account).await?;
         let devices = self
             .devices
@@ -212,6 +289,7 @@ impl Server {
                 phone: record.phone.to_string(),
                 created_at_ms: record.created_at_ms,
             },
+            profile,
             settings: ExportedSettings {
                 presence_visible_to,
                 two_step_verification: pin.is_some(),

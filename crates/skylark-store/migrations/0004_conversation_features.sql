@@ -1,5 +1,5 @@
--- Version 4: block lists, contact names and two-step verification PINs,
--- each on the account's shard beside its settings; users' reports, on the directory
+-- Version 4: block lists, contact names, profiles and two-step verification
+-- PINs, each on the account's shard beside its settings; users' reports, on the directory
 -- shard. A `blocks` row means `account`
 -- blocked `peer` since `at_ms`; a `pins` row holds the account's PIN record
 -- (an Argon2id hash, never the PIN, and the count of wrong guesses).
@@ -16,6 +16,12 @@ CREATE TABLE contact_names (
     peer    int8 NOT NULL,
     name    text NOT NULL,
     PRIMARY KEY (account, peer)
+);
+
+-- An account's profile (name, about, who may see them).
+CREATE TABLE profiles (
+    account int8  PRIMARY KEY,
+    record  jsonb NOT NULL
 );
 
 CREATE TABLE pins (

@@ -27,6 +27,25 @@ pub async fn run_all(store: &dyn Store) {
     account_deletion(store).await;
     reports(store).await;
     contact_names(store).await;
+    profiles(store).await;
+}
+
+/// A profile per account: absent, set, replaced, removed.
+async fn profiles(store: &dyn Store) {
+    use crate::{Profile, Visibility};
+    use skylark_core::AccountId;
+    let a = AccountId(7_300);
+    assert_eq!(store.profile(a).await.expect("read"), None);
+    let mut p =
+        Profile { name: "Ana".into(), about: "at work".into(), visible_to: Visibility::Contacts, updated_at_ms: 5 };
+    store.set_profile(a, Some(p.clone())).await.expect("set");
+    assert_eq!(store.profile(a).await.expect("read"), Some(p.clone()));
+    p.about = "away".into();
+    store.set_profile(a, Some(p.clone())).await.expect("replace");
+    assert_eq!(store.profile(a).await.expect("read"), Some(p));
+    assert_eq!(store.profile(AccountId(7_301)).await.expect("read"), None);
+    store.set_profile(a, None).await.expect("remove");
+    assert_eq!(store.profile(a).await.expect("read"), None);
 }
 
 /// Contact names: per account, in peer order, replaced, removed.
@@ -94,6 +113,9 @@ async fn account_deletion(store: &dyn Store) {
     store.set_pin(a, Some(PinRecord::new("h".into(), 1))).await.expect("pin");
     store.set_block(a, b, Some(1)).await.expect("block");
     store.set_contact_name(a, b, Some("B".into())).await.expect("name");
+    let face =
+        crate::Profile { name: "A".into(), about: String::new(), visible_to: Visibility::Everyone, updated_at_ms: 1 };
+    store.set_profile(a, Some(face)).await.expect("profile");
     store.set_push_target(second.id, Some(PushTarget::Webhook { token: "t".into() })).await.expect("push");
     store.put_key_packages(second.id, vec![bytes::Bytes::from_static(b"kp")], None, 10).await.expect("keys").ok();
 
@@ -112,6 +134,7 @@ async fn account_deletion(store: &dyn Store) {
     assert_eq!(store.pin(a).await.expect("read"), None);
     assert!(store.blocked(a).await.expect("read").is_empty());
     assert!(store.contact_names(a).await.expect("read").is_empty());
+    assert_eq!(store.profile(a).await.expect("read"), None);
     assert_eq!(store.read_log(b, 1, 10).await.expect("read").len(), 1, "others keep theirs");
     assert_eq!(store.delete_account(a, 60).await.expect("delete"), None, "once");
     // The number signs up again as a new account.

@@ -140,6 +140,7 @@ const TABLES: &[Table] = &[
     Table { name: "contacts", columns: &[("account", Int), ("peer", Int)], shard_by: Some(0), filter: "" },
     Table { name: "settings", columns: &[("account", Int), ("visibility", Json)], shard_by: Some(0), filter: "" },
     Table { name: "pins", columns: &[("account", Int), ("record", Json)], shard_by: Some(0), filter: "" },
+    Table { name: "profiles", columns: &[("account", Int), ("record", Json)], shard_by: Some(0), filter: "" },
     Table {
         name: "contact_names",
         columns: &[("account", Int), ("peer", Int), ("name", Text)],
@@ -435,6 +436,9 @@ pub async fn redb_to_postgres(
             let row = vec![int(account)?, int(peer)?, Value::Text(v.value().to_owned())];
             pending.push(index_of("contact_names"), row).await?;
         }
+    }
+    for (account, raw) in json_rows(&txn, redb_store::PROFILES)? {
+        pending.push(index_of("profiles"), vec![int(account)?, canonical_json(&raw)?]).await?;
     }
     for (id, raw) in json_rows(&txn, redb_store::REPORTS)? {
         pending.push(index_of("reports"), vec![int(id)?, canonical_json(&raw)?]).await?;

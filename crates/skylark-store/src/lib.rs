@@ -172,6 +172,15 @@ pub enum Visibility {
     Nobody,
 }
 
+/// An account's public face: its name and about text, and who may see them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Profile {
+    pub name: String,
+    pub about: String,
+    pub visible_to: Visibility,
+    pub updated_at_ms: u64,
+}
+
 /// Where to wake a device that has no live connection.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PushTarget {
@@ -230,6 +239,10 @@ pub trait SettingsStore: Send + Sync {
         peer: AccountId,
         name: Option<String>,
     ) -> Result<(), StoreError>;
+    /// The account's profile, if it set one.
+    async fn profile(&self, account: AccountId) -> Result<Option<Profile>, StoreError>;
+    /// Sets (or with `None`, removes) the account's profile. Durable when it returns.
+    async fn set_profile(&self, account: AccountId, profile: Option<Profile>) -> Result<(), StoreError>;
     /// The names `account` gave its contacts, in peer id order.
     async fn contact_names(&self, account: AccountId) -> Result<Vec<(AccountId, String)>, StoreError>;
     /// The account's two-step verification PIN (its hash and guess count).

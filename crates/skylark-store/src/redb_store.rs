@@ -65,6 +65,8 @@ pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("s
 pub(crate) const BLOCKS: TableDefinition<(u64, u64), u64> = TableDefinition::new("blocks");
 /// (account, peer) → the name the account gave that contact.
 pub(crate) const CONTACT_NAMES: TableDefinition<(u64, u64), &str> = TableDefinition::new("contact_names");
+/// account → its profile (JSON).
+pub(crate) const PROFILES: TableDefinition<u64, &[u8]> = TableDefinition::new("profiles");
 /// account → its two-step verification PIN record (JSON).
 pub(crate) const PINS: TableDefinition<u64, &[u8]> = TableDefinition::new("pins");
 /// report id → a user's report of a conversation (JSON).
@@ -170,6 +172,7 @@ macro_rules! every_table {
             BLOCKS,
             PINS,
             CONTACT_NAMES,
+            PROFILES,
             REPORTS,
             PUSH,
             KEY_PACKAGES,
@@ -309,7 +312,7 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// The layout of the stored tables and records, kept in `meta` under
 /// `format`. A binary refuses a store of a newer format and upgrades an
 /// older one in `init`. Stores written before the version was recorded are
-/// format 1; format 2 added the `blocks`, `pins`, `reports` and
+/// format 1; format 2 added the `blocks`, `pins`, `reports`, `profiles` and
 /// `contact_names` tables and the block and contact-name log entries (the
 /// upgrade from 1 creates the tables, as for a new store).
 pub const FORMAT_VERSION: u64 = 2;
@@ -413,6 +416,7 @@ impl RedbStore {
         txn.open_table(PINS)?;
         txn.open_table(REPORTS)?;
         txn.open_table(CONTACT_NAMES)?;
+        txn.open_table(PROFILES)?;
         txn.open_table(PUSH)?;
         txn.open_table(KEY_PACKAGES)?;
         txn.open_table(LAST_RESORT_KEYS)?;
@@ -843,6 +847,7 @@ impl AccountStore for RedbStore {
             txn.open_table(CLIENT_IDS)?.retain_in((a, 0, "")..(a + 1, 0, ""), |_, _| false)?;
             txn.open_table(SETTINGS)?.remove(a)?;
             txn.open_table(PINS)?.remove(a)?;
+            txn.open_table(PROFILES)?.remove(a)?;
             Ok(Some(removed))
         })
         .await
@@ -976,6 +981,28 @@ impl SettingsStore for RedbStore {
                     table.remove((account.0, peer.0))?;
                 }
             }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn profile(&self, account: AccountId) -> Result<Option<crate::Profile>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(PROFILES)?;
+            let value = table.get(account.0)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+    }
+
+    async fn set_profile(&self, account: AccountId, profile: Option<crate::Profile>) -> Result<(), StoreError> {
+        let bytes = profile.as_ref().map(encode).transpose()?;
+        self.write(move |txn| {
+            let mut table = txn.open_table(PROFILES)?;
+            match bytes {
+                Some(bytes) => table.insert(account.0, bytes.as_slice())?,
+                None => table.remove(account.0)?,
+            };
             Ok(())
         })
         .await
@@ -1523,6 +1550,7 @@ mod tests {
             assert!(txn.delete_table(PINS).unwrap(), "nor a pins table");
             assert!(txn.delete_table(REPORTS).unwrap(), "nor a reports table");
             assert!(txn.delete_table(CONTACT_NAMES).unwrap(), "nor contact names");
+            assert!(txn.delete_table(PROFILES).unwrap(), "nor profiles");
             txn.commit().unwrap();
         }
         let store = RedbStore::open(&path).unwrap();

@@ -1,5 +1,6 @@
 //! The account from the command line: `skylark pin` (two-step
-//! verification) and `skylark account export|delete`.
+//! verification), `skylark account export|delete` and `skylark profile
+//! set|show`.
 
 use crate::cli::{TransportArgs, explain};
 use anyhow::{Result, bail};
@@ -140,6 +141,64 @@ pub async fn account(profile: &Path, transport: &TransportArgs, action: &Account
                 identity.phone,
                 profile.display()
             );
+        }
+    }
+    Ok(())
+}
+
+/// `skylark profile set`: what is not given stays as it was.
+pub async fn set_profile(
+    profile: &Path,
+    transport: &TransportArgs,
+    name: Option<&str>,
+    about: Option<&str>,
+    visible_to: Option<&str>,
+) -> Result<()> {
+    use skylark_protocol::v1::Visibility;
+    let visible = match visible_to {
+        Some("everyone") => Visibility::Everyone,
+        Some("contacts") => Visibility::Contacts,
+        Some("nobody") => Visibility::Nobody,
+        _ => Visibility::Unspecified,
+    };
+    let (identity, ()) = crate::cli::one_request(profile, transport, async |h| {
+        let me = h.who_am_i().await?;
+        let current = h.profiles(&[me.phone.as_str()]).await?.into_iter().next();
+        let (old_name, old_about) = current.map(|p| (p.name, p.about)).unwrap_or_default();
+        h.set_profile(name.unwrap_or(&old_name), about.unwrap_or(&old_about), visible).await
+    })
+    .await?;
+    println!("Your profile is set. `skylark profile show` shows it as {} sees it.", identity.phone);
+    Ok(())
+}
+
+/// `skylark profile show [PHONES]`.
+pub async fn show_profiles(profile: &Path, transport: &TransportArgs, phones: &[String]) -> Result<()> {
+    let identity = Identity::load(profile)?;
+    let asked: Vec<&str> =
+        if phones.is_empty() { vec![identity.phone.as_str()] } else { phones.iter().map(String::as_str).collect() };
+    let (_, profiles) = crate::cli::one_request(profile, transport, async |h| h.profiles(&asked).await).await?;
+    if profiles.is_empty() {
+        println!("No account has those numbers.");
+    }
+    for p in profiles {
+        if !p.visible {
+            println!("{}: no profile you may see", p.phone);
+            continue;
+        }
+        let name = if p.name.is_empty() { "(no name)" } else { p.name.as_str() };
+        println!("{}: {name}", p.phone);
+        if !p.about.is_empty() {
+            println!("  about: {}", p.about);
+        }
+        let who = match skylark_protocol::v1::Visibility::try_from(p.visible_to) {
+            Ok(skylark_protocol::v1::Visibility::Everyone) => Some("everyone"),
+            Ok(skylark_protocol::v1::Visibility::Contacts) => Some("your contacts (people you wrote to)"),
+            Ok(skylark_protocol::v1::Visibility::Nobody) => Some("nobody"),
+            _ => None,
+        };
+        if let Some(who) = who {
+            println!("  visible to: {who}");
         }
     }
     Ok(())

@@ -217,14 +217,18 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
-    /// This profile's settings: `profile server URL[,URL…] [--ca FILE]`
-    /// points it at another address of its server (say, after TLS was
-    /// switched on) and remembers the CA to trust.
+    /// Your profile and this profile directory's settings: `profile set
+    /// --name … --about … --visible-to …` and `profile show [+NUMBER…]`;
+    /// `profile server URL[,URL…] [--ca FILE]` points this profile at
+    /// another address of its server (say, after TLS was switched on) and
+    /// remembers the CA to trust.
     Profile {
         #[command(subcommand)]
         action: ProfileCommand,
         #[command(flatten)]
         profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
     },
     /// The safety number of your end-to-end encrypted conversation with a
     /// phone number: compare it with theirs to know nobody is in between.
@@ -315,6 +319,23 @@ enum LinkCommand {
 
 #[derive(Subcommand)]
 enum ProfileCommand {
+    /// Set your name and about text (shown to others as `visible-to` allows).
+    Set {
+        /// Your name as others see it (at most 25 characters).
+        #[arg(long)]
+        name: Option<String>,
+        /// A line about you (at most 139 characters).
+        #[arg(long)]
+        about: Option<String>,
+        /// Who may see them: everyone, contacts (people you wrote to) or nobody.
+        #[arg(long, value_parser = ["everyone", "contacts", "nobody"])]
+        visible_to: Option<String>,
+    },
+    /// Show profiles: yours, or these numbers' (as they let you see them).
+    Show {
+        /// Phone numbers; none shows yours.
+        phones: Vec<String>,
+    },
     /// Connect to the server at these addresses from now on (checked first).
     Server {
         /// The server's address (`https://chat.example.org`), or several,
@@ -409,7 +430,18 @@ fn run(args: Args) -> Result<()> {
         Command::Pin { action, profile, transport } => {
             runtime.block_on(account::pin(&profile.dir()?, &transport, action.as_ref()))
         }
-        Command::Profile { action: ProfileCommand::Server { servers, ca }, profile } => {
+        Command::Profile { action: ProfileCommand::Set { name, about, visible_to }, profile, transport } => runtime
+            .block_on(account::set_profile(
+                &profile.dir()?,
+                &transport,
+                name.as_deref(),
+                about.as_deref(),
+                visible_to.as_deref(),
+            )),
+        Command::Profile { action: ProfileCommand::Show { phones }, profile, transport } => {
+            runtime.block_on(account::show_profiles(&profile.dir()?, &transport, &phones))
+        }
+        Command::Profile { action: ProfileCommand::Server { servers, ca }, profile, .. } => {
             runtime.block_on(cli::set_server(&profile.dir()?, &servers, ca.as_deref()))
         }
         Command::Verify { phone, profile, transport } => {

@@ -9,6 +9,7 @@ use skylark_server::accounts::AccountError;
 
 fn account_error(id: u64, e: &AccountError) -> ServerFrame {
     match e {
+        AccountError::Invalid(why) => error(id, ErrorCode::InvalidArgument, why.clone()),
         AccountError::Store(e) => unavailable(id, e),
         AccountError::Messaging(e) => messaging_error(id, e),
         AccountError::UnknownAccount => error(id, ErrorCode::UnknownDevice, "this account no longer exists"),
@@ -81,4 +82,54 @@ pub(super) async fn report(caller: &Caller<'_>, id: u64, report: v1::Report) -> 
         Ok(_) => ok(id),
         Err(e) => account_error(id, &e),
     }
+}
+
+/// Profiles asked for at once, at most (as presence subscriptions).
+const MAX_PROFILES_ASKED: usize = 512;
+
+pub(super) async fn set_profile(caller: &Caller<'_>, id: u64, set: v1::SetProfile) -> ServerFrame {
+    let server = &caller.shared.server;
+    if let Err(e) = server.router.charge_group_change(caller.authed.device.id) {
+        return messaging_error(id, &e);
+    }
+    let visible_to = match v1::Visibility::try_from(set.visible_to) {
+        Ok(v1::Visibility::Unspecified) => None,
+        _ => match crate::convert::visibility(set.visible_to) {
+            Some(v) => Some(v),
+            None => {
+                return error(id, ErrorCode::InvalidArgument, "unknown visibility: use everyone, contacts or nobody");
+            }
+        },
+    };
+    match server.set_profile(caller.authed.account.id, &set.name, &set.about, visible_to).await {
+        Ok(()) => ok(id),
+        Err(e) => account_error(id, &e),
+    }
+}
+
+pub(super) async fn profiles(caller: &Caller<'_>, id: u64, get: v1::GetProfiles) -> ServerFrame {
+    let server = &caller.shared.server;
+    if get.phones.len() > MAX_PROFILES_ASKED {
+        return error(id, ErrorCode::InvalidArgument, format!("ask for at most {MAX_PROFILES_ASKED} profiles at once"));
+    }
+    let mut profiles = Vec::new();
+    for phone in get.phones.iter().filter_map(|p| PhoneNumber::parse(p).ok()) {
+        let account = match server.router.directory().account(&phone).await {
+            Ok(Some(account)) => account,
+            Ok(None) => continue,
+            Err(e) => return unavailable(id, &e),
+        };
+        match server.profile_for(account, caller.authed.account.id).await {
+            Ok(view) => profiles.push(v1::ProfileInfo {
+                account: account.0,
+                phone: phone.to_string(),
+                visible: view.visible,
+                name: view.name,
+                about: view.about,
+                visible_to: view.visible_to.map_or(0, |v| crate::convert::visibility_wire(v) as i32),
+            }),
+            Err(e) => return unavailable(id, &e),
+        }
+    }
+    reply(id, server_frame::Body::Profiles(v1::Profiles { profiles }))
 }

@@ -12,7 +12,7 @@
 //! | [`keys`] | `UploadKeyPackages`, `GetKeyPackageStock`, `ClaimKeyPackages` |
 //! | [`blocks`] | `Block`, `ListBlocked`, `SetContactName`, `ListContactNames` |
 //! | [`pin`] | `SetPin`, `GetPinStatus` |
-//! | [`account`] | `ExportAccount`, `DeleteAccount`, `Report` |
+//! | [`account`] | `ExportAccount`, `DeleteAccount`, `Report`, `SetProfile`, `GetProfiles` |
 //!
 //! The session (`session.rs`) owns the connection's state machine and calls
 //! [`answer`] for each request frame; this layer knows nothing of
@@ -164,6 +164,8 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::ExportAccount(_) => Answer::Now(account::export(&caller, id).await),
         Body::DeleteAccount(delete) => Answer::Now(account::delete(&caller, id, delete).await),
         Body::Report(report) => Answer::Now(account::report(&caller, id, report).await),
+        Body::SetProfile(set) => Answer::Now(account::set_profile(&caller, id, set).await),
+        Body::GetProfiles(get) => Answer::Now(account::profiles(&caller, id, get).await),
         body @ (Body::CreateGroup(_)
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)

@@ -1175,6 +1175,7 @@ impl AccountStore for PgStore {
             "client_ids",
             "settings",
             "pins",
+            "profiles",
         ];
         for table in tables {
             sqlx::query(&format!("DELETE FROM {table} WHERE account = $1"))
@@ -1378,6 +1379,31 @@ impl SettingsStore for PgStore {
             None => sqlx::query("DELETE FROM blocks WHERE account = $1 AND peer = $2")
                 .bind(bound(account.0))
                 .bind(bound(peer.0)),
+        };
+        query.execute(&shard.pool).await.map_err(|e| shard.fail(e))?;
+        Ok(())
+    }
+
+    async fn profile(&self, account: AccountId) -> Result<Option<crate::Profile>, StoreError> {
+        let shard = self.conn(account);
+        let value: Option<String> = sqlx::query_scalar("SELECT record::text FROM profiles WHERE account = $1")
+            .bind(bound(account.0))
+            .fetch_optional(&shard.pool)
+            .await
+            .map_err(|e| shard.fail(e))?;
+        value.as_deref().map(from_json).transpose()
+    }
+
+    async fn set_profile(&self, account: AccountId, profile: Option<crate::Profile>) -> Result<(), StoreError> {
+        let shard = self.conn(account);
+        let query = match &profile {
+            Some(record) => sqlx::query(
+                "INSERT INTO profiles (account, record) VALUES ($1, $2::jsonb) \
+                 ON CONFLICT (account) DO UPDATE SET record = $2::jsonb",
+            )
+            .bind(int(account.0)?)
+            .bind(json(record)?),
+            None => sqlx::query("DELETE FROM profiles WHERE account = $1").bind(bound(account.0)),
         };
         query.execute(&shard.pool).await.map_err(|e| shard.fail(e))?;
         Ok(())

@@ -170,3 +170,49 @@ async fn a_conversation_is_reported_with_metadata_only_and_the_operator_lists_it
     let text = serde_json::Value::Array(reports.clone()).to_string();
     assert!(!text.contains("buy now") && !text.contains("group spam"), "never the text");
 }
+
+#[tokio::test]
+async fn profiles_are_seen_as_their_owner_allows() {
+    use skylark_protocol::v1::Visibility;
+    let server = TestServer::start().await;
+    let alice_id = server.register(ALICE).await;
+    let bob_id = server.register(BOB).await;
+    let carol_id = server.register(CAROL).await;
+    let alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let bob = Peer::connect(&server, &bob_id, Transport::Ws).await;
+    let carol = Peer::connect(&server, &carol_id, Transport::WsJson).await;
+    let seen = |p: &skylark_protocol::v1::ProfileInfo| (p.visible, p.name.clone(), p.about.clone());
+
+    assert!(!bob.handle().profiles(&[ALICE]).await.unwrap()[0].visible, "none set yet");
+    let e = alice.handle().set_profile(&"x".repeat(26), "", Visibility::Unspecified).await.unwrap_err();
+    assert_eq!(e.error_code(), Some(ErrorCode::InvalidArgument));
+    assert!(e.to_string().contains("25 characters"), "{e}");
+    alice.handle().set_profile(" Alice ", "at the beach", Visibility::Contacts).await.unwrap();
+    let own = alice.handle().profiles(&[ALICE]).await.unwrap();
+    assert_eq!(seen(&own[0]), (true, "Alice".into(), "at the beach".into()));
+    assert_eq!(own[0].visible_to, Visibility::Contacts as i32, "its owner is told who may see it");
+    // Contacts only: Bob once she wrote to him, Carol not.
+    assert!(!bob.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
+    alice.handle().send(BOB, "hi", b"hi".to_vec()).await.unwrap();
+    let to_bob = bob.handle().profiles(&[ALICE, "+15552309999"]).await.unwrap();
+    assert_eq!(to_bob.len(), 1, "numbers without an account are left out");
+    assert_eq!(seen(&to_bob[0]), (true, "Alice".into(), "at the beach".into()));
+    assert_eq!(to_bob[0].visible_to, 0, "only its owner is told the setting");
+    assert_eq!(seen(&carol.handle().profiles(&[ALICE]).await.unwrap()[0]), (false, String::new(), String::new()));
+    // Everyone; but never someone she blocked.
+    alice.handle().set_profile("Alice", "at the beach", Visibility::Everyone).await.unwrap();
+    assert!(carol.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
+    alice.handle().block(CAROL, true).await.unwrap();
+    assert!(!carol.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
+    // Unspecified keeps the setting; nobody hides it from all but her.
+    alice.handle().set_profile("Alice", "busy", Visibility::Unspecified).await.unwrap();
+    assert_eq!(bob.handle().profiles(&[ALICE]).await.unwrap()[0].about, "busy");
+    alice.handle().set_profile("Alice", "busy", Visibility::Nobody).await.unwrap();
+    assert!(!bob.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
+    assert!(alice.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
+    let export: serde_json::Value = serde_json::from_str(&alice.handle().export_account().await.unwrap()).unwrap();
+    assert_eq!(
+        (export["profile"]["about"].as_str(), export["profile"]["visible_to"].as_str()),
+        (Some("busy"), Some("nobody"))
+    );
+}

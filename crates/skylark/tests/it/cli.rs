@@ -1065,6 +1065,21 @@ async fn account_export_and_delete_from_the_command_line() {
     cli.save(&server.register("+15551900202").await, "eli");
     cli.run("dana", &["group", "create", "Trip", "+15551900202"]).await;
 
+    let out = cli
+        .run("dana", &["profile", "set", "--name", "Dana", "--about", "on a trip", "--visible-to", "contacts"])
+        .await;
+    assert!(out.contains("Your profile is set"), "{out}");
+    let out = cli.run("dana", &["profile", "set", "--about", "back home"]).await;
+    assert!(out.contains("Your profile is set"), "{out}");
+    let out = cli.run("dana", &["profile", "show"]).await;
+    assert!(out.contains("+15551900201: Dana") && out.contains("about: back home"), "{out}");
+    assert!(out.contains("visible to: your contacts"), "the rest stays as it was: {out}");
+    let out = cli.run("eli", &["profile", "show", "+15551900201"]).await;
+    assert!(out.contains("no profile you may see"), "Dana never wrote to Eli: {out}");
+    cli.run("dana", &["send", "+15551900202", "hello"]).await;
+    let out = cli.run("eli", &["profile", "show", "+15551900201"]).await;
+    assert!(out.contains("+15551900201: Dana") && !out.contains("visible to"), "{out}");
+
     let out = cli.run("dana", &["account", "export"]).await;
     let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(json["account"]["phone"], "+15551900201");

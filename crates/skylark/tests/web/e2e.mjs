@@ -474,6 +474,14 @@ try {
   await alice.waitForSelector("dialog >> text=Two-step verification");
   assert.match(await alice.textContent("dialog .pin-state"), /^Off/);
   await alice.waitForSelector("dialog >> text=Nobody. Block a number from its chat.");
+  // Her profile: Bob (whom she wrote to) sees her name where he gave none.
+  await alice.fill("dialog input[aria-label='Your name']", "Alice Liddell");
+  await alice.fill("dialog input[aria-label='About you']", "down the rabbit hole");
+  await alice.selectOption("dialog select[aria-label='Who sees your profile']", "VISIBILITY_CONTACTS");
+  await alice.click("dialog >> button:has-text('Save profile')");
+  await alice.waitForSelector("dialog >> text=Your profile is saved.");
+  await bob.reload();
+  await bob.waitForSelector(`[data-chat="p:${ALICE}"] >> text=~Alice Liddell (${ALICE})`);
   await alice.fill("dialog input[aria-label='New PIN']", "246810");
   await alice.fill("dialog input[aria-label='New PIN again']", "246810");
   await alice.click("dialog >> button:has-text('Turn on')");
