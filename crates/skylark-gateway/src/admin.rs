@@ -109,6 +109,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Shared) {
         .route("/admin/v1/devices/{id}/disconnect", post(disconnect))
         .route("/admin/v1/backup", post(backup))
         .route("/admin/v1/reports", get(reports))
+        .route("/admin/v1/messages/{id}", get(trace))
         .route("/admin/v1/bans", get(bans).post(ban))
         .route("/admin/v1/bans/{phone}", axum::routing::delete(unban))
         .route("/admin/v1/test/sms", post(test_sms))
@@ -277,6 +278,57 @@ async fn delete_account(caller: Caller, Path(phone): Path<String>) -> Response {
         })
     };
     caller.run("delete_account", &phone, act).await
+}
+
+#[derive(Serialize)]
+struct TraceView {
+    #[serde(flatten)]
+    trace: skylark_server::trace::Trace,
+    sender_phone: String,
+    /// The recipient's number, or the group's subject.
+    to_name: String,
+}
+
+/// A message's lifecycle (`ACCOUNT:SEQ`, as `skylark send` prints it),
+/// without its content.
+async fn trace(caller: Caller, Path(id): Path<String>) -> Response {
+    let act = async {
+        let bad = || {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_message_id",
+                "a message id is ACCOUNT:SEQ, as `skylark send` prints it (say 3:17)",
+            )
+        };
+        let (account, seq) = id.split_once(':').ok_or_else(bad)?;
+        let account = skylark_core::AccountId(account.trim().parse().map_err(|_| bad())?);
+        let seq = seq.trim().parse().map_err(|_| bad())?;
+        let server = &caller.admin.shared.server;
+        let trace = server
+            .trace(skylark_core::message::MessageId { sender: account, seq })
+            .await
+            .map_err(store_failed)?
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_message", format!("no message {id}")))?;
+        let directory = server.router.directory();
+        let phone = |a| async move {
+            Ok::<String, ApiError>(
+                directory.phone(a).await.map_err(store_failed)?.map(|p| p.to_string()).unwrap_or_default(),
+            )
+        };
+        let to_name = if trace.to.is_group() {
+            server
+                .store
+                .group(trace.to)
+                .await
+                .map_err(store_failed)?
+                .map(|g| format!("group \"{}\"", g.subject))
+                .unwrap_or_default()
+        } else {
+            phone(trace.to).await?
+        };
+        Ok(TraceView { sender_phone: phone(trace.sender).await?, to_name, trace })
+    };
+    caller.run("trace", &id, act).await
 }
 
 #[derive(Serialize)]

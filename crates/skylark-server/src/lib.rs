@@ -27,6 +27,7 @@ pub mod router;
 pub mod sessions;
 mod small_map;
 pub mod sms;
+pub mod trace;
 
 use rand::RngCore;
 use skylark_core::Clock;

@@ -60,6 +60,12 @@ pub enum AdminCommand {
     Bans,
     /// Conversations users reported, newest first.
     Reports,
+    /// A message's lifecycle, without its content: accepted, forwarded,
+    /// stored for the recipient, on which devices, receipts.
+    Trace {
+        /// ACCOUNT:SEQ, as `skylark send` prints it.
+        message: String,
+    },
     /// Send a test SMS through the server's SMS provider.
     TestSms {
         /// The phone number in international form.
@@ -199,6 +205,47 @@ pub async fn run(args: &AdminArgs, command: &AdminCommand) -> Result<()> {
                 d["devices_removed"],
                 d["groups_left"]
             );
+        }
+        AdminCommand::Trace { message } => {
+            let t: Value = args.call("GET", &format!("/admin/v1/messages/{message}"), None).await?;
+            let when = |v: &Value| v.as_u64().map(|ms| format!("{}:{:02}", crate::devices::utc(ms), (ms / 1000) % 60));
+            println!(
+                "Message {} ({} bytes) from {} (device {}) to {}",
+                t["message"].as_str().unwrap_or(message),
+                t["bytes"],
+                t["sender_phone"].as_str().unwrap_or("?"),
+                t["sender_device"],
+                t["to_name"].as_str().unwrap_or("?")
+            );
+            if let Some(at) = when(&t["accepted_at_ms"]) {
+                println!("  {at}  accepted and stored (one tick)");
+            }
+            let group = t["to"].as_u64().is_some_and(|to| skylark_core::AccountId(to).is_group());
+            if !group {
+                match (t["recipient_log_seq"].as_u64(), t["forward_pending"].as_bool()) {
+                    (Some(seq), _) => println!("  stored for the recipient (their log, #{seq})"),
+                    (None, Some(true)) => println!("  still being forwarded (in the sender's outbox)"),
+                    (None, _) => println!("  not stored for the recipient (blocked, or the account was deleted)"),
+                }
+            }
+            for r in t["reached"].as_array().cloned().unwrap_or_default() {
+                let what = if group { "member" } else { "device" };
+                let has = match (r["delivered"].as_bool(), r["read"].as_bool()) {
+                    (Some(true), Some(true)) => "has it, read",
+                    (Some(true), _) => "has it",
+                    _ => "not yet",
+                };
+                println!("  {what} {} {}: {has}", r["who"], r["name"].as_str().unwrap_or(""));
+            }
+            if let Some(at) = when(&t["delivered_receipt_at_ms"]) {
+                println!("  {at}  delivery receipt back to the sender (two ticks)");
+            }
+            if let Some(at) = when(&t["read_receipt_at_ms"]) {
+                println!("  {at}  read receipt back to the sender");
+            }
+            if let Some(note) = t["note"].as_str() {
+                println!("  ({note})");
+            }
         }
         AdminCommand::Reports => {
             let reports: Value = args.call("GET", "/admin/v1/reports", None).await?;

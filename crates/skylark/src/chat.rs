@@ -65,7 +65,12 @@ pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: 
             Some(group) => {
                 let (ack, _) = c.crypto.post(&h, group, &client_id(), message).await.map_err(explain)?;
                 let id = ack.id.unwrap_or_default();
-                println!("✓ 🔒 sent to {to} at {} (end-to-end encrypted, #{})", clock(ack.sent_at_ms), id.seq);
+                println!(
+                    "✓ 🔒 sent to {to} at {} (end-to-end encrypted, message {}:{})",
+                    clock(ack.sent_at_ms),
+                    id.sender,
+                    id.seq
+                );
             }
             None => {
                 let ack = h.send(&to, &client_id(), payload).await.map_err(explain)?;

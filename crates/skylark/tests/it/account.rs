@@ -216,3 +216,61 @@ async fn profiles_are_seen_as_their_owner_allows() {
         (Some("busy"), Some("nobody"))
     );
 }
+
+#[tokio::test]
+async fn an_operator_traces_a_message_without_its_content() {
+    use skylark_protocol::v1::ReceiptKind;
+    let server = TestServer::start().await;
+    let alice_id = server.register(ALICE).await;
+    let bob_id = server.register(BOB).await;
+    let mut alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let mut bob = Peer::connect(&server, &bob_id, Transport::Ws).await;
+    let laptop_id = crate::devices::link(&server, &bob, "laptop").await;
+    let admin = Api::new(&server.admin_base()).unwrap().with_bearer(ADMIN_TOKEN);
+    let trace = async |id: String| {
+        admin.call::<serde_json::Value>("GET", &format!("/admin/v1/messages/{id}"), None).await.unwrap()
+    };
+
+    let ack = alice.handle().send(BOB, "t1", b"secret words".to_vec()).await.unwrap();
+    let id = ack.id.unwrap();
+    let got = bob.received(1, true).await;
+    bob.handle().mark_read(alice_id.account_id, got[0].id.unwrap().seq).await.unwrap();
+    alice.receipt(ReceiptKind::Read, id.seq).await;
+    let t = trace(format!("{}:{}", id.sender, id.seq)).await;
+    assert_eq!(
+        (t["sender_phone"].as_str(), t["to_name"].as_str(), t["bytes"].as_u64()),
+        (Some(ALICE), Some(BOB), Some(12))
+    );
+    assert_eq!(t["accepted_at_ms"], ack.sent_at_ms);
+    assert!(t["recipient_log_seq"].as_u64().is_some() && t["forward_pending"] == false, "{t}");
+    assert!(t["delivered_receipt_at_ms"].as_u64().is_some() && t["read_receipt_at_ms"].as_u64().is_some(), "{t}");
+    let reached = t["reached"].as_array().unwrap();
+    assert_eq!(reached.len(), 2, "both of Bob's devices: {t}");
+    let laptop = reached.iter().find(|r| r["who"] == laptop_id.device_id).unwrap();
+    assert_eq!(laptop["delivered"], false, "the laptop never connected");
+    assert!(!t.to_string().contains("secret words"), "never the content");
+
+    // A message dropped by a block is accepted and never stored for Bob.
+    bob.handle().block(ALICE, true).await.unwrap();
+    let ack = alice.handle().send(BOB, "t2", b"blocked".to_vec()).await.unwrap();
+    let id = ack.id.unwrap();
+    let t = loop {
+        let t = trace(format!("{}:{}", id.sender, id.seq)).await;
+        if t["forward_pending"] == false {
+            break t;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(t["recipient_log_seq"].is_null() && t["delivered_receipt_at_ms"].is_null(), "{t}");
+
+    // A group post: per member.
+    let group = bob.handle().create_group("g", &[ALICE]).await.unwrap();
+    let ack = bob.handle().send_to_group(group.id, "p1", b"post".to_vec()).await.unwrap();
+    let t = trace(format!("{}:{}", group.id, ack.id.unwrap().seq)).await;
+    assert_eq!(t["to_name"], "group \"g\"");
+    assert_eq!(t["reached"].as_array().unwrap().len(), 1);
+    let e = admin.call::<serde_json::Value>("GET", "/admin/v1/messages/nonsense", None).await.unwrap_err();
+    assert!(e.to_string().contains("ACCOUNT:SEQ"), "{e}");
+    let e = admin.call::<serde_json::Value>("GET", "/admin/v1/messages/999:1", None).await.unwrap_err();
+    assert!(e.to_string().contains("no message"), "{e}");
+}

@@ -968,6 +968,11 @@ async fn block_and_unblock_from_the_command_line() {
     assert!(out.contains("+15551900001"), "{out}");
     let out = cli.run("alice", &["send", "+15551900002", "during-block"]).await;
     assert!(out.contains("✓ 🔒 sent"), "the blocked sender sees its tick: {out}");
+    // The operator traces it by the id `send` printed: accepted, never stored for Bob.
+    let id = out.split("message ").nth(1).and_then(|s| s.split(')').next()).unwrap_or_else(|| panic!("{out}"));
+    let traced = admin_cli(&cli, &server, &["trace", id]).await;
+    assert!(traced.contains("accepted and stored (one tick)"), "{traced}");
+    assert!(traced.contains("member") && traced.contains("not yet"), "Bob never got it: {traced}");
     let refused = cli.output("bob", &["send", "+15551900001", "to-her"]).await;
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
