@@ -238,7 +238,8 @@ async fn link_approve_and_manage_devices_from_the_command_line() {
 
         let (ok, approved) = run(&["link", "approve", &code, "--profile", "alice"]);
         assert!(ok, "{approved}");
-        assert!(approved.contains("(laptop) now belongs to +15550800011"), "{approved}");
+        assert!(approved.contains("\"laptop\" now belongs to +15550800011"), "{approved}");
+        assert!(approved.contains("Not yours? Remove it at once: skylark devices remove"), "{approved}");
         linking.expect("Linked: this is device");
 
         let (ok, list) = run(&["devices", "--profile", "laptop"]);
