@@ -50,7 +50,13 @@ impl ServerProcess {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        assert!(line.contains("Skylark is running"), "server did not start: {line:?}; see {}", stderr_log.display());
+        if !line.contains("Skylark is running") {
+            // Its own words, here: the log file goes with the test's temporary directory.
+            let _ = child.wait();
+            let said = std::fs::read_to_string(stderr_log).unwrap_or_default();
+            let tail: Vec<&str> = said.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("server did not start: {line:?}; its log ({}) ends:\n{}", stderr_log.display(), tail.join("\n"));
+        }
         ServerProcess { child, stderr_log: stderr_log.to_owned() }
     }
 
