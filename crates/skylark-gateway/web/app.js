@@ -1308,7 +1308,7 @@ async function subscribePresence() {
   const r = await state.session.request({ subscribePresence: { phones } });
   for (const p of r.presenceList.presences || []) state.presence.set(p.phone, p);
   // Their profiles too (names shown as ~Name where no contact name is set).
-  const profiles = await state.session.request({ getProfiles: { phones } });
+  const profiles = await state.session.request({ getProfiles: { phones: phones.slice(0, 512) } });
   for (const p of profiles.profiles.profiles || []) state.profiles.set(p.phone, p);
   renderAll();
 }
