@@ -4,7 +4,8 @@
 //! Deleting goes in an order that keeps every promise made before it: the
 //! account leaves its groups (their other members see it go, as any
 //! leave); its actor is told, so from then on nothing that arrives for it
-//! is kept; then the store deletes it (number freed, devices removed, log
+//! is kept, and it lets its devices' connections go (on whichever node of
+//! a cluster they are); then the store deletes it (number freed, devices removed, log
 //! and settings gone) and its devices are disconnected. What it sent
 //! before is still delivered (its outbox stays).
 

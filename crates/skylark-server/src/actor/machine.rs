@@ -690,6 +690,10 @@ impl Machine {
             }
             Input::Deleted => {
                 self.marks_mut().deleted = true;
+                // Every device is gone with the account: their connections,
+                // on whichever node, are told so ("device removed").
+                self.feeds = Feeds::default();
+                self.cleanup.cursors.clear();
                 Outcome::Now(Ok(Answer::Done))
             }
             Input::Block { peer, blocked } => {

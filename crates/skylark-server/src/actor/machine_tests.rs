@@ -469,3 +469,17 @@ fn a_direct_group_keeps_a_blocked_members_messages_from_the_blocker_but_not_its_
     let fx = group.step(inputs, &facts, 2_000).unwrap();
     assert_eq!(to(&fx, ack_of(&fx.outcomes[0]).id.seq), vec![A, B]);
 }
+
+#[test]
+fn a_deleted_account_keeps_nothing_and_lets_its_devices_go() {
+    let mut a = machine(A);
+    step(&mut a, vec![Input::Attach { device: PHONE, connection: 1 }]);
+    assert_eq!(a.attached(), vec![PHONE]);
+    let fx = step(&mut a, vec![Input::Deleted]);
+    assert!(fx.write.is_empty());
+    assert!(a.attached().is_empty(), "its connections are let go");
+    assert!(a.feeds.positions.get(&PHONE).is_none(), "so they are told their device was removed");
+    let fx = step(&mut a, vec![deliver(vec![from_b(1)])]);
+    assert_eq!(answer(&fx.outcomes[0]), &Answer::Deliver(1), "taken, so the sender's outbox moves on");
+    assert!(fx.write.appends.is_empty(), "kept nowhere");
+}
