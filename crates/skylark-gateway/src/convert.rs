@@ -192,15 +192,17 @@ pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> Result
             up_to_seq: *up_to,
             at_ms: *at_ms,
         }),
-        LogEntry::ContactName { peer, name, .. } => event::Body::ContactName(v1::ContactNameChange {
+        LogEntry::ContactName { peer, name, at_ms } => event::Body::ContactName(v1::ContactNameChange {
             peer: peer.0,
             peer_phone: phone(router, *peer).await?,
             name: name.clone(),
+            at_ms: *at_ms,
         }),
-        LogEntry::Block { peer, blocked, .. } => event::Body::BlockChange(v1::BlockChange {
+        LogEntry::Block { peer, blocked, at_ms } => event::Body::BlockChange(v1::BlockChange {
             peer: peer.0,
             peer_phone: phone(router, *peer).await?,
             blocked: *blocked,
+            at_ms: *at_ms,
         }),
         LogEntry::Devices { change, .. } => event::Body::DeviceChange(v1::DeviceChange {
             change: Some(match change {

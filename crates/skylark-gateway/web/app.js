@@ -729,7 +729,7 @@ function applyBlock(b, order) {
   else state.blocked.delete(b.peerPhone);
   const c = chat(peerKey(b.peerPhone), { peer: b.peer });
   const text = b.blocked ? `You blocked ${b.peerPhone}` : `You unblocked ${b.peerPhone}`;
-  addMessage(c, { id: `b:${order}`, seq: 0, order, system: true, text, at: c.lastAt });
+  addMessage(c, { id: `b:${order}`, seq: 0, order, system: true, text, at: Number(b.atMs) || c.lastAt || Date.now() });
 }
 
 /// The block list as the server has it (the log's block events may be

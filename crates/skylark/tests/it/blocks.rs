@@ -72,6 +72,7 @@ async fn a_blocked_sender_sees_one_tick_and_the_blocker_hears_nothing_until_unbl
     })
     .await;
     assert_eq!((change.peer, change.peer_phone.as_str(), change.blocked), (alice_id.account_id, ALICE, true));
+    assert!(change.at_ms > 0, "when it happened");
     // Alice was watching Bob: she is told she may no longer see him.
     let seen = next_presence(&mut alice).await;
     assert_eq!((seen.phone.as_str(), seen.visible, seen.online), (BOB, false, false));
