@@ -103,8 +103,8 @@ pub(crate) enum Input {
     },
     DeviceChange(DeviceChange),
     /// The account blocked (or unblocked) `peer` (user actors; the store
-    /// already holds the change). A 1:1 conversation's group is told too,
-    /// and forgets what it knew of its members' blocks.
+    /// already holds the change). A 1:1 conversation's group is told too
+    /// (its other member is the blocker).
     Block {
         peer: AccountId,
         blocked: bool,
@@ -698,9 +698,17 @@ impl Machine {
             }
             Input::Block { peer, blocked } => {
                 if self.is_group() {
-                    // Read again from the store (which has the change) when next needed.
-                    if let Some(marks) = self.marks.as_deref_mut() {
-                        marks.blocked = None;
+                    // A 1:1 conversation's group keeps which member blocked
+                    // the other: `peer`'s other member did (or undid) it.
+                    // Unread yet: read when next needed (the store has it).
+                    if let (Some(blocker), Some(set)) =
+                        (self.account.direct_peer(peer), self.marks.as_deref_mut().and_then(|m| m.blocked.as_mut()))
+                    {
+                        if blocked {
+                            set.insert(blocker);
+                        } else {
+                            set.remove(&blocker);
+                        }
                     }
                     return Ok(Outcome::Now(Ok(Answer::Done)));
                 }

@@ -461,13 +461,15 @@ fn a_direct_group_keeps_a_blocked_members_messages_from_the_blocker_but_not_its_
     assert!(matches!(fx.outcomes[1], Outcome::Now(Err(MessagingError::YouBlocked))), "the blocker may not write");
     let commit = ack_of(&fx.outcomes[2]).id.seq;
     assert_eq!(to(&fx, commit), vec![A, B], "a commit reaches both");
-    // The block is lifted (the group is told to read the list again).
-    let fx = step(&mut group, vec![Input::Block { peer: A, blocked: false }]);
-    assert!(fx.write.is_empty(), "a group records nothing of it");
-    let inputs = vec![post(A, "m3", None)];
-    let facts = with_blocks(&group, &inputs, &[]);
-    let fx = group.step(inputs, &facts, 2_000).unwrap();
-    assert_eq!(to(&fx, ack_of(&fx.outcomes[0]).id.seq), vec![A, B]);
+    // The block is lifted, and a post follows in the same batch: the group
+    // updates what it holds, with no read.
+    let inputs = vec![Input::Block { peer: A, blocked: false }, post(A, "m3", None)];
+    assert!(!group.needs(&inputs).blocks, "held already");
+    let fx = step(&mut group, inputs);
+    assert_eq!(to(&fx, ack_of(&fx.outcomes[1]).id.seq), vec![A, B]);
+    // And blocked again.
+    let fx = step(&mut group, vec![Input::Block { peer: A, blocked: true }, post(A, "m4", None)]);
+    assert_eq!(to(&fx, ack_of(&fx.outcomes[1]).id.seq), vec![A]);
 }
 
 #[test]
