@@ -184,9 +184,13 @@ async fn a_failed_fsync_is_never_an_ack_and_the_server_restarts_from_disk() {
     let mut acked = rig.send((0..10).map(|n| format!("before-{n}"))).await;
     assert_eq!(acked.len(), 10);
 
+    // Connected first: the failing fsync may be any write (a background one
+    // too), and a server that stops before the client connects would refuse it.
+    let (session, _events) = connect(&[rig.endpoint()], &rig.identities[0]).await;
     control.fail_fsyncs(1);
-    let failed = rig.send(std::iter::once("during".to_owned())).await;
-    assert!(failed.is_empty(), "a message whose fsync failed was acknowledged");
+    let failed = session.handle().send(rig.phones[1], "during", b"during".to_vec()).await;
+    assert!(failed.is_err(), "a message whose fsync failed was acknowledged");
+    drop(session);
     // The server stops by itself, saying why.
     let server = rig.server.as_mut().unwrap();
     let started = Instant::now();
