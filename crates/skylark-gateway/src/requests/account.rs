@@ -53,11 +53,10 @@ pub(super) async fn delete(caller: &Caller<'_>, id: u64, delete: v1::DeleteAccou
 pub(super) async fn report(caller: &Caller<'_>, id: u64, report: v1::Report) -> ServerFrame {
     let server = &caller.shared.server;
     let me = caller.authed.account.id;
-    // Each one is a durable write: charged like a group change.
-    if let Err(e) = server.router.charge_group_change(caller.authed.device.id) {
-        return messaging_error(id, &e);
-    }
     let reported = if report.group != 0 {
+        if let Err(e) = server.router.charge_group_change(caller.authed.device.id) {
+            return messaging_error(id, &e);
+        }
         let group = skylark_core::AccountId(report.group);
         match server.store.group(group).await {
             Ok(Some(_)) if group.is_group() => group,
@@ -65,19 +64,11 @@ pub(super) async fn report(caller: &Caller<'_>, id: u64, report: v1::Report) -> 
             Err(e) => return unavailable(id, &e),
         }
     } else {
-        let phone = match PhoneNumber::parse(&report.phone) {
-            Ok(phone) => phone,
-            Err(e) => return messaging_error(id, &skylark_server::messaging::MessagingError::InvalidRecipient(e)),
-        };
-        match server.router.directory().account(&phone).await {
-            Ok(Some(account)) => account,
-            Ok(None) => return error(id, ErrorCode::UnknownRecipient, "no account has that number"),
-            Err(e) => return unavailable(id, &e),
+        match super::charged_peer(caller, id, &report.phone, "you cannot report yourself").await {
+            Ok(account) => account,
+            Err(answer) => return answer,
         }
     };
-    if reported == me {
-        return error(id, ErrorCode::InvalidArgument, "you cannot report yourself");
-    }
     match server.report(me, reported, report.block).await {
         Ok(_) => ok(id),
         Err(e) => account_error(id, &e),

@@ -2,31 +2,18 @@
 //! `ListContactNames`): the account's own view of other accounts. The rules live in the router
 //! (`Router::block`); here numbers become accounts and back.
 
-use super::{Answer, Caller, error, messaging_error, reply, unavailable};
-use skylark_core::PhoneNumber;
+use super::{Answer, Caller, charged_peer, messaging_error, reply, unavailable, when_durable};
 use skylark_protocol::v1::{self, server_frame};
-use skylark_protocol::{ErrorCode, ServerFrame};
+use skylark_protocol::ServerFrame;
 use skylark_server::messaging::MessagingError;
 
 pub(super) async fn block(caller: &Caller<'_>, id: u64, block: v1::Block) -> Answer {
     let router = &caller.shared.server.router;
     let me = caller.authed.account.id;
-    // Charged like a group change: rare, and each one is a durable write.
-    if let Err(e) = router.charge_group_change(caller.authed.device.id) {
-        return Answer::Now(messaging_error(id, &e));
-    }
-    let phone = match PhoneNumber::parse(&block.phone) {
-        Ok(phone) => phone,
-        Err(e) => return Answer::Now(messaging_error(id, &MessagingError::InvalidRecipient(e))),
+    let peer = match charged_peer(caller, id, &block.phone, "you cannot block your own number").await {
+        Ok(peer) => peer,
+        Err(answer) => return Answer::Now(answer),
     };
-    let peer = match router.directory().account(&phone).await {
-        Ok(Some(peer)) => peer,
-        Ok(None) => return Answer::Now(messaging_error(id, &MessagingError::UnknownRecipient)),
-        Err(e) => return Answer::Now(unavailable(id, &e)),
-    };
-    if peer == me {
-        return Answer::Now(error(id, ErrorCode::InvalidArgument, "you cannot block your own number"));
-    }
     let queued = router.block(me, peer, block.blocked).await;
     let presence = caller.shared.server.presence.clone();
     match queued {
@@ -65,32 +52,12 @@ pub(super) async fn list(caller: &Caller<'_>, id: u64) -> ServerFrame {
 }
 
 pub(super) async fn set_name(caller: &Caller<'_>, id: u64, set: v1::SetContactName) -> Answer {
-    let router = &caller.shared.server.router;
     let me = caller.authed.account.id;
-    if let Err(e) = router.charge_group_change(caller.authed.device.id) {
-        return Answer::Now(messaging_error(id, &e));
-    }
-    let peer = match PhoneNumber::parse(&set.phone) {
-        Ok(phone) => match router.directory().account(&phone).await {
-            Ok(Some(peer)) => peer,
-            Ok(None) => return Answer::Now(messaging_error(id, &MessagingError::UnknownRecipient)),
-            Err(e) => return Answer::Now(unavailable(id, &e)),
-        },
-        Err(e) => return Answer::Now(messaging_error(id, &MessagingError::InvalidRecipient(e))),
+    let peer = match charged_peer(caller, id, &set.phone, "your own number has no contact name").await {
+        Ok(peer) => peer,
+        Err(answer) => return Answer::Now(answer),
     };
-    if peer == me {
-        return Answer::Now(error(id, ErrorCode::InvalidArgument, "your own number has no contact name"));
-    }
-    match router.set_contact_name(me, peer, &set.name).await {
-        Ok(durable) => Answer::Later(Box::pin(async move {
-            match durable.await {
-                Ok(Ok(())) => super::ok(id),
-                Ok(Err(e)) => messaging_error(id, &e),
-                Err(_) => messaging_error(id, &MessagingError::ShuttingDown),
-            }
-        })),
-        Err(e) => Answer::Now(messaging_error(id, &e)),
-    }
+    when_durable(id, caller.shared.server.router.set_contact_name(me, peer, &set.name).await, move |()| super::ok(id))
 }
 
 pub(super) async fn names(caller: &Caller<'_>, id: u64) -> ServerFrame {

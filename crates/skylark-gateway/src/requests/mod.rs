@@ -102,6 +102,32 @@ pub(crate) fn messaging_error(id: u64, e: &MessagingError) -> ServerFrame {
     frame
 }
 
+/// For a request that acts on another account named by its number
+/// (block, name, report): charges the device like a group change (each is a
+/// rare durable write), then finds the account. `Err` is the answer to give:
+/// rate-limited, a malformed or unknown number, or the caller's own number
+/// (`own_number` says, in words, why that makes no sense).
+pub(crate) async fn charged_peer(
+    caller: &Caller<'_>,
+    id: u64,
+    phone: &str,
+    own_number: &str,
+) -> Result<skylark_core::AccountId, ServerFrame> {
+    let router = &caller.shared.server.router;
+    router.charge_group_change(caller.authed.device.id).map_err(|e| messaging_error(id, &e))?;
+    let phone = skylark_core::PhoneNumber::parse(phone)
+        .map_err(|e| messaging_error(id, &MessagingError::InvalidRecipient(e)))?;
+    let peer = match router.directory().account(&phone).await {
+        Ok(Some(peer)) => peer,
+        Ok(None) => return Err(messaging_error(id, &MessagingError::UnknownRecipient)),
+        Err(e) => return Err(unavailable(id, &e)),
+    };
+    if peer == caller.authed.account.id {
+        return Err(error(id, ErrorCode::InvalidArgument, own_number));
+    }
+    Ok(peer)
+}
+
 /// The answer to a request the actor has queued: `done` turns its result
 /// into the reply once the write is durable.
 pub(crate) fn when_durable<T: Send + 'static>(

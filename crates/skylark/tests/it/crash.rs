@@ -25,8 +25,24 @@ const KILLS: usize = 6;
 /// The whole test gives up (and fails) after this.
 pub(crate) const DEADLINE: Duration = Duration::from_secs(120);
 
+/// A port nothing listens on, for a server (or NATS) started later and
+/// perhaps restarted on it. Taken below the kernel's ephemeral range
+/// (32768 and up here), so that no outgoing connection and no listener on
+/// port 0 — of this test process or a parallel one — can take it between
+/// this check and the bind; each test process starts at its own offset.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(u32::MAX, (std::process::id() * 97) % SPAN, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 pub(crate) struct ServerProcess {
