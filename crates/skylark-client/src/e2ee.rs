@@ -645,8 +645,21 @@ impl Crypto {
         client_id: &str,
         text: &str,
     ) -> Result<(v1::SendAck, bool), ClientError> {
+        self.post_with(h, group, client_id, text, crate::session::SendOptions::default()).await
+    }
+
+    /// [`Crypto::post`] of a post that edits or deletes one of yours, or
+    /// disappears (see [`crate::session::SendOptions`]).
+    pub async fn post_with(
+        &self,
+        h: &SessionHandle,
+        group: u64,
+        client_id: &str,
+        text: &str,
+        options: crate::session::SendOptions,
+    ) -> Result<(v1::SendAck, bool), ClientError> {
         let (payload, encrypted) = self.group_payload(group, client_id, text)?;
-        let ack = h.send_to_group(group, client_id, payload).await?;
+        let ack = h.send_with(crate::session::To::Group(group), client_id, payload, options).await?;
         Ok((ack, encrypted))
     }
 

@@ -15,6 +15,7 @@ pub mod api;
 pub mod backoff;
 pub mod client;
 pub mod conn;
+pub mod content;
 pub mod e2ee;
 pub mod identity;
 pub mod session;

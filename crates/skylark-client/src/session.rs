@@ -23,6 +23,26 @@ const COMMAND_QUEUE: usize = 64;
 /// session stops reading the socket, which pushes back on the server.
 const EVENT_QUEUE: usize = 1024;
 
+/// Where a message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum To<'a> {
+    /// A 1:1 message to this phone number.
+    Phone(&'a str),
+    /// A post to this group.
+    Group(u64),
+}
+
+/// What a message does beyond carrying its payload. `edits` and `deletes`
+/// name one of your own earlier messages by its sequence (the `seq` of its
+/// `MessageId`: for a post, the group sequence), within the server's edit
+/// and delete windows; `expire_after_ms` (0: never) makes it disappear.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    pub edits: Option<u64>,
+    pub deletes: Option<u64>,
+    pub expire_after_ms: u64,
+}
+
 /// What the server told us when the session was established.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
@@ -106,12 +126,32 @@ impl SessionHandle {
     /// Resending with the same `client_id` is safe: the server returns the
     /// first ack with `duplicate` set.
     pub async fn send(&self, to: &str, client_id: &str, payload: Vec<u8>) -> Result<v1::SendAck, ClientError> {
+        self.send_with(To::Phone(to), client_id, payload, SendOptions::default()).await
+    }
+
+    /// Sends a message that edits or deletes one of yours, or disappears
+    /// (see [`SendOptions`]); otherwise as [`Session::send`] and
+    /// [`Session::send_to_group`].
+    pub async fn send_with(
+        &self,
+        to: To<'_>,
+        client_id: &str,
+        payload: Vec<u8>,
+        options: SendOptions,
+    ) -> Result<v1::SendAck, ClientError> {
+        let (to, group) = match to {
+            To::Phone(phone) => (phone.to_owned(), 0),
+            To::Group(group) => (String::new(), group),
+        };
         let body = client_frame::Body::Send(v1::SendMessage {
             client_id: client_id.to_owned(),
-            to: to.to_owned(),
-            group: 0,
+            to,
+            group,
             payload: payload.into(),
             commit_epoch: None,
+            edits: options.edits,
+            deletes: options.deletes,
+            expire_after_ms: options.expire_after_ms,
         });
         self.send_body(body).await
     }
@@ -153,6 +193,9 @@ impl SessionHandle {
             group,
             payload: payload.into(),
             commit_epoch,
+            edits: None,
+            deletes: None,
+            expire_after_ms: 0,
         });
         self.send_body(body).await
     }

@@ -123,6 +123,27 @@ pub struct GroupEvent {
     pub body: GroupBody,
 }
 
+impl GroupEvent {
+    /// The meta of a post (`None` for other events).
+    pub fn post_meta(&self) -> Option<&crate::message::Meta> {
+        match &self.body {
+            GroupBody::Message { meta, .. } => Some(meta),
+            _ => None,
+        }
+    }
+
+    /// This post with its payload purged (deleted for everyone, or
+    /// expired); other events are returned as they are.
+    pub fn purged(&self) -> GroupEvent {
+        let mut e = self.clone();
+        if let GroupBody::Message { payload, meta, .. } = &mut e.body {
+            *payload = bytes::Bytes::new();
+            meta.purged = true;
+        }
+        e
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBody {
     /// A message posted by `by` from `device`.
@@ -130,6 +151,7 @@ pub enum GroupBody {
         device: DeviceId,
         client_id: String,
         payload: bytes::Bytes,
+        meta: crate::message::Meta,
     },
     Created {
         subject: String,
@@ -167,6 +189,9 @@ pub enum GroupChange {
         client_id: String,
         payload: bytes::Bytes,
         commit_epoch: Option<u64>,
+        /// Checked by the group's actor against its log ([`crate::message::MetaRules`]).
+        #[serde(default)]
+        meta: crate::message::Meta,
     },
     Add {
         members: Vec<AccountId>,
@@ -323,7 +348,7 @@ impl GroupMeta {
         let need_admin = |ok: bool| if ok { Ok(()) } else { Err(GroupError::NotAnAdmin) };
         let need_member = |m: AccountId| self.member(m).map(|_| ()).ok_or(GroupError::NotMember(m));
         Ok(match change {
-            GroupChange::Post { device, client_id, payload, commit_epoch } => {
+            GroupChange::Post { device, client_id, payload, commit_epoch, meta } => {
                 match commit_epoch {
                     // One commit per epoch, first come first served. Any
                     // member may commit, even in an admin-only group: a
@@ -334,7 +359,7 @@ impl GroupMeta {
                     None if self.admin_only && !admin => return Err(GroupError::AdminOnly),
                     None => {}
                 }
-                GroupBody::Message { device, client_id, payload }
+                GroupBody::Message { device, client_id, payload, meta }
             }
             GroupChange::Add { members } => {
                 need_admin(admin)?;
@@ -462,6 +487,7 @@ mod tests {
     fn only_admins_manage_and_only_members_post() {
         let g = group();
         let post = || GroupChange::Post {
+            meta: Default::default(),
             device: DeviceId(1),
             client_id: "c".into(),
             payload: bytes::Bytes::new(),
@@ -486,6 +512,7 @@ mod tests {
     fn the_group_takes_one_commit_per_epoch() {
         let mut g = group();
         let commit = |epoch| GroupChange::Post {
+            meta: Default::default(),
             device: DeviceId(1),
             client_id: "c".into(),
             payload: bytes::Bytes::new(),
@@ -518,6 +545,7 @@ mod tests {
         assert_eq!(id.direct_peer(C), None);
         let (g, _) = GroupMeta::create_direct(id, A, B, 0);
         let post = GroupChange::Post {
+            meta: Default::default(),
             device: DeviceId(1),
             client_id: "c".into(),
             payload: bytes::Bytes::new(),

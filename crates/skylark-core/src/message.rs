@@ -35,6 +35,145 @@ pub struct Message {
     /// Shared, not copied, by every copy of the message in memory and on
     /// the wire.
     pub payload: bytes::Bytes,
+    /// What the server must know to act on the message (edits, deletes,
+    /// expiry); everything else about it is in the opaque payload.
+    pub meta: Meta,
+}
+
+/// The little a server must know about a message to act on it, carried
+/// beside the opaque payload (a 1:1 message's or a group post's): which
+/// earlier message of the same sender it edits or deletes, when its payload
+/// expires, and whether the payload was purged. Targets are the sender's
+/// log sequence numbers (for a group post, group sequence numbers): a
+/// sender can only ever name its own messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Meta {
+    /// This message replaces the content of the sender's message `edits`.
+    pub edits: Option<u64>,
+    /// This message deletes the sender's message `deletes` for everyone:
+    /// every copy's payload is purged where it is stored.
+    pub deletes: Option<u64>,
+    /// A disappearing message: its payload is purged from every store at
+    /// this time (server clock) and clients hide it.
+    pub expires_at_ms: Option<u64>,
+    /// The server purged the payload (deleted for everyone, or expired);
+    /// the payload is then empty.
+    pub purged: bool,
+}
+
+impl Meta {
+    pub fn is_default(&self) -> bool {
+        *self == Meta::default()
+    }
+
+    /// Whether the payload must no longer be handed out at `now_ms`.
+    pub fn gone(&self, now_ms: u64) -> bool {
+        self.purged || self.expires_at_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
+/// What a sender asks of a new message beyond its payload: to edit or
+/// delete one of its earlier messages, or to disappear after a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct MetaRequest {
+    pub edits: Option<u64>,
+    pub deletes: Option<u64>,
+    /// 0: the message does not disappear.
+    pub expire_after_ms: u64,
+}
+
+impl MetaRequest {
+    /// The earlier message this one edits or deletes.
+    pub fn target(&self) -> Option<u64> {
+        self.edits.or(self.deletes)
+    }
+}
+
+/// The bounds a server keeps on [`Meta`] (`messaging.edit_window_ms` and
+/// friends): how long after sending a message its author may still edit
+/// or delete it, and which disappearing timers are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaRules {
+    pub edit_window_ms: u64,
+    pub delete_window_ms: u64,
+    /// Shortest and longest disappearing timer accepted.
+    pub min_timer_ms: u64,
+    pub max_timer_ms: u64,
+}
+
+impl Default for MetaRules {
+    fn default() -> Self {
+        MetaRules {
+            edit_window_ms: 15 * 60 * 1000,
+            delete_window_ms: 48 * 60 * 60 * 1000,
+            min_timer_ms: 1000,
+            max_timer_ms: 366 * 24 * 60 * 60 * 1000,
+        }
+    }
+}
+
+/// Why a message's [`Meta`] was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum MetaError {
+    #[error("a message cannot both edit and delete")]
+    EditAndDelete,
+    #[error("only your own messages can be edited or deleted, and only ones that still exist")]
+    NotYours,
+    #[error("this message was deleted, so it cannot be changed")]
+    AlreadyDeleted,
+    #[error("messages can be edited only within {} of sending", crate::words::wait(*.0))]
+    EditTooLate(u64),
+    #[error("messages can be deleted for everyone only within {} of sending", crate::words::wait(*.0))]
+    DeleteTooLate(u64),
+    #[error("a disappearing timer must be between {} and {}", crate::words::wait(*.0), crate::words::wait(*.1))]
+    BadTimer(u64, u64),
+    #[error("only a message with text can be edited, and an edit or a deletion cannot itself be changed")]
+    NotEditable,
+}
+
+impl MetaRules {
+    /// Checks a new message's request (its edit or delete target, found in
+    /// the sender's own log: `target` is `(sent_at_ms, meta)` of the
+    /// sender's message with that sequence, `None` if the sender has no
+    /// such message) and its timer, and returns its meta as stored.
+    pub fn check(&self, request: &MetaRequest, target: Option<(u64, Meta)>, now_ms: u64) -> Result<Meta, MetaError> {
+        let MetaRequest { edits, deletes, expire_after_ms } = *request;
+        if edits.is_some() && deletes.is_some() {
+            return Err(MetaError::EditAndDelete);
+        }
+        if edits.is_some() || deletes.is_some() {
+            let (sent_at, meta) = target.ok_or(MetaError::NotYours)?;
+            if meta.purged || meta.deletes.is_some() && deletes.is_some() {
+                return Err(MetaError::AlreadyDeleted);
+            }
+            if meta.deletes.is_some() || meta.edits.is_some() {
+                return Err(MetaError::NotEditable);
+            }
+            let age = now_ms.saturating_sub(sent_at);
+            if edits.is_some() && age > self.edit_window_ms {
+                return Err(MetaError::EditTooLate(self.edit_window_ms));
+            }
+            if deletes.is_some() && age > self.delete_window_ms {
+                return Err(MetaError::DeleteTooLate(self.delete_window_ms));
+            }
+        }
+        let expires_at_ms = match expire_after_ms {
+            0 => None,
+            t if (self.min_timer_ms..=self.max_timer_ms).contains(&t) => Some(now_ms.saturating_add(t)),
+            _ => return Err(MetaError::BadTimer(self.min_timer_ms, self.max_timer_ms)),
+        };
+        Ok(Meta { edits, deletes, expires_at_ms, purged: false })
+    }
+}
+
+impl Message {
+    /// This message with its payload purged (deleted for everyone, or
+    /// expired): the same id, sender, time and meta, no content.
+    pub fn purged(&self) -> Message {
+        Message { payload: bytes::Bytes::new(), meta: Meta { purged: true, ..self.meta }, ..self.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -148,6 +287,37 @@ mod tests {
         assert!(!valid_client_id("a b"), "no spaces");
         assert!(!valid_client_id("é"), "ASCII only");
         assert!(!valid_client_id("a\tb"));
+    }
+
+    #[test]
+    fn edits_deletes_and_timers() {
+        let rules = MetaRules::default();
+        let now = 1_000_000_000;
+        let mine = Some((now - 60_000, Meta::default()));
+        let edit = MetaRequest { edits: Some(4), ..MetaRequest::default() };
+        let delete = MetaRequest { deletes: Some(4), ..MetaRequest::default() };
+        assert_eq!(rules.check(&edit, mine, now).unwrap(), Meta { edits: Some(4), ..Meta::default() });
+        assert_eq!(rules.check(&delete, mine, now).unwrap(), Meta { deletes: Some(4), ..Meta::default() });
+        assert_eq!(rules.check(&edit, None, now), Err(MetaError::NotYours));
+        let old = Some((now - rules.edit_window_ms - 1, Meta::default()));
+        assert_eq!(rules.check(&edit, old, now), Err(MetaError::EditTooLate(rules.edit_window_ms)));
+        assert!(rules.check(&delete, old, now).is_ok(), "the delete window is longer");
+        let gone = Some((now, Meta { purged: true, ..Meta::default() }));
+        assert_eq!(rules.check(&delete, gone, now), Err(MetaError::AlreadyDeleted));
+        let an_edit = Some((now, Meta { edits: Some(1), ..Meta::default() }));
+        assert_eq!(rules.check(&edit, an_edit, now), Err(MetaError::NotEditable));
+        let both = MetaRequest { edits: Some(4), deletes: Some(4), expire_after_ms: 0 };
+        assert_eq!(rules.check(&both, mine, now), Err(MetaError::EditAndDelete));
+        let timed = MetaRequest { expire_after_ms: 86_400_000, ..MetaRequest::default() };
+        assert_eq!(rules.check(&timed, None, now).unwrap().expires_at_ms, Some(now + 86_400_000));
+        let tiny = MetaRequest { expire_after_ms: 10, ..MetaRequest::default() };
+        assert!(matches!(rules.check(&tiny, None, now), Err(MetaError::BadTimer(..))));
+        assert_eq!(
+            MetaError::DeleteTooLate(rules.delete_window_ms).to_string(),
+            "messages can be deleted for everyone only within 2 days of sending"
+        );
+        assert!(Meta { expires_at_ms: Some(now), ..Meta::default() }.gone(now));
+        assert!(!Meta { expires_at_ms: Some(now + 1), ..Meta::default() }.gone(now));
     }
 
     #[test]

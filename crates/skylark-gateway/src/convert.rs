@@ -4,6 +4,7 @@ use skylark_core::AccountId;
 use skylark_core::DeviceId;
 use skylark_core::group::{GroupBody, GroupError, GroupEvent, GroupMeta, Role};
 use skylark_core::message::DeviceChange;
+use skylark_core::message::MetaError;
 use skylark_core::message::{LogEntry, MessageId, ReceiptKind};
 use skylark_protocol::v1::{self, event, server_frame};
 use skylark_protocol::{ErrorCode, ServerFrame};
@@ -29,6 +30,14 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         | MessagingError::NodeUnreachable => ErrorCode::Unavailable,
         MessagingError::Internal(_) => ErrorCode::Internal,
         MessagingError::RateLimited(_) => ErrorCode::RateLimited,
+        MessagingError::Meta(e) => match e {
+            MetaError::NotYours => ErrorCode::UnknownMessage,
+            MetaError::EditAndDelete | MetaError::BadTimer(..) => ErrorCode::InvalidArgument,
+            MetaError::AlreadyDeleted
+            | MetaError::EditTooLate(_)
+            | MetaError::DeleteTooLate(_)
+            | MetaError::NotEditable => ErrorCode::MessageNotChangeable,
+        },
         MessagingError::Group(e) => match e {
             GroupError::UnknownGroup => ErrorCode::UnknownGroup,
             GroupError::NotAMember => ErrorCode::NotAMember,
@@ -130,10 +139,14 @@ pub(crate) async fn group_info(router: &Router, meta: &GroupMeta) -> Result<v1::
 async fn group_event(router: &Router, e: &GroupEvent) -> Result<v1::GroupEvent, StoreError> {
     use v1::group_event::Body;
     let body = match &e.body {
-        GroupBody::Message { device, client_id, payload } => Body::Message(v1::GroupMessage {
+        GroupBody::Message { device, client_id, payload, meta } => Body::Message(v1::GroupMessage {
             sender_device: device.0,
             client_id: client_id.clone(),
-            payload: payload.clone(),
+            payload: if meta.gone(router.now_ms()) { bytes::Bytes::new() } else { payload.clone() },
+            edits: meta.edits,
+            deletes: meta.deletes,
+            expires_at_ms: meta.expires_at_ms.unwrap_or(0),
+            purged: meta.gone(router.now_ms()),
         }),
         GroupBody::Created { subject, members } => {
             let mut out = Vec::with_capacity(members.len());
@@ -177,7 +190,13 @@ pub(crate) async fn event(router: &Router, seq: u64, entry: &LogEntry) -> Result
             sender_device: m.sender_device.0,
             client_id: m.client_id.clone(),
             sent_at_ms: m.sent_at_ms,
-            payload: m.payload.clone(),
+            // A disappearing message past its time is never handed out,
+            // even before the sweeper has purged the stored copy.
+            payload: if m.meta.gone(router.now_ms()) { bytes::Bytes::new() } else { m.payload.clone() },
+            edits: m.meta.edits,
+            deletes: m.meta.deletes,
+            expires_at_ms: m.meta.expires_at_ms.unwrap_or(0),
+            purged: m.meta.gone(router.now_ms()),
         }),
         LogEntry::Receipt { peer, kind, up_to, at_ms } => event::Body::Receipt(v1::Receipt {
             peer: peer.0,

@@ -120,6 +120,7 @@ impl Gateway {
         shared.tracker.spawn(tcp::serve(tcp_listener, shared.clone(), tls.clone()));
         shared.tracker.spawn(admin::serve(admin_listener, shared.clone()));
         shared.tracker.spawn(housekeeping(shared.clone()));
+        shared.tracker.spawn(expiry(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         let secure = tls.is_some();
         tracing::info!(%http_addr, %tcp_addr, %admin_addr, tls = secure, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP; admin API and metrics)");
@@ -152,6 +153,23 @@ impl Gateway {
         self.shared.tracker.close();
         if tokio::time::timeout(drain, self.shared.tracker.wait()).await.is_err() {
             tracing::warn!(remaining = self.shared.tracker.len(), "connections still open after the drain period");
+        }
+    }
+}
+
+/// Disappearing messages: purges what is due every `expiry_sweep_ms`.
+async fn expiry(shared: Shared) {
+    let every = Duration::from_millis(shared.server.router.config().expiry_sweep_ms.max(100));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => match shared.server.expire_messages().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(purged = n, "purged expired messages"),
+                Err(e) => tracing::warn!(error = %e, "purging expired messages failed; will try again"),
+            },
         }
     }
 }

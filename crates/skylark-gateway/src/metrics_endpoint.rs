@@ -96,6 +96,13 @@ pub const METRICS: &[Metric] = &[
         None,
     ),
     (
+        "skylark_messages_purged_total",
+        Kind::Counter,
+        "Stored copies of messages whose payload the server purged: why=deleted (deleted for everyone by \
+         their author), why=expired (disappearing messages past their time).",
+        None,
+    ),
+    (
         "skylark_messages_blocked_total",
         Kind::Counter,
         "Messages not delivered because their recipient blocked the sender.",

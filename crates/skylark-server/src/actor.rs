@@ -99,6 +99,7 @@ pub(crate) struct SendMail {
     /// The recipient, resolved at the edge.
     pub to: AccountId,
     pub payload: bytes::Bytes,
+    pub meta: skylark_core::message::MetaRequest,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
     /// The sending connection's span, so what the actor logs about this
     /// message is tied to the connection it came from.
@@ -112,6 +113,7 @@ pub(crate) struct PostMail {
     pub client_id: String,
     pub payload: bytes::Bytes,
     pub commit_epoch: Option<u64>,
+    pub meta: skylark_core::message::MetaRequest,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
     pub span: tracing::Span,
 }
@@ -407,14 +409,17 @@ async fn fail_all(
 fn split(msg: Msg) -> (Input, Reply) {
     match msg {
         Msg::Send(mail) => {
-            let SendMail { device, client_id, to, payload, reply, span } = *mail;
+            let SendMail { device, client_id, to, payload, meta, reply, span } = *mail;
             tracing::trace!(parent: &span, %client_id, "send taken by the actor");
-            (Input::Send { device, client_id, to, payload, over_rate: None }, Reply::Send(reply))
+            (Input::Send { device, client_id, to, payload, meta, over_rate: None }, Reply::Send(reply))
         }
         Msg::Post(mail) => {
-            let PostMail { author, device, client_id, payload, commit_epoch, reply, span } = *mail;
+            let PostMail { author, device, client_id, payload, commit_epoch, meta, reply, span } = *mail;
             tracing::trace!(parent: &span, %client_id, "post taken by the group's actor");
-            (Input::Post { author, device, client_id, payload, commit_epoch, over_rate: None }, Reply::Send(reply))
+            (
+                Input::Post { author, device, client_id, payload, commit_epoch, meta, over_rate: None },
+                Reply::Send(reply),
+            )
         }
         Msg::Group(mail) => {
             let GroupMail { from, request, reply } = *mail;
@@ -496,6 +501,10 @@ async fn fetch(store: &dyn Store, account: AccountId, needs: Needs) -> Result<Fa
     }
     for device in needs.cursors {
         facts.cursors.insert(device, store.cursor(account, device).await?);
+    }
+    for (id, since_ms) in needs.copies {
+        let found = store.find_message(account, id, since_ms).await?;
+        facts.copies.insert(id, found.map(|(seq, entry)| (seq, Arc::new(entry))));
     }
     for (from, to) in needs.entries {
         read_range(store, account, from, to, &mut facts.entries).await?;
@@ -751,6 +760,9 @@ impl Shell {
         }
         if counts.dropped_blocked > 0 {
             metrics::counter!("skylark_messages_blocked_total").increment(counts.dropped_blocked);
+        }
+        if counts.purged > 0 {
+            metrics::counter!("skylark_messages_purged_total", "why" => "deleted").increment(counts.purged);
         }
     }
 

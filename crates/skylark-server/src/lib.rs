@@ -169,6 +169,22 @@ impl Server {
         self.devices.flush_last_seen().await;
     }
 
+    /// Purges from the store the payloads of disappearing messages whose
+    /// time has come (in every log holding a copy). Returns how many copies
+    /// it handled. Call every `messaging.expiry_sweep_ms`.
+    pub async fn expire_messages(&self) -> Result<usize, StoreError> {
+        const BATCH: usize = 1000;
+        let mut total = 0;
+        loop {
+            let n = self.store.expire(self.clock.now_ms(), BATCH).await?;
+            total += n;
+            metrics::counter!("skylark_messages_purged_total", "why" => "expired").increment(n as u64);
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Periodic clean-up: forgets idle rate-limit keys and expired link
     /// codes, writes pending last-seen times, and purges verification
     /// sessions older than a day.

@@ -27,6 +27,25 @@ pub struct MessagingConfig {
     pub forward_timeout_ms: u64,
     /// Members of one group, at most (admins included).
     pub max_group_members: usize,
+    /// How long after sending a message its author may still edit it.
+    pub edit_window_ms: u64,
+    /// How long after sending a message its author may still delete it
+    /// for everyone.
+    pub delete_window_ms: u64,
+    /// How often the server purges disappearing messages past their time
+    /// from its store (it never hands one out after its time either way).
+    pub expiry_sweep_ms: u64,
+}
+
+impl MessagingConfig {
+    /// The rules for edits, deletions and disappearing timers.
+    pub fn meta_rules(&self) -> skylark_core::message::MetaRules {
+        skylark_core::message::MetaRules {
+            edit_window_ms: self.edit_window_ms,
+            delete_window_ms: self.delete_window_ms,
+            ..skylark_core::message::MetaRules::default()
+        }
+    }
 }
 
 impl Default for MessagingConfig {
@@ -39,6 +58,9 @@ impl Default for MessagingConfig {
             forward_retry_max_ms: 30_000,
             forward_timeout_ms: 10_000,
             max_group_members: 1024,
+            edit_window_ms: skylark_core::message::MetaRules::default().edit_window_ms,
+            delete_window_ms: skylark_core::message::MetaRules::default().delete_window_ms,
+            expiry_sweep_ms: 10_000,
         }
     }
 }
@@ -56,6 +78,8 @@ pub struct SendRequest {
     /// The payload is an MLS commit made in this epoch of the group's
     /// encryption (groups only).
     pub commit_epoch: Option<u64>,
+    /// An edit, a deletion or a disappearing timer.
+    pub meta: skylark_core::message::MetaRequest,
 }
 
 /// A member's request to a group, other than posting (see [`SendRequest`]).
@@ -162,6 +186,8 @@ pub enum MessagingError {
     RateLimited(std::time::Duration),
     #[error(transparent)]
     Group(#[from] GroupError),
+    #[error(transparent)]
+    Meta(#[from] skylark_core::message::MetaError),
 }
 
 impl From<StoreError> for MessagingError {

@@ -47,6 +47,11 @@ fn gone() -> MessagingError {
 }
 
 impl Router {
+    /// The server's clock (what disappearing messages' times are in).
+    pub fn now_ms(&self) -> u64 {
+        self.ctx().clock.now_ms()
+    }
+
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: MessagingConfig) -> Self {
         Self::with_limits(store, clock, config, &crate::config::RateLimits::default())
     }
@@ -171,10 +176,10 @@ impl Router {
         }
         let (reply, answer) = oneshot::channel();
         let span = tracing::Span::current();
-        let SendRequest { client_id, to, group, payload, commit_epoch } = request;
+        let SendRequest { client_id, to, group, payload, commit_epoch, meta } = request;
         match group {
             Some(group) if self.group_exists(group).await? => {
-                let mail = PostMail { author: account, device, client_id, payload, commit_epoch, reply, span };
+                let mail = PostMail { author: account, device, client_id, payload, commit_epoch, meta, reply, span };
                 self.tell(group, Msg::Post(Box::new(mail))).await?;
             }
             Some(_) => return Err(GroupError::UnknownGroup.into()),
@@ -187,7 +192,7 @@ impl Router {
                     self.charge_send(device)?;
                     return Err(MessagingError::UnknownRecipient);
                 };
-                let mail = actor::SendMail { device, client_id, to, payload, reply, span };
+                let mail = actor::SendMail { device, client_id, to, payload, meta, reply, span };
                 self.tell(account, Msg::Send(Box::new(mail))).await?;
             }
         }
@@ -459,6 +464,7 @@ mod tests {
 
     async fn send(router: &Router, from: (AccountId, DeviceId), to: &str, client_id: &str) -> SendAck {
         let request = SendRequest {
+            meta: Default::default(),
             client_id: client_id.into(),
             to: to.into(),
             group: None,
@@ -508,6 +514,7 @@ mod tests {
             let asked = router.group_request(alice.0, bogus, GroupRequest::Info).await;
             assert!(matches!(asked, Err(MessagingError::Group(GroupError::UnknownGroup))));
             let request = SendRequest {
+                meta: Default::default(),
                 client_id: format!("c{n}"),
                 to: String::new(),
                 group: Some(bogus),

@@ -34,6 +34,7 @@ fn arg(n: usize, default: usize) -> usize {
 
 fn write_for(account: u64, seq: u64, payload: &[u8]) -> AccountWrite {
     let message = Message {
+        meta: Default::default(),
         id: MessageId { sender: AccountId(account), seq },
         to: AccountId(account + 1_000_000),
         sender_device: DeviceId(1),

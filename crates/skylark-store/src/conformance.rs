@@ -28,6 +28,108 @@ pub async fn run_all(store: &dyn Store) {
     reports(store).await;
     contact_names(store).await;
     profiles(store).await;
+    purges_and_expiry(store).await;
+}
+
+/// Deleted-for-everyone and disappearing messages: an entry rewritten in
+/// place, a copy found in another account's log, and the sweeper purging
+/// exactly what is due, in every log that holds a copy.
+async fn purges_and_expiry(store: &dyn Store) {
+    use crate::AccountWrite;
+    use skylark_core::AccountId;
+    use skylark_core::group::{GroupBody, GroupEvent};
+    use skylark_core::message::{LogEntry, Message, MessageId, Meta};
+    use std::sync::Arc;
+
+    let (a, b) = (AccountId(700), AccountId(701));
+    let group = AccountId::group(77);
+    let message = |seq: u64, text: &str, meta: Meta| Message {
+        id: MessageId { sender: a, seq },
+        to: b,
+        sender_device: DeviceId(1),
+        client_id: format!("p{seq}"),
+        sent_at_ms: 1_000 + seq,
+        payload: text.as_bytes().to_vec().into(),
+        meta,
+    };
+    let timed = |at: u64| Meta { expires_at_ms: Some(at), ..Meta::default() };
+    let kept = message(1, "kept", Meta::default());
+    let soon = message(2, "soon", timed(5_000));
+    let later = message(3, "later", timed(9_000));
+    let post = Arc::new(GroupEvent {
+        group,
+        seq: 4,
+        by: a,
+        at_ms: 1_004,
+        body: GroupBody::Message {
+            device: DeviceId(1),
+            client_id: "g".into(),
+            payload: b"post".to_vec().into(),
+            meta: timed(5_000),
+        },
+    });
+    let entry = |m: &Message| Arc::new(LogEntry::Message(Arc::new(m.clone())));
+    // The sender's log, and the recipient's copies after unrelated entries.
+    let mut w = AccountWrite::new(a);
+    for m in [&kept, &soon, &later] {
+        w.appends.push((m.id.seq, entry(m)));
+    }
+    store.apply(w).await.expect("apply");
+    let mut w = AccountWrite::new(b);
+    w.appends.push((1, Arc::new(LogEntry::ReadSync { peer: a, up_to: 0, at_ms: 900 })));
+    for (seq, m) in [(2, &kept), (3, &soon), (4, &later)] {
+        w.appends.push((seq, entry(m)));
+    }
+    w.appends.push((5, Arc::new(LogEntry::Group(post.clone()))));
+    for seq in 6..600 {
+        w.appends.push((seq, Arc::new(LogEntry::ReadSync { peer: a, up_to: seq, at_ms: 2_000 })));
+    }
+    store.apply(w).await.expect("apply");
+
+    // Finding copies: directly in the sender's log, by search elsewhere
+    // (across pages), and not at all before `since_ms`.
+    let id = |seq| MessageId { sender: a, seq };
+    assert_eq!(store.find_message(a, id(3), 0).await.expect("find"), Some((3, (*entry(&later)).clone())));
+    assert_eq!(store.find_message(a, id(9), 0).await.expect("find"), None);
+    assert_eq!(store.find_message(b, id(1), 0).await.expect("find").map(|(seq, _)| seq), Some(2));
+    assert_eq!(store.find_message(b, id(1), 1_500).await.expect("find"), None, "searched no further than since_ms");
+    let post_id = MessageId { sender: group, seq: 4 };
+    assert_eq!(store.find_message(b, post_id, 0).await.expect("find").map(|(seq, _)| seq), Some(5));
+
+    // A deletion rewrites the entry in place.
+    let mut w = AccountWrite::new(b);
+    w.replaces.push((2, Arc::new(LogEntry::Message(Arc::new(kept.purged())))));
+    store.apply(w).await.expect("apply");
+    let read = store.read_log(b, 2, 1).await.expect("read");
+    assert_eq!(read, vec![(2, LogEntry::Message(Arc::new(kept.purged())))]);
+    assert!(matches!(&read[0].1, LogEntry::Message(m) if m.payload.is_empty() && m.meta.purged));
+
+    // Nothing is due before its time; then exactly the due copies go, in
+    // both logs, and the sweep is done with them.
+    assert_eq!(store.expire(4_999, 100).await.expect("expire"), 0);
+    assert_eq!(store.expire(5_000, 100).await.expect("expire"), 3, "two copies of `soon` and the post");
+    assert_eq!(store.expire(5_000, 100).await.expect("expire"), 0);
+    let payload = |e: &LogEntry| match e {
+        LogEntry::Message(m) => m.payload.clone(),
+        LogEntry::Group(e) => match &e.body {
+            GroupBody::Message { payload, .. } => payload.clone(),
+            _ => panic!("not a post"),
+        },
+        _ => panic!("not a message"),
+    };
+    let log_a = store.read_log(a, 1, 10).await.expect("read");
+    let log_b = store.read_log(b, 1, 6).await.expect("read");
+    assert_eq!(payload(&log_a[0].1), b"kept".as_slice());
+    assert_eq!(payload(&log_a[1].1), b"".as_slice());
+    assert_eq!(payload(&log_a[2].1), b"later".as_slice());
+    assert_eq!(payload(&log_b[2].1), b"".as_slice());
+    assert_eq!(payload(&log_b[3].1), b"later".as_slice());
+    assert_eq!(payload(&log_b[4].1), b"".as_slice(), "the post's copy");
+    assert!(crate::entry_meta(&log_b[4].1).is_some_and(|m| m.purged));
+    // A limit takes part of what is due.
+    assert_eq!(store.expire(10_000, 1).await.expect("expire"), 1);
+    assert_eq!(store.expire(10_000, 100).await.expect("expire"), 1);
+    assert!(store.read_log(b, 4, 1).await.expect("read").iter().all(|(_, e)| payload(e).is_empty()));
 }
 
 /// A profile per account: absent, set, replaced, removed.
@@ -316,6 +418,7 @@ async fn groups(store: &dyn Store) {
             device: skylark_core::DeviceId(1),
             client_id: "g".into(),
             payload: vec![1, 2, 3].into(),
+            meta: Default::default(),
         },
     });
     let mut write = AccountWrite::new(first);
@@ -500,6 +603,7 @@ async fn message_path(store: &dyn Store) {
         client_id: "c1".into(),
         sent_at_ms: 10,
         payload: b"hi".as_slice().into(),
+        meta: Default::default(),
     };
     let mut write = AccountWrite::new(a);
     write.appends.push((1, std::sync::Arc::new(LogEntry::Message(std::sync::Arc::new(message.clone())))));

@@ -102,6 +102,12 @@ const TABLES: &[Table] = &[
     Table { name: "last_resort_keys", columns: &[("device", Int), ("package", Bytes)], shard_by: None, filter: "" },
     Table { name: "log", columns: &[("account", Int), ("seq", Int), ("entry", Bytes)], shard_by: Some(0), filter: "" },
     Table {
+        name: "expiries",
+        columns: &[("expires_at", Int), ("account", Int), ("seq", Int)],
+        shard_by: Some(1),
+        filter: "",
+    },
+    Table {
         name: "outbox",
         columns: &[("account", Int), ("seq", Int), ("item", Bytes)],
         shard_by: Some(0),
@@ -455,6 +461,14 @@ pub async fn redb_to_postgres(
             let (k, v) = entry?;
             let (account, seq) = k.value();
             pending.push(index_of(name), vec![int(account)?, int(seq)?, Value::Bytes(v.value().to_vec())]).await?;
+        }
+    }
+    {
+        let table = txn.open_table(redb_store::EXPIRIES)?;
+        for entry in table.iter()? {
+            let (k, _) = entry?;
+            let (at, account, seq) = k.value();
+            pending.push(index_of("expiries"), vec![int(at)?, int(account)?, int(seq)?]).await?;
         }
     }
     progress("counters");

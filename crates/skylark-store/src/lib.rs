@@ -345,6 +345,10 @@ pub struct AccountWrite {
     /// Shared with the actor's memory, so a payload is not copied to be
     /// written.
     pub appends: Vec<(u64, std::sync::Arc<LogEntry>)>,
+    /// Entries rewritten in place, with their sequence numbers (existing):
+    /// only ever a message or post with its payload purged (deleted for
+    /// everyone), never a change of what an entry says.
+    pub replaces: Vec<(u64, std::sync::Arc<LogEntry>)>,
     /// New outbox items, with their outbox sequence numbers.
     pub outbox_puts: Vec<(u64, OutboxItem)>,
     /// Outbox items the destination acknowledged.
@@ -384,6 +388,7 @@ impl AccountWrite {
         Self {
             account,
             appends: Vec::new(),
+            replaces: Vec::new(),
             outbox_puts: Vec::new(),
             outbox_deletes: Vec::new(),
             counters: None,
@@ -414,8 +419,15 @@ impl AccountWrite {
         Ok(())
     }
 
+    /// The expiry index rows this write adds: (expires at, sequence) of
+    /// every appended disappearing message or post.
+    pub fn expiries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.appends.iter().filter_map(|(seq, entry)| Some((entry_meta(entry)?.expires_at_ms?, *seq)))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.appends.is_empty()
+            && self.replaces.is_empty()
             && self.outbox_puts.is_empty()
             && self.outbox_deletes.is_empty()
             && self.counters.is_none()
@@ -430,6 +442,40 @@ impl AccountWrite {
             && self.memberships.is_empty()
     }
 }
+
+/// The meta of a message or a group post (`None` for other entries).
+pub fn entry_meta(entry: &LogEntry) -> Option<&skylark_core::message::Meta> {
+    match entry {
+        LogEntry::Message(m) => Some(&m.meta),
+        LogEntry::Group(e) => e.post_meta(),
+        _ => None,
+    }
+}
+
+/// `entry` with its payload purged, if it is a message or a post that is
+/// not purged yet.
+pub fn purged_entry(entry: &LogEntry) -> Option<LogEntry> {
+    match entry {
+        LogEntry::Message(m) if !m.meta.purged => Some(LogEntry::Message(std::sync::Arc::new(m.purged()))),
+        LogEntry::Group(e) if e.post_meta().is_some_and(|m| !m.purged) => {
+            Some(LogEntry::Group(std::sync::Arc::new(e.purged())))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `entry` is the message `id` (for a group post: `id.sender` is
+/// the group and `id.seq` the group sequence).
+pub fn is_message(entry: &LogEntry, id: skylark_core::message::MessageId) -> bool {
+    match entry {
+        LogEntry::Message(m) => m.id == id,
+        LogEntry::Group(e) => e.group == id.sender && e.seq == id.seq && e.post_meta().is_some(),
+        _ => false,
+    }
+}
+
+/// Log entries read per page while looking for a message's copy.
+const FIND_PAGE: usize = 256;
 
 /// Sequence counters of an account: the next log sequence and the next
 /// outbox sequence. Both only ever grow.
@@ -483,6 +529,43 @@ pub trait MessageStore: Send + Sync {
         before: u64,
         limit: usize,
     ) -> Result<Vec<(u64, LogEntry)>, StoreError>;
+
+    /// Where `account`'s log holds the message `id` (a 1:1 message, or a
+    /// group post: `id.sender` is then the group), with the entry. In the
+    /// sender's own log (`id.sender == account`) that is `id.seq`; a copy
+    /// elsewhere is searched newest first, down to entries made before
+    /// `since_ms` (a copy is never older than the message itself).
+    async fn find_message(
+        &self,
+        account: AccountId,
+        id: skylark_core::message::MessageId,
+        since_ms: u64,
+    ) -> Result<Option<(u64, LogEntry)>, StoreError> {
+        if id.sender == account {
+            let found = self.read_log(account, id.seq, 1).await?.into_iter().next();
+            return Ok(found.filter(|(seq, entry)| *seq == id.seq && is_message(entry, id)));
+        }
+        let mut before = u64::MAX;
+        loop {
+            let page = self.read_log_before(account, before, FIND_PAGE).await?;
+            let Some(&(oldest, _)) = page.last() else { return Ok(None) };
+            for (seq, entry) in page {
+                if is_message(&entry, id) {
+                    return Ok(Some((seq, entry)));
+                }
+                if entry.at_ms() < since_ms {
+                    return Ok(None);
+                }
+            }
+            before = oldest;
+        }
+    }
+
+    /// Purges the payload of up to `limit` disappearing messages and posts
+    /// whose time came (`expires_at_ms <= now_ms`), in every log, and drops
+    /// them from the expiry index; durable when it returns. Returns how
+    /// many index rows it handled (fewer than `limit`: none are left due).
+    async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
 
     /// Whether `account` ever sent a message to `peer`.
     async fn is_contact(&self, account: AccountId, peer: AccountId) -> Result<bool, StoreError>;

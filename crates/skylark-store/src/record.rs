@@ -8,7 +8,7 @@
 
 use crate::StoreError;
 use skylark_core::group::{GroupBody, GroupEvent, Role};
-use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
+use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, Meta, OutboxItem, ReceiptKind};
 use skylark_core::{AccountId, DeviceId};
 use std::sync::Arc;
 
@@ -147,6 +147,52 @@ pub(crate) fn kind_byte(kind: ReceiptKind) -> u8 {
     }
 }
 
+/// Starts the optional last section of a message or a group post: its
+/// [`Meta`], written only when it is not the default (records written
+/// before it existed have none and read as the default).
+const META_MARK: u8 = 0xA5;
+const META_EDITS: u8 = 1;
+const META_DELETES: u8 = 2;
+const META_EXPIRES: u8 = 4;
+const META_PURGED: u8 = 8;
+
+fn write_meta(w: &mut Writer, meta: &Meta) {
+    if meta.is_default() {
+        return;
+    }
+    w.u8(META_MARK);
+    let flags = [
+        (meta.edits.is_some(), META_EDITS),
+        (meta.deletes.is_some(), META_DELETES),
+        (meta.expires_at_ms.is_some(), META_EXPIRES),
+        (meta.purged, META_PURGED),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .fold(0, |f, (_, bit)| f | bit);
+    w.u8(flags);
+    for v in [meta.edits, meta.deletes, meta.expires_at_ms].into_iter().flatten() {
+        w.u64(v);
+    }
+}
+
+/// Reads the meta section if the record has one (it is always last).
+fn read_meta(r: &mut Reader<'_>) -> Result<Meta, StoreError> {
+    if r.buf.first() != Some(&META_MARK) {
+        return Ok(Meta::default());
+    }
+    r.u8()?;
+    let flags = r.u8()?;
+    if flags == 0 || flags & !(META_EDITS | META_DELETES | META_EXPIRES | META_PURGED) != 0 {
+        return Err(corrupt("message meta flags"));
+    }
+    let mut field = |bit: u8| if flags & bit != 0 { r.u64().map(Some) } else { Ok(None) };
+    let edits = field(META_EDITS)?;
+    let deletes = field(META_DELETES)?;
+    let expires_at_ms = field(META_EXPIRES)?;
+    Ok(Meta { edits, deletes, expires_at_ms, purged: flags & META_PURGED != 0 })
+}
+
 fn write_message(w: &mut Writer, m: &Message) {
     w.u64(m.id.sender.0);
     w.u64(m.id.seq);
@@ -155,6 +201,7 @@ fn write_message(w: &mut Writer, m: &Message) {
     w.bytes(m.client_id.as_bytes());
     w.u64(m.sent_at_ms);
     w.bytes(&m.payload);
+    write_meta(w, &m.meta);
 }
 
 fn read_message(r: &mut Reader<'_>) -> Result<Message, StoreError> {
@@ -165,6 +212,7 @@ fn read_message(r: &mut Reader<'_>) -> Result<Message, StoreError> {
         client_id: r.string()?,
         sent_at_ms: r.u64()?,
         payload: bytes::Bytes::copy_from_slice(r.bytes()?),
+        meta: read_meta(r)?,
     })
 }
 
@@ -174,11 +222,12 @@ fn write_group(w: &mut Writer, e: &GroupEvent) {
     w.u64(e.by.0);
     w.u64(e.at_ms);
     match &e.body {
-        GroupBody::Message { device, client_id, payload } => {
+        GroupBody::Message { device, client_id, payload, meta } => {
             w.u8(GROUP_MESSAGE);
             w.u64(device.0);
             w.bytes(client_id.as_bytes());
             w.bytes(payload);
+            write_meta(w, meta);
         }
         GroupBody::Created { subject, members } => {
             w.u8(GROUP_CREATED);
@@ -241,6 +290,7 @@ fn read_group(r: &mut Reader<'_>) -> Result<GroupEvent, StoreError> {
             device: DeviceId(r.u64()?),
             client_id: r.string()?,
             payload: bytes::Bytes::copy_from_slice(r.bytes()?),
+            meta: read_meta(r)?,
         },
         GROUP_CREATED => {
             let subject = r.string()?;
@@ -444,6 +494,7 @@ mod tests {
             client_id: "c-1".into(),
             sent_at_ms: 1_700_000_000_000,
             payload: vec![0, 1, 2, 255].into(),
+            meta: Meta::default(),
         }
     }
 
@@ -451,6 +502,15 @@ mod tests {
     fn entries_round_trip() {
         for entry in [
             LogEntry::Message(std::sync::Arc::new(message())),
+            LogEntry::Message(std::sync::Arc::new(Message {
+                meta: Meta { edits: Some(299), deletes: None, expires_at_ms: Some(1 << 50), purged: false },
+                ..message()
+            })),
+            LogEntry::Message(std::sync::Arc::new(Message {
+                meta: Meta { edits: None, deletes: Some(7), expires_at_ms: None, purged: false },
+                ..message()
+            })),
+            LogEntry::Message(std::sync::Arc::new(message().purged())),
             LogEntry::Receipt { peer: AccountId(3), kind: ReceiptKind::Read, up_to: 12, at_ms: 5 },
             LogEntry::ReadSync { peer: AccountId(4), up_to: 1 << 40, at_ms: 6 },
             LogEntry::Devices { change: DeviceChange::Linked { device: DeviceId(5), name: "laptop".into() }, at_ms: 7 },
@@ -487,7 +547,18 @@ mod tests {
     fn group_events() -> Vec<Arc<GroupEvent>> {
         let g = AccountId::group(3);
         [
-            GroupBody::Message { device: DeviceId(4), client_id: "g-1".into(), payload: vec![9; 3].into() },
+            GroupBody::Message {
+                device: DeviceId(4),
+                client_id: "g-1".into(),
+                payload: vec![9; 3].into(),
+                meta: Meta::default(),
+            },
+            GroupBody::Message {
+                device: DeviceId(4),
+                client_id: "g-2".into(),
+                payload: bytes::Bytes::new(),
+                meta: Meta { edits: None, deletes: Some(1), expires_at_ms: Some(u64::MAX), purged: true },
+            },
             GroupBody::Created {
                 subject: "trip".into(),
                 members: vec![(AccountId(1), Role::Admin), (AccountId(2), Role::Member)],

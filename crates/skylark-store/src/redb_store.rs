@@ -42,6 +42,9 @@ const ACCOUNT_DEVICES: TableDefinition<(u64, u64), ()> = TableDefinition::new("a
 pub(crate) const VERIFICATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("verifications");
 /// (account, seq) → encoded log entry.
 pub(crate) const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+/// (expires at, account, seq) of every disappearing message or post whose
+/// payload is not purged yet, soonest first.
+pub(crate) const EXPIRIES: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("expiries");
 /// (account, outbox seq) → encoded outbox item.
 pub(crate) const OUTBOX: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("outbox");
 /// account → (next log seq, next outbox seq).
@@ -161,6 +164,7 @@ macro_rules! every_table {
             ACCOUNT_DEVICES,
             VERIFICATIONS,
             LOG,
+            EXPIRIES,
             OUTBOX,
             COUNTERS,
             CLIENT_IDS,
@@ -315,7 +319,10 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// format 1; format 2 added the `blocks`, `pins`, `reports`, `profiles` and
 /// `contact_names` tables and the block and contact-name log entries (the
 /// upgrade from 1 creates the tables, as for a new store).
-pub const FORMAT_VERSION: u64 = 2;
+/// Format 3 added the `expiries` table and the meta section of messages
+/// and posts (edits, deletes, expiry, purged), which format 2 binaries
+/// cannot read.
+pub const FORMAT_VERSION: u64 = 3;
 const FORMAT: &str = "format";
 /// `meta` keys of banned numbers: this prefix, then the number.
 const BAN: &str = "ban:";
@@ -404,6 +411,7 @@ impl RedbStore {
         txn.open_table(ACCOUNT_DEVICES)?;
         txn.open_table(VERIFICATIONS)?;
         txn.open_table(LOG)?;
+        txn.open_table(EXPIRIES)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(COUNTERS)?;
         txn.open_table(CLIENT_IDS)?;
@@ -530,6 +538,22 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
     if !w.appends.is_empty() {
         let mut log = txn.open_table(LOG)?;
         for (seq, entry) in &w.appends {
+            log.insert((a, *seq), encode_entry(entry).as_slice())?;
+        }
+        let mut expiries = w.expiries().peekable();
+        if expiries.peek().is_some() {
+            let mut table = txn.open_table(EXPIRIES)?;
+            for (at, seq) in expiries {
+                table.insert((at, a, seq), ())?;
+            }
+        }
+    }
+    if !w.replaces.is_empty() {
+        let mut log = txn.open_table(LOG)?;
+        for (seq, entry) in &w.replaces {
+            if log.get((a, *seq))?.is_none() {
+                return Err(StoreError::Invariant(format!("rewrite of {a}'s log entry {seq}, which does not exist")));
+            }
             log.insert((a, *seq), encode_entry(entry).as_slice())?;
         }
     }
@@ -1288,6 +1312,31 @@ impl MessageStore for RedbStore {
         let queue = self.committer.queue.as_ref().ok_or_else(stopped)?;
         queue.send((write, reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.write(move |txn| {
+            let mut index = txn.open_table(EXPIRIES)?;
+            let due: Vec<(u64, u64, u64)> = index
+                .range((0, 0, 0)..=(now_ms, u64::MAX, u64::MAX))?
+                .take(limit)
+                .map(|row| row.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()?;
+            let mut log = txn.open_table(LOG)?;
+            for &(at, account, seq) in &due {
+                index.remove((at, account, seq))?;
+                let purged = match log.get((account, seq))? {
+                    Some(stored) => crate::purged_entry(&decode_entry(stored.value())?),
+                    // The account was deleted since.
+                    None => None,
+                };
+                if let Some(entry) = purged {
+                    log.insert((account, seq), encode_entry(&entry).as_slice())?;
+                }
+            }
+            Ok(due.len())
+        })
+        .await
     }
 
     async fn account_state(&self, account: AccountId) -> Result<AccountState, StoreError> {

@@ -18,6 +18,7 @@ fn seeds() -> Vec<Vec<u8>> {
         client_id: "c-1".into(),
         sent_at_ms: 1_700_000_000_000,
         payload: vec![0, 1, 2, 255].into(),
+        meta: skylark_core::message::Meta { edits: Some(2), deletes: None, expires_at_ms: Some(9), purged: false },
     };
     let group = Arc::new(GroupEvent {
         group: AccountId::group(1),

@@ -35,6 +35,56 @@ fn text(payload: &[u8]) -> String {
     String::from_utf8_lossy(payload).into_owned()
 }
 
+/// What the server says about a message beside its (opaque) payload.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Meta {
+    pub edits: Option<u64>,
+    pub deletes: Option<u64>,
+    pub expires_at_ms: u64,
+    pub purged: bool,
+}
+
+impl Meta {
+    pub(crate) fn of_message(m: &v1::Message) -> Meta {
+        Meta { edits: m.edits, deletes: m.deletes, expires_at_ms: m.expires_at_ms, purged: m.purged }
+    }
+
+    pub(crate) fn of_post(m: &v1::GroupMessage) -> Meta {
+        Meta { edits: m.edits, deletes: m.deletes, expires_at_ms: m.expires_at_ms, purged: m.purged }
+    }
+}
+
+/// Milliseconds since the epoch, by this machine's clock.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A message's text for a line: its content in words, with what the
+/// server says of it (deleted for everyone, edits, a disappearing timer);
+/// `None` for a disappearing message whose time has passed (it is gone
+/// from the conversation). `sender` sent it (for a post: the group);
+/// in a group (and an encrypted 1:1 chat: `bare`) the group's ids are shown
+/// as bare sequences, elsewhere in full (ACCOUNT:SEQ).
+pub(crate) fn message_text(payload: &str, meta: Meta, sender: u64, bare: bool) -> Option<String> {
+    use skylark_client::content::{id_in_chat, id_text};
+    let id = |seq: u64| if bare { seq.to_string() } else { id_text(sender, seq) };
+    let in_chat = |text: &str| if bare { id_in_chat(text, sender) } else { text.to_owned() };
+    use skylark_client::content::Content;
+    if meta.expires_at_ms != 0 && meta.expires_at_ms <= now_ms() {
+        return None;
+    }
+    let timer = if meta.expires_at_ms != 0 { " ⏳" } else { "" };
+    if meta.purged {
+        return Some("🚫 this message was deleted".to_owned());
+    }
+    let content = Content::parse(payload);
+    Some(match (meta.deletes, meta.edits) {
+        (Some(target), _) => format!("🚫 deleted #{} for everyone", id(target)),
+        (None, Some(target)) => format!("✏️ edited #{} to: {}{timer}", id(target), content.describe(false, &in_chat)),
+        (None, None) => format!("{}{timer}", content.describe(false, &in_chat)),
+    })
+}
+
 fn kind_word(kind: i32) -> &'static str {
     if kind == ReceiptKind::Read as i32 { "read" } else { "delivered" }
 }
@@ -53,36 +103,36 @@ pub fn text_to_send(message: &str) -> Result<Vec<u8>> {
 }
 
 pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: &str) -> Result<()> {
-    let payload = text_to_send(message)?;
+    use crate::converse::{Conversation, Route};
+    text_to_send(message)?;
     let to = normalise(to)?;
     let mut c = crate::cli::connect(profile, transport).await?;
-    let h = c.session.handle();
     let sent = async {
-        // Encrypting needs the conversation's newest keys.
-        c.crypto.catch_up(&mut c.events).await.map_err(explain)?;
-        c.crypto.maintain(&h, &mut c.events).await.map_err(explain)?;
-        match c.crypto.start_direct(&h, &mut c.events, &to).await.map_err(explain)? {
-            Some(group) => {
-                let (ack, _) = c.crypto.post(&h, group, &client_id(), message).await.map_err(explain)?;
-                let id = ack.id.unwrap_or_default();
-                println!(
-                    "✓ 🔒 sent to {to} at {} (end-to-end encrypted, message {}:{})",
-                    clock(ack.sent_at_ms),
-                    id.sender,
-                    id.seq
-                );
-            }
-            None => {
-                let ack = h.send(&to, &client_id(), payload).await.map_err(explain)?;
-                let id = ack.id.unwrap_or_default();
-                println!(
-                    "✓ sent to {to} at {} (message {}:{}; not end-to-end encrypted: a device of yours or theirs \
-                     cannot encrypt yet)",
-                    clock(ack.sent_at_ms),
-                    id.sender,
-                    id.seq
-                );
-            }
+        let route = crate::converse::route(&mut c, &Conversation::Phone(to.clone())).await?;
+        // Sent while the chat's disappearing timer is on: it disappears too.
+        let timer = crate::converse::timer_of(&c, &route).await?;
+        let options = skylark_client::session::SendOptions { expire_after_ms: timer, ..Default::default() };
+        let content = skylark_client::content::Content::text(message);
+        let (ack, _) = crate::converse::deliver(&c, &route, &content, options).await?;
+        let id = ack.id.unwrap_or_default();
+        let disappears = match timer {
+            0 => String::new(),
+            ms => format!("; disappears in {}", skylark_client::content::timer_words(ms)),
+        };
+        match route {
+            Route::Group { .. } => println!(
+                "✓ 🔒 sent to {to} at {} (end-to-end encrypted, message {}:{}{disappears})",
+                clock(ack.sent_at_ms),
+                id.sender,
+                id.seq
+            ),
+            Route::Plain(_) => println!(
+                "✓ sent to {to} at {} (message {}:{}{disappears}; not end-to-end encrypted: a device of yours or \
+                 theirs cannot encrypt yet)",
+                clock(ack.sent_at_ms),
+                id.sender,
+                id.seq
+            ),
         }
         Ok::<(), anyhow::Error>(())
     }
@@ -194,10 +244,14 @@ fn describe(
             if only.is_some_and(|o| o != peer) {
                 return None;
             }
+            let id = m.id.unwrap_or_default();
+            // In a plain chat both sides' messages are numbered: ids in full.
+            let body = message_text(&text(&m.payload), Meta::of_message(m), id.sender, false)?;
+            let tag = skylark_client::content::id_text(id.sender, id.seq);
             Some(if mine {
-                format!("[{}] you → {}: {}", clock(m.sent_at_ms), m.to_phone, text(&m.payload))
+                format!("[{}] you → {}: {body}  (#{tag})", clock(m.sent_at_ms), m.to_phone)
             } else {
-                format!("[{}] {}: {}", clock(m.sent_at_ms), m.from_phone, text(&m.payload))
+                format!("[{}] {}: {body}  (#{tag})", clock(m.sent_at_ms), m.from_phone)
             })
         }
         Body::Receipt(r) => {
@@ -773,8 +827,10 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                     }
                     Some(Body::Message(m)) if !peer_phone.is_empty() && m.from_phone == peer_phone => {
-                        if !quiet {
-                            screen.say(&format!("[{}] {}: {}", clock(m.sent_at_ms), m.from_phone, text(&m.payload)));
+                        let id = m.id.unwrap_or_default();
+                        if !quiet && let Some(body) = message_text(&text(&m.payload), Meta::of_message(m), id.sender, false) {
+                            let tag = skylark_client::content::id_text(id.sender, id.seq);
+                            screen.say(&format!("[{}] {}: {body}  (#{tag})", clock(m.sent_at_ms), m.from_phone));
                         }
                         // The chat is open, so the user sees it now: blue ticks.
                         if let (Some(id), Ok(handle)) = (m.id, client.connected().await) {

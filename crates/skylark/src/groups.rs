@@ -237,17 +237,34 @@ pub fn describe_group(g: &v1::GroupEvent, me: &Identity, shown: Option<Shown>, p
     use v1::group_event::Body;
     let who = if g.by == me.account_id { "you".to_owned() } else { g.by_phone.clone() };
     let at = clock(g.at_ms);
+    // A post's words: its content, and what the server says of it.
+    let post = match g.body.as_ref() {
+        Some(Body::Message(m)) => Some(crate::chat::Meta::of_post(m)),
+        _ => None,
+    };
+    let words = |text: &str| match post {
+        Some(meta) => crate::chat::message_text(text, meta, g.group, true),
+        None => Some(text.to_owned()),
+    };
+    let shown = match shown {
+        // A purged post holds nothing, encrypted or not: no note about it.
+        Some(Shown::Encrypted(text)) => Some(Shown::Encrypted(words(&text)?)),
+        Some(Shown::Plain(text)) if post.is_some_and(|m| m.purged) => Some(Shown::Encrypted(words(&text)?)),
+        Some(Shown::Plain(text)) => Some(Shown::Plain(words(&text)?)),
+        other => other,
+    };
     if skylark_core::AccountId(g.group).is_direct() {
         // Nothing but posts: its creation and key changes are no news.
         let Some(Body::Message(_)) = g.body.as_ref() else { return None };
+        let id = g.group_seq;
         let line = if g.by == me.account_id {
             format!("[{at}] you → {}", peer.unwrap_or("your 1:1 chat"))
         } else {
             format!("[{at}] {}", g.by_phone)
         };
         return Some(match shown? {
-            Shown::Encrypted(text) => format!("{line}: {text}"),
-            Shown::Plain(text) => format!("{line}: {text}  (not end-to-end encrypted)"),
+            Shown::Encrypted(text) => format!("{line}: {text}  (#{id})"),
+            Shown::Plain(text) => format!("{line}: {text}  (#{id}, not end-to-end encrypted)"),
             Shown::Unreadable(why) => format!("{line}: [this device cannot read it: {why}]"),
             Shown::DevicesChanged => {
                 let peer = peer.unwrap_or("the other person");

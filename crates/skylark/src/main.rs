@@ -7,6 +7,7 @@ mod admin;
 mod blocks;
 mod chat;
 mod cli;
+mod converse;
 mod devices;
 mod groups;
 mod serve;
@@ -125,6 +126,92 @@ enum Command {
         to: String,
         /// The text to send.
         message: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Reply to a message, quoting it. CONVERSATION is a phone number or a
+    /// group id; MESSAGE the number `listen` or `chat` shows (#12, or
+    /// #ACCOUNT:SEQ in a chat that is not end-to-end encrypted).
+    Reply {
+        /// A phone number (+15551234567) or a group id.
+        conversation: String,
+        /// The message to reply to, as `listen` shows it.
+        message: String,
+        /// Your reply.
+        text: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// React to a message with an emoji (one reaction per person per
+    /// message: a new one replaces yours; --remove takes it back).
+    React {
+        /// A phone number (+15551234567) or a group id.
+        conversation: String,
+        /// The message to react to, as `listen` shows it.
+        message: String,
+        /// The emoji (leave out with --remove).
+        #[arg(default_value = "")]
+        emoji: String,
+        /// Take back your reaction.
+        #[arg(long)]
+        remove: bool,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Change the text of a message of yours (within 15 minutes of sending
+    /// it, by default); everyone sees it marked "edited".
+    Edit {
+        /// A phone number (+15551234567) or a group id.
+        conversation: String,
+        /// Your message to edit, as `listen` shows it.
+        message: String,
+        /// The new text.
+        text: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Delete a message of yours for everyone (within 2 days of sending it,
+    /// by default): the server removes its text, every device shows that it
+    /// was deleted.
+    Delete {
+        /// A phone number (+15551234567) or a group id.
+        conversation: String,
+        /// Your message to delete, as `listen` shows it.
+        message: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Forward a message to another chat (marked as forwarded).
+    Forward {
+        /// The chat the message is in: a phone number or a group id.
+        conversation: String,
+        /// The message, as `listen` shows it.
+        message: String,
+        /// Where to forward it: a phone number or a group id.
+        to: String,
+        #[command(flatten)]
+        profile: cli::ProfileArgs,
+        #[command(flatten)]
+        transport: cli::TransportArgs,
+    },
+    /// Disappearing messages for a chat: off, 24h, 7d or 90d. Messages sent
+    /// after this disappear that long after they are sent, from every
+    /// device and from the server's store.
+    Disappear {
+        /// A phone number (+15551234567) or a group id.
+        conversation: String,
+        /// off, 24h, 7d or 90d (any length like 30m or 12h works too).
+        timer: String,
         #[command(flatten)]
         profile: cli::ProfileArgs,
         #[command(flatten)]
@@ -409,6 +496,42 @@ fn run(args: Args) -> Result<()> {
         }
         Command::Send { to, message, profile, transport } => {
             runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
+        }
+        Command::Reply { conversation, message, text, profile, transport } => runtime.block_on(converse::run(
+            &profile.dir()?,
+            &transport,
+            &conversation,
+            converse::Verb::Reply { message, text },
+        )),
+        Command::React { conversation, message, emoji, remove, profile, transport } => {
+            if emoji.trim().is_empty() != remove {
+                anyhow::bail!("give an emoji to react with, or --remove to take your reaction back (not both)");
+            }
+            let verb = converse::Verb::React { message, emoji };
+            runtime.block_on(converse::run(&profile.dir()?, &transport, &conversation, verb))
+        }
+        Command::Edit { conversation, message, text, profile, transport } => runtime.block_on(converse::run(
+            &profile.dir()?,
+            &transport,
+            &conversation,
+            converse::Verb::Edit { message, text },
+        )),
+        Command::Delete { conversation, message, profile, transport } => runtime.block_on(converse::run(
+            &profile.dir()?,
+            &transport,
+            &conversation,
+            converse::Verb::Delete { message },
+        )),
+        Command::Forward { conversation, message, to, profile, transport } => {
+            let verb = converse::Verb::Forward { message, to: converse::Conversation::parse(&to)? };
+            runtime.block_on(converse::run(&profile.dir()?, &transport, &conversation, verb))
+        }
+        Command::Disappear { conversation, timer, profile, transport } => {
+            let Some(timer_ms) = skylark_client::content::parse_timer(&timer) else {
+                anyhow::bail!("{timer:?} is not a timer: give off, 24h, 7d or 90d");
+            };
+            let verb = converse::Verb::Disappear { timer_ms };
+            runtime.block_on(converse::run(&profile.dir()?, &transport, &conversation, verb))
         }
         Command::Block { phone, profile, transport } => {
             runtime.block_on(blocks::set(&profile.dir()?, &transport, &phone, true))

@@ -3,8 +3,8 @@
 //! (`Router::block`); here numbers become accounts and back.
 
 use super::{Answer, Caller, charged_peer, messaging_error, reply, unavailable, when_durable};
-use skylark_protocol::v1::{self, server_frame};
 use skylark_protocol::ServerFrame;
+use skylark_protocol::v1::{self, server_frame};
 use skylark_server::messaging::MessagingError;
 
 pub(super) async fn block(caller: &Caller<'_>, id: u64, block: v1::Block) -> Answer {

@@ -14,6 +14,11 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
         group,
         payload: send.payload,
         commit_epoch: send.commit_epoch,
+        meta: skylark_core::message::MetaRequest {
+            edits: send.edits,
+            deletes: send.deletes,
+            expire_after_ms: send.expire_after_ms,
+        },
     };
     let started = std::time::Instant::now();
     let queued = caller.shared.server.router.send(account, device, request).await;

@@ -73,6 +73,7 @@ pub(super) struct Post {
     pub client_id: String,
     pub payload: bytes::Bytes,
     pub commit_epoch: Option<u64>,
+    pub meta: skylark_core::message::MetaRequest,
 }
 
 fn refused(e: GroupError) -> Refusal {
@@ -105,8 +106,8 @@ impl Machine {
         post: Post,
         over_rate: Option<Duration>,
     ) -> Result<SendAck, Refusal> {
-        let Post { author, device, client_id, payload, commit_epoch } = post;
-        let state = self.group_state()?;
+        let Post { author, device, client_id, payload, commit_epoch, meta } = post;
+        self.group_state()?;
         // A resend of an accepted post is answered as such, even if its
         // author has left since: the post happened.
         if let Some(ack) = duplicate(self.account, batch_ids, facts, device, &client_id) {
@@ -115,8 +116,13 @@ impl Machine {
         if let Some(wait) = over_rate {
             return Err(Refusal::Refused(MessagingError::RateLimited(wait)));
         }
-        let change = GroupChange::Post { device, client_id: client_id.clone(), payload, commit_epoch };
-        let body = state.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
+        // An encryption commit is a commit, nothing else.
+        if commit_epoch.is_some() && meta != skylark_core::message::MetaRequest::default() {
+            return Err(Refusal::Refused(MessagingError::Internal("a commit cannot edit, delete or disappear")));
+        }
+        let meta = self.check_meta(facts, &meta, author, self.account, now_ms)?;
+        let change = GroupChange::Post { device, client_id: client_id.clone(), payload, commit_epoch, meta };
+        let body = self.group_state()?.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
         // Blocks hold in 1:1 conversations, for messages; commits go to
         // both (the conversation's encryption must stay in step).
         let mut skip = None;
@@ -132,6 +138,11 @@ impl Machine {
             }
         }
         let seq = self.record(&mut fx.write, &mut fx.kick, now_ms, author, body, skip);
+        if let Some(target) = meta.deletes
+            && let Some(entry) = self.log.entry(target, facts).cloned()
+        {
+            self.log.purge(&mut fx.write, target, &entry);
+        }
         if commit_epoch.is_some()
             && let Some(state) = self.group_state_mut()
         {

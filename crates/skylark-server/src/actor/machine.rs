@@ -24,7 +24,9 @@
 use super::group::GroupState;
 use crate::messaging::{GroupReply, GroupRequest, MessagingConfig, MessagingError, SendAck};
 use crate::small_map::SmallMap;
-use skylark_core::message::{DeviceChange, Forward, LogEntry, Message, MessageId, OutboxItem, ReceiptKind};
+use skylark_core::message::{
+    DeviceChange, Forward, LogEntry, Message, MessageId, Meta, MetaRequest, MetaRules, OutboxItem, ReceiptKind,
+};
 use skylark_core::{AccountId, DeviceId};
 use skylark_store::{AccountWrite, Counters};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -45,6 +47,15 @@ pub(crate) const ACCOUNT_CURSOR: DeviceId = DeviceId(0);
 /// Forwards in outbox order, shared between retries without copying.
 pub(crate) type Batch = Arc<[(u64, Forward)]>;
 
+/// A 1:1 message as the sending device gave it.
+pub(crate) struct Outgoing {
+    device: DeviceId,
+    client_id: String,
+    to: AccountId,
+    payload: bytes::Bytes,
+    meta: MetaRequest,
+}
+
 /// One piece of mail, without its reply channel (the shell keeps those).
 #[derive(Debug, Clone)]
 pub(crate) enum Input {
@@ -57,6 +68,7 @@ pub(crate) enum Input {
         client_id: String,
         to: AccountId,
         payload: bytes::Bytes,
+        meta: MetaRequest,
         over_rate: Option<Duration>,
     },
     /// A member posts (group actors); `over_rate` as for [`Input::Send`].
@@ -67,6 +79,7 @@ pub(crate) enum Input {
         payload: bytes::Bytes,
         /// An MLS commit made in this epoch (see `GroupMeta::mls_epoch`).
         commit_epoch: Option<u64>,
+        meta: MetaRequest,
         over_rate: Option<Duration>,
     },
     /// A request to this group (group actors).
@@ -165,6 +178,8 @@ pub(crate) struct Counts {
     pub group_events_stored: u64,
     /// Messages from blocked senders, taken and dropped.
     pub dropped_blocked: u64,
+    /// Copies of messages deleted for everyone whose payload was purged.
+    pub purged: u64,
 }
 
 /// A fact the machine needed and was not given: the shell's prefetch and
@@ -190,6 +205,9 @@ pub(crate) struct Needs {
     /// its two members blocked the other), and whether the account still
     /// exists.
     pub blocks: bool,
+    /// Copies of other accounts' messages (or group posts) to purge, each
+    /// searched no further back than the time given.
+    pub copies: Vec<(MessageId, u64)>,
 }
 
 impl Needs {
@@ -214,6 +232,8 @@ pub(crate) struct Facts {
     pub blocks: Option<HashSet<AccountId>>,
     /// The account was deleted (read with `blocks`).
     pub deleted: bool,
+    /// Where the log holds each copy asked for, if it does.
+    pub copies: HashMap<MessageId, Option<(u64, Arc<LogEntry>)>>,
 }
 
 /// The account's log as the actor sees it: its counters, and the newest
@@ -254,6 +274,24 @@ impl Log {
             self.recent.pop_front();
         }
         (seq, entry)
+    }
+
+    /// Purges the payload of entry `seq` (a message or a post being deleted
+    /// for everyone): in this step's write — rewriting an entry appended in
+    /// it, or rewriting the stored one — and in memory.
+    pub(super) fn purge(&mut self, write: &mut AccountWrite, seq: u64, entry: &LogEntry) {
+        let Some(purged) = skylark_store::purged_entry(entry) else { return };
+        let purged = Arc::new(purged);
+        match write.appends.iter_mut().find(|(s, _)| *s == seq) {
+            Some(slot) => slot.1 = purged.clone(),
+            None => write.replaces.push((seq, purged.clone())),
+        }
+        let from = self.recent_from();
+        if seq >= from
+            && let Some(slot) = usize::try_from(seq - from).ok().and_then(|i| self.recent.get_mut(i))
+        {
+            slot.1 = purged;
+        }
     }
 
     /// The part of `from..=to` that is not in memory, if any.
@@ -438,6 +476,7 @@ pub(crate) struct Loaded {
 pub(crate) struct Limits {
     pub device_window: usize,
     pub max_group_members: usize,
+    pub rules: MetaRules,
 }
 
 /// One account's (or group's) actor, as a state machine.
@@ -483,7 +522,11 @@ impl Machine {
         let kind = if account.is_group() { Kind::Group(loaded.group.map(Box::new)) } else { Kind::User };
         Machine {
             account,
-            limits: Limits { device_window: config.device_window, max_group_members: config.max_group_members },
+            limits: Limits {
+                device_window: config.device_window,
+                max_group_members: config.max_group_members,
+                rules: config.meta_rules(),
+            },
             log: Log { counters: loaded.counters, recent: VecDeque::new() },
             outbox,
             feeds: Feeds::default(),
@@ -522,15 +565,21 @@ impl Machine {
         let mut acks_to = 0u64;
         for input in inputs {
             match input {
-                Input::Send { device, client_id, to, .. } => {
+                Input::Send { device, client_id, to, meta, .. } => {
                     needs.client_ids.push((*device, client_id.clone()));
+                    if let Some(target) = meta.target() {
+                        needs.entries.extend(self.log.missing(target, target));
+                    }
                     if *to != self.account && !self.marks().contacts.contains(to) && !needs.contacts.contains(to) {
                         needs.contacts.push(*to);
                     }
                     needs.blocks |= *to != self.account && self.marks().blocked.is_none();
                 }
-                Input::Post { device, client_id, commit_epoch, .. } => {
+                Input::Post { device, client_id, commit_epoch, meta, .. } => {
                     needs.client_ids.push((*device, client_id.clone()));
+                    if let Some(target) = meta.target() {
+                        needs.entries.extend(self.log.missing(target, target));
+                    }
                     needs.blocks |=
                         self.account.is_direct() && commit_epoch.is_none() && self.marks().blocked.is_none();
                 }
@@ -542,6 +591,9 @@ impl Machine {
                     // A group takes receipts into its members' positions,
                     // not into per-peer receipt marks: nothing to read.
                     for (_, forward) in items.iter().filter(|_| !self.is_group()) {
+                        if let Some(copy) = self.deleted_copy(*from, forward) {
+                            needs.copies.push(copy);
+                        }
                         if let Forward::Receipt { kind, .. } = forward {
                             let key = (*from, *kind);
                             if !self.marks().receipts.contains_key(&key) && !needs.receipts.contains(&key) {
@@ -572,6 +624,59 @@ impl Machine {
             needs.entries.extend(self.log.missing(self.delivered + 1, acks_to));
         }
         needs
+    }
+
+    /// The copy a forward deletes for everyone, if it deletes one, with
+    /// how far back to look for it: a message can only be deleted within
+    /// the delete window of being sent (an hour more allows for clocks).
+    fn deleted_copy(&self, from: AccountId, forward: &Forward) -> Option<(MessageId, u64)> {
+        let (id, at_ms) = match forward {
+            Forward::Message(m) => (MessageId { sender: from, seq: m.meta.deletes? }, m.sent_at_ms),
+            Forward::Group(e) => (MessageId { sender: e.group, seq: e.post_meta()?.deletes? }, e.at_ms),
+            Forward::Receipt { .. } => return None,
+        };
+        Some((id, at_ms.saturating_sub(self.limits.rules.delete_window_ms + 3_600_000)))
+    }
+
+    /// Finds this account's copy of a message being deleted: appended in
+    /// this step, or read for it.
+    fn copy_of(
+        &self,
+        write: &AccountWrite,
+        facts: &Facts,
+        id: MessageId,
+    ) -> Result<Option<(u64, Arc<LogEntry>)>, Missing> {
+        if let Some((seq, entry)) = write.appends.iter().find(|(_, e)| skylark_store::is_message(e, id)) {
+            return Ok(Some((*seq, entry.clone())));
+        }
+        facts.copies.get(&id).cloned().ok_or_else(|| Missing(format!("copy of {id:?}")))
+    }
+
+    /// Checks a new message's edit, deletion or timer against the author's
+    /// own earlier message `target` (a message this account sent to `to`,
+    /// or for a group the author's post), and gives the meta to store.
+    pub(super) fn check_meta(
+        &self,
+        facts: &Facts,
+        request: &MetaRequest,
+        author: AccountId,
+        to: AccountId,
+        now_ms: u64,
+    ) -> Result<Meta, Refusal> {
+        let target = match request.target() {
+            Some(seq) if seq >= 1 && seq <= self.log.last_seq() => {
+                let entry = self.log.entry(seq, facts).ok_or_else(|| Missing(format!("log entry {seq}")))?;
+                match entry.as_ref() {
+                    LogEntry::Message(m) if m.id.sender == author && m.id.seq == seq && m.to == to => {
+                        Some((m.sent_at_ms, m.meta))
+                    }
+                    LogEntry::Group(e) if e.by == author && e.seq == seq => e.post_meta().map(|meta| (e.at_ms, *meta)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        self.limits.rules.check(request, target, now_ms).map_err(|e| Refusal::Refused(MessagingError::Meta(e)))
     }
 
     /// Takes a batch of inputs, with the facts [`Machine::needs`] asked for.
@@ -631,19 +736,22 @@ impl Machine {
         fx: &mut Effects,
     ) -> Result<Outcome, Missing> {
         Ok(match input {
-            Input::Send { device, client_id, to, payload, over_rate } => {
+            Input::Send { device, client_id, to, payload, meta, over_rate } => {
                 let sent = match &self.kind {
                     Kind::User => match (duplicate(self.account, batch_ids, facts, device, &client_id), over_rate) {
                         (Some(ack), _) => Ok(ack),
                         (None, Some(wait)) => Err(Refusal::Refused(MessagingError::RateLimited(wait))),
-                        (None, None) => self.send(fx, batch_ids, facts, now_ms, device, client_id, to, payload),
+                        (None, None) => {
+                            let message = Outgoing { device, client_id, to, payload, meta };
+                            self.send(fx, batch_ids, facts, now_ms, message)
+                        }
                     },
                     Kind::Group(_) => Err(Refusal::Refused(MessagingError::Internal("a send reached a group"))),
                 };
                 settle(sent, Answer::Send)?
             }
-            Input::Post { author, device, client_id, payload, commit_epoch, over_rate } => {
-                let post = super::group::Post { author, device, client_id, payload, commit_epoch };
+            Input::Post { author, device, client_id, payload, commit_epoch, meta, over_rate } => {
+                let post = super::group::Post { author, device, client_id, payload, commit_epoch, meta };
                 let posted = self.post(fx, batch_ids, facts, now_ms, post, over_rate);
                 settle(posted, Answer::Send)?
             }
@@ -754,25 +862,28 @@ impl Machine {
         self.feeds.windows.insert(device, Window { connection, acked: start, sent: start, caught_up: false });
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
         fx: &mut Effects,
         batch_ids: &mut BatchIds,
         facts: &Facts,
         now_ms: u64,
-        device: DeviceId,
-        client_id: String,
-        to: AccountId,
-        payload: bytes::Bytes,
+        outgoing: Outgoing,
     ) -> Result<SendAck, Refusal> {
+        let Outgoing { device, client_id, to, payload, meta } = outgoing;
         if to != self.account && self.blocks(to)? {
             return Err(Refusal::Refused(MessagingError::YouBlocked));
         }
+        let meta = self.check_meta(facts, &meta, self.account, to, now_ms)?;
         let id = MessageId { sender: self.account, seq: self.log.counters.next_seq };
-        let message = Arc::new(Message { id, to, sender_device: device, client_id, sent_at_ms: now_ms, payload });
+        let message = Arc::new(Message { id, to, sender_device: device, client_id, sent_at_ms: now_ms, payload, meta });
         let (seq, _) = self.log.append(&mut fx.write, LogEntry::Message(message.clone()));
         debug_assert_eq!(seq, id.seq);
+        if let Some(target) = meta.deletes
+            && let Some(entry) = self.log.entry(target, facts).cloned()
+        {
+            self.log.purge(&mut fx.write, target, &entry);
+        }
         if to != self.account {
             self.outbox.put(&mut self.log, &mut fx.write, to, Forward::Message(message.clone()));
             fx.kick.insert(to);
@@ -789,6 +900,24 @@ impl Machine {
         batch_ids.insert((device, message.client_id.clone()), ack);
         fx.counts.accepted += 1;
         Ok(ack)
+    }
+
+    /// A forward that deletes a message for everyone purges this account's
+    /// copy of it (if the account has one: a blocked sender's was dropped).
+    fn purge_copy(
+        &mut self,
+        fx: &mut Effects,
+        facts: &Facts,
+        from: AccountId,
+        forward: &Forward,
+    ) -> Result<(), Missing> {
+        if let Some((id, _)) = self.deleted_copy(from, forward)
+            && let Some((seq, entry)) = self.copy_of(&fx.write, facts, id)?
+        {
+            self.log.purge(&mut fx.write, seq, &entry);
+            fx.counts.purged += 1;
+        }
+        Ok(())
     }
 
     fn deliver(
@@ -823,6 +952,7 @@ impl Machine {
                     self.log.append(&mut fx.write, LogEntry::Group(event.clone()));
                     received = received.max(Some(event.seq));
                     fx.counts.group_events_stored += 1;
+                    self.purge_copy(fx, facts, from, forward)?;
                 }
                 // A blocked sender's message is taken (its outbox moves on)
                 // and dropped: it sees one tick, never two.
@@ -831,6 +961,7 @@ impl Machine {
                     self.log.append(&mut fx.write, LogEntry::Message(m.clone()));
                     received = received.max(Some(m.id.seq));
                     fx.counts.stored += 1;
+                    self.purge_copy(fx, facts, from, forward)?;
                 }
                 Forward::Receipt { kind, up_to, at_ms } => {
                     let key = (from, *kind);

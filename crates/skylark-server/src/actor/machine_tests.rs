@@ -19,13 +19,21 @@ fn machine(account: AccountId) -> Machine {
 }
 
 fn send(client_id: &str, to: AccountId) -> Input {
-    Input::Send { device: PHONE, client_id: client_id.into(), to, payload: b"x".to_vec().into(), over_rate: None }
+    Input::Send {
+        meta: Default::default(),
+        device: PHONE,
+        client_id: client_id.into(),
+        to,
+        payload: b"x".to_vec().into(),
+        over_rate: None,
+    }
 }
 
 /// B's message number `seq` to A, as a forward.
 fn from_b(seq: u64) -> (u64, Forward) {
     let id = MessageId { sender: B, seq };
     let m = Message {
+        meta: Default::default(),
         id,
         to: A,
         sender_device: DeviceId(21),
@@ -115,6 +123,7 @@ fn over_the_rate_new_sends_are_refused_and_resends_still_answered() {
     let mut a = machine(A);
     step(&mut a, vec![send("c1", B)]);
     let limited = |cid: &str| Input::Send {
+        meta: Default::default(),
         device: PHONE,
         client_id: cid.into(),
         to: B,
@@ -298,6 +307,7 @@ fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
     assert_eq!(fx.write.outbox_puts.iter().map(|(_, i)| i.to).collect::<Vec<_>>(), vec![A, B], "to every member");
 
     let post = |author, cid: &str| Input::Post {
+        meta: Default::default(),
         author,
         device: PHONE,
         client_id: cid.into(),
@@ -346,6 +356,7 @@ fn a_group_takes_one_commit_per_epoch_and_stores_the_epoch_with_it() {
     let create = Input::Group { from: A, request: GroupRequest::Create { subject: "club".into(), members: vec![B] } };
     step(&mut group, vec![create]);
     let commit = |author, cid: &str, epoch| Input::Post {
+        meta: Default::default(),
         author,
         device: PHONE,
         client_id: cid.into(),
@@ -434,6 +445,7 @@ fn a_direct_group_keeps_a_blocked_members_messages_from_the_blocker_but_not_its_
     let mut group = machine(direct);
     step(&mut group, vec![Input::Group { from: A, request: GroupRequest::OpenDirect { with: B } }]);
     let post = |author, cid: &str, commit_epoch| Input::Post {
+        meta: Default::default(),
         author,
         device: PHONE,
         client_id: cid.into(),

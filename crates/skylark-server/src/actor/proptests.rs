@@ -312,6 +312,7 @@ impl World {
                 let to = self.nodes[1 - from].account;
                 let client_id = format!("c{cid}");
                 let input = Input::Send {
+                    meta: Default::default(),
                     device: DEVICES[0],
                     client_id: client_id.clone(),
                     to,
@@ -391,6 +392,7 @@ impl World {
                 let client_id = format!("g{cid}");
                 let author = self.nodes[from].account;
                 let post = Input::Post {
+                    meta: Default::default(),
                     author,
                     device,
                     client_id: client_id.clone(),

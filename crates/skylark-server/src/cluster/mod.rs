@@ -512,16 +512,16 @@ impl Cluster {
     pub(crate) async fn tell(self: &Arc<Self>, node: &str, account: AccountId, msg: Msg) -> Result<(), MessagingError> {
         match msg {
             Msg::Send(mail) => {
-                let SendMail { device, client_id, to, payload, reply, .. } = *mail;
-                let mail = Mail::Send { account, device, client_id, to, payload };
+                let SendMail { device, client_id, to, payload, meta, reply, .. } = *mail;
+                let mail = Mail::Send { account, device, client_id, to, payload, meta };
                 self.ask(node, mail, move |a| {
                     let _ = reply.send(answer_as(a, Answer::into_send));
                 })
                 .await
             }
             Msg::Post(mail) => {
-                let PostMail { author, device, client_id, payload, commit_epoch, reply, .. } = *mail;
-                let mail = Mail::Post { group: account, author, device, client_id, payload, commit_epoch };
+                let PostMail { author, device, client_id, payload, commit_epoch, meta, reply, .. } = *mail;
+                let mail = Mail::Post { group: account, author, device, client_id, payload, commit_epoch, meta };
                 self.ask(node, mail, move |a| {
                     let _ = reply.send(answer_as(a, Answer::into_send));
                 })
@@ -631,15 +631,15 @@ impl Cluster {
         let account = mail.actor();
         let span = tracing::Span::none();
         let (msg, answer): (Msg, Option<oneshot::Receiver<Result<Answer, MessagingError>>>) = match mail {
-            Mail::Send { device, client_id, to, payload, .. } => {
+            Mail::Send { device, client_id, to, payload, meta, .. } => {
                 let (tx, rx) = oneshot::channel();
-                let msg = Msg::Send(Box::new(SendMail { device, client_id, to, payload, reply: tx, span }));
+                let msg = Msg::Send(Box::new(SendMail { device, client_id, to, payload, meta, reply: tx, span }));
                 (msg, Some(self.relay(rx, Answer::Send)))
             }
-            Mail::Post { author, device, client_id, payload, commit_epoch, .. } => {
+            Mail::Post { author, device, client_id, payload, commit_epoch, meta, .. } => {
                 let (tx, rx) = oneshot::channel();
-                let msg =
-                    Msg::Post(Box::new(PostMail { author, device, client_id, payload, commit_epoch, reply: tx, span }));
+                let post = PostMail { author, device, client_id, payload, commit_epoch, meta, reply: tx, span };
+                let msg = Msg::Post(Box::new(post));
                 (msg, Some(self.relay(rx, Answer::Send)))
             }
             Mail::Group { from, request, .. } => {

@@ -14,7 +14,7 @@ use crate::presence::{PresenceNote, TypingState};
 use crate::sessions::Disconnect;
 use bytes::Bytes;
 use skylark_core::group::GroupError;
-use skylark_core::message::{DeviceChange, Forward, LogEntry, MessageId};
+use skylark_core::message::{DeviceChange, Forward, LogEntry, MessageId, MetaRequest};
 use skylark_core::{AccountId, DeviceId};
 use skylark_store::StoreError;
 use skylark_store::record::{Reader, Writer, decode_entry, encode_entry};
@@ -31,6 +31,7 @@ pub(crate) enum Mail {
         client_id: String,
         to: AccountId,
         payload: Bytes,
+        meta: MetaRequest,
     },
     Post {
         group: AccountId,
@@ -39,6 +40,7 @@ pub(crate) enum Mail {
         client_id: String,
         payload: Bytes,
         commit_epoch: Option<u64>,
+        meta: MetaRequest,
     },
     Group {
         group: AccountId,
@@ -185,19 +187,32 @@ fn entry_forward(entry: LogEntry) -> Result<Forward, BadMessage> {
     })
 }
 
+/// A send's edit, deletion and timer: each target as its sequence plus one
+/// (0: none), then the timer.
+fn write_meta_request(w: &mut Writer, meta: &MetaRequest) {
+    w.u64(meta.edits.map_or(0, |s| s.saturating_add(1)));
+    w.u64(meta.deletes.map_or(0, |s| s.saturating_add(1)));
+    w.u64(meta.expire_after_ms);
+}
+
+fn read_meta_request(r: &mut Reader<'_>) -> Result<MetaRequest, BadMessage> {
+    Ok(MetaRequest { edits: r.u64()?.checked_sub(1), deletes: r.u64()?.checked_sub(1), expire_after_ms: r.u64()? })
+}
+
 impl Mail {
     pub(crate) fn encode(&self) -> Vec<u8> {
         match self {
-            Mail::Send { account, device, client_id, to, payload } => {
+            Mail::Send { account, device, client_id, to, payload, meta } => {
                 let mut w = start(1);
                 w.u64(account.0);
                 w.u64(device.0);
                 w.bytes(client_id.as_bytes());
                 w.u64(to.0);
                 w.bytes(payload);
+                write_meta_request(&mut w, meta);
                 w.0
             }
-            Mail::Post { group, author, device, client_id, payload, commit_epoch } => {
+            Mail::Post { group, author, device, client_id, payload, commit_epoch, meta } => {
                 let mut w = start(2);
                 w.u64(group.0);
                 w.u64(author.0);
@@ -206,6 +221,7 @@ impl Mail {
                 w.bytes(payload);
                 // 0: not a commit; otherwise the epoch plus one.
                 w.u64(commit_epoch.map_or(0, |e| e.saturating_add(1)));
+                write_meta_request(&mut w, meta);
                 w.0
             }
             Mail::Group { group, from, request } => {
@@ -293,6 +309,7 @@ impl Mail {
                 client_id: r.string()?,
                 to: AccountId(r.u64()?),
                 payload: Bytes::copy_from_slice(r.bytes()?),
+                meta: read_meta_request(&mut r)?,
             },
             2 => Mail::Post {
                 group: AccountId(r.u64()?),
@@ -301,6 +318,7 @@ impl Mail {
                 client_id: r.string()?,
                 payload: Bytes::copy_from_slice(r.bytes()?),
                 commit_epoch: r.u64()?.checked_sub(1),
+                meta: read_meta_request(&mut r)?,
             },
             3 => Mail::Group { group: AccountId(r.u64()?), from: AccountId(r.u64()?), request: from_json(r.bytes()?)? },
             4 => {
@@ -387,6 +405,7 @@ const E_INVALID_CLIENT_ID: u8 = 9;
 const E_UNREACHABLE: u8 = 10;
 const E_YOU_BLOCKED: u8 = 11;
 const E_INVALID_NAME: u8 = 12;
+const E_META: u8 = 13;
 
 pub(crate) fn encode_answer(answer: &Result<Answer, MessagingError>) -> Vec<u8> {
     match answer {
@@ -425,6 +444,7 @@ pub(crate) fn encode_answer(answer: &Result<Answer, MessagingError>) -> Vec<u8> 
                 MessagingError::InvalidClientId => (E_INVALID_CLIENT_ID, 0, Vec::new()),
                 MessagingError::YouBlocked => (E_YOU_BLOCKED, 0, Vec::new()),
                 MessagingError::InvalidName => (E_INVALID_NAME, 0, Vec::new()),
+                MessagingError::Meta(m) => (E_META, 0, json(m)),
                 // Checked at the edge, before any mail: never on the bus.
                 MessagingError::InvalidRecipient(_)
                 | MessagingError::CommitOutsideGroup
@@ -468,6 +488,7 @@ pub(crate) fn decode_answer(bytes: &[u8]) -> Result<Result<Answer, MessagingErro
                 E_UNREACHABLE => MessagingError::NodeUnreachable,
                 E_YOU_BLOCKED => MessagingError::YouBlocked,
                 E_INVALID_NAME => MessagingError::InvalidName,
+                E_META => MessagingError::Meta(from_json(text)?),
                 _ => MessagingError::Internal("another node failed to answer"),
             })
         }
@@ -601,6 +622,7 @@ mod tests {
 
     fn message() -> Arc<Message> {
         Arc::new(Message {
+            meta: Default::default(),
             id: MessageId { sender: AccountId(5), seq: 9 },
             to: AccountId(6),
             sender_device: DeviceId(7),
@@ -614,6 +636,7 @@ mod tests {
     fn mail_answers_and_events_round_trip() {
         let mails = vec![
             Mail::Send {
+                meta: Default::default(),
                 account: AccountId(1),
                 device: DeviceId(2),
                 client_id: "id".into(),

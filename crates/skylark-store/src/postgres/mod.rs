@@ -59,6 +59,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "cluster", include_str!("../../migrations/0002_cluster.sql")),
     (3, "key_packages", include_str!("../../migrations/0003_key_packages.sql")),
     (4, "conversation_features", include_str!("../../migrations/0004_conversation_features.sql")),
+    (5, "expiries", include_str!("../../migrations/0005_expiries.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -505,6 +506,10 @@ async fn check_identities(conns: &[Arc<Conn>]) -> Result<(), StoreError> {
 #[derive(Default)]
 struct Rows {
     log: Vec<(i64, i64, Vec<u8>)>,
+    /// Entries rewritten in place (payloads purged).
+    replaces: BTreeMap<(i64, i64), Vec<u8>>,
+    /// (expires at, account, seq) of new disappearing entries.
+    expiries: Vec<(i64, i64, i64)>,
     outbox: BTreeMap<(i64, i64), Option<Vec<u8>>>,
     counters: BTreeMap<i64, (i64, i64)>,
     client_ids: BTreeMap<(i64, i64, String), i64>,
@@ -526,6 +531,21 @@ impl Rows {
         }
         for (seq, entry) in &w.appends {
             self.log.push((a, int(*seq)?, encode_entry(entry)));
+        }
+        for (at, seq) in w.expiries() {
+            self.expiries.push((int(at)?, a, int(seq)?));
+        }
+        for (seq, entry) in &w.replaces {
+            let seq = int(*seq)?;
+            // An entry appended earlier in the same commit is rewritten
+            // before it is inserted (one statement cannot update a row it
+            // inserts).
+            match self.log.iter_mut().find(|(acc, s, _)| *acc == a && *s == seq) {
+                Some(row) => row.2 = encode_entry(entry),
+                None => {
+                    self.replaces.insert((a, seq), encode_entry(entry));
+                }
+            }
         }
         for (seq, item) in &w.outbox_puts {
             self.outbox.insert((a, int(*seq)?), Some(encode_outbox(item)));
@@ -568,6 +588,8 @@ impl Rows {
 
     fn count(&self) -> usize {
         self.log.len()
+            + self.replaces.len()
+            + self.expiries.len()
             + self.outbox.len()
             + self.counters.len()
             + self.client_ids.len()
@@ -607,7 +629,11 @@ gr AS (INSERT INTO groups (id, meta) SELECT i, m::jsonb FROM unnest($28::int8[],
        ON CONFLICT (id) DO UPDATE SET meta = EXCLUDED.meta),
 mj AS (INSERT INTO memberships (member, group_id) SELECT * FROM unnest($30::int8[], $31::int8[]) ON CONFLICT DO NOTHING),
 ml AS (DELETE FROM memberships m USING unnest($32::int8[], $33::int8[]) AS d(member, group_id)
-       WHERE m.member = d.member AND m.group_id = d.group_id)
+       WHERE m.member = d.member AND m.group_id = d.group_id),
+ex AS (INSERT INTO expiries (expires_at, account, seq) SELECT * FROM unnest($36::int8[], $37::int8[], $38::int8[])
+       ON CONFLICT DO NOTHING),
+rw AS (UPDATE log SET entry = r.entry FROM unnest($39::int8[], $40::int8[], $41::bytea[]) AS r(account, seq, entry)
+       WHERE log.account = r.account AND log.seq = r.seq)
 SELECT skylark_fence($34::int8[], $35::int8[])";
 
 fn unzip3<A, B, C>(rows: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
@@ -623,6 +649,8 @@ fn unzip3<A, B, C>(rows: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Ve
 async fn execute(pool: &PgPool, rows: Rows) -> Result<(), sqlx::Error> {
     let (fa, fe): (Vec<i64>, Vec<i64>) = rows.fence.into_iter().unzip();
     let (la, ls, le) = unzip3(rows.log.into_iter());
+    let (xt, xa, xs) = unzip3(rows.expiries.into_iter());
+    let (wa, ws, we) = unzip3(rows.replaces.into_iter().map(|((a, s), e)| (a, s, e)));
     let (mut pa, mut ps, mut pi, mut da, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ((a, s), item) in rows.outbox {
         match item {
@@ -702,6 +730,12 @@ async fn execute(pool: &PgPool, rows: Rows) -> Result<(), sqlx::Error> {
         .bind(lgp)
         .bind(fa)
         .bind(fe)
+        .bind(xt)
+        .bind(xa)
+        .bind(xs)
+        .bind(wa)
+        .bind(ws)
+        .bind(we)
         .execute(pool)
         .await
         .map(|_| ())
@@ -1818,6 +1852,62 @@ impl PgStore {
 
 #[async_trait]
 impl MessageStore for PgStore {
+    async fn expire(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut handled = 0;
+        for shard in self.shards.iter() {
+            if handled >= limit {
+                break;
+            }
+            let conn = &shard.conn;
+            let fail = |e| conn.fail(e);
+            let mut tx = conn.pool.begin().await.map_err(fail)?;
+            // SKIP LOCKED: nodes sweeping at once take different rows.
+            let due: Vec<(i64, i64)> = sqlx::query_as(
+                "DELETE FROM expiries WHERE (expires_at, account, seq) IN \
+                   (SELECT expires_at, account, seq FROM expiries WHERE expires_at <= $1 \
+                    ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING account, seq",
+            )
+            .bind(int(now_ms)?)
+            .bind(int((limit - handled) as u64)?)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(fail)?;
+            handled += due.len();
+            let (accounts, seqs): (Vec<i64>, Vec<i64>) = due.into_iter().unzip();
+            let stored: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT l.account, l.seq, l.entry FROM log l \
+                 JOIN unnest($1::int8[], $2::int8[]) AS d(account, seq) ON l.account = d.account AND l.seq = d.seq \
+                 FOR UPDATE OF l",
+            )
+            .bind(&accounts)
+            .bind(&seqs)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(fail)?;
+            let (mut wa, mut ws, mut we) = (Vec::new(), Vec::new(), Vec::new());
+            for (account, seq, entry) in stored {
+                if let Some(purged) = crate::purged_entry(&decode_entry(&entry)?) {
+                    wa.push(account);
+                    ws.push(seq);
+                    we.push(encode_entry(&purged));
+                }
+            }
+            sqlx::query(
+                "UPDATE log SET entry = r.entry FROM unnest($1::int8[], $2::int8[], $3::bytea[]) AS r(account, seq, entry) \
+                 WHERE log.account = r.account AND log.seq = r.seq",
+            )
+            .bind(wa)
+            .bind(ws)
+            .bind(we)
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+        }
+        Ok(handled)
+    }
+
     async fn apply(&self, write: AccountWrite) -> Result<(), StoreError> {
         if write.is_empty() {
             return Ok(());

@@ -43,6 +43,9 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
         (
             "send 1:1",
             Body::Send(v1::SendMessage {
+                edits: None,
+                deletes: None,
+                expire_after_ms: 0,
                 client_id: "x".into(),
                 to: "+15556000009".into(),
                 group: 0,
@@ -53,6 +56,9 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
         (
             "post to group",
             Body::Send(v1::SendMessage {
+                edits: None,
+                deletes: None,
+                expire_after_ms: 0,
                 client_id: "y".into(),
                 to: String::new(),
                 group: g,

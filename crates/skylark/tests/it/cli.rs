@@ -1127,3 +1127,62 @@ async fn account_export_and_delete_from_the_command_line() {
     let said = admin_cli(&cli, &server, &["delete-account", "+15551900202"]).await;
     assert!(said.contains("Deleted +15551900202: 1 device(s) signed out, left 1 group(s)."), "{said}");
 }
+
+/// Replies, reactions, edits, deletions, forwards and disappearing
+/// messages from the command line, in an encrypted 1:1 chat: each verb's
+/// message shows on the other side — on a device that was offline while it
+/// all happened — and a deleted message reads as deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_react_edit_delete_forward_and_disappear_from_the_command_line() {
+    let server = TestServer::start().await;
+    let cli = Profiles::new();
+    let (alice, bob, carol) = ("+15552400001", "+15552400002", "+15552400003");
+    cli.save(&server.register(alice).await, "alice");
+    cli.save(&server.register(bob).await, "bob");
+    cli.save(&server.register(carol).await, "carol");
+    for profile in ["alice", "bob", "carol"] {
+        cli.run(profile, &["group", "list"]).await;
+    }
+    let out = cli.run("alice", &["send", bob, "lunch at noon?"]).await;
+    assert!(out.contains("✓ 🔒 sent"), "{out}");
+    // The message's number in the chat: the sequence of "GROUP:SEQ".
+    let id = out.split("message ").nth(1).and_then(|s| s.split(')').next()).unwrap().to_owned();
+    let seq = id.split(':').nth(1).unwrap().to_owned();
+
+    let out = cli.run("bob", &["reply", alice, &seq, "yes, noon works"]).await;
+    assert!(out.contains(&format!("✓ 🔒 replied to #{seq}")), "{out}");
+    let out = cli.run("bob", &["react", alice, &seq, "👍"]).await;
+    assert!(out.contains(&format!("reacted 👍 to #{seq}")), "{out}");
+    let out = cli.run("alice", &["edit", bob, &seq, "lunch at one?"]).await;
+    assert!(out.contains(&format!("edited #{seq}")), "{out}");
+    // Someone else's message is not yours to edit, in words.
+    let refused = cli.output("bob", &["edit", alice, &seq, "mine now"]).await;
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("your own messages"), "{said}");
+    let out = cli.run("alice", &["send", bob, "forward-me-marker"]).await;
+    let fwd_seq = out.split("message ").nth(1).and_then(|s| s.split(')').next()).unwrap().split(':').nth(1).unwrap();
+    let out = cli.run("bob", &["forward", alice, fwd_seq, carol]).await;
+    assert!(out.contains(&format!("forwarded #{fwd_seq} to {carol}")), "{out}");
+    let out = cli.run("alice", &["delete", bob, &seq]).await;
+    assert!(out.contains(&format!("deleted #{seq} for everyone")), "{out}");
+    let out = cli.run("alice", &["disappear", bob, "24h"]).await;
+    assert!(out.contains("now disappear 24 hours after"), "{out}");
+    let out = cli.run("alice", &["send", bob, "this one disappears"]).await;
+    assert!(out.contains("disappears in 24 hours"), "the chat's timer applies: {out}");
+    let refused = cli.output("alice", &["disappear", bob, "soon"]).await;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("give off, 24h, 7d or 90d"));
+
+    // Bob's listen shows each of them, in order.
+    let listen = cli.listen("bob");
+    listen.expect(&format!("🚫 this message was deleted  (#{seq})"));
+    listen.expect(&format!("↪ replying to #{seq} \"lunch at noon?\": yes, noon works"));
+    listen.expect(&format!("reacted 👍 to #{seq}"));
+    listen.expect(&format!("✏️ edited #{seq} to: lunch at one?"));
+    listen.expect(&format!("🚫 deleted #{seq} for everyone"));
+    listen.expect("set disappearing messages to 24 hours");
+    listen.expect("this one disappears ⏳");
+    drop(listen);
+    let listen = cli.listen("carol");
+    listen.expect("(forwarded) forward-me-marker");
+}

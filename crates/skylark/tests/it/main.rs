@@ -11,6 +11,7 @@ mod authz;
 mod blocks;
 mod cli;
 mod cluster;
+mod conversation;
 mod crash;
 mod devices;
 mod docs;
