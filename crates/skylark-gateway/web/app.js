@@ -56,6 +56,7 @@ const state = {
   pushOn: false, // this session registered the browser's push subscription
   ackTimer: null,
   arrived: [], // live events to keep and acknowledge
+  composing: null, // the next message replies to ({ key, reply }) or edits ({ key, edits }) another
   backoff: 0,
   lastHost: null, // the node that took the last session
 };
@@ -132,6 +133,73 @@ const payloadOf = (text) => {
   return btoa(s);
 };
 
+// ---------------------------------------------------------------- content
+//
+// What a message says, as every Skylark client writes it in the payload
+// (skylark_client::content): plain text, or "\u0001" and a JSON object
+// tagged by "t" — a text with a quoted reply or marked forwarded, a
+// reaction, a disappearing-timer change, a deletion. Message ids in it are
+// "SENDER:SEQ" (for a group post, the group and its sequence).
+
+const MARK = "\u0001";
+function parseContent(text) {
+  if (!text.startsWith(MARK)) return { t: "text", text };
+  try {
+    const c = JSON.parse(text.slice(1));
+    return c && typeof c.t === "string" ? c : { t: "unknown" };
+  } catch {
+    return { t: "unknown" };
+  }
+}
+function encodeContent(c) {
+  if (c.t === "text" && !c.reply && !c.fwd && !c.text.startsWith(MARK)) return c.text;
+  return MARK + JSON.stringify(c);
+}
+/// The disappearing timers offered, as [ms, words].
+const TIMERS = [[0, "Off"], [86400000, "24 hours"], [7 * 86400000, "7 days"], [90 * 86400000, "90 days"]];
+function timerWords(ms) {
+  const known = TIMERS.find(([t]) => t === ms);
+  if (known) return known[1].toLowerCase();
+  for (const [unit, name] of [[86400000, "day"], [3600000, "hour"], [60000, "minute"], [1000, "second"]]) {
+    if (ms % unit === 0 || unit === 1000) {
+      const n = Math.ceil(ms / unit);
+      return `${n} ${name}${n === 1 ? "" : "s"}`;
+    }
+  }
+  return `${ms} ms`;
+}
+/// The server's windows for changing a sent message (messaging.edit_window_ms
+/// and delete_window_ms at their defaults; the server has the last word).
+const EDIT_WINDOW_MS = 15 * 60 * 1000;
+const DELETE_WINDOW_MS = 48 * 60 * 60 * 1000;
+const REACTIONS = ["👍", "❤️", "😂", "😮", "😢", "🙏"];
+const QUOTE_CHARS = 80;
+const quoteOf = (text) => (text.length > QUOTE_CHARS ? `${[...text].slice(0, QUOTE_CHARS).join("")}…` : text);
+
+/// A message's fields that come from its content and from what the server
+/// says of it: `ref` (its id), what it edits or deletes, when it expires,
+/// whether its payload was purged, and the words to show for it.
+function described(ref, sender, text, meta, mine, from) {
+  const content = text === LOCKED ? { t: "text", text } : parseContent(text);
+  const target = (seq) => (seq ? `${sender}:${seq}` : null);
+  const out = {
+    ref, content, edits: target(meta.edits), deletes: target(meta.deletes),
+    expiresAt: Number(meta.expiresAtMs || 0), purged: !!meta.purged, text: "",
+  };
+  const who = mine ? "You" : from;
+  if (out.purged) out.text = "This message was deleted";
+  else if (out.deletes) out.text = `${who} deleted a message`;
+  else if (content.t === "text") out.text = content.text;
+  else if (content.t === "react") out.text = content.emoji ? `${who} reacted ${content.emoji}` : `${who} took back a reaction`;
+  else if (content.t === "timer") {
+    out.text = content.ms ? `${who} set disappearing messages to ${timerWords(Number(content.ms))}` : `${who} turned off disappearing messages`;
+  } else out.text = "A kind of message this version cannot show; reload the page to update it.";
+  // Reactions, edits and deletions change other messages: never unread.
+  out.quiet = !!(out.edits || out.deletes || content.t === "react");
+  out.timer = content.t === "timer";
+  return out;
+}
+
 // Icons are drawn (SVG), not taken from a font: a browser without an emoji
 // font would show boxes.
 const SVG = "http://www.w3.org/2000/svg";
@@ -144,6 +212,8 @@ const ICONS = {
   lock: ["M6 11h12v9H6z", "M8 11V8a4 4 0 0 1 8 0v3"],
   person: ["M12 4a4 4 0 1 0 0 8a4 4 0 1 0 0-8", "M4 21a8 8 0 0 1 16 0"],
   info: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18", "M12 11v6", "M12 7.5v.5"],
+  deleted: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18", "M5.6 5.6l12.8 12.8"],
+  timer: ["M7 3h10", "M7 21h10", "M8 3c0 5 8 5 8 9s-8 4-8 9", "M16 3c0 5-8 5-8 9s8 4 8 9"],
 };
 function icon(name, label) {
   const svg = document.createElementNS(SVG, "svg");
@@ -712,13 +782,15 @@ function applyMessage(m, order, live) {
   const phone = mine ? m.toPhone : m.fromPhone;
   const c = chat(peerKey(phone), mine ? { peer: m.to } : { peer: m.id.sender });
   if (live && !mine) state.typing.delete(phone); // the message they were typing
+  const shown = described(`${m.id.sender}:${m.id.seq}`, m.id.sender, payloadText(m.payload), m, mine, m.fromPhone);
   addMessage(c, {
     id: `m:${m.id.seq}:${mine ? "out" : "in"}`, seq: Number(m.id.seq), order, mine, from: m.fromPhone,
-    text: payloadText(m.payload), at: Number(m.sentAtMs), clientId: m.clientId,
+    at: Number(m.sentAtMs), clientId: m.clientId, ...shown,
   });
-  if (live && !mine) {
+  if (shown.deletes) scrub(c, shown.deletes);
+  if (live && !mine && !shown.quiet) {
     maybeMarkRead(c);
-    notifyPage(c, m.fromPhone, payloadText(m.payload));
+    notifyPage(c, m.fromPhone, shown.text);
   }
 }
 
@@ -788,13 +860,15 @@ function applyGroup(g, order, live) {
     }
     if (handshake) return; // encryption keys changing: nothing to show
     const mine = g.by === state.me.accountId;
+    const shown = described(`${g.group}:${g.groupSeq}`, g.group, payloadText(g.message.payload), g.message, mine, g.byPhone);
     addMessage(c, {
       id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, mine, from: g.byPhone,
-      text: payloadText(g.message.payload), at, clientId: g.message.clientId,
+      at, clientId: g.message.clientId, ...shown,
     });
-    if (live && !mine) {
+    if (shown.deletes) scrub(c, shown.deletes);
+    if (live && !mine && !shown.quiet) {
       maybeMarkRead(c);
-      notifyPage(c, `${g.byPhone} in ${c.title}`, payloadText(g.message.payload));
+      notifyPage(c, `${g.byPhone} in ${c.title}`, shown.text);
     }
     return;
   }
@@ -819,8 +893,21 @@ function applyGroup(g, order, live) {
 
 function unread(c) {
   let n = 0;
-  for (const m of c.messages.values()) if (!m.mine && !m.system && m.seq > c.readByMe) n++;
+  for (const m of c.messages.values()) if (!m.mine && !m.system && !m.quiet && !gone(m) && m.seq > c.readByMe) n++;
   return n;
+}
+
+/// A disappearing message whose time has passed: no longer shown.
+const gone = (m) => m.expiresAt && m.expiresAt <= Date.now();
+
+/// A message deleted for everyone: its text goes from this browser too —
+/// from what is shown and from the copy kept in IndexedDB.
+function scrub(c, ref) {
+  for (const m of c.messages.values()) {
+    if (m.ref !== ref || m.purged) continue;
+    Object.assign(m, { purged: true, text: "This message was deleted", content: { t: "text", text: "" } });
+    if (state.local && Number.isFinite(m.order)) state.local.scrub(m.order).catch(() => {});
+  }
 }
 
 function maybeMarkRead(c) {
@@ -838,8 +925,17 @@ function maybeMarkRead(c) {
 
 // ---------------------------------------------------------------- sending
 
-function send(c, text) {
-  const item = { key: c.key, clientId: clientId(), text, queuedAt: Date.now() };
+/// Sends `text` to chat `c`; `extra` makes it more than a plain text: a
+/// `content` (reply, reaction, timer, forward, deletion) and the server's
+/// `edits` / `deletes` (seq of one's own message). A message sent while the
+/// chat's disappearing timer is on disappears too.
+function send(c, text, extra = {}) {
+  const content = extra.content || { t: "text", text };
+  const timed = content.t === "timer" || extra.deletes ? 0 : fold(c).timer;
+  const item = {
+    key: c.key, clientId: clientId(), text, queuedAt: Date.now(), payload: encodeContent(content),
+    edits: extra.edits || null, deletes: extra.deletes || null, expireAfterMs: timed,
+  };
   // Kept before anything else: a tab closed now still sends it next time.
   if (state.local) state.local.queue(item).catch(() => {});
   enqueue(item);
@@ -850,9 +946,12 @@ function send(c, text) {
 /// Shows a queued message as waiting (🕓) and adds it to the outbox.
 function enqueue(item) {
   const c = chat(item.key);
+  const sender = c.kind === "group" ? c.group : state.me.accountId;
+  const meta = { edits: item.edits, deletes: item.deletes, expiresAtMs: item.expireAfterMs ? item.queuedAt + item.expireAfterMs : 0 };
   const local = {
-    id: `local:${item.clientId}`, local: true, mine: true, text: item.text, at: item.queuedAt,
+    id: `local:${item.clientId}`, local: true, mine: true, at: item.queuedAt,
     clientId: item.clientId, seq: Infinity, order: Infinity,
+    ...described(null, sender, item.payload ? payloadText(payloadOf(item.payload)) : item.text, meta, true, null),
   };
   addMessage(c, local);
   state.outbox.push({ ...item, local });
@@ -866,9 +965,13 @@ async function flushOutbox() {
     while (state.outbox.length && state.session) {
       const item = state.outbox[0];
       const c = state.chats.get(item.key);
+      const payload = payloadOf(item.payload ?? item.text); // queued by an older page: plain text
       const body = c.kind === "group"
-        ? { clientId: item.clientId, group: c.group, payload: payloadOf(item.text) }
-        : { clientId: item.clientId, to: c.key.slice(2), payload: payloadOf(item.text) };
+        ? { clientId: item.clientId, group: c.group, payload }
+        : { clientId: item.clientId, to: c.key.slice(2), payload };
+      if (item.edits) body.edits = String(item.edits);
+      if (item.deletes) body.deletes = String(item.deletes);
+      if (item.expireAfterMs) body.expireAfterMs = String(item.expireAfterMs);
       try {
         const reply = await state.session.request({ send: body });
         const ack = reply.sendAck;
@@ -879,7 +982,8 @@ async function flushOutbox() {
             // A 1:1 message's id is its place in this account's log; a group
             // post gets its place when its copy arrives (it replaces this).
             const order = c.kind === "group" ? Infinity : Number(ack.id.seq);
-            c.messages.set(id, { ...item.local, local: false, id, seq: Number(ack.id.seq), order, at: Number(ack.sentAtMs) });
+            const ref = `${ack.id.sender}:${ack.id.seq}`;
+            c.messages.set(id, { ...item.local, local: false, id, ref, seq: Number(ack.id.seq), order, at: Number(ack.sentAtMs) });
           }
         }
         state.outbox.shift();
@@ -1091,7 +1195,11 @@ $("composer").addEventListener("submit", (e) => {
   $("text").value = "";
   composingSent = 0;
   clearTimeout(pauseTimer);
-  send(c, text);
+  const what = state.composing && state.composing.key === c.key ? state.composing : null;
+  endCompose();
+  if (what && what.reply) send(c, text, { content: { t: "text", text, reply: what.reply } });
+  else if (what && what.edits) send(c, text, { edits: what.edits });
+  else send(c, text);
 });
 
 // ---------------------------------------------------------------- rendering
@@ -1115,7 +1223,7 @@ $("back").addEventListener("click", () => {
 
 function preview(c) {
   let last = null;
-  for (const m of c.messages.values()) if (!last || m.at >= last.at) last = m;
+  for (const m of c.messages.values()) if (!gone(m) && (!last || m.at >= last.at)) last = m;
   if (!last) return "";
   return last.system ? last.text : `${last.mine ? "You: " : c.kind === "group" ? `${last.from}: ` : ""}${last.text}`;
 }
@@ -1164,6 +1272,11 @@ function renderHeader() {
   const c = state.chats.get(state.open);
   $("group-info").hidden = !c || c.kind !== "group" || !state.groups.has(c.group);
   $("mute").hidden = !c;
+  $("timer").hidden = !c || c.locked;
+  if (c) {
+    const t = fold(c).timer;
+    $("timer").replaceChildren(...(t ? [icon("timer", "disappearing messages:"), ` ${timerWords(t)}`] : ["Timer"]));
+  }
   const blockable = peerPhoneOf(c);
   $("block").hidden = !blockable;
   $("name-contact").hidden = !blockable;
@@ -1210,7 +1323,10 @@ function renderMessages(grown = false) {
   if (!c) return box.replaceChildren();
   const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 30;
   const [fromBottom, fromTop] = [box.scrollHeight - box.scrollTop, box.scrollTop];
-  const all = [...c.messages.values()].sort((a, b) => a.order - b.order || a.at - b.at);
+  const folded = fold(c);
+  // Reactions, edits and deletions show on the messages they change;
+  // disappeared messages are gone.
+  const all = [...c.messages.values()].filter((m) => !m.quiet && !gone(m)).sort((a, b) => a.order - b.order || a.at - b.at);
   const items = all.slice(-c.window);
   // Above the first message drawn: older ones here, or on the server.
   let top = null;
@@ -1225,27 +1341,145 @@ function renderMessages(grown = false) {
       day = dayOf(m.at);
       drawn.push(h("li", { class: "day" }, dayName(m.at)));
     }
-    drawn.push(drawMessage(c, m));
+    drawn.push(drawMessage(c, m, folded));
   }
   box.replaceChildren(top || "", ...drawn);
   if (stick) box.scrollTop = box.scrollHeight;
   else box.scrollTop = grown ? box.scrollHeight - fromBottom : fromTop;
 }
 
-function drawMessage(c, m) {
-  if (m.system) return h("li", { class: "system" }, m.text);
+/// What a chat's reactions, edits, deletions and timer changes do to its
+/// other messages, taken in log order: the newest reaction of each person
+/// to each message, the newest edit of each, which were deleted, and the
+/// chat's disappearing timer now.
+function fold(c) {
+  const out = { reactions: new Map(), edited: new Map(), deleted: new Set(), timer: 0 };
+  const all = [...c.messages.values()].sort((a, b) => a.order - b.order || a.at - b.at);
+  for (const m of all) {
+    if (!m.content) continue;
+    if (m.deletes) out.deleted.add(m.deletes);
+    else if (m.purged) continue;
+    else if (m.edits && m.content.t === "text") out.edited.set(m.edits, m.content.text);
+    else if (m.content.t === "react") {
+      const who = m.mine ? "you" : m.from;
+      const r = out.reactions.get(m.content.to) || new Map();
+      if (m.content.emoji) r.set(who, m.content.emoji);
+      else r.delete(who);
+      out.reactions.set(m.content.to, r);
+    } else if (m.timer) out.timer = Number(m.content.ms) || 0;
+  }
+  return out;
+}
+
+/// The sequence the server knows one's own message by (its log's, or the group's).
+const ownSeq = (m) => Number(String(m.ref).split(":")[1]);
+
+function drawMessage(c, m, folded) {
+  if (m.system || m.timer) return h("li", { class: `system${m.timer ? " timer" : ""}` }, m.timer ? icon("timer") : null, m.text);
+  const deleted = m.purged || (m.ref && folded.deleted.has(m.ref));
   const [status, mark] = m.mine ? tickOf(c, m) : [null, null];
   // Who has one of my group posts: asked of the server when wanted.
-  const info = m.mine && c.kind === "group" && !m.local
+  const info = m.mine && c.kind === "group" && !m.local && !deleted
     ? h("button", { type: "button", class: "info", "aria-label": "Message info", title: "Message info", onclick: () => guarded(() => showInfo(c, m)) }, icon("info"))
     : null;
-  return h("li", { class: `msg${m.mine ? " mine" : ""}${m.failed ? " failed" : ""}`, "data-client-id": m.clientId },
+  const more = !m.local && m.ref && !deleted && m.text !== LOCKED
+    ? h("button", { type: "button", class: "more", "aria-label": "Message actions", title: "Reply, react, forward…", onclick: () => showActions(c, m) }, "⋯")
+    : null;
+  const edited = m.ref && folded.edited.get(m.ref);
+  const content = m.content || { t: "text", text: m.text };
+  const text = deleted ? "This message was deleted" : edited ?? (content.t === "text" ? content.text : m.text);
+  const reply = !deleted && content.reply
+    ? h("blockquote", { class: "quote" }, h("span", { class: "sr-only" }, "Replying to: "), content.reply.quote)
+    : null;
+  const reactions = m.ref && !deleted ? [...(folded.reactions.get(m.ref) || new Map()).entries()] : [];
+  const counted = new Map();
+  for (const [, emoji] of reactions) counted.set(emoji, (counted.get(emoji) || 0) + 1);
+  const who = reactions.map(([p, e]) => `${p === "you" ? "You" : state.names.get(p) || p} ${e}`).join(", ");
+  return h("li", { class: `msg${m.mine ? " mine" : ""}${m.failed ? " failed" : ""}${deleted ? " deleted" : ""}`, "data-client-id": m.clientId, "data-ref": m.ref },
     !m.mine && c.kind === "group" ? h("span", { class: "from" }, m.from) : null,
-    h("span", { class: "text" }, m.text === LOCKED ? icon("lock") : null, m.text),
-    h("span", { class: "meta" }, clock(m.at), m.mine ? " " : "",
+    !deleted && content.fwd ? h("span", { class: "fwd" }, "Forwarded") : null,
+    reply,
+    h("span", { class: "text" }, deleted ? icon("deleted") : null, m.text === LOCKED ? icon("lock") : null, text),
+    h("span", { class: "meta" }, edited && !deleted ? h("span", { class: "edited" }, "edited ") : null,
+      m.expiresAt && !deleted ? h("span", { class: "timer", title: `Disappears ${whenSeen(m.expiresAt)}` }, icon("timer", "disappearing message"), " ") : null,
+      clock(m.at), m.mine ? " " : "",
       m.mine ? h("span", { class: "tick", "data-status": status, title: mark }, icon(status === "pending" ? "clock" : status, mark)) : null,
-      info));
+      info, more),
+    counted.size ? h("span", { class: "reactions", title: who, "aria-label": `Reactions: ${who}` },
+      [...counted.entries()].map(([e, n]) => h("span", { class: "reaction" }, n > 1 ? `${e} ${n}` : e))) : null);
 }
+
+/// What one can do to a message: react, reply, forward; and to one's own,
+/// within the server's windows, edit and delete for everyone.
+function showActions(c, m) {
+  const mine = m.mine && !m.local;
+  const age = Date.now() - m.at;
+  const content = m.content && m.content.t === "text" ? m.content : { t: "text", text: m.text };
+  const text = fold(c).edited.get(m.ref) ?? content.text;
+  const close = () => { if ($("panel").open) $("panel").close(); };
+  const act = (label, fn, cls = "") => h("button", { type: "button", class: cls, onclick: () => { close(); fn(); } }, label);
+  const mineNow = [...(fold(c).reactions.get(m.ref) || new Map())].find(([p]) => p === "you");
+  panel(`actions:${m.ref}`, h("h2", {}, "Message"),
+    h("p", { class: "bubble" }, text),
+    h("div", { class: "react-row", role: "group", "aria-label": "React" },
+      REACTIONS.map((e) => act(e, () => send(c, "", { content: { t: "react", to: m.ref, emoji: e } }),
+        mineNow && mineNow[1] === e ? "chosen" : "")),
+      mineNow ? act("Remove reaction", () => send(c, "", { content: { t: "react", to: m.ref, emoji: "" } }), "secondary") : null),
+    h("p", {},
+      act("Reply", () => compose(c, { reply: { id: m.ref, quote: quoteOf(text) } }, `Replying to: ${quoteOf(text)}`)), " ",
+      act("Forward", () => chooseForward(text)), " ",
+      mine && age < EDIT_WINDOW_MS && !m.quiet ? act("Edit", () => compose(c, { edits: ownSeq(m) }, "Editing your message", text)) : null, " ",
+      mine && age < DELETE_WINDOW_MS ? act("Delete for everyone", () => confirmDelete(c, m), "danger") : null));
+}
+
+/// The composer's next message replies to or edits another (`what`).
+function compose(c, what, note, text = null) {
+  state.composing = { key: c.key, ...what };
+  $("compose-what").textContent = note;
+  $("compose-note").hidden = false;
+  if (text !== null) $("text").value = text;
+  $("text").focus();
+}
+
+function endCompose() {
+  state.composing = null;
+  $("compose-note").hidden = true;
+}
+
+$("compose-cancel").addEventListener("click", () => { endCompose(); $("text").value = ""; });
+
+function confirmDelete(c, m) {
+  panel("delete", h("h2", {}, "Delete for everyone?"),
+    h("p", {}, "Everyone in this chat will see that a message was deleted, and the server removes its text."),
+    h("p", {}, h("button", { type: "button", class: "danger", onclick: () => {
+      $("panel").close();
+      send(c, "", { content: { t: "delete" }, deletes: ownSeq(m) });
+    } }, "Delete")));
+}
+
+function chooseForward(text) {
+  const chats = [...state.chats.values()].filter((c) => !c.locked && (c.kind !== "group" || state.groups.has(c.group)))
+    .sort((a, b) => b.lastAt - a.lastAt);
+  panel("forward", h("h2", {}, "Forward to…"),
+    h("ul", { class: "choices" }, chats.map((c) => h("li", {}, h("button", { type: "button", class: "secondary", onclick: () => {
+      $("panel").close();
+      send(c, text, { content: { t: "text", text, fwd: true } });
+      openChat(c.key);
+    } }, titleOf(c))))));
+}
+
+$("timer").addEventListener("click", () => {
+  const c = state.chats.get(state.open);
+  if (!c) return;
+  const now = fold(c).timer;
+  panel("timer", h("h2", {}, "Disappearing messages"),
+    h("p", { class: "muted" }, "New messages in this chat disappear this long after they are sent, from every device and "
+      + "from the server. Everyone in the chat sees the change."),
+    h("div", { role: "group", "aria-label": "Timer" }, TIMERS.map(([ms, words]) => h("button", {
+      type: "button", class: ms === now ? "chosen" : "secondary", "aria-pressed": String(ms === now),
+      onclick: () => { $("panel").close(); if (ms !== now) send(c, "", { content: { t: "timer", ms } }); },
+    }, words))));
+});
 
 async function showInfo(c, m) {
   const r = await state.session.request({ getMessageInfo: { group: c.group, seq: String(m.seq) } });
@@ -1287,6 +1521,11 @@ function renderAll() {
 }
 
 setInterval(renderHeader, 1000); // typing indicators expire
+// Disappearing messages leave the open chat when their time comes.
+setInterval(() => {
+  const c = state.chats.get(state.open);
+  if (c && [...c.messages.values()].some((m) => m.expiresAt && gone(m) && !m.goneShown && (m.goneShown = true))) renderAll();
+}, 2000);
 
 document.addEventListener("visibilitychange", () => {
   const visible = document.visibilityState === "visible";

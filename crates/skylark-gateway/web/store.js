@@ -92,6 +92,22 @@ export class LocalStore {
     });
   }
 
+  /// Forgets the content of the message or post kept at log sequence `n`
+  /// (deleted for everyone), keeping the entry as a tombstone.
+  scrub(n) {
+    return this.transaction([EVENTS], "readwrite", (s) => {
+      const req = s[EVENTS].get(n);
+      req.onsuccess = () => {
+        const row = req.result;
+        const body = row && (row.event.message || (row.event.group && row.event.group.message));
+        if (!body) return;
+        body.payload = "";
+        body.purged = true;
+        s[EVENTS].put(row);
+      };
+    });
+  }
+
   /// A message typed and not yet acknowledged by the server.
   queue(item) {
     return this.transaction([OUTBOX], "readwrite", (s) => s[OUTBOX].put(item));

@@ -63,6 +63,9 @@ fn the_web_client_signs_up_chats_links_groups_reloads_and_survives_a_restart() {
         "12-blocked",
         "13-settings",
         "14-pin-asked",
+        "16-reply-react-edit",
+        "17-deleted",
+        "18-disappearing",
     ] {
         assert!(shots.join(format!("{shot}.png")).exists(), "screenshot {shot} missing");
     }

@@ -10,7 +10,9 @@
 // afterwards reads the whole history back from the server and pages back
 // as the user scrolls; the server is killed and restarted mid-conversation,
 // a message typed meanwhile survives closing the tab, and nothing is lost
-// or shown twice; a number is blocked and unblocked; two-step verification
+// or shown twice; replies, reactions, edits, deletions, forwards and
+// disappearing messages go both ways (browser and command line); a number
+// is blocked and unblocked; two-step verification
 // is turned on and asked for at sign-up; an account's data is downloaded
 // and the account deleted; a phone-sized window works.
 
@@ -420,6 +422,53 @@ try {
   assert.equal(await count(alice, "#messages li.msg", "while you were away"), 1, "shown once to Alice");
   assert.equal(await count(bob, "#messages li.msg", "hello bob"), 1);
 
+  // Replies, reactions, edits, deletions for everyone, forwards and
+  // disappearing messages, between two browsers.
+  await sendText(bob, "are you coming?");
+  await alice.waitForSelector("#messages li.msg:not(.mine) >> text=are you coming?");
+  const actOn = async (page, text, action) => {
+    await page.click(`#messages li.msg:has-text('${text}') button.more`);
+    await page.click(`dialog >> button:text-is('${action}')`);
+  };
+  await actOn(alice, "are you coming?", "Reply");
+  await alice.waitForSelector("#compose-note:not([hidden]) >> text=Replying to: are you coming?");
+  await sendText(alice, "yes, on my way");
+  await bob.waitForSelector("#messages li.msg:has-text('yes, on my way') .quote >> text=are you coming?");
+  await actOn(alice, "are you coming?", "👍");
+  await bob.waitForSelector("#messages li.msg.mine:has-text('are you coming?') .reactions >> text=👍");
+  await actOn(alice, "are you coming?", "😂"); // one reaction per person: the new one replaces it
+  await bob.waitForSelector("#messages li.msg.mine:has-text('are you coming?') .reactions >> text=😂");
+  assert.equal(await count(bob, "#messages li.msg.mine .reactions", "👍"), 0, "replaced, not added");
+  await actOn(alice, "yes, on my way", "Edit");
+  await alice.fill("#text", "yes, in 5 minutes");
+  await alice.press("#text", "Enter");
+  await bob.waitForSelector("#messages li.msg:has-text('yes, in 5 minutes') .edited");
+  assert.equal(await count(bob, "#messages li.msg", "yes, on my way"), 0, "the edit replaces the text");
+  await shot(bob, "16-reply-react-edit");
+  await sendText(alice, "oops, wrong chat");
+  await bob.waitForSelector("#messages >> text=oops, wrong chat");
+  await actOn(alice, "oops, wrong chat", "Delete for everyone");
+  await alice.click("dialog >> button:text-is('Delete')");
+  await bob.waitForSelector("#messages li.msg.deleted >> text=This message was deleted");
+  assert.equal(await count(bob, "#messages li.msg", "oops, wrong chat"), 0, "gone from Bob's screen");
+  assert.equal(await count(alice, "#messages li.msg", "oops, wrong chat"), 0, "and from Alice's");
+  await shot(bob, "17-deleted");
+  await actOn(alice, "are you coming?", "Forward");
+  await alice.click("dialog >> button:text-is('Notes')");
+  await alice.waitForSelector("#chat-title >> text=Notes");
+  await alice.waitForSelector("#messages li.msg.mine:has-text('are you coming?') .fwd");
+  await alice.click(`[data-chat="p:${BOB}"]`);
+  await alice.click("#timer");
+  await alice.click("dialog >> button:text-is('24 hours')");
+  await bob.waitForSelector(`#messages >> text=${ALICE} set disappearing messages to 24 hours`);
+  assert.equal((await bob.textContent("#timer")).trim(), "24 hours", "the timer is the chat's, on both sides");
+  await sendText(bob, "this one disappears");
+  await alice.waitForSelector("#messages li.msg:has-text('this one disappears') .timer");
+  await shot(alice, "18-disappearing");
+  await alice.click("#timer");
+  await alice.click("dialog >> button:text-is('Off')");
+  await bob.waitForSelector(`#messages >> text=${ALICE} turned off disappearing messages`);
+
   // An unknown number is refused in words.
   await startChat(alice, "+15553999999");
   await sendText(alice, "anyone?");
@@ -452,6 +501,27 @@ try {
   await cli("erin", ["send", ALICE, "erin after the unblock"]);
   await alice.waitForSelector("#messages >> text=erin after the unblock");
   assert.equal(await count(alice, "#messages li.msg", "erin while blocked"), 0, "dropped for good");
+  // The command line's reactions, edits, deletions and timers show in the
+  // browser (one content format for both clients).
+  const erinSent = await cli("erin", ["send", ALICE, "lunch at noon?"]);
+  const erinId = erinSent.match(/message (\d+:\d+)/)[1];
+  await alice.waitForSelector("#messages >> text=lunch at noon?");
+  await sendText(alice, "sounds good");
+  await tickIs(alice, "sounds good", "sent"); // Erin has no device online
+  const aliceRef = await alice.getAttribute("#messages li.msg.mine:has-text('sounds good')", "data-ref");
+  await cli("erin", ["react", ALICE, aliceRef, "❤️"]);
+  await alice.waitForSelector("#messages li.msg.mine:has-text('sounds good') .reactions >> text=❤️");
+  await cli("erin", ["edit", ALICE, erinId, "lunch at one?"]);
+  await alice.waitForSelector("#messages li.msg:has-text('lunch at one?') .edited");
+  await cli("erin", ["delete", ALICE, erinId]);
+  await until("Erin's message deleted", async () => (await count(alice, "#messages li.msg", "lunch at one?")) === 0);
+  await cli("erin", ["disappear", ALICE, "3s"]);
+  await alice.waitForSelector("#messages >> text=+15553000005 set disappearing messages to 3 seconds");
+  await cli("erin", ["send", ALICE, "gone in three seconds"]);
+  await alice.waitForSelector("#messages >> text=gone in three seconds");
+  await until("the disappearing message to leave the page", async () =>
+    (await count(alice, "#messages li.msg", "gone in three seconds")) === 0, 10000);
+  await cli("erin", ["disappear", ALICE, "off"]);
   // Alice names Erin: the chat is called so in the list and the header.
   await alice.click("#name-contact");
   await alice.fill("dialog input[aria-label='Contact name']", "Erin E.");
