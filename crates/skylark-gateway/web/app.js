@@ -1354,8 +1354,10 @@ function renderMessages(grown = false) {
 /// chat's disappearing timer now.
 function fold(c) {
   const out = { reactions: new Map(), edited: new Map(), deleted: new Set(), timer: 0 };
-  const all = [...c.messages.values()].sort((a, b) => a.order - b.order || a.at - b.at);
-  for (const m of all) {
+  // Only the messages that change others, in order (few, even in a long chat).
+  const acts = [...c.messages.values()].filter((m) => m.quiet || m.timer || m.purged)
+    .sort((a, b) => a.order - b.order || a.at - b.at);
+  for (const m of acts) {
     if (!m.content) continue;
     if (m.deletes) out.deleted.add(m.deletes);
     else if (m.purged) continue;

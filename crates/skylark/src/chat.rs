@@ -452,13 +452,16 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
 /// Sends with the same client id (and the same payload: a group post is
 /// encrypted once) until the server acknowledges it, across reconnects (the
 /// server drops the duplicates).
-async fn send_reliably(client: &Client, to: &Peer, id: &str, payload: Vec<u8>) -> Result<v1::SendAck> {
+async fn send_reliably(client: &Client, to: &Peer, id: &str, payload: Vec<u8>, timer: u64) -> Result<v1::SendAck> {
+    use skylark_client::session::{SendOptions, To};
+    let options = SendOptions { expire_after_ms: timer, ..SendOptions::default() };
     for _ in 0..10 {
         let handle: SessionHandle = client.connected().await.map_err(explain)?;
-        let sent = match to {
-            Peer::Phone(phone) => handle.send(phone, id, payload.clone()).await,
-            Peer::Group(group) => handle.send_to_group(*group, id, payload.clone()).await,
+        let to = match to {
+            Peer::Phone(phone) => To::Phone(phone),
+            Peer::Group(group) => To::Group(*group),
         };
+        let sent = handle.send_with(to, id, payload.clone(), options).await;
         match sent {
             Ok(ack) => return Ok(ack),
             Err(e @ ClientError::Refused { .. }) => return Err(explain(e)),
@@ -712,6 +715,23 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
             screen.say("— now —");
         }
     }
+    // The chat's disappearing timer: its newest timer message's (then kept
+    // current as timer messages arrive), applied to what is typed here.
+    let route = match (&peer, direct) {
+        (Peer::Phone(p), Some(group)) => crate::converse::Route::Group { group, direct: Some(p.clone()) },
+        (Peer::Phone(p), None) => crate::converse::Route::Plain(p.clone()),
+        (Peer::Group(group), _) => crate::converse::Route::Group { group: *group, direct: None },
+    };
+    let mut timer = match client.connected().await {
+        Ok(h) => crate::converse::timer_in(&h, &crypto, &route).await.unwrap_or(0),
+        Err(_) => 0,
+    };
+    if timer > 0 {
+        screen.say(&format!(
+            "(messages in this chat disappear {} after they are sent)",
+            skylark_client::content::timer_words(timer)
+        ));
+    }
     // My messages in this chat by sequence, for showing ticks as they change.
     let mut mine: BTreeMap<u64, (String, &'static str, Row)> = BTreeMap::new();
     // When "composing" was last sent, while the person is typing.
@@ -744,7 +764,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         }
                         (Peer::Phone(p), None) => (Peer::Phone(p.clone()), line.clone().into_bytes()),
                     };
-                    let ack = send_reliably(&client, &to, &id, payload).await?;
+                    let ack = send_reliably(&client, &to, &id, payload, timer).await?;
                     let seq = ack.id.unwrap_or_default().seq;
                     let row = screen.say(&format!("  ✓ you: {line}"));
                     mine.insert(seq, (line, "✓", row));
@@ -860,6 +880,22 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                             screen.say(&line);
                         }
                     }
+                }
+                // A timer message (from either side, any device) sets the chat's timer.
+                let said = match event.body.as_ref() {
+                    Some(Body::Group(g)) if g.group == group => match crypto.recall(event) {
+                        Some(skylark_client::e2ee::Shown::Encrypted(t) | skylark_client::e2ee::Shown::Plain(t)) => Some(t),
+                        _ => None,
+                    },
+                    Some(Body::Message(m)) if !peer_phone.is_empty() && (m.from_phone == peer_phone || m.to_phone == peer_phone) => {
+                        Some(text(&m.payload))
+                    }
+                    _ => None,
+                };
+                if let Some(skylark_client::content::Content::Timer { ms }) =
+                    said.as_deref().map(skylark_client::content::Content::parse)
+                {
+                    timer = ms;
                 }
                 if let Ok(handle) = client.connected().await {
                     let _ = handle.ack(event.seq).await;

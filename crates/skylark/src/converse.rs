@@ -14,7 +14,7 @@ use crate::chat::{client_id, clock, normalise};
 use crate::cli::{Connected, TransportArgs, explain};
 use anyhow::{Context, Result, bail};
 use skylark_client::content::{Content, Quote, id_text, parse_id, quote_of, timer_words};
-use skylark_client::e2ee::Shown;
+use skylark_client::e2ee::{Crypto, Shown};
 use skylark_client::session::{SendOptions, SessionHandle, To};
 use skylark_protocol::v1::{self, event::Body};
 use std::path::Path;
@@ -109,7 +109,7 @@ const PAGE: u32 = 200;
 /// to `visit` with its id and content, until `visit` says stop.
 async fn walk(
     h: &SessionHandle,
-    c: &Connected,
+    crypto: &Crypto,
     route: &Route,
     mut visit: impl FnMut((u64, u64), Found, &v1::Event) -> bool,
 ) -> Result<()> {
@@ -129,7 +129,7 @@ async fn walk(
                     Some(((id.sender, id.seq), Found { content: Content::parse(&text) }))
                 }
                 (Some(Body::Group(g)), Route::Group { group, .. }) if g.group == *group => {
-                    let text = match c.crypto.recall(event) {
+                    let text = match crypto.recall(event) {
                         Some(Shown::Encrypted(text) | Shown::Plain(text)) => Some(text),
                         _ => None,
                     };
@@ -155,9 +155,13 @@ async fn walk(
 /// The conversation's disappearing timer now: the newest timer message
 /// in it (0 when there is none).
 pub async fn timer_of(c: &Connected, route: &Route) -> Result<u64> {
-    let h = c.session.handle();
+    timer_in(&c.session.handle(), &c.crypto, route).await
+}
+
+/// [`timer_of`] on any session of the profile.
+pub async fn timer_in(h: &SessionHandle, crypto: &Crypto, route: &Route) -> Result<u64> {
     let mut timer = 0;
-    walk(&h, c, route, |_, found, _| match found.content {
+    walk(h, crypto, route, |_, found, _| match found.content {
         Content::Timer { ms } => {
             timer = ms;
             true
@@ -336,7 +340,7 @@ fn own_seq(id: (u64, u64), route: &Route, me: u64, verb: &str) -> Result<u64> {
 
 async fn find(h: &SessionHandle, c: &Connected, route: &Route, id: (u64, u64)) -> Result<Option<Found>> {
     let mut out = None;
-    walk(h, c, route, |found_id, found, _| {
+    walk(h, &c.crypto, route, |found_id, found, _| {
         if found_id == id {
             out = Some(found);
             return true;

@@ -1185,4 +1185,25 @@ async fn reply_react_edit_delete_forward_and_disappear_from_the_command_line() {
     drop(listen);
     let listen = cli.listen("carol");
     listen.expect("(forwarded) forward-me-marker");
+    drop(listen);
+
+    // The same verbs in an encrypted group, named by its id.
+    let out = cli.run("alice", &["group", "create", "Lunch", bob, carol]).await;
+    let group =
+        out.split("Group ").nth(1).and_then(|s| s.split(' ').next()).unwrap_or_else(|| panic!("{out}")).to_owned();
+    let out = cli.run("alice", &["group", "send", &group, "group-lunch-marker"]).await;
+    assert!(out.contains("🔒"), "{out}");
+    let listen = cli.listen("carol");
+    let seen = listen.expect("group-lunch-marker");
+    let line = seen.last().unwrap();
+    let post = line.split(&format!("group {group} #")).nth(1).and_then(|s| s.split(' ').next()).unwrap().to_owned();
+    drop(listen);
+    let out = cli.run("carol", &["react", &group, &post, "🎉"]).await;
+    assert!(out.contains(&format!("✓ 🔒 reacted 🎉 to #{post}")), "{out}");
+    let out = cli.run("alice", &["delete", &group, &post]).await;
+    assert!(out.contains(&format!("deleted #{post} for everyone")), "{out}");
+    let listen = cli.listen("bob");
+    listen.expect(&format!("🚫 this message was deleted"));
+    listen.expect(&format!("reacted 🎉 to #{post}"));
+    listen.expect(&format!("🚫 deleted #{post} for everyone"));
 }
