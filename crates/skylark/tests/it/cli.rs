@@ -1203,7 +1203,7 @@ async fn reply_react_edit_delete_forward_and_disappear_from_the_command_line() {
     let out = cli.run("alice", &["delete", &group, &post]).await;
     assert!(out.contains(&format!("deleted #{post} for everyone")), "{out}");
     let listen = cli.listen("bob");
-    listen.expect(&format!("🚫 this message was deleted"));
+    listen.expect("🚫 this message was deleted");
     listen.expect(&format!("reacted 🎉 to #{post}"));
     listen.expect(&format!("🚫 deleted #{post} for everyone"));
 }
