@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# CPU instructions per delivered 1:1 message, counted by valgrind's
+# callgrind: repeatable for the same binary and input whatever else the
+# machine is doing (wall-clock figures on this shared box are not).
+#
+# The server runs under callgrind twice, with the same online pairs for the
+# same time, at a low and a high message rate. The difference in
+# instructions over the difference in messages delivered is what one more
+# message costs the server — accept, store, forward, store at the
+# recipient, deliver to the recipient's device and to the sender's own,
+# acks and receipts — with start-up, connects, heartbeats, timers and
+# shutdown cancelled out.
+#
+#   bench/callgrind.sh SKYLARK SKYLARK_LOAD OUT_DIR [PAIRS LOW HIGH SECONDS]
+#
+# For a before/after figure, run it on both binaries (built from the two
+# commits, as for bench/ab.sh) and compare the last line.
+set -euo pipefail
+server=$1 load=$2 out=$3 pairs=${4:-20} low=${5:-3} high=${6:-12} seconds=${7:-30}
+command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is required (Debian: apt-get install valgrind)" >&2; exit 1; }
+command -v curl >/dev/null || { echo "callgrind.sh: curl is required" >&2; exit 1; }
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+http=127.0.0.1:17480 tcp=127.0.0.1:17481 admin=127.0.0.1:17482
+pristine=$out/pristine
+if [ ! -d "$pristine" ] || [ ! -f "$out/manifest.json" ]; then
+  rm -rf "$pristine"
+  "$load" provision --data-dir "$pristine" --accounts $((2 * pairs)) --manifest "$out/manifest.json" >/dev/null
+fi
+
+run() { # rate → prints "instructions delivered"
+  local rate=$1
+  rm -rf "$out/data" "$out"/callgrind.out.*
+  cp -r "$pristine" "$out/data"
+  valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out.%p" \
+    "$server" serve --data-dir "$out/data" --http $http --tcp $tcp --admin $admin --log warn \
+    >"$out/server-$rate.log" 2>&1 &
+  local pid=$!
+  local ready=
+  for _ in $(seq 1 600); do
+    if curl -sf "http://$http/readyz" >/dev/null 2>&1; then ready=1; break; fi
+    sleep 0.2
+  done
+  [ -n "$ready" ] || { echo "callgrind.sh: the server did not become ready (see $out/server-$rate.log)" >&2; kill $pid; exit 1; }
+  "$load" chat --manifest "$out/manifest.json" --tcp $tcp --pairs "$pairs" --rate "$rate" --seconds "$seconds" \
+    >"$out/chat-$rate.txt" 2>&1 || { echo "callgrind.sh: the load failed (see $out/chat-$rate.txt)" >&2; kill $pid; exit 1; }
+  kill -TERM $pid
+  wait $pid || true
+  local delivered
+  delivered=$(grep -o 'delivered [0-9]*' "$out/chat-$rate.txt" | head -1 | awk '{print $2}')
+  local ir
+  ir=$(grep -h '^summary:' "$out"/callgrind.out.* | awk '{s += $2} END {print s}')
+  cp "$out"/callgrind.out.* "$out/rate-$rate.callgrind" 2>/dev/null || true
+  echo "$ir $delivered"
+}
+
+read -r ir_low n_low < <(run "$low")
+read -r ir_high n_high < <(run "$high")
+echo "rate $low/s: $ir_low instructions, $n_low messages delivered"
+echo "rate $high/s: $ir_high instructions, $n_high messages delivered"
+if [ "$n_high" -le "$n_low" ]; then
+  echo "callgrind.sh: the high rate delivered no more messages than the low one" >&2
+  exit 1
+fi
+echo "instructions per delivered message: $(( (ir_high - ir_low) / (n_high - n_low) ))"
