@@ -14,7 +14,10 @@
 #   bench/callgrind.sh SKYLARK SKYLARK_LOAD OUT_DIR [PAIRS LOW HIGH SECONDS]
 #
 # For a before/after figure, run it on both binaries (built from the two
-# commits, as for bench/ab.sh) and compare the last line.
+# commits, as for bench/ab.sh) with one load tool, and compare the last
+# line. When the store's format changed between them, set PROVISION_WITH
+# to the before commit's skylark-load, which writes accounts the before
+# server can read.
 set -euo pipefail
 server=$1 load=$2 out=$3 pairs=${4:-20} low=${5:-3} high=${6:-12} seconds=${7:-30}
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is required (Debian: apt-get install valgrind)" >&2; exit 1; }
@@ -25,7 +28,7 @@ http=127.0.0.1:17480 tcp=127.0.0.1:17481 admin=127.0.0.1:17482
 pristine=$out/pristine
 if [ ! -d "$pristine" ] || [ ! -f "$out/manifest.json" ]; then
   rm -rf "$pristine"
-  "$load" provision --data-dir "$pristine" --accounts $((2 * pairs)) --manifest "$out/manifest.json" >/dev/null
+  "${PROVISION_WITH:-$load}" provision --data-dir "$pristine" --accounts $((2 * pairs)) --manifest "$out/manifest.json" >/dev/null
 fi
 
 run() { # rate → prints "instructions delivered"
@@ -39,9 +42,10 @@ run() { # rate → prints "instructions delivered"
   local ready=
   for _ in $(seq 1 600); do
     if curl -sf "http://$http/readyz" >/dev/null 2>&1; then ready=1; break; fi
+    kill -0 $pid 2>/dev/null || break
     sleep 0.2
   done
-  [ -n "$ready" ] || { echo "callgrind.sh: the server did not become ready (see $out/server-$rate.log)" >&2; kill $pid; exit 1; }
+  [ -n "$ready" ] || { echo "callgrind.sh: the server did not become ready (see $out/server-$rate.log)" >&2; kill $pid 2>/dev/null; exit 1; }
   "$load" chat --manifest "$out/manifest.json" --tcp $tcp --pairs "$pairs" --rate "$rate" --seconds "$seconds" \
     >"$out/chat-$rate.txt" 2>&1 || { echo "callgrind.sh: the load failed (see $out/chat-$rate.txt)" >&2; kill $pid; exit 1; }
   kill -TERM $pid
