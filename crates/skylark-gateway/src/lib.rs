@@ -14,6 +14,8 @@
 pub mod admin;
 pub mod config;
 mod convert;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod http;
 pub mod metrics_endpoint;
 pub mod openapi;

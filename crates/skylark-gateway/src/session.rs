@@ -517,127 +517,24 @@ mod tests {
         assert!(device.last_seen_ms.is_some(), "last seen was recorded");
     }
 
-    /// Plays a fuzzed script of frames; answers challenges for the script's
-    /// Authenticate frames that name its device, so the fuzzer gets past
-    /// the handshake into the request loop.
-    struct ScriptedPeer {
-        key: SigningKey,
-        device: u64,
-        script: VecDeque<Inbound>,
-        challenge: Option<v1::Challenge>,
-        /// Set once the server authenticated the peer.
-        authenticated: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl Transport for ScriptedPeer {
-        async fn recv(&mut self) -> Inbound {
-            let Some(mut next) = self.script.pop_front() else { return Inbound::Closed };
-            if let (Inbound::Frame(frame), Some(c)) = (&mut next, &self.challenge)
-                && let Some(client_frame::Body::Authenticate(a)) = &mut frame.body
-                && a.device_id == self.device
-            {
-                let transcript = skylark_protocol::auth_transcript(&c.server_id, &c.nonce, self.device);
-                a.signature = self.key.sign(&transcript).to_bytes().to_vec();
-                a.nonce = c.nonce.clone();
-            }
-            next
-        }
-
-        async fn send(&mut self, frame: ServerFrame) -> Result<(), ()> {
-            match frame.body {
-                Some(server_frame::Body::Challenge(c)) => self.challenge = Some(c),
-                Some(server_frame::Body::Authenticated(_)) => {
-                    self.authenticated.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                _ => {}
-            }
-            Ok(())
-        }
-
-        async fn close(&mut self, _code: CloseCode, _reason: &str) {}
-    }
-
-    /// The fuzz input as what a transport would read: frames in order,
-    /// then the first undecodable or oversized one, then nothing.
-    fn script(input: &[u8]) -> VecDeque<Inbound> {
-        use tokio_util::codec::Decoder;
-        let mut codec: skylark_protocol::codec::FrameCodec<ClientFrame, ServerFrame> =
-            skylark_protocol::codec::FrameCodec::new(4096);
-        let mut buf = bytes::BytesMut::from(input);
-        let mut out = VecDeque::new();
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(frame)) => out.push_back(Inbound::Frame(frame)),
-                Ok(None) => return out,
-                Err(skylark_protocol::codec::FrameError::TooLarge { len, max }) => {
-                    out.push_back(Inbound::TooLarge { len, max });
-                    return out;
-                }
-                Err(e) => {
-                    out.push_back(Inbound::Malformed(e.to_string()));
-                    return out;
-                }
-            }
-        }
-    }
-
     /// Fuzzes the handshake and the request loop behind it with real
     /// services (in-memory store): no input may panic the session or keep it
     /// running once its peer has nothing more to say.
     #[test]
     fn fuzz_session_handshake_and_requests() {
-        use prost::Message;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let key = SigningKey::from_bytes(&[6; 32]);
-        let (shared, device) = rt.block_on(async {
-            let store = Arc::new(RedbStore::in_memory().unwrap());
-            let phone = skylark_core::PhoneNumber::parse("+15550000001").unwrap();
-            let new = NewDevice { public_key: key.verifying_key().to_bytes(), name: "fuzz".into() };
-            let reg = store.register(&phone, new, 1).await.unwrap();
-            let server =
-                Server::new(Default::default(), store, Arc::new(ConsoleSms), Arc::new(SystemClock)).await.unwrap();
-            let shared = Shared {
-                slots: crate::slots::IpSlots::new(10),
-                server,
-                config: Arc::default(),
-                shutdown: tokio_util::sync::CancellationToken::new(),
-                tracker: tokio_util::task::TaskTracker::new(),
-                ready: Arc::default(),
-            };
-            (shared, reg.device.id.0)
-        });
-        let frame = |f: &ClientFrame| {
-            let body = f.encode_to_vec();
-            let mut out = (body.len() as u32).to_be_bytes().to_vec();
-            out.extend_from_slice(&body);
-            out
-        };
-        let samples = skylark_protocol::samples::client_frames();
-        let hello = frame(&samples[0]);
-        let auth = frame(&ClientFrame {
-            id: 2,
-            body: Some(client_frame::Body::Authenticate(v1::Authenticate { device_id: device, ..Default::default() })),
-        });
-        let mut seeds: Vec<Vec<u8>> =
-            samples.iter().map(|f| [hello.clone(), auth.clone(), frame(f)].concat()).collect();
-        seeds.push(samples.iter().map(frame).collect::<Vec<_>>().concat());
+        let fuzzer = crate::fuzzing::SessionFuzzer::new();
+        let seeds = fuzzer.seeds();
+        // With SKYLARK_WRITE_CORPUS set: the cargo-fuzz target's starting corpus.
+        if std::env::var_os("SKYLARK_WRITE_CORPUS").is_some() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/session");
+            std::fs::create_dir_all(&dir).unwrap();
+            for (i, seed) in seeds.iter().enumerate() {
+                std::fs::write(dir.join(format!("seed-{i:03}")), seed).unwrap();
+            }
+        }
         let mut deep = 0u64;
         let report = skylark_fuzz::run("session", &seeds, |input| {
-            let authenticated = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let script = script(input);
-            let mut peer = ScriptedPeer {
-                key: key.clone(),
-                device,
-                script,
-                challenge: None,
-                authenticated: authenticated.clone(),
-            };
-            let ended = rt.block_on(async {
-                let session = run(&shared, &mut peer, "fuzz");
-                tokio::time::timeout(Duration::from_secs(10), session).await
-            });
-            assert!(ended.is_ok(), "the session outlived its peer");
-            let got_in = authenticated.load(std::sync::atomic::Ordering::Relaxed);
+            let got_in = fuzzer.play(input);
             deep += u64::from(got_in);
             got_in
         });
