@@ -643,6 +643,23 @@ mod tests {
                 to: AccountId(3),
                 payload: Bytes::from_static(b"p"),
             },
+            Mail::Send {
+                meta: MetaRequest { edits: None, deletes: Some(0), expire_after_ms: 86_400_000 },
+                account: AccountId(1),
+                device: DeviceId(2),
+                client_id: "id2".into(),
+                to: AccountId(3),
+                payload: Bytes::new(),
+            },
+            Mail::Post {
+                group: AccountId::group(4),
+                author: AccountId(1),
+                device: DeviceId(2),
+                client_id: "p1".into(),
+                payload: Bytes::from_static(b"edited"),
+                commit_epoch: None,
+                meta: MetaRequest { edits: Some(7), deletes: None, expire_after_ms: 0 },
+            },
             Mail::Deliver {
                 to: AccountId(6),
                 from: AccountId(5),
@@ -667,6 +684,7 @@ mod tests {
             Ok(Answer::Done),
             Err(MessagingError::Group(GroupError::NotAnAdmin)),
             Err(MessagingError::RateLimited(std::time::Duration::from_millis(1500))),
+            Err(MessagingError::Meta(skylark_core::message::MetaError::EditTooLate(900_000))),
         ];
         for answer in answers {
             let back = decode_answer(&encode_answer(&answer)).unwrap();
