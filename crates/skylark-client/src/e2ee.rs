@@ -446,7 +446,24 @@ impl Crypto {
         }
         let mine = g.by == self.identity.account_id && m.sender_device == self.identity.device_id;
         let own = mine.then_some(m.client_id.as_str());
-        match self.with(|e| Ok(e.open_once(&journal_key(event), &m.payload, own))) {
+        let (key, legacy) = journal_keys(event);
+        let expired = m.expires_at_ms != 0 && m.expires_at_ms <= now_ms();
+        let opened = self.with(|e| {
+            let opened = match e.recall(&legacy) {
+                Some(known) => known,
+                None => e.open_once(&key, &m.payload, own),
+            };
+            // What a deletion for everyone names, and what has disappeared,
+            // is not kept in this device's state either.
+            if let Some(target) = m.deletes {
+                e.forget(&post_key(g.group, target));
+            }
+            if expired {
+                e.forget(&key);
+            }
+            Ok(opened)
+        });
+        match opened {
             Ok(opened) => shown(opened),
             Err(e) => Some(Shown::Unreadable(e.to_string())),
         }
@@ -462,7 +479,8 @@ impl Crypto {
         if !skylark_e2ee::is_encrypted(&m.payload) {
             return Some(Shown::Plain(String::from_utf8_lossy(&m.payload).into_owned()));
         }
-        shown(self.with(|e| Ok(e.recall(&journal_key(event)))).ok()??)
+        let (key, legacy) = journal_keys(event);
+        shown(self.with(|e| Ok(e.recall(&key).or_else(|| e.recall(&legacy)))).ok()??)
     }
 
     fn todo(&self) -> Todo {
@@ -866,10 +884,20 @@ async fn claim_patiently(h: &SessionHandle, phone: &str) -> Result<v1::ClaimedKe
     }
 }
 
-/// The journal key of a log entry (unique per device: its account log's
-/// sequence number).
-fn journal_key(event: &v1::Event) -> String {
-    format!("log:{}", event.seq)
+/// The journal keys of a log entry: a group post's id in its group (what a
+/// deletion for everyone names), and the key earlier versions used (its
+/// account log sequence), read when the first is not there. Each is
+/// unique per device.
+fn journal_keys(event: &v1::Event) -> (String, String) {
+    let legacy = format!("log:{}", event.seq);
+    match &event.body {
+        Some(v1::event::Body::Group(g)) => (post_key(g.group, g.group_seq), legacy),
+        _ => (legacy.clone(), legacy),
+    }
+}
+
+fn post_key(group: u64, seq: u64) -> String {
+    format!("post:{group}:{seq}")
 }
 
 /// What an opened entry shows (`None`: nothing, a handshake).

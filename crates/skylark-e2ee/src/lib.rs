@@ -687,6 +687,30 @@ impl Engine {
         Some(protocol.group_id().as_slice().to_vec())
     }
 
+    /// Forgets what the entry `key` said (a message deleted for everyone,
+    /// or one whose time ran out): it stays opened, as nothing to show, so
+    /// it is never decrypted again; when this device sent it, its own copy
+    /// of the text goes too.
+    pub fn forget(&mut self, key: &str) {
+        let Some(Opened::Message { conversation, from, plaintext }) = self.journal.get(key).cloned() else { return };
+        if from == self.me {
+            let own: Vec<String> = self
+                .journal
+                .iter()
+                .filter(|(k, v)| {
+                    k.starts_with("own:")
+                        && matches!(v, Opened::Message { conversation: c, plaintext: p, .. }
+                            if *c == conversation && *p == plaintext)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in own {
+                self.journal.insert(k, Opened::Control);
+            }
+        }
+        self.journal.insert(key.to_owned(), Opened::Control);
+    }
+
     /// What [`Engine::open_once`] made of the entry `key`, if it was
     /// opened (nothing is decrypted here: for showing history).
     pub fn recall(&self, key: &str) -> Option<Opened> {

@@ -1200,8 +1200,19 @@ async fn reply_react_edit_delete_forward_and_disappear_from_the_command_line() {
     drop(listen);
     let out = cli.run("carol", &["react", &group, &post, "🎉"]).await;
     assert!(out.contains(&format!("✓ 🔒 reacted 🎉 to #{post}")), "{out}");
+    // Carol's device kept the text it decrypted (MLS keys are used once)…
+    let kept = |profile: &str| {
+        let state = std::fs::read(cli.home().join(profile).join("e2ee.state")).unwrap();
+        state.windows(b"group-lunch-marker".len()).any(|w| w == b"group-lunch-marker")
+    };
+    assert!(kept("carol"), "the device's state holds what it read");
     let out = cli.run("alice", &["delete", &group, &post]).await;
     assert!(out.contains(&format!("deleted #{post} for everyone")), "{out}");
+    // …until the deletion reaches it.
+    let listen = cli.listen("carol");
+    listen.expect(&format!("🚫 deleted #{post} for everyone"));
+    drop(listen);
+    assert!(!kept("carol"), "a deleted post's text is forgotten by the devices that read it");
     let listen = cli.listen("bob");
     listen.expect("🚫 this message was deleted");
     listen.expect(&format!("reacted 🎉 to #{post}"));
