@@ -131,6 +131,8 @@ pub enum MetaError {
     BadTimer(u64, u64),
     #[error("only a message with text can be edited, and an edit or a deletion cannot itself be changed")]
     NotEditable,
+    #[error("an encryption commit cannot edit, delete or disappear")]
+    OnCommit,
 }
 
 impl MetaRules {

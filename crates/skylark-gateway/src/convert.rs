@@ -32,7 +32,7 @@ pub(crate) fn messaging_error_code(e: &MessagingError) -> ErrorCode {
         MessagingError::RateLimited(_) => ErrorCode::RateLimited,
         MessagingError::Meta(e) => match e {
             MetaError::NotYours => ErrorCode::UnknownMessage,
-            MetaError::EditAndDelete | MetaError::BadTimer(..) => ErrorCode::InvalidArgument,
+            MetaError::EditAndDelete | MetaError::BadTimer(..) | MetaError::OnCommit => ErrorCode::InvalidArgument,
             MetaError::AlreadyDeleted
             | MetaError::EditTooLate(_)
             | MetaError::DeleteTooLate(_)

@@ -174,6 +174,9 @@ impl Router {
         if request.commit_epoch.is_some() && request.group.is_none() {
             return Err(MessagingError::CommitOutsideGroup);
         }
+        if request.commit_epoch.is_some() && request.meta != skylark_core::message::MetaRequest::default() {
+            return Err(skylark_core::message::MetaError::OnCommit.into());
+        }
         let (reply, answer) = oneshot::channel();
         let span = tracing::Span::current();
         let SendRequest { client_id, to, group, payload, commit_epoch, meta } = request;

@@ -118,7 +118,7 @@ impl Machine {
         }
         // An encryption commit is a commit, nothing else.
         if commit_epoch.is_some() && meta != skylark_core::message::MetaRequest::default() {
-            return Err(Refusal::Refused(MessagingError::Internal("a commit cannot edit, delete or disappear")));
+            return Err(Refusal::Refused(skylark_core::message::MetaError::OnCommit.into()));
         }
         let meta = self.check_meta(facts, &meta, author, self.account, now_ms)?;
         let change = GroupChange::Post { device, client_id: client_id.clone(), payload, commit_epoch, meta };

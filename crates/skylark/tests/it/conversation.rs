@@ -291,6 +291,18 @@ async fn group_posts_are_deleted_edited_and_expire_in_the_group_and_in_every_mem
     assert_eq!(g.group_seq, seq);
     assert!(m.purged && m.payload.is_empty());
 
+    // An encryption commit carries keys, nothing to edit, delete or time.
+    let commit = v1::SendMessage {
+        client_id: "commit-with-meta".into(),
+        group,
+        payload: b"\0SKMLS1commit".to_vec().into(),
+        commit_epoch: Some(0),
+        deletes: Some(seq),
+        ..Default::default()
+    };
+    let refused = alice.handle().request(v1::client_frame::Body::Send(commit)).await.unwrap_err();
+    assert_eq!(code(refused), ErrorCode::InvalidArgument);
+
     server.clock.advance_ms(60_001);
     assert_eq!(server.server.expire_messages().await.unwrap(), 4);
     assert!(stored_with(&server, &logs, "group-timed-marker-4").await.is_empty());
