@@ -134,6 +134,12 @@ async function shot(page, name) {
   await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
 }
 
+/// Opens a message's ⋯ menu on `page` and picks `action` (a reaction, Reply, Edit…).
+async function actOn(page, text, action) {
+  await page.click(`#messages li.msg:has-text('${text}') button.more`);
+  await page.click(`dialog >> button:text-is('${action}')`);
+}
+
 async function count(page, selector, text) {
   return page.locator(selector, { hasText: text }).count();
 }
@@ -299,6 +305,15 @@ try {
   await alice.keyboard.press("Escape");
   await bob.waitForSelector("#messages li.system >> text=an admin");
   await laptop.waitForSelector("li.chat >> text=Weekend");
+  // Reactions and deletions for everyone work in groups as in 1:1 chats.
+  await actOn(bob, "who is in?", "🙏");
+  await alice.waitForSelector("#messages li.msg.mine:has-text('who is in?') .reactions >> text=🙏");
+  await sendText(alice, "typo in the group");
+  await bob.waitForSelector("#messages >> text=typo in the group");
+  await actOn(alice, "typo in the group", "Delete for everyone");
+  await alice.click("dialog >> button:text-is('Delete')");
+  await until("the post deleted on Bob's page", async () => (await count(bob, "#messages li.msg", "typo in the group")) === 0);
+  await bob.waitForSelector("#messages li.msg.deleted >> text=This message was deleted");
 
   // History longer than the server's pages: Carol (command line) writes
   // once, then Dave (command line) writes MANY times; Alice reads neither.
@@ -426,10 +441,6 @@ try {
   // disappearing messages, between two browsers.
   await sendText(bob, "are you coming?");
   await alice.waitForSelector("#messages li.msg:not(.mine) >> text=are you coming?");
-  const actOn = async (page, text, action) => {
-    await page.click(`#messages li.msg:has-text('${text}') button.more`);
-    await page.click(`dialog >> button:text-is('${action}')`);
-  };
   await actOn(alice, "are you coming?", "Reply");
   await alice.waitForSelector("#compose-note:not([hidden]) >> text=Replying to: are you coming?");
   await sendText(alice, "yes, on my way");
