@@ -79,10 +79,10 @@ impl Content {
         }
     }
 
-    /// A line for people: what this content says (`edited` marks an
-    /// edit). Message ids it names are shown as `in_chat` says (say, the
-    /// bare sequence for the chat's own group).
-    pub fn describe(&self, edited: bool, in_chat: &dyn Fn(&str) -> String) -> String {
+    /// A line for people: what this content says. Message ids it names are
+    /// shown as `in_chat` says (say, the bare sequence for the chat's own
+    /// group).
+    pub fn describe(&self, in_chat: &dyn Fn(&str) -> String) -> String {
         match self {
             Content::Text { text, reply, fwd } => {
                 let mut out = String::new();
@@ -91,9 +91,6 @@ impl Content {
                 }
                 if *fwd {
                     out.push_str("(forwarded) ");
-                }
-                if edited {
-                    out.push_str("✏️ edited: ");
                 }
                 out.push_str(text);
                 out

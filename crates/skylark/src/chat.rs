@@ -13,6 +13,7 @@ use skylark_client::e2ee::Crypto;
 use skylark_client::session::{LogEvent, SessionHandle, log_event};
 use skylark_client::{Client, ClientError, Identity};
 use skylark_core::PhoneNumber;
+use skylark_core::message::Meta;
 use skylark_protocol::v1::{self, ReceiptKind, event::Body, server_frame};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,23 +36,10 @@ fn text(payload: &[u8]) -> String {
     String::from_utf8_lossy(payload).into_owned()
 }
 
-/// What the server says about a message beside its (opaque) payload.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Meta {
-    pub edits: Option<u64>,
-    pub deletes: Option<u64>,
-    pub expires_at_ms: u64,
-    pub purged: bool,
-}
-
-impl Meta {
-    pub(crate) fn of_message(m: &v1::Message) -> Meta {
-        Meta { edits: m.edits, deletes: m.deletes, expires_at_ms: m.expires_at_ms, purged: m.purged }
-    }
-
-    pub(crate) fn of_post(m: &v1::GroupMessage) -> Meta {
-        Meta { edits: m.edits, deletes: m.deletes, expires_at_ms: m.expires_at_ms, purged: m.purged }
-    }
+/// What the server says of a message beside its (opaque) payload, from
+/// the wire fields of a 1:1 message or a post (0: no expiry).
+pub(crate) fn meta(edits: Option<u64>, deletes: Option<u64>, expires_at_ms: u64, purged: bool) -> Meta {
+    Meta { edits, deletes, expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms), purged }
 }
 
 /// Milliseconds since the epoch, by this machine's clock.
@@ -70,18 +58,18 @@ pub(crate) fn message_text(payload: &str, meta: Meta, sender: u64, bare: bool) -
     let id = |seq: u64| if bare { seq.to_string() } else { id_text(sender, seq) };
     let in_chat = |text: &str| if bare { id_in_chat(text, sender) } else { text.to_owned() };
     use skylark_client::content::Content;
-    if meta.expires_at_ms != 0 && meta.expires_at_ms <= now_ms() {
+    if meta.expires_at_ms.is_some_and(|at| at <= now_ms()) {
         return None;
     }
-    let timer = if meta.expires_at_ms != 0 { " ⏳" } else { "" };
+    let timer = if meta.expires_at_ms.is_some() { " ⏳" } else { "" };
     if meta.purged {
         return Some("🚫 this message was deleted".to_owned());
     }
     let content = Content::parse(payload);
     Some(match (meta.deletes, meta.edits) {
         (Some(target), _) => format!("🚫 deleted #{} for everyone", id(target)),
-        (None, Some(target)) => format!("✏️ edited #{} to: {}{timer}", id(target), content.describe(false, &in_chat)),
-        (None, None) => format!("{}{timer}", content.describe(false, &in_chat)),
+        (None, Some(target)) => format!("✏️ edited #{} to: {}{timer}", id(target), content.describe(&in_chat)),
+        (None, None) => format!("{}{timer}", content.describe(&in_chat)),
     })
 }
 
@@ -246,7 +234,8 @@ fn describe(
             }
             let id = m.id.unwrap_or_default();
             // In a plain chat both sides' messages are numbered: ids in full.
-            let body = message_text(&text(&m.payload), Meta::of_message(m), id.sender, false)?;
+            let body =
+                message_text(&text(&m.payload), meta(m.edits, m.deletes, m.expires_at_ms, m.purged), id.sender, false)?;
             let tag = skylark_client::content::id_text(id.sender, id.seq);
             Some(if mine {
                 format!("[{}] you → {}: {body}  (#{tag})", clock(m.sent_at_ms), m.to_phone)
@@ -848,7 +837,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     }
                     Some(Body::Message(m)) if !peer_phone.is_empty() && m.from_phone == peer_phone => {
                         let id = m.id.unwrap_or_default();
-                        if !quiet && let Some(body) = message_text(&text(&m.payload), Meta::of_message(m), id.sender, false) {
+                        if !quiet && let Some(body) = message_text(&text(&m.payload), meta(m.edits, m.deletes, m.expires_at_ms, m.purged), id.sender, false) {
                             let tag = skylark_client::content::id_text(id.sender, id.seq);
                             screen.say(&format!("[{}] {}: {body}  (#{tag})", clock(m.sent_at_ms), m.from_phone));
                         }

@@ -218,7 +218,7 @@ pub async fn run(profile: &Path, transport: &TransportArgs, conversation: &str, 
                 let id = target(&message, &route, me, false)?;
                 let quoted = find(&h, &c, &route, id).await?.map(|f| match f.content {
                     Content::Text { text, .. } => quote_of(&text),
-                    other => other.describe(false, &|id| id.to_owned()),
+                    other => other.describe(&|id| id.to_owned()),
                 });
                 let Some(quote) = quoted else { bail!(not_found(&message, &route)) };
                 let content = Content::Text {

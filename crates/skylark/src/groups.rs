@@ -239,7 +239,7 @@ pub fn describe_group(g: &v1::GroupEvent, me: &Identity, shown: Option<Shown>, p
     let at = clock(g.at_ms);
     // A post's words: its content, and what the server says of it.
     let post = match g.body.as_ref() {
-        Some(Body::Message(m)) => Some(crate::chat::Meta::of_post(m)),
+        Some(Body::Message(m)) => Some(crate::chat::meta(m.edits, m.deletes, m.expires_at_ms, m.purged)),
         _ => None,
     };
     let words = |text: &str| match post {
