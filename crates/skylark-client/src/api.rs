@@ -11,6 +11,19 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+/// An error with its causes: hyper's own text ("client error (Connect)")
+/// says nothing; the TLS or socket error under it does.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// A request body as JSON (the shared types always serialise).
 fn json<T: serde::Serialize>(body: &T) -> Value {
     serde_json::to_value(body).unwrap_or(Value::Null)
@@ -64,6 +77,10 @@ impl Api {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    pub(crate) fn client(&self) -> &Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
+        &self.client
     }
 
     pub async fn start_verification(&self, phone: &str) -> Result<VerificationView, ClientError> {
@@ -126,18 +143,7 @@ impl Api {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Option<u64>, Value), ClientError> {
-        // With its causes: hyper's own text ("client error (Connect)") says
-        // nothing; the TLS or socket error under it does.
-        let io = |e: &(dyn std::error::Error + 'static)| {
-            let mut text = e.to_string();
-            let mut source = e.source();
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            ClientError::Io(text)
-        };
+        let io = |e: &(dyn std::error::Error + 'static)| ClientError::Io(error_chain(e));
         let mut request = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))

@@ -11,12 +11,14 @@
 //! | `react` | `to`, `emoji` | the sender's reaction to a message (`emoji` empty: taken back); one per person per message, the newest wins |
 //! | `timer` | `ms` | the sender set the conversation's disappearing timer (0: off) |
 //! | `delete` | — | the body of a deletion for everyone (the server's `deletes` names the message) |
+//! | `file` | `file` (a [`FileRef`]), `text`?, `fwd`? | an attachment (photo, voice note, document) with an optional caption |
 //!
 //! A message is named by its id as `SENDER:SEQ` (its `MessageId`; for a
 //! group post the sender is the group and the sequence the group's). An
 //! edit is an ordinary `text` content sent with the server's `edits` set.
 //! The web client (`web/app.js`) reads and writes the same format.
 
+pub use crate::media::FileRef;
 use serde::{Deserialize, Serialize};
 
 /// The first character of a structured payload (never the start of a text
@@ -42,6 +44,15 @@ pub enum Content {
         ms: u64,
     },
     Delete {},
+    /// An attachment: where its encrypted bytes are and how to read them
+    /// (the message's `attachments` names the same blob for the server).
+    File {
+        file: FileRef,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        text: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fwd: bool,
+    },
     /// A structured content this version does not know (from a newer client).
     #[serde(skip)]
     Unknown,
@@ -102,6 +113,23 @@ impl Content {
             Content::Timer { ms: 0 } => "turned off disappearing messages".to_owned(),
             Content::Timer { ms } => format!("set disappearing messages to {}", timer_words(*ms)),
             Content::Delete {} => "deleted a message".to_owned(),
+            Content::File { file, text, fwd } => {
+                let mut out = String::new();
+                if *fwd {
+                    out.push_str("(forwarded) ");
+                }
+                if file.voice {
+                    let secs = file.ms.unwrap_or(0).div_ceil(1000);
+                    out.push_str(&format!("🎤 voice note ({}:{:02})", secs / 60, secs % 60));
+                } else {
+                    out.push_str(&format!("📎 {} ({})", file.name, crate::media::size_words(file.size)));
+                }
+                if !text.is_empty() {
+                    out.push_str(": ");
+                    out.push_str(text);
+                }
+                out
+            }
             Content::Unknown => "[a kind of message this version cannot show; update skylark]".to_owned(),
         }
     }
@@ -192,6 +220,11 @@ mod tests {
             Content::React { to: "7:3".into(), emoji: String::new() },
             Content::Timer { ms: 86_400_000 },
             Content::Delete {},
+            Content::File {
+                file: crate::media::seal(b"x").reference("00112233445566778899aabbccddeeff", "a.txt", "text/plain", 1),
+                text: "see".into(),
+                fwd: false,
+            },
             Content::text("\u{1}not json"),
         ] {
             let encoded = c.encode();

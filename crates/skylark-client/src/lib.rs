@@ -18,6 +18,7 @@ pub mod conn;
 pub mod content;
 pub mod e2ee;
 pub mod identity;
+pub mod media;
 pub mod session;
 pub mod tls;
 

@@ -35,12 +35,14 @@ pub enum To<'a> {
 /// What a message does beyond carrying its payload. `edits` and `deletes`
 /// name one of your own earlier messages by its sequence (the `seq` of its
 /// `MessageId`: for a post, the group sequence), within the server's edit
-/// and delete windows; `expire_after_ms` (0: never) makes it disappear.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// and delete windows; `expire_after_ms` (0: never) makes it disappear;
+/// `attachments` names the uploaded blobs the payload points to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendOptions {
     pub edits: Option<u64>,
     pub deletes: Option<u64>,
     pub expire_after_ms: u64,
+    pub attachments: Vec<String>,
 }
 
 /// What the server told us when the session was established.
@@ -152,6 +154,7 @@ impl SessionHandle {
             edits: options.edits,
             deletes: options.deletes,
             expire_after_ms: options.expire_after_ms,
+            attachments: options.attachments.clone(),
         });
         self.send_body(body).await
     }
@@ -196,6 +199,7 @@ impl SessionHandle {
             edits: None,
             deletes: None,
             expire_after_ms: 0,
+            attachments: Vec::new(),
         });
         self.send_body(body).await
     }
@@ -435,6 +439,14 @@ impl SessionHandle {
     }
 
     /// How many of this device's key packages are unclaimed.
+    /// A token for the attachments' HTTP endpoints (`media::Transfer`).
+    pub async fn media_token(&self) -> Result<v1::MediaToken, ClientError> {
+        match self.request(client_frame::Body::GetMediaToken(v1::GetMediaToken {})).await? {
+            server_frame::Body::MediaToken(token) => Ok(token),
+            other => Err(ClientError::Protocol(format!("expected MediaToken, got {other:?}"))),
+        }
+    }
+
     pub async fn key_package_stock(&self) -> Result<v1::KeyPackageStock, ClientError> {
         match self.request(client_frame::Body::GetKeyPackageStock(v1::GetKeyPackageStock {})).await? {
             server_frame::Body::KeyPackageStock(stock) => Ok(stock),

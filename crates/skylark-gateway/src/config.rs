@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use skylark_core::verification::VerificationPolicy;
 use skylark_server::config::{RateLimits, SmsConfig};
 use skylark_server::devices::DevicesConfig;
+use skylark_server::media::MediaConfig;
 use skylark_server::messaging::MessagingConfig;
 use skylark_server::push::PushConfig;
 use std::net::SocketAddr;
@@ -106,6 +107,8 @@ pub struct Settings {
     pub push: PushConfig,
     /// Where verification codes go (the `[sms]` section below).
     pub sms: SmsConfig,
+    /// Attachments: where their blobs are kept, sizes, quotas, retention.
+    pub media: MediaConfig,
     /// Cluster mode (docs/CLUSTER.md); absent: one node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<skylark_server::cluster::ClusterConfig>,
@@ -126,6 +129,7 @@ impl Default for Settings {
             devices: server.devices,
             push: server.push,
             sms: server.sms,
+            media: server.media,
             cluster: None,
         }
     }
@@ -143,6 +147,14 @@ impl Settings {
             devices: self.devices,
             push: self.push.clone(),
             sms: self.sms.clone(),
+            media: MediaConfig {
+                dir: if self.media.dir.as_os_str().is_empty() {
+                    self.data_dir.join("media")
+                } else {
+                    self.media.dir.clone()
+                },
+                ..self.media.clone()
+            },
         };
         (
             server,

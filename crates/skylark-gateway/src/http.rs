@@ -12,6 +12,7 @@
 //! | GET | /v1/push/vapid | the server's VAPID public key for Web Push subscriptions |
 //! | GET | /v1/nodes | a cluster's serving nodes and their advertised addresses |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
+//! | OPTIONS, POST, HEAD, PATCH, GET | /v1/uploads, /v1/uploads/{id}, /v1/blobs/{id} | attachments (tus uploads, downloads; see `media`) |
 //! | GET | /, /app.js, /proto.js, /store.js, /sw.js, /style.css, /favicon.svg (and .ico) | the web client |
 //! | GET | /v1/openapi.json | this API as an OpenAPI 3 document (`openapi`) |
 //! | GET | /healthz, /readyz | operations (metrics are on the admin listener, see `admin`) |
@@ -67,6 +68,10 @@ pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared
                 }
             }
         }))
+        // Attachments: no body limit (an upload's size is checked against
+        // its Upload-Length) and no request timeout (a large file takes
+        // longer); `media` cuts off a body that stalls.
+        .merge(crate::media::routes())
         .with_state(shared.clone());
     let header_timeout = Duration::from_millis(limits.http_header_timeout_ms);
     loop {
@@ -144,7 +149,7 @@ impl ApiError {
         Self { status, body, retry_after: None }
     }
 
-    fn retry_after(mut self, wait: Duration) -> Self {
+    pub(crate) fn retry_after(mut self, wait: Duration) -> Self {
         self.body.retry_after_ms = Some(wait.as_millis() as u64);
         self.retry_after = Some(wait);
         self

@@ -17,6 +17,7 @@ mod convert;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod http;
+mod media;
 pub mod metrics_endpoint;
 pub mod openapi;
 mod requests;
@@ -123,6 +124,7 @@ impl Gateway {
         shared.tracker.spawn(admin::serve(admin_listener, shared.clone()));
         shared.tracker.spawn(housekeeping(shared.clone()));
         shared.tracker.spawn(expiry(shared.clone()));
+        shared.tracker.spawn(collect_media(shared.clone()));
         shared.ready.store(true, Ordering::SeqCst);
         let secure = tls.is_some();
         tracing::info!(%http_addr, %tcp_addr, %admin_addr, tls = secure, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP; admin API and metrics)");
@@ -171,6 +173,26 @@ async fn expiry(shared: Shared) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(purged = n, "purged expired messages"),
                 Err(e) => tracing::warn!(error = %e, "purging expired messages failed; will try again"),
+            },
+        }
+    }
+}
+
+/// Attachments: deletes expired blobs and abandoned uploads every
+/// `media.collect_every_ms`.
+async fn collect_media(shared: Shared) {
+    let every = Duration::from_millis(shared.server.media.config().collect_every_ms.max(100));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => match shared.server.collect_media().await {
+                Ok(done) if done.blobs + done.uploads > 0 => {
+                    tracing::info!(blobs = done.blobs, uploads = done.uploads, "collected expired attachments");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "collecting expired attachments failed; will try again"),
             },
         }
     }

@@ -103,6 +103,24 @@ pub const METRICS: &[Metric] = &[
         None,
     ),
     (
+        "skylark_media_uploads_total",
+        Kind::Counter,
+        "Attachment uploads, by stage: started (created) and finished (every byte arrived, the blob stored).",
+        Some(("stage", &["started", "finished"])),
+    ),
+    (
+        "skylark_media_bytes_total",
+        Kind::Counter,
+        "Attachment bytes received in uploads (direction=up) and served in downloads (direction=down).",
+        Some(("direction", &["up", "down"])),
+    ),
+    (
+        "skylark_media_collected_total",
+        Kind::Counter,
+        "Deleted by the attachments' collector: blobs past their retention (or unreferenced), and abandoned uploads.",
+        Some(("what", &["blobs", "uploads"])),
+    ),
+    (
         "skylark_messages_blocked_total",
         Kind::Counter,
         "Messages not delivered because their recipient blocked the sender.",
@@ -166,6 +184,7 @@ pub const METRICS: &[Metric] = &[
                 "links_per_ip",
                 "link_approvals_per_account",
                 "push_registrations",
+                "uploads_per_account",
             ],
         )),
     ),

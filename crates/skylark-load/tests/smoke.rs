@@ -22,6 +22,8 @@ async fn start(
     config.listen.http = http.parse().unwrap();
     config.listen.tcp = tcp.parse().unwrap();
     config.listen.admin = "127.0.0.1:0".parse().unwrap();
+    // Attachments are not used here: keep their directory out of the source tree.
+    config.media.dir = std::env::temp_dir().join(format!("skylark-load-smoke-media-{}", std::process::id()));
     let sms = Arc::new(skylark_server::sms::ConsoleSms);
     let (services, transport) = config.split();
     let server = skylark_server::Server::new(services, store, sms, Arc::new(skylark_core::SystemClock)).await.unwrap();

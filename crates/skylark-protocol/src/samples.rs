@@ -21,6 +21,7 @@ pub fn client_frames() -> Vec<ClientFrame> {
             edits: None,
             deletes: Some(1),
             expire_after_ms: 86_400_000,
+            attachments: Vec::new(),
         }),
         Body::Send(v1::SendMessage {
             client_id: "c2".into(),
@@ -31,6 +32,7 @@ pub fn client_frames() -> Vec<ClientFrame> {
             edits: Some(2),
             deletes: None,
             expire_after_ms: 0,
+            attachments: Vec::new(),
         }),
         Body::Ack(v1::Ack { up_to_seq: 3 }),
         Body::MarkRead(v1::MarkRead { peer: 2, up_to_seq: 3 }),

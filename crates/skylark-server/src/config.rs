@@ -22,6 +22,7 @@ pub struct Config {
     pub devices: DevicesConfig,
     pub push: PushConfig,
     pub sms: SmsConfig,
+    pub media: crate::media::MediaConfig,
 }
 
 impl Default for Config {
@@ -34,6 +35,7 @@ impl Default for Config {
             devices: DevicesConfig::default(),
             push: PushConfig::default(),
             sms: SmsConfig::Console,
+            media: crate::media::MediaConfig::default(),
         }
     }
 }

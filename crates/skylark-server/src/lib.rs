@@ -17,6 +17,7 @@ pub mod directory;
 pub mod http_client;
 pub mod keys;
 pub mod lane;
+pub mod media;
 pub mod messaging;
 pub mod presence;
 pub mod push;
@@ -67,6 +68,8 @@ pub struct Server {
     pub keys: keys::KeyDirectory,
     /// Numbers the operator banned.
     pub bans: Arc<bans::Bans>,
+    /// Attachments' blobs and uploads.
+    pub media: media::Media,
 }
 
 impl std::fmt::Debug for Server {
@@ -82,6 +85,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("push could not be set up: {0}")]
     Push(#[from] push::PushError),
+    #[error("attachments' storage could not be set up: {0}")]
+    Media(#[from] media::MediaError),
 }
 
 impl Server {
@@ -127,6 +132,13 @@ impl Server {
         let waker = pusher.clone();
         router.on_incoming(Arc::new(move |account| waker.wake(account)));
         let keys = keys::KeyDirectory::new(store.clone(), router.directory().clone(), &config.rate_limits);
+        let mut media_config = config.media.clone();
+        if media_config.dir.as_os_str().is_empty() {
+            // Embedded use without a data directory (tests, examples).
+            let id: String = server_id.iter().map(|b| format!("{b:02x}")).collect();
+            media_config.dir = std::env::temp_dir().join(format!("skylark-media-{id}"));
+        }
+        let media = media::Media::open(media_config, store.clone(), clock.clone()).await?;
         Ok(Arc::new(Self {
             config,
             store,
@@ -140,6 +152,7 @@ impl Server {
             pusher,
             keys,
             bans,
+            media,
         }))
     }
 
@@ -167,6 +180,12 @@ impl Server {
         self.pusher.shutdown().await;
         self.router.shutdown().await;
         self.devices.flush_last_seen().await;
+    }
+
+    /// Deletes attachments past their retention and abandoned uploads.
+    /// Call every `media.collect_every_ms`.
+    pub async fn collect_media(&self) -> Result<media::Collected, media::MediaError> {
+        self.media.collect().await
     }
 
     /// Purges from the store the payloads of disappearing messages whose

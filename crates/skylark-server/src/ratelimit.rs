@@ -28,6 +28,7 @@ impl Limited {
             "link_approvals_per_account" => "too many devices were linked to this account",
             "key_claims_per_device" => "too many encryption keys were fetched from this device",
             "key_uploads_per_device" => "too many encryption keys were uploaded from this device",
+            "uploads_per_account" => "too many uploads were started from this account",
             "typing_per_device" => "too many typing updates were sent from this device",
             "push_registrations" => "this device changed its push registration too often",
             _ => "too many requests",

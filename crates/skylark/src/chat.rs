@@ -10,6 +10,7 @@ use rand::RngCore;
 use skylark_client::backoff::Backoff;
 use skylark_client::client::ClientEvent;
 use skylark_client::e2ee::Crypto;
+use skylark_client::media::size_words;
 use skylark_client::session::{LogEvent, SessionHandle, log_event};
 use skylark_client::{Client, ClientError, Identity};
 use skylark_core::PhoneNumber;
@@ -90,17 +91,43 @@ pub fn text_to_send(message: &str) -> Result<Vec<u8>> {
     Ok(message.as_bytes().to_vec())
 }
 
-pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: &str) -> Result<()> {
+pub async fn send(
+    profile: &Path,
+    transport: &TransportArgs,
+    to: &str,
+    message: Option<&str>,
+    file: Option<&Path>,
+) -> Result<()> {
     use crate::converse::{Conversation, Route};
-    text_to_send(message)?;
-    let to = normalise(to)?;
+    use skylark_client::content::Content;
+    if file.is_none() {
+        text_to_send(message.unwrap_or_default())?;
+    }
+    let conversation = match Conversation::parse(to) {
+        Ok(conversation) => conversation,
+        Err(_) => Conversation::Phone(normalise(to)?),
+    };
+    let to = match &conversation {
+        Conversation::Phone(phone) => phone.clone(),
+        Conversation::Group(group) => format!("group {group}"),
+    };
+    let identity = Identity::load(profile)?;
     let mut c = crate::cli::connect(profile, transport).await?;
     let sent = async {
-        let route = crate::converse::route(&mut c, &Conversation::Phone(to.clone())).await?;
+        let route = crate::converse::route(&mut c, &conversation).await?;
         // Sent while the chat's disappearing timer is on: it disappears too.
         let timer = crate::converse::timer_of(&c, &route).await?;
-        let options = skylark_client::session::SendOptions { expire_after_ms: timer, ..Default::default() };
-        let content = skylark_client::content::Content::text(message);
+        let mut options = skylark_client::session::SendOptions { expire_after_ms: timer, ..Default::default() };
+        let mut what = String::new();
+        let content = match file {
+            Some(path) => {
+                let file = crate::files::upload(&c.session.handle(), &identity, transport, path).await?;
+                what = format!("📎 {} ({}) ", file.name, skylark_client::media::size_words(file.size));
+                options.attachments = vec![file.id.clone()];
+                Content::File { file, text: message.unwrap_or_default().trim().to_owned(), fwd: false }
+            }
+            None => Content::text(message.unwrap_or_default()),
+        };
         let (ack, _) = crate::converse::deliver(&c, &route, &content, options).await?;
         let id = ack.id.unwrap_or_default();
         let disappears = match timer {
@@ -109,13 +136,13 @@ pub async fn send(profile: &Path, transport: &TransportArgs, to: &str, message: 
         };
         match route {
             Route::Group { .. } => println!(
-                "✓ 🔒 sent to {to} at {} (end-to-end encrypted, message {}:{}{disappears})",
+                "✓ 🔒 {what}sent to {to} at {} (end-to-end encrypted, message {}:{}{disappears})",
                 clock(ack.sent_at_ms),
                 id.sender,
                 id.seq
             ),
             Route::Plain(_) => println!(
-                "✓ sent to {to} at {} (message {}:{}{disappears}; not end-to-end encrypted: a device of yours or \
+                "✓ {what}sent to {to} at {} (message {}:{}{disappears}; not end-to-end encrypted: a device of yours or \
                  theirs cannot encrypt yet)",
                 clock(ack.sent_at_ms),
                 id.sender,
@@ -367,7 +394,7 @@ fn presence_line(p: &v1::PresenceInfo) -> String {
     }
 }
 
-pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String]) -> Result<()> {
+pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String], files: &Path) -> Result<()> {
     let watch: Vec<String> = watch.iter().map(|w| normalise(w)).collect::<Result<_>>()?;
     let (identity, mut client, mut events, crypto) = start_client(profile, transport)?;
     let mut take_back = TakeBack::default();
@@ -403,6 +430,16 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String])
                     peers.learn(event, &identity, handle.as_ref()).await;
                     if let Some(line) = describe(event, &identity, None, &peers, &|e| crypto.open_event(e)) {
                         println!("{line}");
+                    }
+                    if let (Some(handle), Some(file)) =
+                        (&handle, crate::files::incoming_file(event, identity.account_id, &|e| crypto.open_event(e)))
+                    {
+                        match crate::files::save(handle, &identity, transport, &file, files).await {
+                            Ok(path) => {
+                                println!("📥 saved {} ({}) to {}", file.name, size_words(file.size), path.display())
+                            }
+                            Err(e) => println!("(could not save the file {}: {e:#})", file.name),
+                        }
                     }
                     if let Some(handle) = handle {
                         let _ = handle.ack(event.seq).await;
@@ -450,7 +487,7 @@ async fn send_reliably(client: &Client, to: &Peer, id: &str, payload: Vec<u8>, t
             Peer::Phone(phone) => To::Phone(phone),
             Peer::Group(group) => To::Group(*group),
         };
-        let sent = handle.send_with(to, id, payload.clone(), options).await;
+        let sent = handle.send_with(to, id, payload.clone(), options.clone()).await;
         match sent {
             Ok(ack) => return Ok(ack),
             Err(e @ ClientError::Refused { .. }) => return Err(explain(e)),

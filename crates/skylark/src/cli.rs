@@ -179,6 +179,11 @@ pub async fn open_session(
 impl TransportArgs {
     /// Where to connect: the profile's server (or `--tcp`), each address of
     /// a comma-separated list tried in turn when there are several.
+    /// The CA file given with --ca, if any.
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
     pub fn endpoint(&self, identity: &Identity) -> Result<Endpoint> {
         // --ca for this command, else the one the profile keeps.
         let tls = trust(self.ca.as_deref().or(identity.ca.as_deref()))?;

@@ -270,13 +270,22 @@ pub async fn run(profile: &Path, transport: &TransportArgs, conversation: &str, 
             Verb::Forward { message, to } => {
                 let id = target(&message, &route, me, false)?;
                 let Some(found) = find(&h, &c, &route, id).await? else { bail!(not_found(&message, &route)) };
-                let Content::Text { text, .. } = found.content else {
-                    bail!("only a message with text can be forwarded, and #{} is not one", show(id, &route));
+                // A file is forwarded by reference: the same blob, readable
+                // by the new chat too (no upload again).
+                let (content, attachments) = match found.content {
+                    Content::Text { text, .. } => (Content::Text { text, reply: None, fwd: true }, Vec::new()),
+                    Content::File { file, text, .. } => {
+                        let blob = vec![file.id.clone()];
+                        (Content::File { file, text, fwd: true }, blob)
+                    }
+                    _ => bail!(
+                        "only a message with text or a file can be forwarded, and #{} is not one",
+                        show(id, &route)
+                    ),
                 };
                 let dest = self::route(&mut c, &to).await?;
                 let dest_timer = timer_of(&c, &dest).await?;
-                let content = Content::Text { text, reply: None, fwd: true };
-                let options = SendOptions { expire_after_ms: dest_timer, ..SendOptions::default() };
+                let options = SendOptions { expire_after_ms: dest_timer, attachments, ..SendOptions::default() };
                 let (ack, encrypted) = deliver(&c, &dest, &content, options).await?;
                 (format!("forwarded #{} to {}", show(id, &route), dest.describe()), ack, encrypted)
             }

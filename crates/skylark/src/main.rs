@@ -9,6 +9,7 @@ mod chat;
 mod cli;
 mod converse;
 mod devices;
+mod files;
 mod groups;
 mod serve;
 
@@ -120,12 +121,17 @@ enum Command {
         #[command(flatten)]
         transport: cli::TransportArgs,
     },
-    /// Send one text message; returns once the server has stored it (one tick).
+    /// Send one text message, or a file; returns once the server has stored
+    /// it (one tick).
     Send {
-        /// The recipient's phone number.
+        /// The recipient's phone number, or a group id.
         to: String,
-        /// The text to send.
-        message: String,
+        /// The text to send (with --file: its caption, optional).
+        message: Option<String>,
+        /// Send this file (photo, document…), encrypted; the recipient's
+        /// `listen` saves it.
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
         #[command(flatten)]
         profile: cli::ProfileArgs,
         #[command(flatten)]
@@ -343,6 +349,9 @@ enum Command {
         /// Show this number's presence (repeatable).
         #[arg(long)]
         watch: Vec<String>,
+        /// Save received files here (default: `files` in the profile's directory).
+        #[arg(long, value_name = "DIR")]
+        files: Option<std::path::PathBuf>,
         #[command(flatten)]
         profile: cli::ProfileArgs,
         #[command(flatten)]
@@ -494,8 +503,8 @@ fn run(args: Args) -> Result<()> {
                 }
             })
         }
-        Command::Send { to, message, profile, transport } => {
-            runtime.block_on(chat::send(&profile.dir()?, &transport, &to, &message))
+        Command::Send { to, message, file, profile, transport } => {
+            runtime.block_on(chat::send(&profile.dir()?, &transport, &to, message.as_deref(), file.as_deref()))
         }
         Command::Reply { conversation, message, text, profile, transport } => runtime.block_on(converse::run(
             &profile.dir()?,
@@ -570,8 +579,10 @@ fn run(args: Args) -> Result<()> {
         Command::Verify { phone, profile, transport } => {
             runtime.block_on(chat::verify(&profile.dir()?, &transport, &phone))
         }
-        Command::Listen { watch, profile, transport } => {
-            runtime.block_on(chat::listen(&profile.dir()?, &transport, &watch))
+        Command::Listen { watch, files, profile, transport } => {
+            let profile = profile.dir()?;
+            let files = files.unwrap_or_else(|| profile.join("files"));
+            runtime.block_on(chat::listen(&profile, &transport, &watch, &files))
         }
         Command::Chat { with, group, profile, transport } => {
             runtime.block_on(chat::chat(&profile.dir()?, &transport, with.as_deref(), group))

@@ -549,6 +549,7 @@ sms_per_number = { burst = 1, per_ms = 60000 }
             "skylark-server/src/messaging.rs",
             "skylark-server/src/devices.rs",
             "skylark-server/src/push.rs",
+            "skylark-server/src/media.rs",
             "skylark-server/src/cluster/mod.rs",
             "skylark-server/src/actor/machine.rs",
             "skylark-core/src/verification.rs",

@@ -1,12 +1,59 @@
-//! Sending, acknowledging and marking read.
+//! Sending, acknowledging and marking read; media tokens for attachments.
 
-use super::{Answer, Caller, ok, reply, when_durable};
+use super::{Answer, Caller, error, ok, reply, unavailable, when_durable};
 use skylark_core::AccountId;
 use skylark_protocol::v1::{self, server_frame};
+use skylark_protocol::{ErrorCode, ServerFrame};
+use skylark_server::media::{Audience, MediaError};
 use skylark_server::messaging::SendRequest;
+
+pub(super) fn media_token(caller: &Caller<'_>, id: u64) -> ServerFrame {
+    let grant = caller.shared.server.media.grant(caller.authed.account.id, caller.authed.device.id);
+    reply(
+        id,
+        server_frame::Body::MediaToken(v1::MediaToken {
+            token: grant.token,
+            expires_at_ms: grant.expires_at_ms,
+            max_upload_bytes: grant.max_upload_bytes,
+        }),
+    )
+}
+
+/// Makes a message's attachments readable by its recipients (before the
+/// message can reach them). A 1:1 recipient that cannot be found is left
+/// to the send itself to report.
+async fn share_attachments(caller: &Caller<'_>, id: u64, send: &v1::SendMessage) -> Result<(), ServerFrame> {
+    let server = &caller.shared.server;
+    let audience = if send.group != 0 {
+        Audience::Group(AccountId(send.group))
+    } else {
+        let Ok(phone) = skylark_core::PhoneNumber::parse(&send.to) else { return Ok(()) };
+        match server.router.directory().account(&phone).await {
+            Ok(Some(peer)) => Audience::Account(peer),
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(unavailable(id, &e)),
+        }
+    };
+    match server.media.share(caller.authed.account.id, &send.attachments, audience).await {
+        Ok(()) => Ok(()),
+        Err(MediaError::Store(e)) => Err(unavailable(id, &e)),
+        Err(e @ (MediaError::BadId(_) | MediaError::NotShareable(_) | MediaError::TooManyAttachments)) => {
+            Err(error(id, ErrorCode::InvalidArgument, e.to_string()))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "sharing attachments failed");
+            Err(error(id, ErrorCode::Unavailable, "the attachments' storage is unavailable; try again shortly"))
+        }
+    }
+}
 
 pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) -> Answer {
     let (account, device) = (caller.authed.account.id, caller.authed.device.id);
+    if !send.attachments.is_empty()
+        && let Err(frame) = share_attachments(caller, id, &send).await
+    {
+        return Answer::Now(frame);
+    }
     let group = (send.group != 0).then_some(AccountId(send.group));
     let request = SendRequest {
         client_id: send.client_id,

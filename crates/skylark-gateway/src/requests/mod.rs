@@ -4,7 +4,7 @@
 //!
 //! | module | requests |
 //! | --- | --- |
-//! | [`messaging`] | `SendMessage`, `MarkRead`, `Ack` |
+//! | [`messaging`] | `SendMessage`, `MarkRead`, `Ack`, `GetMediaToken` |
 //! | [`devices`] | `WhoAmI`, `ApproveLink`, `ListDevices`, `RenameDevice`, `RemoveDevice`, `History` |
 //! | [`presence`] | `Typing`, `SubscribePresence`, `SetActive`, `SetPrivacy` |
 //! | [`push`] | `RegisterPush` |
@@ -192,6 +192,7 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         Body::Report(report) => Answer::Now(account::report(&caller, id, report).await),
         Body::SetProfile(set) => Answer::Now(account::set_profile(&caller, id, set).await),
         Body::GetProfiles(get) => Answer::Now(account::profiles(&caller, id, get).await),
+        Body::GetMediaToken(_) => Answer::Now(messaging::media_token(&caller, id)),
         body @ (Body::CreateGroup(_)
         | Body::ChangeGroup(_)
         | Body::GetGroup(_)

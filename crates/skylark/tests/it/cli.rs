@@ -1218,3 +1218,52 @@ async fn reply_react_edit_delete_forward_and_disappear_from_the_command_line() {
     listen.expect(&format!("reacted 🎉 to #{post}"));
     listen.expect(&format!("🚫 deleted #{post} for everyone"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_from_the_command_line_is_saved_by_listen_and_forwarded_without_uploading_again() {
+    let server = TestServer::start().await;
+    let cli = Profiles::new();
+    let (alice, bob, carol) = ("+15552400011", "+15552400012", "+15552400013");
+    cli.save(&server.register(alice).await, "alice");
+    cli.save(&server.register(bob).await, "bob");
+    cli.save(&server.register(carol).await, "carol");
+    for profile in ["alice", "bob", "carol"] {
+        cli.run(profile, &["group", "list"]).await;
+    }
+    let photo = cli.home().join("photo.jpg");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&photo, &bytes).unwrap();
+    let out = cli.run("alice", &["send", bob, "holiday", "--file", photo.to_str().unwrap()]).await;
+    assert!(out.contains("✓ 🔒 📎 photo.jpg (300.0 kB) sent to"), "{out}");
+
+    let listen = cli.listen("bob");
+    let seen = listen.expect("📎 photo.jpg (300.0 kB): holiday");
+    let line = seen.last().unwrap().clone();
+    let saved = listen.expect("📥 saved photo.jpg (300.0 kB) to ");
+    drop(listen);
+    let path = saved.last().unwrap().split(" to ").nth(1).unwrap().trim().to_owned();
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "Bob's copy is the file Alice sent");
+    assert!(path.starts_with(cli.home().join("bob").join("files").to_str().unwrap()), "{path}");
+
+    // Bob forwards it to Carol: the same blob, not a second upload.
+    let seq = line.rsplit("(#").next().and_then(|s| s.split(')').next()).unwrap().to_owned();
+    let out = cli.run("bob", &["forward", alice, &seq, carol]).await;
+    assert!(out.contains(&format!("forwarded #{seq} to {carol}")), "{out}");
+    let listen = cli.listen("carol");
+    listen.expect("(forwarded) 📎 photo.jpg (300.0 kB): holiday");
+    let saved = listen.expect("📥 saved photo.jpg");
+    drop(listen);
+    let path = saved.last().unwrap().split(" to ").nth(1).unwrap().trim().to_owned();
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let media = server.media_dir.as_ref().unwrap().path().join("blobs").join("blobs");
+    assert_eq!(std::fs::read_dir(&media).unwrap().count(), 1, "forwarding reuses the blob");
+    // The server holds only ciphertext.
+    let stored = std::fs::read(std::fs::read_dir(&media).unwrap().next().unwrap().unwrap().path()).unwrap();
+    assert!(!stored.windows(64).any(|w| w == &bytes[1000..1064]), "the stored blob is not the file");
+
+    // A file that is not there: said in words, nothing sent.
+    let refused = cli.output("alice", &["send", bob, "--file", "/nonexistent/x.jpg"]).await;
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("cannot read /nonexistent/x.jpg"), "{said}");
+}

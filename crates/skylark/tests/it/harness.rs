@@ -71,6 +71,8 @@ pub struct TestServer {
     pub sms: Arc<CapturedSms>,
     pub clock: ManualClock,
     pub store: Arc<dyn Store>,
+    /// Attachments' directory, when the config named none (removed with the server).
+    pub media_dir: Option<Arc<tempfile::TempDir>>,
 }
 
 /// The admin API's token in tests.
@@ -109,14 +111,24 @@ impl TestServer {
     }
 
     /// As [`TestServer::start_on`], with the admin API's audit log at `audit`.
-    pub async fn start_audited(config: Config, store: Arc<dyn Store>, audit: Option<std::path::PathBuf>) -> TestServer {
+    pub async fn start_audited(
+        mut config: Config,
+        store: Arc<dyn Store>,
+        audit: Option<std::path::PathBuf>,
+    ) -> TestServer {
+        let mut media_dir = None;
+        if config.media.dir.as_os_str().is_empty() {
+            let dir = tempfile::tempdir().unwrap();
+            config.media.dir = dir.path().to_owned();
+            media_dir = Some(Arc::new(dir));
+        }
         let sms = Arc::new(CapturedSms::default());
         let clock = ManualClock::new(SystemClock.now_ms());
         let (services, mut transport) = config.split();
         transport.admin = skylark_gateway::admin::AdminConfig { token: Some(ADMIN_TOKEN.to_owned()), audit_log: audit };
         let server = Server::new(services, store.clone(), sms.clone(), Arc::new(clock.clone())).await.unwrap();
         let gateway = Gateway::start(server.clone(), transport).await.unwrap();
-        TestServer { gateway: Some(gateway), server, sms, clock, store }
+        TestServer { gateway: Some(gateway), server, sms, clock, store, media_dir }
     }
 
     fn gateway(&self) -> &Gateway {

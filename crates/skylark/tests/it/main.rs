@@ -22,6 +22,7 @@ mod harness;
 mod keys;
 mod lifecycle;
 mod limits;
+mod media;
 mod messaging;
 mod pin;
 mod power;

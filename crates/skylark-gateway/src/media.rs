@@ -1,0 +1,275 @@
+//! Attachments over HTTP: resumable uploads (tus 1.0, core and creation)
+//! and downloads with byte ranges, authenticated by a media token
+//! (`Authorization: Bearer …`, from `GetMediaToken` on the device's
+//! connection). The service (`skylark_server::media`) decides; this module
+//! speaks HTTP.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | OPTIONS | /v1/uploads | tus discovery: version, extensions, largest size |
+//! | POST | /v1/uploads | start an upload of `Upload-Length` bytes; `Location` names it |
+//! | HEAD | /v1/uploads/{id} | how far it got (`Upload-Offset`) |
+//! | PATCH | /v1/uploads/{id} | append at `Upload-Offset` (`application/offset+octet-stream`) |
+//! | GET | /v1/blobs/{id} | the stored bytes, whole or a `Range` (206) |
+//!
+//! These routes have neither the JSON API's body limit (an upload's size is
+//! checked against `Upload-Length`, before anything is stored) nor its
+//! request timeout (a large file takes longer); a body that stalls for
+//! `STALL` ends the request, keeping what arrived.
+
+use crate::Shared;
+use crate::http::ApiError;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use skylark_server::media::{Bearer, ByteRange, MediaError};
+use std::time::Duration;
+
+const TUS_VERSION: &str = "1.0.0";
+/// An upload body that sends nothing for this long is cut off.
+const STALL: Duration = Duration::from_secs(30);
+
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v1/uploads", post(create).options(options))
+        .route("/v1/uploads/{id}", axum::routing::head(offset).patch(append))
+        .route("/v1/blobs/{id}", get(download))
+}
+
+fn media_error(e: MediaError) -> Response {
+    let message = e.to_string();
+    let (status, code) = match &e {
+        MediaError::BadToken => {
+            let mut response = ApiError::new(StatusCode::UNAUTHORIZED, "bad_token", message).into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return tus(response);
+        }
+        MediaError::DeviceRemoved => (StatusCode::UNAUTHORIZED, "device_removed"),
+        MediaError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        MediaError::MissingLength => (StatusCode::BAD_REQUEST, "missing_length"),
+        MediaError::QuotaExceeded { retry_after, .. } => {
+            let err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message).retry_after(*retry_after);
+            return tus(err.into_response());
+        }
+        MediaError::RateLimited(limited) => {
+            let err =
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(limited.retry_after);
+            return tus(err.into_response());
+        }
+        MediaError::UnknownUpload => (StatusCode::NOT_FOUND, "unknown_upload"),
+        MediaError::OffsetMismatch { .. } => (StatusCode::CONFLICT, "offset_mismatch"),
+        MediaError::Busy => (StatusCode::CONFLICT, "upload_busy"),
+        MediaError::PastLength { .. } => (StatusCode::BAD_REQUEST, "past_length"),
+        MediaError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        MediaError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+        MediaError::BadRange { size } => {
+            let mut response = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", message).into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return response;
+        }
+        MediaError::BadId(_) | MediaError::TooManyAttachments | MediaError::NotShareable(_) => {
+            (StatusCode::BAD_REQUEST, "invalid_argument")
+        }
+        MediaError::Storage(_) | MediaError::Store(_) => {
+            tracing::error!(error = %e, "attachment storage failed");
+            let err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the attachments' storage is unavailable; try again shortly",
+            );
+            return tus(err.into_response());
+        }
+    };
+    tus(ApiError::new(status, code, message).into_response())
+}
+
+/// Every tus response names the protocol version.
+fn tus(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// The bearer of the request's media token.
+async fn bearer(shared: &Shared, headers: &HeaderMap) -> Result<Bearer, MediaError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(MediaError::BadToken)?;
+    shared.server.media.bearer(token).await
+}
+
+/// tus requests name the version they speak: the refusal when they do not.
+fn tus_refusal(headers: &HeaderMap) -> Option<Response> {
+    if headers.get("tus-resumable").and_then(|v| v.to_str().ok()) == Some(TUS_VERSION) {
+        return None;
+    }
+    let mut response = ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "tus_version",
+        "send Tus-Resumable: 1.0.0 (the tus version this server speaks)",
+    )
+    .into_response();
+    response.headers_mut().insert("tus-version", HeaderValue::from_static(TUS_VERSION));
+    Some(tus(response))
+}
+
+async fn options(State(shared): State<Shared>) -> Response {
+    let max = shared.server.media.config().max_upload_bytes;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
+    headers.insert("tus-extension", HeaderValue::from_static("creation"));
+    if let Ok(v) = HeaderValue::from_str(&max.to_string()) {
+        headers.insert("tus-max-size", v);
+    }
+    tus(response)
+}
+
+async fn create(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = tus_refusal(&headers) {
+        return refusal;
+    }
+    let who = match bearer(&shared, &headers).await {
+        Ok(who) => who,
+        Err(e) => return media_error(e),
+    };
+    let Some(length) = header_u64(&headers, "upload-length") else {
+        return media_error(MediaError::MissingLength);
+    };
+    match shared.server.media.create(&who, length).await {
+        Ok(id) => {
+            let mut response = StatusCode::CREATED.into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("/v1/uploads/{id}")) {
+                response.headers_mut().insert(header::LOCATION, v);
+            }
+            response.headers_mut().insert("upload-offset", HeaderValue::from_static("0"));
+            tus(response)
+        }
+        Err(e) => media_error(e),
+    }
+}
+
+fn progress(status: StatusCode, offset: u64, length: Option<u64>) -> Response {
+    let mut response = status.into_response();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&offset.to_string()) {
+        headers.insert("upload-offset", v);
+    }
+    if let Some(Ok(v)) = length.map(|l| HeaderValue::from_str(&l.to_string())) {
+        headers.insert("upload-length", v);
+    }
+    tus(response)
+}
+
+async fn offset(State(shared): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = tus_refusal(&headers) {
+        return refusal;
+    }
+    let who = match bearer(&shared, &headers).await {
+        Ok(who) => who,
+        Err(e) => return media_error(e),
+    };
+    match shared.server.media.offset(&who, &id).await {
+        Ok((offset, length)) => progress(StatusCode::OK, offset, Some(length)),
+        // HEAD answers carry no body: the status says it.
+        Err(e) => media_error(e),
+    }
+}
+
+async fn append(State(shared): State<Shared>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(refusal) = tus_refusal(&headers) {
+        return refusal;
+    }
+    let who = match bearer(&shared, &headers).await {
+        Ok(who) => who,
+        Err(e) => return media_error(e),
+    };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    if content_type != Some("application/offset+octet-stream") {
+        let err = ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content_type",
+            "an upload's PATCH must have Content-Type: application/offset+octet-stream",
+        );
+        return tus(err.into_response());
+    }
+    let Some(offset) = header_u64(&headers, "upload-offset") else {
+        let err = ApiError::new(StatusCode::BAD_REQUEST, "missing_offset", "Upload-Offset is missing or not a number");
+        return tus(err.into_response());
+    };
+    // A body that stalls ends like one cut off: what arrived is kept.
+    let stream = stall_limited(body.into_data_stream());
+    match shared.server.media.append(&who, &id, offset, stream).await {
+        Ok(offset) => progress(StatusCode::NO_CONTENT, offset, None),
+        Err(e) => media_error(e),
+    }
+}
+
+/// Ends `stream` with an error when no chunk arrives within `STALL`.
+fn stall_limited(
+    stream: axum::body::BodyDataStream,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, String>> + Send {
+    futures_util::stream::unfold(Some(stream), |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout(STALL, stream.next()).await {
+            Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(stream))),
+            Ok(Some(Err(e))) => Some((Err(e.to_string()), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err("the upload stalled".to_owned()), None)),
+        }
+    })
+}
+
+async fn download(
+    State(shared): State<Shared>,
+    method: Method,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match bearer(&shared, &headers).await {
+        Ok(who) => who,
+        Err(e) => return media_error(e),
+    };
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(ByteRange::parse);
+    let download = match shared.server.media.download(&who, &id, range).await {
+        Ok(download) => download,
+        Err(e) => return media_error(e),
+    };
+    let partial = range.is_some();
+    let length = download.end - download.start;
+    let body = if method == Method::HEAD { Body::empty() } else { Body::from_stream(download.body) };
+    let mut response = Response::new(body);
+    *response.status_mut() = if partial { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    let headers = response.headers_mut();
+    // Opaque bytes, never interpreted by a browser.
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&length.to_string()) {
+        headers.insert(header::CONTENT_LENGTH, v);
+    }
+    if partial {
+        let range = format!("bytes {}-{}/{}", download.start, download.end.saturating_sub(1), download.size);
+        if let Ok(v) = HeaderValue::from_str(&range) {
+            headers.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    response
+}
