@@ -17,8 +17,9 @@ const STYLE: &str = include_str!("../web/style.css");
 const ICON: &str = include_str!("../web/icon.svg");
 
 /// Scripts and styles only from this origin; the WebSocket back to it; QR
-/// codes arrive as data: images. No inline script anywhere.
-const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; \
+/// codes and attachments' previews arrive as data: images, decrypted
+/// attachments as blob: images and audio. No inline script anywhere.
+const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; media-src 'self' blob:; \
                    style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {

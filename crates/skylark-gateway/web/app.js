@@ -190,6 +190,7 @@ function described(ref, sender, text, meta, mine, from) {
   if (out.purged) out.text = "This message was deleted";
   else if (out.deletes) out.text = `${who} deleted a message`;
   else if (content.t === "text") out.text = content.text;
+  else if (content.t === "file" && content.file) out.text = fileWords(content);
   else if (content.t === "react") out.text = content.emoji ? `${who} reacted ${content.emoji}` : `${who} took back a reaction`;
   else if (content.t === "timer") {
     out.text = content.ms ? `${who} set disappearing messages to ${timerWords(Number(content.ms))}` : `${who} turned off disappearing messages`;
@@ -214,6 +215,10 @@ const ICONS = {
   info: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18", "M12 11v6", "M12 7.5v.5"],
   deleted: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18", "M5.6 5.6l12.8 12.8"],
   timer: ["M7 3h10", "M7 21h10", "M8 3c0 5 8 5 8 9s-8 4-8 9", "M16 3c0 5-8 5-8 9s8 4 8 9"],
+  clip: ["M20 11l-8 8a5 5 0 0 1-7-7l8-8a3.5 3.5 0 0 1 5 5l-8 8a2 2 0 0 1-3-3l7-7"],
+  mic: ["M9 5a3 3 0 0 1 6 0v6a3 3 0 0 1-6 0z", "M5 11a7 7 0 0 0 14 0", "M12 18v3"],
+  stop: ["M7 7h10v10H7z"],
+  file: ["M6 3h8l4 4v14H6z", "M14 3v4h4"],
 };
 function icon(name, label) {
   const svg = document.createElementNS(SVG, "svg");
@@ -935,6 +940,7 @@ function send(c, text, extra = {}) {
   const item = {
     key: c.key, clientId: clientId(), text, queuedAt: Date.now(), payload: encodeContent(content),
     edits: extra.edits || null, deletes: extra.deletes || null, expireAfterMs: timed,
+    attachments: extra.attachments || [],
   };
   // Kept before anything else: a tab closed now still sends it next time.
   if (state.local) state.local.queue(item).catch(() => {});
@@ -972,6 +978,7 @@ async function flushOutbox() {
       if (item.edits) body.edits = String(item.edits);
       if (item.deletes) body.deletes = String(item.deletes);
       if (item.expireAfterMs) body.expireAfterMs = String(item.expireAfterMs);
+      if (item.attachments && item.attachments.length) body.attachments = item.attachments;
       try {
         const reply = await state.session.request({ send: body });
         const ack = reply.sendAck;
@@ -1004,6 +1011,312 @@ async function flushOutbox() {
   } finally {
     flushing = false;
   }
+}
+
+// ---------------------------------------------------------------- attachments
+// A file is encrypted here (AES-256-GCM with a fresh key; the SHA-256 of
+// the ciphertext is its digest), uploaded with tus 1.0 in chunks (resuming
+// from the server's offset when a chunk fails), and sent as a "file"
+// content: blob id, key, digest, name, type, a small preview. Receiving
+// reverses it; the digest is checked before anything is decrypted. The
+// server stores only ciphertext. The CLI (skylark_client::media) does the
+// same, so files go both ways.
+
+const UPLOAD_CHUNK = 4 << 20;
+/// Images and voice notes up to this size are fetched as soon as they are shown.
+const AUTO_FETCH_BYTES = 8 << 20;
+const toB64 = (bytes) => { let s = ""; for (const b of bytes) s += String.fromCharCode(b); return btoa(s); };
+const fromB64 = (text) => Uint8Array.from(atob(text || ""), (ch) => ch.charCodeAt(0));
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function sizeWords(n) {
+  if (n < 1000) return `${n} bytes`;
+  if (n < 1e6) return `${(n / 1e3).toFixed(1)} kB`;
+  if (n < 1e9) return `${(n / 1e6).toFixed(1)} MB`;
+  return `${(n / 1e9).toFixed(2)} GB`;
+}
+function lengthWords(ms) {
+  const s = Math.ceil((Number(ms) || 0) / 1000);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+/// A file message in words (the chat list, notifications, quotes).
+function fileWords(content) {
+  const f = content.file;
+  const what = f.voice ? `Voice note (${lengthWords(f.ms)})` : `${f.name} (${sizeWords(Number(f.size) || 0)})`;
+  return content.text ? `${what}: ${content.text}` : what;
+}
+/// Only these types are given to the page's elements; anything else is
+/// offered for saving as opaque bytes (a received file never runs here).
+function safeMime(mime) {
+  return /^(image\/(jpeg|png|gif|webp)|audio\/[a-z0-9.+-]+|video\/(mp4|webm))$/.test(mime || "") ? mime : "application/octet-stream";
+}
+const safeThumb = (url) => (typeof url === "string" && /^data:image\/(jpeg|png|webp);base64,[A-Za-z0-9+/=]+$/.test(url) ? url : null);
+
+class HttpError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+async function httpError(r) {
+  let message = `The server answered ${r.status}.`;
+  try { message = sentence((await r.json()).message) || message; } catch { /* no JSON body */ }
+  return new HttpError(r.status, message);
+}
+
+let mediaToken = null;
+/// A token for the attachments' HTTP endpoints, asked for over the connection.
+async function mediaAuth() {
+  if (!state.session) throw new Error("You are offline; try again once connected.");
+  if (!mediaToken || mediaToken.expiresAt - 60000 < Date.now()) {
+    const r = (await state.session.request({ getMediaToken: {} })).mediaToken;
+    mediaToken = { token: r.token, expiresAt: Number(r.expiresAtMs), max: Number(r.maxUploadBytes) };
+  }
+  return mediaToken;
+}
+
+async function sealFile(bytes) {
+  if (!crypto.subtle) throw new Error("Attachments need a secure connection (https, or this computer's own address).");
+  const key = crypto.getRandomValues(new Uint8Array(32));
+  const iv = crypto.getRandomValues(new Uint8Array(12));
+  const k = await crypto.subtle.importKey("raw", key, "AES-GCM", false, ["encrypt"]);
+  const ct = new Uint8Array(await crypto.subtle.encrypt({ name: "AES-GCM", iv }, k, bytes));
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", ct));
+  return { ct, key: toB64(key), iv: toB64(iv), sha256: toB64(digest) };
+}
+
+async function openFile(file, ct) {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", ct));
+  if (toB64(digest) !== file.sha256) throw new Error("The downloaded file does not match its digest: it was altered or damaged on the way. Nothing was saved.");
+  try {
+    const k = await crypto.subtle.importKey("raw", fromB64(file.key), "AES-GCM", false, ["decrypt"]);
+    return new Uint8Array(await crypto.subtle.decrypt({ name: "AES-GCM", iv: fromB64(file.iv) }, k, ct));
+  } catch {
+    throw new Error("The file's key does not open it: the message or the file is damaged.");
+  }
+}
+
+/// Uploads `bytes` (tus: create, then PATCH chunk by chunk); returns the blob id.
+async function uploadBytes(bytes, onProgress) {
+  const auth = { authorization: `Bearer ${(await mediaAuth()).token}`, "tus-resumable": "1.0.0" };
+  const created = await fetch("/v1/uploads", { method: "POST", headers: { ...auth, "upload-length": String(bytes.length) } });
+  if (created.status !== 201) throw await httpError(created);
+  const id = created.headers.get("location").split("/").pop();
+  let offset = 0;
+  let failures = 0;
+  onProgress(0, bytes.length);
+  while (offset < bytes.length) {
+    try {
+      const r = await fetch(`/v1/uploads/${id}`, {
+        method: "PATCH",
+        headers: { ...auth, "upload-offset": String(offset), "content-type": "application/offset+octet-stream" },
+        body: bytes.subarray(offset, Math.min(offset + UPLOAD_CHUNK, bytes.length)),
+      });
+      if (r.status !== 204) throw await httpError(r);
+      offset = Number(r.headers.get("upload-offset"));
+      failures = 0;
+      onProgress(offset, bytes.length);
+    } catch (err) {
+      // A refusal stands; a broken connection (or a conflict) resumes from the server's offset.
+      if (err instanceof HttpError && err.status !== 409 && err.status < 500) throw err;
+      if (++failures > 5) throw err;
+      await sleep(200 << failures);
+      const head = await fetch(`/v1/uploads/${id}`, { method: "HEAD", headers: auth }).catch(() => null);
+      if (head && head.ok) offset = Number(head.headers.get("upload-offset"));
+    }
+  }
+  return id;
+}
+
+/// Fetched files by blob id: { url } once decrypted, { progress } while
+/// coming, { error } when it failed.
+const files = new Map();
+
+async function fetchFile(file) {
+  const known = files.get(file.id);
+  if (known && (known.url || known.progress !== undefined)) return;
+  files.set(file.id, { progress: 0 });
+  renderMessages();
+  try {
+    const r = await fetch(`/v1/blobs/${file.id}`, { headers: { authorization: `Bearer ${(await mediaAuth()).token}` } });
+    if (!r.ok) throw await httpError(r);
+    const total = Number(r.headers.get("content-length")) || 0;
+    const reader = r.body.getReader();
+    const parts = [];
+    let got = 0;
+    let shown = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      parts.push(value);
+      got += value.length;
+      const progress = total ? Math.floor((got * 100) / total) : 0;
+      if (progress !== shown) {
+        shown = progress;
+        files.set(file.id, { progress });
+        renderMessages();
+      }
+    }
+    const ct = new Uint8Array(got);
+    let at = 0;
+    for (const p of parts) { ct.set(p, at); at += p.length; }
+    const plain = await openFile(file, ct);
+    files.set(file.id, { url: URL.createObjectURL(new Blob([plain], { type: safeMime(file.mime) })) });
+  } catch (err) {
+    files.set(file.id, { error: err.message || String(err) });
+  }
+  renderMessages();
+}
+
+/// A small JPEG preview of an image, carried inside the message.
+async function thumbnail(blob) {
+  try {
+    const bitmap = await createImageBitmap(blob);
+    const scale = Math.min(1, 160 / Math.max(bitmap.width, bitmap.height));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    const url = canvas.toDataURL("image/jpeg", 0.6);
+    return url.length < 24000 ? url : null;
+  } catch {
+    return null; // not an image this browser can read: no preview
+  }
+}
+
+let uploads = 0;
+/// Encrypts, uploads and sends one file (or a recorded voice note) to chat `c`.
+async function sendFile(c, blob, { name, voice = false, ms = null, text = "" } = {}) {
+  const mime = (blob.type || "application/octet-stream").split(";")[0];
+  name = (name || blob.name || "file").split(/[\\/]/).pop();
+  const placeholder = {
+    id: `up:${++uploads}`, local: true, mine: true, uploading: true, at: Date.now(), seq: Infinity, order: Infinity,
+    text: `Uploading ${name}…`, content: { t: "text", text: `Uploading ${name}…` },
+  };
+  try {
+    const { max } = await mediaAuth();
+    if (blob.size > max) throw new Error(`${name} is ${sizeWords(blob.size)}; this server takes files up to ${sizeWords(max)}.`);
+    addMessage(c, placeholder);
+    renderMessages();
+    const bytes = new Uint8Array(await blob.arrayBuffer());
+    const thumb = mime.startsWith("image/") ? await thumbnail(blob) : null;
+    const sealed = await sealFile(bytes);
+    const id = await uploadBytes(sealed.ct, (done, total) => {
+      placeholder.text = placeholder.content.text = `Uploading ${name}… ${total ? Math.floor((done * 100) / total) : 100}%`;
+      renderMessages();
+    });
+    // Our own copy shows at once, without fetching it back.
+    files.set(id, { url: URL.createObjectURL(new Blob([bytes], { type: safeMime(mime) })) });
+    const file = { id, key: sealed.key, iv: sealed.iv, sha256: sealed.sha256, size: bytes.length, name, mime };
+    if (thumb) file.thumb = thumb;
+    if (voice) { file.voice = true; file.ms = Math.round(ms || 0); }
+    const content = { t: "file", file };
+    if (text) content.text = text;
+    send(c, text, { content, attachments: [id] });
+  } catch (err) {
+    say(err instanceof Refused ? explain(err) : sentence(err.message || String(err)));
+  } finally {
+    c.messages.delete(placeholder.id);
+    renderAll();
+  }
+}
+
+function sendFiles(list) {
+  const c = state.chats.get(state.open);
+  if (!c || $("composer").hidden) return;
+  for (const f of list) sendFile(c, f);
+}
+
+$("attach").append(icon("clip"));
+$("record").append(icon("mic"));
+$("attach").addEventListener("click", () => $("file-input").click());
+$("file-input").addEventListener("change", () => {
+  sendFiles([...$("file-input").files]);
+  $("file-input").value = "";
+});
+$("text").addEventListener("paste", (e) => {
+  const pasted = [...(e.clipboardData ? e.clipboardData.files : [])];
+  if (pasted.length) {
+    e.preventDefault();
+    sendFiles(pasted);
+  }
+});
+$("conversation").addEventListener("dragover", (e) => {
+  if (e.dataTransfer && [...e.dataTransfer.types].includes("Files")) e.preventDefault();
+});
+$("conversation").addEventListener("drop", (e) => {
+  if (!e.dataTransfer || !e.dataTransfer.files.length) return;
+  e.preventDefault();
+  sendFiles([...e.dataTransfer.files]);
+});
+
+/// Voice notes: press to record, press again to send.
+let recording = null;
+$("record").addEventListener("click", async () => {
+  const c = state.chats.get(state.open);
+  if (!c) return;
+  if (recording) return recording.recorder.stop();
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch {
+    return say("The browser did not allow the microphone; allow it for this site to record voice notes.");
+  }
+  const recorder = new MediaRecorder(stream);
+  const chunks = [];
+  recording = { recorder, started: Date.now() };
+  recorder.addEventListener("dataavailable", (e) => { if (e.data.size) chunks.push(e.data); });
+  recorder.addEventListener("stop", () => {
+    const ms = Date.now() - recording.started;
+    recording = null;
+    stream.getTracks().forEach((t) => t.stop());
+    $("record").replaceChildren(icon("mic"));
+    $("record").setAttribute("aria-pressed", "false");
+    $("record").setAttribute("aria-label", "Record a voice note");
+    const type = (recorder.mimeType || "audio/webm").split(";")[0];
+    const ext = type.includes("ogg") ? "ogg" : type.includes("mp4") ? "m4a" : "webm";
+    if (chunks.length) sendFile(c, new Blob(chunks, { type }), { name: `voice-note.${ext}`, voice: true, ms });
+  });
+  recorder.start();
+  $("record").replaceChildren(icon("stop"));
+  $("record").setAttribute("aria-pressed", "true");
+  $("record").setAttribute("aria-label", "Stop and send the voice note");
+});
+
+/// One audio player per message, kept across redraws so playing goes on.
+const players = new Map();
+function player(where, url, label) {
+  let el = players.get(where);
+  if (!el || el.src !== url) {
+    el = h("audio", { controls: "", src: url, "aria-label": label });
+    players.set(where, el);
+  }
+  return el;
+}
+
+/// How a file message (`where`: its id) shows: a picture, a player, or a file to save.
+function attachmentView(f, where) {
+  const got = files.get(f.id) || {};
+  const mime = safeMime(f.mime);
+  const auto = Number(f.size) <= AUTO_FETCH_BYTES && (f.voice || mime.startsWith("image/") || mime.startsWith("audio/"));
+  if (auto && !files.has(f.id) && state.session) queueMicrotask(() => fetchFile(f));
+  const status = got.error ? h("span", { class: "file-error", role: "alert" }, got.error)
+    : got.progress !== undefined ? h("span", { class: "progress" }, `Downloading… ${got.progress}%`) : null;
+  if (f.voice || mime.startsWith("audio/")) {
+    return h("div", { class: "attachment voice" },
+      got.url ? player(where, got.url, f.voice ? `Voice note, ${lengthWords(f.ms)}` : f.name)
+        : h("button", { type: "button", class: "secondary", onclick: () => fetchFile(f) }, icon("mic"), ` ${f.voice ? `Voice note (${lengthWords(f.ms)})` : f.name}`),
+      status);
+  }
+  if (mime.startsWith("image/")) {
+    const src = got.url || safeThumb(f.thumb);
+    return h("figure", { class: "attachment image" },
+      src ? h("img", { src, alt: f.name, class: got.url ? "full" : "thumb" })
+        : h("button", { type: "button", class: "secondary", onclick: () => fetchFile(f) }, icon("file"), ` ${f.name} (${sizeWords(Number(f.size) || 0)})`),
+      status);
+  }
+  return h("div", { class: "attachment file" },
+    icon("file"), h("span", { class: "file-name" }, `${f.name} (${sizeWords(Number(f.size) || 0)})`), " ",
+    got.url ? h("a", { href: got.url, download: f.name, class: "save" }, "Save")
+      : h("button", { type: "button", class: "secondary", onclick: () => fetchFile(f) }, "Download"),
+    status);
 }
 
 /// A message's status and the words that say it.
@@ -1389,7 +1702,8 @@ function drawMessage(c, m, folded) {
     : null;
   const edited = m.ref && folded.edited.get(m.ref);
   const content = m.content || { t: "text", text: m.text };
-  const text = deleted ? "This message was deleted" : edited ?? (content.t === "text" ? content.text : m.text);
+  const isFile = !deleted && content.t === "file" && content.file;
+  const text = deleted ? "This message was deleted" : edited ?? (content.t === "text" ? content.text : isFile ? content.text || "" : m.text);
   const reply = !deleted && content.reply
     ? h("blockquote", { class: "quote" }, h("span", { class: "sr-only" }, "Replying to: "), content.reply.quote)
     : null;
@@ -1401,7 +1715,8 @@ function drawMessage(c, m, folded) {
     !m.mine && c.kind === "group" ? h("span", { class: "from" }, m.from) : null,
     !deleted && content.fwd ? h("span", { class: "fwd" }, "Forwarded") : null,
     reply,
-    h("span", { class: "text" }, deleted ? icon("deleted") : null, m.text === LOCKED ? icon("lock") : null, text),
+    isFile ? attachmentView(content.file, m.id) : null,
+    isFile && !text ? null : h("span", { class: "text" }, deleted ? icon("deleted") : null, m.text === LOCKED ? icon("lock") : null, text),
     h("span", { class: "meta" }, edited && !deleted ? h("span", { class: "edited" }, "edited ") : null,
       m.expiresAt && !deleted ? h("span", { class: "timer", title: `Disappears ${whenSeen(m.expiresAt)}` }, icon("timer", "disappearing message"), " ") : null,
       clock(m.at), m.mine ? " " : "",
@@ -1416,8 +1731,8 @@ function drawMessage(c, m, folded) {
 function showActions(c, m) {
   const mine = m.mine && !m.local;
   const age = Date.now() - m.at;
-  const content = m.content && m.content.t === "text" ? m.content : { t: "text", text: m.text };
-  const text = fold(c).edited.get(m.ref) ?? content.text;
+  const content = m.content && (m.content.t === "text" || m.content.t === "file") ? m.content : { t: "text", text: m.text };
+  const text = fold(c).edited.get(m.ref) ?? (content.t === "file" ? fileWords(content) : content.text);
   const close = () => { if ($("panel").open) $("panel").close(); };
   const act = (label, fn, cls = "") => h("button", { type: "button", class: cls, onclick: () => { close(); fn(); } }, label);
   const mineNow = [...(fold(c).reactions.get(m.ref) || new Map())].find(([p]) => p === "you");
@@ -1429,8 +1744,8 @@ function showActions(c, m) {
       mineNow ? act("Remove reaction", () => send(c, "", { content: { t: "react", to: m.ref, emoji: "" } }), "secondary") : null),
     h("p", {},
       act("Reply", () => compose(c, { reply: { id: m.ref, quote: quoteOf(text) } }, `Replying to: ${quoteOf(text)}`)), " ",
-      act("Forward", () => chooseForward(text)), " ",
-      mine && age < EDIT_WINDOW_MS && !m.quiet ? act("Edit", () => compose(c, { edits: ownSeq(m) }, "Editing your message", text)) : null, " ",
+      act("Forward", () => chooseForward(content.t === "file" ? content : { t: "text", text })), " ",
+      mine && age < EDIT_WINDOW_MS && !m.quiet && content.t === "text" ? act("Edit", () => compose(c, { edits: ownSeq(m) }, "Editing your message", text)) : null, " ",
       mine && age < DELETE_WINDOW_MS ? act("Delete for everyone", () => confirmDelete(c, m), "danger") : null));
 }
 
@@ -1459,13 +1774,16 @@ function confirmDelete(c, m) {
     } }, "Delete")));
 }
 
-function chooseForward(text) {
+/// Forwards `content` (a text, or a file: the same blob, shared with the new chat).
+function chooseForward(content) {
+  const text = content.t === "file" ? content.text || "" : content.text;
+  const attachments = content.t === "file" ? [content.file.id] : [];
   const chats = [...state.chats.values()].filter((c) => !c.locked && (c.kind !== "group" || state.groups.has(c.group)))
     .sort((a, b) => b.lastAt - a.lastAt);
   panel("forward", h("h2", {}, "Forward to…"),
     h("ul", { class: "choices" }, chats.map((c) => h("li", {}, h("button", { type: "button", class: "secondary", onclick: () => {
       $("panel").close();
-      send(c, text, { content: { t: "text", text, fwd: true } });
+      send(c, text, { content: { ...content, reply: undefined, fwd: true }, attachments });
       openChat(c.key);
     } }, titleOf(c))))));
 }

@@ -369,6 +369,10 @@ impl Media {
         file.sync_all().await?;
         sync_path(&self.inner.staging).await?;
         metrics::counter!("skylark_media_uploads_total", "stage" => "started").increment(1);
+        if length == 0 {
+            // Nothing to append: complete already.
+            self.finish(who, &id).await?;
+        }
         Ok(id)
     }
 

@@ -66,6 +66,7 @@ fn the_web_client_signs_up_chats_links_groups_reloads_and_survives_a_restart() {
         "16-reply-react-edit",
         "17-deleted",
         "18-disappearing",
+        "19-attachments",
     ] {
         assert!(shots.join(format!("{shot}.png")).exists(), "screenshot {shot} missing");
     }

@@ -18,7 +18,8 @@
 
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { deflateSync } from "node:zlib";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -80,6 +81,51 @@ function cli(profile, args, input, onOutput = () => {}) {
     if (input !== undefined) child.stdin.end(input);
     child.on("exit", (code) => (code === 0 ? resolve(out) : reject(new Error(`skylark ${args.join(" ")} failed:\n${out}`))));
   });
+}
+
+/// Runs the command line client until its output matches `pattern`, then
+/// stops it; resolves with what it printed.
+function cliUntil(profile, args, pattern, ms = 20000) {
+  return new Promise((resolve, reject) => {
+    let done = false;
+    const timer = setTimeout(() => { if (!done) { done = true; reject(new Error(`skylark ${args.join(" ")} never printed ${pattern}`)); } }, ms);
+    cli(profile, args, undefined, (out, child) => {
+      if (!done && pattern.test(out)) {
+        done = true;
+        clearTimeout(timer);
+        child.kill();
+        resolve(out);
+      }
+    }).catch((e) => { if (!done) { done = true; clearTimeout(timer); reject(e); } });
+  });
+}
+
+/// A small valid PNG (width × height, a colour gradient), made here.
+function png(width, height) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (buf) => { let c = 0xffffffff; for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8); return (c ^ 0xffffffff) >>> 0; };
+  const chunk = (type, data) => {
+    const out = Buffer.alloc(12 + data.length);
+    out.writeUInt32BE(data.length, 0);
+    out.write(type, 4, "ascii");
+    data.copy(out, 8);
+    out.writeUInt32BE(crc(out.subarray(4, 8 + data.length)), 8 + data.length);
+    return out;
+  };
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(width, 0);
+  header.writeUInt32BE(height, 4);
+  header[8] = 8; header[9] = 2; // 8-bit RGB
+  const rows = Buffer.alloc(height * (1 + width * 3));
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) rows.set([x * 4 % 256, y * 5 % 256, 128], y * (1 + width * 3) + 1 + x * 3);
+  }
+  return Buffer.concat([Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]), chunk("IHDR", header),
+    chunk("IDAT", deflateSync(rows)), chunk("IEND", Buffer.alloc(0))]);
 }
 
 /// The server's admin token (written to its data directory at start).
@@ -162,10 +208,12 @@ const DAVE = "+15553000004";
 const MANY = 550;
 
 server = await startServer();
-const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
+// A fake microphone (a tone) for voice notes, allowed without asking.
+const browser = await chromium.launch({ executablePath: CHROMIUM,
+  args: ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"] });
 try {
   // Alice allows notifications; Bob has not been asked yet.
-  let alice = watched(await (await browser.newContext({ ...DESKTOP, permissions: ["notifications"] })).newPage());
+  let alice = watched(await (await browser.newContext({ ...DESKTOP, permissions: ["notifications", "microphone"] })).newPage());
   const bob = watched(await (await browser.newContext(DESKTOP)).newPage());
   for (const p of [alice, bob]) p.on("pageerror", (e) => console.error("page error:", e.message));
 
@@ -533,6 +581,49 @@ try {
   await until("the disappearing message to leave the page", async () =>
     (await count(alice, "#messages li.msg", "gone in three seconds")) === 0, 10000);
   await cli("erin", ["disappear", ALICE, "off"]);
+  // Files both ways. Alice attaches a photo and records a voice note (the
+  // fake microphone); Erin's listen saves both, byte for byte. Erin sends a
+  // photo back from the command line and forwards the voice note back;
+  // Alice's page shows the picture and can play the notes. The server
+  // only ever holds their ciphertext.
+  const photo = png(40, 30);
+  await alice.setInputFiles("#file-input", { name: "photo.png", mimeType: "image/png", buffer: photo });
+  await alice.waitForSelector("#messages li.msg.mine .attachment img.full[alt='photo.png']");
+  await alice.click("#record");
+  await alice.waitForSelector("#record[aria-pressed='true']");
+  await new Promise((r) => setTimeout(r, 1500));
+  await alice.click("#record");
+  await alice.waitForSelector("#messages li.msg.mine .attachment audio");
+  await alice.waitForSelector("#messages li.msg.mine[data-ref] .attachment audio");
+  const erinFiles = join(dataDir, "erin-files");
+  const heard = await cliUntil("erin", ["listen", "--files", erinFiles], /📥 saved voice-note\.webm/);
+  assert.match(heard, /📎 photo\.png \([\d.]+ (bytes|kB)\)/);
+  assert.deepEqual(readFileSync(join(erinFiles, "photo.png")), photo, "Erin's copy is Alice's photo");
+  const voice = readFileSync(join(erinFiles, "voice-note.webm"));
+  assert.deepEqual([...voice.subarray(0, 4)], [0x1a, 0x45, 0xdf, 0xa3], "the voice note is a WebM recording");
+  const voiceRef = heard.match(/🎤 voice note \(0:0\d\)\s+\(#(\d+:\d+)\)/)[1];
+  const blobDir = join(dataDir, "media", "blobs", "blobs");
+  assert.equal(readdirSync(blobDir).length, 2);
+  for (const name of readdirSync(blobDir)) {
+    const stored = readFileSync(join(blobDir, name));
+    assert.ok(!stored.includes(photo.subarray(16, 48)) && !stored.includes(voice.subarray(0, 32)), "the server holds ciphertext only");
+  }
+  const menu = png(64, 48);
+  writeFileSync(join(dataDir, "menu.png"), menu);
+  const sentMenu = await cli("erin", ["send", ALICE, "--file", join(dataDir, "menu.png"), "the menu"]);
+  assert.match(sentMenu, /📎 menu\.png \([\d.]+ (bytes|kB)\) sent/);
+  await alice.waitForSelector("#messages li.msg:not(.mine):has-text('the menu') .attachment img.full[alt='menu.png']");
+  assert.equal(await alice.evaluate(() => document.querySelector("img.full[alt='menu.png']").naturalWidth), 64, "the picture decodes");
+  await cli("erin", ["forward", ALICE, voiceRef, ALICE]);
+  await alice.waitForSelector("#messages li.msg:not(.mine):has(.fwd) .attachment audio");
+  const ready = await alice.evaluate(async () => {
+    const a = document.querySelector("#messages li.msg:not(.mine):has(.fwd) .attachment audio");
+    if (a.readyState < 1) await new Promise((r) => { a.addEventListener("loadedmetadata", r, { once: true }); setTimeout(r, 5000); });
+    return a.readyState;
+  });
+  assert.ok(ready >= 1, "the forwarded voice note loads in the player");
+  await shot(alice, "19-attachments");
+  await accessible(alice, "a chat with attachments");
   // Alice names Erin: the chat is called so in the list and the header.
   await alice.click("#name-contact");
   await alice.fill("dialog input[aria-label='Contact name']", "Erin E.");
