@@ -15,7 +15,7 @@
 //! directory (`uploads/ID.part` beside `ID.meta`), fsync'd before every
 //! `Upload-Offset` the server reports. Complete, it moves into the object
 //! store (the `object_store` crate; local files under the data directory by
-//! default) as `blobs/ID`.
+//! default, or an S3-compatible bucket, `[media.s3]`) as `blobs/ID`.
 //!
 //! **References and lifetime.** Who may read a blob, and how long it lives,
 //! is written as empty marker objects `refs/ID/WHO-MS` (`WHO` is `a` and an
@@ -66,6 +66,26 @@ pub struct MediaConfig {
     pub token_ttl_ms: u64,
     /// How often expired blobs and abandoned uploads are collected.
     pub collect_every_ms: u64,
+    /// Keep blobs in an S3-compatible bucket instead of `dir` (a cluster's
+    /// nodes share it; unfinished uploads stay in each node's `dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+}
+
+/// An S3-compatible bucket (the file's `[media.s3]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// The bucket; it must exist.
+    pub bucket: String,
+    /// The service's URL (MinIO, Garage, Ceph…); empty: Amazon S3 itself.
+    pub endpoint: String,
+    /// The bucket's region (`us-east-1` suits most S3-compatible services).
+    pub region: String,
+    /// The access key; empty: from the environment (`AWS_ACCESS_KEY_ID`).
+    pub access_key_id: String,
+    /// Its secret; empty: from the environment (`AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key: String,
 }
 
 impl Default for MediaConfig {
@@ -79,6 +99,7 @@ impl Default for MediaConfig {
             unfinished_upload_ttl_ms: 24 * 3_600_000,
             token_ttl_ms: 3_600_000,
             collect_every_ms: 3_600_000,
+            s3: None,
         }
     }
 }
@@ -228,6 +249,27 @@ impl std::fmt::Debug for Media {
     }
 }
 
+/// The S3 client for `config` (credentials left empty come from the environment).
+fn s3_store(config: &S3Config) -> Result<object_store::aws::AmazonS3, MediaError> {
+    // The S3 client speaks TLS through rustls with ring, the workspace's one
+    // crypto provider (a no-op when another part installed it already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&config.bucket);
+    if !config.region.is_empty() {
+        builder = builder.with_region(&config.region);
+    }
+    if !config.endpoint.is_empty() {
+        builder = builder
+            .with_endpoint(&config.endpoint)
+            .with_allow_http(config.endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false);
+    }
+    if !config.access_key_id.is_empty() {
+        builder = builder.with_access_key_id(&config.access_key_id).with_secret_access_key(&config.secret_access_key);
+    }
+    builder.build().map_err(|e| MediaError::Storage(format!("the [media.s3] settings do not work: {e}")))
+}
+
 fn valid_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -256,8 +298,13 @@ impl Media {
                 ))
             })?;
         }
-        let local = object_store::local::LocalFileSystem::new_with_prefix(&root)?;
-        let local_root = std::fs::canonicalize(&root)?;
+        let (blobs, local_root): (Arc<dyn ObjectStore>, _) = match &config.s3 {
+            Some(s3) => (Arc::new(s3_store(s3)?), None),
+            None => {
+                let local = object_store::local::LocalFileSystem::new_with_prefix(&root)?;
+                (Arc::new(local), Some(std::fs::canonicalize(&root)?))
+            }
+        };
         let mut candidate = vec![0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut candidate);
         let mac_key = store.secret("media-token", candidate).await?;
@@ -265,8 +312,8 @@ impl Media {
         Ok(Media {
             inner: Arc::new(Inner {
                 config,
-                blobs: Arc::new(local),
-                local_root: Some(local_root),
+                blobs,
+                local_root,
                 staging,
                 mac_key,
                 store,

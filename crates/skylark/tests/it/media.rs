@@ -408,3 +408,144 @@ async fn a_group_post_shares_its_file_with_the_members_and_a_removed_device_lose
     assert!(matches!(refused, ClientError::Api { status: 401, .. }), "{refused}");
     assert!(refused.to_string().contains("removed"), "{refused}");
 }
+
+/// A throwaway S3-compatible server: moto's (`moto_server`, from PyPI), on
+/// a free loopback port, with one empty bucket; stopped when dropped.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+const BUCKET: &str = "skylark-test";
+
+impl S3Server {
+    async fn start() -> S3Server {
+        let port = crate::crash::free_port();
+        let child = std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the S3 test needs an S3-compatible server: moto's `moto_server` (pip install 'moto[server]'), \
+                     which could not be started: {e}"
+                )
+            });
+        let server = S3Server { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "moto_server did not start listening on port {port}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (status, _) = server.call("PUT", &format!("/{BUCKET}")).await;
+        assert_eq!(status, 200, "creating the test bucket");
+        server
+    }
+
+    /// One request to the S3 server (moto checks no signatures): status and body.
+    async fn call(&self, method: &str, path: &str) -> (u16, String) {
+        let addr = self.endpoint.trim_start_matches("http://").to_owned();
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        socket.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text)
+    }
+
+    /// The bucket's keys under `prefix`.
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        let (_, body) = self.call("GET", &format!("/{BUCKET}?list-type=2&prefix={prefix}")).await;
+        body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_owned).collect()
+    }
+
+    fn config(&self) -> skylark_server::media::S3Config {
+        skylark_server::media::S3Config {
+            bucket: BUCKET.to_owned(),
+            endpoint: self.endpoint.clone(),
+            region: "us-east-1".to_owned(),
+            access_key_id: "test".to_owned(),
+            secret_access_key: "test".to_owned(),
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_s3_backend_stores_shares_serves_and_collects_blobs() {
+    let s3 = S3Server::start().await;
+    let staging = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.media.dir = staging.path().to_owned();
+    config.media.s3 = Some(s3.config());
+    let mut server = TestServer::start_with(config.clone()).await;
+    let alice_identity = server.register(ALICE).await;
+    let alice = Peer::connect(&server, &alice_identity, Transport::Tcp).await;
+    let bob_identity = server.register(BOB).await;
+    let api = server.api();
+
+    // Half an upload, then a restart: the rest follows on the new server.
+    let plain = random_bytes(9 * 1024 * 1024 + 5);
+    let sealed = seal(&plain);
+    let alice_token = token(&alice).await;
+    let transfer = Transfer::new(&api, &alice_token);
+    let id = transfer.create(sealed.ciphertext.len() as u64).await.unwrap();
+    // Only the first chunk goes now (resuming with a prefix of the bytes).
+    let first = &sealed.ciphertext[..skylark_client::media::CHUNK];
+    transfer.resume(&id, first, &mut |_, _| {}).await.unwrap();
+    assert_eq!(transfer.offset(&id).await.unwrap(), skylark_client::media::CHUNK as u64);
+    assert!(s3.keys("blobs/").await.is_empty(), "nothing reaches the bucket before the upload is whole");
+    drop(alice);
+    let store = server.store.clone();
+    server.shutdown().await;
+    let server = TestServer::start_on(config, store).await;
+    let api = server.api();
+    let alice = Peer::connect(&server, &alice_identity, Transport::Tcp).await;
+    let mut bob = Peer::connect(&server, &bob_identity, Transport::Ws).await;
+    let alice_token = token(&alice).await;
+    Transfer::new(&api, &alice_token).resume(&id, &sealed.ciphertext, &mut |_, _| {}).await.unwrap();
+    assert_eq!(s3.keys("blobs/").await, vec![format!("blobs/{id}")], "the finished blob is in the bucket");
+    assert!(!walk(staging.path()).iter().any(|p| p.to_string_lossy().contains(&id)), "and no longer staged");
+
+    // Shared with Bob, fetched whole and by range, checked and opened.
+    send_file(&alice, To::Phone(BOB), &id, "big file").await.unwrap();
+    bob.received(1, true).await;
+    let bob_token = token(&bob).await;
+    let downloaded = Transfer::new(&api, &bob_token).download(&id, &mut |_, _| {}).await.unwrap();
+    let file = sealed.reference(&id, "big.bin", "application/octet-stream", plain.len() as u64);
+    assert_eq!(open(&file, &downloaded).unwrap(), plain);
+    let (status, _, body) = http(
+        &server,
+        format!(
+            "GET /v1/blobs/{id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bob_token}\r\nRange: bytes=-100\r\n\
+             Connection: close\r\n\r\n"
+        ),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 206);
+    assert_eq!(body, sealed.ciphertext[sealed.ciphertext.len() - 100..]);
+    let carol = Peer::connect(&server, &server.register(CAROL).await, Transport::Tcp).await;
+    let refused = Transfer::new(&api, &token(&carol).await).download(&id, &mut |_, _| {}).await.unwrap_err();
+    assert!(matches!(refused, ClientError::Api { status: 403, .. }), "{refused}");
+
+    // Past its retention, the collector empties the bucket.
+    server.clock.advance_ms(29 * DAY_MS);
+    assert_eq!(server.server.collect_media().await.unwrap().blobs, 0);
+    server.clock.advance_ms(2 * DAY_MS);
+    assert_eq!(server.server.collect_media().await.unwrap().blobs, 1);
+    assert_eq!(s3.keys("").await, Vec::<String>::new(), "blob and markers are gone");
+}
