@@ -37,6 +37,15 @@ enum Command {
     },
     /// Many idle authenticated connections: connect latency, server memory per connection.
     Idle(IdleArgs),
+    /// Print a media token (for the attachments' HTTP endpoints) of account
+    /// INDEX of the manifest, for benchmarks that upload with curl
+    /// (bench/media.sh).
+    MediaToken {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+    },
     /// Open-loop 1:1 traffic between online pairs.
     Chat {
         #[command(flatten)]
@@ -333,6 +342,15 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Idle(args) => idle(args).await,
+        Command::MediaToken { common, index } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if manifest.accounts.len() <= index {
+                bail!("the manifest has no account {index}");
+            }
+            let token = scenarios::media_token(&common.target(), &manifest, index).await.map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Chat { common, pairs, rate, seconds, payload } => {
             let manifest = Manifest::load(&common.manifest)?;
             if manifest.accounts.len() < 2 * pairs {

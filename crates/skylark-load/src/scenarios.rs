@@ -51,6 +51,14 @@ async fn pace(due: Instant) {
     }
 }
 
+/// A media token of account `index` (for uploads and downloads over HTTP).
+pub async fn media_token(target: &Target, manifest: &Manifest, index: usize) -> Result<String, String> {
+    let (session, _events) = open(target, manifest, index).await?;
+    let token = session.handle().media_token().await.map_err(|e| e.to_string());
+    session.close().await;
+    Ok(token?.token)
+}
+
 // ---------------------------------------------------------------- idle
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
