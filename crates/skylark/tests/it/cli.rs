@@ -1261,6 +1261,20 @@ async fn a_file_sent_from_the_command_line_is_saved_by_listen_and_forwarded_with
     let stored = std::fs::read(std::fs::read_dir(&media).unwrap().next().unwrap().unwrap().path()).unwrap();
     assert!(!stored.windows(64).any(|w| w == &bytes[1000..1064]), "the stored blob is not the file");
 
+    // To a group, by its id: every member's listen saves it.
+    let out = cli.run("alice", &["group", "create", "Trip", bob, carol]).await;
+    let group =
+        out.split("Group ").nth(1).and_then(|s| s.split(' ').next()).unwrap_or_else(|| panic!("{out}")).to_owned();
+    let notes = cli.home().join("notes.txt");
+    std::fs::write(&notes, "bring the tent").unwrap();
+    let out = cli.run("alice", &["send", &group, "--file", notes.to_str().unwrap()]).await;
+    assert!(out.contains("📎 notes.txt (14 bytes) sent to group"), "{out}");
+    let listen = cli.listen("carol");
+    let saved = listen.expect("📥 saved notes.txt");
+    drop(listen);
+    let path = saved.last().unwrap().split(" to ").nth(1).unwrap().trim().to_owned();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "bring the tent");
+
     // A file that is not there: said in words, nothing sent.
     let refused = cli.output("alice", &["send", bob, "--file", "/nonexistent/x.jpg"]).await;
     assert!(!refused.status.success());

@@ -7,6 +7,7 @@ use crate::harness::{Peer, TestServer, Transport, test_config};
 use skylark_client::ClientError;
 use skylark_client::media::{FileError, Transfer, open, seal};
 use skylark_client::session::{SendOptions, To};
+use skylark_core::Clock;
 use skylark_protocol::ErrorCode;
 use skylark_protocol::v1::event::Body;
 use std::time::Duration;
@@ -339,12 +340,22 @@ async fn the_collector_removes_expired_and_abandoned_blobs_and_nothing_still_ref
     let abandoned = Transfer::new(&api, &token(&alice).await).create(5_000).await.unwrap();
     let never_sent = upload(random_bytes(1_000), token(&alice).await).await;
 
+    // What crashes leave: a part file whose upload state was never written
+    // (a crash inside the upload's creation), and a reference marker whose
+    // blob never arrived (a crash between the two writes that finish one).
+    let stray_part = dir.path().join("uploads").join("00000000000000000000000000000001.part");
+    std::fs::write(&stray_part, b"half").unwrap();
+    let stray_ref = dir.path().join("blobs").join("refs").join("00000000000000000000000000000002");
+    std::fs::create_dir_all(&stray_ref).unwrap();
+    std::fs::write(stray_ref.join(format!("a1-{}", server.clock.now_ms())), b"").unwrap();
+
     // Twenty days on, Bob forwards `kept` to Carol: it is referenced again.
     server.clock.advance_ms(20 * DAY_MS);
     send_file(&bob, To::Phone(CAROL), &kept, "still useful").await.unwrap();
     let done = server.server.collect_media().await.unwrap();
     assert_eq!(done.blobs, 0, "nothing is past its retention yet");
-    assert_eq!(done.uploads, 1, "the upload abandoned 20 days ago is gone");
+    assert_eq!(done.uploads, 2, "the upload abandoned 20 days ago is gone, and the stray part");
+    assert!(!stray_part.exists());
     assert!(walk(dir.path()).iter().all(|p| !p.to_string_lossy().contains(&abandoned)), "no trace of it remains");
 
     // Thirty-one days after the first messages: `old` and the never-sent
@@ -396,7 +407,6 @@ async fn a_group_post_shares_its_file_with_the_members_and_a_removed_device_lose
     // Bob's device is removed: the token it holds stops working at once.
     let bob_id = bob_identity.device_id;
     let now = server.clock.now_ms();
-    use skylark_core::Clock;
     assert!(
         server
             .store
