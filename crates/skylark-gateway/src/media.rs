@@ -26,6 +26,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
+use skylark_protocol::http;
 use skylark_server::media::{Bearer, ByteRange, MediaError};
 use std::time::Duration;
 
@@ -127,7 +128,14 @@ fn tus_refusal(headers: &HeaderMap) -> Option<Response> {
     Some(tus(response))
 }
 
-async fn options(State(shared): State<Shared>) -> Response {
+/// tus discovery: the version, the extensions, the largest upload.
+#[utoipa::path(options, path = "/v1/uploads", tag = "attachments",
+    responses((status = 204, description = "What this server's tus speaks", headers(
+        ("Tus-Version" = String, description = "1.0.0"),
+        ("Tus-Extension" = String, description = "creation"),
+        ("Tus-Max-Size" = u64, description = "The largest upload, in bytes"),
+    ))))]
+pub(crate) async fn options(State(shared): State<Shared>) -> Response {
     let max = shared.server.media.config().max_upload_bytes;
     let mut response = StatusCode::NO_CONTENT.into_response();
     let headers = response.headers_mut();
@@ -139,7 +147,25 @@ async fn options(State(shared): State<Shared>) -> Response {
     tus(response)
 }
 
-async fn create(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+/// Starts an upload of `Upload-Length` bytes (tus creation).
+#[utoipa::path(post, path = "/v1/uploads", tag = "attachments", security(("media_token" = [])),
+    params(
+        ("Tus-Resumable" = String, Header, description = "1.0.0"),
+        ("Upload-Length" = u64, Header, description = "The upload's size in bytes"),
+    ),
+    responses(
+        (status = 201, description = "Created", headers(
+            ("Location" = String, description = "/v1/uploads/ID"),
+            ("Upload-Offset" = u64, description = "0"),
+        )),
+        (status = 400, description = "`missing_length`", body = http::ApiError),
+        (status = 401, description = "`bad_token`, `device_removed`", body = http::ApiError),
+        (status = 412, description = "`tus_version`: Tus-Resumable is not 1.0.0", body = http::ApiError),
+        (status = 413, description = "`too_large`", body = http::ApiError),
+        (status = 429, description = "`quota_exceeded`, `rate_limited`", body = http::ApiError),
+        (status = 503, description = "`unavailable`", body = http::ApiError),
+    ))]
+pub(crate) async fn create(State(shared): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(refusal) = tus_refusal(&headers) {
         return refusal;
     }
@@ -175,7 +201,23 @@ fn progress(status: StatusCode, offset: u64, length: Option<u64>) -> Response {
     tus(response)
 }
 
-async fn offset(State(shared): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+/// How far an upload got (tus).
+#[utoipa::path(head, path = "/v1/uploads/{id}", tag = "attachments", security(("media_token" = [])),
+    params(
+        ("id" = String, Path, description = "The upload's id"),
+        ("Tus-Resumable" = String, Header, description = "1.0.0"),
+    ),
+    responses(
+        (status = 200, description = "Its progress", headers(
+            ("Upload-Offset" = u64, description = "The bytes the server holds durably"),
+            ("Upload-Length" = u64, description = "The upload's size"),
+        )),
+        (status = 401, description = "`bad_token`, `device_removed`"),
+        (status = 404, description = "`unknown_upload`"),
+        (status = 412, description = "`tus_version`"),
+        (status = 503, description = "`unavailable`"),
+    ))]
+pub(crate) async fn offset(State(shared): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     if let Some(refusal) = tus_refusal(&headers) {
         return refusal;
     }
@@ -190,7 +232,30 @@ async fn offset(State(shared): State<Shared>, Path(id): Path<String>, headers: H
     }
 }
 
-async fn append(State(shared): State<Shared>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> Response {
+/// Appends to an upload at its current offset (tus).
+#[utoipa::path(patch, path = "/v1/uploads/{id}", tag = "attachments", security(("media_token" = [])),
+    params(
+        ("id" = String, Path, description = "The upload's id"),
+        ("Tus-Resumable" = String, Header, description = "1.0.0"),
+        ("Upload-Offset" = u64, Header, description = "The upload's current offset"),
+    ),
+    request_body(content = String, content_type = "application/offset+octet-stream", description = "The next bytes"),
+    responses(
+        (status = 204, description = "Stored durably", headers(("Upload-Offset" = u64, description = "The new offset"))),
+        (status = 400, description = "`past_length`, `missing_offset`", body = http::ApiError),
+        (status = 401, description = "`bad_token`, `device_removed`", body = http::ApiError),
+        (status = 404, description = "`unknown_upload`", body = http::ApiError),
+        (status = 409, description = "`offset_mismatch`, `upload_busy`", body = http::ApiError),
+        (status = 412, description = "`tus_version`", body = http::ApiError),
+        (status = 415, description = "`content_type`", body = http::ApiError),
+        (status = 503, description = "`unavailable`", body = http::ApiError),
+    ))]
+pub(crate) async fn append(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if let Some(refusal) = tus_refusal(&headers) {
         return refusal;
     }
@@ -234,7 +299,23 @@ fn stall_limited(
     })
 }
 
-async fn download(
+/// A blob's bytes (ciphertext), whole or one `Range`.
+#[utoipa::path(get, path = "/v1/blobs/{id}", tag = "attachments", security(("media_token" = [])),
+    params(
+        ("id" = String, Path, description = "The blob's id"),
+        ("Range" = Option<String>, Header, description = "One range: bytes=A-B, bytes=A-, bytes=-N"),
+    ),
+    responses(
+        (status = 200, description = "The whole blob", body = String, content_type = "application/octet-stream"),
+        (status = 206, description = "The range", body = String, content_type = "application/octet-stream",
+            headers(("Content-Range" = String, description = "bytes A-B/SIZE"))),
+        (status = 401, description = "`bad_token`, `device_removed`", body = http::ApiError),
+        (status = 403, description = "`forbidden`: not shared with you", body = http::ApiError),
+        (status = 404, description = "`not_found`", body = http::ApiError),
+        (status = 416, description = "`bad_range`", body = http::ApiError),
+        (status = 503, description = "`unavailable`", body = http::ApiError),
+    ))]
+pub(crate) async fn download(
     State(shared): State<Shared>,
     method: Method,
     Path(id): Path<String>,
