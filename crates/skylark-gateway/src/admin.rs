@@ -28,7 +28,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use skylark_core::{DeviceId, PhoneNumber};
-use skylark_server::sessions::Disconnect;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -192,16 +191,37 @@ impl Admin {
 struct Stats {
     version: &'static str,
     uptime_seconds: u64,
+    /// On this node.
     live_connections: usize,
+    /// On every node of the cluster (absent on a single server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_connections: Option<usize>,
+    /// Cluster nodes that did not answer in time (their connections are not counted).
+    #[serde(skip_serializing_if = "is_zero")]
+    unanswered_nodes: usize,
     ready: bool,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 async fn stats(caller: Caller) -> Response {
     let act = async {
+        let server = &caller.admin.shared.server;
+        let (cluster_connections, unanswered_nodes) = match server.router.cluster() {
+            Some(_) => {
+                let (n, unanswered) = server.live_sessions().await;
+                (Some(n), unanswered)
+            }
+            None => (None, 0),
+        };
         Ok(Stats {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: caller.admin.started.elapsed().as_secs(),
-            live_connections: caller.admin.shared.server.sessions.live_count(),
+            live_connections: server.sessions.live_count(),
+            cluster_connections,
+            unanswered_nodes,
             ready: caller.admin.shared.ready.load(std::sync::atomic::Ordering::SeqCst),
         })
     };
@@ -394,14 +414,17 @@ async fn reports(caller: Caller) -> Response {
 #[derive(Serialize)]
 struct Disconnected {
     device: u64,
-    /// Whether it had a live connection here to end.
+    /// Whether it had a live connection (on any node) to end.
     was_connected: bool,
+    /// Cluster nodes that did not answer in time (it may be connected there).
+    #[serde(skip_serializing_if = "is_zero")]
+    unanswered_nodes: usize,
 }
 
 async fn disconnect(caller: Caller, Path(id): Path<u64>) -> Response {
     let act = async {
-        let was_connected = caller.admin.shared.server.sessions.disconnect(DeviceId(id), Disconnect::Operator);
-        Ok(Disconnected { device: id, was_connected })
+        let (ended, unanswered_nodes) = caller.admin.shared.server.disconnect_devices(&[DeviceId(id)]).await;
+        Ok(Disconnected { device: id, was_connected: ended > 0, unanswered_nodes })
     };
     caller.run("disconnect", &id.to_string(), act).await
 }
@@ -495,8 +518,11 @@ fn phone_body(body: &[u8]) -> (String, Result<PhoneNumber, ApiError>) {
 #[derive(Serialize)]
 struct Banned {
     phone: String,
-    /// Live connections of the account's devices that were ended.
+    /// Live connections of the account's devices that were ended (on any node).
     disconnected: usize,
+    /// Cluster nodes that did not answer in time.
+    #[serde(skip_serializing_if = "is_zero")]
+    unanswered_nodes: usize,
 }
 
 async fn ban(caller: Caller, body: axum::body::Bytes) -> Response {
@@ -505,16 +531,15 @@ async fn ban(caller: Caller, body: axum::body::Bytes) -> Response {
         let phone = phone?;
         let server = &caller.admin.shared.server;
         server.bans.ban(&phone).await.map_err(store_failed)?;
-        // Its devices connected now are ended; connecting again is refused.
-        let mut disconnected = 0;
+        // Its devices connected now (on any node) are ended; connecting
+        // again is refused.
+        let (mut disconnected, mut unanswered_nodes) = (0, 0);
         if let Some(account) = server.store.account_by_phone(&phone).await.map_err(store_failed)? {
-            for device in server.store.active_devices(account.id).await.map_err(store_failed)? {
-                if server.sessions.disconnect(device.id, Disconnect::Operator) {
-                    disconnected += 1;
-                }
-            }
+            let devices: Vec<DeviceId> =
+                server.store.active_devices(account.id).await.map_err(store_failed)?.iter().map(|d| d.id).collect();
+            (disconnected, unanswered_nodes) = server.disconnect_devices(&devices).await;
         }
-        Ok(Banned { phone: phone.to_string(), disconnected })
+        Ok(Banned { phone: phone.to_string(), disconnected, unanswered_nodes })
     };
     caller.run("ban", &target, act).await
 }

@@ -167,6 +167,7 @@ impl Server {
         let cluster = self.router.join_cluster(config).await?;
         cluster.carry_presence(&self.presence).await?;
         cluster.carry_links(&self.devices).await?;
+        cluster.carry_sessions(&self.sessions).await?;
         let presence = Arc::downgrade(&self.presence);
         self.sessions.on_elsewhere(Arc::new(move |account, device| {
             presence.upgrade().is_some_and(|p| p.live_elsewhere(account, device))
@@ -180,6 +181,26 @@ impl Server {
         self.pusher.shutdown().await;
         self.router.shutdown().await;
         self.devices.flush_last_seen().await;
+    }
+
+    /// The operator ends the live sessions of `devices`, on whichever node
+    /// they are connected (they may connect again, unless banned). Returns
+    /// how many ended, and how many cluster nodes did not answer in time.
+    pub async fn disconnect_devices(&self, devices: &[skylark_core::DeviceId]) -> (usize, usize) {
+        use sessions::Disconnect;
+        match self.router.cluster() {
+            Some(cluster) => cluster.disconnect_everywhere(devices).await,
+            None => (devices.iter().filter(|d| self.sessions.disconnect(**d, Disconnect::Operator)).count(), 0),
+        }
+    }
+
+    /// Live device sessions, on every node of a cluster; and how many nodes
+    /// did not answer in time.
+    pub async fn live_sessions(&self) -> (usize, usize) {
+        match self.router.cluster() {
+            Some(cluster) => cluster.live_sessions().await,
+            None => (self.sessions.live_count(), 0),
+        }
     }
 
     /// Deletes attachments past their retention and abandoned uploads.

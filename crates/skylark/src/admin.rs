@@ -113,7 +113,19 @@ struct Stats {
     version: String,
     uptime_seconds: u64,
     live_connections: u64,
+    #[serde(default)]
+    cluster_connections: Option<u64>,
+    #[serde(default)]
+    unanswered_nodes: u64,
     ready: bool,
+}
+
+/// A note on cluster nodes that did not answer, or nothing.
+fn unanswered(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(" ({} did not answer in time)", words::count(n, "cluster node", "cluster nodes")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -135,6 +147,8 @@ struct DeviceView {
 struct Disconnected {
     device: u64,
     was_connected: bool,
+    #[serde(default)]
+    unanswered_nodes: u64,
 }
 
 #[derive(Deserialize)]
@@ -155,8 +169,16 @@ pub async fn run(args: &AdminArgs, command: &AdminCommand) -> Result<()> {
     match command {
         AdminCommand::Stats => {
             let s: Stats = args.call("GET", "/admin/v1/stats", None).await?;
+            let cluster = match s.cluster_connections {
+                Some(n) => format!(
+                    " on this node, {} in the whole cluster{}",
+                    words::count(n, "live connection", "live connections"),
+                    unanswered(s.unanswered_nodes)
+                ),
+                None => String::new(),
+            };
             println!(
-                "Skylark {}, up {}; {}; {}.",
+                "Skylark {}, up {}; {}{cluster}; {}.",
                 s.version,
                 words::wait(s.uptime_seconds.max(1) * 1000),
                 words::count(s.live_connections, "live connection", "live connections"),
@@ -185,16 +207,17 @@ pub async fn run(args: &AdminArgs, command: &AdminCommand) -> Result<()> {
             if d.was_connected {
                 println!("Device {} was disconnected (it may connect again).", d.device);
             } else {
-                println!("Device {} had no live connection on this server.", d.device);
+                println!("Device {} had no live connection{}.", d.device, unanswered(d.unanswered_nodes));
             }
         }
         AdminCommand::Ban { phone } => {
             let b: Value = args.call("POST", "/admin/v1/bans", Some(json!({ "phone": phone }))).await?;
             let n = b["disconnected"].as_u64().unwrap_or(0);
             println!(
-                "{} is banned: refused at sign-up and when its devices connect ({} disconnected now).",
+                "{} is banned: refused at sign-up and when its devices connect ({} disconnected now{}).",
                 b["phone"].as_str().unwrap_or(phone),
-                words::count(n, "device", "devices")
+                words::count(n, "device", "devices"),
+                unanswered(b["unanswered_nodes"].as_u64().unwrap_or(0))
             );
         }
         AdminCommand::DeleteAccount { phone } => {

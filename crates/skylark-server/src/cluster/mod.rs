@@ -28,6 +28,7 @@
 //! request times out and the device resends with the same client id.
 
 mod links;
+mod sessions;
 pub(crate) mod wire;
 
 use crate::actor::{AttachMail, Ctx, DeliverMail, GroupMail, Msg, PostMail, SendMail};
@@ -52,6 +53,10 @@ const PRESENCE_SUBJECT: &str = "skylark.presence";
 /// Approvals of link codes: every node hears them, the one holding the
 /// code answers.
 const LINK_APPROVE_SUBJECT: &str = "skylark.links.approve";
+/// The operator's questions about live sessions, to every node (`sessions`).
+const SESSIONS_SUBJECT: &str = "skylark.sessions";
+/// How long an asker waits for every node's answer about its sessions.
+const SESSIONS_WAIT: Duration = Duration::from_secs(2);
 /// How long an approval waits for the node holding its code.
 const LINK_APPROVE_WAIT: Duration = Duration::from_secs(2);
 

@@ -759,3 +759,45 @@ async fn the_web_client_fails_over_when_its_node_dies() {
         cluster.log_tail()
     );
 }
+
+/// The operator's view spans the cluster: a device connected to node 1 is
+/// counted and disconnected through node 0's admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_counts_and_disconnects_devices_on_any_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 2, sms));
+    let api = Api::new(&format!("http://{}", cluster.addrs[0].0)).unwrap();
+    let identity = register(&api, &["+15550800031"], &mut codes).await.remove(0);
+    let endpoint = cluster.endpoints_from(1, false).remove(0);
+    let (session, mut events) =
+        Session::open(&endpoint, &identity).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.log_tail()));
+    let token = std::fs::read_to_string(dir.path().join("data0").join("admin.token")).unwrap();
+    let admin = Api::new(&format!("http://{}", cluster.admins[0])).unwrap().with_bearer(token.trim());
+
+    let (status, _, stats) = admin.raw("GET", "/admin/v1/stats", None).await.unwrap();
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["live_connections"], 0, "none on node 0 itself: {stats}");
+    assert_eq!(stats["cluster_connections"], 1, "one in the cluster: {stats}");
+
+    let path = format!("/admin/v1/devices/{}/disconnect", identity.device_id);
+    let (status, _, body) = admin.raw("POST", &path, None).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["was_connected"], true, "node 1 ended it: {body}\n{}", cluster.log_tail());
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(Event::Closed { code, reason }) => return (code, reason),
+                Some(Event::Frame(_)) => continue,
+                None => return (None, String::new()),
+            }
+        }
+    })
+    .await
+    .expect("the connection on node 1 was closed");
+    assert_eq!(closed.0, Some(CloseCode::GoingAway));
+    assert!(closed.1.contains("operator"), "{closed:?}");
+    drop(session);
+    let (_, _, body) = admin.raw("POST", &path, None).await.unwrap();
+    assert_eq!(body["was_connected"], false, "nothing left to end: {body}");
+}
