@@ -82,7 +82,28 @@ pub async fn upload(h: &SessionHandle, identity: &Identity, transport: &Transpor
         .await
         .map_err(crate::cli::explain)?;
     bar.finish();
-    Ok(sealed.reference(&id, &name, mime_of(&name), plain.len() as u64))
+    let mime = mime_of(&name);
+    let mut file = sealed.reference(&id, &name, mime, plain.len() as u64);
+    file.thumb = thumbnail(&plain, mime);
+    Ok(file)
+}
+
+/// The longest preview carried in a message (a data: URL), in bytes.
+const THUMB_MAX: usize = 24_000;
+
+/// A small JPEG preview (at most 160 px a side) of a PNG or JPEG picture,
+/// as a `data:` URL; `None` for anything else, or a picture that does not
+/// decode.
+fn thumbnail(bytes: &[u8], mime: &str) -> Option<String> {
+    use base64::Engine;
+    if !matches!(mime, "image/png" | "image/jpeg") {
+        return None;
+    }
+    let small = image::load_from_memory(bytes).ok()?.thumbnail(160, 160).to_rgb8();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 60).encode_image(&small).ok()?;
+    let url = format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg));
+    (url.len() <= THUMB_MAX).then_some(url)
 }
 
 /// Downloads, checks and decrypts `file` into `dir` (under a name not
@@ -161,6 +182,22 @@ pub fn incoming_file(event: &v1::Event, me: u64, open: &dyn Fn(&v1::Event) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_picture_gets_a_small_jpeg_preview_and_other_files_none() {
+        use base64::Engine;
+        let picture = image::RgbImage::from_fn(400, 300, |x, y| image::Rgb([x as u8, y as u8, 128]));
+        let mut png = std::io::Cursor::new(Vec::new());
+        picture.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let url = thumbnail(png.get_ref(), "image/png").expect("a preview");
+        let jpeg = base64::engine::general_purpose::STANDARD
+            .decode(url.strip_prefix("data:image/jpeg;base64,").expect("a JPEG data URL"))
+            .unwrap();
+        let preview = image::load_from_memory(&jpeg).unwrap();
+        assert_eq!((preview.width(), preview.height()), (160, 120));
+        assert_eq!(thumbnail(b"not a picture", "image/png"), None);
+        assert_eq!(thumbnail(png.get_ref(), "application/pdf"), None);
+    }
 
     #[test]
     fn a_senders_file_name_cannot_leave_the_folder() {

@@ -595,15 +595,30 @@ try {
   await alice.click("#record");
   await alice.waitForSelector("#messages li.msg.mine .attachment audio");
   await alice.waitForSelector("#messages li.msg.mine[data-ref] .attachment audio");
+  // A file dropped on the conversation, and one pasted into the composer, go too.
+  await alice.evaluate(() => {
+    const dt = new DataTransfer();
+    dt.items.add(new File(["dropped notes"], "dropped.txt", { type: "text/plain" }));
+    document.querySelector("#conversation").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  });
+  await alice.waitForSelector("#messages li.msg.mine[data-ref] .attachment.file >> text=dropped.txt");
+  await alice.evaluate(() => {
+    const dt = new DataTransfer();
+    dt.items.add(new File(["pasted notes"], "pasted.txt", { type: "text/plain" }));
+    document.querySelector("#text").dispatchEvent(new ClipboardEvent("paste", { clipboardData: dt, bubbles: true, cancelable: true }));
+  });
+  await alice.waitForSelector("#messages li.msg.mine[data-ref] .attachment.file >> text=pasted.txt");
   const erinFiles = join(dataDir, "erin-files");
-  const heard = await cliUntil("erin", ["listen", "--files", erinFiles], /📥 saved voice-note\.webm/);
+  const heard = await cliUntil("erin", ["listen", "--files", erinFiles], /📥 saved pasted\.txt/);
+  assert.equal(readFileSync(join(erinFiles, "dropped.txt"), "utf8"), "dropped notes");
+  assert.equal(readFileSync(join(erinFiles, "pasted.txt"), "utf8"), "pasted notes");
   assert.match(heard, /📎 photo\.png \([\d.]+ (bytes|kB)\)/);
   assert.deepEqual(readFileSync(join(erinFiles, "photo.png")), photo, "Erin's copy is Alice's photo");
   const voice = readFileSync(join(erinFiles, "voice-note.webm"));
   assert.deepEqual([...voice.subarray(0, 4)], [0x1a, 0x45, 0xdf, 0xa3], "the voice note is a WebM recording");
   const voiceRef = heard.match(/🎤 voice note \(0:0\d\)\s+\(#(\d+:\d+)\)/)[1];
   const blobDir = join(dataDir, "media", "blobs", "blobs");
-  assert.equal(readdirSync(blobDir).length, 2);
+  assert.equal(readdirSync(blobDir).length, 4);
   for (const name of readdirSync(blobDir)) {
     const stored = readFileSync(join(blobDir, name));
     assert.ok(!stored.includes(photo.subarray(16, 48)) && !stored.includes(voice.subarray(0, 32)), "the server holds ciphertext only");
