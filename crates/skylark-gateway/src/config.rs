@@ -109,6 +109,8 @@ pub struct Settings {
     pub sms: SmsConfig,
     /// Attachments: where their blobs are kept, sizes, quotas, retention.
     pub media: MediaConfig,
+    /// Spans exported to an OpenTelemetry collector (the `[tracing]` section).
+    pub tracing: TracingSettings,
     /// Cluster mode (docs/CLUSTER.md); absent: one node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<skylark_server::cluster::ClusterConfig>,
@@ -130,6 +132,7 @@ impl Default for Settings {
             push: server.push,
             sms: server.sms,
             media: server.media,
+            tracing: TracingSettings::default(),
             cluster: None,
         }
     }
@@ -165,6 +168,30 @@ impl Settings {
                 admin: crate::admin::AdminConfig::default(),
             },
         )
+    }
+}
+
+/// The file's `[tracing]`: spans (per connection, per message sent, per
+/// forward between actors) exported over OTLP/HTTP to an OpenTelemetry
+/// collector. Off unless an endpoint is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingSettings {
+    /// The collector's OTLP/HTTP address, such as `http://127.0.0.1:4318` (spans go to `/v1/traces`); empty: none are exported.
+    pub otlp_endpoint: String,
+    /// The `service.name` the spans are reported under.
+    pub service_name: String,
+    /// Which spans to export, as a log filter.
+    pub filter: String,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: "skylark".to_owned(),
+            filter: "skylark_gateway=debug,skylark_server=debug".to_owned(),
+        }
     }
 }
 

@@ -103,6 +103,12 @@ pub const METRICS: &[Metric] = &[
         None,
     ),
     (
+        "skylark_otlp_spans_dropped_total",
+        Kind::Counter,
+        "Spans not exported to the OpenTelemetry collector ([tracing] otlp_endpoint): its queue was full, or it did not accept a batch.",
+        None,
+    ),
+    (
         "skylark_media_uploads_total",
         Kind::Counter,
         "Attachment uploads, by stage: started (created) and finished (every byte arrived, the blob stored).",

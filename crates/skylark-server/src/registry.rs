@@ -113,8 +113,10 @@ impl Registry {
         slots.live.insert(account, Slot { mailbox: tx.clone(), generation, handoff: handoff.clone() });
         drop(slots);
         // Debug level, like the connection span: an idle actor is counted in
-        // bytes, and a disabled span costs none.
-        let span = tracing::debug_span!("actor", %account, generation);
+        // bytes, and a disabled span costs none. A root: the actor outlives
+        // whatever request woke it (a child would keep that request's span
+        // open, and unexported, for the actor's whole life).
+        let span = tracing::debug_span!(parent: None, "actor", %account, generation);
         let start = actor::Start { account, generation, self_mailbox: tx.clone(), predecessor, handoff };
         let actor = actor::run(ctx.clone(), start, rx);
         crate::spawn_in(&self.tracker, span, actor);

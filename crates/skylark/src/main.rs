@@ -11,6 +11,7 @@ mod converse;
 mod devices;
 mod files;
 mod groups;
+mod otlp;
 mod serve;
 
 use anyhow::Result;

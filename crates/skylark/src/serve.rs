@@ -349,11 +349,26 @@ async fn open_cluster_store(store: Vec<String>) -> Result<PgStore> {
 
 pub async fn run(args: ServeArgs) -> Result<()> {
     let filter: Targets = args.log.parse().with_context(|| format!("bad log filter {:?}", args.log))?;
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
-    tracing_subscriber::registry().with(layer).with(filter).init();
-
     let config = load_config(&args)?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
+    // Spans to an OpenTelemetry collector, with a filter of their own.
+    let otlp = match config.tracing.otlp_endpoint.as_str() {
+        "" => None,
+        endpoint => {
+            let spans: Targets = config.tracing.filter.parse().with_context(|| {
+                format!("[tracing] filter {:?} is not a filter (like \"skylark_server=debug\")", config.tracing.filter)
+            })?;
+            let layer = crate::otlp::start(endpoint, &config.tracing.service_name, Duration::from_secs(1))
+                .map_err(anyhow::Error::msg)?;
+            Some(layer.with_filter(spans))
+        }
+    };
+    tracing_subscriber::registry().with(log).with(otlp).init();
+    if !config.tracing.otlp_endpoint.is_empty() {
+        tracing::info!(endpoint = %config.tracing.otlp_endpoint, "exporting spans over OTLP/HTTP");
+    }
+
     create_data_dir(&config.data_dir)?;
     let (store, disk_failure) = open_store(&config).await?;
     let sms = sms_provider(&config.sms)?;

@@ -67,9 +67,24 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
             expire_after_ms: send.expire_after_ms,
         },
     };
+    // One span per message, from the request to its durable ack (exported
+    // over OTLP when configured; disabled, and free, otherwise).
+    let span = tracing::debug_span!(
+        "message.send",
+        account = account.0,
+        device = device.0,
+        group = request.group.map_or(0, |g| g.0),
+        bytes = request.payload.len() as u64,
+        seq = tracing::field::Empty,
+        duplicate = tracing::field::Empty,
+    );
     let started = std::time::Instant::now();
-    let queued = caller.shared.server.router.send(account, device, request).await;
-    when_durable(id, queued, move |ack| {
+    let queued =
+        tracing::Instrument::instrument(caller.shared.server.router.send(account, device, request), span.clone()).await;
+    let acked = span.clone();
+    let answer = when_durable(id, queued, move |ack| {
+        acked.record("seq", ack.id.seq);
+        acked.record("duplicate", ack.duplicate);
         metrics::histogram!("skylark_send_ack_seconds").record(started.elapsed().as_secs_f64());
         reply(
             id,
@@ -79,7 +94,11 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
                 duplicate: ack.duplicate,
             }),
         )
-    })
+    });
+    match answer {
+        Answer::Later(durable) => Answer::Later(Box::pin(tracing::Instrument::instrument(durable, span))),
+        now => now,
+    }
 }
 
 pub(super) async fn mark_read(caller: &Caller<'_>, id: u64, mark: v1::MarkRead) -> Answer {

@@ -186,3 +186,78 @@ async fn the_admin_verbs_show_an_account_and_disconnect_a_device_in_words() {
     let (ok, out) = skylark(&["admin", "--admin", "http://127.0.0.1:1", "--token", "x", "stats"]);
     assert!(!ok && out.contains("cannot reach the admin API at http://127.0.0.1:1"), "{out}");
 }
+
+/// `[tracing] otlp_endpoint`: the real server exports a span per message
+/// sent (request to durable ack, with its sequence) and per forward to the
+/// recipient's actor, to an OTLP/HTTP collector (a stand-in here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_of_each_message_reach_an_opentelemetry_collector() {
+    use crate::crash::{ServerProcess, free_port, register, sms_gateway};
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let kept = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                for resource in request["resourceSpans"].as_array().cloned().unwrap_or_default() {
+                    for scope in resource["scopeSpans"].as_array().cloned().unwrap_or_default() {
+                        kept.lock().unwrap().extend(scope["spans"].as_array().cloned().unwrap_or_default());
+                    }
+                }
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, collector).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let (sms, mut codes) = sms_gateway().await;
+    let http = free_port();
+    let config = dir.path().join("skylark.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[listen]\nhttp = \"127.0.0.1:{http}\"\ntcp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [sms]\nprovider = \"http\"\nurl = \"http://{sms}/sms\"\n\
+             [tracing]\notlp_endpoint = \"http://{otlp}\"\nservice_name = \"skylark-it\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let server = ServerProcess::start(&config, &dir.path().join("server.log"));
+    let api = Api::new(&format!("http://127.0.0.1:{http}")).unwrap();
+    let ids = register(&api, &["+15552700001", "+15552700002"], &mut codes).await;
+    let endpoint = skylark_client::Endpoint::websocket_for(api.base(), false);
+    let (alice, _events) = Session::open(&endpoint, &ids[0]).await.unwrap();
+    let ack = alice.handle().send("+15552700002", "otlp-1", b"traced".to_vec()).await.unwrap();
+    let seq = ack.id.unwrap().seq.to_string();
+
+    let spans = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let spans = received.lock().unwrap().clone();
+            let has = |name: &str| spans.iter().any(|s| s["name"] == name);
+            if has("message.send") && has("forward") {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("spans did not arrive: {:?}", received.lock().unwrap()));
+    server.kill();
+    let attribute = |span: &Value, key: &str| {
+        span["attributes"].as_array().unwrap().iter().find(|a| a["key"] == key).map(|a| a["value"].clone())
+    };
+    let send = spans.iter().find(|s| s["name"] == "message.send").unwrap();
+    assert_eq!(attribute(send, "seq"), Some(json!({ "intValue": seq })), "{send}");
+    assert_eq!(attribute(send, "account"), Some(json!({ "intValue": ids[0].account_id.to_string() })), "{send}");
+    assert_eq!(attribute(send, "bytes"), Some(json!({ "intValue": "6" })), "{send}");
+    let forward = spans.iter().find(|s| s["name"] == "forward").unwrap();
+    assert_eq!(attribute(forward, "to"), Some(json!({ "stringValue": ids[1].account_id.to_string() })), "{forward}");
+    // No content in any span.
+    assert!(!serde_json::to_string(&spans).unwrap().contains("traced"), "no payload in the spans");
+}
