@@ -121,7 +121,7 @@ pub async fn send(
         let mut what = String::new();
         let content = match file {
             Some(path) => {
-                let file = crate::files::upload(&c.session.handle(), &identity, transport, path).await?;
+                let file = crate::files::upload(&c.session.handle(), &identity, transport, path, true).await?;
                 what = format!("📎 {} ({}) ", file.name, skylark_client::media::size_words(file.size));
                 options.attachments = vec![file.id.clone()];
                 Content::File { file, text: message.unwrap_or_default().trim().to_owned(), fwd: false }
@@ -478,9 +478,16 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String],
 /// Sends with the same client id (and the same payload: a group post is
 /// encrypted once) until the server acknowledges it, across reconnects (the
 /// server drops the duplicates).
-async fn send_reliably(client: &Client, to: &Peer, id: &str, payload: Vec<u8>, timer: u64) -> Result<v1::SendAck> {
+async fn send_reliably(
+    client: &Client,
+    to: &Peer,
+    id: &str,
+    payload: Vec<u8>,
+    timer: u64,
+    attachments: Vec<String>,
+) -> Result<v1::SendAck> {
     use skylark_client::session::{SendOptions, To};
-    let options = SendOptions { expire_after_ms: timer, ..SendOptions::default() };
+    let options = SendOptions { expire_after_ms: timer, attachments, ..SendOptions::default() };
     for _ in 0..10 {
         let handle: SessionHandle = client.connected().await.map_err(explain)?;
         let to = match to {
@@ -715,7 +722,8 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
             Err(e) => return Err(explain(e)),
         },
     };
-    screen.say(&format!("Chat with {title}. Type a message and press Enter; Ctrl-D leaves."));
+    screen
+        .say(&format!("Chat with {title}. Type a message and press Enter (`/file PATH` sends a file); Ctrl-D leaves."));
     // The conversation so far; entries shown here are not shown again
     // when the live stream delivers them.
     let mut shown_before = std::collections::HashSet::new();
@@ -783,14 +791,39 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         screen.redraw();
                         continue;
                     }
+                    // `/file PATH` sends a file (encrypted, uploaded, then
+                    // named in the message); anything else is text.
+                    let (text, line, attachments) = match line.strip_prefix("/file ") {
+                        Some(path) => {
+                            let handle = client.connected().await.map_err(explain)?;
+                            let path = Path::new(path.trim());
+                            match crate::files::upload(&handle, &identity, transport, path, false).await {
+                                Ok(file) => {
+                                    let shown = format!("📎 {} ({})", file.name, size_words(file.size));
+                                    let attachments = vec![file.id.clone()];
+                                    let content = skylark_client::content::Content::File {
+                                        file,
+                                        text: String::new(),
+                                        fwd: false,
+                                    };
+                                    (content.encode(), shown, attachments)
+                                }
+                                Err(e) => {
+                                    screen.say(&format!("  (nothing was sent: {e:#})"));
+                                    continue;
+                                }
+                            }
+                        }
+                        None => (line.clone(), line, Vec::new()),
+                    };
                     let id = client_id();
                     let (to, payload) = match (&peer, direct) {
                         (&Peer::Group(group), _) | (Peer::Phone(_), Some(group)) => {
-                            (Peer::Group(group), crypto.group_payload(group, &id, &line).map_err(explain)?.0)
+                            (Peer::Group(group), crypto.group_payload(group, &id, &text).map_err(explain)?.0)
                         }
-                        (Peer::Phone(p), None) => (Peer::Phone(p.clone()), line.clone().into_bytes()),
+                        (Peer::Phone(p), None) => (Peer::Phone(p.clone()), text.into_bytes()),
                     };
-                    let ack = send_reliably(&client, &to, &id, payload, timer).await?;
+                    let ack = send_reliably(&client, &to, &id, payload, timer, attachments).await?;
                     let seq = ack.id.unwrap_or_default().seq;
                     let row = screen.say(&format!("  ✓ you: {line}"));
                     mine.insert(seq, (line, "✓", row));

@@ -59,8 +59,15 @@ async fn transfer_api(
     Ok((token, api))
 }
 
-/// Encrypts and uploads the file at `path`; returns what a message carries.
-pub async fn upload(h: &SessionHandle, identity: &Identity, transport: &TransportArgs, path: &Path) -> Result<FileRef> {
+/// Encrypts and uploads the file at `path` (with a progress bar on a
+/// terminal, when `bar`); returns what a message carries.
+pub async fn upload(
+    h: &SessionHandle,
+    identity: &Identity,
+    transport: &TransportArgs,
+    path: &Path,
+    bar: bool,
+) -> Result<FileRef> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a file; give the path of the file to send", path.display());
@@ -76,12 +83,13 @@ pub async fn upload(h: &SessionHandle, identity: &Identity, transport: &Transpor
     }
     let plain = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let sealed = seal(&plain);
-    let mut bar = Bar::new(format!("⬆ {name}"));
+    let mut progress = Bar::new(format!("⬆ {name}"));
+    progress.tty &= bar;
     let id = Transfer::new(&api, &token.token)
-        .upload(&sealed.ciphertext, &mut |done, total| bar.update(done, total))
+        .upload(&sealed.ciphertext, &mut |done, total| progress.update(done, total))
         .await
         .map_err(crate::cli::explain)?;
-    bar.finish();
+    progress.finish();
     let mime = mime_of(&name);
     let mut file = sealed.reference(&id, &name, mime, plain.len() as u64);
     file.thumb = thumbnail(&plain, mime);

@@ -207,6 +207,20 @@ async fn send_listen_and_chat_from_the_command_line() {
     chat.expect("+15550800001: yes!");
     // Bob's chat marked Alice's message read as it showed it.
     alice_peer.receipt(ReceiptKind::Read, 2).await;
+    // `/file PATH` sends a file from the chat; Alice's device fetches and opens it.
+    let notes = home.path().join("chat-notes.txt");
+    std::fs::write(&notes, "from the chat").unwrap();
+    chat.type_line(&format!("/file {}", notes.display()));
+    chat.expect("✓ you: 📎 chat-notes.txt (13 bytes)");
+    let got = alice_peer.received(1, true).await;
+    let content = skylark_client::content::Content::parse(&String::from_utf8_lossy(&got[0].payload));
+    let skylark_client::content::Content::File { file, .. } = content else { panic!("{content:?}") };
+    let token = alice_peer.handle().media_token().await.unwrap().token;
+    let api = server.api();
+    let bytes = skylark_client::media::Transfer::new(&api, &token).download(&file.id, &mut |_, _| {}).await.unwrap();
+    assert_eq!(skylark_client::media::open(&file, &bytes).unwrap(), b"from the chat");
+    chat.type_line("/file /nonexistent/nope.txt");
+    chat.expect("(nothing was sent: cannot read /nonexistent/nope.txt");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
