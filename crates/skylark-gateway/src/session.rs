@@ -348,6 +348,7 @@ async fn take_step<T: Transport>(
     // A message from someone else, accepted while this device was connected:
     // how long it took to reach it is timed once it is written.
     let mut delivered_from = None;
+    let mut message: Option<String> = None;
     let frame = match step {
         Step::Reply(reply) => reply,
         // An event that cannot be named (the store failed looking up a
@@ -358,7 +359,9 @@ async fn take_step<T: Transport>(
             Err(e) => return Err(Some(storage_trouble(&e))),
         },
         Step::Event(event) => {
-            delivered_from = accepted_at(authed.account.id, &event).filter(|&at| at >= attached_ms);
+            let accepted = accepted_at(authed.account.id, &event);
+            delivered_from = accepted.as_ref().map(|(at, _)| *at).filter(|&at| at >= attached_ms);
+            message = accepted.map(|(_, id)| id);
             match crate::convert::event_frame(&shared.server.router, event).await {
                 Ok(frame) => frame,
                 Err(e) => return Err(Some(storage_trouble(&e))),
@@ -374,7 +377,16 @@ async fn take_step<T: Transport>(
         Step::Inbound(Inbound::Closed) => return Err(None),
         Step::Inbound(bad) => return Err(Some(refuse_bad_input(t, &bad).await)),
     };
-    match t.send(frame).await {
+    // A message from another account: one span per delivery to a device
+    // (exported over OTLP when configured), named by the message's id as
+    // its `message.send` span is.
+    let span = match &message {
+        Some(id) => {
+            tracing::debug_span!("message.deliver", message = %id, account = authed.account.id.0, device = authed.device.id.0)
+        }
+        None => tracing::Span::none(),
+    };
+    match tracing::Instrument::instrument(t.send(frame), span).await {
         Ok(()) => {
             if let Some(at) = delivered_from {
                 let ms = shared.server.clock.now_ms().saturating_sub(at);
@@ -388,14 +400,18 @@ async fn take_step<T: Transport>(
 
 /// When a message or group post by another account was accepted, if the
 /// event is one.
-fn accepted_at(me: skylark_core::AccountId, event: &DeviceEvent) -> Option<u64> {
+/// When a message or group post by another account was accepted, and its
+/// id (`SENDER:SEQ`; a post's is the group's), if the event is one.
+fn accepted_at(me: skylark_core::AccountId, event: &DeviceEvent) -> Option<(u64, String)> {
     let DeviceEvent::Entry { entry, .. } = event else { return None };
     match entry.as_ref() {
-        skylark_core::message::LogEntry::Message(m) if m.id.sender != me => Some(m.sent_at_ms),
+        skylark_core::message::LogEntry::Message(m) if m.id.sender != me => {
+            Some((m.sent_at_ms, format!("{}:{}", m.id.sender.0, m.id.seq)))
+        }
         skylark_core::message::LogEntry::Group(e)
             if e.by != me && matches!(e.body, skylark_core::group::GroupBody::Message { .. }) =>
         {
-            Some(e.at_ms)
+            Some((e.at_ms, format!("{}:{}", e.group.0, e.seq)))
         }
         _ => None,
     }

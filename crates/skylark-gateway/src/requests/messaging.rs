@@ -75,6 +75,7 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
         device = device.0,
         group = request.group.map_or(0, |g| g.0),
         bytes = request.payload.len() as u64,
+        message = tracing::field::Empty,
         seq = tracing::field::Empty,
         duplicate = tracing::field::Empty,
     );
@@ -83,6 +84,7 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
         tracing::Instrument::instrument(caller.shared.server.router.send(account, device, request), span.clone()).await;
     let acked = span.clone();
     let answer = when_durable(id, queued, move |ack| {
+        acked.record("message", tracing::field::display(format_args!("{}:{}", ack.id.sender.0, ack.id.seq)));
         acked.record("seq", ack.id.seq);
         acked.record("duplicate", ack.duplicate);
         metrics::histogram!("skylark_send_ack_seconds").record(started.elapsed().as_secs_f64());

@@ -188,8 +188,9 @@ async fn the_admin_verbs_show_an_account_and_disconnect_a_device_in_words() {
 }
 
 /// `[tracing] otlp_endpoint`: the real server exports a span per message
-/// sent (request to durable ack, with its sequence) and per forward to the
-/// recipient's actor, to an OTLP/HTTP collector (a stand-in here).
+/// sent (request to durable ack, with its id), per forward to the
+/// recipient's actor and per delivery to a device (with the same id), to an
+/// OTLP/HTTP collector (a stand-in here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_of_each_message_reach_an_opentelemetry_collector() {
     use crate::crash::{ServerProcess, free_port, register, sms_gateway};
@@ -235,12 +236,14 @@ async fn spans_of_each_message_reach_an_opentelemetry_collector() {
     let (alice, _events) = Session::open(&endpoint, &ids[0]).await.unwrap();
     let ack = alice.handle().send("+15552700002", "otlp-1", b"traced".to_vec()).await.unwrap();
     let seq = ack.id.unwrap().seq.to_string();
+    // Bob's device connects and is handed the message.
+    let (_bob, _bob_events) = Session::open(&endpoint, &ids[1]).await.unwrap();
 
     let spans = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             let spans = received.lock().unwrap().clone();
             let has = |name: &str| spans.iter().any(|s| s["name"] == name);
-            if has("message.send") && has("forward") {
+            if has("message.send") && has("forward") && has("message.deliver") {
                 return spans;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -258,6 +261,12 @@ async fn spans_of_each_message_reach_an_opentelemetry_collector() {
     assert_eq!(attribute(send, "bytes"), Some(json!({ "intValue": "6" })), "{send}");
     let forward = spans.iter().find(|s| s["name"] == "forward").unwrap();
     assert_eq!(attribute(forward, "to"), Some(json!({ "stringValue": ids[1].account_id.to_string() })), "{forward}");
+    // The message's id names it at every hop: accepted, then delivered.
+    let id = format!("{}:{seq}", ids[0].account_id);
+    assert_eq!(attribute(send, "message"), Some(json!({ "stringValue": id })), "{send}");
+    let deliver = spans.iter().find(|s| s["name"] == "message.deliver").unwrap();
+    assert_eq!(attribute(deliver, "message"), Some(json!({ "stringValue": id })), "{deliver}");
+    assert_eq!(attribute(deliver, "account"), Some(json!({ "intValue": ids[1].account_id.to_string() })), "{deliver}");
     // No content in any span.
     assert!(!serde_json::to_string(&spans).unwrap().contains("traced"), "no payload in the spans");
 }
