@@ -24,7 +24,8 @@
 //! names the blob (`SendMessage.attachments`) adds one for the recipient or
 //! the group, and forwarding it again adds another. Every marker is a new,
 //! independent object, so concurrent sends never race. A blob lives until
-//! `retention_ms` after its newest reference; [`Media::collect`] deletes
+//! `retention_ms` after its newest reference (the collector keeps only the
+//! newest marker of each reader); [`Media::collect`] deletes
 //! what is past that (the blob first, then its markers, so a crash between
 //! the two leaves markers the next pass removes), unfinished uploads older
 //! than `unfinished_upload_ttl_ms`, and any blob that has no marker at all.
@@ -704,16 +705,38 @@ impl Media {
         }
         // Blobs past retention, then their markers.
         let mut newest: HashMap<String, u64> = HashMap::new();
-        let mut markers: HashMap<String, Vec<Key>> = HashMap::new();
+        // The newest marker of each reader of each blob; older ones of the
+        // same reader say nothing more (a blob forwarded often in one chat
+        // would otherwise gather a marker per message) and are removed.
+        let mut latest: HashMap<(String, String), (u64, Key)> = HashMap::new();
+        let mut superseded = Vec::new();
         let mut refs = self.inner.blobs.list(Some(&Key::from("refs")));
         while let Some(meta) = refs.next().await {
             let meta = meta?;
             let parts: Vec<_> = meta.location.parts().map(|p| p.as_ref().to_owned()).collect();
             let [_, id, name] = parts.as_slice() else { continue };
-            let Some((_, at)) = parse_ref(name) else { continue };
+            let Some((who, at)) = parse_ref(name) else { continue };
             let at_max = newest.entry(id.clone()).or_insert(0);
             *at_max = (*at_max).max(at);
-            markers.entry(id.clone()).or_default().push(meta.location);
+            match latest.entry((id.clone(), who)) {
+                std::collections::hash_map::Entry::Occupied(mut kept) => {
+                    if kept.get().0 >= at {
+                        superseded.push(meta.location);
+                    } else {
+                        superseded.push(std::mem::replace(kept.get_mut(), (at, meta.location)).1);
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert((at, meta.location));
+                }
+            }
+        }
+        for key in &superseded {
+            self.inner.blobs.delete(key).await?;
+        }
+        let mut markers: HashMap<String, Vec<Key>> = HashMap::new();
+        for ((id, _), (_, key)) in latest {
+            markers.entry(id).or_default().push(key);
         }
         let mut blobs = self.inner.blobs.list(Some(&Key::from("blobs")));
         let mut present = HashSet::new();

@@ -356,6 +356,10 @@ async fn the_collector_removes_expired_and_abandoned_blobs_and_nothing_still_ref
     assert_eq!(done.blobs, 0, "nothing is past its retention yet");
     assert_eq!(done.uploads, 2, "the upload abandoned 20 days ago is gone, and the stray part");
     assert!(!stray_part.exists());
+    // `kept` has been shared with Bob twice (sent to him, then by him): one
+    // marker per reader is left — Alice, Bob and Carol.
+    let markers = std::fs::read_dir(dir.path().join("blobs").join("refs").join(&kept)).unwrap().count();
+    assert_eq!(markers, 3, "older markers of the same reader are collected");
     assert!(walk(dir.path()).iter().all(|p| !p.to_string_lossy().contains(&abandoned)), "no trace of it remains");
 
     // Thirty-one days after the first messages: `old` and the never-sent
