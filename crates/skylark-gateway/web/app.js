@@ -587,6 +587,11 @@ async function signedOut(why) {
   state.outbox = [];
   state.open = null;
   state.log = { hi: null, lo: null };
+  // Decrypted files of this account leave with it.
+  for (const f of files.values()) if (f.url) URL.revokeObjectURL(f.url);
+  files.clear();
+  players.clear();
+  mediaToken = null;
   $("app").classList.remove("chat-open");
   renderAll();
   showWelcome();
@@ -1062,12 +1067,14 @@ async function httpError(r) {
 }
 
 let mediaToken = null;
-/// A token for the attachments' HTTP endpoints, asked for over the connection.
+/// A token for the attachments' HTTP endpoints, asked for over the
+/// connection (again for each connection: it names this device).
 async function mediaAuth() {
-  if (!state.session) throw new Error("You are offline; try again once connected.");
-  if (!mediaToken || mediaToken.expiresAt - 60000 < Date.now()) {
-    const r = (await state.session.request({ getMediaToken: {} })).mediaToken;
-    mediaToken = { token: r.token, expiresAt: Number(r.expiresAtMs), max: Number(r.maxUploadBytes) };
+  const session = state.session;
+  if (!session) throw new Error("You are offline; try again once connected.");
+  if (!mediaToken || mediaToken.session !== session || mediaToken.expiresAt - 60000 < Date.now()) {
+    const r = (await session.request({ getMediaToken: {} })).mediaToken;
+    mediaToken = { session, token: r.token, expiresAt: Number(r.expiresAtMs), max: Number(r.maxUploadBytes) };
   }
   return mediaToken;
 }
