@@ -113,6 +113,15 @@ async fn bearer(shared: &Shared, headers: &HeaderMap) -> Result<Bearer, MediaErr
     shared.server.media.bearer(token).await
 }
 
+/// A tus request's bearer, or the answer refusing it: the wrong tus
+/// version (412), or no valid media token (401).
+async fn tus_bearer(shared: &Shared, headers: &HeaderMap) -> Result<Bearer, Box<Response>> {
+    if let Some(refusal) = tus_refusal(headers) {
+        return Err(Box::new(refusal));
+    }
+    bearer(shared, headers).await.map_err(|e| Box::new(media_error(e)))
+}
+
 /// tus requests name the version they speak: the refusal when they do not.
 fn tus_refusal(headers: &HeaderMap) -> Option<Response> {
     if headers.get("tus-resumable").and_then(|v| v.to_str().ok()) == Some(TUS_VERSION) {
@@ -166,12 +175,9 @@ pub(crate) async fn options(State(shared): State<Shared>) -> Response {
         (status = 503, description = "`unavailable`", body = http::ApiError),
     ))]
 pub(crate) async fn create(State(shared): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = tus_refusal(&headers) {
-        return refusal;
-    }
-    let who = match bearer(&shared, &headers).await {
+    let who = match tus_bearer(&shared, &headers).await {
         Ok(who) => who,
-        Err(e) => return media_error(e),
+        Err(refusal) => return *refusal,
     };
     let Some(length) = header_u64(&headers, "upload-length") else {
         return media_error(MediaError::MissingLength);
@@ -218,12 +224,9 @@ fn progress(status: StatusCode, offset: u64, length: Option<u64>) -> Response {
         (status = 503, description = "`unavailable`"),
     ))]
 pub(crate) async fn offset(State(shared): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = tus_refusal(&headers) {
-        return refusal;
-    }
-    let who = match bearer(&shared, &headers).await {
+    let who = match tus_bearer(&shared, &headers).await {
         Ok(who) => who,
-        Err(e) => return media_error(e),
+        Err(refusal) => return *refusal,
     };
     match shared.server.media.offset(&who, &id).await {
         Ok((offset, length)) => progress(StatusCode::OK, offset, Some(length)),
@@ -256,12 +259,9 @@ pub(crate) async fn append(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Some(refusal) = tus_refusal(&headers) {
-        return refusal;
-    }
-    let who = match bearer(&shared, &headers).await {
+    let who = match tus_bearer(&shared, &headers).await {
         Ok(who) => who,
-        Err(e) => return media_error(e),
+        Err(refusal) => return *refusal,
     };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     if content_type != Some("application/offset+octet-stream") {

@@ -348,7 +348,7 @@ async fn take_step<T: Transport>(
     // A message from someone else, accepted while this device was connected:
     // how long it took to reach it is timed once it is written.
     let mut delivered_from = None;
-    let mut message: Option<String> = None;
+    let mut message: Option<(u64, u64)> = None;
     let frame = match step {
         Step::Reply(reply) => reply,
         // An event that cannot be named (the store failed looking up a
@@ -360,7 +360,7 @@ async fn take_step<T: Transport>(
         },
         Step::Event(event) => {
             let accepted = accepted_at(authed.account.id, &event);
-            delivered_from = accepted.as_ref().map(|(at, _)| *at).filter(|&at| at >= attached_ms);
+            delivered_from = accepted.map(|(at, _)| at).filter(|&at| at >= attached_ms);
             message = accepted.map(|(_, id)| id);
             match crate::convert::event_frame(&shared.server.router, event).await {
                 Ok(frame) => frame,
@@ -380,10 +380,14 @@ async fn take_step<T: Transport>(
     // A message from another account: one span per delivery to a device
     // (exported over OTLP when configured), named by the message's id as
     // its `message.send` span is.
-    let span = match &message {
-        Some(id) => {
-            tracing::debug_span!("message.deliver", message = %id, account = authed.account.id.0, device = authed.device.id.0)
-        }
+    // (The id is formatted only when the span is enabled.)
+    let span = match message {
+        Some((sender, seq)) => tracing::debug_span!(
+            "message.deliver",
+            message = %format_args!("{sender}:{seq}"),
+            account = authed.account.id.0,
+            device = authed.device.id.0
+        ),
         None => tracing::Span::none(),
     };
     match tracing::Instrument::instrument(t.send(frame), span).await {
@@ -401,17 +405,17 @@ async fn take_step<T: Transport>(
 /// When a message or group post by another account was accepted, if the
 /// event is one.
 /// When a message or group post by another account was accepted, and its
-/// id (`SENDER:SEQ`; a post's is the group's), if the event is one.
-fn accepted_at(me: skylark_core::AccountId, event: &DeviceEvent) -> Option<(u64, String)> {
+/// id (sender and sequence; a post's are the group's), if the event is one.
+fn accepted_at(me: skylark_core::AccountId, event: &DeviceEvent) -> Option<(u64, (u64, u64))> {
     let DeviceEvent::Entry { entry, .. } = event else { return None };
     match entry.as_ref() {
         skylark_core::message::LogEntry::Message(m) if m.id.sender != me => {
-            Some((m.sent_at_ms, format!("{}:{}", m.id.sender.0, m.id.seq)))
+            Some((m.sent_at_ms, (m.id.sender.0, m.id.seq)))
         }
         skylark_core::message::LogEntry::Group(e)
             if e.by != me && matches!(e.body, skylark_core::group::GroupBody::Message { .. }) =>
         {
-            Some((e.at_ms, format!("{}:{}", e.group.0, e.seq)))
+            Some((e.at_ms, (e.group.0, e.seq)))
         }
         _ => None,
     }

@@ -333,10 +333,15 @@ impl Media {
         &self.inner.config
     }
 
-    fn mac(&self, body: &[u8]) -> [u8; 16] {
+    /// The token MAC over `body`.
+    fn hmac(&self, body: &[u8]) -> Hmac<Sha256> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.inner.mac_key).expect("HMAC takes any key length");
         mac.update(body);
-        let full = mac.finalize().into_bytes();
+        mac
+    }
+
+    fn mac(&self, body: &[u8]) -> [u8; 16] {
+        let full = self.hmac(body).finalize().into_bytes();
         let mut out = [0u8; 16];
         out.copy_from_slice(&full[..16]);
         out
@@ -365,9 +370,7 @@ impl Media {
             return Err(MediaError::BadToken);
         }
         let (body, tag) = raw.split_at(TOKEN_BYTES - 16);
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.inner.mac_key).expect("HMAC takes any key length");
-        mac.update(body);
-        mac.verify_truncated_left(tag).map_err(|_| MediaError::BadToken)?;
+        self.hmac(body).verify_truncated_left(tag).map_err(|_| MediaError::BadToken)?;
         let word = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().unwrap_or_default());
         let (account, device, expires) = (AccountId(word(1)), DeviceId(word(9)), word(17));
         if expires < self.inner.clock.now_ms() {
@@ -531,13 +534,15 @@ impl Media {
             None => {
                 let mut upload = self.inner.blobs.put_multipart(&Key::from(format!("blobs/{id}"))).await?;
                 let mut file = tokio::fs::File::open(&part).await?;
-                let mut chunk = vec![0u8; 8 << 20];
                 loop {
+                    // Each part's buffer is handed over, not copied.
+                    let mut chunk = vec![0u8; 8 << 20];
                     let n = read_full(&mut file, &mut chunk).await?;
                     if n == 0 {
                         break;
                     }
-                    upload.put_part(PutPayload::from(Bytes::copy_from_slice(&chunk[..n]))).await?;
+                    chunk.truncate(n);
+                    upload.put_part(PutPayload::from(chunk)).await?;
                 }
                 upload.complete().await?;
                 tokio::fs::remove_file(&part).await?;
