@@ -153,6 +153,12 @@ pub const METRICS: &[Metric] = &[
         None,
     ),
     (
+        "skylark_store_fsync_seconds",
+        Kind::Histogram,
+        "Time of one fsync of the embedded store's file, part of each commit (not kept with PostgreSQL, whose commit waits for its own WAL flush).",
+        None,
+    ),
+    (
         "skylark_send_ack_seconds",
         Kind::Histogram,
         "From a send reaching the server to its acknowledgement, which waits for the durable write.",

@@ -36,7 +36,7 @@ use crate::registry::Registry;
 use crate::small_map::SmallMap;
 use machine::{Answer, Facts, FeedPlan, Input, Loaded, Machine, Needs, Outcome};
 use rand::Rng;
-use skylark_core::message::{DeviceChange, LogEntry};
+use skylark_core::message::{DeviceChange, Forward, LogEntry};
 use skylark_core::{AccountId, Clock, DeviceId};
 use skylark_store::{AccountWrite, Store, StoreError};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -552,9 +552,15 @@ async fn forward(ctx: Ctx, from: AccountId, to: AccountId, items: Batch, origin:
     let mut attempt = 0u32;
     // Counted among the forwards being retried from its first failure on.
     let mut retry_guard = None;
+    // One span per message forwarded, in the message's trace, open until
+    // the destination has it stored (only when the forward's span is on).
+    let hops = message_spans(from, to, &items);
     loop {
         match tokio::time::timeout(timeout, ctx.deliver(to, from, items.clone())).await {
             Ok(Ok(up_to)) => {
+                for hop in &hops {
+                    hop.record("attempts", attempt + 1);
+                }
                 if let Some(origin) = origin.upgrade() {
                     let _ = origin.send(Msg::Forwarded { to, up_to }).await;
                 }
@@ -575,6 +581,33 @@ async fn forward(ctx: Ctx, from: AccountId, to: AccountId, items: Batch, origin:
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// A `message.forward` span for each message or group post of a forward
+/// batch, named by the message's id, when the current span (the batch's
+/// `forward`) is enabled; none otherwise, at no cost.
+fn message_spans(from: AccountId, to: AccountId, items: &Batch) -> Vec<tracing::Span> {
+    if tracing::Span::current().is_disabled() {
+        return Vec::new();
+    }
+    let id = |forward: &Forward| match forward {
+        Forward::Message(m) => Some((m.id.sender, m.id.seq)),
+        Forward::Group(e) if matches!(e.body, skylark_core::group::GroupBody::Message { .. }) => Some((e.group, e.seq)),
+        _ => None,
+    };
+    items
+        .iter()
+        .filter_map(|(_, forward)| id(forward))
+        .map(|(sender, seq)| {
+            tracing::debug_span!(
+                "message.forward",
+                message = %format_args!("{sender}:{seq}"),
+                %from,
+                %to,
+                attempts = tracing::field::Empty,
+            )
+        })
+        .collect()
 }
 
 impl Shell {

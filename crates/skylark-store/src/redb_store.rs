@@ -139,7 +139,10 @@ impl std::fmt::Debug for RedbStore {
 fn open_file(path: &Path) -> Result<Database, String> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| Database::create(path));
+    let opened = std::panic::catch_unwind(|| {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        Database::builder().create_with_backend(TimedSync(redb::backends::FileBackend::new(file)?))
+    });
     std::panic::set_hook(hook);
     match opened {
         Ok(Ok(db)) => Ok(db),
@@ -149,6 +152,37 @@ fn open_file(path: &Path) -> Result<Database, String> {
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "the storage engine gave up reading it".into())),
+    }
+}
+
+/// The store's file, with each fsync timed (`skylark_store_fsync_seconds`):
+/// a commit's time is its transaction and its fsync, and an operator
+/// needs to tell a slow disk from a busy engine.
+#[derive(Debug)]
+struct TimedSync(redb::backends::FileBackend);
+
+impl redb::StorageBackend for TimedSync {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
+        self.0.read(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
+        let started = std::time::Instant::now();
+        let synced = self.0.sync_data(eventual);
+        metrics::histogram!("skylark_store_fsync_seconds").record(started.elapsed().as_secs_f64());
+        synced
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.0.write(offset, data)
     }
 }
 

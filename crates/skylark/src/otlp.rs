@@ -10,6 +10,19 @@
 //! dropped and counted (`skylark_otlp_spans_dropped_total`), never waited
 //! for. With no endpoint the layer is not installed, and the debug-level
 //! spans it would export cost nothing.
+//!
+//! **One trace per message, across actors and nodes.** A span with a
+//! `message` field (the message's id, `SENDER:SEQ`) belongs to that
+//! message's trace, whatever task or node it runs on: its trace id is
+//! derived from the id (the first 16 bytes of SHA-256 of `trace:ID`), and
+//! so is the span id of the message's root, the span named
+//! `message.send` (`send:ID`). Every other span of the message
+//! (`message.forward` in the sender's actor, `message.deliver` for each
+//! device, on whichever node holds it) is made a child of that root, and
+//! keeps a link to the span it ran inside (its connection or its
+//! forward) so nothing is lost. Nothing travels on the wire for it: the
+//! id every hop already knows is the context. A `message.send` span learns
+//! its id only at the ack, so its trace is settled when it closes.
 
 use serde_json::{Value, json};
 use skylark_server::http_client;
@@ -33,6 +46,8 @@ struct Finished {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     parent: Option<[u8; 8]>,
+    /// A span of another trace this one ran inside (trace, span).
+    link: Option<([u8; 16], [u8; 8])>,
     name: &'static str,
     target: &'static str,
     start_ns: u64,
@@ -44,13 +59,51 @@ struct Finished {
 struct Open {
     trace_id: [u8; 16],
     span_id: [u8; 8],
-    parent: Option<[u8; 8]>,
+    /// The span it was opened inside: its trace and span ids.
+    parent: Option<([u8; 16], [u8; 8])>,
     start_ns: u64,
     fields: Vec<(&'static str, Value)>,
 }
 
 fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The name of a message's root span.
+const MESSAGE_ROOT: &str = "message.send";
+
+/// The first `N` bytes of SHA-256 of `what:message`.
+fn derived<const N: usize>(what: &str, message: &str) -> [u8; N] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new().chain_update(what).chain_update(b":").chain_update(message).finalize();
+    let mut out = [0u8; N];
+    out.copy_from_slice(&digest[..N]);
+    out
+}
+
+/// The message a span belongs to: its `message` field, when it has one.
+fn message_of<'a>(fields: &'a [(&'static str, Value)]) -> Option<&'a str> {
+    fields.iter().find(|(k, _)| *k == "message").and_then(|(_, v)| v["stringValue"].as_str())
+}
+
+/// Where a span sits: its trace id, span id, parent span id, and a span of
+/// another trace it links to (trace and span ids).
+type Placed = ([u8; 16], [u8; 8], Option<[u8; 8]>, Option<([u8; 16], [u8; 8])>);
+
+/// A span of message `message` named `name`, once in the message's trace:
+/// its trace id, span id, parent, and the span of another trace it ran
+/// inside (its link).
+fn in_message_trace(message: &str, name: &str, open: &Open) -> Placed {
+    let trace = derived::<16>("trace", message);
+    let root = derived::<8>("send", message);
+    match open.parent {
+        // Opened inside another span of the same message: keep that parent.
+        Some((parent_trace, parent)) if parent_trace == trace && name != MESSAGE_ROOT => {
+            (trace, open.span_id, Some(parent), None)
+        }
+        inside if name == MESSAGE_ROOT => (trace, root, None, inside),
+        inside => (trace, open.span_id, Some(root), inside),
+    }
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -107,13 +160,13 @@ where
         let parent = span.parent().and_then(|p| p.extensions().get::<Open>().map(|o| (o.trace_id, o.span_id)));
         let mut fields = Vec::new();
         attrs.record(&mut Fields(&mut fields));
-        span.extensions_mut().insert(Open {
-            trace_id: parent.map_or_else(random, |(trace, _)| trace),
-            span_id: random(),
-            parent: parent.map(|(_, id)| id),
-            start_ns: now_ns(),
-            fields,
-        });
+        // A span that knows its message at the start is in that message's
+        // trace from the start, so spans inside it are too.
+        let trace_id = match message_of(&fields) {
+            Some(message) => derived("trace", message),
+            None => parent.map_or_else(random, |(trace, _)| trace),
+        };
+        span.extensions_mut().insert(Open { trace_id, span_id: random(), parent, start_ns: now_ns(), fields });
     }
 
     fn on_record(&self, id: &span::Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -127,11 +180,17 @@ where
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
         let Some(open) = span.extensions_mut().remove::<Open>() else { return };
+        let name = span.metadata().name();
+        let (trace_id, span_id, parent, link) = match message_of(&open.fields) {
+            Some(message) => in_message_trace(message, name, &open),
+            None => (open.trace_id, open.span_id, open.parent.map(|(_, id)| id), None),
+        };
         let finished = Finished {
-            trace_id: open.trace_id,
-            span_id: open.span_id,
-            parent: open.parent,
-            name: span.metadata().name(),
+            trace_id,
+            span_id,
+            parent,
+            link,
+            name,
             target: span.metadata().target(),
             start_ns: open.start_ns,
             end_ns: now_ns(),
@@ -165,6 +224,9 @@ fn encode(service: &str, spans: &[Finished]) -> Value {
             });
             if let Some(parent) = s.parent {
                 span["parentSpanId"] = json!(hex(&parent));
+            }
+            if let Some((trace, inside)) = s.link {
+                span["links"] = json!([{ "traceId": hex(&trace), "spanId": hex(&inside) }]);
             }
             span
         })
@@ -218,6 +280,83 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
+
+    /// Runs `body` under a subscriber with the layer, and returns the
+    /// spans posted to a collector once there are `count` of them.
+    async fn collect(count: usize, body: impl FnOnce()) -> Vec<Value> {
+        let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let kept = received.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    let request = serde_json::from_slice::<Value>(&body).unwrap();
+                    let spans = request["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().cloned();
+                    kept.lock().unwrap().extend(spans.unwrap_or_default());
+                    "{}"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let layer = start(&endpoint, "skylark-test", Duration::from_millis(50)).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, body);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if received.lock().unwrap().len() >= count {
+                    return received.lock().unwrap().clone();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the spans were posted")
+    }
+
+    #[tokio::test]
+    async fn every_span_of_a_message_joins_the_trace_named_by_its_id_wherever_it_ran() {
+        let spans = collect(6, || {
+            // The sender's connection: the message learns its id at the ack.
+            let sender = tracing::debug_span!("connection", device = 1u64);
+            sender.in_scope(|| {
+                let send = tracing::debug_span!("message.send", message = tracing::field::Empty);
+                send.record("message", "12:7");
+            });
+            // The sender's actor forwards it (another task, or node).
+            tracing::debug_span!("forward", to = 34u64).in_scope(|| {
+                drop(tracing::debug_span!("message.forward", message = "12:7"));
+            });
+            // The recipient's connection delivers it (another node, say).
+            let recipient = tracing::debug_span!("connection", device = 2u64);
+            recipient.in_scope(|| {
+                drop(tracing::debug_span!("message.deliver", message = %format_args!("{}:{}", 12, 7)));
+            });
+        })
+        .await;
+        let named = |name: &str| spans.iter().filter(|s| s["name"] == name).cloned().collect::<Vec<_>>();
+        let (send, forward, deliver) =
+            (&named("message.send")[0], &named("message.forward")[0], &named("message.deliver")[0]);
+        let trace = hex(&derived::<16>("trace", "12:7"));
+        for span in [send, forward, deliver] {
+            assert_eq!(span["traceId"], json!(trace), "in the message's trace: {span}");
+        }
+        assert_eq!(send["spanId"], json!(hex(&derived::<8>("send", "12:7"))), "the root's id is the message's");
+        assert!(send.get("parentSpanId").is_none(), "the send is the trace's root: {send}");
+        assert_eq!(forward["parentSpanId"], send["spanId"]);
+        assert_eq!(deliver["parentSpanId"], send["spanId"]);
+        // Each keeps a link to the span it ran inside.
+        let connections = named("connection");
+        let sender = connections.iter().find(|c| c["attributes"][0]["value"]["intValue"] == "1").unwrap();
+        assert_eq!(send["links"][0]["spanId"], sender["spanId"]);
+        assert_eq!(send["links"][0]["traceId"], sender["traceId"]);
+        assert_eq!(forward["links"][0]["spanId"], named("forward")[0]["spanId"]);
+        let recipient = connections.iter().find(|c| c["attributes"][0]["value"]["intValue"] == "2").unwrap();
+        assert_eq!(deliver["links"][0]["spanId"], recipient["spanId"]);
+        assert_ne!(sender["traceId"], json!(trace), "the connections keep their own traces");
+    }
 
     #[tokio::test]
     async fn closed_spans_reach_the_collector_as_otlp_json_with_their_parents_and_fields() {

@@ -243,7 +243,7 @@ async fn spans_of_each_message_reach_an_opentelemetry_collector() {
         loop {
             let spans = received.lock().unwrap().clone();
             let has = |name: &str| spans.iter().any(|s| s["name"] == name);
-            if has("message.send") && has("forward") && has("message.deliver") {
+            if has("message.send") && has("forward") && has("message.forward") && has("message.deliver") {
                 return spans;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -267,6 +267,17 @@ async fn spans_of_each_message_reach_an_opentelemetry_collector() {
     let deliver = spans.iter().find(|s| s["name"] == "message.deliver").unwrap();
     assert_eq!(attribute(deliver, "message"), Some(json!({ "stringValue": id })), "{deliver}");
     assert_eq!(attribute(deliver, "account"), Some(json!({ "intValue": ids[1].account_id.to_string() })), "{deliver}");
+    // And its spans are one trace, rooted at the send, though they ran in
+    // the sender's connection, its actor's forward and the recipient's
+    // connection.
+    let hop = spans.iter().find(|s| s["name"] == "message.forward").unwrap();
+    assert_eq!(attribute(hop, "message"), Some(json!({ "stringValue": id })), "{hop}");
+    assert_eq!(attribute(hop, "attempts"), Some(json!({ "intValue": "1" })), "{hop}");
+    for span in [hop, deliver] {
+        assert_eq!(span["traceId"], send["traceId"], "one trace: {span}");
+        assert_eq!(span["parentSpanId"], send["spanId"], "under the send: {span}");
+    }
+    assert_eq!(hop["links"][0]["spanId"], forward["spanId"], "the hop links to its batch's forward");
     // No content in any span.
     assert!(!serde_json::to_string(&spans).unwrap().contains("traced"), "no payload in the spans");
 }

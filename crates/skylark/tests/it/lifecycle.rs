@@ -144,7 +144,10 @@ async fn shutdown_closes_sessions_with_going_away() {
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let server = TestServer::start().await;
+    // On a file, so the store's fsyncs are timed too.
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(skylark_store::RedbStore::open(&dir.path().join("skylark.redb")).unwrap());
+    let server = TestServer::start_on(crate::harness::test_config(), store).await;
     let api = server.api();
     let identity = server.register("+15550400007").await;
     let recipient = server.register("+15550400008").await;
@@ -169,10 +172,14 @@ async fn health_readiness_and_metrics() {
     let response = reqwest_like_get(&server.admin_base(), "/metrics").await;
     assert!(response.contains("skylark_connections_total"), "{response}");
     assert!(response.contains("skylark_sms_total"), "{response}");
-    // The send was timed to its ack, and the store timed its commit.
-    for timed in
-        ["skylark_send_ack_seconds_count", "skylark_store_commit_seconds_count", "skylark_delivery_seconds_count"]
-    {
+    // The send was timed to its ack, and the store timed its commit and
+    // the commit's fsync.
+    for timed in [
+        "skylark_send_ack_seconds_count",
+        "skylark_store_commit_seconds_count",
+        "skylark_store_fsync_seconds_count",
+        "skylark_delivery_seconds_count",
+    ] {
         let count = response
             .lines()
             .find_map(|l| l.strip_prefix(timed).and_then(|v| v.trim().parse::<f64>().ok()))
