@@ -968,6 +968,21 @@ function enqueue(item) {
   state.outbox.push({ ...item, local });
 }
 
+/// Keeps this device's own 1:1 message as its account's log has it. The
+/// server does not send a message back to the device that sent it (the ack
+/// is its copy, and the ack's seq is the entry's place in the log), so the
+/// entry is made here from the request and the ack, for the next reload.
+function keepSent(c, body, ack) {
+  if (!state.local) return;
+  const message = {
+    id: ack.id, to: c.peer ? String(c.peer) : undefined, toPhone: body.to, fromPhone: state.me.phone,
+    senderDevice: String(state.me.deviceId), clientId: body.clientId, sentAtMs: ack.sentAtMs, payload: body.payload,
+    edits: body.edits, deletes: body.deletes,
+    expiresAtMs: body.expireAfterMs ? String(Number(ack.sentAtMs) + Number(body.expireAfterMs)) : undefined,
+  };
+  state.local.putEvents([{ seq: ack.id.seq, message }]).catch(() => {});
+}
+
 let flushing = false;
 async function flushOutbox() {
   if (flushing) return;
@@ -998,6 +1013,7 @@ async function flushOutbox() {
             c.messages.set(id, { ...item.local, local: false, id, ref, seq: Number(ack.id.seq), order, at: Number(ack.sentAtMs) });
           }
         }
+        if (c.kind !== "group") keepSent(c, body, ack);
         state.outbox.shift();
         if (state.local) state.local.unqueue(item.clientId).catch(() => {});
       } catch (err) {

@@ -820,11 +820,15 @@ impl Shell {
                     }
                 }
                 FeedPlan::Entries(entries) => {
-                    let mut handed = None;
+                    let (mut handed, mut shown) = (None, None);
                     let mut closed = false;
                     for (seq, entry) in entries {
+                        if !self.machine.hands(device, &entry) {
+                            handed = Some(seq);
+                            continue;
+                        }
                         match events.try_send(DeviceEvent::Entry { seq, entry }) {
-                            Ok(()) => handed = Some(seq),
+                            Ok(()) => (handed, shown) = (Some(seq), Some(seq)),
                             Err(lane::TrySendError::Full(_)) => break,
                             Err(lane::TrySendError::Closed(_)) => {
                                 closed = true;
@@ -833,7 +837,7 @@ impl Shell {
                         }
                     }
                     if let Some(seq) = handed {
-                        self.machine.fed(device, seq);
+                        self.machine.fed(device, seq, shown);
                     }
                     if closed {
                         self.machine.lost(device);

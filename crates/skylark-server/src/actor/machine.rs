@@ -367,8 +367,11 @@ pub(crate) struct Window {
     pub connection: u64,
     /// Highest sequence this connection acknowledged.
     pub acked: u64,
-    /// Highest sequence handed to this connection.
+    /// Highest sequence handed to this connection (sent, or passed over
+    /// as the device's own message: see [`Machine::hands`]).
     pub sent: u64,
+    /// Highest sequence this connection was sent (not passed over).
+    pub shown: u64,
     pub caught_up: bool,
 }
 
@@ -611,7 +614,9 @@ impl Machine {
                         needs.received.push(*peer);
                     }
                 }
-                Input::Ack { up_to, .. } => acks_to = acks_to.max(*up_to),
+                Input::Ack { device, connection, up_to } => {
+                    acks_to = acks_to.max(self.ack_reach(*device, *connection, *up_to));
+                }
                 Input::Group { request: GroupRequest::MessageInfo { seq }, .. } if *seq > 0 => {
                     needs.entries.extend(self.log.missing(*seq, *seq));
                 }
@@ -859,7 +864,9 @@ impl Machine {
         let start = stored.max(position.acked);
         position.acked = start;
         position.handed = position.handed.max(start);
-        self.feeds.windows.insert(device, Window { connection, acked: start, sent: start, caught_up: false });
+        self.feeds
+            .windows
+            .insert(device, Window { connection, acked: start, sent: start, shown: start, caught_up: false });
     }
 
     fn send(
@@ -1004,12 +1011,10 @@ impl Machine {
         connection: u64,
         up_to: u64,
     ) -> Result<(), Missing> {
+        let up_to = self.ack_reach(device, connection, up_to);
         let Some(position) = self.feeds.positions.get_mut(&device) else {
             return Ok(());
         };
-        // Acks can only cover what was handed to the device; beyond that they
-        // are clamped. They count whichever of its connections sent them.
-        let up_to = up_to.min(position.handed);
         if up_to <= position.acked {
             return Ok(());
         }
@@ -1050,6 +1055,20 @@ impl Machine {
         self.delivered = up_to;
         fx.write.cursors.push((ACCOUNT_CURSOR, up_to));
         Ok(())
+    }
+
+    /// How far an ack by `device` on `connection` of entries `..=up_to`
+    /// reaches: acks can only cover what was handed to the device (beyond
+    /// that they are clamped), whichever of its connections sent them; and
+    /// an ack of all this connection was sent covers the device's own
+    /// messages passed over after it.
+    fn ack_reach(&self, device: DeviceId, connection: u64, up_to: u64) -> u64 {
+        let Some(position) = self.feeds.positions.get(&device) else { return 0 };
+        let up_to = up_to.min(position.handed);
+        match self.feeds.windows.get(&device) {
+            Some(window) if window.connection == connection && up_to >= window.shown => up_to.max(window.sent),
+            _ => up_to,
+        }
     }
 
     fn mark_read(
@@ -1114,12 +1133,30 @@ impl Machine {
         FeedPlan::Fetch { from, to: to.min(held - 1).min(from + READ_CHUNK as u64 - 1) }
     }
 
-    /// The entries of a plan up to `seq` reached `device`'s connection.
-    pub fn fed(&mut self, device: DeviceId, seq: u64) {
+    /// Whether `entry` goes to `device`'s connection: everything does but
+    /// the device's own 1:1 messages, which it has from its `SendAck` (its
+    /// account's other devices get them). The feed passes over them.
+    pub fn hands(&self, device: DeviceId, entry: &LogEntry) -> bool {
+        !matches!(entry, LogEntry::Message(m) if m.id.sender == self.account && m.sender_device == device)
+    }
+
+    /// The entries of a plan up to `seq` were handed to `device`'s
+    /// connection, the last one it was sent being `shown` (the rest were
+    /// its own messages, passed over).
+    pub fn fed(&mut self, device: DeviceId, seq: u64, shown: Option<u64>) {
         if let Some(window) = self.feeds.windows.get_mut(&device) {
             window.sent = window.sent.max(seq);
+            window.shown = window.shown.max(shown.unwrap_or(0));
             let position = self.feeds.positions.entry_or_default(device);
             position.handed = position.handed.max(seq);
+            // Passed over with nothing before them waiting for an ack:
+            // they take no room in the window. (Their cursor is written
+            // with the device's next ack; until then a new connection
+            // passes over them again.)
+            if window.acked >= window.shown {
+                window.acked = window.sent;
+                position.acked = position.acked.max(window.sent);
+            }
         }
     }
 

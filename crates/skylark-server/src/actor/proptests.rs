@@ -135,6 +135,8 @@ struct Device {
     connection: Option<u64>,
     /// Log sequences it holds (a client keeps entries by sequence).
     seen: HashSet<u64>,
+    /// Its own messages, passed over by the feed (it has their acks).
+    own: HashSet<u64>,
     /// Highest sequence it acknowledged to the current machine.
     acked: u64,
 }
@@ -433,16 +435,24 @@ impl World {
                 }
                 FeedPlan::Entries(entries) => {
                     let dev = &mut node.devices[device];
-                    for (seq, _) in &entries {
+                    let mut shown = None;
+                    for (seq, entry) in &entries {
                         assert!(
                             *seq > dev.acked,
                             "entry {seq} handed again after the device acknowledged {}",
                             dev.acked
                         );
-                        dev.seen.insert(*seq);
+                        // The device's own messages are passed over: it has
+                        // them from their acks.
+                        if node.machine.hands(d, entry) {
+                            dev.seen.insert(*seq);
+                            shown = Some(*seq);
+                        } else {
+                            dev.own.insert(*seq);
+                        }
                     }
                     let last = entries.last().map(|(s, _)| *s).expect("a plan has entries");
-                    node.machine.fed(d, last);
+                    node.machine.fed(d, last, shown);
                 }
             }
         }
@@ -544,7 +554,7 @@ impl World {
                 assert_eq!(node.machine.log.last_seq(), last, "memory and store agree on the log");
                 for seq in 1..=last {
                     assert!(
-                        device.seen.contains(&seq),
+                        device.seen.contains(&seq) || device.own.contains(&seq),
                         "device {i} of node {n} never got entry {seq} of {last}: {device:?} {:?} {:?} {:?}",
                         node.machine.feeds,
                         node.durable.cursors,

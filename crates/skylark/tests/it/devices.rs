@@ -95,6 +95,10 @@ async fn linked_devices_get_everything_and_see_each_others_sends() {
     assert!(matches!(device_change(&mut phone).await, Change::Renamed(d) if d.name == "work laptop"));
     // The renamed device's own connection reports its new name.
     assert_eq!(laptop.handle().who_am_i().await.unwrap().device_name, "work laptop");
+    // The laptop itself was not sent its message back (its ack is its
+    // copy): the next entry it is sent is the rename, which came after.
+    let next = laptop.next_entry().await;
+    assert!(matches!(next.body, Some(Body::DeviceChange(_))), "{next:?}");
 }
 
 #[tokio::test]

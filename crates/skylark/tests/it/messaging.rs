@@ -19,20 +19,22 @@ async fn online_message_is_acked_delivered_and_read() {
     let id = ack.id.unwrap();
     assert_eq!((id.sender, id.seq, ack.duplicate), (alice_id.account_id, 1, false));
 
-    // Alice's own log shows what she sent (for her other devices).
-    let echo = alice.next_entry().await;
-    assert!(matches!(&echo.body, Some(Body::Message(m)) if m.client_id == "m1"));
-    alice.handle().ack(echo.seq).await.unwrap();
-
     // Bob receives it, with the sender's phone.
     let got = bob.received(1, true).await;
     assert_eq!(got[0].payload, b"hello bob".as_slice());
     assert_eq!(got[0].from_phone, "+15550600001");
     assert_eq!(got[0].id, Some(id));
 
-    // Bob's ack produces a delivery receipt for Alice: two ticks.
-    let delivered = alice.receipt(ReceiptKind::Delivered, 1).await;
+    // Bob's ack produces a delivery receipt for Alice: two ticks. It is the
+    // first entry her device is sent: her message is entry 1 of her log
+    // (for her other devices), and this device has it from its ack.
+    let entry = alice.next_entry().await;
+    assert_eq!(entry.seq, 2, "{entry:?}");
+    let Some(Body::Receipt(delivered)) = entry.body else { panic!("expected the receipt, got {entry:?}") };
+    assert_eq!(delivered.kind, ReceiptKind::Delivered as i32);
     assert_eq!((delivered.peer, delivered.peer_phone.as_str()), (bob_id.account_id, "+15550600002"));
+    // Acknowledging it covers her own entry 1 too.
+    alice.handle().ack(entry.seq).await.unwrap();
 
     // Bob reads it: blue ticks for Alice, and Bob's log records the read.
     bob.handle().mark_read(alice_id.account_id, id.seq).await.unwrap();
