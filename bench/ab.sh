@@ -15,8 +15,10 @@
 #
 # The scenarios are the ones docs/BENCHMARKS.md reports A/B for: idle memory
 # (19,500 TCP connections), 1:1 chat at two rates, and a 1,024-member group.
+# SCENARIOS picks some of them (default: "idle chat3000 chat4000 group").
 set -euo pipefail
 before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
+scenarios=" ${SCENARIOS:-idle chat3000 chat4000 group} "
 for tool in taskset curl; do
   command -v "$tool" >/dev/null || { echo "ab.sh: $tool is required" >&2; exit 1; }
 done
@@ -49,6 +51,7 @@ stop() {
 scenario() { # label binary name args...
   local label=$1 bin=$2 name=$3
   shift 3
+  [[ "$scenarios" == *" $name "* ]] || return 0
   serve "$bin"
   local report="$out/$name-$label-$round.json"
   local extra=()
