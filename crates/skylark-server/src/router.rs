@@ -477,6 +477,27 @@ mod tests {
         router.send(from.0, from.1, request).await.unwrap().await.unwrap().unwrap()
     }
 
+    /// Another device of the same account (the actor does not check that
+    /// it exists; the gateway authenticates devices). A device is not sent
+    /// its own messages, so tests that watch a device's feed send from here.
+    fn other_device(account: (AccountId, DeviceId)) -> (AccountId, DeviceId) {
+        (account.0, DeviceId(account.1.0 + 1_000))
+    }
+
+    /// Waits for log entry `seq` on a device's feed (failing, not hanging,
+    /// when it does not come).
+    async fn entry(events: &mut crate::lane::Receiver<DeviceEvent>, seq: u64) {
+        let wait = async {
+            loop {
+                match events.recv().await.expect("the actor feeds the device") {
+                    DeviceEvent::Entry { seq: s, .. } if s == seq => return,
+                    _ => continue,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait).await.unwrap_or_else(|_| panic!("entry {seq} never came"));
+    }
+
     /// Waits (in virtual time) until no actor is live.
     async fn all_retired(router: &Router) {
         for _ in 0..10_000 {
@@ -577,15 +598,11 @@ mod tests {
         let alice = account(&store, "+15550900021").await;
         let _bob = account(&store, "+15550900022").await;
         let router = Router::new(store.clone(), Arc::new(SystemClock), MessagingConfig::default());
-        // Alice's device is handed her own sent message (seq 1) and acks it.
+        // Alice's device is handed what her other device sent (seq 1) and
+        // acks it.
         let mut events = router.attach(alice.0, alice.1, 1).await.unwrap();
-        send(&router, alice, "+15550900022", "a").await;
-        loop {
-            match events.recv().await.expect("the actor feeds the device") {
-                DeviceEvent::Entry { seq: 1, .. } => break,
-                _ => continue,
-            }
-        }
+        send(&router, other_device(alice), "+15550900022", "a").await;
+        entry(&mut events, 1).await;
         router.ack(alice.0, alice.1, 1, 1).await;
         // Attaching again is answered after the ack was handled (the mailbox
         // is in order): the ack changed nothing that had to be written, so
@@ -615,16 +632,16 @@ mod tests {
         let config = MessagingConfig { actor_idle_ms: 50, ..MessagingConfig::default() };
         let router = Router::new(store.clone(), Arc::new(SystemClock), config);
         let mut events = router.attach(alice.0, alice.1, 1).await.unwrap();
-        send(&router, alice, "+15550900032", "a").await;
-        while !matches!(events.recv().await, Some(DeviceEvent::Entry { seq: 1, .. })) {}
+        send(&router, other_device(alice), "+15550900032", "a").await;
+        entry(&mut events, 1).await;
         router.ack(alice.0, alice.1, 1, 1).await;
         // The next send is made durable before its ack, and the cursor with it.
-        send(&router, alice, "+15550900032", "b").await;
+        send(&router, other_device(alice), "+15550900032", "b").await;
         assert_eq!(store.cursor(alice.0, alice.1).await.unwrap(), Some(1));
 
         // An ack held back when the device leaves is written before the
         // actor retires, so its successor starts from it.
-        while !matches!(events.recv().await, Some(DeviceEvent::Entry { seq: 2, .. })) {}
+        entry(&mut events, 2).await;
         router.ack(alice.0, alice.1, 1, 2).await;
         router.detach(alice.0, alice.1, 1).await;
         drop(events);
