@@ -281,8 +281,16 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
 
+    /// The spans of the requests a collector received.
+    fn spans_of(requests: &[Value]) -> Vec<Value> {
+        requests
+            .iter()
+            .flat_map(|r| r["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
     /// Runs `body` under a subscriber with the layer, and returns the
-    /// spans posted to a collector once there are `count` of them.
+    /// requests posted to a collector once they hold `count` spans.
     async fn collect(count: usize, body: impl FnOnce()) -> Vec<Value> {
         let received: Arc<Mutex<Vec<Value>>> = Arc::default();
         let kept = received.clone();
@@ -291,9 +299,7 @@ mod tests {
             axum::routing::post(move |body: axum::body::Bytes| {
                 let kept = kept.clone();
                 async move {
-                    let request = serde_json::from_slice::<Value>(&body).unwrap();
-                    let spans = request["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().cloned();
-                    kept.lock().unwrap().extend(spans.unwrap_or_default());
+                    kept.lock().unwrap().push(serde_json::from_slice::<Value>(&body).unwrap());
                     "{}"
                 }
             }),
@@ -306,8 +312,9 @@ mod tests {
         tracing::subscriber::with_default(subscriber, body);
         tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                if received.lock().unwrap().len() >= count {
-                    return received.lock().unwrap().clone();
+                let requests = received.lock().unwrap().clone();
+                if spans_of(&requests).len() >= count {
+                    return requests;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -318,7 +325,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_span_of_a_message_joins_the_trace_named_by_its_id_wherever_it_ran() {
-        let spans = collect(6, || {
+        let requests = collect(6, || {
             // The sender's connection: the message learns its id at the ack.
             let sender = tracing::debug_span!("connection", device = 1u64);
             sender.in_scope(|| {
@@ -336,6 +343,7 @@ mod tests {
             });
         })
         .await;
+        let spans = spans_of(&requests);
         let named = |name: &str| spans.iter().filter(|s| s["name"] == name).cloned().collect::<Vec<_>>();
         let (send, forward, deliver) =
             (&named("message.send")[0], &named("message.forward")[0], &named("message.deliver")[0]);
@@ -360,51 +368,16 @@ mod tests {
 
     #[tokio::test]
     async fn closed_spans_reach_the_collector_as_otlp_json_with_their_parents_and_fields() {
-        let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let kept = received.clone();
-        let app = axum::Router::new().route(
-            "/v1/traces",
-            axum::routing::post(move |body: axum::body::Bytes| {
-                let kept = kept.clone();
-                async move {
-                    kept.lock().unwrap().push(serde_json::from_slice::<Value>(&body).unwrap());
-                    "{}"
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-        let layer = start(&endpoint, "skylark-test", Duration::from_millis(50)).unwrap();
-        let subscriber = tracing_subscriber::registry().with(layer);
-        {
-            let _guard = tracing::subscriber::set_default(subscriber);
+        let requests = collect(2, || {
             let outer = tracing::debug_span!("connection", device = 7u64, transport = "ws");
             let _in = outer.enter();
             let inner = tracing::debug_span!("message.send", bytes = 5u64, seq = tracing::field::Empty);
             inner.record("seq", 3u64);
             drop(inner);
-        }
-        let spans = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                let all: Vec<Value> = received
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|r| {
-                        r["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().cloned().unwrap_or_default()
-                    })
-                    .collect();
-                if all.len() >= 2 {
-                    return all;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
         })
-        .await
-        .expect("both spans were posted");
-        let first = received.lock().unwrap()[0].clone();
+        .await;
+        let spans = spans_of(&requests);
+        let first = requests[0].clone();
         assert_eq!(first["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"], "skylark-test");
         let by_name = |name: &str| spans.iter().find(|s| s["name"] == name).cloned().unwrap();
         let (outer, inner) = (by_name("connection"), by_name("message.send"));
