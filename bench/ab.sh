@@ -16,7 +16,8 @@
 # The scenarios are the ones docs/BENCHMARKS.md reports A/B for: idle memory
 # (19,500 TCP connections), 1:1 chat at two rates, and a 1,024-member group.
 # SCENARIOS picks some of them (default: "idle chat3000 chat4000 group");
-# chatN is 1:1 chat at N messages per second (200 pairs), for any N.
+# chatN is 1:1 chat at N messages per second (200 pairs), for any N; meshN
+# is N messages per second among 2,000 online users, each to a random other.
 set -euo pipefail
 before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
 scenarios=" ${SCENARIOS:-idle chat3000 chat4000 group} "
@@ -71,8 +72,11 @@ for round in $(seq 1 "$rounds"); do
     label=$1 bin=$2
     scenario "$label" "$bin" idle idle --connections 19500 --rate 4000 --sources 80 --workers 2
     for name in $scenarios; do
-      [[ "$name" =~ ^chat([0-9]+)$ ]] || continue
-      scenario "$label" "$bin" "$name" chat --pairs 200 --rate "${BASH_REMATCH[1]}" --seconds 10 --sources 4
+      if [[ "$name" =~ ^chat([0-9]+)$ ]]; then
+        scenario "$label" "$bin" "$name" chat --pairs 200 --rate "${BASH_REMATCH[1]}" --seconds 10 --sources 4
+      elif [[ "$name" =~ ^mesh([0-9]+)$ ]]; then
+        scenario "$label" "$bin" "$name" mesh --users 2000 --rate "${BASH_REMATCH[1]}" --seconds 10 --sources 10
+      fi
     done
     scenario "$label" "$bin" group group --sources 8 --members 1024 --messages 100 --rate 10
   done

@@ -60,6 +60,21 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         payload: usize,
     },
+    /// Open-loop 1:1 traffic among online users, each message to another
+    /// user chosen at random (everyone sends and receives).
+    Mesh {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 2000)]
+        users: usize,
+        /// Messages per second in all.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
     /// Kill -9 the server with clients connected and restart it: reconnect
     /// time, messages lost or duplicated.
     Storm {
@@ -360,6 +375,22 @@ async fn main() -> Result<()> {
             println!(
                 "chat: {} pairs, target {:.0} msgs/s for {:.0} s: sent {}, acked {}, delivered {}, receipted {}, errors {}",
                 r.pairs, r.target_rate, r.seconds, r.sent, r.acked, r.delivered, r.receipted, r.errors
+            );
+            println!("  sustained {:.0} acknowledged msgs/s", r.acked_per_second);
+            println!("  send -> ack (✓)       {}", r.send_to_ack);
+            println!("  send -> delivered     {}", r.send_to_deliver);
+            println!("  send -> receipt (✓✓)  {}", r.send_to_receipt);
+            common.write(&r)
+        }
+        Command::Mesh { common, users, rate, seconds, payload } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if users < 2 || manifest.accounts.len() < users {
+                bail!("mesh with {users} users needs at least 2, and {users} accounts in the manifest");
+            }
+            let r = scenarios::mesh(&common.target(), &manifest, users, rate, seconds, payload).await;
+            println!(
+                "mesh: {users} users to random peers, target {:.0} msgs/s for {:.0} s: sent {}, acked {}, delivered {}, receipted {}, errors {}",
+                r.target_rate, r.seconds, r.sent, r.acked, r.delivered, r.receipted, r.errors
             );
             println!("  sustained {:.0} acknowledged msgs/s", r.acked_per_second);
             println!("  send -> ack (✓)       {}", r.send_to_ack);

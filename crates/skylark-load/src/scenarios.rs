@@ -393,6 +393,199 @@ pub async fn chat(
     }
 }
 
+// ---------------------------------------------------------------- mesh
+
+/// What one user of `mesh` sent and still waits to see receipted.
+#[derive(Default)]
+struct MeshPending {
+    /// Its sequence → (intended send time, recipient account).
+    waiting: HashMap<u64, (Duration, u64)>,
+    /// The highest of its sequences each recipient's receipt covered so far.
+    receipted_by: HashMap<u64, u64>,
+}
+
+/// The recipient of message `k` of user `user`: another of the `users`,
+/// chosen at random (a fixed hash of both, so runs repeat), never itself.
+fn mesh_peer(user: usize, k: u64, users: usize) -> usize {
+    let mut x = ((user as u64) << 32 ^ k).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    (user + 1 + (x % (users as u64 - 1)) as usize) % users
+}
+
+/// Open-loop 1:1 traffic among `users` online users, each message from one
+/// of them to another chosen at random: every user sends and receives (as
+/// in a messenger, and as tsung's `destination="online"` does), where
+/// `chat` has fixed sender → recipient pairs. The rate is spread evenly
+/// over the users; each acknowledges what it is sent, and its delivery
+/// receipts are matched per recipient.
+pub async fn mesh(
+    target: &Target,
+    manifest: &Manifest,
+    users: usize,
+    rate: f64,
+    seconds: f64,
+    payload: usize,
+) -> ChatReport {
+    let totals = Arc::new(Mutex::new(ChatTotals::default()));
+    let mut sessions = Vec::new();
+    for i in 0..users {
+        sessions.push(open(target, manifest, i).await.expect("user connects"));
+    }
+    let run = run_id();
+    let started = Instant::now();
+    let duration = Duration::from_secs_f64(seconds);
+    let deadline = tokio::time::Instant::from(started + duration + Duration::from_secs(10));
+    let interval = Duration::from_secs_f64(users.max(1) as f64 / rate.max(1e-3));
+    // Set once everything sent was delivered and receipted.
+    let (finish, finished) = tokio::sync::watch::channel(false);
+    let sending_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (u, (session, mut events)) in sessions.into_iter().enumerate() {
+        let handle: SessionHandle = session.handle();
+        let me = manifest.accounts[u].account_id;
+        let pending: Arc<Mutex<MeshPending>> = Arc::default();
+        // Reader: messages in (timed to delivery, acknowledged), receipts
+        // for this user's own messages.
+        {
+            let (totals, pending, handle, mut finished) =
+                (totals.clone(), pending.clone(), handle.clone(), finished.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let event = tokio::select! {
+                        _ = finished.wait_for(|done| *done) => break,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        event = events.recv() => event,
+                    };
+                    let Some(Event::Frame(frame)) = event else { break };
+                    let Some(LogEvent::Entry(e)) = log_event(&frame) else { continue };
+                    let now = started.elapsed();
+                    match &e.body {
+                        // Only messages from others: a server that sends
+                        // the sender's own message back to it is not
+                        // credited with a delivery for it.
+                        Some(Body::Message(m)) if m.id.is_some_and(|id| id.sender != me) => {
+                            if let Some(sent) = read_stamp(&m.payload) {
+                                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                                t.delivered += 1;
+                                t.deliver.record(now.saturating_sub(sent));
+                            }
+                        }
+                        Some(Body::Receipt(r)) if r.kind == ReceiptKind::Delivered as i32 => {
+                            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                            let mark = pending.receipted_by.entry(r.peer).or_default();
+                            *mark = (*mark).max(r.up_to_seq);
+                            let done: Vec<u64> = pending
+                                .waiting
+                                .iter()
+                                .filter(|(seq, (_, to))| *to == r.peer && **seq <= r.up_to_seq)
+                                .map(|(seq, _)| *seq)
+                                .collect();
+                            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                            for seq in done {
+                                if let Some((sent, _)) = pending.waiting.remove(&seq) {
+                                    t.receipted += 1;
+                                    t.receipt.record(now.saturating_sub(sent));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    let _ = handle.ack(e.seq).await;
+                }
+                drop(session);
+            }));
+        }
+        // Sender: message k at offset + k × interval, to a random other user.
+        let (totals, run, sending_done) = (totals.clone(), run.clone(), sending_done.clone());
+        let peers: Vec<(String, u64)> =
+            manifest.accounts[..users].iter().map(|a| (a.phone.clone(), a.account_id)).collect();
+        let offset = interval.mul_f64(u as f64 / users.max(1) as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut k: u64 = 0;
+            let mut in_flight = Vec::new();
+            loop {
+                let at = offset + interval * k as u32;
+                if at >= duration {
+                    break;
+                }
+                pace(started + at).await;
+                let (phone, account) = peers[mesh_peer(u, k, peers.len())].clone();
+                k += 1;
+                let (handle, totals, pending) = (handle.clone(), totals.clone(), pending.clone());
+                let client_id = format!("{run}-{u}-{k}");
+                totals.lock().unwrap_or_else(|p| p.into_inner()).sent += 1;
+                in_flight.push(tokio::spawn(async move {
+                    match handle.send(&phone, &client_id, stamp(at, payload)).await {
+                        Ok(ack) => {
+                            let seq = ack.id.map(|i| i.seq).unwrap_or(0);
+                            let now = started.elapsed();
+                            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                            t.acked += 1;
+                            t.ack.record(now.saturating_sub(at));
+                            if pending.receipted_by.get(&account).is_some_and(|m| seq <= *m) {
+                                // The receipt overtook this ack.
+                                t.receipted += 1;
+                                t.receipt.record(now.saturating_sub(at));
+                            } else {
+                                pending.waiting.insert(seq, (at, account));
+                            }
+                        }
+                        Err(_) => totals.lock().unwrap_or_else(|p| p.into_inner()).errors += 1,
+                    }
+                }));
+            }
+            for send in in_flight {
+                let _ = send.await;
+            }
+            sending_done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    // Ends the readers once every user has sent everything, and everything
+    // acknowledged was delivered and receipted (or at the deadline).
+    let watcher = {
+        let (totals, sending_done) = (totals.clone(), sending_done.clone());
+        tokio::spawn(async move {
+            let expected = (rate * seconds) as u64;
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let settled = {
+                    let t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                    progress("mesh (delivered)", t.delivered.min(expected), expected);
+                    t.delivered >= t.acked && t.receipted >= t.acked
+                };
+                let all_sent = sending_done.load(std::sync::atomic::Ordering::SeqCst) == users;
+                if all_sent && settled {
+                    let _ = finish.send(true);
+                    break;
+                }
+            }
+        })
+    };
+    for t in tasks {
+        let _ = t.await;
+    }
+    watcher.abort();
+    let t = totals.lock().unwrap_or_else(|p| p.into_inner());
+    ChatReport {
+        scenario: "mesh".into(),
+        pairs: users / 2,
+        target_rate: rate,
+        seconds,
+        sent: t.sent,
+        acked: t.acked,
+        delivered: t.delivered,
+        receipted: t.receipted,
+        errors: t.errors,
+        acked_per_second: t.acked as f64 / seconds,
+        send_to_ack: t.ack.summary(),
+        send_to_deliver: t.deliver.summary(),
+        send_to_receipt: t.receipt.summary(),
+    }
+}
+
 // ---------------------------------------------------------------- backlog
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

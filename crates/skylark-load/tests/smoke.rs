@@ -61,6 +61,18 @@ async fn every_scenario_runs_and_loses_nothing() {
     );
     assert!(serde_json::to_string(&chat).unwrap().contains("send_to_receipt"));
 
+    // Everyone sends and receives, to random peers; every message reaches
+    // its recipient once (the sender's own copy is not counted) and is
+    // receipted to its sender.
+    let mesh = scenarios::mesh(&target, &manifest, 10, 200.0, 1.0, 64).await;
+    assert!(mesh.sent >= 190, "{mesh:?}");
+    assert_eq!(
+        (mesh.acked, mesh.delivered, mesh.receipted, mesh.errors),
+        (mesh.sent, mesh.sent, mesh.sent, 0),
+        "{mesh:?}"
+    );
+    assert_eq!(mesh.scenario, "mesh");
+
     let group = scenarios::group(&target, &manifest, 12, 3, 20, 100.0, 64).await;
     assert_eq!((group.acked, group.deliveries, group.missing, group.duplicates), (20, 240, 0, 0), "{group:?}");
     assert_eq!(group.post_to_last_device.count, 20);
