@@ -52,13 +52,8 @@ enum Command {
         common: Common,
         #[arg(long, default_value_t = 100)]
         pairs: usize,
-        /// Messages per second in all.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 100)]
-        payload: usize,
+        #[command(flatten)]
+        traffic: Traffic,
     },
     /// Open-loop 1:1 traffic among online users, each message to another
     /// user chosen at random (everyone sends and receives).
@@ -67,13 +62,8 @@ enum Command {
         common: Common,
         #[arg(long, default_value_t = 2000)]
         users: usize,
-        /// Messages per second in all.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 100)]
-        payload: usize,
+        #[command(flatten)]
+        traffic: Traffic,
     },
     /// Kill -9 the server with clients connected and restart it: reconnect
     /// time, messages lost or duplicated.
@@ -142,6 +132,30 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         per_user: usize,
     },
+}
+
+/// The open-loop 1:1 traffic of `chat` and `mesh`.
+#[derive(Args, Clone)]
+struct Traffic {
+    /// Messages per second in all.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+}
+
+/// Prints a `chat` or `mesh` report under its first line.
+fn print_traffic(head: &str, r: &scenarios::ChatReport) {
+    println!(
+        "{head}, target {:.0} msgs/s for {:.0} s: sent {}, acked {}, delivered {}, receipted {}, errors {}",
+        r.target_rate, r.seconds, r.sent, r.acked, r.delivered, r.receipted, r.errors
+    );
+    println!("  sustained {:.0} acknowledged msgs/s", r.acked_per_second);
+    println!("  send -> ack (✓)       {}", r.send_to_ack);
+    println!("  send -> delivered     {}", r.send_to_deliver);
+    println!("  send -> receipt (✓✓)  {}", r.send_to_receipt);
 }
 
 #[derive(Args, Clone)]
@@ -366,36 +380,22 @@ async fn main() -> Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Chat { common, pairs, rate, seconds, payload } => {
+        Command::Chat { common, pairs, traffic: Traffic { rate, seconds, payload } } => {
             let manifest = Manifest::load(&common.manifest)?;
             if manifest.accounts.len() < 2 * pairs {
                 bail!("chat with {pairs} pairs needs {} accounts", 2 * pairs);
             }
             let r = scenarios::chat(&common.target(), &manifest, pairs, rate, seconds, payload).await;
-            println!(
-                "chat: {} pairs, target {:.0} msgs/s for {:.0} s: sent {}, acked {}, delivered {}, receipted {}, errors {}",
-                r.pairs, r.target_rate, r.seconds, r.sent, r.acked, r.delivered, r.receipted, r.errors
-            );
-            println!("  sustained {:.0} acknowledged msgs/s", r.acked_per_second);
-            println!("  send -> ack (✓)       {}", r.send_to_ack);
-            println!("  send -> delivered     {}", r.send_to_deliver);
-            println!("  send -> receipt (✓✓)  {}", r.send_to_receipt);
+            print_traffic(&format!("chat: {} pairs", r.pairs), &r);
             common.write(&r)
         }
-        Command::Mesh { common, users, rate, seconds, payload } => {
+        Command::Mesh { common, users, traffic: Traffic { rate, seconds, payload } } => {
             let manifest = Manifest::load(&common.manifest)?;
             if users < 2 || manifest.accounts.len() < users {
                 bail!("mesh with {users} users needs at least 2, and {users} accounts in the manifest");
             }
             let r = scenarios::mesh(&common.target(), &manifest, users, rate, seconds, payload).await;
-            println!(
-                "mesh: {users} users to random peers, target {:.0} msgs/s for {:.0} s: sent {}, acked {}, delivered {}, receipted {}, errors {}",
-                r.target_rate, r.seconds, r.sent, r.acked, r.delivered, r.receipted, r.errors
-            );
-            println!("  sustained {:.0} acknowledged msgs/s", r.acked_per_second);
-            println!("  send -> ack (✓)       {}", r.send_to_ack);
-            println!("  send -> delivered     {}", r.send_to_deliver);
-            println!("  send -> receipt (✓✓)  {}", r.send_to_receipt);
+            print_traffic(&format!("mesh: {users} users to random peers"), &r);
             common.write(&r)
         }
         Command::Storm { common, clients, server_bin, data_dir, server_core } => {

@@ -211,6 +211,45 @@ struct ChatTotals {
     receipt: Latency,
 }
 
+impl ChatTotals {
+    /// A message acknowledged `latency` after its due time.
+    fn acked_after(&mut self, latency: Duration) {
+        self.acked += 1;
+        self.ack.record(latency);
+    }
+
+    /// A message delivered `latency` after its due time.
+    fn delivered_after(&mut self, latency: Duration) {
+        self.delivered += 1;
+        self.deliver.record(latency);
+    }
+
+    /// A message receipted `latency` after its due time.
+    fn receipted_after(&mut self, latency: Duration) {
+        self.receipted += 1;
+        self.receipt.record(latency);
+    }
+
+    /// The report of a `chat` or `mesh` run.
+    fn report(&self, scenario: &str, pairs: usize, rate: f64, seconds: f64) -> ChatReport {
+        ChatReport {
+            scenario: scenario.into(),
+            pairs,
+            target_rate: rate,
+            seconds,
+            sent: self.sent,
+            acked: self.acked,
+            delivered: self.delivered,
+            receipted: self.receipted,
+            errors: self.errors,
+            acked_per_second: self.acked as f64 / seconds,
+            send_to_ack: self.ack.summary(),
+            send_to_deliver: self.deliver.summary(),
+            send_to_receipt: self.receipt.summary(),
+        }
+    }
+}
+
 /// Open-loop 1:1 traffic: `pairs` senders each send to their own recipient,
 /// `rate` messages per second in all, for `seconds`. Latencies are measured
 /// from when each message *should* have been sent, so a stalled server
@@ -265,8 +304,7 @@ pub async fn chat(
                     {
                         got += 1;
                         let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                        t.delivered += 1;
-                        t.deliver.record(started.elapsed().saturating_sub(sent));
+                        t.delivered_after(started.elapsed().saturating_sub(sent));
                     }
                     let _ = handle.ack(e.seq).await;
                 }
@@ -309,8 +347,7 @@ pub async fn chat(
                         for seq in done {
                             if let Some(sent) = pending.waiting.remove(&seq) {
                                 pending.receipted += 1;
-                                t.receipted += 1;
-                                t.receipt.record(now.saturating_sub(sent));
+                                t.receipted_after(now.saturating_sub(sent));
                             }
                         }
                     }
@@ -340,13 +377,11 @@ pub async fn chat(
                             let now = started.elapsed();
                             let mut pending = intended.lock().unwrap_or_else(|p| p.into_inner());
                             let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                            t.acked += 1;
-                            t.ack.record(now.saturating_sub(at));
+                            t.acked_after(now.saturating_sub(at));
                             if seq <= pending.highest_receipt {
                                 // The receipt overtook this ack.
                                 pending.receipted += 1;
-                                t.receipted += 1;
-                                t.receipt.record(now.saturating_sub(at));
+                                t.receipted_after(now.saturating_sub(at));
                             } else {
                                 pending.waiting.insert(seq, at);
                             }
@@ -375,22 +410,7 @@ pub async fn chat(
         let _ = t.await;
     }
     ticker.abort();
-    let t = totals.lock().unwrap_or_else(|p| p.into_inner());
-    ChatReport {
-        scenario: "chat".into(),
-        pairs,
-        target_rate: rate,
-        seconds,
-        sent: t.sent,
-        acked: t.acked,
-        delivered: t.delivered,
-        receipted: t.receipted,
-        errors: t.errors,
-        acked_per_second: t.acked as f64 / seconds,
-        send_to_ack: t.ack.summary(),
-        send_to_deliver: t.deliver.summary(),
-        send_to_receipt: t.receipt.summary(),
-    }
+    totals.lock().unwrap_or_else(|p| p.into_inner()).report("chat", pairs, rate, seconds)
 }
 
 // ---------------------------------------------------------------- mesh
@@ -468,8 +488,7 @@ pub async fn mesh(
                         Some(Body::Message(m)) if m.id.is_some_and(|id| id.sender != me) => {
                             if let Some(sent) = read_stamp(&m.payload) {
                                 let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                                t.delivered += 1;
-                                t.deliver.record(now.saturating_sub(sent));
+                                t.delivered_after(now.saturating_sub(sent));
                             }
                         }
                         Some(Body::Receipt(r)) if r.kind == ReceiptKind::Delivered as i32 => {
@@ -485,8 +504,7 @@ pub async fn mesh(
                             let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                             for seq in done {
                                 if let Some((sent, _)) = pending.waiting.remove(&seq) {
-                                    t.receipted += 1;
-                                    t.receipt.record(now.saturating_sub(sent));
+                                    t.receipted_after(now.saturating_sub(sent));
                                 }
                             }
                         }
@@ -523,12 +541,10 @@ pub async fn mesh(
                             let now = started.elapsed();
                             let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
                             let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                            t.acked += 1;
-                            t.ack.record(now.saturating_sub(at));
+                            t.acked_after(now.saturating_sub(at));
                             if pending.receipted_by.get(&account).is_some_and(|m| seq <= *m) {
                                 // The receipt overtook this ack.
-                                t.receipted += 1;
-                                t.receipt.record(now.saturating_sub(at));
+                                t.receipted_after(now.saturating_sub(at));
                             } else {
                                 pending.waiting.insert(seq, (at, account));
                             }
@@ -568,22 +584,7 @@ pub async fn mesh(
         let _ = t.await;
     }
     watcher.abort();
-    let t = totals.lock().unwrap_or_else(|p| p.into_inner());
-    ChatReport {
-        scenario: "mesh".into(),
-        pairs: users / 2,
-        target_rate: rate,
-        seconds,
-        sent: t.sent,
-        acked: t.acked,
-        delivered: t.delivered,
-        receipted: t.receipted,
-        errors: t.errors,
-        acked_per_second: t.acked as f64 / seconds,
-        send_to_ack: t.ack.summary(),
-        send_to_deliver: t.deliver.summary(),
-        send_to_receipt: t.receipt.summary(),
-    }
+    totals.lock().unwrap_or_else(|p| p.into_inner()).report("mesh", users / 2, rate, seconds)
 }
 
 // ---------------------------------------------------------------- backlog
