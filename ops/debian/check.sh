@@ -9,7 +9,10 @@ work=$(mktemp -d)
 trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 cargo deb -p skylark --no-build --profile dev --output "$work/skylark.deb" 2>"$work/deb.log" \
   || { cat "$work/deb.log" >&2; echo "check.sh: cargo deb failed" >&2; exit 1; }
-dpkg-deb --info "$work/skylark.deb" | grep -q "Package: skylark" || { echo "check.sh: not a skylark package" >&2; exit 1; }
+# Read the whole answer before matching: with pipefail, `dpkg-deb | grep -q`
+# fails whenever grep exits early and dpkg-deb dies of SIGPIPE.
+info=$(dpkg-deb --info "$work/skylark.deb") || { echo "check.sh: dpkg-deb cannot read the package" >&2; exit 1; }
+grep -q "Package: skylark" <<<"$info" || { echo "check.sh: not a skylark package:" >&2; echo "$info" >&2; exit 1; }
 dpkg-deb -x "$work/skylark.deb" "$work/root"
 dpkg-deb -e "$work/skylark.deb" "$work/control"
 for f in usr/bin/skylark lib/systemd/system/skylark.service etc/skylark/skylark.toml \
