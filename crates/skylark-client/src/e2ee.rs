@@ -71,10 +71,7 @@ fn now_ms() -> u64 {
 /// How long to wait for the commit that won, before trying again anyway.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
-/// The MLS group id of a Skylark group.
-pub fn group_conversation(group: u64) -> Vec<u8> {
-    format!("skylark-group:{group}").into_bytes()
-}
+pub use skylark_e2ee::group_conversation;
 
 fn e2ee(e: E2eeError) -> ClientError {
     ClientError::Profile(format!("end-to-end encryption: {e}"))
@@ -911,5 +908,5 @@ fn shown(opened: Opened) -> Option<Shown> {
 }
 
 fn parse_group(conversation: &[u8]) -> Option<u64> {
-    std::str::from_utf8(conversation).ok()?.strip_prefix("skylark-group:")?.parse().ok()
+    skylark_e2ee::conversation_group(conversation)
 }

@@ -55,6 +55,17 @@ const PADDING: usize = 32;
 const STATE_VERSION: u8 = 1;
 const STATE_MAGIC: &[u8] = b"SKYLARK-E2EE";
 
+/// The MLS group id of a Skylark group's conversation (1:1 conversations
+/// are groups too, opened with `OpenDirect`).
+pub fn group_conversation(group: u64) -> Vec<u8> {
+    format!("skylark-group:{group}").into_bytes()
+}
+
+/// The Skylark group a conversation belongs to ([`group_conversation`]).
+pub fn conversation_group(conversation: &[u8]) -> Option<u64> {
+    std::str::from_utf8(conversation).ok()?.strip_prefix("skylark-group:")?.parse().ok()
+}
+
 /// A member of a conversation: one device of one account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DeviceRef {
@@ -293,20 +304,44 @@ impl Engine {
     /// [`binding_transcript`] with the device's key and returns the
     /// 64-byte signature.
     pub fn new(me: DeviceRef, bind: impl FnOnce(&[u8]) -> Vec<u8>) -> Engine {
+        let mut engine = Engine::unbound(me);
+        engine.binding = bind(&engine.binding_request());
+        engine
+    }
+
+    /// A new device engine whose MLS key is not bound yet, for a device
+    /// key that signs asynchronously (WebCrypto in the browser): sign
+    /// [`Engine::binding_request`] with the device key and pass the
+    /// signature to [`Engine::bind`] before making any key package.
+    pub fn unbound(me: DeviceRef) -> Engine {
         let mut seed = [0u8; 32];
         getrandom(&mut seed);
-        let key = MlsKey(SigningKey::from_bytes(&seed));
-        let binding = bind(&binding_transcript(me, key.0.verifying_key().as_bytes()));
         Engine {
             provider: OpenMlsRustCrypto::default(),
-            key,
+            key: MlsKey(SigningKey::from_bytes(&seed)),
             me,
-            binding,
+            binding: Vec::new(),
             outgoing: Vec::new(),
             journal: Default::default(),
             journal_order: Default::default(),
             conversations: Default::default(),
         }
+    }
+
+    /// What the device key signs to bind this engine's MLS key to it
+    /// ([`binding_transcript`]).
+    pub fn binding_request(&self) -> Vec<u8> {
+        binding_transcript(self.me, self.key.0.verifying_key().as_bytes())
+    }
+
+    /// Sets the device key's signature over [`Engine::binding_request`].
+    pub fn bind(&mut self, signature: Vec<u8>) {
+        self.binding = signature;
+    }
+
+    /// Whether [`Engine::bind`] was given a signature.
+    pub fn is_bound(&self) -> bool {
+        !self.binding.is_empty()
     }
 
     pub fn me(&self) -> DeviceRef {
@@ -326,6 +361,9 @@ impl Engine {
     }
 
     fn package(&self, last_resort: bool) -> Result<Vec<u8>, E2eeError> {
+        if !self.is_bound() {
+            return Err(E2eeError::State("this device's encryption key is not signed by its device key yet".into()));
+        }
         let mut builder = KeyPackage::builder();
         if last_resort {
             builder = builder.mark_as_last_resort();

@@ -13,7 +13,7 @@
 //! | GET | /v1/nodes | a cluster's serving nodes and their advertised addresses |
 //! | GET | /v1/ws | WebSocket (protocol v1) |
 //! | OPTIONS, POST, HEAD, PATCH, GET | /v1/uploads, /v1/uploads/{id}, /v1/blobs/{id} | attachments (tus uploads, downloads; see `media`) |
-//! | GET | /, /app.js, /proto.js, /store.js, /sw.js, /style.css, /favicon.svg (and .ico) | the web client |
+//! | GET | /, /app.js, /proto.js, /store.js, /e2ee.js, /e2ee/…, /sw.js, /style.css, /favicon.svg (and .ico) | the web client |
 //! | GET | /v1/openapi.json | this API as an OpenAPI 3 document (`openapi`) |
 //! | GET | /healthz, /readyz | operations (metrics are on the admin listener, see `admin`) |
 //!

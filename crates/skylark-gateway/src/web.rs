@@ -15,14 +15,26 @@ const STORE: &str = include_str!("../web/store.js");
 const WORKER: &str = include_str!("../web/sw.js");
 const STYLE: &str = include_str!("../web/style.css");
 const ICON: &str = include_str!("../web/icon.svg");
+const E2EE: &str = include_str!("../web/e2ee.js");
+/// The MLS engine (skylark-e2ee) as WebAssembly, and wasm-bindgen's glue:
+/// built by `web/e2ee/build.sh`, committed, checked current by CI.
+const E2EE_GLUE: &str = include_str!("../web/e2ee/skylark_e2ee_web.js");
+const E2EE_WASM: &[u8] = include_bytes!("../web/e2ee/skylark_e2ee_web_bg.wasm");
 
 /// Scripts and styles only from this origin; the WebSocket back to it; QR
 /// codes and attachments' previews arrive as data: images, decrypted
-/// attachments as blob: images and audio. No inline script anywhere.
+/// attachments as blob: images and audio. No inline script anywhere; the
+/// one WebAssembly module (end-to-end encryption) compiles from this origin
+/// ('wasm-unsafe-eval' allows compiling WebAssembly, not `eval`).
 const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; media-src 'self' blob:; \
-                   style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+                   style-src 'self'; script-src 'self' 'wasm-unsafe-eval'; object-src 'none'; base-uri 'none'; \
+                   frame-ancestors 'none'";
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
+    asset_bytes(body.as_bytes(), content_type)
+}
+
+fn asset_bytes(body: &'static [u8], content_type: &'static str) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -41,6 +53,9 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/store.js", get(|| async { asset(STORE, "text/javascript; charset=utf-8") }))
         // The service worker, at the root so that it controls the whole page.
         .route("/sw.js", get(|| async { asset(WORKER, "text/javascript; charset=utf-8") }))
+        .route("/e2ee.js", get(|| async { asset(E2EE, "text/javascript; charset=utf-8") }))
+        .route("/e2ee/skylark_e2ee_web.js", get(|| async { asset(E2EE_GLUE, "text/javascript; charset=utf-8") }))
+        .route("/e2ee/skylark_e2ee_web_bg.wasm", get(|| async { asset_bytes(E2EE_WASM, "application/wasm") }))
         .route("/style.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
         // Browsers ask for /favicon.ico whatever the page says.
         .route("/favicon.svg", get(|| async { asset(ICON, "image/svg+xml") }))

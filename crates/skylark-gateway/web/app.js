@@ -14,6 +14,7 @@ import {
   api, ApiError, Refused, Session, forgetIdentity, fromBase64, generateKey, loadIdentity, saveIdentity, toBase64,
 } from "./proto.js";
 import { LocalStore } from "./store.js";
+import { Crypto } from "./e2ee.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -40,10 +41,15 @@ const state = {
   open: null,
   seen: new Set(), // log sequences already handled
   groups: new Map(), // group id → GroupInfo
+  // The groups of 1:1 conversations (the order of their end-to-end
+  // encryption): group id → the other person's phone. Their posts are
+  // shown in that person's chat.
+  directs: new Map(),
   presence: new Map(), // phone → PresenceInfo
   typing: new Map(), // phone → expiry time (ms)
   outbox: [], // sends waiting for their ack (kept across reconnects and in the local store)
   local: null, // the LocalStore of this device, when IndexedDB opened
+  crypto: null, // this device's end-to-end encryption (e2ee.js), when it loaded
   // The part of the account's log held here with nothing missing:
   // sequences lo..=hi (lo 0: down to the start of the history window);
   // null before the first page was read.
@@ -94,10 +100,10 @@ function clientId() {
 }
 
 const decoder = new TextDecoder();
-// End-to-end encrypted payloads (MLS, from the CLI) start with these bytes
-// (skylark_e2ee::MAGIC). This page does not decrypt yet.
+// End-to-end encrypted payloads (MLS) start with these bytes
+// (skylark_e2ee::MAGIC); e2ee.js opens them.
 const MLS_MAGIC = [0, 83, 75, 77, 76, 83, 49]; // "\0SKMLS1"
-const LOCKED = "An end-to-end encrypted message, which this browser cannot decrypt yet; read it with the skylark CLI.";
+const LOCKED = "An end-to-end encrypted message this browser cannot read: it was sent before this browser joined the conversation, or its keys have not arrived yet.";
 // "application" for an encrypted message, "handshake" for a Welcome or a
 // commit (nothing to show), null for a plain payload.
 const mlsKind = (bytes) => {
@@ -441,6 +447,7 @@ async function enter(identity) {
 async function openLocal() {
   try {
     state.local = await LocalStore.open(state.me.deviceId);
+    if (await state.local.get("e2ee")) await openCrypto(); // turned on in the settings before
     const kept = await state.local.load();
     state.log = { hi: kept.meta.hi ?? null, lo: kept.meta.lo ?? null };
     for (const g of kept.meta.groups || []) rememberGroup(g);
@@ -453,6 +460,46 @@ async function openLocal() {
     say("This browser could not open its copy of your chats; they are read from the server instead.");
   }
   renderAll();
+}
+
+/// This device's end-to-end encryption, from IndexedDB (made when it is
+/// turned on, its MLS key signed by the device key). Without it this
+/// browser publishes no keys, and its conversations stay unencrypted.
+async function openCrypto() {
+  try {
+    const sign = (bytes) => crypto.subtle.sign({ name: "Ed25519" }, state.me.pair.privateKey, bytes);
+    state.crypto = await Crypto.open(state.me, state.local, sign);
+    return true;
+  } catch (err) {
+    state.crypto = null;
+    say(`End-to-end encryption could not start in this browser (${err.message}); your messages are sent unencrypted.`);
+    return false;
+  }
+}
+
+/// Turns end-to-end encryption on for this browser (for good: once its
+/// keys are published, others encrypt for it).
+async function turnOnEncryption() {
+  if (!state.local) return say("This browser cannot keep encryption keys (its storage is unavailable), so it cannot encrypt.");
+  if (!state.session) return say("Not connected; turn it on once this browser is back online.");
+  if (!state.crypto && !(await openCrypto())) return;
+  await cryptoAfterConnect(state.session);
+  for (const c of state.chats.values()) if (c.direct) c.locked = encryptsFor(c.direct);
+  renderAll();
+  await showSettings();
+  say("End-to-end encryption is on for this browser.", "info");
+}
+
+/// Finishes what a closed page left half-done, and keeps this device's
+/// key packages published so others can start encrypted conversations.
+async function cryptoAfterConnect(session) {
+  if (!state.crypto) return;
+  try {
+    await state.crypto.resume(session);
+    await state.crypto.replenish(session);
+  } catch (err) {
+    if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
+  }
 }
 
 function setConnState(text) {
@@ -606,6 +653,7 @@ async function afterConnect(session) {
     for (const g of list.groupList.groups || []) rememberGroup(g);
     keep([], { groups: list.groupList.groups || [] });
     await catchUp(session);
+    await cryptoAfterConnect(session);
     await refreshBlocked(session);
     await refreshNames(session);
     await subscribePresence();
@@ -623,10 +671,48 @@ async function afterConnect(session) {
 
 function rememberGroup(info) {
   state.groups.set(info.id, info);
-  // A 1:1 conversation's end-to-end encrypted group (made by the command
-  // line client) is named after the other person.
   const other = info.direct && (info.members || []).find((m) => m.account !== state.me.accountId);
-  chat(groupKey(info.id), other ? { title: other.phone, locked: true, group: info.id } : { title: info.subject, group: info.id });
+  if (other) rememberDirect(info.id, other);
+  else chat(groupKey(info.id), { title: info.subject, group: info.id, locked: encryptsFor(info.id) });
+}
+
+/// A 1:1 conversation's group: its posts (end-to-end encrypted) belong in
+/// the chat with the other person, beside any plain messages of before.
+function rememberDirect(group, other) {
+  state.directs.set(String(group), other.phone);
+  const c = chat(peerKey(other.phone), { peer: other.account, direct: String(group) });
+  c.locked = encryptsFor(group);
+  c.g = c.g || { delivered: 0, read: 0, readByMe: 0 };
+  state.chats.delete(groupKey(group)); // shown apart by an earlier version
+  return c;
+}
+
+/// Whether this device encrypts for the group (it holds its keys).
+function encryptsFor(group) {
+  try {
+    return !!state.crypto && state.crypto.encrypts(group);
+  } catch {
+    return false;
+  }
+}
+
+/// The chat a group's events belong in: the person's, for a 1:1
+/// conversation's group.
+function groupChat(group) {
+  const phone = state.directs.get(String(group));
+  return phone ? chat(peerKey(phone)) : chat(groupKey(group), { group });
+}
+
+/// Where the delivery and read marks of a message are counted: a 1:1
+/// conversation counts its group's posts apart from its plain messages
+/// (the two number their messages in different sequences).
+const laneOf = (c, m) => (c.direct && String(m.id).startsWith("g:") ? c.g : c);
+
+/// The marks a receipt or read sync moves (see laneOf).
+function marksOf(r) {
+  if (r.peerPhone) return chat(peerKey(r.peerPhone), r.peer ? { peer: r.peer } : {});
+  const c = groupChat(r.peer);
+  return c.direct ? c.g : c;
 }
 
 // ---------------------------------------------------------------- history
@@ -702,8 +788,7 @@ async function backfill(session) {
 
 function applyReceipts(receipts) {
   for (const r of receipts) {
-    const key = r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer);
-    const c = chat(key, r.peerPhone ? { peer: r.peer } : {});
+    const c = marksOf(r);
     c.delivered = Math.max(c.delivered, Number(r.deliveredUpTo || 0));
     c.read = Math.max(c.read, Number(r.readUpTo || 0));
     c.readByMe = Math.max(c.readByMe, Number(r.readByMeUpTo || 0));
@@ -712,7 +797,17 @@ function applyReceipts(receipts) {
 
 function onFrame(frame) {
   if (frame.event) {
-    apply(frame.event, true);
+    // Encrypted posts are opened here, in the log's order (MLS needs it),
+    // even when a page of history showed them first (as not yet readable).
+    let opened = null;
+    if (state.crypto) {
+      try {
+        opened = state.crypto.openEvent(frame.event);
+      } catch (err) {
+        opened = { kind: "failed", reason: err.message };
+      }
+    }
+    apply(frame.event, true, opened);
     keepLive(frame.event);
   } else if (frame.caughtUp) {
     setConnState("");
@@ -737,7 +832,9 @@ function keepLive(event) {
   state.ackTimer = setTimeout(async () => {
     const batch = state.arrived;
     state.arrived = [];
-    if (state.local) await state.local.putEvents(batch).catch(() => {});
+    // What the encryption opened is kept with the events, before the ack.
+    const meta = state.crypto && state.crypto.dirty ? { e2ee: state.crypto.snapshot() } : {};
+    if (state.local) await state.local.putEvents(batch, meta).catch(() => {});
     state.ackTimer = null;
     const upTo = Math.max(...batch.map((e) => Number(e.seq)));
     if (state.session) state.session.notify({ ack: { upToSeq: String(upTo) } });
@@ -747,22 +844,22 @@ function keepLive(event) {
 
 // ---------------------------------------------------------------- events
 
-function apply(event, live) {
+function apply(event, live, opened = null) {
   const seq = Number(event.seq);
-  if (state.seen.has(seq)) return;
+  if (state.seen.has(seq) && !opened) return;
   state.seen.add(seq);
   if (event.message) applyMessage(event.message, seq, live);
   else if (event.receipt) {
     const r = event.receipt;
-    const c = chat(r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer));
+    const c = marksOf(r);
     const up = Number(r.upToSeq || 0);
     if (r.kind === "RECEIPT_KIND_READ") c.read = Math.max(c.read, up);
     c.delivered = Math.max(c.delivered, up);
   } else if (event.readSync) {
     const r = event.readSync;
-    const c = chat(r.peerPhone ? peerKey(r.peerPhone) : groupKey(r.peer));
+    const c = marksOf(r);
     c.readByMe = Math.max(c.readByMe, Number(r.upToSeq || 0));
-  } else if (event.group) applyGroup(event.group, seq, live);
+  } else if (event.group) applyGroup(event.group, seq, live, opened || (state.crypto && event.group.message ? recallPost(event) : null));
   else if (event.blockChange) applyBlock(event.blockChange, seq);
   else if (event.contactName) {
     const n = event.contactName;
@@ -840,8 +937,7 @@ async function refreshNames(session) {
 /// The other person's number of a 1:1 chat (plain or encrypted), else null.
 function peerPhoneOf(c) {
   if (!c) return null;
-  if (c.kind === "peer") return c.key.slice(2);
-  return c.locked ? c.title : null;
+  return c.kind === "peer" ? c.key.slice(2) : null;
 }
 
 function systemLine(g) {
@@ -858,19 +954,48 @@ function systemLine(g) {
   return null;
 }
 
-function applyGroup(g, order, live) {
-  const c = chat(groupKey(g.group), { group: g.group });
+/// What this device made of an encrypted post it read before (history, or
+/// the copy kept here); null for anything else.
+function recallPost(event) {
+  try {
+    return state.crypto.recall(event);
+  } catch {
+    return null;
+  }
+}
+
+/// The words of a group post: decrypted (`opened`, from e2ee.js) when it
+/// is encrypted; null for a handshake (keys changing: nothing to show).
+function postText(g, opened) {
+  let kind = null;
+  try {
+    kind = mlsKind(payloadBytes(g.message.payload));
+  } catch {
+    kind = null;
+  }
+  if (!kind) return payloadText(g.message.payload);
+  if (kind === "handshake" || (opened && opened.kind !== "message" && opened.kind !== "failed")) return null;
+  if (!opened) return LOCKED;
+  if (opened.kind === "failed") return `An end-to-end encrypted message this browser could not open: ${opened.reason}`;
+  return decoder.decode(payloadBytes(opened.plaintext));
+}
+
+function applyGroup(g, order, live, opened = null) {
+  const direct = g.created && g.created.direct && (g.created.members || []).find((m) => m.account !== state.me.accountId);
+  if (direct) rememberDirect(g.group, direct);
+  const c = groupChat(g.group);
   const at = Number(g.atMs);
   if (g.message) {
-    let handshake = false;
-    try {
-      handshake = mlsKind(payloadBytes(g.message.payload)) === "handshake";
-    } catch {
-      handshake = false;
+    if (opened && opened.kind === "devicesChanged") {
+      const text = "The devices in this conversation changed: its safety number changed with them.";
+      addMessage(c, { id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, system: true, text, at });
+      return;
     }
-    if (handshake) return; // encryption keys changing: nothing to show
+    if (opened) c.locked = encryptsFor(c.direct || c.group); // keys may have arrived
+    const text = postText(g, opened);
+    if (text === null) return; // encryption keys changing: nothing to show
     const mine = g.by === state.me.accountId;
-    const shown = described(`${g.group}:${g.groupSeq}`, g.group, payloadText(g.message.payload), g.message, mine, g.byPhone);
+    const shown = described(`${g.group}:${g.groupSeq}`, g.group, text, g.message, mine, g.byPhone);
     addMessage(c, {
       id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, mine, from: g.byPhone,
       at, clientId: g.message.clientId, ...shown,
@@ -882,14 +1007,8 @@ function applyGroup(g, order, live) {
     }
     return;
   }
-  if (g.created) {
-    // A 1:1 conversation's end-to-end encrypted group (from the CLI): named
-    // after the other person; its posts are encrypted for their devices.
-    const other = g.created.direct && (g.created.members || []).find((m) => m.account !== state.me.accountId);
-    c.title = other ? other.phone : g.created.subject;
-    c.locked = !!other;
-    if (other) return;
-  }
+  if (c.direct) return; // a 1:1 conversation's group: no roster to show
+  if (g.created) c.title = g.created.subject;
   if (g.subject !== undefined) c.title = g.subject;
   const text = systemLine(g);
   if (text) addMessage(c, { id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, system: true, text, at });
@@ -903,7 +1022,7 @@ function applyGroup(g, order, live) {
 
 function unread(c) {
   let n = 0;
-  for (const m of c.messages.values()) if (!m.mine && !m.system && !m.quiet && !gone(m) && m.seq > c.readByMe) n++;
+  for (const m of c.messages.values()) if (!m.mine && !m.system && !m.quiet && !gone(m) && m.seq > laneOf(c, m).readByMe) n++;
   return n;
 }
 
@@ -922,15 +1041,18 @@ function scrub(c, ref) {
 
 function maybeMarkRead(c) {
   if (state.open !== c.key || document.visibilityState !== "visible" || !state.session) return;
-  let newest = 0;
-  for (const m of c.messages.values()) if (!m.mine && !m.system) newest = Math.max(newest, m.seq);
-  if (newest <= c.readByMe) return;
-  const peer = c.kind === "group" ? c.group : c.peer;
-  if (!peer) return;
   // Read markers for a peer are in the peer's sequence numbers; messages
   // from one peer carry that peer's seqs, so the newest covers the rest.
-  c.readByMe = newest;
-  state.session.request({ markRead: { peer, upToSeq: String(newest) } }).catch(() => {});
+  // A 1:1 chat marks its group's posts apart (in the group's sequence).
+  const lanes = [[c, c.kind === "group" ? c.group : c.peer]];
+  if (c.direct) lanes.push([c.g, c.direct]);
+  for (const [lane, peer] of lanes) {
+    let newest = 0;
+    for (const m of c.messages.values()) if (!m.mine && !m.system && laneOf(c, m) === lane) newest = Math.max(newest, m.seq);
+    if (newest <= lane.readByMe || !peer) continue;
+    lane.readByMe = newest;
+    state.session.request({ markRead: { peer: String(peer), upToSeq: String(newest) } }).catch(() => {});
+  }
 }
 
 // ---------------------------------------------------------------- sending
@@ -944,7 +1066,7 @@ function send(c, text, extra = {}) {
   const timed = content.t === "timer" || extra.deletes ? 0 : fold(c).timer;
   const item = {
     key: c.key, clientId: clientId(), text, queuedAt: Date.now(), payload: encodeContent(content),
-    edits: extra.edits || null, deletes: extra.deletes || null, expireAfterMs: timed,
+    edits: extra.edits || null, deletes: extra.deletes || null, expireAfterMs: timed, lane: extra.lane || null,
     attachments: extra.attachments || [],
   };
   // Kept before anything else: a tab closed now still sends it next time.
@@ -957,7 +1079,7 @@ function send(c, text, extra = {}) {
 /// Shows a queued message as waiting (🕓) and adds it to the outbox.
 function enqueue(item) {
   const c = chat(item.key);
-  const sender = c.kind === "group" ? c.group : state.me.accountId;
+  const sender = c.kind === "group" ? c.group : item.lane === "g" || (!item.lane && c.direct) ? c.direct : state.me.accountId;
   const meta = { edits: item.edits, deletes: item.deletes, expiresAtMs: item.expireAfterMs ? item.queuedAt + item.expireAfterMs : 0 };
   const local = {
     id: `local:${item.clientId}`, local: true, mine: true, at: item.queuedAt,
@@ -984,6 +1106,20 @@ function keepSent(c, body, ack) {
 }
 
 let flushing = false;
+/// Where a message of chat `c` goes: its group for a group's chat; for a
+/// 1:1 chat, the conversation's group (end-to-end encrypted) when every
+/// device of both accounts can encrypt — started here on the first
+/// message — else null: to the person, unencrypted. An edit or deletion
+/// goes where the message it changes went (`item.lane`).
+async function destination(c, item) {
+  if (c.kind === "group") return c.group;
+  if (item.lane === "p") return null;
+  if (item.lane === "g") return c.direct || null;
+  if (c.direct && encryptsFor(c.direct)) return c.direct;
+  const info = await startDirect(c.key.slice(2));
+  return info ? String(info.id) : null;
+}
+
 async function flushOutbox() {
   if (flushing) return;
   flushing = true;
@@ -991,9 +1127,24 @@ async function flushOutbox() {
     while (state.outbox.length && state.session) {
       const item = state.outbox[0];
       const c = state.chats.get(item.key);
-      const payload = payloadOf(item.payload ?? item.text); // queued by an older page: plain text
-      const body = c.kind === "group"
-        ? { clientId: item.clientId, group: c.group, payload }
+      const text = item.payload ?? item.text; // queued by an older page: plain text
+      const group = await destination(c, item);
+      if (!state.session) break;
+      let payload = payloadOf(text);
+      if (group && encryptsFor(group)) {
+        try {
+          // The same ciphertext when it is sent again (a new one would
+          // spend another key of the sender's chain for nothing).
+          if (!item.sealed || item.sealed.group !== group) {
+            item.sealed = { group, payload: state.crypto.encrypt(group, item.clientId, new TextEncoder().encode(text)) };
+          }
+          payload = item.sealed.payload;
+        } catch {
+          break; // a change to the group's keys is on its way: sent once it is through
+        }
+      }
+      const body = group
+        ? { clientId: item.clientId, group: String(group), payload }
         : { clientId: item.clientId, to: c.key.slice(2), payload };
       if (item.edits) body.edits = String(item.edits);
       if (item.deletes) body.deletes = String(item.deletes);
@@ -1002,18 +1153,18 @@ async function flushOutbox() {
       try {
         const reply = await state.session.request({ send: body });
         const ack = reply.sendAck;
-        const id = c.kind === "group" ? `g:${ack.id.seq}` : `m:${ack.id.seq}:out`;
+        const id = group ? `g:${ack.id.seq}` : `m:${ack.id.seq}:out`;
         if (c.messages.has(item.local.id)) {
           c.messages.delete(item.local.id);
           if (!c.messages.has(id)) {
             // A 1:1 message's id is its place in this account's log; a group
             // post gets its place when its copy arrives (it replaces this).
-            const order = c.kind === "group" ? Infinity : Number(ack.id.seq);
+            const order = group ? Infinity : Number(ack.id.seq);
             const ref = `${ack.id.sender}:${ack.id.seq}`;
             c.messages.set(id, { ...item.local, local: false, id, ref, seq: Number(ack.id.seq), order, at: Number(ack.sentAtMs) });
           }
         }
-        if (c.kind !== "group") keepSent(c, body, ack);
+        if (!group) keepSent(c, body, ack);
         state.outbox.shift();
         if (state.local) state.local.unqueue(item.clientId).catch(() => {});
       } catch (err) {
@@ -1345,8 +1496,9 @@ function attachmentView(f, where) {
 /// A message's status and the words that say it.
 function tickOf(c, m) {
   if (m.local) return m.failed ? ["failed", m.failed] : ["pending", "waiting to be sent"];
-  if (m.seq <= c.read) return ["read", "read"];
-  if (m.seq <= c.delivered) return ["delivered", "delivered"];
+  const lane = laneOf(c, m);
+  if (m.seq <= lane.read) return ["read", "read"];
+  if (m.seq <= lane.delivered) return ["delivered", "delivered"];
   return ["sent", "sent"];
 }
 
@@ -1496,6 +1648,24 @@ $("report").addEventListener("click", () => {
       phone ? h("button", { type: "button", class: "danger", onclick: () => send(true) }, "Report and block") : null));
 });
 
+/// The safety number of an encrypted 1:1 conversation, as `skylark verify`
+/// shows it: both people compare it to know their messages are encrypted
+/// for each other's devices and nobody else's.
+$("verify").addEventListener("click", () => guarded(async () => {
+  const c = state.chats.get(state.open);
+  if (!c || !c.direct || !encryptsFor(c.direct)) return;
+  const { number, mine, theirs } = state.crypto.safetyNumber(c.direct, c.peer);
+  const words = number.split(" ");
+  const lines = [];
+  for (let i = 0; i < words.length; i += 4) lines.push(words.slice(i, i + 4).join(" "));
+  const devices = (n) => (n === 1 ? "1 device" : `${n} devices`);
+  panel("verify", h("h2", {}, `Safety number with ${titleOf(c)}`),
+    h("pre", { class: "safety-number", "aria-label": "Safety number" }, lines.join("\n")),
+    h("p", {}, `Compare it with the one ${c.key.slice(2)} sees (side by side, or read aloud on a call). If they match, `
+      + `your messages are encrypted for your ${devices(mine)} and their ${devices(theirs)} and nobody else. `
+      + "It changes when either of you links or removes a device."));
+}));
+
 $("mute").addEventListener("click", () => {
   const key = state.open;
   if (!key) return;
@@ -1534,7 +1704,7 @@ $("composer").addEventListener("submit", (e) => {
   const what = state.composing && state.composing.key === c.key ? state.composing : null;
   endCompose();
   if (what && what.reply) send(c, text, { content: { t: "text", text, reply: what.reply } });
-  else if (what && what.edits) send(c, text, { edits: what.edits });
+  else if (what && what.edits) send(c, text, { edits: what.edits, lane: what.lane });
   else send(c, text);
 });
 
@@ -1580,7 +1750,8 @@ function renderList() {
   for (const c of state.chats.values()) total += unread(c);
   document.title = total ? `(${total}) Skylark` : "Skylark";
   // An encrypted 1:1 group with nothing to show (only key changes) is not a chat yet.
-  let chats = [...state.chats.values()].filter((c) => !c.locked || c.messages.size).sort((a, b) => b.lastAt - a.lastAt);
+  // A 1:1 conversation's group alone (keys, no message yet) is not a chat yet.
+  let chats = [...state.chats.values()].filter((c) => c.messages.size || !c.direct || state.open === c.key).sort((a, b) => b.lastAt - a.lastAt);
   const hits = new Map();
   if (query) {
     chats = chats.filter((c) => {
@@ -1608,7 +1779,8 @@ function renderHeader() {
   const c = state.chats.get(state.open);
   $("group-info").hidden = !c || c.kind !== "group" || !state.groups.has(c.group);
   $("mute").hidden = !c;
-  $("timer").hidden = !c || c.locked;
+  $("timer").hidden = !c;
+  $("verify").hidden = !c || !c.locked;
   if (c) {
     const t = fold(c).timer;
     $("timer").replaceChildren(...(t ? [icon("timer", "disappearing messages:"), ` ${timerWords(t)}`] : ["Timer"]));
@@ -1711,6 +1883,9 @@ function fold(c) {
 
 /// The sequence the server knows one's own message by (its log's, or the group's).
 const ownSeq = (m) => Number(String(m.ref).split(":")[1]);
+/// Which of a 1:1 chat's two sequences a message is in: "g" for its
+/// group's posts, "p" for plain messages (null in a group's chat).
+const laneName = (c, m) => (c.kind === "group" ? null : String(m.id).startsWith("g:") ? "g" : "p");
 
 function drawMessage(c, m, folded) {
   if (m.system || m.timer) return h("li", { class: `system${m.timer ? " timer" : ""}` }, m.timer ? icon("timer") : null, m.text);
@@ -1768,7 +1943,7 @@ function showActions(c, m) {
     h("p", {},
       act("Reply", () => compose(c, { reply: { id: m.ref, quote: quoteOf(text) } }, `Replying to: ${quoteOf(text)}`)), " ",
       act("Forward", () => chooseForward(content.t === "file" ? content : { t: "text", text })), " ",
-      mine && age < EDIT_WINDOW_MS && !m.quiet && content.t === "text" ? act("Edit", () => compose(c, { edits: ownSeq(m) }, "Editing your message", text)) : null, " ",
+      mine && age < EDIT_WINDOW_MS && !m.quiet && content.t === "text" ? act("Edit", () => compose(c, { edits: ownSeq(m), lane: laneName(c, m) }, "Editing your message", text)) : null, " ",
       mine && age < DELETE_WINDOW_MS ? act("Delete for everyone", () => confirmDelete(c, m), "danger") : null));
 }
 
@@ -1793,7 +1968,7 @@ function confirmDelete(c, m) {
     h("p", {}, "Everyone in this chat will see that a message was deleted, and the server removes its text."),
     h("p", {}, h("button", { type: "button", class: "danger", onclick: () => {
       $("panel").close();
-      send(c, "", { content: { t: "delete" }, deletes: ownSeq(m) });
+      send(c, "", { content: { t: "delete" }, deletes: ownSeq(m), lane: laneName(c, m) });
     } }, "Delete")));
 }
 
@@ -1801,7 +1976,7 @@ function confirmDelete(c, m) {
 function chooseForward(content) {
   const text = content.t === "file" ? content.text || "" : content.text;
   const attachments = content.t === "file" ? [content.file.id] : [];
-  const chats = [...state.chats.values()].filter((c) => !c.locked && (c.kind !== "group" || state.groups.has(c.group)))
+  const chats = [...state.chats.values()].filter((c) => c.kind !== "group" || state.groups.has(c.group))
     .sort((a, b) => b.lastAt - a.lastAt);
   panel("forward", h("h2", {}, "Forward to…"),
     h("ul", { class: "choices" }, chats.map((c) => h("li", {}, h("button", { type: "button", class: "secondary", onclick: () => {
@@ -1910,6 +2085,21 @@ function panel(name, ...children) {
 $("panel").addEventListener("close", () => (panelShows = null));
 $("banner").addEventListener("click", () => ($("banner").hidden = true));
 
+/// The encrypted 1:1 conversation with `phone` (its GroupInfo), started
+/// here if need be; null when it stays unencrypted (a device of either
+/// account publishes no keys, or this browser cannot encrypt).
+async function startDirect(phone) {
+  if (!state.crypto || !state.session) return null;
+  try {
+    const info = await state.crypto.startDirect(state.session, phone);
+    if (info) rememberGroup(info);
+    return info;
+  } catch (err) {
+    if (!(err instanceof Refused && ["ERROR_CODE_FORBIDDEN", "ERROR_CODE_UNKNOWN_RECIPIENT"].includes(err.code))) say(explain(err));
+    return null;
+  }
+}
+
 async function guarded(fn) {
   try {
     await fn();
@@ -1945,6 +2135,10 @@ $("new-group").addEventListener("click", () => {
       if (phones.some((p) => !p)) return say("Type every number in international form, like +15551234567.");
       guarded(async () => {
         const r = await state.session.request({ createGroup: { subject: subject.value.trim(), members: phones } });
+        // End-to-end encrypted when every device of every member can be.
+        if (state.crypto && !(await state.crypto.startGroup(state.session, r.groupInfo))) {
+          say("This group is not end-to-end encrypted: a device of a member cannot encrypt.", "info");
+        }
         rememberGroup(r.groupInfo);
         $("panel").close();
         openChat(groupKey(r.groupInfo.id));
@@ -1962,8 +2156,16 @@ function showGroup(id) {
   const me = info.members.find((m) => m.account === state.me.accountId);
   const admin = me && me.admin;
   const change = (c) => guarded(async () => {
+    // An encrypted group's keys follow its members: the added accounts'
+    // devices get them (claimed first: a device that cannot encrypt is
+    // refused before anything changes), the removed one's lose them.
+    const encrypted = encryptsFor(id);
+    const packages = encrypted && c.add ? await state.crypto.prepareAdd(state.session, c.add.phones) : null;
+    const gone = encrypted && c.remove ? (info.members.find((m) => m.phone === c.remove) || {}).account : null;
     const r = await state.session.request({ changeGroup: { group: id, ...c } });
     rememberGroup(r.groupInfo);
+    if (packages) await state.crypto.addDevices(state.session, id, packages);
+    if (gone) await state.crypto.removeAccounts(state.session, id, [gone]);
     renderAll();
     showGroup(id);
   });
@@ -2094,6 +2296,13 @@ async function showSettings() {
         say("Two-step verification is off.", "info");
       }),
     }, "Turn off")) : null,
+    h("h3", {}, "End-to-end encryption"),
+    state.crypto
+      ? h("p", { class: "e2ee-state" }, "On: a conversation is end-to-end encrypted (🔒) once every device of everyone in it "
+        + "can encrypt; then only those devices can read it, not this server. A device added later cannot read what was sent before.")
+      : h("p", { class: "e2ee-state" }, "Off on this browser: what it sends and receives can be read by this server, "
+        + "and your other devices' conversations with this browser stay unencrypted."),
+    state.crypto ? null : h("p", {}, h("button", { type: "button", onclick: () => guarded(turnOnEncryption) }, "Turn on encryption")),
     h("h3", {}, "Blocked numbers"),
     accounts.length
       ? h("ul", {}, accounts.map((a) => h("li", { class: "device", "data-blocked": a.phone },

@@ -92,6 +92,19 @@ export class LocalStore {
     });
   }
 
+  /// One entry of the meta store (undefined when absent).
+  get(key) {
+    let value;
+    return this.transaction([META], "readonly", (s) => {
+      s[META].get(key).onsuccess = (e) => (value = e.target.result);
+    }).then(() => value);
+  }
+
+  /// Sets one entry of the meta store; resolves once it is committed.
+  put(key, value) {
+    return this.transaction([META], "readwrite", (s) => s[META].put(value, key));
+  }
+
   /// Forgets the content of the message or post kept at log sequence `n`
   /// (deleted for everyone), keeping the entry as a tombstone.
   scrub(n) {

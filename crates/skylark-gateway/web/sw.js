@@ -6,8 +6,11 @@
 // server sends one when messages wait for a device with no live
 // connection, so the notification says only that there is something new.
 
-const SHELL = "skylark-shell-v1";
-const FILES = ["/", "/app.js", "/proto.js", "/store.js", "/style.css", "/favicon.svg"];
+const SHELL = "skylark-shell-v2";
+const FILES = [
+  "/", "/app.js", "/proto.js", "/store.js", "/style.css", "/favicon.svg",
+  "/e2ee.js", "/e2ee/skylark_e2ee_web.js", "/e2ee/skylark_e2ee_web_bg.wasm",
+];
 
 self.addEventListener("install", (event) => {
   event.waitUntil(caches.open(SHELL).then((cache) => cache.addAll(FILES)).then(() => self.skipWaiting()));

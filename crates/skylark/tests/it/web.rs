@@ -34,6 +34,25 @@ pub(crate) fn playwright(dir: &Path) {
     assert!(status.success(), "`npm ci` in {} failed", dir.display());
 }
 
+/// `tests/web/e2ee.mjs`: the page's end-to-end encryption (the MLS engine as
+/// WebAssembly) with the command line client and another browser.
+#[test]
+fn the_web_client_chats_end_to_end_encrypted_with_the_cli_and_other_browsers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web");
+    let chromium = chromium();
+    playwright(&dir);
+    let out = Command::new("node")
+        .arg("e2ee.mjs")
+        .current_dir(&dir)
+        .env("SKYLARK_BIN", env!("CARGO_BIN_EXE_skylark"))
+        .env("CHROMIUM", &chromium)
+        .output()
+        .unwrap_or_else(|e| panic!("the web client test needs Node.js (`node` on PATH): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "web e2ee failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("web e2ee: ok"), "the script ended without its last check:\n{stdout}");
+}
+
 #[test]
 fn the_web_client_signs_up_chats_links_groups_reloads_and_survives_a_restart() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web");

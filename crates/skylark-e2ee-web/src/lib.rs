@@ -1,0 +1,336 @@
+//! The web client's end-to-end encryption: [`skylark_e2ee::Engine`] as a
+//! WebAssembly module, so the browser runs the same MLS code as the SDK
+//! and the CLI.
+//!
+//! The page (`web/e2ee.js` in skylark-gateway) does what the CLI's
+//! `skylark_client::e2ee` does around the engine — key packages, commits
+//! in the group's order, opening posts in log order — and keeps
+//! [`Device::save`]'s bytes in IndexedDB after every change.
+//!
+//! The interface speaks the page's language: ids are decimal strings (as
+//! in the protocol's JSON), payloads and key packages base64 (as in its
+//! frames), structured answers JSON, and errors are JavaScript `Error`s
+//! whose message is the engine's sentence for the user.
+//!
+//! Built with `web/e2ee/build.sh` (cargo for wasm32-unknown-unknown, then
+//! wasm-bindgen); the output is committed and CI checks it is current.
+#![cfg(target_arch = "wasm32")]
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Value, json};
+use skylark_e2ee::{Commit, DeviceRef, E2eeError, Engine, Opened, group_conversation};
+use wasm_bindgen::prelude::*;
+
+fn fail(e: E2eeError) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn number(text: &str, what: &str) -> Result<u64, JsError> {
+    text.parse().map_err(|_| JsError::new(&format!("{what} is not a number: {text:?}")))
+}
+
+fn conversation(group: &str) -> Result<Vec<u8>, JsError> {
+    Ok(group_conversation(number(group, "the group id")?))
+}
+
+fn bytes(b64: &str, what: &str) -> Result<Vec<u8>, JsError> {
+    BASE64.decode(b64).map_err(|_| JsError::new(&format!("{what} is not base64")))
+}
+
+fn parse(json: &str, what: &str) -> Result<Value, JsError> {
+    serde_json::from_str(json).map_err(|e| JsError::new(&format!("{what} is not valid JSON: {e}")))
+}
+
+fn field<'a>(value: &'a Value, name: &str) -> Result<&'a str, JsError> {
+    value.get(name).and_then(Value::as_str).ok_or_else(|| JsError::new(&format!("\"{name}\" is missing")))
+}
+
+fn device_ref(value: &Value) -> Result<DeviceRef, JsError> {
+    Ok(DeviceRef {
+        account: number(field(value, "account")?, "account")?,
+        device: number(field(value, "device")?, "device")?,
+    })
+}
+
+fn commit_json(c: &Commit) -> String {
+    json!({
+        "epoch": c.epoch.to_string(),
+        "commit": BASE64.encode(&c.commit),
+        "welcome": c.welcome.as_ref().map(|w| BASE64.encode(w)),
+        "payload": BASE64.encode(c.payload()),
+    })
+    .to_string()
+}
+
+fn commit_from(json: &str) -> Result<Commit, JsError> {
+    let v = parse(json, "the commit")?;
+    let welcome = match v.get("welcome").and_then(Value::as_str) {
+        Some(w) => Some(bytes(w, "the Welcome")?),
+        None => None,
+    };
+    Ok(Commit {
+        epoch: number(field(&v, "epoch")?, "the epoch")?,
+        commit: bytes(field(&v, "commit")?, "the commit")?,
+        welcome,
+    })
+}
+
+fn opened_json(opened: &Opened) -> String {
+    match opened {
+        Opened::Message { from, plaintext, .. } => json!({
+            "kind": "message",
+            "plaintext": BASE64.encode(plaintext),
+            "account": from.account.to_string(),
+            "device": from.device.to_string(),
+        }),
+        Opened::DevicesChanged { epoch, .. } => json!({ "kind": "devicesChanged", "epoch": epoch.to_string() }),
+        Opened::Failed(why) => json!({ "kind": "failed", "reason": why }),
+        Opened::Control => json!({ "kind": "control" }),
+    }
+    .to_string()
+}
+
+/// Whether a payload (base64) is an end-to-end encrypted one.
+#[wasm_bindgen(js_name = isEncrypted)]
+pub fn is_encrypted(payload: &str) -> bool {
+    BASE64.decode(payload).is_ok_and(|p| skylark_e2ee::is_encrypted(&p))
+}
+
+/// Checks that a claimed key package belongs to the device it was listed
+/// for and that its MLS key is signed by that device's key; throws a
+/// sentence saying what is wrong otherwise.
+#[wasm_bindgen(js_name = checkPackage)]
+pub fn check_package(account: &str, device: &str, package: &str, device_key: &str) -> Result<(), JsError> {
+    let who = DeviceRef { account: number(account, "account")?, device: number(device, "device")? };
+    skylark_e2ee::check_package(who, &bytes(package, "the key package")?, &bytes(device_key, "the device key")?)
+        .map_err(fail)
+}
+
+/// The safety number of two accounts from their devices' MLS keys (each a
+/// JSON array of base64 keys), as `skylark verify` shows it.
+#[wasm_bindgen(js_name = safetyNumber)]
+pub fn safety_number(account_a: &str, keys_a: &str, account_b: &str, keys_b: &str) -> Result<String, JsError> {
+    let keys = |json: &str| -> Result<Vec<[u8; 32]>, JsError> {
+        let list = parse(json, "the keys")?;
+        let list = list.as_array().ok_or_else(|| JsError::new("the keys are not a list"))?;
+        list.iter()
+            .map(|k| {
+                let k = bytes(k.as_str().unwrap_or_default(), "a key")?;
+                k.try_into().map_err(|_| JsError::new("a key is not 32 bytes"))
+            })
+            .collect()
+    };
+    let (a, b) = (keys(keys_a)?, keys(keys_b)?);
+    Ok(skylark_e2ee::safety_number((number(account_a, "account")?, &a), (number(account_b, "account")?, &b)))
+}
+
+/// One device's MLS state.
+#[wasm_bindgen]
+pub struct Device {
+    engine: Engine,
+}
+
+#[wasm_bindgen]
+impl Device {
+    /// A new device with a fresh MLS key, not yet bound to the device key:
+    /// sign [`Device::binding_request`] and pass the signature to
+    /// [`Device::bind`].
+    #[wasm_bindgen(constructor)]
+    pub fn new(account: &str, device: &str) -> Result<Device, JsError> {
+        let me = DeviceRef { account: number(account, "account")?, device: number(device, "device")? };
+        Ok(Device { engine: Engine::unbound(me) })
+    }
+
+    /// The state written by [`Device::save`].
+    pub fn restore(state: &[u8]) -> Result<Device, JsError> {
+        Ok(Device { engine: Engine::import(state).map_err(fail)? })
+    }
+
+    /// The whole state (keys included: keep it private).
+    pub fn save(&self) -> Vec<u8> {
+        self.engine.export()
+    }
+
+    pub fn account(&self) -> String {
+        self.engine.me().account.to_string()
+    }
+
+    pub fn device(&self) -> String {
+        self.engine.me().device.to_string()
+    }
+
+    #[wasm_bindgen(js_name = bindingRequest)]
+    pub fn binding_request(&self) -> Vec<u8> {
+        self.engine.binding_request()
+    }
+
+    pub fn bind(&mut self, signature: Vec<u8>) {
+        self.engine.bind(signature);
+    }
+
+    #[wasm_bindgen(js_name = isBound)]
+    pub fn is_bound(&self) -> bool {
+        self.engine.is_bound()
+    }
+
+    /// `n` one-time key packages (a JSON array of base64).
+    #[wasm_bindgen(js_name = keyPackages)]
+    pub fn key_packages(&mut self, n: usize) -> Result<String, JsError> {
+        let packages = self.engine.key_packages(n).map_err(fail)?;
+        Ok(Value::from(packages.iter().map(|p| BASE64.encode(p)).collect::<Vec<_>>()).to_string())
+    }
+
+    /// A last-resort key package (base64).
+    #[wasm_bindgen(js_name = lastResortPackage)]
+    pub fn last_resort_package(&mut self) -> Result<String, JsError> {
+        Ok(BASE64.encode(self.engine.last_resort_package().map_err(fail)?))
+    }
+
+    #[wasm_bindgen(js_name = isMember)]
+    pub fn is_member(&self, group: &str) -> Result<bool, JsError> {
+        Ok(self.engine.is_member(&conversation(group)?))
+    }
+
+    /// Starts the group's encryption with this device alone in it.
+    pub fn create(&mut self, group: &str) -> Result<(), JsError> {
+        self.engine.create(&conversation(group)?).map_err(fail)
+    }
+
+    pub fn epoch(&self, group: &str) -> Result<String, JsError> {
+        Ok(self.engine.epoch(&conversation(group)?).map_err(fail)?.to_string())
+    }
+
+    /// The devices in the group (JSON: `[{account, device, key}]`, the key
+    /// the MLS key in base64).
+    pub fn members(&self, group: &str) -> Result<String, JsError> {
+        let keys = self.engine.member_keys(&conversation(group)?).map_err(fail)?;
+        let list: Vec<Value> = keys
+            .iter()
+            .map(|k| {
+                json!({
+                    "account": k.member.account.to_string(),
+                    "device": k.member.device.to_string(),
+                    "key": BASE64.encode(&k.mls_key),
+                })
+            })
+            .collect();
+        Ok(Value::from(list).to_string())
+    }
+
+    /// A commit adding devices (JSON `[{account, device, keyPackage}]`, each
+    /// package checked with [`check_package`] first), or `undefined` when
+    /// all are in already. Returns the commit as JSON, `payload` the post.
+    pub fn add(&mut self, group: &str, packages: &str) -> Result<Option<String>, JsError> {
+        let list = parse(packages, "the key packages")?;
+        let list = list.as_array().ok_or_else(|| JsError::new("the key packages are not a list"))?;
+        let packages = list
+            .iter()
+            .map(|p| Ok((device_ref(p)?, bytes(field(p, "keyPackage")?, "a key package")?)))
+            .collect::<Result<Vec<_>, JsError>>()?;
+        let commit = self.engine.add(&conversation(group)?, &packages).map_err(fail)?;
+        Ok(commit.as_ref().map(commit_json))
+    }
+
+    /// A commit removing every device of the accounts (a JSON array of
+    /// ids), or `undefined` when none is in the group.
+    #[wasm_bindgen(js_name = removeAccounts)]
+    pub fn remove_accounts(&mut self, group: &str, accounts: &str) -> Result<Option<String>, JsError> {
+        let list = parse(accounts, "the accounts")?;
+        let accounts = list
+            .as_array()
+            .ok_or_else(|| JsError::new("the accounts are not a list"))?
+            .iter()
+            .map(|a| number(a.as_str().unwrap_or_default(), "account"))
+            .collect::<Result<Vec<_>, JsError>>()?;
+        let conversation = conversation(group)?;
+        let leaving: Vec<DeviceRef> = self
+            .engine
+            .members(&conversation)
+            .map_err(fail)?
+            .into_iter()
+            .filter(|d| accounts.contains(&d.account))
+            .collect();
+        let commit = self.engine.remove(&conversation, &leaving).map_err(fail)?;
+        Ok(commit.as_ref().map(commit_json))
+    }
+
+    /// Keeps a commit until it is answered ([`Device::outgoing`] after a
+    /// reload).
+    pub fn stage(&mut self, group: &str, client_id: &str, commit: &str) -> Result<(), JsError> {
+        let commit = commit_from(commit)?;
+        self.engine.stage(&conversation(group)?, client_id, &commit);
+        Ok(())
+    }
+
+    pub fn unstage(&mut self, group: &str) -> Result<(), JsError> {
+        self.engine.unstage(&conversation(group)?);
+        Ok(())
+    }
+
+    /// Commits still to send (JSON `[{group, clientId, commit}]`).
+    pub fn outgoing(&self) -> String {
+        let list: Vec<Value> = self
+            .engine
+            .outgoing()
+            .iter()
+            .filter_map(|o| {
+                let group = skylark_e2ee::conversation_group(&o.conversation)?;
+                Some(json!({
+                    "group": group.to_string(),
+                    "clientId": o.client_id,
+                    "commit": parse(&commit_json(&o.commit), "").ok()?,
+                }))
+            })
+            .collect();
+        Value::from(list).to_string()
+    }
+
+    #[wasm_bindgen(js_name = hasPendingCommit)]
+    pub fn has_pending_commit(&self, group: &str) -> Result<bool, JsError> {
+        Ok(self.engine.has_pending_commit(&conversation(group)?))
+    }
+
+    #[wasm_bindgen(js_name = commitAccepted)]
+    pub fn commit_accepted(&mut self, group: &str) -> Result<(), JsError> {
+        let conversation = conversation(group)?;
+        self.engine.commit_accepted(&conversation).map_err(fail)?;
+        self.engine.unstage(&conversation);
+        Ok(())
+    }
+
+    #[wasm_bindgen(js_name = commitRefused)]
+    pub fn commit_refused(&mut self, group: &str) -> Result<(), JsError> {
+        self.engine.commit_refused(&conversation(group)?).map_err(fail)
+    }
+
+    /// Encrypts a post (`plaintext` as bytes) for every device in the
+    /// group; returns the payload (base64). This device shows its own post
+    /// by `client_id` when it comes back.
+    #[wasm_bindgen(js_name = encryptAs)]
+    pub fn encrypt_as(&mut self, group: &str, client_id: &str, plaintext: &[u8]) -> Result<String, JsError> {
+        let payload = self.engine.encrypt_as(&conversation(group)?, client_id, plaintext).map_err(fail)?;
+        Ok(BASE64.encode(payload))
+    }
+
+    /// Opens a log entry once, in log order (`key` names it; asked again,
+    /// the answer comes from memory). `own_client_id`: this device sent
+    /// it. JSON: `{kind: "message", plaintext, account, device}`,
+    /// `{kind: "devicesChanged"}`, `{kind: "failed", reason}` or
+    /// `{kind: "control"}` (a handshake: nothing to show).
+    #[wasm_bindgen(js_name = openOnce)]
+    pub fn open_once(&mut self, key: &str, payload: &str, own_client_id: Option<String>) -> Result<String, JsError> {
+        let payload = bytes(payload, "the payload")?;
+        Ok(opened_json(&self.engine.open_once(key, &payload, own_client_id.as_deref())))
+    }
+
+    /// What [`Device::open_once`] made of entry `key`, if it was opened.
+    pub fn recall(&self, key: &str) -> Option<String> {
+        self.engine.recall(key).as_ref().map(opened_json)
+    }
+
+    /// Forgets what entry `key` said (deleted for everyone, or expired).
+    pub fn forget(&mut self, key: &str) {
+        self.engine.forget(key);
+    }
+}

@@ -1,0 +1,313 @@
+// End-to-end encryption in the browser: the same MLS code as the CLI
+// (skylark-e2ee, built to WebAssembly in e2ee/), and around it what the
+// CLI's skylark_client::e2ee does — publishing key packages, starting a
+// 1:1 conversation's encryption, posting commits in the group's order
+// (trying again when another member's commit came first), encrypting
+// posts and opening the posts that arrive, in log order, each once.
+//
+// The device's MLS state lives in IndexedDB beside the events (LocalStore's
+// "e2ee" entry), written before anything that depends on it leaves the
+// page: key packages before they are uploaded, a commit before it is
+// posted, and what the live log opened in the same transaction as those
+// events, before they are acknowledged. A browser that cannot keep it
+// publishes no keys, and its conversations stay unencrypted.
+
+import init, { Device, checkPackage, isEncrypted, safetyNumber } from "./e2ee/skylark_e2ee_web.js";
+import { Refused } from "./proto.js";
+
+export { isEncrypted };
+
+/// Key packages a device keeps published (the server says when to top up).
+const TARGET_STOCK = 100;
+/// Packages per upload (each frame stays well under the server's limit).
+const UPLOAD_BATCH = 50;
+/// Devices added by one commit: each post stays within the payload limit.
+const ADD_BATCH = 32;
+/// Attempts at a commit that keeps losing to other members' commits.
+const COMMIT_ATTEMPTS = 5;
+/// How long to wait for the commit that won before trying again anyway.
+const CATCH_UP_WAIT_MS = 5000;
+/// A 1:1 conversation found plain is not checked again for this long (each
+/// check claims a key package of every device of both accounts).
+const PLAIN_RECHECK_MS = 10 * 60 * 1000;
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function newClientId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/// The journal key of a group post: its place in its group (what a
+/// deletion for everyone names), the same key the CLI uses.
+const postKey = (group, seq) => `post:${group}:${seq}`;
+
+export class Crypto {
+  /// The device's encryption, read from `local` (a LocalStore) or made on
+  /// first use, its MLS key signed by the device key with `sign(bytes)`.
+  static async open(me, local, sign) {
+    await init();
+    const kept = await local.get("e2ee");
+    let device = kept ? Device.restore(kept) : new Device(me.accountId, me.deviceId);
+    if (device.account() !== me.accountId || device.device() !== me.deviceId) {
+      // A state of another device (this browser signed in anew): start over.
+      device.free();
+      device = new Device(me.accountId, me.deviceId);
+    }
+    if (!device.isBound()) device.bind(new Uint8Array(await sign(device.bindingRequest())));
+    const c = new Crypto(me, local, device);
+    await c.persist();
+    return c;
+  }
+
+  constructor(me, local, device) {
+    this.me = me;
+    this.local = local;
+    this.device = device;
+    this.dirty = false;
+    this.plain = new Map(); // phone → when its 1:1 conversation was found plain
+    this.waiters = [];
+  }
+
+  /// The state to keep, for a write of the caller's (see keepLive).
+  snapshot() {
+    this.dirty = false;
+    return this.device.save();
+  }
+
+  /// Writes the state to IndexedDB now.
+  persist() {
+    return this.local.put("e2ee", this.snapshot());
+  }
+
+  /// Tops up the key packages this device has published.
+  async replenish(session) {
+    const stock = (await session.request({ getKeyPackageStock: {} })).keyPackageStock || {};
+    const available = Number(stock.available || 0);
+    const below = Number(stock.replenishBelow || 0);
+    if (available >= below && stock.hasLastResort) return 0;
+    const want = Math.max(0, Math.min(TARGET_STOCK, Number(stock.maxAvailable || TARGET_STOCK)) - available);
+    const packages = JSON.parse(this.device.keyPackages(want));
+    const lastResort = stock.hasLastResort ? undefined : this.device.lastResortPackage();
+    // Their private keys are kept before anyone can claim them.
+    await this.persist();
+    for (let i = 0; i < packages.length || (i === 0 && lastResort); i += UPLOAD_BATCH) {
+      const body = { keyPackages: packages.slice(i, i + UPLOAD_BATCH) };
+      if (i === 0 && lastResort) body.lastResort = lastResort;
+      await session.request({ uploadKeyPackages: body });
+    }
+    return want;
+  }
+
+  /// Finishes commits a previous page left unanswered (closed between
+  /// making a commit and the server's answer): posts it again with the
+  /// same client id (a duplicate if the server had it, refused if another
+  /// commit came first).
+  async resume(session) {
+    for (const o of JSON.parse(this.device.outgoing())) {
+      if (!this.device.hasPendingCommit(o.group)) {
+        this.device.unstage(o.group); // its own copy came back: applied
+        continue;
+      }
+      try {
+        await this.post(session, o.group, o.clientId, o.commit);
+        this.device.commitAccepted(o.group);
+      } catch (err) {
+        if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH")) throw err;
+        this.device.commitRefused(o.group);
+      }
+    }
+    await this.persist();
+  }
+
+  post(session, group, clientId, commit) {
+    return session.request({ send: { clientId, group: String(group), payload: commit.payload, commitEpoch: commit.epoch } });
+  }
+
+  /// Whether this device encrypts for the group.
+  encrypts(group) {
+    return this.device.isMember(String(group));
+  }
+
+  /// A post's payload (base64), encrypted for every device in the group.
+  encrypt(group, clientId, bytes) {
+    const payload = this.device.encryptAs(String(group), clientId, bytes);
+    this.dirty = true;
+    return payload;
+  }
+
+  /// Opens a group post of the live log, in log order, once (asked again,
+  /// the answer comes from the state): `{kind, plaintext?, reason?}`, or
+  /// null when the post is not encrypted.
+  openEvent(event) {
+    const g = event.group;
+    const m = g && g.message;
+    if (!m || !isEncrypted(m.payload || "")) return null;
+    const key = postKey(g.group, g.groupSeq);
+    let opened = this.recallKey(key, event);
+    if (!opened) {
+      const mine = g.by === this.me.accountId && String(m.senderDevice || 0) === this.me.deviceId;
+      opened = JSON.parse(this.device.openOnce(key, m.payload, mine ? m.clientId : undefined));
+      this.dirty = true;
+    }
+    if (m.deletes) this.forget(postKey(g.group, m.deletes));
+    if (m.expiresAtMs && Number(m.expiresAtMs) <= Date.now()) this.forget(key);
+    for (const w of this.waiters.splice(0)) w();
+    return opened;
+  }
+
+  /// What a group post was opened as, without opening anything (history,
+  /// and events kept in IndexedDB): null when it was never opened here.
+  recall(event) {
+    const g = event.group;
+    return this.recallKey(postKey(g.group, g.groupSeq), event);
+  }
+
+  recallKey(key, event) {
+    const known = this.device.recall(key) || this.device.recall(`log:${event.seq}`);
+    return known ? JSON.parse(known) : null;
+  }
+
+  forget(key) {
+    this.device.forget(key);
+    this.dirty = true;
+  }
+
+  /// The group of the encrypted 1:1 conversation with `phone`, started
+  /// here if need be (`info` its GroupInfo); null when it cannot be
+  /// encrypted because a device of either account publishes no keys.
+  async startDirect(session, phone) {
+    const seen = this.plain.get(phone);
+    if (seen && Date.now() - seen < PLAIN_RECHECK_MS) return null;
+    try {
+      const info = (await session.request({ openDirect: { phone } })).groupInfo;
+      if (this.encrypts(info.id) || (await this.startGroup(session, info))) return info;
+    } catch (err) {
+      this.plain.set(phone, Date.now());
+      throw err;
+    }
+    this.plain.set(phone, Date.now());
+    return null;
+  }
+
+  /// Starts a group's encryption: this device creates the MLS group and
+  /// adds every device of every member; false (and nothing changed) when
+  /// a device has no keys.
+  async startGroup(session, info) {
+    const { packages, withoutKeys } = await this.claimAll(session, (info.members || []).map((m) => m.phone));
+    if (withoutKeys.length) return false;
+    const group = String(info.id);
+    if (!this.device.isMember(group)) this.device.create(group);
+    await this.addDevices(session, group, packages);
+    return true;
+  }
+
+  /// A key package of every device of each account in `phones`, each
+  /// checked to stand for the device it was listed for (its MLS key signed
+  /// by that device's key), and the phones with a device that has none.
+  async claimAll(session, phones) {
+    const packages = [];
+    const withoutKeys = [];
+    for (const phone of phones) {
+      const claimed = await this.claim(session, phone);
+      for (const d of claimed.devices || []) {
+        if (!d.keyPackage) {
+          withoutKeys.push(phone);
+          continue;
+        }
+        const who = { account: String(claimed.accountId), device: String(d.deviceId), keyPackage: d.keyPackage };
+        checkPackage(who.account, who.device, d.keyPackage, d.deviceKey || "");
+        packages.push(who);
+      }
+    }
+    return { packages, withoutKeys: [...new Set(withoutKeys)] };
+  }
+
+  /// Before adding accounts to an encrypted group: their devices' key
+  /// packages. Throws, in words, when one cannot encrypt (it would be a
+  /// member who cannot read the group).
+  async prepareAdd(session, phones) {
+    const { packages, withoutKeys } = await this.claimAll(session, phones);
+    if (withoutKeys.length) {
+      throw new Error(`${withoutKeys.join(", ")} cannot be added: a device of theirs cannot encrypt, and this group is `
+        + "end-to-end encrypted. Nothing was changed.");
+    }
+    return packages;
+  }
+
+  /// Gives the devices of `packages` the group's keys, in commits of at
+  /// most ADD_BATCH (each post stays within the server's payload limit).
+  async addDevices(session, group, packages) {
+    for (let i = 0; i < packages.length; i += ADD_BATCH) {
+      const batch = JSON.stringify(packages.slice(i, i + ADD_BATCH));
+      await this.commit(session, String(group), (d) => d.add(String(group), batch));
+    }
+  }
+
+  /// Takes every device of `accounts` out of the group's keys, in one
+  /// commit: they read nothing sent after.
+  async removeAccounts(session, group, accounts) {
+    const list = JSON.stringify(accounts.map(String));
+    return this.commit(session, String(group), (d) => d.removeAccounts(String(group), list));
+  }
+
+  /// Claims a key package of every device of `phone`'s account, waiting
+  /// when the server says claims come too fast.
+  async claim(session, phone) {
+    for (let waited = 0; ; ) {
+      try {
+        return (await session.request({ claimKeyPackages: { phone } })).claimedKeyPackages;
+      } catch (err) {
+        if (!(err instanceof Refused && err.code === "ERROR_CODE_RATE_LIMITED") || waited > 60000) throw err;
+        const wait = Math.max(100, err.retryAfterMs);
+        await sleep(wait);
+        waited += wait;
+      }
+    }
+  }
+
+  /// Makes a commit with `make(device)` (JSON, or undefined for nothing to
+  /// do) and posts it in the group's order; when another member's commit
+  /// came first, waits for it on the live log and makes the commit again.
+  async commit(session, group, make) {
+    for (let attempt = 0; attempt < COMMIT_ATTEMPTS; attempt++) {
+      const made = make(this.device);
+      if (!made) return false;
+      const clientId = newClientId();
+      this.device.stage(group, clientId, made);
+      await this.persist();
+      const commit = JSON.parse(made);
+      try {
+        await this.post(session, group, clientId, commit);
+      } catch (err) {
+        if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH")) throw err; // stays staged: resume()
+        this.device.commitRefused(group);
+        await this.persist();
+        await this.epochMoves(group, Number(commit.epoch));
+        continue;
+      }
+      this.device.commitAccepted(group);
+      await this.persist();
+      return true;
+    }
+    throw new Error("The conversation's encryption kept changing while this browser tried to change it; try again.");
+  }
+
+  async epochMoves(group, from) {
+    const deadline = Date.now() + CATCH_UP_WAIT_MS;
+    while (Number(this.device.epoch(group)) <= from && Date.now() < deadline) {
+      await Promise.race([new Promise((r) => this.waiters.push(r)), sleep(200)]);
+    }
+  }
+
+  /// The safety number of this account and `peer` in a 1:1 conversation's
+  /// group, from the keys of the devices in it, with each side's count.
+  safetyNumber(group, peer) {
+    const members = JSON.parse(this.device.members(String(group)));
+    const keysOf = (account) => members.filter((m) => m.account === account).map((m) => m.key);
+    const mine = keysOf(this.me.accountId);
+    const theirs = keysOf(String(peer));
+    const number = safetyNumber(this.me.accountId, JSON.stringify(mine), String(peer), JSON.stringify(theirs));
+    return { number, mine: mine.length, theirs: theirs.length };
+  }
+}
