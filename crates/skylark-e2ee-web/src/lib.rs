@@ -255,6 +255,33 @@ impl Device {
         Ok(commit.as_ref().map(commit_json))
     }
 
+    /// A commit removing these devices (JSON `[{account, device}]`) from
+    /// the group, or `undefined` when none is in it.
+    #[wasm_bindgen(js_name = removeDevices)]
+    pub fn remove_devices(&mut self, group: &str, devices: &str) -> Result<Option<String>, JsError> {
+        let list = parse(devices, "the devices")?;
+        let devices = list
+            .as_array()
+            .ok_or_else(|| JsError::new("the devices are not a list"))?
+            .iter()
+            .map(device_ref)
+            .collect::<Result<Vec<_>, JsError>>()?;
+        let commit = self.engine.remove(&conversation(group)?, &devices).map_err(fail)?;
+        Ok(commit.as_ref().map(commit_json))
+    }
+
+    /// The groups this device holds the keys of (a JSON array of ids).
+    pub fn groups(&self) -> String {
+        let groups: Vec<String> = self
+            .engine
+            .conversations()
+            .iter()
+            .filter_map(|c| skylark_e2ee::conversation_group(c))
+            .map(|g| g.to_string())
+            .collect();
+        Value::from(groups).to_string()
+    }
+
     /// Keeps a commit until it is answered ([`Device::outgoing`] after a
     /// reload).
     pub fn stage(&mut self, group: &str, client_id: &str, commit: &str) -> Result<(), JsError> {

@@ -497,9 +497,22 @@ async function cryptoAfterConnect(session) {
   try {
     await state.crypto.resume(session);
     await state.crypto.replenish(session);
+    await maintainCrypto(session);
   } catch (err) {
     if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
   }
+}
+
+/// Carries device changes into the encrypted conversations; a linked
+/// device that has not published its keys yet is tried again a little
+/// later (the next connection tries too), while this session lasts.
+async function maintainCrypto(session, wait = 2000) {
+  if (!(await state.crypto.maintain(session)) || state.session !== session || wait > 60000) return;
+  setTimeout(() => {
+    maintainCrypto(session, wait * 2).catch((err) => {
+      if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
+    });
+  }, wait);
 }
 
 function setConnState(text) {
@@ -866,7 +879,17 @@ function apply(event, live, opened = null) {
     if (n.name) state.names.set(n.peerPhone, n.name);
     else state.names.delete(n.peerPhone);
   }
-  else if (event.deviceChange && panelShows === "devices") showDevices();
+  else if (event.deviceChange) {
+    if (panelShows === "devices") showDevices();
+    // A device linked or removed: this browser carries it into the
+    // encrypted conversations (as any device of the account may).
+    if (live && state.crypto) {
+      const session = state.session;
+      state.crypto.noteDeviceChange(event.deviceChange)
+        .then(() => session && maintainCrypto(session))
+        .catch((err) => { if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err)); });
+    }
+  }
   if (live) renderAll();
 }
 

@@ -31,6 +31,10 @@ const CATCH_UP_WAIT_MS = 5000;
 /// check claims a key package of every device of both accounts).
 const PLAIN_RECHECK_MS = 10 * 60 * 1000;
 
+/// The LocalStore entry of the device changes still to carry into the
+/// encrypted conversations.
+const TODO = "e2ee-todo";
+
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function newClientId() {
@@ -297,6 +301,60 @@ export class Crypto {
     const deadline = Date.now() + CATCH_UP_WAIT_MS;
     while (Number(this.device.epoch(group)) <= from && Date.now() < deadline) {
       await Promise.race([new Promise((r) => this.waiters.push(r)), sleep(200)]);
+    }
+  }
+
+  /// A device linked to or removed from this account (a DeviceChange
+  /// from the live log), kept to carry into every encrypted conversation
+  /// ([`maintain`]), across reloads.
+  async noteDeviceChange(change) {
+    const todo = (await this.local.get(TODO)) || { add: [], remove: [] };
+    if (change.linked && String(change.linked.id) !== this.me.deviceId) {
+      todo.add = [...new Set([...todo.add, String(change.linked.id)])];
+    }
+    if (change.removed) {
+      const id = String(change.removed);
+      todo.add = todo.add.filter((d) => d !== id);
+      todo.remove = [...new Set([...todo.remove, id])];
+    }
+    await this.local.put(TODO, todo);
+  }
+
+  /// Carries the account's device changes into its encrypted
+  /// conversations: a removed device is taken out of each (it reads
+  /// nothing sent after), a linked one added with one of its key packages
+  /// per conversation (one that has published none yet is tried again
+  /// next time). When several devices do it at once, the group's order
+  /// makes one commit count and the others find nothing left to do.
+  /// Returns whether a linked device is still to add (it has not published
+  /// keys yet: a device publishes them right after it is linked).
+  async maintain(session) {
+    if (this.maintaining) return false;
+    this.maintaining = true;
+    try {
+      const todo = (await this.local.get(TODO)) || { add: [], remove: [] };
+      if (!todo.add.length && !todo.remove.length) return false;
+      const groups = JSON.parse(this.device.groups());
+      const removed = JSON.stringify(todo.remove.map((device) => ({ account: this.me.accountId, device })));
+      if (todo.remove.length) for (const g of groups) await this.commit(session, g, (d) => d.removeDevices(g, removed));
+      const added = new Set(groups.length ? [] : todo.add);
+      if (todo.add.length) {
+        for (const g of groups) {
+          // One package per device per conversation: a Welcome uses it up.
+          const { packages } = await this.claimAll(session, [this.me.phone]);
+          const linked = packages.filter((p) => todo.add.includes(p.device));
+          for (const p of linked) added.add(p.device);
+          if (linked.length) await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked)));
+        }
+      }
+      // Read again before writing: more may have been noted meanwhile.
+      const now = (await this.local.get(TODO)) || { add: [], remove: [] };
+      now.remove = now.remove.filter((d) => !todo.remove.includes(d));
+      now.add = now.add.filter((d) => !added.has(d));
+      await this.local.put(TODO, now);
+      return now.add.length > 0;
+    } finally {
+      this.maintaining = false;
     }
   }
 

@@ -205,6 +205,22 @@ export class Device {
         wasm.device_forget(this.__wbg_ptr, ptr0, len0);
     }
     /**
+     * The groups this device holds the keys of (a JSON array of ids).
+     * @returns {string}
+     */
+    groups() {
+        let deferred1_0;
+        let deferred1_1;
+        try {
+            const ret = wasm.device_groups(this.__wbg_ptr);
+            deferred1_0 = ret[0];
+            deferred1_1 = ret[1];
+            return getStringFromWasm0(ret[0], ret[1]);
+        } finally {
+            wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
+        }
+    }
+    /**
      * @param {string} group
      * @returns {boolean}
      */
@@ -430,6 +446,36 @@ export class Device {
             throw e;
         }
         const ret = wasm.device_removeAccounts(this.__wbg_ptr, ptr0, len0, ptr1, len1);
+        if (ret[3]) {
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        let v3;
+        if (ret[0] !== 0) {
+            v3 = getStringFromWasm0(ret[0], ret[1]);
+            wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        }
+        return v3;
+    }
+    /**
+     * A commit removing these devices (JSON `[{account, device}]`) from
+     * the group, or `undefined` when none is in it.
+     * @param {string} group
+     * @param {string} devices
+     * @returns {string | undefined}
+     */
+    removeDevices(group, devices) {
+        let ptr0, len0, ptr1, len1;
+        try {
+            ptr0 = passStringToWasm0(group, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            len0 = WASM_VECTOR_LEN;
+            ptr1 = passStringToWasm0(devices, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            len1 = WASM_VECTOR_LEN;
+        } catch (e) {
+            if (ptr1) { wasm.__wbindgen_free(ptr1, len1 * 1, 1); }
+            if (ptr0) { wasm.__wbindgen_free(ptr0, len0 * 1, 1); }
+            throw e;
+        }
+        const ret = wasm.device_removeDevices(this.__wbg_ptr, ptr0, len0, ptr1, len1);
         if (ret[3]) {
             throw takeFromExternrefTable0(ret[2]);
         }

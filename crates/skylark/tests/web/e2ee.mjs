@@ -8,6 +8,9 @@
 // and Cal's CLI decrypts. Ann starts an encrypted chat with Yan (another
 // CLI account) from the page. Two browsers (Ann and Bea) chat encrypted,
 // with ticks. Both sides show the same safety number as `skylark verify`.
+// A group made in the page is encrypted for a browser and a CLI, and a
+// member added later reads on; a CLI device linked to Ann gets the keys of
+// her conversations from her browser.
 // A reload shows every message from the browser's own copy, decrypted.
 // The server's files hold none of the messages' words.
 
@@ -137,7 +140,7 @@ const CAL = "+15554000003";
 const YAN = "+15554000004";
 // Words that must never reach the server in the clear.
 const SECRETS = ["zebra-from-cal-7781", "otter-from-ann-4410", "heron-to-yan-2207", "lynx-ann-to-bea-9034",
-  "ibis-bea-to-ann-5561", "puffin-to-the-trip-3318", "wren-after-yan-joined-6605"];
+  "ibis-bea-to-ann-5561", "puffin-to-the-trip-3318", "wren-after-yan-joined-6605", "newt-for-the-terminal-1187"];
 
 const server = await startServer();
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
@@ -207,6 +210,31 @@ try {
   await sendText(ann, SECRETS[6]);
   await cliUntil("yan", ["listen"], new RegExp(SECRETS[6]));
   await bea.waitForSelector(`#messages >> text=${SECRETS[6]}`);
+
+  // A command line device linked to Ann's account is given the keys of
+  // her encrypted conversations by her browser, and reads what follows.
+  let code = null;
+  const linking = cli("ann-cli", ["link", "--name", "terminal"], undefined, (out) => {
+    const m = out.match(/Link code: (\S+)/);
+    if (m) code = m[1];
+  });
+  await until("the link code", () => code);
+  await ann.click("#devices");
+  await ann.fill("dialog input[aria-label='Link code']", code);
+  await ann.press("dialog input[aria-label='Link code']", "Enter");
+  await ann.waitForSelector("#panel-note >> text=Linked");
+  await ann.keyboard.press("Escape");
+  await linking;
+  await ann.click(`[data-chat="p:${CAL}"]`);
+  await until("the terminal in Ann's conversation with Cal", async () => {
+    await ann.click("#verify");
+    const said = await ann.textContent("#panel-body");
+    await ann.keyboard.press("Escape");
+    return said.includes("your 2 devices");
+  });
+  await cli("cal", ["send", ANN, SECRETS[7]]);
+  await cliUntil("ann-cli", ["listen"], new RegExp(SECRETS[7]));
+  await ann.waitForSelector(`#messages >> text=${SECRETS[7]}`);
 
   // A reload shows everything from the browser's own copy, decrypted.
   await ann.reload();
