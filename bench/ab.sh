@@ -18,6 +18,11 @@
 # SCENARIOS picks some of them (default: "idle chat3000 chat4000 group");
 # chatN is 1:1 chat at N messages per second (200 pairs), for any N; meshN
 # is N messages per second among 2,000 online users, each to a random other.
+# BEFORE_ARGS and AFTER_ARGS add load-tool flags to one side, to compare
+# loads on one binary; for example the payload of an end-to-end encrypted
+# 100-byte text against the text itself:
+#   SCENARIOS=mesh4000 BEFORE_ARGS="--payload 100" AFTER_ARGS="--payload 260" \
+#     bench/ab.sh target/release/skylark target/release/skylark target/release/skylark-load target/ab-e2ee
 set -euo pipefail
 before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
 scenarios=" ${SCENARIOS:-idle chat3000 chat4000 group} "
@@ -58,6 +63,12 @@ scenario() { # label binary name args...
   local report="$out/$name-$label-$round.json"
   local extra=()
   [ "$name" = idle ] && extra=(--server-pid "$pid")
+  if [ "$name" != idle ]; then
+    local sided
+    [ "$label" = before ] && sided=${BEFORE_ARGS:-} || sided=${AFTER_ARGS:-}
+    # shellcheck disable=SC2206 # flags split on spaces, as written
+    extra+=($sided)
+  fi
   taskset -c 0 "$load" "${@}" --manifest "$out/manifest.json" --tcp 127.0.0.1:7481 \
     --report "$report" "${extra[@]}" >"$out/$name-$label-$round.txt" 2>&1 || {
     echo "ab.sh: $name on $label failed (see $out/$name-$label-$round.txt)" >&2

@@ -53,14 +53,17 @@ fn device_ref(value: &Value) -> Result<DeviceRef, JsError> {
     })
 }
 
-fn commit_json(c: &Commit) -> String {
+fn commit_value(c: &Commit) -> Value {
     json!({
         "epoch": c.epoch.to_string(),
         "commit": BASE64.encode(&c.commit),
         "welcome": c.welcome.as_ref().map(|w| BASE64.encode(w)),
         "payload": BASE64.encode(c.payload()),
     })
-    .to_string()
+}
+
+fn commit_json(c: &Commit) -> String {
+    commit_value(c).to_string()
 }
 
 fn commit_from(json: &str) -> Result<Commit, JsError> {
@@ -306,7 +309,7 @@ impl Device {
                 Some(json!({
                     "group": group.to_string(),
                     "clientId": o.client_id,
-                    "commit": parse(&commit_json(&o.commit), "").ok()?,
+                    "commit": commit_value(&o.commit),
                 }))
             })
             .collect();
