@@ -18,7 +18,12 @@
 # line. When the store's format changed between them, set PROVISION_WITH
 # to the before commit's skylark-load, which writes accounts the before
 # server can read.
+#
+# TOOL=dhat counts heap allocations instead (valgrind's DHAT): blocks and
+# bytes allocated per delivered message, by the same difference.
 set -euo pipefail
+tool=${TOOL:-callgrind}
+case "$tool" in callgrind | dhat) ;; *) echo "callgrind.sh: TOOL is callgrind or dhat" >&2; exit 1 ;; esac
 server=$1 load=$2 out=$3 pairs=${4:-20} low=${5:-3} high=${6:-12} seconds=${7:-30}
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is required (Debian: apt-get install valgrind)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "callgrind.sh: curl is required" >&2; exit 1; }
@@ -33,9 +38,11 @@ fi
 
 run() { # rate → prints "instructions delivered"
   local rate=$1
-  rm -rf "$out/data" "$out"/callgrind.out.*
+  rm -rf "$out/data" "$out"/callgrind.out.* "$out"/dhat.out.*
   cp -r "$pristine" "$out/data"
-  valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out.%p" \
+  local counting=(--tool=callgrind --callgrind-out-file="$out/callgrind.out.%p")
+  [ "$tool" = dhat ] && counting=(--tool=dhat --dhat-out-file="$out/dhat.out.%p")
+  valgrind "${counting[@]}" \
     "$server" serve --data-dir "$out/data" --http $http --tcp $tcp --admin $admin --log warn \
     >"$out/server-$rate.log" 2>&1 &
   local pid=$!
@@ -52,12 +59,30 @@ run() { # rate → prints "instructions delivered"
   wait $pid || true
   local delivered
   delivered=$(grep -o 'delivered [0-9]*' "$out/chat-$rate.txt" | head -1 | awk '{print $2}')
+  if [ "$tool" = dhat ]; then
+    # DHAT's summary on exit: "Total:     BYTES bytes in BLOCKS blocks".
+    local total
+    total=$(grep -h 'Total:' "$out/server-$rate.log" | head -1 | tr -d ',' | awk '{print $3, $6}')
+    cp "$out"/dhat.out.* "$out/rate-$rate.dhat" 2>/dev/null || true
+    echo "$total $delivered"
+    return
+  fi
   local ir
   ir=$(grep -h '^summary:' "$out"/callgrind.out.* | awk '{s += $2} END {print s}')
   cp "$out"/callgrind.out.* "$out/rate-$rate.callgrind" 2>/dev/null || true
   echo "$ir $delivered"
 }
 
+if [ "$tool" = dhat ]; then
+  read -r bytes_low blocks_low n_low < <(run "$low")
+  read -r bytes_high blocks_high n_high < <(run "$high")
+  echo "rate $low/s: $blocks_low allocations ($bytes_low bytes), $n_low messages delivered"
+  echo "rate $high/s: $blocks_high allocations ($bytes_high bytes), $n_high messages delivered"
+  [ "$n_high" -gt "$n_low" ] || { echo "callgrind.sh: the high rate delivered no more messages than the low one" >&2; exit 1; }
+  echo "allocations per delivered message: $(( (blocks_high - blocks_low) / (n_high - n_low) ))"
+  echo "bytes allocated per delivered message: $(( (bytes_high - bytes_low) / (n_high - n_low) ))"
+  exit 0
+fi
 read -r ir_low n_low < <(run "$low")
 read -r ir_high n_high < <(run "$high")
 echo "rate $low/s: $ir_low instructions, $n_low messages delivered"
