@@ -17,88 +17,23 @@
 // and the account deleted; a phone-sized window works.
 
 import { chromium } from "playwright-core";
-import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { deflateSync } from "node:zlib";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
 import { accessible, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
+import { harness } from "./harness.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SHOTS = process.env.SCREENSHOTS || join(tmpdir(), "skylark-web-screenshots");
 mkdirSync(SHOTS, { recursive: true });
 
-function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-const dataDir = mkdtempSync(join(tmpdir(), "skylark-web-"));
-const [httpPort, tcpPort, adminPort] = [await freePort(), await freePort(), await freePort()];
-const base = `http://127.0.0.1:${httpPort}`;
-const codes = new Map(); // phone → latest code
+const { dataDir, adminPort, base, codes, startServer, cli, cliUntil, cliRegister } = await harness(BIN);
 const signUp = (page, phone) =>
   signUpAt(page, base, phone, (p) => until(`the SMS code for ${p}`, () => codes.get(p)));
 let server = null;
-
-function startServer() {
-  return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ["serve", "--data-dir", dataDir, "--http", `127.0.0.1:${httpPort}`,
-      "--tcp", `127.0.0.1:${tcpPort}`, "--admin", `127.0.0.1:${adminPort}`, "--log", "info"], { stdio: ["ignore", "pipe", "pipe"] });
-    const onLine = (chunk) => {
-      for (const line of chunk.toString().split("\n")) {
-        const sms = line.match(/code is (\d{6}).*to=(\+\d+)/);
-        if (sms) codes.set(sms[2], sms[1]);
-        if (line.includes("Skylark is running")) resolve(child);
-      }
-    };
-    child.stdout.on("data", onLine);
-    child.stderr.on("data", onLine);
-    child.on("exit", (code) => reject(new Error(`server exited early (${code})`)));
-  });
-}
-
-/// Runs the command line client with a profile of its own; `input` is fed
-/// to its standard input, and `onOutput(text)` sees what it prints.
-function cli(profile, args, input, onOutput = () => {}) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(BIN, [...args, "--profile", join(dataDir, `cli-${profile}`)],
-      { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, SKYLARK_SERVER: base } });
-    let out = "";
-    const read = (chunk) => {
-      out += chunk.toString();
-      onOutput(out, child);
-    };
-    child.stdout.on("data", read);
-    child.stderr.on("data", read);
-    if (input !== undefined) child.stdin.end(input);
-    child.on("exit", (code) => (code === 0 ? resolve(out) : reject(new Error(`skylark ${args.join(" ")} failed:\n${out}`))));
-  });
-}
-
-/// Runs the command line client until its output matches `pattern`, then
-/// stops it; resolves with what it printed.
-function cliUntil(profile, args, pattern, ms = 20000) {
-  return new Promise((resolve, reject) => {
-    let done = false;
-    const timer = setTimeout(() => { if (!done) { done = true; reject(new Error(`skylark ${args.join(" ")} never printed ${pattern}`)); } }, ms);
-    cli(profile, args, undefined, (out, child) => {
-      if (!done && pattern.test(out)) {
-        done = true;
-        clearTimeout(timer);
-        child.kill();
-        resolve(out);
-      }
-    }).catch((e) => { if (!done) { done = true; clearTimeout(timer); reject(e); } });
-  });
-}
 
 /// A small valid PNG (width × height, a colour gradient), made here.
 function png(width, height) {
@@ -130,16 +65,6 @@ function png(width, height) {
 
 /// The server's admin token (written to its data directory at start).
 const adminToken = () => readFileSync(join(dataDir, "admin.token"), "utf8").trim();
-
-async function cliRegister(profile, phone) {
-  let sent = false;
-  await cli(profile, ["register", phone], undefined, (out, child) => {
-    if (!sent && out.includes("A code was sent")) {
-      sent = true;
-      until(`the SMS code for ${phone}`, () => codes.get(phone)).then((code) => child.stdin.end(`${code}\n`));
-    }
-  });
-}
 
 /// Links a new browser (`page`) to the account signed in on `approver`.
 async function linkTo(approver, page) {

@@ -15,90 +15,18 @@
 // The server's files hold none of the messages' words.
 
 import { chromium } from "playwright-core";
-import { spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, readdirSync, statSync } from "node:fs";
-import { createServer } from "node:net";
-import { tmpdir } from "node:os";
+import { readFileSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import assert from "node:assert/strict";
 import { sendText, signUp as signUpAt, startChat, tickIs, until } from "./lib.mjs";
+import { harness } from "./harness.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 
-function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-const dataDir = mkdtempSync(join(tmpdir(), "skylark-web-e2ee-"));
+const { dataDir, base, codes, startServer, cli, cliUntil, cliRegister } = await harness(BIN, (dir) => join(dir, "server"));
 const serverDir = join(dataDir, "server");
-const [httpPort, tcpPort, adminPort] = [await freePort(), await freePort(), await freePort()];
-const base = `http://127.0.0.1:${httpPort}`;
-const codes = new Map();
 const signUp = (page, phone) => signUpAt(page, base, phone, (p) => until(`the SMS code for ${p}`, () => codes.get(p)));
-
-function startServer() {
-  return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ["serve", "--data-dir", serverDir, "--http", `127.0.0.1:${httpPort}`,
-      "--tcp", `127.0.0.1:${tcpPort}`, "--admin", `127.0.0.1:${adminPort}`, "--log", "info"], { stdio: ["ignore", "pipe", "pipe"] });
-    const onLine = (chunk) => {
-      for (const line of chunk.toString().split("\n")) {
-        const sms = line.match(/code is (\d{6}).*to=(\+\d+)/);
-        if (sms) codes.set(sms[2], sms[1]);
-        if (line.includes("Skylark is running")) resolve(child);
-      }
-    };
-    child.stdout.on("data", onLine);
-    child.stderr.on("data", onLine);
-    child.on("exit", (code) => reject(new Error(`server exited early (${code})`)));
-  });
-}
-
-function cli(profile, args, input, onOutput = () => {}) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(BIN, [...args, "--profile", join(dataDir, `cli-${profile}`)],
-      { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, SKYLARK_SERVER: base } });
-    let out = "";
-    const read = (chunk) => {
-      out += chunk.toString();
-      onOutput(out, child);
-    };
-    child.stdout.on("data", read);
-    child.stderr.on("data", read);
-    if (input !== undefined) child.stdin.end(input);
-    child.on("exit", (code) => (code === 0 ? resolve(out) : reject(new Error(`skylark ${args.join(" ")} failed:\n${out}`))));
-  });
-}
-
-function cliUntil(profile, args, pattern, ms = 20000) {
-  return new Promise((resolve, reject) => {
-    let done = false;
-    const timer = setTimeout(() => { if (!done) { done = true; reject(new Error(`skylark ${args.join(" ")} never printed ${pattern}`)); } }, ms);
-    cli(profile, args, undefined, (out, child) => {
-      if (!done && pattern.test(out)) {
-        done = true;
-        clearTimeout(timer);
-        child.kill();
-        resolve(out);
-      }
-    }).catch((e) => { if (!done) { done = true; clearTimeout(timer); reject(e); } });
-  });
-}
-
-async function cliRegister(profile, phone) {
-  let sent = false;
-  await cli(profile, ["register", phone], undefined, (out, child) => {
-    if (!sent && out.includes("A code was sent")) {
-      sent = true;
-      until(`the SMS code for ${phone}`, () => codes.get(phone)).then((code) => child.stdin.end(`${code}\n`));
-    }
-  });
-}
 
 async function turnOnEncryption(page) {
   await page.click("#settings");
