@@ -1133,14 +1133,25 @@ let flushing = false;
 /// 1:1 chat, the conversation's group (end-to-end encrypted) when every
 /// device of both accounts can encrypt — started here on the first
 /// message — else null: to the person, unencrypted. An edit or deletion
-/// goes where the message it changes went (`item.lane`).
+/// goes where the message it changes went (`item.lane`). Throws when
+/// starting the encryption failed for now (the message waits: it is never
+/// sent unencrypted because of a lost connection).
 async function destination(c, item) {
   if (c.kind === "group") return c.group;
   if (item.lane === "p") return null;
   if (item.lane === "g") return c.direct || null;
   if (c.direct && encryptsFor(c.direct)) return c.direct;
-  const info = await startDirect(c.key.slice(2));
-  return info ? String(info.id) : null;
+  if (!state.crypto) return null;
+  try {
+    const info = await state.crypto.startDirect(state.session, c.key.slice(2));
+    if (info) rememberGroup(info);
+    return info ? String(info.id) : null;
+  } catch (err) {
+    // No such account, or one that may not be written to: the plain send
+    // is refused in words.
+    if (err instanceof Refused && ["ERROR_CODE_FORBIDDEN", "ERROR_CODE_UNKNOWN_RECIPIENT"].includes(err.code)) return null;
+    throw err;
+  }
 }
 
 async function flushOutbox() {
@@ -1151,7 +1162,13 @@ async function flushOutbox() {
       const item = state.outbox[0];
       const c = state.chats.get(item.key);
       const text = item.payload ?? item.text; // queued by an older page: plain text
-      const group = await destination(c, item);
+      let group;
+      try {
+        group = await destination(c, item);
+      } catch (err) {
+        if (!(err instanceof Refused && ["CLOSED", "ERROR_CODE_UNAVAILABLE"].includes(err.code))) say(explain(err));
+        break; // tried again with the next message or connection
+      }
       if (!state.session) break;
       let payload = payloadOf(text);
       if (group && encryptsFor(group)) {
@@ -2107,21 +2124,6 @@ function panel(name, ...children) {
 }
 $("panel").addEventListener("close", () => (panelShows = null));
 $("banner").addEventListener("click", () => ($("banner").hidden = true));
-
-/// The encrypted 1:1 conversation with `phone` (its GroupInfo), started
-/// here if need be; null when it stays unencrypted (a device of either
-/// account publishes no keys, or this browser cannot encrypt).
-async function startDirect(phone) {
-  if (!state.crypto || !state.session) return null;
-  try {
-    const info = await state.crypto.startDirect(state.session, phone);
-    if (info) rememberGroup(info);
-    return info;
-  } catch (err) {
-    if (!(err instanceof Refused && ["ERROR_CODE_FORBIDDEN", "ERROR_CODE_UNKNOWN_RECIPIENT"].includes(err.code))) say(explain(err));
-    return null;
-  }
-}
 
 async function guarded(fn) {
   try {

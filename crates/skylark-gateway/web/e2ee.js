@@ -183,13 +183,8 @@ export class Crypto {
   async startDirect(session, phone) {
     const seen = this.plain.get(phone);
     if (seen && Date.now() - seen < PLAIN_RECHECK_MS) return null;
-    try {
-      const info = (await session.request({ openDirect: { phone } })).groupInfo;
-      if (this.encrypts(info.id) || (await this.startGroup(session, info))) return info;
-    } catch (err) {
-      this.plain.set(phone, Date.now());
-      throw err;
-    }
+    const info = (await session.request({ openDirect: { phone } })).groupInfo;
+    if (this.encrypts(info.id) || (await this.startGroup(session, info))) return info;
     this.plain.set(phone, Date.now());
     return null;
   }
