@@ -42,6 +42,13 @@ fn parse(json: &str, what: &str) -> Result<Value, JsError> {
     serde_json::from_str(json).map_err(|e| JsError::new(&format!("{what} is not valid JSON: {e}")))
 }
 
+/// A JSON array, each element read by `each`.
+fn list<T>(json: &str, what: &str, each: impl Fn(&Value) -> Result<T, JsError>) -> Result<Vec<T>, JsError> {
+    let value = parse(json, what)?;
+    let items = value.as_array().ok_or_else(|| JsError::new(&format!("{what} are not a list")))?;
+    items.iter().map(each).collect()
+}
+
 fn field<'a>(value: &'a Value, name: &str) -> Result<&'a str, JsError> {
     value.get(name).and_then(Value::as_str).ok_or_else(|| JsError::new(&format!("\"{name}\" is missing")))
 }
@@ -115,14 +122,10 @@ pub fn check_package(account: &str, device: &str, package: &str, device_key: &st
 #[wasm_bindgen(js_name = safetyNumber)]
 pub fn safety_number(account_a: &str, keys_a: &str, account_b: &str, keys_b: &str) -> Result<String, JsError> {
     let keys = |json: &str| -> Result<Vec<[u8; 32]>, JsError> {
-        let list = parse(json, "the keys")?;
-        let list = list.as_array().ok_or_else(|| JsError::new("the keys are not a list"))?;
-        list.iter()
-            .map(|k| {
-                let k = bytes(k.as_str().unwrap_or_default(), "a key")?;
-                k.try_into().map_err(|_| JsError::new("a key is not 32 bytes"))
-            })
-            .collect()
+        list(json, "the keys", |k| {
+            let k = bytes(k.as_str().unwrap_or_default(), "a key")?;
+            k.try_into().map_err(|_| JsError::new("a key is not 32 bytes"))
+        })
     };
     let (a, b) = (keys(keys_a)?, keys(keys_b)?);
     Ok(skylark_e2ee::safety_number((number(account_a, "account")?, &a), (number(account_b, "account")?, &b)))
@@ -153,14 +156,6 @@ impl Device {
     /// The whole state (keys included: keep it private).
     pub fn save(&self) -> Vec<u8> {
         self.engine.export()
-    }
-
-    pub fn account(&self) -> String {
-        self.engine.me().account.to_string()
-    }
-
-    pub fn device(&self) -> String {
-        self.engine.me().device.to_string()
     }
 
     #[wasm_bindgen(js_name = bindingRequest)]
@@ -225,12 +220,9 @@ impl Device {
     /// package checked with [`check_package`] first), or `undefined` when
     /// all are in already. Returns the commit as JSON, `payload` the post.
     pub fn add(&mut self, group: &str, packages: &str) -> Result<Option<String>, JsError> {
-        let list = parse(packages, "the key packages")?;
-        let list = list.as_array().ok_or_else(|| JsError::new("the key packages are not a list"))?;
-        let packages = list
-            .iter()
-            .map(|p| Ok((device_ref(p)?, bytes(field(p, "keyPackage")?, "a key package")?)))
-            .collect::<Result<Vec<_>, JsError>>()?;
+        let packages = list(packages, "the key packages", |p| {
+            Ok((device_ref(p)?, bytes(field(p, "keyPackage")?, "a key package")?))
+        })?;
         let commit = self.engine.add(&conversation(group)?, &packages).map_err(fail)?;
         Ok(commit.as_ref().map(commit_json))
     }
@@ -239,13 +231,7 @@ impl Device {
     /// ids), or `undefined` when none is in the group.
     #[wasm_bindgen(js_name = removeAccounts)]
     pub fn remove_accounts(&mut self, group: &str, accounts: &str) -> Result<Option<String>, JsError> {
-        let list = parse(accounts, "the accounts")?;
-        let accounts = list
-            .as_array()
-            .ok_or_else(|| JsError::new("the accounts are not a list"))?
-            .iter()
-            .map(|a| number(a.as_str().unwrap_or_default(), "account"))
-            .collect::<Result<Vec<_>, JsError>>()?;
+        let accounts = list(accounts, "the accounts", |a| number(a.as_str().unwrap_or_default(), "account"))?;
         let conversation = conversation(group)?;
         let leaving: Vec<DeviceRef> = self
             .engine
@@ -262,13 +248,7 @@ impl Device {
     /// the group, or `undefined` when none is in it.
     #[wasm_bindgen(js_name = removeDevices)]
     pub fn remove_devices(&mut self, group: &str, devices: &str) -> Result<Option<String>, JsError> {
-        let list = parse(devices, "the devices")?;
-        let devices = list
-            .as_array()
-            .ok_or_else(|| JsError::new("the devices are not a list"))?
-            .iter()
-            .map(device_ref)
-            .collect::<Result<Vec<_>, JsError>>()?;
+        let devices = list(devices, "the devices", device_ref)?;
         let commit = self.engine.remove(&conversation(group)?, &devices).map_err(fail)?;
         Ok(commit.as_ref().map(commit_json))
     }

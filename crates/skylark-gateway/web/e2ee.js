@@ -51,13 +51,9 @@ export class Crypto {
   /// first use, its MLS key signed by the device key with `sign(bytes)`.
   static async open(me, local, sign) {
     await init();
+    // The LocalStore is this device's own database: what it keeps is this device's.
     const kept = await local.get("e2ee");
-    let device = kept ? Device.restore(kept) : new Device(me.accountId, me.deviceId);
-    if (device.account() !== me.accountId || device.device() !== me.deviceId) {
-      // A state of another device (this browser signed in anew): start over.
-      device.free();
-      device = new Device(me.accountId, me.deviceId);
-    }
+    const device = kept ? Device.restore(kept) : new Device(me.accountId, me.deviceId);
     if (!device.isBound()) device.bind(new Uint8Array(await sign(device.bindingRequest())));
     const c = new Crypto(me, local, device);
     await c.persist();
@@ -148,7 +144,7 @@ export class Crypto {
     const m = g && g.message;
     if (!m || !isEncrypted(m.payload || "")) return null;
     const key = postKey(g.group, g.groupSeq);
-    let opened = this.recallKey(key, event);
+    let opened = this.recallKey(key);
     if (!opened) {
       const mine = g.by === this.me.accountId && String(m.senderDevice || 0) === this.me.deviceId;
       opened = JSON.parse(this.device.openOnce(key, m.payload, mine ? m.clientId : undefined));
@@ -164,11 +160,11 @@ export class Crypto {
   /// and events kept in IndexedDB): null when it was never opened here.
   recall(event) {
     const g = event.group;
-    return this.recallKey(postKey(g.group, g.groupSeq), event);
+    return this.recallKey(postKey(g.group, g.groupSeq));
   }
 
-  recallKey(key, event) {
-    const known = this.device.recall(key) || this.device.recall(`log:${event.seq}`);
+  recallKey(key) {
+    const known = this.device.recall(key);
     return known ? JSON.parse(known) : null;
   }
 

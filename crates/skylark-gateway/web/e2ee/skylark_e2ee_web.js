@@ -19,21 +19,6 @@ export class Device {
         wasm.__wbg_device_free(ptr, 0);
     }
     /**
-     * @returns {string}
-     */
-    account() {
-        let deferred1_0;
-        let deferred1_1;
-        try {
-            const ret = wasm.device_account(this.__wbg_ptr);
-            deferred1_0 = ret[0];
-            deferred1_1 = ret[1];
-            return getStringFromWasm0(ret[0], ret[1]);
-        } finally {
-            wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
-        }
-    }
-    /**
      * A commit adding devices (JSON `[{account, device, keyPackage}]`, each
      * package checked with [`check_package`] first), or `undefined` when
      * all are in already. Returns the commit as JSON, `payload` the post.
@@ -113,21 +98,6 @@ export class Device {
         const ret = wasm.device_create(this.__wbg_ptr, ptr0, len0);
         if (ret[1]) {
             throw takeFromExternrefTable0(ret[0]);
-        }
-    }
-    /**
-     * @returns {string}
-     */
-    device() {
-        let deferred1_0;
-        let deferred1_1;
-        try {
-            const ret = wasm.device_device(this.__wbg_ptr);
-            deferred1_0 = ret[0];
-            deferred1_1 = ret[1];
-            return getStringFromWasm0(ret[0], ret[1]);
-        } finally {
-            wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
         }
     }
     /**
