@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B run of two server binaries with one load tool, interleaved, on this
 # machine's core split (server on core 1, load on core 0), each run on a
-# fresh copy of the same provisioned data. Prints one line per run and keeps
-# every JSON report.
+# fresh copy of the same provisioned data. Prints one line per run (for chat
+# and mesh, with the server's CPU time per delivered message, a steadier
+# figure than tail latency on this machine) and keeps every JSON report.
 #
 #   bench/ab.sh BEFORE_SKYLARK AFTER_SKYLARK SKYLARK_LOAD OUT_DIR [ROUNDS]
 #
@@ -26,7 +27,7 @@
 set -euo pipefail
 before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
 scenarios=" ${SCENARIOS:-idle chat3000 chat4000 group} "
-for tool in taskset curl; do
+for tool in taskset curl python3; do
   command -v "$tool" >/dev/null || { echo "ab.sh: $tool is required" >&2; exit 1; }
 done
 mkdir -p "$out"
@@ -69,12 +70,22 @@ scenario() { # label binary name args...
     # shellcheck disable=SC2206 # flags split on spaces, as written
     extra+=($sided)
   fi
+  local ticks
+  ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
   taskset -c 0 "$load" "${@}" --manifest "$out/manifest.json" --tcp 127.0.0.1:7481 \
     --report "$report" "${extra[@]}" >"$out/$name-$label-$round.txt" 2>&1 || {
     echo "ab.sh: $name on $label failed (see $out/$name-$label-$round.txt)" >&2
   }
+  ticks=$(($(awk '{print $14 + $15}' "/proc/$pid/stat") - ticks))
   stop
-  echo "$name $label round $round: $report"
+  # The server's CPU time during the scenario, per message delivered (chat, mesh).
+  local per
+  per=$(python3 -c 'import json, os, sys
+r = json.load(open(sys.argv[1]))
+n = r.get("delivered")
+print("%.0f us of server CPU per delivered message" % (int(sys.argv[2]) / os.sysconf("SC_CLK_TCK") * 1e6 / n) if n else "")' \
+    "$report" "$ticks" 2>/dev/null || true)
+  echo "$name $label round $round: $report${per:+ ($per)}"
 }
 
 for round in $(seq 1 "$rounds"); do

@@ -402,8 +402,6 @@ async fn take_step<T: Transport>(
     }
 }
 
-/// When a message or group post by another account was accepted, if the
-/// event is one.
 /// When a message or group post by another account was accepted, and its
 /// id (sender and sequence; a post's are the group's), if the event is one.
 fn accepted_at(me: skylark_core::AccountId, event: &DeviceEvent) -> Option<(u64, (u64, u64))> {
