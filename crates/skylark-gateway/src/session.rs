@@ -219,7 +219,10 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
     let (account, device, connection) = (authed.account.id, authed.device.id, guard.connection());
     let span = tracing::Span::current();
     span.record("account", account.0).record("device", device.0).record("connection", connection);
-    let events = match router.attach(account, device, connection).await {
+    // Attaching and detaching are boxed: each runs once per connection, and
+    // held inline their futures (the largest of this one) would be paid for
+    // the connection's whole life (docs/BENCHMARKS.md, idle memory).
+    let events = match Box::pin(router.attach(account, device, connection)).await {
         Ok(events) => events,
         Err(e @ (MessagingError::Unavailable(_) | MessagingError::Restarted | MessagingError::NodeUnreachable)) => {
             // Storage trouble, or (cluster mode) the account's node is
@@ -240,7 +243,7 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
     let attached_ms = shared.server.clock.now_ms();
     let streams = Streams { disconnect, events, ephemeral, attached_ms };
     let ending = serve_attached(shared, t, &authed, connection, streams).await;
-    router.detach(account, device, connection).await;
+    Box::pin(router.detach(account, device, connection)).await;
     shared.server.presence.disconnect(account, connection).await;
     shared.server.devices.touch(device);
     ending
