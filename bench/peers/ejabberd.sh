@@ -6,10 +6,10 @@
 #
 #   bench/peers/ejabberd.sh SKYLARK SKYLARK_LOAD OUT_DIR
 #
-# RATES (default "2000 4000 6000 8000" msgs/s), SECONDS of traffic per rate
-# (40), IDLE sessions (19500), BACKLOG_USERS (1000) and PER_USER (50)
-# change the scenarios. Installs ejabberd and tsung from Debian's packages
-# when they are missing (as root); the packaged ejabberd service is not used.
+# RATES (default "2000 3000 4000 6000 8000" msgs/s), SECONDS_PER_RATE of
+# traffic (40), IDLE sessions (19500), BACKLOG_USERS (1000) and PER_USER (50)
+# change the scenarios. Runs as root. Installs ejabberd and tsung from
+# Debian's packages when they are missing; the packaged service is not used.
 #
 # ejabberd's side: ejabberd 23.01 (bench/peers/ejabberd.yml: plain TCP, no
 # shapers, mnesia) loaded by tsung for the message rates, and by
@@ -36,7 +36,7 @@
 #   ejabberd's; its CPU time is printed beside it.
 set -euo pipefail
 skylark=$1 load=$2 out=$3
-rates=${RATES:-2000 4000 6000 8000}
+rates=${RATES:-2000 3000 4000 6000 8000}
 seconds=${SECONDS_PER_RATE:-40}
 idle=${IDLE:-19500}
 backlog_users=${BACKLOG_USERS:-1000}
@@ -48,9 +48,10 @@ need() {
   command -v "$1" >/dev/null || { echo "ejabberd.sh: $1 is required${2:+ ($2)}" >&2; exit 1; }
 }
 for tool in taskset prlimit setpriv curl python3 ss; do need "$tool"; done
+# ejabberd runs as its own system user, started with setpriv (which needs root).
+[ "$(id -u)" = 0 ] || { echo "ejabberd.sh: run as root (ejabberd is started as the ejabberd user with setpriv)" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "ejabberd.sh: /usr/bin/time is required (Debian: apt-get install time)" >&2; exit 1; }
 if [ ! -x /usr/sbin/ejabberdctl ] || ! command -v tsung >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "ejabberd.sh: ejabberd and tsung are missing; install them (apt-get install ejabberd tsung) or run as root" >&2; exit 1; }
   echo "installing ejabberd and tsung (Debian packages), without starting the packaged service"
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ejabberd tsung >/dev/null || {
