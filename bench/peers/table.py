@@ -129,8 +129,9 @@ for rate in rates:
         if p99 is not None and p99 < 50 and achieved >= 0.95 * rate:
             best[name] = rate
 
-row("highest rate run with p99 < 50 ms (and ≥95% of it achieved)", best["ejabberd"], best["skylark"],
-    div(best["skylark"], best["ejabberd"]))
+lowest = "none of the rates run (from %d)" % min(rates) if rates else None
+row("highest rate run with p99 < 50 ms (and ≥95% of it achieved)", best["ejabberd"] or lowest,
+    best["skylark"] or lowest, div(best["skylark"], best["ejabberd"]))
 
 w = [max(len(r[i]) for r in rows + [("", "ejabberd", "Skylark", "ratio")]) for i in range(4)]
 print("| %s | %s | %s | %s |" % ("".ljust(w[0]), "ejabberd".rjust(w[1]), "Skylark".rjust(w[2]), "ratio".rjust(w[3])))
