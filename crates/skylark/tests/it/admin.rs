@@ -107,7 +107,19 @@ async fn a_backup_taken_under_load_restores_every_message_acknowledged_before_it
     assert!(!ok && out.contains("--force"), "an existing store is not replaced silently: {out}");
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&restored.join("skylark.redb")).unwrap());
     let server = TestServer::start_on(test_config(), store).await;
-    let held = history_ids(&server, &bob).await;
+    // An acknowledgement means durable in the sender's log and outbox; the
+    // forward to Bob may still have been on its way when the backup was
+    // taken. It resumes when Alice's actor starts (here, as her device
+    // connects), so Bob's history is read until it is all there.
+    let (_alice, _alice_events) = Session::open(&server.endpoint(Transport::Tcp), &alice).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let held = history_ids(&server, &bob).await;
+        if before.iter().all(|id| held.contains(id)) || tokio::time::Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let missing: Vec<&String> = before.iter().filter(|id| !held.contains(*id)).collect();
     assert!(missing.is_empty(), "{} acknowledged before the backup are missing: {missing:?}", missing.len());
     assert!(held.len() >= before.len() && held.len() <= at_backup + 1, "{} held", held.len());
