@@ -181,6 +181,9 @@ pub(crate) enum Msg {
     Deleted {
         reply: oneshot::Sender<Result<(), MessagingError>>,
     },
+    /// Nothing to do but start: the actor resumes the forwards its outbox
+    /// holds (see `Registry::resume_forwards`).
+    Wake,
     /// The account blocked (or unblocked) `peer`; the store already says so.
     Block {
         peer: AccountId,
@@ -400,14 +403,17 @@ async fn fail_all(
     ctx.registry.forget_generation(account, generation);
     mailbox.close();
     while let Some(msg) = mailbox.recv().await {
-        let (_, reply) = split(msg);
-        reply.answer(Err(error.clone()));
+        if let Some((_, reply)) = split(msg) {
+            reply.answer(Err(error.clone()));
+        }
     }
 }
 
-/// One mail as the machine's input and the place its answer goes.
-fn split(msg: Msg) -> (Input, Reply) {
-    match msg {
+/// One mail as the machine's input and the place its answer goes; `None`
+/// for a wake-up, which only starts the actor.
+fn split(msg: Msg) -> Option<(Input, Reply)> {
+    Some(match msg {
+        Msg::Wake => return None,
         Msg::Send(mail) => {
             let SendMail { device, client_id, to, payload, meta, reply, span } = *mail;
             tracing::trace!(parent: &span, %client_id, "send taken by the actor");
@@ -444,7 +450,7 @@ fn split(msg: Msg) -> (Input, Reply) {
             let (peer, name) = *change;
             (Input::ContactName { peer, name }, Reply::Done(reply))
         }
-    }
+    })
 }
 
 /// Reads what the machine needs for a step.
@@ -636,7 +642,10 @@ impl Shell {
     /// Handles one batch of mail. `Err` means a read or the write failed
     /// (or the machine's facts were incomplete) and the actor must stop.
     async fn handle(&mut self, batch: Vec<Msg>) -> Result<(), ()> {
-        let (mut inputs, mut replies): (Vec<Input>, Vec<Reply>) = batch.into_iter().map(split).unzip();
+        let (mut inputs, mut replies): (Vec<Input>, Vec<Reply>) = batch.into_iter().filter_map(split).unzip();
+        if inputs.is_empty() {
+            return Ok(());
+        }
         let account = self.account();
         let store = self.ctx.store.clone();
         let needs = self.machine.needs(&inputs);

@@ -175,6 +175,19 @@ impl Server {
         Ok(cluster)
     }
 
+    /// Resumes the forwards that a restart or a crash left in outboxes, by
+    /// starting their actors (this node's share in cluster mode), so each
+    /// reaches its recipient even if its sender never reconnects. Call once
+    /// at start, after [`Server::join_cluster`] in cluster mode; returns how
+    /// many actors it woke.
+    pub async fn resume_forwards(&self) -> Result<usize, StoreError> {
+        let woken = self.router.resume_forwards().await?;
+        if woken > 0 {
+            tracing::info!(actors = woken, "resumed the forwards left pending before the start");
+        }
+        Ok(woken)
+    }
+
     /// Stops the user actors after their current batch (their writes are
     /// durable when this returns). Call after the gateway has shut down.
     pub async fn shutdown(&self) {

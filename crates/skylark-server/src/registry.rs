@@ -207,6 +207,35 @@ impl Registry {
         Some(done)
     }
 
+    /// Starts the actor of every account and group whose outbox holds
+    /// forwards (those this node owns, in cluster mode) that is not already
+    /// running: a started actor resumes its forwards. Returns how many it
+    /// woke. Called at start, and in cluster mode after the placement
+    /// changed, so a forward left by a restart, a crash or a departed node
+    /// goes on even if its sender never comes back.
+    pub(crate) async fn resume_forwards(&self, ctx: &Ctx) -> Result<usize, skylark_store::StoreError> {
+        const PAGE: usize = 1000;
+        let mut woken = 0;
+        let mut after = None;
+        loop {
+            let page = ctx.store.pending_outboxes(after, PAGE).await?;
+            for &account in &page {
+                if self.is_live(account) || ctx.cluster.get().is_some_and(|c| c.remote_owner(account).is_some()) {
+                    continue;
+                }
+                if self.tell(ctx, account, Msg::Wake).await.is_err() {
+                    // Shutting down: what is left resumes at the next start.
+                    return Ok(woken);
+                }
+                woken += 1;
+            }
+            match page.last() {
+                Some(&last) if page.len() == PAGE => after = Some(last),
+                _ => return Ok(woken),
+            }
+        }
+    }
+
     /// Stops every actor after its current batch and waits for them.
     pub(crate) async fn shutdown(&self) {
         self.shutdown.cancel();

@@ -124,6 +124,13 @@ impl Router {
         self.ctx().registry.live_actors()
     }
 
+    /// Starts the actors whose outbox holds forwards (this node's share in
+    /// cluster mode), so forwards left by a restart or a crash go on even if
+    /// their sender never reconnects. Returns how many actors it woke.
+    pub async fn resume_forwards(&self) -> Result<usize, skylark_store::StoreError> {
+        self.ctx().registry.resume_forwards(self.ctx()).await
+    }
+
     /// Stops every actor after its current batch and waits for them.
     pub async fn shutdown(&self) {
         self.ctx().registry.shutdown().await;

@@ -17,6 +17,7 @@ pub async fn run_all(store: &dyn Store) {
     verification_sessions(store).await;
     server_id_is_stable(store).await;
     message_path(store).await;
+    pending_outboxes(store).await;
     device_management(store).await;
     settings(store).await;
     groups(store).await;
@@ -683,4 +684,63 @@ async fn message_path(store: &dyn Store) {
     let later = store.register(&phone, NewDevice { public_key: [9; 32], name: "y".into() }, 2).await.expect("takeover");
     assert_eq!(store.cursor(reg.account.id, reg.device.id).await.expect("read"), Some(0));
     assert_eq!(store.cursor(reg.account.id, later.device.id).await.expect("read"), Some(2));
+}
+
+/// The accounts whose outbox holds forwards are listed, each once, in
+/// order, page by page; an emptied outbox leaves the list.
+async fn pending_outboxes(store: &dyn Store) {
+    use crate::{AccountWrite, Counters};
+    use skylark_core::AccountId;
+    use skylark_core::message::{Forward, Message, MessageId, OutboxItem};
+    use std::sync::Arc;
+
+    let item = |from: AccountId, seq: u64, to: AccountId| OutboxItem {
+        to,
+        forward: Forward::Message(Arc::new(Message {
+            id: MessageId { sender: from, seq },
+            to,
+            sender_device: DeviceId(1),
+            client_id: format!("o{seq}"),
+            sent_at_ms: 1,
+            payload: b"x".as_slice().into(),
+            meta: Default::default(),
+        })),
+    };
+    let (one, two, none, group) = (AccountId(950), AccountId(952), AccountId(951), AccountId::group(95));
+    for (account, forwards) in [(one, 1u64), (two, 3), (group, 2)] {
+        let mut w = AccountWrite::new(account);
+        for seq in 1..=forwards {
+            w.outbox_puts.push((seq, item(account, seq, none)));
+        }
+        w.counters = Some(Counters { next_seq: 1, next_outbox: forwards + 1 });
+        store.apply(w).await.expect("apply");
+    }
+    let mut w = AccountWrite::new(none);
+    w.counters = Some(Counters { next_seq: 1, next_outbox: 1 });
+    store.apply(w).await.expect("apply");
+
+    // Page by one: each account once, ascending, whatever else the store holds.
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.pending_outboxes(after, 1).await.expect("list");
+        assert!(page.len() <= 1, "a page holds at most its limit");
+        let Some(&last) = page.last() else { break };
+        listed.push(last);
+        after = Some(last);
+    }
+    assert!(listed.windows(2).all(|w| w[0] < w[1]), "ascending, each once: {listed:?}");
+    for account in [one, two, group] {
+        assert!(listed.contains(&account), "{account} has forwards pending: {listed:?}");
+    }
+    assert!(!listed.contains(&none), "an account without forwards is not listed");
+    assert_eq!(store.pending_outboxes(None, 1_000).await.expect("list"), listed, "one page or many");
+    assert_eq!(store.pending_outboxes(Some(AccountId(951)), 1).await.expect("list"), vec![two]);
+
+    // Acknowledged forwards leave the list.
+    let mut w = AccountWrite::new(two);
+    w.outbox_deletes.extend([1, 2, 3]);
+    store.apply(w).await.expect("apply");
+    let listed = store.pending_outboxes(None, 1_000).await.expect("list");
+    assert!(listed.contains(&one) && !listed.contains(&two), "{listed:?}");
 }

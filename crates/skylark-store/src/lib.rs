@@ -519,6 +519,12 @@ pub trait MessageStore: Send + Sync {
     /// Counters and pending outbox of an account (defaults for a new one).
     async fn account_state(&self, account: AccountId) -> Result<AccountState, StoreError>;
 
+    /// Up to `limit` accounts and groups above `after` (from the lowest when
+    /// `None`) whose outbox holds forwards not yet acknowledged, ascending.
+    /// At start the server wakes their actors, so a forward left over from
+    /// before a restart goes on even if its sender never comes back.
+    async fn pending_outboxes(&self, after: Option<AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError>;
+
     /// Up to `limit` log entries with sequence ≥ `from`, ascending.
     async fn read_log(&self, account: AccountId, from: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError>;
 

@@ -1416,6 +1416,30 @@ impl MessageStore for RedbStore {
         })
     }
 
+    async fn pending_outboxes(&self, after: Option<AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let mut found = Vec::new();
+            let mut from = match after {
+                Some(a) if a.0 == u64::MAX => return Ok(found),
+                Some(a) => a.0 + 1,
+                None => 0,
+            };
+            // One seek per account: the first row at or above `from`, then past that account.
+            while found.len() < limit {
+                let Some(entry) = table.range((from, 0)..)?.next() else { break };
+                let account = entry?.0.value().0;
+                found.push(AccountId(account));
+                match account.checked_add(1) {
+                    Some(next) => from = next,
+                    None => break,
+                }
+            }
+            Ok(found)
+        })
+    }
+
     async fn read_log(&self, account: AccountId, from: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;

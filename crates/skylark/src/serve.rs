@@ -393,6 +393,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let gateway = Gateway::start(server.clone(), transport).await.context("starting the listeners")?;
+    // In the background: the listeners serve meanwhile, and an actor started
+    // by its own mail first is simply not started twice.
+    let resuming = server.clone();
+    tokio::spawn(async move {
+        if let Err(e) = resuming.resume_forwards().await {
+            tracing::warn!(error = %e, "could not list the forwards left pending; each resumes when its sender's actor next starts");
+        }
+    });
     let (scheme, tcp) = if tls_cert.is_some() { ("https", "TCP+TLS") } else { ("http", "TCP") };
     println!(
         "Skylark is running: HTTP + WebSocket on {scheme}://{} (WebSocket at /v1/ws), {tcp} on {}; admin API and \

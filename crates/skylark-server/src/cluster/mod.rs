@@ -422,6 +422,15 @@ impl Cluster {
         }
         let live = self.current().live.clone();
         self.end_streams(|stream| !live.contains(&stream.node));
+        // Actors this node now owns may have forwards pending (their node
+        // left or crashed): they resume here, not at their next mail.
+        self.tracker.spawn(async move {
+            match ctx.registry.resume_forwards(&ctx).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(actors = n, "resumed pending forwards after the placement changed"),
+                Err(e) => tracing::warn!(error = %e, "could not list the pending forwards to resume"),
+            }
+        });
     }
 
     fn end_streams(&self, which: impl Fn(&RemoteStream) -> bool) {
@@ -609,6 +618,9 @@ impl Cluster {
             // A forward's confirmation goes to its own actor's mailbox,
             // which is always on this node.
             Msg::Forwarded { .. } => Err(MessagingError::Internal("a forward confirmation for another node")),
+            // The owner wakes the actors it owns itself, when it sees the
+            // placement that gave them to it.
+            Msg::Wake => Ok(()),
         }
     }
 

@@ -1919,6 +1919,38 @@ impl MessageStore for PgStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    async fn pending_outboxes(&self, after: Option<AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError> {
+        let after = match after {
+            Some(a) => int(a.0)?,
+            None => -1,
+        };
+        let mut found = Vec::new();
+        for shard in self.shards.iter() {
+            let conn = &shard.conn;
+            // A skip scan by hand: one index probe per account, however many
+            // forwards each holds.
+            let rows: Vec<(i64,)> = sqlx::query_as(
+                "WITH RECURSIVE pending(account) AS ( \
+                   (SELECT account FROM outbox WHERE account > $1 ORDER BY account LIMIT 1) \
+                   UNION ALL \
+                   SELECT (SELECT o.account FROM outbox o WHERE o.account > p.account ORDER BY o.account LIMIT 1) \
+                   FROM pending p WHERE p.account IS NOT NULL) \
+                 SELECT account FROM pending WHERE account IS NOT NULL LIMIT $2",
+            )
+            .bind(after)
+            .bind(int(limit as u64)?)
+            .fetch_all(&conn.pool)
+            .await
+            .map_err(|e| conn.fail(e))?;
+            for (account,) in rows {
+                found.push(AccountId(uint(account)?));
+            }
+        }
+        found.sort_unstable();
+        found.truncate(limit);
+        Ok(found)
+    }
+
     async fn account_state(&self, account: AccountId) -> Result<AccountState, StoreError> {
         let shard = self.conn(account);
         let fail = |e| shard.fail(e);

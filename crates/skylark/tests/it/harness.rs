@@ -128,6 +128,8 @@ impl TestServer {
         transport.admin = skylark_gateway::admin::AdminConfig { token: Some(ADMIN_TOKEN.to_owned()), audit_log: audit };
         let server = Server::new(services, store.clone(), sms.clone(), Arc::new(clock.clone())).await.unwrap();
         let gateway = Gateway::start(server.clone(), transport).await.unwrap();
+        // As `skylark serve` does: forwards a restart left pending go on.
+        server.resume_forwards().await.unwrap();
         TestServer { gateway: Some(gateway), server, sms, clock, store, media_dir }
     }
 

@@ -209,6 +209,61 @@ async fn queued_messages_survive_a_server_restart() {
     assert_eq!(got.iter().map(|m| m.payload[0]).collect::<Vec<_>>(), (0..20).collect::<Vec<u8>>());
 }
 
+/// A crash can leave an acknowledged message in its sender's outbox, its
+/// forward not yet done. The restarted server resumes that forward at
+/// start, though the sender never connects again (and nothing else, such
+/// as a receipt to the sender, starts the sender's actor).
+#[tokio::test]
+async fn a_forward_left_by_a_crash_resumes_at_start_without_its_sender() {
+    use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem};
+    use skylark_core::{AccountId, DeviceId};
+    use skylark_store::{AccountWrite, Counters};
+    use std::sync::Arc;
+
+    let mut server = TestServer::start().await;
+    let alice_id = server.register("+15550600081").await;
+    let bob_id = server.register("+15550600082").await;
+    server.shutdown().await;
+
+    // What the store holds when the server died after acknowledging
+    // Alice's message and before forwarding it: the message in her log and
+    // outbox, nothing of it in Bob's.
+    let alice = AccountId(alice_id.account_id);
+    let state = server.store.account_state(alice).await.unwrap();
+    let Counters { next_seq, next_outbox } = state.counters;
+    let left = Arc::new(Message {
+        id: MessageId { sender: alice, seq: next_seq },
+        to: AccountId(bob_id.account_id),
+        sender_device: DeviceId(alice_id.device_id),
+        client_id: "m1".into(),
+        sent_at_ms: skylark_core::Clock::now_ms(&server.clock),
+        payload: b"left in the outbox".as_slice().into(),
+        meta: Default::default(),
+    });
+    let mut write = AccountWrite::new(alice);
+    write.appends.push((next_seq, Arc::new(LogEntry::Message(left.clone()))));
+    write.outbox_puts.push((next_outbox, OutboxItem { to: left.to, forward: Forward::Message(left.clone()) }));
+    write.client_ids.push((left.sender_device, "m1".into(), next_seq));
+    write.counters = Some(Counters { next_seq: next_seq + 1, next_outbox: next_outbox + 1 });
+    server.store.apply(write).await.unwrap();
+
+    // Only Bob comes back; his device gets the message.
+    let restarted = TestServer::start_on(test_config(), server.store.clone()).await;
+    let mut bob = Peer::connect(&restarted, &bob_id, Transport::Ws).await;
+    let got = bob.received(1, true).await;
+    assert_eq!(got[0].payload, b"left in the outbox".as_slice());
+    // Alice's actor then drops the forward from her outbox (a write it may defer a moment).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let outbox = restarted.store.account_state(alice).await.unwrap().outbox;
+        if outbox.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the resumed forward stayed in the outbox: {outbox:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_read_marker_covers_only_what_the_reader_received() {
     let server = TestServer::start().await;
