@@ -24,6 +24,11 @@
 # 100-byte text against the text itself:
 #   SCENARIOS=mesh4000 BEFORE_ARGS="--payload 100" AFTER_ARGS="--payload 260" \
 #     bench/ab.sh target/release/skylark target/release/skylark target/release/skylark-load target/ab-e2ee
+# BEFORE_TLS=1 and AFTER_TLS=1 run that side's server with --dev-tls and its
+# clients over TLS (trusting the server's own certificate); for example the
+# memory of an idle connection over TLS against plain TCP:
+#   SCENARIOS=idle AFTER_TLS=1 bench/ab.sh target/release/skylark target/release/skylark \
+#     target/release/skylark-load target/ab-tls
 set -euo pipefail
 before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
 scenarios=" ${SCENARIOS:-idle chat3000 chat4000 group} "
@@ -38,13 +43,15 @@ if [ ! -d "$pristine" ] || [ ! -f "$out/manifest.json" ]; then
   "$load" provision --data-dir "$pristine" --accounts 20000 --manifest "$out/manifest.json" >/dev/null
 fi
 
-serve() { # binary
+serve() { # binary tls(0/1)
   rm -rf "$out/data"
   cp -r "$pristine" "$out/data"
-  taskset -c 1 "$1" serve --data-dir "$out/data" --log warn >"$out/server.log" 2>&1 &
+  local scheme=http tls=()
+  [ "$2" = 1 ] && scheme=https tls=(--dev-tls)
+  taskset -c 1 "$1" serve --data-dir "$out/data" --log warn "${tls[@]}" >"$out/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 100); do
-    curl -sf http://127.0.0.1:7480/readyz >/dev/null 2>&1 && return 0
+    curl -sfk "$scheme://127.0.0.1:7480/readyz" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "ab.sh: the server did not become ready (see $out/server.log)" >&2
@@ -60,10 +67,13 @@ scenario() { # label binary name args...
   local label=$1 bin=$2 name=$3
   shift 3
   [[ "$scenarios" == *" $name "* ]] || return 0
-  serve "$bin"
+  local tls
+  [ "$label" = before ] && tls=${BEFORE_TLS:-0} || tls=${AFTER_TLS:-0}
+  serve "$bin" "$tls"
   local report="$out/$name-$label-$round.json"
   local extra=()
-  [ "$name" = idle ] && extra=(--server-pid "$pid")
+  [ "$tls" = 1 ] && extra=(--ca "$out/data/dev-tls/cert.pem")
+  [ "$name" = idle ] && extra+=(--server-pid "$pid")
   if [ "$name" != idle ]; then
     local sided
     [ "$label" = before ] && sided=${BEFORE_ARGS:-} || sided=${AFTER_ARGS:-}

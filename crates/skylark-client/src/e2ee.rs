@@ -573,7 +573,10 @@ impl Crypto {
         let mut added = std::collections::BTreeSet::new();
         for (group, conversation) in &groups {
             // One package per device per conversation: a Welcome uses it up.
-            let claimed = claim_patiently(h, &self.identity.phone).await?;
+            let claimed = claim_patiently(h, std::slice::from_ref(&self.identity.phone))
+                .await?
+                .pop()
+                .ok_or_else(|| ClientError::Protocol("a claim of this account's number came back empty".into()))?;
             let packages: Vec<(DeviceRef, Vec<u8>)> = claimed
                 .devices
                 .into_iter()
@@ -698,8 +701,11 @@ impl Crypto {
     /// Claims a key package of every device of each account in `phones`.
     async fn claim(&self, h: &SessionHandle, phones: &[String]) -> Result<Claimed, ClientError> {
         let mut claimed = Claimed::default();
-        for phone in phones {
-            let answer = claim_patiently(h, phone).await?;
+        let mut answers = Vec::with_capacity(phones.len());
+        for batch in phones.chunks(crate::session::MAX_CLAIM_NUMBERS) {
+            answers.extend(claim_patiently(h, batch).await?);
+        }
+        for answer in answers {
             for d in answer.devices {
                 let who = DeviceRef { account: answer.account_id, device: d.device_id };
                 if d.key_package.is_empty() {
@@ -863,12 +869,13 @@ impl Prepared {
 /// The longest a claim waits out the server's rate limit before giving up.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
 
-/// Claims `phone`'s key packages, waiting when the server says claims come
-/// too fast (adding many accounts at once meets the per-device limit).
-async fn claim_patiently(h: &SessionHandle, phone: &str) -> Result<v1::ClaimedKeyPackages, ClientError> {
+/// Claims the key packages of `phones` (one request), waiting when the
+/// server says claims come too fast (adding many accounts at once meets the
+/// per-device limit).
+async fn claim_patiently(h: &SessionHandle, phones: &[String]) -> Result<Vec<v1::ClaimedKeyPackages>, ClientError> {
     let mut waited = Duration::ZERO;
     loop {
-        match h.claim_key_packages(phone).await {
+        match h.claim_key_packages_of(phones).await {
             Err(ClientError::Refused { code: ErrorCode::RateLimited, retry_after_ms, .. })
                 if waited < CLAIM_PATIENCE =>
             {

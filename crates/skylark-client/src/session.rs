@@ -23,6 +23,9 @@ const COMMAND_QUEUE: usize = 64;
 /// session stops reading the socket, which pushes back on the server.
 const EVENT_QUEUE: usize = 1024;
 
+/// The most phone numbers one key-package claim may name (the server's limit).
+pub const MAX_CLAIM_NUMBERS: usize = 50;
+
 /// Where a message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum To<'a> {
@@ -457,10 +460,27 @@ impl SessionHandle {
     /// One key package of every active device of `phone`'s account (of
     /// this account's other devices, for this device's own number).
     pub async fn claim_key_packages(&self, phone: &str) -> Result<v1::ClaimedKeyPackages, ClientError> {
-        let body = client_frame::Body::ClaimKeyPackages(v1::ClaimKeyPackages { phone: phone.to_owned() });
+        let body =
+            client_frame::Body::ClaimKeyPackages(v1::ClaimKeyPackages { phone: phone.to_owned(), phones: Vec::new() });
         match self.request(body).await? {
             server_frame::Body::ClaimedKeyPackages(claimed) => Ok(claimed),
             other => Err(ClientError::Protocol(format!("expected ClaimedKeyPackages, got {other:?}"))),
+        }
+    }
+
+    /// As [`SessionHandle::claim_key_packages`] for up to
+    /// [`MAX_CLAIM_NUMBERS`] numbers in one request (each once): one answer
+    /// per number, in the order given. All or nothing.
+    pub async fn claim_key_packages_of(&self, phones: &[String]) -> Result<Vec<v1::ClaimedKeyPackages>, ClientError> {
+        let body = client_frame::Body::ClaimKeyPackages(v1::ClaimKeyPackages {
+            phone: String::new(),
+            phones: phones.to_vec(),
+        });
+        match self.request(body).await? {
+            server_frame::Body::ClaimedKeyPackages(claimed) if claimed.accounts.len() == phones.len() => {
+                Ok(claimed.accounts)
+            }
+            other => Err(ClientError::Protocol(format!("expected {} ClaimedKeyPackages, got {other:?}", phones.len()))),
         }
     }
 

@@ -23,6 +23,8 @@ const TARGET_STOCK = 100;
 const UPLOAD_BATCH = 50;
 /// Devices added by one commit: each post stays within the payload limit.
 const ADD_BATCH = 32;
+/// The most phone numbers one key-package claim may name (the server's limit).
+const CLAIM_NUMBERS = 50;
 /// Attempts at a commit that keeps losing to other members' commits.
 const COMMIT_ATTEMPTS = 5;
 /// How long to wait for the commit that won before trying again anyway.
@@ -203,11 +205,14 @@ export class Crypto {
   async claimAll(session, phones) {
     const packages = [];
     const withoutKeys = [];
-    for (const phone of phones) {
-      const claimed = await this.claim(session, phone);
+    const answers = [];
+    for (let i = 0; i < phones.length; i += CLAIM_NUMBERS) {
+      answers.push(...await this.claim(session, phones.slice(i, i + CLAIM_NUMBERS)));
+    }
+    for (const claimed of answers) {
       for (const d of claimed.devices || []) {
         if (!d.keyPackage) {
-          withoutKeys.push(phone);
+          withoutKeys.push(claimed.phone);
           continue;
         }
         const who = { account: String(claimed.accountId), device: String(d.deviceId), keyPackage: d.keyPackage };
@@ -246,12 +251,16 @@ export class Crypto {
     return this.commit(session, String(group), (d) => d.removeAccounts(String(group), list));
   }
 
-  /// Claims a key package of every device of `phone`'s account, waiting
-  /// when the server says claims come too fast.
-  async claim(session, phone) {
+  /// Claims a key package of every device of each account in `phones` (at
+  /// most CLAIM_NUMBERS, one request), waiting when the server says claims
+  /// come too fast. One answer per number, in the order given.
+  async claim(session, phones) {
     for (let waited = 0; ; ) {
       try {
-        return (await session.request({ claimKeyPackages: { phone } })).claimedKeyPackages;
+        const answer = (await session.request({ claimKeyPackages: { phones } })).claimedKeyPackages;
+        const accounts = answer.accounts || [];
+        if (accounts.length !== phones.length) throw new Error("the server answered a claim of keys for other numbers");
+        return accounts;
       } catch (err) {
         if (!(err instanceof Refused && err.code === "ERROR_CODE_RATE_LIMITED") || waited > 60000) throw err;
         const wait = Math.max(100, err.retryAfterMs);

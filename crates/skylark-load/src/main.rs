@@ -5,6 +5,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use skylark_client::Endpoint;
+use skylark_client::TlsClient;
 use skylark_load::provision::{Manifest, provision};
 use skylark_load::scenarios::{self, IdleReport, Target};
 use skylark_load::stats::{Latency, rss_kib};
@@ -173,6 +174,12 @@ struct Common {
     /// Connect from this many loopback addresses, 127.0.0.1 upwards.
     #[arg(long, default_value_t = 1)]
     sources: u8,
+    /// Connect over TLS, trusting this CA certificate (PEM) besides the web
+    /// PKI roots: `skylark serve --dev-tls` writes its own as
+    /// DATA_DIR/dev-tls/cert.pem. With `--tcp` the raw TCP listener is
+    /// reached through TLS; without it, `--server` must be an https:// URL.
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -206,16 +213,24 @@ struct IdleArgs {
 }
 
 impl Common {
-    fn target(&self) -> Target {
+    fn target(&self) -> Result<Target> {
+        let tls = match &self.ca {
+            Some(ca) => Some(TlsClient::new(Some(ca)).map_err(|e| anyhow::anyhow!("{e}"))?),
+            None => None,
+        };
+        let wrap = |endpoint: Endpoint| match &tls {
+            Some(tls) => Endpoint::Tls(Box::new(endpoint), tls.clone()),
+            None => endpoint,
+        };
         let endpoint = match &self.tcp {
             Some(list) if list.contains(',') => {
-                Endpoint::Any(list.split(',').map(|a| Endpoint::Tcp(a.trim().to_owned())).collect())
+                Endpoint::Any(list.split(',').map(|a| wrap(Endpoint::Tcp(a.trim().to_owned()))).collect())
             }
-            Some(addr) => Endpoint::Tcp(addr.clone()),
-            None => Endpoint::websocket_for(&self.server, false),
+            Some(addr) => wrap(Endpoint::Tcp(addr.clone())),
+            None => wrap(Endpoint::websocket_for(&self.server, false)),
         };
         let sources = (1..=self.sources.max(1)).map(|i| IpAddr::from([127, 0, 0, i])).collect();
-        Target { http_base: self.server.clone(), endpoint, sources }
+        Ok(Target { http_base: self.server.clone(), endpoint, sources })
     }
 
     fn write(&self, report: &impl serde::Serialize) -> Result<()> {
@@ -247,7 +262,7 @@ async fn idle(args: IdleArgs) -> Result<()> {
     if args.offset + args.connections > manifest.accounts.len() {
         bail!("the manifest has {} accounts; {} from {} asked", manifest.accounts.len(), args.connections, args.offset);
     }
-    let target = args.common.target();
+    let target = args.common.target()?;
     if args.worker {
         // Ramp, tell the parent, wait for its go, hold, report.
         let hold = async {
@@ -306,6 +321,9 @@ fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<I
         cmd.args(["--sources", &args.common.sources.to_string()]);
         if let Some(tcp) = &args.common.tcp {
             cmd.args(["--tcp", tcp]);
+        }
+        if let Some(ca) = &args.common.ca {
+            cmd.arg("--ca").arg(ca);
         }
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
@@ -376,7 +394,8 @@ async fn main() -> Result<()> {
             if manifest.accounts.len() <= index {
                 bail!("the manifest has no account {index}");
             }
-            let token = scenarios::media_token(&common.target(), &manifest, index).await.map_err(anyhow::Error::msg)?;
+            let token =
+                scenarios::media_token(&common.target()?, &manifest, index).await.map_err(anyhow::Error::msg)?;
             println!("{token}");
             Ok(())
         }
@@ -385,7 +404,7 @@ async fn main() -> Result<()> {
             if manifest.accounts.len() < 2 * pairs {
                 bail!("chat with {pairs} pairs needs {} accounts", 2 * pairs);
             }
-            let r = scenarios::chat(&common.target(), &manifest, pairs, rate, seconds, payload).await;
+            let r = scenarios::chat(&common.target()?, &manifest, pairs, rate, seconds, payload).await;
             print_traffic(&format!("chat: {} pairs", r.pairs), &r);
             common.write(&r)
         }
@@ -394,7 +413,7 @@ async fn main() -> Result<()> {
             if users < 2 || manifest.accounts.len() < users {
                 bail!("mesh with {users} users needs at least 2, and {users} accounts in the manifest");
             }
-            let r = scenarios::mesh(&common.target(), &manifest, users, rate, seconds, payload).await;
+            let r = scenarios::mesh(&common.target()?, &manifest, users, rate, seconds, payload).await;
             print_traffic(&format!("mesh: {users} users to random peers"), &r);
             common.write(&r)
         }
@@ -443,7 +462,7 @@ async fn main() -> Result<()> {
                     }
                 }
             };
-            let r = scenarios::storm(&common.target(), &manifest, clients, restart).await;
+            let r = scenarios::storm(&common.target()?, &manifest, clients, restart).await;
             {
                 let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
                 let _ = child.kill();
@@ -481,7 +500,7 @@ async fn main() -> Result<()> {
                 }
             };
             let settle = Duration::from_secs_f64(settle_secs);
-            let r = scenarios::failover(&common.target(), &manifest, (offset, clients, rate), settle, killed).await;
+            let r = scenarios::failover(&common.target()?, &manifest, (offset, clients, rate), settle, killed).await;
             println!(
                 "failover: {} clients, {} dropped by the kill, {} back and serving; 50% back in {:.2} s, 99% in {:.2} s, \
                  all in {:.2} s (NaN: never); {} failed attempts on the way",
@@ -500,7 +519,7 @@ async fn main() -> Result<()> {
             if manifest.accounts.len() < members {
                 bail!("a group of {members} needs {members} accounts");
             }
-            let r = scenarios::group(&common.target(), &manifest, members, senders, messages, rate, payload).await;
+            let r = scenarios::group(&common.target()?, &manifest, members, senders, messages, rate, payload).await;
             println!(
                 "group: {} members, {} posts at {:.0}/s: acked {}, deliveries {} ({:.0}/s over {:.2} s), missing {}, duplicates {}",
                 r.members,
@@ -523,7 +542,7 @@ async fn main() -> Result<()> {
             if manifest.accounts.len() < 2 * users {
                 bail!("backlog for {users} users needs {} accounts", 2 * users);
             }
-            let r = scenarios::backlog(&common.target(), &manifest, users, per_user).await;
+            let r = scenarios::backlog(&common.target()?, &manifest, users, per_user).await;
             println!(
                 "backlog: {} messages to {} offline users stored in {:.2} s ({:.0}/s); drained in {:.2} s ({:.0}/s); received {}, duplicates {}",
                 r.messages,

@@ -31,6 +31,13 @@ pub enum KeyError {
     InvalidPhone(#[from] PhoneError),
     #[error("no account has that phone number")]
     UnknownAccount,
+    #[error("no account has the phone number {0}; nothing was claimed")]
+    UnknownNumber(PhoneNumber),
+    #[error(
+        "a claim names from 1 to {MAX_CLAIM_NUMBERS} phone numbers, each once (this one named {0}); split it into \
+         several"
+    )]
+    BadBatch(String),
     #[error("too many key package requests; try again in {}", skylark_core::words::wait(u64::try_from(.0.retry_after.as_millis()).unwrap_or(u64::MAX)))]
     RateLimited(Limited),
     #[error(transparent)]
@@ -47,6 +54,10 @@ pub struct Claimed {
     /// Each claimed device's public key, in the order of `devices`.
     pub device_keys: Vec<[u8; 32]>,
 }
+
+/// The most phone numbers one claim may name. Below the default burst of
+/// `key_claims_per_device` (60), which a batch is charged one cell per number.
+pub const MAX_CLAIM_NUMBERS: usize = 50;
 
 pub struct KeyDirectory {
     store: Arc<dyn Store>,
@@ -103,22 +114,76 @@ impl KeyDirectory {
         self.claims.check(&claimer.0.to_string()).map_err(KeyError::RateLimited)?;
         let phone = PhoneNumber::parse(phone)?;
         let account = self.directory.account(&phone).await?.ok_or(KeyError::UnknownAccount)?;
-        let mut active: Vec<(DeviceId, [u8; 32])> = self
-            .store
-            .active_devices(account)
-            .await?
-            .into_iter()
-            .filter(|d| d.id != claimer)
-            .map(|d| (d.id, d.public_key))
-            .collect();
-        active.sort_unstable_by_key(|(id, _)| *id);
-        let ids: Vec<DeviceId> = active.iter().map(|(id, _)| *id).collect();
-        let devices = self.store.claim_key_packages(&ids).await?;
-        let device_keys = devices
-            .iter()
-            .map(|c| active.iter().find(|(id, _)| *id == c.device).map(|(_, key)| *key).unwrap_or([0; 32]))
-            .collect();
-        Ok(Claimed { account, phone, devices, device_keys })
+        let mut claimed = self.take(claimer, vec![(account, phone)]).await?;
+        claimed.pop().ok_or(KeyError::UnknownAccount)
+    }
+
+    /// As [`KeyDirectory::claim`] for several numbers at once (from 1 to
+    /// [`MAX_CLAIM_NUMBERS`], each once), answered in the order given, with
+    /// one write for all of them. Charged one claim per number. All or
+    /// nothing: a number that is not valid or has no account refuses the
+    /// whole claim before any package is taken. Numbers are charged before
+    /// they are looked up, so the directory cannot be probed for free.
+    pub async fn claim_many(&self, claimer: DeviceId, phones: &[String]) -> Result<Vec<Claimed>, KeyError> {
+        if phones.is_empty() || phones.len() > MAX_CLAIM_NUMBERS {
+            return Err(KeyError::BadBatch(format!("{} numbers", phones.len())));
+        }
+        let parsed = phones.iter().map(|p| PhoneNumber::parse(p)).collect::<Result<Vec<_>, _>>()?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = parsed.iter().find(|p| !seen.insert(p.as_str())) {
+            return Err(KeyError::BadBatch(format!("{twice} twice")));
+        }
+        let cells = std::num::NonZeroU32::new(u32::try_from(parsed.len()).unwrap_or(u32::MAX))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        match self.claims.check_n(&claimer.0.to_string(), cells) {
+            Ok(()) => {}
+            Err(Some(limited)) => return Err(KeyError::RateLimited(limited)),
+            Err(None) => {
+                return Err(KeyError::BadBatch(format!(
+                    "{} numbers, more than this server allows at once",
+                    parsed.len()
+                )));
+            }
+        }
+        let mut accounts = Vec::with_capacity(parsed.len());
+        for phone in parsed {
+            match self.directory.account(&phone).await? {
+                Some(account) => accounts.push((account, phone)),
+                None => return Err(KeyError::UnknownNumber(phone)),
+            }
+        }
+        self.take(claimer, accounts).await
+    }
+
+    /// Takes one package of every active device (but `claimer`) of each
+    /// account, in one store call.
+    async fn take(&self, claimer: DeviceId, accounts: Vec<(AccountId, PhoneNumber)>) -> Result<Vec<Claimed>, KeyError> {
+        let mut per_account = Vec::with_capacity(accounts.len());
+        let mut ids = Vec::new();
+        for (account, phone) in accounts {
+            let mut active: Vec<(DeviceId, [u8; 32])> = self
+                .store
+                .active_devices(account)
+                .await?
+                .into_iter()
+                .filter(|d| d.id != claimer)
+                .map(|d| (d.id, d.public_key))
+                .collect();
+            active.sort_unstable_by_key(|(id, _)| *id);
+            ids.extend(active.iter().map(|(id, _)| *id));
+            per_account.push((account, phone, active));
+        }
+        let mut taken = self.store.claim_key_packages(&ids).await?.into_iter();
+        let mut claimed = Vec::with_capacity(per_account.len());
+        for (account, phone, active) in per_account {
+            let devices: Vec<ClaimedKey> = taken.by_ref().take(active.len()).collect();
+            let device_keys = devices
+                .iter()
+                .map(|c| active.iter().find(|(id, _)| *id == c.device).map(|(_, key)| *key).unwrap_or([0; 32]))
+                .collect();
+            claimed.push(Claimed { account, phone, devices, device_keys });
+        }
+        Ok(claimed)
     }
 
     /// Housekeeping: drops idle rate-limit state.

@@ -66,6 +66,19 @@ impl KeyedLimiter {
         })
     }
 
+    /// Takes `n` cells for `key` at once, or says how long until they are
+    /// free; `Err(None)` when `n` is more than the burst ever holds.
+    pub fn check_n(&self, key: &str, n: NonZeroU32) -> Result<(), Option<Limited>> {
+        match self.inner.check_key_n(&key.to_owned(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                metrics::counter!("skylark_rate_limited_total", "limit" => self.name).increment(1);
+                Err(Some(Limited { limit: self.name, retry_after: not_until.wait_time_from(self.clock.now()) }))
+            }
+            Err(_) => Err(None),
+        }
+    }
+
     /// Drops state for keys whose cells are all replenished, so memory does
     /// not grow with every address ever seen.
     pub fn forget_idle(&self) {

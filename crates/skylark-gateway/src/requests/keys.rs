@@ -23,8 +23,8 @@ fn stock(id: u64, stock: KeyStock) -> ServerFrame {
 fn key_error(id: u64, e: &KeyError) -> ServerFrame {
     let code = match e {
         KeyError::Store(e) => return unavailable(id, e),
-        KeyError::Upload(_) | KeyError::InvalidPhone(_) => ErrorCode::InvalidArgument,
-        KeyError::UnknownAccount => ErrorCode::UnknownRecipient,
+        KeyError::Upload(_) | KeyError::InvalidPhone(_) | KeyError::BadBatch(_) => ErrorCode::InvalidArgument,
+        KeyError::UnknownAccount | KeyError::UnknownNumber(_) => ErrorCode::UnknownRecipient,
         KeyError::RateLimited(_) => ErrorCode::RateLimited,
     };
     let mut frame = error(id, code, e.to_string());
@@ -51,25 +51,45 @@ pub(super) async fn get_stock(caller: &Caller<'_>, id: u64) -> ServerFrame {
 }
 
 pub(super) async fn claim(caller: &Caller<'_>, id: u64, claim: v1::ClaimKeyPackages) -> ServerFrame {
-    match caller.shared.server.keys.claim(caller.authed.device.id, &claim.phone).await {
+    let keys = &caller.shared.server.keys;
+    let device = caller.authed.device.id;
+    if claim.phones.is_empty() {
+        return match keys.claim(device, &claim.phone).await {
+            Ok(claimed) => reply(id, server_frame::Body::ClaimedKeyPackages(claimed_frame(claimed))),
+            Err(e) => key_error(id, &e),
+        };
+    }
+    if !claim.phone.is_empty() {
+        let words = "a claim names either one phone number (phone) or several (phones), not both";
+        return error(id, ErrorCode::InvalidArgument, words);
+    }
+    match keys.claim_many(device, &claim.phones).await {
         Ok(claimed) => reply(
             id,
             server_frame::Body::ClaimedKeyPackages(v1::ClaimedKeyPackages {
-                account_id: claimed.account.0,
-                phone: claimed.phone.as_str().to_owned(),
-                devices: claimed
-                    .devices
-                    .into_iter()
-                    .zip(claimed.device_keys)
-                    .map(|(d, key)| v1::DeviceKeyPackage {
-                        device_id: d.device.0,
-                        key_package: d.package.unwrap_or_default(),
-                        last_resort: d.last_resort,
-                        device_key: key.to_vec(),
-                    })
-                    .collect(),
+                accounts: claimed.into_iter().map(claimed_frame).collect(),
+                ..Default::default()
             }),
         ),
         Err(e) => key_error(id, &e),
+    }
+}
+
+fn claimed_frame(claimed: skylark_server::keys::Claimed) -> v1::ClaimedKeyPackages {
+    v1::ClaimedKeyPackages {
+        account_id: claimed.account.0,
+        phone: claimed.phone.as_str().to_owned(),
+        devices: claimed
+            .devices
+            .into_iter()
+            .zip(claimed.device_keys)
+            .map(|(d, key)| v1::DeviceKeyPackage {
+                device_id: d.device.0,
+                key_package: d.package.unwrap_or_default(),
+                last_resort: d.last_resort,
+                device_key: key.to_vec(),
+            })
+            .collect(),
+        accounts: Vec::new(),
     }
 }

@@ -90,7 +90,10 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
             }),
         ),
         ("key_package_stock", Body::GetKeyPackageStock(v1::GetKeyPackageStock {})),
-        ("claim alice's key packages", Body::ClaimKeyPackages(v1::ClaimKeyPackages { phone: "+15556000001".into() })),
+        (
+            "claim alice's key packages",
+            Body::ClaimKeyPackages(v1::ClaimKeyPackages { phone: "+15556000001".into(), phones: Vec::new() }),
+        ),
         (
             "create_group",
             Body::CreateGroup(v1::CreateGroup { subject: "mine".into(), members: vec!["+15556000002".into()] }),

@@ -122,3 +122,63 @@ async fn claims_are_rate_limited_per_device() {
     }
     assert_eq!(alice.handle().key_package_stock().await.unwrap().available, 1, "a refused claim takes nothing");
 }
+
+/// Several numbers in one claim: one answer per number in the order asked,
+/// one package of each device taken, each number charged to the rate
+/// limit; a claim naming an unknown number, a number twice, or too many
+/// numbers is refused in words and takes nothing.
+#[tokio::test]
+async fn several_numbers_are_claimed_in_one_request_all_or_nothing() {
+    let mut config = test_config();
+    config.rate_limits.key_claims_per_device = skylark_server::config::Quota { burst: 4, per_ms: 60_000 };
+    let server = TestServer::start_with(config).await;
+    let alice_id = server.register("+15551700021").await;
+    let bob_id = server.register("+15551700022").await;
+    let carol_id = server.register("+15551700023").await;
+    let alice = Peer::connect(&server, &alice_id, Transport::Tcp).await;
+    let bob = Peer::connect(&server, &bob_id, Transport::WsJson).await;
+    let carol = Peer::connect(&server, &carol_id, Transport::Ws).await;
+    alice.handle().upload_key_packages(vec![package("a1"), package("a2")], None).await.unwrap();
+    bob.handle().upload_key_packages(vec![package("b1"), package("b2")], None).await.unwrap();
+    let phones = |list: &[&str]| list.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>();
+
+    let (code, message) =
+        refused(carol.handle().claim_key_packages_of(&phones(&["+15551700022", "+15559999999"])).await);
+    assert_eq!(code, ErrorCode::UnknownRecipient);
+    assert_eq!(message, "no account has the phone number +15559999999; nothing was claimed");
+    let (code, message) =
+        refused(carol.handle().claim_key_packages_of(&phones(&["+15551700022", "+1 555 170 0022"])).await);
+    assert_eq!(code, ErrorCode::InvalidArgument);
+    assert!(message.contains("+15551700022 twice"), "{message}");
+    let too_many: Vec<String> = (0..51).map(|i| format!("+1555180{i:04}")).collect();
+    let (code, message) = refused(carol.handle().claim_key_packages_of(&too_many).await);
+    assert_eq!(code, ErrorCode::InvalidArgument);
+    assert!(message.contains("from 1 to 50 phone numbers"), "{message}");
+    for (who, stock) in [(&alice, 2), (&bob, 2)] {
+        assert_eq!(who.handle().key_package_stock().await.unwrap().available, stock, "a refused claim takes nothing");
+    }
+
+    // Bob before Alice, as asked; one package each, oldest first.
+    let answers = carol.handle().claim_key_packages_of(&phones(&["+15551700022", "+15551700021"])).await.unwrap();
+    let accounts: Vec<u64> = answers.iter().map(|c| c.account_id).collect();
+    assert_eq!(accounts, vec![bob_id.account_id, alice_id.account_id]);
+    assert_eq!(claimed(&answers[0]), vec![(bob_id.device_id, package("b1"), false)]);
+    assert_eq!(claimed(&answers[1]), vec![(alice_id.device_id, package("a1"), false)]);
+    // Each number is charged as one claim, the unknown one's too (so the
+    // directory cannot be probed for free): with a burst of 4, the claim
+    // naming an unknown number took 2 and this one 2; one more is refused.
+    let (code, _) = refused(carol.handle().claim_key_packages("+15551700021").await);
+    assert_eq!(code, ErrorCode::RateLimited);
+    // A claim naming more numbers than the burst could ever hold says so.
+    let mut config = test_config();
+    config.rate_limits.key_claims_per_device = skylark_server::config::Quota { burst: 1, per_ms: 1 };
+    let strict = TestServer::start_with(config).await;
+    let dave_id = strict.register("+15551700024").await;
+    strict.register("+15551700025").await;
+    strict.register("+15551700026").await;
+    let dave = Peer::connect(&strict, &dave_id, Transport::Tcp).await;
+    let (code, message) =
+        refused(dave.handle().claim_key_packages_of(&phones(&["+15551700025", "+15551700026"])).await);
+    assert_eq!(code, ErrorCode::InvalidArgument);
+    assert!(message.contains("more than this server allows at once"), "{message}");
+}
