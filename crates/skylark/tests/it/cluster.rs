@@ -808,36 +808,17 @@ async fn the_operator_counts_and_disconnects_devices_on_any_node() {
 /// the sender never connects again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_left_by_a_killed_node_resumes_on_the_survivor() {
-    use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem};
-    use skylark_core::{AccountId, DeviceId};
     use skylark_store::postgres::{PgOptions, PgStore};
-    use skylark_store::{AccountWrite, Counters, MessageStore};
 
     let dir = tempfile::tempdir().unwrap();
     let (sms, mut codes) = sms_gateway().await;
     let mut cluster = tokio::task::block_in_place(|| TestCluster::start(dir.path(), 2, sms));
     let api = Api::new(&format!("http://{}", cluster.addrs[1].0)).unwrap();
     let ids = register(&api, &["+15550800071", "+15550800072"], &mut codes).await;
-    let (alice, bob) = (AccountId(ids[0].account_id), &ids[1]);
-
+    let (alice, bob) = (&ids[0], &ids[1]);
     let store =
         PgStore::open(&PgOptions { shards: vec![cluster.store.clone()], ..PgOptions::default() }).await.unwrap();
-    let Counters { next_seq, next_outbox } = store.account_state(alice).await.unwrap().counters;
-    let left = Arc::new(Message {
-        id: MessageId { sender: alice, seq: next_seq },
-        to: AccountId(bob.account_id),
-        sender_device: DeviceId(ids[0].device_id),
-        client_id: "left".into(),
-        sent_at_ms: skylark_core::Clock::now_ms(&skylark_core::SystemClock),
-        payload: b"left in the outbox".as_slice().into(),
-        meta: Default::default(),
-    });
-    let mut write = AccountWrite::new(alice);
-    write.appends.push((next_seq, Arc::new(LogEntry::Message(left.clone()))));
-    write.outbox_puts.push((next_outbox, OutboxItem { to: left.to, forward: Forward::Message(left.clone()) }));
-    write.client_ids.push((left.sender_device, "left".into(), next_seq));
-    write.counters = Some(Counters { next_seq: next_seq + 1, next_outbox: next_outbox + 1 });
-    store.apply(write).await.unwrap();
+    crate::harness::leave_a_forward(&store, alice, bob.account_id, "left", b"left in the outbox").await;
 
     // Node 0 dies; node 1 sees the placement change and wakes what it now
     // owns with forwards pending. Only Bob connects, to node 1.
@@ -854,7 +835,8 @@ async fn a_forward_left_by_a_killed_node_resumes_on_the_survivor() {
             break;
         }
         if started.elapsed() > Duration::from_secs(30) {
-            let outbox = store.account_state(alice).await.map(|s| s.outbox);
+            let alice = skylark_core::AccountId(alice.account_id);
+            let outbox = skylark_store::MessageStore::account_state(&store, alice).await.map(|s| s.outbox);
             panic!(
                 "the forward was not resumed: Bob's log {page:?}, Alice's outbox {outbox:?}\n{}",
                 cluster.log_tail()

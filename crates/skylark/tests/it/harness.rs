@@ -282,3 +282,39 @@ impl Peer {
         }
     }
 }
+
+/// What a crash leaves when it strikes after a send was acknowledged and
+/// before its forward ran: the message, with `client_id` and `payload`, in
+/// the sender's log and outbox (after `counters`), nothing of it at the
+/// recipient. Written to the store directly, as the sender's actor would.
+pub async fn leave_a_forward(
+    store: &dyn Store,
+    sender: &Identity,
+    to: u64,
+    client_id: &str,
+    payload: &[u8],
+) -> skylark_core::message::MessageId {
+    use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem};
+    use skylark_core::{AccountId, DeviceId};
+    use skylark_store::{AccountWrite, Counters};
+
+    let account = AccountId(sender.account_id);
+    let Counters { next_seq, next_outbox } = store.account_state(account).await.unwrap().counters;
+    let id = MessageId { sender: account, seq: next_seq };
+    let message = Arc::new(Message {
+        id,
+        to: AccountId(to),
+        sender_device: DeviceId(sender.device_id),
+        client_id: client_id.into(),
+        sent_at_ms: SystemClock.now_ms(),
+        payload: payload.to_vec().into(),
+        meta: Default::default(),
+    });
+    let mut write = AccountWrite::new(account);
+    write.appends.push((next_seq, Arc::new(LogEntry::Message(message.clone()))));
+    write.outbox_puts.push((next_outbox, OutboxItem { to: message.to, forward: Forward::Message(message) }));
+    write.client_ids.push((DeviceId(sender.device_id), client_id.into(), next_seq));
+    write.counters = Some(Counters { next_seq: next_seq + 1, next_outbox: next_outbox + 1 });
+    store.apply(write).await.unwrap();
+    id
+}

@@ -1,6 +1,6 @@
 //! 1:1 messaging over the real protocol: acks, delivery, receipts, order.
 
-use crate::harness::{Log, Peer, TestServer, Transport, test_config};
+use crate::harness::{Log, Peer, TestServer, Transport, leave_a_forward, test_config};
 use skylark_protocol::ErrorCode;
 use skylark_protocol::v1::ReceiptKind;
 use skylark_protocol::v1::event::Body;
@@ -215,37 +215,13 @@ async fn queued_messages_survive_a_server_restart() {
 /// as a receipt to the sender, starts the sender's actor).
 #[tokio::test]
 async fn a_forward_left_by_a_crash_resumes_at_start_without_its_sender() {
-    use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem};
-    use skylark_core::{AccountId, DeviceId};
-    use skylark_store::{AccountWrite, Counters};
-    use std::sync::Arc;
-
     let mut server = TestServer::start().await;
     let alice_id = server.register("+15550600081").await;
     let bob_id = server.register("+15550600082").await;
     server.shutdown().await;
-
-    // What the store holds when the server died after acknowledging
-    // Alice's message and before forwarding it: the message in her log and
-    // outbox, nothing of it in Bob's.
-    let alice = AccountId(alice_id.account_id);
-    let state = server.store.account_state(alice).await.unwrap();
-    let Counters { next_seq, next_outbox } = state.counters;
-    let left = Arc::new(Message {
-        id: MessageId { sender: alice, seq: next_seq },
-        to: AccountId(bob_id.account_id),
-        sender_device: DeviceId(alice_id.device_id),
-        client_id: "m1".into(),
-        sent_at_ms: skylark_core::Clock::now_ms(&server.clock),
-        payload: b"left in the outbox".as_slice().into(),
-        meta: Default::default(),
-    });
-    let mut write = AccountWrite::new(alice);
-    write.appends.push((next_seq, Arc::new(LogEntry::Message(left.clone()))));
-    write.outbox_puts.push((next_outbox, OutboxItem { to: left.to, forward: Forward::Message(left.clone()) }));
-    write.client_ids.push((left.sender_device, "m1".into(), next_seq));
-    write.counters = Some(Counters { next_seq: next_seq + 1, next_outbox: next_outbox + 1 });
-    server.store.apply(write).await.unwrap();
+    let alice = skylark_core::AccountId(alice_id.account_id);
+    assert!(server.store.account_state(alice).await.unwrap().outbox.is_empty());
+    leave_a_forward(&*server.store, &alice_id, bob_id.account_id, "m1", b"left in the outbox").await;
 
     // Only Bob comes back; his device gets the message.
     let restarted = TestServer::start_on(test_config(), server.store.clone()).await;
