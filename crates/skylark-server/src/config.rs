@@ -88,7 +88,8 @@ pub struct RateLimits {
     /// (they are never answered).
     pub typing_per_device: Quota,
     /// Claims of key packages per device (each takes one package of every
-    /// device of the account claimed).
+    /// device of the account claimed; a claim of several numbers counts one
+    /// per number).
     pub key_claims_per_device: Quota,
     /// Uploads of key packages per device.
     pub key_uploads_per_device: Quota,
