@@ -703,7 +703,18 @@ impl Crypto {
         let mut claimed = Claimed::default();
         let mut answers = Vec::with_capacity(phones.len());
         for batch in phones.chunks(crate::session::MAX_CLAIM_NUMBERS) {
-            answers.extend(claim_patiently(h, batch).await?);
+            match claim_patiently(h, batch).await {
+                Ok(some) => answers.extend(some),
+                // A server whose rate limit holds fewer claims than the batch
+                // (or one older than batched claims) refuses it as a whole:
+                // one number at a time then, which also names a bad number.
+                Err(ClientError::Refused { code: ErrorCode::InvalidArgument, .. }) if batch.len() > 1 => {
+                    for phone in batch {
+                        answers.extend(claim_patiently(h, std::slice::from_ref(phone)).await?);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         for answer in answers {
             for d in answer.devices {
@@ -869,13 +880,17 @@ impl Prepared {
 /// The longest a claim waits out the server's rate limit before giving up.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
 
-/// Claims the key packages of `phones` (one request), waiting when the
-/// server says claims come too fast (adding many accounts at once meets the
-/// per-device limit).
+/// Claims the key packages of `phones` (one request; a single number as a
+/// plain claim), waiting when the server says claims come too fast (adding
+/// many accounts at once meets the per-device limit).
 async fn claim_patiently(h: &SessionHandle, phones: &[String]) -> Result<Vec<v1::ClaimedKeyPackages>, ClientError> {
     let mut waited = Duration::ZERO;
     loop {
-        match h.claim_key_packages_of(phones).await {
+        let answer = match phones {
+            [phone] => h.claim_key_packages(phone).await.map(|one| vec![one]),
+            _ => h.claim_key_packages_of(phones).await,
+        };
+        match answer {
             Err(ClientError::Refused { code: ErrorCode::RateLimited, retry_after_ms, .. })
                 if waited < CLAIM_PATIENCE =>
             {

@@ -207,7 +207,16 @@ export class Crypto {
     const withoutKeys = [];
     const answers = [];
     for (let i = 0; i < phones.length; i += CLAIM_NUMBERS) {
-      answers.push(...await this.claim(session, phones.slice(i, i + CLAIM_NUMBERS)));
+      const batch = phones.slice(i, i + CLAIM_NUMBERS);
+      try {
+        answers.push(...await this.claim(session, batch));
+      } catch (err) {
+        // A server whose rate limit holds fewer claims than the batch (or
+        // one older than batched claims) refuses it as a whole: one number
+        // at a time then, which also names a bad number.
+        if (!(err instanceof Refused && err.code === "ERROR_CODE_INVALID_ARGUMENT") || batch.length < 2) throw err;
+        for (const phone of batch) answers.push(...await this.claim(session, [phone]));
+      }
     }
     for (const claimed of answers) {
       for (const d of claimed.devices || []) {
@@ -257,6 +266,9 @@ export class Crypto {
   async claim(session, phones) {
     for (let waited = 0; ; ) {
       try {
+        if (phones.length === 1) {
+          return [(await session.request({ claimKeyPackages: { phone: phones[0] } })).claimedKeyPackages];
+        }
         const answer = (await session.request({ claimKeyPackages: { phones } })).claimedKeyPackages;
         const accounts = answer.accounts || [];
         if (accounts.length !== phones.length) throw new Error("the server answered a claim of keys for other numbers");

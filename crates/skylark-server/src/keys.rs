@@ -33,10 +33,8 @@ pub enum KeyError {
     UnknownAccount,
     #[error("no account has the phone number {0}; nothing was claimed")]
     UnknownNumber(PhoneNumber),
-    #[error(
-        "a claim names from 1 to {MAX_CLAIM_NUMBERS} phone numbers, each once (this one named {0}); split it into \
-         several"
-    )]
+    /// A claim of several numbers that cannot be taken as it is (the words say why).
+    #[error("{0}")]
     BadBatch(String),
     #[error("too many key package requests; try again in {}", skylark_core::words::wait(u64::try_from(.0.retry_after.as_millis()).unwrap_or(u64::MAX)))]
     RateLimited(Limited),
@@ -126,12 +124,18 @@ impl KeyDirectory {
     /// they are looked up, so the directory cannot be probed for free.
     pub async fn claim_many(&self, claimer: DeviceId, phones: &[String]) -> Result<Vec<Claimed>, KeyError> {
         if phones.is_empty() || phones.len() > MAX_CLAIM_NUMBERS {
-            return Err(KeyError::BadBatch(format!("{} numbers", phones.len())));
+            return Err(KeyError::BadBatch(format!(
+                "a claim names from 1 to {MAX_CLAIM_NUMBERS} phone numbers, and this one named {}; split it into \
+                 smaller claims",
+                phones.len()
+            )));
         }
         let parsed = phones.iter().map(|p| PhoneNumber::parse(p)).collect::<Result<Vec<_>, _>>()?;
         let mut seen = std::collections::HashSet::new();
         if let Some(twice) = parsed.iter().find(|p| !seen.insert(p.as_str())) {
-            return Err(KeyError::BadBatch(format!("{twice} twice")));
+            return Err(KeyError::BadBatch(format!(
+                "a claim names each phone number once, and this one named {twice} twice; nothing was claimed"
+            )));
         }
         let cells = std::num::NonZeroU32::new(u32::try_from(parsed.len()).unwrap_or(u32::MAX))
             .unwrap_or(std::num::NonZeroU32::MIN);
@@ -140,7 +144,8 @@ impl KeyDirectory {
             Err(Some(limited)) => return Err(KeyError::RateLimited(limited)),
             Err(None) => {
                 return Err(KeyError::BadBatch(format!(
-                    "{} numbers, more than this server allows at once",
+                    "this claim names {} numbers, more than this server's rate limit allows at once; claim them \
+                     in smaller groups",
                     parsed.len()
                 )));
             }

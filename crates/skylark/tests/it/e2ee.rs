@@ -293,3 +293,32 @@ async fn a_hundred_member_group_under_traffic_each_device_reads_its_slice() {
     }
     assert_eq!(checked, MEMBERS - 6);
 }
+
+/// On a server whose claim limit holds fewer claims than a batch, the
+/// batch is refused as a whole and the client claims one number at a time
+/// (waiting out the limit), so the group still starts encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_batch_too_large_for_the_limit_falls_back_to_one_number_at_a_time() {
+    let mut config = crate::harness::test_config();
+    config.rate_limits.key_claims_per_device = skylark_server::config::Quota { burst: 1, per_ms: 100 };
+    let server = TestServer::start_with(config).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        let id = server.register(&format!("+1555230000{i}")).await;
+        devices.push(device(&server, &id, &dirs.path().join(format!("d{i}"))).await);
+    }
+    let mut admin = devices.remove(0);
+    let h = admin.session.handle();
+    let mut before = Vec::new();
+    for d in &devices {
+        before.push(d.session.handle().key_package_stock().await.unwrap().available);
+    }
+    let info = h.create_group("limited", &["+15552300001", "+15552300002"]).await.unwrap();
+    let setup = admin.crypto.start_group(&h, &mut admin.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+    for (d, was) in devices.iter().zip(before) {
+        let now = d.session.handle().key_package_stock().await.unwrap().available;
+        assert_eq!(now, was - 1, "one package of each member's device was claimed");
+    }
+}

@@ -149,7 +149,7 @@ async fn several_numbers_are_claimed_in_one_request_all_or_nothing() {
     let (code, message) =
         refused(carol.handle().claim_key_packages_of(&phones(&["+15551700022", "+1 555 170 0022"])).await);
     assert_eq!(code, ErrorCode::InvalidArgument);
-    assert!(message.contains("+15551700022 twice"), "{message}");
+    assert!(message.contains("named +15551700022 twice"), "{message}");
     let too_many: Vec<String> = (0..51).map(|i| format!("+1555180{i:04}")).collect();
     let (code, message) = refused(carol.handle().claim_key_packages_of(&too_many).await);
     assert_eq!(code, ErrorCode::InvalidArgument);
@@ -180,5 +180,5 @@ async fn several_numbers_are_claimed_in_one_request_all_or_nothing() {
     let (code, message) =
         refused(dave.handle().claim_key_packages_of(&phones(&["+15551700025", "+15551700026"])).await);
     assert_eq!(code, ErrorCode::InvalidArgument);
-    assert!(message.contains("more than this server allows at once"), "{message}");
+    assert!(message.contains("more than this server's rate limit allows at once"), "{message}");
 }
