@@ -2,7 +2,7 @@
 //! docs/BENCHMARKS.md: CPU time and bytes per message and per membership
 //! change, in groups of 2, 100 and 1,024 devices, one device per member.
 //!
-//! `cargo run --release -p skylark-e2ee --example figures`
+//! `cargo run --release -p skylark-e2ee --example figures [SIZE...]`
 //!
 //! Only two devices do work: the committer and one observer that joined
 //! first; the others exist as the key packages that added them.
@@ -31,7 +31,12 @@ fn main() {
         "| devices | message: encrypt | decrypt | bytes (100-byte text) | add 1 device: commit | its post | a member applies it | remove 1 device: commit | its post | a member applies it | state per device |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for size in [2u64, 100, 1024] {
+    // Sizes from the command line (`-- 1024`), or all three.
+    let mut sizes: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().expect("a group size")).collect();
+    if sizes.is_empty() {
+        sizes = vec![2, 100, 1024];
+    }
+    for size in sizes {
         let mut admin = engine(1);
         let mut observer = engine(2);
         admin.create(CONV).expect("the engine works");

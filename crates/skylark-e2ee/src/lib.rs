@@ -287,7 +287,19 @@ pub struct Engine {
     journal_order: std::collections::VecDeque<String>,
     /// The conversations this device created or joined.
     conversations: std::collections::BTreeSet<Vec<u8>>,
+    /// Groups already read from `provider`'s storage. OpenMLS writes every
+    /// change of a group through to the storage, so a kept group stays what
+    /// loading it again would give; reading a large group's state back for
+    /// each message was most of a message's cost. A group is taken out
+    /// while an operation changes it and put back only when that operation
+    /// succeeds, so a failed one leaves the next to load it afresh.
+    groups: std::cell::RefCell<std::collections::HashMap<Vec<u8>, MlsGroup>>,
+    /// How many times a group was read from the storage (for the tests).
+    loads: std::cell::Cell<u64>,
 }
+
+/// At most this many groups are kept read ([`Engine::groups`]).
+const GROUPS_KEPT: usize = 64;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -325,6 +337,8 @@ impl Engine {
             journal: Default::default(),
             journal_order: Default::default(),
             conversations: Default::default(),
+            groups: Default::default(),
+            loads: Default::default(),
         }
     }
 
@@ -399,24 +413,49 @@ impl Engine {
             .build()
     }
 
+    /// Takes the conversation's group out of [`Engine::groups`] (or reads
+    /// it from the storage) for an operation that may change it; give it
+    /// back with [`Engine::keep`] when the operation succeeds.
     fn group(&self, conversation: &[u8]) -> Result<MlsGroup, E2eeError> {
+        if let Some(group) = self.groups.borrow_mut().remove(conversation) {
+            return Ok(group);
+        }
+        self.loads.set(self.loads.get() + 1);
         MlsGroup::load(self.provider.storage(), &group_id(conversation))
             .map_err(|e| E2eeError::State(e.to_string()))?
             .ok_or(E2eeError::UnknownConversation)
     }
 
+    /// Keeps a group whose state matches the storage (after a successful
+    /// operation), so the next one need not read it again.
+    fn keep(&self, conversation: &[u8], group: MlsGroup) {
+        let mut groups = self.groups.borrow_mut();
+        if groups.len() >= GROUPS_KEPT && !groups.contains_key(conversation) {
+            groups.clear();
+        }
+        groups.insert(conversation.to_vec(), group);
+    }
+
+    /// Reads something of the conversation's group, without changing it.
+    fn look<R>(&self, conversation: &[u8], f: impl FnOnce(&MlsGroup) -> R) -> Result<R, E2eeError> {
+        let group = self.group(conversation)?;
+        let answer = f(&group);
+        self.keep(conversation, group);
+        Ok(answer)
+    }
+
     /// Whether this device is an active member of the conversation's group.
     pub fn is_member(&self, conversation: &[u8]) -> bool {
-        self.group(conversation).map(|g| g.is_active()).unwrap_or(false)
+        self.look(conversation, |g| g.is_active()).unwrap_or(false)
     }
 
     /// Starts the conversation's group with this device as its only member
     /// (epoch 0).
     pub fn create(&mut self, conversation: &[u8]) -> Result<(), E2eeError> {
-        if self.group(conversation).is_ok() {
+        if self.look(conversation, |_| ()).is_ok() {
             return Err(E2eeError::AlreadyExists);
         }
-        MlsGroup::new_with_group_id(
+        let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.key,
             &Self::create_config(),
@@ -424,6 +463,7 @@ impl Engine {
             self.credential(),
         )
         .map_err(mls)?;
+        self.keep(conversation, group);
         self.conversations.insert(conversation.to_vec());
         Ok(())
     }
@@ -435,34 +475,34 @@ impl Engine {
 
     /// The group's current epoch (what a commit from here would be for).
     pub fn epoch(&self, conversation: &[u8]) -> Result<u64, E2eeError> {
-        Ok(self.group(conversation)?.epoch().as_u64())
+        self.look(conversation, |g| g.epoch().as_u64())
     }
 
     /// The devices in the conversation's group, in leaf order.
     pub fn members(&self, conversation: &[u8]) -> Result<Vec<DeviceRef>, E2eeError> {
-        let group = self.group(conversation)?;
-        Ok(group.members().filter_map(|m| parse_identity(&m.credential).map(|(d, _)| d)).collect())
+        self.look(conversation, |g| g.members().filter_map(|m| parse_identity(&m.credential).map(|(d, _)| d)).collect())
     }
 
     /// Each member's MLS key and binding signature, for checking against
     /// the device keys the server lists ([`verify_binding`]).
     pub fn member_keys(&self, conversation: &[u8]) -> Result<Vec<MemberKey>, E2eeError> {
-        let group = self.group(conversation)?;
-        Ok(group
-            .members()
-            .filter_map(|m| {
-                parse_identity(&m.credential).map(|(member, binding)| MemberKey {
-                    member,
-                    mls_key: m.signature_key.clone(),
-                    binding,
+        self.look(conversation, |group| {
+            group
+                .members()
+                .filter_map(|m| {
+                    parse_identity(&m.credential).map(|(member, binding)| MemberKey {
+                        member,
+                        mls_key: m.signature_key.clone(),
+                        binding,
+                    })
                 })
-            })
-            .collect())
+                .collect()
+        })
     }
 
     /// Whether a commit from this device waits for the server's answer.
     pub fn has_pending_commit(&self, conversation: &[u8]) -> bool {
-        self.group(conversation).map(|g| g.pending_commit().is_some()).unwrap_or(false)
+        self.look(conversation, |g| g.pending_commit().is_some()).unwrap_or(false)
     }
 
     /// A commit adding the devices whose key packages are given (each
@@ -471,6 +511,7 @@ impl Engine {
     pub fn add(&mut self, conversation: &[u8], packages: &[(DeviceRef, Vec<u8>)]) -> Result<Option<Commit>, E2eeError> {
         let mut group = self.group(conversation)?;
         if group.pending_commit().is_some() {
+            self.keep(conversation, group);
             return Err(E2eeError::PendingCommit);
         }
         let present: std::collections::HashSet<DeviceRef> =
@@ -493,10 +534,12 @@ impl Engine {
             valid.push(package);
         }
         if valid.is_empty() {
+            self.keep(conversation, group);
             return Ok(None);
         }
         let epoch = group.epoch().as_u64();
         let (commit, welcome, _) = group.add_members(&self.provider, &self.key, &valid).map_err(mls)?;
+        self.keep(conversation, group);
         Ok(Some(Commit { epoch, commit: wrap(&commit)?, welcome: Some(wrap(&welcome)?) }))
     }
 
@@ -505,6 +548,7 @@ impl Engine {
     pub fn remove(&mut self, conversation: &[u8], devices: &[DeviceRef]) -> Result<Option<Commit>, E2eeError> {
         let mut group = self.group(conversation)?;
         if group.pending_commit().is_some() {
+            self.keep(conversation, group);
             return Err(E2eeError::PendingCommit);
         }
         let leaves: Vec<LeafNodeIndex> = group
@@ -513,10 +557,12 @@ impl Engine {
             .map(|m| m.index)
             .collect();
         if leaves.is_empty() {
+            self.keep(conversation, group);
             return Ok(None);
         }
         let epoch = group.epoch().as_u64();
         let (commit, welcome, _) = group.remove_members(&self.provider, &self.key, &leaves).map_err(mls)?;
+        self.keep(conversation, group);
         Ok(Some(Commit { epoch, commit: wrap(&commit)?, welcome: welcome.as_ref().map(wrap).transpose()? }))
     }
 
@@ -525,10 +571,12 @@ impl Engine {
     pub fn update(&mut self, conversation: &[u8]) -> Result<Commit, E2eeError> {
         let mut group = self.group(conversation)?;
         if group.pending_commit().is_some() {
+            self.keep(conversation, group);
             return Err(E2eeError::PendingCommit);
         }
         let epoch = group.epoch().as_u64();
         let bundle = group.self_update(&self.provider, &self.key, LeafNodeParameters::default()).map_err(mls)?;
+        self.keep(conversation, group);
         let (commit, welcome, _) = bundle.into_messages();
         Ok(Commit { epoch, commit: wrap(&commit)?, welcome: welcome.as_ref().map(wrap).transpose()? })
     }
@@ -563,6 +611,7 @@ impl Engine {
         if group.pending_commit().is_some() {
             group.merge_pending_commit(&self.provider).map_err(mls)?;
         }
+        self.keep(conversation, group);
         Ok(())
     }
 
@@ -573,6 +622,7 @@ impl Engine {
         self.unstage(conversation);
         let mut group = self.group(conversation)?;
         group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+        self.keep(conversation, group);
         Ok(())
     }
 
@@ -580,12 +630,14 @@ impl Engine {
     pub fn encrypt(&mut self, conversation: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, E2eeError> {
         let mut group = self.group(conversation)?;
         if !group.is_active() {
+            self.keep(conversation, group);
             return Err(E2eeError::Removed);
         }
         if group.pending_commit().is_some() {
             return Err(E2eeError::PendingCommit);
         }
         let out = group.create_message(&self.provider, &self.key, plaintext).map_err(mls)?;
+        self.keep(conversation, group);
         wrap(&out)
     }
 
@@ -629,16 +681,18 @@ impl Engine {
                 && epoch == group.epoch().as_u64()
             {
                 group.merge_pending_commit(&self.provider).map_err(mls)?;
-                let removed = !group.is_active();
-                return Ok(Incoming::Committed { conversation, epoch: group.epoch().as_u64(), by: self.me, removed });
+                let (removed, epoch) = (!group.is_active(), group.epoch().as_u64());
+                self.keep(&conversation, group);
+                return Ok(Incoming::Committed { conversation, epoch, by: self.me, removed });
             }
+            self.keep(&conversation, group);
             return Ok(Incoming::NotForMe);
         }
-        if !group.is_active() {
-            return Ok(Incoming::NotForMe);
-        }
-        if protocol.content_type() == ContentType::Commit && epoch < group.epoch().as_u64() {
-            // Already applied (a replay after a restart).
+        if !group.is_active()
+            // A commit already applied (a replay after a restart).
+            || (protocol.content_type() == ContentType::Commit && epoch < group.epoch().as_u64())
+        {
+            self.keep(&conversation, group);
             return Ok(Incoming::NotForMe);
         }
         let processed = match group.process_message(&self.provider, protocol) {
@@ -652,6 +706,7 @@ impl Engine {
         let by = parse_identity(processed.credential()).map(|(d, _)| d).unwrap_or(DeviceRef { account: 0, device: 0 });
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
+                self.keep(&conversation, group);
                 Ok(Incoming::Message { conversation, from: by, plaintext: app.into_bytes() })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -662,11 +717,15 @@ impl Engine {
                     self.outgoing.retain(|o| o.conversation != conversation);
                 }
                 group.merge_staged_commit(&self.provider, *staged).map_err(mls)?;
-                let removed = !group.is_active();
-                Ok(Incoming::Committed { conversation, epoch: group.epoch().as_u64(), by, removed })
+                let (removed, epoch) = (!group.is_active(), group.epoch().as_u64());
+                self.keep(&conversation, group);
+                Ok(Incoming::Committed { conversation, epoch, by, removed })
             }
             // Skylark's clients send no standalone proposals.
-            _ => Ok(Incoming::NotForMe),
+            _ => {
+                self.keep(&conversation, group);
+                Ok(Incoming::NotForMe)
+            }
         }
     }
 
@@ -780,14 +839,17 @@ impl Engine {
         // others, so nobody can fork it out of its conversation.
         if let Ok(mut old) = self.group(&conversation) {
             if old.is_active() && old.members().count() > 1 {
+                self.keep(&conversation, old);
                 return Ok(Incoming::NotForMe);
             }
             old.delete(self.provider.storage()).map_err(mls)?;
         }
         let staged = processed.into_staged_welcome(&self.provider, None).map_err(mls)?;
         let group = staged.into_group(&self.provider).map_err(mls)?;
+        let epoch = group.epoch().as_u64();
+        self.keep(&conversation, group);
         self.conversations.insert(conversation.clone());
-        Ok(Incoming::Joined { conversation, epoch: group.epoch().as_u64() })
+        Ok(Incoming::Joined { conversation, epoch })
     }
 
     /// The whole state as one byte string (keys included: keep it private).
@@ -889,6 +951,8 @@ impl Engine {
             journal: Default::default(),
             journal_order: Default::default(),
             conversations: Default::default(),
+            groups: Default::default(),
+            loads: Default::default(),
         };
         for _ in 0..u64_of(next("count")?)? {
             let key = text(next("journal")?)?;

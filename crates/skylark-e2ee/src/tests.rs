@@ -160,6 +160,88 @@ fn state_survives_export_and_import() {
     assert!(Engine::import(b"something else").is_err());
 }
 
+/// What a device's engine says of the conversation, and what a copy of it
+/// read back from its exported state says: the same, if every group it
+/// keeps in memory matches its storage.
+fn assert_matches_its_storage(d: &Device) {
+    let copy = Engine::import(&d.engine.export()).unwrap();
+    let me = d.engine.me();
+    assert_eq!(copy.epoch(CONV).ok(), d.engine.epoch(CONV).ok(), "epoch of {me:?}");
+    assert_eq!(copy.members(CONV).ok(), d.engine.members(CONV).ok(), "members seen by {me:?}");
+    assert_eq!(copy.has_pending_commit(CONV), d.engine.has_pending_commit(CONV), "pending commit of {me:?}");
+    assert_eq!(copy.is_member(CONV), d.engine.is_member(CONV), "membership of {me:?}");
+}
+
+#[test]
+fn groups_kept_in_memory_match_their_storage_through_every_kind_of_change() {
+    let (mut a1, mut b1, mut b2, mut c1) = (device(1, 1), device(2, 1), device(2, 2), device(3, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    let check = |ds: &[&Device]| ds.iter().for_each(|d| assert_matches_its_storage(d));
+    check(&[&a1, &b1]);
+
+    // A change waiting for the server's answer, then refused (a race).
+    let from_a = a1.engine.add(CONV, &packages(&mut [&mut b2])).unwrap().unwrap();
+    let from_b = b1.engine.update(CONV).unwrap();
+    check(&[&a1, &b1]);
+    assert!(log.commit(&mut b1, &from_b));
+    assert!(!log.commit(&mut a1, &from_a));
+    check(&[&a1, &b1]);
+    log.catch_up(&mut a1);
+    let retry = a1.engine.add(CONV, &packages(&mut [&mut b2, &mut c1])).unwrap().unwrap();
+    assert!(log.commit(&mut a1, &retry));
+    for d in [&mut b2, &mut c1] {
+        d.read = log.entries.len() - 1;
+    }
+    log.catch_up(&mut b1);
+    log.catch_up(&mut b2);
+    log.catch_up(&mut c1);
+    check(&[&a1, &b1, &b2, &c1]);
+
+    // Messages (each moves a ratchet), then a removal.
+    log.post(&mut a1, "one");
+    log.post(&mut c1, "two");
+    for d in [&mut a1, &mut b1, &mut b2, &mut c1] {
+        log.catch_up(d);
+    }
+    check(&[&a1, &b1, &b2, &c1]);
+    let removal = b1.engine.remove(CONV, &[b2.engine.me()]).unwrap().unwrap();
+    assert!(log.commit(&mut b1, &removal));
+    for d in [&mut a1, &mut b1, &mut b2, &mut c1] {
+        log.catch_up(d);
+    }
+    check(&[&a1, &b1, &b2, &c1]);
+    assert!(!b2.engine.is_member(CONV));
+
+    // Each device goes on from its read-back copy: the copies are whole.
+    for d in [&mut a1, &mut b1, &mut c1] {
+        d.engine = Engine::import(&d.engine.export()).unwrap();
+    }
+    log.post(&mut b1, "three");
+    assert_eq!(log.catch_up(&mut a1), ["three"]);
+    assert_eq!(log.catch_up(&mut c1), ["three"]);
+}
+
+#[test]
+fn a_group_is_read_from_storage_once_not_once_a_message() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    let before = (a1.engine.loads.get(), b1.engine.loads.get());
+    for i in 0..20 {
+        log.post(&mut a1, &format!("message {i}"));
+        assert_eq!(log.catch_up(&mut b1), [format!("message {i}")]);
+        assert!(b1.engine.members(CONV).unwrap().len() == 2 && a1.engine.is_member(CONV));
+    }
+    assert_eq!((a1.engine.loads.get(), b1.engine.loads.get()), before);
+    // A restarted device reads it once.
+    b1.engine = Engine::import(&b1.engine.export()).unwrap();
+    log.post(&mut a1, "after the restart");
+    log.post(&mut a1, "and another");
+    assert_eq!(log.catch_up(&mut b1), ["after the restart", "and another"]);
+    assert_eq!(b1.engine.loads.get(), 1);
+}
+
 #[test]
 fn a_device_killed_between_commit_and_answer_applies_its_commit_from_the_log() {
     let (mut a1, mut b1, mut b2) = (device(1, 1), device(2, 1), device(2, 2));
