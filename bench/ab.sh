@@ -30,6 +30,7 @@
 #   SCENARIOS=idle AFTER_TLS=1 bench/ab.sh target/release/skylark target/release/skylark \
 #     target/release/skylark-load target/ab-tls
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/ready.sh"
 before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
 scenarios=" ${SCENARIOS:-idle chat3000 chat4000 group} "
 for tool in taskset curl python3; do
@@ -50,12 +51,7 @@ serve() { # binary tls(0/1)
   [ "$2" = 1 ] && scheme=https tls=(--dev-tls)
   taskset -c 1 "$1" serve --data-dir "$out/data" --log warn "${tls[@]}" >"$out/server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 100); do
-    curl -sfk "$scheme://127.0.0.1:7480/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "ab.sh: the server did not become ready (see $out/server.log)" >&2
-  exit 1
+  wait_ready "$scheme://127.0.0.1:7480/readyz" $pid "$out/server.log" || exit 1
 }
 
 stop() {

@@ -22,6 +22,7 @@
 # TOOL=dhat counts heap allocations instead (valgrind's DHAT): blocks and
 # bytes allocated per delivered message, by the same difference.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/ready.sh"
 tool=${TOOL:-callgrind}
 case "$tool" in callgrind | dhat) ;; *) echo "callgrind.sh: TOOL is callgrind or dhat" >&2; exit 1 ;; esac
 server=$1 load=$2 out=$3 pairs=${4:-20} low=${5:-3} high=${6:-12} seconds=${7:-30}
@@ -46,13 +47,8 @@ run() { # rate → prints "instructions delivered"
     "$server" serve --data-dir "$out/data" --http $http --tcp $tcp --admin $admin --log warn \
     >"$out/server-$rate.log" 2>&1 &
   local pid=$!
-  local ready=
-  for _ in $(seq 1 600); do
-    if curl -sf "http://$http/readyz" >/dev/null 2>&1; then ready=1; break; fi
-    kill -0 $pid 2>/dev/null || break
-    sleep 0.2
-  done
-  [ -n "$ready" ] || { echo "callgrind.sh: the server did not become ready (see $out/server-$rate.log)" >&2; kill $pid 2>/dev/null; exit 1; }
+  # Under valgrind the server starts slowly.
+  wait_ready "http://$http/readyz" $pid "$out/server-$rate.log" 120 || { kill $pid 2>/dev/null; exit 1; }
   "$load" chat --manifest "$out/manifest.json" --tcp $tcp --pairs "$pairs" --rate "$rate" --seconds "$seconds" \
     >"$out/chat-$rate.txt" 2>&1 || { echo "callgrind.sh: the load failed (see $out/chat-$rate.txt)" >&2; kill $pid; exit 1; }
   kill -TERM $pid

@@ -13,6 +13,7 @@
 # The file is random bytes (as a client's ciphertext is): the figures leave
 # out the clients' encryption, which the clients pay, not the server.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/ready.sh"
 skylark=$1 load=$2 out=$3 size_mb=${4:-256}
 for tool in taskset curl split; do
   command -v "$tool" >/dev/null || { echo "media.sh: $tool is required" >&2; exit 1; }
@@ -53,10 +54,7 @@ printf '[media]\nmax_upload_bytes = %s\ndaily_quota_bytes = %s\n' "$bytes" "$((b
 taskset -c 1 "$skylark" serve --config "$out/skylark.toml" --data-dir "$out/data" --log warn >"$out/server.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; [ -n "${nginx_pid:-}" ] && kill $nginx_pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -sf http://127.0.0.1:7480/readyz >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_ready http://127.0.0.1:7480/readyz $pid "$out/server.log" || exit 1
 token=$(taskset -c 0 "$load" media-token --manifest "$out/manifest.json" --server http://127.0.0.1:7480)
 auth=(-H "Authorization: Bearer $token" -H "Tus-Resumable: 1.0.0")
 

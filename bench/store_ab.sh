@@ -19,6 +19,7 @@
 # counts (/metrics) over the whole run, connecting included; rows are
 # counted by the PostgreSQL store only.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/ready.sh"
 skylark=$1 load=$2 out=$3 rounds=${4:-2}
 pg_core=${PG_CORE:-1}
 for tool in taskset curl jq; do
@@ -82,12 +83,7 @@ serve() { # store
   fi
   taskset -c 1 "$skylark" serve --data-dir "$out/data" "${store[@]}" --log warn >"$out/server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 100); do
-    curl -sf http://127.0.0.1:7480/readyz >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "store_ab.sh: the server did not become ready (see $out/server.log)" >&2
-  exit 1
+  wait_ready http://127.0.0.1:7480/readyz $pid "$out/server.log" || exit 1
 }
 
 stop() {

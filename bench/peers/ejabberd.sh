@@ -35,6 +35,7 @@
 #   of ejabberd's idle run is the Python client's limit as much as
 #   ejabberd's; its CPU time is printed beside it.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/../ready.sh"
 skylark=$1 load=$2 out=$3
 rates=${RATES:-2000 3000 4000 6000 8000}
 seconds=${SECONDS_PER_RATE:-40}
@@ -124,12 +125,7 @@ sk_start() {
   rm -rf "$out/skylark-data" && cp -r "$pristine" "$out/skylark-data"
   prlimit --nofile=20000 taskset -c 1 "$skylark" serve --data-dir "$out/skylark-data" --log warn >"$out/skylark.log" 2>&1 &
   sk_pid=$!
-  for _ in $(seq 1 100); do
-    curl -sf http://127.0.0.1:7480/readyz >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "ejabberd.sh: Skylark did not become ready (see $out/skylark.log)" >&2
-  exit 1
+  wait_ready http://127.0.0.1:7480/readyz $sk_pid "$out/skylark.log" || exit 1
 }
 sk_stop() { kill "$sk_pid" 2>/dev/null || true; wait "$sk_pid" 2>/dev/null || true; sk_pid=; }
 sk_load() { taskset -c 0 "$load" "$@" --manifest "$out/manifest.json" --tcp 127.0.0.1:7481; }
