@@ -298,7 +298,9 @@ impl Crypto {
             };
             match self.send_staged(h, group, &o.client_id, &o.commit).await {
                 Ok(()) => {}
-                Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
+                // Another commit came first, or the server will never take
+                // this one: drop it (it was said when it was first refused).
+                Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) || !may_take_later(&e) => {
                     self.with(|e| e.commit_refused(&o.conversation))?;
                 }
                 Err(e) => return Err(e),
@@ -346,6 +348,12 @@ impl Crypto {
                 Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
                     self.with(|e| e.commit_refused(&conversation))?;
                     self.read_until_epoch_moves(events, group, commit.epoch).await?;
+                }
+                // Refused for good: a commit left staged would hold up every
+                // encrypted message of this device in the group.
+                Err(e) if !may_take_later(&e) => {
+                    self.with(|e| e.commit_refused(&conversation))?;
+                    return Err(commit_refused_words(e));
                 }
                 // The commit stays staged: the next run finishes it (`resume`).
                 Err(e) => return Err(e),
@@ -883,6 +891,33 @@ const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
 /// Claims the key packages of `phones` (one request; a single number as a
 /// plain claim), waiting when the server says claims come too fast (adding
 /// many accounts at once meets the per-device limit).
+/// Whether a commit the server did not take may still be taken as it is
+/// later: no answer came (the connection went), or the server was busy.
+/// Any other refusal would be repeated.
+fn may_take_later(e: &ClientError) -> bool {
+    match e {
+        ClientError::Refused { code, .. } => {
+            matches!(code, ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::RateLimited)
+        }
+        _ => true,
+    }
+}
+
+/// A commit refused for good, in words: what failed, and that the group's
+/// encryption is as it was.
+fn commit_refused_words(e: ClientError) -> ClientError {
+    let ClientError::Refused { code, message, retry_after_ms } = e else { return e };
+    let message = if code == ErrorCode::MessageTooLarge {
+        format!(
+            "the change to this group's encryption is too large for one post on this server ({message}): \
+             groups with this many devices cannot be encrypted on it yet; the group's encryption was not changed"
+        )
+    } else {
+        format!("the server refused the change to this group's encryption ({message}); it was not changed")
+    };
+    ClientError::Refused { code, message, retry_after_ms }
+}
+
 async fn claim_patiently(h: &SessionHandle, phones: &[String]) -> Result<Vec<v1::ClaimedKeyPackages>, ClientError> {
     let mut waited = Duration::ZERO;
     loop {

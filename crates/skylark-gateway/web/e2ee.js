@@ -48,6 +48,25 @@ function newClientId() {
 /// deletion for everyone names), the same key the CLI uses.
 const postKey = (group, seq) => `post:${group}:${seq}`;
 
+/// Refusals after which a commit may still be taken as it is later (the
+/// server was busy); no answer at all (the connection went) is not a
+/// refusal. Any other refusal would be repeated.
+const BUSY = new Set(["ERROR_CODE_UNAVAILABLE", "ERROR_CODE_INTERNAL", "ERROR_CODE_RATE_LIMITED"]);
+
+/// Whether the server refused a commit for good (not another commit first).
+function refusedForGood(err) {
+  return err instanceof Refused && err.code !== "ERROR_CODE_STALE_EPOCH" && !BUSY.has(err.code);
+}
+
+/// A commit refused for good, in words, as the CLI says it.
+function commitRefusedWords(err) {
+  if (err.code === "ERROR_CODE_MESSAGE_TOO_LARGE") {
+    return `The change to this group's encryption is too large for one post on this server (${err.message}): `
+      + "groups with this many devices cannot be encrypted on it yet; the group's encryption was not changed.";
+  }
+  return `The server refused the change to this group's encryption (${err.message}); it was not changed.`;
+}
+
 export class Crypto {
   /// The device's encryption, read from `local` (a LocalStore) or made on
   /// first use, its MLS key signed by the device key with `sign(bytes)`.
@@ -115,7 +134,9 @@ export class Crypto {
         await this.post(session, o.group, o.clientId, o.commit);
         this.device.commitAccepted(o.group);
       } catch (err) {
-        if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH")) throw err;
+        // Another commit came first, or the server will never take this
+        // one (that was said when it was first refused): drop it.
+        if (!refusedForGood(err) && !(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH")) throw err;
         this.device.commitRefused(o.group);
       }
     }
@@ -296,6 +317,13 @@ export class Crypto {
       try {
         await this.post(session, group, clientId, commit);
       } catch (err) {
+        if (refusedForGood(err)) {
+          // A commit left staged would hold up every encrypted message of
+          // this browser in the group.
+          this.device.commitRefused(group);
+          await this.persist();
+          throw new Error(commitRefusedWords(err));
+        }
         if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH")) throw err; // stays staged: resume()
         this.device.commitRefused(group);
         await this.persist();

@@ -322,3 +322,51 @@ async fn a_claim_batch_too_large_for_the_limit_falls_back_to_one_number_at_a_tim
         assert_eq!(now, was - 1, "one package of each member's device was claimed");
     }
 }
+
+/// A commit the server refuses for good (here: larger than the payload
+/// limit, as adding many devices to a large group can be) is dropped and
+/// said in words, instead of staying staged: a staged commit holds up every
+/// encrypted message of the device in that group, and the next run's
+/// `resume` would send it again for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
+    let mut config = crate::harness::test_config();
+    // Room for starting a group of two, not for adding four devices at once.
+    config.messaging.max_payload_bytes = 3_000;
+    let server = TestServer::start_with(config).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        let id = server.register(&format!("+1555240000{i}")).await;
+        devices.push(device(&server, &id, &dirs.path().join(format!("d{i}"))).await);
+    }
+    let mut admin = devices.remove(0);
+    let mut member = devices.remove(0);
+    let h = admin.session.handle();
+    let info = h.create_group("limited", &["+15552400001"]).await.unwrap();
+    let setup = admin.crypto.start_group(&h, &mut admin.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+
+    let newcomers: Vec<String> = (2..6).map(|i| format!("+1555240000{i}")).collect();
+    let prepared = admin.crypto.prepare_add(&h, info.id, &newcomers).await.unwrap().expect("the group encrypts");
+    h.change_group(
+        info.id,
+        skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones: newcomers.clone() }),
+    )
+    .await
+    .unwrap();
+    let err = admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap_err();
+    assert_eq!(err.error_code(), Some(skylark_protocol::ErrorCode::MessageTooLarge), "{err}");
+    let words = err.to_string();
+    assert!(words.contains("too large for one post") && words.contains("was not changed"), "{words}");
+
+    let conversation = group_conversation(info.id);
+    assert!(!admin.crypto.with(|e| Ok(e.has_pending_commit(&conversation))).unwrap(), "the commit was dropped");
+    assert!(admin.crypto.with(|e| Ok(e.outgoing().is_empty())).unwrap(), "nothing is left to send again");
+    // The group's encryption goes on as it was: the admin still posts
+    // encrypted, the member reads it, and a new run has nothing to resume.
+    let (_, encrypted) = admin.crypto.post(&h, info.id, "still-readable", "after the refusal").await.unwrap();
+    assert!(encrypted);
+    read_until(&mut member, "after the refusal").await;
+    admin.crypto.resume(&h).await.unwrap();
+}

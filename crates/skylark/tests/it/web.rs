@@ -53,19 +53,21 @@ fn the_web_client_chats_end_to_end_encrypted_with_the_cli_and_other_browsers() {
     assert!(stdout.contains("web e2ee: ok"), "the script ended without its last check:\n{stdout}");
 }
 
-/// `tests/web/claims.mjs`: the page's key-package claims in batches, and one
-/// number at a time when a server refuses a batch (Node only, no browser).
+/// `tests/web/crypto.mjs`: the page's key-package claims in batches, and one
+/// number at a time when a server refuses a batch; a commit refused for good
+/// dropped and said, one refused while the server is busy kept for the next
+/// connect (Node only, no browser).
 #[test]
-fn the_web_client_claims_keys_in_batches_and_falls_back_to_one_number_at_a_time() {
+fn the_web_clients_key_claims_and_commit_refusals_against_a_stand_in_server() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web");
     let out = Command::new("node")
-        .arg("claims.mjs")
+        .arg("crypto.mjs")
         .current_dir(&dir)
         .output()
         .unwrap_or_else(|e| panic!("the web client test needs Node.js (`node` on PATH): {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "web claims failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("web claims: ok"), "the script ended without its last check:\n{stdout}");
+    assert!(out.status.success(), "web crypto failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("web crypto: ok"), "the script ended without its last check:\n{stdout}");
 }
 
 #[test]

@@ -1,10 +1,18 @@
-// The web client's key-package claims (`Crypto.claimAll` in e2ee.js), run
-// in Node against a stand-in for the server's session: numbers claimed 50
-// to a request; one number at a time when a server refuses a batch with
+// The web client's encryption logic (e2ee.js), run in Node against a
+// stand-in for the server's session, where a real server cannot easily be
+// made to answer what a test needs. The MLS work is real: the page's
+// WebAssembly engine. Run by tests/it/web.rs.
+//
+// Key-package claims (`Crypto.claimAll`): numbers claimed 50 to a request;
+// one number at a time when a server refuses a batch with
 // ERROR_CODE_INVALID_ARGUMENT (a rate limit whose burst holds fewer claims
 // than the batch, or a server older than batched claims); other refusals
-// passed on; rate limits waited out. The packages are real ones, made and
-// checked by the page's WebAssembly engine. Run by tests/it/web.rs.
+// passed on; rate limits waited out.
+//
+// Commits (`Crypto.commit`, `Crypto.resume`): one the server refuses for
+// good (too large, say) is dropped and said in words, so the group's
+// encryption goes on; one refused while the server is busy stays staged
+// for the next connect, which drops it if it is then refused for good.
 
 import { readFileSync } from "node:fs";
 import { generateKeyPairSync, sign } from "node:crypto";
@@ -16,12 +24,17 @@ const { Crypto } = await import(new URL("e2ee.js", web));
 const { Refused } = await import(new URL("proto.js", web));
 initSync({ module: readFileSync(new URL("e2ee/skylark_e2ee_web_bg.wasm", web)) });
 
-/// An account's one device: its key package, bound to its device key.
-function account(id) {
+/// Device 1 of account `id`, its MLS key bound to a fresh device key.
+function bound(id) {
   const d = new Device(String(id), "1");
   const { privateKey, publicKey } = generateKeyPairSync("ed25519");
   d.bind(new Uint8Array(sign(null, Buffer.from(d.bindingRequest()), privateKey)));
-  const deviceKey = publicKey.export({ format: "der", type: "spki" }).subarray(-32).toString("base64");
+  return { device: d, deviceKey: publicKey.export({ format: "der", type: "spki" }).subarray(-32).toString("base64") };
+}
+
+/// An account's one device, as a claim answers it.
+function account(id) {
+  const { device: d, deviceKey } = bound(id);
   return { accountId: String(id), devices: [{ deviceId: "1", keyPackage: JSON.parse(d.keyPackages(1))[0], deviceKey }] };
 }
 
@@ -104,4 +117,57 @@ got = await crypto.claimAll(s, [PHONES[0], bare]);
 assert.deepEqual(got.withoutKeys, [bare]);
 assert.deepEqual(accounts(got), expected([PHONES[0]]));
 
-console.log("web claims: ok");
+// ---- Commits the server refuses.
+
+const G = "7";
+const local = { put: async () => {}, get: async () => null };
+const TEXT = new TextEncoder().encode("after the refusal");
+
+/// A group of one browser, and a commit adding one device posted to a
+/// server that refuses every post with `code`.
+async function refusedCommit(code) {
+  const admin = bound(1).device;
+  admin.create(G);
+  const page = new Crypto(me, local, admin);
+  const joining = ACCOUNTS.get(PHONES[1]);
+  const packages = JSON.stringify([{ account: joining.accountId, device: "1", keyPackage: joining.devices[0].keyPackage }]);
+  const session = refusing(code);
+  const outcome = await page.commit(session, G, (d) => d.add(G, packages)).then(() => null, (err) => err);
+  return { admin, page, outcome, session };
+}
+
+function refusing(code) {
+  return {
+    posts: 0,
+    async request(body) {
+      assert.ok(body.send && body.send.commitEpoch !== undefined, `only commits are expected, not ${JSON.stringify(body)}`);
+      this.posts += 1;
+      throw new Refused({ code, message: "payload of 4678 bytes exceeds the limit of 3000" });
+    },
+  };
+}
+
+// Refused for good: dropped, said in words, and the group still encrypts.
+let r = await refusedCommit("ERROR_CODE_MESSAGE_TOO_LARGE");
+assert.ok(r.outcome instanceof Error && !(r.outcome instanceof Refused), `${r.outcome}`);
+assert.match(r.outcome.message, /too large for one post on this server \(payload of 4678 bytes/);
+assert.match(r.outcome.message, /was not changed/);
+assert.equal(r.session.posts, 1, "posted once, not tried again");
+assert.equal(r.admin.hasPendingCommit(G), false, "the commit was dropped");
+assert.deepEqual(JSON.parse(r.admin.outgoing()), [], "nothing is left to send again");
+assert.ok(r.admin.encryptAs(G, "m1", TEXT), "the group still encrypts");
+
+// Refused while the server is busy: it stays staged for the next connect…
+r = await refusedCommit("ERROR_CODE_UNAVAILABLE");
+assert.ok(r.outcome instanceof Refused && r.outcome.code === "ERROR_CODE_UNAVAILABLE", `${r.outcome}`);
+assert.equal(r.admin.hasPendingCommit(G), true);
+assert.equal(JSON.parse(r.admin.outgoing()).length, 1);
+// …which drops it when the server then refuses it for good.
+const later = refusing("ERROR_CODE_MESSAGE_TOO_LARGE");
+await r.page.resume(later);
+assert.equal(later.posts, 1);
+assert.equal(r.admin.hasPendingCommit(G), false);
+assert.deepEqual(JSON.parse(r.admin.outgoing()), []);
+assert.ok(r.admin.encryptAs(G, "m2", TEXT));
+
+console.log("web crypto: ok");
