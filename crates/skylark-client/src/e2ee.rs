@@ -888,9 +888,6 @@ impl Prepared {
 /// The longest a claim waits out the server's rate limit before giving up.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
 
-/// Claims the key packages of `phones` (one request; a single number as a
-/// plain claim), waiting when the server says claims come too fast (adding
-/// many accounts at once meets the per-device limit).
 /// Whether a commit the server did not take may still be taken as it is
 /// later: no answer came (the connection went), or the server was busy.
 /// Any other refusal would be repeated.
@@ -918,6 +915,9 @@ fn commit_refused_words(e: ClientError) -> ClientError {
     ClientError::Refused { code, message, retry_after_ms }
 }
 
+/// Claims the key packages of `phones` (one request; a single number as a
+/// plain claim), waiting when the server says claims come too fast (adding
+/// many accounts at once meets the per-device limit).
 async fn claim_patiently(h: &SessionHandle, phones: &[String]) -> Result<Vec<v1::ClaimedKeyPackages>, ClientError> {
     let mut waited = Duration::ZERO;
     loop {
