@@ -54,8 +54,9 @@ const SEEN_CHANGES: usize = 1_000;
 /// Key packages a device keeps published (the server tells when to top up).
 const TARGET_STOCK: u32 = 100;
 
-/// Devices added by one commit (see `Crypto::add_in_batches`).
-const ADD_BATCH: usize = 32;
+/// Devices added by one commit (see `Crypto::add_in_batches`), in the
+/// order they were claimed.
+pub const ADD_BATCH: usize = 32;
 
 /// Attempts at a commit that keeps losing to other members' commits.
 const COMMIT_ATTEMPTS: usize = 5;

@@ -158,8 +158,15 @@ async fn a_hundred_member_group_under_traffic_each_device_reads_its_slice() {
     let conversation = group_conversation(info.id);
     let epoch_of = |c: &Crypto| c.with(|e| e.epoch(&conversation)).unwrap();
     // Membership by epochs: from the epoch a device was added in, up to
-    // the one it was removed in.
-    let mut joined = vec![epoch_of(&admin.crypto); MEMBERS];
+    // the one it was removed in. The start adds the first members
+    // ADD_BATCH at a time, in the order named (epoch 1, then 2): a poster
+    // of the first commit may post in epoch 1, which the others of that
+    // commit read and those of the second do not.
+    let mut joined = vec![0; MEMBERS];
+    for (i, epoch) in joined.iter_mut().enumerate().take(FIRST).skip(1) {
+        *epoch = 1 + ((i - 1) / skylark_client::e2ee::ADD_BATCH) as u64;
+    }
+    assert_eq!(joined[FIRST - 1], epoch_of(&admin.crypto), "the start made one commit per batch");
     let mut left = vec![u64::MAX; MEMBERS];
 
     // Everyone but the admin reads; five of the first members post.
