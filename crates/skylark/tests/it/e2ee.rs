@@ -22,6 +22,17 @@ async fn device(server: &TestServer, identity: &Identity, profile: &std::path::P
     Device { identity: identity.clone(), crypto, session, events }
 }
 
+/// `n` registered accounts (`{prefix}0`, `{prefix}1`, …), a device of each
+/// with its own profile under `dirs`.
+async fn devices(server: &TestServer, dirs: &std::path::Path, prefix: &str, n: usize) -> Vec<Device> {
+    let mut devices = Vec::new();
+    for i in 0..n {
+        let id = server.register(&format!("{prefix}{i}")).await;
+        devices.push(device(server, &id, &dirs.join(format!("d{i}"))).await);
+    }
+    devices
+}
+
 /// Reads the log until a post opens to `text`; returns what it saw.
 async fn read_until(d: &mut Device, text: &str) -> Vec<Shown> {
     let mut seen = Vec::new();
@@ -310,11 +321,7 @@ async fn a_claim_batch_too_large_for_the_limit_falls_back_to_one_number_at_a_tim
     config.rate_limits.key_claims_per_device = skylark_server::config::Quota { burst: 1, per_ms: 100 };
     let server = TestServer::start_with(config).await;
     let dirs = tempfile::tempdir().unwrap();
-    let mut devices = Vec::new();
-    for i in 0..3 {
-        let id = server.register(&format!("+1555230000{i}")).await;
-        devices.push(device(&server, &id, &dirs.path().join(format!("d{i}"))).await);
-    }
+    let mut devices = devices(&server, dirs.path(), "+1555230000", 3).await;
     let mut admin = devices.remove(0);
     let h = admin.session.handle();
     let mut before = Vec::new();
@@ -342,11 +349,7 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     config.messaging.max_payload_bytes = 3_000;
     let server = TestServer::start_with(config).await;
     let dirs = tempfile::tempdir().unwrap();
-    let mut devices = Vec::new();
-    for i in 0..6 {
-        let id = server.register(&format!("+1555240000{i}")).await;
-        devices.push(device(&server, &id, &dirs.path().join(format!("d{i}"))).await);
-    }
+    let mut devices = devices(&server, dirs.path(), "+1555240000", 6).await;
     let mut admin = devices.remove(0);
     let mut member = devices.remove(0);
     let h = admin.session.handle();
