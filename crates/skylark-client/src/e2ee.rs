@@ -297,7 +297,9 @@ impl Crypto {
                 })?;
                 continue;
             };
-            match self.send_staged(h, group, &o.client_id, &o.commit).await {
+            // Applied at once: this runs before the log is read, and a
+            // commit taken by the server must not wait on it.
+            match self.send_staged(h, None::<&mut mpsc::Receiver<Event>>, group, &o.client_id, &o.commit).await {
                 Ok(()) => {}
                 // Another commit came first, or the server will never take
                 // this one: drop it (it was said when it was first refused).
@@ -310,11 +312,25 @@ impl Crypto {
         Ok(())
     }
 
-    /// Posts a staged commit (with its Welcome, in one post) and applies
-    /// it once the group took it.
-    async fn send_staged(&self, h: &SessionHandle, group: u64, client_id: &str, c: &Commit) -> Result<(), ClientError> {
+    /// Posts a staged commit (with its Welcome, in one post). Without
+    /// `events`, applies it as soon as the group took it; with them, reads
+    /// the group's log through to the commit first, which applies it in
+    /// the log's order: the posts ordered before it are opened in the epoch
+    /// they were made in (no device keeps past epochs' keys). Applied
+    /// anyway if it does not come back within [`CATCH_UP_WAIT`].
+    async fn send_staged(
+        &self,
+        h: &SessionHandle,
+        events: Option<&mut impl Frames>,
+        group: u64,
+        client_id: &str,
+        c: &Commit,
+    ) -> Result<(), ClientError> {
         let conversation = group_conversation(group);
         h.commit_to_group(group, client_id, c.epoch, c.payload()).await?;
+        if let Some(events) = events {
+            self.read_until_epoch_moves(events, group, c.epoch).await?;
+        }
         self.with(|e| {
             e.commit_accepted(&conversation)?;
             e.unstage(&conversation);
@@ -344,7 +360,7 @@ impl Crypto {
                 Ok(commit)
             })?;
             let Some(commit) = made else { return Ok(false) };
-            match self.send_staged(h, group, &client_id, &commit).await {
+            match self.send_staged(h, Some(&mut *events), group, &client_id, &commit).await {
                 Ok(()) => return Ok(true),
                 Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
                     self.with(|e| e.commit_refused(&conversation))?;
@@ -648,19 +664,48 @@ impl Crypto {
         self.with(|e| Ok(e.is_member(&group_conversation(group))))
     }
 
-    /// The payload of a post of `text` to the group with `client_id`:
-    /// encrypted when the group is, the plain text otherwise. Resend the
+    /// The payload of a post of `text` to the group with `client_id`, and
+    /// the epoch it was encrypted in (to send as `message_epoch`), or the
+    /// plain text and `None` when the group is not encrypted. Resend the
     /// same payload with the same client id (a new encryption of the same
-    /// text would be a second message to the members).
-    pub fn group_payload(&self, group: u64, client_id: &str, text: &str) -> Result<(Vec<u8>, bool), ClientError> {
+    /// text would be a second message to the members) until the group
+    /// refuses it as stale: then read the log on
+    /// ([`Crypto::read_past_epoch`]) and make it again.
+    pub fn group_payload(
+        &self,
+        group: u64,
+        client_id: &str,
+        text: &str,
+    ) -> Result<(Vec<u8>, Option<u64>), ClientError> {
         let conversation = group_conversation(group);
         self.with(|e| {
             if e.is_member(&conversation) {
-                Ok((e.encrypt_as(&conversation, client_id, text.as_bytes())?, true))
+                let epoch = e.epoch(&conversation)?;
+                Ok((e.encrypt_as(&conversation, client_id, text.as_bytes())?, Some(epoch)))
             } else {
-                Ok((text.as_bytes().to_vec(), false))
+                Ok((text.as_bytes().to_vec(), None))
             }
         })
+    }
+
+    /// After the group refused a post made in `epoch` as stale: reads the
+    /// group's log until this device has the commit that ended the epoch
+    /// (the frames read are kept for [`Crypto::take_read`]).
+    /// An error in words when the commit does not come within
+    /// [`CATCH_UP_WAIT`]: the server hands a device its log only so far
+    /// ahead of what it acknowledged, and commands that only send
+    /// acknowledge nothing.
+    pub async fn read_past_epoch(&self, events: &mut impl Frames, group: u64, epoch: u64) -> Result<(), ClientError> {
+        self.read_until_epoch_moves(events, group, epoch).await?;
+        if self.with(|e| e.epoch(&group_conversation(group)))? > epoch {
+            return Ok(());
+        }
+        Err(ClientError::Profile(
+            "the message was not sent: it was encrypted with keys the group has changed since, and this device \
+             could not read the change in time (with many unread messages, read them first with `skylark chat` \
+             or `skylark listen`); try again"
+                .into(),
+        ))
     }
 
     /// Posts `text` to the group: encrypted when the group is, plain
@@ -668,26 +713,43 @@ impl Crypto {
     pub async fn post(
         &self,
         h: &SessionHandle,
+        events: &mut impl Frames,
         group: u64,
         client_id: &str,
         text: &str,
     ) -> Result<(v1::SendAck, bool), ClientError> {
-        self.post_with(h, group, client_id, text, crate::session::SendOptions::default()).await
+        self.post_with(h, events, group, client_id, text, crate::session::SendOptions::default()).await
     }
 
     /// [`Crypto::post`] of a post that edits or deletes one of yours, or
-    /// disappears (see [`crate::session::SendOptions`]).
+    /// disappears (see [`crate::session::SendOptions`]). An encrypted post
+    /// names the epoch it was made in; when another member's commit ended
+    /// that epoch first, the group refuses it, and this reads the log
+    /// through that commit (on `events`) and encrypts it again.
     pub async fn post_with(
         &self,
         h: &SessionHandle,
+        events: &mut impl Frames,
         group: u64,
         client_id: &str,
         text: &str,
         options: crate::session::SendOptions,
     ) -> Result<(v1::SendAck, bool), ClientError> {
-        let (payload, encrypted) = self.group_payload(group, client_id, text)?;
-        let ack = h.send_with(crate::session::To::Group(group), client_id, payload, options).await?;
-        Ok((ack, encrypted))
+        for _ in 0..COMMIT_ATTEMPTS {
+            let (payload, epoch) = self.group_payload(group, client_id, text)?;
+            let options = crate::session::SendOptions { message_epoch: epoch, ..options.clone() };
+            match h.send_with(crate::session::To::Group(group), client_id, payload, options).await {
+                Ok(ack) => return Ok((ack, epoch.is_some())),
+                Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
+                    let Some(epoch) = epoch else { return Err(e) };
+                    self.read_past_epoch(events, group, epoch).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Profile(
+            "the group's encryption kept changing while this device tried to send; try again".into(),
+        ))
     }
 
     /// Adds devices in commits of at most [`ADD_BATCH`], so each post (a

@@ -39,13 +39,16 @@ pub enum To<'a> {
 /// name one of your own earlier messages by its sequence (the `seq` of its
 /// `MessageId`: for a post, the group sequence), within the server's edit
 /// and delete windows; `expire_after_ms` (0: never) makes it disappear;
-/// `attachments` names the uploaded blobs the payload points to.
+/// `attachments` names the uploaded blobs the payload points to;
+/// `message_epoch` is the epoch of the group's encryption an encrypted
+/// post was made in (the group refuses it once a commit ended that epoch).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendOptions {
     pub edits: Option<u64>,
     pub deletes: Option<u64>,
     pub expire_after_ms: u64,
     pub attachments: Vec<String>,
+    pub message_epoch: Option<u64>,
 }
 
 /// What the server told us when the session was established.
@@ -154,6 +157,7 @@ impl SessionHandle {
             group,
             payload: payload.into(),
             commit_epoch: None,
+            message_epoch: options.message_epoch,
             edits: options.edits,
             deletes: options.deletes,
             expire_after_ms: options.expire_after_ms,
@@ -199,6 +203,7 @@ impl SessionHandle {
             group,
             payload: payload.into(),
             commit_epoch,
+            message_epoch: None,
             edits: None,
             deletes: None,
             expire_after_ms: 0,

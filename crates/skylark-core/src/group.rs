@@ -246,8 +246,8 @@ pub enum GroupError {
     #[error("account {0} does not accept being added to groups by you")]
     AddRefused(AccountId),
     #[error(
-        "the group's encryption moved on (to epoch {0}) before this change arrived; \
-         catch up on the group's messages and make the change again"
+        "the group's encryption moved on (to epoch {0}) before this arrived; \
+         catch up on the group's messages, then make the change or encrypt the message again"
     )]
     StaleEpoch(u64),
 }

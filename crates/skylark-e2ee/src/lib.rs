@@ -44,9 +44,15 @@ pub const MAGIC: &[u8] = b"\0SKMLS1";
 /// Welcome, each a payload starting with [`MAGIC`].
 pub const BUNDLE_MAGIC: &[u8] = b"\0SKMLSB";
 
-/// How many past epochs a device keeps the keys of, so an application
-/// message sent just before a commit (and ordered after it) still opens.
-const PAST_EPOCHS: usize = 8;
+/// How many past epochs a device keeps the keys of: none. The server takes
+/// an application message only in the epoch its group is in (the sender
+/// names it; one made before a commit is refused, and made again), and a
+/// device reads its conversation in the log's order, applying even its own
+/// commits when they come back in the log: so every message is opened in
+/// the epoch it was made in. Keeping past epochs cost the most of all at
+/// scale: OpenMLS rewrites them, each with its member list, after every
+/// message (docs/BENCHMARKS.md, "No past epochs").
+const PAST_EPOCHS: usize = 0;
 
 /// Ciphertexts are padded to a multiple of this many bytes.
 const PADDING: usize = 32;
@@ -421,9 +427,16 @@ impl Engine {
             return Ok(group);
         }
         self.loads.set(self.loads.get() + 1);
-        MlsGroup::load(self.provider.storage(), &group_id(conversation))
+        let mut group = MlsGroup::load(self.provider.storage(), &group_id(conversation))
             .map_err(|e| E2eeError::State(e.to_string()))?
-            .ok_or(E2eeError::UnknownConversation)
+            .ok_or(E2eeError::UnknownConversation)?;
+        // A group saved by an earlier version keeps past epochs: drop them.
+        if !matches!(group.past_epoch_deletion_policy(), PastEpochDeletionPolicy::MaxEpochs(PAST_EPOCHS)) {
+            group
+                .set_past_epoch_deletion_policy(&self.provider, PastEpochDeletionPolicy::MaxEpochs(PAST_EPOCHS))
+                .map_err(mls)?;
+        }
+        Ok(group)
     }
 
     /// Keeps a group whose state matches the storage (after a successful

@@ -1,6 +1,6 @@
 //! The engine against a stand-in for the server's delivery service: one
-//! ordered log per conversation that accepts a commit only for its current
-//! epoch, as the group actor does.
+//! ordered log per conversation that accepts a commit, and an application
+//! message, only in its current epoch, as the group actor does.
 
 use super::*;
 
@@ -35,14 +35,29 @@ impl Log {
         }
         self.epoch += 1;
         self.entries.push((from.engine.me(), commit.payload()));
-        from.engine.commit_accepted(CONV).unwrap();
+        // As the clients do: read the log through to the commit, which
+        // applies it (what came before it is opened in the old epoch).
+        self.catch_up(from);
+        assert!(!from.engine.has_pending_commit(CONV));
+        true
+    }
+
+    /// The delivery service's rule for messages: one made in an epoch that
+    /// a commit has ended is refused (its sender catches up and encrypts
+    /// it again).
+    fn try_post(&mut self, from: &mut Device, text: &str) -> bool {
+        let epoch = from.engine.epoch(CONV).unwrap();
+        let payload = from.engine.encrypt(CONV, text.as_bytes()).unwrap();
+        assert!(!payload.windows(text.len()).any(|w| w == text.as_bytes()), "plaintext visible in the payload");
+        if epoch != self.epoch {
+            return false;
+        }
+        self.entries.push((from.engine.me(), payload));
         true
     }
 
     fn post(&mut self, from: &mut Device, text: &str) {
-        let payload = from.engine.encrypt(CONV, text.as_bytes()).unwrap();
-        assert!(!payload.windows(text.len()).any(|w| w == text.as_bytes()), "plaintext visible in the payload");
-        self.entries.push((from.engine.me(), payload));
+        assert!(self.try_post(from, text), "{:?} posted in a stale epoch", from.engine.me());
     }
 
     /// Everything new for `d`, in order; returns the texts it decrypted.
@@ -106,6 +121,7 @@ fn a_removed_device_reads_nothing_sent_after() {
     let commit = b1.engine.remove(CONV, &[b2.engine.me()]).unwrap().expect("b2 is a member");
     log.catch_up(&mut b1);
     assert!(log.commit(&mut b1, &commit));
+    log.catch_up(&mut a1);
     log.post(&mut a1, "after");
     let removal_index = log.entries.len() - 2;
 
@@ -141,6 +157,37 @@ fn two_devices_commit_at_once_one_wins_the_other_retries_and_both_converge() {
     log.post(&mut c1, "all three");
     assert_eq!(log.catch_up(&mut a1), ["all three"]);
     assert_eq!(log.catch_up(&mut b1), ["all three"]);
+}
+
+#[test]
+fn a_committer_opens_what_came_before_its_commit_and_no_device_keeps_past_epochs() {
+    let (mut a1, mut b1, mut c1) = (device(1, 1), device(2, 1), device(3, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1, &mut c1]);
+    // b1 posts; a1 commits before it has read the post, and the server
+    // orders the post first.
+    log.post(&mut b1, "before the commit");
+    let commit = a1.engine.update(CONV).unwrap();
+    assert_eq!(commit.epoch, log.epoch);
+    log.epoch += 1;
+    log.entries.push((a1.engine.me(), commit.payload()));
+    // Reading the log applies the commit after opening the post.
+    assert_eq!(log.catch_up(&mut a1), ["before the commit"]);
+    assert_eq!(a1.engine.epoch(CONV).unwrap(), log.epoch);
+    // c1 has not read the commit: its message is refused, and made again
+    // once it has.
+    assert!(!log.try_post(&mut c1, "after the commit"));
+    assert_eq!(log.catch_up(&mut c1), ["before the commit"]);
+    log.post(&mut c1, "after the commit");
+    assert_eq!(log.catch_up(&mut a1), ["after the commit"]);
+    assert_eq!(log.catch_up(&mut b1), ["after the commit"], "b1 cannot open its own post");
+    // Why the rule: a message of an ended epoch would not open, since no
+    // device keeps past epochs' keys.
+    let stale = b1.engine.encrypt(CONV, b"made before the commit").unwrap();
+    let change = a1.engine.update(CONV).unwrap();
+    assert!(log.commit(&mut a1, &change));
+    log.catch_up(&mut c1);
+    assert!(c1.engine.receive(&stale, false).is_err(), "a past epoch's message opened");
 }
 
 #[test]

@@ -1170,28 +1170,20 @@ async function flushOutbox() {
         break; // tried again with the next message or connection
       }
       if (!state.session) break;
-      let payload = payloadOf(text);
-      if (group && encryptsFor(group)) {
-        try {
-          // The same ciphertext when it is sent again (a new one would
-          // spend another key of the sender's chain for nothing).
-          if (!item.sealed || item.sealed.group !== group) {
-            item.sealed = { group, payload: state.crypto.encrypt(group, item.clientId, new TextEncoder().encode(text)) };
-          }
-          payload = item.sealed.payload;
-        } catch {
-          break; // a change to the group's keys is on its way: sent once it is through
-        }
-      }
       const body = group
-        ? { clientId: item.clientId, group: String(group), payload }
-        : { clientId: item.clientId, to: c.key.slice(2), payload };
+        ? { clientId: item.clientId, group: String(group), payload: payloadOf(text) }
+        : { clientId: item.clientId, to: c.key.slice(2), payload: payloadOf(text) };
       if (item.edits) body.edits = String(item.edits);
       if (item.deletes) body.deletes = String(item.deletes);
       if (item.expireAfterMs) body.expireAfterMs = String(item.expireAfterMs);
       if (item.attachments && item.attachments.length) body.attachments = item.attachments;
       try {
-        const reply = await state.session.request({ send: body });
+        // Encrypted: the same ciphertext when it is sent again (a new one
+        // would spend another key of the sender's chain for nothing), made
+        // again when a commit ended the epoch it was made in.
+        const reply = group && encryptsFor(group)
+          ? await state.crypto.sendSealed(state.session, item, group, new TextEncoder().encode(text), body)
+          : await state.session.request({ send: body });
         const ack = reply.sendAck;
         const id = group ? `g:${ack.id.seq}` : `m:${ack.id.seq}:out`;
         if (c.messages.has(item.local.id)) {
@@ -1215,7 +1207,10 @@ async function flushOutbox() {
           if (state.local) state.local.unqueue(item.clientId).catch(() => {});
           say(explain(err));
         } else {
-          break; // not connected: the next connection resends with the same client id
+          // Not connected (the next connection resends with the same client
+          // id), or a change to the group's keys is on its way (sent once
+          // it is through).
+          break;
         }
       }
       renderAll();
@@ -2192,7 +2187,9 @@ function showGroup(id) {
     if (packages) await state.crypto.addDevices(state.session, id, packages);
     if (gone) await state.crypto.removeAccounts(state.session, id, [gone]);
     renderAll();
-    showGroup(id);
+    // Drawn again if still open (the encryption's part takes a moment, and
+    // a panel closed meanwhile stays closed).
+    if (panelShows === `group:${id}`) showGroup(id);
   });
   const add = h("input", { type: "tel", placeholder: "+15551234567", "aria-label": "Add member" });
   const subject = h("input", { value: info.subject, "aria-label": "Subject", maxlength: "100" });

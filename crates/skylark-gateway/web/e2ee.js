@@ -88,6 +88,7 @@ export class Crypto {
     this.dirty = false;
     this.plain = new Map(); // phone → when its 1:1 conversation was found plain
     this.waiters = [];
+    this.changing = new Map(); // group → settles when this page's commits to it are through
   }
 
   /// The state to keep, for a write of the caller's (see keepLive).
@@ -157,6 +158,36 @@ export class Crypto {
     const payload = this.device.encryptAs(String(group), clientId, bytes);
     this.dirty = true;
     return payload;
+  }
+
+  /// Posts `bytes` to the group, encrypted in the group's current epoch,
+  /// which the post names (`messageEpoch`); `body` is the rest of the
+  /// SendMessage. The ciphertext is kept in `item.sealed`, so a resend
+  /// after a lost connection sends the same one. When another member's
+  /// commit ended that epoch first, the group refuses the post: this waits
+  /// for that commit on the live log and encrypts it again (same client
+  /// id). No device keeps past epochs' keys, so a post is only ever opened
+  /// in the epoch it was made in. Throws what the server refused, or, when
+  /// a change to the group's keys is under way, the engine's error.
+  async sendSealed(session, item, group, bytes, body) {
+    group = String(group);
+    for (let attempt = 1; ; attempt++) {
+      // A commit of this page's on its way holds up encrypting: wait for it.
+      await this.settled(group);
+      if (!item.sealed || item.sealed.group !== group || item.sealed.epoch === undefined) {
+        const epoch = String(this.device.epoch(group));
+        item.sealed = { group, epoch, payload: this.encrypt(group, item.clientId, bytes) };
+      }
+      const send = { ...body, group, payload: item.sealed.payload, messageEpoch: item.sealed.epoch };
+      try {
+        return await session.request({ send });
+      } catch (err) {
+        if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH") || attempt >= COMMIT_ATTEMPTS) throw err;
+        const from = Number(item.sealed.epoch);
+        item.sealed = null;
+        await this.epochMoves(group, from);
+      }
+    }
   }
 
   /// Opens a group post of the live log, in log order, once (asked again,
@@ -303,10 +334,31 @@ export class Crypto {
     }
   }
 
+  /// Resolves once no commit of this page's to the group is on its way.
+  async settled(group) {
+    while (this.changing.has(group)) await this.changing.get(group);
+  }
+
   /// Makes a commit with `make(device)` (JSON, or undefined for nothing to
   /// do) and posts it in the group's order; when another member's commit
   /// came first, waits for it on the live log and makes the commit again.
-  async commit(session, group, make) {
+  /// This page's commits to one group go one at a time, and its posts to
+  /// the group wait for them (`settled`).
+  commit(session, group, make) {
+    const before = this.changing.get(group);
+    const run = (async () => {
+      if (before) await before;
+      return this.commitInTurn(session, group, make);
+    })();
+    const through = run.then(() => {}, () => {});
+    this.changing.set(group, through);
+    through.then(() => {
+      if (this.changing.get(group) === through) this.changing.delete(group);
+    });
+    return run;
+  }
+
+  async commitInTurn(session, group, make) {
     for (let attempt = 0; attempt < COMMIT_ATTEMPTS; attempt++) {
       const made = make(this.device);
       if (!made) return false;
@@ -316,6 +368,10 @@ export class Crypto {
       const commit = JSON.parse(made);
       try {
         await this.post(session, group, clientId, commit);
+        // Applied when it comes back on the live log, after what was posted
+        // before it (opened in the epoch it was made in); applied anyway
+        // if it does not come back in time.
+        await this.epochMoves(group, Number(commit.epoch));
       } catch (err) {
         if (refusedForGood(err)) {
           // A commit left staged would hold up every encrypted message of

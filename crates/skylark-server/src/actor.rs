@@ -113,6 +113,7 @@ pub(crate) struct PostMail {
     pub client_id: String,
     pub payload: bytes::Bytes,
     pub commit_epoch: Option<u64>,
+    pub message_epoch: Option<u64>,
     pub meta: skylark_core::message::MetaRequest,
     pub reply: oneshot::Sender<Result<SendAck, MessagingError>>,
     pub span: tracing::Span,
@@ -420,10 +421,10 @@ fn split(msg: Msg) -> Option<(Input, Reply)> {
             (Input::Send { device, client_id, to, payload, meta, over_rate: None }, Reply::Send(reply))
         }
         Msg::Post(mail) => {
-            let PostMail { author, device, client_id, payload, commit_epoch, meta, reply, span } = *mail;
+            let PostMail { author, device, client_id, payload, commit_epoch, message_epoch, meta, reply, span } = *mail;
             tracing::trace!(parent: &span, %client_id, "post taken by the group's actor");
             (
-                Input::Post { author, device, client_id, payload, commit_epoch, meta, over_rate: None },
+                Input::Post { author, device, client_id, payload, commit_epoch, message_epoch, meta, over_rate: None },
                 Reply::Send(reply),
             )
         }

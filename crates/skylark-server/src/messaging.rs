@@ -78,6 +78,10 @@ pub struct SendRequest {
     /// The payload is an MLS commit made in this epoch of the group's
     /// encryption (groups only).
     pub commit_epoch: Option<u64>,
+    /// The payload is an MLS application message encrypted in this epoch
+    /// of the group's encryption: refused once a commit ended it (groups
+    /// only, never with `commit_epoch`).
+    pub message_epoch: Option<u64>,
     /// An edit, a deletion or a disappearing timer.
     pub meta: skylark_core::message::MetaRequest,
 }
@@ -156,7 +160,10 @@ pub enum MessagingError {
     TooLarge { len: usize, max: usize },
     #[error("client id must be 1 to 64 printable bytes")]
     InvalidClientId,
-    #[error("an encryption commit (commit_epoch) can only be posted to a group")]
+    #[error(
+        "an encryption epoch (commit_epoch for a commit, message_epoch for an encrypted message) can only be given \
+         on a post to a group, and only one of them"
+    )]
     CommitOutsideGroup,
     #[error("no such account")]
     UnknownAccount,

@@ -178,7 +178,8 @@ impl Router {
         if !payload_fits(request.payload.len(), max) {
             return Err(MessagingError::TooLarge { len: request.payload.len(), max });
         }
-        if request.commit_epoch.is_some() && request.group.is_none() {
+        let epochs = usize::from(request.commit_epoch.is_some()) + usize::from(request.message_epoch.is_some());
+        if epochs > 1 || (epochs == 1 && request.group.is_none()) {
             return Err(MessagingError::CommitOutsideGroup);
         }
         if request.commit_epoch.is_some() && request.meta != skylark_core::message::MetaRequest::default() {
@@ -186,10 +187,20 @@ impl Router {
         }
         let (reply, answer) = oneshot::channel();
         let span = tracing::Span::current();
-        let SendRequest { client_id, to, group, payload, commit_epoch, meta } = request;
+        let SendRequest { client_id, to, group, payload, commit_epoch, message_epoch, meta } = request;
         match group {
             Some(group) if self.group_exists(group).await? => {
-                let mail = PostMail { author: account, device, client_id, payload, commit_epoch, meta, reply, span };
+                let mail = PostMail {
+                    author: account,
+                    device,
+                    client_id,
+                    payload,
+                    commit_epoch,
+                    message_epoch,
+                    meta,
+                    reply,
+                    span,
+                };
                 self.tell(group, Msg::Post(Box::new(mail))).await?;
             }
             Some(_) => return Err(GroupError::UnknownGroup.into()),
@@ -480,6 +491,7 @@ mod tests {
             group: None,
             payload: b"x".to_vec().into(),
             commit_epoch: None,
+            message_epoch: None,
         };
         router.send(from.0, from.1, request).await.unwrap().await.unwrap().unwrap()
     }
@@ -551,6 +563,7 @@ mod tests {
                 group: Some(bogus),
                 payload: vec![].into(),
                 commit_epoch: None,
+                message_epoch: None,
             };
             assert!(matches!(router.send(alice.0, alice.1, request).await, Err(MessagingError::Group(_))));
             assert!(router.mark_read(alice.0, alice.1, bogus, 1).await.is_err());

@@ -111,6 +111,11 @@ impl<'a> Reader<'a> {
             _ => Err(corrupt("receipt kind")),
         }
     }
+    /// Whether everything has been read (for a field a newer writer
+    /// appends only when it has one).
+    pub fn is_done(&self) -> bool {
+        self.buf.is_empty()
+    }
     pub fn finish(self) -> Result<(), StoreError> {
         if self.buf.is_empty() { Ok(()) } else { Err(corrupt("trailing bytes")) }
     }

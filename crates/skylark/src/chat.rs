@@ -11,7 +11,7 @@ use skylark_client::backoff::Backoff;
 use skylark_client::client::ClientEvent;
 use skylark_client::e2ee::Crypto;
 use skylark_client::media::size_words;
-use skylark_client::session::{LogEvent, SessionHandle, log_event};
+use skylark_client::session::{LogEvent, SendOptions, SessionHandle, log_event};
 use skylark_client::{Client, ClientError, Identity};
 use skylark_core::PhoneNumber;
 use skylark_core::message::Meta;
@@ -128,7 +128,7 @@ pub async fn send(
             }
             None => Content::text(message.unwrap_or_default()),
         };
-        let (ack, _) = crate::converse::deliver(&c, &route, &content, options).await?;
+        let (ack, _) = crate::converse::deliver(&mut c, &route, &content, options).await?;
         let id = ack.id.unwrap_or_default();
         let disappears = match timer {
             0 => String::new(),
@@ -477,17 +477,15 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String],
 
 /// Sends with the same client id (and the same payload: a group post is
 /// encrypted once) until the server acknowledges it, across reconnects (the
-/// server drops the duplicates).
+/// server drops the duplicates). A refusal is returned as it came.
 async fn send_reliably(
     client: &Client,
     to: &Peer,
     id: &str,
     payload: Vec<u8>,
-    timer: u64,
-    attachments: Vec<String>,
-) -> Result<v1::SendAck> {
-    use skylark_client::session::{SendOptions, To};
-    let options = SendOptions { expire_after_ms: timer, attachments, ..SendOptions::default() };
+    options: &SendOptions,
+) -> Result<Result<v1::SendAck, ClientError>> {
+    use skylark_client::session::To;
     for _ in 0..10 {
         let handle: SessionHandle = client.connected().await.map_err(explain)?;
         let to = match to {
@@ -496,12 +494,50 @@ async fn send_reliably(
         };
         let sent = handle.send_with(to, id, payload.clone(), options.clone()).await;
         match sent {
-            Ok(ack) => return Ok(ack),
-            Err(e @ ClientError::Refused { .. }) => return Err(explain(e)),
+            Ok(ack) => return Ok(Ok(ack)),
+            Err(e @ ClientError::Refused { .. }) => return Ok(Err(e)),
             Err(_) => continue,
         }
     }
     bail!("could not send after several reconnects")
+}
+
+/// Attempts at an encrypted post that other members' commits keep making stale.
+const STALE_ATTEMPTS: usize = 5;
+
+/// Sends `text` to `to` reliably: to a group (or a 1:1 conversation's
+/// group) encrypted when it is, naming the epoch it was encrypted in. When
+/// a commit ended that epoch first, the group refuses it: the log is read
+/// on through that commit (the frames read go to `pending`, to be shown)
+/// and the text encrypted again.
+#[allow(clippy::too_many_arguments)]
+async fn send_text(
+    client: &Client,
+    crypto: &Crypto,
+    events: &mut tokio::sync::mpsc::Receiver<ClientEvent>,
+    pending: &mut std::collections::VecDeque<ClientEvent>,
+    to: &Peer,
+    id: &str,
+    text: String,
+    options: SendOptions,
+) -> Result<v1::SendAck> {
+    let Peer::Group(group) = *to else {
+        return send_reliably(client, to, id, text.into_bytes(), &options).await?.map_err(explain);
+    };
+    for _ in 0..STALE_ATTEMPTS {
+        let (payload, epoch) = crypto.group_payload(group, id, &text).map_err(explain)?;
+        let options = SendOptions { message_epoch: epoch, ..options.clone() };
+        match send_reliably(client, to, id, payload, &options).await? {
+            Ok(ack) => return Ok(ack),
+            Err(e) if e.error_code() == Some(skylark_protocol::ErrorCode::StaleEpoch) => {
+                let Some(epoch) = epoch else { return Err(explain(e)) };
+                crypto.read_past_epoch(events, group, epoch).await.map_err(explain)?;
+                pending.extend(crypto.take_read().into_iter().map(ClientEvent::Frame));
+            }
+            Err(e) => return Err(explain(e)),
+        }
+    }
+    bail!("the conversation's encryption kept changing while this device tried to send; try again")
 }
 
 /// Log entries a chat reads back on opening, and how many of the
@@ -817,13 +853,13 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                         None => (line.clone(), line, Vec::new()),
                     };
                     let id = client_id();
-                    let (to, payload) = match (&peer, direct) {
-                        (&Peer::Group(group), _) | (Peer::Phone(_), Some(group)) => {
-                            (Peer::Group(group), crypto.group_payload(group, &id, &text).map_err(explain)?.0)
-                        }
-                        (Peer::Phone(p), None) => (Peer::Phone(p.clone()), text.into_bytes()),
+                    let to = match (&peer, direct) {
+                        (&Peer::Group(group), _) | (Peer::Phone(_), Some(group)) => Peer::Group(group),
+                        (Peer::Phone(p), None) => Peer::Phone(p.clone()),
                     };
-                    let ack = send_reliably(&client, &to, &id, payload, timer, attachments).await?;
+                    let options = SendOptions { expire_after_ms: timer, attachments, ..SendOptions::default() };
+                    let ack =
+                        send_text(&client, &crypto, &mut events, &mut pending, &to, &id, text, options).await?;
                     let seq = ack.id.unwrap_or_default().seq;
                     let row = screen.say(&format!("  ✓ you: {line}"));
                     mine.insert(seq, (line, "✓", row));

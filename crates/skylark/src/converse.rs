@@ -77,7 +77,7 @@ pub async fn route(c: &mut Connected, conversation: &Conversation) -> Result<Rou
 
 /// Sends `content` on `route`; returns the ack and whether it was encrypted.
 pub async fn deliver(
-    c: &Connected,
+    c: &mut Connected,
     route: &Route,
     content: &Content,
     options: SendOptions,
@@ -86,7 +86,7 @@ pub async fn deliver(
     let id = client_id();
     match route {
         Route::Group { group, .. } => {
-            c.crypto.post_with(&h, *group, &id, &content.encode(), options).await.map_err(explain)
+            c.crypto.post_with(&h, &mut c.events, *group, &id, &content.encode(), options).await.map_err(explain)
         }
         Route::Plain(phone) => {
             let payload = content.encode().into_bytes();
@@ -226,7 +226,7 @@ pub async fn run(profile: &Path, transport: &TransportArgs, conversation: &str, 
                     reply: Some(Quote { id: id_text(id.0, id.1), quote }),
                     fwd: false,
                 };
-                let (ack, encrypted) = deliver(&c, &route, &content, timed).await?;
+                let (ack, encrypted) = deliver(&mut c, &route, &content, timed).await?;
                 (format!("replied to #{} in your chat with {}", show(id, &route), route.describe()), ack, encrypted)
             }
             Verb::React { message, emoji } => {
@@ -239,7 +239,7 @@ pub async fn run(profile: &Path, transport: &TransportArgs, conversation: &str, 
                     bail!("a reaction is one emoji (or a few characters), not a message; use `reply` to answer");
                 }
                 let content = Content::React { to: id_text(id.0, id.1), emoji: emoji.clone() };
-                let (ack, encrypted) = deliver(&c, &route, &content, timed).await?;
+                let (ack, encrypted) = deliver(&mut c, &route, &content, timed).await?;
                 let did = if emoji.is_empty() {
                     format!("took back your reaction to #{}", show(id, &route))
                 } else {
@@ -252,14 +252,14 @@ pub async fn run(profile: &Path, transport: &TransportArgs, conversation: &str, 
                 let seq = own_seq(id, &route, me, "edit")?;
                 let content = Content::text(&nonempty(&text)?);
                 let options = SendOptions { edits: Some(seq), ..timed };
-                let (ack, encrypted) = deliver(&c, &route, &content, options).await?;
+                let (ack, encrypted) = deliver(&mut c, &route, &content, options).await?;
                 (format!("edited #{}: everyone in the chat now sees the new text", show(id, &route)), ack, encrypted)
             }
             Verb::Delete { message } => {
                 let id = target(&message, &route, me, true)?;
                 let seq = own_seq(id, &route, me, "delete")?;
                 let options = SendOptions { deletes: Some(seq), ..SendOptions::default() };
-                let (ack, encrypted) = deliver(&c, &route, &Content::Delete {}, options).await?;
+                let (ack, encrypted) = deliver(&mut c, &route, &Content::Delete {}, options).await?;
                 let did = format!(
                     "deleted #{} for everyone: the server removed its text, and every device shows that it was \
                      deleted",
@@ -286,12 +286,12 @@ pub async fn run(profile: &Path, transport: &TransportArgs, conversation: &str, 
                 let dest = self::route(&mut c, &to).await?;
                 let dest_timer = timer_of(&c, &dest).await?;
                 let options = SendOptions { expire_after_ms: dest_timer, attachments, ..SendOptions::default() };
-                let (ack, encrypted) = deliver(&c, &dest, &content, options).await?;
+                let (ack, encrypted) = deliver(&mut c, &dest, &content, options).await?;
                 (format!("forwarded #{} to {}", show(id, &route), dest.describe()), ack, encrypted)
             }
             Verb::Disappear { timer_ms } => {
                 let content = Content::Timer { ms: timer_ms };
-                let (ack, encrypted) = deliver(&c, &route, &content, SendOptions::default()).await?;
+                let (ack, encrypted) = deliver(&mut c, &route, &content, SendOptions::default()).await?;
                 let did = match timer_ms {
                     0 => format!("turned off disappearing messages in your chat with {}", route.describe()),
                     ms => format!(

@@ -201,7 +201,7 @@ async fn command_on(
         GroupCommand::Subject { group, subject } => change(h, group, Change::Subject(subject)).await?,
         GroupCommand::AdminOnly { group, setting } => change(h, group, Change::AdminOnly(setting == "on")).await?,
         GroupCommand::Send { group, message } => {
-            let (ack, encrypted) = crypto.post(h, group, &client_id(), &message).await.map_err(explain)?;
+            let (ack, encrypted) = crypto.post(h, events, group, &client_id(), &message).await.map_err(explain)?;
             let id = ack.id.unwrap_or_default();
             let lock = if encrypted { "🔒 " } else { "" };
             println!("✓ {lock}posted to group {group} at {} (#{})", clock(ack.sent_at_ms), id.seq);

@@ -61,6 +61,7 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
         group,
         payload: send.payload,
         commit_epoch: send.commit_epoch,
+        message_epoch: send.message_epoch,
         meta: skylark_core::message::MetaRequest {
             edits: send.edits,
             deletes: send.deletes,

@@ -73,6 +73,7 @@ pub(super) struct Post {
     pub client_id: String,
     pub payload: bytes::Bytes,
     pub commit_epoch: Option<u64>,
+    pub message_epoch: Option<u64>,
     pub meta: skylark_core::message::MetaRequest,
 }
 
@@ -106,7 +107,7 @@ impl Machine {
         post: Post,
         over_rate: Option<Duration>,
     ) -> Result<SendAck, Refusal> {
-        let Post { author, device, client_id, payload, commit_epoch, meta } = post;
+        let Post { author, device, client_id, payload, commit_epoch, message_epoch, meta } = post;
         self.group_state()?;
         // A resend of an accepted post is answered as such, even if its
         // author has left since: the post happened.
@@ -122,7 +123,16 @@ impl Machine {
         }
         let meta = self.check_meta(facts, &meta, author, self.account, now_ms)?;
         let change = GroupChange::Post { device, client_id: client_id.clone(), payload, commit_epoch, meta };
-        let body = self.group_state()?.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
+        let state = self.group_state()?;
+        let body = state.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
+        // An encrypted message is opened in the epoch it was made in: one
+        // made before the last commit would need the members to keep past
+        // epochs' keys, so the sender encrypts it again instead.
+        if let Some(epoch) = message_epoch
+            && epoch != state.meta.mls_epoch
+        {
+            return Err(refused(GroupError::StaleEpoch(state.meta.mls_epoch)));
+        }
         // Blocks hold in 1:1 conversations, for messages; commits go to
         // both (the conversation's encryption must stay in step).
         let mut skip = None;

@@ -79,6 +79,8 @@ pub(crate) enum Input {
         payload: bytes::Bytes,
         /// An MLS commit made in this epoch (see `GroupMeta::mls_epoch`).
         commit_epoch: Option<u64>,
+        /// An MLS application message encrypted in this epoch.
+        message_epoch: Option<u64>,
         meta: MetaRequest,
         over_rate: Option<Duration>,
     },
@@ -755,8 +757,8 @@ impl Machine {
                 };
                 settle(sent, Answer::Send)?
             }
-            Input::Post { author, device, client_id, payload, commit_epoch, meta, over_rate } => {
-                let post = super::group::Post { author, device, client_id, payload, commit_epoch, meta };
+            Input::Post { author, device, client_id, payload, commit_epoch, message_epoch, meta, over_rate } => {
+                let post = super::group::Post { author, device, client_id, payload, commit_epoch, message_epoch, meta };
                 let posted = self.post(fx, batch_ids, facts, now_ms, post, over_rate);
                 settle(posted, Answer::Send)?
             }

@@ -350,6 +350,7 @@ fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
         client_id: cid.into(),
         payload: b"hi".to_vec().into(),
         commit_epoch: None,
+        message_epoch: None,
         over_rate: None,
     };
     let fx = step(&mut group, vec![post(B, "p1"), post(C, "p2")]);
@@ -399,6 +400,7 @@ fn a_group_takes_one_commit_per_epoch_and_stores_the_epoch_with_it() {
         client_id: cid.into(),
         payload: b"mls".to_vec().into(),
         commit_epoch: Some(epoch),
+        message_epoch: None,
         over_rate: None,
     };
     // Two members commit in the same epoch, in one batch: the first wins,
@@ -412,6 +414,42 @@ fn a_group_takes_one_commit_per_epoch_and_stores_the_epoch_with_it() {
     let fx = step(&mut group, vec![commit(A, "c3", 1)]);
     assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 3);
     assert_eq!(fx.write.group.as_ref().map(|m| m.mls_epoch), Some(2));
+}
+
+#[test]
+fn a_group_takes_an_encrypted_message_only_in_its_current_epoch() {
+    let g = AccountId::group(1);
+    let mut group = machine(g);
+    let create = Input::Group { from: A, request: GroupRequest::Create { subject: "club".into(), members: vec![B] } };
+    step(&mut group, vec![create]);
+    let post = |author, cid: &str, commit_epoch, message_epoch| Input::Post {
+        meta: Default::default(),
+        author,
+        device: PHONE,
+        client_id: cid.into(),
+        payload: b"mls".to_vec().into(),
+        commit_epoch,
+        message_epoch,
+        over_rate: None,
+    };
+    // A message in epoch 0 goes in; B's commit ends epoch 0, so A's next
+    // message made in it is refused, names the current epoch and changes
+    // nothing; made again in epoch 1, with the same client id, it goes in.
+    let fx = step(
+        &mut group,
+        vec![post(A, "m1", None, Some(0)), post(B, "c1", Some(0), None), post(A, "m2", None, Some(0))],
+    );
+    assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 2);
+    assert_eq!(ack_of(&fx.outcomes[1]).id.seq, 3);
+    assert!(matches!(&fx.outcomes[2], Outcome::Now(Err(MessagingError::Group(GroupError::StaleEpoch(1))))));
+    let fx = step(&mut group, vec![post(A, "m2", None, Some(1)), post(A, "m3", None, Some(2))]);
+    assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 4, "the refused post left no trace");
+    assert!(!ack_of(&fx.outcomes[0]).duplicate);
+    assert!(matches!(&fx.outcomes[1], Outcome::Now(Err(MessagingError::Group(GroupError::StaleEpoch(1))))));
+    assert_eq!(fx.write.group.as_ref().map(|m| m.mls_epoch), None, "a message does not move the epoch");
+    // A non-member is told that, whatever epoch it names.
+    let fx = step(&mut group, vec![post(C, "m4", None, Some(0))]);
+    assert!(matches!(&fx.outcomes[0], Outcome::Now(Err(MessagingError::Group(GroupError::NotAMember)))));
 }
 
 #[test]
@@ -488,6 +526,7 @@ fn a_direct_group_keeps_a_blocked_members_messages_from_the_blocker_but_not_its_
         client_id: cid.into(),
         payload: b"mls".to_vec().into(),
         commit_epoch,
+        message_epoch: None,
         over_rate: None,
     };
     // B blocked A.

@@ -400,6 +400,7 @@ impl World {
                     client_id: client_id.clone(),
                     payload: vec![cid].into(),
                     commit_epoch: None,
+                    message_epoch: None,
                     over_rate: None,
                 };
                 if let Some(outcomes) = self.step(GROUP, vec![post]) {

@@ -534,8 +534,18 @@ impl Cluster {
                 .await
             }
             Msg::Post(mail) => {
-                let PostMail { author, device, client_id, payload, commit_epoch, meta, reply, .. } = *mail;
-                let mail = Mail::Post { group: account, author, device, client_id, payload, commit_epoch, meta };
+                let PostMail { author, device, client_id, payload, commit_epoch, message_epoch, meta, reply, .. } =
+                    *mail;
+                let mail = Mail::Post {
+                    group: account,
+                    author,
+                    device,
+                    client_id,
+                    payload,
+                    commit_epoch,
+                    message_epoch,
+                    meta,
+                };
                 self.ask(node, mail, move |a| {
                     let _ = reply.send(answer_as(a, Answer::into_send));
                 })
@@ -653,9 +663,10 @@ impl Cluster {
                 let msg = Msg::Send(Box::new(SendMail { device, client_id, to, payload, meta, reply: tx, span }));
                 (msg, Some(self.relay(rx, Answer::Send)))
             }
-            Mail::Post { author, device, client_id, payload, commit_epoch, meta, .. } => {
+            Mail::Post { author, device, client_id, payload, commit_epoch, message_epoch, meta, .. } => {
                 let (tx, rx) = oneshot::channel();
-                let post = PostMail { author, device, client_id, payload, commit_epoch, meta, reply: tx, span };
+                let post =
+                    PostMail { author, device, client_id, payload, commit_epoch, message_epoch, meta, reply: tx, span };
                 let msg = Msg::Post(Box::new(post));
                 (msg, Some(self.relay(rx, Answer::Send)))
             }

@@ -40,6 +40,7 @@ pub(crate) enum Mail {
         client_id: String,
         payload: Bytes,
         commit_epoch: Option<u64>,
+        message_epoch: Option<u64>,
         meta: MetaRequest,
     },
     Group {
@@ -212,7 +213,7 @@ impl Mail {
                 write_meta_request(&mut w, meta);
                 w.0
             }
-            Mail::Post { group, author, device, client_id, payload, commit_epoch, meta } => {
+            Mail::Post { group, author, device, client_id, payload, commit_epoch, message_epoch, meta } => {
                 let mut w = start(2);
                 w.u64(group.0);
                 w.u64(author.0);
@@ -222,6 +223,11 @@ impl Mail {
                 // 0: not a commit; otherwise the epoch plus one.
                 w.u64(commit_epoch.map_or(0, |e| e.saturating_add(1)));
                 write_meta_request(&mut w, meta);
+                // Only when set, last: a post without it reads as before
+                // on a node of the previous release.
+                if let Some(epoch) = message_epoch {
+                    w.u64(*epoch);
+                }
                 w.0
             }
             Mail::Group { group, from, request } => {
@@ -319,6 +325,7 @@ impl Mail {
                 payload: Bytes::copy_from_slice(r.bytes()?),
                 commit_epoch: r.u64()?.checked_sub(1),
                 meta: read_meta_request(&mut r)?,
+                message_epoch: if r.is_done() { None } else { Some(r.u64()?) },
             },
             3 => Mail::Group { group: AccountId(r.u64()?), from: AccountId(r.u64()?), request: from_json(r.bytes()?)? },
             4 => {
@@ -658,7 +665,18 @@ mod tests {
                 client_id: "p1".into(),
                 payload: Bytes::from_static(b"edited"),
                 commit_epoch: None,
+                message_epoch: None,
                 meta: MetaRequest { edits: Some(7), deletes: None, expire_after_ms: 0 },
+            },
+            Mail::Post {
+                group: AccountId::group(4),
+                author: AccountId(1),
+                device: DeviceId(2),
+                client_id: "p2".into(),
+                payload: Bytes::from_static(b"\0SKMLS1sealed"),
+                commit_epoch: None,
+                message_epoch: Some(300),
+                meta: MetaRequest::default(),
             },
             Mail::Deliver {
                 to: AccountId(6),

@@ -52,6 +52,7 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
                 group: 0,
                 payload: b"m".to_vec().into(),
                 commit_epoch: None,
+                message_epoch: None,
             }),
         ),
         (
@@ -66,6 +67,7 @@ fn requests(ids: &Ids) -> Vec<(&'static str, Body)> {
                 group: g,
                 payload: b"p".to_vec().into(),
                 commit_epoch: None,
+                message_epoch: None,
             }),
         ),
         ("mark_read", Body::MarkRead(v1::MarkRead { peer: g, up_to_seq: 1 })),

@@ -302,6 +302,27 @@ async fn group_posts_are_deleted_edited_and_expire_in_the_group_and_in_every_mem
     };
     let refused = alice.handle().request(v1::client_frame::Body::Send(commit)).await.unwrap_err();
     assert_eq!(code(refused), ErrorCode::InvalidArgument);
+    // An encrypted message's epoch belongs on a group post, and a post is a
+    // commit or a message, not both.
+    let both = v1::SendMessage {
+        client_id: "commit-and-message".into(),
+        group,
+        payload: b"\0SKMLS1both".to_vec().into(),
+        commit_epoch: Some(0),
+        message_epoch: Some(0),
+        ..Default::default()
+    };
+    let refused = alice.handle().request(v1::client_frame::Body::Send(both)).await.unwrap_err();
+    assert_eq!(code(refused), ErrorCode::InvalidArgument);
+    let to_a_person = v1::SendMessage {
+        client_id: "message-epoch-to-a-person".into(),
+        to: BOB.into(),
+        payload: b"\0SKMLS1sealed".to_vec().into(),
+        message_epoch: Some(0),
+        ..Default::default()
+    };
+    let refused = alice.handle().request(v1::client_frame::Body::Send(to_a_person)).await.unwrap_err();
+    assert_eq!(code(refused), ErrorCode::InvalidArgument);
 
     server.clock.advance_ms(60_001);
     assert_eq!(server.server.expire_messages().await.unwrap(), 4);

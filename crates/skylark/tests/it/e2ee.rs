@@ -97,11 +97,8 @@ async fn a_client_killed_mid_commit_finishes_it_on_the_next_run() {
         assert!(alice.crypto.with(|e| Ok(e.outgoing().is_empty())).unwrap(), "{name}: the next run finished it");
         assert_eq!(alice.crypto.with(|e| e.epoch(&conversation)).unwrap(), 1);
         let text = format!("after the crash ({name})");
-        alice
-            .crypto
-            .post(&alice.session.handle(), info.id, &format!("p-{}", name.replace(' ', "-")), &text)
-            .await
-            .unwrap();
+        let cid = format!("p-{}", name.replace(' ', "-"));
+        alice.crypto.post(&alice.session.handle(), &mut alice.events, info.id, &cid, &text).await.unwrap();
         let seen = read_until(&mut bob, &text).await;
         assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{name}: {seen:?}");
         // Alice's other run sees its own post in the log as what it sent.
@@ -222,11 +219,14 @@ async fn a_hundred_member_group_under_traffic_each_device_reads_its_slice() {
                 }
                 let text = format!("post {n} from {i}");
                 let cid = format!("p{i}-{n}");
-                let (epoch, payload) = d
-                    .crypto
-                    .with(|e| Ok((e.epoch(&conversation)?, e.encrypt_as(&conversation, &cid, text.as_bytes())?)))
-                    .unwrap();
-                let ack = d.session.handle().send_to_group(info.id, &cid, payload).await.unwrap();
+                // Made again when a commit came first (the group takes a
+                // post only in its current epoch): the epoch after is the
+                // one it was made in.
+                let (ack, encrypted) =
+                    d.crypto.post(&d.session.handle(), &mut d.events, info.id, &cid, &text).await.unwrap();
+                assert!(encrypted);
+                let epoch = d.crypto.with(|e| e.epoch(&conversation)).unwrap();
+                d.crypto.take_read();
                 posts.lock().unwrap().push((ack.id.unwrap().seq, epoch, text));
                 n += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(150)).await;
@@ -265,7 +265,7 @@ async fn a_hundred_member_group_under_traffic_each_device_reads_its_slice() {
     for task in poster_tasks {
         last_poster = Some(task.await.unwrap());
     }
-    admin.crypto.post(&h, info.id, "end", "the end").await.unwrap();
+    admin.crypto.post(&h, &mut admin.events, info.id, "end", "the end").await.unwrap();
     let end_epoch = epoch_of(&admin.crypto);
     drop(last_poster);
 
@@ -375,8 +375,83 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     assert!(admin.crypto.with(|e| Ok(e.outgoing().is_empty())).unwrap(), "nothing is left to send again");
     // The group's encryption goes on as it was: the admin still posts
     // encrypted, the member reads it, and a new run has nothing to resume.
-    let (_, encrypted) = admin.crypto.post(&h, info.id, "still-readable", "after the refusal").await.unwrap();
+    let (_, encrypted) =
+        admin.crypto.post(&h, &mut admin.events, info.id, "still-readable", "after the refusal").await.unwrap();
     assert!(encrypted);
     read_until(&mut member, "after the refusal").await;
     admin.crypto.resume(&h).await.unwrap();
+}
+
+/// Reads a device's log until it has the group's keys (its Welcome).
+async fn welcomed(d: &mut Device, group: u64) {
+    while !d.crypto.encrypts(group).unwrap() {
+        let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, d.events.recv()).await else {
+            panic!("never welcomed to group {group}")
+        };
+        if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
+            d.crypto.open_event(entry);
+        }
+    }
+}
+
+/// What the frames a device read while posting or committing opened to.
+fn opened_while_busy(d: &Device) -> Vec<Shown> {
+    d.crypto
+        .take_read()
+        .iter()
+        .filter_map(|f| match log_event(f) {
+            Some(LogEvent::Entry(e)) => d.crypto.recall(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// No device keeps the keys of past epochs, so every post must be opened
+/// in the epoch it was made in. Posts and commits cross both ways here: a
+/// member that has not read the newest commit has its post refused as
+/// stale, reads on and makes it again; and a committer opens what was
+/// posted before its commit before applying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_and_commits_that_cross_are_each_opened_in_their_epoch() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut devices = devices(&server, dirs.path(), "+1555250000", 3).await;
+    let mut admin = devices.remove(0);
+    let mut member = devices.remove(0);
+    let third = devices.remove(0);
+    let (h, mh) = (admin.session.handle(), member.session.handle());
+    let info = h.create_group("crossing", &["+15552500001", "+15552500002"]).await.unwrap();
+    let setup = admin.crypto.start_group(&h, &mut admin.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+    welcomed(&mut member, info.id).await;
+    let conversation = group_conversation(info.id);
+    let epoch = |d: &Device| d.crypto.with(|e| e.epoch(&conversation)).unwrap();
+    assert_eq!((epoch(&admin), epoch(&member)), (1, 1));
+
+    // The member posts; the admin, which has not read the post, removes the
+    // third member. Its commit comes after the post in the log, and the
+    // admin opens the post (in epoch 1) on its way to applying the commit.
+    member.crypto.post(&mh, &mut member.events, info.id, "m1", "before the removal").await.unwrap();
+    let remove = skylark_protocol::v1::change_group::Change::Remove("+15552500002".into());
+    h.change_group(info.id, remove).await.unwrap();
+    let gone = third.identity.account_id;
+    assert!(admin.crypto.remove_accounts(&h, &mut admin.events, info.id, &[gone]).await.unwrap());
+    assert_eq!(epoch(&admin), 2);
+    let opened = opened_while_busy(&admin);
+    assert!(opened.contains(&Shown::Encrypted("before the removal".into())), "{opened:?}");
+
+    // The member has not read the commit: a post it makes in epoch 1 is
+    // refused as stale by the group itself...
+    let payload = member.crypto.with(|e| e.encrypt(&conversation, b"made in epoch 1")).unwrap();
+    let stale = skylark_client::session::SendOptions { message_epoch: Some(1), ..Default::default() };
+    let refused = mh.send_with(skylark_client::session::To::Group(info.id), "raw", payload, stale).await.unwrap_err();
+    assert_eq!(refused.error_code(), Some(skylark_protocol::ErrorCode::StaleEpoch), "{refused}");
+    // ...and the client reads on through the commit and makes it again.
+    let (_, encrypted) = member.crypto.post(&mh, &mut member.events, info.id, "m2", "after the removal").await.unwrap();
+    assert!(encrypted);
+    assert_eq!(epoch(&member), 2, "made again in the new epoch");
+    let opened = opened_while_busy(&member);
+    assert!(opened.contains(&Shown::DevicesChanged), "the member read the removal on the way: {opened:?}");
+    let seen = read_until(&mut admin, "after the removal").await;
+    assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
 }

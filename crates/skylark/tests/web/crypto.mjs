@@ -13,6 +13,12 @@
 // good (too large, say) is dropped and said in words, so the group's
 // encryption goes on; one refused while the server is busy stays staged
 // for the next connect, which drops it if it is then refused for good.
+//
+// Posts and commits that cross (`Crypto.sendSealed`, `Crypto.commit`): no
+// device keeps past epochs' keys, so a post names the epoch it was made in
+// and is made again when the group refuses it as stale, and a committer
+// applies its commit only when it comes back on the live log, after the
+// posts ordered before it.
 
 import { readFileSync } from "node:fs";
 import { generateKeyPairSync, sign } from "node:crypto";
@@ -38,6 +44,7 @@ function account(id) {
   return { accountId: String(id), devices: [{ deviceId: "1", keyPackage: JSON.parse(d.keyPackages(1))[0], deviceKey }] };
 }
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const phoneOf = (i) => `+1555${String(i).padStart(7, "0")}`;
 const ACCOUNTS = new Map(Array.from({ length: 120 }, (_, i) => [phoneOf(i), account(1000 + i)]));
 const PHONES = [...ACCOUNTS.keys()];
@@ -169,5 +176,105 @@ assert.equal(later.posts, 1);
 assert.equal(r.admin.hasPendingCommit(G), false);
 assert.deepEqual(JSON.parse(r.admin.outgoing()), []);
 assert.ok(r.admin.encryptAs(G, "m2", TEXT));
+
+// ---- Posts and commits that cross.
+
+const G2 = "8";
+
+/// A group's log as the server keeps it: a commit only for the current
+/// epoch, a post only in it; every post is then handed to each page's
+/// openEvent in order, on the next turn of the event loop, as the live
+/// log would (not to a page that is `away`, until it is back).
+function groupLog() {
+  const log = { epoch: 0, entries: [], sends: [], pages: [] };
+  const stale = () => new Refused({ code: "ERROR_CODE_STALE_EPOCH", message: `the group's encryption moved on (to epoch ${log.epoch})` });
+  log.deliver = () => {
+    for (const p of log.pages) {
+      while (!p.away && p.read < log.entries.length) {
+        const opened = p.crypto.openEvent(log.entries[p.read++]);
+        if (opened) p.opened.push(opened);
+      }
+    }
+  };
+  log.join = (account) => {
+    const { device } = bound(account);
+    const page = { crypto: new Crypto({ accountId: String(account), deviceId: "1" }, local, device), read: 0, opened: [], away: false };
+    page.session = {
+      async request(body) {
+        const s = body.send;
+        assert.ok(s && s.group === G2, `only posts to the group are expected, not ${JSON.stringify(body)}`);
+        log.sends.push({ by: account, clientId: s.clientId, commitEpoch: s.commitEpoch, messageEpoch: s.messageEpoch });
+        if (s.commitEpoch !== undefined) {
+          if (Number(s.commitEpoch) !== log.epoch) throw stale();
+          log.epoch += 1;
+        } else if (s.messageEpoch === undefined || Number(s.messageEpoch) !== log.epoch) {
+          throw stale();
+        }
+        const seq = String(log.entries.length + 1);
+        const message = { senderDevice: "1", clientId: s.clientId, payload: s.payload };
+        log.entries.push({ seq, group: { group: G2, groupSeq: seq, by: String(account), message } });
+        setTimeout(log.deliver, 0);
+        return { sendAck: { id: { sender: G2, seq }, sentAtMs: "1" } };
+      },
+    };
+    log.pages.push(page);
+    return page;
+  };
+  return log;
+}
+
+const texts = (page) => page.opened.filter((o) => o.kind === "message").map((o) => Buffer.from(o.plaintext, "base64").toString());
+const packageOf = (account) => ({ account: String(account), device: "1", keyPackage: JSON.parse(bound(account).device.keyPackages(1))[0] });
+
+const log = groupLog();
+const admin = log.join(21);
+const member = log.join(22);
+admin.crypto.device.create(G2);
+// The member's device takes the Welcome: its package is its own device's.
+const joining = JSON.parse(member.crypto.device.keyPackages(1))[0];
+await admin.crypto.commit(admin.session, G2, (d) => d.add(G2, JSON.stringify([{ account: "22", device: "1", keyPackage: joining }])));
+assert.equal(admin.crypto.device.hasPendingCommit(G2), false, "applied from the live log");
+assert.equal(admin.crypto.device.epoch(G2), "1");
+assert.ok(member.crypto.encrypts(G2), "the member joined from the Welcome");
+
+// The member posts; the admin commits before its page has opened the post.
+// The log has the post first: the admin opens it (in epoch 1) and then
+// applies its own commit. Applying the commit as soon as the server took
+// it would leave the post unreadable.
+const m1 = { clientId: "m1" };
+await member.crypto.sendSealed(member.session, m1, G2, new TextEncoder().encode("before the commit"), { clientId: "m1" });
+member.away = true;
+const third = packageOf(23);
+await admin.crypto.commit(admin.session, G2, (d) => d.add(G2, JSON.stringify([third])));
+assert.deepEqual(texts(admin), ["before the commit"]);
+assert.equal(admin.crypto.device.epoch(G2), "2");
+
+// The member has not seen the commit: its post, made in epoch 1, is
+// refused; it waits for the commit on the live log and makes it again.
+const m2 = { clientId: "m2" };
+setTimeout(() => {
+  member.away = false;
+  log.deliver();
+}, 50);
+await member.crypto.sendSealed(member.session, m2, G2, new TextEncoder().encode("after the commit"), { clientId: "m2" });
+const tries = log.sends.filter((s) => s.clientId === "m2").map((s) => s.messageEpoch);
+assert.deepEqual(tries, ["1", "2"], "refused in the ended epoch, taken in the new one");
+assert.equal(member.crypto.device.epoch(G2), "2");
+await sleep(10);
+assert.deepEqual(texts(admin), ["before the commit", "after the commit"]);
+assert.ok(!admin.opened.some((o) => o.kind === "failed"), JSON.stringify(admin.opened));
+
+// A post made while the page's own commit is on its way (taken, not yet
+// back on the live log) waits for it, and goes out once, in the new epoch.
+const committing = admin.crypto.commit(admin.session, G2, (d) => d.add(G2, JSON.stringify([packageOf(24)])));
+assert.equal(admin.crypto.device.hasPendingCommit(G2), true);
+const m3 = { clientId: "m3" };
+await admin.crypto.sendSealed(admin.session, m3, G2, new TextEncoder().encode("while the commit comes back"), { clientId: "m3" });
+await committing;
+assert.deepEqual(log.sends.filter((s) => s.clientId === "m3").map((s) => s.messageEpoch), ["3"]);
+await sleep(10);
+// (A page shows its own posts from its journal: the member's list has its own two.)
+assert.deepEqual(texts(member), ["before the commit", "after the commit", "while the commit comes back"]);
+assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member.opened));
 
 console.log("web crypto: ok");

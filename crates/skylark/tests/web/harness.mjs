@@ -69,8 +69,15 @@ export async function harness(bin, serverDir = (dataDir) => dataDir) {
   function cliUntil(profile, args, pattern, ms = 20000) {
     return new Promise((resolve, reject) => {
       let done = false;
-      const timer = setTimeout(() => { if (!done) { done = true; reject(new Error(`skylark ${args.join(" ")} never printed ${pattern}`)); } }, ms);
+      let printed = "";
+      const timer = setTimeout(() => {
+        if (!done) {
+          done = true;
+          reject(new Error(`skylark ${args.join(" ")} never printed ${pattern}; it printed:\n${printed}`));
+        }
+      }, ms);
       cli(profile, args, undefined, (out, child) => {
+        printed = out;
         if (!done && pattern.test(out)) {
           done = true;
           clearTimeout(timer);
