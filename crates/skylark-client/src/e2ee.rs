@@ -588,13 +588,22 @@ impl Crypto {
             conversations.into_iter().filter_map(|c| parse_group(&c).map(|g| (g, c))).collect();
         let account = self.identity.account_id;
         let removed: Vec<DeviceRef> = todo.remove.iter().map(|&device| DeviceRef { account, device }).collect();
+        // A group whose change fails (a lost connection, or one the server
+        // refuses, such as a commit too large for it) does not hold up the
+        // others; the change stays to do, and is said at the end.
+        let mut failed: Vec<(u64, ClientError)> = Vec::new();
         for (group, conversation) in &groups {
-            self.commit(h, events, *group, |e| e.remove(conversation, &removed)).await?;
+            if let Err(e) = self.commit(h, events, *group, |e| e.remove(conversation, &removed)).await {
+                failed.push((*group, e));
+            }
         }
         // Read again before writing: reading the log may have noted more.
         let mut now = self.todo();
-        now.remove.retain(|d| !todo.remove.contains(d));
+        if failed.is_empty() {
+            now.remove.retain(|d| !todo.remove.contains(d));
+        }
         self.save_todo(&now)?;
+        let removals_failed = failed.len();
         let mut added = std::collections::BTreeSet::new();
         for (group, conversation) in &groups {
             // One package per device per conversation: a Welcome uses it up.
@@ -618,14 +627,34 @@ impl Crypto {
                 })
                 .collect();
             added.extend(packages.iter().map(|(d, _)| d.device));
-            self.commit(h, events, *group, |e| e.add(conversation, &packages)).await?;
+            if let Err(e) = self.commit(h, events, *group, |e| e.add(conversation, &packages)).await {
+                failed.push((*group, e));
+            }
         }
         if groups.is_empty() {
             added = todo.add.clone();
         }
         let mut now = self.todo();
-        now.add.retain(|d| !added.contains(d));
-        self.save_todo(&now)
+        if failed.len() == removals_failed {
+            now.add.retain(|d| !added.contains(d));
+        }
+        self.save_todo(&now)?;
+        match failed.as_slice() {
+            [] => Ok(()),
+            [(group, e)] => Err(ClientError::Profile(format!(
+                "this account's linked or removed devices could not be carried into the encryption of group \
+                 {group} ({e}); any other encrypted conversations have them, and the next command tries again"
+            ))),
+            _ => {
+                let each: Vec<String> = failed.iter().map(|(g, e)| format!("group {g}: {e}")).collect();
+                Err(ClientError::Profile(format!(
+                    "this account's linked or removed devices could not be carried into the encryption of {} \
+                     conversations ({}); any others have them, and the next command tries again",
+                    failed.len(),
+                    each.join("; ")
+                )))
+            }
+        }
     }
 
     /// Held while [`Crypto::maintain`] works: the to-do list is read and

@@ -432,7 +432,16 @@ export class Crypto {
       if (!todo.add.length && !todo.remove.length) return false;
       const groups = JSON.parse(this.device.groups());
       const removed = JSON.stringify(todo.remove.map((device) => ({ account: this.me.accountId, device })));
-      if (todo.remove.length) for (const g of groups) await this.commit(session, g, (d) => d.removeDevices(g, removed));
+      // A group whose change fails (a lost connection, or a commit the
+      // server refuses, too large for it say) does not hold up the others;
+      // the change stays to do, and is said at the end.
+      const failed = [];
+      if (todo.remove.length) {
+        for (const g of groups) {
+          await this.commit(session, g, (d) => d.removeDevices(g, removed)).catch((err) => failed.push({ g, err }));
+        }
+      }
+      const removalsFailed = failed.length;
       const added = new Set(groups.length ? [] : todo.add);
       if (todo.add.length) {
         for (const g of groups) {
@@ -440,14 +449,24 @@ export class Crypto {
           const { packages } = await this.claimAll(session, [this.me.phone]);
           const linked = packages.filter((p) => todo.add.includes(p.device));
           for (const p of linked) added.add(p.device);
-          if (linked.length) await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked)));
+          if (linked.length) {
+            await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked))).catch((err) => failed.push({ g, err }));
+          }
         }
       }
       // Read again before writing: more may have been noted meanwhile.
       const now = (await this.local.get(TODO)) || { add: [], remove: [] };
-      now.remove = now.remove.filter((d) => !todo.remove.includes(d));
-      now.add = now.add.filter((d) => !added.has(d));
+      if (!removalsFailed) now.remove = now.remove.filter((d) => !todo.remove.includes(d));
+      if (failed.length === removalsFailed) now.add = now.add.filter((d) => !added.has(d));
       await this.local.put(TODO, now);
+      const closed = failed.find(({ err }) => err instanceof Refused && err.code === "CLOSED");
+      if (closed) throw closed.err;
+      if (failed.length) {
+        const each = [...new Set(failed.map(({ err }) => err.message.replace(/\.$/, "")))].join("; ");
+        throw new Error(`Your linked or removed devices could not be carried into the encryption of ${failed.length} `
+          + `conversation${failed.length > 1 ? "s" : ""} (${each}); the others have them, and this browser tries again `
+          + "when it next connects.");
+      }
       return now.add.length > 0;
     } finally {
       this.maintaining = false;

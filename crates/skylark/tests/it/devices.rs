@@ -14,6 +14,16 @@ use std::net::IpAddr;
 
 /// Links a new device to `approver`'s account; returns its identity.
 pub(crate) async fn link(server: &TestServer, approver: &Peer, name: &str) -> Identity {
+    link_from(server, &approver.handle(), &approver.identity, name).await
+}
+
+/// [`link`], approved on any session of the approving device.
+pub(crate) async fn link_from(
+    server: &TestServer,
+    approver: &skylark_client::session::SessionHandle,
+    identity: &Identity,
+    name: &str,
+) -> Identity {
     let api = server.api();
     let key = generate_key();
     let link = api.create_link(&key.verifying_key().to_bytes(), name).await.unwrap();
@@ -23,11 +33,11 @@ pub(crate) async fn link(server: &TestServer, approver: &Peer, name: &str) -> Id
         let id = link.link_id.clone();
         tokio::spawn(async move { api.wait_link(&id, 10_000).await.unwrap() })
     };
-    let device = approver.handle().approve_link(&link.code.to_lowercase()).await.unwrap();
+    let device = approver.approve_link(&link.code.to_lowercase()).await.unwrap();
     assert_eq!(device.name, name);
     match waiting.await.unwrap() {
         LinkStatus::Approved { account_id, device_id, phone } => {
-            assert_eq!((account_id, device_id), (approver.identity.account_id, device.id));
+            assert_eq!((account_id, device_id), (identity.account_id, device.id));
             Identity::new(server.http_base(), account_id, device_id, phone, &key)
         }
         other => panic!("expected approval, got {other:?}"),

@@ -455,3 +455,62 @@ async fn posts_and_commits_that_cross_are_each_opened_in_their_epoch() {
     let seen = read_until(&mut admin, "after the removal").await;
     assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
 }
+
+/// One conversation refusing a device change (here: the account was taken
+/// out of a group, and its device has not heard) does not keep the change
+/// from the others; the refusal is said, and stays to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_change_one_conversation_refuses_still_reaches_the_others() {
+    use skylark_protocol::v1::{change_group::Change, device_change};
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut devices = devices(&server, dirs.path(), "+1555260000", 2).await;
+    let mut ann = devices.remove(0);
+    let mut bob = devices.remove(0);
+    let (ah, bh) = (ann.session.handle(), bob.session.handle());
+    // Bob's encrypted group with Ann, and their encrypted 1:1 conversation.
+    let info = bh.create_group("club", &["+15552600000"]).await.unwrap();
+    let setup = bob.crypto.start_group(&bh, &mut bob.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+    welcomed(&mut ann, info.id).await;
+    let direct = ann.crypto.start_direct(&ah, &mut ann.events, "+15552600001").await.unwrap().expect("both encrypt");
+    // Bob takes Ann out of the group on the server, and his client has not
+    // committed it: her device still holds the group's keys.
+    bh.change_group(info.id, Change::Remove("+15552600000".into())).await.unwrap();
+
+    // Ann links a laptop (which publishes its keys), and her phone reads of it.
+    let laptop_id = crate::devices::link_from(&server, &ah, &ann.identity, "laptop").await;
+    let mut laptop = device(&server, &laptop_id, &dirs.path().join("laptop")).await;
+    loop {
+        let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, ann.events.recv()).await else {
+            panic!("the phone never heard of the laptop")
+        };
+        if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
+            ann.crypto.open_event(entry);
+            if matches!(&entry.body, Some(skylark_protocol::v1::event::Body::DeviceChange(c))
+                if matches!(c.change, Some(device_change::Change::Linked(_))))
+            {
+                break;
+            }
+        }
+    }
+    // The group refuses her commit (she is no longer a member); the 1:1
+    // conversation, after it in her list, gets the laptop all the same.
+    let words = ann.crypto.maintain(&ah, &mut ann.events).await.unwrap_err().to_string();
+    assert!(words.contains(&format!("group {}", info.id)) && words.contains("tries again"), "{words}");
+    let laptop_ref = skylark_e2ee::DeviceRef { account: ann.identity.account_id, device: laptop_id.device_id };
+    let members = ann.crypto.with(|e| e.members(&group_conversation(direct))).unwrap();
+    assert!(members.contains(&laptop_ref), "the 1:1 conversation has the laptop: {members:?}");
+    let members = ann.crypto.with(|e| e.members(&group_conversation(info.id))).unwrap();
+    assert!(!members.contains(&laptop_ref));
+    // It stays to do: the next command tries the group again.
+    assert!(ann.crypto.maintain(&ah, &mut ann.events).await.is_err());
+    // Bob (once he has read Ann's start of their conversation) writes; the
+    // laptop reads it.
+    welcomed(&mut bob, direct).await;
+    let (_, encrypted) =
+        bob.crypto.post(&bh, &mut bob.events, direct, "b1", "for both of ann's devices").await.unwrap();
+    assert!(encrypted);
+    let seen = read_until(&mut laptop, "for both of ann's devices").await;
+    assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
+}

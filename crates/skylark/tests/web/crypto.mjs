@@ -19,6 +19,9 @@
 // and is made again when the group refuses it as stale, and a committer
 // applies its commit only when it comes back on the live log, after the
 // posts ordered before it.
+//
+// Device changes (`Crypto.maintain`): a conversation that refuses one does
+// not keep it from the others; the refusal is said, and stays to do.
 
 import { readFileSync } from "node:fs";
 import { generateKeyPairSync, sign } from "node:crypto";
@@ -30,9 +33,9 @@ const { Crypto } = await import(new URL("e2ee.js", web));
 const { Refused } = await import(new URL("proto.js", web));
 initSync({ module: readFileSync(new URL("e2ee/skylark_e2ee_web_bg.wasm", web)) });
 
-/// Device 1 of account `id`, its MLS key bound to a fresh device key.
-function bound(id) {
-  const d = new Device(String(id), "1");
+/// Device `device` of account `id`, its MLS key bound to a fresh device key.
+function bound(id, device = "1") {
+  const d = new Device(String(id), device);
   const { privateKey, publicKey } = generateKeyPairSync("ed25519");
   d.bind(new Uint8Array(sign(null, Buffer.from(d.bindingRequest()), privateKey)));
   return { device: d, deviceKey: publicKey.export({ format: "der", type: "spki" }).subarray(-32).toString("base64") };
@@ -276,5 +279,42 @@ await sleep(10);
 // (A page shows its own posts from its journal: the member's list has its own two.)
 assert.deepEqual(texts(member), ["before the commit", "after the commit", "while the commit comes back"]);
 assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member.opened));
+
+// ---- A device change one conversation refuses.
+
+{
+  const owner = bound(31);
+  const page = new Crypto({ accountId: "31", deviceId: "1", phone: "+15550003100" }, null, owner.device);
+  const kept = new Map([["e2ee-todo", { add: ["2"], remove: [] }]]);
+  page.local = { get: async (k) => kept.get(k), put: async (k, v) => { if (k !== "e2ee") kept.set(k, v); } };
+  const [REFUSING, TAKING] = ["10", "9"]; // the refusing group comes first in the page's list
+  page.device.create(REFUSING);
+  page.device.create(TAKING);
+  const laptop = bound(31, "2");
+  let seq = 0;
+  const session = {
+    async request(body) {
+      if (body.claimKeyPackages) {
+        const keyPackage = JSON.parse(laptop.device.keyPackages(1))[0];
+        return { claimedKeyPackages: { phone: "+15550003100", accountId: "31", devices: [{ deviceId: "2", keyPackage, deviceKey: laptop.deviceKey }] } };
+      }
+      const s = body.send;
+      assert.ok(s && s.commitEpoch !== undefined, `only commits are expected, not ${JSON.stringify(body)}`);
+      if (s.group === REFUSING) throw new Refused({ code: "ERROR_CODE_NOT_A_MEMBER", message: "you are not a member of this group" });
+      seq += 1;
+      const message = { senderDevice: "1", clientId: s.clientId, payload: s.payload };
+      const event = { seq: String(seq), group: { group: s.group, groupSeq: String(seq), by: "31", message } };
+      setTimeout(() => page.openEvent(event), 0);
+      return { sendAck: { id: { sender: s.group, seq: String(seq) }, sentAtMs: "1" } };
+    },
+  };
+  const failed = await page.maintain(session).then(() => null, (err) => err);
+  assert.ok(failed instanceof Error, "the refusal is said");
+  assert.match(failed.message, /could not be carried into the encryption of 1 conversation \(.*not a member/);
+  const devices = (g) => JSON.parse(page.device.members(g)).map((m) => m.device);
+  assert.deepEqual(devices(TAKING).sort(), ["1", "2"], "the other conversation has the laptop");
+  assert.deepEqual(devices(REFUSING), ["1"]);
+  assert.deepEqual(kept.get("e2ee-todo").add, ["2"], "still to do for the refusing one");
+}
 
 console.log("web crypto: ok");
