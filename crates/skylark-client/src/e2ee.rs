@@ -934,6 +934,37 @@ impl Crypto {
         self.add_in_batches(h, events, group, &prepared.claimed.packages).await
     }
 
+    /// After [`Crypto::finish_add`] failed: the server has the new members,
+    /// but their devices may not have the group's keys. When the commit
+    /// giving them the keys is not staged (nothing will send it again: the
+    /// server refused it for good, or other commits kept coming first),
+    /// takes out of the group again each of `phones` none of whose devices
+    /// holds the keys (they could not have read it), and returns them.
+    pub async fn undo_unkeyed_add(
+        &self,
+        h: &SessionHandle,
+        group: u64,
+        phones: &[String],
+    ) -> Result<Vec<String>, ClientError> {
+        let conversation = group_conversation(group);
+        let (staged, keyed) = self.with(|e| {
+            let staged = e.outgoing().iter().any(|o| o.conversation == conversation);
+            let keyed: std::collections::BTreeSet<u64> =
+                e.members(&conversation)?.into_iter().map(|d| d.account).collect();
+            Ok((staged, keyed))
+        })?;
+        if staged {
+            return Ok(Vec::new());
+        }
+        let info = h.group_info(group).await?;
+        let mut out = Vec::new();
+        for m in info.members.iter().filter(|m| phones.contains(&m.phone) && !keyed.contains(&m.account)) {
+            h.change_group(group, v1::change_group::Change::Remove(m.phone.clone())).await?;
+            out.push(m.phone.clone());
+        }
+        Ok(out)
+    }
+
     /// Removes every device of `accounts` from the group's encryption
     /// (after the server removed the accounts), in one commit: they read
     /// nothing sent after.

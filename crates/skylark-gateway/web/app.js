@@ -2184,7 +2184,18 @@ function showGroup(id) {
     const gone = encrypted && c.remove ? (info.members.find((m) => m.phone === c.remove) || {}).account : null;
     const r = await state.session.request({ changeGroup: { group: id, ...c } });
     rememberGroup(r.groupInfo);
-    if (packages) await state.crypto.addDevices(state.session, id, packages);
+    if (packages) {
+      try {
+        await state.crypto.addDevices(state.session, id, packages);
+      } catch (err) {
+        // Members who could not get the keys could not read the group:
+        // they are taken out again.
+        const out = await state.crypto.undoUnkeyedAdd(state.session, id, c.add.phones);
+        if (!out.length) throw err;
+        throw new Error(`${explain(err)} So ${out.join(", ")} could not read the group, and `
+          + `${out.length === 1 ? "was" : "were"} taken out of it again.`);
+      }
+    }
     if (gone) await state.crypto.removeAccounts(state.session, id, [gone]);
     renderAll();
     // Drawn again if still open (the encryption's part takes a moment, and

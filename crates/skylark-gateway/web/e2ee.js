@@ -305,6 +305,25 @@ export class Crypto {
     }
   }
 
+  /// After addDevices failed: the server has the new members, but their
+  /// devices may not have the group's keys. When the commit giving them
+  /// the keys is not staged (nothing will send it again), takes out of the
+  /// group again each of `phones` none of whose devices holds the keys
+  /// (they could not have read it), and returns them.
+  async undoUnkeyedAdd(session, group, phones) {
+    group = String(group);
+    if (JSON.parse(this.device.outgoing()).some((o) => o.group === group)) return [];
+    const keyed = new Set(JSON.parse(this.device.members(group)).map((m) => m.account));
+    const info = (await session.request({ getGroup: { group } })).groupInfo;
+    const out = [];
+    for (const m of info.members || []) {
+      if (!phones.includes(m.phone) || keyed.has(String(m.account))) continue;
+      await session.request({ changeGroup: { group, remove: m.phone } });
+      out.push(m.phone);
+    }
+    return out;
+  }
+
   /// Takes every device of `accounts` out of the group's keys, in one
   /// commit: they read nothing sent after.
   async removeAccounts(session, group, accounts) {

@@ -175,9 +175,22 @@ async fn command_on(
                     devices.join(", ")
                 );
             }
-            change(h, group, Change::Add(v1::PhoneList { phones })).await?;
+            change(h, group, Change::Add(v1::PhoneList { phones: phones.clone() })).await?;
             if let Some(p) = prepared {
-                crypto.finish_add(h, events, group, p).await.map_err(explain)?;
+                if let Err(e) = crypto.finish_add(h, events, group, p).await {
+                    // Members who could not get the keys could not read
+                    // the group: they are taken out again.
+                    let out = crypto.undo_unkeyed_add(h, group, &phones).await.map_err(explain)?;
+                    if out.is_empty() {
+                        return Err(explain(e));
+                    }
+                    bail!(
+                        "{}; so {} could not read the group, and {} taken out of it again",
+                        explain(e),
+                        out.join(", "),
+                        if out.len() == 1 { "was" } else { "were" }
+                    );
+                }
                 println!("🔒 The new members' devices were given the group's keys.");
             }
         }

@@ -369,6 +369,13 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     assert_eq!(err.error_code(), Some(skylark_protocol::ErrorCode::MessageTooLarge), "{err}");
     let words = err.to_string();
     assert!(words.contains("too large for one post") && words.contains("was not changed"), "{words}");
+    // The members the server took could not read the group: out again.
+    let out = admin.crypto.undo_unkeyed_add(&h, info.id, &newcomers).await.unwrap();
+    assert_eq!(out, newcomers);
+    let members: Vec<String> = h.group_info(info.id).await.unwrap().members.into_iter().map(|m| m.phone).collect();
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(!members.iter().any(|m| newcomers.contains(m)));
+    assert!(admin.crypto.undo_unkeyed_add(&h, info.id, &newcomers).await.unwrap().is_empty(), "nothing twice");
 
     let conversation = group_conversation(info.id);
     assert!(!admin.crypto.with(|e| Ok(e.has_pending_commit(&conversation))).unwrap(), "the commit was dropped");

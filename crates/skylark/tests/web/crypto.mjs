@@ -13,6 +13,8 @@
 // good (too large, say) is dropped and said in words, so the group's
 // encryption goes on; one refused while the server is busy stays staged
 // for the next connect, which drops it if it is then refused for good.
+// Members added for a commit refused for good are taken out again
+// (`Crypto.undoUnkeyedAdd`); not while the commit is staged.
 //
 // Posts and commits that cross (`Crypto.sendSealed`, `Crypto.commit`): no
 // device keeps past epochs' keys, so a post names the epoch it was made in
@@ -167,11 +169,37 @@ assert.equal(r.admin.hasPendingCommit(G), false, "the commit was dropped");
 assert.deepEqual(JSON.parse(r.admin.outgoing()), [], "nothing is left to send again");
 assert.ok(r.admin.encryptAs(G, "m1", TEXT), "the group still encrypts");
 
+/// A server that answers the group's info (the admin and `added`) and
+/// records the members taken out.
+function groupInfoServer(added) {
+  const removed = [];
+  return {
+    removed,
+    async request(body) {
+      if (body.getGroup) {
+        const members = [{ phone: me.phone, account: "1" }, ...added.map((p) => ({ phone: p, account: ACCOUNTS.get(p).accountId }))];
+        return { groupInfo: { id: G, members } };
+      }
+      assert.ok(body.changeGroup && body.changeGroup.remove, `only removals are expected, not ${JSON.stringify(body)}`);
+      removed.push(body.changeGroup.remove);
+      return { groupInfo: { id: G } };
+    },
+  };
+}
+// The member the server took could not get the keys: taken out again.
+let info = groupInfoServer([PHONES[1]]);
+assert.deepEqual(await r.page.undoUnkeyedAdd(info, G, [PHONES[1]]), [PHONES[1]]);
+assert.deepEqual(info.removed, [PHONES[1]]);
+
 // Refused while the server is busy: it stays staged for the next connect…
 r = await refusedCommit("ERROR_CODE_UNAVAILABLE");
 assert.ok(r.outcome instanceof Refused && r.outcome.code === "ERROR_CODE_UNAVAILABLE", `${r.outcome}`);
 assert.equal(r.admin.hasPendingCommit(G), true);
 assert.equal(JSON.parse(r.admin.outgoing()).length, 1);
+// The commit is staged, to be sent again: nobody is taken out.
+info = groupInfoServer([PHONES[1]]);
+assert.deepEqual(await r.page.undoUnkeyedAdd(info, G, [PHONES[1]]), []);
+assert.deepEqual(info.removed, []);
 // …which drops it when the server then refuses it for good.
 const later = refusing("ERROR_CODE_MESSAGE_TOO_LARGE");
 await r.page.resume(later);
