@@ -8,7 +8,12 @@
 //! Every operation reads the state from disk, changes it and writes it
 //! back (a temporary file, fsync, rename) under an exclusive lock of
 //! `e2ee.lock`, so several commands on one profile take turns instead of
-//! overwriting each other's keys.
+//! overwriting each other's keys. The journal (what each log entry opened
+//! to: the device's history, up to 50,000 entries) is kept apart, in
+//! `e2ee.journal`, where each operation appends only what it changed
+//! (fsync'd before the state is written), and which is written afresh
+//! once it has grown to twice its size, or when a text is forgotten (a
+//! deletion for everyone, a disappearing message), so the text leaves it.
 //!
 //! Groups are encrypted when every device of every member has published
 //! key packages; a group with a device that cannot encrypt (an older client,
@@ -27,7 +32,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 const STATE: &str = "e2ee.state";
+const JOURNAL: &str = "e2ee.journal";
 const LOCK: &str = "e2ee.lock";
+/// A journal file is written afresh once it is larger than this and than
+/// twice what it was when last written whole.
+const JOURNAL_REWRITE_BYTES: u64 = 1 << 20;
 /// The account's device changes this device still has to carry into its
 /// encrypted conversations ([`Crypto::maintain`]).
 const TODO: &str = "e2ee.todo";
@@ -138,7 +147,17 @@ pub struct Crypto {
     /// caller to show: [`Crypto::take_read`].
     read: std::sync::Mutex<Vec<skylark_protocol::ServerFrame>>,
     /// The state as this process last wrote it, and the file's stamp then.
-    cache: std::sync::Mutex<Option<(Engine, Stamp)>>,
+    cache: std::sync::Mutex<Option<(Engine, Stamp, JournalMark)>>,
+}
+
+/// The journal file as this process last left it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct JournalMark {
+    /// Its length when last written whole (or read).
+    whole: u64,
+    /// The journal is not all in the file yet (a state of an earlier
+    /// version held it inline): write it whole at the next write.
+    rewrite: bool,
 }
 
 /// What tells one version of the state file from another: a writer
@@ -148,15 +167,28 @@ struct Stamp {
     inode: u64,
     len: u64,
     modified: Option<std::time::SystemTime>,
+    /// The journal file's length (another process appends to it).
+    journal_len: u64,
 }
 
-fn stamp(path: &Path) -> Option<Stamp> {
+fn stamp(path: &Path, journal: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(&meta);
     #[cfg(not(unix))]
     let inode = 0;
-    Some(Stamp { inode, len: meta.len(), modified: meta.modified().ok() })
+    let journal_len = std::fs::metadata(journal).map_or(0, |m| m.len());
+    Some(Stamp { inode, len: meta.len(), modified: meta.modified().ok(), journal_len })
+}
+
+/// Opens a file of the profile for writing, readable by its owner only.
+fn private_file(path: &Path, options: &mut std::fs::OpenOptions) -> std::io::Result<std::fs::File> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 fn new_client_id() -> String {
@@ -200,12 +232,13 @@ impl Crypto {
             .map_err(|e| fail("cannot open the encryption lock", e))?;
         lock.lock().map_err(|e| fail("cannot lock the encryption state", e))?;
         let path = self.profile.join(STATE);
+        let journal = self.profile.join(JOURNAL);
         let mut cache =
             self.cache.lock().map_err(|_| ClientError::Profile("the encryption state's lock was poisoned".into()))?;
-        let on_disk = stamp(&path);
-        if cache.as_ref().is_none_or(|(_, at)| on_disk.is_none() || Some(at) != on_disk.as_ref()) {
+        let on_disk = stamp(&path, &journal);
+        if cache.as_ref().is_none_or(|(_, at, _)| on_disk.is_none() || Some(at) != on_disk.as_ref()) {
             *cache = None;
-            let engine = match std::fs::read(&path) {
+            let mut engine = match std::fs::read(&path) {
                 Ok(bytes) => Engine::import(&bytes).map_err(|e| {
                     ClientError::Profile(format!(
                         "{}: {e}; move it away to start over (encrypted conversations must then add this device again)",
@@ -224,9 +257,24 @@ impl Crypto {
                     path.display()
                 )));
             }
-            *cache = Some((engine, Stamp::default()));
+            // A state an earlier version wrote holds the journal inline.
+            let rewrite = engine.journal_len() > 0;
+            let records = match std::fs::read(&journal) {
+                Ok(records) => records,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(fail("cannot read the encryption journal", e)),
+            };
+            let whole = engine.apply_journal(&records).map_err(|e| {
+                ClientError::Profile(format!(
+                    "{}: {e}; move it away to forget this device's history",
+                    journal.display()
+                ))
+            })?;
+            // A record cut short by a crash is written over by the rewrite.
+            let rewrite = rewrite || whole < records.len();
+            *cache = Some((engine, Stamp::default(), JournalMark { whole: records.len() as u64, rewrite }));
         }
-        let Some((engine, _)) = cache.as_mut() else { unreachable!("filled above") };
+        let Some((engine, _, _)) = cache.as_mut() else { unreachable!("filled above") };
         let out = match f(engine) {
             Ok(out) => out,
             Err(e) => {
@@ -236,27 +284,53 @@ impl Crypto {
                 return Err(e2ee(e));
             }
         };
-        let tmp = self.profile.join(format!("{STATE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let mut file = options.open(&tmp)?;
-            file.write_all(&engine.export())?;
+        let Some((engine, _, mark)) = cache.as_mut() else { unreachable!("filled above") };
+        // Written whole (a new file renamed into place), each after a sync.
+        let replace = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+            let tmp = self.profile.join(format!("{name}.tmp"));
+            let mut file = private_file(&tmp, std::fs::OpenOptions::new().write(true).create(true).truncate(true))?;
+            file.write_all(bytes)?;
             file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+            std::fs::rename(&tmp, self.profile.join(name))?;
             std::fs::File::open(&self.profile)?.sync_all()
         };
-        if let Err(e) = write() {
-            *cache = None;
-            return Err(fail("cannot write the encryption state", e));
+        // The journal first: what was opened is kept before the state that
+        // used the keys up says so.
+        // A forgotten text (deleted for everyone, or disappeared) must
+        // leave the file: written afresh then.
+        let forgot = engine.journal_forgot();
+        let changes = engine.take_journal_changes();
+        let journaled = || -> std::io::Result<JournalMark> {
+            let len = std::fs::metadata(&journal).map_or(0, |m| m.len());
+            if mark.rewrite || forgot || len + changes.len() as u64 > JOURNAL_REWRITE_BYTES.max(2 * mark.whole) {
+                let records = engine.journal_records();
+                replace(JOURNAL, &records)?;
+                return Ok(JournalMark { whole: records.len() as u64, rewrite: false });
+            }
+            if !changes.is_empty() {
+                let mut file = private_file(&journal, std::fs::OpenOptions::new().append(true).create(true))?;
+                file.write_all(&changes)?;
+                file.sync_data()?;
+                if len == 0 {
+                    std::fs::File::open(&self.profile)?.sync_all()?;
+                }
+            }
+            Ok(*mark)
+        };
+        let written = journaled().map_err(|e| fail("cannot write the encryption journal", e)).and_then(|m| {
+            replace(STATE, &engine.export_without_journal())
+                .map(|()| m)
+                .map_err(|e| fail("cannot write the encryption state", e))
+        });
+        match written {
+            Ok(m) => *mark = m,
+            Err(e) => {
+                *cache = None;
+                return Err(e);
+            }
         }
-        match (stamp(&path), cache.as_mut()) {
-            (Some(now), Some((_, at))) => *at = now,
+        match (stamp(&path, &journal), cache.as_mut()) {
+            (Some(now), Some((_, at, _))) => *at = now,
             _ => *cache = None,
         }
         Ok(out)

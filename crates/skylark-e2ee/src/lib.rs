@@ -291,6 +291,13 @@ pub struct Engine {
     outgoing: Vec<Outgoing>,
     journal: std::collections::HashMap<String, Opened>,
     journal_order: std::collections::VecDeque<String>,
+    /// Journal keys changed (added, changed or dropped) since the journal
+    /// was last saved ([`Engine::take_journal_changes`], or a whole
+    /// [`Engine::export`]).
+    journal_changed: std::cell::RefCell<Vec<String>>,
+    /// A message's text was forgotten since the journal was last saved: a
+    /// journal file that still holds it must be written afresh.
+    journal_forgot: std::cell::Cell<bool>,
     /// The conversations this device created or joined.
     conversations: std::collections::BTreeSet<Vec<u8>>,
     /// Groups already read from `provider`'s storage. OpenMLS writes every
@@ -342,6 +349,8 @@ impl Engine {
             outgoing: Vec::new(),
             journal: Default::default(),
             journal_order: Default::default(),
+            journal_changed: Default::default(),
+            journal_forgot: Default::default(),
             conversations: Default::default(),
             groups: Default::default(),
             loads: Default::default(),
@@ -815,10 +824,20 @@ impl Engine {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in own {
-                self.journal.insert(k, Opened::Control);
+                self.journal.insert(k.clone(), Opened::Control);
+                self.journal_changed.borrow_mut().push(k);
             }
         }
         self.journal.insert(key.to_owned(), Opened::Control);
+        self.journal_changed.borrow_mut().push(key.to_owned());
+        self.journal_forgot.set(true);
+    }
+
+    /// Whether a message's text was forgotten since the journal changes
+    /// were last taken: appending says it is gone, but the file still holds
+    /// it, so write the journal afresh ([`Engine::journal_records`]).
+    pub fn journal_forgot(&self) -> bool {
+        self.journal_forgot.get()
     }
 
     /// What [`Engine::open_once`] made of the entry `key`, if it was
@@ -828,14 +847,91 @@ impl Engine {
     }
 
     fn remember(&mut self, key: String, opened: Opened) {
+        self.journal_changed.borrow_mut().push(key.clone());
         if self.journal.insert(key.clone(), opened).is_none() {
             self.journal_order.push_back(key);
         }
         while self.journal_order.len() > JOURNAL_ENTRIES {
             if let Some(old) = self.journal_order.pop_front() {
                 self.journal.remove(&old);
+                self.journal_changed.borrow_mut().push(old);
             }
         }
+    }
+
+    /// The journal's entries changed since this was last asked (or the
+    /// state last exported whole), as records for [`Engine::apply_journal`]:
+    /// a client that keeps the journal in a file of its own appends them,
+    /// instead of writing its whole history again with every change.
+    pub fn take_journal_changes(&mut self) -> Vec<u8> {
+        self.journal_forgot.set(false);
+        let changed = std::mem::take(&mut *self.journal_changed.borrow_mut());
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for key in changed.iter().rev().filter(|k| seen.insert(k.as_str())).collect::<Vec<_>>().into_iter().rev() {
+            put(&mut out, key.as_bytes());
+            match self.journal.get(key) {
+                Some(opened) => put_opened(&mut out, opened),
+                None => put(&mut out, &[JOURNAL_DROPPED]),
+            }
+        }
+        out
+    }
+
+    /// The whole journal, as records for [`Engine::apply_journal`] (to
+    /// write a journal file afresh).
+    pub fn journal_records(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for key in &self.journal_order {
+            put(&mut out, key.as_bytes());
+            put_opened(&mut out, &self.journal[key]);
+        }
+        out
+    }
+
+    /// Applies journal records ([`Engine::take_journal_changes`],
+    /// [`Engine::journal_records`]) in order, after [`Engine::import`] of a
+    /// state exported without its journal. A last record cut short (the
+    /// process died while appending it) is ignored; returns how many bytes
+    /// were whole records.
+    pub fn apply_journal(&mut self, records: &[u8]) -> Result<usize, E2eeError> {
+        let bad = |what: &str| E2eeError::State(format!("journal: {what}"));
+        let mut rest = records;
+        loop {
+            let whole = records.len() - rest.len();
+            let mut record = rest;
+            let Some(key) = take(&mut record) else { break };
+            let Ok(key) = String::from_utf8(key.to_vec()) else { return Err(bad("a key is not text")) };
+            if record.starts_with(&1u32.to_be_bytes()) && record.get(4) == Some(&JOURNAL_DROPPED) {
+                record = &record[5..];
+                if self.journal.remove(&key).is_some() {
+                    if self.journal_order.front() == Some(&key) {
+                        self.journal_order.pop_front();
+                    } else {
+                        self.journal_order.retain(|k| *k != key);
+                    }
+                }
+            } else {
+                let Some(opened) = take_opened(&mut record) else {
+                    // Cut short, or damaged: what came before stands.
+                    self.journal_changed.borrow_mut().clear();
+                    return Ok(whole);
+                };
+                if let Some(known) = self.journal.get_mut(&key) {
+                    *known = opened;
+                } else {
+                    self.remember(key, opened);
+                }
+            }
+            rest = record;
+        }
+        self.journal_changed.borrow_mut().clear();
+        Ok(records.len() - rest.len())
+    }
+
+    /// How many log entries the journal remembers.
+    pub fn journal_len(&self) -> usize {
+        self.journal_order.len()
     }
 
     fn join(&mut self, welcome: Welcome) -> Result<Incoming, E2eeError> {
@@ -867,6 +963,19 @@ impl Engine {
 
     /// The whole state as one byte string (keys included: keep it private).
     pub fn export(&self) -> Vec<u8> {
+        self.journal_changed.borrow_mut().clear();
+        self.journal_forgot.set(false);
+        self.export_with(true)
+    }
+
+    /// The state without the journal: for a client that keeps the journal
+    /// apart ([`Engine::take_journal_changes`]); [`Engine::import`] reads it,
+    /// then [`Engine::apply_journal`] the journal.
+    pub fn export_without_journal(&self) -> Vec<u8> {
+        self.export_with(false)
+    }
+
+    fn export_with(&self, journal: bool) -> Vec<u8> {
         let values = self.provider.storage().values.read().expect("storage lock");
         let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
         entries.sort();
@@ -889,28 +998,11 @@ impl Engine {
             put(&mut out, &o.commit.commit);
             put(&mut out, o.commit.welcome.as_deref().unwrap_or_default());
         }
-        put(&mut out, &(self.journal_order.len() as u64).to_be_bytes());
-        for key in &self.journal_order {
+        let kept = if journal { self.journal_order.len() } else { 0 };
+        put(&mut out, &(kept as u64).to_be_bytes());
+        for key in self.journal_order.iter().take(kept) {
             put(&mut out, key.as_bytes());
-            match &self.journal[key] {
-                Opened::Message { conversation, from, plaintext } => {
-                    put(&mut out, &[0]);
-                    put(&mut out, conversation);
-                    put(&mut out, &from.account.to_be_bytes());
-                    put(&mut out, &from.device.to_be_bytes());
-                    put(&mut out, plaintext);
-                }
-                Opened::Control => put(&mut out, &[1]),
-                Opened::DevicesChanged { conversation, epoch } => {
-                    put(&mut out, &[3]);
-                    put(&mut out, conversation);
-                    put(&mut out, &epoch.to_be_bytes());
-                }
-                Opened::Failed(why) => {
-                    put(&mut out, &[2]);
-                    put(&mut out, why.as_bytes());
-                }
-            }
+            put_opened(&mut out, &self.journal[key]);
         }
         put(&mut out, &(self.conversations.len() as u64).to_be_bytes());
         for c in &self.conversations {
@@ -963,27 +1055,21 @@ impl Engine {
             outgoing,
             journal: Default::default(),
             journal_order: Default::default(),
+            journal_changed: Default::default(),
+            journal_forgot: Default::default(),
             conversations: Default::default(),
             groups: Default::default(),
             loads: Default::default(),
         };
-        for _ in 0..u64_of(next("count")?)? {
-            let key = text(next("journal")?)?;
-            let opened = match next("journal")? {
-                [0] => Opened::Message {
-                    conversation: next("journal")?.to_vec(),
-                    from: DeviceRef { account: u64_of(next("journal")?)?, device: u64_of(next("journal")?)? },
-                    plaintext: next("journal")?.to_vec(),
-                },
-                [1] => Opened::Control,
-                [3] => {
-                    Opened::DevicesChanged { conversation: next("journal")?.to_vec(), epoch: u64_of(next("journal")?)? }
-                }
-                [2] => Opened::Failed(text(next("journal")?)?),
-                _ => return Err(bad("bad journal entry")),
-            };
+        let journal = take(&mut rest).ok_or_else(|| bad("count"))?;
+        for _ in 0..u64_of(journal)? {
+            let key = take(&mut rest).ok_or_else(|| bad("journal"))?;
+            let key = text(key)?;
+            let opened = take_opened(&mut rest).ok_or_else(|| bad("bad journal entry"))?;
             engine.remember(key, opened);
         }
+        engine.journal_changed.borrow_mut().clear();
+        let mut next = |what: &str| take(&mut rest).ok_or_else(|| bad(what));
         for _ in 0..u64_of(next("count")?)? {
             engine.conversations.insert(next("conversation")?.to_vec());
         }
@@ -997,6 +1083,47 @@ impl Engine {
 /// The journal key of this device's own message with `client_id`.
 fn own_key(client_id: &str) -> String {
     format!("own:{client_id}")
+}
+
+/// A journal record's mark for an entry dropped from the journal.
+const JOURNAL_DROPPED: u8 = 4;
+
+/// An opened entry, as the state and the journal records hold it.
+fn put_opened(out: &mut Vec<u8>, opened: &Opened) {
+    match opened {
+        Opened::Message { conversation, from, plaintext } => {
+            put(out, &[0]);
+            put(out, conversation);
+            put(out, &from.account.to_be_bytes());
+            put(out, &from.device.to_be_bytes());
+            put(out, plaintext);
+        }
+        Opened::Control => put(out, &[1]),
+        Opened::DevicesChanged { conversation, epoch } => {
+            put(out, &[3]);
+            put(out, conversation);
+            put(out, &epoch.to_be_bytes());
+        }
+        Opened::Failed(why) => {
+            put(out, &[2]);
+            put(out, why.as_bytes());
+        }
+    }
+}
+
+fn take_opened(rest: &mut &[u8]) -> Option<Opened> {
+    let number = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
+    Some(match take(rest)? {
+        [0] => Opened::Message {
+            conversation: take(rest)?.to_vec(),
+            from: DeviceRef { account: number(take(rest)?)?, device: number(take(rest)?)? },
+            plaintext: take(rest)?.to_vec(),
+        },
+        [1] => Opened::Control,
+        [3] => Opened::DevicesChanged { conversation: take(rest)?.to_vec(), epoch: number(take(rest)?)? },
+        [2] => Opened::Failed(String::from_utf8(take(rest)?.to_vec()).ok()?),
+        _ => return None,
+    })
 }
 
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {

@@ -191,6 +191,56 @@ fn a_committer_opens_what_came_before_its_commit_and_no_device_keeps_past_epochs
 }
 
 #[test]
+fn a_journal_kept_apart_is_appended_to_and_read_back_with_the_state() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    let mut file = b1.engine.journal_records();
+    b1.engine.take_journal_changes();
+    let mut opened = Vec::new();
+    for i in 0..5 {
+        let text = format!("kept {i}");
+        log.post(&mut a1, &text);
+        let (_, payload) = log.entries.last().unwrap().clone();
+        let key = format!("post:1:{i}");
+        assert!(matches!(b1.engine.open_once(&key, &payload, None), Opened::Message { .. }));
+        opened.push(key);
+        // Each change is appended as it comes: only what changed.
+        let changes = b1.engine.take_journal_changes();
+        assert!(changes.len() < 200, "{} bytes for one entry", changes.len());
+        file.extend_from_slice(&changes);
+    }
+    b1.read = log.entries.len();
+    assert!(!b1.engine.journal_forgot());
+    b1.engine.forget(&opened[1]);
+    assert!(b1.engine.journal_forgot(), "a file holding the text must be written afresh");
+    file.extend_from_slice(&b1.engine.take_journal_changes());
+    assert!(!b1.engine.journal_forgot());
+    assert!(b1.engine.take_journal_changes().is_empty(), "taken once");
+
+    // The state without its journal, and the journal: together, the same.
+    let state = b1.engine.export_without_journal();
+    assert!(!state.windows(6).any(|w| w == b"kept 0"), "no history in the state");
+    let mut back = Engine::import(&state).unwrap();
+    assert_eq!(back.journal_len(), 0);
+    assert_eq!(back.apply_journal(&file).unwrap(), file.len());
+    for key in &opened {
+        assert_eq!(back.recall(key), b1.engine.recall(key), "{key}");
+    }
+    assert_eq!(back.recall(&opened[1]), Some(Opened::Control), "forgotten stays forgotten");
+    assert!(back.take_journal_changes().is_empty(), "reading back changes nothing");
+    // A record cut short by a crash is ignored; what came before stands.
+    let mut cut = Engine::import(&state).unwrap();
+    let whole = cut.apply_journal(&file[..file.len() - 3]).unwrap();
+    assert!(whole < file.len());
+    assert_eq!(cut.recall(&opened[0]), b1.engine.recall(&opened[0]));
+    // And the conversation goes on from the read-back state.
+    b1.engine = back;
+    log.post(&mut a1, "after");
+    assert_eq!(log.catch_up(&mut b1), ["after"]);
+}
+
+#[test]
 fn state_survives_export_and_import() {
     let (mut a1, mut b1) = (device(1, 1), device(2, 1));
     let mut log = Log::default();

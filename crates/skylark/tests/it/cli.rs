@@ -1215,12 +1215,15 @@ async fn reply_react_edit_delete_forward_and_disappear_from_the_command_line() {
     drop(listen);
     let out = cli.run("carol", &["react", &group, &post, "🎉"]).await;
     assert!(out.contains(&format!("✓ 🔒 reacted 🎉 to #{post}")), "{out}");
-    // Carol's device kept the text it decrypted (MLS keys are used once)…
+    // Carol's device kept the text it decrypted (MLS keys are used once),
+    // in its journal…
     let kept = |profile: &str| {
-        let state = std::fs::read(cli.home().join(profile).join("e2ee.state")).unwrap();
-        state.windows(b"group-lunch-marker".len()).any(|w| w == b"group-lunch-marker")
+        ["e2ee.state", "e2ee.journal"].iter().any(|file| {
+            let bytes = std::fs::read(cli.home().join(profile).join(file)).unwrap_or_default();
+            bytes.windows(b"group-lunch-marker".len()).any(|w| w == b"group-lunch-marker")
+        })
     };
-    assert!(kept("carol"), "the device's state holds what it read");
+    assert!(kept("carol"), "the device's files hold what it read");
     let out = cli.run("alice", &["delete", &group, &post]).await;
     assert!(out.contains(&format!("deleted #{post} for everyone")), "{out}");
     // …until the deletion reaches it.

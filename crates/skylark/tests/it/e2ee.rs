@@ -521,3 +521,81 @@ async fn a_device_change_one_conversation_refuses_still_reaches_the_others() {
     let seen = read_until(&mut laptop, "for both of ann's devices").await;
     assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
 }
+
+/// A profile keeps the device's history (what each entry opened to) apart
+/// from its keys, in `e2ee.journal`: each operation appends what it
+/// opened instead of writing the whole history again, the state file
+/// holds no plaintext, a new run reads both back, and a state written by
+/// an earlier version (history inline) is carried over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_appends_its_history_and_reads_it_back() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut devices = devices(&server, dirs.path(), "+1555270000", 2).await;
+    let mut ann = devices.remove(0);
+    let mut bob = devices.remove(0);
+    let bob_dir = dirs.path().join("d1");
+    let h = ann.session.handle();
+    let info = h.create_group("history", &["+15552700001"]).await.unwrap();
+    let setup = ann.crypto.start_group(&h, &mut ann.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+    welcomed(&mut bob, info.id).await;
+    let has = |file: &str, text: &str| {
+        let bytes = std::fs::read(bob_dir.join(file)).unwrap();
+        bytes.windows(text.len()).any(|w| w == text.as_bytes())
+    };
+    let journal_len = || std::fs::metadata(bob_dir.join("e2ee.journal")).unwrap().len();
+    let mut sizes = Vec::new();
+    let mut seqs = Vec::new();
+    for i in 0..6 {
+        let text = format!("history-marker-{i}");
+        let (ack, _) = ann.crypto.post(&h, &mut ann.events, info.id, &format!("h{i}"), &text).await.unwrap();
+        seqs.push(ack.id.unwrap().seq);
+        read_until(&mut bob, &text).await;
+        sizes.push(journal_len());
+    }
+    // Appended: each post adds its own record, a few hundred bytes.
+    for pair in sizes.windows(2) {
+        assert!(pair[1] > pair[0] && pair[1] - pair[0] < 400, "{sizes:?}");
+    }
+    assert!(has("e2ee.journal", "history-marker-5"));
+    assert!(!has("e2ee.state", "history-marker-"), "the state file holds no plaintext");
+    // A text forgotten (as a deletion for everyone does) leaves the file.
+    bob.crypto
+        .with(|e| {
+            e.forget(&format!("post:{}:{}", info.id, seqs[2]));
+            Ok(())
+        })
+        .unwrap();
+    assert!(!has("e2ee.journal", "history-marker-2"), "the forgotten text left the journal");
+    assert!(has("e2ee.journal", "history-marker-3"));
+    // A new run reads both back.
+    let kept = bob.crypto.with(|e| Ok(e.journal_len())).unwrap();
+    assert!(kept >= 6);
+    let again = Crypto::open(&bob_dir, &bob.identity).unwrap();
+    assert_eq!(again.with(|e| Ok(e.journal_len())).unwrap(), kept);
+    // A record cut short (the process died while appending) is dropped,
+    // and the journal written afresh, whole records only.
+    let before = journal_len();
+    let mut file = std::fs::OpenOptions::new().append(true).open(bob_dir.join("e2ee.journal")).unwrap();
+    std::io::Write::write_all(&mut file, &[0, 0, 0, 9, b'p']).unwrap();
+    drop(file);
+    let after_crash = Crypto::open(&bob_dir, &bob.identity).unwrap();
+    assert_eq!(after_crash.with(|e| Ok(e.journal_len())).unwrap(), kept);
+    assert!(journal_len() <= before, "{} > {before}", journal_len());
+    assert_eq!(Crypto::open(&bob_dir, &bob.identity).unwrap().with(|e| Ok(e.journal_len())).unwrap(), kept);
+
+    // A state with its history inline, as earlier versions wrote it.
+    let whole = bob.crypto.with(|e| Ok(e.export())).unwrap();
+    let old = dirs.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("e2ee.state"), &whole).unwrap();
+    let carried = Crypto::open(&old, &bob.identity).unwrap();
+    assert_eq!(carried.with(|e| Ok(e.journal_len())).unwrap(), kept);
+    let journal = std::fs::read(old.join("e2ee.journal")).unwrap();
+    assert!(journal.windows(16).any(|w| w == b"history-marker-0"), "the history moved to the journal");
+    let state = std::fs::read(old.join("e2ee.state")).unwrap();
+    assert!(!state.windows(15).any(|w| w == b"history-marker-"));
+    let reread = Crypto::open(&old, &bob.identity).unwrap();
+    assert_eq!(reread.with(|e| Ok(e.journal_len())).unwrap(), kept);
+}
