@@ -158,6 +158,46 @@ impl Device {
         self.engine.export()
     }
 
+    /// The state without the journal (the history), which the page keeps
+    /// apart: [`Device::journal_changes`] and [`Device::apply_journal`].
+    #[wasm_bindgen(js_name = saveCore)]
+    pub fn save_core(&self) -> Vec<u8> {
+        self.engine.export_without_journal()
+    }
+
+    /// The journal records changed since last asked (to append).
+    #[wasm_bindgen(js_name = journalChanges)]
+    pub fn journal_changes(&mut self) -> Vec<u8> {
+        self.engine.take_journal_changes()
+    }
+
+    /// The whole journal as records (to write it afresh).
+    #[wasm_bindgen(js_name = journalRecords)]
+    pub fn journal_records(&self) -> Vec<u8> {
+        self.engine.journal_records()
+    }
+
+    /// Whether a text was forgotten since the changes were last taken: the
+    /// journal must then be written afresh, so the text leaves it.
+    #[wasm_bindgen(js_name = journalForgot)]
+    pub fn journal_forgot(&self) -> bool {
+        self.engine.journal_forgot()
+    }
+
+    /// How many entries the journal remembers.
+    #[wasm_bindgen(js_name = journalLength)]
+    pub fn journal_length(&self) -> u32 {
+        u32::try_from(self.engine.journal_len()).unwrap_or(u32::MAX)
+    }
+
+    /// Applies journal records, after [`Device::restore`] of a state saved
+    /// without them; returns how many bytes were whole records.
+    #[wasm_bindgen(js_name = applyJournal)]
+    pub fn apply_journal(&mut self, records: &[u8]) -> Result<u32, JsError> {
+        let whole = self.engine.apply_journal(records).map_err(fail)?;
+        Ok(u32::try_from(whole).unwrap_or(u32::MAX))
+    }
+
     #[wasm_bindgen(js_name = bindingRequest)]
     pub fn binding_request(&self) -> Vec<u8> {
         self.engine.binding_request()

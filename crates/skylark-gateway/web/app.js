@@ -846,8 +846,9 @@ function keepLive(event) {
     const batch = state.arrived;
     state.arrived = [];
     // What the encryption opened is kept with the events, before the ack.
-    const meta = state.crypto && state.crypto.dirty ? { e2ee: state.crypto.snapshot() } : {};
-    if (state.local) await state.local.putEvents(batch, meta).catch(() => {});
+    const crypto = state.crypto && state.crypto.dirty ? state.crypto : null;
+    const kept = crypto ? crypto.snapshot() : { meta: {}, drop: [] };
+    if (state.local) await state.local.putEvents(batch, kept.meta, kept.drop).catch(() => crypto && crypto.unsaved());
     state.ackTimer = null;
     const upTo = Math.max(...batch.map((e) => Number(e.seq)));
     if (state.session) state.session.notify({ ack: { upToSeq: String(upTo) } });

@@ -9,8 +9,12 @@
 // "e2ee" entry), written before anything that depends on it leaves the
 // page: key packages before they are uploaded, a commit before it is
 // posted, and what the live log opened in the same transaction as those
-// events, before they are acknowledged. A browser that cannot keep it
-// publishes no keys, and its conversations stay unencrypted.
+// events, before they are acknowledged. Its history (what each entry
+// opened to) is kept apart, as chunks of journal records ("e2ee-journal:N"
+// entries): a write adds a chunk of what changed, and the journal is
+// written afresh as one chunk when it has doubled or a text was forgotten.
+// A browser that cannot keep it publishes no keys, and its conversations
+// stay unencrypted.
 
 import init, { Device, checkPackage, isEncrypted, safetyNumber } from "./e2ee/skylark_e2ee_web.js";
 import { Refused } from "./proto.js";
@@ -36,6 +40,14 @@ const PLAIN_RECHECK_MS = 10 * 60 * 1000;
 /// The LocalStore entry of the device changes still to carry into the
 /// encrypted conversations.
 const TODO = "e2ee-todo";
+/// The LocalStore entry of the engine's state (without its history), and
+/// the prefix of the entries holding its history's journal records.
+const CORE = "e2ee";
+const JOURNAL = "e2ee-journal:";
+const chunkKey = (n) => `${JOURNAL}${String(n).padStart(12, "0")}`;
+/// The journal is written afresh once its chunks hold more than this and
+/// than twice what it was when last written whole.
+const JOURNAL_REWRITE_BYTES = 1 << 20;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -72,34 +84,85 @@ export class Crypto {
   /// first use, its MLS key signed by the device key with `sign(bytes)`.
   static async open(me, local, sign) {
     await init();
+    return Crypto.restore(me, local, sign);
+  }
+
+  /// `open` once the engine's module is loaded.
+  static async restore(me, local, sign) {
     // The LocalStore is this device's own database: what it keeps is this device's.
-    const kept = await local.get("e2ee");
+    const kept = await local.get(CORE);
     const device = kept ? Device.restore(kept) : new Device(me.accountId, me.deviceId);
+    // A state an earlier page kept holds its history inline: moved to the
+    // journal at the first write.
+    const journal = { next: 0, keys: [], bytes: 0, whole: 0, rewrite: device.journalLength() > 0 };
+    for (const [key, records] of await local.getPrefixed(JOURNAL)) {
+      const whole = device.applyJournal(records);
+      // A chunk is written whole or not at all; a damaged one is written over.
+      if (whole < records.length) journal.rewrite = true;
+      journal.keys.push(key);
+      journal.bytes += records.length;
+      journal.next = Number(key.slice(JOURNAL.length)) + 1;
+    }
+    journal.whole = journal.bytes;
     if (!device.isBound()) device.bind(new Uint8Array(await sign(device.bindingRequest())));
-    const c = new Crypto(me, local, device);
+    const c = new Crypto(me, local, device, journal);
     await c.persist();
     return c;
   }
 
-  constructor(me, local, device) {
+  constructor(me, local, device, journal = { next: 0, keys: [], bytes: 0, whole: 0, rewrite: false }) {
     this.me = me;
     this.local = local;
     this.device = device;
+    this.journal = journal;
     this.dirty = false;
     this.plain = new Map(); // phone → when its 1:1 conversation was found plain
     this.waiters = [];
     this.changing = new Map(); // group → settles when this page's commits to it are through
   }
 
-  /// The state to keep, for a write of the caller's (see keepLive).
+  /// What to write to keep the state, for a write of the caller's (see
+  /// keepLive): `{ meta, drop }`, the LocalStore entries to set and those
+  /// to delete. The engine's state is written whole; its history only as
+  /// what changed, or afresh when it has doubled or a text was forgotten
+  /// (so the text leaves the database). Call `unsaved` if the write fails.
   snapshot() {
     this.dirty = false;
-    return this.device.save();
+    const j = this.journal;
+    const forgot = this.device.journalForgot();
+    const changes = this.device.journalChanges();
+    const meta = { [CORE]: this.device.saveCore() };
+    if (j.rewrite || forgot || j.bytes + changes.length > Math.max(JOURNAL_REWRITE_BYTES, 2 * j.whole)) {
+      const records = this.device.journalRecords();
+      const key = chunkKey(j.next);
+      meta[key] = records;
+      const drop = j.keys.filter((k) => k !== key);
+      this.journal = { next: j.next + 1, keys: [key], bytes: records.length, whole: records.length, rewrite: false };
+      return { meta, drop };
+    }
+    if (changes.length) {
+      const key = chunkKey(j.next);
+      meta[key] = changes;
+      this.journal = { ...j, next: j.next + 1, keys: [...j.keys, key], bytes: j.bytes + changes.length };
+    }
+    return { meta, drop: [] };
+  }
+
+  /// A write of a snapshot failed: the next one writes the history afresh.
+  unsaved() {
+    this.journal.rewrite = true;
+    this.dirty = true;
   }
 
   /// Writes the state to IndexedDB now.
-  persist() {
-    return this.local.put("e2ee", this.snapshot());
+  async persist() {
+    const { meta, drop } = this.snapshot();
+    try {
+      await this.local.putEvents([], meta, drop);
+    } catch (err) {
+      this.unsaved();
+      throw err;
+    }
   }
 
   /// Tops up the key packages this device has published.

@@ -84,12 +84,27 @@ export class LocalStore {
     return out;
   }
 
-  /// Keeps `events` and sets the `meta` entries given, in one transaction.
-  putEvents(events, meta = {}) {
+  /// Keeps `events`, sets the `meta` entries given and deletes those named
+  /// in `drop`, in one transaction.
+  putEvents(events, meta = {}, drop = []) {
     return this.transaction([EVENTS, META], "readwrite", (s) => {
       for (const event of events) s[EVENTS].put({ n: Number(event.seq), event });
+      for (const k of drop) s[META].delete(k);
       for (const [k, v] of Object.entries(meta)) s[META].put(v, k);
     });
+  }
+
+  /// The meta entries whose keys start with `prefix`, as [key, value], in
+  /// key order.
+  async getPrefixed(prefix) {
+    let out = [];
+    await this.transaction([META], "readonly", (s) => {
+      const range = IDBKeyRange.bound(prefix, `${prefix}\uffff`);
+      const keys = s[META].getAllKeys(range);
+      const values = s[META].getAll(range);
+      values.onsuccess = () => (out = keys.result.map((k, i) => [k, values.result[i]]));
+    });
+    return out;
   }
 
   /// One entry of the meta store (undefined when absent).

@@ -50,6 +50,21 @@ export class Device {
         return v3;
     }
     /**
+     * Applies journal records, after [`Device::restore`] of a state saved
+     * without them; returns how many bytes were whole records.
+     * @param {Uint8Array | number[]} records
+     * @returns {number}
+     */
+    applyJournal(records) {
+        const ptr0 = passArray8ToWasm0(records, wasm.__wbindgen_malloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.device_applyJournal(this.__wbg_ptr, ptr0, len0);
+        if (ret[2]) {
+            throw takeFromExternrefTable0(ret[1]);
+        }
+        return ret[0] >>> 0;
+    }
+    /**
      * @param {Uint8Array | number[]} signature
      */
     bind(signature) {
@@ -222,6 +237,43 @@ export class Device {
             throw takeFromExternrefTable0(ret[1]);
         }
         return ret[0] !== 0;
+    }
+    /**
+     * The journal records changed since last asked (to append).
+     * @returns {Uint8Array}
+     */
+    journalChanges() {
+        const ret = wasm.device_journalChanges(this.__wbg_ptr);
+        var v1 = getArrayU8FromWasm0(ret[0], ret[1]).slice();
+        wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        return v1;
+    }
+    /**
+     * Whether a text was forgotten since the changes were last taken: the
+     * journal must then be written afresh, so the text leaves it.
+     * @returns {boolean}
+     */
+    journalForgot() {
+        const ret = wasm.device_journalForgot(this.__wbg_ptr);
+        return ret !== 0;
+    }
+    /**
+     * How many entries the journal remembers.
+     * @returns {number}
+     */
+    journalLength() {
+        const ret = wasm.device_journalLength(this.__wbg_ptr);
+        return ret >>> 0;
+    }
+    /**
+     * The whole journal as records (to write it afresh).
+     * @returns {Uint8Array}
+     */
+    journalRecords() {
+        const ret = wasm.device_journalRecords(this.__wbg_ptr);
+        var v1 = getArrayU8FromWasm0(ret[0], ret[1]).slice();
+        wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        return v1;
     }
     /**
      * `n` one-time key packages (a JSON array of base64).
@@ -469,6 +521,17 @@ export class Device {
             throw takeFromExternrefTable0(ret[1]);
         }
         return Device.__wrap(ret[0]);
+    }
+    /**
+     * The state without the journal (the history), which the page keeps
+     * apart: [`Device::journal_changes`] and [`Device::apply_journal`].
+     * @returns {Uint8Array}
+     */
+    saveCore() {
+        const ret = wasm.device_saveCore(this.__wbg_ptr);
+        var v1 = getArrayU8FromWasm0(ret[0], ret[1]).slice();
+        wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        return v1;
     }
     /**
      * The whole state (keys included: keep it private).

@@ -132,7 +132,22 @@ assert.deepEqual(accounts(got), expected([PHONES[0]]));
 // ---- Commits the server refuses.
 
 const G = "7";
-const local = { put: async () => {}, get: async () => null };
+/// A LocalStore kept in a Map (`kept`), as IndexedDB would keep it.
+function mapStore(kept = new Map()) {
+  return {
+    kept,
+    writes: [],
+    get: async (k) => kept.get(k),
+    put: async (k, v) => void kept.set(k, v),
+    putEvents: async function (events, meta = {}, drop = []) {
+      this.writes.push({ meta: Object.keys(meta), drop: [...drop], bytes: Object.values(meta).reduce((n, v) => n + (v.length || 0), 0) });
+      for (const k of drop) kept.delete(k);
+      for (const [k, v] of Object.entries(meta)) kept.set(k, v);
+    },
+    getPrefixed: async (prefix) => [...kept.entries()].filter(([k]) => k.startsWith(prefix)).sort(([a], [b]) => (a < b ? -1 : 1)),
+  };
+}
+const local = mapStore();
 const TEXT = new TextEncoder().encode("after the refusal");
 
 /// A group of one browser, and a commit adding one device posted to a
@@ -314,7 +329,7 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
   const owner = bound(31);
   const page = new Crypto({ accountId: "31", deviceId: "1", phone: "+15550003100" }, null, owner.device);
   const kept = new Map([["e2ee-todo", { add: ["2"], remove: [] }]]);
-  page.local = { get: async (k) => kept.get(k), put: async (k, v) => { if (k !== "e2ee") kept.set(k, v); } };
+  page.local = mapStore(kept);
   const [REFUSING, TAKING] = ["10", "9"]; // the refusing group comes first in the page's list
   page.device.create(REFUSING);
   page.device.create(TAKING);
@@ -343,6 +358,61 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
   assert.deepEqual(devices(TAKING).sort(), ["1", "2"], "the other conversation has the laptop");
   assert.deepEqual(devices(REFUSING), ["1"]);
   assert.deepEqual(kept.get("e2ee-todo").add, ["2"], "still to do for the refusing one");
+}
+
+// ---- The history kept apart, in chunks of journal records.
+
+{
+  const store = mapStore();
+  const reader = bound(41);
+  const page = new Crypto({ accountId: "41", deviceId: "1", phone: "+15550004100" }, store, reader.device);
+  const writer = bound(42).device;
+  const H = "11";
+  writer.create(H);
+  const added = JSON.parse(writer.add(H, JSON.stringify([{ account: "41", device: "1", keyPackage: JSON.parse(reader.device.keyPackages(1))[0] }])));
+  writer.commitAccepted(H);
+  const post = (seq, payload, by = "42") => ({ seq: String(seq), group: { group: H, groupSeq: String(seq), by, message: { senderDevice: "1", clientId: `c${seq}`, payload } } });
+  page.openEvent(post(1, added.payload));
+  assert.ok(page.encrypts(H));
+  await page.persist();
+  const texts = [];
+  for (let i = 2; i < 8; i++) {
+    const text = `journal-marker-${i}`;
+    texts.push(text);
+    assert.equal(page.openEvent(post(i, writer.encryptAs(H, `w${i}`, new TextEncoder().encode(text)))).kind, "message");
+    await page.persist();
+  }
+  // Each write after the first adds a chunk of what changed: a few hundred bytes.
+  const chunks = store.writes.slice(-6).map((w) => w.meta.filter((k) => k.startsWith("e2ee-journal:")));
+  assert.ok(chunks.every((c) => c.length === 1), JSON.stringify(store.writes));
+  const has = (text) => [...store.kept.entries()].filter(([k]) => k.startsWith("e2ee-journal:"))
+    .some(([, v]) => Buffer.from(v).includes(text));
+  assert.ok(has("journal-marker-7"));
+  assert.ok(!Buffer.from(store.kept.get("e2ee")).includes("journal-marker-"), "the engine's state holds no history");
+
+  // A new page reads it all back.
+  const again = await Crypto.restore({ accountId: "41", deviceId: "1" }, store, async () => { throw new Error("bound already"); });
+  for (let i = 2; i < 8; i++) {
+    const opened = again.recallKey(`post:${H}:${i}`);
+    assert.equal(Buffer.from(opened.plaintext, "base64").toString(), `journal-marker-${i}`);
+  }
+  // A text forgotten (a deletion for everyone) leaves the database: the
+  // journal is written afresh as one chunk, the old ones dropped.
+  again.forget(`post:${H}:3`);
+  const before = [...store.kept.keys()].filter((k) => k.startsWith("e2ee-journal:")).length;
+  await again.persist();
+  const after = [...store.kept.keys()].filter((k) => k.startsWith("e2ee-journal:"));
+  assert.ok(before > 1 && after.length === 1, `${before} chunks, then ${after}`);
+  assert.ok(!has("journal-marker-3") && has("journal-marker-4"));
+
+  // A state an earlier page kept (history inline) is carried over.
+  const old = mapStore(new Map([["e2ee", again.device.save()]]));
+  const carried = await Crypto.restore({ accountId: "41", deviceId: "1" }, old, async () => { throw new Error("bound already"); });
+  assert.equal(Buffer.from(carried.recallKey(`post:${H}:5`).plaintext, "base64").toString(), "journal-marker-5");
+  assert.ok(!Buffer.from(old.kept.get("e2ee")).includes("journal-marker-"), "moved out of the state");
+  const moved = [...old.kept.entries()].filter(([k]) => k.startsWith("e2ee-journal:"));
+  assert.equal(moved.length, 1);
+  assert.ok(Buffer.from(moved[0][1]).includes("journal-marker-5"));
 }
 
 console.log("web crypto: ok");
