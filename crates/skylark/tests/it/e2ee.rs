@@ -389,6 +389,28 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     admin.crypto.resume(&h).await.unwrap();
 }
 
+/// `n` devices (as [`devices`]), and a group the first creates with all
+/// the others, started encrypted, each of them welcomed.
+async fn encrypted_group(
+    server: &TestServer,
+    dirs: &std::path::Path,
+    prefix: &str,
+    n: usize,
+) -> (Vec<Device>, skylark_protocol::v1::GroupInfo) {
+    let mut devices = devices(server, dirs, prefix, n).await;
+    let h = devices[0].session.handle();
+    let others: Vec<String> = (1..n).map(|i| format!("{prefix}{i}")).collect();
+    let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+    let info = h.create_group("encrypted", &refs).await.unwrap();
+    let first = &mut devices[0];
+    let setup = first.crypto.start_group(&h, &mut first.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+    for d in &mut devices[1..] {
+        welcomed(d, info.id).await;
+    }
+    (devices, info)
+}
+
 /// Reads a device's log until it has the group's keys (its Welcome).
 async fn welcomed(d: &mut Device, group: u64) {
     while !d.crypto.encrypts(group).unwrap() {
@@ -422,15 +444,11 @@ fn opened_while_busy(d: &Device) -> Vec<Shown> {
 async fn posts_and_commits_that_cross_are_each_opened_in_their_epoch() {
     let server = TestServer::start().await;
     let dirs = tempfile::tempdir().unwrap();
-    let mut devices = devices(&server, dirs.path(), "+1555250000", 3).await;
+    let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555250000", 3).await;
     let mut admin = devices.remove(0);
     let mut member = devices.remove(0);
     let third = devices.remove(0);
     let (h, mh) = (admin.session.handle(), member.session.handle());
-    let info = h.create_group("crossing", &["+15552500001", "+15552500002"]).await.unwrap();
-    let setup = admin.crypto.start_group(&h, &mut admin.events, &info).await.unwrap();
-    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
-    welcomed(&mut member, info.id).await;
     let conversation = group_conversation(info.id);
     let epoch = |d: &Device| d.crypto.with(|e| e.epoch(&conversation)).unwrap();
     assert_eq!((epoch(&admin), epoch(&member)), (1, 1));
@@ -471,23 +489,21 @@ async fn a_device_change_one_conversation_refuses_still_reaches_the_others() {
     use skylark_protocol::v1::{change_group::Change, device_change};
     let server = TestServer::start().await;
     let dirs = tempfile::tempdir().unwrap();
-    let mut devices = devices(&server, dirs.path(), "+1555260000", 2).await;
-    let mut ann = devices.remove(0);
-    let mut bob = devices.remove(0);
-    let (ah, bh) = (ann.session.handle(), bob.session.handle());
     // Bob's encrypted group with Ann, and their encrypted 1:1 conversation.
-    let info = bh.create_group("club", &["+15552600000"]).await.unwrap();
-    let setup = bob.crypto.start_group(&bh, &mut bob.events, &info).await.unwrap();
-    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
-    welcomed(&mut ann, info.id).await;
-    let direct = ann.crypto.start_direct(&ah, &mut ann.events, "+15552600001").await.unwrap().expect("both encrypt");
+    let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555260000", 2).await;
+    let mut bob = devices.remove(0);
+    let mut ann = devices.remove(0);
+    let (ah, bh) = (ann.session.handle(), bob.session.handle());
+    let direct = ann.crypto.start_direct(&ah, &mut ann.events, "+15552600000").await.unwrap().expect("both encrypt");
     // Bob takes Ann out of the group on the server, and his client has not
     // committed it: her device still holds the group's keys.
-    bh.change_group(info.id, Change::Remove("+15552600000".into())).await.unwrap();
+    bh.change_group(info.id, Change::Remove("+15552600001".into())).await.unwrap();
 
     // Ann links a laptop (which publishes its keys), and her phone reads of it.
     let laptop_id = crate::devices::link_from(&server, &ah, &ann.identity, "laptop").await;
     let mut laptop = device(&server, &laptop_id, &dirs.path().join("laptop")).await;
+    // (The group sorts before the 1:1 conversation in her list.)
+    assert!(group_conversation(info.id) < group_conversation(direct));
     loop {
         let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, ann.events.recv()).await else {
             panic!("the phone never heard of the laptop")
@@ -531,15 +547,11 @@ async fn a_device_change_one_conversation_refuses_still_reaches_the_others() {
 async fn a_profile_appends_its_history_and_reads_it_back() {
     let server = TestServer::start().await;
     let dirs = tempfile::tempdir().unwrap();
-    let mut devices = devices(&server, dirs.path(), "+1555270000", 2).await;
+    let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555270000", 2).await;
     let mut ann = devices.remove(0);
     let mut bob = devices.remove(0);
     let bob_dir = dirs.path().join("d1");
     let h = ann.session.handle();
-    let info = h.create_group("history", &["+15552700001"]).await.unwrap();
-    let setup = ann.crypto.start_group(&h, &mut ann.events, &info).await.unwrap();
-    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
-    welcomed(&mut bob, info.id).await;
     let has = |file: &str, text: &str| {
         let bytes = std::fs::read(bob_dir.join(file)).unwrap();
         bytes.windows(text.len()).any(|w| w == text.as_bytes())
