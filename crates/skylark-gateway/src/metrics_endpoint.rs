@@ -132,6 +132,14 @@ pub const METRICS: &[Metric] = &[
         "Messages not delivered because their recipient blocked the sender.",
         None,
     ),
+    (
+        "skylark_encryption_stale_total",
+        Kind::Counter,
+        "End-to-end encrypted posts a group refused because another member's commit had ended the epoch they \
+         were made in: kind=commit (an MLS commit, made again by its client) and kind=message (an encrypted \
+         message, encrypted again and resent by its client).",
+        Some(("kind", &["commit", "message"])),
+    ),
     ("skylark_forward_retries_total", Kind::Counter, "Forwards between actors retried (failed or timed out).", None),
     (
         "skylark_forwards_retrying",

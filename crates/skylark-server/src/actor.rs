@@ -807,6 +807,12 @@ impl Shell {
         if counts.purged > 0 {
             metrics::counter!("skylark_messages_purged_total", "why" => "deleted").increment(counts.purged);
         }
+        if counts.stale_commits > 0 {
+            metrics::counter!("skylark_encryption_stale_total", "kind" => "commit").increment(counts.stale_commits);
+        }
+        if counts.stale_messages > 0 {
+            metrics::counter!("skylark_encryption_stale_total", "kind" => "message").increment(counts.stale_messages);
+        }
     }
 
     /// Feeds a device up to its window; marks it caught up when it has all.

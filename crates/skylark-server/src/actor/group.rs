@@ -124,13 +124,21 @@ impl Machine {
         let meta = self.check_meta(facts, &meta, author, self.account, now_ms)?;
         let change = GroupChange::Post { device, client_id: client_id.clone(), payload, commit_epoch, meta };
         let state = self.group_state()?;
-        let body = state.meta.check(author, change, self.limits.max_group_members).map_err(refused)?;
+        let body = match state.meta.check(author, change, self.limits.max_group_members) {
+            Ok(body) => body,
+            Err(e @ GroupError::StaleEpoch(_)) => {
+                fx.counts.stale_commits += 1;
+                return Err(refused(e));
+            }
+            Err(e) => return Err(refused(e)),
+        };
         // An encrypted message is opened in the epoch it was made in: one
         // made before the last commit would need the members to keep past
         // epochs' keys, so the sender encrypts it again instead.
         if let Some(epoch) = message_epoch
             && epoch != state.meta.mls_epoch
         {
+            fx.counts.stale_messages += 1;
             return Err(refused(GroupError::StaleEpoch(state.meta.mls_epoch)));
         }
         // Blocks hold in 1:1 conversations, for messages; commits go to

@@ -182,6 +182,10 @@ pub(crate) struct Counts {
     pub dropped_blocked: u64,
     /// Copies of messages deleted for everyone whose payload was purged.
     pub purged: u64,
+    /// Encrypted posts refused because a commit ended the epoch they were
+    /// made in: MLS commits, and application messages.
+    pub stale_commits: u64,
+    pub stale_messages: u64,
 }
 
 /// A fact the machine needed and was not given: the shell's prefetch and

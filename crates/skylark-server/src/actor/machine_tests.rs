@@ -408,6 +408,7 @@ fn a_group_takes_one_commit_per_epoch_and_stores_the_epoch_with_it() {
     let fx = step(&mut group, vec![commit(B, "c1", 0), commit(A, "c2", 0), commit(B, "c1", 0)]);
     assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 2);
     assert!(matches!(&fx.outcomes[1], Outcome::Now(Err(MessagingError::Group(GroupError::StaleEpoch(1))))));
+    assert_eq!((fx.counts.stale_commits, fx.counts.stale_messages), (1, 0), "counted for the operator");
     assert!(ack_of(&fx.outcomes[2]).duplicate);
     assert_eq!(fx.write.group.as_ref().map(|m| m.mls_epoch), Some(1), "the epoch is stored with the commit");
     // The loser retries in the new epoch.
@@ -442,6 +443,7 @@ fn a_group_takes_an_encrypted_message_only_in_its_current_epoch() {
     assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 2);
     assert_eq!(ack_of(&fx.outcomes[1]).id.seq, 3);
     assert!(matches!(&fx.outcomes[2], Outcome::Now(Err(MessagingError::Group(GroupError::StaleEpoch(1))))));
+    assert_eq!((fx.counts.stale_messages, fx.counts.stale_commits), (1, 0), "counted for the operator");
     let fx = step(&mut group, vec![post(A, "m2", None, Some(1)), post(A, "m3", None, Some(2))]);
     assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 4, "the refused post left no trace");
     assert!(!ack_of(&fx.outcomes[0]).duplicate);
