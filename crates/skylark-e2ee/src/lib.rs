@@ -774,7 +774,9 @@ impl Engine {
         let opened = match own_client_id.and_then(|c| self.journal.get(&own_key(c))) {
             Some(mine @ Opened::Message { .. }) => mine.clone(),
             _ => {
-                let before = self.conversation_of(payload).and_then(|c| self.members(&c).ok());
+                // The members before a commit, to tell a change of devices
+                // (an application message changes none: not listed for one).
+                let before = self.commit_conversation(payload).and_then(|c| self.members(&c).ok());
                 match self.receive(payload, own_client_id.is_some()) {
                     Ok(Incoming::Message { conversation, from, plaintext }) => {
                         Opened::Message { conversation, from, plaintext }
@@ -793,9 +795,10 @@ impl Engine {
         opened
     }
 
-    /// The conversation a commit or message payload belongs to (not for
-    /// Welcomes, whose group id is encrypted).
-    fn conversation_of(&self, payload: &[u8]) -> Option<Vec<u8>> {
+    /// The conversation a commit belongs to; `None` for anything else (an
+    /// application message, whose content type is in its clear header, or
+    /// a Welcome, whose group id is encrypted).
+    fn commit_conversation(&self, payload: &[u8]) -> Option<Vec<u8>> {
         let payload = split_bundle(payload).map_or(payload, |(commit, _)| commit);
         let bytes = payload.strip_prefix(MAGIC)?;
         let protocol: ProtocolMessage = match MlsMessageIn::tls_deserialize_exact(bytes).ok()?.extract() {
@@ -803,7 +806,7 @@ impl Engine {
             MlsMessageBodyIn::PublicMessage(m) => m.into(),
             _ => return None,
         };
-        Some(protocol.group_id().as_slice().to_vec())
+        (protocol.content_type() == ContentType::Commit).then(|| protocol.group_id().as_slice().to_vec())
     }
 
     /// Forgets what the entry `key` said (a message deleted for everyone,
