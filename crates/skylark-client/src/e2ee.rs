@@ -295,9 +295,8 @@ impl Crypto {
             std::fs::File::open(&self.profile)?.sync_all()
         };
         // The journal first: what was opened is kept before the state that
-        // used the keys up says so.
-        // A forgotten text (deleted for everyone, or disappeared) must
-        // leave the file: written afresh then.
+        // used the keys up says so. A forgotten text (deleted for everyone,
+        // or disappeared) must leave the file: written afresh then.
         let forgot = engine.journal_forgot();
         let changes = engine.take_journal_changes();
         let journaled = || -> std::io::Result<JournalMark> {

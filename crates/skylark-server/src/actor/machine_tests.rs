@@ -343,16 +343,7 @@ fn a_group_orders_posts_and_tells_authors_when_every_member_has_them() {
     assert!(matches!(answer(&fx.outcomes[0]), Answer::Group(GroupReply::Info(meta)) if meta.members.len() == 2));
     assert_eq!(fx.write.outbox_puts.iter().map(|(_, i)| i.to).collect::<Vec<_>>(), vec![A, B], "to every member");
 
-    let post = |author, cid: &str| Input::Post {
-        meta: Default::default(),
-        author,
-        device: PHONE,
-        client_id: cid.into(),
-        payload: b"hi".to_vec().into(),
-        commit_epoch: None,
-        message_epoch: None,
-        over_rate: None,
-    };
+    let post = |author, cid: &str| group_post(author, cid, b"hi", None, None);
     let fx = step(&mut group, vec![post(B, "p1"), post(C, "p2")]);
     assert_eq!(ack_of(&fx.outcomes[0]).id.seq, 2, "the group's sequence");
     assert!(matches!(&fx.outcomes[1], Outcome::Now(Err(MessagingError::Group(GroupError::NotAMember)))));
@@ -393,16 +384,7 @@ fn a_group_takes_one_commit_per_epoch_and_stores_the_epoch_with_it() {
     let mut group = machine(g);
     let create = Input::Group { from: A, request: GroupRequest::Create { subject: "club".into(), members: vec![B] } };
     step(&mut group, vec![create]);
-    let commit = |author, cid: &str, epoch| Input::Post {
-        meta: Default::default(),
-        author,
-        device: PHONE,
-        client_id: cid.into(),
-        payload: b"mls".to_vec().into(),
-        commit_epoch: Some(epoch),
-        message_epoch: None,
-        over_rate: None,
-    };
+    let commit = |author, cid: &str, epoch| group_post(author, cid, b"mls", Some(epoch), None);
     // Two members commit in the same epoch, in one batch: the first wins,
     // and a resend of the winner is a duplicate, not a second commit.
     let fx = step(&mut group, vec![commit(B, "c1", 0), commit(A, "c2", 0), commit(B, "c1", 0)]);
@@ -423,16 +405,8 @@ fn a_group_takes_an_encrypted_message_only_in_its_current_epoch() {
     let mut group = machine(g);
     let create = Input::Group { from: A, request: GroupRequest::Create { subject: "club".into(), members: vec![B] } };
     step(&mut group, vec![create]);
-    let post = |author, cid: &str, commit_epoch, message_epoch| Input::Post {
-        meta: Default::default(),
-        author,
-        device: PHONE,
-        client_id: cid.into(),
-        payload: b"mls".to_vec().into(),
-        commit_epoch,
-        message_epoch,
-        over_rate: None,
-    };
+    let post =
+        |author, cid: &str, commit_epoch, message_epoch| group_post(author, cid, b"mls", commit_epoch, message_epoch);
     // A message in epoch 0 goes in; B's commit ends epoch 0, so A's next
     // message made in it is refused, names the current epoch and changes
     // nothing; made again in epoch 1, with the same client id, it goes in.
@@ -521,16 +495,7 @@ fn a_direct_group_keeps_a_blocked_members_messages_from_the_blocker_but_not_its_
     let direct = AccountId::direct(A, B).unwrap();
     let mut group = machine(direct);
     step(&mut group, vec![Input::Group { from: A, request: GroupRequest::OpenDirect { with: B } }]);
-    let post = |author, cid: &str, commit_epoch| Input::Post {
-        meta: Default::default(),
-        author,
-        device: PHONE,
-        client_id: cid.into(),
-        payload: b"mls".to_vec().into(),
-        commit_epoch,
-        message_epoch: None,
-        over_rate: None,
-    };
+    let post = |author, cid: &str, commit_epoch| group_post(author, cid, b"mls", commit_epoch, None);
     // B blocked A.
     let inputs = vec![post(A, "m1", None), post(B, "m2", None), post(A, "c1", Some(0))];
     let facts = with_blocks(&group, &inputs, &[B]);
@@ -574,4 +539,25 @@ fn a_deleted_account_keeps_nothing_and_lets_its_devices_go() {
     let fx = step(&mut a, vec![deliver(vec![from_b(1)])]);
     assert_eq!(answer(&fx.outcomes[0]), &Answer::Deliver(1), "taken, so the sender's outbox moves on");
     assert!(fx.write.appends.is_empty(), "kept nowhere");
+}
+
+/// A post by `author`'s phone: a message, an MLS commit (`commit_epoch`),
+/// or an encrypted message naming its epoch (`message_epoch`).
+fn group_post(
+    author: AccountId,
+    cid: &str,
+    payload: &[u8],
+    commit_epoch: Option<u64>,
+    message_epoch: Option<u64>,
+) -> Input {
+    Input::Post {
+        meta: Default::default(),
+        author,
+        device: PHONE,
+        client_id: cid.into(),
+        payload: payload.to_vec().into(),
+        commit_epoch,
+        message_epoch,
+        over_rate: None,
+    }
 }
