@@ -17,6 +17,7 @@
 # The scenarios are the ones docs/BENCHMARKS.md reports A/B for: idle memory
 # (19,500 TCP connections), 1:1 chat at two rates, and a 1,024-member group.
 # SCENARIOS picks some of them (default: "idle chat3000 chat4000 group");
+# connects is the idle ramp as fast as the server takes it (connects/s);
 # chatN is 1:1 chat at N messages per second (200 pairs), for any N; meshN
 # is N messages per second among 2,000 online users, each to a random other.
 # BEFORE_ARGS and AFTER_ARGS add load-tool flags to one side, to compare
@@ -70,7 +71,7 @@ scenario() { # label binary name args...
   local extra=()
   [ "$tls" = 1 ] && extra=(--ca "$out/data/dev-tls/cert.pem")
   [ "$name" = idle ] && extra+=(--server-pid "$pid")
-  if [ "$name" != idle ]; then
+  if [ "$name" != idle ] && [ "$name" != connects ]; then
     local sided
     [ "$label" = before ] && sided=${BEFORE_ARGS:-} || sided=${AFTER_ARGS:-}
     # shellcheck disable=SC2206 # flags split on spaces, as written
@@ -84,13 +85,17 @@ scenario() { # label binary name args...
   }
   ticks=$(($(awk '{print $14 + $15}' "/proc/$pid/stat") - ticks))
   stop
-  # The server's CPU time during the scenario, per message delivered (chat, mesh).
+  # The server's CPU time during the scenario, per message delivered (chat,
+  # mesh) or per connection (connects, with the rate the ramp reached).
   local per
   per=$(python3 -c 'import json, os, sys
 r = json.load(open(sys.argv[1]))
-n = r.get("delivered")
-print("%.0f us of server CPU per delivered message" % (int(sys.argv[2]) / os.sysconf("SC_CLK_TCK") * 1e6 / n) if n else "")' \
-    "$report" "$ticks" 2>/dev/null || true)
+cpu = int(sys.argv[2]) / os.sysconf("SC_CLK_TCK") * 1e6
+if sys.argv[3] == "connects":
+    print("%.0f connects/s, %.0f us of server CPU per connection" % (r["connects_per_second"], cpu / r["connections"]))
+elif r.get("delivered"):
+    print("%.0f us of server CPU per delivered message" % (cpu / r["delivered"]))' \
+    "$report" "$ticks" "$name" 2>/dev/null || true)
   echo "$name $label round $round: $report${per:+ ($per)}"
 }
 
@@ -99,6 +104,8 @@ for round in $(seq 1 "$rounds"); do
     set -- $pair
     label=$1 bin=$2
     scenario "$label" "$bin" idle idle --connections 19500 --rate 4000 --sources 80 --workers 2
+    # As fast as the server accepts them (it is the limit, not the asked rate).
+    scenario "$label" "$bin" connects idle --connections 19500 --rate 30000 --sources 80 --workers 2 --hold-secs 1
     for name in $scenarios; do
       if [[ "$name" =~ ^chat([0-9]+)$ ]]; then
         scenario "$label" "$bin" "$name" chat --pairs 200 --rate "${BASH_REMATCH[1]}" --seconds 10 --sources 4

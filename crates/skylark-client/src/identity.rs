@@ -8,6 +8,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 const FILE: &str = "identity.json";
 
@@ -24,6 +25,10 @@ pub struct Identity {
     /// web PKI roots (a server with its own or a self-signed certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// The key, once made from `secret_key`: making it derives the public
+    /// key, which costs as much as a signature.
+    #[serde(skip)]
+    key: OnceLock<SigningKey>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -48,13 +53,17 @@ pub fn generate_key() -> SigningKey {
 
 impl Identity {
     pub fn new(server: String, account_id: u64, device_id: u64, phone: String, key: &SigningKey) -> Self {
-        Self { server, account_id, device_id, phone, secret_key: BASE64.encode(key.to_bytes()), ca: None }
+        let secret_key = BASE64.encode(key.to_bytes());
+        Self { server, account_id, device_id, phone, secret_key, ca: None, key: OnceLock::from(key.clone()) }
     }
 
     pub fn signing_key(&self) -> Result<SigningKey, ClientError> {
+        if let Some(key) = self.key.get() {
+            return Ok(key.clone());
+        }
         let bytes = BASE64.decode(&self.secret_key).map_err(|e| ClientError::Profile(format!("bad key: {e}")))?;
         let bytes: [u8; 32] = bytes.try_into().map_err(|_| ClientError::Profile("key is not 32 bytes".into()))?;
-        Ok(SigningKey::from_bytes(&bytes))
+        Ok(self.key.get_or_init(|| SigningKey::from_bytes(&bytes)).clone())
     }
 
     /// Signs the authentication transcript for a challenge.

@@ -59,6 +59,13 @@ pub const METRICS: &[Metric] = &[
             &["unknown_device", "device_removed", "challenge_mismatch", "challenge_expired", "bad_signature", "banned"],
         )),
     ),
+    (
+        "skylark_auth_signatures_total",
+        Kind::Counter,
+        "Device signatures verified when connections authenticate: checked=together (in a batch with others that \
+         arrived at the same moment, about half the cost each) or checked=alone.",
+        Some(("checked", &["together", "alone"])),
+    ),
     ("skylark_actors", Kind::Gauge, "Account and group actors running now.", None),
     (
         "skylark_mailbox_queued",

@@ -165,7 +165,7 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Bo
                 let device = DeviceId(answer.device_id);
                 let auth = &shared.server.auth;
                 let transcript = skylark_protocol::auth_transcript(&auth.server_id(), &ch.nonce, device.0);
-                return match auth.authenticate(ch, device, &transcript, &answer.nonce, &answer.signature).await {
+                return match auth.authenticate(ch, device, transcript, &answer.nonce, &answer.signature).await {
                     Ok(authed) => {
                         let body = server_frame::Body::Authenticated(v1::Authenticated {
                             account_id: authed.account.id.0,

@@ -8,7 +8,7 @@ use skylark_client::Endpoint;
 use skylark_client::TlsClient;
 use skylark_load::provision::{Manifest, provision};
 use skylark_load::scenarios::{self, IdleReport, Target};
-use skylark_load::stats::{Latency, rss_kib};
+use skylark_load::stats::{Latency, cpu_seconds, rss_kib};
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -255,6 +255,22 @@ fn print_idle(r: &IdleReport) {
     if let Some(per) = r.server_bytes_per_connection {
         println!("  server memory per connection: {per:.0} bytes");
     }
+    if let Some(cpu) = r.server_cpu_seconds {
+        println!("  server CPU during the ramp: {cpu:.2} s ({:.0} µs per connection)", per_connection(cpu, r));
+    }
+    if let Some(cpu) = r.client_cpu_seconds {
+        println!("  load tool CPU during the ramp: {cpu:.2} s ({:.0} µs per connection)", per_connection(cpu, r));
+    }
+}
+
+/// The server's CPU time since `before` (seconds), if its pid is known.
+fn server_cpu_after(pid: Option<u32>, before: Option<f64>) -> Option<f64> {
+    let now = cpu_seconds(&pid?.to_string())?;
+    Some(now - before?)
+}
+
+fn per_connection(seconds: f64, r: &IdleReport) -> f64 {
+    seconds * 1e6 / r.connections.max(1) as f64
 }
 
 async fn idle(args: IdleArgs) -> Result<()> {
@@ -282,8 +298,10 @@ async fn idle(args: IdleArgs) -> Result<()> {
     let workers = args.workers.max(1);
     let report = if workers == 1 {
         let range = args.offset..args.offset + args.connections;
+        let server_cpu = args.server_pid.and_then(|pid| cpu_seconds(&pid.to_string()));
         let (mut report, sessions) = scenarios::idle(&target, &manifest, range, args.rate, async {}, false).await;
         // Measured right after the ramp, with every connection open.
+        report.server_cpu_seconds = server_cpu_after(args.server_pid, server_cpu);
         scenarios::server_memory(&mut report, args.server_pid, before);
         tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
         drop(sessions);
@@ -299,6 +317,9 @@ async fn idle(args: IdleArgs) -> Result<()> {
 /// connections; reads the server's memory once all have ramped.
 fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<IdleReport> {
     let exe = std::env::current_exe()?;
+    // From before the workers start (they make their keys first, while the
+    // server waits) to the end of the last one's ramp.
+    let server_cpu = args.server_pid.and_then(|pid| cpu_seconds(&pid.to_string()));
     let share = args.connections.div_ceil(workers);
     let mut children = Vec::new();
     for w in 0..workers {
@@ -337,6 +358,7 @@ fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<I
         }
     }
     let after_ramp = args.server_pid.and_then(rss_kib);
+    let server_cpu = server_cpu_after(args.server_pid, server_cpu);
     eprintln!("all {} workers ramped", children.len());
     let mut merged: Option<IdleReport> = None;
     let mut histogram = Latency::default();
@@ -355,6 +377,7 @@ fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<I
                         m.connections += r.connections;
                         m.failed += r.failed;
                         m.ramp_seconds = m.ramp_seconds.max(r.ramp_seconds);
+                        m.client_cpu_seconds = m.client_cpu_seconds.zip(r.client_cpu_seconds).map(|(a, b)| a + b);
                         m
                     }
                 });
@@ -369,6 +392,7 @@ fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<I
     report.connect_latency = histogram.summary();
     report.connect_histogram = histogram.encode();
     report.connects_per_second = report.connections as f64 / report.ramp_seconds.max(1e-9);
+    report.server_cpu_seconds = server_cpu;
     report.server_rss_before_kib = before;
     report.server_rss_after_kib = after_ramp;
     if let (Some(b), Some(a)) = (before, after_ramp) {

@@ -1,10 +1,10 @@
 //! The load scenarios. Each returns a JSON-serialisable report.
 
 use crate::provision::Manifest;
-use crate::stats::{Latency, Summary, progress, rss_kib};
+use crate::stats::{Latency, Summary, cpu_seconds, progress, rss_kib};
 use serde::{Deserialize, Serialize};
 use skylark_client::session::{Event, LogEvent, SessionHandle, log_event};
-use skylark_client::{Endpoint, Session};
+use skylark_client::{Endpoint, Identity, Session};
 use skylark_protocol::v1::{ReceiptKind, event::Body};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -74,6 +74,13 @@ pub struct IdleReport {
     pub server_rss_before_kib: Option<u64>,
     pub server_rss_after_kib: Option<u64>,
     pub server_bytes_per_connection: Option<f64>,
+    /// CPU time the load tool used during the ramp (all its workers), to
+    /// show whether it, not the server, was the limit.
+    #[serde(default)]
+    pub client_cpu_seconds: Option<f64>,
+    /// CPU time the server used during the ramp (with `--server-pid`).
+    #[serde(default)]
+    pub server_cpu_seconds: Option<f64>,
 }
 
 /// Opens `accounts` connections at `rate` per second, keeps them for as long
@@ -88,12 +95,17 @@ pub async fn idle(
 ) -> (IdleReport, Vec<Session>) {
     let total = accounts.len();
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    // Made before the ramp: a key costs the load tool as much as the
+    // signature it makes with it, and the ramp measures the server.
+    let identities: Vec<(usize, Identity)> =
+        accounts.map(|index| (index, manifest.identity(index, &target.http_base))).collect();
+    let cpu_before = cpu_seconds("self");
     let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    for (k, index) in accounts.enumerate() {
+    for (k, (index, identity)) in identities.into_iter().enumerate() {
         // Open loop: connection k starts at k × interval, however the others fare.
         pace(started + interval * k as u32).await;
-        let (target, identity, tx) = (target.clone(), manifest.identity(index, &target.http_base), tx.clone());
+        let (target, tx) = (target.clone(), tx.clone());
         tokio::spawn(async move {
             let t = Instant::now();
             let result = open_as(&target, &identity, index).await;
@@ -119,6 +131,7 @@ pub async fn idle(
         }
     }
     let ramp = started.elapsed().as_secs_f64();
+    let client_cpu_seconds = cpu_before.zip(cpu_seconds("self")).map(|(b, a)| a - b);
     hold.await;
     let report = IdleReport {
         scenario: "idle".into(),
@@ -131,6 +144,8 @@ pub async fn idle(
         server_rss_before_kib: None,
         server_rss_after_kib: None,
         server_bytes_per_connection: None,
+        client_cpu_seconds,
+        server_cpu_seconds: None,
     };
     (report, sessions)
 }
