@@ -700,8 +700,15 @@ impl Crypto {
                 })
                 .collect();
             added.extend(packages.iter().map(|(d, _)| d.device));
-            if let Err(e) = self.commit(h, events, *group, |e| e.add(conversation, &packages)).await {
-                failed.push((*group, e));
+            match self.commit(h, events, *group, |e| e.add(conversation, &packages)).await {
+                Ok(true) => {
+                    let linked: Vec<DeviceRef> = packages.iter().map(|(d, _)| *d).collect();
+                    if let Err(e) = self.give_history(h, events, *group, &linked).await {
+                        tracing::info!(group, "could not give a linked device this conversation's history: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => failed.push((*group, e)),
             }
         }
         if groups.is_empty() {
@@ -852,6 +859,43 @@ impl Crypto {
         Err(ClientError::Profile(
             "the group's encryption kept changing while this device tried to send; try again".into(),
         ))
+    }
+
+    /// Gives devices of this account just added to a 1:1 conversation
+    /// what this device has of its history, in one encrypted post after
+    /// the commit that added them (the newest messages that fit): their
+    /// clients then show those messages instead of saying they cannot read
+    /// them. Only for a 1:1 conversation, whose every member may read all
+    /// of it: in a group, a member added later must not read what came
+    /// before.
+    async fn give_history(
+        &self,
+        h: &SessionHandle,
+        events: &mut impl Frames,
+        group: u64,
+        linked: &[DeviceRef],
+    ) -> Result<(), ClientError> {
+        if linked.is_empty() || !h.group_info(group).await?.direct {
+            return Ok(());
+        }
+        let conversation = group_conversation(group);
+        let client_id = new_client_id();
+        for _ in 0..COMMIT_ATTEMPTS {
+            let made = self.with(|e| {
+                let epoch = e.epoch(&conversation)?;
+                Ok(e.history_for(&conversation, linked, skylark_e2ee::HISTORY_BYTES)?.map(|p| (p, epoch)))
+            })?;
+            let Some((payload, epoch)) = made else { return Ok(()) };
+            let options = crate::session::SendOptions { message_epoch: Some(epoch), ..Default::default() };
+            match h.send_with(crate::session::To::Group(group), &client_id, payload, options).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
+                    self.read_past_epoch(events, group, epoch).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Adds devices in commits of at most [`ADD_BATCH`], so each post (a
@@ -1156,7 +1200,8 @@ fn shown(opened: Opened) -> Option<Shown> {
         Opened::Message { plaintext, .. } => Some(Shown::Encrypted(String::from_utf8_lossy(&plaintext).into_owned())),
         Opened::DevicesChanged { .. } => Some(Shown::DevicesChanged),
         Opened::Failed(why) => Some(Shown::Unreadable(why)),
-        Opened::Control => None,
+        // Earlier messages arrived: shown where the history is read.
+        Opened::Control | Opened::History { .. } => None,
     }
 }
 

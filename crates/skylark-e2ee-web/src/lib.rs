@@ -97,6 +97,7 @@ fn opened_json(opened: &Opened) -> String {
         Opened::DevicesChanged { epoch, .. } => json!({ "kind": "devicesChanged", "epoch": epoch.to_string() }),
         Opened::Failed(why) => json!({ "kind": "failed", "reason": why }),
         Opened::Control => json!({ "kind": "control" }),
+        Opened::History { entries, .. } => json!({ "kind": "history", "entries": entries.to_string() }),
     }
     .to_string()
 }
@@ -363,10 +364,24 @@ impl Device {
         Ok(BASE64.encode(payload))
     }
 
+    /// The group's history for devices of this account just added to it
+    /// (JSON `[{account, device}]`), as an encrypted post (base64), or
+    /// `undefined` when there is none. Only for a 1:1 conversation: every
+    /// member can read it.
+    #[wasm_bindgen(js_name = historyFor)]
+    pub fn history_for(&mut self, group: &str, devices: &str) -> Result<Option<String>, JsError> {
+        let devices = list(devices, "the devices", device_ref)?;
+        let payload =
+            self.engine.history_for(&conversation(group)?, &devices, skylark_e2ee::HISTORY_BYTES).map_err(fail)?;
+        Ok(payload.map(|p| BASE64.encode(p)))
+    }
+
     /// Opens a log entry once, in log order (`key` names it; asked again,
     /// the answer comes from memory). `own_client_id`: this device sent
     /// it. JSON: `{kind: "message", plaintext, account, device}`,
-    /// `{kind: "devicesChanged"}`, `{kind: "failed", reason}` or
+    /// `{kind: "devicesChanged"}`, `{kind: "failed", reason}`,
+    /// `{kind: "history", entries}` (another device of this account gave
+    /// this one the conversation's earlier messages: show them again) or
     /// `{kind: "control"}` (a handshake: nothing to show).
     #[wasm_bindgen(js_name = openOnce)]
     pub fn open_once(&mut self, key: &str, payload: &str, own_client_id: Option<String>) -> Result<String, JsError> {

@@ -277,10 +277,25 @@ pub enum Opened {
     },
     /// It could not be opened (the reason, for the user).
     Failed(String),
+    /// Another device of this account sent this one the conversation's
+    /// history ([`Engine::history_for`]): `entries` messages from before
+    /// this device joined can be shown now. Nothing to show itself.
+    History {
+        conversation: Vec<u8>,
+        entries: u64,
+    },
 }
 
 /// Entries [`Engine::open_once`] remembers (the oldest are forgotten first).
 const JOURNAL_ENTRIES: usize = 50_000;
+
+/// How an application message that carries a conversation's history to a
+/// newly added device of the sender's account starts ([`Engine::history_for`]).
+const HISTORY_MAGIC: &[u8] = b"\0SKHIST1";
+
+/// At most this many bytes of history go in one message (the server's
+/// default payload limit is 64 KiB, and encryption adds a little).
+pub const HISTORY_BYTES: usize = 48 * 1024;
 
 /// One device's MLS state.
 pub struct Engine {
@@ -778,6 +793,10 @@ impl Engine {
                 // (an application message changes none: not listed for one).
                 let before = self.commit_conversation(payload).and_then(|c| self.members(&c).ok());
                 match self.receive(payload, own_client_id.is_some()) {
+                    Ok(Incoming::Message { conversation, from, plaintext }) if plaintext.starts_with(HISTORY_MAGIC) => {
+                        let entries = self.take_history(&conversation, from, &plaintext);
+                        Opened::History { conversation, entries }
+                    }
                     Ok(Incoming::Message { conversation, from, plaintext }) => {
                         Opened::Message { conversation, from, plaintext }
                     }
@@ -807,6 +826,85 @@ impl Engine {
             _ => return None,
         };
         (protocol.content_type() == ContentType::Commit).then(|| protocol.group_id().as_slice().to_vec())
+    }
+
+    /// An encrypted message for the conversation that gives `to` (devices
+    /// of this account just added to it) the texts this device has of it:
+    /// the newest that fit in `budget` bytes, keyed as every device keys the
+    /// conversation's entries, so theirs show them where they would have
+    /// shown that they cannot read them. `None` when there is nothing to
+    /// give. Every member can decrypt it, as any message of the
+    /// conversation: send it only where every member may read all of its
+    /// history (a 1:1 conversation, whose two people wrote it all).
+    pub fn history_for(
+        &mut self,
+        conversation: &[u8],
+        to: &[DeviceRef],
+        budget: usize,
+    ) -> Result<Option<Vec<u8>>, E2eeError> {
+        let prefix = history_prefix(conversation).ok_or_else(|| E2eeError::Malformed("not a group".into()))?;
+        let mut records = Vec::new();
+        let mut entries = 0u64;
+        for key in self.journal_order.iter().rev() {
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            let opened @ Opened::Message { conversation: c, .. } = &self.journal[key] else { continue };
+            if c != conversation {
+                continue;
+            }
+            let mut record = Vec::new();
+            put(&mut record, key.as_bytes());
+            put_opened(&mut record, opened);
+            if records.len() + record.len() > budget {
+                break;
+            }
+            records.extend_from_slice(&record);
+            entries += 1;
+        }
+        if entries == 0 || to.is_empty() {
+            return Ok(None);
+        }
+        let mut plaintext = HISTORY_MAGIC.to_vec();
+        put(&mut plaintext, &(to.len() as u64).to_be_bytes());
+        for d in to {
+            put(&mut plaintext, &d.account.to_be_bytes());
+            put(&mut plaintext, &d.device.to_be_bytes());
+        }
+        plaintext.extend_from_slice(&records);
+        self.encrypt(conversation, &plaintext).map(Some)
+    }
+
+    /// Takes in a history message ([`Engine::history_for`]) opened in
+    /// `conversation`: only from a device of this account, only when it
+    /// names this device, only entries of this conversation, and never over
+    /// what this device opened itself (only over what it could not open,
+    /// lacking the keys). Returns how many entries it added.
+    fn take_history(&mut self, conversation: &[u8], from: DeviceRef, plaintext: &[u8]) -> u64 {
+        let Some(mut rest) = plaintext.strip_prefix(HISTORY_MAGIC) else { return 0 };
+        let Some(prefix) = history_prefix(conversation) else { return 0 };
+        let number = |b: Option<&[u8]>| b.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let Some(count) = number(take(&mut rest)) else { return 0 };
+        let mut for_me = false;
+        for _ in 0..count.min(plaintext.len() as u64) {
+            let (Some(account), Some(device)) = (number(take(&mut rest)), number(take(&mut rest))) else { return 0 };
+            for_me |= DeviceRef { account, device } == self.me;
+        }
+        if from.account != self.me.account || from == self.me || !for_me {
+            return 0;
+        }
+        let mut added = 0;
+        while let Some(key) = take(&mut rest) {
+            let Some(opened) = take_opened(&mut rest) else { break };
+            let Ok(key) = String::from_utf8(key.to_vec()) else { break };
+            let ours = matches!(&opened, Opened::Message { conversation: c, .. } if c == conversation);
+            let unread = matches!(self.journal.get(&key), None | Some(Opened::Failed(_)));
+            if ours && key.starts_with(&prefix) && unread {
+                self.remember(key, opened);
+                added += 1;
+            }
+        }
+        added
     }
 
     /// Forgets what the entry `key` said (a message deleted for everyone,
@@ -1084,6 +1182,12 @@ impl Engine {
 }
 
 /// The journal key of this device's own message with `client_id`.
+/// How the journal keys of a conversation's entries start (the clients key
+/// a group's entries `post:GROUP:SEQ`, the same on every device).
+fn history_prefix(conversation: &[u8]) -> Option<String> {
+    conversation_group(conversation).map(|group| format!("post:{group}:"))
+}
+
 fn own_key(client_id: &str) -> String {
     format!("own:{client_id}")
 }
@@ -1111,6 +1215,11 @@ fn put_opened(out: &mut Vec<u8>, opened: &Opened) {
             put(out, &[2]);
             put(out, why.as_bytes());
         }
+        Opened::History { conversation, entries } => {
+            put(out, &[5]);
+            put(out, conversation);
+            put(out, &entries.to_be_bytes());
+        }
     }
 }
 
@@ -1125,6 +1234,7 @@ fn take_opened(rest: &mut &[u8]) -> Option<Opened> {
         [1] => Opened::Control,
         [3] => Opened::DevicesChanged { conversation: take(rest)?.to_vec(), epoch: number(take(rest)?)? },
         [2] => Opened::Failed(String::from_utf8(take(rest)?.to_vec()).ok()?),
+        [5] => Opened::History { conversation: take(rest)?.to_vec(), entries: number(take(rest)?)? },
         _ => return None,
     })
 }

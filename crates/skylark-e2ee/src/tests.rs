@@ -526,3 +526,91 @@ fn a_claimed_package_must_be_bound_to_the_device_key_the_server_lists() {
     assert!(matches!(check_package(c1.engine.me(), &package, &b_key), Err(E2eeError::WrongDevice { .. })));
     assert!(matches!(check_package(b1.engine.me(), b"junk", &b_key), Err(E2eeError::BadKeyPackage(_))));
 }
+
+#[test]
+fn a_linked_device_gets_its_accounts_history_of_a_conversation_and_nothing_else() {
+    let conversation = group_conversation(7);
+    let g = conversation.as_slice();
+    let (mut a1, mut a2, mut b1) = (device(1, 1), device(1, 2), device(2, 1));
+    // Every device applies an entry in the log's order, as the clients do.
+    let apply = |d: &mut Device, payload: &[u8], mine: bool| {
+        d.engine.receive(payload, mine).unwrap();
+    };
+    a1.engine.create(g).unwrap();
+    let start = a1.engine.add(g, &packages(&mut [&mut b1])).unwrap().unwrap();
+    apply(&mut a1, &start.payload(), true);
+    apply(&mut b1, &start.payload(), false);
+
+    let one = b1.engine.encrypt_as(g, "b-1", b"one, from b").unwrap();
+    let two = a1.engine.encrypt_as(g, "a-1", b"two, from a").unwrap();
+    assert!(matches!(a1.engine.open_once("post:7:2", &one, None), Opened::Message { .. }));
+    assert!(matches!(a1.engine.open_once("post:7:3", &two, Some("a-1")), Opened::Message { .. }));
+    assert!(matches!(b1.engine.open_once("post:7:3", &two, None), Opened::Message { .. }));
+
+    // a2 is linked: a1 adds it to the conversation.
+    let link = a1.engine.add(g, &packages(&mut [&mut a2])).unwrap().unwrap();
+    apply(&mut a1, &link.payload(), true);
+    apply(&mut b1, &link.payload(), false);
+    assert!(matches!(a2.engine.receive(&link.payload(), false).unwrap(), Incoming::Joined { .. }));
+    let before = a2.engine.open_once("post:7:2", &one, None);
+    assert!(matches!(before, Opened::Failed(_)), "a device added later cannot read what came before: {before:?}");
+
+    // History from the other account's device is not taken.
+    let theirs = b1.engine.history_for(g, &[a2.engine.me()], HISTORY_BYTES).unwrap().expect("b1 has history");
+    assert_eq!(
+        a2.engine.open_once("post:7:5", &theirs, None),
+        Opened::History { conversation: g.to_vec(), entries: 0 }
+    );
+    assert_eq!(a2.engine.recall("post:7:3"), None);
+
+    // History from its own account's device is: both messages, keyed as
+    // every device keys them, with who sent each.
+    let ours = a1.engine.history_for(g, &[a2.engine.me()], HISTORY_BYTES).unwrap().expect("a1 has history");
+    assert!(!ours.windows(3).any(|w| w == b"one"), "history travels encrypted");
+    assert_eq!(a2.engine.open_once("post:7:6", &ours, None), Opened::History { conversation: g.to_vec(), entries: 2 });
+    let text = |d: &Device, key: &str| match d.engine.recall(key) {
+        Some(Opened::Message { from, plaintext, .. }) => Some((from, String::from_utf8(plaintext).unwrap())),
+        _ => None,
+    };
+    assert_eq!(text(&a2, "post:7:2"), Some((b1.engine.me(), "one, from b".into())));
+    assert_eq!(text(&a2, "post:7:3"), Some((a1.engine.me(), "two, from a".into())));
+    // A member it does not name takes nothing from it.
+    assert_eq!(b1.engine.open_once("post:7:6", &ours, None), Opened::History { conversation: g.to_vec(), entries: 0 });
+    assert_eq!(text(&b1, "post:7:2"), None);
+
+    // Only entries of this conversation, and never over what a device has.
+    let mut forged = HISTORY_MAGIC.to_vec();
+    put(&mut forged, &1u64.to_be_bytes());
+    put(&mut forged, &1u64.to_be_bytes());
+    put(&mut forged, &2u64.to_be_bytes());
+    let entry = |c: &[u8], text: &[u8]| Opened::Message {
+        conversation: c.to_vec(),
+        from: b1.engine.me(),
+        plaintext: text.to_vec(),
+    };
+    for (key, opened) in [
+        ("post:8:1", entry(&group_conversation(8), b"another conversation's")),
+        ("post:7:2", entry(g, b"a changed text")),
+        ("post:7:4", entry(&group_conversation(8), b"keyed here, of another conversation")),
+        ("post:7:9", entry(g, b"taken")),
+    ] {
+        put(&mut forged, key.as_bytes());
+        put_opened(&mut forged, &opened);
+    }
+    let forged = a1.engine.encrypt(g, &forged).unwrap();
+    assert_eq!(
+        a2.engine.open_once("post:7:7", &forged, None),
+        Opened::History { conversation: g.to_vec(), entries: 1 }
+    );
+    assert_eq!(text(&a2, "post:7:9"), Some((b1.engine.me(), "taken".into())));
+    assert_eq!(text(&a2, "post:7:2"), Some((b1.engine.me(), "one, from b".into())));
+    assert_eq!(a2.engine.recall("post:8:1"), None);
+    assert_eq!(a2.engine.recall("post:7:4"), None);
+
+    // What it took, and what the history entry was, survive a restart.
+    a2.engine = Engine::import(&a2.engine.export()).unwrap();
+    assert_eq!(text(&a2, "post:7:3"), Some((a1.engine.me(), "two, from a".into())));
+    assert_eq!(a2.engine.recall("post:7:6"), Some(Opened::History { conversation: g.to_vec(), entries: 2 }));
+    // Nothing to give: no history.
+    assert_eq!(a1.engine.history_for(&group_conversation(9), &[a2.engine.me()], HISTORY_BYTES).ok().flatten(), None);
+}

@@ -532,7 +532,11 @@ export class Crypto {
           const linked = packages.filter((p) => todo.add.includes(p.device));
           for (const p of linked) added.add(p.device);
           if (linked.length) {
-            await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked))).catch((err) => failed.push({ g, err }));
+            const added = await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked)))
+              .catch((err) => failed.push({ g, err }) && false);
+            // Best effort: without it, the new device shows the older
+            // messages as not readable there.
+            if (added === true) await this.giveHistory(session, g, linked).catch(() => {});
           }
         }
       }
@@ -552,6 +556,35 @@ export class Crypto {
       return now.add.length > 0;
     } finally {
       this.maintaining = false;
+    }
+  }
+
+  /// Gives devices of this account just added to a 1:1 conversation what
+  /// this browser has of its history, in one encrypted post after the
+  /// commit that added them (the newest messages that fit): they show
+  /// those messages instead of saying they cannot read them. Only for a
+  /// 1:1 conversation, whose every member may read all of it: in a group,
+  /// a member added later must not read what came before.
+  async giveHistory(session, group, linked) {
+    const info = (await session.request({ getGroup: { group } })).groupInfo;
+    if (!info.direct) return;
+    const devices = JSON.stringify(linked.map((p) => ({ account: p.account, device: p.device })));
+    const clientId = newClientId();
+    for (let attempt = 0; attempt < COMMIT_ATTEMPTS; attempt++) {
+      await this.settled(group);
+      const epoch = String(this.device.epoch(group));
+      const payload = this.device.historyFor(group, devices);
+      if (!payload) return;
+      // The ratchet moved: kept before the post leaves.
+      this.dirty = true;
+      await this.persist();
+      try {
+        await session.request({ send: { group, clientId, payload, messageEpoch: epoch } });
+        return;
+      } catch (err) {
+        if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH")) throw err;
+        await this.epochMoves(group, Number(epoch));
+      }
     }
   }
 

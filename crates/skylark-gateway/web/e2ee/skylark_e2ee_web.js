@@ -219,6 +219,38 @@ export class Device {
         return ret[0] !== 0;
     }
     /**
+     * The group's history for devices of this account just added to it
+     * (JSON `[{account, device}]`), as an encrypted post (base64), or
+     * `undefined` when there is none. Only for a 1:1 conversation: every
+     * member can read it.
+     * @param {string} group
+     * @param {string} devices
+     * @returns {string | undefined}
+     */
+    historyFor(group, devices) {
+        let ptr0, len0, ptr1, len1;
+        try {
+            ptr0 = passStringToWasm0(group, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            len0 = WASM_VECTOR_LEN;
+            ptr1 = passStringToWasm0(devices, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            len1 = WASM_VECTOR_LEN;
+        } catch (e) {
+            if (ptr1) { wasm.__wbindgen_free(ptr1, len1 * 1, 1); }
+            if (ptr0) { wasm.__wbindgen_free(ptr0, len0 * 1, 1); }
+            throw e;
+        }
+        const ret = wasm.device_historyFor(this.__wbg_ptr, ptr0, len0, ptr1, len1);
+        if (ret[3]) {
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        let v3;
+        if (ret[0] !== 0) {
+            v3 = getStringFromWasm0(ret[0], ret[1]);
+            wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        }
+        return v3;
+    }
+    /**
      * @returns {boolean}
      */
     isBound() {
@@ -377,7 +409,9 @@ export class Device {
      * Opens a log entry once, in log order (`key` names it; asked again,
      * the answer comes from memory). `own_client_id`: this device sent
      * it. JSON: `{kind: "message", plaintext, account, device}`,
-     * `{kind: "devicesChanged"}`, `{kind: "failed", reason}` or
+     * `{kind: "devicesChanged"}`, `{kind: "failed", reason}`,
+     * `{kind: "history", entries}` (another device of this account gave
+     * this one the conversation's earlier messages: show them again) or
      * `{kind: "control"}` (a handshake: nothing to show).
      * @param {string} key
      * @param {string} payload

@@ -611,3 +611,78 @@ async fn a_profile_appends_its_history_and_reads_it_back() {
     let reread = Crypto::open(&old, &bob.identity).unwrap();
     assert_eq!(reread.with(|e| Ok(e.journal_len())).unwrap(), kept);
 }
+
+/// A newly linked device gets its account's history of each encrypted 1:1
+/// conversation from the device that adds it: the messages from before it
+/// was linked show on it as they do on the others. A group's history is
+/// not given (a member added later must not read what came before), and
+/// the other person's devices take nothing from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_reads_the_earlier_messages_of_its_one_to_one_conversations() {
+    use skylark_protocol::v1::{device_change, event::Body};
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555270000", 2).await;
+    let mut bob = devices.remove(0);
+    let mut ann = devices.remove(0);
+    let (ah, bh) = (ann.session.handle(), bob.session.handle());
+    let direct = ann.crypto.start_direct(&ah, &mut ann.events, "+15552700000").await.unwrap().expect("both encrypt");
+    welcomed(&mut bob, direct).await;
+    ann.crypto.post(&ah, &mut ann.events, direct, "a1", "ann, before the laptop").await.unwrap();
+    bob.crypto.post(&bh, &mut bob.events, direct, "b1", "bob, before the laptop").await.unwrap();
+    bob.crypto.post(&bh, &mut bob.events, info.id, "b2", "in the group, before the laptop").await.unwrap();
+    read_until(&mut ann, "in the group, before the laptop").await;
+
+    // Ann links a laptop; her phone reads of it and adds it.
+    let laptop_id = crate::devices::link_from(&server, &ah, &ann.identity, "laptop").await;
+    let mut laptop = device(&server, &laptop_id, &dirs.path().join("laptop")).await;
+    loop {
+        let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, ann.events.recv()).await else {
+            panic!("the phone never heard of the laptop")
+        };
+        if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
+            ann.crypto.open_event(entry);
+            if matches!(&entry.body, Some(Body::DeviceChange(c)) if matches!(c.change, Some(device_change::Change::Linked(_))))
+            {
+                break;
+            }
+        }
+    }
+    ann.crypto.maintain(&ah, &mut ann.events).await.unwrap();
+    bob.crypto.take_read();
+    bob.crypto.post(&bh, &mut bob.events, direct, "b3", "bob, after the laptop").await.unwrap();
+    read_until(&mut laptop, "bob, after the laptop").await;
+
+    // The laptop pages back through the account's log, as a client shows a
+    // conversation: the 1:1 messages from before it show; the group's not.
+    let page = laptop.session.handle().history(0, 200).await.unwrap();
+    let shown = |d: &Device, group: u64| -> Vec<Shown> {
+        page.events
+            .iter()
+            .rev()
+            .filter(|e| {
+                matches!(&e.body, Some(Body::Group(g)) if g.group == group
+                && matches!(g.body, Some(skylark_protocol::v1::group_event::Body::Message(_))))
+            })
+            .filter_map(|e| d.crypto.open_event(e))
+            .collect()
+    };
+    let in_direct = shown(&laptop, direct);
+    for text in ["ann, before the laptop", "bob, before the laptop", "bob, after the laptop"] {
+        assert!(in_direct.contains(&Shown::Encrypted(text.into())), "{text:?} on the laptop: {in_direct:?}");
+    }
+    let in_group = shown(&laptop, info.id);
+    assert!(!in_group.contains(&Shown::Encrypted("in the group, before the laptop".into())), "{in_group:?}");
+    assert!(in_group.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{in_group:?}");
+    // Bob's device reads the history post as nothing to show (whether his
+    // post read it on its way, or his log did after).
+    let mut bobs = opened_while_busy(&bob);
+    bobs.extend(read_until(&mut bob, "bob, after the laptop").await);
+    let texts = ["ann, before the laptop", "bob, before the laptop", "in the group, before the laptop"];
+    let expected = |s: &Shown| match s {
+        Shown::DevicesChanged => true,
+        Shown::Encrypted(text) => texts.contains(&text.as_str()) || text == "bob, after the laptop",
+        _ => false,
+    };
+    assert!(bobs.iter().all(expected), "{bobs:?}");
+}

@@ -360,6 +360,61 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
   assert.deepEqual(kept.get("e2ee-todo").add, ["2"], "still to do for the refusing one");
 }
 
+// ---- A linked device gets the history of the account's 1:1 conversations.
+
+{
+  const owner = bound(51);
+  const page = new Crypto({ accountId: "51", deviceId: "1", phone: "+15550005100" }, null, owner.device);
+  page.local = mapStore(new Map([["e2ee-todo", { add: ["2"], remove: [] }]]));
+  const peer = bound(52).device;
+  const laptop = bound(51, "2");
+  const laptopPage = new Crypto({ accountId: "51", deviceId: "2", phone: "+15550005100" }, null, laptop.device);
+  const [DIRECT, GROUP] = ["12", "13"];
+  const entries = [];
+  const post = (group, payload, by, clientId) => {
+    const seq = String(entries.length + 1);
+    const event = { seq, group: { group, groupSeq: seq, by, message: { senderDevice: "1", clientId, payload } } };
+    entries.push(event);
+    return event;
+  };
+  for (const g of [DIRECT, GROUP]) {
+    page.device.create(g);
+    const start = JSON.parse(page.device.add(g, JSON.stringify([{ account: "52", device: "1", keyPackage: JSON.parse(peer.keyPackages(1))[0] }])));
+    page.device.commitAccepted(g);
+    peer.openOnce(`post:${g}:0`, start.payload, undefined);
+    // Each conversation has a message from the peer, which the page read.
+    const text = new TextEncoder().encode(`said in ${g}, before the laptop`);
+    assert.equal(page.openEvent(post(g, peer.encryptAs(g, `p${g}`, text), "52", `p${g}`)).kind, "message");
+  }
+  const session = {
+    async request(body) {
+      if (body.claimKeyPackages) {
+        const keyPackage = JSON.parse(laptop.device.keyPackages(1))[0];
+        return { claimedKeyPackages: { phone: "+15550005100", accountId: "51", devices: [{ deviceId: "2", keyPackage, deviceKey: laptop.deviceKey }] } };
+      }
+      if (body.getGroup) return { groupInfo: { id: body.getGroup.group, direct: body.getGroup.group === DIRECT } };
+      const s = body.send;
+      assert.equal(String(s.messageEpoch ?? s.commitEpoch), page.device.epoch(s.group), "made in the group's epoch");
+      const event = post(s.group, s.payload, "51", s.clientId);
+      if (s.commitEpoch !== undefined) setTimeout(() => page.openEvent(event), 0);
+      return { sendAck: { id: { sender: s.group, seq: event.seq }, sentAtMs: "1" } };
+    },
+  };
+  await page.maintain(session);
+  // The laptop reads the log: both Welcomes, and one history post, in the
+  // 1:1 conversation only.
+  const opened = entries.map((e) => [e.group.group, laptopPage.openEvent(e)]);
+  const history = opened.filter(([, o]) => o && o.kind === "history");
+  assert.deepEqual(history.map(([g, o]) => [g, o.entries]), [[DIRECT, "1"]], JSON.stringify(opened));
+  const text = (g) => {
+    const o = laptopPage.recallKey(`post:${g}:${entries.find((e) => e.group.group === g && e.group.by === "52").seq}`);
+    return o && o.kind === "message" ? Buffer.from(o.plaintext, "base64").toString() : o;
+  };
+  assert.equal(text(DIRECT), `said in ${DIRECT}, before the laptop`);
+  assert.notEqual(text(GROUP), `said in ${GROUP}, before the laptop`, "a group's history is not given");
+  assert.ok(laptopPage.encrypts(GROUP) && laptopPage.encrypts(DIRECT));
+}
+
 // ---- The history kept apart, in chunks of journal records.
 
 {

@@ -10,7 +10,7 @@
 // with ticks. Both sides show the same safety number as `skylark verify`.
 // A group made in the page is encrypted for a browser and a CLI, and a
 // member added later reads on; a CLI device linked to Ann gets the keys of
-// her conversations from her browser.
+// her conversations from her browser, and the history of her 1:1 ones.
 // A reload shows every message from the browser's own copy, decrypted.
 // The server's files hold none of the messages' words.
 
@@ -163,6 +163,9 @@ try {
   await cli("cal", ["send", ANN, SECRETS[7]]);
   await cliUntil("ann-cli", ["listen"], new RegExp(SECRETS[7]));
   await ann.waitForSelector(`#messages >> text=${SECRETS[7]}`);
+  // The browser gave the terminal the history of Ann's 1:1 conversations:
+  // what Cal and Ann wrote before it was linked shows on it too.
+  await cliUntil("ann-cli", ["chat", CAL], new RegExp(`${SECRETS[0]}[^]*${SECRETS[1]}`));
 
   // A reload shows everything from the browser's own copy, decrypted.
   await ann.reload();
