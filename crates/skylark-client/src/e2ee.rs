@@ -862,12 +862,13 @@ impl Crypto {
     }
 
     /// Gives devices of this account just added to a 1:1 conversation
-    /// what this device has of its history, in one encrypted post after
-    /// the commit that added them (the newest messages that fit): their
-    /// clients then show those messages instead of saying they cannot read
-    /// them. Only for a 1:1 conversation, whose every member may read all
-    /// of it: in a group, a member added later must not read what came
-    /// before.
+    /// what this device has of its history, after the commit that added
+    /// them: encrypted posts of the newest messages first, each at most
+    /// [`skylark_e2ee::HISTORY_BYTES`], at most
+    /// [`skylark_e2ee::HISTORY_CHUNKS`] of them. Their clients then show
+    /// those messages instead of saying they cannot read them. Only for a
+    /// 1:1 conversation, whose every member may read all of it: in a group,
+    /// a member added later must not read what came before.
     async fn give_history(
         &self,
         h: &SessionHandle,
@@ -879,20 +880,23 @@ impl Crypto {
             return Ok(());
         }
         let conversation = group_conversation(group);
-        let client_id = new_client_id();
-        for _ in 0..COMMIT_ATTEMPTS {
-            let made = self.with(|e| {
-                let epoch = e.epoch(&conversation)?;
-                Ok(e.history_for(&conversation, linked, skylark_e2ee::HISTORY_BYTES)?.map(|p| (p, epoch)))
-            })?;
-            let Some((payload, epoch)) = made else { return Ok(()) };
-            let options = crate::session::SendOptions { message_epoch: Some(epoch), ..Default::default() };
-            match h.send_with(crate::session::To::Group(group), &client_id, payload, options).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
-                    self.read_past_epoch(events, group, epoch).await?;
+        let chunks = self
+            .with(|e| Ok(e.history_chunks(&conversation, skylark_e2ee::HISTORY_BYTES, skylark_e2ee::HISTORY_CHUNKS)))?;
+        for chunk in chunks {
+            let client_id = new_client_id();
+            for attempt in 1..=COMMIT_ATTEMPTS {
+                let (payload, epoch) = self.with(|e| {
+                    let epoch = e.epoch(&conversation)?;
+                    Ok((e.seal_history(&conversation, linked, &chunk)?, epoch))
+                })?;
+                let options = crate::session::SendOptions { message_epoch: Some(epoch), ..Default::default() };
+                match h.send_with(crate::session::To::Group(group), &client_id, payload, options).await {
+                    Ok(_) => break,
+                    Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) && attempt < COMMIT_ATTEMPTS => {
+                        self.read_past_epoch(events, group, epoch).await?;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(())

@@ -364,16 +364,28 @@ impl Device {
         Ok(BASE64.encode(payload))
     }
 
-    /// The group's history for devices of this account just added to it
-    /// (JSON `[{account, device}]`), as an encrypted post (base64), or
-    /// `undefined` when there is none. Only for a 1:1 conversation: every
-    /// member can read it.
-    #[wasm_bindgen(js_name = historyFor)]
-    pub fn history_for(&mut self, group: &str, devices: &str) -> Result<Option<String>, JsError> {
+    /// The group's history for devices of this account just added to it,
+    /// as chunks (a JSON array of base64), newest first, each for one post
+    /// ([`Device::seal_history`]). Only for a 1:1 conversation: every member
+    /// can read such a post.
+    #[wasm_bindgen(js_name = historyChunks)]
+    pub fn history_chunks(&self, group: &str) -> Result<String, JsError> {
+        let chunks = self.engine.history_chunks(
+            &conversation(group)?,
+            skylark_e2ee::HISTORY_BYTES,
+            skylark_e2ee::HISTORY_CHUNKS,
+        );
+        Ok(Value::from(chunks.iter().map(|c| BASE64.encode(c)).collect::<Vec<_>>()).to_string())
+    }
+
+    /// One chunk of [`Device::history_chunks`], encrypted for the devices
+    /// (JSON `[{account, device}]`) as a post of the group (base64).
+    #[wasm_bindgen(js_name = sealHistory)]
+    pub fn seal_history(&mut self, group: &str, devices: &str, chunk: &str) -> Result<String, JsError> {
         let devices = list(devices, "the devices", device_ref)?;
-        let payload =
-            self.engine.history_for(&conversation(group)?, &devices, skylark_e2ee::HISTORY_BYTES).map_err(fail)?;
-        Ok(payload.map(|p| BASE64.encode(p)))
+        let chunk = bytes(chunk, "the chunk")?;
+        let payload = self.engine.seal_history(&conversation(group)?, &devices, &chunk).map_err(fail)?;
+        Ok(BASE64.encode(payload))
     }
 
     /// Opens a log entry once, in log order (`key` names it; asked again,

@@ -278,7 +278,7 @@ pub enum Opened {
     /// It could not be opened (the reason, for the user).
     Failed(String),
     /// Another device of this account sent this one the conversation's
-    /// history ([`Engine::history_for`]): `entries` messages from before
+    /// history ([`Engine::seal_history`]): `entries` messages from before
     /// this device joined can be shown now. Nothing to show itself.
     History {
         conversation: Vec<u8>,
@@ -290,12 +290,16 @@ pub enum Opened {
 const JOURNAL_ENTRIES: usize = 50_000;
 
 /// How an application message that carries a conversation's history to a
-/// newly added device of the sender's account starts ([`Engine::history_for`]).
+/// newly added device of the sender's account starts ([`Engine::seal_history`]).
 const HISTORY_MAGIC: &[u8] = b"\0SKHIST1";
 
 /// At most this many bytes of history go in one message (the server's
 /// default payload limit is 64 KiB, and encryption adds a little).
 pub const HISTORY_BYTES: usize = 48 * 1024;
+
+/// At most this many history messages per conversation for a new device
+/// (1.5 MiB: some 15,000 short messages).
+pub const HISTORY_CHUNKS: usize = 32;
 
 /// One device's MLS state.
 pub struct Engine {
@@ -828,23 +832,19 @@ impl Engine {
         (protocol.content_type() == ContentType::Commit).then(|| protocol.group_id().as_slice().to_vec())
     }
 
-    /// An encrypted message for the conversation that gives `to` (devices
-    /// of this account just added to it) the texts this device has of it:
-    /// the newest that fit in `budget` bytes, keyed as every device keys the
-    /// conversation's entries, so theirs show them where they would have
-    /// shown that they cannot read them. `None` when there is nothing to
-    /// give. Every member can decrypt it, as any message of the
-    /// conversation: send it only where every member may read all of its
-    /// history (a 1:1 conversation, whose two people wrote it all).
-    pub fn history_for(
-        &mut self,
-        conversation: &[u8],
-        to: &[DeviceRef],
-        budget: usize,
-    ) -> Result<Option<Vec<u8>>, E2eeError> {
-        let prefix = history_prefix(conversation).ok_or_else(|| E2eeError::Malformed("not a group".into()))?;
-        let mut records = Vec::new();
-        let mut entries = 0u64;
+    /// The texts this device has of the conversation's posts, for devices
+    /// of this account just added to it, newest first, in chunks of at most
+    /// `budget` bytes and at most `chunks` of them: each chunk goes in one
+    /// encrypted post ([`Engine::seal_history`]). The records are keyed as
+    /// every device keys the conversation's entries, so the new devices show
+    /// them where they would have shown that they cannot read them. Every
+    /// member can decrypt such a post, as any message of the conversation:
+    /// send it only where every member may read all of its history (a 1:1
+    /// conversation, whose two people wrote it all).
+    pub fn history_chunks(&self, conversation: &[u8], budget: usize, chunks: usize) -> Vec<Vec<u8>> {
+        let Some(prefix) = history_prefix(conversation) else { return Vec::new() };
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut chunk = Vec::new();
         for key in self.journal_order.iter().rev() {
             if !key.starts_with(&prefix) {
                 continue;
@@ -856,26 +856,37 @@ impl Engine {
             let mut record = Vec::new();
             put(&mut record, key.as_bytes());
             put_opened(&mut record, opened);
-            if records.len() + record.len() > budget {
-                break;
+            if record.len() > budget {
+                continue;
             }
-            records.extend_from_slice(&record);
-            entries += 1;
+            if chunk.len() + record.len() > budget {
+                out.push(std::mem::take(&mut chunk));
+                if out.len() == chunks {
+                    return out;
+                }
+            }
+            chunk.extend_from_slice(&record);
         }
-        if entries == 0 || to.is_empty() {
-            return Ok(None);
+        if !chunk.is_empty() && out.len() < chunks {
+            out.push(chunk);
         }
+        out
+    }
+
+    /// Encrypts one chunk of [`Engine::history_chunks`] for the devices `to`
+    /// as a message of the conversation.
+    pub fn seal_history(&mut self, conversation: &[u8], to: &[DeviceRef], chunk: &[u8]) -> Result<Vec<u8>, E2eeError> {
         let mut plaintext = HISTORY_MAGIC.to_vec();
         put(&mut plaintext, &(to.len() as u64).to_be_bytes());
         for d in to {
             put(&mut plaintext, &d.account.to_be_bytes());
             put(&mut plaintext, &d.device.to_be_bytes());
         }
-        plaintext.extend_from_slice(&records);
-        self.encrypt(conversation, &plaintext).map(Some)
+        plaintext.extend_from_slice(chunk);
+        self.encrypt(conversation, &plaintext)
     }
 
-    /// Takes in a history message ([`Engine::history_for`]) opened in
+    /// Takes in a history message ([`Engine::seal_history`]) opened in
     /// `conversation`: only from a device of this account, only when it
     /// names this device, only entries of this conversation, and never over
     /// what this device opened itself (only over what it could not open,

@@ -556,7 +556,12 @@ fn a_linked_device_gets_its_accounts_history_of_a_conversation_and_nothing_else(
     assert!(matches!(before, Opened::Failed(_)), "a device added later cannot read what came before: {before:?}");
 
     // History from the other account's device is not taken.
-    let theirs = b1.engine.history_for(g, &[a2.engine.me()], HISTORY_BYTES).unwrap().expect("b1 has history");
+    let history = |d: &mut Device, to: DeviceRef| {
+        let chunks = d.engine.history_chunks(g, HISTORY_BYTES, HISTORY_CHUNKS);
+        assert_eq!(chunks.len(), 1);
+        d.engine.seal_history(g, &[to], &chunks[0]).unwrap()
+    };
+    let theirs = history(&mut b1, a2.engine.me());
     assert_eq!(
         a2.engine.open_once("post:7:5", &theirs, None),
         Opened::History { conversation: g.to_vec(), entries: 0 }
@@ -565,7 +570,7 @@ fn a_linked_device_gets_its_accounts_history_of_a_conversation_and_nothing_else(
 
     // History from its own account's device is: both messages, keyed as
     // every device keys them, with who sent each.
-    let ours = a1.engine.history_for(g, &[a2.engine.me()], HISTORY_BYTES).unwrap().expect("a1 has history");
+    let ours = history(&mut a1, a2.engine.me());
     assert!(!ours.windows(3).any(|w| w == b"one"), "history travels encrypted");
     assert_eq!(a2.engine.open_once("post:7:6", &ours, None), Opened::History { conversation: g.to_vec(), entries: 2 });
     let text = |d: &Device, key: &str| match d.engine.recall(key) {
@@ -612,5 +617,23 @@ fn a_linked_device_gets_its_accounts_history_of_a_conversation_and_nothing_else(
     assert_eq!(text(&a2, "post:7:3"), Some((a1.engine.me(), "two, from a".into())));
     assert_eq!(a2.engine.recall("post:7:6"), Some(Opened::History { conversation: g.to_vec(), entries: 2 }));
     // Nothing to give: no history.
-    assert_eq!(a1.engine.history_for(&group_conversation(9), &[a2.engine.me()], HISTORY_BYTES).ok().flatten(), None);
+    assert!(a1.engine.history_chunks(&group_conversation(9), HISTORY_BYTES, HISTORY_CHUNKS).is_empty());
+    // More than a chunk holds: newest first, in chunks within the budget,
+    // and no more chunks than asked.
+    for i in 0..20 {
+        let post = b1.engine.encrypt(g, format!("message number {i:02}").as_bytes()).unwrap();
+        a1.engine.open_once(&format!("post:7:{}", 100 + i), &post, None);
+    }
+    let all = a1.engine.history_chunks(g, 1 << 20, 1).remove(0);
+    let budget = all.len() / 4;
+    let chunks = a1.engine.history_chunks(g, budget, 100);
+    assert!(
+        chunks.len() >= 4 && chunks.iter().all(|c| c.len() <= budget),
+        "{budget}: {:?}",
+        chunks.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), all.len(), "every message in one chunk or another");
+    let has = |c: &[u8], text: &[u8]| c.windows(text.len()).any(|w| w == text);
+    assert!(has(&chunks[0], b"message number 19") && has(chunks.last().unwrap(), b"one, from b"), "newest first");
+    assert_eq!(a1.engine.history_chunks(g, budget, 2).len(), 2, "no more chunks than asked");
 }

@@ -50,6 +50,10 @@ const state = {
   outbox: [], // sends waiting for their ack (kept across reconnects and in the local store)
   local: null, // the LocalStore of this device, when IndexedDB opened
   crypto: null, // this device's end-to-end encryption (e2ee.js), when it loaded
+  // Encrypted posts shown as not readable here, by group: group → groupSeq
+  // → { g, order }, shown again when another device of this account gives
+  // this one the conversation's history.
+  locked: new Map(),
   // The part of the account's log held here with nothing missing:
   // sequences lo..=hi (lo 0: down to the start of the history window);
   // null before the first page was read.
@@ -821,6 +825,7 @@ function onFrame(frame) {
       }
     }
     apply(frame.event, true, opened);
+    if (opened && opened.kind === "history") showUnlocked(frame.event.group.group);
     keepLive(frame.event);
   } else if (frame.caughtUp) {
     setConnState("");
@@ -988,6 +993,19 @@ function recallPost(event) {
   }
 }
 
+/// Another device of this account gave this one a conversation's history:
+/// the posts of `group` shown as not readable here are shown again, with
+/// their words where the history has them.
+function showUnlocked(group) {
+  const locked = state.locked.get(group);
+  if (!locked) return;
+  for (const { g, order } of [...locked.values()]) {
+    const opened = recallPost({ group: g });
+    if (opened && opened.kind === "message") applyGroup(g, order, false, opened);
+  }
+  renderAll();
+}
+
 /// The words of a group post: decrypted (`opened`, from e2ee.js) when it
 /// is encrypted; null for a handshake (keys changing: nothing to show).
 function postText(g, opened) {
@@ -1018,7 +1036,11 @@ function applyGroup(g, order, live, opened = null) {
     if (opened) c.locked = encryptsFor(c.direct || c.group); // keys may have arrived
     const text = postText(g, opened);
     if (text === null) return; // encryption keys changing: nothing to show
+    const locked = state.locked.get(g.group) || new Map();
+    if (text === LOCKED) state.locked.set(g.group, locked.set(g.groupSeq, { g, order }));
+    else locked.delete(g.groupSeq);
     const mine = g.by === state.me.accountId;
+    if (live && !mine) state.typing.delete(g.byPhone); // the message they were typing
     const shown = described(`${g.group}:${g.groupSeq}`, g.group, text, g.message, mine, g.byPhone);
     addMessage(c, {
       id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, mine, from: g.byPhone,
@@ -1027,7 +1049,7 @@ function applyGroup(g, order, live, opened = null) {
     if (shown.deletes) scrub(c, shown.deletes);
     if (live && !mine && !shown.quiet) {
       maybeMarkRead(c);
-      notifyPage(c, `${g.byPhone} in ${c.title}`, shown.text);
+      notifyPage(c, c.direct ? g.byPhone : `${g.byPhone} in ${c.title}`, shown.text);
     }
     return;
   }
@@ -2333,7 +2355,8 @@ async function showSettings() {
     h("h3", {}, "End-to-end encryption"),
     state.crypto
       ? h("p", { class: "e2ee-state" }, "On: a conversation is end-to-end encrypted (🔒) once every device of everyone in it "
-        + "can encrypt; then only those devices can read it, not this server. A device added later cannot read what was sent before.")
+        + "can encrypt; then only those devices can read it, not this server. A device you link later is given the earlier "
+        + "messages of your 1:1 chats by your other devices; in a group it reads from when it joined.")
       : h("p", { class: "e2ee-state" }, "Off on this browser: what it sends and receives can be read by this server, "
         + "and your other devices' conversations with this browser stay unencrypted."),
     state.crypto ? null : h("p", {}, h("button", { type: "button", onclick: () => guarded(turnOnEncryption) }, "Turn on encryption")),

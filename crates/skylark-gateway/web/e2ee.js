@@ -560,30 +560,32 @@ export class Crypto {
   }
 
   /// Gives devices of this account just added to a 1:1 conversation what
-  /// this browser has of its history, in one encrypted post after the
-  /// commit that added them (the newest messages that fit): they show
-  /// those messages instead of saying they cannot read them. Only for a
-  /// 1:1 conversation, whose every member may read all of it: in a group,
-  /// a member added later must not read what came before.
+  /// this browser has of its history, after the commit that added them:
+  /// encrypted posts of the newest messages first (at most 48 KiB each, 32
+  /// of them). They then show those messages instead of saying they cannot
+  /// read them. Only for a 1:1 conversation, whose every member may read
+  /// all of it: in a group, a member added later must not read what came
+  /// before.
   async giveHistory(session, group, linked) {
     const info = (await session.request({ getGroup: { group } })).groupInfo;
     if (!info.direct) return;
     const devices = JSON.stringify(linked.map((p) => ({ account: p.account, device: p.device })));
-    const clientId = newClientId();
-    for (let attempt = 0; attempt < COMMIT_ATTEMPTS; attempt++) {
-      await this.settled(group);
-      const epoch = String(this.device.epoch(group));
-      const payload = this.device.historyFor(group, devices);
-      if (!payload) return;
-      // The ratchet moved: kept before the post leaves.
-      this.dirty = true;
-      await this.persist();
-      try {
-        await session.request({ send: { group, clientId, payload, messageEpoch: epoch } });
-        return;
-      } catch (err) {
-        if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH")) throw err;
-        await this.epochMoves(group, Number(epoch));
+    for (const chunk of JSON.parse(this.device.historyChunks(group))) {
+      const clientId = newClientId();
+      for (let attempt = 1; ; attempt++) {
+        await this.settled(group);
+        const epoch = String(this.device.epoch(group));
+        const payload = this.device.sealHistory(group, devices, chunk);
+        // The ratchet moved: kept before the post leaves.
+        this.dirty = true;
+        await this.persist();
+        try {
+          await session.request({ send: { group, clientId, payload, messageEpoch: epoch } });
+          break;
+        } catch (err) {
+          if (!(err instanceof Refused && err.code === "ERROR_CODE_STALE_EPOCH") || attempt >= COMMIT_ATTEMPTS) throw err;
+          await this.epochMoves(group, Number(epoch));
+        }
       }
     }
   }

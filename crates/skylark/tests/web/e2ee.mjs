@@ -114,8 +114,11 @@ try {
   await bea.click(`[data-chat="p:${ANN}"]`);
   await bea.waitForSelector(`#messages >> text=${SECRETS[3]}`);
   await tickIs(ann, SECRETS[3], "read");
+  await bea.type("#text", "ibis", { delay: 20 });
+  await until("Ann sees Bea typing", async () => (await ann.textContent("#chat-status")) === "typing…");
   await sendText(bea, SECRETS[4]);
   await ann.waitForSelector(`#messages >> text=${SECRETS[4]}`);
+  assert.notEqual(await ann.textContent("#chat-status"), "typing…", "typing… ends with the encrypted message");
   assert.equal(await pageSafetyNumber(ann), await pageSafetyNumber(bea), "both browsers show one safety number");
 
   // A group made in the browser is encrypted for every device of its
@@ -166,6 +169,27 @@ try {
   // The browser gave the terminal the history of Ann's 1:1 conversations:
   // what Cal and Ann wrote before it was linked shows on it too.
   await cliUntil("ann-cli", ["chat", CAL], new RegExp(`${SECRETS[0]}[^]*${SECRETS[1]}`));
+
+  // A browser linked to Ann's account shows her chats' earlier messages as
+  // unreadable; once its encryption is on, her page gives
+  // it the keys and the history of her 1:1 chats, and it shows them.
+  const laptop = await (await browser.newContext()).newPage();
+  laptop.on("pageerror", (e) => errors.push(e.message));
+  await laptop.goto(base);
+  await laptop.click("#link-start");
+  await laptop.waitForSelector("#link-show:not([hidden])");
+  const laptopCode = (await laptop.textContent("#link-code")).trim();
+  await ann.click("#devices");
+  await ann.fill("dialog input[aria-label='Link code']", laptopCode);
+  await ann.press("dialog input[aria-label='Link code']", "Enter");
+  await laptop.waitForSelector("#app:not([hidden])");
+  await ann.waitForSelector("#panel-note >> text=Linked");
+  await ann.keyboard.press("Escape");
+  await laptop.click(`[data-chat="p:${CAL}"]`);
+  await laptop.waitForSelector("#messages >> text=cannot read");
+  await turnOnEncryption(laptop);
+  await laptop.waitForSelector(`#messages >> text=${SECRETS[0]}`, { timeout: 60000 });
+  await laptop.waitForSelector(`#messages >> text=${SECRETS[1]}`);
 
   // A reload shows everything from the browser's own copy, decrypted.
   await ann.reload();
