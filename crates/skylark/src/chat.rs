@@ -165,20 +165,26 @@ impl DirectPeers {
         self.0.get(&group).map(String::as_str)
     }
 
-    /// Learns the other party of `event`'s 1:1 conversation group, if it
-    /// is one (from the event, or else by asking the server once).
+    /// Learns the other party of the 1:1 conversation group `event`
+    /// belongs to (a post, or a receipt or read marker of the group), if it
+    /// is one: from the event, or else by asking the server once.
     async fn learn(&mut self, event: &v1::Event, me: &Identity, h: Option<&SessionHandle>) {
-        let Some(Body::Group(g)) = &event.body else { return };
-        if !skylark_core::AccountId(g.group).is_direct() || self.0.contains_key(&g.group) {
+        let (group, by) = match &event.body {
+            Some(Body::Group(g)) => (g.group, (g.by != me.account_id).then_some(g.by_phone.as_str())),
+            Some(Body::Receipt(r)) if r.peer_phone.is_empty() => (r.peer, None),
+            Some(Body::ReadSync(r)) if r.peer_phone.is_empty() => (r.peer, None),
+            _ => return,
+        };
+        if !skylark_core::AccountId(group).is_direct() || self.0.contains_key(&group) {
             return;
         }
-        if g.by != me.account_id && !g.by_phone.is_empty() {
-            self.0.insert(g.group, g.by_phone.clone());
+        if let Some(phone) = by.filter(|p| !p.is_empty()) {
+            self.0.insert(group, phone.to_owned());
         } else if let Some(h) = h
-            && let Ok(info) = h.group_info(g.group).await
+            && let Ok(info) = h.group_info(group).await
             && let Some(other) = info.members.iter().find(|m| m.account != me.account_id)
         {
-            self.0.insert(g.group, other.phone.clone());
+            self.0.insert(group, other.phone.clone());
         }
     }
 }
@@ -271,23 +277,27 @@ fn describe(
             })
         }
         Body::Receipt(r) => {
-            if only.is_some_and(|o| o != r.peer_phone) {
+            // A group's receipt names no number; a 1:1 conversation's group
+            // (encrypted) is shown as that conversation, by the other's number.
+            let phone = if r.peer_phone.is_empty() { peers.get(r.peer).unwrap_or_default() } else { &r.peer_phone };
+            if only.is_some_and(|o| o != phone) {
                 return None;
             }
-            if r.peer_phone.is_empty() {
+            if phone.is_empty() {
                 let everyone = kind_word(r.kind);
                 return Some(format!("✓✓ every member of group {} has {everyone} up to #{}", r.peer, r.up_to_seq));
             }
-            Some(format!("✓✓ {} {} your messages up to #{}", r.peer_phone, kind_word(r.kind), r.up_to_seq))
+            Some(format!("✓✓ {} {} your messages up to #{}", phone, kind_word(r.kind), r.up_to_seq))
         }
         Body::ReadSync(r) => {
-            if only.is_some_and(|o| o != r.peer_phone) {
+            let phone = if r.peer_phone.is_empty() { peers.get(r.peer).unwrap_or_default() } else { &r.peer_phone };
+            if only.is_some_and(|o| o != phone) {
                 return None;
             }
-            if r.peer_phone.is_empty() {
+            if phone.is_empty() {
                 return Some(format!("(read group {} up to #{} on one of your devices)", r.peer, r.up_to_seq));
             }
-            Some(format!("(read {}'s messages up to #{} on one of your devices)", r.peer_phone, r.up_to_seq))
+            Some(format!("(read {}'s messages up to #{} on one of your devices)", phone, r.up_to_seq))
         }
         Body::DeviceChange(change) => {
             use v1::device_change::Change;

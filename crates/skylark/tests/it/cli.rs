@@ -776,6 +776,8 @@ async fn encrypted_one_to_one_from_the_command_line() {
     let l = cli.listen("alice-laptop");
     l.expect("you → +15551800002: dm-marker-one");
     l.expect("+15551800002: dm-marker-two");
+    // Receipts of the conversation name Bob, as a plain 1:1 chat's do.
+    l.expect("✓✓ +15551800002 delivered your messages up to #");
     drop(l);
 
     // The safety number is the same on both sides (and on Alice's laptop).
