@@ -1192,13 +1192,13 @@ impl Engine {
     }
 }
 
-/// The journal key of this device's own message with `client_id`.
 /// How the journal keys of a conversation's entries start (the clients key
 /// a group's entries `post:GROUP:SEQ`, the same on every device).
 fn history_prefix(conversation: &[u8]) -> Option<String> {
     conversation_group(conversation).map(|group| format!("post:{group}:"))
 }
 
+/// The journal key of this device's own message with `client_id`.
 fn own_key(client_id: &str) -> String {
     format!("own:{client_id}")
 }

@@ -532,11 +532,11 @@ export class Crypto {
           const linked = packages.filter((p) => todo.add.includes(p.device));
           for (const p of linked) added.add(p.device);
           if (linked.length) {
-            const added = await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked)))
+            const committed = await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked)))
               .catch((err) => failed.push({ g, err }) && false);
             // Best effort: without it, the new device shows the older
             // messages as not readable there.
-            if (added === true) await this.giveHistory(session, g, linked).catch(() => {});
+            if (committed === true) await this.giveHistory(session, g, linked).catch(() => {});
           }
         }
       }
