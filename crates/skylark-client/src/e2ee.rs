@@ -678,6 +678,8 @@ impl Crypto {
         self.save_todo(&now)?;
         let removals_failed = failed.len();
         let mut added = std::collections::BTreeSet::new();
+        // The conversations given devices here, and which: their history follows.
+        let mut joined: Vec<(u64, Vec<DeviceRef>)> = Vec::new();
         for (group, conversation) in &groups {
             // One package per device per conversation: a Welcome uses it up.
             let claimed = claim_patiently(h, std::slice::from_ref(&self.identity.phone))
@@ -701,12 +703,7 @@ impl Crypto {
                 .collect();
             added.extend(packages.iter().map(|(d, _)| d.device));
             match self.commit(h, events, *group, |e| e.add(conversation, &packages)).await {
-                Ok(true) => {
-                    let linked: Vec<DeviceRef> = packages.iter().map(|(d, _)| *d).collect();
-                    if let Err(e) = self.give_history(h, events, *group, &linked).await {
-                        tracing::info!(group, "could not give a linked device this conversation's history: {e}");
-                    }
-                }
+                Ok(true) => joined.push((*group, packages.iter().map(|(d, _)| *d).collect::<Vec<_>>())),
                 Ok(false) => {}
                 Err(e) => failed.push((*group, e)),
             }
@@ -719,6 +716,14 @@ impl Crypto {
             now.add.retain(|d| !added.contains(d));
         }
         self.save_todo(&now)?;
+        // Once every conversation has the devices: their history (best
+        // effort: without it, a new device shows the older messages as ones
+        // it cannot read).
+        for (group, linked) in &joined {
+            if let Err(e) = self.give_history(h, events, *group, linked).await {
+                tracing::info!(group, "could not give a linked device this conversation's history: {e}");
+            }
+        }
         match failed.as_slice() {
             [] => Ok(()),
             [(group, e)] => Err(ClientError::Profile(format!(

@@ -525,6 +525,7 @@ export class Crypto {
       }
       const removalsFailed = failed.length;
       const added = new Set(groups.length ? [] : todo.add);
+      const joined = []; // { g, linked }: conversations this page added devices to
       if (todo.add.length) {
         for (const g of groups) {
           // One package per device per conversation: a Welcome uses it up.
@@ -534,9 +535,7 @@ export class Crypto {
           if (linked.length) {
             const committed = await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked)))
               .catch((err) => failed.push({ g, err }) && false);
-            // Best effort: without it, the new device shows the older
-            // messages as not readable there.
-            if (committed === true) await this.giveHistory(session, g, linked).catch(() => {});
+            if (committed === true) joined.push({ g, linked });
           }
         }
       }
@@ -545,6 +544,10 @@ export class Crypto {
       if (!removalsFailed) now.remove = now.remove.filter((d) => !todo.remove.includes(d));
       if (failed.length === removalsFailed) now.add = now.add.filter((d) => !added.has(d));
       await this.local.put(TODO, now);
+      // Once every conversation has the devices: their history. Best
+      // effort: without it, a new device shows the older messages as ones
+      // it cannot read.
+      for (const { g, linked } of joined) await this.giveHistory(session, g, linked).catch(() => {});
       const closed = failed.find(({ err }) => err instanceof Refused && err.code === "CLOSED");
       if (closed) throw closed.err;
       if (failed.length) {
