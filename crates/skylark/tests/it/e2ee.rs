@@ -423,6 +423,23 @@ async fn welcomed(d: &mut Device, group: u64) {
     }
 }
 
+/// Reads a device's log until it hears that a device was linked to its
+/// account (opening what it reads on the way).
+async fn hears_of_a_link(d: &mut Device) {
+    use skylark_protocol::v1::{device_change::Change, event::Body};
+    loop {
+        let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, d.events.recv()).await else {
+            panic!("the device never heard of the linked one")
+        };
+        if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
+            d.crypto.open_event(entry);
+            if matches!(&entry.body, Some(Body::DeviceChange(c)) if matches!(c.change, Some(Change::Linked(_)))) {
+                return;
+            }
+        }
+    }
+}
+
 /// What the frames a device read while posting or committing opened to.
 fn opened_while_busy(d: &Device) -> Vec<Shown> {
     d.crypto
@@ -486,7 +503,7 @@ async fn posts_and_commits_that_cross_are_each_opened_in_their_epoch() {
 /// from the others; the refusal is said, and stays to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_change_one_conversation_refuses_still_reaches_the_others() {
-    use skylark_protocol::v1::{change_group::Change, device_change};
+    use skylark_protocol::v1::change_group::Change;
     let server = TestServer::start().await;
     let dirs = tempfile::tempdir().unwrap();
     // Bob's encrypted group with Ann, and their encrypted 1:1 conversation.
@@ -504,19 +521,7 @@ async fn a_device_change_one_conversation_refuses_still_reaches_the_others() {
     let mut laptop = device(&server, &laptop_id, &dirs.path().join("laptop")).await;
     // (The group sorts before the 1:1 conversation in her list.)
     assert!(group_conversation(info.id) < group_conversation(direct));
-    loop {
-        let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, ann.events.recv()).await else {
-            panic!("the phone never heard of the laptop")
-        };
-        if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
-            ann.crypto.open_event(entry);
-            if matches!(&entry.body, Some(skylark_protocol::v1::event::Body::DeviceChange(c))
-                if matches!(c.change, Some(device_change::Change::Linked(_))))
-            {
-                break;
-            }
-        }
-    }
+    hears_of_a_link(&mut ann).await;
     // The group refuses her commit (she is no longer a member); the 1:1
     // conversation, after it in her list, gets the laptop all the same.
     let words = ann.crypto.maintain(&ah, &mut ann.events).await.unwrap_err().to_string();
@@ -619,7 +624,7 @@ async fn a_profile_appends_its_history_and_reads_it_back() {
 /// the other person's devices take nothing from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linked_device_reads_the_earlier_messages_of_its_one_to_one_conversations() {
-    use skylark_protocol::v1::{device_change, event::Body};
+    use skylark_protocol::v1::event::Body;
     let server = TestServer::start().await;
     let dirs = tempfile::tempdir().unwrap();
     let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555270000", 2).await;
@@ -636,18 +641,7 @@ async fn a_linked_device_reads_the_earlier_messages_of_its_one_to_one_conversati
     // Ann links a laptop; her phone reads of it and adds it.
     let laptop_id = crate::devices::link_from(&server, &ah, &ann.identity, "laptop").await;
     let mut laptop = device(&server, &laptop_id, &dirs.path().join("laptop")).await;
-    loop {
-        let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, ann.events.recv()).await else {
-            panic!("the phone never heard of the laptop")
-        };
-        if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
-            ann.crypto.open_event(entry);
-            if matches!(&entry.body, Some(Body::DeviceChange(c)) if matches!(c.change, Some(device_change::Change::Linked(_))))
-            {
-                break;
-            }
-        }
-    }
+    hears_of_a_link(&mut ann).await;
     ann.crypto.maintain(&ah, &mut ann.events).await.unwrap();
     bob.crypto.take_read();
     bob.crypto.post(&bh, &mut bob.events, direct, "b3", "bob, after the laptop").await.unwrap();

@@ -22,7 +22,7 @@ import { deflateSync } from "node:zlib";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
-import { accessible, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
+import { accessible, linkTo, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
 import { harness } from "./harness.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
@@ -65,20 +65,6 @@ function png(width, height) {
 
 /// The server's admin token (written to its data directory at start).
 const adminToken = () => readFileSync(join(dataDir, "admin.token"), "utf8").trim();
-
-/// Links a new browser (`page`) to the account signed in on `approver`.
-async function linkTo(approver, page) {
-  await page.goto(base);
-  await page.click("#link-start");
-  await page.waitForSelector("#link-show:not([hidden])");
-  const code = (await page.textContent("#link-code")).trim();
-  await approver.click("#devices");
-  await approver.fill("dialog input[aria-label='Link code']", code);
-  await approver.press("dialog input[aria-label='Link code']", "Enter");
-  await page.waitForSelector("#app:not([hidden])");
-  await approver.waitForSelector("#panel-note >> text=Linked");
-  await approver.keyboard.press("Escape");
-}
 
 /// How many messages from `phone` the page has kept in its local store.
 const keptFrom = (page, phone) => page.evaluate(async (phone) => {
@@ -327,7 +313,7 @@ try {
   // from the server, down to Carol's message, and pages back through Dave's
   // as the user scrolls up.
   const tablet = watched(await (await browser.newContext(DESKTOP)).newPage());
-  await linkTo(alice, tablet);
+  await linkTo(alice, tablet, base);
   await until("Carol's chat read back from history", async () => (await badge(tablet, CAROL)) === "1");
   await until("every message of Dave's counted", async () => (await badge(tablet, DAVE)) === String(MANY));
   assert.equal(await tablet.title(), await alice.title(), "the same unread count on both devices");
@@ -656,7 +642,7 @@ try {
   // Phone-sized window: one pane at a time.
   const phone = watched(await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage());
   // A fresh context, linked to Bob's account.
-  await linkTo(bob, phone);
+  await linkTo(bob, phone, base);
   await phone.waitForSelector(`[data-chat="p:${ALICE}"]`);
   assert.equal(await phone.isVisible("#conversation"), false, "narrow: the list alone");
   await shot(phone, "10-narrow-list");

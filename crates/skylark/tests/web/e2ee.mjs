@@ -18,7 +18,7 @@ import { chromium } from "playwright-core";
 import { readFileSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import assert from "node:assert/strict";
-import { sendText, signUp as signUpAt, startChat, tickIs, until } from "./lib.mjs";
+import { linkTo, sendText, signUp as signUpAt, startChat, tickIs, until } from "./lib.mjs";
 import { harness } from "./harness.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
@@ -178,16 +178,7 @@ try {
   // it the keys and the history of her 1:1 chats, and it shows them.
   const laptop = await (await browser.newContext()).newPage();
   laptop.on("pageerror", (e) => errors.push(e.message));
-  await laptop.goto(base);
-  await laptop.click("#link-start");
-  await laptop.waitForSelector("#link-show:not([hidden])");
-  const laptopCode = (await laptop.textContent("#link-code")).trim();
-  await ann.click("#devices");
-  await ann.fill("dialog input[aria-label='Link code']", laptopCode);
-  await ann.press("dialog input[aria-label='Link code']", "Enter");
-  await laptop.waitForSelector("#app:not([hidden])");
-  await ann.waitForSelector("#panel-note >> text=Linked");
-  await ann.keyboard.press("Escape");
+  await linkTo(ann, laptop, base);
   await laptop.click(`[data-chat="p:${CAL}"]`);
   await laptop.waitForSelector("#messages >> text=cannot read");
   await turnOnEncryption(laptop);

@@ -63,3 +63,18 @@ export const tick = (page, text) =>
 export async function tickIs(page, text, status, ms = WAIT) {
   await until(`"${text}" to be ${status}`, async () => (await tick(page, text)) === status, ms);
 }
+
+/// Links the browser `page` to `approver`'s account: the page shows a
+/// link code, the approver enters it in its devices dialog.
+export async function linkTo(approver, page, base) {
+  await page.goto(base);
+  await page.click("#link-start");
+  await page.waitForSelector("#link-show:not([hidden])");
+  const code = (await page.textContent("#link-code")).trim();
+  await approver.click("#devices");
+  await approver.fill("dialog input[aria-label='Link code']", code);
+  await approver.press("dialog input[aria-label='Link code']", "Enter");
+  await page.waitForSelector("#app:not([hidden])");
+  await approver.waitForSelector("#panel-note >> text=Linked");
+  await approver.keyboard.press("Escape");
+}
