@@ -712,6 +712,14 @@ impl Shell {
                 return Err(());
             }
         }
+        // Before the post is answered or forwarded, so whoever it reaches
+        // is a contact of its author by then.
+        for (author, peer) in fx.contacts {
+            if let Err(e) = store.add_contact(author, peer).await {
+                tracing::warn!(%account, %author, error = %e, "recording a contact failed; the next post retries");
+                self.machine.contact_not_recorded(author);
+            }
+        }
         for (reply, answer) in later {
             reply.answer(Ok(answer));
         }

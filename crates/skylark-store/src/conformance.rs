@@ -453,6 +453,12 @@ async fn settings(store: &dyn Store) {
     store.apply(w).await.expect("apply");
     assert!(store.is_contact(a, b).await.expect("read"));
     assert!(!store.is_contact(b, a).await.expect("read"), "contacts are one-way");
+    // Recorded from outside the account's log (a 1:1 conversation's group).
+    store.add_contact(b, a).await.expect("add");
+    assert!(store.is_contact(b, a).await.expect("read"));
+    store.add_contact(a, b).await.expect("adding a recorded contact is no change");
+    assert!(store.is_contact(a, b).await.expect("read"));
+    assert!(!store.is_contact(a, AccountId(5_002)).await.expect("read"));
 
     let target = PushTarget::UnifiedPush { endpoint: "http://127.0.0.1:1/up".into() };
     assert_eq!(store.push_target(DeviceId(9_000)).await.expect("read"), None);

@@ -239,6 +239,11 @@ pub trait SettingsStore: Send + Sync {
         peer: AccountId,
         name: Option<String>,
     ) -> Result<(), StoreError>;
+    /// Records that `account` wrote to `peer` (contacts are one-way; a
+    /// contact recorded again is no change). For messages that do not pass
+    /// through `account`'s own log: a 1:1 conversation's group records its
+    /// authors this way. Durable when it returns.
+    async fn add_contact(&self, account: AccountId, peer: AccountId) -> Result<(), StoreError>;
     /// The account's profile, if it set one.
     async fn profile(&self, account: AccountId) -> Result<Option<Profile>, StoreError>;
     /// Sets (or with `None`, removes) the account's profile. Durable when it returns.

@@ -1083,6 +1083,18 @@ impl SettingsStore for RedbStore {
         .await
     }
 
+    async fn add_contact(&self, account: AccountId, peer: AccountId) -> Result<(), StoreError> {
+        // Most calls find the contact recorded: a read, and no commit.
+        if self.is_contact(account, peer).await? {
+            return Ok(());
+        }
+        self.write(move |txn| {
+            txn.open_table(CONTACTS)?.insert((account.0, peer.0), ())?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn contact_names(&self, account: AccountId) -> Result<Vec<(AccountId, String)>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;

@@ -154,6 +154,11 @@ impl Machine {
                 skip = Some(peer);
                 fx.counts.dropped_blocked += 1;
             }
+            // Writing to someone makes them a contact, as a 1:1 message
+            // does (what a profile shown to contacts goes by).
+            if self.marks_mut().contacts.insert(author) {
+                fx.contacts.push((author, peer));
+            }
         }
         let seq = self.record(&mut fx.write, &mut fx.kick, now_ms, author, body, skip);
         if let Some(target) = meta.deletes

@@ -167,6 +167,11 @@ pub(crate) struct Effects {
     pub kick: HashSet<AccountId>,
     /// The account received messages (push wakes offline devices).
     pub wake: bool,
+    /// Contacts of other accounts to record once the write is durable,
+    /// as (author, peer): a 1:1 conversation's group records that its
+    /// author wrote to the other member (they live with the author, not
+    /// in the group's write).
+    pub contacts: Vec<(AccountId, AccountId)>,
     /// For metrics.
     pub counts: Counts,
 }
@@ -412,7 +417,9 @@ pub(crate) struct Marks {
     pub read_markers: HashMap<AccountId, u64>,
     /// Highest of each peer's sequences this account received.
     pub received: HashMap<AccountId, u64>,
-    /// Peers known to be recorded as contacts (sent a message to).
+    /// Peers known to be recorded as contacts (sent a message to). For a
+    /// 1:1 conversation's group: its members known to be recorded as the
+    /// other's contact.
     pub contacts: HashSet<AccountId>,
     /// The accounts this account blocked, once read (for a 1:1
     /// conversation's group: those of its members that blocked the other).
@@ -550,8 +557,14 @@ impl Machine {
         self.marks.as_deref().unwrap_or(&NO_MARKS)
     }
 
-    fn marks_mut(&mut self) -> &mut Marks {
+    pub(super) fn marks_mut(&mut self) -> &mut Marks {
         self.marks.get_or_insert_with(Box::default)
+    }
+
+    /// A contact of [`Effects::contacts`] could not be recorded: the next
+    /// post of `author` asks again.
+    pub fn contact_not_recorded(&mut self, author: AccountId) {
+        self.marks_mut().contacts.remove(&author);
     }
 
     pub fn is_group(&self) -> bool {
@@ -699,6 +712,7 @@ impl Machine {
             outcomes: Vec::with_capacity(inputs.len()),
             kick: HashSet::new(),
             wake: false,
+            contacts: Vec::new(),
             counts: Counts::default(),
         };
         if let Some(blocks) = &facts.blocks

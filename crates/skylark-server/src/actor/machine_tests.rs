@@ -516,12 +516,17 @@ fn a_direct_group_keeps_a_blocked_members_messages_from_the_blocker_but_not_its_
     assert!(matches!(fx.outcomes[1], Outcome::Now(Err(MessagingError::YouBlocked))), "the blocker may not write");
     let commit = ack_of(&fx.outcomes[2]).id.seq;
     assert_eq!(to(&fx, commit), vec![A, B], "a commit reaches both");
+    assert_eq!(fx.contacts, vec![(A, B)], "A wrote to B (the refused post and the commit record nothing)");
     // The block is lifted, and a post follows in the same batch: the group
     // updates what it holds, with no read.
     let inputs = vec![Input::Block { peer: A, blocked: false }, post(A, "m3", None)];
     assert!(!group.needs(&inputs).blocks, "held already");
     let fx = step(&mut group, inputs);
     assert_eq!(to(&fx, ack_of(&fx.outcomes[1]).id.seq), vec![A, B]);
+    assert!(fx.contacts.is_empty(), "recorded once per actor");
+    group.contact_not_recorded(A);
+    let fx = step(&mut group, vec![post(A, "m3b", None), post(B, "m3c", None)]);
+    assert_eq!(fx.contacts, vec![(A, B), (B, A)], "asked again when the record failed; B wrote too");
     // And blocked again.
     let fx = step(&mut group, vec![Input::Block { peer: A, blocked: true }, post(A, "m4", None)]);
     assert_eq!(to(&fx, ack_of(&fx.outcomes[1]).id.seq), vec![A]);

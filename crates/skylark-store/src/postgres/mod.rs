@@ -1466,6 +1466,17 @@ impl SettingsStore for PgStore {
         Ok(())
     }
 
+    async fn add_contact(&self, account: AccountId, peer: AccountId) -> Result<(), StoreError> {
+        let shard = self.conn(account);
+        sqlx::query("INSERT INTO contacts (account, peer) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(int(account.0)?)
+            .bind(int(peer.0)?)
+            .execute(&shard.pool)
+            .await
+            .map_err(|e| shard.fail(e))?;
+        Ok(())
+    }
+
     async fn contact_names(&self, account: AccountId) -> Result<Vec<(AccountId, String)>, StoreError> {
         let shard = self.conn(account);
         let rows: Vec<(i64, String)> =

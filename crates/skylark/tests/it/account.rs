@@ -199,9 +199,19 @@ async fn profiles_are_seen_as_their_owner_allows() {
     assert_eq!(seen(&to_bob[0]), (true, "Alice".into(), "at the beach".into()));
     assert_eq!(to_bob[0].visible_to, 0, "only its owner is told the setting");
     assert_eq!(seen(&carol.handle().profiles(&[ALICE]).await.unwrap()[0]), (false, String::new(), String::new()));
+    // Their 1:1 conversation as a group (how the clients encrypt one):
+    // Carol writing in it makes Alice nothing; Alice writing makes Carol
+    // a contact too.
+    let direct = carol.handle().open_direct(ALICE).await.unwrap();
+    carol.handle().send_to_group(direct.id, "c1", b"sealed".to_vec()).await.unwrap();
+    assert!(!carol.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
+    alice.handle().send_to_group(direct.id, "a1", b"sealed".to_vec()).await.unwrap();
+    assert!(carol.handle().profiles(&[ALICE]).await.unwrap()[0].visible, "Alice wrote to Carol");
     // Everyone; but never someone she blocked.
     alice.handle().set_profile("Alice", "at the beach", Visibility::Everyone).await.unwrap();
-    assert!(carol.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
+    let dave_id = server.register("+15552300004").await;
+    let dave = Peer::connect(&server, &dave_id, Transport::Tcp).await;
+    assert!(dave.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
     alice.handle().block(CAROL, true).await.unwrap();
     assert!(!carol.handle().profiles(&[ALICE]).await.unwrap()[0].visible);
     // Unspecified keeps the setting; nobody hides it from all but her.
