@@ -443,6 +443,7 @@ async function enter(identity) {
   $("welcome").hidden = true;
   $("app").hidden = false;
   $("me-phone").textContent = identity.phone;
+  setConnState("connecting…"); // encryption and the local copy open first
   await openLocal();
   connect();
 }
@@ -451,7 +452,7 @@ async function enter(identity) {
 async function openLocal() {
   try {
     state.local = await LocalStore.open(state.me.deviceId);
-    if (await state.local.get("e2ee")) await openCrypto(); // turned on in the settings before
+    await openCrypto(); // on by default: every browser that can keep keys encrypts
     const kept = await state.local.load();
     state.log = { hi: kept.meta.hi ?? null, lo: kept.meta.lo ?? null };
     for (const g of kept.meta.groups || []) rememberGroup(g);
@@ -466,9 +467,10 @@ async function openLocal() {
   renderAll();
 }
 
-/// This device's end-to-end encryption, from IndexedDB (made when it is
-/// turned on, its MLS key signed by the device key). Without it this
-/// browser publishes no keys, and its conversations stay unencrypted.
+/// This device's end-to-end encryption, from IndexedDB (made the first
+/// time, its MLS key signed by the device key). Without it (no IndexedDB,
+/// no WebAssembly) this browser publishes no keys, and its conversations
+/// stay unencrypted.
 async function openCrypto() {
   try {
     const sign = (bytes) => crypto.subtle.sign({ name: "Ed25519" }, state.me.pair.privateKey, bytes);
@@ -481,8 +483,8 @@ async function openCrypto() {
   }
 }
 
-/// Turns end-to-end encryption on for this browser (for good: once its
-/// keys are published, others encrypt for it).
+/// Tries again to start end-to-end encryption in this browser (it starts
+/// by itself when the page opens; this is for when that failed).
 async function turnOnEncryption() {
   if (!state.local) return say("This browser cannot keep encryption keys (its storage is unavailable), so it cannot encrypt.");
   if (!state.session) return say("Not connected; turn it on once this browser is back online.");
@@ -1042,9 +1044,12 @@ function applyGroup(g, order, live, opened = null) {
     const mine = g.by === state.me.accountId;
     if (live && !mine) state.typing.delete(g.byPhone); // the message they were typing
     const shown = described(`${g.group}:${g.groupSeq}`, g.group, text, g.message, mine, g.byPhone);
+    // A post this browser cannot read is shown as such but not counted as
+    // unread: it may be a reaction or an edit, which the devices that read
+    // it do not count either.
     addMessage(c, {
       id: `g:${g.groupSeq}`, seq: Number(g.groupSeq), order, mine, from: g.byPhone,
-      at, clientId: g.message.clientId, ...shown,
+      at, clientId: g.message.clientId, ...shown, locked: text === LOCKED,
     });
     if (shown.deletes) scrub(c, shown.deletes);
     if (live && !mine && !shown.quiet) {
@@ -1068,7 +1073,9 @@ function applyGroup(g, order, live, opened = null) {
 
 function unread(c) {
   let n = 0;
-  for (const m of c.messages.values()) if (!m.mine && !m.system && !m.quiet && !gone(m) && m.seq > laneOf(c, m).readByMe) n++;
+  for (const m of c.messages.values()) {
+    if (!m.mine && !m.system && !m.quiet && !m.locked && !gone(m) && m.seq > laneOf(c, m).readByMe) n++;
+  }
   return n;
 }
 
@@ -2299,6 +2306,8 @@ $("settings").addEventListener("click", () => guarded(showSettings));
 
 /// Privacy and security: two-step verification and the numbers blocked.
 async function showSettings() {
+  // Just signed in or back, the page may still be connecting: give it a moment.
+  for (let waited = 0; !state.session && waited < 5000; waited += 100) await new Promise((r) => setTimeout(r, 100));
   if (!state.session) return say("Not connected; the settings open once this browser is back online.");
   const [pin, blocked] = await Promise.all([
     state.session.request({ getPinStatus: {} }),
@@ -2357,9 +2366,9 @@ async function showSettings() {
       ? h("p", { class: "e2ee-state" }, "On: a conversation is end-to-end encrypted (🔒) once every device of everyone in it "
         + "can encrypt; then only those devices can read it, not this server. A device you link later is given the earlier "
         + "messages of your 1:1 chats by your other devices; in a group it reads from when it joined.")
-      : h("p", { class: "e2ee-state" }, "Off on this browser: what it sends and receives can be read by this server, "
-        + "and your other devices' conversations with this browser stay unencrypted."),
-    state.crypto ? null : h("p", {}, h("button", { type: "button", onclick: () => guarded(turnOnEncryption) }, "Turn on encryption")),
+      : h("p", { class: "e2ee-state" }, "Off on this browser: encryption could not start here, so what it sends and receives "
+        + "can be read by this server, and your other devices' conversations with this browser stay unencrypted."),
+    state.crypto ? null : h("p", {}, h("button", { type: "button", onclick: () => guarded(turnOnEncryption) }, "Start encryption")),
     h("h3", {}, "Blocked numbers"),
     accounts.length
       ? h("ul", {}, accounts.map((a) => h("li", { class: "device", "data-blocked": a.phone },

@@ -2,7 +2,9 @@
 // `skylark serve` binary. Run by tests/it/web.rs (`cargo test`), which
 // passes SKYLARK_BIN, CHROMIUM and SCREENSHOTS in the environment.
 //
-// Two browsers sign up two numbers and chat (ticks sent → delivered →
+// Every browser encrypts end to end by default, so all of this runs
+// encrypted wherever both sides can. Two browsers sign up two numbers and
+// chat (ticks sent → delivered →
 // read, typing, presence); a third links to the first account and sees the
 // same conversation; a group is created, used and managed; two command
 // line accounts write more than a few history pages; a reload shows every
@@ -162,6 +164,9 @@ try {
   // The message ends "typing…" at once (not when the indicator expires).
   assert.equal(await alice.textContent("#chat-status"), "online", "typing… ends with the message");
   await tickIs(bob, "hi alice", "read"); // Alice has the chat open
+  // Every browser encrypts by default: the chat is end-to-end encrypted.
+  await alice.waitForSelector("#chat-title .icon-lock");
+  await bob.waitForSelector("#chat-title .icon-lock");
   // Both sides of a conversation in the order they happened, on both screens,
   // even when the two senders' message ids (which count in different
   // sequences) drift apart: Alice's own log moves on in a group of her own.
