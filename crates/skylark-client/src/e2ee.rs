@@ -55,6 +55,19 @@ struct Todo {
     /// not acknowledge the log read them again).
     #[serde(default)]
     seen: std::collections::BTreeSet<u64>,
+    /// group → devices of this account this device added to that 1:1
+    /// conversation and still owes its history: kept until every part of
+    /// it is posted, so a run that stops halfway gives it on the next one.
+    #[serde(default)]
+    history: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>>,
+}
+
+/// A refusal that trying again later would not change (a rate limit, a
+/// busy server, a block lifted since, or a lost connection would).
+fn refused_for_good(e: &ClientError) -> bool {
+    matches!(e, ClientError::Refused { code, .. }
+        if !matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal
+            | ErrorCode::StaleEpoch | ErrorCode::Blocked))
 }
 
 /// Device changes remembered as noted.
@@ -624,6 +637,10 @@ impl Crypto {
             Some(Change::Removed(id)) => {
                 todo.add.remove(id);
                 todo.remove.insert(*id);
+                for owed in todo.history.values_mut() {
+                    owed.remove(id);
+                }
+                todo.history.retain(|_, owed| !owed.is_empty());
             }
             _ => {}
         }
@@ -641,7 +658,7 @@ impl Crypto {
     /// and the others find nothing left to do.
     pub async fn maintain(&self, h: &SessionHandle, events: &mut impl Frames) -> Result<(), ClientError> {
         let todo = self.todo();
-        if todo.add.is_empty() && todo.remove.is_empty() && todo.gone.is_empty() {
+        if todo.add.is_empty() && todo.remove.is_empty() && todo.gone.is_empty() && todo.history.is_empty() {
             return Ok(());
         }
         let _lock = self.maintaining()?;
@@ -665,7 +682,7 @@ impl Crypto {
         // refuses, such as a commit too large for it) does not hold up the
         // others; the change stays to do, and is said at the end.
         let mut failed: Vec<(u64, ClientError)> = Vec::new();
-        for (group, conversation) in &groups {
+        for (group, conversation) in groups.iter().filter(|_| !removed.is_empty()) {
             if let Err(e) = self.commit(h, events, *group, |e| e.remove(conversation, &removed)).await {
                 failed.push((*group, e));
             }
@@ -680,7 +697,7 @@ impl Crypto {
         let mut added = std::collections::BTreeSet::new();
         // The conversations given devices here, and which: their history follows.
         let mut joined: Vec<(u64, Vec<DeviceRef>)> = Vec::new();
-        for (group, conversation) in &groups {
+        for (group, conversation) in groups.iter().filter(|_| !todo.add.is_empty()) {
             // One package per device per conversation: a Welcome uses it up.
             let claimed = claim_patiently(h, std::slice::from_ref(&self.identity.phone))
                 .await?
@@ -715,13 +732,33 @@ impl Crypto {
         if failed.len() == removals_failed {
             now.add.retain(|d| !added.contains(d));
         }
+        for (group, linked) in joined {
+            now.history.entry(group).or_default().extend(linked.iter().map(|d| d.device));
+        }
         self.save_todo(&now)?;
-        // Once every conversation has the devices: their history (best
-        // effort: without it, a new device shows the older messages as ones
-        // it cannot read).
-        for (group, linked) in &joined {
-            if let Err(e) = self.give_history(h, events, *group, linked).await {
+        // Once every conversation has the devices: their history, and any
+        // an earlier run did not finish giving. Without it a new device
+        // shows the older messages as ones it cannot read, so what could
+        // not be posted is kept for the next run; a refusal is for good.
+        for (group, owed) in now.history {
+            let linked: Vec<DeviceRef> = owed.iter().map(|&device| DeviceRef { account, device }).collect();
+            let given = if groups.iter().any(|(g, _)| *g == group) {
+                self.give_history(h, events, group, &linked).await
+            } else {
+                Ok(()) // this device is no longer in the conversation: nothing to give
+            };
+            if let Err(e) = &given {
                 tracing::info!(group, "could not give a linked device this conversation's history: {e}");
+            }
+            if given.is_ok() || given.as_ref().is_err_and(refused_for_good) {
+                let mut now = self.todo();
+                if let Some(still) = now.history.get_mut(&group) {
+                    still.retain(|d| !owed.contains(d));
+                    if still.is_empty() {
+                        now.history.remove(&group);
+                    }
+                }
+                self.save_todo(&now)?;
             }
         }
         match failed.as_slice() {

@@ -65,9 +65,10 @@ const postKey = (group, seq) => `post:${group}:${seq}`;
 /// refusal. Any other refusal would be repeated.
 const BUSY = new Set(["ERROR_CODE_UNAVAILABLE", "ERROR_CODE_INTERNAL", "ERROR_CODE_RATE_LIMITED"]);
 
-/// Whether the server refused a commit for good (not another commit first).
+/// Whether the server refused a commit for good (not another commit
+/// first; a closed connection is no answer).
 function refusedForGood(err) {
-  return err instanceof Refused && err.code !== "ERROR_CODE_STALE_EPOCH" && !BUSY.has(err.code);
+  return err instanceof Refused && err.code !== "ERROR_CODE_STALE_EPOCH" && err.code !== "CLOSED" && !BUSY.has(err.code);
 }
 
 /// A commit refused for good, in words, as the CLI says it.
@@ -494,6 +495,10 @@ export class Crypto {
       const id = String(change.removed);
       todo.add = todo.add.filter((d) => d !== id);
       todo.remove = [...new Set([...todo.remove, id])];
+      for (const [g, owed] of Object.entries(todo.history || {})) {
+        todo.history[g] = owed.filter((d) => d !== id);
+        if (!todo.history[g].length) delete todo.history[g];
+      }
     }
     await this.local.put(TODO, todo);
   }
@@ -505,13 +510,14 @@ export class Crypto {
   /// next time). When several devices do it at once, the group's order
   /// makes one commit count and the others find nothing left to do.
   /// Returns whether a linked device is still to add (it has not published
-  /// keys yet: a device publishes them right after it is linked).
+  /// keys yet: a device publishes them right after it is linked), or a
+  /// conversation's history still to give.
   async maintain(session) {
     if (this.maintaining) return false;
     this.maintaining = true;
     try {
       const todo = (await this.local.get(TODO)) || { add: [], remove: [] };
-      if (!todo.add.length && !todo.remove.length) return false;
+      if (!todo.add.length && !todo.remove.length && !Object.keys(todo.history || {}).length) return false;
       const groups = JSON.parse(this.device.groups());
       const removed = JSON.stringify(todo.remove.map((device) => ({ account: this.me.accountId, device })));
       // A group whose change fails (a lost connection, or a commit the
@@ -543,11 +549,29 @@ export class Crypto {
       const now = (await this.local.get(TODO)) || { add: [], remove: [] };
       if (!removalsFailed) now.remove = now.remove.filter((d) => !todo.remove.includes(d));
       if (failed.length === removalsFailed) now.add = now.add.filter((d) => !added.has(d));
+      now.history = now.history || {};
+      for (const { g, linked } of joined) now.history[g] = [...new Set([...(now.history[g] || []), ...linked.map((p) => p.device)])];
       await this.local.put(TODO, now);
-      // Once every conversation has the devices: their history. Best
-      // effort: without it, a new device shows the older messages as ones
-      // it cannot read.
-      for (const { g, linked } of joined) await this.giveHistory(session, g, linked).catch(() => {});
+      // Once every conversation has the devices: their history, and any a
+      // page closed earlier did not finish giving. Without it a new device
+      // shows the older messages as ones it cannot read, so what could not
+      // be posted stays to give; a refusal is for good.
+      let owing = false;
+      for (const [g, owed] of Object.entries(now.history)) {
+        const linked = owed.map((device) => ({ account: this.me.accountId, device }));
+        const given = await (groups.includes(g) ? this.giveHistory(session, g, linked) : Promise.resolve())
+          .then(() => true, (err) => refusedForGood(err) && err.code !== "ERROR_CODE_BLOCKED");
+        if (!given) {
+          owing = true;
+          continue;
+        }
+        const later = (await this.local.get(TODO)) || { add: [], remove: [] };
+        if (later.history && later.history[g]) {
+          later.history[g] = later.history[g].filter((d) => !owed.includes(d));
+          if (!later.history[g].length) delete later.history[g];
+        }
+        await this.local.put(TODO, later);
+      }
       const closed = failed.find(({ err }) => err instanceof Refused && err.code === "CLOSED");
       if (closed) throw closed.err;
       if (failed.length) {
@@ -556,7 +580,7 @@ export class Crypto {
           + `conversation${failed.length > 1 ? "s" : ""} (${each}); the others have them, and this browser tries again `
           + "when it next connects.");
       }
-      return now.add.length > 0;
+      return now.add.length > 0 || owing;
     } finally {
       this.maintaining = false;
     }

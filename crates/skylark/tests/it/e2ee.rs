@@ -679,4 +679,28 @@ async fn a_linked_device_reads_the_earlier_messages_of_its_one_to_one_conversati
         _ => false,
     };
     assert!(bobs.iter().all(expected), "{bobs:?}");
+
+    // History that cannot be posted yet stays owed. Ann blocked Bob, so
+    // the conversation takes her commits but not her posts: her phone adds
+    // a tablet, and the history is refused. Once she unblocks him, her
+    // next run gives it.
+    ah.block("+15552700000", true).await.unwrap();
+    let tablet_id = crate::devices::link_from(&server, &ah, &ann.identity, "tablet").await;
+    let mut tablet = device(&server, &tablet_id, &dirs.path().join("tablet")).await;
+    hears_of_a_link(&mut ann).await;
+    ann.crypto.maintain(&ah, &mut ann.events).await.unwrap();
+    assert!(ann.crypto.encrypts(direct).unwrap());
+    let tablet_reads = async |tablet: &Device| {
+        let page = tablet.session.handle().history(0, 200).await.unwrap();
+        page.events.iter().filter_map(|e| tablet.crypto.open_event(e)).collect::<Vec<Shown>>()
+    };
+    ah.block("+15552700000", false).await.unwrap();
+    ann.crypto.post(&ah, &mut ann.events, direct, "a2", "ann, after the tablet").await.unwrap();
+    read_until(&mut tablet, "ann, after the tablet").await;
+    assert!(!tablet_reads(&tablet).await.contains(&Shown::Encrypted("ann, before the laptop".into())), "not given yet");
+    ann.crypto.maintain(&ah, &mut ann.events).await.unwrap();
+    ann.crypto.post(&ah, &mut ann.events, direct, "a3", "ann, after the history").await.unwrap();
+    read_until(&mut tablet, "ann, after the history").await;
+    let read = tablet_reads(&tablet).await;
+    assert!(read.contains(&Shown::Encrypted("ann, before the laptop".into())), "{read:?}");
 }

@@ -23,7 +23,10 @@
 // posts ordered before it.
 //
 // Device changes (`Crypto.maintain`): a conversation that refuses one does
-// not keep it from the others; the refusal is said, and stays to do.
+// not keep it from the others; the refusal is said, and stays to do. A
+// linked device gets the history of the account's 1:1 conversations, and
+// history a lost connection kept from it is given by the next run. A
+// commit whose connection closed before an answer stays staged.
 
 import { readFileSync } from "node:fs";
 import { generateKeyPairSync, sign } from "node:crypto";
@@ -211,6 +214,11 @@ r = await refusedCommit("ERROR_CODE_UNAVAILABLE");
 assert.ok(r.outcome instanceof Refused && r.outcome.code === "ERROR_CODE_UNAVAILABLE", `${r.outcome}`);
 assert.equal(r.admin.hasPendingCommit(G), true);
 assert.equal(JSON.parse(r.admin.outgoing()).length, 1);
+// So is one whose connection closed before an answer (the server may
+// have taken it).
+const closed = await refusedCommit("CLOSED");
+assert.ok(closed.outcome instanceof Refused && closed.outcome.code === "CLOSED", `${closed.outcome}`);
+assert.equal(closed.admin.hasPendingCommit(G), true, "a closed connection is no refusal");
 // The commit is staged, to be sent again: nobody is taken out.
 info = groupInfoServer([PHONES[1]]);
 assert.deepEqual(await r.page.undoUnkeyedAdd(info, G, [PHONES[1]]), []);
@@ -386,6 +394,7 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
     const text = new TextEncoder().encode(`said in ${g}, before the laptop`);
     assert.equal(page.openEvent(post(g, peer.encryptAs(g, `p${g}`, text), "52", `p${g}`)).kind, "message");
   }
+  let closeOnHistory = true; // the connection goes as the history is posted
   const session = {
     async request(body) {
       if (body.claimKeyPackages) {
@@ -395,12 +404,20 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
       if (body.getGroup) return { groupInfo: { id: body.getGroup.group, direct: body.getGroup.group === DIRECT } };
       const s = body.send;
       assert.equal(String(s.messageEpoch ?? s.commitEpoch), page.device.epoch(s.group), "made in the group's epoch");
+      if (s.messageEpoch !== undefined && closeOnHistory) throw new Refused({ code: "CLOSED", message: "connection closed" });
       const event = post(s.group, s.payload, "51", s.clientId);
       if (s.commitEpoch !== undefined) setTimeout(() => page.openEvent(event), 0);
       return { sendAck: { id: { sender: s.group, seq: event.seq }, sentAtMs: "1" } };
     },
   };
-  await page.maintain(session);
+  // The first run adds the laptop, and loses its connection as it posts
+  // the history: the history stays to give, and the next run gives it.
+  assert.equal(await page.maintain(session), true, "something left to do");
+  assert.deepEqual(page.local.kept.get("e2ee-todo").history, { [DIRECT]: ["2"] });
+  assert.equal(entries.filter((e) => e.group.by === "51").length, 2, "two commits, no history post");
+  closeOnHistory = false;
+  assert.equal(await page.maintain(session), false, "nothing left to do");
+  assert.deepEqual(page.local.kept.get("e2ee-todo").history, {});
   // The laptop reads the log: both Welcomes, and one history post, in the
   // 1:1 conversation only.
   const opened = entries.map((e) => [e.group.group, laptopPage.openEvent(e)]);
