@@ -62,12 +62,11 @@ struct Todo {
     history: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>>,
 }
 
-/// A refusal that trying again later would not change (a rate limit, a
-/// busy server, a block lifted since, or a lost connection would).
+/// A refusal of a post that trying again later would not change (a rate
+/// limit, a busy server, another commit first, a block lifted since, or a
+/// lost connection would).
 fn refused_for_good(e: &ClientError) -> bool {
-    matches!(e, ClientError::Refused { code, .. }
-        if !matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal
-            | ErrorCode::StaleEpoch | ErrorCode::Blocked))
+    !may_take_later(e) && !matches!(e.error_code(), Some(ErrorCode::StaleEpoch | ErrorCode::Blocked))
 }
 
 /// Device changes remembered as noted.
