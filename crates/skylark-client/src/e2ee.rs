@@ -5,10 +5,14 @@
 //! again when another commit came first), encrypting posts and opening
 //! the posts that arrive.
 //!
-//! Every operation reads the state from disk, changes it and writes it
-//! back (a temporary file, fsync, rename) under an exclusive lock of
+//! Every operation reads the state from disk (unless this process wrote
+//! it last), changes it and writes what changed under an exclusive lock of
 //! `e2ee.lock`, so several commands on one profile take turns instead of
-//! overwriting each other's keys. The journal (what each log entry opened
+//! overwriting each other's keys. What an operation changed is appended to
+//! `e2ee.changes` (fsync'd) — after a message, the ratchets it moved, not
+//! the group's whole tree — and the state is written whole to `e2ee.state`
+//! (a temporary file, fsync, rename), emptying the changes file, once the
+//! changes would outgrow the state (and 1 MiB). The journal (what each log entry opened
 //! to: the device's history, up to 50,000 entries) is kept apart, in
 //! `e2ee.journal`, where each operation appends only what it changed
 //! (fsync'd before the state is written), and which is written afresh
@@ -32,6 +36,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 const STATE: &str = "e2ee.state";
+/// What changed in the state since it was last written whole.
+const CHANGES: &str = "e2ee.changes";
+/// The state is written whole again once its changes file would grow past
+/// this and past the state's own size.
+const STATE_REWRITE_BYTES: u64 = 1 << 20;
 const JOURNAL: &str = "e2ee.journal";
 const LOCK: &str = "e2ee.lock";
 /// A journal file is written afresh once it is larger than this and than
@@ -159,17 +168,23 @@ pub struct Crypto {
     /// caller to show: [`Crypto::take_read`].
     read: std::sync::Mutex<Vec<skylark_protocol::ServerFrame>>,
     /// The state as this process last wrote it, and the file's stamp then.
-    cache: std::sync::Mutex<Option<(Engine, Stamp, JournalMark)>>,
+    cache: std::sync::Mutex<Option<(Engine, Stamp, FileMarks)>>,
 }
 
-/// The journal file as this process last left it.
+/// The journal and state files as this process last left them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct JournalMark {
-    /// Its length when last written whole (or read).
+struct FileMarks {
+    /// The journal's length when last written whole (or read).
     whole: u64,
     /// The journal is not all in the file yet (a state of an earlier
     /// version held it inline): write it whole at the next write.
     rewrite: bool,
+    /// The state file's length when last written (or read).
+    state: u64,
+    /// The state must be written whole at the next write: there is none
+    /// yet, or its changes file ends in a record cut short (appending
+    /// after it would be lost).
+    rewrite_state: bool,
 }
 
 /// What tells one version of the state file from another: a writer
@@ -179,18 +194,21 @@ struct Stamp {
     inode: u64,
     len: u64,
     modified: Option<std::time::SystemTime>,
-    /// The journal file's length (another process appends to it).
+    /// The journal's and the state changes' lengths (another process
+    /// appends to them).
     journal_len: u64,
+    changes_len: u64,
 }
 
-fn stamp(path: &Path, journal: &Path) -> Option<Stamp> {
+fn stamp(path: &Path, journal: &Path, changes: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(&meta);
     #[cfg(not(unix))]
     let inode = 0;
-    let journal_len = std::fs::metadata(journal).map_or(0, |m| m.len());
-    Some(Stamp { inode, len: meta.len(), modified: meta.modified().ok(), journal_len })
+    let len_of = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let (journal_len, changes_len) = (len_of(journal), len_of(changes));
+    Some(Stamp { inode, len: meta.len(), modified: meta.modified().ok(), journal_len, changes_len })
 }
 
 /// Opens a file of the profile for writing, readable by its owner only.
@@ -201,6 +219,23 @@ fn private_file(path: &Path, options: &mut std::fs::OpenOptions) -> std::io::Res
         options.mode(0o600);
     }
     options.open(path)
+}
+
+/// The encryption state a profile's files hold (the state written whole
+/// and its changes since; not the journal), read without the profile's
+/// lock: for tools and tests that look at a profile.
+pub fn read_state(profile: &Path) -> Result<Engine, ClientError> {
+    let read = |name: &str| {
+        std::fs::read(profile.join(name)).map_err(|e| ClientError::Profile(format!("cannot read {name}: {e}")))
+    };
+    let mut engine = Engine::import(&read(STATE)?).map_err(e2ee)?;
+    let changes = match read(CHANGES) {
+        Ok(changes) => changes,
+        Err(_) if !profile.join(CHANGES).exists() => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    engine.apply_state_changes(&changes).map_err(e2ee)?;
+    Ok(engine)
 }
 
 fn new_client_id() -> String {
@@ -245,32 +280,44 @@ impl Crypto {
         lock.lock().map_err(|e| fail("cannot lock the encryption state", e))?;
         let path = self.profile.join(STATE);
         let journal = self.profile.join(JOURNAL);
+        let changes_path = self.profile.join(CHANGES);
         let mut cache =
             self.cache.lock().map_err(|_| ClientError::Profile("the encryption state's lock was poisoned".into()))?;
-        let on_disk = stamp(&path, &journal);
+        let on_disk = stamp(&path, &journal, &changes_path);
         if cache.as_ref().is_none_or(|(_, at, _)| on_disk.is_none() || Some(at) != on_disk.as_ref()) {
             *cache = None;
-            let mut engine = match std::fs::read(&path) {
-                Ok(bytes) => Engine::import(&bytes).map_err(|e| {
-                    ClientError::Profile(format!(
-                        "{}: {e}; move it away to start over (encrypted conversations must then add this device again)",
-                        path.display()
-                    ))
-                })?,
+            let damaged = |e: E2eeError, path: &Path| {
+                ClientError::Profile(format!(
+                    "{}: {e}; move it away to start over (encrypted conversations must then add this device again)",
+                    path.display()
+                ))
+            };
+            let (mut engine, state_len) = match std::fs::read(&path) {
+                Ok(bytes) => (Engine::import(&bytes).map_err(|e| damaged(e, &path))?, bytes.len() as u64),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let key = self.identity.signing_key()?;
-                    Engine::new(self.me(), |t| key.sign(t).to_bytes().to_vec())
+                    (Engine::new(self.me(), |t| key.sign(t).to_bytes().to_vec()), 0)
                 }
                 Err(e) => return Err(fail("cannot read the encryption state", e)),
             };
+            // Then what changed since it was written whole.
+            let changes = match std::fs::read(&changes_path) {
+                Ok(changes) => changes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(fail("cannot read the encryption state's changes", e)),
+            };
+            let applied = engine.apply_state_changes(&changes).map_err(|e| damaged(e, &changes_path))?;
+            let rewrite_state = state_len == 0 || applied < changes.len();
             if engine.me() != self.me() {
                 return Err(ClientError::Profile(format!(
                     "{} belongs to another device; move it away to start over",
                     path.display()
                 )));
             }
-            // A state an earlier version wrote holds the journal inline.
-            let rewrite = engine.journal_len() > 0;
+            // A state an earlier version wrote holds the journal inline:
+            // both are written afresh, apart.
+            let inline = engine.journal_len() > 0;
+            let rewrite = inline;
             let records = match std::fs::read(&journal) {
                 Ok(records) => records,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -284,7 +331,9 @@ impl Crypto {
             })?;
             // A record cut short by a crash is written over by the rewrite.
             let rewrite = rewrite || whole < records.len();
-            *cache = Some((engine, Stamp::default(), JournalMark { whole: records.len() as u64, rewrite }));
+            let rewrite_state = rewrite_state || inline;
+            let marks = FileMarks { whole: records.len() as u64, rewrite, state: state_len, rewrite_state };
+            *cache = Some((engine, Stamp::default(), marks));
         }
         let Some((engine, _, _)) = cache.as_mut() else { unreachable!("filled above") };
         let out = match f(engine) {
@@ -311,12 +360,12 @@ impl Crypto {
         // or disappeared) must leave the file: written afresh then.
         let forgot = engine.journal_forgot();
         let changes = engine.take_journal_changes();
-        let journaled = || -> std::io::Result<JournalMark> {
+        let journaled = || -> std::io::Result<FileMarks> {
             let len = std::fs::metadata(&journal).map_or(0, |m| m.len());
             if mark.rewrite || forgot || len + changes.len() as u64 > JOURNAL_REWRITE_BYTES.max(2 * mark.whole) {
                 let records = engine.journal_records();
                 replace(JOURNAL, &records)?;
-                return Ok(JournalMark { whole: records.len() as u64, rewrite: false });
+                return Ok(FileMarks { whole: records.len() as u64, rewrite: false, ..*mark });
             }
             if !changes.is_empty() {
                 let mut file = private_file(&journal, std::fs::OpenOptions::new().append(true).create(true))?;
@@ -328,11 +377,34 @@ impl Crypto {
             }
             Ok(*mark)
         };
-        let written = journaled().map_err(|e| fail("cannot write the encryption journal", e)).and_then(|m| {
-            replace(STATE, &engine.export_without_journal())
-                .map(|()| m)
-                .map_err(|e| fail("cannot write the encryption state", e))
-        });
+        // Then the state: what changed, appended; or, once the changes
+        // would outgrow the state, the state whole (a new generation, so
+        // the changes file's records no longer apply) and the file emptied.
+        let state_changes = engine.take_state_changes();
+        let saved = |mut m: FileMarks| -> std::io::Result<FileMarks> {
+            let len = std::fs::metadata(&changes_path).map_or(0, |m| m.len());
+            if m.rewrite_state || len + state_changes.len() as u64 > STATE_REWRITE_BYTES.max(m.state) {
+                let state = engine.save_whole();
+                replace(STATE, &state)?;
+                if len > 0 {
+                    let emptied = private_file(&changes_path, std::fs::OpenOptions::new().write(true).truncate(true))?;
+                    emptied.sync_all()?;
+                }
+                m.state = state.len() as u64;
+                m.rewrite_state = false;
+            } else if !state_changes.is_empty() {
+                let mut file = private_file(&changes_path, std::fs::OpenOptions::new().append(true).create(true))?;
+                file.write_all(&state_changes)?;
+                file.sync_data()?;
+                if len == 0 {
+                    std::fs::File::open(&self.profile)?.sync_all()?;
+                }
+            }
+            Ok(m)
+        };
+        let written = journaled()
+            .map_err(|e| fail("cannot write the encryption journal", e))
+            .and_then(|m| saved(m).map_err(|e| fail("cannot write the encryption state", e)));
         match written {
             Ok(m) => *mark = m,
             Err(e) => {
@@ -340,7 +412,7 @@ impl Crypto {
                 return Err(e);
             }
         }
-        match (stamp(&path, &journal), cache.as_mut()) {
+        match (stamp(&path, &journal, &changes_path), cache.as_mut()) {
             (Some(now), Some((_, at, _))) => *at = now,
             _ => *cache = None,
         }

@@ -160,10 +160,28 @@ impl Device {
     }
 
     /// The state without the journal (the history), which the page keeps
-    /// apart: [`Device::journal_changes`] and [`Device::apply_journal`].
+    /// apart ([`Device::journal_changes`] and [`Device::apply_journal`]), as
+    /// the base that the next [`Device::state_changes`] follow.
     #[wasm_bindgen(js_name = saveCore)]
     pub fn save_core(&self) -> Vec<u8> {
-        self.engine.export_without_journal()
+        self.engine.save_whole()
+    }
+
+    /// What changed in the state (the journal aside) since it was last
+    /// saved whole or this was last asked, as one record to keep after the
+    /// state (empty when nothing did): [`Device::apply_state_changes`].
+    #[wasm_bindgen(js_name = stateChanges)]
+    pub fn state_changes(&self) -> Vec<u8> {
+        self.engine.take_state_changes()
+    }
+
+    /// Applies records of [`Device::state_changes`] in order, after
+    /// [`Device::restore`] of the state they followed; returns how many
+    /// bytes were whole records.
+    #[wasm_bindgen(js_name = applyStateChanges)]
+    pub fn apply_state_changes(&mut self, records: &[u8]) -> Result<u32, JsError> {
+        let whole = self.engine.apply_state_changes(records).map_err(fail)?;
+        Ok(u32::try_from(whole).unwrap_or(u32::MAX))
     }
 
     /// The journal records changed since last asked (to append).

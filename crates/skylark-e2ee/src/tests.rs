@@ -240,6 +240,58 @@ fn a_journal_kept_apart_is_appended_to_and_read_back_with_the_state() {
     assert_eq!(log.catch_up(&mut b1), ["after"]);
 }
 
+/// The state written whole once, then only what each operation changed:
+/// read back, the same state; the conversation goes on from it.
+#[test]
+fn state_changes_appended_after_a_whole_state_read_back_the_same() {
+    let mut devices: Vec<Device> = (1..=20).map(|i| device(i, 1)).collect();
+    let (first, rest) = devices.split_at_mut(1);
+    let mut log = Log::default();
+    start(&mut log, &mut first[0], &mut rest.iter_mut().collect::<Vec<_>>());
+    let [a1, b1, ..] = devices.as_mut_slice() else { unreachable!("20 devices") };
+    let base = b1.engine.save_whole();
+    assert!(b1.engine.take_state_changes().is_empty(), "nothing changed since the save");
+    let mut file = Vec::new();
+    for i in 0..3 {
+        log.post(a1, &format!("m{i}"));
+        log.catch_up(b1);
+        log.post(b1, &format!("r{i}"));
+        let changes = b1.engine.take_state_changes();
+        assert!(!changes.is_empty());
+        // A message changes its group's ratchets, not the group's tree.
+        assert!(changes.len() * 4 < base.len(), "{} bytes of changes, {} of state", changes.len(), base.len());
+        file.extend_from_slice(&changes);
+    }
+    assert!(b1.engine.take_state_changes().is_empty(), "taken once");
+    // A member removed: the commit is a change like any other.
+    let gone = DeviceRef { account: 20, device: 1 };
+    let commit = a1.engine.remove(CONV, &[gone]).unwrap().unwrap();
+    assert!(log.commit(a1, &commit));
+    log.catch_up(b1);
+    file.extend_from_slice(&b1.engine.take_state_changes());
+
+    let mut back = Engine::import(&base).unwrap();
+    assert_eq!(back.apply_state_changes(&file).unwrap(), file.len());
+    assert_eq!(back.members(CONV).unwrap(), b1.engine.members(CONV).unwrap());
+    assert_eq!(back.export_without_journal(), b1.engine.export_without_journal(), "the same state");
+    // A record cut short by a crash is ignored: the state before it stands.
+    let mut cut = Engine::import(&base).unwrap();
+    let whole = cut.apply_state_changes(&file[..file.len() - 3]).unwrap();
+    assert!(whole < file.len());
+    assert!(cut.members(CONV).unwrap().contains(&gone), "the removal was the record cut");
+    // Changes taken before a later whole state are passed over.
+    let again = b1.engine.save_whole();
+    let mut later = Engine::import(&again).unwrap();
+    assert_eq!(later.apply_state_changes(&file).unwrap(), file.len());
+    assert_eq!(later.export_without_journal(), b1.engine.export_without_journal());
+    // The conversation goes on from the state read back.
+    b1.engine = back;
+    log.post(a1, "after");
+    assert_eq!(log.catch_up(b1), ["after"]);
+    log.post(b1, "from the copy");
+    assert_eq!(log.catch_up(a1), ["from the copy"]);
+}
+
 #[test]
 fn state_survives_export_and_import() {
     let (mut a1, mut b1) = (device(1, 1), device(2, 1));

@@ -43,11 +43,17 @@ const TODO = "e2ee-todo";
 /// The LocalStore entry of the engine's state (without its history), and
 /// the prefix of the entries holding its history's journal records.
 const CORE = "e2ee";
+// What changed in the state since it was last written whole, in order.
+const CHANGES = "e2ee-changes:";
+const changesKey = (n) => `${CHANGES}${String(n).padStart(12, "0")}`;
 const JOURNAL = "e2ee-journal:";
 const chunkKey = (n) => `${JOURNAL}${String(n).padStart(12, "0")}`;
 /// The journal is written afresh once its chunks hold more than this and
 /// than twice what it was when last written whole.
 const JOURNAL_REWRITE_BYTES = 1 << 20;
+/// The state is written whole again once its changes would come to more
+/// than this and than the state itself.
+const STATE_REWRITE_BYTES = 1 << 20;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -93,9 +99,19 @@ export class Crypto {
     // The LocalStore is this device's own database: what it keeps is this device's.
     const kept = await local.get(CORE);
     const device = kept ? Device.restore(kept) : new Device(me.accountId, me.deviceId);
+    // Then what changed since the state was written whole (each entry was
+    // written with the rest of its transaction, so whole).
+    const state = { next: 0, keys: [], bytes: 0, core: kept ? kept.length : 0, rewrite: !kept };
+    for (const [key, records] of await local.getPrefixed(CHANGES)) {
+      if (device.applyStateChanges(records) < records.length) state.rewrite = true;
+      state.keys.push(key);
+      state.bytes += records.length;
+      state.next = Number(key.slice(CHANGES.length)) + 1;
+    }
     // A state an earlier page kept holds its history inline: moved to the
     // journal at the first write.
     const journal = { next: 0, keys: [], bytes: 0, whole: 0, rewrite: device.journalLength() > 0 };
+    if (journal.rewrite) state.rewrite = true; // the state too, without it
     for (const [key, records] of await local.getPrefixed(JOURNAL)) {
       const whole = device.applyJournal(records);
       // A chunk is written whole or not at all; a damaged one is written over.
@@ -106,16 +122,18 @@ export class Crypto {
     }
     journal.whole = journal.bytes;
     if (!device.isBound()) device.bind(new Uint8Array(await sign(device.bindingRequest())));
-    const c = new Crypto(me, local, device, journal);
+    const c = new Crypto(me, local, device, journal, state);
     await c.persist();
     return c;
   }
 
-  constructor(me, local, device, journal = { next: 0, keys: [], bytes: 0, whole: 0, rewrite: false }) {
+  constructor(me, local, device, journal = { next: 0, keys: [], bytes: 0, whole: 0, rewrite: false },
+    state = { next: 0, keys: [], bytes: 0, core: 0, rewrite: true }) {
     this.me = me;
     this.local = local;
     this.device = device;
     this.journal = journal;
+    this.state = state;
     this.dirty = false;
     this.plain = new Map(); // phone → when its 1:1 conversation was found plain
     this.waiters = [];
@@ -124,20 +142,35 @@ export class Crypto {
 
   /// What to write to keep the state, for a write of the caller's (see
   /// keepLive): `{ meta, drop }`, the LocalStore entries to set and those
-  /// to delete. The engine's state is written whole; its history only as
-  /// what changed, or afresh when it has doubled or a text was forgotten
-  /// (so the text leaves the database). Call `unsaved` if the write fails.
+  /// to delete. The engine's state as what changed since it was written
+  /// whole (after a message, the ratchets it moved, not a large group's
+  /// whole tree), or whole once the changes would outgrow it; its history
+  /// also as what changed, or afresh when it has doubled or a text was
+  /// forgotten (so the text leaves the database). Call `unsaved` if the
+  /// write fails.
   snapshot() {
     this.dirty = false;
+    const meta = {};
+    const drop = [];
+    const s = this.state;
+    const stateChanges = this.device.stateChanges();
+    if (s.rewrite || s.bytes + stateChanges.length > Math.max(STATE_REWRITE_BYTES, s.core)) {
+      meta[CORE] = this.device.saveCore();
+      drop.push(...s.keys);
+      this.state = { next: s.next, keys: [], bytes: 0, core: meta[CORE].length, rewrite: false };
+    } else if (stateChanges.length) {
+      const key = changesKey(s.next);
+      meta[key] = stateChanges;
+      this.state = { ...s, next: s.next + 1, keys: [...s.keys, key], bytes: s.bytes + stateChanges.length };
+    }
     const j = this.journal;
     const forgot = this.device.journalForgot();
     const changes = this.device.journalChanges();
-    const meta = { [CORE]: this.device.saveCore() };
     if (j.rewrite || forgot || j.bytes + changes.length > Math.max(JOURNAL_REWRITE_BYTES, 2 * j.whole)) {
       const records = this.device.journalRecords();
       const key = chunkKey(j.next);
       meta[key] = records;
-      const drop = j.keys.filter((k) => k !== key);
+      drop.push(...j.keys.filter((k) => k !== key));
       this.journal = { next: j.next + 1, keys: [key], bytes: records.length, whole: records.length, rewrite: false };
       return { meta, drop };
     }
@@ -146,12 +179,14 @@ export class Crypto {
       meta[key] = changes;
       this.journal = { ...j, next: j.next + 1, keys: [...j.keys, key], bytes: j.bytes + changes.length };
     }
-    return { meta, drop: [] };
+    return { meta, drop };
   }
 
-  /// A write of a snapshot failed: the next one writes the history afresh.
+  /// A write of a snapshot failed: the next one writes the state and the
+  /// history afresh.
   unsaved() {
     this.journal.rewrite = true;
+    this.state.rewrite = true;
     this.dirty = true;
   }
 

@@ -65,6 +65,22 @@ export class Device {
         return ret[0] >>> 0;
     }
     /**
+     * Applies records of [`Device::state_changes`] in order, after
+     * [`Device::restore`] of the state they followed; returns how many
+     * bytes were whole records.
+     * @param {Uint8Array | number[]} records
+     * @returns {number}
+     */
+    applyStateChanges(records) {
+        const ptr0 = passArray8ToWasm0(records, wasm.__wbindgen_malloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.device_applyStateChanges(this.__wbg_ptr, ptr0, len0);
+        if (ret[2]) {
+            throw takeFromExternrefTable0(ret[1]);
+        }
+        return ret[0] >>> 0;
+    }
+    /**
      * @param {Uint8Array | number[]} signature
      */
     bind(signature) {
@@ -554,7 +570,8 @@ export class Device {
     }
     /**
      * The state without the journal (the history), which the page keeps
-     * apart: [`Device::journal_changes`] and [`Device::apply_journal`].
+     * apart ([`Device::journal_changes`] and [`Device::apply_journal`]), as
+     * the base that the next [`Device::state_changes`] follow.
      * @returns {Uint8Array}
      */
     saveCore() {
@@ -639,6 +656,18 @@ export class Device {
         if (ret[1]) {
             throw takeFromExternrefTable0(ret[0]);
         }
+    }
+    /**
+     * What changed in the state (the journal aside) since it was last
+     * saved whole or this was last asked, as one record to keep after the
+     * state (empty when nothing did): [`Device::apply_state_changes`].
+     * @returns {Uint8Array}
+     */
+    stateChanges() {
+        const ret = wasm.device_stateChanges(this.__wbg_ptr);
+        var v1 = getArrayU8FromWasm0(ret[0], ret[1]).slice();
+        wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        return v1;
     }
     /**
      * @param {string} group

@@ -706,8 +706,7 @@ async fn encrypted_groups_from_the_command_line() {
     // Bob leaves: Alice's next command takes his two devices out of the keys.
     cli.run("bob", &["group", "leave", &g]).await;
     cli.run("alice", &["group", "send", &g, "e2ee-marker-five"]).await;
-    let state = std::fs::read(cli.home().join("alice").join("e2ee.state")).unwrap();
-    let members = skylark_e2ee::Engine::import(&state)
+    let members = skylark_client::e2ee::read_state(&cli.home().join("alice"))
         .unwrap()
         .members(&skylark_client::e2ee::group_conversation(group))
         .unwrap();
@@ -865,8 +864,7 @@ async fn linked_and_removed_devices_follow_the_encrypted_conversations() {
         .0,
     );
     let members_seen_by_bob = || {
-        let state = std::fs::read(cli.home().join("bob").join("e2ee.state")).unwrap();
-        let engine = skylark_e2ee::Engine::import(&state).unwrap();
+        let engine = skylark_client::e2ee::read_state(&cli.home().join("bob")).unwrap();
         engine.members(&conversation).unwrap().iter().map(|d| d.device).collect::<Vec<u64>>()
     };
     cli.run("bob", &["group", "list"]).await;
@@ -1220,7 +1218,7 @@ async fn reply_react_edit_delete_forward_and_disappear_from_the_command_line() {
     // Carol's device kept the text it decrypted (MLS keys are used once),
     // in its journal…
     let kept = |profile: &str| {
-        ["e2ee.state", "e2ee.journal"].iter().any(|file| {
+        ["e2ee.state", "e2ee.changes", "e2ee.journal"].iter().any(|file| {
             let bytes = std::fs::read(cli.home().join(profile).join(file)).unwrap_or_default();
             bytes.windows(b"group-lunch-marker".len()).any(|w| w == b"group-lunch-marker")
         })

@@ -562,6 +562,12 @@ async fn a_profile_appends_its_history_and_reads_it_back() {
         bytes.windows(text.len()).any(|w| w == text.as_bytes())
     };
     let journal_len = || std::fs::metadata(bob_dir.join("e2ee.journal")).unwrap().len();
+    let changes_len = || std::fs::metadata(bob_dir.join("e2ee.changes")).map_or(0, |m| m.len());
+    let state_file = || {
+        let meta = std::fs::metadata(bob_dir.join("e2ee.state")).unwrap();
+        (std::os::unix::fs::MetadataExt::ino(&meta), meta.len())
+    };
+    let state_before = state_file();
     let mut sizes = Vec::new();
     let mut seqs = Vec::new();
     for i in 0..6 {
@@ -569,14 +575,19 @@ async fn a_profile_appends_its_history_and_reads_it_back() {
         let (ack, _) = ann.crypto.post(&h, &mut ann.events, info.id, &format!("h{i}"), &text).await.unwrap();
         seqs.push(ack.id.unwrap().seq);
         read_until(&mut bob, &text).await;
-        sizes.push(journal_len());
+        sizes.push((journal_len(), changes_len()));
     }
-    // Appended: each post adds its own record, a few hundred bytes.
+    // Appended: each post adds its own journal record, a few hundred
+    // bytes, and the state's changes; the state is not written again.
     for pair in sizes.windows(2) {
-        assert!(pair[1] > pair[0] && pair[1] - pair[0] < 400, "{sizes:?}");
+        let ((j0, c0), (j1, c1)) = (pair[0], pair[1]);
+        assert!(j1 > j0 && j1 - j0 < 400, "{sizes:?}");
+        assert!(c1 > c0, "{sizes:?}");
     }
+    assert_eq!(state_file(), state_before, "the state written whole once, not after each message");
     assert!(has("e2ee.journal", "history-marker-5"));
     assert!(!has("e2ee.state", "history-marker-"), "the state file holds no plaintext");
+    assert!(!has("e2ee.changes", "history-marker-"), "nor its changes");
     // A text forgotten (as a deletion for everyone does) leaves the file.
     bob.crypto
         .with(|e| {
@@ -615,6 +626,20 @@ async fn a_profile_appends_its_history_and_reads_it_back() {
     assert!(!state.windows(15).any(|w| w == b"history-marker-"));
     let reread = Crypto::open(&old, &bob.identity).unwrap();
     assert_eq!(reread.with(|e| Ok(e.journal_len())).unwrap(), kept);
+    // A state change cut short (the process died while appending) is
+    // dropped: the state is written whole, and the device reads on.
+    let epoch = after_crash.with(|e| e.epoch(&group_conversation(info.id))).unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(bob_dir.join("e2ee.changes")).unwrap();
+    std::io::Write::write_all(&mut file, &[0, 0, 1, 0, b'S', b'K']).unwrap();
+    drop(file);
+    let after_crash = Crypto::open(&bob_dir, &bob.identity).unwrap();
+    assert_eq!(changes_len(), 0, "written whole, its changes emptied");
+    assert_ne!(state_file(), state_before);
+    assert_eq!(after_crash.with(|e| e.epoch(&group_conversation(info.id))).unwrap(), epoch);
+    drop(after_crash);
+    bob.crypto = Crypto::open(&bob_dir, &bob.identity).unwrap();
+    ann.crypto.post(&h, &mut ann.events, info.id, "h-after", "after the cut record").await.unwrap();
+    read_until(&mut bob, "after the cut record").await;
 }
 
 /// A newly linked device gets its account's history of each encrypted 1:1

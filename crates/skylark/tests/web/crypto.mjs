@@ -454,15 +454,20 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
     assert.equal(page.openEvent(post(i, writer.encryptAs(H, `w${i}`, new TextEncoder().encode(text)))).kind, "message");
     await page.persist();
   }
-  // Each write after the first adds a chunk of what changed: a few hundred bytes.
+  // Each write after the first adds a chunk of what changed: a few hundred
+  // bytes; and the state's changes, not the state whole.
   const chunks = store.writes.slice(-6).map((w) => w.meta.filter((k) => k.startsWith("e2ee-journal:")));
   assert.ok(chunks.every((c) => c.length === 1), JSON.stringify(store.writes));
+  const states = store.writes.slice(-6).map((w) => w.meta.filter((k) => k === "e2ee" || k.startsWith("e2ee-changes:")));
+  assert.ok(states.every((c) => c.length === 1 && c[0] !== "e2ee"), JSON.stringify(store.writes));
   const has = (text) => [...store.kept.entries()].filter(([k]) => k.startsWith("e2ee-journal:"))
     .some(([, v]) => Buffer.from(v).includes(text));
   assert.ok(has("journal-marker-7"));
   assert.ok(!Buffer.from(store.kept.get("e2ee")).includes("journal-marker-"), "the engine's state holds no history");
 
-  // A new page reads it all back.
+  // A new page reads it all back: the state, its changes applied, is the page's.
+  const check = await Crypto.restore({ accountId: "41", deviceId: "1" }, store, async () => { throw new Error("bound already"); });
+  assert.deepEqual(check.device.saveCore(), page.device.saveCore());
   const again = await Crypto.restore({ accountId: "41", deviceId: "1" }, store, async () => { throw new Error("bound already"); });
   for (let i = 2; i < 8; i++) {
     const opened = again.recallKey(`post:${H}:${i}`);
