@@ -102,6 +102,9 @@ fn now_ms() -> u64 {
 /// How long to wait for the commit that won, before trying again anyway.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
+/// Entries asked for in one page of history ([`Crypto::read_past_epoch`]).
+const HISTORY_PAGE: u32 = 200;
+
 pub use skylark_e2ee::group_conversation;
 
 fn e2ee(e: E2eeError) -> ClientError {
@@ -912,22 +915,63 @@ impl Crypto {
 
     /// After the group refused a post made in `epoch` as stale: reads the
     /// group's log until this device has the commit that ended the epoch
-    /// (the frames read are kept for [`Crypto::take_read`]).
-    /// An error in words when the commit does not come within
-    /// [`CATCH_UP_WAIT`]: the server hands a device its log only so far
-    /// ahead of what it acknowledged, and commands that only send
-    /// acknowledge nothing.
-    pub async fn read_past_epoch(&self, events: &mut impl Frames, group: u64, epoch: u64) -> Result<(), ClientError> {
+    /// (the frames read are kept for [`Crypto::take_read`]). The server
+    /// hands a device its log only so far ahead of what it acknowledged,
+    /// and commands that only send acknowledge nothing: when the live log
+    /// stops short of the commit (for [`CATCH_UP_WAIT`]), the group's posts
+    /// this device has not opened are read from the account's history
+    /// instead (the live log brings them again later, answered from the
+    /// journal). An error in words when even that does not find it.
+    pub async fn read_past_epoch(
+        &self,
+        h: &SessionHandle,
+        events: &mut impl Frames,
+        group: u64,
+        epoch: u64,
+    ) -> Result<(), ClientError> {
+        let moved = || -> Result<bool, ClientError> { Ok(self.with(|e| e.epoch(&group_conversation(group)))? > epoch) };
         self.read_until_epoch_moves(events, group, epoch).await?;
-        if self.with(|e| e.epoch(&group_conversation(group)))? > epoch {
+        if moved()? {
+            return Ok(());
+        }
+        self.open_unread_from_history(h, group).await?;
+        if moved()? {
             return Ok(());
         }
         Err(ClientError::Profile(
             "the message was not sent: it was encrypted with keys the group has changed since, and this device \
-             could not read the change in time (with many unread messages, read them first with `skylark chat` \
-             or `skylark listen`); try again"
+             could not read the change in time; try again"
                 .into(),
         ))
+    }
+
+    /// Opens, in order, the posts of `group` in the account's history that
+    /// come after the last one this device opened.
+    async fn open_unread_from_history(&self, h: &SessionHandle, group: u64) -> Result<(), ClientError> {
+        let mut unread: Vec<v1::Event> = Vec::new();
+        let mut before = 0;
+        'pages: loop {
+            let page = h.history(before, HISTORY_PAGE).await?;
+            for event in &page.events {
+                let Some(v1::event::Body::Group(g)) = &event.body else { continue };
+                if g.group != group || !matches!(g.body, Some(v1::group_event::Body::Message(_))) {
+                    continue;
+                }
+                let (key, _) = journal_keys(event);
+                if self.with(|e| Ok(e.recall(&key).is_some()))? {
+                    break 'pages;
+                }
+                unread.push(event.clone());
+            }
+            match page.events.last() {
+                Some(oldest) if page.has_more => before = oldest.seq,
+                _ => break,
+            }
+        }
+        for event in unread.iter().rev() {
+            self.open_event(event);
+        }
+        Ok(())
     }
 
     /// Posts `text` to the group: encrypted when the group is, plain
@@ -964,7 +1008,7 @@ impl Crypto {
                 Ok(ack) => return Ok((ack, epoch.is_some())),
                 Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
                     let Some(epoch) = epoch else { return Err(e) };
-                    self.read_past_epoch(events, group, epoch).await?;
+                    self.read_past_epoch(h, events, group, epoch).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -1006,7 +1050,7 @@ impl Crypto {
                 match h.send_with(crate::session::To::Group(group), &client_id, payload, options).await {
                     Ok(_) => break,
                     Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) && attempt < COMMIT_ATTEMPTS => {
-                        self.read_past_epoch(events, group, epoch).await?;
+                        self.read_past_epoch(h, events, group, epoch).await?;
                     }
                     Err(e) => return Err(e),
                 }

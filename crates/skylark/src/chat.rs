@@ -541,7 +541,8 @@ async fn send_text(
             Ok(ack) => return Ok(ack),
             Err(e) if e.error_code() == Some(skylark_protocol::ErrorCode::StaleEpoch) => {
                 let Some(epoch) = epoch else { return Err(explain(e)) };
-                crypto.read_past_epoch(events, group, epoch).await.map_err(explain)?;
+                let h = client.connected().await.map_err(explain)?;
+                crypto.read_past_epoch(&h, events, group, epoch).await.map_err(explain)?;
                 pending.extend(crypto.take_read().into_iter().map(ClientEvent::Frame));
             }
             Err(e) => return Err(explain(e)),

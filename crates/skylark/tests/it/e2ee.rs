@@ -498,6 +498,58 @@ async fn posts_and_commits_that_cross_are_each_opened_in_their_epoch() {
     assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
 }
 
+/// The server hands a device its log only so far ahead of what it
+/// acknowledged (256 entries), and one-shot commands acknowledge nothing.
+/// A device that far behind a commit has its post refused as stale, reads
+/// the live log as far as it is handed, then the rest from the account's
+/// history, through the commit; every post on the way opens in its epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_far_behind_its_log_reads_on_to_the_commit_from_history() {
+    use skylark_protocol::v1::event::Body;
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555280000", 3).await;
+    let mut admin = devices.remove(0);
+    let mut quiet = devices.remove(0);
+    let third = devices.remove(0);
+    let (h, qh) = (admin.session.handle(), quiet.session.handle());
+    const CHATTER: usize = 300;
+    for i in 0..CHATTER {
+        admin.crypto.post(&h, &mut admin.events, info.id, &format!("c{i}"), &format!("chatter {i}")).await.unwrap();
+    }
+    read_until(&mut admin, &format!("chatter {}", CHATTER - 1)).await;
+    let remove = skylark_protocol::v1::change_group::Change::Remove("+15552800002".into());
+    h.change_group(info.id, remove).await.unwrap();
+    assert!(admin.crypto.remove_accounts(&h, &mut admin.events, info.id, &[third.identity.account_id]).await.unwrap());
+
+    let conversation = group_conversation(info.id);
+    assert_eq!(quiet.crypto.with(|e| e.epoch(&conversation)).unwrap(), 1, "the quiet device read nothing yet");
+    let (_, encrypted) = quiet.crypto.post(&qh, &mut quiet.events, info.id, "q1", "from far behind").await.unwrap();
+    assert!(encrypted);
+    assert_eq!(quiet.crypto.with(|e| e.epoch(&conversation)).unwrap(), 2);
+    read_until(&mut admin, "from far behind").await;
+    // What the quiet device opened on the way: every post of the chatter.
+    let mut opened = Vec::new();
+    let mut before = 0;
+    loop {
+        let page = qh.history(before, 200).await.unwrap();
+        for event in &page.events {
+            if matches!(&event.body, Some(Body::Group(g)) if matches!(g.body, Some(skylark_protocol::v1::group_event::Body::Message(_))))
+            {
+                opened.extend(quiet.crypto.recall(event));
+            }
+        }
+        match page.events.last() {
+            Some(oldest) if page.has_more => before = oldest.seq,
+            _ => break,
+        }
+    }
+    for i in 0..CHATTER {
+        assert!(opened.contains(&Shown::Encrypted(format!("chatter {i}"))), "chatter {i}: {} opened", opened.len());
+    }
+    assert!(!opened.iter().any(|s| matches!(s, Shown::Unreadable(_))));
+}
+
 /// One conversation refusing a device change (here: the account was taken
 /// out of a group, and its device has not heard) does not keep the change
 /// from the others; the refusal is said, and stays to do.
