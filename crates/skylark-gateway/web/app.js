@@ -50,6 +50,7 @@ const state = {
   outbox: [], // sends waiting for their ack (kept across reconnects and in the local store)
   local: null, // the LocalStore of this device, when IndexedDB opened
   crypto: null, // this device's end-to-end encryption (e2ee.js), when it loaded
+  keysPublished: false, // its key packages are on the server: others can encrypt for it
   // Encrypted posts shown as not readable here, by group: group → groupSeq
   // → { g, order }, shown again when another device of this account gives
   // this one the conversation's history.
@@ -503,6 +504,7 @@ async function cryptoAfterConnect(session) {
   try {
     await state.crypto.resume(session);
     await state.crypto.replenish(session);
+    state.keysPublished = true;
     await maintainCrypto(session);
   } catch (err) {
     if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
@@ -2362,7 +2364,10 @@ async function showSettings() {
       }),
     }, "Turn off")) : null,
     h("h3", {}, "End-to-end encryption"),
-    state.crypto
+    state.crypto && !state.keysPublished
+      ? h("p", { class: "e2ee-state" }, "Starting: this browser is publishing its encryption keys; "
+        + "conversations become end-to-end encrypted once it has.")
+      : state.crypto
       ? h("p", { class: "e2ee-state" }, "On: a conversation is end-to-end encrypted (🔒) once every device of everyone in it "
         + "can encrypt; then only those devices can read it, not this server. A device you link later is given the earlier "
         + "messages of your 1:1 chats by your other devices; in a group it reads from when it joined.")

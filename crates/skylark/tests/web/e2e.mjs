@@ -24,7 +24,7 @@ import { deflateSync } from "node:zlib";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
-import { accessible, linkTo, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
+import { accessible, encryptionIsOn, linkTo, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
 import { harness } from "./harness.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
@@ -140,6 +140,8 @@ try {
   await accessible(alice, "the welcome screen");
   await signUp(alice, ALICE);
   await signUp(bob, BOB);
+  await encryptionIsOn(alice);
+  await encryptionIsOn(bob);
 
   // Alice starts a chat with Bob. Bob's browser is open but not on the chat:
   // ✓ when stored, ✓✓ when Bob's device has it, blue when he opens it.

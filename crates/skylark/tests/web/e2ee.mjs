@@ -18,7 +18,7 @@ import { chromium } from "playwright-core";
 import { readFileSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import assert from "node:assert/strict";
-import { linkTo, sendText, signUp as signUpAt, startChat, tickIs, until } from "./lib.mjs";
+import { encryptionIsOn, linkTo, sendText, signUp as signUpAt, startChat, tickIs, until } from "./lib.mjs";
 import { harness } from "./harness.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
@@ -27,14 +27,6 @@ const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const { dataDir, base, codes, startServer, cli, cliUntil, cliRegister } = await harness(BIN, (dir) => join(dir, "server"));
 const serverDir = join(dataDir, "server");
 const signUp = (page, phone) => signUpAt(page, base, phone, (p) => until(`the SMS code for ${p}`, () => codes.get(p)));
-
-/// The settings say encryption is on, with nothing to turn on.
-async function encryptionIsOn(page) {
-  await page.click("#settings");
-  await page.waitForSelector("dialog .e2ee-state >> text=On:");
-  assert.equal(await page.locator("dialog >> button:text-is('Start encryption')").count(), 0);
-  await page.keyboard.press("Escape");
-}
 
 /// The safety number the page shows for the open chat, digits only.
 async function pageSafetyNumber(page) {

@@ -32,6 +32,22 @@ export async function until(what, fn, ms = WAIT) {
   }
 }
 
+/// The page's settings say its encryption is on (its keys published), with
+/// nothing to start: every browser encrypts by default.
+export async function encryptionIsOn(page) {
+  await until("encryption on", async () => {
+    await page.click("#settings");
+    const said = await (await page.waitForSelector("dialog .e2ee-state")).textContent();
+    await page.keyboard.press("Escape");
+    return said.startsWith("On:");
+  });
+  await page.click("#settings");
+  await page.waitForSelector("dialog .e2ee-state >> text=On:");
+  assert.equal(await page.locator("dialog >> button:text-is('Start encryption')").count(), 0);
+  await page.keyboard.press("Escape");
+  await page.waitForSelector("dialog#panel", { state: "hidden" });
+}
+
 /// Signs `phone` up on the page at `base`; `code(phone)` resolves with the
 /// SMS code the server sent.
 export async function signUp(page, base, phone, code) {
