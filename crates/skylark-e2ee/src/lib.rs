@@ -112,6 +112,13 @@ pub enum E2eeError {
     Malformed(String),
     #[error("the encryption state is damaged: {0}")]
     State(String),
+    #[error(
+        "it was encrypted with the conversation's keys from before this device joined it (or before a change this \
+         device has applied since), which this device does not have"
+    )]
+    EarlierKeys,
+    #[error("it was encrypted with keys from a change to the conversation that this device has not read yet")]
+    LaterKeys,
     #[error("encryption failed: {0}")]
     Mls(String),
 }
@@ -752,6 +759,12 @@ impl Engine {
         {
             self.keep(&conversation, group);
             return Ok(Incoming::NotForMe);
+        }
+        // No device keeps other epochs' keys: say which side it is on.
+        let current = group.epoch().as_u64();
+        if protocol.content_type() == ContentType::Application && epoch != current {
+            self.keep(&conversation, group);
+            return Err(if epoch < current { E2eeError::EarlierKeys } else { E2eeError::LaterKeys });
         }
         let processed = match group.process_message(&self.provider, protocol) {
             Ok(processed) => processed,

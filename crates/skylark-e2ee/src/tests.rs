@@ -187,7 +187,15 @@ fn a_committer_opens_what_came_before_its_commit_and_no_device_keeps_past_epochs
     let change = a1.engine.update(CONV).unwrap();
     assert!(log.commit(&mut a1, &change));
     log.catch_up(&mut c1);
-    assert!(c1.engine.receive(&stale, false).is_err(), "a past epoch's message opened");
+    let err = c1.engine.receive(&stale, false).unwrap_err();
+    assert!(matches!(err, E2eeError::EarlierKeys), "a past epoch's message: {err}");
+    assert!(err.to_string().contains("before this device joined"), "said in words: {err}");
+    // And one from an epoch this device has not reached is said as such.
+    let later = a1.engine.encrypt(CONV, b"made after a change b1 has not read").unwrap();
+    assert!(matches!(b1.engine.receive(&later, false), Err(E2eeError::LaterKeys)));
+    // Opened once, the reason is kept in the journal, in words.
+    let Opened::Failed(why) = c1.engine.open_once("post:1:stale", &stale, None) else { panic!("opened") };
+    assert!(why.contains("keys from before this device joined"), "{why}");
 }
 
 #[test]
