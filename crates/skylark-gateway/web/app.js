@@ -474,6 +474,7 @@ async function openLocal() {
 /// stay unencrypted.
 async function openCrypto() {
   try {
+    await holdCrypto();
     const sign = (bytes) => crypto.subtle.sign({ name: "Ed25519" }, state.me.pair.privateKey, bytes);
     state.crypto = await Crypto.open(state.me, state.local, sign);
     return true;
@@ -482,6 +483,24 @@ async function openCrypto() {
     say(`End-to-end encryption could not start in this browser (${err.message}); your messages are sent unencrypted.`);
     return false;
   }
+}
+
+/// One tab of this browser at a time keeps the device's encryption: a tab
+/// opened later takes it over before reading it (as it takes over the
+/// device's connection), and this one then stops writing or using it.
+/// Held for the tab's life.
+async function holdCrypto() {
+  if (!navigator.locks) return;
+  await new Promise((held) => {
+    navigator.locks.request(`skylark-e2ee-${state.me.deviceId}`, { steal: true }, () => {
+      held();
+      return new Promise(() => {});
+    }).catch(() => {
+      // Taken over by a newer tab (or, not granted at all: go on without).
+      if (state.crypto) state.crypto.stop();
+      held();
+    });
+  });
 }
 
 /// Tries again to start end-to-end encryption in this browser (it starts
@@ -2364,7 +2383,9 @@ async function showSettings() {
       }),
     }, "Turn off")) : null,
     h("h3", {}, "End-to-end encryption"),
-    state.crypto && !state.keysPublished
+    state.crypto && state.crypto.stopped
+      ? h("p", { class: "e2ee-state" }, "In another tab: a newer tab of this browser keeps its encryption now; use that one.")
+      : state.crypto && !state.keysPublished
       ? h("p", { class: "e2ee-state" }, "Starting: this browser is publishing its encryption keys; "
         + "conversations become end-to-end encrypted once it has.")
       : state.crypto

@@ -57,6 +57,8 @@ const STATE_REWRITE_BYTES = 1 << 20;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+const TAKEN_OVER = "This browser's encryption is open in a newer tab, which keeps it now; use that tab.";
+
 function newClientId() {
   const bytes = crypto.getRandomValues(new Uint8Array(12));
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
@@ -149,6 +151,7 @@ export class Crypto {
   /// forgotten (so the text leaves the database). Call `unsaved` if the
   /// write fails.
   snapshot() {
+    if (this.stopped) return { meta: {}, drop: [] };
     this.dirty = false;
     const meta = {};
     const drop = [];
@@ -190,8 +193,17 @@ export class Crypto {
     this.dirty = true;
   }
 
+  /// A newer tab of this browser took this device's encryption over (the
+  /// server keeps one connection per device, and it has it): this tab
+  /// writes nothing more of the state, which the newer one read and keeps
+  /// now, and encrypts nothing (a key used here would be used there too).
+  stop() {
+    this.stopped = true;
+  }
+
   /// Writes the state to IndexedDB now.
   async persist() {
+    if (this.stopped) throw new Error(TAKEN_OVER);
     const { meta, drop } = this.snapshot();
     try {
       await this.local.putEvents([], meta, drop);
@@ -254,6 +266,7 @@ export class Crypto {
 
   /// A post's payload (base64), encrypted for every device in the group.
   encrypt(group, clientId, bytes) {
+    if (this.stopped) throw new Error(TAKEN_OVER);
     const payload = this.device.encryptAs(String(group), clientId, bytes);
     this.dirty = true;
     return payload;

@@ -492,4 +492,19 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
   assert.ok(Buffer.from(moved[0][1]).includes("journal-marker-5"));
 }
 
+// ---- A tab whose encryption a newer tab took over writes and encrypts nothing.
+
+{
+  const store = mapStore();
+  const page = new Crypto({ accountId: "61", deviceId: "1", phone: "+15550006100" }, store, bound(61).device);
+  page.device.create("21");
+  await page.persist();
+  const writes = store.writes.length;
+  page.stop();
+  assert.deepEqual(page.snapshot(), { meta: {}, drop: [] }, "nothing of the state in the tab's writes");
+  await assert.rejects(page.persist(), /open in a newer tab/);
+  assert.throws(() => page.encrypt("21", "c1", new TextEncoder().encode("x")), /open in a newer tab/);
+  assert.equal(store.writes.length, writes);
+}
+
 console.log("web crypto: ok");

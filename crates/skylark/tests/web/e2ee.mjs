@@ -61,7 +61,8 @@ const CAL = "+15554000003";
 const YAN = "+15554000004";
 // Words that must never reach the server in the clear.
 const SECRETS = ["zebra-from-cal-7781", "otter-from-ann-4410", "heron-to-yan-2207", "lynx-ann-to-bea-9034",
-  "ibis-bea-to-ann-5561", "puffin-to-the-trip-3318", "wren-after-yan-joined-6605", "newt-for-the-terminal-1187"];
+  "ibis-bea-to-ann-5561", "puffin-to-the-trip-3318", "wren-after-yan-joined-6605", "newt-for-the-terminal-1187",
+  "kiwi-from-a-second-tab-4471"];
 
 const server = await startServer();
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
@@ -190,6 +191,20 @@ try {
   await sendText(ann, "after the reload");
   await bea.click(`[data-chat="p:${ANN}"]`);
   await bea.waitForSelector("#messages >> text=after the reload");
+
+  // A second tab of Ann's browser takes the device over, its connection
+  // and its encryption; the first tab stops, and the second chats on,
+  // encrypted.
+  const annTab = await ann.context().newPage();
+  annTab.on("pageerror", (e) => errors.push(e.message));
+  await annTab.goto(base);
+  await annTab.waitForSelector("#app:not([hidden])");
+  await until("the first tab stopped", async () => (await ann.textContent("#conn-state")) === "open in another window");
+  await encryptionIsOn(annTab);
+  await annTab.click(`[data-chat="p:${BEA}"]`);
+  await annTab.waitForSelector(`#messages >> text=${SECRETS[4]}`);
+  await sendText(annTab, SECRETS[8]);
+  await bea.waitForSelector(`#messages >> text=${SECRETS[8]}`);
 
   // The server never had the words.
   assert.deepEqual(serverFilesContaining(SECRETS), [], "the server's files hold no plaintext of the messages");
