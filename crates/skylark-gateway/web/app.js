@@ -507,7 +507,7 @@ async function holdCrypto() {
 /// by itself when the page opens; this is for when that failed).
 async function turnOnEncryption() {
   if (!state.local) return say("This browser cannot keep encryption keys (its storage is unavailable), so it cannot encrypt.");
-  if (!state.session) return say("Not connected; turn it on once this browser is back online.");
+  if (!state.session) return say("Not connected; start it once this browser is back online.");
   if (!state.crypto && !(await openCrypto())) return;
   await cryptoAfterConnect(state.session);
   for (const c of state.chats.values()) if (c.direct) c.locked = encryptsFor(c.direct);

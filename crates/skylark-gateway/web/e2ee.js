@@ -289,6 +289,9 @@ export class Crypto {
       if (!item.sealed || item.sealed.group !== group || item.sealed.epoch === undefined) {
         const epoch = String(this.device.epoch(group));
         item.sealed = { group, epoch, payload: this.encrypt(group, item.clientId, bytes) };
+        // The ratchet moved: kept before the post leaves, so a page closed
+        // now does not make its next message with the same key.
+        await this.persist();
       }
       const send = { ...body, group, payload: item.sealed.payload, messageEpoch: item.sealed.epoch };
       try {

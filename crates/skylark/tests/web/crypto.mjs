@@ -492,6 +492,26 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
   assert.ok(Buffer.from(moved[0][1]).includes("journal-marker-5"));
 }
 
+// ---- A message's ratchet step is kept before the message leaves.
+
+{
+  const store = mapStore();
+  const page = new Crypto({ accountId: "71", deviceId: "1", phone: "+15550007100" }, store, bound(71).device);
+  page.device.create("41");
+  await page.persist();
+  const kept = store.writes.length;
+  const session = {
+    async request(body) {
+      assert.ok(body.send && body.send.messageEpoch !== undefined, JSON.stringify(body));
+      assert.ok(store.writes.length > kept, "the state was written before the post left");
+      return { sendAck: { id: { sender: "41", seq: "1" }, sentAtMs: "1" } };
+    },
+  };
+  const item = { clientId: "s1" };
+  await page.sendSealed(session, item, "41", new TextEncoder().encode("kept first"), { clientId: "s1" });
+  assert.ok(item.sealed && item.sealed.epoch === "0");
+}
+
 // ---- A tab whose encryption a newer tab took over writes and encrypts nothing.
 
 {
