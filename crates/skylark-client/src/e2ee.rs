@@ -228,17 +228,39 @@ fn private_file(path: &Path, options: &mut std::fs::OpenOptions) -> std::io::Res
 /// and its changes since; not the journal), read without the profile's
 /// lock: for tools and tests that look at a profile.
 pub fn read_state(profile: &Path) -> Result<Engine, ClientError> {
-    let read = |name: &str| {
-        std::fs::read(profile.join(name)).map_err(|e| ClientError::Profile(format!("cannot read {name}: {e}")))
+    let missing = || ClientError::Profile(format!("{} has no encryption state", profile.display()));
+    Ok(load_state(profile)?.ok_or_else(missing)?.engine)
+}
+
+/// A profile's state file, as read with its changes since.
+struct LoadedState {
+    engine: Engine,
+    /// The state file's length.
+    len: u64,
+    /// The changes file ends in a record cut short (a crash while
+    /// appending): appending after it would be lost.
+    cut: bool,
+}
+
+/// Reads a profile's state and applies its changes; `None` when it has no
+/// state yet. The words say which file is damaged and what to do.
+fn load_state(profile: &Path) -> Result<Option<LoadedState>, ClientError> {
+    let read = |name: &str, what: &str| match std::fs::read(profile.join(name)) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ClientError::Profile(format!("cannot read {what} in {}: {e}", profile.display()))),
     };
-    let mut engine = Engine::import(&read(STATE)?).map_err(e2ee)?;
-    let changes = match read(CHANGES) {
-        Ok(changes) => changes,
-        Err(_) if !profile.join(CHANGES).exists() => Vec::new(),
-        Err(e) => return Err(e),
+    let damaged = |e: E2eeError, name: &str| {
+        ClientError::Profile(format!(
+            "{}: {e}; move it away to start over (encrypted conversations must then add this device again)",
+            profile.join(name).display()
+        ))
     };
-    engine.apply_state_changes(&changes).map_err(e2ee)?;
-    Ok(engine)
+    let Some(bytes) = read(STATE, "the encryption state")? else { return Ok(None) };
+    let mut engine = Engine::import(&bytes).map_err(|e| damaged(e, STATE))?;
+    let changes = read(CHANGES, "the encryption state's changes")?.unwrap_or_default();
+    let applied = engine.apply_state_changes(&changes).map_err(|e| damaged(e, CHANGES))?;
+    Ok(Some(LoadedState { engine, len: bytes.len() as u64, cut: applied < changes.len() }))
 }
 
 fn new_client_id() -> String {
@@ -289,28 +311,13 @@ impl Crypto {
         let on_disk = stamp(&path, &journal, &changes_path);
         if cache.as_ref().is_none_or(|(_, at, _)| on_disk.is_none() || Some(at) != on_disk.as_ref()) {
             *cache = None;
-            let damaged = |e: E2eeError, path: &Path| {
-                ClientError::Profile(format!(
-                    "{}: {e}; move it away to start over (encrypted conversations must then add this device again)",
-                    path.display()
-                ))
-            };
-            let (mut engine, state_len) = match std::fs::read(&path) {
-                Ok(bytes) => (Engine::import(&bytes).map_err(|e| damaged(e, &path))?, bytes.len() as u64),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (mut engine, state_len, cut) = match load_state(&self.profile)? {
+                Some(LoadedState { engine, len, cut }) => (engine, len, cut),
+                None => {
                     let key = self.identity.signing_key()?;
-                    (Engine::new(self.me(), |t| key.sign(t).to_bytes().to_vec()), 0)
+                    (Engine::new(self.me(), |t| key.sign(t).to_bytes().to_vec()), 0, false)
                 }
-                Err(e) => return Err(fail("cannot read the encryption state", e)),
             };
-            // Then what changed since it was written whole.
-            let changes = match std::fs::read(&changes_path) {
-                Ok(changes) => changes,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(fail("cannot read the encryption state's changes", e)),
-            };
-            let applied = engine.apply_state_changes(&changes).map_err(|e| damaged(e, &changes_path))?;
-            let rewrite_state = state_len == 0 || applied < changes.len();
             if engine.me() != self.me() {
                 return Err(ClientError::Profile(format!(
                     "{} belongs to another device; move it away to start over",
@@ -320,7 +327,6 @@ impl Crypto {
             // A state an earlier version wrote holds the journal inline:
             // both are written afresh, apart.
             let inline = engine.journal_len() > 0;
-            let rewrite = inline;
             let records = match std::fs::read(&journal) {
                 Ok(records) => records,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -332,10 +338,14 @@ impl Crypto {
                     journal.display()
                 ))
             })?;
-            // A record cut short by a crash is written over by the rewrite.
-            let rewrite = rewrite || whole < records.len();
-            let rewrite_state = rewrite_state || inline;
-            let marks = FileMarks { whole: records.len() as u64, rewrite, state: state_len, rewrite_state };
+            // A record cut short by a crash is written over by the rewrite;
+            // the state is written whole when there is none yet, too.
+            let marks = FileMarks {
+                whole: records.len() as u64,
+                rewrite: inline || whole < records.len(),
+                state: state_len,
+                rewrite_state: inline || cut || state_len == 0,
+            };
             *cache = Some((engine, Stamp::default(), marks));
         }
         let Some((engine, _, _)) = cache.as_mut() else { unreachable!("filled above") };
