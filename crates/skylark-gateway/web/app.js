@@ -531,12 +531,13 @@ async function cryptoAfterConnect(session) {
 }
 
 /// Carries device changes into the encrypted conversations; a linked
-/// device that has not published its keys yet is tried again a little
-/// later (the next connection tries too), while this session lasts.
-async function maintainCrypto(session, wait = 2000) {
-  if (!(await state.crypto.maintain(session)) || state.session !== session || wait > 60000) return;
+/// device that has not published its keys yet (a slow one may take a
+/// while) is tried again a little later, at most 15 s apart, for three
+/// minutes of this session (the next connection tries too).
+async function maintainCrypto(session, wait = 2000, since = Date.now()) {
+  if (!(await state.crypto.maintain(session)) || state.session !== session || Date.now() - since > 180000) return;
   setTimeout(() => {
-    maintainCrypto(session, wait * 2).catch((err) => {
+    maintainCrypto(session, Math.min(wait * 2, 15000), since).catch((err) => {
       if (!(err instanceof Refused && err.code === "CLOSED")) say(explain(err));
     });
   }, wait);

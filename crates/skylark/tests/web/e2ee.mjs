@@ -174,10 +174,10 @@ try {
   const laptop = await (await browser.newContext()).newPage();
   laptop.on("pageerror", (e) => errors.push(e.message));
   await linkTo(ann, laptop, base);
+  await encryptionIsOn(laptop);
   await laptop.click(`[data-chat="p:${CAL}"]`);
   await laptop.waitForSelector(`#messages >> text=${SECRETS[0]}`, { timeout: 60000 });
   await laptop.waitForSelector(`#messages >> text=${SECRETS[1]}`);
-  await encryptionIsOn(laptop);
 
   // A reload shows everything from the browser's own copy, decrypted.
   await ann.reload();
