@@ -562,9 +562,11 @@ export class Crypto {
   /// makes one commit count and the others find nothing left to do.
   /// Returns whether a linked device is still to add (it has not published
   /// keys yet: a device publishes them right after it is linked), or a
-  /// conversation's history still to give.
+  /// conversation's history still to give, or another call was running.
   async maintain(session) {
-    if (this.maintaining) return false;
+    // One at a time; a call while another runs says "try again" (that one
+    // may have read the device changes before this caller noted its own).
+    if (this.maintaining) return true;
     this.maintaining = true;
     try {
       const todo = (await this.local.get(TODO)) || { add: [], remove: [] };

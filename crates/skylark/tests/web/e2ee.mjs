@@ -157,7 +157,7 @@ try {
     const said = await ann.textContent("#panel-body");
     await ann.keyboard.press("Escape");
     return said.includes("your 2 devices");
-  });
+  }, 60000);
   await cli("cal", ["send", ANN, SECRETS[7]]);
   await cliUntil("ann-cli", ["listen"], new RegExp(SECRETS[7]));
   await ann.waitForSelector(`#messages >> text=${SECRETS[7]}`);
