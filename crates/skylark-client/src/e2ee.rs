@@ -162,6 +162,14 @@ impl Frames for mpsc::Receiver<crate::client::ClientEvent> {
     }
 }
 
+/// Whether `event` is a post naming the parts of a commit too large for
+/// one post, which [`Crypto::fetch_parts`] downloads before it is opened.
+pub fn kept_out_of_line(event: &v1::Event) -> bool {
+    matches!(&event.body, Some(v1::event::Body::Group(g))
+        if matches!(&g.body, Some(v1::group_event::Body::Message(m))
+            if m.payload.starts_with(skylark_e2ee::OUT_OF_LINE_MAGIC)))
+}
+
 /// One profile's end-to-end encryption.
 #[derive(Debug)]
 pub struct Crypto {
@@ -172,6 +180,10 @@ pub struct Crypto {
     read: std::sync::Mutex<Vec<skylark_protocol::ServerFrame>>,
     /// The state as this process last wrote it, and the file's stamp then.
     cache: std::sync::Mutex<Option<(Engine, Stamp, FileMarks)>>,
+    /// For commits too large for one post, kept out of line as blobs: the
+    /// HTTP API (made on first use), and a media token with its expiry.
+    api: std::sync::OnceLock<crate::api::Api>,
+    media_token: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 /// The journal and state files as this process last left them.
@@ -279,6 +291,8 @@ impl Crypto {
             identity: identity.clone(),
             read: Default::default(),
             cache: Default::default(),
+            api: Default::default(),
+            media_token: Default::default(),
         };
         crypto.with(|_| Ok(()))?;
         Ok(crypto)
@@ -497,15 +511,131 @@ impl Crypto {
         c: &Commit,
     ) -> Result<(), ClientError> {
         let conversation = group_conversation(group);
-        h.commit_to_group(group, client_id, c.epoch, c.payload()).await?;
+        let payload = c.payload();
+        if payload.len() as u64 <= h.max_payload_bytes() {
+            h.commit_to_group(group, client_id, c.epoch, payload).await?;
+        } else {
+            let (reference, blobs) = self.upload_parts(h, &conversation, c).await?;
+            h.commit_to_group_with(group, client_id, c.epoch, reference, blobs).await?;
+        }
         if let Some(events) = events {
-            self.read_until_epoch_moves(events, group, c.epoch).await?;
+            self.read_until_epoch_moves(h, events, group, c.epoch).await?;
         }
         self.with(|e| {
             e.commit_accepted(&conversation)?;
             e.unstage(&conversation);
             Ok(())
         })
+    }
+
+    /// The HTTP API and a media token of this device, for the blobs of
+    /// commits kept out of line (the token asked for once, and again
+    /// shortly before it expires).
+    async fn transfer(&self, h: &SessionHandle) -> Result<crate::media::Transfer<'_>, ClientError> {
+        let api = match self.api.get() {
+            Some(api) => api,
+            None => {
+                let first = self.identity.server.split(',').map(str::trim).find(|a| !a.is_empty()).unwrap_or_default();
+                let tls = crate::TlsClient::new(self.identity.ca.as_deref())?;
+                let _ = self.api.set(crate::api::Api::with_tls(first, &tls)?);
+                self.api.get().expect("just set")
+            }
+        };
+        let cached = self.media_token.lock().ok().and_then(|t| t.clone());
+        let token = match cached {
+            Some((token, expires)) if expires > now_ms() + 60_000 => token,
+            _ => {
+                let fresh = h.media_token().await?;
+                if let Ok(mut kept) = self.media_token.lock() {
+                    *kept = Some((fresh.token.clone(), fresh.expires_at_ms));
+                }
+                fresh.token
+            }
+        };
+        Ok(crate::media::Transfer::new(api, &token))
+    }
+
+    /// A commit too large for one post on this server: its commit and its
+    /// Welcome uploaded as blobs, and the short post that names them (the
+    /// blobs' ids, for the post's attachments, which makes them readable
+    /// by every member).
+    async fn upload_parts(
+        &self,
+        h: &SessionHandle,
+        conversation: &[u8],
+        c: &Commit,
+    ) -> Result<(Vec<u8>, Vec<String>), ClientError> {
+        let transfer = self.transfer(h).await?;
+        let parts = c.parts();
+        let mut ids = Vec::with_capacity(parts.len());
+        for (_, bytes) in &parts {
+            let id = match transfer.upload(bytes, &mut |_, _| {}).await {
+                Ok(id) => id,
+                // Refused for good: the commit is dropped, said in words.
+                Err(ClientError::Api { status: 413, message, .. }) => {
+                    return Err(ClientError::Refused {
+                        code: ErrorCode::MessageTooLarge,
+                        message: format!(
+                            "it is {} and even as a file it is refused: {message}",
+                            crate::media::size_words(bytes.len() as u64)
+                        ),
+                        retry_after_ms: 0,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            ids.push(id);
+        }
+        let reference = skylark_e2ee::out_of_line(conversation, &parts, &ids).map_err(e2ee)?;
+        Ok((reference, ids))
+    }
+
+    /// `event` ready for [`Crypto::open_event`]: when it is a post naming
+    /// the parts of a commit too large for one post, and this device has
+    /// not opened it before, the parts it needs (the commit, or the
+    /// Welcome for a device being added) are downloaded and put in place
+    /// of the names. Any other event comes back as it is. An error (the
+    /// blobs could not be downloaded) leaves the entry unopened: the caller
+    /// stops reading there, and the next run reads it again.
+    pub async fn fetch_parts<'a>(
+        &self,
+        h: &SessionHandle,
+        event: &'a v1::Event,
+    ) -> Result<std::borrow::Cow<'a, v1::Event>, ClientError> {
+        use std::borrow::Cow;
+        if !kept_out_of_line(event) {
+            return Ok(Cow::Borrowed(event));
+        }
+        let Some(v1::event::Body::Group(g)) = &event.body else { return Ok(Cow::Borrowed(event)) };
+        let Some(v1::group_event::Body::Message(m)) = &g.body else { return Ok(Cow::Borrowed(event)) };
+        let (key, legacy) = journal_keys(event);
+        let mine = g.by == self.identity.account_id && m.sender_device == self.identity.device_id;
+        let needed = self.with(|e| {
+            if e.recall(&key).is_some() || e.recall(&legacy).is_some() {
+                return Ok(None);
+            }
+            e.parts_needed(&m.payload, mine)
+        })?;
+        let Some(needed) = needed.filter(|n| !n.is_empty()) else { return Ok(Cow::Borrowed(event)) };
+        let transfer = self.transfer(h).await?;
+        let mut fetched = Vec::with_capacity(needed.len());
+        for part in needed {
+            let bytes = transfer.download(&part.id, &mut |_, _| {}).await.map_err(|e| {
+                ClientError::Profile(format!(
+                    "could not download a change to a group's encryption too large for one post ({e}); \
+                     the next run tries again"
+                ))
+            })?;
+            fetched.push((part, bytes));
+        }
+        let payload = skylark_e2ee::inline(&fetched).map_err(e2ee)?;
+        let mut inlined = event.clone();
+        if let Some(v1::event::Body::Group(g)) = &mut inlined.body
+            && let Some(v1::group_event::Body::Message(m)) = &mut g.body
+        {
+            m.payload = payload.into();
+        }
+        Ok(Cow::Owned(inlined))
     }
 
     /// Makes a commit with `make` and posts it in the group's order: when
@@ -534,7 +664,7 @@ impl Crypto {
                 Ok(()) => return Ok(true),
                 Err(e) if e.error_code() == Some(ErrorCode::StaleEpoch) => {
                     self.with(|e| e.commit_refused(&conversation))?;
-                    self.read_until_epoch_moves(events, group, commit.epoch).await?;
+                    self.read_until_epoch_moves(h, events, group, commit.epoch).await?;
                 }
                 // Refused for good: a commit left staged would hold up every
                 // encrypted message of this device in the group.
@@ -551,14 +681,20 @@ impl Crypto {
         ))
     }
 
-    async fn read_until_epoch_moves(&self, events: &mut impl Frames, group: u64, from: u64) -> Result<(), ClientError> {
+    async fn read_until_epoch_moves(
+        &self,
+        h: &SessionHandle,
+        events: &mut impl Frames,
+        group: u64,
+        from: u64,
+    ) -> Result<(), ClientError> {
         let conversation = group_conversation(group);
         let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
         while self.with(|e| e.epoch(&conversation))? <= from {
             match tokio::time::timeout_at(deadline, events.next_frame()).await {
                 Ok(Some(Event::Frame(frame))) => {
                     if let Some(LogEvent::Entry(event)) = log_event(&frame) {
-                        self.open_event(event);
+                        self.open_event(&*self.fetch_parts(h, event).await?);
                     }
                     self.keep_read(frame);
                 }
@@ -572,14 +708,14 @@ impl Crypto {
     /// Reads the session's backlog up to `CaughtUp`, opening every group
     /// post on the way (so the state is current before this device
     /// commits or encrypts). Returns the entries read.
-    pub async fn catch_up(&self, events: &mut impl Frames) -> Result<Vec<v1::Event>, ClientError> {
+    pub async fn catch_up(&self, h: &SessionHandle, events: &mut impl Frames) -> Result<Vec<v1::Event>, ClientError> {
         let mut read = Vec::new();
         loop {
             match tokio::time::timeout(CATCH_UP_WAIT, events.next_frame()).await {
                 Ok(Some(Event::Frame(frame))) => {
                     let caught_up = match log_event(&frame) {
                         Some(LogEvent::Entry(event)) => {
-                            self.open_event(event);
+                            self.open_event(&*self.fetch_parts(h, event).await?);
                             read.push(event.clone());
                             false
                         }
@@ -778,7 +914,6 @@ impl Crypto {
         }
         self.save_todo(&now)?;
         let removals_failed = failed.len();
-        let mut added = std::collections::BTreeSet::new();
         // The conversations given devices here, and which: their history follows.
         let mut joined: Vec<(u64, Vec<DeviceRef>)> = Vec::new();
         for (group, conversation) in groups.iter().filter(|_| !todo.add.is_empty()) {
@@ -802,16 +937,26 @@ impl Crypto {
                     }
                 })
                 .collect();
-            added.extend(packages.iter().map(|(d, _)| d.device));
             match self.commit(h, events, *group, |e| e.add(conversation, &packages)).await {
                 Ok(true) => joined.push((*group, packages.iter().map(|(d, _)| *d).collect::<Vec<_>>())),
                 Ok(false) => {}
                 Err(e) => failed.push((*group, e)),
             }
         }
-        if groups.is_empty() {
-            added = todo.add.clone();
-        }
+        // A device is added once every conversation has it (another device
+        // of the account may have added it to some); one whose keys ran
+        // short, or were not published yet, is tried again for the rest.
+        let added: std::collections::BTreeSet<u64> = self.with(|e| {
+            Ok(todo
+                .add
+                .iter()
+                .copied()
+                .filter(|&device| {
+                    let who = DeviceRef { account, device };
+                    groups.iter().all(|(_, c)| !e.is_member(c) || e.members(c).is_ok_and(|m| m.contains(&who)))
+                })
+                .collect())
+        })?;
         let mut now = self.todo();
         if failed.len() == removals_failed {
             now.add.retain(|d| !added.contains(d));
@@ -940,7 +1085,7 @@ impl Crypto {
         epoch: u64,
     ) -> Result<(), ClientError> {
         let moved = || -> Result<bool, ClientError> { Ok(self.with(|e| e.epoch(&group_conversation(group)))? > epoch) };
-        self.read_until_epoch_moves(events, group, epoch).await?;
+        self.read_until_epoch_moves(h, events, group, epoch).await?;
         if moved()? {
             return Ok(());
         }
@@ -979,7 +1124,7 @@ impl Crypto {
             }
         }
         for event in unread.iter().rev() {
-            self.open_event(event);
+            self.open_event(&*self.fetch_parts(h, event).await?);
         }
         Ok(())
     }
@@ -1047,8 +1192,10 @@ impl Crypto {
             return Ok(());
         }
         let conversation = group_conversation(group);
-        let chunks = self
-            .with(|e| Ok(e.history_chunks(&conversation, skylark_e2ee::HISTORY_BYTES, skylark_e2ee::HISTORY_CHUNKS)))?;
+        // A chunk's post fits the server's limit (an encrypted post is its
+        // text and under 1 KiB more).
+        let budget = skylark_e2ee::HISTORY_BYTES.min((h.max_payload_bytes() as usize).saturating_sub(1024));
+        let chunks = self.with(|e| Ok(e.history_chunks(&conversation, budget, skylark_e2ee::HISTORY_CHUNKS)))?;
         for chunk in chunks {
             let client_id = new_client_id();
             for attempt in 1..=COMMIT_ATTEMPTS {
@@ -1317,8 +1464,8 @@ fn commit_refused_words(e: ClientError) -> ClientError {
     let ClientError::Refused { code, message, retry_after_ms } = e else { return e };
     let message = if code == ErrorCode::MessageTooLarge {
         format!(
-            "the change to this group's encryption is too large for one post on this server ({message}): \
-             groups with this many devices cannot be encrypted on it yet; the group's encryption was not changed"
+            "the change to this group's encryption is too large for this server, in a post and as a file \
+             ({message}); the group's encryption was not changed"
         )
     } else {
         format!("the server refused the change to this group's encryption ({message}); it was not changed")

@@ -245,7 +245,12 @@ impl<'a> Transfer<'a> {
     /// Sends `bytes` (the whole upload) from wherever upload `id` stands,
     /// in chunks, resuming after a broken connection; `progress` hears
     /// (sent, total) after each chunk.
-    pub async fn resume(&self, id: &str, bytes: &[u8], progress: &mut dyn FnMut(u64, u64)) -> Result<(), ClientError> {
+    pub async fn resume(
+        &self,
+        id: &str,
+        bytes: &[u8],
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<(), ClientError> {
         let total = bytes.len() as u64;
         let mut offset = self.offset(id).await?;
         progress(offset, total);
@@ -285,7 +290,11 @@ impl<'a> Transfer<'a> {
     }
 
     /// Uploads `bytes`; returns the blob's id.
-    pub async fn upload(&self, bytes: &[u8], progress: &mut dyn FnMut(u64, u64)) -> Result<String, ClientError> {
+    pub async fn upload(
+        &self,
+        bytes: &[u8],
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<String, ClientError> {
         let id = self.create(bytes.len() as u64).await?;
         self.resume(&id, bytes, progress).await?;
         Ok(id)
@@ -293,7 +302,11 @@ impl<'a> Transfer<'a> {
 
     /// Downloads blob `id`, resuming with a byte range after a broken
     /// connection; `progress` hears (received, total).
-    pub async fn download(&self, id: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<Vec<u8>, ClientError> {
+    pub async fn download(
+        &self,
+        id: &str,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<Vec<u8>, ClientError> {
         let mut out: Vec<u8> = Vec::new();
         let mut total: Option<u64> = None;
         let mut failures = 0;

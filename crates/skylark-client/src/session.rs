@@ -60,6 +60,8 @@ pub struct SessionInfo {
     pub phone: String,
     pub heartbeat_interval_ms: u64,
     pub idle_timeout_ms: u64,
+    /// The largest payload the server takes in one post.
+    pub max_payload_bytes: u64,
 }
 
 /// Something the server sent without being asked, or the end of the session.
@@ -90,6 +92,8 @@ pub struct SessionHandle {
     /// How the session ended, once it has: what a request made after the
     /// end reports, rather than a bare "ended".
     ended: Arc<OnceLock<(Option<CloseCode>, String)>>,
+    /// The largest payload the server takes in one post.
+    max_payload_bytes: u64,
 }
 
 impl std::fmt::Debug for Command {
@@ -108,6 +112,12 @@ impl SessionHandle {
 }
 
 impl SessionHandle {
+    /// The largest payload the server takes in one post (it says so when
+    /// the session starts).
+    pub fn max_payload_bytes(&self) -> u64 {
+        self.max_payload_bytes
+    }
+
     /// Sends one request and waits for its reply. An error frame becomes
     /// [`ClientError::Refused`].
     pub async fn request(&self, body: client_frame::Body) -> Result<server_frame::Body, ClientError> {
@@ -190,12 +200,36 @@ impl SessionHandle {
         self.post(group, client_id, payload, Some(epoch)).await
     }
 
+    /// As [`SessionHandle::commit_to_group`], for a commit kept out of
+    /// line: `payload` names the blobs `attachments` holding its parts.
+    pub async fn commit_to_group_with(
+        &self,
+        group: u64,
+        client_id: &str,
+        epoch: u64,
+        payload: Vec<u8>,
+        attachments: Vec<String>,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.post_with(group, client_id, payload, Some(epoch), attachments).await
+    }
+
     async fn post(
         &self,
         group: u64,
         client_id: &str,
         payload: Vec<u8>,
         commit_epoch: Option<u64>,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.post_with(group, client_id, payload, commit_epoch, Vec::new()).await
+    }
+
+    async fn post_with(
+        &self,
+        group: u64,
+        client_id: &str,
+        payload: Vec<u8>,
+        commit_epoch: Option<u64>,
+        attachments: Vec<String>,
     ) -> Result<v1::SendAck, ClientError> {
         let body = client_frame::Body::Send(v1::SendMessage {
             client_id: client_id.to_owned(),
@@ -207,7 +241,7 @@ impl SessionHandle {
             edits: None,
             deletes: None,
             expire_after_ms: 0,
-            attachments: Vec::new(),
+            attachments,
         });
         self.send_body(body).await
     }
@@ -563,6 +597,8 @@ pub async fn handshake(conn: &mut FrameConn, identity: &Identity) -> Result<Sess
             phone: a.phone,
             heartbeat_interval_ms: a.heartbeat_interval_ms,
             idle_timeout_ms: a.idle_timeout_ms,
+            // A server older than the field: its default.
+            max_payload_bytes: if a.max_payload_bytes == 0 { 64 * 1024 } else { a.max_payload_bytes },
         }),
         other => Err(ClientError::Protocol(format!("expected Authenticated, got {other:?}"))),
     }
@@ -607,7 +643,8 @@ impl Session {
         let heartbeat = Duration::from_millis(info.heartbeat_interval_ms.max(1_000));
         let ended = Arc::new(OnceLock::new());
         let task = tokio::spawn(run(conn, commands, events_tx, heartbeat, ended.clone()));
-        Ok((Session { info, handle: SessionHandle { commands: commands_tx, ended }, task }, events))
+        let handle = SessionHandle { commands: commands_tx, ended, max_payload_bytes: info.max_payload_bytes };
+        Ok((Session { info, handle, task }, events))
     }
 
     pub fn handle(&self) -> SessionHandle {

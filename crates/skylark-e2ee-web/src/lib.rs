@@ -108,6 +108,16 @@ pub fn is_encrypted(payload: &str) -> bool {
     BASE64.decode(payload).is_ok_and(|p| skylark_e2ee::is_encrypted(&p))
 }
 
+/// The post that stands for a commit (JSON, as [`Device::add`] returns it)
+/// too large for one post, once its parts are uploaded as the blobs `ids`
+/// (a JSON array: the commit's, then the Welcome's if it has one): base64.
+#[wasm_bindgen(js_name = outOfLine)]
+pub fn out_of_line(group: &str, commit: &str, ids: &str) -> Result<String, JsError> {
+    let commit = commit_from(commit)?;
+    let ids = list(ids, "the blob ids", |v| Ok(v.as_str().unwrap_or_default().to_owned()))?;
+    Ok(BASE64.encode(skylark_e2ee::out_of_line(&conversation(group)?, &commit.parts(), &ids).map_err(fail)?))
+}
+
 /// Checks that a claimed key package belongs to the device it was listed
 /// for and that its MLS key is signed by that device's key; throws a
 /// sentence saying what is wrong otherwise.
@@ -386,14 +396,45 @@ impl Device {
     /// as chunks (a JSON array of base64), newest first, each for one post
     /// ([`Device::seal_history`]). Only for a 1:1 conversation: every member
     /// can read such a post.
+    /// Each chunk's post fits `max_payload` (the server's limit; its text
+    /// is under 1 KiB less).
     #[wasm_bindgen(js_name = historyChunks)]
-    pub fn history_chunks(&self, group: &str) -> Result<String, JsError> {
-        let chunks = self.engine.history_chunks(
-            &conversation(group)?,
-            skylark_e2ee::HISTORY_BYTES,
-            skylark_e2ee::HISTORY_CHUNKS,
-        );
+    pub fn history_chunks(&self, group: &str, max_payload: u32) -> Result<String, JsError> {
+        let budget = skylark_e2ee::HISTORY_BYTES.min((max_payload as usize).saturating_sub(1024));
+        let chunks = self.engine.history_chunks(&conversation(group)?, budget, skylark_e2ee::HISTORY_CHUNKS);
         Ok(Value::from(chunks.iter().map(|c| BASE64.encode(c)).collect::<Vec<_>>()).to_string())
+    }
+
+    /// The blob ids (a JSON array) of the parts of a post naming a commit's
+    /// parts ([`out_of_line`]) that this device needs before it can open
+    /// it (the commit, or the Welcome for a device being added; none when
+    /// nothing of it is for this device); `None` when `payload` (base64)
+    /// is not such a post. `from_me`: this device posted it.
+    #[wasm_bindgen(js_name = partsNeeded)]
+    pub fn parts_needed(&self, payload: &str, from_me: bool) -> Result<Option<String>, JsError> {
+        let payload = bytes(payload, "the payload")?;
+        let needed = self.engine.parts_needed(&payload, from_me).map_err(fail)?;
+        Ok(needed.map(|parts| Value::from(parts.into_iter().map(|p| p.id).collect::<Vec<_>>()).to_string()))
+    }
+
+    /// The payload (base64) to open in place of a post naming a commit's
+    /// parts, from the parts [`Device::parts_needed`] listed, downloaded
+    /// (JSON `{id: base64}`): each checked against the length and digest
+    /// the post gives it.
+    pub fn inline(&self, payload: &str, from_me: bool, fetched: &str) -> Result<String, JsError> {
+        let payload = bytes(payload, "the payload")?;
+        let fetched = parse(fetched, "the downloaded parts")?;
+        let parts = self.engine.parts_needed(&payload, from_me).map_err(fail)?.unwrap_or_default();
+        let mut with_bytes = Vec::with_capacity(parts.len());
+        for part in parts {
+            let b64 = fetched
+                .get(&part.id)
+                .and_then(Value::as_str)
+                .ok_or_else(|| JsError::new("a part was not downloaded"))?;
+            let downloaded = bytes(b64, "a downloaded part")?;
+            with_bytes.push((part, downloaded));
+        }
+        Ok(BASE64.encode(skylark_e2ee::inline(&with_bytes).map_err(fail)?))
     }
 
     /// One chunk of [`Device::history_chunks`], encrypted for the devices

@@ -25,6 +25,8 @@
 //! **Payloads.** An encrypted payload starts with [`MAGIC`] (a NUL byte
 //! never starts a text message) followed by one serialized `MLSMessage`:
 //! a Welcome, or a commit or application message as `PrivateMessage`.
+//! A commit too large for one post travels as blobs, and its post names
+//! them ([`out_of_line`]; the module `parts` says how).
 
 use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -32,6 +34,9 @@ use openmls::prelude::*;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::signatures::{Signer, SignerError};
 use sha2::{Digest, Sha512};
+
+mod parts;
+pub use parts::{OUT_OF_LINE_MAGIC, Part, PartKind, inline, out_of_line};
 
 /// X25519, AES-128-GCM, SHA-256, Ed25519: MLS's mandatory suite.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -119,6 +124,11 @@ pub enum E2eeError {
     EarlierKeys,
     #[error("it was encrypted with keys from a change to the conversation that this device has not read yet")]
     LaterKeys,
+    #[error(
+        "it is a change to the conversation's encryption too large for one message, kept as a download, which \
+         this device could not download"
+    )]
+    NotDownloaded,
     #[error("encryption failed: {0}")]
     Mls(String),
 }
@@ -711,6 +721,11 @@ impl Engine {
     /// in the log, is applied here if it was still pending; its own
     /// application messages cannot be opened by it, and are `NotForMe`).
     pub fn receive(&mut self, payload: &[u8], from_me: bool) -> Result<Incoming, E2eeError> {
+        // A post naming its parts ([`parts`]) is opened once they are
+        // downloaded ([`inline`]); it is nothing for a device that needs none.
+        if let Some(needed) = self.parts_needed(payload, from_me)? {
+            return if needed.is_empty() { Ok(Incoming::NotForMe) } else { Err(E2eeError::NotDownloaded) };
+        }
         if payload.starts_with(BUNDLE_MAGIC) {
             let (commit, welcome) =
                 split_bundle(payload).ok_or_else(|| E2eeError::Malformed("a cut-off commit bundle".into()))?;
@@ -840,6 +855,9 @@ impl Engine {
                         Opened::DevicesChanged { conversation, epoch }
                     }
                     Ok(_) => Opened::Control,
+                    // Not remembered: opened again once its parts are
+                    // downloaded.
+                    Err(e @ E2eeError::NotDownloaded) => return Opened::Failed(e.to_string()),
                     Err(e) => Opened::Failed(e.to_string()),
                 }
             }
@@ -1445,7 +1463,7 @@ fn wrap(message: &MlsMessageOut) -> Result<Vec<u8>, E2eeError> {
 /// Whether a payload is end-to-end encrypted (rather than plain text from
 /// a client without encryption).
 pub fn is_encrypted(payload: &[u8]) -> bool {
-    payload.starts_with(MAGIC) || payload.starts_with(BUNDLE_MAGIC)
+    payload.starts_with(MAGIC) || payload.starts_with(BUNDLE_MAGIC) || payload.starts_with(OUT_OF_LINE_MAGIC)
 }
 
 fn getrandom(buf: &mut [u8]) {

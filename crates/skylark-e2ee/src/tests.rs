@@ -23,6 +23,12 @@ fn device(account: u64, device: u64) -> Device {
 struct Log {
     epoch: u64,
     entries: Vec<(DeviceRef, Vec<u8>)>,
+    /// Parts of commits posted out of line, by blob id.
+    blobs: std::collections::HashMap<String, Vec<u8>>,
+    /// Out-of-line parts each device downloaded (device, kind), in order.
+    downloaded: Vec<(DeviceRef, PartKind)>,
+    /// The next commit goes out of line.
+    out_of_line: bool,
 }
 
 impl Log {
@@ -34,7 +40,19 @@ impl Log {
             return false;
         }
         self.epoch += 1;
-        self.entries.push((from.engine.me(), commit.payload()));
+        let payload = if std::mem::take(&mut self.out_of_line) {
+            // As the clients do when a commit outgrows a post: its parts
+            // as blobs, and a post naming them.
+            let parts = commit.parts();
+            let ids: Vec<String> = (0..parts.len()).map(|i| format!("blob{}-{i}", self.entries.len())).collect();
+            for ((_, bytes), id) in parts.iter().zip(&ids) {
+                self.blobs.insert(id.clone(), bytes.to_vec());
+            }
+            out_of_line(CONV, &parts, &ids).unwrap()
+        } else {
+            commit.payload()
+        };
+        self.entries.push((from.engine.me(), payload));
         // As the clients do: read the log through to the commit, which
         // applies it (what came before it is opened in the old epoch).
         self.catch_up(from);
@@ -61,14 +79,27 @@ impl Log {
     }
 
     /// Everything new for `d`, in order; returns the texts it decrypted.
-    fn catch_up(&self, d: &mut Device) -> Vec<String> {
+    fn catch_up(&mut self, d: &mut Device) -> Vec<String> {
         let mut texts = Vec::new();
         while d.read < self.entries.len() {
-            let (from, payload) = &self.entries[d.read];
+            let (from, mut payload) = self.entries[d.read].clone();
             d.read += 1;
-            match d.engine.receive(payload, *from == d.engine.me()).unwrap() {
+            // A post naming a commit's parts: the ones this device needs,
+            // downloaded.
+            if let Some(parts) = d.engine.parts_needed(&payload, from == d.engine.me()).unwrap() {
+                let fetched: Vec<(Part, Vec<u8>)> = parts
+                    .into_iter()
+                    .map(|p| {
+                        self.downloaded.push((d.engine.me(), p.kind));
+                        let bytes = self.blobs[&p.id].clone();
+                        (p, bytes)
+                    })
+                    .collect();
+                payload = inline(&fetched).unwrap();
+            }
+            match d.engine.receive(&payload, from == d.engine.me()).unwrap() {
                 Incoming::Message { plaintext, from: sender, .. } => {
-                    assert_eq!(sender, *from, "the sender named inside the message is the one who posted");
+                    assert_eq!(sender, from, "the sender named inside the message is the one who posted");
                     texts.push(String::from_utf8(plaintext).unwrap());
                 }
                 Incoming::Joined { .. } | Incoming::Committed { .. } | Incoming::NotForMe => {}
@@ -696,4 +727,77 @@ fn a_linked_device_gets_its_accounts_history_of_a_conversation_and_nothing_else(
     let has = |c: &[u8], text: &[u8]| c.windows(text.len()).any(|w| w == text);
     assert!(has(&chunks[0], b"message number 19") && has(chunks.last().unwrap(), b"one, from b"), "newest first");
     assert_eq!(a1.engine.history_chunks(g, budget, 2).len(), 2, "no more chunks than asked");
+}
+
+#[test]
+fn a_commit_posted_out_of_line_is_downloaded_by_each_device_in_the_part_it_needs() {
+    let (mut a1, mut b1, mut c1, mut c2, mut d1) =
+        (device(1, 1), device(2, 1), device(3, 1), device(3, 2), device(4, 1));
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    // a1 adds c1 and c2 with a commit too large for a post (as if).
+    let add = a1.engine.add(CONV, &packages(&mut [&mut c1, &mut c2])).unwrap().unwrap();
+    log.out_of_line = true;
+    assert!(log.commit(&mut a1, &add));
+    let (_, reference) = log.entries.last().unwrap().clone();
+    assert!(reference.starts_with(OUT_OF_LINE_MAGIC) && reference.len() < 200, "{} bytes", reference.len());
+    assert!(is_encrypted(&reference), "never shown as a plain text");
+    // Unread, it says why. A device that is not in the group needs the
+    // Welcome (to learn whether it is added); a member needs the commit.
+    assert!(matches!(b1.engine.receive(&reference, false), Err(E2eeError::NotDownloaded)));
+    let kinds = |d: &Device| {
+        d.engine.parts_needed(&reference, false).unwrap().unwrap().iter().map(|p| p.kind).collect::<Vec<_>>()
+    };
+    assert_eq!(kinds(&d1), [PartKind::Welcome]);
+    assert_eq!(kinds(&b1), [PartKind::Commit]);
+    // A damaged download is refused before it is opened.
+    let mut parts = b1.engine.parts_needed(&reference, false).unwrap().unwrap();
+    let bad = vec![(parts.remove(0), b"not the commit".to_vec())];
+    assert!(inline(&bad).unwrap_err().to_string().contains("does not match"));
+    for d in [&mut b1, &mut c1, &mut c2] {
+        d.read = log.entries.len() - 1;
+        log.catch_up(d);
+        assert!(d.engine.is_member(CONV), "{:?} is in", d.engine.me());
+    }
+    // The committer and b1 fetched the commit, the new devices the Welcome.
+    let (a, b, c, c_2) = (a1.engine.me(), b1.engine.me(), c1.engine.me(), c2.engine.me());
+    assert_eq!(
+        log.downloaded,
+        [(a, PartKind::Commit), (b, PartKind::Commit), (c, PartKind::Welcome), (c_2, PartKind::Welcome)]
+    );
+    log.post(&mut c1, "in the group of four");
+    assert_eq!(log.catch_up(&mut b1), ["in the group of four"]);
+    assert_eq!(log.catch_up(&mut c2), ["in the group of four"]);
+
+    // A removal out of line (no Welcome): c2 reads that it is out.
+    let removal = b1.engine.remove(CONV, &[c_2]).unwrap().unwrap();
+    log.out_of_line = true;
+    assert!(log.commit(&mut b1, &removal));
+    log.catch_up(&mut a1);
+    log.post(&mut a1, "after c2 left");
+    assert!(log.catch_up(&mut c2).is_empty());
+    assert!(!c2.engine.is_member(CONV));
+    assert_eq!(log.catch_up(&mut c1), ["after c2 left"]);
+    // Nothing of a removal is for a device outside the group.
+    let removal = &log.entries[log.entries.len() - 2].1;
+    assert_eq!(d1.engine.parts_needed(removal, false).unwrap(), Some(Vec::new()));
+    assert_eq!(d1.engine.receive(removal, false).unwrap(), Incoming::NotForMe);
+}
+
+#[test]
+fn a_device_that_lost_the_race_to_start_reads_the_winners_out_of_line_start() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    a1.engine.create(CONV).unwrap();
+    b1.engine.create(CONV).unwrap();
+    let from_a = a1.engine.add(CONV, &packages(&mut [&mut b1])).unwrap().unwrap();
+    let from_b = b1.engine.add(CONV, &packages(&mut [&mut a1])).unwrap().unwrap();
+    let mut log = Log { out_of_line: true, ..Log::default() };
+    assert!(log.commit(&mut a1, &from_a));
+    assert!(!log.commit(&mut b1, &from_b));
+    // Alone in its own group, b1 needs the commit (not for it) and the Welcome.
+    log.catch_up(&mut b1);
+    assert!(b1.engine.is_member(CONV));
+    assert_eq!(log.downloaded.iter().filter(|(d, _)| *d == b1.engine.me()).count(), 2);
+    log.post(&mut b1, "joined the winner's");
+    assert_eq!(log.catch_up(&mut a1), ["joined the winner's"]);
 }

@@ -173,6 +173,7 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Bo
                             device_id: authed.device.id.0,
                             heartbeat_interval_ms: limits.heartbeat_interval_ms,
                             idle_timeout_ms: limits.idle_timeout_ms,
+                            max_payload_bytes: shared.server.config.messaging.max_payload_bytes as u64,
                         });
                         if t.send(reply(id, body)).await.is_err() {
                             return Ok(None);

@@ -477,6 +477,7 @@ async function openCrypto() {
     await holdCrypto();
     const sign = (bytes) => crypto.subtle.sign({ name: "Ed25519" }, state.me.pair.privateKey, bytes);
     state.crypto = await Crypto.open(state.me, state.local, sign);
+    state.crypto.blobs = commitBlobs;
     return true;
   } catch (err) {
     state.crypto = null;
@@ -592,7 +593,7 @@ async function openAnywhere() {
   let last = null;
   for (const host of candidates()) {
     try {
-      return await Session.open(state.me, { onFrame, onClose, host });
+      return await Session.open(state.me, { onFrame, onClose, host, prepare: prepareFrame });
     } catch (err) {
       if (err instanceof Refused && (SIGNED_OUT.includes(err.code) || err.code === "ERROR_CODE_BANNED")) throw err;
       last = err;
@@ -835,6 +836,25 @@ function applyReceipts(receipts) {
     c.readByMe = Math.max(c.readByMe, Number(r.readByMeUpTo || 0));
   }
 }
+
+/// Before a frame is handled: a post naming the parts of a commit too
+/// large for one post gets the parts this browser needs downloaded in
+/// place (the frames after it wait; the log's order matters to MLS).
+function prepareFrame(frame) {
+  if (!frame.event || !state.crypto || !Crypto.keptOutOfLine(frame.event)) return null;
+  return state.crypto.fetchParts(frame.event).then((event) => { frame.event = event; });
+}
+
+/// The blobs of commits too large for one post, as the encryption
+/// uploads and downloads them.
+const commitBlobs = {
+  upload: (bytes) => uploadBytes(bytes, () => {}),
+  async download(id) {
+    const r = await fetch(`/v1/blobs/${id}`, { headers: { authorization: `Bearer ${(await mediaAuth()).token}` } });
+    if (!r.ok) throw await httpError(r);
+    return new Uint8Array(await r.arrayBuffer());
+  },
+};
 
 function onFrame(frame) {
   if (frame.event) {

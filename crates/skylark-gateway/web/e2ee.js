@@ -16,8 +16,8 @@
 // A browser that cannot keep it publishes no keys, and its conversations
 // stay unencrypted.
 
-import init, { Device, checkPackage, isEncrypted, safetyNumber } from "./e2ee/skylark_e2ee_web.js";
-import { Refused } from "./proto.js";
+import init, { Device, checkPackage, isEncrypted, outOfLine, safetyNumber } from "./e2ee/skylark_e2ee_web.js";
+import { Refused, fromBase64, toBase64 } from "./proto.js";
 
 export { isEncrypted };
 
@@ -57,6 +57,13 @@ const STATE_REWRITE_BYTES = 1 << 20;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/// How a post naming a commit's parts begins in base64 ("\0SKMLSO": its
+/// first 9 characters hold the first 6 bytes and 6 bits of the seventh).
+const OUT_OF_LINE_PREFIX = "AFNLTUxTT";
+
+/// The length of what a base64 text holds.
+const base64Length = (b64) => Math.floor((b64.length * 3) / 4) - (b64.endsWith("==") ? 2 : b64.endsWith("=") ? 1 : 0);
+
 const TAKEN_OVER = "This browser's encryption is open in a newer tab, which keeps it now; use that tab.";
 
 function newClientId() {
@@ -82,8 +89,8 @@ function refusedForGood(err) {
 /// A commit refused for good, in words, as the CLI says it.
 function commitRefusedWords(err) {
   if (err.code === "ERROR_CODE_MESSAGE_TOO_LARGE") {
-    return `The change to this group's encryption is too large for one post on this server (${err.message}): `
-      + "groups with this many devices cannot be encrypted on it yet; the group's encryption was not changed.";
+    return `The change to this group's encryption is too large for this server, in a post and as a file (${err.message}); `
+      + "the group's encryption was not changed.";
   }
   return `The server refused the change to this group's encryption (${err.message}); it was not changed.`;
 }
@@ -140,6 +147,9 @@ export class Crypto {
     this.plain = new Map(); // phone → when its 1:1 conversation was found plain
     this.waiters = [];
     this.changing = new Map(); // group → settles when this page's commits to it are through
+    /// `{ upload(bytes) → id, download(id) → bytes }`: the server's blobs,
+    /// for commits too large for one post (set by the page).
+    this.blobs = null;
   }
 
   /// What to write to keep the state, for a write of the caller's (see
@@ -255,8 +265,65 @@ export class Crypto {
     await this.persist();
   }
 
-  post(session, group, clientId, commit) {
-    return session.request({ send: { clientId, group: String(group), payload: commit.payload, commitEpoch: commit.epoch } });
+  /// Posts a staged commit, with its Welcome. One too large for a post on
+  /// this server (a Welcome carries the group's ratchet tree) travels as
+  /// blobs, uploaded with `this.blobs`, and a short post names them: each
+  /// device downloads the part it needs (`fetchParts`).
+  async post(session, group, clientId, commit) {
+    group = String(group);
+    const max = Number((session.info && session.info.maxPayloadBytes) || 65536);
+    if (base64Length(commit.payload) <= max) {
+      return session.request({ send: { clientId, group, payload: commit.payload, commitEpoch: commit.epoch } });
+    }
+    if (!this.blobs) throw new Error("This browser cannot upload files, which a change this large to the group's encryption needs.");
+    const ids = [];
+    for (const part of [commit.commit, commit.welcome].filter(Boolean)) {
+      try {
+        ids.push(await this.blobs.upload(fromBase64(part)));
+      } catch (err) {
+        // Refused for good: the commit is dropped, said in words.
+        if (err.status === 413) throw new Refused({ code: "ERROR_CODE_MESSAGE_TOO_LARGE", message: `even as a file: ${err.message}` });
+        throw err;
+      }
+    }
+    const payload = outOfLine(group, JSON.stringify(commit), JSON.stringify(ids));
+    return session.request({ send: { clientId, group, payload, commitEpoch: commit.epoch, attachments: ids } });
+  }
+
+  /// `event` ready for `openEvent`: when it is a post naming the parts of
+  /// a commit too large for one post (and was not opened here before), a
+  /// copy with the parts this device needs downloaded in their place (the
+  /// commit for a member, the Welcome for a device being added). Tried a
+  /// few times; after that it is left as it is, and `openEvent` says it
+  /// could not be read (without remembering: a reload tries again).
+  async fetchParts(event) {
+    const g = event.group;
+    const m = g && g.message;
+    if (!m || !m.payload || !this.blobs || this.recall(event)) return event;
+    const mine = g.by === this.me.accountId && String(m.senderDevice || 0) === this.me.deviceId;
+    const needed = this.device.partsNeeded(m.payload, mine);
+    if (!needed) return event;
+    const fetched = {};
+    for (const id of JSON.parse(needed)) {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          fetched[id] = toBase64(await this.blobs.download(id));
+          break;
+        } catch (err) {
+          if (attempt >= 5) return event;
+          await sleep(250 * 2 ** attempt);
+        }
+      }
+    }
+    const payload = this.device.inline(m.payload, mine, JSON.stringify(fetched));
+    return { ...event, group: { ...g, message: { ...m, payload } } };
+  }
+
+  /// Whether `event` is a post naming the parts of a commit too large for
+  /// one post (`fetchParts` downloads them).
+  static keptOutOfLine(event) {
+    const payload = event.group && event.group.message && event.group.message.payload;
+    return Boolean(payload) && payload.startsWith(OUT_OF_LINE_PREFIX);
   }
 
   /// Whether this device encrypts for the group.
@@ -583,14 +650,12 @@ export class Crypto {
         }
       }
       const removalsFailed = failed.length;
-      const added = new Set(groups.length ? [] : todo.add);
       const joined = []; // { g, linked }: conversations this page added devices to
       if (todo.add.length) {
         for (const g of groups) {
           // One package per device per conversation: a Welcome uses it up.
           const { packages } = await this.claimAll(session, [this.me.phone]);
           const linked = packages.filter((p) => todo.add.includes(p.device));
-          for (const p of linked) added.add(p.device);
           if (linked.length) {
             const committed = await this.commit(session, g, (d) => d.add(g, JSON.stringify(linked)))
               .catch((err) => failed.push({ g, err }) && false);
@@ -598,6 +663,11 @@ export class Crypto {
           }
         }
       }
+      // A device is added once every conversation has it (another device
+      // of the account may have added it to some); one whose keys ran
+      // short, or were not published yet, is tried again for the rest.
+      const mine = (g) => JSON.parse(this.device.members(g)).filter((m) => m.account === this.me.accountId).map((m) => m.device);
+      const added = new Set(todo.add.filter((d) => groups.every((g) => !this.device.isMember(g) || mine(g).includes(d))));
       // Read again before writing: more may have been noted meanwhile.
       const now = (await this.local.get(TODO)) || { add: [], remove: [] };
       if (!removalsFailed) now.remove = now.remove.filter((d) => !todo.remove.includes(d));
@@ -650,7 +720,8 @@ export class Crypto {
     const info = (await session.request({ getGroup: { group } })).groupInfo;
     if (!info.direct) return;
     const devices = JSON.stringify(linked.map((p) => ({ account: p.account, device: p.device })));
-    for (const chunk of JSON.parse(this.device.historyChunks(group))) {
+    const max = Number((session.info && session.info.maxPayloadBytes) || 65536);
+    for (const chunk of JSON.parse(this.device.historyChunks(group, max))) {
       const clientId = newClientId();
       for (let attempt = 1; ; attempt++) {
         await this.settled(group);

@@ -149,16 +149,19 @@ const FINAL_CLOSES = new Set([4001, 4003, 4004, 4005]);
 const OPEN_TIMEOUT_MS = 8000;
 
 /// One authenticated WebSocket session. `onFrame(frame)` gets every frame
-/// the server sends on its own (events, caught-up, presence, typing);
+/// the server sends on its own (events, caught-up, presence, typing), in
+/// order, each after `prepare(frame)` (optional) has settled when it
+/// returned a promise;
 /// `onClose(code, reason)` is called once when it ends. `host` is the
 /// node's `host:port` (the page's own by default), reached with the page's
 /// scheme.
 export class Session {
-  static open(identity, { onFrame, onClose, host = location.host }) {
+  static open(identity, { onFrame, onClose, host = location.host, prepare = null }) {
     return new Promise((resolve, reject) => {
       const url = `${location.protocol === "https:" ? "wss" : "ws"}://${host}/v1/ws`;
       const ws = new WebSocket(url, "skylark.v1.json");
       const session = new Session(ws, onFrame, onClose);
+      session.prepare = prepare;
       session.host = host;
       let authenticated = false;
       const timer = setTimeout(() => {
@@ -209,6 +212,9 @@ export class Session {
     this.pending = new Map();
     this.timer = null;
     this.ended = false;
+    this.backlog = [];
+    this.delivering = false;
+    this.prepare = null;
   }
 
   raw(frame) {
@@ -229,7 +235,29 @@ export class Session {
       return;
     }
     if (frame.close) return;
-    this.onFrame(frame);
+    this.backlog.push(frame);
+    if (!this.delivering) this.deliver();
+  }
+
+  /// Hands frames to `onFrame` in the order they came. `prepare(frame)`,
+  /// when set, may return a promise (a frame whose content must be fetched
+  /// first): the frames after it wait for it, answers to requests do not.
+  async deliver() {
+    this.delivering = true;
+    try {
+      while (this.backlog.length) {
+        const frame = this.backlog.shift();
+        const ready = this.prepare && this.prepare(frame);
+        if (ready) await ready.catch(() => {});
+        try {
+          this.onFrame(frame);
+        } catch (err) {
+          setTimeout(() => { throw err; }); // reported as the page's error, the frames after it still delivered
+        }
+      }
+    } finally {
+      this.delivering = false;
+    }
   }
 
   closed(code, reason) {

@@ -195,7 +195,7 @@ pub async fn verify(profile: &Path, transport: &TransportArgs, phone: &str) -> R
     let mut c = crate::cli::connect(profile, transport).await?;
     let h = c.session.handle();
     let shown = async {
-        c.crypto.catch_up(&mut c.events).await.map_err(explain)?;
+        c.crypto.catch_up(&h, &mut c.events).await.map_err(explain)?;
         c.crypto.maintain(&h, &mut c.events).await.map_err(explain)?;
         let Some(group) = c.crypto.start_direct(&h, &mut c.events, &phone).await.map_err(explain)? else {
             bail!(
@@ -404,6 +404,21 @@ fn presence_line(p: &v1::PresenceInfo) -> String {
     }
 }
 
+/// `event`, with the parts of a commit too large for one post downloaded
+/// when it is one (`Crypto::fetch_parts`). An error ends the command: the
+/// entry is not acknowledged, and the next run reads it again.
+async fn with_parts<'a>(
+    client: &Client,
+    crypto: &Crypto,
+    event: &'a v1::Event,
+) -> Result<std::borrow::Cow<'a, v1::Event>> {
+    if !skylark_client::e2ee::kept_out_of_line(event) {
+        return Ok(std::borrow::Cow::Borrowed(event));
+    }
+    let handle = client.connected().await.map_err(explain)?;
+    crypto.fetch_parts(&handle, event).await.map_err(explain)
+}
+
 pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String], files: &Path) -> Result<()> {
     let watch: Vec<String> = watch.iter().map(|w| normalise(w)).collect::<Result<_>>()?;
     let (identity, mut client, mut events, crypto) = start_client(profile, transport)?;
@@ -436,6 +451,7 @@ pub async fn listen(profile: &Path, transport: &TransportArgs, watch: &[String],
             }
             ClientEvent::Frame(frame) => match log_event(&frame) {
                 Some(LogEvent::Entry(event)) => {
+                    let event = &*with_parts(&client, &crypto, event).await?;
                     let handle = client.connected().await.ok();
                     peers.learn(event, &identity, handle.as_ref()).await;
                     if let Some(line) = describe(event, &identity, None, &peers, &|e| crypto.open_event(e)) {
@@ -920,6 +936,7 @@ pub async fn chat(profile: &Path, transport: &TransportArgs, with: Option<&str>,
                     }
                     continue;
                 };
+                let event = &*with_parts(&client, &crypto, event).await?;
                 let group = match peer {
                     Peer::Group(g) => g,
                     Peer::Phone(_) => direct.unwrap_or(0),

@@ -64,7 +64,7 @@ impl Route {
 /// Catches up (encrypting needs the newest keys) and finds the route.
 pub async fn route(c: &mut Connected, conversation: &Conversation) -> Result<Route> {
     let h = c.session.handle();
-    c.crypto.catch_up(&mut c.events).await.map_err(explain)?;
+    c.crypto.catch_up(&h, &mut c.events).await.map_err(explain)?;
     c.crypto.maintain(&h, &mut c.events).await.map_err(explain)?;
     Ok(match conversation {
         Conversation::Phone(phone) => match c.crypto.start_direct(&h, &mut c.events, phone).await.map_err(explain)? {

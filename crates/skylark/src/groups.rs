@@ -136,7 +136,7 @@ async fn command_on(
     command: GroupCommand,
 ) -> Result<()> {
     // Encrypting or committing needs the group's newest state.
-    crypto.catch_up(events).await.map_err(explain)?;
+    crypto.catch_up(h, events).await.map_err(explain)?;
     crypto.maintain(h, events).await.map_err(explain)?;
     match command {
         GroupCommand::Create { subject, members } => {

@@ -239,27 +239,71 @@ export class Device {
      * as chunks (a JSON array of base64), newest first, each for one post
      * ([`Device::seal_history`]). Only for a 1:1 conversation: every member
      * can read such a post.
+     * Each chunk's post fits `max_payload` (the server's limit; its text
+     * is under 1 KiB less).
      * @param {string} group
+     * @param {number} max_payload
      * @returns {string}
      */
-    historyChunks(group) {
-        let deferred3_0;
-        let deferred3_1;
+    historyChunks(group, max_payload) {
+        let deferred4_0;
+        let deferred4_1;
         try {
+            const val2 = +max_payload;
             const ptr0 = passStringToWasm0(group, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
             const len0 = WASM_VECTOR_LEN;
-            const ret = wasm.device_historyChunks(this.__wbg_ptr, ptr0, len0);
-            var ptr2 = ret[0];
-            var len2 = ret[1];
+            const ret = wasm.device_historyChunks(this.__wbg_ptr, ptr0, len0, val2);
+            var ptr3 = ret[0];
+            var len3 = ret[1];
             if (ret[3]) {
-                ptr2 = 0; len2 = 0;
+                ptr3 = 0; len3 = 0;
                 throw takeFromExternrefTable0(ret[2]);
             }
-            deferred3_0 = ptr2;
-            deferred3_1 = len2;
-            return getStringFromWasm0(ptr2, len2);
+            deferred4_0 = ptr3;
+            deferred4_1 = len3;
+            return getStringFromWasm0(ptr3, len3);
         } finally {
-            wasm.__wbindgen_free(deferred3_0, deferred3_1, 1);
+            wasm.__wbindgen_free(deferred4_0, deferred4_1, 1);
+        }
+    }
+    /**
+     * The payload (base64) to open in place of a post naming a commit's
+     * parts, from the parts [`Device::parts_needed`] listed, downloaded
+     * (JSON `{id: base64}`): each checked against the length and digest
+     * the post gives it.
+     * @param {string} payload
+     * @param {boolean} from_me
+     * @param {string} fetched
+     * @returns {string}
+     */
+    inline(payload, from_me, fetched) {
+        let deferred5_0;
+        let deferred5_1;
+        try {
+            const val3 = +from_me;
+            let ptr0, len0, ptr1, len1;
+            try {
+                ptr0 = passStringToWasm0(payload, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len0 = WASM_VECTOR_LEN;
+                ptr1 = passStringToWasm0(fetched, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len1 = WASM_VECTOR_LEN;
+            } catch (e) {
+                if (ptr1) { wasm.__wbindgen_free(ptr1, len1 * 1, 1); }
+                if (ptr0) { wasm.__wbindgen_free(ptr0, len0 * 1, 1); }
+                throw e;
+            }
+            const ret = wasm.device_inline(this.__wbg_ptr, ptr0, len0, val3, ptr1, len1);
+            var ptr4 = ret[0];
+            var len4 = ret[1];
+            if (ret[3]) {
+                ptr4 = 0; len4 = 0;
+                throw takeFromExternrefTable0(ret[2]);
+            }
+            deferred5_0 = ptr4;
+            deferred5_1 = len4;
+            return getStringFromWasm0(ptr4, len4);
+        } finally {
+            wasm.__wbindgen_free(deferred5_0, deferred5_1, 1);
         }
     }
     /**
@@ -477,6 +521,31 @@ export class Device {
         } finally {
             wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
         }
+    }
+    /**
+     * The blob ids (a JSON array) of the parts of a post naming a commit's
+     * parts ([`out_of_line`]) that this device needs before it can open
+     * it (the commit, or the Welcome for a device being added; none when
+     * nothing of it is for this device); `None` when `payload` (base64)
+     * is not such a post. `from_me`: this device posted it.
+     * @param {string} payload
+     * @param {boolean} from_me
+     * @returns {string | undefined}
+     */
+    partsNeeded(payload, from_me) {
+        const val2 = +from_me;
+        const ptr0 = passStringToWasm0(payload, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.device_partsNeeded(this.__wbg_ptr, ptr0, len0, val2);
+        if (ret[3]) {
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        let v3;
+        if (ret[0] !== 0) {
+            v3 = getStringFromWasm0(ret[0], ret[1]);
+            wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        }
+        return v3;
     }
     /**
      * What [`Device::open_once`] made of entry `key`, if it was opened.
@@ -726,6 +795,48 @@ export function isEncrypted(payload) {
     const len0 = WASM_VECTOR_LEN;
     const ret = wasm.isEncrypted(ptr0, len0);
     return ret !== 0;
+}
+
+/**
+ * The post that stands for a commit (JSON, as [`Device::add`] returns it)
+ * too large for one post, once its parts are uploaded as the blobs `ids`
+ * (a JSON array: the commit's, then the Welcome's if it has one): base64.
+ * @param {string} group
+ * @param {string} commit
+ * @param {string} ids
+ * @returns {string}
+ */
+export function outOfLine(group, commit, ids) {
+    let deferred5_0;
+    let deferred5_1;
+    try {
+        let ptr0, len0, ptr1, len1, ptr2, len2;
+        try {
+            ptr0 = passStringToWasm0(group, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            len0 = WASM_VECTOR_LEN;
+            ptr1 = passStringToWasm0(commit, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            len1 = WASM_VECTOR_LEN;
+            ptr2 = passStringToWasm0(ids, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            len2 = WASM_VECTOR_LEN;
+        } catch (e) {
+            if (ptr2) { wasm.__wbindgen_free(ptr2, len2 * 1, 1); }
+            if (ptr1) { wasm.__wbindgen_free(ptr1, len1 * 1, 1); }
+            if (ptr0) { wasm.__wbindgen_free(ptr0, len0 * 1, 1); }
+            throw e;
+        }
+        const ret = wasm.outOfLine(ptr0, len0, ptr1, len1, ptr2, len2);
+        var ptr4 = ret[0];
+        var len4 = ret[1];
+        if (ret[3]) {
+            ptr4 = 0; len4 = 0;
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        deferred5_0 = ptr4;
+        deferred5_1 = len4;
+        return getStringFromWasm0(ptr4, len4);
+    } finally {
+        wasm.__wbindgen_free(deferred5_0, deferred5_1, 1);
+    }
 }
 
 /**

@@ -41,6 +41,7 @@ async fn read_until(d: &mut Device, text: &str) -> Vec<Shown> {
         let Ok(Some(Event::Frame(frame))) = event else { panic!("no post {text:?}; saw {seen:?}") };
         if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
             d.session.handle().ack(entry.seq).await.unwrap();
+            let entry = &*d.crypto.fetch_parts(&d.session.handle(), entry).await.unwrap();
             if let Some(shown) = d.crypto.open_event(entry) {
                 let hit = shown == Shown::Encrypted(text.to_owned());
                 seen.push(shown);
@@ -125,7 +126,7 @@ async fn read_feed(mut d: Device, group: u64, me: u64, stop: &'static str) -> Fe
         if g.group != group {
             continue;
         }
-        if let Some(shown) = d.crypto.open_event(entry) {
+        if let Some(shown) = d.crypto.open_event(&d.crypto.fetch_parts(&d.session.handle(), entry).await.unwrap()) {
             let last = shown == Shown::Encrypted(stop.to_owned());
             feed.push((g.group_seq, shown));
             if last {
@@ -345,8 +346,11 @@ async fn a_claim_batch_too_large_for_the_limit_falls_back_to_one_number_at_a_tim
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     let mut config = crate::harness::test_config();
-    // Room for starting a group of two, not for adding four devices at once.
+    // Room for starting a group of two, not for adding four devices at
+    // once, neither in a post nor as files (the way a commit too large
+    // for a post travels).
     config.messaging.max_payload_bytes = 3_000;
+    config.media.max_upload_bytes = 2_000;
     let server = TestServer::start_with(config).await;
     let dirs = tempfile::tempdir().unwrap();
     let mut devices = devices(&server, dirs.path(), "+1555240000", 6).await;
@@ -368,7 +372,12 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     let err = admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap_err();
     assert_eq!(err.error_code(), Some(skylark_protocol::ErrorCode::MessageTooLarge), "{err}");
     let words = err.to_string();
-    assert!(words.contains("too large for one post") && words.contains("was not changed"), "{words}");
+    assert!(
+        words.contains("too large for this server")
+            && words.contains("as a file is refused")
+            && words.contains("was not changed"),
+        "{words}"
+    );
     // The members the server took could not read the group: out again.
     let out = admin.crypto.undo_unkeyed_add(&h, info.id, &newcomers).await.unwrap();
     assert_eq!(out, newcomers);
@@ -387,6 +396,86 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     assert!(encrypted);
     read_until(&mut member, "after the refusal").await;
     admin.crypto.resume(&h).await.unwrap();
+}
+
+/// A commit too large for one post on the server (a Welcome carries the
+/// group's ratchet tree) travels as blobs, named by a short post: devices
+/// added read their Welcome from it, members the commit, and the group's
+/// encryption goes on for all of them, through additions and a removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_them() {
+    let mut config = crate::harness::test_config();
+    config.messaging.max_payload_bytes = 3_000;
+    let server = TestServer::start_with(config).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut devices = devices(&server, dirs.path(), "+1555241000", 7).await;
+    assert_eq!(devices[0].session.handle().max_payload_bytes(), 3_000, "the server says its limit");
+    let mut admin = devices.remove(0);
+    let mut member = devices.remove(0);
+    let h = admin.session.handle();
+    let info = h.create_group("large", &["+15552410001"]).await.unwrap();
+    let setup = admin.crypto.start_group(&h, &mut admin.events, &info).await.unwrap();
+    assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
+    welcomed(&mut member, info.id).await;
+
+    // Four devices at once: their Welcome is larger than a post.
+    let newcomers: Vec<String> = (2..6).map(|i| format!("+1555241000{i}")).collect();
+    let prepared = admin.crypto.prepare_add(&h, info.id, &newcomers).await.unwrap().expect("the group encrypts");
+    h.change_group(
+        info.id,
+        skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones: newcomers.clone() }),
+    )
+    .await
+    .unwrap();
+    admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap();
+    let history = h.history(0, 50).await.unwrap();
+    let posts: Vec<&[u8]> = history
+        .events
+        .iter()
+        .filter_map(|e| match &e.body {
+            Some(skylark_protocol::v1::event::Body::Group(g)) if g.group == info.id => match &g.body {
+                Some(skylark_protocol::v1::group_event::Body::Message(m)) => Some(&m.payload[..]),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let named = posts.iter().filter(|p| p.starts_with(skylark_e2ee::OUT_OF_LINE_MAGIC)).count();
+    assert_eq!(named, 1, "the addition went as a post naming its parts");
+    for d in &mut devices[..4] {
+        welcomed(d, info.id).await;
+    }
+    let (_, encrypted) =
+        admin.crypto.post(&h, &mut admin.events, info.id, "welcome-all", "welcome, all four").await.unwrap();
+    assert!(encrypted);
+    read_until(&mut member, "welcome, all four").await;
+    for d in &mut devices[..4] {
+        read_until(d, "welcome, all four").await;
+    }
+
+    // The admin removes a newcomer, another newcomer commits it (any
+    // member may), and the rest read on.
+    let removed = devices.remove(1);
+    h.change_group(info.id, skylark_protocol::v1::change_group::Change::Remove(removed.identity.phone.clone()))
+        .await
+        .unwrap();
+    let newcomer = &mut devices[0];
+    let hn = newcomer.session.handle();
+    assert!(
+        newcomer
+            .crypto
+            .remove_accounts(&hn, &mut newcomer.events, info.id, &[removed.identity.account_id])
+            .await
+            .unwrap()
+    );
+    let (_, encrypted) =
+        newcomer.crypto.post(&hn, &mut newcomer.events, info.id, "after-removal", "one fewer").await.unwrap();
+    assert!(encrypted);
+    read_until(&mut admin, "one fewer").await;
+    read_until(&mut member, "one fewer").await;
+    let members = admin.crypto.with(|e| e.members(&group_conversation(info.id))).unwrap();
+    assert_eq!(members.len(), 5, "{members:?}");
+    assert!(!members.iter().any(|m| m.account == removed.identity.account_id));
 }
 
 /// `n` devices (as [`devices`]), and a group the first creates with all
@@ -418,7 +507,7 @@ async fn welcomed(d: &mut Device, group: u64) {
             panic!("never welcomed to group {group}")
         };
         if let Some(LogEvent::Entry(entry)) = log_event(&frame) {
-            d.crypto.open_event(entry);
+            d.crypto.open_event(&d.crypto.fetch_parts(&d.session.handle(), entry).await.unwrap());
         }
     }
 }
@@ -593,6 +682,38 @@ async fn a_device_change_one_conversation_refuses_still_reaches_the_others() {
     assert!(encrypted);
     let seen = read_until(&mut laptop, "for both of ann's devices").await;
     assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
+}
+
+/// A linked device whose keys run short (it has published one key
+/// package so far) is added to the conversation that got it, and stays to
+/// add to the others: the next run adds it there once it has published
+/// more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_whose_keys_ran_short_is_added_to_the_rest_later() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555290000", 2).await;
+    let mut ann = devices.remove(0);
+    let ah = ann.session.handle();
+    let direct = ann.crypto.start_direct(&ah, &mut ann.events, "+15552900001").await.unwrap().expect("both encrypt");
+    // The laptop publishes a single key package, and no last-resort one.
+    let laptop_id = crate::devices::link_from(&server, &ah, &ann.identity, "laptop").await;
+    let (laptop_session, _laptop_events) = Session::open(&server.endpoint(Transport::Ws), &laptop_id).await.unwrap();
+    let laptop = Crypto::open(&dirs.path().join("laptop"), &laptop_id).unwrap();
+    let one = laptop.with(|e| e.key_packages(1)).unwrap();
+    laptop_session.handle().upload_key_packages(one.into_iter().map(Into::into).collect(), None).await.unwrap();
+    hears_of_a_link(&mut ann).await;
+    let laptop_ref = skylark_e2ee::DeviceRef { account: ann.identity.account_id, device: laptop_id.device_id };
+    let has_laptop = |ann: &Device, group: u64| {
+        ann.crypto.with(|e| e.members(&group_conversation(group))).unwrap().contains(&laptop_ref)
+    };
+    ann.crypto.maintain(&ah, &mut ann.events).await.unwrap();
+    let first: Vec<bool> = [info.id, direct].iter().map(|&g| has_laptop(&ann, g)).collect();
+    assert_eq!(first.iter().filter(|&&x| x).count(), 1, "one conversation got the one package: {first:?}");
+    // Once it has published its keys, the next run adds it to the other.
+    laptop.replenish(&laptop_session.handle()).await.unwrap();
+    ann.crypto.maintain(&ah, &mut ann.events).await.unwrap();
+    assert!(has_laptop(&ann, info.id) && has_laptop(&ann, direct), "in both conversations now");
 }
 
 /// A profile keeps the device's history (what each entry opened to) apart

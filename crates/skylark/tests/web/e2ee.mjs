@@ -12,7 +12,10 @@
 // member added later reads on; a CLI device linked to Ann gets the keys of
 // her conversations from her browser, and the history of her 1:1 ones.
 // A reload shows every message from the browser's own copy, decrypted.
-// The server's files hold none of the messages' words.
+// The server's files hold none of the messages' words. The server takes
+// posts of at most 1,200 bytes here, so most changes to a conversation's
+// encryption travel as files (a commit and its Welcome uploaded, a short
+// post naming them), made and read by both clients.
 
 import { chromium } from "playwright-core";
 import { readFileSync, readdirSync, statSync } from "node:fs";
@@ -24,7 +27,13 @@ import { harness } from "./harness.mjs";
 const BIN = process.env.SKYLARK_BIN;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 
-const { dataDir, base, codes, startServer, cli, cliUntil, cliRegister } = await harness(BIN, (dir) => join(dir, "server"));
+// A server whose posts hold at most 1,200 bytes: most changes to a
+// conversation's encryption (a Welcome carries the group's tree) are then
+// too large for one post, and travel as files both clients upload and
+// download.
+const MAX_PAYLOAD = 1200;
+const { dataDir, base, codes, startServer, cli, cliUntil, cliRegister } =
+  await harness(BIN, (dir) => join(dir, "server"), `[messaging]\nmax_payload_bytes = ${MAX_PAYLOAD}\n`);
 const serverDir = join(dataDir, "server");
 const signUp = (page, phone) => signUpAt(page, base, phone, (p) => until(`the SMS code for ${p}`, () => codes.get(p)));
 
@@ -206,7 +215,12 @@ try {
   await sendText(annTab, SECRETS[8]);
   await bea.waitForSelector(`#messages >> text=${SECRETS[8]}`);
 
-  // The server never had the words.
+  // Changes too large for a post went as files, made by both clients (the
+  // CLI's start of its chat with Ann, the page's group): their blobs, a
+  // commit's and its Welcome's each, are with the attachments.
+  const blobs = readdirSync(join(serverDir, "media", "blobs", "blobs"));
+  assert.ok(blobs.length >= 4, `commits kept as files: ${blobs.length}`);
+  // The server never had the words (the scan reads those files too).
   assert.deepEqual(serverFilesContaining(SECRETS), [], "the server's files hold no plaintext of the messages");
   // (The scan does read the store: it finds what the server keeps in the clear.)
   assert.notDeepEqual(serverFilesContaining([ANN]), [], "the scan finds a phone number in the server's files");

@@ -4,7 +4,7 @@
 // name in that directory.
 
 import { spawn } from "node:child_process";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -20,9 +20,12 @@ function freePort() {
 }
 
 /// `bin`: the skylark binary. `serverDir(dataDir)`: where the server keeps
-/// its data (the test's directory itself by default).
-export async function harness(bin, serverDir = (dataDir) => dataDir) {
+/// its data (the test's directory itself by default). `config`: the
+/// server's configuration file (TOML), if the test needs other limits.
+export async function harness(bin, serverDir = (dataDir) => dataDir, config = "") {
   const dataDir = mkdtempSync(join(tmpdir(), "skylark-web-"));
+  const configFile = join(dataDir, "server.toml");
+  writeFileSync(configFile, config);
   const [httpPort, tcpPort, adminPort] = [await freePort(), await freePort(), await freePort()];
   const base = `http://127.0.0.1:${httpPort}`;
   const codes = new Map(); // phone → latest code
@@ -31,7 +34,7 @@ export async function harness(bin, serverDir = (dataDir) => dataDir) {
   function startServer() {
     return new Promise((resolve, reject) => {
       const child = spawn(bin, ["serve", "--data-dir", serverDir(dataDir), "--http", `127.0.0.1:${httpPort}`,
-        "--tcp", `127.0.0.1:${tcpPort}`, "--admin", `127.0.0.1:${adminPort}`, "--log", "info"],
+        "--tcp", `127.0.0.1:${tcpPort}`, "--admin", `127.0.0.1:${adminPort}`, "--log", "info", "--config", configFile],
       { stdio: ["ignore", "pipe", "pipe"] });
       const onLine = (chunk) => {
         for (const line of chunk.toString().split("\n")) {
