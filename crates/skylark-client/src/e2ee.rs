@@ -555,8 +555,9 @@ impl Crypto {
         Ok(crate::media::Transfer::new(api, &token))
     }
 
-    /// A commit too large for one post on this server: its commit and its
-    /// Welcome uploaded as blobs, and the short post that names them (the
+    /// A commit too large for one post on this server: its Welcome (and
+    /// the commit, when that alone does not fit) uploaded as blobs, and
+    /// the short post that names them and carries the rest (with the
     /// blobs' ids, for the post's attachments, which makes them readable
     /// by every member).
     async fn upload_parts(
@@ -566,28 +567,24 @@ impl Crypto {
         c: &Commit,
     ) -> Result<(Vec<u8>, Vec<String>), ClientError> {
         let transfer = self.transfer(h).await?;
-        let parts = c.parts();
-        let mut ids = Vec::with_capacity(parts.len());
-        for (_, bytes) in &parts {
+        let mut uploaded = Vec::with_capacity(2);
+        for (kind, bytes) in c.to_upload(h.max_payload_bytes() as usize) {
             let id = match transfer.upload(bytes, &mut |_, _| {}).await {
                 Ok(id) => id,
                 // Refused for good: the commit is dropped, said in words.
                 Err(ClientError::Api { status: 413, message, .. }) => {
                     return Err(ClientError::Refused {
                         code: ErrorCode::MessageTooLarge,
-                        message: format!(
-                            "it is {} and even as a file it is refused: {message}",
-                            crate::media::size_words(bytes.len() as u64)
-                        ),
+                        message: format!("{}; {message}", crate::media::size_words(bytes.len() as u64)),
                         retry_after_ms: 0,
                     });
                 }
                 Err(e) => return Err(e),
             };
-            ids.push(id);
+            uploaded.push((kind, id));
         }
-        let reference = skylark_e2ee::out_of_line(conversation, &parts, &ids).map_err(e2ee)?;
-        Ok((reference, ids))
+        let reference = skylark_e2ee::out_of_line(conversation, c, &uploaded).map_err(e2ee)?;
+        Ok((reference, uploaded.into_iter().map(|(_, id)| id).collect()))
     }
 
     /// `event` ready for [`Crypto::open_event`]: when it is a post naming
@@ -628,7 +625,7 @@ impl Crypto {
             })?;
             fetched.push((part, bytes));
         }
-        let payload = skylark_e2ee::inline(&fetched).map_err(e2ee)?;
+        let payload = skylark_e2ee::inline(&m.payload, &fetched).map_err(e2ee)?;
         let mut inlined = event.clone();
         if let Some(v1::event::Body::Group(g)) = &mut inlined.body
             && let Some(v1::group_event::Body::Message(m)) = &mut g.body

@@ -19,7 +19,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
-use skylark_e2ee::{Commit, DeviceRef, E2eeError, Engine, Opened, group_conversation};
+use skylark_e2ee::{Commit, DeviceRef, E2eeError, Engine, Opened, PartKind, group_conversation};
 use wasm_bindgen::prelude::*;
 
 fn fail(e: E2eeError) -> JsError {
@@ -108,14 +108,41 @@ pub fn is_encrypted(payload: &str) -> bool {
     BASE64.decode(payload).is_ok_and(|p| skylark_e2ee::is_encrypted(&p))
 }
 
-/// The post that stands for a commit (JSON, as [`Device::add`] returns it)
-/// too large for one post, once its parts are uploaded as the blobs `ids`
-/// (a JSON array: the commit's, then the Welcome's if it has one): base64.
-#[wasm_bindgen(js_name = outOfLine)]
-pub fn out_of_line(group: &str, commit: &str, ids: &str) -> Result<String, JsError> {
+fn kind_name(kind: PartKind) -> &'static str {
+    match kind {
+        PartKind::Commit => "commit",
+        PartKind::Welcome => "welcome",
+    }
+}
+
+/// What to upload of a commit (JSON, as [`Device::add`] returns it) too
+/// large for a post of `max_post` bytes: JSON `[{kind, bytes}]`, `kind`
+/// "commit" or "welcome", `bytes` base64.
+#[wasm_bindgen(js_name = toUpload)]
+pub fn to_upload(commit: &str, max_post: u32) -> Result<String, JsError> {
     let commit = commit_from(commit)?;
-    let ids = list(ids, "the blob ids", |v| Ok(v.as_str().unwrap_or_default().to_owned()))?;
-    Ok(BASE64.encode(skylark_e2ee::out_of_line(&conversation(group)?, &commit.parts(), &ids).map_err(fail)?))
+    let parts: Vec<Value> = commit
+        .to_upload(max_post as usize)
+        .into_iter()
+        .map(|(kind, bytes)| json!({ "kind": kind_name(kind), "bytes": BASE64.encode(bytes) }))
+        .collect();
+    Ok(Value::from(parts).to_string())
+}
+
+/// The post (base64) that stands for the commit once the parts
+/// [`to_upload`] listed are uploaded: `uploaded` is JSON `[{kind, id}]`.
+#[wasm_bindgen(js_name = outOfLine)]
+pub fn out_of_line(group: &str, commit: &str, uploaded: &str) -> Result<String, JsError> {
+    let commit = commit_from(commit)?;
+    let uploaded = list(uploaded, "the uploaded parts", |v| {
+        let kind = match field(v, "kind")? {
+            "commit" => PartKind::Commit,
+            "welcome" => PartKind::Welcome,
+            other => return Err(JsError::new(&format!("no part of a commit is called {other:?}"))),
+        };
+        Ok((kind, field(v, "id")?.to_owned()))
+    })?;
+    Ok(BASE64.encode(skylark_e2ee::out_of_line(&conversation(group)?, &commit, &uploaded).map_err(fail)?))
 }
 
 /// Checks that a claimed key package belongs to the device it was listed
@@ -434,7 +461,7 @@ impl Device {
             let downloaded = bytes(b64, "a downloaded part")?;
             with_bytes.push((part, downloaded));
         }
-        Ok(BASE64.encode(skylark_e2ee::inline(&with_bytes).map_err(fail)?))
+        Ok(BASE64.encode(skylark_e2ee::inline(&payload, &with_bytes).map_err(fail)?))
     }
 
     /// One chunk of [`Device::history_chunks`], encrypted for the devices

@@ -721,10 +721,15 @@ impl Engine {
     /// in the log, is applied here if it was still pending; its own
     /// application messages cannot be opened by it, and are `NotForMe`).
     pub fn receive(&mut self, payload: &[u8], from_me: bool) -> Result<Incoming, E2eeError> {
-        // A post naming its parts ([`parts`]) is opened once they are
-        // downloaded ([`inline`]); it is nothing for a device that needs none.
+        // A post naming its parts ([`parts`]) is opened once those this
+        // device needs are downloaded ([`inline`]); with nothing to
+        // download, from the commit it carries, or as nothing at all.
         if let Some(needed) = self.parts_needed(payload, from_me)? {
-            return if needed.is_empty() { Ok(Incoming::NotForMe) } else { Err(E2eeError::NotDownloaded) };
+            if !needed.is_empty() {
+                return Err(E2eeError::NotDownloaded);
+            }
+            let carried = inline(payload, &[])?;
+            return if carried.is_empty() { Ok(Incoming::NotForMe) } else { self.receive(&carried, from_me) };
         }
         if payload.starts_with(BUNDLE_MAGIC) {
             let (commit, welcome) =

@@ -27,8 +27,9 @@ struct Log {
     blobs: std::collections::HashMap<String, Vec<u8>>,
     /// Out-of-line parts each device downloaded (device, kind), in order.
     downloaded: Vec<(DeviceRef, PartKind)>,
-    /// The next commit goes out of line.
-    out_of_line: bool,
+    /// The next commit goes out of line, for a server taking posts of at
+    /// most this many bytes.
+    out_of_line: Option<usize>,
 }
 
 impl Log {
@@ -40,15 +41,16 @@ impl Log {
             return false;
         }
         self.epoch += 1;
-        let payload = if std::mem::take(&mut self.out_of_line) {
+        let payload = if let Some(max) = self.out_of_line.take() {
             // As the clients do when a commit outgrows a post: its parts
             // as blobs, and a post naming them.
-            let parts = commit.parts();
-            let ids: Vec<String> = (0..parts.len()).map(|i| format!("blob{}-{i}", self.entries.len())).collect();
-            for ((_, bytes), id) in parts.iter().zip(&ids) {
+            let mut uploaded = Vec::new();
+            for (i, (kind, bytes)) in commit.to_upload(max).into_iter().enumerate() {
+                let id = format!("blob{}-{i}", self.entries.len());
                 self.blobs.insert(id.clone(), bytes.to_vec());
+                uploaded.push((kind, id));
             }
-            out_of_line(CONV, &parts, &ids).unwrap()
+            out_of_line(CONV, commit, &uploaded).unwrap()
         } else {
             commit.payload()
         };
@@ -95,7 +97,7 @@ impl Log {
                         (p, bytes)
                     })
                     .collect();
-                payload = inline(&fetched).unwrap();
+                payload = inline(&payload, &fetched).unwrap();
             }
             match d.engine.receive(&payload, from == d.engine.me()).unwrap() {
                 Incoming::Message { plaintext, from: sender, .. } => {
@@ -737,7 +739,7 @@ fn a_commit_posted_out_of_line_is_downloaded_by_each_device_in_the_part_it_needs
     start(&mut log, &mut a1, &mut [&mut b1]);
     // a1 adds c1 and c2 with a commit too large for a post (as if).
     let add = a1.engine.add(CONV, &packages(&mut [&mut c1, &mut c2])).unwrap().unwrap();
-    log.out_of_line = true;
+    log.out_of_line = Some(1);
     assert!(log.commit(&mut a1, &add));
     let (_, reference) = log.entries.last().unwrap().clone();
     assert!(reference.starts_with(OUT_OF_LINE_MAGIC) && reference.len() < 200, "{} bytes", reference.len());
@@ -753,7 +755,7 @@ fn a_commit_posted_out_of_line_is_downloaded_by_each_device_in_the_part_it_needs
     // A damaged download is refused before it is opened.
     let mut parts = b1.engine.parts_needed(&reference, false).unwrap().unwrap();
     let bad = vec![(parts.remove(0), b"not the commit".to_vec())];
-    assert!(inline(&bad).unwrap_err().to_string().contains("does not match"));
+    assert!(inline(&reference, &bad).unwrap_err().to_string().contains("does not match"));
     for d in [&mut b1, &mut c1, &mut c2] {
         d.read = log.entries.len() - 1;
         log.catch_up(d);
@@ -771,7 +773,7 @@ fn a_commit_posted_out_of_line_is_downloaded_by_each_device_in_the_part_it_needs
 
     // A removal out of line (no Welcome): c2 reads that it is out.
     let removal = b1.engine.remove(CONV, &[c_2]).unwrap().unwrap();
-    log.out_of_line = true;
+    log.out_of_line = Some(1);
     assert!(log.commit(&mut b1, &removal));
     log.catch_up(&mut a1);
     log.post(&mut a1, "after c2 left");
@@ -782,6 +784,26 @@ fn a_commit_posted_out_of_line_is_downloaded_by_each_device_in_the_part_it_needs
     let removal = &log.entries[log.entries.len() - 2].1;
     assert_eq!(d1.engine.parts_needed(removal, false).unwrap(), Some(Vec::new()));
     assert_eq!(d1.engine.receive(removal, false).unwrap(), Incoming::NotForMe);
+
+    // A commit that fits in a post goes in it, and only the Welcome as a
+    // blob: the members download nothing, the device added its Welcome.
+    let before = log.downloaded.len();
+    let add = a1.engine.add(CONV, &packages(&mut [&mut d1])).unwrap().unwrap();
+    log.out_of_line = Some(64 * 1024);
+    assert!(log.commit(&mut a1, &add));
+    let (_, reference) = log.entries.last().unwrap().clone();
+    assert!(
+        reference.starts_with(OUT_OF_LINE_MAGIC) && reference.len() > add.commit.len(),
+        "the commit is in the post"
+    );
+    d1.read = log.entries.len() - 1;
+    for d in [&mut b1, &mut c1, &mut d1] {
+        log.catch_up(d);
+    }
+    assert_eq!(log.downloaded[before..], [(d1.engine.me(), PartKind::Welcome)]);
+    log.post(&mut d1, "d1 is in");
+    assert_eq!(log.catch_up(&mut c1), ["d1 is in"]);
+    assert_eq!(log.catch_up(&mut b1), ["d1 is in"]);
 }
 
 #[test]
@@ -791,7 +813,7 @@ fn a_device_that_lost_the_race_to_start_reads_the_winners_out_of_line_start() {
     b1.engine.create(CONV).unwrap();
     let from_a = a1.engine.add(CONV, &packages(&mut [&mut b1])).unwrap().unwrap();
     let from_b = b1.engine.add(CONV, &packages(&mut [&mut a1])).unwrap().unwrap();
-    let mut log = Log { out_of_line: true, ..Log::default() };
+    let mut log = Log { out_of_line: Some(1), ..Log::default() };
     assert!(log.commit(&mut a1, &from_a));
     assert!(!log.commit(&mut b1, &from_b));
     // Alone in its own group, b1 needs the commit (not for it) and the Welcome.

@@ -16,7 +16,7 @@
 // A browser that cannot keep it publishes no keys, and its conversations
 // stay unencrypted.
 
-import init, { Device, checkPackage, isEncrypted, outOfLine, safetyNumber } from "./e2ee/skylark_e2ee_web.js";
+import init, { Device, checkPackage, isEncrypted, outOfLine, safetyNumber, toUpload } from "./e2ee/skylark_e2ee_web.js";
 import { Refused, fromBase64, toBase64 } from "./proto.js";
 
 export { isEncrypted };
@@ -267,8 +267,9 @@ export class Crypto {
 
   /// Posts a staged commit, with its Welcome. One too large for a post on
   /// this server (a Welcome carries the group's ratchet tree) travels as
-  /// blobs, uploaded with `this.blobs`, and a short post names them: each
-  /// device downloads the part it needs (`fetchParts`).
+  /// blobs, uploaded with `this.blobs`: the Welcome, and the commit when it
+  /// alone does not fit; a short post names them and carries the rest.
+  /// Each device downloads the part it needs (`fetchParts`).
   async post(session, group, clientId, commit) {
     group = String(group);
     const max = Number((session.info && session.info.maxPayloadBytes) || 65536);
@@ -276,18 +277,19 @@ export class Crypto {
       return session.request({ send: { clientId, group, payload: commit.payload, commitEpoch: commit.epoch } });
     }
     if (!this.blobs) throw new Error("This browser cannot upload files, which a change this large to the group's encryption needs.");
-    const ids = [];
-    for (const part of [commit.commit, commit.welcome].filter(Boolean)) {
+    const uploaded = [];
+    for (const part of JSON.parse(toUpload(JSON.stringify(commit), max))) {
       try {
-        ids.push(await this.blobs.upload(fromBase64(part)));
+        uploaded.push({ kind: part.kind, id: await this.blobs.upload(fromBase64(part.bytes)) });
       } catch (err) {
         // Refused for good: the commit is dropped, said in words.
         if (err.status === 413) throw new Refused({ code: "ERROR_CODE_MESSAGE_TOO_LARGE", message: `even as a file: ${err.message}` });
         throw err;
       }
     }
-    const payload = outOfLine(group, JSON.stringify(commit), JSON.stringify(ids));
-    return session.request({ send: { clientId, group, payload, commitEpoch: commit.epoch, attachments: ids } });
+    const payload = outOfLine(group, JSON.stringify(commit), JSON.stringify(uploaded));
+    const attachments = uploaded.map((u) => u.id);
+    return session.request({ send: { clientId, group, payload, commitEpoch: commit.epoch, attachments } });
   }
 
   /// `event` ready for `openEvent`: when it is a post naming the parts of

@@ -798,15 +798,14 @@ export function isEncrypted(payload) {
 }
 
 /**
- * The post that stands for a commit (JSON, as [`Device::add`] returns it)
- * too large for one post, once its parts are uploaded as the blobs `ids`
- * (a JSON array: the commit's, then the Welcome's if it has one): base64.
+ * The post (base64) that stands for the commit once the parts
+ * [`to_upload`] listed are uploaded: `uploaded` is JSON `[{kind, id}]`.
  * @param {string} group
  * @param {string} commit
- * @param {string} ids
+ * @param {string} uploaded
  * @returns {string}
  */
-export function outOfLine(group, commit, ids) {
+export function outOfLine(group, commit, uploaded) {
     let deferred5_0;
     let deferred5_1;
     try {
@@ -816,7 +815,7 @@ export function outOfLine(group, commit, ids) {
             len0 = WASM_VECTOR_LEN;
             ptr1 = passStringToWasm0(commit, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
             len1 = WASM_VECTOR_LEN;
-            ptr2 = passStringToWasm0(ids, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+            ptr2 = passStringToWasm0(uploaded, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
             len2 = WASM_VECTOR_LEN;
         } catch (e) {
             if (ptr2) { wasm.__wbindgen_free(ptr2, len2 * 1, 1); }
@@ -881,6 +880,36 @@ export function safetyNumber(account_a, keys_a, account_b, keys_b) {
         return getStringFromWasm0(ptr5, len5);
     } finally {
         wasm.__wbindgen_free(deferred6_0, deferred6_1, 1);
+    }
+}
+
+/**
+ * What to upload of a commit (JSON, as [`Device::add`] returns it) too
+ * large for a post of `max_post` bytes: JSON `[{kind, bytes}]`, `kind`
+ * "commit" or "welcome", `bytes` base64.
+ * @param {string} commit
+ * @param {number} max_post
+ * @returns {string}
+ */
+export function toUpload(commit, max_post) {
+    let deferred4_0;
+    let deferred4_1;
+    try {
+        const val2 = +max_post;
+        const ptr0 = passStringToWasm0(commit, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.toUpload(ptr0, len0, val2);
+        var ptr3 = ret[0];
+        var len3 = ret[1];
+        if (ret[3]) {
+            ptr3 = 0; len3 = 0;
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        deferred4_0 = ptr3;
+        deferred4_1 = len3;
+        return getStringFromWasm0(ptr3, len3);
+    } finally {
+        wasm.__wbindgen_free(deferred4_0, deferred4_1, 1);
     }
 }
 function __wbg_get_imports() {

@@ -373,9 +373,7 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     assert_eq!(err.error_code(), Some(skylark_protocol::ErrorCode::MessageTooLarge), "{err}");
     let words = err.to_string();
     assert!(
-        words.contains("too large for this server")
-            && words.contains("as a file is refused")
-            && words.contains("was not changed"),
+        words.contains("too large for this server, in a post and as a file") && words.contains("was not changed"),
         "{words}"
     );
     // The members the server took could not read the group: out again.

@@ -14,8 +14,8 @@
 // A reload shows every message from the browser's own copy, decrypted.
 // The server's files hold none of the messages' words. The server takes
 // posts of at most 1,200 bytes here, so most changes to a conversation's
-// encryption travel as files (a commit and its Welcome uploaded, a short
-// post naming them), made and read by both clients.
+// encryption travel as files (a Welcome, and a commit too large by itself,
+// uploaded; a post naming them), made and read by both clients.
 
 import { chromium } from "playwright-core";
 import { readFileSync, readdirSync, statSync } from "node:fs";
@@ -216,8 +216,8 @@ try {
   await bea.waitForSelector(`#messages >> text=${SECRETS[8]}`);
 
   // Changes too large for a post went as files, made by both clients (the
-  // CLI's start of its chat with Ann, the page's group): their blobs, a
-  // commit's and its Welcome's each, are with the attachments.
+  // CLI's start of its chat with Ann, the page's group): their blobs are
+  // with the attachments.
   const blobs = readdirSync(join(serverDir, "media", "blobs", "blobs"));
   assert.ok(blobs.length >= 4, `commits kept as files: ${blobs.length}`);
   // The server never had the words (the scan reads those files too).
