@@ -8,7 +8,7 @@
 //! first; the others exist as the key packages that added them.
 
 use ed25519_dalek::{Signer as _, SigningKey};
-use skylark_e2ee::{DeviceRef, Engine};
+use skylark_e2ee::{Commit, DeviceRef, Engine};
 use std::time::{Duration, Instant};
 
 const CONV: &[u8] = b"skylark-group:1";
@@ -36,6 +36,9 @@ fn main() {
     if sizes.is_empty() {
         sizes = vec![2, 100, 1024];
     }
+    // What a membership change posts and what each device downloads at the
+    // server's default payload limit, per size: printed after the table.
+    let mut split = Vec::new();
     for size in sizes {
         let mut admin = engine(1);
         let mut observer = engine(2);
@@ -90,6 +93,7 @@ fn main() {
             admin.commit_accepted(CONV).expect("the engine works");
             add_c += t.elapsed();
             add_bytes = c.payload().len();
+            let add_commit = c.clone();
             let t = Instant::now();
             observer.receive(&c.payload(), false).expect("the engine works");
             add_p += t.elapsed();
@@ -102,6 +106,9 @@ fn main() {
             let t = Instant::now();
             observer.receive(&c.payload(), false).expect("the engine works");
             rm_p += t.elapsed();
+            if round + 1 == u64::from(changes) {
+                split.push((size, carried(&add_commit), carried(&c)));
+            }
         }
         let t = Instant::now();
         let state = observer.export().len();
@@ -121,4 +128,40 @@ fn main() {
             per(save, 1),
         );
     }
+    println!();
+    println!(
+        "| devices | add 1 device: posted | each member downloads | the new device downloads | remove 1 device: posted | each member downloads |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (size, add, rm) in split {
+        let kb = |b: usize| format!("{:.1} KB", b as f64 / 1024.0);
+        println!(
+            "| {size} | {} | {} | {} | {} | {} |",
+            kb(add.posted),
+            kb(add.member),
+            kb(add.newcomer),
+            kb(rm.posted),
+            kb(rm.member)
+        );
+    }
+}
+
+/// Bytes of a membership change at the default 64 KiB payload limit: the
+/// post, and what a member and a device being added download besides.
+struct Carried {
+    posted: usize,
+    member: usize,
+    newcomer: usize,
+}
+
+fn carried(c: &Commit) -> Carried {
+    const LIMIT: usize = 64 * 1024;
+    if c.payload().len() <= LIMIT {
+        return Carried { posted: c.payload().len(), member: 0, newcomer: 0 };
+    }
+    let uploaded: Vec<_> = c.to_upload(LIMIT).into_iter().map(|(kind, bytes)| (kind, bytes.len())).collect();
+    let ids: Vec<_> = uploaded.iter().map(|(kind, _)| (*kind, "0123456789abcdef0123456789abcdef".to_owned())).collect();
+    let posted = skylark_e2ee::out_of_line(CONV, c, &ids).expect("the engine works").len();
+    let of = |kind| uploaded.iter().filter(|(k, _)| *k == kind).map(|(_, n)| n).sum::<usize>();
+    Carried { posted, member: of(skylark_e2ee::PartKind::Commit), newcomer: of(skylark_e2ee::PartKind::Welcome) }
 }
