@@ -591,9 +591,11 @@ impl Crypto {
     /// the parts of a commit too large for one post, and this device has
     /// not opened it before, the parts it needs (the commit, or the
     /// Welcome for a device being added) are downloaded and put in place
-    /// of the names. Any other event comes back as it is. An error (the
-    /// blobs could not be downloaded) leaves the entry unopened: the caller
-    /// stops reading there, and the next run reads it again.
+    /// of the names. Any other event comes back as it is, and so does one
+    /// whose download the server refuses (the blob is gone): it opens as
+    /// unreadable. An error (the blobs could not be downloaded for now)
+    /// leaves the entry unopened: the caller stops reading there, and the
+    /// next run reads it again.
     pub async fn fetch_parts<'a>(
         &self,
         h: &SessionHandle,
@@ -617,12 +619,18 @@ impl Crypto {
         let transfer = self.transfer(h).await?;
         let mut fetched = Vec::with_capacity(needed.len());
         for part in needed {
-            let bytes = transfer.download(&part.id, &mut |_, _| {}).await.map_err(|e| {
-                ClientError::Profile(format!(
-                    "could not download a change to a group's encryption too large for one post ({e}); \
-                     the next run tries again"
-                ))
-            })?;
+            let bytes = match transfer.download(&part.id, &mut |_, _| {}).await {
+                Ok(bytes) => bytes,
+                // Refused (the blob is gone, past the attachments'
+                // retention): left as it is, and shown as unreadable.
+                Err(ClientError::Api { status: 403 | 404, .. }) => return Ok(Cow::Borrowed(event)),
+                Err(e) => {
+                    return Err(ClientError::Profile(format!(
+                        "could not download a change to a group's encryption too large for one post ({e}); \
+                         the next run tries again"
+                    )));
+                }
+            };
             fetched.push((part, bytes));
         }
         let payload = skylark_e2ee::inline(&m.payload, &fetched).map_err(e2ee)?;

@@ -839,7 +839,8 @@ function applyReceipts(receipts) {
 
 /// Before a frame is handled: a post naming the parts of a commit too
 /// large for one post gets the parts this browser needs downloaded in
-/// place (the frames after it wait; the log's order matters to MLS).
+/// place (the frames after it wait; the log's order matters to MLS). When
+/// that fails for now, the connection starts again from that entry.
 function prepareFrame(frame) {
   if (!frame.event || !state.crypto || !Crypto.keptOutOfLine(frame.event)) return null;
   return state.crypto.fetchParts(frame.event).then((event) => { frame.event = event; });

@@ -150,6 +150,7 @@ export class Crypto {
     /// `{ upload(bytes) → id, download(id) → bytes }`: the server's blobs,
     /// for commits too large for one post (set by the page).
     this.blobs = null;
+    this.retryMs = 250; // the first wait before downloading a part again
   }
 
   /// What to write to keep the state, for a write of the caller's (see
@@ -295,9 +296,11 @@ export class Crypto {
   /// `event` ready for `openEvent`: when it is a post naming the parts of
   /// a commit too large for one post (and was not opened here before), a
   /// copy with the parts this device needs downloaded in their place (the
-  /// commit for a member, the Welcome for a device being added). Tried a
-  /// few times; after that it is left as it is, and `openEvent` says it
-  /// could not be read (without remembering: a reload tries again).
+  /// commit for a member, the Welcome for a device being added). A
+  /// download the server refuses (the blob is gone, past the attachments'
+  /// retention) leaves it as it is: `openEvent` then says it could not be
+  /// read. Any other failure (the network, a busy server) is tried a few
+  /// times, then thrown: the caller reads the log again from there later.
   async fetchParts(event) {
     const g = event.group;
     const m = g && g.message;
@@ -312,8 +315,9 @@ export class Crypto {
           fetched[id] = toBase64(await this.blobs.download(id));
           break;
         } catch (err) {
-          if (attempt >= 5) return event;
-          await sleep(250 * 2 ** attempt);
+          if (err.status === 403 || err.status === 404) return event;
+          if (attempt >= 5) throw err;
+          await sleep(this.retryMs * 2 ** attempt);
         }
       }
     }

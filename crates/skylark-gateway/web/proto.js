@@ -151,7 +151,8 @@ const OPEN_TIMEOUT_MS = 8000;
 /// One authenticated WebSocket session. `onFrame(frame)` gets every frame
 /// the server sends on its own (events, caught-up, presence, typing), in
 /// order, each after `prepare(frame)` (optional) has settled when it
-/// returned a promise;
+/// returned a promise (a rejected one closes the connection, so that the
+/// next one brings that frame again);
 /// `onClose(code, reason)` is called once when it ends. `host` is the
 /// node's `host:port` (the page's own by default), reached with the page's
 /// scheme.
@@ -248,7 +249,14 @@ export class Session {
       while (this.backlog.length) {
         const frame = this.backlog.shift();
         const ready = this.prepare && this.prepare(frame);
-        if (ready) await ready.catch(() => {});
+        if (ready && !(await ready.then(() => true, () => false))) {
+          // It could not be made ready (its content could not be fetched):
+          // the connection ends here, with it and what follows it not
+          // acknowledged, and the next connection brings them again.
+          this.backlog = [];
+          this.close();
+          return;
+        }
         try {
           this.onFrame(frame);
         } catch (err) {

@@ -404,6 +404,8 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
 async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_them() {
     let mut config = crate::harness::test_config();
     config.messaging.max_payload_bytes = 3_000;
+    let media = tempfile::tempdir().unwrap();
+    config.media.dir = media.path().to_owned();
     let server = TestServer::start_with(config).await;
     let dirs = tempfile::tempdir().unwrap();
     let mut devices = devices(&server, dirs.path(), "+1555241000", 7).await;
@@ -474,6 +476,35 @@ async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_the
     let members = admin.crypto.with(|e| e.members(&group_conversation(info.id))).unwrap();
     assert_eq!(members.len(), 5, "{members:?}");
     assert!(!members.iter().any(|m| m.account == removed.identity.account_id));
+
+    // A device that finds the files gone (past the attachments' retention)
+    // is told it cannot read that change; nothing is remembered of it.
+    let mut late = devices.pop().unwrap();
+    let phones = vec![late.identity.phone.clone()];
+    let prepared = admin.crypto.prepare_add(&h, info.id, &phones).await.unwrap().expect("the group encrypts");
+    let add = skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones });
+    h.change_group(info.id, add).await.unwrap();
+    admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap();
+    for blob in std::fs::read_dir(media.path().join("blobs").join("blobs")).unwrap() {
+        std::fs::remove_file(blob.unwrap().path()).unwrap();
+    }
+    let lh = late.session.handle();
+    let entry = loop {
+        let Ok(Some(Event::Frame(frame))) = tokio::time::timeout(EVENT_WAIT, late.events.recv()).await else {
+            panic!("the addition never reached the late device")
+        };
+        if let Some(LogEvent::Entry(entry)) = log_event(&frame)
+            && skylark_client::e2ee::kept_out_of_line(entry)
+        {
+            break entry.clone();
+        }
+    };
+    let fetched = late.crypto.fetch_parts(&lh, &entry).await.unwrap();
+    assert!(matches!(fetched, std::borrow::Cow::Borrowed(_)), "left as it was");
+    let shown = late.crypto.open_event(&fetched);
+    assert!(matches!(&shown, Some(Shown::Unreadable(w)) if w.contains("could not download")), "{shown:?}");
+    assert!(!late.crypto.encrypts(info.id).unwrap());
+    assert_eq!(late.crypto.recall(&entry), None, "not remembered as unreadable");
 }
 
 /// `n` devices (as [`devices`]), and a group the first creates with all

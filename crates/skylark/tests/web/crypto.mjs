@@ -622,6 +622,11 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
   // its Welcome.
   const sixth = join(86);
   sixth.read = entries.length;
+  // Its first two downloads fail on the way (the network): tried again.
+  sixth.crypto.retryMs = 1;
+  const download = sixth.crypto.blobs.download;
+  let failures = 2;
+  sixth.crypto.blobs.download = (id) => (failures-- > 0 ? Promise.reject(new TypeError("Failed to fetch")) : download(id));
   const one = [{ account: "86", device: "1", keyPackage: JSON.parse(sixth.crypto.device.keyPackages(1))[0] }];
   await admin.crypto.commit(admin.session, G3, (d) => d.add(G3, JSON.stringify(one)));
   await deliver();
@@ -634,6 +639,23 @@ assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member
   await sixth.crypto.sendSealed(sixth.session, { clientId: "big2" }, G3, last, { clientId: "big2" });
   await deliver();
   for (const p of [admin, ...members]) assert.equal(texts(p).at(-1), "six of us", p.account);
+  assert.equal(failures, -1, "the failed downloads were tried again");
+
+  // A device that cannot download a part: for now (the network), the
+  // error goes to the caller, which reads the log again from there later;
+  // refused by the server (the blob gone), the post is unreadable, and
+  // not remembered as such.
+  const late = join(87);
+  late.crypto.retryMs = 1;
+  late.crypto.blobs.download = () => Promise.reject(new TypeError("Failed to fetch"));
+  await assert.rejects(late.crypto.fetchParts(start), /Failed to fetch/);
+  late.crypto.blobs.download = () => Promise.reject(Object.assign(new Error("That file is gone."), { status: 404 }));
+  const unread = await late.crypto.fetchParts(start);
+  assert.equal(unread, start, "left as it is");
+  const opened = late.crypto.openEvent(unread);
+  assert.equal(opened.kind, "failed");
+  assert.match(opened.reason, /could not download/);
+  assert.equal(late.crypto.recall(start), null, "not remembered: a later read may download it");
 }
 
 console.log("web crypto: ok");
