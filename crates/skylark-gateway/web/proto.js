@@ -215,6 +215,7 @@ export class Session {
     this.ended = false;
     this.backlog = [];
     this.delivering = false;
+    this.halted = false;
     this.prepare = null;
   }
 
@@ -235,7 +236,7 @@ export class Session {
       else resolve(frame);
       return;
     }
-    if (frame.close) return;
+    if (frame.close || this.halted) return;
     this.backlog.push(frame);
     if (!this.delivering) this.deliver();
   }
@@ -252,7 +253,10 @@ export class Session {
         if (ready && !(await ready.then(() => true, () => false))) {
           // It could not be made ready (its content could not be fetched):
           // the connection ends here, with it and what follows it not
-          // acknowledged, and the next connection brings them again.
+          // acknowledged (nothing after it is handed on, even what arrives
+          // before the socket has closed), and the next connection brings
+          // them again.
+          this.halted = true;
           this.backlog = [];
           this.close();
           return;
