@@ -61,6 +61,10 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /// first 9 characters hold the first 6 bytes and 6 bits of the seventh).
 const OUT_OF_LINE_PREFIX = "AFNLTUxTT";
 
+/// The largest payload the session's server takes in one post (it says
+/// so when the session starts; 64 KiB from a server older than that).
+const maxPayload = (session) => Number((session.info && session.info.maxPayloadBytes) || 65536);
+
 /// The length of what a base64 text holds.
 const base64Length = (b64) => Math.floor((b64.length * 3) / 4) - (b64.endsWith("==") ? 2 : b64.endsWith("=") ? 1 : 0);
 
@@ -273,7 +277,7 @@ export class Crypto {
   /// Each device downloads the part it needs (`fetchParts`).
   async post(session, group, clientId, commit) {
     group = String(group);
-    const max = Number((session.info && session.info.maxPayloadBytes) || 65536);
+    const max = maxPayload(session);
     if (base64Length(commit.payload) <= max) {
       return session.request({ send: { clientId, group, payload: commit.payload, commitEpoch: commit.epoch } });
     }
@@ -726,8 +730,7 @@ export class Crypto {
     const info = (await session.request({ getGroup: { group } })).groupInfo;
     if (!info.direct) return;
     const devices = JSON.stringify(linked.map((p) => ({ account: p.account, device: p.device })));
-    const max = Number((session.info && session.info.maxPayloadBytes) || 65536);
-    for (const chunk of JSON.parse(this.device.historyChunks(group, max))) {
+    for (const chunk of JSON.parse(this.device.historyChunks(group, maxPayload(session)))) {
       const clientId = newClientId();
       for (let attempt = 1; ; attempt++) {
         await this.settled(group);

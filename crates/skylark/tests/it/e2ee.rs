@@ -362,14 +362,7 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
     assert_eq!(setup, skylark_client::e2ee::Setup::Encrypted);
 
     let newcomers: Vec<String> = (2..6).map(|i| format!("+1555240000{i}")).collect();
-    let prepared = admin.crypto.prepare_add(&h, info.id, &newcomers).await.unwrap().expect("the group encrypts");
-    h.change_group(
-        info.id,
-        skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones: newcomers.clone() }),
-    )
-    .await
-    .unwrap();
-    let err = admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap_err();
+    let err = add_members(&mut admin, info.id, &newcomers).await.unwrap_err();
     assert_eq!(err.error_code(), Some(skylark_protocol::ErrorCode::MessageTooLarge), "{err}");
     let words = err.to_string();
     assert!(
@@ -420,14 +413,7 @@ async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_the
 
     // Four devices at once: their Welcome is larger than a post.
     let newcomers: Vec<String> = (2..6).map(|i| format!("+1555241000{i}")).collect();
-    let prepared = admin.crypto.prepare_add(&h, info.id, &newcomers).await.unwrap().expect("the group encrypts");
-    h.change_group(
-        info.id,
-        skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones: newcomers.clone() }),
-    )
-    .await
-    .unwrap();
-    admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap();
+    add_members(&mut admin, info.id, &newcomers).await.unwrap();
     let history = h.history(0, 50).await.unwrap();
     let posts: Vec<&[u8]> = history
         .events
@@ -480,11 +466,7 @@ async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_the
     // A device that finds the files gone (past the attachments' retention)
     // is told it cannot read that change; nothing is remembered of it.
     let mut late = devices.pop().unwrap();
-    let phones = vec![late.identity.phone.clone()];
-    let prepared = admin.crypto.prepare_add(&h, info.id, &phones).await.unwrap().expect("the group encrypts");
-    let add = skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones });
-    h.change_group(info.id, add).await.unwrap();
-    admin.crypto.finish_add(&h, &mut admin.events, info.id, prepared).await.unwrap();
+    add_members(&mut admin, info.id, std::slice::from_ref(&late.identity.phone)).await.unwrap();
     for blob in std::fs::read_dir(media.path().join("blobs").join("blobs")).unwrap() {
         std::fs::remove_file(blob.unwrap().path()).unwrap();
     }
@@ -505,6 +487,18 @@ async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_the
     assert!(matches!(&shown, Some(Shown::Unreadable(w)) if w.contains("could not download")), "{shown:?}");
     assert!(!late.crypto.encrypts(info.id).unwrap());
     assert_eq!(late.crypto.recall(&entry), None, "not remembered as unreadable");
+}
+
+/// Adds `phones` to the encrypted group as the clients do: their devices'
+/// key packages claimed, the server's membership changed, then the commit
+/// that gives those devices the keys, whose outcome this returns.
+async fn add_members(admin: &mut Device, group: u64, phones: &[String]) -> Result<(), skylark_client::ClientError> {
+    let h = admin.session.handle();
+    let prepared = admin.crypto.prepare_add(&h, group, phones).await.unwrap().expect("the group encrypts");
+    let add =
+        skylark_protocol::v1::change_group::Change::Add(skylark_protocol::v1::PhoneList { phones: phones.to_vec() });
+    h.change_group(group, add).await.unwrap();
+    admin.crypto.finish_add(&h, &mut admin.events, group, prepared).await
 }
 
 /// `n` devices (as [`devices`]), and a group the first creates with all
