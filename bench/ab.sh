@@ -30,6 +30,12 @@
 # memory of an idle connection over TLS against plain TCP:
 #   SCENARIOS=idle AFTER_TLS=1 bench/ab.sh target/release/skylark target/release/skylark \
 #     target/release/skylark-load target/ab-tls
+# SERVER_CONFIG=FILE starts both servers with that configuration file, and
+# SETTLE=SECONDS has idle runs read the server's memory again that long after
+# the ramp (every connection still open); for example the memory once idle
+# devices' actors have stopped:
+#   printf '[messaging]\nactor_idle_ms = 10000\n' > /tmp/sleep.toml
+#   SCENARIOS=idle SETTLE=20 SERVER_CONFIG=/tmp/sleep.toml bench/ab.sh ...
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/ready.sh"
 before=$1 after=$2 load=$3 out=$4 rounds=${5:-2}
@@ -48,9 +54,10 @@ fi
 serve() { # binary tls(0/1)
   rm -rf "$out/data"
   cp -r "$pristine" "$out/data"
-  local scheme=http tls=()
-  [ "$2" = 1 ] && scheme=https tls=(--dev-tls)
-  taskset -c 1 "$1" serve --data-dir "$out/data" --log warn "${tls[@]}" >"$out/server.log" 2>&1 &
+  local scheme=http flags=()
+  [ "$2" = 1 ] && scheme=https flags=(--dev-tls)
+  [ -n "${SERVER_CONFIG:-}" ] && flags+=(--config "$SERVER_CONFIG")
+  taskset -c 1 "$1" serve --data-dir "$out/data" --log warn "${flags[@]}" >"$out/server.log" 2>&1 &
   pid=$!
   wait_ready "$scheme://127.0.0.1:7480/readyz" $pid "$out/server.log" || exit 1
 }
@@ -70,7 +77,7 @@ scenario() { # label binary name args...
   local report="$out/$name-$label-$round.json"
   local extra=()
   [ "$tls" = 1 ] && extra=(--ca "$out/data/dev-tls/cert.pem")
-  [ "$name" = idle ] && extra+=(--server-pid "$pid")
+  [ "$name" = idle ] && extra+=(--server-pid "$pid" --settle-secs "${SETTLE:-0}")
   if [ "$name" != idle ] && [ "$name" != connects ]; then
     local sided
     [ "$label" = before ] && sided=${BEFORE_ARGS:-} || sided=${AFTER_ARGS:-}

@@ -8,8 +8,10 @@
 //! (in `skylark-server`) never see protobuf or HTTP.
 //!
 //! One cancellation token and one task tracker form the shutdown tree: every
-//! listener and connection selects on the token, and [`Gateway::shutdown`]
-//! waits for the tracked connections to close.
+//! listener and handshake selects on the token, an authenticated connection
+//! is ended through the session it holds (`Sessions::close_all`, run when
+//! the token is cancelled), and [`Gateway::shutdown`] waits for the tracked
+//! connections to close.
 
 pub mod admin;
 pub mod config;
@@ -124,7 +126,15 @@ impl Gateway {
         shared.tracker.spawn(admin::serve(admin_listener, shared.clone()));
         shared.tracker.spawn(housekeeping(shared.clone()));
         shared.tracker.spawn(expiry(shared.clone()));
+        shared.tracker.spawn(idle_sweep(shared.clone()));
         shared.tracker.spawn(collect_media(shared.clone()));
+        // Connections end with the sessions they hold, not each by waiting
+        // on the token (see `Sessions::close_all`).
+        let (token, server) = (shared.shutdown.clone(), shared.server.clone());
+        shared.tracker.spawn(async move {
+            token.cancelled().await;
+            server.sessions.close_all();
+        });
         shared.ready.store(true, Ordering::SeqCst);
         let secure = tls.is_some();
         tracing::info!(%http_addr, %tcp_addr, %admin_addr, tls = secure, "skylark listening (HTTP + WebSocket at /v1/ws, raw TCP; admin API and metrics)");
@@ -157,6 +167,27 @@ impl Gateway {
         self.shared.tracker.close();
         if tokio::time::timeout(drain, self.shared.tracker.wait()).await.is_err() {
             tracing::warn!(remaining = self.shared.tracker.len(), "connections still open after the drain period");
+        }
+    }
+}
+
+/// Ends the sessions whose device has been silent for longer than the idle
+/// timeout (`Sessions::close_idle`), looking every sixteenth of it (at most
+/// every half second): a vanished peer's socket is closed at most that late.
+pub(crate) async fn idle_sweep(shared: Shared) {
+    let idle = Duration::from_millis(shared.config.limits.idle_timeout_ms);
+    let every = (idle / 16).clamp(Duration::from_millis(10), Duration::from_millis(500));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let ended = shared.server.sessions.close_idle(idle);
+                if ended > 0 {
+                    tracing::debug!(ended, "closed connections silent past the idle timeout");
+                }
+            }
         }
     }
 }

@@ -68,6 +68,13 @@ pub const METRICS: &[Metric] = &[
     ),
     ("skylark_actors", Kind::Gauge, "Account and group actors running now.", None),
     (
+        "skylark_actors_asleep",
+        Kind::Gauge,
+        "Accounts whose actor stopped while their connected devices were idle; the next message starts it again \
+         (sampled every minute).",
+        None,
+    ),
+    (
         "skylark_mailbox_queued",
         Kind::Gauge,
         "Messages waiting in the actors' mailboxes, all together (sampled every minute).",

@@ -22,10 +22,10 @@ use skylark_core::DeviceId;
 use skylark_core::auth::{AuthError, Challenge};
 use skylark_protocol::v1::{self, client_frame, server_frame};
 use skylark_protocol::{CloseCode, ErrorCode, MAX_VERSION, MIN_VERSION, ServerFrame};
-use skylark_server::auth::{AuthFailure, Authenticated};
+use skylark_server::auth::{AuthFailure, Identity};
 use skylark_server::messaging::{DeviceEvent, MessagingError};
 use skylark_server::presence::Ephemeral;
-use skylark_server::sessions::Disconnect;
+use skylark_server::sessions::{Disconnect, SessionGuard};
 use skylark_store::StoreError;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -113,7 +113,7 @@ pub(crate) fn connection_span(peer: SocketAddr, kind: &'static str) -> tracing::
 }
 
 /// Runs the handshake. `Ok(None)` means the peer went away.
-async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Box<Authenticated>>, Ending> {
+async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Identity>, Ending> {
     let limits = shared.config.limits;
     let deadline = Instant::now() + Duration::from_millis(limits.auth_timeout_ms);
     let mut challenge: Option<Challenge> = None;
@@ -178,7 +178,7 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Bo
                         if t.send(reply(id, body)).await.is_err() {
                             return Ok(None);
                         }
-                        Ok(Some(Box::new(authed)))
+                        Ok(Some(authed.identity()))
                     }
                     Err(AuthFailure::Refused(e)) => {
                         let _ = t.send(error(id, auth_error_code(e), e.to_string())).await;
@@ -214,12 +214,17 @@ async fn handshake<T: Transport>(shared: &Shared, t: &mut T) -> Result<Option<Bo
 const MAX_IN_FLIGHT: usize = 64;
 
 /// Serves an authenticated device until either side ends the session.
-async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticated>) -> Option<Ending> {
-    let (guard, disconnect) = shared.server.sessions.attach(authed.device.id);
+async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Identity) -> Option<Ending> {
+    let (guard, disconnect) = shared.server.sessions.attach(authed.device);
+    // Shutdown ends the sessions attached before it (`Sessions::close_all`);
+    // one attached after it ends here.
+    if shared.shutdown.is_cancelled() {
+        return Some(Ending::new(CloseCode::GoingAway, "server shutting down"));
+    }
     let router = &shared.server.router;
-    let (account, device, connection) = (authed.account.id, authed.device.id, guard.connection());
-    let span = tracing::Span::current();
-    span.record("account", account.0).record("device", device.0).record("connection", connection);
+    let (account, device, connection) = (authed.account, authed.device, guard.connection());
+    // Not kept in a local: the session's future would hold it for its life.
+    tracing::Span::current().record("account", account.0).record("device", device.0).record("connection", connection);
     // Attaching and detaching are boxed: each runs once per connection, and
     // held inline their futures (the largest of this one) would be paid for
     // the connection's whole life (docs/BENCHMARKS.md, idle memory).
@@ -242,7 +247,7 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
     shared.server.devices.touch(device);
     let ephemeral = shared.server.presence.connect(account, device, connection).await;
     let attached_ms = shared.server.clock.now_ms();
-    let streams = Streams { disconnect, events, ephemeral, attached_ms };
+    let streams = Streams { guard: &guard, disconnect, events, ephemeral, attached_ms };
     let ending = serve_attached(shared, t, &authed, connection, streams).await;
     Box::pin(router.detach(account, device, connection)).await;
     shared.server.presence.disconnect(account, connection).await;
@@ -251,8 +256,12 @@ async fn serve<T: Transport>(shared: &Shared, t: &mut T, authed: Box<Authenticat
 }
 
 /// What the server pushes to an authenticated connection.
-struct Streams {
-    /// Fires when the connection must close (replaced, removed).
+struct Streams<'a> {
+    /// The connection's session: told when the device is heard from, for
+    /// the idle timeout (`Sessions::close_idle`).
+    guard: &'a SessionGuard,
+    /// Fires when the connection must close (replaced, removed, idle too
+    /// long; closed without a reason at shutdown).
     disconnect: tokio::sync::oneshot::Receiver<Disconnect>,
     /// The account's log, from the actor.
     events: skylark_server::lane::Receiver<DeviceEvent>,
@@ -266,14 +275,11 @@ struct Streams {
 async fn serve_attached<T: Transport>(
     shared: &Shared,
     t: &mut T,
-    authed: &Authenticated,
+    authed: &Identity,
     connection: u64,
-    streams: Streams,
+    streams: Streams<'_>,
 ) -> Option<Ending> {
-    let Streams { mut disconnect, mut events, mut ephemeral, attached_ms } = streams;
-    let limits = shared.config.limits;
-    let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
-    let mut idle_deadline = Instant::now() + idle_timeout;
+    let Streams { guard, mut disconnect, mut events, mut ephemeral, attached_ms } = streams;
     // Created on the first deferred answer and dropped when the last one is
     // sent: an idle connection holds no set of futures.
     let mut in_flight: Option<FuturesUnordered<Deferred>> = None;
@@ -285,11 +291,10 @@ async fn serve_attached<T: Transport>(
             reason = &mut disconnect => {
                 return Some(match reason {
                     Ok(reason) => disconnected(reason),
+                    // The sessions were closed: the server is shutting down.
                     Err(_) => Ending::new(CloseCode::GoingAway, "server shutting down"),
                 });
             }
-            _ = shared.shutdown.cancelled() => return Some(Ending::new(CloseCode::GoingAway, "server shutting down")),
-            _ = sleep_until(idle_deadline) => return Some(Ending::new(CloseCode::IdleTimeout, "no heartbeat")),
             Some(reply) = next_answer(&mut in_flight) => {
                 if in_flight.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     in_flight = None;
@@ -306,7 +311,7 @@ async fn serve_attached<T: Transport>(
             },
             inbound = t.recv(), if in_flight.as_ref().map_or(0, FuturesUnordered::len) < MAX_IN_FLIGHT => {
                 if matches!(inbound, Inbound::Frame(_)) {
-                    idle_deadline = Instant::now() + idle_timeout;
+                    guard.heard();
                 }
                 Step::Inbound(inbound)
             }
@@ -327,6 +332,7 @@ fn disconnected(reason: Disconnect) -> Ending {
         Disconnect::Replaced => Ending::new(CloseCode::Replaced, "device connected elsewhere"),
         Disconnect::DeviceRemoved => Ending::new(CloseCode::DeviceRemoved, "device removed"),
         Disconnect::Operator => Ending::new(CloseCode::GoingAway, "disconnected by the server's operator"),
+        Disconnect::IdleTimeout => Ending::new(CloseCode::IdleTimeout, "no heartbeat"),
     }
 }
 
@@ -344,7 +350,7 @@ enum Step {
 async fn take_step<T: Transport>(
     shared: &Shared,
     t: &mut T,
-    authed: &Authenticated,
+    authed: &Identity,
     connection: u64,
     attached_ms: u64,
     step: Step,
@@ -363,7 +369,7 @@ async fn take_step<T: Transport>(
             Err(e) => return Err(Some(storage_trouble(&e))),
         },
         Step::Event(event) => {
-            let accepted = accepted_at(authed.account.id, &event);
+            let accepted = accepted_at(authed.account, &event);
             delivered_from = accepted.map(|(at, _)| at).filter(|&at| at >= attached_ms);
             message = accepted.map(|(_, id)| id);
             match crate::convert::event_frame(&shared.server.router, event).await {
@@ -389,8 +395,8 @@ async fn take_step<T: Transport>(
         Some((sender, seq)) => tracing::debug_span!(
             "message.deliver",
             message = %format_args!("{sender}:{seq}"),
-            account = authed.account.id.0,
-            device = authed.device.id.0
+            account = authed.account.0,
+            device = authed.device.0
         ),
         None => tracing::Span::none(),
     };
@@ -528,7 +534,10 @@ mod tests {
             closed: closed.clone(),
         };
 
+        // The gateway's sweep, which ends silent sessions.
+        let sweep = tokio::spawn(crate::idle_sweep(shared.clone()));
         run(&shared, &mut peer, "test").await;
+        sweep.abort();
 
         assert_eq!(*closed.lock().unwrap(), Some(CloseCode::IdleTimeout));
         let waited = Instant::now() - silent_since.lock().unwrap().expect("authenticated first");

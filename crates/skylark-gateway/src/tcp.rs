@@ -30,18 +30,19 @@ pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Tls
         let slot = each.slots.acquire(peer.ip());
         let (shared, tls) = (each.clone(), tls.clone());
         let span = crate::session::connection_span(peer, "tcp");
+        // Boxed, and made before the task: what a task captures, and what it
+        // awaits inline, it keeps room for during its whole life; the socket
+        // and the TLS handshake are passed through once.
+        let handshake = Box::pin(async move { handshake(tls.as_ref(), stream, deadline).await });
         skylark_server::spawn_in(&each.tracker, span, async move {
-            // Boxed, as it is passed through once: the task would otherwise keep
-            // room for a TLS handshake for its whole life.
-            let Some(io) = Box::pin(handshake(tls.as_ref(), stream, deadline)).await else { return };
+            let Some(io) = handshake.await else { return };
             let max = shared.config.limits.max_frame_bytes;
             let mut transport = TcpTransport { io, codec: FrameCodec::new(max), read: BytesMut::new(), closed: false };
-            match slot {
-                Some(slot) => {
-                    crate::session::run(&shared, &mut transport, "tcp").await;
-                    drop(slot);
-                }
-                None => transport.close(CloseCode::TryAgainLater, "too many connections from this address").await,
+            if slot.is_some() {
+                crate::session::run(&shared, &mut transport, "tcp").await;
+                drop(slot);
+            } else {
+                transport.close(CloseCode::TryAgainLater, "too many connections from this address").await;
             }
         });
     })

@@ -203,6 +203,10 @@ struct IdleArgs {
     /// The server's process id, to read its memory from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// With `--server-pid`: read the server's memory again this long after
+    /// the ramp, every connection still open (before the hold).
+    #[arg(long, default_value_t = 0.0)]
+    settle_secs: f64,
     /// Spread the connections over this many processes (one process can
     /// hold about 19,900 sockets here).
     #[arg(long, default_value_t = 1)]
@@ -255,6 +259,9 @@ fn print_idle(r: &IdleReport) {
     if let Some(per) = r.server_bytes_per_connection {
         println!("  server memory per connection: {per:.0} bytes");
     }
+    if let (Some(a), Some(per)) = (r.server_rss_settled_kib, r.server_bytes_per_connection_settled) {
+        println!("  settled: server RSS {a} KiB, {per:.0} bytes per connection");
+    }
     if let Some(cpu) = r.server_cpu_seconds {
         println!("  server CPU during the ramp: {cpu:.2} s ({:.0} µs per connection)", per_connection(cpu, r));
     }
@@ -303,6 +310,12 @@ async fn idle(args: IdleArgs) -> Result<()> {
         // Measured right after the ramp, with every connection open.
         report.server_cpu_seconds = server_cpu_after(args.server_pid, server_cpu);
         scenarios::server_memory(&mut report, args.server_pid, before);
+        if args.settle_secs > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
+            report.server_rss_settled_kib = args.server_pid.and_then(rss_kib);
+            report.server_bytes_per_connection_settled =
+                scenarios::per_connection_bytes(before, report.server_rss_settled_kib, report.connections);
+        }
         tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
         drop(sessions);
         report
@@ -360,6 +373,13 @@ fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<I
     let after_ramp = args.server_pid.and_then(rss_kib);
     let server_cpu = server_cpu_after(args.server_pid, server_cpu);
     eprintln!("all {} workers ramped", children.len());
+    // Every connection is open until the workers are told to go.
+    let settled_rss = if args.settle_secs > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(args.settle_secs));
+        args.server_pid.and_then(rss_kib)
+    } else {
+        None
+    };
     let mut merged: Option<IdleReport> = None;
     let mut histogram = Latency::default();
     for (child, stdout) in &mut children {
@@ -395,10 +415,10 @@ fn run_workers(args: &IdleArgs, workers: usize, before: Option<u64>) -> Result<I
     report.server_cpu_seconds = server_cpu;
     report.server_rss_before_kib = before;
     report.server_rss_after_kib = after_ramp;
-    if let (Some(b), Some(a)) = (before, after_ramp) {
-        report.server_bytes_per_connection =
-            Some(a.saturating_sub(b) as f64 * 1024.0 / report.connections.max(1) as f64);
-    }
+    report.server_bytes_per_connection = scenarios::per_connection_bytes(before, after_ramp, report.connections);
+    report.server_rss_settled_kib = settled_rss;
+    report.server_bytes_per_connection_settled =
+        scenarios::per_connection_bytes(before, settled_rss, report.connections);
     Ok(report)
 }
 

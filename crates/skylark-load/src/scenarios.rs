@@ -74,6 +74,13 @@ pub struct IdleReport {
     pub server_rss_before_kib: Option<u64>,
     pub server_rss_after_kib: Option<u64>,
     pub server_bytes_per_connection: Option<f64>,
+    /// The server's memory again after `--settle-secs` with every
+    /// connection still open (idle actors have stopped by then, if the
+    /// wait is longer than the server's `actor_idle_ms`).
+    #[serde(default)]
+    pub server_rss_settled_kib: Option<u64>,
+    #[serde(default)]
+    pub server_bytes_per_connection_settled: Option<f64>,
     /// CPU time the load tool used during the ramp (all its workers), to
     /// show whether it, not the server, was the limit.
     #[serde(default)]
@@ -144,6 +151,8 @@ pub async fn idle(
         server_rss_before_kib: None,
         server_rss_after_kib: None,
         server_bytes_per_connection: None,
+        server_rss_settled_kib: None,
+        server_bytes_per_connection_settled: None,
         client_cpu_seconds,
         server_cpu_seconds: None,
     };
@@ -151,15 +160,17 @@ pub async fn idle(
 }
 
 /// Fills in the server memory figures of an idle report.
+/// Bytes of the server's memory per connection, from its RSS before and after.
+pub fn per_connection_bytes(before: Option<u64>, after: Option<u64>, connections: usize) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    (connections > 0).then(|| a.saturating_sub(b) as f64 * 1024.0 / connections as f64)
+}
+
 pub fn server_memory(report: &mut IdleReport, pid: Option<u32>, before: Option<u64>) {
     let after = pid.and_then(rss_kib);
     report.server_rss_before_kib = before;
     report.server_rss_after_kib = after;
-    if let (Some(b), Some(a)) = (before, after)
-        && report.connections > 0
-    {
-        report.server_bytes_per_connection = Some(a.saturating_sub(b) as f64 * 1024.0 / report.connections as f64);
-    }
+    report.server_bytes_per_connection = per_connection_bytes(before, after, report.connections);
 }
 
 // ---------------------------------------------------------------- chat

@@ -232,6 +232,72 @@ struct Shell {
     epoch: Option<u64>,
 }
 
+/// The attached connections of an actor that stopped while they were
+/// [settled](Machine::is_idle), kept by the registry for its successor: an
+/// idle device costs its connection and this, not a running actor.
+pub(crate) struct Parked(Box<[(DeviceId, machine::Window, lane::Sender<DeviceEvent>)]>);
+
+impl Parked {
+    /// Lets go of `device`'s connection `connection`, which detached (if
+    /// it is here: another connection of the device may be).
+    pub(crate) fn detach(&mut self, device: DeviceId, connection: u64) {
+        if self.0.iter().any(|(d, window, _)| (*d, window.connection) == (device, connection)) {
+            let kept: Vec<_> = std::mem::take(&mut self.0)
+                .into_iter()
+                .filter(|(d, window, _)| (*d, window.connection) != (device, connection))
+                .collect();
+            self.0 = kept.into_boxed_slice();
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Attaches a device's connection without starting its account's actor,
+/// when none runs and the device already has all its log holds: the
+/// connection is told it is caught up and set aside for the next actor, as
+/// if an actor had attached it and then stopped idle. So an idle device
+/// costs no running actor. False if the attach must go through the actor:
+/// one runs or is finishing, the device is behind, forwards wait, the store
+/// could not say, or (cluster mode) the account's ownership must be taken.
+pub(crate) async fn attach_idle(
+    ctx: &Ctx,
+    account: AccountId,
+    device: DeviceId,
+    connection: u64,
+    events: &lane::Sender<DeviceEvent>,
+) -> bool {
+    if ctx.cluster.get().is_some() || account.is_group() {
+        return false;
+    }
+    let Some(quiet) = ctx.registry.quiet(account) else { return false };
+    let (Ok(state), Ok(cursor)) = (ctx.store.account_state(account).await, ctx.store.cursor(account, device).await)
+    else {
+        return false;
+    };
+    let last = state.counters.next_seq.saturating_sub(1);
+    // As `Machine::attach` starts a device: after its stored cursor, or
+    // (a device from before cursors) at the end.
+    let start = cursor.unwrap_or(last);
+    if !state.outbox.is_empty() || start < last {
+        return false;
+    }
+    let window = machine::Window { connection, acked: start, sent: start, shown: start, caught_up: true };
+    ctx.registry.park_if_quiet(account, quiet, |held| {
+        let _ = events.try_send(DeviceEvent::CaughtUp { seq: last });
+        let mut entries = held.map(|p| p.0.into_vec()).unwrap_or_default();
+        // An older connection of the device is told it was replaced.
+        if let Some(at) = entries.iter().position(|(d, ..)| *d == device) {
+            let (.., older) = entries.swap_remove(at);
+            let _ = older.try_send(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced));
+        }
+        entries.push((device, window, events.clone()));
+        Parked(entries.into_boxed_slice())
+    })
+}
+
 /// What the registry starts an actor with.
 pub(crate) struct Start {
     pub account: AccountId,
@@ -258,6 +324,7 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
     // dropped, as it may describe entries that never became durable.
     let mut healthy = true;
     let mut retired = None;
+    let mut moving = false;
     loop {
         let cleanup_held = !shell.machine.cleanup.is_empty();
         let received = tokio::select! {
@@ -271,6 +338,7 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
                     healthy = shell.finish_queued(&mut mailbox, &mut batch).await;
                     retired = Some(done);
                 }
+                moving = true;
                 break;
             }
             n = mailbox.recv_many(&mut batch, MAX_BATCH) => n,
@@ -309,11 +377,18 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
         }
     }
     // A successor loads from the store: write what it should see first.
-    if healthy && !shell.machine.cleanup.is_empty() {
-        let _ = Box::pin(shell.write_cleanup()).await;
+    if healthy && !shell.machine.cleanup.is_empty() && Box::pin(shell.write_cleanup()).await.is_err() {
+        healthy = false;
     }
-    // Its connections learn that the actor let them go (they reconnect).
-    shell.lanes = SmallMap::default();
+    // An actor retiring idle sets its settled connections aside for its
+    // successor; otherwise its connections learn that the actor let them
+    // go (they reconnect).
+    let lanes = std::mem::take(&mut shell.lanes);
+    if retired.is_some() && healthy && !moving && shell.machine.is_idle() {
+        ctx.registry.park(account, shell.park(lanes));
+    } else {
+        drop(lanes);
+    }
     if let (Some(cluster), Some(epoch)) = (ctx.cluster.get(), shell.epoch) {
         cluster.release(account, epoch).await;
     }
@@ -342,6 +417,9 @@ async fn start(
     if let Some(mut done) = predecessor {
         let _ = done.wait_for(|finished| *finished).await;
     }
+    // Connections a predecessor set aside (dropped, so they reconnect, if
+    // this actor cannot start).
+    let parked = ctx.registry.take_parked(account);
     let weak = self_mailbox.downgrade();
     drop(self_mailbox);
     // Cluster mode: the account's ownership, with the epoch its writes carry.
@@ -360,6 +438,10 @@ async fn start(
         Ok(loaded) => {
             let machine = Machine::new(account, ctx.config, loaded);
             let mut shell = Shell { ctx: ctx.clone(), machine, self_mailbox: weak, lanes: SmallMap::default(), epoch };
+            for (device, window, events) in parked.map(|p| p.0).unwrap_or_default() {
+                shell.machine.resume(device, window);
+                shell.lanes.insert(device, (window.connection, events));
+            }
             // Forwards left over from before a restart resume at once.
             for to in shell.machine.destinations() {
                 shell.start_forward(to);
@@ -630,6 +712,21 @@ impl Shell {
             }
         }
         true
+    }
+
+    /// The settled connections' windows with their queues, for
+    /// [`Registry::park`].
+    fn park(&self, mut lanes: SmallMap<DeviceId, (u64, lane::Sender<DeviceEvent>)>) -> Parked {
+        let parked: Vec<_> = self
+            .machine
+            .windows()
+            .into_iter()
+            .filter_map(|(device, window)| {
+                let (connection, events) = lanes.remove(&device)?;
+                (connection == window.connection && !events.is_closed()).then_some((device, window, events))
+            })
+            .collect();
+        Parked(parked.into_boxed_slice())
     }
 
     /// Writes the deferred cleanup on its own.

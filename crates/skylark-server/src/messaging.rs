@@ -15,8 +15,12 @@ pub struct MessagingConfig {
     pub max_payload_bytes: usize,
     /// Log entries sent to one device and not yet acknowledged, at most.
     pub device_window: usize,
-    /// An actor with no devices attached and nothing to forward stops
-    /// after this long without work (its state is reloaded when needed).
+    /// An actor with nothing to forward stops after this long without work,
+    /// if every device attached to it has all of its log and acknowledged
+    /// it; those connections stay open, and the next actor (started by the
+    /// next message) serves them. A device that connects with nothing to
+    /// catch up on starts no actor at all. The state is reloaded from the
+    /// store when needed.
     pub actor_idle_ms: u64,
     /// First retry delay of a forward between actors; doubles per attempt,
     /// with full jitter, up to `forward_retry_max_ms`.

@@ -10,10 +10,10 @@
 //! context it spawns actors with is passed in by the caller, so it holds no
 //! reference back to it.
 
-use crate::actor::{self, Ctx, Msg};
+use crate::actor::{self, Ctx, Msg, Parked};
 use crate::lane;
 use crate::messaging::MessagingError;
-use skylark_core::AccountId;
+use skylark_core::{AccountId, DeviceId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -38,7 +38,10 @@ struct Slots {
     live: HashMap<AccountId, Slot>,
     /// Actors that stopped taking mail but may still be finishing; a
     /// successor waits for the flag before loading state.
-    retiring: HashMap<AccountId, watch::Receiver<bool>>,
+    retiring: HashMap<AccountId, (u64, watch::Receiver<bool>)>,
+    /// The attached connections of actors that retired while their devices
+    /// were idle: the next actor of the account takes them back.
+    parked: HashMap<AccountId, actor::Parked>,
 }
 
 pub(crate) struct Registry {
@@ -108,7 +111,7 @@ impl Registry {
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = lane::channel(MAILBOX);
-        let predecessor = slots.retiring.remove(&account);
+        let predecessor = slots.retiring.remove(&account).map(|(_, done)| done);
         let handoff = ctx.cluster.get().map(|_| CancellationToken::new());
         slots.live.insert(account, Slot { mailbox: tx.clone(), generation, handoff: handoff.clone() });
         drop(slots);
@@ -146,6 +149,13 @@ impl Registry {
             {
                 return cluster.tell(&node, account, msg).await;
             }
+            // A connection leaving while no actor runs: let go of it
+            // without starting one.
+            if let Msg::Detach { device, connection } = msg
+                && self.detach_parked(account, device, connection)
+            {
+                return Ok(());
+            }
             let (mailbox, generation) = self.mailbox(ctx, account);
             match mailbox.send(msg).await {
                 Ok(()) => return Ok(()),
@@ -163,6 +173,80 @@ impl Registry {
         crate::spawn_in(&self.tracker, span, task);
     }
 
+    /// Keeps the settled connections of an actor retiring idle for the
+    /// account's next actor (see [`actor::Parked`]).
+    pub(crate) fn park(&self, account: AccountId, parked: Parked) {
+        let mut slots = self.slots();
+        // Under the lock, so shutdown (which clears them under it) cannot
+        // miss a late one.
+        if !parked.is_empty() && !self.shutdown.is_cancelled() {
+            slots.parked.insert(account, parked);
+        }
+    }
+
+    /// The connections the account's previous actor set aside, for its
+    /// successor to serve.
+    pub(crate) fn take_parked(&self, account: AccountId) -> Option<Parked> {
+        self.slots().parked.remove(&account)
+    }
+
+    /// Whether no actor of `account` runs or is finishing: then the store
+    /// holds all of its state. The answer names the last actor that ran, so
+    /// [`Registry::park_if_quiet`] can tell whether one ran in between.
+    pub(crate) fn quiet(&self, account: AccountId) -> Option<Quiet> {
+        let slots = self.slots();
+        if slots.live.contains_key(&account) {
+            return None;
+        }
+        match slots.retiring.get(&account) {
+            Some((generation, done)) => (*done.borrow()).then_some(Quiet(Some(*generation))),
+            None => Some(Quiet(None)),
+        }
+    }
+
+    /// Sets a connection aside for an account that is still as `quiet`
+    /// found it (no actor started since): `join` adds it to those already
+    /// set aside, under the registry's lock. False, and `join` not called,
+    /// if an actor started in between.
+    pub(crate) fn park_if_quiet(
+        &self,
+        account: AccountId,
+        quiet: Quiet,
+        join: impl FnOnce(Option<Parked>) -> Parked,
+    ) -> bool {
+        let mut slots = self.slots();
+        let last = slots.retiring.get(&account).map(|(generation, _)| *generation);
+        if slots.live.contains_key(&account) || Quiet(last) != quiet || self.shutdown.is_cancelled() {
+            return false;
+        }
+        let held = slots.parked.remove(&account);
+        slots.parked.insert(account, join(held));
+        true
+    }
+
+    /// Connections set aside while no actor runs for the account.
+    pub(crate) fn parked_accounts(&self) -> usize {
+        self.slots().parked.len()
+    }
+
+    /// A connection detaching while no actor of the account runs or is
+    /// finishing: everything about it is in the store or set aside here, so
+    /// it is let go of here, without starting an actor. False if an actor
+    /// must be told.
+    fn detach_parked(&self, account: AccountId, device: DeviceId, connection: u64) -> bool {
+        let mut slots = self.slots();
+        if slots.live.contains_key(&account) || slots.retiring.get(&account).is_some_and(|(_, done)| !*done.borrow()) {
+            return false;
+        }
+        if let Some(parked) = slots.parked.get_mut(&account) {
+            parked.detach(device, connection);
+            if parked.is_empty() {
+                slots.parked.remove(&account);
+            }
+        }
+        true
+    }
+
     /// Removes a slot whose actor no longer takes mail.
     pub(crate) fn forget_generation(&self, account: AccountId, generation: u64) {
         let mut slots = self.slots();
@@ -174,7 +258,10 @@ impl Registry {
     /// Asks every live actor for which `moves` holds to hand itself off
     /// (cluster mode: its owner changed). Returns how many were asked.
     pub(crate) fn hand_off(&self, moves: impl Fn(AccountId) -> bool) -> usize {
-        let slots = self.slots();
+        let mut slots = self.slots();
+        // Connections set aside for an account that moves end: they
+        // reconnect, and attach on its new node.
+        slots.parked.retain(|account, _| !moves(*account));
         let mut asked = 0;
         for (account, slot) in &slots.live {
             if let Some(handoff) = slot.handoff.as_ref().filter(|h| !h.is_cancelled() && moves(*account)) {
@@ -202,7 +289,7 @@ impl Registry {
         }
         slots.live.remove(&account);
         let (done, waiter) = watch::channel(false);
-        slots.retiring.insert(account, waiter);
+        slots.retiring.insert(account, (generation, waiter));
         mailbox.close();
         Some(done)
     }
@@ -239,10 +326,16 @@ impl Registry {
     /// Stops every actor after its current batch and waits for them.
     pub(crate) async fn shutdown(&self) {
         self.shutdown.cancel();
+        // Set-aside connections end with the actors.
+        self.slots().parked.clear();
         self.tracker.close();
         self.tracker.wait().await;
     }
 }
+
+/// No actor of an account runs: see [`Registry::quiet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Quiet(Option<u64>);
 
 /// Held by a forward while it retries (see [`Registry::retrying`]).
 pub(crate) struct RetryGuard {

@@ -115,6 +115,7 @@ impl Router {
         let (queued, fullest) = self.ctx().registry.mailbox_depths();
         metrics::gauge!("skylark_mailbox_queued").set(queued as f64);
         metrics::gauge!("skylark_mailbox_fullest").set(fullest as f64);
+        metrics::gauge!("skylark_actors_asleep").set(self.asleep_actors() as f64);
         let (retrying, oldest) = self.ctx().registry.retries();
         metrics::gauge!("skylark_forwards_retrying").set(retrying as f64);
         metrics::gauge!("skylark_forward_oldest_retry_seconds").set(oldest.as_secs_f64());
@@ -122,6 +123,12 @@ impl Router {
 
     pub fn live_actors(&self) -> usize {
         self.ctx().registry.live_actors()
+    }
+
+    /// Accounts whose actor stopped while their attached devices were idle
+    /// (their connections wait for the next actor, which resumes them).
+    pub fn asleep_actors(&self) -> usize {
+        self.ctx().registry.parked_accounts()
     }
 
     /// Starts the actors whose outbox holds forwards (this node's share in
@@ -413,6 +420,10 @@ impl Router {
         // Room for a full window plus the CaughtUp marker, so the actor
         // never has to wait on a slow connection.
         let (events, stream) = lane::channel(self.ctx().config.device_window + 4);
+        // A device with nothing to catch up on needs no actor running.
+        if actor::attach_idle(self.ctx(), account, device, connection, &events).await {
+            return Ok(stream);
+        }
         let (reply, answer) = oneshot::channel();
         self.tell(account, Msg::Attach(Box::new(actor::AttachMail { device, connection, events, reply }))).await?;
         answer.await.map_err(|_| gone())??;
@@ -535,8 +546,12 @@ mod tests {
         let store = Arc::new(RedbStore::in_memory().unwrap());
         let alice = account(&store, "+15550900041").await;
         let router = Router::new(store.clone(), Arc::new(SystemClock), MessagingConfig::default());
-        // Both attaches are queued before the new actor takes its first
-        // batch (one thread: neither future lets it run in between).
+        // Alice's actor runs (a device with nothing new would attach
+        // without it): her other device sent Bob a message.
+        let _bob = account(&store, "+15550900042").await;
+        send(&router, other_device(alice), "+15550900042", "a").await;
+        // Both attaches are queued before the actor takes its next batch
+        // (one thread: neither future lets it run in between).
         let (older, newer) = tokio::join!(router.attach(alice.0, alice.1, 1), router.attach(alice.0, alice.1, 2));
         let (mut older, mut newer) = (older.unwrap(), newer.unwrap());
         assert!(
@@ -544,7 +559,8 @@ mod tests {
             "the connection superseded within the batch is told why its stream ends"
         );
         assert!(older.recv().await.is_none());
-        assert!(matches!(newer.recv().await, Some(DeviceEvent::CaughtUp { .. })), "the newer one is served");
+        assert!(matches!(newer.recv().await, Some(DeviceEvent::Entry { seq: 1, .. })), "the newer one is served");
+        assert!(matches!(newer.recv().await, Some(DeviceEvent::CaughtUp { seq: 1 })));
         router.shutdown().await;
     }
 
@@ -610,6 +626,73 @@ mod tests {
             }
         }
         assert_eq!(seen, vec!["a", "b"]);
+        router.shutdown().await;
+    }
+
+    /// The next event on a device's feed (failing, not hanging).
+    async fn next(events: &mut crate::lane::Receiver<DeviceEvent>) -> Option<DeviceEvent> {
+        tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("an event came")
+    }
+
+    #[tokio::test]
+    async fn an_idle_device_needs_no_running_actor_and_the_next_actor_serves_its_connection() {
+        use skylark_store::MessageStore;
+        let store = Arc::new(RedbStore::in_memory().unwrap());
+        let alice = account(&store, "+15550900051").await;
+        let bob = account(&store, "+15550900052").await;
+        let config = MessagingConfig { actor_idle_ms: 50, ..MessagingConfig::default() };
+        let router = Router::new(store.clone(), Arc::new(SystemClock), config);
+
+        // Bob's device has everything (nothing yet): it is told so, and no
+        // actor starts for it.
+        let mut events = router.attach(bob.0, bob.1, 7).await.unwrap();
+        assert!(matches!(next(&mut events).await, Some(DeviceEvent::CaughtUp { seq: 0 })));
+        assert_eq!((router.live_actors(), router.asleep_actors()), (0, 1), "Bob's connection is set aside");
+
+        // Alice's message starts Bob's actor, which feeds the same
+        // connection: the entry, and no second caught-up marker.
+        send(&router, alice, "+15550900052", "while-asleep").await;
+        match next(&mut events).await {
+            Some(DeviceEvent::Entry { seq: 1, entry }) => {
+                assert!(matches!(entry.as_ref(), LogEntry::Message(m) if m.client_id == "while-asleep"))
+            }
+            other => panic!("expected the message, got {other:?}"),
+        }
+        assert_eq!(router.asleep_actors(), 0);
+
+        // An entry not yet acknowledged keeps the actor running: it is
+        // still live well after the idle time.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(router.live_actors() >= 1, "Bob's actor waits for his device's ack");
+        router.ack(bob.0, bob.1, 7, 1).await;
+        // Then it stops, setting the connection aside again.
+        all_retired(&router).await;
+        assert_eq!(store.cursor(bob.0, bob.1).await.unwrap(), Some(1), "the ack was written before it stopped");
+        assert_eq!(router.asleep_actors(), 1);
+        assert!(events.is_empty(), "nothing more was sent: the resumed connection knew it was caught up");
+
+        // A second connection of the device, with no actor running either:
+        // the first is told it was replaced.
+        let mut newer = router.attach(bob.0, bob.1, 8).await.unwrap();
+        assert!(matches!(next(&mut newer).await, Some(DeviceEvent::CaughtUp { seq: 1 })));
+        assert!(matches!(next(&mut events).await, Some(DeviceEvent::Closed(crate::sessions::Disconnect::Replaced))));
+        assert_eq!(router.live_actors(), 0);
+
+        // Leaving while no actor runs lets go of the connection without
+        // starting one; the older connection's leaving changes nothing.
+        router.detach(bob.0, bob.1, 7).await;
+        assert_eq!((router.live_actors(), router.asleep_actors()), (0, 1));
+        router.detach(bob.0, bob.1, 8).await;
+        assert_eq!((router.live_actors(), router.asleep_actors()), (0, 0));
+        assert!(next(&mut newer).await.is_none(), "the stream ended");
+
+        // A device that is behind goes through the actor, which hands it
+        // what it missed.
+        send(&router, alice, "+15550900052", "while-away").await;
+        all_retired(&router).await;
+        let mut again = router.attach(bob.0, bob.1, 9).await.unwrap();
+        assert!(matches!(next(&mut again).await, Some(DeviceEvent::Entry { seq: 2, .. })));
+        assert!(matches!(next(&mut again).await, Some(DeviceEvent::CaughtUp { seq: 2 })));
         router.shutdown().await;
     }
 

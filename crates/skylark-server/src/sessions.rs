@@ -23,11 +23,16 @@ pub enum Disconnect {
     DeviceRemoved,
     /// The server's operator ended the connection (the device may reconnect).
     Operator,
+    /// Nothing came from the device for longer than the idle timeout
+    /// (see [`Sessions::close_idle`]).
+    IdleTimeout,
 }
 
 struct Entry {
     connection: u64,
     disconnect: oneshot::Sender<Disconnect>,
+    /// When the connection last heard from its device (see [`SessionGuard::heard`]).
+    heard: Arc<AtomicU64>,
 }
 
 /// Cluster mode: whether a device of an account is connected to another node.
@@ -37,6 +42,9 @@ pub struct Sessions {
     live: Mutex<HashMap<DeviceId, Entry>>,
     next_connection: AtomicU64,
     elsewhere: std::sync::OnceLock<Elsewhere>,
+    /// What [`SessionGuard::heard`] counts from (tokio's clock, which tests
+    /// may pause).
+    epoch: tokio::time::Instant,
 }
 
 impl Default for Sessions {
@@ -44,7 +52,12 @@ impl Default for Sessions {
     /// different nodes of a cluster (which meet in one actor) do not collide.
     fn default() -> Self {
         let base = u64::from(rand::random::<u32>() >> 1) << 32;
-        Self { live: Mutex::default(), next_connection: AtomicU64::new(base), elsewhere: std::sync::OnceLock::new() }
+        Self {
+            live: Mutex::default(),
+            next_connection: AtomicU64::new(base),
+            elsewhere: std::sync::OnceLock::new(),
+            epoch: tokio::time::Instant::now(),
+        }
     }
 }
 
@@ -61,12 +74,19 @@ pub struct SessionGuard {
     sessions: Arc<Sessions>,
     device: DeviceId,
     connection: u64,
+    heard: Arc<AtomicU64>,
 }
 
 impl SessionGuard {
     /// This connection's number, unique for the life of the process.
     pub fn connection(&self) -> u64 {
         self.connection
+    }
+
+    /// The device was heard from (a frame arrived): the idle timeout
+    /// starts again.
+    pub fn heard(&self) {
+        self.heard.store(self.sessions.now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -85,17 +105,18 @@ impl Sessions {
     pub fn attach(self: &Arc<Self>, device: DeviceId) -> (SessionGuard, oneshot::Receiver<Disconnect>) {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        let heard = Arc::new(AtomicU64::new(self.now_ms()));
         let previous = self
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(device, Entry { connection, disconnect: tx });
+            .insert(device, Entry { connection, disconnect: tx, heard: heard.clone() });
         if let Some(old) = previous {
             // The old connection may be gone already; then there is nobody to tell.
             let _ = old.disconnect.send(Disconnect::Replaced);
             tracing::info!(%device, "device connected again; older connection replaced");
         }
-        (SessionGuard { sessions: self.clone(), device, connection }, rx)
+        (SessionGuard { sessions: self.clone(), device, connection, heard }, rx)
     }
 
     /// Ends the device's live session, if it has one; true if it had.
@@ -123,6 +144,41 @@ impl Sessions {
     /// mode) on another node.
     pub fn is_live_anywhere(&self, account: AccountId, device: DeviceId) -> bool {
         self.is_live(device) || self.elsewhere.get().is_some_and(|f| f(account, device))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Ends, with [`Disconnect::IdleTimeout`], every session whose device
+    /// has not been heard from for `idle` (a vanished peer's half-open
+    /// socket). One sweep over every session, run every fraction of the
+    /// timeout, instead of a timer in each connection (an idle connection
+    /// is counted in bytes). Returns how many it ended.
+    pub fn close_idle(&self, idle: std::time::Duration) -> usize {
+        let Some(before) = self.now_ms().checked_sub(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)) else {
+            return 0;
+        };
+        let quiet: Vec<Entry> = {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let devices: Vec<DeviceId> =
+                live.iter().filter(|(_, e)| e.heard.load(Ordering::Relaxed) <= before).map(|(d, _)| *d).collect();
+            devices.iter().filter_map(|d| live.remove(d)).collect()
+        };
+        let ended = quiet.len();
+        for entry in quiet {
+            let _ = entry.disconnect.send(Disconnect::IdleTimeout);
+        }
+        ended
+    }
+
+    /// Ends every live session: the server is shutting down. Each is told
+    /// by its disconnect receiver closing without a reason, so a connection
+    /// needs no shutdown signal of its own (an idle one is counted in bytes).
+    pub fn close_all(&self) {
+        let drained: Vec<Entry> =
+            self.live.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, e)| e).collect();
+        drop(drained);
     }
 
     pub fn live_count(&self) -> usize {

@@ -18,10 +18,10 @@ fn account_error(id: u64, e: &AccountError) -> ServerFrame {
 
 pub(super) async fn export(caller: &Caller<'_>, id: u64) -> ServerFrame {
     // It reads every group of the account: charged like a group change.
-    if let Err(e) = caller.shared.server.router.charge_group_change(caller.authed.device.id) {
+    if let Err(e) = caller.shared.server.router.charge_group_change(caller.authed.device) {
         return messaging_error(id, &e);
     }
-    match caller.shared.server.export_account(caller.authed.account.id).await {
+    match caller.shared.server.export_account(caller.authed.account).await {
         Ok(export) => match serde_json::to_string_pretty(&export) {
             Ok(json) => reply(id, server_frame::Body::AccountExport(v1::AccountExport { json })),
             Err(_) => error(id, ErrorCode::Internal, "the export could not be written"),
@@ -31,7 +31,11 @@ pub(super) async fn export(caller: &Caller<'_>, id: u64) -> ServerFrame {
 }
 
 pub(super) async fn delete(caller: &Caller<'_>, id: u64, delete: v1::DeleteAccount) -> ServerFrame {
-    let me = &caller.authed.account;
+    let me = match caller.shared.server.store.account(caller.authed.account).await {
+        Ok(Some(account)) => account,
+        Ok(None) => return error(id, ErrorCode::Unauthenticated, "this account no longer exists"),
+        Err(e) => return unavailable(id, &e),
+    };
     // Typed out by the user, as a confirmation.
     if PhoneNumber::parse(&delete.phone).ok().as_ref() != Some(&me.phone) {
         return error(
@@ -41,7 +45,7 @@ pub(super) async fn delete(caller: &Caller<'_>, id: u64, delete: v1::DeleteAccou
         );
     }
     // Rare, and heavy: charged like a group change.
-    if let Err(e) = caller.shared.server.router.charge_group_change(caller.authed.device.id) {
+    if let Err(e) = caller.shared.server.router.charge_group_change(caller.authed.device) {
         return messaging_error(id, &e);
     }
     match caller.shared.server.delete_account(me.id).await {
@@ -52,9 +56,9 @@ pub(super) async fn delete(caller: &Caller<'_>, id: u64, delete: v1::DeleteAccou
 
 pub(super) async fn report(caller: &Caller<'_>, id: u64, report: v1::Report) -> ServerFrame {
     let server = &caller.shared.server;
-    let me = caller.authed.account.id;
+    let me = caller.authed.account;
     let reported = if report.group != 0 {
-        if let Err(e) = server.router.charge_group_change(caller.authed.device.id) {
+        if let Err(e) = server.router.charge_group_change(caller.authed.device) {
             return messaging_error(id, &e);
         }
         let group = skylark_core::AccountId(report.group);
@@ -80,7 +84,7 @@ const MAX_PROFILES_ASKED: usize = 512;
 
 pub(super) async fn set_profile(caller: &Caller<'_>, id: u64, set: v1::SetProfile) -> ServerFrame {
     let server = &caller.shared.server;
-    if let Err(e) = server.router.charge_group_change(caller.authed.device.id) {
+    if let Err(e) = server.router.charge_group_change(caller.authed.device) {
         return messaging_error(id, &e);
     }
     let visible_to = match v1::Visibility::try_from(set.visible_to) {
@@ -92,7 +96,7 @@ pub(super) async fn set_profile(caller: &Caller<'_>, id: u64, set: v1::SetProfil
             }
         },
     };
-    match server.set_profile(caller.authed.account.id, &set.name, &set.about, visible_to).await {
+    match server.set_profile(caller.authed.account, &set.name, &set.about, visible_to).await {
         Ok(()) => ok(id),
         Err(e) => account_error(id, &e),
     }
@@ -110,7 +114,7 @@ pub(super) async fn profiles(caller: &Caller<'_>, id: u64, get: v1::GetProfiles)
             Ok(None) => continue,
             Err(e) => return unavailable(id, &e),
         };
-        match server.profile_for(account, caller.authed.account.id).await {
+        match server.profile_for(account, caller.authed.account).await {
             Ok(view) => profiles.push(v1::ProfileInfo {
                 account: account.0,
                 phone: phone.to_string(),

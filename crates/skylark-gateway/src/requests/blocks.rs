@@ -9,7 +9,7 @@ use skylark_server::messaging::MessagingError;
 
 pub(super) async fn block(caller: &Caller<'_>, id: u64, block: v1::Block) -> Answer {
     let router = &caller.shared.server.router;
-    let me = caller.authed.account.id;
+    let me = caller.authed.account;
     let peer = match charged_peer(caller, id, &block.phone, "you cannot block your own number").await {
         Ok(peer) => peer,
         Err(answer) => return Answer::Now(answer),
@@ -36,7 +36,7 @@ pub(super) async fn block(caller: &Caller<'_>, id: u64, block: v1::Block) -> Ans
 
 pub(super) async fn list(caller: &Caller<'_>, id: u64) -> ServerFrame {
     let router = &caller.shared.server.router;
-    let blocked = match router.blocked(caller.authed.account.id).await {
+    let blocked = match router.blocked(caller.authed.account).await {
         Ok(blocked) => blocked,
         Err(e) => return messaging_error(id, &e),
     };
@@ -52,7 +52,7 @@ pub(super) async fn list(caller: &Caller<'_>, id: u64) -> ServerFrame {
 }
 
 pub(super) async fn set_name(caller: &Caller<'_>, id: u64, set: v1::SetContactName) -> Answer {
-    let me = caller.authed.account.id;
+    let me = caller.authed.account;
     let peer = match charged_peer(caller, id, &set.phone, "your own number has no contact name").await {
         Ok(peer) => peer,
         Err(answer) => return Answer::Now(answer),
@@ -62,7 +62,7 @@ pub(super) async fn set_name(caller: &Caller<'_>, id: u64, set: v1::SetContactNa
 
 pub(super) async fn names(caller: &Caller<'_>, id: u64) -> ServerFrame {
     let router = &caller.shared.server.router;
-    let names = match router.contact_names(caller.authed.account.id).await {
+    let names = match router.contact_names(caller.authed.account).await {
         Ok(names) => names,
         Err(e) => return messaging_error(id, &e),
     };

@@ -37,14 +37,14 @@ fn key_error(id: u64, e: &KeyError) -> ServerFrame {
 pub(super) async fn upload(caller: &Caller<'_>, id: u64, upload: v1::UploadKeyPackages) -> ServerFrame {
     let last_resort = (!upload.last_resort.is_empty()).then_some(upload.last_resort);
     let packages: Vec<Bytes> = upload.key_packages;
-    match caller.shared.server.keys.upload(caller.authed.device.id, packages, last_resort).await {
+    match caller.shared.server.keys.upload(caller.authed.device, packages, last_resort).await {
         Ok(s) => stock(id, s),
         Err(e) => key_error(id, &e),
     }
 }
 
 pub(super) async fn get_stock(caller: &Caller<'_>, id: u64) -> ServerFrame {
-    match caller.shared.server.keys.stock(caller.authed.device.id).await {
+    match caller.shared.server.keys.stock(caller.authed.device).await {
         Ok(s) => stock(id, s),
         Err(e) => key_error(id, &e),
     }
@@ -52,7 +52,7 @@ pub(super) async fn get_stock(caller: &Caller<'_>, id: u64) -> ServerFrame {
 
 pub(super) async fn claim(caller: &Caller<'_>, id: u64, claim: v1::ClaimKeyPackages) -> ServerFrame {
     let keys = &caller.shared.server.keys;
-    let device = caller.authed.device.id;
+    let device = caller.authed.device;
     if claim.phones.is_empty() {
         return match keys.claim(device, &claim.phone).await {
             Ok(claimed) => reply(id, server_frame::Body::ClaimedKeyPackages(claimed_frame(claimed))),

@@ -8,7 +8,7 @@ use skylark_server::media::{Audience, MediaError};
 use skylark_server::messaging::SendRequest;
 
 pub(super) fn media_token(caller: &Caller<'_>, id: u64) -> ServerFrame {
-    let grant = caller.shared.server.media.grant(caller.authed.account.id, caller.authed.device.id);
+    let grant = caller.shared.server.media.grant(caller.authed.account, caller.authed.device);
     reply(
         id,
         server_frame::Body::MediaToken(v1::MediaToken {
@@ -34,7 +34,7 @@ async fn share_attachments(caller: &Caller<'_>, id: u64, send: &v1::SendMessage)
             Err(e) => return Err(unavailable(id, &e)),
         }
     };
-    match server.media.share(caller.authed.account.id, &send.attachments, audience).await {
+    match server.media.share(caller.authed.account, &send.attachments, audience).await {
         Ok(()) => Ok(()),
         Err(MediaError::Store(e)) => Err(unavailable(id, &e)),
         Err(e @ (MediaError::BadId(_) | MediaError::NotShareable(_) | MediaError::TooManyAttachments)) => {
@@ -48,7 +48,7 @@ async fn share_attachments(caller: &Caller<'_>, id: u64, send: &v1::SendMessage)
 }
 
 pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) -> Answer {
-    let (account, device) = (caller.authed.account.id, caller.authed.device.id);
+    let (account, device) = (caller.authed.account, caller.authed.device);
     if !send.attachments.is_empty()
         && let Err(frame) = share_attachments(caller, id, &send).await
     {
@@ -105,14 +105,14 @@ pub(super) async fn send(caller: &Caller<'_>, id: u64, send: v1::SendMessage) ->
 }
 
 pub(super) async fn mark_read(caller: &Caller<'_>, id: u64, mark: v1::MarkRead) -> Answer {
-    let (account, device) = (caller.authed.account.id, caller.authed.device.id);
+    let (account, device) = (caller.authed.account, caller.authed.device);
     let queued = caller.shared.server.router.mark_read(account, device, AccountId(mark.peer), mark.up_to_seq).await;
     when_durable(id, queued, move |()| ok(id))
 }
 
 /// Acks are notifications: never answered.
 pub(super) async fn ack(caller: &Caller<'_>, ack: v1::Ack) -> Answer {
-    let (account, device) = (caller.authed.account.id, caller.authed.device.id);
+    let (account, device) = (caller.authed.account, caller.authed.device);
     caller.shared.server.router.ack(account, device, caller.connection, ack.up_to_seq).await;
     Answer::None
 }

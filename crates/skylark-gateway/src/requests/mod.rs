@@ -33,7 +33,7 @@ mod push;
 use crate::Shared;
 use skylark_protocol::v1::{self, client_frame, server_frame};
 use skylark_protocol::{ClientFrame, ErrorCode, ServerFrame};
-use skylark_server::auth::Authenticated;
+use skylark_server::auth::Identity;
 use skylark_server::devices::DeviceError;
 use skylark_server::messaging::MessagingError;
 use skylark_store::StoreError;
@@ -56,7 +56,7 @@ pub(crate) enum Answer {
 /// Who is asking: the connection's authenticated device.
 pub(crate) struct Caller<'a> {
     pub shared: &'a Shared,
-    pub authed: &'a Authenticated,
+    pub authed: &'a Identity,
     pub connection: u64,
 }
 
@@ -114,7 +114,7 @@ pub(crate) async fn charged_peer(
     own_number: &str,
 ) -> Result<skylark_core::AccountId, ServerFrame> {
     let router = &caller.shared.server.router;
-    router.charge_group_change(caller.authed.device.id).map_err(|e| messaging_error(id, &e))?;
+    router.charge_group_change(caller.authed.device).map_err(|e| messaging_error(id, &e))?;
     let phone = skylark_core::PhoneNumber::parse(phone)
         .map_err(|e| messaging_error(id, &MessagingError::InvalidRecipient(e)))?;
     let peer = match router.directory().account(&phone).await {
@@ -122,7 +122,7 @@ pub(crate) async fn charged_peer(
         Ok(None) => return Err(messaging_error(id, &MessagingError::UnknownRecipient)),
         Err(e) => return Err(unavailable(id, &e)),
     };
-    if peer == caller.authed.account.id {
+    if peer == caller.authed.account {
         return Err(error(id, ErrorCode::InvalidArgument, own_number));
     }
     Ok(peer)
@@ -148,7 +148,7 @@ pub(crate) fn when_durable<T: Send + 'static>(
 }
 
 /// The answer to one request from an authenticated device.
-pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: u64, frame: ClientFrame) -> Answer {
+pub(crate) async fn answer(shared: &Shared, authed: &Identity, connection: u64, frame: ClientFrame) -> Answer {
     use client_frame::Body;
     let caller = Caller { shared, authed, connection };
     let id = frame.id;
@@ -198,9 +198,7 @@ pub(crate) async fn answer(shared: &Shared, authed: &Authenticated, connection: 
         | Body::GetGroup(_)
         | Body::ListGroups(_)
         | Body::GetMessageInfo(_)
-        | Body::OpenDirect(_)) => {
-            groups::answer(&shared.server.router, authed.account.id, authed.device.id, id, body).await
-        }
+        | Body::OpenDirect(_)) => groups::answer(&shared.server.router, authed.account, authed.device, id, body).await,
         Body::Hello(_) | Body::Authenticate(_) => {
             Answer::Now(error(id, ErrorCode::AlreadyAuthenticated, "this connection is already authenticated"))
         }

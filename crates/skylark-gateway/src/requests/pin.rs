@@ -9,13 +9,13 @@ use skylark_server::registration::RegistrationError;
 pub(super) async fn set(caller: &Caller<'_>, id: u64, set: v1::SetPin) -> ServerFrame {
     let server = &caller.shared.server;
     // Hashing a PIN is slow on purpose: charged like a group change.
-    if let Err(e) = server.router.charge_group_change(caller.authed.device.id) {
+    if let Err(e) = server.router.charge_group_change(caller.authed.device) {
         return messaging_error(id, &e);
     }
     let pin = Some(set.pin.as_str()).filter(|p| !p.is_empty());
-    match server.registration.set_pin(caller.authed.account.id, pin).await {
+    match server.registration.set_pin(caller.authed.account, pin).await {
         Ok(()) => {
-            tracing::info!(account = %caller.authed.account.id, enabled = pin.is_some(), "two-step verification changed");
+            tracing::info!(account = %caller.authed.account, enabled = pin.is_some(), "two-step verification changed");
             status(caller, id).await
         }
         Err(RegistrationError::Store(e)) => unavailable(id, &e),
@@ -25,7 +25,7 @@ pub(super) async fn set(caller: &Caller<'_>, id: u64, set: v1::SetPin) -> Server
 
 pub(super) async fn status(caller: &Caller<'_>, id: u64) -> ServerFrame {
     let registration = &caller.shared.server.registration;
-    match registration.pin_set_at(caller.authed.account.id).await {
+    match registration.pin_set_at(caller.authed.account).await {
         Ok(set_at) => reply(
             id,
             server_frame::Body::PinStatus(v1::PinStatus {

@@ -10,13 +10,13 @@ use skylark_server::messaging::MessagingError;
 /// cannot be resolved now (unknown, or the store failing) drops it.
 pub(super) async fn typing(caller: &Caller<'_>, typing: v1::Typing) -> Answer {
     let server = &caller.shared.server;
-    let from = caller.authed.account.id;
+    let from = caller.authed.account;
     if let (Ok(phone), Some(state)) = (PhoneNumber::parse(&typing.to), crate::convert::typing_state(typing.state))
         && let Ok(Some(to)) = server.router.directory().account(&phone).await
         // Nobody who blocked the typist sees it type (nor learns of the block).
         && let Ok(false) = server.router.is_blocked_by(to, from).await
     {
-        server.presence.typing(from, caller.authed.device.id, to, state);
+        server.presence.typing(from, caller.authed.device, to, state);
     }
     Answer::None
 }
@@ -32,7 +32,7 @@ pub(super) async fn subscribe(caller: &Caller<'_>, id: u64, sub: v1::SubscribePr
             Err(e) => return unavailable(id, &e),
         }
     }
-    match server.presence.subscribe(caller.authed.account.id, caller.connection, &targets).await {
+    match server.presence.subscribe(caller.authed.account, caller.connection, &targets).await {
         Ok(list) => {
             let mut presences = Vec::with_capacity(list.len());
             for info in list {
@@ -48,14 +48,14 @@ pub(super) async fn subscribe(caller: &Caller<'_>, id: u64, sub: v1::SubscribePr
 }
 
 pub(super) fn set_active(caller: &Caller<'_>, id: u64, active: v1::SetActive) -> ServerFrame {
-    caller.shared.server.presence.set_active(caller.authed.account.id, caller.connection, active.active);
+    caller.shared.server.presence.set_active(caller.authed.account, caller.connection, active.active);
     ok(id)
 }
 
 pub(super) async fn set_privacy(caller: &Caller<'_>, id: u64, privacy: v1::SetPrivacy) -> ServerFrame {
     match crate::convert::visibility(privacy.presence) {
         Some(visibility) => {
-            match caller.shared.server.presence.set_visibility(caller.authed.account.id, visibility).await {
+            match caller.shared.server.presence.set_visibility(caller.authed.account, visibility).await {
                 Ok(()) => ok(id),
                 Err(e) => unavailable(id, &e),
             }

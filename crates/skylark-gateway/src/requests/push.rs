@@ -7,7 +7,7 @@ use skylark_server::push::PushError;
 
 pub(super) async fn register(caller: &Caller<'_>, id: u64, register: v1::RegisterPush) -> ServerFrame {
     match crate::convert::push_target(register) {
-        Ok(target) => match caller.shared.server.pusher.register(caller.authed.device.id, target).await {
+        Ok(target) => match caller.shared.server.pusher.register(caller.authed.device, target).await {
             Ok(()) => ok(id),
             Err(PushError::Store(e)) => unavailable(id, &e),
             Err(e) => error(id, ErrorCode::InvalidArgument, e.to_string()),

@@ -571,9 +571,35 @@ impl Machine {
         matches!(self.kind, Kind::Group(_))
     }
 
-    /// Idle: nothing attached, nothing to forward, nothing held back.
+    /// Idle: nothing to forward, nothing held back, and every attached
+    /// connection [settled](Machine::settled). An idle actor may stop; the
+    /// windows of its attached connections are set aside and resumed as
+    /// they are by its successor ([`Machine::resume`]).
     pub fn is_idle(&self) -> bool {
-        self.feeds.windows.is_empty() && self.outbox.is_empty() && self.cleanup.is_empty()
+        self.outbox.is_empty() && self.cleanup.is_empty() && self.settled()
+    }
+
+    /// Every attached connection has been handed the whole log, has
+    /// acknowledged all it was shown and was told it is caught up: nothing
+    /// is in flight to it, so its window holds no work.
+    pub fn settled(&self) -> bool {
+        let last = self.log.last_seq();
+        self.feeds.windows.iter().all(|(_, w)| w.caught_up && w.sent >= last && w.acked >= w.shown)
+    }
+
+    /// The attached connections' windows, to set aside while the actor
+    /// stops with them [settled](Machine::settled).
+    pub fn windows(&self) -> Vec<(DeviceId, Window)> {
+        self.feeds.windows.iter().map(|(device, window)| (*device, *window)).collect()
+    }
+
+    /// Takes back a window a predecessor set aside: the connection goes on
+    /// where it was, with nothing sent again and no second caught-up marker.
+    pub fn resume(&mut self, device: DeviceId, window: Window) {
+        let position = self.feeds.positions.entry_or_default(device);
+        position.acked = position.acked.max(window.acked);
+        position.handed = position.handed.max(window.sent);
+        self.feeds.windows.insert(device, window);
     }
 
     /// Destinations with forwards waiting (to resume after a restart).

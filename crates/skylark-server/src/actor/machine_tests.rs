@@ -294,7 +294,40 @@ fn a_removed_device_loses_its_window_position_and_held_cursor() {
 }
 
 #[test]
-fn idle_means_nothing_attached_forwarded_or_held() {
+fn idle_devices_are_set_aside_and_resumed_where_they_were() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver(vec![from_b(1)])]);
+    step(&mut a, vec![Input::Attach { device: LAPTOP, connection: 3 }]);
+    assert!(!a.is_idle(), "the device has not been handed the log");
+    assert_eq!(hand(&mut a, LAPTOP), vec![1]);
+    assert_eq!(a.feed_plan(LAPTOP, &BTreeMap::new()), FeedPlan::CaughtUp(1));
+    a.told_caught_up(LAPTOP);
+    assert!(!a.is_idle(), "what it was shown is not acknowledged");
+    step(&mut a, vec![Input::Ack { device: LAPTOP, connection: 3, up_to: 1 }]);
+    assert!(a.settled(), "the device has everything");
+    assert!(!a.is_idle(), "the delivery receipt waits to be forwarded");
+    let _batch = a.outbox.take_batch(B);
+    step(&mut a, vec![Input::Forwarded { to: B, up_to: 1 }]);
+    assert!(!a.is_idle(), "the receipt's deletion is held back");
+    let mut write = AccountWrite::new(A);
+    a.cleanup.take_into(&mut write);
+    assert!(a.is_idle(), "a settled device leaves the actor idle");
+
+    // The successor takes the window back as it was: nothing to send.
+    let windows = a.windows();
+    let mut successor = machine(A);
+    step(&mut successor, vec![deliver(vec![from_b(1)])]);
+    for (device, window) in windows {
+        successor.resume(device, window);
+    }
+    assert_eq!(successor.feed_plan(LAPTOP, &BTreeMap::new()), FeedPlan::Idle, "no second caught-up marker");
+    step(&mut successor, vec![deliver(vec![from_b(2)])]);
+    assert_eq!(hand(&mut successor, LAPTOP), vec![2], "new entries follow on the same connection");
+    assert_eq!(successor.feed_plan(LAPTOP, &BTreeMap::new()), FeedPlan::Idle);
+}
+
+#[test]
+fn idle_means_nothing_forwarded_or_held() {
     let mut a = machine(A);
     assert!(a.is_idle());
     step(&mut a, vec![send("c1", B)]);

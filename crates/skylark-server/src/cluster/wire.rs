@@ -523,6 +523,7 @@ pub(crate) fn encode_event(number: u64, event: &StreamEvent) -> Vec<u8> {
             Disconnect::Replaced => 1,
             Disconnect::DeviceRemoved => 2,
             Disconnect::Operator => 3,
+            Disconnect::IdleTimeout => 4,
         }),
         StreamEvent::End => {}
     }
@@ -539,6 +540,7 @@ pub(crate) fn decode_event(bytes: &[u8]) -> Result<(u64, StreamEvent), BadMessag
             1 => Disconnect::Replaced,
             2 => Disconnect::DeviceRemoved,
             3 => Disconnect::Operator,
+            4 => Disconnect::IdleTimeout,
             _ => return Err(bad("unknown close reason")),
         })),
         4 => StreamEvent::End,
