@@ -241,13 +241,9 @@ impl Parked {
     /// Lets go of `device`'s connection `connection`, which detached (if
     /// it is here: another connection of the device may be).
     pub(crate) fn detach(&mut self, device: DeviceId, connection: u64) {
-        if self.0.iter().any(|(d, window, _)| (*d, window.connection) == (device, connection)) {
-            let kept: Vec<_> = std::mem::take(&mut self.0)
-                .into_iter()
-                .filter(|(d, window, _)| (*d, window.connection) != (device, connection))
-                .collect();
-            self.0 = kept.into_boxed_slice();
-        }
+        let mut kept = std::mem::take(&mut self.0).into_vec();
+        kept.retain(|(d, window, _)| (*d, window.connection) != (device, connection));
+        self.0 = kept.into_boxed_slice();
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -44,6 +44,19 @@ struct Slots {
     parked: HashMap<AccountId, actor::Parked>,
 }
 
+impl Slots {
+    /// See [`Registry::quiet`].
+    fn quiet(&self, account: AccountId) -> Option<Quiet> {
+        if self.live.contains_key(&account) {
+            return None;
+        }
+        match self.retiring.get(&account) {
+            Some((generation, done)) => (*done.borrow()).then_some(Quiet(Some(*generation))),
+            None => Some(Quiet(None)),
+        }
+    }
+}
+
 pub(crate) struct Registry {
     slots: Mutex<Slots>,
     /// Forwards that failed at least once and are still being retried:
@@ -194,14 +207,7 @@ impl Registry {
     /// holds all of its state. The answer names the last actor that ran, so
     /// [`Registry::park_if_quiet`] can tell whether one ran in between.
     pub(crate) fn quiet(&self, account: AccountId) -> Option<Quiet> {
-        let slots = self.slots();
-        if slots.live.contains_key(&account) {
-            return None;
-        }
-        match slots.retiring.get(&account) {
-            Some((generation, done)) => (*done.borrow()).then_some(Quiet(Some(*generation))),
-            None => Some(Quiet(None)),
-        }
+        self.slots().quiet(account)
     }
 
     /// Sets a connection aside for an account that is still as `quiet`
@@ -235,7 +241,7 @@ impl Registry {
     /// must be told.
     fn detach_parked(&self, account: AccountId, device: DeviceId, connection: u64) -> bool {
         let mut slots = self.slots();
-        if slots.live.contains_key(&account) || slots.retiring.get(&account).is_some_and(|(_, done)| !*done.borrow()) {
+        if slots.quiet(account).is_none() {
             return false;
         }
         if let Some(parked) = slots.parked.get_mut(&account) {

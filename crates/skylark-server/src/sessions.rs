@@ -159,12 +159,13 @@ impl Sessions {
         let Some(before) = self.now_ms().checked_sub(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)) else {
             return 0;
         };
-        let quiet: Vec<Entry> = {
-            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-            let devices: Vec<DeviceId> =
-                live.iter().filter(|(_, e)| e.heard.load(Ordering::Relaxed) <= before).map(|(d, _)| *d).collect();
-            devices.iter().filter_map(|d| live.remove(d)).collect()
-        };
+        let quiet: Vec<Entry> = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extract_if(|_, e| e.heard.load(Ordering::Relaxed) <= before)
+            .map(|(_, e)| e)
+            .collect();
         let ended = quiet.len();
         for entry in quiet {
             let _ = entry.disconnect.send(Disconnect::IdleTimeout);
