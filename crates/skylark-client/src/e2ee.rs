@@ -88,8 +88,11 @@ const TARGET_STOCK: u32 = 100;
 /// order they were claimed.
 pub const ADD_BATCH: usize = 32;
 
-/// Attempts at a commit that keeps losing to other members' commits.
-const COMMIT_ATTEMPTS: usize = 5;
+/// Attempts at a commit, or an encrypted post, that keeps losing to other
+/// members' commits. Members refresh their keys before their first post
+/// (one attempt each), so a change made while several post for the first
+/// time may lose to each of them.
+const COMMIT_ATTEMPTS: usize = 10;
 
 /// How long a 1:1 conversation found plain stays plain before the next
 /// check (a check claims a key package of every device of both accounts).
@@ -654,8 +657,20 @@ impl Crypto {
         group: u64,
         make: impl Fn(&mut Engine) -> Result<Option<Commit>, E2eeError>,
     ) -> Result<bool, ClientError> {
+        self.commit_within(h, events, group, make, COMMIT_ATTEMPTS).await
+    }
+
+    /// [`Crypto::commit`] with at most `attempts` tries.
+    async fn commit_within(
+        &self,
+        h: &SessionHandle,
+        events: &mut impl Frames,
+        group: u64,
+        make: impl Fn(&mut Engine) -> Result<Option<Commit>, E2eeError>,
+        attempts: usize,
+    ) -> Result<bool, ClientError> {
         let conversation = group_conversation(group);
-        for _ in 0..COMMIT_ATTEMPTS {
+        for _ in 0..attempts {
             let client_id = new_client_id();
             let made = self.with(|e| {
                 let commit = make(e)?;
@@ -1161,6 +1176,7 @@ impl Crypto {
         text: &str,
         options: crate::session::SendOptions,
     ) -> Result<(v1::SendAck, bool), ClientError> {
+        self.refresh_keys(h, events, group).await;
         for _ in 0..COMMIT_ATTEMPTS {
             let (payload, epoch) = self.group_payload(group, client_id, text)?;
             let options = crate::session::SendOptions { message_epoch: epoch, ..options.clone() };
@@ -1176,6 +1192,28 @@ impl Crypto {
         Err(ClientError::Profile(
             "the group's encryption kept changing while this device tried to send; try again".into(),
         ))
+    }
+
+    /// Before this device posts to an encrypted group it joined from a key
+    /// package: a commit giving its leaf fresh keys, which also fills the
+    /// tree above it ([`skylark_e2ee::Engine::wants_update`]), once.
+    /// Best effort, and one attempt: when another member's commit comes
+    /// first (that one is read then), or the server refuses it, the post
+    /// goes out anyway and the next one tries again, so members posting
+    /// for the first time at once do not hold up each other or a change
+    /// of the group's members. Frames read on the way are kept for
+    /// [`Crypto::take_read`].
+    pub async fn refresh_keys(&self, h: &SessionHandle, events: &mut impl Frames, group: u64) {
+        let conversation = group_conversation(group);
+        if !self.with(|e| Ok(e.wants_update(&conversation))).unwrap_or(false) {
+            return;
+        }
+        let refresh = |e: &mut Engine| {
+            if e.wants_update(&conversation) { e.update(&conversation).map(Some) } else { Ok(None) }
+        };
+        if let Err(e) = self.commit_within(h, events, group, refresh, 1).await {
+            tracing::info!(group, "could not refresh this device's keys in the group before posting: {e}");
+        }
     }
 
     /// Gives devices of this account just added to a 1:1 conversation

@@ -349,6 +349,24 @@ impl Device {
         Ok(commit.as_ref().map(commit_json))
     }
 
+    /// Whether this device should give its leaf fresh keys ([`Device::update`])
+    /// before it next posts to the group (see `Engine::wants_update`).
+    #[wasm_bindgen(js_name = wantsUpdate)]
+    pub fn wants_update(&self, group: &str) -> Result<bool, JsError> {
+        Ok(self.engine.wants_update(&conversation(group)?))
+    }
+
+    /// A commit giving this device's leaf fresh keys, or `undefined` when
+    /// it does not need one ([`Device::wants_update`]).
+    pub fn update(&mut self, group: &str) -> Result<Option<String>, JsError> {
+        let conversation = conversation(group)?;
+        if !self.engine.wants_update(&conversation) {
+            return Ok(None);
+        }
+        let commit = self.engine.update(&conversation).map_err(fail)?;
+        Ok(Some(commit_json(&commit)))
+    }
+
     /// The groups this device holds the keys of (a JSON array of ids).
     pub fn groups(&self) -> String {
         let groups: Vec<String> = self

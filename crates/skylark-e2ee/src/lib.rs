@@ -641,6 +641,27 @@ impl Engine {
         Ok(Some(Commit { epoch, commit: wrap(&commit)?, welcome: welcome.as_ref().map(wrap).transpose()? }))
     }
 
+    /// Whether this device should refresh its own keys in the conversation
+    /// ([`Engine::update`]) before it next posts: it joined from a key
+    /// package and has not committed since. Its leaf's encryption key is
+    /// then the one from the package, which waited on the server (a
+    /// last-resort package's is shared by every conversation it joined),
+    /// and the tree nodes above it may be blank: a group filled by batch
+    /// additions has blank subtrees, and a commit encrypts to every leaf
+    /// of a blank subtree. A member's commit fills its path, so once the
+    /// members who post have refreshed, a change to a 1,024-device group
+    /// encrypts to about log2(n) nodes instead of about n
+    /// (docs/BENCHMARKS.md, "Members refresh their keys").
+    pub fn wants_update(&self, conversation: &[u8]) -> bool {
+        self.look(conversation, |g| {
+            g.is_active()
+                && g.pending_commit().is_none()
+                && g.own_leaf_node()
+                    .is_some_and(|l| matches!(l.leaf_node_source(), openmls::treesync::LeafNodeSource::KeyPackage(_)))
+        })
+        .unwrap_or(false)
+    }
+
     /// A commit that only refreshes this device's own keys (forward
     /// secrecy and post-compromise security).
     pub fn update(&mut self, conversation: &[u8]) -> Result<Commit, E2eeError> {

@@ -432,6 +432,63 @@ fn a_group_is_read_from_storage_once_not_once_a_message() {
     assert_eq!(b1.engine.loads.get(), 1);
 }
 
+/// The size of a commit `by` would make removing `whom`, not sent.
+fn removal_bytes(by: &mut Device, whom: DeviceRef) -> usize {
+    let commit = by.engine.remove(CONV, &[whom]).unwrap().expect("a member to remove");
+    by.engine.commit_refused(CONV).unwrap();
+    commit.payload().len()
+}
+
+#[test]
+fn members_refreshing_their_keys_once_fill_the_tree_and_shrink_every_later_commit() {
+    // 32 devices, the other 31 added in one commit: the tree's nodes above
+    // them are blank, so a commit encrypts to each of their leaves.
+    let mut a1 = device(1, 1);
+    let mut others: Vec<Device> = (1..32).map(|d| device(2, d)).collect();
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut others.iter_mut().collect::<Vec<_>>());
+    assert!(!a1.engine.wants_update(CONV), "the creator's commit gave it fresh keys");
+    let last = others[30].engine.me();
+    let blank = removal_bytes(&mut a1, last);
+    let keys =
+        |d: &Device| -> Vec<Vec<u8>> { d.engine.member_keys(CONV).unwrap().into_iter().map(|k| k.mls_key).collect() };
+    let identities = keys(&a1);
+
+    let mut first_update = 0;
+    for (i, d) in others.iter_mut().enumerate() {
+        log.catch_up(d);
+        assert!(d.engine.wants_update(CONV), "a device that joined from a key package refreshes");
+        let commit = d.engine.update(CONV).unwrap();
+        if i == 0 {
+            first_update = commit.payload().len();
+        }
+        assert!(log.commit(d, &commit));
+        assert!(!d.engine.wants_update(CONV), "once is enough");
+    }
+    log.catch_up(&mut a1);
+    // Fresh encryption keys, the same identities: safety numbers stay.
+    assert_eq!(keys(&a1), identities);
+    let filled = removal_bytes(&mut a1, last);
+    // About 31 encrypted path secrets before, about 6 after (log2 32, plus
+    // the blanks the removal itself leaves).
+    assert!(filled * 2 < blank, "a removal was {blank} bytes in a blank tree and {filled} in a filled one");
+    let last_update = log.entries.last().unwrap().1.len();
+    assert!(last_update * 2 < first_update, "updates went from {first_update} to {last_update} bytes");
+
+    // The group still works, with the refreshed keys.
+    log.post(&mut a1, "after every refresh");
+    for d in &mut others {
+        assert_eq!(log.catch_up(d), ["after every refresh"]);
+    }
+    // A device added later refreshes too.
+    let mut late = device(3, 1);
+    let commit = a1.engine.add(CONV, &packages(&mut [&mut late])).unwrap().unwrap();
+    assert!(log.commit(&mut a1, &commit));
+    late.read = log.entries.len() - 1;
+    log.catch_up(&mut late);
+    assert!(late.engine.wants_update(CONV));
+}
+
 #[test]
 fn a_device_killed_between_commit_and_answer_applies_its_commit_from_the_log() {
     let (mut a1, mut b1, mut b2) = (device(1, 1), device(2, 1), device(2, 2));

@@ -30,7 +30,7 @@ const ADD_BATCH = 32;
 /// The most phone numbers one key-package claim may name (the server's limit).
 const CLAIM_NUMBERS = 50;
 /// Attempts at a commit that keeps losing to other members' commits.
-const COMMIT_ATTEMPTS = 5;
+const COMMIT_ATTEMPTS = 10;
 /// How long to wait for the commit that won before trying again anyway.
 const CATCH_UP_WAIT_MS = 5000;
 /// A 1:1 conversation found plain is not checked again for this long (each
@@ -360,6 +360,7 @@ export class Crypto {
   /// a change to the group's keys is under way, the engine's error.
   async sendSealed(session, item, group, bytes, body) {
     group = String(group);
+    if (!item.sealed) await this.refreshKeys(session, group);
     for (let attempt = 1; ; attempt++) {
       // A commit of this page's on its way holds up encrypting: wait for it.
       await this.settled(group);
@@ -550,16 +551,32 @@ export class Crypto {
     while (this.changing.has(group)) await this.changing.get(group);
   }
 
+  /// Before this browser's first post to a group it joined from a key
+  /// package: a commit giving its leaf fresh keys, which also fills the
+  /// tree above it (so later commits to a large group stay small), once.
+  /// Best effort, and one attempt: when another member's commit comes
+  /// first, or the server refuses it, the post goes out anyway and the
+  /// next one tries again (members posting for the first time at once do
+  /// not hold up each other or a change of the group's members).
+  async refreshKeys(session, group) {
+    if (!this.device.wantsUpdate(group)) return;
+    try {
+      await this.commit(session, group, (d) => d.update(group), 1);
+    } catch (err) {
+      console.info(`could not refresh this browser's keys in group ${group}: ${err.message}`);
+    }
+  }
+
   /// Makes a commit with `make(device)` (JSON, or undefined for nothing to
   /// do) and posts it in the group's order; when another member's commit
   /// came first, waits for it on the live log and makes the commit again.
   /// This page's commits to one group go one at a time, and its posts to
   /// the group wait for them (`settled`).
-  commit(session, group, make) {
+  commit(session, group, make, attempts = COMMIT_ATTEMPTS) {
     const before = this.changing.get(group);
     const run = (async () => {
       if (before) await before;
-      return this.commitInTurn(session, group, make);
+      return this.commitInTurn(session, group, make, attempts);
     })();
     const through = run.then(() => {}, () => {});
     this.changing.set(group, through);
@@ -569,8 +586,8 @@ export class Crypto {
     return run;
   }
 
-  async commitInTurn(session, group, make) {
-    for (let attempt = 0; attempt < COMMIT_ATTEMPTS; attempt++) {
+  async commitInTurn(session, group, make, attempts) {
+    for (let attempt = 0; attempt < attempts; attempt++) {
       const made = make(this.device);
       if (!made) return false;
       const clientId = newClientId();

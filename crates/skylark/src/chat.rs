@@ -529,7 +529,7 @@ async fn send_reliably(
 }
 
 /// Attempts at an encrypted post that other members' commits keep making stale.
-const STALE_ATTEMPTS: usize = 5;
+const STALE_ATTEMPTS: usize = 10;
 
 /// Sends `text` to `to` reliably: to a group (or a 1:1 conversation's
 /// group) encrypted when it is, naming the epoch it was encrypted in. When
@@ -550,6 +550,10 @@ async fn send_text(
     let Peer::Group(group) = *to else {
         return send_reliably(client, to, id, text.into_bytes(), &options).await?.map_err(explain);
     };
+    // Fresh keys for this device's leaf before its first post (once).
+    let h = client.connected().await.map_err(explain)?;
+    crypto.refresh_keys(&h, events, group).await;
+    pending.extend(crypto.take_read().into_iter().map(ClientEvent::Frame));
     for _ in 0..STALE_ATTEMPTS {
         let (payload, epoch) = crypto.group_payload(group, id, &text).map_err(explain)?;
         let options = SendOptions { message_epoch: epoch, ..options.clone() };

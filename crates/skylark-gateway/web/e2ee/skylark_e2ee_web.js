@@ -749,6 +749,41 @@ export class Device {
             throw takeFromExternrefTable0(ret[0]);
         }
     }
+    /**
+     * A commit giving this device's leaf fresh keys, or `undefined` when
+     * it does not need one ([`Device::wants_update`]).
+     * @param {string} group
+     * @returns {string | undefined}
+     */
+    update(group) {
+        const ptr0 = passStringToWasm0(group, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.device_update(this.__wbg_ptr, ptr0, len0);
+        if (ret[3]) {
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        let v2;
+        if (ret[0] !== 0) {
+            v2 = getStringFromWasm0(ret[0], ret[1]);
+            wasm.__wbindgen_free(ret[0], ret[1] * 1, 1);
+        }
+        return v2;
+    }
+    /**
+     * Whether this device should give its leaf fresh keys ([`Device::update`])
+     * before it next posts to the group (see `Engine::wants_update`).
+     * @param {string} group
+     * @returns {boolean}
+     */
+    wantsUpdate(group) {
+        const ptr0 = passStringToWasm0(group, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.device_wantsUpdate(this.__wbg_ptr, ptr0, len0);
+        if (ret[2]) {
+            throw takeFromExternrefTable0(ret[1]);
+        }
+        return ret[0] !== 0;
+    }
 }
 if (Symbol.dispose) Device.prototype[Symbol.dispose] = Device.prototype.free;
 

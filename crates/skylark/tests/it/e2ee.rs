@@ -582,28 +582,34 @@ async fn posts_and_commits_that_cross_are_each_opened_in_their_epoch() {
     let epoch = |d: &Device| d.crypto.with(|e| e.epoch(&conversation)).unwrap();
     assert_eq!((epoch(&admin), epoch(&member)), (1, 1));
 
-    // The member posts; the admin, which has not read the post, removes the
-    // third member. Its commit comes after the post in the log, and the
-    // admin opens the post (in epoch 1) on its way to applying the commit.
+    // The member posts, its first post: a commit of fresh keys for its leaf
+    // goes first (epoch 2), the post after it. The admin, which has read
+    // neither, removes the third member: its commit for epoch 1 loses to
+    // the member's, it reads that and commits again, and its commit comes
+    // after the post in the log; the admin opens the post (in epoch 2) on
+    // its way to applying the commit.
     member.crypto.post(&mh, &mut member.events, info.id, "m1", "before the removal").await.unwrap();
+    assert!(!member.crypto.with(|e| Ok(e.wants_update(&conversation))).unwrap());
+    assert_eq!(epoch(&member), 2, "the member's first post came after a commit of its fresh keys");
     let remove = skylark_protocol::v1::change_group::Change::Remove("+15552500002".into());
     h.change_group(info.id, remove).await.unwrap();
     let gone = third.identity.account_id;
     assert!(admin.crypto.remove_accounts(&h, &mut admin.events, info.id, &[gone]).await.unwrap());
-    assert_eq!(epoch(&admin), 2);
+    assert_eq!(epoch(&admin), 3);
     let opened = opened_while_busy(&admin);
     assert!(opened.contains(&Shown::Encrypted("before the removal".into())), "{opened:?}");
 
-    // The member has not read the commit: a post it makes in epoch 1 is
+    // The member has not read the commit: a post it makes in epoch 2 is
     // refused as stale by the group itself...
-    let payload = member.crypto.with(|e| e.encrypt(&conversation, b"made in epoch 1")).unwrap();
-    let stale = skylark_client::session::SendOptions { message_epoch: Some(1), ..Default::default() };
+    let payload = member.crypto.with(|e| e.encrypt(&conversation, b"made in epoch 2")).unwrap();
+    let stale = skylark_client::session::SendOptions { message_epoch: Some(2), ..Default::default() };
     let refused = mh.send_with(skylark_client::session::To::Group(info.id), "raw", payload, stale).await.unwrap_err();
     assert_eq!(refused.error_code(), Some(skylark_protocol::ErrorCode::StaleEpoch), "{refused}");
-    // ...and the client reads on through the commit and makes it again.
+    // ...and the client reads on through the commit and makes it again
+    // (no second refresh: the member did that once).
     let (_, encrypted) = member.crypto.post(&mh, &mut member.events, info.id, "m2", "after the removal").await.unwrap();
     assert!(encrypted);
-    assert_eq!(epoch(&member), 2, "made again in the new epoch");
+    assert_eq!(epoch(&member), 3, "made again in the new epoch");
     let opened = opened_while_busy(&member);
     assert!(opened.contains(&Shown::DevicesChanged), "the member read the removal on the way: {opened:?}");
     let seen = read_until(&mut admin, "after the removal").await;
