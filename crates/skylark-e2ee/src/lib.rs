@@ -656,6 +656,9 @@ impl Engine {
         self.look(conversation, |g| {
             g.is_active()
                 && g.pending_commit().is_none()
+                // Alone in it (a group just created), there is no one to
+                // refresh keys for; adding the others commits them anyway.
+                && g.members().nth(1).is_some()
                 && g.own_leaf_node()
                     .is_some_and(|l| matches!(l.leaf_node_source(), openmls::treesync::LeafNodeSource::KeyPackage(_)))
         })

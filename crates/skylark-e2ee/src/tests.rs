@@ -446,6 +446,8 @@ fn members_refreshing_their_keys_once_fill_the_tree_and_shrink_every_later_commi
     let mut a1 = device(1, 1);
     let mut others: Vec<Device> = (1..32).map(|d| device(2, d)).collect();
     let mut log = Log::default();
+    a1.engine.create(b"alone").unwrap();
+    assert!(!a1.engine.wants_update(b"alone"), "alone in a group, there is no one to refresh keys for");
     start(&mut log, &mut a1, &mut others.iter_mut().collect::<Vec<_>>());
     assert!(!a1.engine.wants_update(CONV), "the creator's commit gave it fresh keys");
     let last = others[30].engine.me();

@@ -12,6 +12,7 @@
 //!
 //! It talks to the server only through the protocol, like any client.
 
+pub mod e2ee;
 pub mod provision;
 pub mod scenarios;
 pub mod stats;

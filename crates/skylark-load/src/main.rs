@@ -124,6 +124,21 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         payload: usize,
     },
+    /// An end-to-end encrypted group of N full SDK devices (MLS state in
+    /// profiles under --profiles): its start, a message, a removal before
+    /// and after members' first posts (each commits fresh keys first).
+    E2eeGroup {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1024)]
+        members: usize,
+        /// Members who post once, one after another, between the removals.
+        #[arg(long, default_value_t = 16)]
+        first_posts: usize,
+        /// An empty directory for the devices' profiles.
+        #[arg(long)]
+        profiles: PathBuf,
+    },
     /// Messages to offline users, then everyone connects and drains.
     Backlog {
         #[command(flatten)]
@@ -579,6 +594,41 @@ async fn main() -> Result<()> {
             println!("  post -> ack (✓)          {}", r.post_to_ack);
             println!("  post -> a member device  {}", r.post_to_device);
             println!("  post -> last device      {}", r.post_to_last_device);
+            common.write(&r)
+        }
+        Command::E2eeGroup { common, members, first_posts, profiles } => {
+            let manifest = Manifest::load(&common.manifest)?;
+            if manifest.accounts.len() < members {
+                bail!("a group of {members} needs {members} accounts");
+            }
+            let r = skylark_load::e2ee::e2ee_group(&common.target()?, &manifest, members, first_posts, &profiles)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let kb = |b: usize| format!("{:.1} KB", b as f64 / 1024.0);
+            println!(
+                "e2ee-group: {} devices, each a full SDK device; devices connected and keys published in {:.1} s",
+                r.members, r.setup_seconds
+            );
+            println!("  start (claims, adds 32 per commit)        {:.2} s", r.start_seconds);
+            println!("  start's end -> last member read message 1 {:.2} s", r.welcome_to_last_seconds);
+            println!("  message -> last member read it             {:.2} s", r.message_to_last_seconds);
+            println!(
+                "  removal before first posts: commit {}, removal -> last member read the next message {:.2} s",
+                kb(r.removal_before_bytes),
+                r.removal_before_seconds
+            );
+            let sizes: Vec<String> = r.refresh_bytes.iter().map(|&b| kb(b)).collect();
+            println!(
+                "  {} first posts, one after another, in {:.2} s; their key refreshes: {}",
+                r.first_posts,
+                r.first_posts_seconds,
+                sizes.join(", ")
+            );
+            println!(
+                "  removal after first posts: commit {}, removal -> last member read the next message {:.2} s",
+                kb(r.removal_after_bytes),
+                r.removal_after_seconds
+            );
             common.write(&r)
         }
         Command::Backlog { common, users, per_user } => {

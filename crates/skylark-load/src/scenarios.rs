@@ -28,7 +28,11 @@ impl Target {
     }
 }
 
-async fn open(target: &Target, manifest: &Manifest, index: usize) -> Result<(Session, mpsc::Receiver<Event>), String> {
+pub(crate) async fn open(
+    target: &Target,
+    manifest: &Manifest,
+    index: usize,
+) -> Result<(Session, mpsc::Receiver<Event>), String> {
     open_as(target, &manifest.identity(index, &target.http_base), index).await
 }
 

@@ -80,6 +80,14 @@ async fn every_scenario_runs_and_loses_nothing() {
     let backlog = scenarios::backlog(&target, &manifest, 5, 10).await;
     assert_eq!((backlog.messages, backlog.received, backlog.duplicates), (50, 50, 0), "{backlog:?}");
 
+    // An encrypted group of full SDK devices: every member opens every
+    // marker (the scenario fails otherwise), two first posts each commit
+    // fresh keys first, and both removals are commits the members applied.
+    let profiles = dir.path().join("profiles");
+    let e2ee = skylark_load::e2ee::e2ee_group(&target, &manifest, 8, 2, &profiles).await.unwrap();
+    assert_eq!(e2ee.refresh_bytes.len(), 2, "{e2ee:?}");
+    assert!(e2ee.removal_before_bytes > 0 && e2ee.removal_after_bytes > 0, "{e2ee:?}");
+
     gateway.shutdown(std::time::Duration::from_secs(5)).await;
     server.shutdown().await;
 }

@@ -291,20 +291,25 @@ assert.equal(admin.crypto.device.hasPendingCommit(G2), false, "applied from the 
 assert.equal(admin.crypto.device.epoch(G2), "1");
 assert.ok(member.crypto.encrypts(G2), "the member joined from the Welcome");
 
-// The member posts; the admin commits before its page has opened the post.
-// The log has the post first: the admin opens it (in epoch 1) and then
-// applies its own commit. Applying the commit as soon as the server took
-// it would leave the post unreadable.
+// The member posts, its first post: a commit of fresh keys for its leaf
+// goes first (epoch 2), then the post. The admin commits before its page
+// has opened either: its commit for epoch 1 is refused, it reads the
+// member's, and commits again. The log has the post first: the admin opens
+// it (in epoch 2) and then applies its own commit. Applying the commit as
+// soon as the server took it would leave the post unreadable.
 const m1 = { clientId: "m1" };
 await member.crypto.sendSealed(member.session, m1, G2, new TextEncoder().encode("before the commit"), { clientId: "m1" });
+assert.equal(member.crypto.device.epoch(G2), "2", "the member's first post came after a commit of its fresh keys");
+assert.equal(member.crypto.device.wantsUpdate(G2), false, "once");
 member.away = true;
 const third = packageOf(23);
 await admin.crypto.commit(admin.session, G2, (d) => d.add(G2, JSON.stringify([third])));
 assert.deepEqual(texts(admin), ["before the commit"]);
-assert.equal(admin.crypto.device.epoch(G2), "2");
+assert.equal(admin.crypto.device.epoch(G2), "3");
 
-// The member has not seen the commit: its post, made in epoch 1, is
-// refused; it waits for the commit on the live log and makes it again.
+// The member has not seen the commit: its post, made in epoch 2, is
+// refused; it waits for the commit on the live log and makes it again
+// (no second refresh).
 const m2 = { clientId: "m2" };
 setTimeout(() => {
   member.away = false;
@@ -312,8 +317,8 @@ setTimeout(() => {
 }, 50);
 await member.crypto.sendSealed(member.session, m2, G2, new TextEncoder().encode("after the commit"), { clientId: "m2" });
 const tries = log.sends.filter((s) => s.clientId === "m2").map((s) => s.messageEpoch);
-assert.deepEqual(tries, ["1", "2"], "refused in the ended epoch, taken in the new one");
-assert.equal(member.crypto.device.epoch(G2), "2");
+assert.deepEqual(tries, ["2", "3"], "refused in the ended epoch, taken in the new one");
+assert.equal(member.crypto.device.epoch(G2), "3");
 await sleep(10);
 assert.deepEqual(texts(admin), ["before the commit", "after the commit"]);
 assert.ok(!admin.opened.some((o) => o.kind === "failed"), JSON.stringify(admin.opened));
@@ -325,7 +330,7 @@ assert.equal(admin.crypto.device.hasPendingCommit(G2), true);
 const m3 = { clientId: "m3" };
 await admin.crypto.sendSealed(admin.session, m3, G2, new TextEncoder().encode("while the commit comes back"), { clientId: "m3" });
 await committing;
-assert.deepEqual(log.sends.filter((s) => s.clientId === "m3").map((s) => s.messageEpoch), ["3"]);
+assert.deepEqual(log.sends.filter((s) => s.clientId === "m3").map((s) => s.messageEpoch), ["4"]);
 await sleep(10);
 // (A page shows its own posts from its journal: the member's list has its own two.)
 assert.deepEqual(texts(member), ["before the commit", "after the commit", "while the commit comes back"]);
