@@ -41,6 +41,9 @@ pub struct E2eeGroupReport {
     /// Members who then post for the first time, one after another (each
     /// commits fresh keys first): their commits' sizes, in order.
     pub first_posts: usize,
+    /// Whether the posters were the first members (neighbours in the tree)
+    /// rather than spread over the group.
+    pub consecutive: bool,
     pub refresh_bytes: Vec<usize>,
     pub first_posts_seconds: f64,
     /// Removing another device after those first posts.
@@ -62,12 +65,16 @@ type Post = (String, oneshot::Sender<Result<(), String>>);
 
 /// Runs the scenario: `members` devices (accounts 0.. of the manifest; 0
 /// creates the group), `first_posts` of them posting once after the first
-/// removal. Profiles go under `profiles`, which should be empty.
+/// removal: spread evenly over the members (so over the tree), or the
+/// first ones (`consecutive`: neighbours in the tree, the case where their
+/// refreshes shrink others' commits least). Profiles go under `profiles`,
+/// which should be empty.
 pub async fn e2ee_group(
     target: &Target,
     manifest: &Manifest,
     members: usize,
     first_posts: usize,
+    consecutive: bool,
     profiles: &Path,
 ) -> Result<E2eeGroupReport, String> {
     if members < 4 || first_posts + 3 > members {
@@ -135,7 +142,9 @@ pub async fn e2ee_group(
     // First posts, one after another; each commits fresh keys first.
     let before = last_seq(&shared);
     let t = Instant::now();
-    for (k, poster) in posters.iter().enumerate().take(first_posts) {
+    // Members 1 to members - 3 may post (the last two are removed).
+    let stride = if consecutive { 1 } else { ((members - 3) / first_posts.max(1)).max(1) };
+    for (k, poster) in posters.iter().step_by(stride).enumerate().take(first_posts) {
         let (done, answer) = oneshot::channel();
         poster.send((format!("mark:first-post-{k}"), done)).await.map_err(|_| "a member task ended".to_owned())?;
         answer.await.map_err(|_| "a member task ended".to_owned())??;
@@ -165,6 +174,7 @@ pub async fn e2ee_group(
         removal_before_bytes,
         removal_before_seconds,
         first_posts,
+        consecutive,
         refresh_bytes,
         first_posts_seconds,
         removal_after_bytes,

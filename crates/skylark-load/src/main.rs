@@ -135,6 +135,10 @@ enum Command {
         /// Members who post once, one after another, between the removals.
         #[arg(long, default_value_t = 16)]
         first_posts: usize,
+        /// The posters are the first members (neighbours in the tree)
+        /// instead of members spread over the group.
+        #[arg(long)]
+        consecutive: bool,
         /// An empty directory for the devices' profiles.
         #[arg(long)]
         profiles: PathBuf,
@@ -596,14 +600,21 @@ async fn main() -> Result<()> {
             println!("  post -> last device      {}", r.post_to_last_device);
             common.write(&r)
         }
-        Command::E2eeGroup { common, members, first_posts, profiles } => {
+        Command::E2eeGroup { common, members, first_posts, consecutive, profiles } => {
             let manifest = Manifest::load(&common.manifest)?;
             if manifest.accounts.len() < members {
                 bail!("a group of {members} needs {members} accounts");
             }
-            let r = skylark_load::e2ee::e2ee_group(&common.target()?, &manifest, members, first_posts, &profiles)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let r = skylark_load::e2ee::e2ee_group(
+                &common.target()?,
+                &manifest,
+                members,
+                first_posts,
+                consecutive,
+                &profiles,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
             let kb = |b: usize| format!("{:.1} KB", b as f64 / 1024.0);
             println!(
                 "e2ee-group: {} devices, each a full SDK device; devices connected and keys published in {:.1} s",
@@ -619,8 +630,9 @@ async fn main() -> Result<()> {
             );
             let sizes: Vec<String> = r.refresh_bytes.iter().map(|&b| kb(b)).collect();
             println!(
-                "  {} first posts, one after another, in {:.2} s; their key refreshes: {}",
+                "  {} first posts ({}), one after another, in {:.2} s; their key refreshes: {}",
                 r.first_posts,
+                if r.consecutive { "the first members" } else { "members spread over the group" },
                 r.first_posts_seconds,
                 sizes.join(", ")
             );

@@ -84,7 +84,7 @@ async fn every_scenario_runs_and_loses_nothing() {
     // marker (the scenario fails otherwise), two first posts each commit
     // fresh keys first, and both removals are commits the members applied.
     let profiles = dir.path().join("profiles");
-    let e2ee = skylark_load::e2ee::e2ee_group(&target, &manifest, 8, 2, &profiles).await.unwrap();
+    let e2ee = skylark_load::e2ee::e2ee_group(&target, &manifest, 8, 2, false, &profiles).await.unwrap();
     assert_eq!(e2ee.refresh_bytes.len(), 2, "{e2ee:?}");
     assert!(e2ee.removal_before_bytes > 0 && e2ee.removal_after_bytes > 0, "{e2ee:?}");
 
