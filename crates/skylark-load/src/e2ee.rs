@@ -53,9 +53,8 @@ pub struct E2eeGroupReport {
 
 /// What every member task records.
 struct Shared {
-    t0: Instant,
-    /// Per marker text: how many members opened it, and when the last did.
-    opened: Mutex<HashMap<String, (usize, Duration)>>,
+    /// Per marker text: how many members opened it.
+    opened: Mutex<HashMap<String, usize>>,
     /// Per group sequence: the size of a commit as a member applied it.
     commits: Mutex<BTreeMap<u64, usize>>,
 }
@@ -105,7 +104,7 @@ pub async fn e2ee_group(
     let start_seconds = t.elapsed().as_secs_f64();
     eprintln!("group {group}: encryption started for {members} devices in {start_seconds:.1} s");
 
-    let shared = Arc::new(Shared { t0: Instant::now(), opened: Mutex::default(), commits: Mutex::default() });
+    let shared = Arc::new(Shared { opened: Mutex::default(), commits: Mutex::default() });
     let mut posters = Vec::new();
     let mut tasks = Vec::new();
     for (i, (session, events, crypto)) in devices.into_iter().enumerate() {
@@ -250,7 +249,7 @@ impl Admin {
     async fn wait_opened(&mut self, shared: &Shared, text: &str, count: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
-            let seen = lock(&shared.opened).get(text).map_or(0, |s| s.0);
+            let seen = lock(&shared.opened).get(text).copied().unwrap_or(0);
             if seen >= count {
                 return Ok(());
             }
@@ -334,11 +333,8 @@ async fn member(
             if let Some(Shown::Encrypted(text)) = shown
                 && text.starts_with("mark:")
             {
-                let now = shared.t0.elapsed();
                 let mut opened = lock(&shared.opened);
-                let seen = opened.entry(text.clone()).or_insert((0, Duration::ZERO));
-                seen.0 += 1;
-                seen.1 = seen.1.max(now);
+                *opened.entry(text.clone()).or_insert(0) += 1;
                 if text == "mark:end" {
                     return Ok(());
                 }
