@@ -896,7 +896,16 @@ impl Crypto {
     /// is tried again next time). Any device of the account may do it;
     /// when several do at once, the group's order makes one commit count
     /// and the others find nothing left to do.
+    ///
+    /// First, it refreshes this device's keys in the conversations where
+    /// they are a month old ([`skylark_e2ee::Engine::stale_conversations`]),
+    /// so that a device that only reads renews them too.
     pub async fn maintain(&self, h: &SessionHandle, events: &mut impl Frames) -> Result<(), ClientError> {
+        for conversation in self.with(|e| Ok(e.stale_conversations()))? {
+            if let Some(group) = parse_group(&conversation) {
+                self.refresh_keys(h, events, group).await;
+            }
+        }
         let todo = self.todo();
         if todo.add.is_empty() && todo.remove.is_empty() && todo.gone.is_empty() && todo.history.is_empty() {
             return Ok(());
@@ -1196,7 +1205,8 @@ impl Crypto {
 
     /// Before this device posts to an encrypted group it joined from a key
     /// package: a commit giving its leaf fresh keys, which also fills the
-    /// tree above it ([`skylark_e2ee::Engine::wants_update`]), once.
+    /// tree above it ([`skylark_e2ee::Engine::wants_update`]); and again
+    /// before a post a week after its last commit there.
     /// Best effort, and one attempt: when another member's commit comes
     /// first (that one is read then), or the server refuses it, the post
     /// goes out anyway and the next one tries again, so members posting
@@ -1212,7 +1222,7 @@ impl Crypto {
             if e.wants_update(&conversation) { e.update(&conversation).map(Some) } else { Ok(None) }
         };
         if let Err(e) = self.commit_within(h, events, group, refresh, 1).await {
-            tracing::info!(group, "could not refresh this device's keys in the group before posting: {e}");
+            tracing::info!(group, "could not refresh this device's keys in the group: {e}");
         }
     }
 

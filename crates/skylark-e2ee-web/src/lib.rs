@@ -22,6 +22,19 @@ use serde_json::{Value, json};
 use skylark_e2ee::{Commit, DeviceRef, E2eeError, Engine, Opened, PartKind, group_conversation};
 use wasm_bindgen::prelude::*;
 
+#[wasm_bindgen]
+extern "C" {
+    /// The page's clock, in milliseconds since the Unix epoch.
+    #[wasm_bindgen(js_namespace = Date, js_name = now)]
+    fn date_now() -> f64;
+}
+
+/// The engine's clock ([`Engine::set_clock`]): WebAssembly has no system
+/// clock of its own.
+fn page_clock() -> u64 {
+    (date_now() / 1000.0) as u64
+}
+
 fn fail(e: E2eeError) -> JsError {
     JsError::new(&e.to_string())
 }
@@ -183,12 +196,16 @@ impl Device {
     #[wasm_bindgen(constructor)]
     pub fn new(account: &str, device: &str) -> Result<Device, JsError> {
         let me = DeviceRef { account: number(account, "account")?, device: number(device, "device")? };
-        Ok(Device { engine: Engine::unbound(me) })
+        let mut engine = Engine::unbound(me);
+        engine.set_clock(page_clock);
+        Ok(Device { engine })
     }
 
     /// The state written by [`Device::save`].
     pub fn restore(state: &[u8]) -> Result<Device, JsError> {
-        Ok(Device { engine: Engine::import(state).map_err(fail)? })
+        let mut engine = Engine::import(state).map_err(fail)?;
+        engine.set_clock(page_clock);
+        Ok(Device { engine })
     }
 
     /// The whole state (keys included: keep it private).
@@ -368,6 +385,21 @@ impl Device {
     }
 
     /// The groups this device holds the keys of (a JSON array of ids).
+    /// The groups (JSON array of ids) where this device's keys are a month
+    /// old: [`Device::update`] them whether or not it posts (see
+    /// `Engine::stale_conversations`).
+    #[wasm_bindgen(js_name = staleGroups)]
+    pub fn stale_groups(&self) -> String {
+        let groups: Vec<String> = self
+            .engine
+            .stale_conversations()
+            .iter()
+            .filter_map(|c| skylark_e2ee::conversation_group(c))
+            .map(|g| g.to_string())
+            .collect();
+        Value::from(groups).to_string()
+    }
+
     pub fn groups(&self) -> String {
         let groups: Vec<String> = self
             .engine

@@ -62,9 +62,31 @@ const PAST_EPOCHS: usize = 0;
 /// Ciphertexts are padded to a multiple of this many bytes.
 const PADDING: usize = 32;
 
-/// The version of [`Engine::export`]'s format (2: with the state's
-/// generation, [`Engine::take_state_changes`]); 1 is still read.
-const STATE_VERSION: u8 = 2;
+/// The version of [`Engine::export`]'s format (3: with when this device
+/// last refreshed its keys in each conversation; 2: with the state's
+/// generation, [`Engine::take_state_changes`]); 1 and 2 are still read.
+const STATE_VERSION: u8 = 3;
+
+/// A device refreshes its keys in a conversation before it posts when its
+/// last commit there is at least this old ([`Engine::wants_update`]): a
+/// week, so that keys stolen from a device stop opening what it is sent
+/// within a week of its next post (post-compromise security).
+pub const KEYS_REFRESH_AFTER_SECS: u64 = 7 * 24 * 3600;
+
+/// A device refreshes its keys in a conversation even when it does not
+/// post, once they are this old ([`Engine::stale_conversations`]): a month,
+/// so that keys stolen from a device that only reads stop opening the
+/// conversation too.
+pub const KEYS_REFRESH_IDLE_AFTER_SECS: u64 = 30 * 24 * 3600;
+
+/// Seconds since the Unix epoch, from the system's clock; WebAssembly in a
+/// browser has none, and its binding sets one ([`Engine::set_clock`]).
+fn system_clock() -> u64 {
+    #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+    return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    return 0;
+}
 
 /// The first bytes of a record of [`Engine::take_state_changes`].
 const CHANGES_MAGIC: &[u8] = b"SKSTCH1";
@@ -340,6 +362,14 @@ pub struct Engine {
     journal_forgot: std::cell::Cell<bool>,
     /// The conversations this device created or joined.
     conversations: std::collections::BTreeSet<Vec<u8>>,
+    /// When (seconds since the Unix epoch) this device's own keys in each
+    /// conversation date from: it created the group, joined it from a
+    /// Welcome, or had a commit of its own accepted (every commit of
+    /// Skylark's clients carries the committer's new path keys). Absent in
+    /// a state saved before this was kept.
+    refreshed: std::collections::BTreeMap<Vec<u8>, u64>,
+    /// Where the time comes from ([`Engine::set_clock`]).
+    clock: fn() -> u64,
     /// Groups already read from `provider`'s storage. OpenMLS writes every
     /// change of a group through to the storage, so a kept group stays what
     /// loading it again would give; reading a large group's state back for
@@ -402,12 +432,26 @@ impl Engine {
             journal_changed: Default::default(),
             journal_forgot: Default::default(),
             conversations: Default::default(),
+            refreshed: Default::default(),
+            clock: system_clock,
             groups: Default::default(),
             loads: Default::default(),
             saved: Default::default(),
             saved_rest: Default::default(),
             generation: Default::default(),
         }
+    }
+
+    /// Sets where the engine reads the time (seconds since the Unix epoch):
+    /// the system's clock unless set; the browser's binding sets its own,
+    /// since WebAssembly has none.
+    pub fn set_clock(&mut self, clock: fn() -> u64) {
+        self.clock = clock;
+    }
+
+    /// This device renewed its keys in the conversation just now.
+    fn note_refreshed(&mut self, conversation: &[u8]) {
+        self.refreshed.insert(conversation.to_vec(), (self.clock)());
     }
 
     /// What the device key signs to bind this engine's MLS key to it
@@ -540,6 +584,7 @@ impl Engine {
         .map_err(mls)?;
         self.keep(conversation, group);
         self.conversations.insert(conversation.to_vec());
+        self.note_refreshed(conversation);
         Ok(())
     }
 
@@ -643,7 +688,11 @@ impl Engine {
 
     /// Whether this device should refresh its own keys in the conversation
     /// ([`Engine::update`]) before it next posts: it joined from a key
-    /// package and has not committed since. Its leaf's encryption key is
+    /// package and has not committed since, or its last commit there is
+    /// [`KEYS_REFRESH_AFTER_SECS`] old (or of a time not kept: a state
+    /// saved by an earlier version). A periodic refresh heals the group
+    /// from a theft of this device's keys: what is sent after it is
+    /// encrypted to keys the thief does not have. Its leaf's encryption key is
     /// then the one from the package, which waited on the server (a
     /// last-resort package's is shared by every conversation it joined),
     /// and the tree nodes above it may be blank: a group filled by batch
@@ -659,10 +708,32 @@ impl Engine {
                 // Alone in it (a group just created), there is no one to
                 // refresh keys for; adding the others commits them anyway.
                 && g.members().nth(1).is_some()
-                && g.own_leaf_node()
-                    .is_some_and(|l| matches!(l.leaf_node_source(), openmls::treesync::LeafNodeSource::KeyPackage(_)))
+                && g.own_leaf_node().is_some_and(|l| {
+                    matches!(l.leaf_node_source(), openmls::treesync::LeafNodeSource::KeyPackage(_))
+                        || self.refreshed.get(conversation).is_none_or(|&at| {
+                            (self.clock)().saturating_sub(at) >= KEYS_REFRESH_AFTER_SECS
+                        })
+                })
         })
         .unwrap_or(false)
+    }
+
+    /// The conversations whose keys this device should refresh whether or
+    /// not it posts ([`Engine::update`]): its keys there are
+    /// [`KEYS_REFRESH_IDLE_AFTER_SECS`] old, and [`Engine::wants_update`]
+    /// holds. The clients do it as they carry device changes into their
+    /// conversations, on connecting. Only the time is looked at first, so
+    /// groups whose keys are fresh are not read from the storage. (A state
+    /// saved before the times were kept names none: it refreshes at its
+    /// next post.)
+    pub fn stale_conversations(&self) -> Vec<Vec<u8>> {
+        let now = (self.clock)();
+        self.refreshed
+            .iter()
+            .filter(|&(_, &at)| now.saturating_sub(at) >= KEYS_REFRESH_IDLE_AFTER_SECS)
+            .map(|(c, _)| c.clone())
+            .filter(|c| self.wants_update(c))
+            .collect()
     }
 
     /// A commit that only refreshes this device's own keys (forward
@@ -707,10 +778,14 @@ impl Engine {
     /// epoch. Nothing to do when there is none (already applied).
     pub fn commit_accepted(&mut self, conversation: &[u8]) -> Result<(), E2eeError> {
         let mut group = self.group(conversation)?;
-        if group.pending_commit().is_some() {
+        let merged = group.pending_commit().is_some();
+        if merged {
             group.merge_pending_commit(&self.provider).map_err(mls)?;
         }
         self.keep(conversation, group);
+        if merged {
+            self.note_refreshed(conversation);
+        }
         Ok(())
     }
 
@@ -792,6 +867,7 @@ impl Engine {
                 group.merge_pending_commit(&self.provider).map_err(mls)?;
                 let (removed, epoch) = (!group.is_active(), group.epoch().as_u64());
                 self.keep(&conversation, group);
+                self.note_refreshed(&conversation);
                 return Ok(Incoming::Committed { conversation, epoch, by: self.me, removed });
             }
             self.keep(&conversation, group);
@@ -1147,6 +1223,7 @@ impl Engine {
         let epoch = group.epoch().as_u64();
         self.keep(&conversation, group);
         self.conversations.insert(conversation.clone());
+        self.note_refreshed(&conversation);
         Ok(Incoming::Joined { conversation, epoch })
     }
 
@@ -1202,6 +1279,7 @@ impl Engine {
             put_opened(&mut out, &self.journal[key]);
         }
         put_conversations(&mut out, &self.conversations);
+        put_refreshed(&mut out, &self.refreshed);
         out
     }
 
@@ -1210,6 +1288,7 @@ impl Engine {
         let mut out = Vec::new();
         put_outgoing(&mut out, &self.outgoing);
         put_conversations(&mut out, &self.conversations);
+        put_refreshed(&mut out, &self.refreshed);
         out
     }
 
@@ -1291,12 +1370,21 @@ impl Engine {
             }
             let outgoing = take_outgoing(&mut body).ok_or_else(|| bad("commits"))?;
             let conversations = take_conversations(&mut body).ok_or_else(|| bad("conversations"))?;
+            // Records of an earlier version end here.
+            let refreshed = if body.is_empty() {
+                None
+            } else {
+                Some(take_refreshed(&mut body).ok_or_else(|| bad("refresh times"))?)
+            };
             if !body.is_empty() {
                 return Err(bad("trailing bytes"));
             }
             drop((values, saved));
             self.outgoing = outgoing;
             self.conversations = conversations;
+            if let Some(refreshed) = refreshed {
+                self.refreshed = refreshed;
+            }
             *self.saved_rest.borrow_mut() = self.rest();
             // Groups read before these changes are out of date.
             self.groups.borrow_mut().clear();
@@ -1308,7 +1396,7 @@ impl Engine {
         let bad = |what: &str| E2eeError::State(format!("{what} (the file is damaged or from another program)"));
         let rest = bytes.strip_prefix(STATE_MAGIC).ok_or_else(|| bad("not a Skylark encryption state"))?;
         let (&version, mut rest) = rest.split_first().ok_or_else(|| bad("empty"))?;
-        if version != STATE_VERSION && version != 1 {
+        if !(1..=STATE_VERSION).contains(&version) {
             return Err(E2eeError::State(format!(
                 "state format {version} is not known to this version of Skylark (it reads format {STATE_VERSION})"
             )));
@@ -1344,6 +1432,8 @@ impl Engine {
             journal_changed: Default::default(),
             journal_forgot: Default::default(),
             conversations: Default::default(),
+            refreshed: Default::default(),
+            clock: system_clock,
             groups: Default::default(),
             loads: Default::default(),
             saved: Default::default(),
@@ -1359,6 +1449,9 @@ impl Engine {
         }
         engine.journal_changed.borrow_mut().clear();
         engine.conversations = take_conversations(&mut rest).ok_or_else(|| bad("bad conversation"))?;
+        if version >= 3 {
+            engine.refreshed = take_refreshed(&mut rest).ok_or_else(|| bad("bad refresh time"))?;
+        }
         if !rest.is_empty() {
             return Err(bad("trailing bytes"));
         }
@@ -1404,6 +1497,19 @@ fn put_conversations(out: &mut Vec<u8>, conversations: &std::collections::BTreeS
 fn take_conversations(rest: &mut &[u8]) -> Option<std::collections::BTreeSet<Vec<u8>>> {
     let count = u64::from_be_bytes(take(rest)?.try_into().ok()?);
     (0..count).map(|_| take(rest).map(<[u8]>::to_vec)).collect()
+}
+
+fn put_refreshed(out: &mut Vec<u8>, refreshed: &std::collections::BTreeMap<Vec<u8>, u64>) {
+    put(out, &(refreshed.len() as u64).to_be_bytes());
+    for (conversation, at) in refreshed {
+        put(out, conversation);
+        put(out, &at.to_be_bytes());
+    }
+}
+
+fn take_refreshed(rest: &mut &[u8]) -> Option<std::collections::BTreeMap<Vec<u8>, u64>> {
+    let number = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
+    (0..number(take(rest)?)?).map(|_| Some((take(rest)?.to_vec(), number(take(rest)?)?))).collect()
 }
 
 /// The first 8 bytes of a record's SHA-256: a record half written (or

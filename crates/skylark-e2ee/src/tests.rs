@@ -491,6 +491,106 @@ fn members_refreshing_their_keys_once_fill_the_tree_and_shrink_every_later_commi
     assert!(late.engine.wants_update(CONV));
 }
 
+thread_local! {
+    /// The time [`test_clock`] reads, per test (each runs on its thread).
+    static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(1_800_000_000) };
+}
+
+fn test_clock() -> u64 {
+    NOW.with(std::cell::Cell::get)
+}
+
+fn wait(secs: u64) {
+    NOW.with(|now| now.set(now.get() + secs));
+}
+
+#[test]
+fn a_device_refreshes_its_keys_again_a_week_after_its_last_commit() {
+    let (mut a1, mut b1) = (device(1, 1), device(2, 1));
+    a1.engine.set_clock(test_clock);
+    b1.engine.set_clock(test_clock);
+    let mut log = Log::default();
+    start(&mut log, &mut a1, &mut [&mut b1]);
+    assert!(b1.engine.wants_update(CONV), "joined from a key package");
+    let commit = b1.engine.update(CONV).unwrap();
+    assert!(log.commit(&mut b1, &commit));
+    log.catch_up(&mut a1);
+    assert!(!a1.engine.wants_update(CONV) && !b1.engine.wants_update(CONV));
+
+    wait(KEYS_REFRESH_AFTER_SECS - 1);
+    assert!(!a1.engine.wants_update(CONV) && !b1.engine.wants_update(CONV), "not yet a week");
+    assert!(a1.engine.stale_conversations().is_empty() && b1.engine.stale_conversations().is_empty());
+    wait(1);
+    assert!(a1.engine.wants_update(CONV), "the creator's last commit is a week old");
+    assert!(b1.engine.wants_update(CONV), "so is the member's");
+    // A commit accepted by the server (the CLI's path) counts as one read
+    // back from the log (the test log's path).
+    let commit = a1.engine.update(CONV).unwrap();
+    log.entries.push((a1.engine.me(), commit.payload()));
+    log.epoch += 1;
+    a1.engine.commit_accepted(CONV).unwrap();
+    a1.read = log.entries.len();
+    assert!(!a1.engine.wants_update(CONV), "refreshed just now");
+    log.catch_up(&mut b1);
+    assert!(b1.engine.wants_update(CONV), "another's commit does not renew this device's keys");
+    let commit = b1.engine.update(CONV).unwrap();
+    assert!(log.commit(&mut b1, &commit));
+    log.catch_up(&mut a1);
+    assert!(!b1.engine.wants_update(CONV));
+
+    // The time is kept in the state, whole and as changes.
+    let base = b1.engine.save_whole();
+    wait(KEYS_REFRESH_AFTER_SECS);
+    let commit = b1.engine.update(CONV).unwrap();
+    assert!(log.commit(&mut b1, &commit));
+    let changes = b1.engine.take_state_changes();
+    let mut restored = Engine::import(&base).unwrap();
+    restored.set_clock(test_clock);
+    assert!(restored.wants_update(CONV), "a week after the refresh in the whole save");
+    restored.apply_state_changes(&changes).unwrap();
+    assert!(!restored.wants_update(CONV), "the refresh in the changes");
+    let mut exported = Engine::import(&b1.engine.export()).unwrap();
+    exported.set_clock(test_clock);
+    assert!(!exported.wants_update(CONV));
+    // A state saved before the time was kept (format 2, which ends before
+    // it) refreshes at its next post.
+    let mut old = b1.engine.export();
+    let mut times = Vec::new();
+    put_refreshed(&mut times, &b1.engine.refreshed);
+    old.truncate(old.len() - times.len());
+    old[STATE_MAGIC.len()] = 2;
+    let mut old = Engine::import(&old).unwrap();
+    old.set_clock(test_clock);
+    assert!(old.wants_update(CONV), "no time kept");
+    wait(KEYS_REFRESH_IDLE_AFTER_SECS);
+    assert!(old.stale_conversations().is_empty(), "a reader with no time kept waits for its next post");
+    // A device that only reads refreshes a month after it joined; one that
+    // commits, a month after its last commit.
+    let mut reader = device(4, 1);
+    reader.engine.set_clock(test_clock);
+    log.catch_up(&mut a1);
+    let commit = a1.engine.add(CONV, &packages(&mut [&mut reader])).unwrap().unwrap();
+    assert!(log.commit(&mut a1, &commit));
+    reader.read = log.entries.len() - 1;
+    log.catch_up(&mut reader);
+    log.catch_up(&mut b1);
+    wait(KEYS_REFRESH_IDLE_AFTER_SECS - 1);
+    assert_eq!(reader.engine.stale_conversations(), Vec::<Vec<u8>>::new());
+    assert_eq!(a1.engine.stale_conversations(), Vec::<Vec<u8>>::new(), "its add was a commit");
+    assert_eq!(b1.engine.stale_conversations(), [CONV], "a month and a week since its last commit");
+    wait(1);
+    assert_eq!(reader.engine.stale_conversations(), [CONV]);
+    let commit = reader.engine.update(CONV).unwrap();
+    assert!(log.commit(&mut reader, &commit));
+    assert!(reader.engine.stale_conversations().is_empty() && !reader.engine.wants_update(CONV));
+
+    // A device's own clock is the system's unless set.
+    let mut fresh = device(3, 1);
+    fresh.engine.create(b"mine").unwrap();
+    let at = fresh.engine.refreshed[b"mine".as_slice()];
+    assert!(at.abs_diff(system_clock()) < 60 && at > 1_700_000_000, "{at}");
+}
+
 #[test]
 fn a_device_killed_between_commit_and_answer_applies_its_commit_from_the_log() {
     let (mut a1, mut b1, mut b2) = (device(1, 1), device(2, 1), device(2, 2));

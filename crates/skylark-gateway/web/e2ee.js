@@ -553,7 +553,9 @@ export class Crypto {
 
   /// Before this browser's first post to a group it joined from a key
   /// package: a commit giving its leaf fresh keys, which also fills the
-  /// tree above it (so later commits to a large group stay small), once.
+  /// tree above it (so later commits to a large group stay small); and
+  /// again before a post a week after its last commit there, by the
+  /// page's clock (post-compromise security).
   /// Best effort, and one attempt: when another member's commit comes
   /// first, or the server refuses it, the post goes out anyway and the
   /// next one tries again (members posting for the first time at once do
@@ -657,12 +659,16 @@ export class Crypto {
   /// Returns whether a linked device is still to add (it has not published
   /// keys yet: a device publishes them right after it is linked), or a
   /// conversation's history still to give, or another call was running.
+  /// First, it refreshes this page's keys in the groups where they are a
+  /// month old, so that a device that only reads renews them too.
   async maintain(session) {
     // One at a time; a call while another runs says "try again" (that one
     // may have read the device changes before this caller noted its own).
     if (this.maintaining) return true;
     this.maintaining = true;
     try {
+      // Keys a month old in a group this page may only read: refreshed too.
+      for (const g of JSON.parse(this.device.staleGroups())) await this.refreshKeys(session, g);
       const todo = (await this.local.get(TODO)) || { add: [], remove: [] };
       if (!todo.add.length && !todo.remove.length && !Object.keys(todo.history || {}).length) return false;
       const groups = JSON.parse(this.device.groups());

@@ -206,7 +206,6 @@ export class Device {
         wasm.device_forget(this.__wbg_ptr, ptr0, len0);
     }
     /**
-     * The groups this device holds the keys of (a JSON array of ids).
      * @returns {string}
      */
     groups() {
@@ -727,6 +726,25 @@ export class Device {
         }
     }
     /**
+     * The groups this device holds the keys of (a JSON array of ids).
+     * The groups (JSON array of ids) where this device's keys are a month
+     * old: [`Device::update`] them whether or not it posts (see
+     * `Engine::stale_conversations`).
+     * @returns {string}
+     */
+    staleGroups() {
+        let deferred1_0;
+        let deferred1_1;
+        try {
+            const ret = wasm.device_staleGroups(this.__wbg_ptr);
+            deferred1_0 = ret[0];
+            deferred1_1 = ret[1];
+            return getStringFromWasm0(ret[0], ret[1]);
+        } finally {
+            wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
+        }
+    }
+    /**
      * What changed in the state (the journal aside) since it was last
      * saved whole or this was last asked, as one record to keep after the
      * state (empty when nothing did): [`Device::apply_state_changes`].
@@ -1002,6 +1020,10 @@ function __wbg_get_imports() {
         },
         __wbg_node_86166ff8ce1f2002: function(arg0) {
             const ret = arg0.node;
+            return ret;
+        },
+        __wbg_now_17a3ab3ad032ab59: function() {
+            const ret = Date.now();
             return ret;
         },
         __wbg_now_463ac581d2fc7ea3: function() {

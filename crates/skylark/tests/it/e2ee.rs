@@ -616,6 +616,40 @@ async fn posts_and_commits_that_cross_are_each_opened_in_their_epoch() {
     assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
 }
 
+/// A device that only reads refreshes its keys too, once they are a month
+/// old, as it carries device changes into its conversations on connecting
+/// (`Crypto::maintain`): keys stolen from it stop opening the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_only_reads_refreshes_its_keys_a_month_on() {
+    let server = TestServer::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (mut devices, info) = encrypted_group(&server, dirs.path(), "+1555300000", 2).await;
+    let mut admin = devices.remove(0);
+    let mut reader = devices.remove(0);
+    let (h, rh) = (admin.session.handle(), reader.session.handle());
+    let conversation = group_conversation(info.id);
+    let epoch = |d: &Device| d.crypto.with(|e| e.epoch(&conversation)).unwrap();
+    reader.crypto.maintain(&rh, &mut reader.events).await.unwrap();
+    assert_eq!(epoch(&reader), 1, "keys a moment old are not refreshed");
+
+    fn a_month_on() -> u64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        now + skylark_e2ee::KEYS_REFRESH_IDLE_AFTER_SECS
+    }
+    reader.crypto.with(|e| Ok(e.set_clock(a_month_on))).unwrap();
+    reader.crypto.maintain(&rh, &mut reader.events).await.unwrap();
+    assert_eq!(epoch(&reader), 2, "a commit of fresh keys");
+    assert!(reader.crypto.with(|e| Ok(e.stale_conversations())).unwrap().is_empty());
+    assert!(!reader.crypto.with(|e| Ok(e.wants_update(&conversation))).unwrap(), "nor again at its first post");
+
+    // The admin applies the commit on its way to posting, and the reader
+    // opens the post with its new keys.
+    admin.crypto.post(&h, &mut admin.events, info.id, "a1", "a month on").await.unwrap();
+    assert_eq!(epoch(&admin), 2);
+    let seen = read_until(&mut reader, "a month on").await;
+    assert!(!seen.iter().any(|s| matches!(s, Shown::Unreadable(_))), "{seen:?}");
+}
+
 /// The server hands a device its log only so far ahead of what it
 /// acknowledged (256 entries), and one-shot commands acknowledge nothing.
 /// A device that far behind a commit has its post refused as stale, reads

@@ -336,6 +336,42 @@ await sleep(10);
 assert.deepEqual(texts(member), ["before the commit", "after the commit", "while the commit comes back"]);
 assert.ok(!member.opened.some((o) => o.kind === "failed"), JSON.stringify(member.opened));
 
+// A week after its last commit, on the page's clock, the member's keys are
+// due again: its next post commits a refresh first (post-compromise
+// security).
+assert.equal(member.crypto.device.wantsUpdate(G2), false);
+const realNow = Date.now;
+Date.now = () => realNow() + 7 * 24 * 3600 * 1000;
+try {
+  assert.equal(member.crypto.device.wantsUpdate(G2), true, "a week after its last commit");
+  const epoch = Number(member.crypto.device.epoch(G2));
+  const m4 = { clientId: "m4" };
+  await member.crypto.sendSealed(member.session, m4, G2, new TextEncoder().encode("a week later"), { clientId: "m4" });
+  assert.equal(member.crypto.device.epoch(G2), String(epoch + 1), "a refresh before the post");
+  assert.equal(member.crypto.device.wantsUpdate(G2), false);
+} finally {
+  Date.now = realNow;
+}
+await sleep(10);
+assert.deepEqual(texts(admin).slice(-1), ["a week later"]);
+assert.equal(admin.crypto.device.epoch(G2), member.crypto.device.epoch(G2));
+
+// A month on, the keys of a page that posts nothing are due too: it
+// refreshes them as it carries device changes on connecting (maintain).
+assert.deepEqual(JSON.parse(admin.crypto.device.staleGroups()), []);
+Date.now = () => realNow() + 31 * 24 * 3600 * 1000;
+try {
+  assert.deepEqual(JSON.parse(admin.crypto.device.staleGroups()), [G2]);
+  const epoch = Number(admin.crypto.device.epoch(G2));
+  await admin.crypto.maintain(admin.session);
+  assert.equal(admin.crypto.device.epoch(G2), String(epoch + 1), "a refresh without a post");
+  assert.deepEqual(JSON.parse(admin.crypto.device.staleGroups()), []);
+} finally {
+  Date.now = realNow;
+}
+await sleep(10);
+assert.equal(member.crypto.device.epoch(G2), admin.crypto.device.epoch(G2), "the member applied it");
+
 // ---- A device change one conversation refuses.
 
 {
