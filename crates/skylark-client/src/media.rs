@@ -153,6 +153,15 @@ pub const CHUNK: usize = 4 << 20;
 /// Attempts at one chunk (or the download) before giving up.
 const ATTEMPTS: u32 = 5;
 
+/// An upload refused for starting too many at once waits for the server's
+/// `Retry-After` when it is at most this many seconds…
+const UPLOAD_WAIT_SECS: u64 = 10;
+
+/// …at most this many times (at the default limit, an upload each 2 s
+/// once 30 were started, enough for 90 more: a 1,024-device group's start
+/// uploads about 64).
+pub const UPLOAD_WAITS: u32 = 60;
+
 /// Uploads and downloads with one media token.
 #[derive(Debug)]
 pub struct Transfer<'a> {
@@ -220,9 +229,27 @@ impl<'a> Transfer<'a> {
     }
 
     /// Starts an upload of `length` bytes; returns its id.
+    /// Started faster than the server's limit of uploads per account
+    /// allows (a large group's commits, many files at once), it waits as
+    /// long as the server says, when that is a few seconds, up to
+    /// [`UPLOAD_WAITS`] times.
     pub async fn create(&self, length: u64) -> Result<String, ClientError> {
         let headers = [("tus-resumable", "1.0.0".to_owned()), ("upload-length", length.to_string())];
-        let response = Self::expect(self.request("POST", "/v1/uploads", &headers, Bytes::new()).await?, &[201]).await?;
+        let mut waits = 0;
+        let response = loop {
+            let answer = self.request("POST", "/v1/uploads", &headers, Bytes::new()).await?;
+            match Self::expect(answer, &[201]).await {
+                Ok(response) => break response,
+                // (Not the daily quota: that one is said at once.)
+                Err(ClientError::Api { status: 429, error, retry_after_secs: Some(secs), .. })
+                    if error == "rate_limited" && secs <= UPLOAD_WAIT_SECS && waits < UPLOAD_WAITS =>
+                {
+                    waits += 1;
+                    tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let location = response.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default();
         location
             .rsplit('/')

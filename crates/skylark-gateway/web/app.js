@@ -761,6 +761,11 @@ function marksOf(r) {
 
 /// The server's largest history page.
 const HISTORY_PAGE = 200;
+/// An upload refused for starting too many at once waits for the server's
+/// Retry-After when it is at most this many seconds, this many times at
+/// most (as the CLI does).
+const UPLOAD_WAIT_SECS = 10;
+const UPLOAD_WAITS = 60;
 /// The pause between two background pages of older history, unless the
 /// user is scrolling back and waits for them.
 const BACKFILL_PAUSE_MS = 250;
@@ -1376,9 +1381,22 @@ async function openFile(file, ct) {
 }
 
 /// Uploads `bytes` (tus: create, then PATCH chunk by chunk); returns the blob id.
+/// Started faster than the server's limit of uploads per account allows (a
+/// large group's commits, many files at once), it waits as long as the
+/// server says, when that is a few seconds, up to UPLOAD_WAITS times.
 async function uploadBytes(bytes, onProgress) {
   const auth = { authorization: `Bearer ${(await mediaAuth()).token}`, "tus-resumable": "1.0.0" };
-  const created = await fetch("/v1/uploads", { method: "POST", headers: { ...auth, "upload-length": String(bytes.length) } });
+  let created;
+  for (let waits = 0; ; waits++) {
+    created = await fetch("/v1/uploads", { method: "POST", headers: { ...auth, "upload-length": String(bytes.length) } });
+    if (created.status !== 429 || waits >= UPLOAD_WAITS) break;
+    // Not the daily quota: that one is said at once.
+    const { error } = await created.clone().json().catch(() => ({}));
+    const header = created.headers.get("retry-after");
+    const wait = header === null ? NaN : Number(header);
+    if (error !== "rate_limited" || !(wait <= UPLOAD_WAIT_SECS)) break;
+    await sleep(Math.max(wait, 1) * 1000);
+  }
   if (created.status !== 201) throw await httpError(created);
   const id = created.headers.get("location").split("/").pop();
   let offset = 0;

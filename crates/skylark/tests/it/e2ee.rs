@@ -636,7 +636,13 @@ async fn a_device_that_only_reads_refreshes_its_keys_a_month_on() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
         now + skylark_e2ee::KEYS_REFRESH_IDLE_AFTER_SECS
     }
-    reader.crypto.with(|e| Ok(e.set_clock(a_month_on))).unwrap();
+    reader
+        .crypto
+        .with(|e| {
+            e.set_clock(a_month_on);
+            Ok(())
+        })
+        .unwrap();
     reader.crypto.maintain(&rh, &mut reader.events).await.unwrap();
     assert_eq!(epoch(&reader), 2, "a commit of fresh keys");
     assert!(reader.crypto.with(|e| Ok(e.stale_conversations())).unwrap().is_empty());

@@ -292,6 +292,37 @@ async fn sizes_quotas_and_the_tus_rules_are_enforced_before_anything_is_stored()
     assert!(matches!(refused, ClientError::Api { status: 404, .. }), "{refused}");
 }
 
+/// Uploads started faster than the server's limit per account are not
+/// failed: the client waits as long as the server says (a few seconds) and
+/// starts them then; a 1,024-device group's start uploads about 64 blobs
+/// at once.
+#[tokio::test]
+async fn uploads_started_faster_than_the_limit_wait_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.media.dir = dir.path().to_owned();
+    config.media.uploads_per_account = skylark_server::config::Quota { burst: 1, per_ms: 1_000 };
+    let server = TestServer::start_with(config).await;
+    let alice = Peer::connect(&server, &server.register(ALICE).await, Transport::Tcp).await;
+    let api = server.api();
+    let alice_token = token(&alice).await;
+    let transfer = Transfer::new(&api, &alice_token);
+    let mut ids = Vec::new();
+    for i in 0..3u8 {
+        ids.push(transfer.upload(&[i; 100], &mut |_, _| {}).await.unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three blobs");
+    // The limit is the server's still: a raw request past it is refused.
+    let create = format!(
+        "POST /v1/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice_token}\r\nTus-Resumable: 1.0.0\r\n\
+         Upload-Length: 10\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let (status, head, _) = http(&server, create, b"").await;
+    assert_eq!(status, 429);
+    assert_eq!(header(&head, "retry-after"), Some("1"));
+}
+
 #[tokio::test]
 async fn the_client_refuses_a_file_whose_digest_does_not_match() {
     let dir = tempfile::tempdir().unwrap();

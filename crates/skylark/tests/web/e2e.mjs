@@ -32,7 +32,10 @@ const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SHOTS = process.env.SCREENSHOTS || join(tmpdir(), "skylark-web-screenshots");
 mkdirSync(SHOTS, { recursive: true });
 
-const { dataDir, adminPort, base, codes, startServer, cli, cliUntil, cliRegister } = await harness(BIN);
+// One upload started per account each 4 s: the page's files below go
+// faster, and it waits as the server says instead of failing.
+const LIMITS = "[media]\nuploads_per_account = { burst = 1, per_ms = 4000 }\n";
+const { dataDir, adminPort, base, codes, startServer, cli, cliUntil, cliRegister } = await harness(BIN, undefined, LIMITS);
 const signUp = (page, phone) =>
   signUpAt(page, base, phone, (p) => until(`the SMS code for ${p}`, () => codes.get(p)));
 let server = null;
@@ -505,7 +508,8 @@ try {
     (await count(alice, "#messages li.msg", "gone in three seconds")) === 0, 10000);
   await cli("erin", ["disappear", ALICE, "off"]);
   // Files both ways. Alice attaches a photo and records a voice note (the
-  // fake microphone); Erin's listen saves both, byte for byte. Erin sends a
+  // fake microphone), faster than the server's limit of uploads (LIMITS):
+  // the page waits its turn. Erin's listen saves both, byte for byte. Erin sends a
   // photo back from the command line and forwards the voice note back;
   // Alice's page shows the picture and can play the notes. The server
   // only ever holds their ciphertext.
