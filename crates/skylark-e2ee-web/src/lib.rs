@@ -384,7 +384,6 @@ impl Device {
         Ok(Some(commit_json(&commit)))
     }
 
-    /// The groups this device holds the keys of (a JSON array of ids).
     /// The groups (JSON array of ids) where this device's keys are a month
     /// old: [`Device::update`] them whether or not it posts (see
     /// `Engine::stale_conversations`).
@@ -400,6 +399,7 @@ impl Device {
         Value::from(groups).to_string()
     }
 
+    /// The groups this device holds the keys of (a JSON array of ids).
     pub fn groups(&self) -> String {
         let groups: Vec<String> = self
             .engine

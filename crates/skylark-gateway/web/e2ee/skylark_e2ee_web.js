@@ -206,6 +206,7 @@ export class Device {
         wasm.device_forget(this.__wbg_ptr, ptr0, len0);
     }
     /**
+     * The groups this device holds the keys of (a JSON array of ids).
      * @returns {string}
      */
     groups() {
@@ -726,7 +727,6 @@ export class Device {
         }
     }
     /**
-     * The groups this device holds the keys of (a JSON array of ids).
      * The groups (JSON array of ids) where this device's keys are a month
      * old: [`Device::update`] them whether or not it posts (see
      * `Engine::stale_conversations`).
