@@ -71,7 +71,7 @@ pub(crate) async fn serve(mut listener: crate::tls::HttpListener, shared: Shared
         // Attachments: no body limit (an upload's size is checked against
         // its Upload-Length) and no request timeout (a large file takes
         // longer); `media` cuts off a body that stalls.
-        .merge(crate::media::routes())
+        .merge(crate::media::routes(shared.clone()))
         .with_state(shared.clone());
     let header_timeout = Duration::from_millis(limits.http_header_timeout_ms);
     loop {

@@ -16,6 +16,10 @@
 //! checked against `Upload-Length`, before anything is stored) nor its
 //! request timeout (a large file takes longer); a body that stalls for
 //! `STALL` ends the request, keeping what arrived.
+//!
+//! In a cluster they answer pages from other origins too (CORS): a page
+//! sends and fetches files through the node its connection is on, which
+//! need not be the one that served it (that one may be gone).
 
 use crate::Shared;
 use crate::http::ApiError;
@@ -34,11 +38,63 @@ const TUS_VERSION: &str = "1.0.0";
 /// An upload body that sends nothing for this long is cut off.
 const STALL: Duration = Duration::from_secs(30);
 
-pub(crate) fn routes() -> Router<Shared> {
+pub(crate) fn routes(shared: Shared) -> Router<Shared> {
     Router::new()
         .route("/v1/uploads", post(create).options(options))
         .route("/v1/uploads/{id}", axum::routing::head(offset).patch(append))
         .route("/v1/blobs/{id}", get(download))
+        .layer(axum::middleware::from_fn_with_state(shared, cors))
+}
+
+/// The cluster's nodes' advertised addresses (`host:port`), for the web
+/// client's cross-origin requests; none on a single server. An address
+/// with a character that has no place in one is left out.
+pub(crate) fn node_addresses(shared: &Shared) -> Vec<String> {
+    let Some(cluster) = shared.server.router.cluster() else { return Vec::new() };
+    cluster
+        .serving()
+        .into_iter()
+        .map(|(_, address)| address)
+        .filter(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)))
+        .collect()
+}
+
+/// CORS in a cluster, for a page served by another node (that node may be
+/// gone: the page's origin is then no member any more, so any origin is
+/// let in). Nothing here rides on what a browser adds by itself — no
+/// cookie, no address: every request needs a media token, which only a
+/// device's own connection is given — so another site's page gains
+/// nothing it could not do without a browser. The preflight is answered
+/// here; every answer says which headers the page may read.
+async fn cors(State(shared): State<Shared>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if shared.server.router.cluster().is_none() || !request.headers().contains_key(header::ORIGIN) {
+        return next.run(request).await;
+    }
+    let preflight =
+        request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        let headers = response.headers_mut();
+        headers
+            .insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, PATCH, OPTIONS"));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, range, tus-resumable, upload-length, upload-offset"),
+        );
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        response
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(
+            "location, upload-offset, upload-length, tus-resumable, tus-max-size, retry-after, content-range",
+        ),
+    );
+    response
 }
 
 fn media_error(e: MediaError) -> Response {

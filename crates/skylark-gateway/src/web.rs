@@ -3,7 +3,9 @@
 //! Plain ES modules with no build step (see `web/`). The browser talks
 //! protocol v1 over the WebSocket JSON mapping like any other client.
 
+use crate::Shared;
 use axum::Router;
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -45,9 +47,25 @@ fn asset_bytes(body: &'static [u8], content_type: &'static str) -> Response {
     response
 }
 
-pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+/// The page. In a cluster its policy also lets it reach the other nodes
+/// (`connect-src`): its files go through the node its connection is on,
+/// which need not be this one (`media`'s CORS lets them answer).
+async fn index(State(shared): State<Shared>) -> Response {
+    let mut response = asset(INDEX, "text/html; charset=utf-8");
+    let nodes = crate::media::node_addresses(&shared);
+    if !nodes.is_empty() {
+        let connect = "connect-src 'self' ws: wss:";
+        let csp = CSP.replacen(connect, &format!("{connect} {}", nodes.join(" ")), 1);
+        if let Ok(value) = HeaderValue::from_str(&csp) {
+            response.headers_mut().insert(header::CONTENT_SECURITY_POLICY, value);
+        }
+    }
+    response
+}
+
+pub(crate) fn routes() -> Router<Shared> {
     Router::new()
-        .route("/", get(|| async { asset(INDEX, "text/html; charset=utf-8") }))
+        .route("/", get(index))
         .route("/app.js", get(|| async { asset(APP, "text/javascript; charset=utf-8") }))
         .route("/proto.js", get(|| async { asset(PROTO, "text/javascript; charset=utf-8") }))
         .route("/store.js", get(|| async { asset(STORE, "text/javascript; charset=utf-8") }))

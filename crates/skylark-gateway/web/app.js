@@ -856,7 +856,7 @@ function prepareFrame(frame) {
 const commitBlobs = {
   upload: (bytes) => uploadBytes(bytes, () => {}),
   async download(id) {
-    const r = await fetch(`/v1/blobs/${id}`, { headers: { authorization: `Bearer ${(await mediaAuth()).token}` } });
+    const r = await fetch(`${mediaBase()}/v1/blobs/${id}`, { headers: { authorization: `Bearer ${(await mediaAuth()).token}` } });
     if (!r.ok) throw await httpError(r);
     return new Uint8Array(await r.arrayBuffer());
   },
@@ -1346,6 +1346,13 @@ async function httpError(r) {
   return new HttpError(r.status, message);
 }
 
+/// Where files go and come from: the node this page's connection is on,
+/// which in a cluster need not be the one that served the page (that one
+/// may be gone); the nodes allow each other's pages (CORS).
+function mediaBase() {
+  return state.lastHost && state.lastHost !== location.host ? `${location.protocol}//${state.lastHost}` : "";
+}
+
 let mediaToken = null;
 /// A token for the attachments' HTTP endpoints, asked for over the
 /// connection (again for each connection: it names this device).
@@ -1386,9 +1393,11 @@ async function openFile(file, ct) {
 /// server says, when that is a few seconds, up to UPLOAD_WAITS times.
 async function uploadBytes(bytes, onProgress) {
   const auth = { authorization: `Bearer ${(await mediaAuth()).token}`, "tus-resumable": "1.0.0" };
+  // An unfinished upload is kept by the node that started it.
+  const base = mediaBase();
   let created;
   for (let waits = 0; ; waits++) {
-    created = await fetch("/v1/uploads", { method: "POST", headers: { ...auth, "upload-length": String(bytes.length) } });
+    created = await fetch(`${base}/v1/uploads`, { method: "POST", headers: { ...auth, "upload-length": String(bytes.length) } });
     if (created.status !== 429 || waits >= UPLOAD_WAITS) break;
     // Not the daily quota: that one is said at once.
     const { error } = await created.clone().json().catch(() => ({}));
@@ -1404,7 +1413,7 @@ async function uploadBytes(bytes, onProgress) {
   onProgress(0, bytes.length);
   while (offset < bytes.length) {
     try {
-      const r = await fetch(`/v1/uploads/${id}`, {
+      const r = await fetch(`${base}/v1/uploads/${id}`, {
         method: "PATCH",
         headers: { ...auth, "upload-offset": String(offset), "content-type": "application/offset+octet-stream" },
         body: bytes.subarray(offset, Math.min(offset + UPLOAD_CHUNK, bytes.length)),
@@ -1418,7 +1427,7 @@ async function uploadBytes(bytes, onProgress) {
       if (err instanceof HttpError && err.status !== 409 && err.status < 500) throw err;
       if (++failures > 5) throw err;
       await sleep(200 << failures);
-      const head = await fetch(`/v1/uploads/${id}`, { method: "HEAD", headers: auth }).catch(() => null);
+      const head = await fetch(`${base}/v1/uploads/${id}`, { method: "HEAD", headers: auth }).catch(() => null);
       if (head && head.ok) offset = Number(head.headers.get("upload-offset"));
     }
   }
@@ -1435,7 +1444,7 @@ async function fetchFile(file) {
   files.set(file.id, { progress: 0 });
   renderMessages();
   try {
-    const r = await fetch(`/v1/blobs/${file.id}`, { headers: { authorization: `Bearer ${(await mediaAuth()).token}` } });
+    const r = await fetch(`${mediaBase()}/v1/blobs/${file.id}`, { headers: { authorization: `Bearer ${(await mediaAuth()).token}` } });
     if (!r.ok) throw await httpError(r);
     const total = Number(r.headers.get("content-length")) || 0;
     const reader = r.body.getReader();

@@ -190,8 +190,10 @@ impl TestCluster {
                      [sms]\nprovider = \"http\"\nurl = \"http://{sms}/sms\"\n\
                      [store]\nshards = [{url:?}]\nacquire_timeout_ms = 1000\n\
                      [cluster]\nnode = \"n{i}\"\nnats = {nats_urls:?}\nlease_ms = {LEASE_MS}\nbeat_ms = {BEAT_MS}\n\
-                     request_timeout_ms = 2000\n",
+                     request_timeout_ms = 2000\n\
+                     [media]\ndir = {:?}\n",
                     dir.join(format!("data{i}")),
+                    dir.join("media"),
                 ),
             )
             .unwrap();

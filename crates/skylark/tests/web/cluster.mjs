@@ -8,12 +8,13 @@
 // NODES (comma-separated http://host:port) and CHROMIUM come from the
 // environment. Alice's page is loaded from node 0, Bob's from node 1; they
 // chat; node 0 dies; Alice's page (still the one node 0 served) reconnects
-// to another node by itself, and the conversation goes on both ways.
+// to another node by itself, and the conversation goes on both ways, files
+// too (the nodes share one media directory, as a cluster must).
 
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 import assert from "node:assert/strict";
-import { sendText, signUp, startChat, tickIs, until } from "./lib.mjs";
+import { png, sendText, signUp, startChat, tickIs, until } from "./lib.mjs";
 
 const NODES = process.env.NODES.split(",");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -69,6 +70,16 @@ try {
   for (const [page, text] of [[alice, "after the node died"], [bob, "after the node died"], [bob, "still here"]]) {
     assert.equal(await page.locator("#messages li.msg", { hasText: text }).count(), 1, `"${text}" shown once`);
   }
+  // Files go through the node Alice's page is connected to now, not the
+  // dead one that served it (the nodes let each other's pages in): a
+  // photo from Alice that Bob's page shows, and one from Bob that hers
+  // fetches and shows.
+  const photo = (name, w, h) => ({ name, mimeType: "image/png", buffer: png(w, h) });
+  await alice.setInputFiles("#file-input", photo("after.png", 20, 10));
+  await alice.waitForSelector("#messages li.msg.mine[data-ref] .attachment img.full[alt='after.png']", { timeout: FAILOVER_WAIT });
+  await bob.waitForSelector("#messages li.msg:not(.mine) .attachment img.full[alt='after.png']", { timeout: FAILOVER_WAIT });
+  await bob.setInputFiles("#file-input", photo("back.png", 10, 20));
+  await alice.waitForSelector("#messages li.msg:not(.mine) .attachment img.full[alt='back.png']", { timeout: FAILOVER_WAIT });
   console.log("DONE");
 } finally {
   // The open stdin would keep Node running after the last step.

@@ -20,11 +20,10 @@
 
 import { chromium } from "playwright-core";
 import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { deflateSync } from "node:zlib";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
-import { accessible, encryptionIsOn, linkTo, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
+import { accessible, encryptionIsOn, linkTo, png, sendText, signUp as signUpAt, startChat, tick, tickIs, until } from "./lib.mjs";
 import { harness } from "./harness.mjs";
 
 const BIN = process.env.SKYLARK_BIN;
@@ -40,33 +39,6 @@ const signUp = (page, phone) =>
   signUpAt(page, base, phone, (p) => until(`the SMS code for ${p}`, () => codes.get(p)));
 let server = null;
 
-/// A small valid PNG (width × height, a colour gradient), made here.
-function png(width, height) {
-  const crcTable = Array.from({ length: 256 }, (_, n) => {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    return c >>> 0;
-  });
-  const crc = (buf) => { let c = 0xffffffff; for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8); return (c ^ 0xffffffff) >>> 0; };
-  const chunk = (type, data) => {
-    const out = Buffer.alloc(12 + data.length);
-    out.writeUInt32BE(data.length, 0);
-    out.write(type, 4, "ascii");
-    data.copy(out, 8);
-    out.writeUInt32BE(crc(out.subarray(4, 8 + data.length)), 8 + data.length);
-    return out;
-  };
-  const header = Buffer.alloc(13);
-  header.writeUInt32BE(width, 0);
-  header.writeUInt32BE(height, 4);
-  header[8] = 8; header[9] = 2; // 8-bit RGB
-  const rows = Buffer.alloc(height * (1 + width * 3));
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) rows.set([x * 4 % 256, y * 5 % 256, 128], y * (1 + width * 3) + 1 + x * 3);
-  }
-  return Buffer.concat([Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]), chunk("IHDR", header),
-    chunk("IDAT", deflateSync(rows)), chunk("IEND", Buffer.alloc(0))]);
-}
 
 /// The server's admin token (written to its data directory at start).
 const adminToken = () => readFileSync(join(dataDir, "admin.token"), "utf8").trim();
