@@ -25,7 +25,9 @@
 //! the group, and forwarding it again adds another. Every marker is a new,
 //! independent object, so concurrent sends never race. A blob lives until
 //! `retention_ms` after its newest reference (the collector keeps only the
-//! newest marker of each reader); [`Media::collect`] deletes
+//! newest marker of each reader; a commit's parts are referenced with a
+//! marker dated `commit_retention_ms - retention_ms` later, so they live
+//! `commit_retention_ms`); [`Media::collect`] deletes
 //! what is past that (the blob first, then its markers, so a crash between
 //! the two leaves markers the next pass removes), unfinished uploads older
 //! than `unfinished_upload_ttl_ms`, and any blob that has no marker at all.
@@ -61,6 +63,10 @@ pub struct MediaConfig {
     pub uploads_per_account: Quota,
     /// A blob is kept this long after the newest message that references it.
     pub retention_ms: u64,
+    /// A blob that is part of an encrypted group's commit (posted with
+    /// `commit_epoch`) is kept this long instead: a device away longer
+    /// than `retention_ms` still needs it to follow the group's encryption.
+    pub commit_retention_ms: u64,
     /// An upload not finished within this time is deleted.
     pub unfinished_upload_ttl_ms: u64,
     /// How long a media token stays valid.
@@ -97,6 +103,7 @@ impl Default for MediaConfig {
             daily_quota_bytes: 2 * 1024 * 1024 * 1024,
             uploads_per_account: Quota { burst: 30, per_ms: 2_000 },
             retention_ms: 30 * 24 * 3_600_000,
+            commit_retention_ms: 365 * 24 * 3_600_000,
             unfinished_upload_ttl_ms: 24 * 3_600_000,
             token_ttl_ms: 3_600_000,
             collect_every_ms: 3_600_000,
@@ -522,7 +529,7 @@ impl Media {
     /// Moves a complete upload into the object store. The uploader's
     /// reference is written first, so there is never a blob nobody owns.
     async fn finish(&self, who: &Bearer, id: &str) -> Result<(), MediaError> {
-        self.reference(id, Audience::Account(who.account)).await?;
+        self.reference(id, Audience::Account(who.account), self.config().retention_ms).await?;
         let part = self.part(id);
         match &self.inner.local_root {
             Some(root) => {
@@ -553,12 +560,15 @@ impl Media {
         Ok(())
     }
 
-    async fn reference(&self, id: &str, to: Audience) -> Result<(), MediaError> {
+    async fn reference(&self, id: &str, to: Audience, kept_ms: u64) -> Result<(), MediaError> {
         let who = match to {
             Audience::Account(a) => format!("a{}", a.0),
             Audience::Group(g) => format!("g{}", g.0),
         };
-        let key = Key::from(format!("refs/{id}/{who}-{}", self.inner.clock.now_ms()));
+        // A marker's time is when its `retention_ms` starts: one kept
+        // longer is dated that much later.
+        let at = self.inner.clock.now_ms() + kept_ms.saturating_sub(self.config().retention_ms);
+        let key = Key::from(format!("refs/{id}/{who}-{at}"));
         self.inner.blobs.put(&key, PutPayload::default()).await?;
         Ok(())
     }
@@ -598,8 +608,9 @@ impl Media {
     /// A message from `from` names these blobs: each must be readable by
     /// the sender (their own upload, or one they received: forwarding
     /// reuses the blob), and becomes readable by `to`, for another
-    /// `retention_ms`.
-    pub async fn share(&self, from: AccountId, ids: &[String], to: Audience) -> Result<(), MediaError> {
+    /// `retention_ms` (`commit_retention_ms` for the parts of a commit:
+    /// `commit`).
+    pub async fn share(&self, from: AccountId, ids: &[String], to: Audience, commit: bool) -> Result<(), MediaError> {
         if ids.len() > MAX_ATTACHMENTS {
             return Err(MediaError::TooManyAttachments);
         }
@@ -612,10 +623,12 @@ impl Media {
                 return Err(MediaError::NotShareable(id.clone()));
             }
         }
+        let config = self.config();
+        let kept = if commit { config.commit_retention_ms.max(config.retention_ms) } else { config.retention_ms };
         for id in ids {
-            self.reference(id, to).await?;
+            self.reference(id, to, kept).await?;
             // The sender's own hold is renewed too (a forward keeps it alive).
-            self.reference(id, Audience::Account(from)).await?;
+            self.reference(id, Audience::Account(from), kept).await?;
         }
         Ok(())
     }

@@ -34,7 +34,10 @@ async fn share_attachments(caller: &Caller<'_>, id: u64, send: &v1::SendMessage)
             Err(e) => return Err(unavailable(id, &e)),
         }
     };
-    match server.media.share(caller.authed.account, &send.attachments, audience).await {
+    // A commit's parts outlive ordinary attachments: a device away for
+    // long still needs them to follow the group's encryption.
+    let commit = send.commit_epoch.is_some();
+    match server.media.share(caller.authed.account, &send.attachments, audience, commit).await {
         Ok(()) => Ok(()),
         Err(MediaError::Store(e)) => Err(unavailable(id, &e)),
         Err(e @ (MediaError::BadId(_) | MediaError::NotShareable(_) | MediaError::TooManyAttachments)) => {

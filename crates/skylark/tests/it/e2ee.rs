@@ -463,8 +463,8 @@ async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_the
     assert_eq!(members.len(), 5, "{members:?}");
     assert!(!members.iter().any(|m| m.account == removed.identity.account_id));
 
-    // A device that finds the files gone (past the attachments' retention)
-    // is told it cannot read that change; nothing is remembered of it.
+    // A device that finds the files gone (past the commits' retention, a
+    // year) is told it cannot read that change; nothing is remembered of it.
     let mut late = devices.pop().unwrap();
     add_members(&mut admin, info.id, std::slice::from_ref(&late.identity.phone)).await.unwrap();
     for blob in std::fs::read_dir(media.path().join("blobs").join("blobs")).unwrap() {
@@ -487,6 +487,50 @@ async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_the
     assert!(matches!(&shown, Some(Shown::Unreadable(w)) if w.contains("could not download")), "{shown:?}");
     assert!(!late.crypto.encrypts(info.id).unwrap());
     assert_eq!(late.crypto.recall(&entry), None, "not remembered as unreadable");
+}
+
+/// The files of a commit too large for a post outlive the attachments'
+/// retention (`media.commit_retention_ms`, a year, against 30 days): devices
+/// away for more than a month still follow the group's encryption when they
+/// come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commits_files_outlive_the_attachments_retention() {
+    const DAY_MS: u64 = 86_400_000;
+    let mut config = crate::harness::test_config();
+    config.messaging.max_payload_bytes = 3_000;
+    let media = tempfile::tempdir().unwrap();
+    config.media.dir = media.path().to_owned();
+    let server = TestServer::start_with(config).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut devices = devices(&server, dirs.path(), "+1555320000", 6).await;
+    let mut admin = devices.remove(0);
+    let mut member = devices.remove(0);
+    let h = admin.session.handle();
+    let info = h.create_group("kept", &["+15553200001"]).await.unwrap();
+    admin.crypto.start_group(&h, &mut admin.events, &info).await.unwrap();
+    welcomed(&mut member, info.id).await;
+    let newcomers: Vec<String> = (2..6).map(|i| format!("+1555320000{i}")).collect();
+    add_members(&mut admin, info.id, &newcomers).await.unwrap();
+    let blobs = || std::fs::read_dir(media.path().join("blobs").join("blobs")).map_or(0, |d| d.count());
+    let files = blobs();
+    assert!(files >= 1, "the addition went as files");
+
+    // A month and a day on, before anyone but the admin has read it.
+    server.clock.advance_ms(31 * DAY_MS);
+    assert_eq!(server.server.collect_media().await.unwrap().blobs, 0, "no commit's file is gone");
+    assert_eq!(blobs(), files);
+    for d in &mut devices {
+        welcomed(d, info.id).await;
+    }
+    admin.crypto.post(&h, &mut admin.events, info.id, "later", "a month on").await.unwrap();
+    read_until(&mut member, "a month on").await;
+    for d in &mut devices {
+        read_until(d, "a month on").await;
+    }
+    // A year after the commit, its files go like any attachment's.
+    server.clock.advance_ms(335 * DAY_MS);
+    assert_eq!(server.server.collect_media().await.unwrap().blobs, files);
+    assert_eq!(blobs(), 0);
 }
 
 /// Adds `phones` to the encrypted group as the clients do: their devices'
