@@ -43,6 +43,13 @@ fn number(text: &str, what: &str) -> Result<u64, JsError> {
     text.parse().map_err(|_| JsError::new(&format!("{what} is not a number: {text:?}")))
 }
 
+/// Conversations as the page names them: a JSON array of group ids.
+fn group_ids(conversations: &[Vec<u8>]) -> String {
+    let groups: Vec<String> =
+        conversations.iter().filter_map(|c| skylark_e2ee::conversation_group(c)).map(|g| g.to_string()).collect();
+    Value::from(groups).to_string()
+}
+
 fn conversation(group: &str) -> Result<Vec<u8>, JsError> {
     Ok(group_conversation(number(group, "the group id")?))
 }
@@ -389,26 +396,12 @@ impl Device {
     /// `Engine::stale_conversations`).
     #[wasm_bindgen(js_name = staleGroups)]
     pub fn stale_groups(&self) -> String {
-        let groups: Vec<String> = self
-            .engine
-            .stale_conversations()
-            .iter()
-            .filter_map(|c| skylark_e2ee::conversation_group(c))
-            .map(|g| g.to_string())
-            .collect();
-        Value::from(groups).to_string()
+        group_ids(&self.engine.stale_conversations())
     }
 
     /// The groups this device holds the keys of (a JSON array of ids).
     pub fn groups(&self) -> String {
-        let groups: Vec<String> = self
-            .engine
-            .conversations()
-            .iter()
-            .filter_map(|c| skylark_e2ee::conversation_group(c))
-            .map(|g| g.to_string())
-            .collect();
-        Value::from(groups).to_string()
+        group_ids(&self.engine.conversations())
     }
 
     /// Keeps a commit until it is answered ([`Device::outgoing`] after a

@@ -395,11 +395,7 @@ async fn a_commit_refused_for_good_is_dropped_and_the_group_stays_usable() {
 /// encryption goes on for all of them, through additions and a removal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_them() {
-    let mut config = crate::harness::test_config();
-    config.messaging.max_payload_bytes = 3_000;
-    let media = tempfile::tempdir().unwrap();
-    config.media.dir = media.path().to_owned();
-    let server = TestServer::start_with(config).await;
+    let (server, media) = server_of_small_posts().await;
     let dirs = tempfile::tempdir().unwrap();
     let mut devices = devices(&server, dirs.path(), "+1555241000", 7).await;
     assert_eq!(devices[0].session.handle().max_payload_bytes(), 3_000, "the server says its limit");
@@ -496,11 +492,7 @@ async fn commits_too_large_for_a_post_travel_as_files_and_every_device_reads_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commits_files_outlive_the_attachments_retention() {
     const DAY_MS: u64 = 86_400_000;
-    let mut config = crate::harness::test_config();
-    config.messaging.max_payload_bytes = 3_000;
-    let media = tempfile::tempdir().unwrap();
-    config.media.dir = media.path().to_owned();
-    let server = TestServer::start_with(config).await;
+    let (server, media) = server_of_small_posts().await;
     let dirs = tempfile::tempdir().unwrap();
     let mut devices = devices(&server, dirs.path(), "+1555320000", 6).await;
     let mut admin = devices.remove(0);
@@ -531,6 +523,16 @@ async fn a_commits_files_outlive_the_attachments_retention() {
     server.clock.advance_ms(335 * DAY_MS);
     assert_eq!(server.server.collect_media().await.unwrap().blobs, files);
     assert_eq!(blobs(), 0);
+}
+
+/// A server taking posts of at most 3,000 bytes (a Welcome to a few devices
+/// is larger, and travels as files), its media in the directory returned.
+async fn server_of_small_posts() -> (TestServer, tempfile::TempDir) {
+    let mut config = crate::harness::test_config();
+    config.messaging.max_payload_bytes = 3_000;
+    let media = tempfile::tempdir().unwrap();
+    config.media.dir = media.path().to_owned();
+    (TestServer::start_with(config).await, media)
 }
 
 /// Adds `phones` to the encrypted group as the clients do: their devices'
