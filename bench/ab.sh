@@ -30,6 +30,9 @@
 # memory of an idle connection over TLS against plain TCP:
 #   SCENARIOS=idle AFTER_TLS=1 bench/ab.sh target/release/skylark target/release/skylark \
 #     target/release/skylark-load target/ab-tls
+# When the store's format changed between the two binaries, PROVISION_WITH
+# names the before commit's skylark-load, which writes accounts the before
+# server can read (the after server upgrades them as it starts).
 # SERVER_CONFIG=FILE starts both servers with that configuration file, and
 # SETTLE=SECONDS has idle runs read the server's memory again that long after
 # the ramp (every connection still open); for example the memory once idle
@@ -48,7 +51,7 @@ out=$(cd "$out" && pwd)
 pristine=$out/pristine
 if [ ! -d "$pristine" ] || [ ! -f "$out/manifest.json" ]; then
   rm -rf "$pristine"
-  "$load" provision --data-dir "$pristine" --accounts 20000 --manifest "$out/manifest.json" >/dev/null
+  "${PROVISION_WITH:-$load}" provision --data-dir "$pristine" --accounts 20000 --manifest "$out/manifest.json" >/dev/null
 fi
 
 serve() { # binary tls(0/1)

@@ -8,6 +8,7 @@
 //! back in does not matter, and a missing, extra or altered row changes it.
 
 use crate::postgres::{PgStore, holds_data, shard_of};
+use crate::record::{INBOUND_SLOT, OwnMarks, PeerMarks};
 use crate::redb_store::{self, RedbStore};
 use crate::{PgOptions, StoreError};
 use redb::{ReadableTable, TableDefinition};
@@ -455,12 +456,12 @@ pub async fn redb_to_postgres(
     }
 
     progress("log");
-    for (def, name) in [(redb_store::LOG, "log"), (redb_store::OUTBOX, "outbox")] {
-        let table = txn.open_table(def)?;
+    {
+        let table = txn.open_table(redb_store::OUTBOX)?;
         for entry in table.iter()? {
             let (k, v) = entry?;
             let (account, seq) = k.value();
-            pending.push(index_of(name), vec![int(account)?, int(seq)?, Value::Bytes(v.value().to_vec())]).await?;
+            pending.push(index_of("outbox"), vec![int(account)?, int(seq)?, Value::Bytes(v.value().to_vec())]).await?;
         }
     }
     {
@@ -473,12 +474,6 @@ pub async fn redb_to_postgres(
     }
     progress("counters");
     {
-        let table = txn.open_table(redb_store::COUNTERS)?;
-        for entry in table.iter()? {
-            let (k, v) = entry?;
-            let (next_seq, next_outbox) = v.value();
-            pending.push(index_of("counters"), vec![int(k.value())?, int(next_seq)?, int(next_outbox)?]).await?;
-        }
         let table = txn.open_table(redb_store::CLIENT_IDS)?;
         for entry in table.iter()? {
             let (k, v) = entry?;
@@ -486,30 +481,53 @@ pub async fn redb_to_postgres(
             let row = vec![int(account)?, int(device)?, Value::Text(client_id.into()), int(v.value())?];
             pending.push(index_of("client_ids"), row).await?;
         }
-        for (def, name) in
-            [(redb_store::INBOUND, "inbound"), (redb_store::CURSORS, "cursors"), (redb_store::BLOCKS, "blocks")]
-        {
-            let table = txn.open_table(def)?;
-            for entry in table.iter()? {
-                let (k, v) = entry?;
-                let (a, b) = k.value();
-                pending.push(index_of(name), vec![int(a)?, int(b)?, int(v.value())?]).await?;
-            }
-        }
-        let table = txn.open_table(redb_store::RECEIPTS)?;
+        let table = txn.open_table(redb_store::BLOCKS)?;
         for entry in table.iter()? {
             let (k, v) = entry?;
-            let (account, peer, slot) = k.value();
-            let row = vec![int(account)?, int(peer)?, Value::Int(i64::from(slot)), int(v.value())?];
-            pending.push(index_of("receipts"), row).await?;
+            let (a, b) = k.value();
+            pending.push(index_of("blocks"), vec![int(a)?, int(b)?, int(v.value())?]).await?;
         }
-        for (def, name) in [(redb_store::CONTACTS, "contacts"), (redb_store::MEMBERSHIPS, "memberships")] {
-            let table = txn.open_table(def)?;
-            for entry in table.iter()? {
-                let (k, _) = entry?;
-                let (a, b) = k.value();
-                pending.push(index_of(name), vec![int(a)?, int(b)?]).await?;
+        // The embedded store's account rows hold what PostgreSQL keeps in
+        // six tables: each becomes the rows it stood for.
+        let table = txn.open_table(redb_store::ROWS)?;
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let (account, kind, peer) = k.value();
+            if kind == redb_store::LOG_ROW {
+                let row = vec![int(account)?, int(peer)?, Value::Bytes(v.value().to_vec())];
+                pending.push(index_of("log"), row).await?;
+                continue;
             }
+            if kind != redb_store::MARK_ROW {
+                return Err(StoreError::Corrupt(format!("account {account} has a row of unknown kind {kind}")));
+            }
+            if peer == redb_store::OWN {
+                let own = OwnMarks::decode(v.value())?;
+                if let Some(c) = own.counters {
+                    let row = vec![int(account)?, int(c.next_seq)?, int(c.next_outbox)?];
+                    pending.push(index_of("counters"), row).await?;
+                }
+                for (device, seq) in own.cursors {
+                    pending.push(index_of("cursors"), vec![int(account)?, int(device)?, int(seq)?]).await?;
+                }
+                continue;
+            }
+            let marks = PeerMarks::decode(v.value())?;
+            if let Some(hwm) = marks.slot(INBOUND_SLOT) {
+                pending.push(index_of("inbound"), vec![int(account)?, int(peer)?, int(hwm)?]).await?;
+            }
+            for (slot, hwm) in marks.receipt_rows() {
+                let row = vec![int(account)?, int(peer)?, Value::Int(i64::from(slot)), int(hwm)?];
+                pending.push(index_of("receipts"), row).await?;
+            }
+            if marks.contact {
+                pending.push(index_of("contacts"), vec![int(account)?, int(peer)?]).await?;
+            }
+        }
+        let table = txn.open_table(redb_store::MEMBERSHIPS)?;
+        for entry in table.iter()? {
+            let (a, b) = entry?.0.value();
+            pending.push(index_of("memberships"), vec![int(a)?, int(b)?]).await?;
         }
     }
     pending.flush().await?;
@@ -591,6 +609,11 @@ mod tests {
                 rows("log") > 50 && rows("accounts") >= 4 && rows("groups") >= 1 && rows("devices") >= 5,
                 "{reports:?}"
             );
+            // What the embedded store keeps in its account rows is copied
+            // as the rows of five tables.
+            for table in ["counters", "cursors", "inbound", "receipts", "contacts"] {
+                assert!(rows(table) >= 1, "no {table} copied: {reports:?}");
+            }
 
             let redb = RedbStore::open(&path).unwrap();
             let copy = PgStore::open(&options).await.unwrap();
@@ -602,6 +625,15 @@ mod tests {
                 let id = AccountId(id);
                 assert_eq!(copy.read_log(id, 0, 100).await.unwrap(), redb.read_log(id, 0, 100).await.unwrap());
                 assert_eq!(copy.account_state(id).await.unwrap(), redb.account_state(id).await.unwrap());
+                assert_eq!(copy.receipt_state(id).await.unwrap(), redb.receipt_state(id).await.unwrap());
+                for device in redb.active_devices(id).await.unwrap() {
+                    assert_eq!(copy.cursor(id, device.id).await.unwrap(), redb.cursor(id, device.id).await.unwrap());
+                }
+                for peer in [900u64, 1_000, 1_049] {
+                    let peer = AccountId(peer);
+                    assert_eq!(copy.inbound(id, peer).await.unwrap(), redb.inbound(id, peer).await.unwrap());
+                    assert_eq!(copy.is_contact(id, peer).await.unwrap(), redb.is_contact(id, peer).await.unwrap());
+                }
                 assert_eq!(copy.visibility(id).await.unwrap(), redb.visibility(id).await.unwrap());
             }
             let group = AccountId::group(1);

@@ -1,4 +1,5 @@
-//! The binary encoding of log entries and outbox items on disk.
+//! The binary encoding of log entries, outbox items and the embedded
+//! store's marks rows on disk.
 //!
 //! A record is a format version byte, a tag byte, then fields: integers as
 //! LEB128 varints, strings and byte strings as a varint length and the
@@ -121,7 +122,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Slots of the per-peer marks table, in both backends: the receipt kinds
+/// Slots of the per-peer marks (PostgreSQL's `receipts` table, the embedded
+/// store's peer rows), in both backends: the receipt kinds
 /// (`kind_byte`: 0 delivered, 1 read) received from the peer, then these.
 /// The account's read marker for the peer's messages.
 pub(crate) const READ_MARKER_SLOT: u8 = 2;
@@ -143,6 +145,147 @@ pub(crate) fn receipt_state(rows: impl IntoIterator<Item = (u64, u8, u64)>) -> c
     }
     state.received = received.into_iter().map(|(p, (d, r))| (AccountId(p), d, r)).collect();
     state
+}
+
+/// Where the embedded store keeps an account's inbound position from a
+/// source (the highest of its outbox sequence numbers applied): a slot of
+/// the same row as the receipts (see [`PeerMarks`]).
+pub(crate) const INBOUND_SLOT: u8 = 4;
+const PEER_SLOTS: usize = 5;
+const CONTACT_FLAG: u8 = 1 << PEER_SLOTS;
+const MARKS_VERSION: u8 = 1;
+
+/// What one account keeps about one peer, as one row of the embedded
+/// store's `marks` table: the slots above (receipts received from the
+/// peer, the read marker, how far the peer's messages were received, how
+/// far its outbox was applied) and whether the account wrote to it. The
+/// small changes a message makes at either end land in one row instead of
+/// three tables. An absent slot is one never written (kept apart from 0,
+/// so a copy to PostgreSQL yields the same rows as before the merge).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct PeerMarks {
+    pub slots: [Option<u64>; PEER_SLOTS],
+    pub contact: bool,
+}
+
+impl PeerMarks {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(MARKS_VERSION);
+        let mut flags = if self.contact { CONTACT_FLAG } else { 0 };
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.is_some() {
+                flags |= 1 << i;
+            }
+        }
+        w.u8(flags);
+        for v in self.slots.iter().flatten() {
+            w.u64(*v);
+        }
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != MARKS_VERSION {
+            return Err(corrupt("marks version"));
+        }
+        let flags = r.u8()?;
+        if flags & !(CONTACT_FLAG | (CONTACT_FLAG - 1)) != 0 {
+            return Err(corrupt("marks flags"));
+        }
+        let mut marks = Self { contact: flags & CONTACT_FLAG != 0, ..Self::default() };
+        for (i, slot) in marks.slots.iter_mut().enumerate() {
+            if flags & (1 << i) != 0 {
+                *slot = Some(r.u64()?);
+            }
+        }
+        r.finish()?;
+        Ok(marks)
+    }
+
+    pub fn slot(&self, slot: u8) -> Option<u64> {
+        self.slots.get(usize::from(slot)).copied().flatten()
+    }
+
+    pub fn set(&mut self, slot: u8, value: u64) {
+        if let Some(s) = self.slots.get_mut(usize::from(slot)) {
+            *s = Some(value);
+        }
+    }
+
+    /// The rows of the receipt slots (0 to 3) as the former `receipts`
+    /// table held them: (slot, high-water mark).
+    pub fn receipt_rows(&self) -> impl Iterator<Item = (u8, u64)> + '_ {
+        (0..=RECEIVED_SLOT).filter_map(|slot| self.slot(slot).map(|v| (slot, v)))
+    }
+}
+
+/// An account's own row of the `marks` table (peer 0, which no account
+/// has): its sequence counters and its devices' delivery cursors, so an
+/// ack and the receipt it sends change one row.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct OwnMarks {
+    pub counters: Option<crate::Counters>,
+    /// (device, highest log sequence it acknowledged), by device.
+    pub cursors: Vec<(u64, u64)>,
+}
+
+impl OwnMarks {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(MARKS_VERSION);
+        match self.counters {
+            Some(c) => {
+                w.u8(1);
+                w.u64(c.next_seq);
+                w.u64(c.next_outbox);
+            }
+            None => w.u8(0),
+        }
+        w.u64(self.cursors.len() as u64);
+        for (device, seq) in &self.cursors {
+            w.u64(*device);
+            w.u64(*seq);
+        }
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != MARKS_VERSION {
+            return Err(corrupt("marks version"));
+        }
+        let counters = match r.u8()? {
+            0 => None,
+            1 => Some(crate::Counters { next_seq: r.u64()?, next_outbox: r.u64()? }),
+            _ => return Err(corrupt("marks counters")),
+        };
+        let count = r.u64()?;
+        // Each cursor takes at least two bytes: the count cannot ask for
+        // more than the record holds, and nothing is reserved from it.
+        let mut cursors = Vec::new();
+        for _ in 0..count {
+            cursors.push((r.u64()?, r.u64()?));
+        }
+        r.finish()?;
+        Ok(Self { counters, cursors })
+    }
+
+    pub fn cursor(&self, device: u64) -> Option<u64> {
+        self.cursors.iter().find(|(d, _)| *d == device).map(|(_, seq)| *seq)
+    }
+
+    pub fn set_cursor(&mut self, device: u64, seq: u64) {
+        match self.cursors.binary_search_by_key(&device, |(d, _)| *d) {
+            Ok(i) => self.cursors[i].1 = seq,
+            Err(i) => self.cursors.insert(i, (device, seq)),
+        }
+    }
+
+    pub fn remove_cursor(&mut self, device: u64) {
+        self.cursors.retain(|(d, _)| *d != device);
+    }
 }
 
 pub(crate) fn kind_byte(kind: ReceiptKind) -> u8 {
@@ -593,6 +736,40 @@ mod tests {
         w.u8(GROUP_ADDED);
         w.u64(u64::MAX >> 1);
         assert!(decode_entry(&w.0).is_err());
+    }
+
+    #[test]
+    fn marks_rows_keep_which_slots_were_written() {
+        let empty = PeerMarks::default();
+        assert_eq!(PeerMarks::decode(&empty.encode()).unwrap(), empty);
+        let mut peer = PeerMarks { contact: true, ..PeerMarks::default() };
+        peer.set(INBOUND_SLOT, u64::MAX);
+        peer.set(READ_MARKER_SLOT, 0);
+        let decoded = PeerMarks::decode(&peer.encode()).unwrap();
+        assert_eq!(decoded, peer);
+        assert_eq!(decoded.slot(READ_MARKER_SLOT), Some(0), "a zero is not an absence");
+        assert_eq!(decoded.slot(RECEIVED_SLOT), None);
+        assert_eq!(decoded.receipt_rows().collect::<Vec<_>>(), vec![(READ_MARKER_SLOT, 0)]);
+        let mut own = OwnMarks { counters: Some(crate::Counters { next_seq: 9, next_outbox: 2 }), cursors: vec![] };
+        own.set_cursor(5, 1);
+        own.set_cursor(2, 0);
+        own.set_cursor(5, 3);
+        assert_eq!(own.cursors, vec![(2, 0), (5, 3)], "one per device, by device");
+        assert_eq!(OwnMarks::decode(&own.encode()).unwrap(), own);
+        own.remove_cursor(2);
+        assert_eq!(own.cursor(2), None);
+        assert_eq!(own.cursor(5), Some(3));
+        let (peer_bytes, own_bytes) = (peer.encode(), own.encode());
+        for cut in 0..peer_bytes.len() {
+            assert!(PeerMarks::decode(&peer_bytes[..cut]).is_err(), "truncated at {cut}");
+        }
+        for cut in 0..own_bytes.len() {
+            assert!(OwnMarks::decode(&own_bytes[..cut]).is_err(), "truncated at {cut}");
+        }
+        // Unknown flags, a count beyond the record, trailing bytes.
+        assert!(PeerMarks::decode(&[MARKS_VERSION, 0x80]).is_err());
+        assert!(OwnMarks::decode(&[MARKS_VERSION, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        assert!(OwnMarks::decode(&[MARKS_VERSION, 0, 0, 0]).is_err());
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //! acknowledged before the fsync that covers it.
 
 use crate::record::{
-    READ_MARKER_SLOT, RECEIVED_SLOT, StoredOutbox, decode_entry, decode_outbox, encode_entry, encode_outbox, kind_byte,
-    receipt_state,
+    INBOUND_SLOT, OwnMarks, PeerMarks, READ_MARKER_SLOT, RECEIVED_SLOT, StoredOutbox, decode_entry, decode_outbox,
+    encode_entry, encode_outbox, kind_byte, receipt_state,
 };
 use crate::{
     AccountState, AccountStore, AccountWrite, AddDeviceError, ClaimedKey, Counters, GroupStore, KeyPackageStore,
@@ -40,28 +40,37 @@ pub(crate) const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("de
 /// (account id, device id) of every active device, for listing an account's devices.
 const ACCOUNT_DEVICES: TableDefinition<(u64, u64), ()> = TableDefinition::new("account_devices");
 pub(crate) const VERIFICATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("verifications");
-/// (account, seq) → encoded log entry.
-pub(crate) const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
 /// (expires at, account, seq) of every disappearing message or post whose
 /// payload is not purged yet, soonest first.
 pub(crate) const EXPIRIES: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("expiries");
 /// (account, outbox seq) → encoded outbox item.
 pub(crate) const OUTBOX: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("outbox");
-/// account → (next log seq, next outbox seq).
-pub(crate) const COUNTERS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("counters");
 /// (account, device, client id) → log seq of that message.
 pub(crate) const CLIENT_IDS: TableDefinition<(u64, u64, &str), u64> = TableDefinition::new("client_ids");
-/// (account, source account) → highest outbox seq applied from it.
-pub(crate) const INBOUND: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbound");
-/// (account, device) → highest log seq the device acknowledged.
-pub(crate) const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors");
-/// (account, peer, slot) → a high-water mark: slots 0 and 1 are delivered
-/// and read receipts received from the peer, slot 2 the account's own read
-/// marker for the peer's messages, slot 3 the highest of the peer's
-/// sequence numbers the account received.
-pub(crate) const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinition::new("receipts");
-/// (account, peer) for every peer the account sent a message to.
-pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
+/// One account's log and marks, side by side: (account, [`LOG_ROW`], seq)
+/// → encoded log entry; (account, [`MARK_ROW`], [`OWN`]) → [`OwnMarks`]
+/// (the account's sequence counters and its devices' delivery cursors);
+/// (account, [`MARK_ROW`], peer) → [`PeerMarks`] (receipts from the peer,
+/// the read marker, how far the peer's messages were received and its
+/// outbox applied, whether the account wrote to it).
+///
+/// Why one table: what a message changes at one end — an entry appended
+/// to the log, the counters, the marks about the other end — lies in one
+/// key range, the log's newest entries right before the own row, so a
+/// commit rewrites one or two B-tree pages for it instead of one in each
+/// of four tables, and opens one table instead of four. Until store
+/// format 4 these were six tables (`log`, `counters`, `cursors`,
+/// `inbound`, `receipts`, `contacts`; see [`legacy`]). Each rewritten
+/// page and each table a commit opens is most of what a message costs
+/// the server (docs/BENCHMARKS.md).
+pub(crate) const ROWS: TableDefinition<(u64, u8, u64), &[u8]> = TableDefinition::new("account_rows");
+/// The kind of [`ROWS`] row that holds a log entry.
+pub(crate) const LOG_ROW: u8 = 0;
+/// The kind of [`ROWS`] row that holds marks.
+pub(crate) const MARK_ROW: u8 = 1;
+/// The peer number of an account's own marks row: no account has id 0
+/// (ids start at 1).
+pub(crate) const OWN: u64 = 0;
 /// account → presence visibility (JSON).
 pub(crate) const SETTINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("settings");
 /// (account, peer) → when the account blocked the peer.
@@ -197,15 +206,10 @@ macro_rules! every_table {
             DEVICES,
             ACCOUNT_DEVICES,
             VERIFICATIONS,
-            LOG,
+            ROWS,
             EXPIRIES,
             OUTBOX,
-            COUNTERS,
             CLIENT_IDS,
-            INBOUND,
-            CURSORS,
-            RECEIPTS,
-            CONTACTS,
             SETTINGS,
             BLOCKS,
             PINS,
@@ -355,8 +359,10 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// upgrade from 1 creates the tables, as for a new store).
 /// Format 3 added the `expiries` table and the meta section of messages
 /// and posts (edits, deletes, expiry, purged), which format 2 binaries
-/// cannot read.
-pub const FORMAT_VERSION: u64 = 3;
+/// cannot read. Format 4 merged the log and five tables of small marks
+/// into `account_rows` ([`ROWS`]); the upgrade moves their rows over
+/// ([`legacy::upgrade`]).
+pub const FORMAT_VERSION: u64 = 4;
 const FORMAT: &str = "format";
 /// `meta` keys of banned numbers: this prefix, then the number.
 const BAN: &str = "ban:";
@@ -416,6 +422,7 @@ impl RedbStore {
     /// missing one, and starts the committer thread.
     fn init(db: Database, max_batch: usize) -> Result<Self, StoreError> {
         let txn = db.begin_write()?;
+        let mut upgrade_marks = false;
         {
             let mut meta = txn.open_table(META)?;
             let stored = match meta.get(FORMAT)? {
@@ -433,26 +440,25 @@ impl RedbStore {
                 }
                 Some(version) if version == FORMAT_VERSION => {}
                 // Older formats: every table is created below, which is all
-                // an upgrade from 1 needs.
+                // an upgrade from 1 to 3 needs; 4 moves the marks.
                 Some(_) | None => {
                     meta.insert(FORMAT, &FORMAT_VERSION.to_be_bytes()[..])?;
+                    upgrade_marks = true;
                 }
             }
+        }
+        if upgrade_marks {
+            legacy::upgrade(&txn)?;
         }
         txn.open_table(ACCOUNTS)?;
         txn.open_table(PHONES)?;
         txn.open_table(DEVICES)?;
         txn.open_table(ACCOUNT_DEVICES)?;
         txn.open_table(VERIFICATIONS)?;
-        txn.open_table(LOG)?;
+        txn.open_table(ROWS)?;
         txn.open_table(EXPIRIES)?;
         txn.open_table(OUTBOX)?;
-        txn.open_table(COUNTERS)?;
         txn.open_table(CLIENT_IDS)?;
-        txn.open_table(INBOUND)?;
-        txn.open_table(CURSORS)?;
-        txn.open_table(RECEIPTS)?;
-        txn.open_table(CONTACTS)?;
         txn.open_table(SETTINGS)?;
         txn.open_table(BLOCKS)?;
         txn.open_table(PINS)?;
@@ -528,8 +534,7 @@ impl RedbStore {
     async fn receipt_slot(&self, account: AccountId, peer: AccountId, slot: u8) -> Result<u64, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(RECEIPTS)?;
-            Ok(table.get((account.0, peer.0, slot))?.map(|v| v.value()).unwrap_or(0))
+            Ok(peer_marks(&txn.open_table(ROWS)?, account.0, peer.0)?.slot(slot).unwrap_or(0))
         })
     }
 }
@@ -556,23 +561,168 @@ fn next_id(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {
 }
 
 fn read_counters(txn: &redb::WriteTransaction, account: u64) -> Result<Counters, StoreError> {
-    let table = txn.open_table(COUNTERS)?;
-    let value = table.get(account)?;
-    Ok(value
-        .map(|v| {
-            let (next_seq, next_outbox) = v.value();
-            Counters { next_seq, next_outbox }
-        })
-        .unwrap_or_default())
+    Ok(own_marks(&txn.open_table(ROWS)?, account)?.counters.unwrap_or_default())
+}
+
+/// The account's own row of [`ROWS`] (empty when it has none yet).
+fn own_marks(table: &impl ReadableTable<(u64, u8, u64), &'static [u8]>, account: u64) -> Result<OwnMarks, StoreError> {
+    match table.get((account, MARK_ROW, OWN))? {
+        Some(raw) => OwnMarks::decode(raw.value()),
+        None => Ok(OwnMarks::default()),
+    }
+}
+
+/// The account's row about `peer` in [`ROWS`] (empty when it has none).
+fn peer_marks(
+    table: &impl ReadableTable<(u64, u8, u64), &'static [u8]>,
+    account: u64,
+    peer: u64,
+) -> Result<PeerMarks, StoreError> {
+    if peer == OWN {
+        return Err(StoreError::Invariant(format!("account {account} names peer {OWN}, which is no account")));
+    }
+    match table.get((account, MARK_ROW, peer))? {
+        Some(raw) => PeerMarks::decode(raw.value()),
+        None => Ok(PeerMarks::default()),
+    }
+}
+
+/// The row about `peer` among those a write is changing, read from
+/// [`ROWS`] the first time.
+fn loaded<'m>(
+    rows: &'m mut std::collections::BTreeMap<u64, PeerMarks>,
+    table: &impl ReadableTable<(u64, u8, u64), &'static [u8]>,
+    account: u64,
+    peer: u64,
+) -> Result<&'m mut PeerMarks, StoreError> {
+    Ok(match rows.entry(peer) {
+        std::collections::btree_map::Entry::Occupied(row) => row.into_mut(),
+        std::collections::btree_map::Entry::Vacant(row) => row.insert(peer_marks(table, account, peer)?),
+    })
+}
+
+/// Rewrites the account's own row of [`ROWS`] after `change`; a row left
+/// with nothing in it is removed.
+fn update_own(
+    table: &mut redb::Table<(u64, u8, u64), &'static [u8]>,
+    account: u64,
+    change: impl FnOnce(&mut OwnMarks),
+) -> Result<(), StoreError> {
+    let mut own = own_marks(table, account)?;
+    change(&mut own);
+    if own == OwnMarks::default() {
+        table.remove((account, MARK_ROW, OWN))?;
+    } else {
+        table.insert((account, MARK_ROW, OWN), own.encode().as_slice())?;
+    }
+    Ok(())
+}
+
+/// The tables of store formats 1 to 3 that format 4 merged into [`ROWS`],
+/// kept to upgrade such a store.
+pub(crate) mod legacy {
+    use super::{LOG_ROW, MARK_ROW, ROWS, update_own};
+    use crate::StoreError;
+    use crate::record::{INBOUND_SLOT, PeerMarks};
+    use redb::{ReadableTable, TableDefinition};
+
+    /// (account, seq) → encoded log entry.
+    pub(crate) const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+    /// account → (next log seq, next outbox seq).
+    pub(crate) const COUNTERS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("counters");
+    /// (account, source account) → highest outbox seq applied from it.
+    pub(crate) const INBOUND: TableDefinition<(u64, u64), u64> = TableDefinition::new("inbound");
+    /// (account, device) → highest log seq the device acknowledged.
+    pub(crate) const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors");
+    /// (account, peer, slot) → a high-water mark, slots as in
+    /// [`PeerMarks`].
+    pub(crate) const RECEIPTS: TableDefinition<(u64, u64, u8), u64> = TableDefinition::new("receipts");
+    /// (account, peer) for every peer the account sent a message to.
+    pub(crate) const CONTACTS: TableDefinition<(u64, u64), ()> = TableDefinition::new("contacts");
+
+    /// Moves every row of the six tables into [`ROWS`] and deletes them,
+    /// inside the transaction that records the new format: an upgrade is
+    /// whole or not at all (and rewrites every log entry once). A store
+    /// without them (a new one) gains nothing.
+    pub(crate) fn upgrade(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let names: Vec<String> = txn.list_tables()?.map(|t| redb::TableHandle::name(&t).to_owned()).collect();
+        let has = |name: &str| names.iter().any(|n| n == name);
+        let mut marks = txn.open_table(ROWS)?;
+        if has("log") {
+            for row in txn.open_table(LOG)?.iter()? {
+                let (k, v) = row?;
+                let (account, seq) = k.value();
+                marks.insert((account, LOG_ROW, seq), v.value())?;
+            }
+        }
+        let mut peer = |account: u64, peer: u64, change: &dyn Fn(&mut PeerMarks)| -> Result<(), StoreError> {
+            let mut row = super::peer_marks(&marks, account, peer)?;
+            change(&mut row);
+            marks.insert((account, MARK_ROW, peer), row.encode().as_slice())?;
+            Ok(())
+        };
+        if has("inbound") {
+            for row in txn.open_table(INBOUND)?.iter()? {
+                let (k, v) = row?;
+                let ((account, source), hwm) = (k.value(), v.value());
+                peer(account, source, &|m| m.set(INBOUND_SLOT, hwm))?;
+            }
+        }
+        if has("receipts") {
+            for row in txn.open_table(RECEIPTS)?.iter()? {
+                let (k, v) = row?;
+                let ((account, p, slot), hwm) = (k.value(), v.value());
+                peer(account, p, &|m| m.set(slot, hwm))?;
+            }
+        }
+        if has("contacts") {
+            for row in txn.open_table(CONTACTS)?.iter()? {
+                let (account, p) = row?.0.value();
+                peer(account, p, &|m| m.contact = true)?;
+            }
+        }
+        if has("counters") {
+            for row in txn.open_table(COUNTERS)?.iter()? {
+                let (k, v) = row?;
+                let (account, (next_seq, next_outbox)) = (k.value(), v.value());
+                update_own(&mut marks, account, |own| own.counters = Some(crate::Counters { next_seq, next_outbox }))?;
+            }
+        }
+        if has("cursors") {
+            for row in txn.open_table(CURSORS)?.iter()? {
+                let (k, v) = row?;
+                let ((account, device), seq) = (k.value(), v.value());
+                update_own(&mut marks, account, |own| own.set_cursor(device, seq))?;
+            }
+        }
+        drop(marks);
+        txn.delete_table(LOG)?;
+        txn.delete_table(INBOUND)?;
+        txn.delete_table(RECEIPTS)?;
+        txn.delete_table(CONTACTS)?;
+        txn.delete_table(COUNTERS)?;
+        txn.delete_table(CURSORS)?;
+        Ok(())
+    }
 }
 
 /// Applies one account's changes inside an open transaction.
 fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), StoreError> {
     let a = w.account.0;
-    if !w.appends.is_empty() {
-        let mut log = txn.open_table(LOG)?;
+    let own_changed = w.counters.is_some() || !w.cursors.is_empty();
+    let peers_changed = !w.inbound.is_empty()
+        || !w.receipts.is_empty()
+        || !w.read_markers.is_empty()
+        || !w.received.is_empty()
+        || !w.contacts.is_empty();
+    // The log and the marks are one table: opened once.
+    let mut table = match !w.appends.is_empty() || !w.replaces.is_empty() || own_changed || peers_changed {
+        true => Some(txn.open_table(ROWS)?),
+        false => None,
+    };
+    if let (false, Some(log)) = (w.appends.is_empty(), table.as_mut()) {
         for (seq, entry) in &w.appends {
-            log.insert((a, *seq), encode_entry(entry).as_slice())?;
+            log.insert((a, LOG_ROW, *seq), encode_entry(entry).as_slice())?;
         }
         let mut expiries = w.expiries().peekable();
         if expiries.peek().is_some() {
@@ -582,13 +732,12 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
             }
         }
     }
-    if !w.replaces.is_empty() {
-        let mut log = txn.open_table(LOG)?;
+    if let (false, Some(log)) = (w.replaces.is_empty(), table.as_mut()) {
         for (seq, entry) in &w.replaces {
-            if log.get((a, *seq))?.is_none() {
+            if log.get((a, LOG_ROW, *seq))?.is_none() {
                 return Err(StoreError::Invariant(format!("rewrite of {a}'s log entry {seq}, which does not exist")));
             }
-            log.insert((a, *seq), encode_entry(entry).as_slice())?;
+            log.insert((a, LOG_ROW, *seq), encode_entry(entry).as_slice())?;
         }
     }
     if !w.outbox_puts.is_empty() || !w.outbox_deletes.is_empty() {
@@ -600,43 +749,40 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
             outbox.remove((a, *seq))?;
         }
     }
-    if let Some(c) = w.counters {
-        txn.open_table(COUNTERS)?.insert(a, (c.next_seq, c.next_outbox))?;
-    }
     if !w.client_ids.is_empty() {
         let mut table = txn.open_table(CLIENT_IDS)?;
         for (device, client_id, seq) in &w.client_ids {
             table.insert((a, device.0, client_id.as_str()), *seq)?;
         }
     }
-    if !w.inbound.is_empty() {
-        let mut table = txn.open_table(INBOUND)?;
-        for (source, hwm) in &w.inbound {
-            table.insert((a, source.0), *hwm)?;
+    if let Some(table) = table.as_mut() {
+        if own_changed {
+            update_own(table, a, |own| {
+                if let Some(c) = w.counters {
+                    own.counters = Some(c);
+                }
+                for (device, seq) in &w.cursors {
+                    own.set_cursor(device.0, *seq);
+                }
+            })?;
         }
-    }
-    if !w.cursors.is_empty() {
-        let mut table = txn.open_table(CURSORS)?;
-        for (device, seq) in &w.cursors {
-            table.insert((a, device.0), *seq)?;
-        }
-    }
-    if !w.receipts.is_empty() || !w.read_markers.is_empty() || !w.received.is_empty() {
-        let mut table = txn.open_table(RECEIPTS)?;
-        for (peer, up_to) in &w.received {
-            table.insert((a, peer.0, RECEIVED_SLOT), *up_to)?;
-        }
-        for (peer, kind, up_to) in &w.receipts {
-            table.insert((a, peer.0, kind_byte(*kind)), *up_to)?;
-        }
-        for (peer, up_to) in &w.read_markers {
-            table.insert((a, peer.0, READ_MARKER_SLOT), *up_to)?;
-        }
-    }
-    if !w.contacts.is_empty() {
-        let mut table = txn.open_table(CONTACTS)?;
-        for peer in &w.contacts {
-            table.insert((a, peer.0), ())?;
+        if peers_changed {
+            // Each peer's row read once, changed in the order the separate
+            // tables were written, and written once.
+            let mut rows: std::collections::BTreeMap<u64, PeerMarks> = std::collections::BTreeMap::new();
+            let changes = (w.inbound.iter().map(|(p, v)| (p.0, INBOUND_SLOT, *v)))
+                .chain(w.received.iter().map(|(p, v)| (p.0, RECEIVED_SLOT, *v)))
+                .chain(w.receipts.iter().map(|(p, kind, v)| (p.0, kind_byte(*kind), *v)))
+                .chain(w.read_markers.iter().map(|(p, v)| (p.0, READ_MARKER_SLOT, *v)));
+            for (peer, slot, value) in changes {
+                loaded(&mut rows, table, a, peer)?.set(slot, value);
+            }
+            for peer in &w.contacts {
+                loaded(&mut rows, table, a, peer.0)?.contact = true;
+            }
+            for (peer, marks) in rows {
+                table.insert((a, MARK_ROW, peer), marks.encode().as_slice())?;
+            }
         }
     }
     if let Some(meta) = &w.group {
@@ -796,7 +942,7 @@ impl AccountStore for RedbStore {
             };
             devices.insert(new_device.id.0, encode(&new_device)?.as_slice())?;
             index.insert((account.id.0, new_device.id.0), ())?;
-            txn.open_table(CURSORS)?.insert((account.id.0, new_device.id.0), start)?;
+            update_own(&mut txn.open_table(ROWS)?, account.id.0, |own| own.set_cursor(new_device.id.0, start))?;
             Ok(Registration { account, device: new_device, created, removed_devices })
         })
         .await
@@ -830,7 +976,7 @@ impl AccountStore for RedbStore {
             };
             txn.open_table(DEVICES)?.insert(new_device.id.0, encode(&new_device)?.as_slice())?;
             index.insert((account.0, new_device.id.0), ())?;
-            txn.open_table(CURSORS)?.insert((account.0, new_device.id.0), start)?;
+            update_own(&mut txn.open_table(ROWS)?, account.0, |own| own.set_cursor(new_device.id.0, start))?;
             Ok(Ok(new_device))
         })
         .await?
@@ -846,7 +992,7 @@ impl AccountStore for RedbStore {
             let mut record = indexed_device(&devices, device.0)?;
             record.removed_at_ms = Some(now_ms);
             devices.insert(device.0, encode(&record)?.as_slice())?;
-            txn.open_table(CURSORS)?.remove((account.0, device.0))?;
+            update_own(&mut txn.open_table(ROWS)?, account.0, |own| own.remove_cursor(device.0))?;
             drop_keys(txn, device.0)?;
             Ok(true)
         })
@@ -895,13 +1041,14 @@ impl AccountStore for RedbStore {
                 }
             }
             let pairs = (a, 0)..(a + 1, 0);
-            txn.open_table(LOG)?.retain_in(pairs.clone(), |_, _| false)?;
-            txn.open_table(INBOUND)?.retain_in(pairs.clone(), |_, _| false)?;
-            txn.open_table(CURSORS)?.retain_in(pairs.clone(), |_, _| false)?;
-            txn.open_table(CONTACTS)?.retain_in(pairs.clone(), |_, _| false)?;
+            // The log goes, and the marks but the counters (sequence
+            // numbers are never reused).
+            let mut rows = txn.open_table(ROWS)?;
+            rows.retain_in((a, LOG_ROW, 0)..(a, MARK_ROW, OWN), |_, _| false)?;
+            rows.retain_in((a, MARK_ROW, OWN + 1)..(a + 1, 0, 0), |_, _| false)?;
+            update_own(&mut rows, a, |own| own.cursors.clear())?;
             txn.open_table(BLOCKS)?.retain_in(pairs.clone(), |_, _| false)?;
             txn.open_table(CONTACT_NAMES)?.retain_in(pairs, |_, _| false)?;
-            txn.open_table(RECEIPTS)?.retain_in((a, 0, 0)..(a + 1, 0, 0), |_, _| false)?;
             txn.open_table(CLIENT_IDS)?.retain_in((a, 0, "")..(a + 1, 0, ""), |_, _| false)?;
             txn.open_table(SETTINGS)?.remove(a)?;
             txn.open_table(PINS)?.remove(a)?;
@@ -1089,7 +1236,10 @@ impl SettingsStore for RedbStore {
             return Ok(());
         }
         self.write(move |txn| {
-            txn.open_table(CONTACTS)?.insert((account.0, peer.0), ())?;
+            let mut marks = txn.open_table(ROWS)?;
+            let mut row = peer_marks(&marks, account.0, peer.0)?;
+            row.contact = true;
+            marks.insert((account.0, MARK_ROW, peer.0), row.encode().as_slice())?;
             Ok(())
         })
         .await
@@ -1377,16 +1527,16 @@ impl MessageStore for RedbStore {
                 .take(limit)
                 .map(|row| row.map(|(k, _)| k.value()))
                 .collect::<Result<_, _>>()?;
-            let mut log = txn.open_table(LOG)?;
+            let mut log = txn.open_table(ROWS)?;
             for &(at, account, seq) in &due {
                 index.remove((at, account, seq))?;
-                let purged = match log.get((account, seq))? {
+                let purged = match log.get((account, LOG_ROW, seq))? {
                     Some(stored) => crate::purged_entry(&decode_entry(stored.value())?),
                     // The account was deleted since.
                     None => None,
                 };
                 if let Some(entry) = purged {
-                    log.insert((account, seq), encode_entry(&entry).as_slice())?;
+                    log.insert((account, LOG_ROW, seq), encode_entry(&entry).as_slice())?;
                 }
             }
             Ok(due.len())
@@ -1397,14 +1547,7 @@ impl MessageStore for RedbStore {
     async fn account_state(&self, account: AccountId) -> Result<AccountState, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let counters = txn
-                .open_table(COUNTERS)?
-                .get(account.0)?
-                .map(|v| {
-                    let (next_seq, next_outbox) = v.value();
-                    Counters { next_seq, next_outbox }
-                })
-                .unwrap_or_default();
+            let counters = own_marks(&txn.open_table(ROWS)?, account.0)?.counters.unwrap_or_default();
             let table = txn.open_table(OUTBOX)?;
             let mut outbox = Vec::new();
             for entry in table.range((account.0, 0)..=(account.0, u64::MAX))? {
@@ -1412,8 +1555,8 @@ impl MessageStore for RedbStore {
                 let item = match decode_outbox(value.value())? {
                     StoredOutbox::Item(item) => item,
                     StoredOutbox::GroupEvent { to, seq } => {
-                        let log = txn.open_table(LOG)?;
-                        let raw = log.get((account.0, seq))?;
+                        let log = txn.open_table(ROWS)?;
+                        let raw = log.get((account.0, LOG_ROW, seq))?;
                         let raw =
                             raw.ok_or_else(|| StoreError::Corrupt(format!("outbox names missing event {seq}")))?;
                         match decode_entry(raw.value())? {
@@ -1455,11 +1598,11 @@ impl MessageStore for RedbStore {
     async fn read_log(&self, account: AccountId, from: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(LOG)?;
+            let table = txn.open_table(ROWS)?;
             let mut out = Vec::new();
-            for entry in table.range((account.0, from)..=(account.0, u64::MAX))?.take(limit) {
+            for entry in table.range((account.0, LOG_ROW, from)..=(account.0, LOG_ROW, u64::MAX))?.take(limit) {
                 let (key, value) = entry?;
-                out.push((key.value().1, decode_entry(value.value())?));
+                out.push((key.value().2, decode_entry(value.value())?));
             }
             Ok(out)
         })
@@ -1473,14 +1616,14 @@ impl MessageStore for RedbStore {
     ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(LOG)?;
+            let table = txn.open_table(ROWS)?;
             let mut out = Vec::new();
             if before == 0 {
                 return Ok(out);
             }
-            for entry in table.range((account.0, 0)..(account.0, before))?.rev().take(limit) {
+            for entry in table.range((account.0, LOG_ROW, 0)..(account.0, LOG_ROW, before))?.rev().take(limit) {
                 let (key, value) = entry?;
-                out.push((key.value().1, decode_entry(value.value())?));
+                out.push((key.value().2, decode_entry(value.value())?));
             }
             Ok(out)
         })
@@ -1489,20 +1632,19 @@ impl MessageStore for RedbStore {
     async fn is_contact(&self, account: AccountId, peer: AccountId) -> Result<bool, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(CONTACTS)?;
-            Ok(table.get((account.0, peer.0))?.is_some())
+            Ok(peer_marks(&txn.open_table(ROWS)?, account.0, peer.0)?.contact)
         })
     }
 
     async fn receipt_state(&self, account: AccountId) -> Result<ReceiptState, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(RECEIPTS)?;
+            let table = txn.open_table(ROWS)?;
             let mut rows = Vec::new();
-            for entry in table.range((account.0, 0, 0)..=(account.0, u64::MAX, u8::MAX))? {
+            for entry in table.range((account.0, MARK_ROW, OWN + 1)..=(account.0, MARK_ROW, u64::MAX))? {
                 let (key, value) = entry?;
-                let (_, peer, slot) = key.value();
-                rows.push((peer, slot, value.value()));
+                let peer = key.value().2;
+                rows.extend(PeerMarks::decode(value.value())?.receipt_rows().map(|(slot, v)| (peer, slot, v)));
             }
             Ok(receipt_state(rows))
         })
@@ -1525,16 +1667,14 @@ impl MessageStore for RedbStore {
     async fn inbound(&self, account: AccountId, source: AccountId) -> Result<u64, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(INBOUND)?;
-            Ok(table.get((account.0, source.0))?.map(|v| v.value()).unwrap_or(0))
+            Ok(peer_marks(&txn.open_table(ROWS)?, account.0, source.0)?.slot(INBOUND_SLOT).unwrap_or(0))
         })
     }
 
     async fn cursor(&self, account: AccountId, device: DeviceId) -> Result<Option<u64>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(CURSORS)?;
-            Ok(table.get((account.0, device.0))?.map(|v| v.value()))
+            Ok(own_marks(&txn.open_table(ROWS)?, account.0)?.cursor(device.0))
         })
     }
 
@@ -1689,6 +1829,74 @@ mod tests {
         let txn = store.db.begin_read().unwrap();
         let format = txn.open_table(META).unwrap().get(FORMAT).unwrap().map(|v| v.value().to_vec());
         assert_eq!(format, Some(FORMAT_VERSION.to_be_bytes().to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_format_three_store_has_its_log_and_five_tables_of_marks_moved_into_one() {
+        use legacy::{CONTACTS, COUNTERS, CURSORS, INBOUND, LOG, RECEIPTS};
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(&dir).await;
+        let (a, b, c) = (AccountId(1), AccountId(2), AccountId(3));
+        let receipt = |seq| LogEntry::Receipt { peer: c, kind: ReceiptKind::Read, up_to: seq, at_ms: 9 };
+        {
+            // A store as format 3 wrote it: the log and the marks in six tables.
+            let db = redb::Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(FORMAT, &3u64.to_be_bytes()[..]).unwrap();
+            assert!(txn.delete_table(ROWS).unwrap());
+            let mut log = txn.open_table(LOG).unwrap();
+            for (account, seq) in [(a, 1), (a, 2), (b, 1)] {
+                log.insert((account.0, seq), encode_entry(&receipt(seq)).as_slice()).unwrap();
+            }
+            drop(log);
+            txn.open_table(COUNTERS).unwrap().insert(a.0, (7, 3)).unwrap();
+            let mut cursors = txn.open_table(CURSORS).unwrap();
+            cursors.insert((a.0, 0), 6).unwrap();
+            cursors.insert((a.0, 1), 5).unwrap();
+            cursors.insert((b.0, 4), 0).unwrap();
+            drop(cursors);
+            txn.open_table(INBOUND).unwrap().insert((a.0, b.0), 4).unwrap();
+            let mut receipts = txn.open_table(RECEIPTS).unwrap();
+            receipts.insert((a.0, b.0, 0), 2).unwrap();
+            receipts.insert((a.0, b.0, 1), 1).unwrap();
+            receipts.insert((a.0, c.0, READ_MARKER_SLOT), 3).unwrap();
+            receipts.insert((a.0, c.0, RECEIVED_SLOT), 6).unwrap();
+            drop(receipts);
+            txn.open_table(CONTACTS).unwrap().insert((a.0, b.0), ()).unwrap();
+            txn.commit().unwrap();
+        }
+        for _ in 0..2 {
+            // Upgraded on the first open; the second finds format 4 and changes nothing.
+            let store = RedbStore::open(&path).unwrap();
+            assert_eq!(store.account_state(a).await.unwrap().counters, Counters { next_seq: 7, next_outbox: 3 });
+            assert_eq!(store.account_state(b).await.unwrap().counters, Counters::default());
+            assert_eq!(store.cursor(a, DeviceId(0)).await.unwrap(), Some(6));
+            assert_eq!(store.cursor(a, DeviceId(1)).await.unwrap(), Some(5));
+            assert_eq!(store.cursor(b, DeviceId(4)).await.unwrap(), Some(0), "a cursor at 0 is still there");
+            assert_eq!(store.cursor(a, DeviceId(4)).await.unwrap(), None);
+            assert_eq!(store.inbound(a, b).await.unwrap(), 4);
+            assert_eq!(store.inbound(a, c).await.unwrap(), 0);
+            assert_eq!(store.read_log(a, 0, 10).await.unwrap(), vec![(1, receipt(1)), (2, receipt(2))]);
+            assert_eq!(store.read_log_before(a, 2, 10).await.unwrap(), vec![(1, receipt(1))]);
+            assert_eq!(store.read_log(b, 0, 10).await.unwrap(), vec![(1, receipt(1))]);
+            assert!(store.read_log(c, 0, 10).await.unwrap().is_empty());
+            assert_eq!(store.receipt(a, b, ReceiptKind::Delivered).await.unwrap(), 2);
+            assert_eq!(store.receipt(a, b, ReceiptKind::Read).await.unwrap(), 1);
+            assert_eq!(store.read_marker(a, c).await.unwrap(), 3);
+            assert_eq!(store.received(a, c).await.unwrap(), 6);
+            let receipts = store.receipt_state(a).await.unwrap();
+            assert_eq!(receipts.received, vec![(b, 2, 1)]);
+            assert_eq!(receipts.read_markers, vec![(c, 3)]);
+            assert!(store.is_contact(a, b).await.unwrap());
+            assert!(!store.is_contact(a, c).await.unwrap(), "marks about a peer do not make it a contact");
+            let txn = store.db.begin_read().unwrap();
+            let format = txn.open_table(META).unwrap().get(FORMAT).unwrap().map(|v| v.value().to_vec());
+            assert_eq!(format, Some(4u64.to_be_bytes().to_vec()));
+            let tables: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_owned()).collect();
+            for gone in ["log", "counters", "cursors", "inbound", "receipts", "contacts"] {
+                assert!(!tables.iter().any(|t| t == gone), "{gone} is still there: {tables:?}");
+            }
+        }
     }
 
     #[tokio::test]
