@@ -46,8 +46,6 @@ use tokio::sync::{oneshot, watch};
 
 /// Mail taken in one batch at most.
 const MAX_BATCH: usize = 256;
-/// How long deferred cleanup may wait for a write to ride along with.
-const CLEANUP_DELAY: Duration = Duration::from_secs(1);
 /// Log entries searched for a peer's newest message when the account has
 /// no stored "received" mark for it (data written by older versions).
 const LEGACY_RECEIVED_SCAN: usize = 512;
@@ -314,6 +312,11 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
     let Some(mut shell) = Box::pin(start).await else { return };
     metrics::gauge!("skylark_actors").increment(1.0);
     let idle = Duration::from_millis(ctx.config.actor_idle_ms);
+    // How long deferred cleanup waits for a write to ride along with: long
+    // enough for the next message of a conversation (people answer in
+    // seconds), so acks and forward confirmations seldom cost a commit of
+    // their own (docs/BENCHMARKS.md, "step 5").
+    let cleanup_delay = Duration::from_millis(ctx.config.cleanup_delay_ms);
     let shutdown = ctx.registry.shutdown.clone();
     let mut batch = Vec::new();
     // False once memory may be ahead of the store: deferred cleanup is then
@@ -323,6 +326,10 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
     let mut moving = false;
     loop {
         let cleanup_held = !shell.machine.cleanup.is_empty();
+        // An actor due to retire before its cleanup is due retires, and
+        // writes the cleanup as it goes (below the loop).
+        let retire_first = shell.machine.is_quiet() && idle <= cleanup_delay;
+        let wait = if cleanup_held && !retire_first { cleanup_delay } else { idle };
         let received = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -341,10 +348,8 @@ pub(crate) async fn run(ctx: Ctx, start: Start, mut mailbox: lane::Receiver<Msg>
             // One timer for two jobs: writing deferred cleanup once the actor
             // has been quiet for a moment, and retiring it once it has been
             // idle for longer.
-            _ = tokio::time::sleep(if cleanup_held { CLEANUP_DELAY } else { idle }),
-                if shell.machine.is_idle() || cleanup_held =>
-            {
-                if cleanup_held {
+            _ = tokio::time::sleep(wait), if shell.machine.is_quiet() || cleanup_held => {
+                if cleanup_held && !retire_first {
                     if Box::pin(shell.write_cleanup()).await.is_err() {
                         healthy = false;
                         Box::pin(stop_failed(&ctx, account, generation, &mut mailbox)).await;

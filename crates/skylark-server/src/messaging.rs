@@ -22,6 +22,14 @@ pub struct MessagingConfig {
     /// catch up on starts no actor at all. The state is reloaded from the
     /// store when needed.
     pub actor_idle_ms: u64,
+    /// Acks and forward confirmations need no commit of their own: they
+    /// wait this long for a durable write of the same account to ride
+    /// along with (the next message of a conversation, usually), and are
+    /// written alone after it, or when the actor stops. A crash loses at
+    /// most this much of them, which only repeats harmless work: devices
+    /// are handed again what they acknowledged meanwhile (clients drop it
+    /// by id).
+    pub cleanup_delay_ms: u64,
     /// First retry delay of a forward between actors; doubles per attempt,
     /// with full jitter, up to `forward_retry_max_ms`.
     pub forward_retry_base_ms: u64,
@@ -58,6 +66,7 @@ impl Default for MessagingConfig {
             max_payload_bytes: 64 * 1024,
             device_window: 256,
             actor_idle_ms: 5 * 60_000,
+            cleanup_delay_ms: 10_000,
             forward_retry_base_ms: 50,
             forward_retry_max_ms: 30_000,
             forward_timeout_ms: 10_000,

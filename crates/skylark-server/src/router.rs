@@ -702,7 +702,8 @@ mod tests {
         let store = Arc::new(RedbStore::in_memory().unwrap());
         let alice = account(&store, "+15550900021").await;
         let _bob = account(&store, "+15550900022").await;
-        let router = Router::new(store.clone(), Arc::new(SystemClock), MessagingConfig::default());
+        let config = MessagingConfig { cleanup_delay_ms: 300, ..MessagingConfig::default() };
+        let router = Router::new(store.clone(), Arc::new(SystemClock), config);
         // Alice's device is handed what her other device sent (seq 1) and
         // acks it.
         let mut events = router.attach(alice.0, alice.1, 1).await.unwrap();

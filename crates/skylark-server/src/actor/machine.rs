@@ -576,7 +576,12 @@ impl Machine {
     /// windows of its attached connections are set aside and resumed as
     /// they are by its successor ([`Machine::resume`]).
     pub fn is_idle(&self) -> bool {
-        self.outbox.is_empty() && self.cleanup.is_empty() && self.settled()
+        self.is_quiet() && self.cleanup.is_empty()
+    }
+
+    /// Idle but for deferred cleanup (which is written as an actor stops).
+    pub fn is_quiet(&self) -> bool {
+        self.outbox.is_empty() && self.settled()
     }
 
     /// Every attached connection has been handed the whole log, has
