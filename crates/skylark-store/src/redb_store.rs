@@ -572,14 +572,15 @@ fn own_marks(table: &impl ReadableTable<(u64, u8, u64), &'static [u8]>, account:
     }
 }
 
-/// The account's row about `peer` in [`ROWS`] (empty when it has none).
+/// The account's row about `peer` in [`ROWS`] (empty when it has none;
+/// always for peer 0, which is no account).
 fn peer_marks(
     table: &impl ReadableTable<(u64, u8, u64), &'static [u8]>,
     account: u64,
     peer: u64,
 ) -> Result<PeerMarks, StoreError> {
     if peer == OWN {
-        return Err(StoreError::Invariant(format!("account {account} names peer {OWN}, which is no account")));
+        return Ok(PeerMarks::default());
     }
     match table.get((account, MARK_ROW, peer))? {
         Some(raw) => PeerMarks::decode(raw.value()),
@@ -599,6 +600,21 @@ fn loaded<'m>(
         std::collections::btree_map::Entry::Occupied(row) => row.into_mut(),
         std::collections::btree_map::Entry::Vacant(row) => row.insert(peer_marks(table, account, peer)?),
     })
+}
+
+/// Writes the account's row about `peer`, refusing peer 0 (no account has
+/// it, and its key is the account's own row).
+fn put_peer_marks(
+    table: &mut redb::Table<(u64, u8, u64), &'static [u8]>,
+    account: u64,
+    peer: u64,
+    marks: &PeerMarks,
+) -> Result<(), StoreError> {
+    if peer == OWN {
+        return Err(StoreError::Invariant(format!("account {account} names peer {OWN}, which is no account")));
+    }
+    table.insert((account, MARK_ROW, peer), marks.encode().as_slice())?;
+    Ok(())
 }
 
 /// Rewrites the account's own row of [`ROWS`] after `change`; a row left
@@ -621,7 +637,7 @@ fn update_own(
 /// The tables of store formats 1 to 3 that format 4 merged into [`ROWS`],
 /// kept to upgrade such a store.
 pub(crate) mod legacy {
-    use super::{LOG_ROW, MARK_ROW, ROWS, update_own};
+    use super::{LOG_ROW, ROWS, update_own};
     use crate::StoreError;
     use crate::record::{INBOUND_SLOT, PeerMarks};
     use redb::{ReadableTable, TableDefinition};
@@ -658,8 +674,7 @@ pub(crate) mod legacy {
         let mut peer = |account: u64, peer: u64, change: &dyn Fn(&mut PeerMarks)| -> Result<(), StoreError> {
             let mut row = super::peer_marks(&marks, account, peer)?;
             change(&mut row);
-            marks.insert((account, MARK_ROW, peer), row.encode().as_slice())?;
-            Ok(())
+            super::put_peer_marks(&mut marks, account, peer, &row)
         };
         if has("inbound") {
             for row in txn.open_table(INBOUND)?.iter()? {
@@ -716,10 +731,8 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
         || !w.received.is_empty()
         || !w.contacts.is_empty();
     // The log and the marks are one table: opened once.
-    let mut table = match !w.appends.is_empty() || !w.replaces.is_empty() || own_changed || peers_changed {
-        true => Some(txn.open_table(ROWS)?),
-        false => None,
-    };
+    let log_changed = !w.appends.is_empty() || !w.replaces.is_empty();
+    let mut table = if log_changed || own_changed || peers_changed { Some(txn.open_table(ROWS)?) } else { None };
     if let (false, Some(log)) = (w.appends.is_empty(), table.as_mut()) {
         for (seq, entry) in &w.appends {
             log.insert((a, LOG_ROW, *seq), encode_entry(entry).as_slice())?;
@@ -781,7 +794,7 @@ fn apply_write(txn: &redb::WriteTransaction, w: &AccountWrite) -> Result<(), Sto
                 loaded(&mut rows, table, a, peer.0)?.contact = true;
             }
             for (peer, marks) in rows {
-                table.insert((a, MARK_ROW, peer), marks.encode().as_slice())?;
+                put_peer_marks(table, a, peer, &marks)?;
             }
         }
     }
@@ -1239,8 +1252,7 @@ impl SettingsStore for RedbStore {
             let mut marks = txn.open_table(ROWS)?;
             let mut row = peer_marks(&marks, account.0, peer.0)?;
             row.contact = true;
-            marks.insert((account.0, MARK_ROW, peer.0), row.encode().as_slice())?;
-            Ok(())
+            put_peer_marks(&mut marks, account.0, peer.0, &row)
         })
         .await
     }
@@ -1897,6 +1909,29 @@ mod tests {
                 assert!(!tables.iter().any(|t| t == gone), "{gone} is still there: {tables:?}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn marks_about_peer_zero_are_refused_and_the_own_row_stays() {
+        // Peer 0 is no account, and its key is the account's own row.
+        let store = RedbStore::in_memory().unwrap();
+        let (a, zero) = (AccountId(1), AccountId(0));
+        let mut w = AccountWrite::new(a);
+        w.counters = Some(Counters { next_seq: 5, next_outbox: 2 });
+        w.cursors.push((DeviceId(3), 4));
+        store.apply(w).await.unwrap();
+        let mut w = AccountWrite::new(a);
+        w.inbound.push((zero, 9));
+        assert!(matches!(store.apply(w).await, Err(StoreError::Invariant(_))));
+        let mut w = AccountWrite::new(a);
+        w.contacts.push(zero);
+        assert!(matches!(store.apply(w).await, Err(StoreError::Invariant(_))));
+        assert!(matches!(store.add_contact(a, zero).await, Err(StoreError::Invariant(_))));
+        assert_eq!(store.account_state(a).await.unwrap().counters, Counters { next_seq: 5, next_outbox: 2 });
+        assert_eq!(store.cursor(a, DeviceId(3)).await.unwrap(), Some(4));
+        assert_eq!(store.inbound(a, zero).await.unwrap(), 0, "read as nothing, not as the own row");
+        assert!(!store.is_contact(a, zero).await.unwrap());
+        assert_eq!(store.receipt_state(a).await.unwrap(), ReceiptState::default());
     }
 
     #[tokio::test]
