@@ -155,6 +155,15 @@ const PEER_SLOTS: usize = 5;
 const CONTACT_FLAG: u8 = 1 << PEER_SLOTS;
 const MARKS_VERSION: u8 = 1;
 
+/// A reader past the version byte of a marks row.
+fn marks_reader(bytes: &[u8]) -> Result<Reader<'_>, StoreError> {
+    let mut r = Reader::new(bytes);
+    if r.u8()? != MARKS_VERSION {
+        return Err(corrupt("marks version"));
+    }
+    Ok(r)
+}
+
 /// What one account keeps about one peer, as one row of the embedded
 /// store's `marks` table: the slots above (receipts received from the
 /// peer, the read marker, how far the peer's messages were received, how
@@ -186,10 +195,7 @@ impl PeerMarks {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        let mut r = Reader::new(bytes);
-        if r.u8()? != MARKS_VERSION {
-            return Err(corrupt("marks version"));
-        }
+        let mut r = marks_reader(bytes)?;
         let flags = r.u8()?;
         if flags & !(CONTACT_FLAG | (CONTACT_FLAG - 1)) != 0 {
             return Err(corrupt("marks flags"));
@@ -252,10 +258,7 @@ impl OwnMarks {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        let mut r = Reader::new(bytes);
-        if r.u8()? != MARKS_VERSION {
-            return Err(corrupt("marks version"));
-        }
+        let mut r = marks_reader(bytes)?;
         let counters = match r.u8()? {
             0 => None,
             1 => Some(crate::Counters { next_seq: r.u64()?, next_outbox: r.u64()? }),
