@@ -455,7 +455,7 @@ pub async fn redb_to_postgres(
         pending.push(index_of("groups"), vec![int(id)?, canonical_json(&raw)?]).await?;
     }
 
-    progress("log");
+    progress("outbox");
     {
         let table = txn.open_table(redb_store::OUTBOX)?;
         for entry in table.iter()? {
@@ -472,7 +472,7 @@ pub async fn redb_to_postgres(
             pending.push(index_of("expiries"), vec![int(at)?, int(account)?, int(seq)?]).await?;
         }
     }
-    progress("counters");
+    progress("log and marks");
     {
         let table = txn.open_table(redb_store::CLIENT_IDS)?;
         for entry in table.iter()? {
