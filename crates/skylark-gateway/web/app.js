@@ -936,7 +936,7 @@ function apply(event, live, opened = null) {
     else state.names.delete(n.peerPhone);
   }
   else if (event.deviceChange) {
-    if (panelShows === "devices") showDevices();
+    if (panelShows === "devices") showDevices({ refresh: true });
     // A device linked or removed: this browser carries it into the
     // encrypted conversations (as any device of the account may).
     if (live && state.crypto) {
@@ -2342,8 +2342,12 @@ function showGroup(id) {
 
 $("devices").addEventListener("click", () => guarded(showDevices));
 
-async function showDevices() {
+/// The devices panel. A refresh (a device linked or removed meanwhile)
+/// draws it again only if it is still open: the user may have closed it
+/// while the list was being fetched.
+async function showDevices({ refresh = false } = {}) {
   const r = await state.session.request({ listDevices: {} });
+  if (refresh && panelShows !== "devices") return;
   const code = h("input", { placeholder: "ABCD-EFGH", "aria-label": "Link code" });
   panel("devices",
     h("h2", {}, "Linked devices"),
