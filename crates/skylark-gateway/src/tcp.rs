@@ -4,24 +4,22 @@ use crate::Shared;
 use crate::tls::{Io, accept_loop, handshake};
 use crate::transport::{Inbound, Transport, close_frame, linger};
 use bytes::BytesMut;
+use rustls::ServerConfig;
 use skylark_protocol::codec::{FrameCodec, FrameError};
 use skylark_protocol::{ClientFrame, CloseCode, ServerFrame};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Read buffer made when bytes arrive. Most frames are small; the codec
 /// grows the buffer for a larger frame once its length is known (and within
-/// the limit). On plain TCP the buffer is dropped whenever it is empty, so
-/// an idle connection holds none; a TLS stream may hold decrypted bytes the
-/// socket no longer shows, so there a buffer is kept unless it grew past
-/// `KEEP_READ_BUFFER`.
+/// the limit). The buffer is dropped whenever it is empty, so an idle
+/// connection holds none (nor does its TLS stream, see `tls::TlsStream`).
 const READ_BUFFER: usize = 512;
-const KEEP_READ_BUFFER: usize = 4096;
 
-pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<TlsAcceptor>) {
+pub(crate) async fn serve(listener: TcpListener, shared: Shared, tls: Option<Arc<ServerConfig>>) {
     let deadline = Duration::from_millis(shared.config.limits.auth_timeout_ms);
     let each = shared.clone();
     accept_loop(listener, shared, move |stream, peer| {
@@ -66,8 +64,7 @@ impl Transport for TcpTransport {
         loop {
             match self.codec.decode(&mut self.read) {
                 Ok(Some(frame)) => {
-                    let plain = matches!(self.io, Io::Plain(_));
-                    if self.read.is_empty() && (plain || self.read.capacity() > KEEP_READ_BUFFER) {
+                    if self.read.is_empty() {
                         self.read = BytesMut::new();
                     }
                     return Inbound::Frame(frame);
@@ -80,9 +77,9 @@ impl Transport for TcpTransport {
             if self.closed {
                 return Inbound::Closed;
             }
-            if let (Io::Plain(stream), 0) = (&self.io, self.read.capacity()) {
+            if self.read.capacity() == 0 {
                 // Wait for bytes before making room for them.
-                if stream.readable().await.is_err() {
+                if self.io.readable().await.is_err() {
                     self.closed = true;
                     return Inbound::Closed;
                 }

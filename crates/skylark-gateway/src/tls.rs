@@ -4,6 +4,8 @@
 //! authentication deadline), so a client that opens a socket and stalls
 //! holds only its own task, never the accept loop.
 
+mod stream;
+
 use crate::Shared;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -15,11 +17,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+pub(crate) use stream::TlsStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 /// How long to wait before accepting again after `accept` fails (for
 /// example when the process is out of file descriptors).
@@ -75,7 +76,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// An accepted connection, in TLS or not.
 pub(crate) enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
+}
+
+impl Io {
+    /// Waits until a read would find bytes (or the end), holding no
+    /// buffer meanwhile.
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        match self {
+            Io::Plain(s) => s.readable().await,
+            Io::Tls(s) => s.readable().await,
+        }
+    }
 }
 
 impl AsyncRead for Io {
@@ -110,21 +122,21 @@ impl AsyncWrite for Io {
     }
 }
 
-/// The gateway's TLS acceptor, if TLS is configured.
-pub(crate) fn acceptor(shared: &Shared) -> io::Result<Option<TlsAcceptor>> {
+/// The gateway's TLS settings, if TLS is configured.
+pub(crate) fn acceptor(shared: &Shared) -> io::Result<Option<Arc<ServerConfig>>> {
     let tls = &shared.config.tls;
     match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => Ok(Some(TlsAcceptor::from(server_config(cert, key)?))),
+        (Some(cert), Some(key)) => Ok(Some(server_config(cert, key)?)),
         (None, None) => Ok(None),
         _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "tls needs both cert_file and key_file")),
     }
 }
 
 /// Completes the TLS handshake (if any) within the deadline.
-pub(crate) async fn handshake(tls: Option<&TlsAcceptor>, stream: TcpStream, deadline: Duration) -> Option<Io> {
+pub(crate) async fn handshake(tls: Option<&Arc<ServerConfig>>, stream: TcpStream, deadline: Duration) -> Option<Io> {
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = tls else { return Some(Io::Plain(stream)) };
-    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+    let Some(config) = tls else { return Some(Io::Plain(stream)) };
+    match tokio::time::timeout(deadline, TlsStream::accept(stream, config.clone())).await {
         Ok(Ok(stream)) => {
             metrics::counter!("skylark_tls_handshakes_total", "result" => "ok").increment(1);
             Some(Io::Tls(Box::new(stream)))
@@ -170,7 +182,11 @@ pub(crate) struct HttpListener {
 }
 
 impl HttpListener {
-    pub(crate) fn start(listener: TcpListener, shared: Shared, tls: Option<TlsAcceptor>) -> io::Result<HttpListener> {
+    pub(crate) fn start(
+        listener: TcpListener,
+        shared: Shared,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> io::Result<HttpListener> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(256);
         let deadline = Duration::from_millis(shared.config.limits.auth_timeout_ms);
