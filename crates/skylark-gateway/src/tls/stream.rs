@@ -49,7 +49,6 @@ pub(crate) struct TlsStream {
 
 /// What [`TlsStream::process`] is asked to do once rustls is ready to
 /// carry application data.
-#[derive(Clone, Copy)]
 enum Want<'a> {
     Nothing,
     Send(&'a [u8]),
@@ -69,6 +68,56 @@ enum Step {
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Why rustls wrote nothing into the room it was given.
+enum Short {
+    /// It needs this much room.
+    Needs(usize),
+    Failed(io::Error),
+}
+
+impl From<EncodeError> for Short {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::InsufficientSize(short) => Short::Needs(short.required_size),
+            e => Short::Failed(io::Error::other(e)),
+        }
+    }
+}
+
+impl From<EncryptError> for Short {
+    fn from(e: EncryptError) -> Self {
+        match e {
+            EncryptError::InsufficientSize(short) => Short::Needs(short.required_size),
+            e => Short::Failed(io::Error::other(e)),
+        }
+    }
+}
+
+/// Appends to `out` what `write` puts into the room it is given (`room`
+/// bytes first, then as much as it says it needs); on a failure `out` is
+/// left as it was.
+fn append(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Short>,
+) -> io::Result<()> {
+    let start = out.len();
+    loop {
+        out.resize(start + room, 0);
+        match write(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(Short::Needs(needed)) => room = needed,
+            Err(Short::Failed(e)) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+    }
 }
 
 impl TlsStream {
@@ -147,7 +196,7 @@ impl TlsStream {
     fn process_input(
         &mut self,
         input: &mut [u8],
-        mut want: Want<'_>,
+        want: Want<'_>,
         mut out: Option<&mut ReadBuf<'_>>,
     ) -> io::Result<(Step, usize)> {
         let mut used = 0;
@@ -176,19 +225,7 @@ impl TlsStream {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut data) => {
-                    let start = self.outgoing.len();
-                    let mut room = 2048;
-                    loop {
-                        self.outgoing.resize(start + room, 0);
-                        match data.encode(&mut self.outgoing[start..]) {
-                            Ok(n) => {
-                                self.outgoing.truncate(start + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(short)) => room = short.required_size,
-                            Err(e) => return Err(io::Error::other(e)),
-                        }
-                    }
+                    append(&mut self.outgoing, 2048, |room| Ok(data.encode(room)?))?;
                     None
                 }
                 // What was encoded stays queued in `outgoing` and is sent
@@ -207,31 +244,13 @@ impl TlsStream {
                     Some(Step::Closed)
                 }
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    let start = self.outgoing.len();
-                    let mut room = match want {
-                        Want::Nothing => 0,
-                        Want::Send(data) => data.len() + 1024,
-                        Want::Close => 256,
-                    };
-                    while room > 0 {
-                        self.outgoing.resize(start + room, 0);
-                        let done = match want {
-                            Want::Send(data) => traffic.encrypt(data, &mut self.outgoing[start..]),
-                            _ => traffic.queue_close_notify(&mut self.outgoing[start..]),
-                        };
-                        match done {
-                            Ok(n) => {
-                                self.outgoing.truncate(start + n);
-                                room = 0;
-                            }
-                            Err(EncryptError::InsufficientSize(short)) => room = short.required_size,
-                            Err(e) => {
-                                self.outgoing.truncate(start);
-                                return Err(io::Error::other(e));
-                            }
+                    match want {
+                        Want::Nothing => {}
+                        Want::Send(data) => {
+                            append(&mut self.outgoing, data.len() + 1024, |room| Ok(traffic.encrypt(data, room)?))?
                         }
+                        Want::Close => append(&mut self.outgoing, 256, |room| Ok(traffic.queue_close_notify(room)?))?,
                     }
-                    want = Want::Nothing;
                     Some(Step::Ready)
                 }
                 _ => return Err(io::Error::other("rustls asked for something this server does not do (early data)")),
@@ -248,14 +267,8 @@ impl TlsStream {
         loop {
             match self.conn.process_tls_records(&mut []).state {
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    let start = self.outgoing.len();
-                    self.outgoing.resize(start + 512, 0);
-                    match data.encode(&mut self.outgoing[start..]) {
-                        Ok(n) => self.outgoing.truncate(start + n),
-                        Err(_) => {
-                            self.outgoing.truncate(start);
-                            return;
-                        }
+                    if append(&mut self.outgoing, 512, |room| Ok(data.encode(room)?)).is_err() {
+                        return;
                     }
                 }
                 _ => return,
@@ -267,7 +280,7 @@ impl TlsStream {
     /// as far as it has room. Bytes are read onto the stack: only the
     /// incomplete record left at the end is kept (in `incoming`). The end
     /// of the stream sets `read_closed`.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, out: Option<&mut ReadBuf<'_>>) -> Poll<io::Result<Step>> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>, out: Option<&mut ReadBuf<'_>>) -> Poll<io::Result<()>> {
         let mut chunk = [0u8; READ_CHUNK];
         let n = loop {
             ready!(self.tcp.poll_read_ready(cx))?;
@@ -279,7 +292,7 @@ impl TlsStream {
         };
         if n == 0 {
             self.read_closed = true;
-            return Poll::Ready(Ok(Step::Closed));
+            return Poll::Ready(Ok(()));
         }
         if !self.incoming.is_empty() {
             if self.incoming.len() + n > MAX_INCOMING {
@@ -289,11 +302,11 @@ impl TlsStream {
                 )));
             }
             self.incoming.extend_from_slice(&chunk[..n]);
-            return Poll::Ready(self.process(Want::Nothing, out));
+            return Poll::Ready(self.process(Want::Nothing, out).map(drop));
         }
-        let (step, used) = self.process_input(&mut chunk[..n], Want::Nothing, out)?;
+        let (_, used) = self.process_input(&mut chunk[..n], Want::Nothing, out)?;
         self.incoming.extend_from_slice(&chunk[used..n]);
-        Poll::Ready(Ok(step))
+        Poll::Ready(Ok(()))
     }
 
     /// Writes everything queued in `outgoing` to the socket.
