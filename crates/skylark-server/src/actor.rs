@@ -733,7 +733,7 @@ impl Shell {
     /// Writes the deferred cleanup on its own.
     async fn write_cleanup(&mut self) -> Result<(), StoreError> {
         let mut write = AccountWrite::new(self.account());
-        self.machine.cleanup.take_into(&mut write);
+        self.machine.take_cleanup(&mut write);
         write.epoch = self.epoch;
         self.ctx.store.apply(write).await
     }

@@ -47,6 +47,13 @@ pub(crate) const ACCOUNT_CURSOR: DeviceId = DeviceId(0);
 /// Forwards in outbox order, shared between retries without copying.
 pub(crate) type Batch = Arc<[(u64, Forward)]>;
 
+/// The outbox sequence of a forward that is not in the outbox: a delivery
+/// receipt, held in memory until its destination has it (see
+/// [`HeldReceipt`]). Taking it twice changes nothing (a receipt names the
+/// highest entry delivered), so it needs no place in the destination's
+/// high-water mark. Outbox sequences start at 1.
+pub(crate) const UNSEQUENCED: u64 = 0;
+
 /// A 1:1 message as the sending device gave it.
 pub(crate) struct Outgoing {
     device: DeviceId,
@@ -319,9 +326,51 @@ pub(crate) struct Outbox {
     pub queues: HashMap<AccountId, BTreeMap<u64, Forward>>,
     /// Destinations with a batch in flight (one at a time, so in order).
     pub in_flight: HashSet<AccountId>,
+    /// Delivery receipts on their way, one per destination (not stored).
+    pub receipts: Vec<HeldReceipt>,
+}
+
+/// A delivery receipt waiting for its destination, in memory only: it
+/// costs no write at either end of the ack that makes it, and acks that
+/// come before it leaves join it (only the highest entry counts).
+///
+/// What stands in for its durability: the acknowledgements it answers are
+/// not stored beyond [`HeldReceipt::floor`] until the destination has it
+/// ([`Machine::delivered_safe`]). After a crash the account's devices are
+/// handed those entries again, acknowledge them again, and the receipt is
+/// made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeldReceipt {
+    pub to: AccountId,
+    /// The highest of the destination's entries delivered (its sequence).
+    pub up_to: u64,
+    pub at_ms: u64,
+    /// The account's delivered mark before the first ack this receipt
+    /// answers that the destination does not have yet.
+    pub floor: u64,
+    /// `up_to` as sent in the batch in flight, if one is.
+    pub sent: Option<u64>,
+    /// The delivered mark before the first ack that joined the receipt
+    /// while a batch was in flight: the floor once that batch lands.
+    pub next_floor: Option<u64>,
 }
 
 impl Outbox {
+    /// A delivery receipt for `to` up to `up_to`, made by an ack that moved
+    /// the account's delivered mark on from `floor`.
+    fn hold_receipt(&mut self, to: AccountId, up_to: u64, at_ms: u64, floor: u64) {
+        match self.receipts.iter_mut().find(|r| r.to == to) {
+            Some(held) => {
+                if held.sent.is_some() && held.next_floor.is_none() {
+                    held.next_floor = Some(floor);
+                }
+                held.up_to = held.up_to.max(up_to);
+                held.at_ms = at_ms;
+            }
+            None => self.receipts.push(HeldReceipt { to, up_to, at_ms, floor, sent: None, next_floor: None }),
+        }
+    }
+
     pub(super) fn put(&mut self, log: &mut Log, write: &mut AccountWrite, to: AccountId, forward: Forward) {
         let seq = log.counters.next_outbox;
         log.counters.next_outbox += 1;
@@ -334,6 +383,20 @@ impl Outbox {
     /// is cleanup) and allow the next batch.
     fn confirmed(&mut self, to: AccountId, up_to: u64, write: &mut AccountWrite) {
         self.in_flight.remove(&to);
+        if let Some(i) = self.receipts.iter().position(|r| r.to == to) {
+            let held = &mut self.receipts[i];
+            match (held.sent, held.next_floor) {
+                (Some(sent), _) if sent == held.up_to => {
+                    self.receipts.swap_remove(i);
+                }
+                (Some(_), next_floor) => {
+                    held.floor = next_floor.unwrap_or(held.floor);
+                    held.sent = None;
+                    held.next_floor = None;
+                }
+                (None, _) => {}
+            }
+        }
         if let Some(queue) = self.queues.get_mut(&to) {
             let rest = queue.split_off(&(up_to + 1));
             write.outbox_deletes.extend(queue.keys().copied());
@@ -349,8 +412,15 @@ impl Outbox {
         if self.in_flight.contains(&to) {
             return None;
         }
-        let queue = self.queues.get(&to)?;
-        let items: Vec<(u64, Forward)> = queue.iter().take(MAX_FORWARD_BATCH).map(|(s, f)| (*s, f.clone())).collect();
+        let mut items: Vec<(u64, Forward)> = match self.queues.get(&to) {
+            Some(queue) => queue.iter().take(MAX_FORWARD_BATCH).map(|(s, f)| (*s, f.clone())).collect(),
+            None => Vec::new(),
+        };
+        if let Some(held) = self.receipts.iter_mut().find(|r| r.to == to) {
+            held.sent = Some(held.up_to);
+            let receipt = Forward::Receipt { kind: ReceiptKind::Delivered, up_to: held.up_to, at_ms: held.at_ms };
+            items.push((UNSEQUENCED, receipt));
+        }
         if items.is_empty() {
             return None;
         }
@@ -359,7 +429,7 @@ impl Outbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queues.is_empty() && self.in_flight.is_empty()
+        self.queues.is_empty() && self.in_flight.is_empty() && self.receipts.is_empty()
     }
 }
 
@@ -440,6 +510,9 @@ static NO_MARKS: std::sync::LazyLock<Marks> = std::sync::LazyLock::new(Marks::de
 /// outbox item is forwarded again (the destination drops it by its
 /// high-water mark). Acks and forward confirmations are most of an actor's
 /// writes in a conversation; held back, they cost no commit of their own.
+/// A cursor also waits for the delivery receipts its acks made to reach
+/// their destinations ([`Machine::delivered_safe`]): stored sooner, it would
+/// keep the device from acknowledging those entries again after a crash.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Cleanup {
     pub cursors: Vec<(DeviceId, u64)>,
@@ -462,9 +535,13 @@ impl Cleanup {
         self.outbox_deletes.append(&mut write.outbox_deletes);
     }
 
-    /// Puts everything held into `write`, which is about to be made durable.
-    pub fn take_into(&mut self, write: &mut AccountWrite) {
-        write.cursors = std::mem::take(&mut self.cursors);
+    /// Puts everything held into `write`, which is about to be made
+    /// durable, but cursors beyond `safe` ([`Machine::delivered_safe`]),
+    /// which wait for their delivery receipts to arrive.
+    fn take_into(&mut self, write: &mut AccountWrite, safe: u64) {
+        let (now, later) = std::mem::take(&mut self.cursors).into_iter().partition(|(_, seq)| *seq <= safe);
+        write.cursors = now;
+        self.cursors = later;
         write.outbox_deletes = std::mem::take(&mut self.outbox_deletes);
     }
 }
@@ -610,6 +687,20 @@ impl Machine {
     /// Destinations with forwards waiting (to resume after a restart).
     pub fn destinations(&self) -> Vec<AccountId> {
         self.outbox.queues.keys().copied().collect()
+    }
+
+    /// The highest delivered mark (and device cursor) the store may hold:
+    /// every delivery receipt for the entries up to it has reached its
+    /// destination. Beyond it, a crash must leave the entries to be handed
+    /// and acknowledged again, so that their receipts are made again.
+    pub fn delivered_safe(&self) -> u64 {
+        self.outbox.receipts.iter().map(|r| r.floor).fold(self.delivered, u64::min)
+    }
+
+    /// Moves the deferred cleanup that may be stored now into `write`.
+    pub fn take_cleanup(&mut self, write: &mut AccountWrite) {
+        let safe = self.delivered_safe();
+        self.cleanup.take_into(write, safe);
     }
 
     /// What the shell must read before [`Machine::step`] can take `inputs`.
@@ -779,7 +870,7 @@ impl Machine {
     pub(super) fn seal(&mut self, write: &mut AccountWrite) {
         self.cleanup.defer(write);
         if !write.is_empty() {
-            self.cleanup.take_into(write);
+            self.take_cleanup(write);
         }
     }
 
@@ -816,7 +907,11 @@ impl Machine {
             }
             Input::Deliver { from, items } => Outcome::Later(Answer::Deliver(self.deliver(fx, facts, from, &items)?)),
             Input::Forwarded { to, up_to } => {
+                let safe = self.delivered_safe();
                 self.outbox.confirmed(to, up_to, &mut fx.write);
+                if self.delivered_safe() > safe {
+                    fx.write.cursors.push((ACCOUNT_CURSOR, self.delivered_safe()));
+                }
                 fx.kick.insert(to);
                 Outcome::Silent
             }
@@ -992,17 +1087,23 @@ impl Machine {
         let before = applied;
         let mut received = None;
         for (oseq, forward) in items {
-            if *oseq <= applied {
-                continue;
-            }
+            // A receipt from outside the outbox is taken whenever it comes
+            // (a second time changes nothing) and moves no mark; nothing
+            // else may come that way.
+            let next = match *oseq {
+                UNSEQUENCED if matches!(forward, Forward::Receipt { .. }) => applied,
+                UNSEQUENCED => continue,
+                seq if seq <= applied => continue,
+                seq => seq,
+            };
             if self.is_group() {
                 self.group_receipt(&mut fx.write, from, forward);
-                applied = *oseq;
+                applied = next;
                 continue;
             }
             if self.deleted()? {
                 // Taken, so the source's outbox moves on; kept nowhere.
-                applied = *oseq;
+                applied = next;
                 continue;
             }
             match forward {
@@ -1039,7 +1140,7 @@ impl Machine {
                     }
                 }
             }
-            applied = *oseq;
+            applied = next;
         }
         if applied > before {
             fx.write.inbound.push((from, applied));
@@ -1098,13 +1199,15 @@ impl Machine {
                 _ => {}
             }
         }
+        let safe = self.delivered_safe();
         for (sender, seq) in highest {
-            let receipt = Forward::Receipt { kind: ReceiptKind::Delivered, up_to: seq, at_ms: now_ms };
-            self.outbox.put(&mut self.log, &mut fx.write, sender, receipt);
+            self.outbox.hold_receipt(sender, seq, now_ms, self.delivered);
             fx.kick.insert(sender);
         }
         self.delivered = up_to;
-        fx.write.cursors.push((ACCOUNT_CURSOR, up_to));
+        if self.delivered_safe() > safe {
+            fx.write.cursors.push((ACCOUNT_CURSOR, self.delivered_safe()));
+        }
         Ok(())
     }
 

@@ -165,14 +165,66 @@ fn acks_are_clamped_to_what_was_handed_and_send_one_receipt_per_sender() {
     hand(&mut a, PHONE);
     let fx = step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 1_000 }]);
     assert_eq!(a.feeds.positions.get(&PHONE).map(|p| p.acked), Some(4), "clamped to the handed 4");
-    let receipts: Vec<&OutboxItem> = fx.write.outbox_puts.iter().map(|(_, i)| i).collect();
-    assert_eq!(receipts.len(), 1, "one receipt for B, however many messages");
-    assert!(matches!(
-        receipts[0],
-        OutboxItem { to: B, forward: Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 4, .. } }
-    ));
-    // The receipt makes a write anyway: the cursors ride with it.
-    assert!(fx.write.cursors.contains(&(PHONE, 4)) && fx.write.cursors.contains(&(ACCOUNT_CURSOR, 4)));
+    assert!(fx.write.is_empty(), "a delivery receipt costs no write: {:?}", fx.write);
+    assert!(fx.kick.contains(&B), "it goes at once");
+    let batch = a.outbox.take_batch(B).expect("a receipt for B");
+    assert!(
+        matches!(&batch[..], [(UNSEQUENCED, Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 4, .. })]),
+        "one receipt for B, however many messages: {batch:?}"
+    );
+}
+
+#[test]
+fn acks_are_stored_only_up_to_receipts_that_arrived() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver((1..=6).map(from_b).collect())]);
+    step(&mut a, vec![Input::Attach { device: PHONE, connection: 7 }]);
+    hand(&mut a, PHONE);
+    step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 2 }]);
+    // A write that must be durable: the ack does not ride with it, since a
+    // crash now would lose the receipt and the ack would not come again.
+    let fx = step(&mut a, vec![send("c1", B)]);
+    assert!(!fx.write.is_empty());
+    assert!(fx.write.cursors.is_empty(), "{:?}", fx.write.cursors);
+    assert_eq!(a.delivered_safe(), 0);
+    let batch = a.outbox.take_batch(B).unwrap();
+    assert!(matches!(&batch[..], [(1, Forward::Message(_)), (UNSEQUENCED, Forward::Receipt { up_to: 2, .. })]));
+    // Another ack while the batch is on its way joins the receipt.
+    let fx = step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 4 }]);
+    assert!(fx.write.is_empty());
+    assert!(a.outbox.take_batch(B).is_none(), "one batch in flight");
+    step(&mut a, vec![Input::Forwarded { to: B, up_to: 1 }]);
+    assert_eq!(a.delivered_safe(), 2, "B has the receipt up to 2");
+    let batch = a.outbox.take_batch(B).unwrap();
+    assert!(matches!(&batch[..], [(UNSEQUENCED, Forward::Receipt { up_to: 4, .. })]), "{batch:?}");
+    step(&mut a, vec![Input::Forwarded { to: B, up_to: 1 }]);
+    assert_eq!(a.delivered_safe(), 4);
+    assert!(a.outbox.is_empty());
+    let mut write = AccountWrite::new(A);
+    a.take_cleanup(&mut write);
+    assert!(write.cursors.contains(&(PHONE, 4)) && write.cursors.contains(&(ACCOUNT_CURSOR, 4)), "{write:?}");
+    assert!(a.cleanup.is_empty());
+}
+
+#[test]
+fn a_receipt_from_outside_the_outbox_moves_no_mark_and_counts_once() {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver(vec![from_b(1), from_b(2)])]);
+    let receipt = |up_to| (UNSEQUENCED, Forward::Receipt { kind: ReceiptKind::Delivered, up_to, at_ms: 5 });
+    let fx = step(&mut a, vec![deliver(vec![receipt(7)])]);
+    assert!(matches!(fx.outcomes[0], Outcome::Later(Answer::Deliver(2))), "{:?}", fx.outcomes);
+    assert!(fx.write.inbound.is_empty(), "the outbox mark stays");
+    assert_eq!(fx.write.receipts, vec![(B, ReceiptKind::Delivered, 7)]);
+    assert!(a.log.recent.iter().any(|(_, e)| matches!(e.as_ref(), LogEntry::Receipt { up_to: 7, .. })));
+    let fx = step(&mut a, vec![deliver(vec![receipt(7)])]);
+    assert!(fx.write.is_empty(), "the same receipt again changes nothing");
+    // Only a receipt may come that way: a message must have its place.
+    let (_, message) = from_b(3);
+    let fx = step(&mut a, vec![deliver(vec![(UNSEQUENCED, message)])]);
+    assert!(fx.write.is_empty());
+    // Sequenced forwards still follow the mark.
+    let fx = step(&mut a, vec![deliver(vec![from_b(3)])]);
+    assert_eq!(fx.write.inbound, vec![(B, 3)]);
 }
 
 #[test]
@@ -208,9 +260,9 @@ fn the_sending_device_is_not_sent_its_own_messages_and_its_acks_cover_them() {
     step(&mut a, vec![deliver(vec![from_b(1)])]);
     step(&mut a, vec![send("c3", B)]);
     assert_eq!(hand(&mut a, PHONE), vec![3]);
-    let fx = step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 3 }]);
+    step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 3 }]);
     assert_eq!(a.feeds.positions.get(&PHONE).map(|p| p.acked), Some(4));
-    assert!(fx.write.cursors.contains(&(PHONE, 4)), "{:?}", fx.write.cursors);
+    assert!(a.cleanup.cursors.contains(&(PHONE, 4)), "{:?}", a.cleanup.cursors);
     // An ack short of what the connection was sent covers only itself.
     step(&mut a, vec![deliver(vec![from_b(2), from_b(3)])]);
     assert_eq!(hand(&mut a, PHONE), vec![5, 6]);
@@ -310,7 +362,7 @@ fn idle_devices_are_set_aside_and_resumed_where_they_were() {
     step(&mut a, vec![Input::Forwarded { to: B, up_to: 1 }]);
     assert!(!a.is_idle(), "the receipt's deletion is held back");
     let mut write = AccountWrite::new(A);
-    a.cleanup.take_into(&mut write);
+    a.take_cleanup(&mut write);
     assert!(a.is_idle(), "a settled device leaves the actor idle");
 
     // The successor takes the window back as it was: nothing to send.
@@ -336,7 +388,7 @@ fn idle_means_nothing_forwarded_or_held() {
     step(&mut a, vec![Input::Forwarded { to: B, up_to: 1 }]);
     assert!(!a.is_idle(), "its deletion is held back");
     let mut write = AccountWrite::new(A);
-    a.cleanup.take_into(&mut write);
+    a.take_cleanup(&mut write);
     assert!(a.is_idle());
 }
 

@@ -531,8 +531,25 @@ impl World {
                     assert!(*up_to <= received, "a {kind:?} receipt up to {up_to}; the peer received {received}");
                 }
             }
-            // The group's events: all of them, once each, in the group's order.
+            // Everything is acknowledged: the peer has a delivery receipt
+            // for this account's last message it received, and the group one
+            // for its last event, whatever crashes lost on the way.
+            let last_to_peer = peer
+                .durable
+                .log
+                .values()
+                .filter_map(|e| match e.as_ref() {
+                    LogEntry::Message(m) if m.id.sender == node.account => Some(m.id.seq),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            let receipt = node.durable.receipts.get(&(peer.account, ReceiptKind::Delivered)).copied().unwrap_or(0);
+            assert_eq!(receipt, last_to_peer, "node {n}'s delivery receipt from its peer");
             let group = &self.nodes[GROUP];
+            let position = group.durable.receipts.get(&(node.account, ReceiptKind::Delivered)).copied().unwrap_or(0);
+            assert_eq!(position, group.durable.counters.next_seq - 1, "member {n}'s delivery receipt to the group");
+            // The group's events: all of them, once each, in the group's order.
             let seen: Vec<u64> = node
                 .durable
                 .log

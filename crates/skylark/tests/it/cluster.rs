@@ -7,8 +7,8 @@
 //! killed and started again.
 
 use crate::crash::{
-    DEADLINE, Ledger, MESSAGES_PER_SENDER, ServerProcess, connect, device, free_port, register, sms_gateway,
-    stored_client_ids, verdict,
+    DEADLINE, Ledger, MESSAGES_PER_SENDER, ServerProcess, connect, device, free_port, receipts_complete, register,
+    sms_gateway, stored_client_ids, verdict,
 };
 use skylark_client::api::Api;
 use skylark_client::session::Event;
@@ -332,6 +332,7 @@ async fn cluster_ledger_over(nats_servers: usize, rounds: usize, mut chaos: Chao
         session.close().await;
     }
     verdict(&ledgers, rounds, not_stored);
+    receipts_complete(&identities, &ledgers, |i| cluster.endpoints_from(i % 3, false)).await;
     // The directory lives as long as the cluster does (logs for a failure).
     std::mem::forget(dir);
     cluster
