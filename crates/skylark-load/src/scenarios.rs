@@ -492,10 +492,15 @@ pub async fn mesh(
     let (finish, finished) = tokio::sync::watch::channel(false);
     let sending_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
+    // Every reader runs before the first message is sent: a message to a
+    // user whose reader did not exist yet would wait in its channel, and
+    // the load tool's lateness would count as the server's.
+    let mut users_sending = Vec::with_capacity(users);
     for (u, (session, mut events)) in sessions.into_iter().enumerate() {
         let handle: SessionHandle = session.handle();
         let me = manifest.accounts[u].account_id;
         let pending: Arc<Mutex<MeshPending>> = Arc::default();
+        users_sending.push((handle.clone(), pending.clone()));
         // Reader: messages in (timed to delivery, acknowledged), receipts
         // for this user's own messages.
         {
@@ -545,10 +550,14 @@ pub async fn mesh(
                 drop(session);
             }));
         }
+    }
+    // One list of peers for every sender (a copy each was 2,000 × 2,000
+    // phone numbers before the first send).
+    let peers: Arc<[(String, u64)]> =
+        manifest.accounts[..users].iter().map(|a| (a.phone.clone(), a.account_id)).collect();
+    for (u, (handle, pending)) in users_sending.into_iter().enumerate() {
         // Sender: message k at offset + k × interval, to a random other user.
-        let (totals, run, sending_done) = (totals.clone(), run.clone(), sending_done.clone());
-        let peers: Vec<(String, u64)> =
-            manifest.accounts[..users].iter().map(|a| (a.phone.clone(), a.account_id)).collect();
+        let (totals, run, sending_done, peers) = (totals.clone(), run.clone(), sending_done.clone(), peers.clone());
         let offset = interval.mul_f64(u as f64 / users.max(1) as f64);
         tasks.push(tokio::spawn(async move {
             let mut k: u64 = 0;
