@@ -48,6 +48,16 @@ fn deliver(items: Vec<(u64, Forward)>) -> Input {
     Input::Deliver { from: B, items: Arc::from(items) }
 }
 
+/// A's machine with six messages from B, all handed to the phone's
+/// connection `connection` (a window of 4 hands 1..=4).
+fn six_from_b_handed_to_the_phone(connection: u64) -> Machine {
+    let mut a = machine(A);
+    step(&mut a, vec![deliver((1..=6).map(from_b).collect())]);
+    step(&mut a, vec![Input::Attach { device: PHONE, connection }]);
+    hand(&mut a, PHONE);
+    a
+}
+
 /// The facts a store with nothing in it gives for `needs` (a device's
 /// cursor at 0).
 fn nothing_stored(needs: &Needs) -> Facts {
@@ -159,10 +169,7 @@ fn a_device_gets_its_window_then_waits_for_acks_then_is_told_caught_up() {
 
 #[test]
 fn acks_are_clamped_to_what_was_handed_and_send_one_receipt_per_sender() {
-    let mut a = machine(A);
-    step(&mut a, vec![deliver((1..=6).map(from_b).collect())]);
-    step(&mut a, vec![Input::Attach { device: PHONE, connection: 7 }]);
-    hand(&mut a, PHONE);
+    let mut a = six_from_b_handed_to_the_phone(7);
     let fx = step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 1_000 }]);
     assert_eq!(a.feeds.positions.get(&PHONE).map(|p| p.acked), Some(4), "clamped to the handed 4");
     assert!(fx.write.is_empty(), "a delivery receipt costs no write: {:?}", fx.write);
@@ -176,10 +183,7 @@ fn acks_are_clamped_to_what_was_handed_and_send_one_receipt_per_sender() {
 
 #[test]
 fn acks_are_stored_only_up_to_receipts_that_arrived() {
-    let mut a = machine(A);
-    step(&mut a, vec![deliver((1..=6).map(from_b).collect())]);
-    step(&mut a, vec![Input::Attach { device: PHONE, connection: 7 }]);
-    hand(&mut a, PHONE);
+    let mut a = six_from_b_handed_to_the_phone(7);
     step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 2 }]);
     // A write that must be durable: the ack does not ride with it, since a
     // crash now would lose the receipt and the ack would not come again.
@@ -274,10 +278,7 @@ fn the_sending_device_is_not_sent_its_own_messages_and_its_acks_cover_them() {
 
 #[test]
 fn a_new_connection_starts_after_the_newest_ack_even_before_it_is_durable() {
-    let mut a = machine(A);
-    step(&mut a, vec![deliver((1..=6).map(from_b).collect())]);
-    step(&mut a, vec![Input::Attach { device: PHONE, connection: 1 }]);
-    hand(&mut a, PHONE);
+    let mut a = six_from_b_handed_to_the_phone(1);
     // Acked on the old connection, which is then replaced: the stored
     // cursor (0 here) is older than the ack.
     step(&mut a, vec![Input::Ack { device: PHONE, connection: 1, up_to: 3 }]);
