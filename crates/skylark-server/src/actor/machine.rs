@@ -412,14 +412,17 @@ impl Outbox {
         if self.in_flight.contains(&to) {
             return None;
         }
-        let mut items: Vec<(u64, Forward)> = match self.queues.get(&to) {
-            Some(queue) => queue.iter().take(MAX_FORWARD_BATCH).map(|(s, f)| (*s, f.clone())).collect(),
-            None => Vec::new(),
-        };
+        // The delivery receipt goes first: a read receipt in the queue may
+        // have been made after it (a device acks, then marks read), and the
+        // destination shows receipts in the order they come.
+        let mut items: Vec<(u64, Forward)> = Vec::new();
         if let Some(held) = self.receipts.iter_mut().find(|r| r.to == to) {
             held.sent = Some(held.up_to);
             let receipt = Forward::Receipt { kind: ReceiptKind::Delivered, up_to: held.up_to, at_ms: held.at_ms };
             items.push((UNSEQUENCED, receipt));
+        }
+        if let Some(queue) = self.queues.get(&to) {
+            items.extend(queue.iter().take(MAX_FORWARD_BATCH).map(|(s, f)| (*s, f.clone())));
         }
         if items.is_empty() {
             return None;

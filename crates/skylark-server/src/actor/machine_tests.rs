@@ -192,7 +192,7 @@ fn acks_are_stored_only_up_to_receipts_that_arrived() {
     assert!(fx.write.cursors.is_empty(), "{:?}", fx.write.cursors);
     assert_eq!(a.delivered_safe(), 0);
     let batch = a.outbox.take_batch(B).unwrap();
-    assert!(matches!(&batch[..], [(1, Forward::Message(_)), (UNSEQUENCED, Forward::Receipt { up_to: 2, .. })]));
+    assert!(matches!(&batch[..], [(UNSEQUENCED, Forward::Receipt { up_to: 2, .. }), (1, Forward::Message(_))]));
     // Another ack while the batch is on its way joins the receipt.
     let fx = step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 4 }]);
     assert!(fx.write.is_empty());
@@ -208,6 +208,24 @@ fn acks_are_stored_only_up_to_receipts_that_arrived() {
     a.take_cleanup(&mut write);
     assert!(write.cursors.contains(&(PHONE, 4)) && write.cursors.contains(&(ACCOUNT_CURSOR, 4)), "{write:?}");
     assert!(a.cleanup.is_empty());
+}
+
+#[test]
+fn a_delivery_receipt_goes_before_a_read_receipt_made_after_it() {
+    let mut a = six_from_b_handed_to_the_phone(7);
+    // The phone acks, then marks read, in one batch of mail.
+    step(&mut a, vec![Input::Ack { device: PHONE, connection: 7, up_to: 4 }, Input::MarkRead { peer: B, up_to: 4 }]);
+    let batch = a.outbox.take_batch(B).unwrap();
+    assert!(
+        matches!(
+            &batch[..],
+            [
+                (UNSEQUENCED, Forward::Receipt { kind: ReceiptKind::Delivered, up_to: 4, .. }),
+                (_, Forward::Receipt { kind: ReceiptKind::Read, up_to: 4, .. })
+            ]
+        ),
+        "{batch:?}"
+    );
 }
 
 #[test]
