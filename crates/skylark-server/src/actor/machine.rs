@@ -385,16 +385,15 @@ impl Outbox {
         self.in_flight.remove(&to);
         if let Some(i) = self.receipts.iter().position(|r| r.to == to) {
             let held = &mut self.receipts[i];
-            match (held.sent, held.next_floor) {
-                (Some(sent), _) if sent == held.up_to => {
+            match held.sent {
+                Some(sent) if sent == held.up_to => {
                     self.receipts.swap_remove(i);
                 }
-                (Some(_), next_floor) => {
-                    held.floor = next_floor.unwrap_or(held.floor);
+                Some(_) => {
+                    held.floor = held.next_floor.take().unwrap_or(held.floor);
                     held.sent = None;
-                    held.next_floor = None;
                 }
-                (None, _) => {}
+                None => {}
             }
         }
         if let Some(queue) = self.queues.get_mut(&to) {
@@ -700,6 +699,15 @@ impl Machine {
         self.outbox.receipts.iter().map(|r| r.floor).fold(self.delivered, u64::min)
     }
 
+    /// Stores the delivered mark (as cleanup) if it may now be stored
+    /// further than `before`.
+    fn store_delivered_safe(&self, before: u64, write: &mut AccountWrite) {
+        let safe = self.delivered_safe();
+        if safe > before {
+            write.cursors.push((ACCOUNT_CURSOR, safe));
+        }
+    }
+
     /// Moves the deferred cleanup that may be stored now into `write`.
     pub fn take_cleanup(&mut self, write: &mut AccountWrite) {
         let safe = self.delivered_safe();
@@ -910,11 +918,9 @@ impl Machine {
             }
             Input::Deliver { from, items } => Outcome::Later(Answer::Deliver(self.deliver(fx, facts, from, &items)?)),
             Input::Forwarded { to, up_to } => {
-                let safe = self.delivered_safe();
+                let before = self.delivered_safe();
                 self.outbox.confirmed(to, up_to, &mut fx.write);
-                if self.delivered_safe() > safe {
-                    fx.write.cursors.push((ACCOUNT_CURSOR, self.delivered_safe()));
-                }
+                self.store_delivered_safe(before, &mut fx.write);
                 fx.kick.insert(to);
                 Outcome::Silent
             }
@@ -1202,15 +1208,13 @@ impl Machine {
                 _ => {}
             }
         }
-        let safe = self.delivered_safe();
+        let before = self.delivered_safe();
         for (sender, seq) in highest {
             self.outbox.hold_receipt(sender, seq, now_ms, self.delivered);
             fx.kick.insert(sender);
         }
         self.delivered = up_to;
-        if self.delivered_safe() > safe {
-            fx.write.cursors.push((ACCOUNT_CURSOR, self.delivered_safe()));
-        }
+        self.store_delivered_safe(before, &mut fx.write);
         Ok(())
     }
 
