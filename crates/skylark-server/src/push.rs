@@ -172,13 +172,28 @@ struct Inner {
     client: HttpClient,
     vapid: Vapid,
     webhook: Option<hyper::Uri>,
-    /// Accounts with a push already scheduled.
-    scheduled: Mutex<HashSet<AccountId>>,
+    /// Accounts with a push already scheduled, and when each is due (in
+    /// the order they were scheduled, which is the order they fall due:
+    /// the delay is one setting).
+    scheduled: Mutex<Schedule>,
+    /// Tells the one task that runs due pushes that the schedule gained an
+    /// account.
+    scheduled_more: tokio::sync::Notify,
     registrations: crate::ratelimit::KeyedLimiter,
     shutdown: CancellationToken,
     /// Every scheduled and running push, so shutdown waits for them (they
     /// hold the store).
     tasks: TaskTracker,
+}
+
+/// The accounts waiting for their push (see [`Pusher::wake`]).
+#[derive(Default)]
+struct Schedule {
+    accounts: HashSet<AccountId>,
+    due: std::collections::VecDeque<(tokio::time::Instant, AccountId)>,
+    /// Whether the task that runs due pushes was started (on the first
+    /// wake, from within the runtime).
+    running: bool,
 }
 
 #[derive(Clone)]
@@ -227,7 +242,8 @@ impl Pusher {
                 client: new_client(),
                 vapid,
                 webhook,
-                scheduled: Mutex::new(HashSet::new()),
+                scheduled: Mutex::new(Schedule::default()),
+                scheduled_more: tokio::sync::Notify::new(),
                 registrations,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -289,31 +305,69 @@ impl Pusher {
     }
 
     /// `account` received messages: wake its offline devices after the delay.
+    ///
+    /// Called for every write that stores a message for an account, so it
+    /// costs a set lookup: one task runs every due push in turn, instead of
+    /// a task and a timer for each account (most accounts that receive
+    /// messages have every device online and need no push at all).
     pub fn wake(&self, account: AccountId) {
-        if !self.inner.scheduled.lock().unwrap_or_else(PoisonError::into_inner).insert(account) {
-            return;
+        let start = {
+            let mut schedule = self.inner.scheduled.lock().unwrap_or_else(PoisonError::into_inner);
+            if !schedule.accounts.insert(account) {
+                return;
+            }
+            let at = tokio::time::Instant::now() + Duration::from_millis(self.inner.config.delay_ms);
+            schedule.due.push_back((at, account));
+            !std::mem::replace(&mut schedule.running, true)
+        };
+        if start {
+            let pusher = self.clone();
+            self.inner.tasks.spawn(async move { pusher.run_due().await });
         }
-        let pusher = self.clone();
-        self.inner.tasks.spawn(async move {
-            let delay = Duration::from_millis(pusher.inner.config.delay_ms);
+        self.inner.scheduled_more.notify_one();
+    }
+
+    /// Runs each scheduled push when it falls due, until shutdown.
+    async fn run_due(&self) {
+        loop {
+            let next = {
+                let schedule = self.inner.scheduled.lock().unwrap_or_else(PoisonError::into_inner);
+                schedule.due.front().map(|(at, _)| *at)
+            };
             tokio::select! {
-                _ = pusher.inner.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = self.inner.scheduled_more.notified(), if next.is_none() => continue,
+                _ = tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)), if next.is_some() => {}
             }
-            pusher.inner.scheduled.lock().unwrap_or_else(PoisonError::into_inner).remove(&account);
-            if let Err(e) = pusher.push_account(account).await {
-                tracing::warn!(%account, error = %e, "push failed");
+            let now = tokio::time::Instant::now();
+            loop {
+                let account = {
+                    let mut schedule = self.inner.scheduled.lock().unwrap_or_else(PoisonError::into_inner);
+                    if schedule.due.front().is_none_or(|(at, _)| *at > now) {
+                        break;
+                    }
+                    let Some((_, account)) = schedule.due.pop_front() else { break };
+                    schedule.accounts.remove(&account);
+                    account
+                };
+                if let Err(e) = self.push_account(account).await {
+                    tracing::warn!(%account, error = %e, "push failed");
+                }
             }
-        });
+        }
     }
 
     async fn push_account(&self, account: AccountId) -> Result<(), StoreError> {
         let store = &self.inner.store;
+        // Most often every device is online: then nothing else is read.
+        let offline: Vec<_> = (store.active_devices(account).await?.into_iter())
+            .filter(|device| !self.inner.sessions.is_live_anywhere(account, device.id))
+            .collect();
+        if offline.is_empty() {
+            return Ok(());
+        }
         let last = store.read_log_before(account, u64::MAX, 1).await?.first().map(|(seq, _)| *seq).unwrap_or(0);
-        for device in store.active_devices(account).await? {
-            if self.inner.sessions.is_live_anywhere(account, device.id) {
-                continue;
-            }
+        for device in offline {
             let Some(target) = store.push_target(device.id).await? else { continue };
             if store.cursor(account, device.id).await?.unwrap_or(0) >= last {
                 continue;

@@ -105,6 +105,29 @@ async fn a_burst_to_an_offline_device_makes_one_content_free_wake_up() {
 }
 
 #[tokio::test]
+async fn accounts_due_at_different_times_each_get_their_push_and_a_later_burst_another() {
+    let (server, base, mut pushes) = setup().await;
+    let alice_id = server.register("+15551200021").await;
+    let carol_id = server.register("+15551200022").await;
+    let bob_id = server.register("+15551200023").await;
+    for (id, name) in [(&alice_id, "alice"), (&carol_id, "carol")] {
+        let peer = Peer::connect(&server, id, Transport::Tcp).await;
+        register(&peer, Target::UnifiedPush(v1::UnifiedPushTarget { endpoint: format!("{base}/push/{name}") })).await;
+        peer.session.close().await;
+    }
+    let bob = Peer::connect(&server, &bob_id, Transport::Tcp).await;
+    bob.handle().send("+15551200021", "a1", b"one".to_vec()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(DELAY_MS / 2)).await;
+    bob.handle().send("+15551200022", "c1", b"two".to_vec()).await.unwrap();
+    assert_eq!(next(&mut pushes).await.path, "alice");
+    assert_eq!(next(&mut pushes).await.path, "carol");
+    // Once its push went out, a new message schedules another.
+    bob.handle().send("+15551200021", "a2", b"three".to_vec()).await.unwrap();
+    assert_eq!(next(&mut pushes).await.path, "alice");
+    none_within_delays(&mut pushes).await;
+}
+
+#[tokio::test]
 async fn online_devices_and_typing_cause_no_push() {
     let (server, base, mut pushes) = setup().await;
     let alice_id = server.register("+15551200011").await;
