@@ -215,6 +215,8 @@ pub struct StoreSettings {
     pub synchronous_commit: String,
     /// How long a request waits for a database connection before failing.
     pub acquire_timeout_ms: u64,
+    /// The embedded store only: how many nice levels (0 to 19) below the network threads its committer thread runs. Lower, it commits what they queued while it waited, in fewer and larger commits, when the server shares a core; 0 keeps it level, for a host where other programs keep the CPU busy (a nice value weighs against them too).
+    pub committer_nice: u8,
 }
 
 impl Default for StoreSettings {
@@ -228,6 +230,7 @@ impl Default for StoreSettings {
             commit_tasks: pg.commit_tasks,
             synchronous_commit: pg.synchronous_commit,
             acquire_timeout_ms: pg.acquire_timeout.as_millis() as u64,
+            committer_nice: skylark_store::redb_store::COMMITTER_NICE,
         }
     }
 }

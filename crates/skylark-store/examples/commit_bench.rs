@@ -24,7 +24,7 @@
 use skylark_core::message::{Forward, LogEntry, Message, MessageId, OutboxItem};
 use skylark_core::{AccountId, DeviceId};
 use skylark_store::postgres::throwaway::TestPostgres;
-use skylark_store::{AccountWrite, Counters, MessageStore, PgOptions, PgStore, RedbStore};
+use skylark_store::{AccountWrite, Counters, MessageStore, PgOptions, PgStore, RedbOptions, RedbStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,13 +98,14 @@ async fn main() {
     println!("{writers} concurrent writers, {messages} messages of {payload} bytes, fsync on every commit");
 
     let dir = tempfile::tempdir_in(&base).expect("temp dir");
-    let store = RedbStore::open_with(&dir.path().join("group.redb"), skylark_store::redb_store::DEFAULT_MAX_BATCH)
-        .expect("open");
+    let store = RedbStore::open(&dir.path().join("group.redb")).expect("open");
     run("group commit", store, writers, messages, payload).await;
 
     // One fsync per message is so slow that a tenth of the messages is plenty.
     let dir = tempfile::tempdir_in(&base).expect("temp dir");
-    let store = RedbStore::open_with(&dir.path().join("single.redb"), 1).expect("open");
+    let store =
+        RedbStore::open_with(&dir.path().join("single.redb"), RedbOptions { max_batch: 1, ..RedbOptions::default() })
+            .expect("open");
     run("one fsync per message", store, writers, (messages / 10).max(writers), payload).await;
 
     if std::env::args().nth(5).as_deref() == Some("postgres") {

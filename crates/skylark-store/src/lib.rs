@@ -24,7 +24,7 @@ use skylark_core::verification::VerificationSession;
 use skylark_core::{Account, AccountId, Device, DeviceId, NewDevice, PhoneNumber};
 
 pub use postgres::{PgOptions, PgStore};
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbOptions, RedbStore};
 
 /// Syncs a file, or a directory's entries (files created, renamed or
 /// removed in it): what the files a server writes beside its store need to

@@ -101,8 +101,9 @@ const COMMIT_QUEUE: usize = 8192;
 /// Default upper bound on writes merged into one transaction.
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 
-/// How much lower than the rest of the server the committer thread runs
-/// (added to its nice value; Linux clamps the sum at 19).
+/// How much lower than the rest of the server the committer thread runs by
+/// default (added to its nice value; Linux clamps the sum at 19):
+/// [`RedbOptions::committer_nice`].
 ///
 /// Where the server shares a core with its committer (a one-core host, or
 /// a busy one), the committer at the same priority took the core as soon as
@@ -115,20 +116,41 @@ pub const DEFAULT_MAX_BATCH: usize = 1024;
 /// queued: 50 to 85 writes per commit instead of 11 to 13 at 3,000 msgs/s
 /// on one core (docs/BENCHMARKS.md, step 8). With a core to itself it
 /// never waits for one, whatever its priority.
-const COMMITTER_NICE: i32 = 10;
+pub const COMMITTER_NICE: u8 = 10;
 
-/// Lowers the calling thread's priority by [`COMMITTER_NICE`]. On Linux a
+/// The embedded store's tuning, with [`Default`] the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedbOptions {
+    /// Upper bound on writes merged into one commit; 1 commits (and fsyncs)
+    /// every write on its own, for comparison benchmarks.
+    pub max_batch: usize,
+    /// How many nice levels below the thread that opens the store its
+    /// committer runs: 0 for the same priority. A nice value weighs against
+    /// every thread of the host, so where other programs keep the CPU busy
+    /// an operator may want 0 ([`COMMITTER_NICE`] explains the default).
+    pub committer_nice: u8,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self { max_batch: DEFAULT_MAX_BATCH, committer_nice: COMMITTER_NICE }
+    }
+}
+
+/// Lowers the calling thread's priority by `by` nice levels. On Linux a
 /// nice value belongs to one thread, and raising it needs no privilege;
 /// elsewhere nothing changes.
-fn yield_to_the_network() {
+fn yield_to_the_network(by: u8) {
     #[cfg(target_os = "linux")]
-    {
+    if by > 0 {
         let me = rustix::thread::gettid();
         let now = rustix::process::getpriority_process(Some(me)).unwrap_or(0);
-        if let Err(e) = rustix::process::setpriority_process(Some(me), now.saturating_add(COMMITTER_NICE)) {
+        if let Err(e) = rustix::process::setpriority_process(Some(me), now.saturating_add(i32::from(by))) {
             tracing::warn!(error = %e, "the store's committer could not lower its priority; it competes with the network threads for the CPU");
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = by;
 }
 
 type CommitJob = (AccountWrite, oneshot::Sender<Result<(), StoreError>>);
@@ -153,6 +175,10 @@ pub struct RedbStore {
 struct Committer {
     queue: Option<mpsc::Sender<CommitJob>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The committer thread's id once it has set its priority (0 before),
+    /// for the tests that read its nice value back.
+    #[cfg_attr(not(test), allow(dead_code))]
+    tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl Drop for Committer {
@@ -400,16 +426,15 @@ const BAN: &str = "ban:";
 impl RedbStore {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with(path, DEFAULT_MAX_BATCH)
+        Self::open_with(path, RedbOptions::default())
     }
 
-    /// Opens with an explicit group-commit bound; `max_batch = 1` commits
-    /// (and fsyncs) every write on its own, for comparison benchmarks.
+    /// Opens with explicit [`RedbOptions`].
     ///
     /// A file that exists but is empty, or that redb cannot read, is
     /// refused with [`StoreError::Unusable`] naming it: a server must never
     /// start silently without its accounts, nor crash without saying why.
-    pub fn open_with(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
+    pub fn open_with(path: &Path, options: RedbOptions) -> Result<Self, StoreError> {
         let restore = "Restore it from a backup, or move it away to start a server with no accounts.";
         if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
             return Err(StoreError::Unusable(format!(
@@ -429,7 +454,7 @@ impl RedbStore {
                 path.display()
             ))
         })?;
-        let store = Self::init(db, max_batch).map_err(|e| match e {
+        let store = Self::init(db, options).map_err(|e| match e {
             StoreError::Unusable(why) => StoreError::Unusable(format!("the store file {}: {why}", path.display())),
             other => other,
         })?;
@@ -445,12 +470,12 @@ impl RedbStore {
     /// A store that lives in memory only, for tests.
     pub fn in_memory() -> Result<Self, StoreError> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::init(db, DEFAULT_MAX_BATCH)
+        Self::init(db, RedbOptions::default())
     }
 
     /// Creates every table up front so read transactions never meet a
     /// missing one, and starts the committer thread.
-    fn init(db: Database, max_batch: usize) -> Result<Self, StoreError> {
+    fn init(db: Database, options: RedbOptions) -> Result<Self, StoreError> {
         let txn = db.begin_write()?;
         let mut upgrade_marks = false;
         {
@@ -505,14 +530,21 @@ impl RedbStore {
         let (queue, jobs) = mpsc::channel(COMMIT_QUEUE);
         let (fail, failed) = watch::channel(None);
         let thread_db = db.clone();
+        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let thread_tid = tid.clone();
         let thread = std::thread::Builder::new()
             .name("skylark-commit".into())
             .spawn(move || {
-                yield_to_the_network();
-                commit_loop(&thread_db, jobs, max_batch.max(1), &fail)
+                yield_to_the_network(options.committer_nice);
+                #[cfg(target_os = "linux")]
+                thread_tid.store(rustix::thread::gettid().as_raw_nonzero().get(), std::sync::atomic::Ordering::Release);
+                #[cfg(not(target_os = "linux"))]
+                drop(thread_tid);
+                commit_loop(&thread_db, jobs, options.max_batch.max(1), &fail)
             })
             .map_err(backend)?;
-        Ok(Self { db, committer: Arc::new(Committer { queue: Some(queue), thread: Some(thread) }), failed })
+        let committer = Committer { queue: Some(queue), thread: Some(thread), tid };
+        Ok(Self { db, committer: Arc::new(committer), failed })
     }
 
     /// Says why, once the disk has failed a write (an fsync that reported
@@ -1967,30 +1999,43 @@ mod tests {
         assert_eq!(store.receipt_state(a).await.unwrap(), ReceiptState::default());
     }
 
+    /// The nice value of `store`'s committer thread, as the kernel reports
+    /// it in /proc, once the thread has set it.
+    #[cfg(target_os = "linux")]
+    fn committer_nice(store: &RedbStore) -> i32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let tid = loop {
+            match store.committer.tid.load(std::sync::atomic::Ordering::Acquire) {
+                0 => {
+                    assert!(std::time::Instant::now() < deadline, "the committer did not start");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                tid => break tid,
+            }
+        };
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        assert!(stat.contains("(skylark-commit)"), "{stat}");
+        // After the name: state is field 3 and nice field 19.
+        stat.rsplit_once(") ").unwrap().1.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
     /// The committer thread runs [`COMMITTER_NICE`] below the thread that
-    /// opened the store, as the kernel reports it in /proc (it lowers
-    /// itself as it starts, so this waits for it).
+    /// opened the store, unless the options say otherwise.
     #[cfg(target_os = "linux")]
     #[test]
-    fn the_committer_runs_below_the_rest_of_the_server() {
-        fn committer_nices() -> Vec<i32> {
-            let tasks = std::fs::read_dir("/proc/self/task").unwrap();
-            let stats = tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok());
-            stats
-                .filter(|stat| stat.contains("(skylark-commit)"))
-                // After the name: state is field 3 and nice field 19.
-                .filter_map(|stat| stat.rsplit_once(") ")?.1.split(' ').nth(16)?.parse().ok())
-                .collect()
-        }
+    fn the_committer_runs_below_the_rest_of_the_server_unless_told_not_to() {
         let own = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
-        let expected = (own + COMMITTER_NICE).min(19);
+        let expected = (own + i32::from(COMMITTER_NICE)).min(19);
         assert!(expected > own, "this test needs a thread below nice 19");
-        let _store = RedbStore::in_memory().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !committer_nices().contains(&expected) {
-            assert!(std::time::Instant::now() < deadline, "no committer at nice {expected}: {:?}", committer_nices());
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        assert_eq!(committer_nice(&RedbStore::in_memory().unwrap()), expected);
+
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions { committer_nice: 0, ..RedbOptions::default() };
+        let level = RedbStore::open_with(&dir.path().join("db.redb"), options).unwrap();
+        assert_eq!(committer_nice(&level), own, "told 0, the committer keeps the opener's priority");
+        let options = RedbOptions { committer_nice: 3, ..RedbOptions::default() };
+        let three = RedbStore::open_with(&dir.path().join("three.redb"), options).unwrap();
+        assert_eq!(committer_nice(&three), (own + 3).min(19));
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use skylark_server::Server;
 use skylark_server::config::SmsConfig;
 use skylark_server::sms::{ConsoleSms, HttpSms, SmsSender};
 use skylark_store::postgres::hide_password;
-use skylark_store::{PgStore, RedbStore, Store};
+use skylark_store::{PgStore, RedbOptions, RedbStore, Store};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -220,7 +220,15 @@ async fn shutdown_signal() {
 async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<DiskFailure>)> {
     if config.store.shards.is_empty() {
         let db_path = config.data_dir.join("skylark.redb");
-        let store = RedbStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+        let nice = config.store.committer_nice;
+        if nice > 19 {
+            anyhow::bail!(
+                "store.committer_nice = {nice} is out of range: use 0 (the committer at the network threads' priority) to 19"
+            );
+        }
+        let options = RedbOptions { committer_nice: nice, ..RedbOptions::default() };
+        let store =
+            RedbStore::open_with(&db_path, options).with_context(|| format!("opening {}", db_path.display()))?;
         tracing::info!(data = %db_path.display(), "store opened");
         let failure = store.disk_failure();
         return Ok((Arc::new(store), Some(failure)));
@@ -492,6 +500,20 @@ sms_per_number = { burst = 1, per_ms = 60000 }
         assert_eq!(config.limits.idle_timeout_ms, 30_000);
         assert_eq!(config.rate_limits.sms_per_number.burst, 1);
         assert_eq!(config.limits.max_frame_bytes, Config::default().limits.max_frame_bytes);
+    }
+
+    #[tokio::test]
+    async fn the_committers_priority_is_a_setting_checked_before_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
+        config.store.committer_nice = 25;
+        let refused = open_store(&config).await.err().expect("25 is refused").to_string();
+        assert!(refused.contains("store.committer_nice = 25 is out of range: use 0"), "{refused}");
+        assert!(!dir.path().join("skylark.redb").exists(), "refused before the store is created");
+        config.store.committer_nice = 0;
+        let (store, _) = open_store(&config).await.unwrap();
+        drop(store);
+        assert!(dir.path().join("skylark.redb").exists());
     }
 
     #[test]
