@@ -18,6 +18,8 @@
 # (19,500 TCP connections), 1:1 chat at two rates, and a 1,024-member group.
 # SCENARIOS picks some of them (default: "idle chat3000 chat4000 group");
 # connects is the idle ramp as fast as the server takes it (connects/s);
+# chat and mesh lines also give the server's context switches per message
+# (all its threads, from /proc/PID/task/*/status);
 # chatN is 1:1 chat at N messages per second (200 pairs), for any N; meshN
 # is N messages per second among 2,000 online users, each to a random other.
 # BEFORE_ARGS and AFTER_ARGS add load-tool flags to one side, to compare
@@ -65,6 +67,11 @@ serve() { # binary tls(0/1)
   wait_ready "$scheme://127.0.0.1:7480/readyz" $pid "$out/server.log" || exit 1
 }
 
+# Every thread's voluntary and involuntary context switches so far.
+context_switches() {
+  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
+}
+
 stop() {
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
@@ -87,13 +94,15 @@ scenario() { # label binary name args...
     # shellcheck disable=SC2206 # flags split on spaces, as written
     extra+=($sided)
   fi
-  local ticks
+  local ticks switches
   ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  switches=$(context_switches "$pid")
   taskset -c 0 "$load" "${@}" --manifest "$out/manifest.json" --tcp 127.0.0.1:7481 \
     --report "$report" "${extra[@]}" >"$out/$name-$label-$round.txt" 2>&1 || {
     echo "ab.sh: $name on $label failed (see $out/$name-$label-$round.txt)" >&2
   }
   ticks=$(($(awk '{print $14 + $15}' "/proc/$pid/stat") - ticks))
+  switches=$(($(context_switches "$pid") - switches))
   stop
   # The server's CPU time during the scenario, per message delivered (chat,
   # mesh) or per connection (connects, with the rate the ramp reached).
@@ -104,8 +113,9 @@ cpu = int(sys.argv[2]) / os.sysconf("SC_CLK_TCK") * 1e6
 if sys.argv[3] == "connects":
     print("%.0f connects/s, %.0f us of server CPU per connection" % (r["connects_per_second"], cpu / r["connections"]))
 elif r.get("delivered"):
-    print("%.0f us of server CPU per delivered message" % (cpu / r["delivered"]))' \
-    "$report" "$ticks" "$name" 2>/dev/null || true)
+    print("%.0f us of server CPU and %.1f context switches per delivered message"
+          % (cpu / r["delivered"], int(sys.argv[4]) / r["delivered"]))' \
+    "$report" "$ticks" "$name" "$switches" 2>/dev/null || true)
   echo "$name $label round $round: $report${per:+ ($per)}"
 }
 
