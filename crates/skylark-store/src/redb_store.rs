@@ -2041,12 +2041,9 @@ mod tests {
             let (first, first_rx) = oneshot::channel::<Answer>();
             let (second, mut second_rx) = oneshot::channel();
             let (third, mut third_rx) = oneshot::channel();
-            let fourth_rx = {
-                let (fourth, rx) = oneshot::channel::<Answer>();
-                drop(rx); // that write's task is gone: nothing to answer, nothing breaks
-                fourth
-            };
-            let rest = vec![(second, Ok(())), (third, Err(StoreError::Closed)), (fourth_rx, Ok(()))];
+            let (gone, gone_rx) = oneshot::channel::<Answer>();
+            drop(gone_rx); // that write's task is gone: nothing to answer, nothing breaks
+            let rest = vec![(second, Ok(())), (third, Err(StoreError::Closed)), (gone, Ok(()))];
             assert!(first.send(Answer { result: Err(StoreError::Closed), rest }).is_ok());
             if read {
                 let answer = first_rx.blocking_recv().unwrap();
