@@ -21,7 +21,9 @@
 # chat and mesh lines also give the server's context switches per message
 # (all its threads, from /proc/PID/task/*/status);
 # chatN is 1:1 chat at N messages per second (200 pairs), for any N; meshN
-# is N messages per second among 2,000 online users, each to a random other.
+# is N messages per second among 2,000 online users, each to a random other,
+# for MESH_SECS seconds (default 10; a server can hold a rate for 10 s and
+# fall behind over 40 as its store grows, docs/BENCHMARKS.md).
 # BEFORE_ARGS and AFTER_ARGS add load-tool flags to one side, to compare
 # loads on one binary; for example the payload of an end-to-end encrypted
 # 100-byte text against the text itself:
@@ -35,6 +37,9 @@
 # When the store's format changed between the two binaries, PROVISION_WITH
 # names the before commit's skylark-load, which writes accounts the before
 # server can read (the after server upgrades them as it starts).
+# BEFORE_ENV and AFTER_ENV set environment variables for one side's server,
+# as NAME=VALUE words; for example an experiment's switch (bench/experiments):
+#   SCENARIOS=mesh5000 MESH_SECS=40 AFTER_ENV=SKX_APPEND_ONLY=/tmp/side.bin bench/ab.sh ...
 # SERVER_CONFIG=FILE starts both servers with that configuration file, and
 # SETTLE=SECONDS has idle runs read the server's memory again that long after
 # the ramp (every connection still open); for example the memory once idle
@@ -56,13 +61,14 @@ if [ ! -d "$pristine" ] || [ ! -f "$out/manifest.json" ]; then
   "${PROVISION_WITH:-$load}" provision --data-dir "$pristine" --accounts 20000 --manifest "$out/manifest.json" >/dev/null
 fi
 
-serve() { # binary tls(0/1)
+serve() { # binary tls(0/1) environment
   rm -rf "$out/data"
   cp -r "$pristine" "$out/data"
   local scheme=http flags=()
   [ "$2" = 1 ] && scheme=https flags=(--dev-tls)
   [ -n "${SERVER_CONFIG:-}" ] && flags+=(--config "$SERVER_CONFIG")
-  taskset -c 1 "$1" serve --data-dir "$out/data" --log warn "${flags[@]}" >"$out/server.log" 2>&1 &
+  # shellcheck disable=SC2086 # NAME=VALUE words, split on spaces, as written
+  env $3 taskset -c 1 "$1" serve --data-dir "$out/data" --log warn "${flags[@]}" >"$out/server.log" 2>&1 &
   pid=$!
   wait_ready "$scheme://127.0.0.1:7480/readyz" $pid "$out/server.log" || exit 1
 }
@@ -81,9 +87,10 @@ scenario() { # label binary name args...
   local label=$1 bin=$2 name=$3
   shift 3
   [[ "$scenarios" == *" $name "* ]] || return 0
-  local tls
+  local tls vars
   [ "$label" = before ] && tls=${BEFORE_TLS:-0} || tls=${AFTER_TLS:-0}
-  serve "$bin" "$tls"
+  [ "$label" = before ] && vars=${BEFORE_ENV:-} || vars=${AFTER_ENV:-}
+  serve "$bin" "$tls" "$vars"
   local report="$out/$name-$label-$round.json"
   local extra=()
   [ "$tls" = 1 ] && extra=(--ca "$out/data/dev-tls/cert.pem")
@@ -130,7 +137,7 @@ for round in $(seq 1 "$rounds"); do
       if [[ "$name" =~ ^chat([0-9]+)$ ]]; then
         scenario "$label" "$bin" "$name" chat --pairs 200 --rate "${BASH_REMATCH[1]}" --seconds 10 --sources 4
       elif [[ "$name" =~ ^mesh([0-9]+)$ ]]; then
-        scenario "$label" "$bin" "$name" mesh --users 2000 --rate "${BASH_REMATCH[1]}" --seconds 10 --sources 10
+        scenario "$label" "$bin" "$name" mesh --users 2000 --rate "${BASH_REMATCH[1]}" --seconds "${MESH_SECS:-10}" --sources 10
       fi
     done
     scenario "$label" "$bin" group group --sources 8 --members 1024 --messages 100 --rate 10
